@@ -1,0 +1,36 @@
+# neutrowatch — the README's set-up commands are `make demo` and `make test`; both install first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+ENGINE := tests/fhir_server
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-unit bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(wildcard $(ENGINE)/package-lock.json)
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.11+)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@if [ -f $(ENGINE)/package-lock.json ]; then \
+	  command -v npm >/dev/null || { echo "need Node.js 20+ and npm for the test FHIR engine"; exit 1; }; \
+	  npm ci --prefix $(ENGINE) --no-audit --no-fund --loglevel=error; \
+	fi
+	touch $@
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/python -m pytest
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit
+
+bench: install
+	$(BIN)/python bench/replay_bench.py --write docs/benchmarks.md
+
+clean:
+	rm -rf $(VENV) $(ENGINE)/node_modules build .demo .pytest_cache .hypothesis

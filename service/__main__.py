@@ -1,0 +1,80 @@
+"""Command line: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import structlog
+
+from . import logging as nw_logging
+from .config import load_settings
+from .errors import NeutrowatchError
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .replay import Replay
+
+    settings = load_settings(args.config)
+    nw_logging.configure(settings.logging.level, settings.logging.format)
+    log = structlog.get_logger("neutrowatch.replay")
+    with ExitStack() as stack:
+        try:
+            events = stack.enter_context(open(args.events, "wb"))
+            alerts = stack.enter_context(open(args.alerts, "wb")) if args.alerts else None
+        except OSError as err:
+            raise NeutrowatchError(f"cannot write {err.filename}: {err.strerror}") from None
+        replay = stack.enter_context(Replay(settings.scheme, settings.alerts))
+        stats = replay.run(args.inputs, events, alerts)
+    log.info(
+        "replay finished",
+        documents=stats.documents,
+        resources=stats.resources,
+        observations=stats.observations,
+        panels=stats.panels,
+        stale_panels=stats.stale_panels,
+        events=dict(stats.events),
+        ignored=dict(stats.ignored),
+    )
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    print(f"configuration ok (scheme {settings.grading.scheme})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="neutrowatch", description="Neutropenia monitoring for FHIR lab results.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("replay", help="run the clinical core over FHIR files (NDJSON, Bundles, resources)")
+    r.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
+    r.add_argument("--events", required=True, type=Path, metavar="EVENTS.jsonl", help="decisions, one JSON object a line")
+    r.add_argument("--alerts", type=Path, metavar="ALERTS.ndjson", help="the Flag and Communication resources it would write")
+    r.add_argument("--config", type=Path, metavar="FILE", help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
+    r.set_defaults(func=_replay)
+
+    c = sub.add_parser("check-config", help="validate the configuration and exit")
+    c.add_argument("--config", type=Path, metavar="FILE")
+    c.set_defaults(func=_check_config)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NeutrowatchError as err:
+        print(f"neutrowatch: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

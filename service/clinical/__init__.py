@@ -1,0 +1,1 @@
+"""The pure clinical core: plain data in, decisions out. No I/O, no clock, no logging."""

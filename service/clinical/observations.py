@@ -1,0 +1,216 @@
+"""Observation -> LabResult (a value in a canonical unit) or Rejected (with a reason).
+
+Rules: shared/reference/clinical-and-fhir.md §1.1 (codes; never match on display text), §1.5
+(Observation.status), §2 (units, comparator, dataAbsentReason, valueString).
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from .codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
+from .fhirtime import to_epoch_us
+from .raw import Quantity, Resource
+from .units import UnitError, to_canonical
+
+LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"
+
+STATUSES = frozenset(
+    {"registered", "preliminary", "final", "amended", "corrected", "cancelled", "entered-in-error", "unknown"}
+)
+ASSESSED_STATUSES = frozenset({"final", "amended", "corrected"})
+_VALUELESS_STATUSES = frozenset({"registered", "cancelled", "entered-in-error", "unknown"})
+_AT_MOST = frozenset({"<", "<="})
+
+
+class LabResult(msgspec.Struct, frozen=True, gc=False):
+    """One Observation version, its value in the canonical unit of its property
+    (cells/uL, percent, g/dL, Celsius). `value` is None only for statuses that carry none."""
+
+    ref: str  # "Observation/<id>"
+    version: str | None
+    patient: str  # subject reference as given
+    code: str  # the LOINC code that matched
+    kind: Kind
+    method: str
+    status: str
+    value: float | None
+    at_most: bool  # comparator "<" or "<=": the true value is at most `value`
+    effective: str  # collection time as given
+    effective_us: int
+    updated_us: int | None  # meta.lastUpdated (server time)
+    specimen: str | None
+    ref_low: float | None  # referenceRange.low, canonical unit
+    based_on: tuple[str, ...] = ()
+
+    @property
+    def assessable(self) -> bool:
+        return self.status in ASSESSED_STATUSES and self.value is not None
+
+
+class Rejected(msgspec.Struct, frozen=True, gc=False):
+    """An Observation that matched a monitored code but cannot be used. Never alerts."""
+
+    reason: str
+    ref: str | None = None
+    version: str | None = None
+    patient: str | None = None
+    code: str | None = None
+    effective: str | None = None
+    updated_us: int | None = None
+
+
+class Ignored(msgspec.Struct, frozen=True, gc=False):
+    """An Observation outside the monitored codes (counted, not reported)."""
+
+    reason: str
+
+
+NOT_MONITORED = Ignored("code not monitored")
+GRANULOCYTES = Ignored("granulocyte count is not an ANC")
+
+
+def _term(resource: Resource) -> Term | Ignored | str:
+    coding = resource.code.coding if resource.code is not None else None
+    found: Term | None = None
+    granulocytes = False
+    for c in coding or ():
+        if c.system != LOINC and c.system != LOINC_OID:
+            continue
+        code = (c.code or "").strip()
+        term = TERMS.get(code)
+        if term is None:
+            granulocytes = granulocytes or code in NOT_NEUTROPHILS
+            continue
+        if found is not None and found.kind is not term.kind:
+            return f"conflicting LOINC codes {found.code} and {term.code}"
+        if found is None:
+            found = term
+    if found is not None:
+        return found
+    return GRANULOCYTES if granulocytes else NOT_MONITORED
+
+
+def _patient(resource: Resource) -> str | None:
+    ref = resource.subject.reference if resource.subject is not None else None
+    if ref and (ref.startswith("Patient/") or "/Patient/" in ref) and not ref.endswith("/"):
+        return ref
+    return None
+
+
+def _effective(resource: Resource) -> str | None:
+    if resource.effectiveDateTime:
+        return resource.effectiveDateTime
+    if resource.effectiveInstant:
+        return resource.effectiveInstant
+    if resource.effectivePeriod is not None:
+        return resource.effectivePeriod.start
+    return None
+
+
+def _instant(text: str | None) -> int | None:
+    if not text:
+        return None
+    try:
+        return to_epoch_us(text)
+    except ValueError:
+        return None
+
+
+def _canonical(term: Term, q: Quantity, value: float) -> float:
+    return to_canonical(term.prop, value, unit=q.unit, system=q.system, code=q.code)
+
+
+def _check_value(term: Term, value: float) -> str | None:
+    if not math.isfinite(value):
+        return "value is not a finite number"
+    if value < 0:
+        return "negative value"
+    if term.prop in (Prop.PERCENT, Prop.FRACTION) and value > 100.0:
+        return "percentage above 100"
+    if term.prop is Prop.TEMP and not 25.0 <= value <= 46.0:
+        return "temperature outside 25-46 Cel"
+    return None
+
+
+def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
+    """Read one Observation. Never raises for any `Resource` value."""
+    if resource.resourceType != "Observation":
+        return Ignored("not an Observation")
+    term = _term(resource)
+    if isinstance(term, Ignored):
+        return term
+    meta = resource.meta
+    version = meta.versionId if meta is not None else None
+    updated_us = _instant(meta.lastUpdated) if meta is not None else None
+    ref = f"Observation/{resource.id}" if resource.id else None
+    patient = _patient(resource)
+    effective = _effective(resource)
+
+    def reject(reason: str) -> Rejected:
+        code = term.code if isinstance(term, Term) else None
+        return Rejected(reason, ref, version, patient, code, effective, updated_us)
+
+    if isinstance(term, str):
+        return reject(term)
+    if ref is None:
+        return reject("no id")
+    if patient is None:
+        return reject("subject is not a Patient reference")
+    status = resource.status
+    if status not in STATUSES:
+        return reject("unknown status")
+    if effective is None:
+        return reject("no effective time")
+    effective_us = _instant(effective)
+    if effective_us is None:
+        return reject("effective time is not a FHIR dateTime")
+    specimen = resource.specimen
+    specimen_ref = specimen.reference if isinstance(specimen, msgspec.Struct) else None
+    based_on = tuple(r.reference for r in resource.basedOn or () if r.reference)
+
+    def result(value: float | None, at_most: bool = False, ref_low: float | None = None) -> LabResult:
+        return LabResult(
+            ref, version, patient, term.code, term.kind, term.method.value, status, value,
+            at_most, effective, effective_us, updated_us, specimen_ref, ref_low, based_on,
+        )
+
+    q = resource.valueQuantity
+    if q is None or q.value is None:
+        if status in _VALUELESS_STATUSES:
+            return result(None)
+        if resource.dataAbsentReason is not None:
+            codes = [c.code for c in resource.dataAbsentReason.coding or () if c.code]
+            return reject(f"no value (dataAbsentReason {codes[0][:40] if codes else 'given'})")
+        if resource.valueString is not None:
+            return reject("value is text (valueString); needs manual review")
+        if resource.valueCodeableConcept is not None or resource.valueInteger is not None:
+            return reject("value is not a Quantity")
+        return reject("no value")
+    if q.comparator is not None and q.comparator not in _AT_MOST:
+        return reject(f"comparator '{q.comparator[:4]}' gives only a lower bound")
+    try:
+        value = _canonical(term, q, q.value)
+    except UnitError as err:
+        return reject(f"{err} for LOINC {term.code}")
+    except OverflowError:
+        return reject("value is not a finite number")
+    problem = _check_value(term, value)
+    if problem:
+        return reject(problem)
+    return result(value, q.comparator is not None, _reference_low(term, resource))
+
+
+def _reference_low(term: Term, resource: Resource) -> float | None:
+    for rr in resource.referenceRange or ():
+        low = rr.low
+        if low is None or low.value is None:
+            continue
+        try:
+            value = _canonical(term, low, low.value)
+        except (UnitError, OverflowError):
+            return None
+        return value if math.isfinite(value) and value >= 0 else None
+    return None

@@ -1,0 +1,135 @@
+"""Settings: defaults here, overridden by a YAML file, overridden by NEUTROWATCH_* environment
+variables (nested with "__", e.g. NEUTROWATCH_GRADING__SCHEME=default). Validated at start-up;
+an invalid value fails with a message that names the field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .clinical.grading import BUILT_IN, Scheme
+from .errors import ConfigError
+
+ENV_PREFIX = "NEUTROWATCH_"
+CONFIG_ENV = "NEUTROWATCH_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GradingSettings(_Section):
+    scheme: str = Field("default", description="Grading scheme that turns an ANC into a band.")
+
+    @field_validator("scheme")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in BUILT_IN:
+            raise ValueError(f"unknown scheme {value!r}; choose one of {sorted(BUILT_IN)}")
+        return value
+
+
+class AlertSettings(_Section):
+    canonical_base: str = Field(
+        "https://neutrowatch.example.org/fhir",
+        description="Base URL for identifier systems and profiles of what the service writes. "
+        "Set it to a URL your organisation controls.",
+        pattern=r"^https?://\S+[^/]$",
+    )
+    author: str = Field(
+        "Device/neutrowatch",
+        description="Reference used as Flag.author and Communication.sender (a Device or Organization).",
+        pattern=r"^(Device|Organization)/[A-Za-z0-9\-.]{1,64}$",
+    )
+    recipients: tuple[str, ...] = Field(
+        (),
+        description="Fallback Communication recipients (Practitioner, PractitionerRole, CareTeam, "
+        "Organization or Group references).",
+    )
+
+    @field_validator("recipients")
+    @classmethod
+    def _references(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        allowed = ("Practitioner/", "PractitionerRole/", "CareTeam/", "Organization/", "Group/")
+        for ref in value:
+            if not ref.startswith(allowed) or ref.rstrip("/") in {a.rstrip("/") for a in allowed}:
+                raise ValueError(f"{ref!r} is not a Practitioner, PractitionerRole, CareTeam, Organization or Group reference")
+        return value
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console in a terminal, JSON otherwise."
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    grading: GradingSettings = GradingSettings()
+    alerts: AlertSettings = AlertSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @property
+    def scheme(self) -> Scheme:
+        return BUILT_IN[self.grading.scheme]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (init_settings carries the YAML), so a deployment can override one value.
+        return env_settings, init_settings
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"config file {path}: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{field}: {message}{more}"
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Load and validate. `path` None means $NEUTROWATCH_CONFIG if set, else built-in defaults."""
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    data = _read_yaml(Path(path)) if path is not None else {}
+    try:
+        return Settings(**data)
+    except ValidationError as err:
+        source = f" in {path}" if path is not None else ""
+        raise ConfigError(f"config error{source}: {_describe(err)}") from None

@@ -1,0 +1,43 @@
+"""structlog set-up, done once at the edge. Processors are plain functions in a pipeline.
+
+No PHI in logs: resource ids and codes are fine; names, birth dates, free text and values tied to a
+person are not. `drop_phi` removes keys that could carry them, whatever a caller passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any
+
+import structlog
+
+PHI_KEYS = frozenset(
+    {"name", "names", "given", "family", "birthdate", "birth_date", "address", "telecom", "text",
+     "payload", "content", "contentstring", "note", "comment", "value_string", "valuestring", "display"}
+)
+
+
+def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    for key in [k for k in event_dict if k.lower() in PHI_KEYS]:
+        event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            drop_phi,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,360 @@
+"""`replay`: run the clinical core over FHIR files and write its decisions (the project's oracle).
+
+Memory stays flat as input grows: pass 1 streams the input into a temporary SQLite file
+(latest version of each Observation, DiagnosticReport membership, rejections); pass 2 reads panels
+back in order of their first available member and runs the core. Only per-patient episode state is
+held in memory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import heapq
+import sqlite3
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+import orjson
+
+from .alerts import build as build_alert
+from .clinical import raw
+from .clinical.episodes import AlertEvent, EpisodeState, step
+from .clinical.fhirtime import from_epoch_us
+from .clinical.grading import Scheme
+from .clinical.observations import Ignored, LabResult, Rejected, normalise
+from .clinical.panels import PanelRejection, Report, assess, local_reference, panel_key, report_members
+from .config import AlertSettings
+from .errors import InputError
+
+_BATCH = 5_000
+_encode = msgspec.msgpack.Encoder().encode
+_decode_result = msgspec.msgpack.Decoder(LabResult).decode
+_decode_rejected = msgspec.msgpack.Decoder(Rejected).decode
+_decode_report = msgspec.msgpack.Decoder(Report).decode
+
+
+@dataclass
+class ReplayStats:
+    documents: int = 0
+    resources: int = 0
+    observations: int = 0
+    panels: int = 0
+    stale_panels: int = 0
+    ignored: Counter[str] = field(default_factory=Counter)
+    events: Counter[str] = field(default_factory=Counter)
+
+
+# -- input ---------------------------------------------------------------------------------------
+
+
+def _files(inputs: Sequence[str | Path]) -> list[Path]:
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise InputError(f"cannot read input {item}: no such file or directory")
+    return files
+
+
+def _documents(path: Path) -> Iterator[bytes]:
+    """NDJSON lines, or the whole file when it is one (pretty-printed) JSON document."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            first = fh.readline()
+            if first.strip() and not _is_json(first):
+                # A pretty-printed document; if the whole file is not JSON either, fall back to
+                # lines so that one corrupt line does not hide the good ones.
+                whole = first + fh.read()
+                if _is_json(whole):
+                    yield whole
+                    return
+                lines: Iterable[bytes] = whole.splitlines()
+            else:
+                lines = (first, *fh) if first else ()
+            for line in lines:
+                if line.strip():
+                    yield line
+    except OSError as err:
+        raise InputError(f"cannot read input {path}: {err.strerror or err}") from None
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+# -- ordering ------------------------------------------------------------------------------------
+
+
+def availability_key(updated_us: int | None, ref: str | None, version: str | None, seq: int) -> str:
+    """Resources with meta.lastUpdated come first, in that order (ties by id and version, so the
+    order of files does not matter); resources without it follow in input order."""
+    if updated_us is None:
+        return f"~{seq:012d}"
+    return f"{updated_us:020d}\x1f{ref or ''}\x1f{version or ''}\x1f{seq:012d}"
+
+
+def _version_number(version: str | None) -> int:
+    return int(version) if version is not None and version.isdigit() and len(version) < 18 else -1
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE obs (ref TEXT PRIMARY KEY, vu INTEGER, vv INTEGER, seq INTEGER, akey TEXT,
+                  patient TEXT, data BLOB) WITHOUT ROWID;
+CREATE TABLE member (ref TEXT PRIMARY KEY, report BLOB) WITHOUT ROWID;
+CREATE TABLE rejected (akey TEXT, data BLOB);
+CREATE TABLE assigned (patient TEXT, panel TEXT, akey TEXT, data BLOB);
+"""
+_UPSERT = """
+INSERT INTO obs VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT(ref) DO UPDATE SET vu = excluded.vu, vv = excluded.vv, seq = excluded.seq,
+  akey = excluded.akey, patient = excluded.patient, data = excluded.data
+WHERE (excluded.vu, excluded.vv, excluded.seq) > (obs.vu, obs.vv, obs.seq)
+"""
+
+
+class Replay:
+    def __init__(self, scheme: Scheme, alert_settings: AlertSettings, workdir: str | Path | None = None):
+        self.scheme = scheme
+        self.alert_settings = alert_settings
+        self.stats = ReplayStats()
+        self._tmp = tempfile.TemporaryDirectory(prefix="neutrowatch-replay-", dir=workdir)
+        self.db = sqlite3.connect(Path(self._tmp.name) / "replay.sqlite3", isolation_level=None)
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-65536"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Replay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None = None) -> ReplayStats:
+        self.load(inputs)
+        for record in self.decide():
+            events.write(orjson.dumps(record[0]) + b"\n")
+            if alerts is not None and record[1] is not None:
+                for resource in record[1]:
+                    alerts.write(orjson.dumps(resource) + b"\n")
+        return self.stats
+
+    # pass 1 ------------------------------------------------------------------------------------
+
+    def load(self, inputs: Sequence[str | Path]) -> None:
+        files = _files(inputs)
+        obs_rows: list[tuple[Any, ...]] = []
+        member_rows: list[tuple[str, bytes]] = []
+        rejected_rows: list[tuple[str, bytes]] = []
+        seq = 0
+        stats = self.stats
+        self.db.execute("BEGIN")
+        for path in files:
+            for document in _documents(path):
+                stats.documents += 1
+                for item in raw.decode(document):
+                    seq += 1
+                    stats.resources += 1
+                    if isinstance(item, raw.Undecodable):
+                        if item.resource_type in (None, "Observation"):
+                            self._reject(_undecodable_rejection(item), seq, obs_rows, rejected_rows)
+                        else:
+                            stats.ignored[f"undecodable {item.resource_type}"] += 1
+                        continue
+                    kind = item.resourceType
+                    if kind == "Observation":
+                        stats.observations += 1
+                        outcome = normalise(item)
+                        if isinstance(outcome, LabResult):
+                            akey = availability_key(outcome.updated_us, outcome.ref, outcome.version, seq)
+                            obs_rows.append((outcome.ref, outcome.updated_us or -1, _version_number(outcome.version),
+                                             seq, akey, outcome.patient, _encode(outcome)))
+                        elif isinstance(outcome, Rejected):
+                            self._reject(outcome, seq, obs_rows, rejected_rows)
+                        else:
+                            stats.ignored[outcome.reason] += 1
+                    elif kind == "DiagnosticReport" and item.id:
+                        specimens = item.specimen if isinstance(item.specimen, list) else ()
+                        for ref, report in report_members(
+                            item.id, (r.reference for r in item.result or ()), (s.reference for s in specimens)
+                        ):
+                            member_rows.append((ref, _encode(report)))
+                    else:
+                        stats.ignored[f"{kind or 'untyped'} not used"] += 1
+                if len(obs_rows) >= _BATCH:
+                    self._flush(obs_rows, member_rows, rejected_rows)
+        self._flush(obs_rows, member_rows, rejected_rows)
+        self.db.execute("COMMIT")
+
+    def _reject(self, rejected: Rejected, seq: int, obs_rows: list[tuple[Any, ...]], rejected_rows: list[tuple[str, bytes]]) -> None:
+        akey = availability_key(rejected.updated_us, rejected.ref, rejected.version, seq)
+        rejected_rows.append((akey, _encode(rejected)))
+        if rejected.ref is not None:
+            # A rejected version still supersedes older versions: an Observation whose newest
+            # version is unusable contributes nothing.
+            obs_rows.append((rejected.ref, rejected.updated_us or -1, _version_number(rejected.version), seq, akey, rejected.patient, None))
+
+    def _flush(self, obs_rows: list[tuple[Any, ...]], member_rows: list[tuple[str, bytes]], rejected_rows: list[tuple[str, bytes]]) -> None:
+        db = self.db
+        if obs_rows:
+            db.executemany(_UPSERT, obs_rows)
+            obs_rows.clear()
+        if member_rows:
+            db.executemany("INSERT OR IGNORE INTO member VALUES (?, ?)", member_rows)
+            member_rows.clear()
+        if rejected_rows:
+            db.executemany("INSERT INTO rejected VALUES (?, ?)", rejected_rows)
+            rejected_rows.clear()
+
+    # pass 2 ------------------------------------------------------------------------------------
+
+    def _assign_panels(self) -> None:
+        db = self.db
+        db.execute("BEGIN")
+        rows = db.execute(
+            "SELECT o.patient, o.akey, o.data, m.report FROM obs o LEFT JOIN member m ON m.ref = o.ref WHERE o.data IS NOT NULL"
+        )
+        batch: list[tuple[str, str, str, bytes]] = []
+        insert = "INSERT INTO assigned VALUES (?, ?, ?, ?)"
+        for patient, akey, data, report in rows:
+            result = _decode_result(data)
+            batch.append((patient, panel_key(result, _decode_report(report) if report else None), akey, data))
+            if len(batch) >= _BATCH:
+                db.executemany(insert, batch)
+                batch.clear()
+        db.executemany(insert, batch)
+        db.execute("COMMIT")
+
+    def _panels(self) -> Iterator[tuple[str, str, str, list[LabResult]]]:
+        rows = self.db.execute(
+            """SELECT a.patient, a.panel, f.first, a.data FROM assigned a
+               JOIN (SELECT patient, panel, MIN(akey) AS first FROM assigned GROUP BY patient, panel) f
+               USING (patient, panel) ORDER BY f.first"""
+        )
+        current: tuple[str, str, str] | None = None
+        members: list[LabResult] = []
+        for patient, panel, first, data in rows:
+            if current is None or current[2] != first:
+                if current is not None:
+                    yield current[2], current[0], current[1], members
+                current, members = (patient, panel, first), []
+            members.append(_decode_result(data))
+        if current is not None:
+            yield current[2], current[0], current[1], members
+
+    def _rejections(self) -> Iterator[tuple[str, str, str, Rejected]]:
+        for akey, data in self.db.execute("SELECT akey, data FROM rejected ORDER BY akey"):
+            yield akey, "", "", _decode_rejected(data)
+
+    def decide(self) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+        """(event record, alert resources or None) in order of availability."""
+        self._assign_panels()
+        states: dict[str, EpisodeState] = {}
+        stream: Iterable[tuple[str, str, str, Any]] = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
+        for _akey, patient, panel, payload in stream:
+            if isinstance(payload, Rejected):
+                self.stats.events["rejected"] += 1
+                yield rejected_record(payload), None
+                continue
+            self.stats.panels += 1
+            outcome = assess(patient, panel, payload, self.scheme)
+            if outcome is None:
+                continue
+            if isinstance(outcome, PanelRejection):
+                self.stats.events["rejected"] += 1
+                yield panel_rejected_record(outcome, payload), None
+                continue
+            state, event, stale = step(states.get(patient, EpisodeState()), outcome)
+            states[patient] = state
+            self.stats.stale_panels += stale
+            if event is None:
+                continue
+            self.stats.events[event.kind.value] += 1
+            sent = _available(payload) or event.assessment.effective
+            writes = build_alert(event, self.scheme, self.alert_settings, sent=sent)
+            yield event_record(event, self.scheme), [writes.flag, writes.communication]
+
+
+def _available(members: list[LabResult]) -> str | None:
+    stamps = [m.updated_us for m in members if m.updated_us is not None]
+    return from_epoch_us(min(stamps)) if stamps else None
+
+
+def _undecodable_rejection(item: raw.Undecodable) -> Rejected:
+    ref = f"Observation/{item.id}" if item.id else None
+    patient = local_reference(item.subject, "Patient") and item.subject
+    return Rejected(item.reason, ref, None, patient)
+
+
+# -- the event records (the replay output contract) ------------------------------------------------
+
+
+def event_record(event: AlertEvent, scheme: Scheme) -> dict[str, Any]:
+    a = event.assessment
+    return {
+        "patient": event.patient,
+        "event": event.kind.value,
+        "grade": event.band.severity,
+        "anc": _number(a.anc.value),
+        "effective": a.effective,
+        "observations": [r.ref for r in a.anc.inputs],
+        "episode": event.episode,
+        "scheme": scheme.name,
+        "grade_label": event.band.label,
+        "method": a.anc.method,
+        "anc_at_most": a.anc.at_most,
+        "wbc": _number(a.anc.wbc) if a.anc.wbc is not None else None,
+        "previous_anc": _number(event.previous_anc) if event.previous_anc is not None else None,
+        "previous_effective": event.previous_effective,
+    }
+
+
+def rejected_record(rejected: Rejected) -> dict[str, Any]:
+    return {
+        "patient": rejected.patient,
+        "event": "rejected",
+        "grade": None,
+        "anc": None,
+        "effective": rejected.effective,
+        "observations": [rejected.ref] if rejected.ref else [],
+        "reason": rejected.reason,
+        "code": rejected.code,
+    }
+
+
+def panel_rejected_record(rejection: PanelRejection, members: list[LabResult]) -> dict[str, Any]:
+    inputs = rejection.rejected.inputs
+    return {
+        "patient": rejection.patient,
+        "event": "rejected",
+        "grade": None,
+        "anc": None,
+        "effective": inputs[0].effective if inputs else members[0].effective,
+        "observations": [r.ref for r in inputs],
+        "reason": rejection.rejected.reason,
+        "code": inputs[0].code if inputs else None,
+    }
+
+
+def _number(value: float) -> int | float:
+    rounded = round(value, 1)
+    return int(rounded) if rounded.is_integer() else rounded

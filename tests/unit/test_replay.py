@@ -1,0 +1,218 @@
+"""The replay contract (issue 2): CLI, event fields, ordering, rejections, alerts."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from fhir.resources.R4B.communication import Communication
+from fhir.resources.R4B.flag import Flag
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.__main__ import main
+from service.config import load_settings
+from service.errors import ConfigError
+from tests.builders import observation
+
+REQUIRED = {"patient", "event", "grade", "anc", "effective", "observations"}
+
+
+def write_ndjson(path: Path, resources) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
+    return path
+
+
+def replay(tmp_path: Path, *inputs, config=None) -> tuple[list[dict], list[dict]]:
+    events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.ndjson"
+    args = ["replay", *map(str, inputs), "--events", str(events), "--alerts", str(alerts)]
+    if config:
+        args += ["--config", str(config)]
+    assert main(args) == 0
+    read = lambda p: [orjson.loads(line) for line in p.read_bytes().splitlines()]  # noqa: E731
+    return read(events), read(alerts)
+
+
+def cbc(patient: str, day: int, anc_k: float, *, wbc_k: float = 4.0, hour: int = 8, specimen: str | None = None, updated=True):
+    """One auto-diff panel: WBC + 751-8, collected on `day` of January 2026."""
+    eff = f"2026-01-{day:02d}T{hour:02d}:00:00Z"
+    upd = f"2026-01-{day:02d}T{hour + 2:02d}:00:00.000Z" if updated else None
+    spec = specimen or f"Specimen/{patient.split('/')[-1]}-{day}-{hour}"
+    pid = patient.split("/")[-1]
+    return [
+        observation("6690-2", wbc_k, "10*3/uL", id=f"{pid}-{day}-{hour}-wbc", patient=patient, effective=eff, updated=upd, specimen=spec),
+        observation("751-8", anc_k, "10*3/uL", id=f"{pid}-{day}-{hour}-anc", patient=patient, effective=eff, updated=upd, specimen=spec),
+    ]
+
+
+def test_diagnostic_report_101(tmp_path):
+    # FHIR core example DiagnosticReport/101: WBC 4.6 10*9/L, 770-8 20 %, 751-8 0.9 10*9/L -> 900/uL, moderate.
+    # Grouped by the DiagnosticReport (no specimen references), as the example has none.
+    kw = dict(patient="Patient/pat2", effective="2011-03-04T08:30:00+11:00", specimen=None, system="http://unitsofmeasure.org")
+    obs = [
+        observation("6690-2", 4.6, "x10*9/L", id="r1", ucum_code="10*9/L", **kw),
+        observation("770-8", 20, "%", id="r2", **kw),
+        observation("751-8", 0.9, "x10*9/L", id="r3", ucum_code="10*9/L", **kw),
+    ]
+    report = {"resourceType": "DiagnosticReport", "id": "101", "status": "final",
+              "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+              "subject": {"reference": "Patient/pat2"}, "result": [{"reference": f"Observation/{o['id']}"} for o in obs]}
+    bundle = tmp_path / "dr101.json"
+    bundle.write_bytes(orjson.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in [*obs, report]]}, option=orjson.OPT_INDENT_2))
+    events, alerts = replay(tmp_path, bundle)
+    assert len(events) == 1
+    e = events[0]
+    assert REQUIRED <= e.keys()
+    assert (e["patient"], e["event"], e["grade"], e["anc"]) == ("Patient/pat2", "new", "moderate", 900)
+    assert e["effective"] == "2011-03-04T08:30:00+11:00"
+    assert e["observations"] == ["Observation/r3", "Observation/r1"]
+    assert [a["resourceType"] for a in alerts] == ["Flag", "Communication"]
+
+
+def test_nadir_sequence_events_and_alerts(tmp_path):
+    patient = "Patient/chemo1"
+    resources = []
+    for day, anc in [(2, 3.2), (6, 1.3), (9, 0.8), (12, 0.3), (14, 0.45), (17, 1.1), (20, 2.1), (27, 1.2)]:
+        resources += cbc(patient, day, anc)
+    events, alerts = replay(tmp_path, write_ndjson(tmp_path / "in.ndjson", resources))
+    assert [(e["event"], e["grade"], e["anc"]) for e in events] == [
+        ("new", "mild", 1300),
+        ("worsening", "moderate", 800),
+        ("worsening", "severe", 300),
+        ("resolved", "mild", 2100),  # resolved from the grade of the previous panel (1100: mild)
+        ("new", "mild", 1200),
+    ]
+    assert events[1]["previous_anc"] == 1300 and events[1]["previous_effective"] == "2026-01-06T08:00:00Z"
+    flags = [a for a in alerts if a["resourceType"] == "Flag"]
+    comms = [a for a in alerts if a["resourceType"] == "Communication"]
+    assert len(flags) == len(comms) == 5
+    for f in flags:
+        Flag.model_validate(f)
+        assert f["category"][0]["coding"][0]["code"] == "clinical"  # not "lab" (reference §1.5)
+    for c in comms:
+        Communication.model_validate(c)
+    assert [c["priority"] for c in comms] == ["routine", "urgent", "asap", "routine", "routine"]
+    # one Flag identifier per episode, two episodes
+    assert len({f["identifier"][0]["value"] for f in flags}) == 2
+    assert flags[3]["status"] == "inactive" and flags[3]["period"]["end"] == "2026-01-20T08:00:00Z"
+    # Communication identifiers are unique (conditional-create keys)
+    assert len({c["identifier"][0]["value"] for c in comms}) == 5
+
+
+def test_rejections_are_events_and_never_alert(tmp_path):
+    resources = [
+        observation("26499-4", 3000, "10*3/uL", id="jenny", patient="Patient/m", specimen="Specimen/j"),  # mCODE unit error
+        observation("751-8", 20, "%", id="mislabel", patient="Patient/m", specimen="Specimen/k"),
+        observation("751-8", 0.3, "bananas/uL", id="unknown-unit", patient="Patient/m", specimen="Specimen/l"),
+    ]
+    path = write_ndjson(tmp_path / "bad.ndjson", resources)
+    with path.open("ab") as fh:
+        fh.write(b'{"resourceType":"Observation","id":"trunc\n')
+    events, alerts = replay(tmp_path, path)
+    assert alerts == []
+    assert [e["event"] for e in events] == ["rejected"] * 4
+    reasons = {e["observations"][0] if e["observations"] else None: e["reason"] for e in events}
+    assert reasons["Observation/jenny"] == "implausible ANC 3e+06/uL (outside 0-100000)"
+    assert reasons["Observation/mislabel"] == "unit '%' is not a cell count unit for LOINC 751-8"
+    assert reasons["Observation/unknown-unit"] == "unit 'bananas/uL' is not a cell count unit for LOINC 751-8"
+    assert reasons[None].startswith("invalid JSON")
+    assert all(e["grade"] is None and e["anc"] is None for e in events)
+
+
+def test_latest_version_of_an_observation_wins(tmp_path):
+    v1 = cbc("Patient/v", 3, 0.4)
+    v2 = [dict(o, meta={"versionId": "2", "lastUpdated": "2026-01-03T12:00:00.000Z"}) for o in v1]
+    v2[1] = dict(v2[1], status="corrected", valueQuantity={"value": 1.8, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"})
+    events, _ = replay(tmp_path, write_ndjson(tmp_path / "v.ndjson", v2 + v1))  # newest first in the file
+    assert events == []  # the corrected 1800/uL is normal; never count both versions
+
+
+def test_preliminary_is_not_assessed(tmp_path):
+    obs = cbc("Patient/pre", 3, 0.4)
+    obs[1]["status"] = "preliminary"
+    events, _ = replay(tmp_path, write_ndjson(tmp_path / "p.ndjson", obs))
+    assert events == []
+
+
+def test_late_arriving_older_panel_does_not_reopen(tmp_path):
+    # Panel collected day 5 arrives after the day 8 panel: recorded, no event (issue 2 rule).
+    new = cbc("Patient/late", 8, 1.2, updated=False)
+    old = cbc("Patient/late", 5, 0.3, updated=False)
+    events, _ = replay(tmp_path, write_ndjson(tmp_path / "l.ndjson", new + old))
+    assert [(e["event"], e["anc"]) for e in events] == [("new", 1200)]
+
+
+def test_panels_grouped_by_effective_when_no_specimen_or_report(tmp_path):
+    eff = "2026-01-04T07:00:00Z"
+    obs = [observation("6690-2", 2.0, id="w", effective=eff, specimen=None), observation("770-8", 30, "%", id="p", effective=eff, specimen=None)]
+    events, _ = replay(tmp_path, write_ndjson(tmp_path / "e.ndjson", obs))
+    assert [(e["event"], e["anc"], e["observations"]) for e in events] == [("new", 600, ["Observation/p", "Observation/w"])]
+
+
+def test_directory_input_and_non_observations_skipped(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    write_ndjson(d / "Patient.ndjson", [{"resourceType": "Patient", "id": "x", "name": [{"family": "Doe"}]}])
+    write_ndjson(d / "Observation.ndjson", cbc("Patient/x", 3, 0.9))
+    events, _ = replay(tmp_path, d)
+    assert [(e["event"], e["grade"]) for e in events] == [("new", "moderate")]
+
+
+def test_unreadable_input_fails_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "replay", str(tmp_path / "missing.ndjson"), "--events", str(tmp_path / "e")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.strip().count("\n") == 0
+    assert "missing.ndjson" in proc.stderr and "no such file" in proc.stderr
+
+
+def test_bad_config_fails_naming_the_field(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("grading:\n  scheme: ctcae-v9\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "service", "replay", str(tmp_path), "--events", str(tmp_path / "e"), "--config", str(cfg)],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "grading.scheme" in proc.stderr and "ctcae-v9" in proc.stderr
+
+
+def test_unknown_config_field_is_named(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("alerts:\n  recipient: [Practitioner/1]\n")
+    with pytest.raises(ConfigError, match="alerts.recipient: unknown field"):
+        load_settings(cfg)
+
+
+@st.composite
+def patient_histories(draw):
+    resources = []
+    minute = 0
+    for p in range(draw(st.integers(1, 4))):
+        days = sorted(draw(st.sets(st.integers(1, 28), min_size=1, max_size=6)))
+        for day in days:
+            minute += 1
+            anc = draw(st.sampled_from([0.2, 0.4, 0.7, 0.9, 1.2, 1.4, 1.6, 3.0]))
+            panel = cbc(f"Patient/h{p}", day, anc)
+            # shuffle availability so it is not the collection order
+            stamp = f"2026-02-01T00:{draw(st.integers(0, 59)):02d}:{minute % 60:02d}.{minute:03d}Z"
+            for o in panel:
+                o["meta"]["lastUpdated"] = stamp
+            resources += panel
+    return resources
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(resources=patient_histories(), seed=st.integers(0, 10_000))
+def test_output_does_not_depend_on_file_order(tmp_path, resources, seed):
+    shuffled = list(resources)
+    random.Random(seed).shuffle(shuffled)
+    a = replay(tmp_path, write_ndjson(tmp_path / "a.ndjson", resources))
+    b = replay(tmp_path, write_ndjson(tmp_path / "a.ndjson", shuffled))
+    assert a == b
