@@ -1,0 +1,1 @@
+pytest_plugins = ["tests.fhir_server.pytest_plugin"]
