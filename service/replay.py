@@ -27,7 +27,7 @@ from .clinical.episodes import AlertEvent, EpisodeState, step
 from .clinical.fhirtime import from_epoch_us
 from .clinical.grading import Scheme
 from .clinical.observations import Ignored, LabResult, Rejected, normalise
-from .clinical.panels import PanelRejection, Report, assess, local_reference, panel_key, report_members
+from .clinical.panels import PanelRejection, assess, collection_key, local_reference, report_key, report_members, specimen_key
 from .config import AlertSettings
 from .errors import InputError
 
@@ -35,7 +35,6 @@ _BATCH = 5_000
 _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _decode_rejected = msgspec.msgpack.Decoder(Rejected).decode
-_decode_report = msgspec.msgpack.Decoder(Report).decode
 
 
 @dataclass
@@ -99,32 +98,36 @@ def _is_json(line: bytes) -> bool:
 # -- ordering ------------------------------------------------------------------------------------
 
 
-def availability_key(updated_us: int | None, ref: str | None, version: str | None, seq: int) -> str:
-    """Resources with meta.lastUpdated come first, in that order (ties by id and version, so the
-    order of files does not matter); resources without it follow in input order."""
-    if updated_us is None:
-        return f"~{seq:012d}"
-    return f"{updated_us:020d}\x1f{ref or ''}\x1f{version or ''}\x1f{seq:012d}"
-
-
 def _version_number(version: str | None) -> int:
     return int(version) if version is not None and version.isdigit() and len(version) < 18 else -1
 
 
 # -- the run ---------------------------------------------------------------------------------------
 
-_SCHEMA = """
-CREATE TABLE obs (ref TEXT PRIMARY KEY, vu INTEGER, vv INTEGER, seq INTEGER, akey TEXT,
-                  patient TEXT, data BLOB) WITHOUT ROWID;
-CREATE TABLE member (ref TEXT PRIMARY KEY, report BLOB) WITHOUT ROWID;
-CREATE TABLE rejected (akey TEXT, data BLOB);
-CREATE TABLE assigned (patient TEXT, panel TEXT, akey TEXT, data BLOB);
+# Order of availability: resources with meta.lastUpdated first, in that order, ties broken by id and
+# version (so the order of files does not matter); resources without it follow in input order.
+_AVAILABILITY = """CASE WHEN vu >= 0
+    THEN printf('%020d', vu) || char(31) || ifnull(ref, '') || char(31) || vv || char(31) || printf('%012d', seq)
+    ELSE '~' || printf('%012d', seq) END"""
+
+# obs holds every version read; pass 2 keeps the latest of each (by lastUpdated, versionId, input
+# position). pkey: the specimen panel key; fkey: the collection-instant key; member.pkey: the
+# DiagnosticReport's key. COALESCE(pkey, member.pkey, fkey) is `panels.panel_key`'s precedence.
+_SCHEMA = f"""
+CREATE TABLE obs (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, patient TEXT, pkey TEXT, fkey TEXT,
+                  data BLOB, akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
+CREATE TABLE member (ref TEXT PRIMARY KEY, pkey TEXT) WITHOUT ROWID;
+CREATE TABLE rejected (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, data BLOB,
+                       akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
 """
-_UPSERT = """
-INSERT INTO obs VALUES (?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT(ref) DO UPDATE SET vu = excluded.vu, vv = excluded.vv, seq = excluded.seq,
-  akey = excluded.akey, patient = excluded.patient, data = excluded.data
-WHERE (excluded.vu, excluded.vv, excluded.seq) > (obs.vu, obs.vv, obs.seq)
+_INSERT = "INSERT INTO obs VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_PANELS = """
+SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, data FROM (
+    SELECT o.patient, COALESCE(o.pkey, m.pkey, o.fkey) AS panel, o.akey, o.data,
+           ROW_NUMBER() OVER (PARTITION BY o.ref ORDER BY o.vu DESC, o.vv DESC, o.seq DESC) AS rn
+    FROM obs o LEFT JOIN member m ON m.ref = o.ref)
+WHERE rn = 1 AND data IS NOT NULL
+ORDER BY first
 """
 
 
@@ -135,7 +138,7 @@ class Replay:
         self.stats = ReplayStats()
         self._tmp = tempfile.TemporaryDirectory(prefix="neutrowatch-replay-", dir=workdir)
         self.db = sqlite3.connect(Path(self._tmp.name) / "replay.sqlite3", isolation_level=None)
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-65536"):
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-65536", "threads=2"):
             self.db.execute(f"PRAGMA {pragma}")
         self.db.executescript(_SCHEMA)
 
@@ -151,7 +154,7 @@ class Replay:
 
     def run(self, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None = None) -> ReplayStats:
         self.load(inputs)
-        for record in self.decide():
+        for record in self.decide(with_alerts=alerts is not None):
             events.write(orjson.dumps(record[0]) + b"\n")
             if alerts is not None and record[1] is not None:
                 for resource in record[1]:
@@ -163,8 +166,8 @@ class Replay:
     def load(self, inputs: Sequence[str | Path]) -> None:
         files = _files(inputs)
         obs_rows: list[tuple[Any, ...]] = []
-        member_rows: list[tuple[str, bytes]] = []
-        rejected_rows: list[tuple[str, bytes]] = []
+        member_rows: list[tuple[str, str]] = []
+        rejected_rows: list[tuple[Any, ...]] = []
         seq = 0
         stats = self.stats
         self.db.execute("BEGIN")
@@ -185,9 +188,9 @@ class Replay:
                         stats.observations += 1
                         outcome = normalise(item)
                         if isinstance(outcome, LabResult):
-                            akey = availability_key(outcome.updated_us, outcome.ref, outcome.version, seq)
                             obs_rows.append((outcome.ref, outcome.updated_us or -1, _version_number(outcome.version),
-                                             seq, akey, outcome.patient, _encode(outcome)))
+                                             seq, outcome.patient, specimen_key(outcome.specimen),
+                                             collection_key(outcome), _encode(outcome)))
                         elif isinstance(outcome, Rejected):
                             self._reject(outcome, seq, obs_rows, rejected_rows)
                         else:
@@ -197,7 +200,7 @@ class Replay:
                         for ref, report in report_members(
                             item.id, (r.reference for r in item.result or ()), (s.reference for s in specimens)
                         ):
-                            member_rows.append((ref, _encode(report)))
+                            member_rows.append((ref, report_key(report)))
                     else:
                         stats.ignored[f"{kind or 'untyped'} not used"] += 1
                 if len(obs_rows) >= _BATCH:
@@ -205,51 +208,30 @@ class Replay:
         self._flush(obs_rows, member_rows, rejected_rows)
         self.db.execute("COMMIT")
 
-    def _reject(self, rejected: Rejected, seq: int, obs_rows: list[tuple[Any, ...]], rejected_rows: list[tuple[str, bytes]]) -> None:
-        akey = availability_key(rejected.updated_us, rejected.ref, rejected.version, seq)
-        rejected_rows.append((akey, _encode(rejected)))
+    def _reject(self, rejected: Rejected, seq: int, obs_rows: list[tuple[Any, ...]], rejected_rows: list[tuple[Any, ...]]) -> None:
+        vu, vv = rejected.updated_us or -1, _version_number(rejected.version)
+        rejected_rows.append((rejected.ref, vu, vv, seq, _encode(rejected)))
         if rejected.ref is not None:
             # A rejected version still supersedes older versions: an Observation whose newest
             # version is unusable contributes nothing.
-            obs_rows.append((rejected.ref, rejected.updated_us or -1, _version_number(rejected.version), seq, akey, rejected.patient, None))
+            obs_rows.append((rejected.ref, vu, vv, seq, rejected.patient, None, None, None))
 
-    def _flush(self, obs_rows: list[tuple[Any, ...]], member_rows: list[tuple[str, bytes]], rejected_rows: list[tuple[str, bytes]]) -> None:
+    def _flush(self, obs_rows: list[tuple[Any, ...]], member_rows: list[tuple[str, str]], rejected_rows: list[tuple[Any, ...]]) -> None:
         db = self.db
         if obs_rows:
-            db.executemany(_UPSERT, obs_rows)
+            db.executemany(_INSERT, obs_rows)
             obs_rows.clear()
         if member_rows:
             db.executemany("INSERT OR IGNORE INTO member VALUES (?, ?)", member_rows)
             member_rows.clear()
         if rejected_rows:
-            db.executemany("INSERT INTO rejected VALUES (?, ?)", rejected_rows)
+            db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", rejected_rows)
             rejected_rows.clear()
 
     # pass 2 ------------------------------------------------------------------------------------
 
-    def _assign_panels(self) -> None:
-        db = self.db
-        db.execute("BEGIN")
-        rows = db.execute(
-            "SELECT o.patient, o.akey, o.data, m.report FROM obs o LEFT JOIN member m ON m.ref = o.ref WHERE o.data IS NOT NULL"
-        )
-        batch: list[tuple[str, str, str, bytes]] = []
-        insert = "INSERT INTO assigned VALUES (?, ?, ?, ?)"
-        for patient, akey, data, report in rows:
-            result = _decode_result(data)
-            batch.append((patient, panel_key(result, _decode_report(report) if report else None), akey, data))
-            if len(batch) >= _BATCH:
-                db.executemany(insert, batch)
-                batch.clear()
-        db.executemany(insert, batch)
-        db.execute("COMMIT")
-
     def _panels(self) -> Iterator[tuple[str, str, str, list[LabResult]]]:
-        rows = self.db.execute(
-            """SELECT a.patient, a.panel, f.first, a.data FROM assigned a
-               JOIN (SELECT patient, panel, MIN(akey) AS first FROM assigned GROUP BY patient, panel) f
-               USING (patient, panel) ORDER BY f.first"""
-        )
+        rows = self.db.execute(_PANELS)
         current: tuple[str, str, str] | None = None
         members: list[LabResult] = []
         for patient, panel, first, data in rows:
@@ -265,9 +247,9 @@ class Replay:
         for akey, data in self.db.execute("SELECT akey, data FROM rejected ORDER BY akey"):
             yield akey, "", "", _decode_rejected(data)
 
-    def decide(self) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
-        """(event record, alert resources or None) in order of availability."""
-        self._assign_panels()
+    def decide(self, *, with_alerts: bool = True) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+        """(event record, alert resources or None) in order of availability. Building and
+        validating the alert resources is skipped when nobody asked for them."""
         states: dict[str, EpisodeState] = {}
         stream: Iterable[tuple[str, str, str, Any]] = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
         for _akey, patient, panel, payload in stream:
@@ -289,6 +271,9 @@ class Replay:
             if event is None:
                 continue
             self.stats.events[event.kind.value] += 1
+            if not with_alerts:
+                yield event_record(event, self.scheme), None
+                continue
             sent = _available(payload) or event.assessment.effective
             writes = build_alert(event, self.scheme, self.alert_settings, sent=sent)
             yield event_record(event, self.scheme), [writes.flag, writes.communication]

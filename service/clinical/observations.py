@@ -25,7 +25,7 @@ _VALUELESS_STATUSES = frozenset({"registered", "cancelled", "entered-in-error", 
 _AT_MOST = frozenset({"<", "<="})
 
 
-class LabResult(msgspec.Struct, frozen=True, gc=False):
+class LabResult(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One Observation version, its value in the canonical unit of its property
     (cells/uL, percent, g/dL, Celsius). `value` is None only for statuses that carry none."""
 
@@ -42,7 +42,7 @@ class LabResult(msgspec.Struct, frozen=True, gc=False):
     effective_us: int
     updated_us: int | None  # meta.lastUpdated (server time)
     specimen: str | None
-    ref_low: float | None  # referenceRange.low, canonical unit
+    ref_low: float | None  # referenceRange.low in the canonical unit (absolute neutrophil terms only: the LLN)
     based_on: tuple[str, ...] = ()
 
     @property
@@ -50,7 +50,7 @@ class LabResult(msgspec.Struct, frozen=True, gc=False):
         return self.status in ASSESSED_STATUSES and self.value is not None
 
 
-class Rejected(msgspec.Struct, frozen=True, gc=False):
+class Rejected(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """An Observation that matched a monitored code but cannot be used. Never alerts."""
 
     reason: str
@@ -110,13 +110,25 @@ def _effective(resource: Resource) -> str | None:
     return None
 
 
+_UNSEEN = object()
+_instants: dict[str, int | None] = {}
+
+
 def _instant(text: str | None) -> int | None:
+    """Parsed FHIR time; panel members share their strings, so a small cache saves most parses."""
     if not text:
         return None
+    cached = _instants.get(text, _UNSEEN)
+    if cached is not _UNSEEN:
+        return cached  # type: ignore[return-value]
     try:
-        return to_epoch_us(text)
+        value: int | None = to_epoch_us(text)
     except ValueError:
-        return None
+        value = None
+    if len(_instants) >= 8192:
+        _instants.clear()
+    _instants[text] = value
+    return value
 
 
 def _canonical(term: Term, q: Quantity, value: float) -> float:
@@ -148,59 +160,61 @@ def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
     ref = f"Observation/{resource.id}" if resource.id else None
     patient = _patient(resource)
     effective = _effective(resource)
-
-    def reject(reason: str) -> Rejected:
-        code = term.code if isinstance(term, Term) else None
-        return Rejected(reason, ref, version, patient, code, effective, updated_us)
-
-    if isinstance(term, str):
-        return reject(term)
-    if ref is None:
-        return reject("no id")
-    if patient is None:
-        return reject("subject is not a Patient reference")
-    status = resource.status
-    if status not in STATUSES:
-        return reject("unknown status")
-    if effective is None:
-        return reject("no effective time")
     effective_us = _instant(effective)
-    if effective_us is None:
-        return reject("effective time is not a FHIR dateTime")
-    specimen = resource.specimen
-    specimen_ref = specimen.reference if isinstance(specimen, msgspec.Struct) else None
-    based_on = tuple(r.reference for r in resource.basedOn or () if r.reference)
+    status = resource.status
+    if isinstance(term, str):
+        reason: str | None = term
+    elif ref is None:
+        reason = "no id"
+    elif patient is None:
+        reason = "subject is not a Patient reference"
+    elif status not in STATUSES:
+        reason = "unknown status"
+    elif effective is None:
+        reason = "no effective time"
+    elif effective_us is None:
+        reason = "effective time is not a FHIR dateTime"
+    else:
+        reason = None
+    if reason is None:
+        value = _value(term, resource, status)  # type: ignore[arg-type]
+        if not isinstance(value, str):
+            specimen = resource.specimen
+            return LabResult(
+                ref, version, patient, term.code, term.kind, term.method.value, status, value[0],  # type: ignore[arg-type,union-attr]
+                value[1], effective, effective_us, updated_us,  # type: ignore[arg-type]
+                specimen.reference if isinstance(specimen, msgspec.Struct) else None,
+                _reference_low(term, resource) if term.kind is Kind.NEUT_ABS and value[0] is not None else None,  # type: ignore[arg-type]
+                tuple(r.reference for r in resource.basedOn or () if r.reference),
+            )
+        reason = value
+    code = term.code if isinstance(term, Term) else None
+    return Rejected(reason, ref, version, patient, code, effective, updated_us)
 
-    def result(value: float | None, at_most: bool = False, ref_low: float | None = None) -> LabResult:
-        return LabResult(
-            ref, version, patient, term.code, term.kind, term.method.value, status, value,
-            at_most, effective, effective_us, updated_us, specimen_ref, ref_low, based_on,
-        )
 
+def _value(term: Term, resource: Resource, status: str) -> tuple[float | None, bool] | str:
+    """(value in the canonical unit, at_most), or the reason there is no usable value."""
     q = resource.valueQuantity
     if q is None or q.value is None:
         if status in _VALUELESS_STATUSES:
-            return result(None)
+            return None, False
         if resource.dataAbsentReason is not None:
             codes = [c.code for c in resource.dataAbsentReason.coding or () if c.code]
-            return reject(f"no value (dataAbsentReason {codes[0][:40] if codes else 'given'})")
+            return f"no value (dataAbsentReason {codes[0][:40] if codes else 'given'})"
         if resource.valueString is not None:
-            return reject("value is text (valueString); needs manual review")
+            return "value is text (valueString); needs manual review"
         if resource.valueCodeableConcept is not None or resource.valueInteger is not None:
-            return reject("value is not a Quantity")
-        return reject("no value")
+            return "value is not a Quantity"
+        return "no value"
     if q.comparator is not None and q.comparator not in _AT_MOST:
-        return reject(f"comparator '{q.comparator[:4]}' gives only a lower bound")
+        return f"comparator '{q.comparator[:4]}' gives only a lower bound"
     try:
         value = _canonical(term, q, q.value)
     except UnitError as err:
-        return reject(f"{err} for LOINC {term.code}")
+        return f"{err} for LOINC {term.code}"
     except OverflowError:
-        return reject("value is not a finite number")
-    problem = _check_value(term, value)
-    if problem:
-        return reject(problem)
-    return result(value, q.comparator is not None, _reference_low(term, resource))
+        return "value is not a finite number"
+    return _check_value(term, value) or (value, q.comparator is not None)
 
 
 def _reference_low(term: Term, resource: Resource) -> float | None:

@@ -23,12 +23,22 @@ class Report:
     specimen: str | None  # the report's specimen when it names exactly one
 
 
-def panel_key(result: LabResult, report: Report | None) -> str:
-    if result.specimen:
-        return "specimen:" + result.specimen
-    if report is not None:
-        return "specimen:" + report.specimen if report.specimen else "report:" + report.report
+def specimen_key(specimen: str | None) -> str | None:
+    return "specimen:" + specimen if specimen else None
+
+
+def report_key(report: Report) -> str:
+    return specimen_key(report.specimen) or "report:" + report.report
+
+
+def collection_key(result: LabResult) -> str:
     return f"effective:{result.effective_us}"
+
+
+def panel_key(result: LabResult, report: Report | None) -> str:
+    """Specimen, else DiagnosticReport, else collection instant. (replay applies the same
+    precedence in SQL, as COALESCE over these three keys.)"""
+    return specimen_key(result.specimen) or (report_key(report) if report else None) or collection_key(result)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +61,7 @@ def assess(
     return Assessment(patient, panel, outcome, scheme.grade(outcome.value), primary.effective, primary.effective_us)
 
 
-__all__ = ["Anc", "Assessment", "PanelRejection", "Report", "assess", "panel_key"]
+__all__ = ["Anc", "Assessment", "PanelRejection", "Report", "assess", "collection_key", "panel_key", "report_key", "specimen_key"]
 
 
 def local_reference(ref: str | None, resource_type: str) -> str | None:

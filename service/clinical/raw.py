@@ -50,11 +50,11 @@ class Meta(msgspec.Struct, frozen=True, gc=False):
     lastUpdated: str | None = None
 
 
-class Entry(msgspec.Struct, frozen=True):
+class Entry(msgspec.Struct, frozen=True, gc=False):
     resource: Resource | None = None
 
 
-class Resource(msgspec.Struct, frozen=True):
+class Resource(msgspec.Struct, frozen=True, gc=False):
     """Fields of Observation, DiagnosticReport, Patient and Bundle that the service reads."""
 
     resourceType: str = ""
@@ -147,10 +147,15 @@ def flatten(resource: Resource) -> Iterator[Resource]:
 def decode(data: bytes | str) -> Iterator[Resource | Undecodable]:
     """Decode one JSON document (an NDJSON line, a Bundle or a single resource)."""
     try:
-        yield from flatten(_decoder.decode(data))
-        return
+        resource = _decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         pass
+    else:
+        if resource.resourceType == "Bundle":
+            yield from flatten(resource)
+        else:
+            yield resource
+        return
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as err:

@@ -8,6 +8,8 @@ cells/uL") and §1.3.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from functools import partial
 
 from .codes import Prop
 
@@ -91,21 +93,37 @@ def to_canonical(
     prop: Prop, value: float, *, unit: str | None, system: str | None, code: str | None
 ) -> float:
     """Convert `value` to the canonical unit of `prop`; raise UnitError with a reason otherwise."""
-    candidates = (code, unit) if system == UCUM else (unit, code)
+    key = (prop, system == UCUM, code, unit)
+    conversion = _conversions.get(key)
+    if conversion is None:
+        conversion = _conversion(prop, unit=unit, code=code, ucum=system == UCUM)
+        if len(_conversions) < _CACHE_LIMIT:  # a handful of units in practice; bounded against junk
+            _conversions[key] = conversion
+    if isinstance(conversion, str):
+        raise UnitError(conversion)
+    return round(conversion(value), 6)
+
+
+_CACHE_LIMIT = 4096
+_conversions: dict[tuple[Prop, bool, str | None, str | None], Callable[[float], float] | str] = {}
+
+
+def _conversion(prop: Prop, *, unit: str | None, code: str | None, ucum: bool) -> Callable[[float], float] | str:
+    """The function converting values of this unit, or the reason there is none."""
     seen: list[str] = []
-    for text in candidates:
+    for text in (code, unit) if ucum else (unit, code):
         if text is None:
             continue
-        converted = _convert_key(prop, unit_key(text), value)
-        if converted is not None:
-            return round(converted, 6)
+        key = unit_key(text)
+        if _convert_key(prop, key, 1.0) is not None:
+            return partial(_convert_key, prop, key)  # type: ignore[return-value]
         seen.append(text)
     if not seen:
         if prop is Prop.FRACTION:  # a pure number needs no unit
-            return round(value * 100.0, 6)
-        raise UnitError("no unit")
+            return partial(_convert_key, prop, "1")  # type: ignore[return-value]
+        return "no unit"
     shown = seen[0] if len(seen[0]) <= 40 else seen[0][:40] + "…"
-    raise UnitError(f"unit '{shown}' is not a {_PROP_NAMES[prop]} unit")
+    return f"unit '{shown}' is not a {_PROP_NAMES[prop]} unit"
 
 
 _PROP_NAMES = {
