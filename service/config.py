@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .clinical.grading import BUILT_IN, Scheme
@@ -62,6 +62,69 @@ class AlertSettings(_Section):
         return value
 
 
+class RetrySettings(_Section):
+    max_attempts: int = Field(6, ge=1, le=20, description="Attempts per request, the first included.")
+    backoff_base_seconds: float = Field(0.5, gt=0, le=60, description="First backoff; doubles each retry, with full jitter.")
+    backoff_max_seconds: float = Field(30.0, gt=0, le=600, description="Cap on one backoff, Retry-After included.")
+
+
+class SmartSettings(_Section):
+    """SMART Backend Services (client_credentials with a signed JWT assertion)."""
+
+    client_id: str = Field("", description="The client id registered with the authorisation server.")
+    private_key_file: Path | None = Field(None, description="PEM private key (RSA for RS384, EC P-384 for ES384); must not be world-readable.")
+    key_id: str = Field("", description="`kid` header of the assertion: the key's id in the registered JWKS.")
+    algorithm: Literal["RS384", "ES384"] = "RS384"
+    scope: str = Field(
+        "system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr",
+        description="Requested scopes (SMART v2 syntax; v1 servers want e.g. system/Observation.read).",
+    )
+    token_url: str | None = Field(None, description="Token endpoint; discovered from .well-known/smart-configuration when empty.")
+    jku: str | None = Field(None, description="Optional `jku` header: URL of the JWKS holding the public key.")
+
+
+class AuthSettings(_Section):
+    method: Literal["none", "bearer", "smart"] = "none"
+    bearer_token: SecretStr | None = Field(None, description="Static bearer token (set it from the environment, never in a file in the repo).")
+    bearer_token_file: Path | None = Field(None, description="File holding the static bearer token (a mounted secret).")
+    smart: SmartSettings = SmartSettings()
+
+    @model_validator(mode="after")
+    def _complete(self) -> AuthSettings:
+        if self.method == "bearer" and self.bearer_token is None and self.bearer_token_file is None:
+            raise ValueError("method 'bearer' needs bearer_token or bearer_token_file")
+        if self.method == "smart" and (not self.smart.client_id or self.smart.private_key_file is None):
+            raise ValueError("method 'smart' needs smart.client_id and smart.private_key_file")
+        return self
+
+
+class FhirSettings(_Section):
+    base_url: str = Field("", description="FHIR R4 base URL, e.g. https://fhir.example.org/r4 (required by run/once).")
+    allow_insecure_http: bool = Field(False, description="Allow a plain http:// base URL (local tests only).")
+    verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
+    ca_bundle: Path | None = Field(None, description="PEM CA bundle to trust instead of the system store.")
+    timeout_seconds: float = Field(30.0, gt=0, le=600, description="Timeout of one request (connect + read).")
+    page_size: int = Field(200, ge=1, le=1000, description="_count of each search page.")
+    max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    user_agent: str = Field("neutrowatch/0.1", description="User-Agent header.")
+    retry: RetrySettings = RetrySettings()
+    auth: AuthSettings = AuthSettings()
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with https:// (or http:// with allow_insecure_http)")
+        return value
+
+    @model_validator(mode="after")
+    def _scheme(self) -> FhirSettings:
+        if self.base_url.startswith("http://") and not self.allow_insecure_http:
+            raise ValueError("base_url is plain http://; use https:// or set allow_insecure_http for local tests")
+        return self
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = Field(
@@ -74,6 +137,7 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
+    fhir: FhirSettings = FhirSettings()
     grading: GradingSettings = GradingSettings()
     alerts: AlertSettings = AlertSettings()
     logging: LoggingSettings = LoggingSettings()

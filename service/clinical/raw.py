@@ -50,6 +50,11 @@ class Meta(msgspec.Struct, frozen=True, gc=False):
     lastUpdated: str | None = None
 
 
+class Link(msgspec.Struct, frozen=True, gc=False):
+    relation: str | None = None
+    url: str | None = None
+
+
 class Entry(msgspec.Struct, frozen=True, gc=False):
     resource: Resource | None = None
 
@@ -80,6 +85,8 @@ class Resource(msgspec.Struct, frozen=True, gc=False):
     hasMember: list[Reference] | None = None
     birthDate: str | None = None
     entry: list[Entry] | None = None
+    link: list[Link] | None = None  # Bundle.link (paging)
+    total: int | None = None  # Bundle.total
 
 
 class Undecodable(msgspec.Struct, frozen=True):

@@ -1,0 +1,37 @@
+"""Prometheus metrics of the service (text exposition at /metrics). Labels carry codes and reasons,
+never patient identifiers."""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+POLLS = Counter("neutrowatch_polls_total", "Poll cycles by outcome.", ["outcome"], registry=REGISTRY)
+PAGES = Counter("neutrowatch_pages_total", "Search result pages read.", registry=REGISTRY)
+OBSERVATIONS = Counter("neutrowatch_observations_total", "Observation versions read, by what became of them.", ["outcome"], registry=REGISTRY)
+PANELS = Counter("neutrowatch_panels_assessed_total", "Panels assessed.", registry=REGISTRY)
+REJECTIONS = Counter("neutrowatch_rejections_total", "Rejected inputs by reason.", ["reason"], registry=REGISTRY)
+ALERTS = Counter("neutrowatch_alerts_total", "Alert events by event and grade.", ["event", "grade"], registry=REGISTRY)
+WRITES = Counter("neutrowatch_fhir_writes_total", "Alert resources written, by type and result.", ["resource", "result"], registry=REGISTRY)
+FHIR_REQUESTS = Counter("neutrowatch_fhir_requests_total", "FHIR requests by method and HTTP status (or error kind).", ["method", "status"], registry=REGISTRY)
+FHIR_RETRIES = Counter("neutrowatch_fhir_retries_total", "FHIR requests retried, by reason.", ["reason"], registry=REGISTRY)
+UNSAFE_LINKS = Counter("neutrowatch_refused_links_total", "Links or redirects to another origin that were refused.", ["kind"], registry=REGISTRY)
+POLL_LAG = Gauge("neutrowatch_poll_lag_seconds", "Seconds between now and the newest meta.lastUpdated read.", registry=REGISTRY)
+LAST_POLL_OK = Gauge("neutrowatch_last_successful_poll_timestamp_seconds", "Unix time of the last successful poll.", registry=REGISTRY)
+OUTBOX_PENDING = Gauge("neutrowatch_outbox_pending", "Alert writes decided but not yet confirmed by the FHIR server.", registry=REGISTRY)
+POLL_SECONDS = Histogram("neutrowatch_poll_duration_seconds", "Duration of poll cycles.", registry=REGISTRY,
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+
+
+_QUOTED = re.compile(r"'[^']*'")
+_AMOUNT = re.compile(r"[-+]?\d[\d.]*(?:e[-+]?\d+)?/uL")
+
+
+def reason_label(reason: str) -> str:
+    """A bounded label value for a rejection reason: quoted units and amounts are elided, so the
+    label set stays small whatever the input (the full reason goes to the log and the store)."""
+    reason = _AMOUNT.sub("N/uL", _QUOTED.sub("'…'", reason))
+    return reason.split(" (", 1)[0][:80]
