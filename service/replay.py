@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import heapq
+import itertools
 import sqlite3
 import tempfile
 from collections import Counter
@@ -23,13 +24,21 @@ import orjson
 
 from .alerts import build as build_alert
 from .clinical import raw
-from .clinical.episodes import AlertEvent, EpisodeState, step
+from .clinical.episodes import EpisodeState
 from .clinical.fhirtime import from_epoch_us
 from .clinical.grading import Scheme
-from .clinical.observations import Ignored, LabResult, Rejected, normalise
-from .clinical.panels import PanelRejection, assess, collection_key, local_reference, report_key, report_members, specimen_key
+from .clinical.observations import LabResult, Rejected, normalise
+from .clinical.panels import (
+    collection_key,
+    decide,
+    local_reference,
+    report_key,
+    report_members,
+    specimen_key,
+)
 from .config import AlertSettings
 from .errors import InputError
+from .events import event_record, panel_rejected_record, rejected_record
 
 _BATCH = 5_000
 _encode = msgspec.msgpack.Encoder().encode
@@ -79,7 +88,7 @@ def _documents(path: Path) -> Iterator[bytes]:
                     return
                 lines: Iterable[bytes] = whole.splitlines()
             else:
-                lines = (first, *fh) if first else ()
+                lines = itertools.chain((first,), fh) if first else ()
             for line in lines:
                 if line.strip():
                     yield line
@@ -138,7 +147,7 @@ class Replay:
         self.stats = ReplayStats()
         self._tmp = tempfile.TemporaryDirectory(prefix="neutrowatch-replay-", dir=workdir)
         self.db = sqlite3.connect(Path(self._tmp.name) / "replay.sqlite3", isolation_level=None)
-        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-65536", "threads=2"):
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-16384"):
             self.db.execute(f"PRAGMA {pragma}")
         self.db.executescript(_SCHEMA)
 
@@ -258,16 +267,14 @@ class Replay:
                 yield rejected_record(payload), None
                 continue
             self.stats.panels += 1
-            outcome = assess(patient, panel, payload, self.scheme)
-            if outcome is None:
-                continue
-            if isinstance(outcome, PanelRejection):
+            decision = decide(states.get(patient, EpisodeState()), patient, panel, payload, self.scheme)
+            states[patient] = decision.state
+            self.stats.stale_panels += decision.stale
+            if decision.rejection is not None:
                 self.stats.events["rejected"] += 1
-                yield panel_rejected_record(outcome, payload), None
+                yield panel_rejected_record(decision.rejection, payload), None
                 continue
-            state, event, stale = step(states.get(patient, EpisodeState()), outcome)
-            states[patient] = state
-            self.stats.stale_panels += stale
+            event = decision.event
             if event is None:
                 continue
             self.stats.events[event.kind.value] += 1
@@ -290,56 +297,3 @@ def _undecodable_rejection(item: raw.Undecodable) -> Rejected:
     return Rejected(item.reason, ref, None, patient)
 
 
-# -- the event records (the replay output contract) ------------------------------------------------
-
-
-def event_record(event: AlertEvent, scheme: Scheme) -> dict[str, Any]:
-    a = event.assessment
-    return {
-        "patient": event.patient,
-        "event": event.kind.value,
-        "grade": event.band.severity,
-        "anc": _number(a.anc.value),
-        "effective": a.effective,
-        "observations": [r.ref for r in a.anc.inputs],
-        "episode": event.episode,
-        "scheme": scheme.name,
-        "grade_label": event.band.label,
-        "method": a.anc.method,
-        "anc_at_most": a.anc.at_most,
-        "wbc": _number(a.anc.wbc) if a.anc.wbc is not None else None,
-        "previous_anc": _number(event.previous_anc) if event.previous_anc is not None else None,
-        "previous_effective": event.previous_effective,
-    }
-
-
-def rejected_record(rejected: Rejected) -> dict[str, Any]:
-    return {
-        "patient": rejected.patient,
-        "event": "rejected",
-        "grade": None,
-        "anc": None,
-        "effective": rejected.effective,
-        "observations": [rejected.ref] if rejected.ref else [],
-        "reason": rejected.reason,
-        "code": rejected.code,
-    }
-
-
-def panel_rejected_record(rejection: PanelRejection, members: list[LabResult]) -> dict[str, Any]:
-    inputs = rejection.rejected.inputs
-    return {
-        "patient": rejection.patient,
-        "event": "rejected",
-        "grade": None,
-        "anc": None,
-        "effective": inputs[0].effective if inputs else members[0].effective,
-        "observations": [r.ref for r in inputs],
-        "reason": rejection.rejected.reason,
-        "code": inputs[0].code if inputs else None,
-    }
-
-
-def _number(value: float) -> int | float:
-    rounded = round(value, 1)
-    return int(rounded) if rounded.is_integer() else rounded

@@ -108,3 +108,12 @@ def _gate(anc: Anc) -> Anc | PanelRejected:
         if value > anc.wbc * (1 + _TOLERANCE):
             return PanelRejected(f"ANC {value:g}/uL exceeds WBC {anc.wbc:g}/uL", anc.inputs)
     return Anc(value, anc.at_most, anc.method, anc.inputs, anc.wbc)
+
+
+def is_complete(results: Iterable[LabResult]) -> bool:
+    """The panel holds what the ANC and its plausibility gate need (a WBC and a neutrophil result).
+    An incomplete panel is held for the settle time before what is there is assessed."""
+    kinds = {r.kind for r in results if r.assessable}
+    if Kind.WBC not in kinds:
+        return False
+    return bool(kinds & {Kind.NEUT_ABS, Kind.SEG_ABS, Kind.NEUT_PCT, Kind.SEG_PCT})

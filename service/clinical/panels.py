@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .anc import Anc, PanelRejected, compute_anc
-from .episodes import Assessment
+from .episodes import AlertEvent, Assessment, EpisodeState, step
 from .grading import Scheme
 from .observations import LabResult
 
@@ -61,7 +61,28 @@ def assess(
     return Assessment(patient, panel, outcome, scheme.grade(outcome.value), primary.effective, primary.effective_us)
 
 
-__all__ = ["Anc", "Assessment", "PanelRejection", "Report", "assess", "collection_key", "panel_key", "report_key", "specimen_key"]
+@dataclass(frozen=True, slots=True)
+class PanelDecision:
+    state: EpisodeState  # the patient's state after the panel
+    event: AlertEvent | None = None
+    rejection: PanelRejection | None = None
+    assessed: bool = False  # the panel had an ANC to grade
+    stale: bool = False  # collected before the newest panel already assessed
+
+
+def decide(state: EpisodeState, patient: str, panel: str, results: Iterable[LabResult], scheme: Scheme) -> PanelDecision:
+    """One panel through the whole core: ANC, grade, episode step. The same function serves
+    replay and the live loop, so replay is the live loop's oracle."""
+    outcome = assess(patient, panel, results, scheme)
+    if outcome is None:
+        return PanelDecision(state)
+    if isinstance(outcome, PanelRejection):
+        return PanelDecision(state, rejection=outcome)
+    new_state, event, stale = step(state, outcome)
+    return PanelDecision(new_state, event, assessed=True, stale=stale)
+
+
+__all__ = ["Anc", "Assessment", "PanelRejection", "Report", "assess", "collection_key", "decide", "PanelDecision", "panel_key", "report_key", "specimen_key"]
 
 
 def local_reference(ref: str | None, resource_type: str) -> str | None:
