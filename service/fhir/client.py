@@ -1,0 +1,474 @@
+"""Async FHIR R4 client: search with paging, read, (conditional) create, versioned update and
+transactions, with retries, bounded concurrency and a hard rule that the access token never leaves
+the base URL (next links and redirects elsewhere are refused).
+
+Construct it inside a running event loop (it makes an aiohttp session unless given one)::
+
+    async with FhirClient(settings.fhir) as fhir:
+        async for page in fhir.search("Observation", [("code", "http://loinc.org|751-8")]):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, Self, TypeVar
+from urllib.parse import unquote, urlencode, urljoin, urlsplit
+
+import aiohttp
+import msgspec
+import orjson
+import structlog
+from yarl import URL
+
+from ..clinical import raw
+from ..config import FhirSettings
+from ..errors import ConfigError
+from ..metrics import FHIR_REQUESTS, FHIR_RETRIES, PAGES, UNSAFE_LINKS
+from .auth import Auth, make_auth
+from .errors import (
+    FhirError,
+    FhirHttpError,
+    FhirUnavailable,
+    PreconditionFailed,
+    UnsafeLinkError,
+)
+from .tls import ssl_option
+
+__all__ = ["FhirClient", "Page"]
+
+log = structlog.get_logger("neutrowatch.fhir")
+
+FHIR_JSON = "application/fhir+json"
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_SEARCH_ALL_PAGES = 100
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_page_decoder = msgspec.json.Decoder(raw.Resource)
+_closing: set[asyncio.Task[None]] = set()
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page:
+    resources: list[raw.Resource | raw.Undecodable]  # searchset entries, flattened (include-mode too)
+    next_url: str | None
+    url: str  # the URL this page came from
+
+
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    authorized: bool  # an Authorization header was sent
+
+
+class _Retry(Exception):
+    """One attempt failed in a way that may be retried. `ambiguous`: a write may have been applied."""
+
+    def __init__(self, reason: str, *, ambiguous: bool, response: _Response | None = None, after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason, self.ambiguous, self.response, self.after = reason, ambiguous, response, after
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 0)
+    except ValueError:
+        return None
+    if parts.username is not None or parts.password is not None:
+        return None  # userinfo would become a second set of credentials
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds to wait from `x-ms-retry-after-ms` or `Retry-After` (delta-seconds or HTTP-date)."""
+    try:
+        if (ms := headers.get("x-ms-retry-after-ms")) is not None and float(ms) >= 0:
+            return float(ms) / 1000
+    except ValueError:
+        pass
+    value = (headers.get("Retry-After") or "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, when.timestamp() - now)
+
+
+def outcome_summary(body: bytes) -> str:
+    """One line from an OperationOutcome: issue codes and diagnostics, at most 200 characters."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    if not isinstance(doc, dict) or doc.get("resourceType") != "OperationOutcome":
+        return ""
+    parts = []
+    for issue in doc.get("issue") or ():
+        if isinstance(issue, dict):
+            details = issue.get("details")
+            text = issue.get("diagnostics") or (details.get("text") if isinstance(details, dict) else None)
+            parts.append(": ".join(str(p) for p in (issue.get("code"), text) if p))
+    return " ".join("; ".join(p for p in parts if p).split())[:200]
+
+
+def _is_idempotent_entry(entry: Any) -> bool:
+    request = entry.get("request") if isinstance(entry, dict) else None
+    if not isinstance(request, dict):
+        return False
+    method = str(request.get("method", "")).upper()
+    return (method in ("GET", "HEAD") or (method == "POST" and bool(request.get("ifNoneExist")))
+            or (method == "PUT" and bool(request.get("ifMatch"))))
+
+
+def _next_link(links: Any) -> str | None:
+    for link in links or ():
+        relation, url = (link.relation, link.url) if isinstance(link, raw.Link) else (
+            (link.get("relation"), link.get("url")) if isinstance(link, dict) else (None, None))
+        if relation == "next" and isinstance(url, str) and url:
+            return url
+    return None
+
+
+def _json_object(response: _Response) -> dict[str, Any]:
+    """The body of a GET as a dict; bad JSON is retryable (a truncated body)."""
+    try:
+        doc = orjson.loads(response.body)
+    except (orjson.JSONDecodeError, RecursionError):
+        raise _Retry("invalid_json", ambiguous=False, response=response) from None
+    if not isinstance(doc, dict):
+        raise FhirError(f"HTTP {response.status} body is not a FHIR resource")
+    return doc
+
+
+def _optional_object(response: _Response) -> dict[str, Any] | None:
+    """The body of a write: None when empty (return=minimal) or unreadable (the write happened)."""
+    try:
+        doc = orjson.loads(response.body) if response.body.strip() else None
+    except (orjson.JSONDecodeError, RecursionError):
+        log.warning("fhir_unreadable_write_response", status=response.status)
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _bundle_object(response: _Response) -> tuple[dict[str, Any], str | None]:
+    doc = _json_object(response)
+    if doc.get("resourceType") != "Bundle":
+        raise FhirError(f"search answered with {str(doc.get('resourceType'))[:40]}, not a Bundle")
+    return doc, _next_link(doc.get("link"))
+
+
+def _entry_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for entry in bundle.get("entry") or ():
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        search = entry.get("search") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and not (isinstance(search, dict) and search.get("mode") == "outcome"):
+            found.append(resource)
+    return found
+
+
+def _page(response: _Response) -> tuple[list[raw.Resource | raw.Undecodable], str | None]:
+    """Typed fast path; if the page does not fit the types, entry by entry so one bad entry
+    does not take its neighbours with it."""
+    try:
+        bundle = _page_decoder.decode(response.body)
+    except msgspec.ValidationError:
+        doc, next_url = _bundle_object(response)
+        entries = doc.get("entry")
+        resources = list(raw.convert({"resourceType": "Bundle", "entry": entries})) if isinstance(entries, list) else []
+        return resources, next_url
+    except (msgspec.DecodeError, RecursionError):
+        raise _Retry("invalid_json", ambiguous=False, response=response) from None
+    if bundle.resourceType != "Bundle":
+        raise FhirError(f"search answered with {bundle.resourceType[:40]}, not a Bundle")
+    return list(raw.flatten(bundle)), _next_link(bundle.link)
+
+
+def _request_url(url: str) -> URL:
+    """Send a URL exactly as given (next links included) unless it holds characters that must be encoded."""
+    return URL(url, encoded=True) if url.isascii() and url.isprintable() and " " not in url else URL(url)
+
+
+class FhirClient:
+    def __init__(
+        self,
+        settings: FhirSettings,
+        *,
+        auth: Auth | None = None,
+        session: aiohttp.ClientSession | None = None,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not settings.base_url:
+            raise ConfigError("fhir.base_url: required")
+        self._settings, self._retry = settings, settings.retry
+        self._base = settings.base_url.rstrip("/")
+        self._origin = _origin(self._base)
+        self._base_path = urlsplit(self._base).path.rstrip("/")
+        self._ssl = ssl_option(settings)
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds)
+        self._semaphore = asyncio.Semaphore(settings.max_concurrency)
+        self._sleep, self._rng, self._clock = sleep, rng or random.Random(), clock
+        self._own_session = session is None
+        self._session = session or aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
+        try:
+            self._auth: Auth = auth if auth is not None else make_auth(settings, self._session)
+        except BaseException:
+            if self._own_session:
+                task = asyncio.get_running_loop().create_task(self._session.close())
+                _closing.add(task)
+                task.add_done_callback(_closing.discard)
+            raise
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_session and not self._session.closed:
+            await self._session.close()
+
+    # -- interactions ------------------------------------------------------------------------------
+
+    async def metadata(self) -> dict[str, Any]:
+        return await self._request("GET", f"{self._base}/metadata", idempotent=True, parse=_json_object)
+
+    async def search(self, resource_type: str, params: Sequence[tuple[str, str]]) -> AsyncIterator[Page]:
+        """Pages of a search: the first built from `params`, then Bundle.link[next] exactly as given."""
+        async for resources, next_url, url in self._walk(self._search_url(resource_type, params), _page):
+            yield Page(resources, next_url, url)
+
+    async def search_all(self, resource_type: str, params: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+        """Every entry resource of a small search as plain dicts (match and include entries; the
+        server's search.mode=outcome OperationOutcomes are left out). At most 100 pages."""
+        found: list[dict[str, Any]] = []
+        pages = 0
+        async for doc, next_url, _url in self._walk(self._search_url(resource_type, params), _bundle_object):
+            found.extend(_entry_resources(doc))
+            pages += 1
+            if pages >= MAX_SEARCH_ALL_PAGES and next_url is not None:
+                raise FhirError(f"search_all {resource_type}: more than {MAX_SEARCH_ALL_PAGES} pages")
+        return found
+
+    async def read(self, resource_type: str, id: str) -> tuple[dict[str, Any], str | None]:
+        """The current version and its ETag."""
+        url = f"{self._type_url(resource_type)}/{self._checked_id(id)}"
+        return await self._request("GET", url, idempotent=True, parse=lambda r: (_json_object(r), r.headers.get("ETag")))
+
+    async def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> tuple[dict[str, Any] | None, int]:
+        """POST; with `if_none_exist` (a query such as "identifier=sys|val") a conditional create,
+        which is safe to retry. Returns (resource or None without a body, 201 or 200)."""
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else {}
+        url = self._type_url(resource.get("resourceType", ""))
+        return await self._write("POST", url, resource, headers, idempotent=bool(if_none_exist))
+
+    async def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> tuple[dict[str, Any] | None, int]:
+        """PUT /Type/id; `if_match` is an ETag (W/"3") or a bare version id. A stale version raises
+        PreconditionFailed. Retried only with If-Match: a retry whose first attempt was applied then
+        answers 412, so on PreconditionFailed re-read before concluding there was a conflict."""
+        url = f"{self._type_url(resource.get('resourceType', ''))}/{self._checked_id(resource.get('id', ''))}"
+        headers = {}
+        if if_match:
+            headers["If-Match"] = if_match if if_match.startswith(('W/"', '"')) else f'W/"{if_match}"'
+        return await self._write("PUT", url, resource, headers, idempotent=bool(if_match))
+
+    async def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        """POST a transaction (or batch) Bundle to the base; returns the response Bundle. Retried only
+        when every entry is conditional (POST with ifNoneExist, PUT with ifMatch) or a read."""
+        if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
+            raise ValueError("transaction() needs a Bundle of type transaction or batch")
+        idempotent = all(_is_idempotent_entry(e) for e in bundle.get("entry") or ())
+        doc, _status = await self._write("POST", self._base, bundle, {}, idempotent=idempotent)
+        if doc is None or doc.get("resourceType") != "Bundle":
+            raise FhirError("transaction response is not a Bundle")
+        return doc
+
+    # -- URLs --------------------------------------------------------------------------------------
+
+    def _type_url(self, resource_type: str) -> str:
+        if not isinstance(resource_type, str) or not _TYPE.match(resource_type):
+            raise ValueError(f"not a FHIR resource type: {str(resource_type)[:40]!r}")
+        return f"{self._base}/{resource_type}"
+
+    @staticmethod
+    def _checked_id(id: Any) -> str:
+        if not isinstance(id, str) or not _ID.match(id):
+            raise ValueError("not a FHIR resource id")
+        return id
+
+    def _search_url(self, resource_type: str, params: Sequence[tuple[str, str]]) -> str:
+        query = urlencode(list(params))
+        return f"{self._type_url(resource_type)}?{query}" if query else self._type_url(resource_type)
+
+    def _within_base(self, url: str) -> bool:
+        """Same origin as the base URL, path under the base path, no dot segments, no userinfo."""
+        origin = _origin(url)
+        path = urlsplit(url).path
+        if origin is None or origin != self._origin or any(s in (".", "..") for s in unquote(path).split("/")):
+            return False
+        return not self._base_path or path == self._base_path or path.startswith(self._base_path + "/")
+
+    def _refuse(self, url: str, kind: str) -> UnsafeLinkError:
+        UNSAFE_LINKS.labels(kind=kind).inc()
+        parts = urlsplit(url)
+        log.warning("fhir_unsafe_link", kind=kind, target=f"{parts.scheme}://{parts.netloc}")
+        return UnsafeLinkError(f"{kind} to {parts.scheme}://{parts.netloc} refused: it leaves the FHIR base URL {self._base}")
+
+    def _resource_type(self, url: str) -> str:
+        """For logs and messages: the first path segment after the base (never ids or queries)."""
+        rest = urlsplit(url).path[len(self._base_path):].strip("/").split("/")[0]
+        return rest if _TYPE.match(rest) or rest == "metadata" else ""
+
+    # -- paging ------------------------------------------------------------------------------------
+
+    async def _walk(
+        self, url: str, parse: Callable[[_Response], tuple[T, str | None]],
+    ) -> AsyncIterator[tuple[T, str | None, str]]:
+        """Parsed pages with their next link and URL; follows next only under the base URL."""
+        seen: set[str] = set()
+        while True:
+            seen.add(url)
+            payload, next_url = await self._request("GET", url, idempotent=True, parse=parse)
+            PAGES.inc()
+            next_url = urljoin(url, next_url) if next_url else None
+            yield payload, next_url, url
+            if next_url is None:
+                return
+            if not self._within_base(next_url):
+                raise self._refuse(next_url, "next")
+            if next_url in seen:
+                raise FhirError(f"search {self._resource_type(url)}: next link repeats an earlier page")
+            url = next_url
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    async def _write(
+        self, method: str, url: str, resource: dict[str, Any], headers: dict[str, str], *, idempotent: bool,
+    ) -> tuple[dict[str, Any] | None, int]:
+        response = await self._request(method, url, body=orjson.dumps(resource), headers=headers,
+                                       idempotent=idempotent, parse=lambda r: r)
+        location = response.headers.get("Location")
+        if location and not self._within_base(urljoin(url, location)):
+            self._refuse(urljoin(url, location), "location")  # counted and ignored
+        doc = _optional_object(response)
+        same_type = doc is not None and doc.get("resourceType") == resource.get("resourceType")
+        return (doc if same_type else None), response.status  # not e.g. an OperationOutcome
+
+    async def _request(self, method: str, url: str, *, idempotent: bool, parse: Callable[[_Response], T],
+                       body: bytes | None = None, headers: Mapping[str, str] | None = None) -> T:
+        attempt, reauthorised = 0, False
+        what = f"{method} {self._resource_type(url) or 'base'}"
+        while True:
+            attempt += 1
+            try:
+                response = await self._exchange(method, url, body, headers or {})
+                if response.status == 401 and response.authorized and not reauthorised:
+                    reauthorised, attempt = True, attempt - 1
+                    self._auth.invalidate()
+                    FHIR_RETRIES.labels(reason="401").inc()
+                    continue
+                return self._accept(response, parse)
+            except _Retry as retry:
+                if retry.ambiguous and not idempotent:
+                    raise self._not_retried(what, retry, attempt) from None
+                if attempt >= self._retry.max_attempts:
+                    raise FhirUnavailable(f"{what}: gave up after {attempt} attempts; last: {retry.reason}",
+                                          reason=retry.reason, attempts=attempt) from None
+                delay = self._delay(attempt - 1, retry.after)
+                FHIR_RETRIES.labels(reason=retry.reason).inc()
+                log.warning("fhir_retry", method=method, resource_type=self._resource_type(url), reason=retry.reason,
+                            attempt=attempt, delay=round(delay, 3))
+                await self._sleep(delay)
+
+    def _accept(self, response: _Response, parse: Callable[[_Response], T]) -> T:
+        status = response.status
+        if status in RETRY_STATUSES:
+            after = retry_after_seconds(response.headers, self._clock())
+            raise _Retry(str(status), ambiguous=status != 429, response=response, after=after)
+        if 200 <= status < 300:
+            return parse(response)
+        summary = outcome_summary(response.body)
+        if status == 412:
+            raise PreconditionFailed(status, summary)
+        raise FhirHttpError(status, summary)
+
+    def _not_retried(self, what: str, retry: _Retry, attempt: int) -> FhirError:
+        if retry.response is not None:
+            summary = outcome_summary(retry.response.body) or "not retried: the write is not idempotent"
+            return FhirHttpError(retry.response.status, summary)
+        return FhirUnavailable(f"{what}: {retry.reason} after {attempt} attempt(s); not retried, the write is not "
+                               "idempotent and its outcome is unknown", reason=retry.reason, attempts=attempt)
+
+    def _delay(self, retry_index: int, retry_after: float | None) -> float:
+        cap = self._retry.backoff_max_seconds
+        if retry_after is not None:
+            return min(cap, retry_after)
+        return self._rng.uniform(0, min(cap, self._retry.backoff_base_seconds * 2**retry_index))
+
+    async def _exchange(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]) -> _Response:
+        """One request, following at most one redirect, and only one that stays under the base URL."""
+        response = await self._send(method, url, body, headers)
+        if response.status not in REDIRECT_STATUSES:
+            return response
+        location = response.headers.get("Location")
+        if not location:
+            raise FhirHttpError(response.status, "redirect without a Location")
+        target = urljoin(url, location)
+        if not self._within_base(target):
+            raise self._refuse(target, "redirect")
+        if method != "GET" and response.status not in (307, 308):
+            raise FhirHttpError(response.status, f"redirect of a {method} not followed")
+        response = await self._send(method, target, body, headers)
+        if response.status in REDIRECT_STATUSES:
+            raise FhirHttpError(response.status, "more than one redirect")
+        return response
+
+    async def _send(self, method: str, url: str, body: bytes | None, extra: Mapping[str, str]) -> _Response:
+        auth = await self._auth.header()
+        headers = {"Accept": FHIR_JSON, "User-Agent": self._settings.user_agent, **extra, **auth}
+        if body is not None:
+            headers["Content-Type"] = FHIR_JSON
+        async with self._semaphore:
+            try:
+                async with self._session.request(method, _request_url(url), data=body, headers=headers, timeout=self._timeout,
+                                                 ssl=self._ssl, allow_redirects=False) as resp:
+                    status, resp_headers, data = resp.status, resp.headers, await resp.read()
+            except TimeoutError:
+                FHIR_REQUESTS.labels(method=method, status="timeout").inc()
+                raise _Retry("timeout", ambiguous=True) from None
+            except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as err:  # configuration, not weather
+                FHIR_REQUESTS.labels(method=method, status="connection").inc()
+                message = f"{method} {self._resource_type(url)}: TLS failed ({type(err).__name__})"
+                raise FhirUnavailable(message, reason="tls", attempts=1) from None
+            except aiohttp.ClientConnectorError:  # never connected: nothing was sent
+                FHIR_REQUESTS.labels(method=method, status="connection").inc()
+                raise _Retry("connection", ambiguous=False) from None
+            except aiohttp.ClientError:
+                FHIR_REQUESTS.labels(method=method, status="connection").inc()
+                raise _Retry("connection", ambiguous=True) from None
+        FHIR_REQUESTS.labels(method=method, status=str(status)).inc()
+        log.debug("fhir_response", method=method, resource_type=self._resource_type(url), status=status)
+        return _Response(status, resp_headers, data, authorized="Authorization" in auth)

@@ -1,0 +1,650 @@
+"""FhirClient against the real FHIR test engine, directly and through a fault-injecting reverse
+proxy written here (429/503, truncated bodies, next links and redirects to another origin)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+import socket
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import formatdate
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from yarl import URL
+
+from service.clinical import raw
+from service.config import FhirSettings, RetrySettings
+from service.errors import ConfigError
+from service.fhir.auth import BearerAuth
+from service.fhir.client import FhirClient, Page, outcome_summary, retry_after_seconds
+from service.fhir.errors import (
+    FhirHttpError,
+    FhirUnavailable,
+    PreconditionFailed,
+    UnsafeLinkError,
+)
+from service.metrics import REGISTRY
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+LOINC = "http://loinc.org"
+TOKEN = "test-token-not-for-elsewhere"
+SEARCH = [("code", f"{LOINC}|751-8"), ("_lastUpdated", "ge2000-01-01"), ("_sort", "_lastUpdated")]
+Handler = Callable[[web.Request], web.StreamResponse]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def retries(reason: str) -> float:
+    return metric("neutrowatch_fhir_retries_total", reason=reason)
+
+
+def refused(kind: str) -> float:
+    return metric("neutrowatch_refused_links_total", kind=kind)
+
+
+def observation(patient: str = "p1", value: float = 1.2, **extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "751-8"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": "2024-05-01T08:00:00Z",
+        "valueQuantity": {"value": value, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"},
+        **extra,
+    }
+
+
+def transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def post_entry(resource: dict[str, Any], **request: str) -> dict[str, Any]:
+    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource,
+            "request": {"method": "POST", "url": resource["resourceType"], **request}}
+
+
+def outcome(code: str, text: str) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
+
+
+# -- fault-injecting reverse proxy -----------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    method: str
+    raw_path: str  # path and query exactly as received (after the /fhir prefix)
+    headers: dict[str, str]
+
+
+@dataclass
+class Fault:
+    """For the first `times` requests matching `when`: answer with `respond` (nothing forwarded), or
+    forward and pass the answer through `mutate(status, headers, body)`, optionally after `delay`."""
+
+    when: Callable[[web.Request], bool]
+    times: int = 1
+    respond: Handler | None = None
+    mutate: Callable[[int, dict[str, str], bytes], tuple[int, dict[str, str], bytes]] | None = None
+    delay: float = 0.0
+
+
+@dataclass
+class Proxy:
+    upstream: str
+    base: str = ""  # the proxy's FHIR base URL: http://127.0.0.1:<port>/fhir
+    faults: list[Fault] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list)
+    session: aiohttp.ClientSession | None = None
+
+    def add(self, fault: Fault) -> Fault:
+        self.faults.append(fault)
+        return fault
+
+    def requests(self, method: str, path_prefix: str = "") -> list[Seen]:
+        return [s for s in self.seen if s.method == method and s.raw_path.startswith(path_prefix)]
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw_path = request.raw_path.removeprefix("/fhir") or "/"
+        self.seen.append(Seen(request.method, raw_path, dict(request.headers)))
+        fault = next((f for f in self.faults if f.times > 0 and f.when(request)), None)
+        if fault is not None:
+            fault.times -= 1
+            await asyncio.sleep(fault.delay)
+            if fault.respond is not None:
+                return fault.respond(request)
+        status, headers, body = await self._forward(request, raw_path)
+        if fault is not None and fault.mutate is not None:
+            status, headers, body = fault.mutate(status, headers, body)
+        return web.Response(status=status, body=body, headers=headers)
+
+    async def _forward(self, request: web.Request, raw_path: str) -> tuple[int, dict[str, str], bytes]:
+        assert self.session is not None
+        passed = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "content-type", "if-none-exist", "if-match")}
+        async with self.session.request(request.method, URL(self.upstream + raw_path, encoded=True),
+                                        data=await request.read(), headers=passed, allow_redirects=False) as resp:
+            body = (await resp.read()).replace(self.upstream.encode(), self.base.encode())
+            headers = {k: v.replace(self.upstream, self.base) for k, v in resp.headers.items()
+                       if k.lower() in ("content-type", "etag", "location", "last-modified")}
+            return resp.status, headers, body
+
+
+@dataclass
+class OtherOrigin:
+    """Stands for any other server: records what reaches it, answers an empty Bundle."""
+
+    base: str = ""
+    seen: list[Seen] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.seen.append(Seen(request.method, request.raw_path, dict(request.headers)))
+        return web.json_response({"resourceType": "Bundle", "type": "searchset", "entry": []})
+
+
+@pytest.fixture
+async def other() -> AsyncIterator[OtherOrigin]:
+    state = OtherOrigin()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", state.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    state.base = str(server.make_url("")).rstrip("/")
+    yield state
+    await server.close()
+
+
+@pytest.fixture
+async def proxy(fhir_base_url: str) -> AsyncIterator[Proxy]:
+    state = Proxy(upstream=fhir_base_url.rstrip("/"))
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_route("*", "/fhir", state.handle)
+    app.router.add_route("*", "/fhir/{tail:.*}", state.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    state.base = str(server.make_url("/fhir"))
+    async with aiohttp.ClientSession() as session:
+        state.session = session
+        yield state
+    await server.close()
+
+
+class Sleeps(list[float]):
+    async def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+class RecordingRandom(random.Random):
+    def __init__(self) -> None:
+        super().__init__(7)
+        self.bounds: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.bounds.append((a, b))
+        return super().uniform(a, b)
+
+
+@dataclass
+class Harness:
+    client: FhirClient
+    sleeps: Sleeps
+    rng: RecordingRandom
+
+
+@pytest.fixture
+async def make_client() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
+    clients: list[FhirClient] = []
+
+    async def make(base_url: str, *, auth: Any = None, max_attempts: int = 4, timeout: float = 30.0) -> Harness:
+        settings = FhirSettings(base_url=base_url, allow_insecure_http=True, timeout_seconds=timeout, user_agent="neutrowatch-test/1",
+                                retry=RetrySettings(max_attempts=max_attempts, backoff_base_seconds=0.5, backoff_max_seconds=30))
+        sleeps, rng = Sleeps(), RecordingRandom()
+        client = FhirClient(settings, auth=auth if auth is not None else BearerAuth(TOKEN), sleep=sleeps, rng=rng)
+        clients.append(client)
+        return Harness(client, sleeps, rng)
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+async def seed(client: FhirClient, count: int, batch: int = 100) -> None:
+    for start in range(0, count, batch):
+        entries = [post_entry(observation(patient=f"p{i % 7}", value=0.1 + i / 100)) for i in range(start, min(count, start + batch))]
+        response = await client.transaction(transaction(entries))
+        assert all(e["response"]["status"].startswith("201") for e in response["entry"])
+
+
+async def pages_of(client: FhirClient, params: list[tuple[str, str]]) -> list[Page]:
+    return [page async for page in client.search("Observation", params)]
+
+
+def is_search(request: web.Request) -> bool:
+    return request.method == "GET" and request.path == "/fhir/Observation"
+
+
+# -- against the engine ----------------------------------------------------------------------------
+
+
+async def test_search_follows_next_links_exactly(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    await seed(h.client, 250)
+    pages_before = metric("neutrowatch_pages_total")
+
+    pages = await pages_of(h.client, [*SEARCH, ("_count", "40")])
+
+    assert len(pages) == 7
+    assert metric("neutrowatch_pages_total") - pages_before == 7
+    ids = [r.id for p in pages for r in p.resources if isinstance(r, raw.Resource)]
+    assert len(ids) == len(set(ids)) == 250
+    stamps = [r.meta.lastUpdated or "" for p in pages for r in p.resources if isinstance(r, raw.Resource) and r.meta]
+    assert stamps == sorted(stamps)
+    assert pages[-1].next_url is None
+    gets = proxy.requests("GET", "/Observation")
+    for previous, page, request in zip(pages[:-1], pages[1:], gets[1:], strict=True):
+        assert page.url == previous.next_url
+        link = urlsplit(previous.next_url or "")
+        assert request.raw_path == f"{link.path.removeprefix('/fhir')}?{link.query}"  # byte for byte
+    headers = gets[0].headers
+    assert headers["Accept"] == "application/fhir+json"
+    assert headers["User-Agent"] == "neutrowatch-test/1"
+    assert headers["Authorization"] == f"Bearer {TOKEN}"
+
+
+async def test_search_all_returns_dicts_across_pages(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(fhir_base_url)
+    await seed(h.client, 5)
+    found = await h.client.search_all("Observation", [("patient", "Patient/p1"), ("_count", "2")])
+    assert len(found) == 1 and found[0]["resourceType"] == "Observation"
+    everything = await h.client.search_all("Observation", [("_count", "2")])
+    assert len({r["id"] for r in everything}) == 5
+
+
+async def test_conditional_create_is_not_duplicated(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(fhir_base_url)
+    resource = observation(identifier=[{"system": "urn:test", "value": "abc"}])
+    first, status1 = await h.client.create(resource, if_none_exist="identifier=urn:test|abc")
+    second, status2 = await h.client.create(resource, if_none_exist="identifier=urn:test|abc")
+    assert (status1, status2) == (201, 200)
+    assert first is not None and second is not None and first["id"] == second["id"]
+    assert len(await h.client.search_all("Observation", [("identifier", "urn:test|abc")])) == 1
+
+
+async def test_update_with_stale_if_match_fails(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(fhir_base_url)
+    created, _ = await h.client.create(observation())
+    assert created is not None
+    current, etag = await h.client.read("Observation", created["id"])
+    assert etag == 'W/"' + created["meta"]["versionId"] + '"'
+    updated, status = await h.client.update({**current, "status": "amended"}, if_match=etag)
+    assert status == 200 and updated is not None and updated["status"] == "amended"
+    with pytest.raises(PreconditionFailed) as caught:
+        await h.client.update({**current, "status": "corrected"}, if_match=created["meta"]["versionId"])
+    assert caught.value.status == 412
+    assert "\n" not in str(caught.value) and len(caught.value.summary) <= 200
+
+
+async def test_read_missing_is_http_error(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(fhir_base_url)
+    with pytest.raises(FhirHttpError) as caught:
+        await h.client.read("Observation", "does-not-exist")
+    assert caught.value.status == 404
+    with pytest.raises(ValueError):
+        await h.client.read("Observation", "../Patient/x")
+
+
+async def test_metadata(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(fhir_base_url)
+    statement = await h.client.metadata()
+    assert statement["resourceType"] == "CapabilityStatement"
+    assert statement["fhirVersion"] == "4.0.1"
+
+
+# -- retries ---------------------------------------------------------------------------------------
+
+
+def answer(status: int, body: dict[str, Any] | None = None, /, **headers: str) -> Handler:
+    def respond(_request: web.Request) -> web.Response:
+        return web.Response(status=status, body=orjson.dumps(body or outcome("transient", "try later")),
+                            headers={"Content-Type": "application/fhir+json", **headers})
+    return respond
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [({"Retry-After": "7"}, (7.0, 7.0)), ({"Retry-After": "600"}, (30.0, 30.0)),
+     ({"x-ms-retry-after-ms": "1500", "Retry-After": "2"}, (1.5, 1.5))],
+    ids=["seconds", "capped", "x-ms-retry-after-ms"],
+)
+async def test_429_honours_retry_after(
+    headers: dict[str, str], expected: tuple[float, float], proxy: Proxy, make_client: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await make_client(proxy.base)
+    await seed(h.client, 3)
+    proxy.add(Fault(is_search, respond=answer(429, **headers)))
+    before = retries("429")
+
+    pages = await pages_of(h.client, SEARCH)
+
+    assert len(pages[0].resources) == 3
+    assert len(h.sleeps) == 1 and expected[0] <= h.sleeps[0] <= expected[1]
+    assert retries("429") - before == 1
+
+
+async def test_429_with_http_date(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    await seed(h.client, 1)
+    proxy.add(Fault(is_search, respond=lambda r: answer(429, **{"Retry-After": formatdate(time.time() + 12, usegmt=True)})(r)))
+    pages = await pages_of(h.client, SEARCH)
+    assert len(pages[0].resources) == 1
+    assert len(h.sleeps) == 1 and 10.0 <= h.sleeps[0] <= 12.0
+
+
+async def test_503_then_success_with_full_jitter(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    await seed(h.client, 2)
+    proxy.add(Fault(is_search, times=2, respond=answer(503)))
+    before = retries("503")
+
+    pages = await pages_of(h.client, SEARCH)
+
+    assert len(pages[0].resources) == 2
+    assert h.rng.bounds == [(0, 0.5), (0, 1.0)]  # uniform(0, min(max, base * 2**n))
+    assert all(0 <= s <= b for s, (_a, b) in zip(h.sleeps, h.rng.bounds, strict=True))
+    assert retries("503") - before == 2
+    assert len(proxy.requests("GET", "/Observation")) == 3
+
+
+async def test_gives_up_after_max_attempts(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base, max_attempts=3)
+    proxy.add(Fault(lambda r: r.method == "GET", times=99, respond=answer(502)))
+    with pytest.raises(FhirUnavailable, match=r"after 3 attempts; last: 502") as caught:
+        await h.client.metadata()
+    assert caught.value.attempts == 3 and caught.value.reason == "502"
+    assert len(proxy.requests("GET")) == 3 and len(h.sleeps) == 2
+
+
+async def test_invalid_json_once_then_good(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    await seed(h.client, 4)
+    proxy.add(Fault(is_search, mutate=lambda s, hd, body: (s, hd, body[: len(body) // 2])))
+    before = retries("invalid_json")
+
+    pages = await pages_of(h.client, SEARCH)
+
+    assert len(pages[0].resources) == 4
+    assert retries("invalid_json") - before == 1
+    assert len(h.sleeps) == 1
+
+
+async def test_timeout_is_retried(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base, timeout=0.5)
+    proxy.add(Fault(lambda r: r.path == "/fhir/metadata", delay=1.5))
+    before = retries("timeout")
+    assert (await h.client.metadata())["resourceType"] == "CapabilityStatement"
+    assert retries("timeout") - before == 1
+
+
+async def test_non_idempotent_post_not_retried_on_503(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    proxy.add(Fault(lambda r: r.method == "POST", times=99, respond=answer(503, outcome("transient", "overloaded"))))
+    before = retries("503")
+
+    with pytest.raises(FhirHttpError) as caught:
+        await h.client.create(observation())
+    assert caught.value.status == 503 and "overloaded" in str(caught.value)
+    with pytest.raises(FhirHttpError):
+        await h.client.transaction(transaction([post_entry(observation())]))
+
+    assert len(proxy.requests("POST")) == 2  # one attempt each
+    assert h.sleeps == [] and retries("503") == before
+
+
+async def test_idempotent_writes_are_retried_on_503(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    proxy.add(Fault(lambda r: r.method == "POST", times=2, respond=answer(503)))
+    resource = observation(identifier=[{"system": "urn:test", "value": "retry"}])
+
+    created, status = await h.client.create(resource, if_none_exist="identifier=urn:test|retry")
+    assert status == 201 and created is not None
+    flags = [post_entry(observation(identifier=[{"system": "urn:test", "value": f"t{i}"}]), ifNoneExist=f"identifier=urn:test|t{i}")
+             for i in range(3)]
+    response = await h.client.transaction(transaction(flags))
+    assert len(response["entry"]) == 3
+    assert len(h.sleeps) == 2 and len(proxy.requests("POST")) == 4
+
+
+async def test_401_invalidates_once_and_retries(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    class CountingAuth:
+        def __init__(self) -> None:
+            self.invalidated = 0
+
+        async def header(self) -> dict[str, str]:
+            return {"Authorization": f"Bearer token-{self.invalidated}"}
+
+        def invalidate(self) -> None:
+            self.invalidated += 1
+
+    auth = CountingAuth()
+    h = await make_client(proxy.base, auth=auth)
+    proxy.add(Fault(lambda r: r.path == "/fhir/metadata", respond=answer(401, outcome("login", "expired"))))
+    assert (await h.client.metadata())["resourceType"] == "CapabilityStatement"
+    assert auth.invalidated == 1
+    assert [s.headers["Authorization"] for s in proxy.requests("GET")] == ["Bearer token-0", "Bearer token-1"]
+
+    proxy.add(Fault(lambda r: r.path == "/fhir/metadata", times=99, respond=answer(401, outcome("login", "expired"))))
+    with pytest.raises(FhirHttpError) as caught:
+        await h.client.metadata()
+    assert caught.value.status == 401 and auth.invalidated == 2
+    assert h.sleeps == []
+
+
+# -- the token stays at home -----------------------------------------------------------------------
+
+
+def next_link_to(target: str) -> Callable[[int, dict[str, str], bytes], tuple[int, dict[str, str], bytes]]:
+    def mutate(status: int, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        doc = orjson.loads(body)
+        for link in doc["link"]:
+            if link["relation"] == "next":
+                link["url"] = target + "/Observation?" + urlsplit(link["url"]).query
+        return status, headers, orjson.dumps(doc)
+    return mutate
+
+
+@pytest.mark.parametrize("where", ["other-origin", "other-path", "dot-segments"])
+async def test_next_link_elsewhere_is_refused(
+    where: str, proxy: Proxy, other: OtherOrigin, make_client: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await make_client(proxy.base)
+    await seed(h.client, 3)
+    origin = proxy.base.removesuffix("/fhir")
+    target = {"other-origin": other.base + "/fhir", "other-path": origin + "/admin", "dot-segments": proxy.base + "/.."}[where]
+    proxy.add(Fault(is_search, mutate=next_link_to(target)))
+    before = refused("next")
+
+    received: list[Page] = []
+    with pytest.raises(UnsafeLinkError):
+        async for page in h.client.search("Observation", [*SEARCH, ("_count", "2")]):
+            received.append(page)
+
+    assert len(received) == 1 and len(received[0].resources) == 2
+    assert refused("next") - before == 1
+    assert other.seen == []
+    assert len(proxy.requests("GET", "/Observation")) == 1
+    assert not any("Authorization" in s.headers for s in other.seen)
+
+
+async def test_redirect_to_other_origin_is_refused(proxy: Proxy, other: OtherOrigin, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    proxy.add(Fault(lambda r: r.path == "/fhir/metadata",
+                    respond=lambda r: web.Response(status=302, headers={"Location": f"{other.base}/fhir/metadata"})))
+    before = refused("redirect")
+    with pytest.raises(UnsafeLinkError):
+        await h.client.metadata()
+    assert refused("redirect") - before == 1
+    assert other.seen == []
+
+
+async def test_same_origin_redirect_followed_once(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    proxy.add(Fault(lambda r: r.path == "/fhir/metadata" and not r.query_string,
+                    respond=lambda r: web.Response(status=307, headers={"Location": "/fhir/metadata?moved=1"})))
+    assert (await h.client.metadata())["resourceType"] == "CapabilityStatement"
+    assert [s.raw_path for s in proxy.requests("GET")] == ["/metadata", "/metadata?moved=1"]
+
+    proxy.add(Fault(lambda r: r.path == "/fhir/metadata", times=2,
+                    respond=lambda r: web.Response(status=302, headers={"Location": "/fhir/metadata?again=1"})))
+    with pytest.raises(FhirHttpError, match="more than one redirect"):
+        await h.client.metadata()
+
+
+async def test_location_elsewhere_is_ignored_and_counted(
+    proxy: Proxy, other: OtherOrigin, make_client: Callable[..., Awaitable[Harness]],
+) -> None:
+    h = await make_client(proxy.base)
+    proxy.add(Fault(lambda r: r.method == "POST",
+                    mutate=lambda s, hd, body: (s, {**hd, "Location": f"{other.base}/Observation/x"}, body)))
+    before = refused("location")
+    created, status = await h.client.create(observation())
+    assert status == 201 and created is not None
+    assert refused("location") - before == 1
+    assert other.seen == []
+
+
+# -- decoding --------------------------------------------------------------------------------------
+
+
+async def test_bad_entry_does_not_lose_its_neighbours(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base)
+    await seed(h.client, 4)
+
+    def spoil(status: int, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        doc = orjson.loads(body)
+        doc["entry"][1]["resource"]["valueQuantity"] = "not a Quantity"
+        return status, headers, orjson.dumps(doc)
+
+    proxy.add(Fault(is_search, mutate=spoil))
+    pages = await pages_of(h.client, [*SEARCH, ("_count", "3")])
+
+    assert len(pages) == 2
+    first = pages[0].resources
+    assert [type(r) for r in first] == [raw.Resource, raw.Undecodable, raw.Resource]
+    bad = first[1]
+    assert isinstance(bad, raw.Undecodable) and bad.resource_type == "Observation" and bad.id
+    assert pages[0].next_url is not None and len(pages[1].resources) == 1
+
+
+async def test_retry_after_parsing() -> None:
+    now = 1_700_000_000.0
+    assert retry_after_seconds({"Retry-After": "5"}, now) == 5.0
+    assert retry_after_seconds({"Retry-After": formatdate(now + 30, usegmt=True)}, now) == 30.0
+    assert retry_after_seconds({"Retry-After": formatdate(now - 30, usegmt=True)}, now) == 0.0
+    assert retry_after_seconds({"Retry-After": "soon"}, now) is None
+    assert retry_after_seconds({"x-ms-retry-after-ms": "250"}, now) == 0.25
+    assert retry_after_seconds({}, now) is None
+
+
+async def test_outcome_summary_is_one_short_line() -> None:
+    body = orjson.dumps({"resourceType": "OperationOutcome", "issue": [
+        {"code": "invalid", "diagnostics": "line one\nline two " + "x" * 400},
+        {"code": "processing", "details": {"text": "second"}},
+    ]})
+    summary = outcome_summary(body)
+    assert summary.startswith("invalid: line one line two")
+    assert "\n" not in summary and len(summary) == 200
+    assert outcome_summary(b'{"resourceType": "Patient", "name": [{"family": "Doe"}]}') == ""
+    assert outcome_summary(b"<html>") == ""
+
+
+async def test_ambiguous_write_failure_is_not_retried(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    h = await make_client(proxy.base, timeout=0.5)
+    proxy.add(Fault(lambda r: r.method == "POST", delay=1.5))
+    with pytest.raises(FhirUnavailable, match="outcome is unknown") as caught:
+        await h.client.create(observation())
+    assert caught.value.reason == "timeout" and caught.value.attempts == 1
+    assert h.sleeps == [] and len(proxy.requests("POST")) == 1
+
+
+async def test_refused_connection_is_retried_even_for_writes(make_client: Callable[..., Awaitable[Harness]]) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    h = await make_client(f"http://127.0.0.1:{port}/fhir", max_attempts=3)
+    before = retries("connection")
+    with pytest.raises(FhirUnavailable, match="after 3 attempts; last: connection"):
+        await h.client.create(observation())  # never sent, so safe to repeat
+    assert retries("connection") - before == 2
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_tls_ca_bundle_and_verify_tls_are_honoured(tmp_path: Path) -> None:
+    cert_file, key_file = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    async def metadata(_request: web.Request) -> web.Response:
+        return web.json_response({"resourceType": "CapabilityStatement"})
+
+    app = web.Application()
+    app.router.add_get("/fhir/metadata", metadata)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    base = f"https://127.0.0.1:{port}/fhir"
+    try:
+        for settings, ok in [
+            (FhirSettings(base_url=base), False),
+            (FhirSettings(base_url=base, ca_bundle=cert_file), True),
+            (FhirSettings(base_url=base, verify_tls=False), True),
+        ]:
+            async with FhirClient(settings, sleep=Sleeps()) as client:
+                if ok:
+                    assert (await client.metadata())["resourceType"] == "CapabilityStatement"
+                else:
+                    with pytest.raises(FhirUnavailable, match="TLS") as caught:
+                        await client.metadata()
+                    assert caught.value.attempts == 1  # a certificate problem is not retried
+        with pytest.raises(ConfigError, match=r"fhir\.ca_bundle"):
+            FhirClient(FhirSettings(base_url=base, ca_bundle=tmp_path / "absent.pem"))
+    finally:
+        await runner.cleanup()
