@@ -1,22 +1,31 @@
-"""`make demo`: generate a small synthetic population, run the service's core over it with `replay`,
-and show the alerts it raised as a table. (The live loop against the bundled FHIR engine joins this
-demo with issue 3.)"""
+"""`make demo`: the service end to end on embedded defaults.
+
+Starts the bundled FHIR engine, loads a generated population (40 patients with CBC panels over
+8 weeks, some through a chemotherapy nadir) in four arrivals, runs the service's poll cycle after
+each (SQLite state), prints the Flags and Communications it created on the server, and checks them
+against what `replay` predicts for the same data. Everything is stopped at the end."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
-
-import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.__main__ import main as cli  # noqa: E402
-from service.synthetic import PopulationSpec, write_ndjson  # noqa: E402
-
-OUT = ROOT / ".demo"
+from service import logging as nw_logging  # noqa: E402
+from service.fhir.client import FhirClient  # noqa: E402
+from service.store.sqlite import SqliteStore  # noqa: E402
+from service.synthetic import PopulationSpec, generate  # noqa: E402
+from service.worker import Worker  # noqa: E402
+from tests.fhir_server.engine import EngineUnavailable, FhirEngine  # noqa: E402
+from tests.fhir_server.load import export, put_all  # noqa: E402
+from tests.integration.live import compare_with_oracle, settings_for, stages  # noqa: E402
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -25,32 +34,65 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
+async def run_service(settings, state: Path) -> tuple[list[str], list[dict]]:
+    store = SqliteStore(state)
+    await store.open()
+    lines = []
+    decisions: list[dict] = []
+    try:
+        async with FhirClient(settings.fhir) as client:
+            worker = Worker(settings, client, store)
+            population = list(generate(PopulationSpec(patients=40, seed=1, corrections=0.0)))
+            for n, stage in enumerate(stages(population, 4), 1):
+                put_all(settings.fhir.base_url, stage)
+                t0 = time.perf_counter()
+                report = await worker.run_cycle()
+                lines.append(f"arrival {n}: {len(stage):>5} resources loaded; cycle read {report.observations:>5} "
+                             f"Observations on {report.pages} pages, assessed {report.panels_assessed} panels, "
+                             f"wrote {report.written} alerts in {time.perf_counter() - t0:.1f} s")
+            decisions = await store.decisions()
+    finally:
+        await store.close()
+    return lines, decisions
+
+
 def main() -> int:
-    OUT.mkdir(exist_ok=True)
-    population = OUT / "population.ndjson"
-    count = write_ndjson(PopulationSpec(patients=40, seed=1), population)
-    events_path, alerts_path = OUT / "events.jsonl", OUT / "alerts.ndjson"
-    code = cli(["replay", str(population), "--events", str(events_path), "--alerts", str(alerts_path)])
-    if code:
-        return code
-    events = [orjson.loads(line) for line in events_path.read_bytes().splitlines()]
-    alerts = [e for e in events if e["event"] != "rejected"]
-    rows = [
-        [e["patient"], e["event"], e["grade"] or "", f"{e['anc']:,}", e["effective"], e["method"]]
-        for e in alerts
-    ]
-    print(f"\nneutrowatch demo: replay of {count:,} synthetic FHIR resources (40 patients, 8 weeks)\n")
-    print(table(rows, ["PATIENT", "EVENT", "GRADE", "ANC /µL", "COLLECTED", "ANC METHOD"]))
-    rejected = Counter(e["reason"] for e in events if e["event"] == "rejected")
-    if rejected:
-        print("\nRejected inputs (kept with their reason, never alerted on):")
-        for reason, n in rejected.most_common():
-            print(f"  {n:>3} × {reason}")
-    kinds = Counter(e["event"] for e in alerts)
-    resources = Counter(orjson.loads(line)["resourceType"] for line in alerts_path.read_bytes().splitlines())
-    print(f"\n{len(alerts)} alert events ({', '.join(f'{k} {v}' for k, v in kinds.items())}); "
-          f"{resources.get('Flag', 0)} Flag and {resources.get('Communication', 0)} Communication writes "
-          f"in {alerts_path.relative_to(ROOT)}; decisions in {events_path.relative_to(ROOT)}.")
+    os.environ.setdefault("NEUTROWATCH_LOGGING__LEVEL", "error")  # rejections are summarised below instead
+    nw_logging.configure("error", "console")
+    try:
+        engine = FhirEngine()
+        base = engine.start()
+    except EngineUnavailable as err:
+        print(f"demo: {err}", file=sys.stderr)
+        return 1
+    try:
+        with tempfile.TemporaryDirectory(prefix="neutrowatch-demo-") as tmp:
+            settings = settings_for(base, Path(tmp) / "state.sqlite3")
+            print(f"\nneutrowatch demo: FHIR engine at {base}, state in SQLite, 40 synthetic patients over 8 weeks\n")
+            lines, decisions = asyncio.run(run_service(settings, Path(tmp) / "state.sqlite3"))
+            for line in lines:
+                print("  " + line)
+            comms = {c["identifier"][0]["value"]: c for c in export(base, "Communication")}
+            flags = {f["identifier"][0]["value"]: f for f in export(base, "Flag")}
+            alerts = sorted((d for d in decisions if d["event"] != "rejected"), key=lambda d: (d["patient"], d["effective"]))
+            rows = []
+            for d in alerts:
+                comm = next((c for key, c in comms.items() if key.startswith(f"{d['episode']}-{d['event']}-")), None)
+                rows.append([d["patient"], d["event"], d["grade"], f"{d['anc']:,.0f}", d["effective"][:16],
+                             comm["priority"] if comm else "MISSING", flags[d["episode"]]["status"]])
+            print("\nAlerts written to the FHIR server (a Communication each; the episode's Flag as it stands now):\n")
+            print(table(rows, ["PATIENT", "EVENT", "GRADE", "ANC /µL", "COLLECTED", "PRIORITY", "FLAG"]))
+            rejected = Counter(d["reason"] for d in decisions if d["event"] == "rejected")
+            print("\nRejected inputs (kept with their reason in the state store, never alerted on):")
+            for reason, n in rejected.most_common():
+                print(f"  {n:>3} × {reason}")
+            counts = compare_with_oracle(base, Path(tmp) / "oracle")
+            kinds = Counter(d["event"] for d in alerts)
+            print(f"\n{counts['flags']} Flags and {counts['communications']} Communications on the server "
+                  f"({', '.join(f'{k} {v}' for k, v in kinds.items())}); they match what `replay` predicts "
+                  "for the same data: none missing, none doubled.")
+    finally:
+        engine.stop()
     return 0
 
 

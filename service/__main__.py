@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -44,8 +45,32 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    print(f"configuration ok (scheme {settings.grading.scheme})")
+    print(f"configuration ok (scheme {settings.grading.scheme}, store {settings.store.path})")
+    if args.probe:
+        from .probe import probe
+
+        return asyncio.run(probe(settings))
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from . import app
+
+    settings = load_settings(args.config)
+    nw_logging.configure(settings.logging.level, settings.logging.format)
+    asyncio.run(app.run(settings))
+    return 0
+
+
+def _once(args: argparse.Namespace) -> int:
+    from . import app
+
+    settings = load_settings(args.config)
+    nw_logging.configure(settings.logging.level, settings.logging.format)
+    report = asyncio.run(app.once(settings))
+    if report is None:
+        return 1
+    return 0 if report.delivered_all else 3
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,7 +86,16 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check-config", help="validate the configuration and exit")
     c.add_argument("--config", type=Path, metavar="FILE")
+    c.add_argument("--probe", action="store_true", help="also contact the FHIR server and say what works")
     c.set_defaults(func=_check_config)
+
+    run = sub.add_parser("run", help="poll the FHIR server on an interval and post alerts (the service)")
+    run.add_argument("--config", type=Path, metavar="FILE")
+    run.set_defaults(func=_run)
+
+    once = sub.add_parser("once", help="run one poll cycle and exit (cron-style use, tests)")
+    once.add_argument("--config", type=Path, metavar="FILE")
+    once.set_defaults(func=_once)
     return p
 
 

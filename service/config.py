@@ -9,8 +9,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from .clinical.grading import BUILT_IN, Scheme
 from .errors import ConfigError
@@ -125,6 +137,31 @@ class FhirSettings(_Section):
         return self
 
 
+class PollSettings(_Section):
+    interval_seconds: float = Field(30.0, gt=0, le=86_400, description="Time between poll cycles.")
+    overlap_seconds: float = Field(
+        120.0, ge=0, le=86_400,
+        description="Each poll re-reads this far behind the cursor: rows become visible when their "
+        "transaction commits, which can be after later rows (reference §5). Re-reads are de-duplicated.",
+    )
+    settle_seconds: float = Field(
+        60.0, ge=0, le=86_400,
+        description="An incomplete panel (no WBC, or no neutrophil result yet) waits this long for its "
+        "other results before what is there is assessed.",
+    )
+    initial_lookback_hours: float = Field(168.0, ge=0, description="With no cursor yet, start this far back.")
+    category: str | None = Field(None, description="Optional Observation category filter, e.g. laboratory.")
+
+
+class StoreSettings(_Section):
+    path: Path = Field(Path("neutrowatch.sqlite3"), description="SQLite state file (cursor, results, episodes, outbox).")
+
+
+class WebSettings(_Section):
+    host: str = Field("0.0.0.0", description="Address of the health and metrics endpoints.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics (0: any free port).")
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = Field(
@@ -138,6 +175,9 @@ class Settings(BaseSettings):
     )
 
     fhir: FhirSettings = FhirSettings()
+    poll: PollSettings = PollSettings()
+    store: StoreSettings = StoreSettings()
+    web: WebSettings = WebSettings()
     grading: GradingSettings = GradingSettings()
     alerts: AlertSettings = AlertSettings()
     logging: LoggingSettings = LoggingSettings()

@@ -11,3 +11,7 @@ class ConfigError(NeutrowatchError):
 
 class InputError(NeutrowatchError):
     """An input path cannot be read at all (a bad resource inside a readable file is not an error)."""
+
+
+class StoreError(NeutrowatchError):
+    """The state store cannot be opened, is locked, or a transaction failed (nothing was changed)."""

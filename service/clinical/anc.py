@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from .codes import TERMS, Kind
 from .observations import LabResult
 
+PENDING_STATUSES = frozenset({"registered", "preliminary"})
+
 ANC_MAX = 100_000.0  # cells/uL (reference §2 plausibility gate)
 WBC_MAX = 1_000_000.0  # cells/uL; hyperleukocytosis beyond this is a unit error, not a result
 _TOLERANCE = 1e-6
@@ -111,9 +113,16 @@ def _gate(anc: Anc) -> Anc | PanelRejected:
 
 
 def is_complete(results: Iterable[LabResult]) -> bool:
-    """The panel holds what the ANC and its plausibility gate need (a WBC and a neutrophil result).
-    An incomplete panel is held for the settle time before what is there is assessed."""
-    kinds = {r.kind for r in results if r.assessable}
+    """The panel holds what the ANC and its plausibility gate need (a WBC and a neutrophil result)
+    and no member is still awaiting its final value (registered/preliminary: the reference's "hold
+    the alert until final"). An incomplete panel is held for the settle time, then what is there
+    is assessed."""
+    kinds = set()
+    for r in results:
+        if r.status in PENDING_STATUSES:
+            return False
+        if r.assessable:
+            kinds.add(r.kind)
     if Kind.WBC not in kinds:
         return False
     return bool(kinds & {Kind.NEUT_ABS, Kind.SEG_ABS, Kind.NEUT_PCT, Kind.SEG_PCT})

@@ -98,3 +98,21 @@ def test_anc_never_negative_nor_above_wbc(wbc, pct, direct, unit):
     if isinstance(out, Anc):
         assert 0 <= out.value <= 100_000
         assert out.value <= out.wbc * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rows", "complete"),
+    [
+        ([("6690-2", 4.0, "10*3/uL"), ("751-8", 1.0, "10*3/uL")], True),
+        ([("6690-2", 4.0, "10*3/uL"), ("770-8", 40, "%")], True),
+        ([("6690-2", 4.0, "10*3/uL"), ("769-0", 40, "%")], True),
+        ([("6690-2", 4.0, "10*3/uL")], False),  # WBC only: the differential may follow
+        ([("751-8", 1.0, "10*3/uL")], False),  # no WBC for the plausibility gate yet
+        # a preliminary member is still awaited: hold until final (reference §1.5 "preliminary")
+        ([("6690-2", 4.0, "10*3/uL"), ("770-8", 40, "%"), ("751-8", 1.0, "10*3/uL", {"status": "preliminary"})], False),
+    ],
+)
+def test_panel_completeness(rows, complete):
+    from service.clinical.anc import is_complete
+
+    assert is_complete(panel(*rows)) is complete

@@ -2,7 +2,6 @@
 §1.1 (codes, mislabelled codes), §1.5 (Observation.status, comparator, dataAbsentReason,
 valueString), §2 (units)."""
 
-import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -1,0 +1,38 @@
+"""`check-config --probe`: contact the FHIR server and say, line by line, what works."""
+
+from __future__ import annotations
+
+import time
+
+from .config import Settings
+from .errors import NeutrowatchError
+from .fhir.client import FhirClient
+from .worker import search_params
+
+
+async def probe(settings: Settings) -> int:
+    if not settings.fhir.base_url:
+        print("probe: fhir.base_url is not set")
+        return 2
+    failures = 0
+    try:
+        async with FhirClient(settings.fhir) as client:
+            try:
+                meta = await client.metadata()
+                print(f"ok   /metadata: FHIR {meta.get('fhirVersion', '?')}, {meta.get('software', {}).get('name', 'unnamed server')}")
+            except NeutrowatchError as err:
+                failures += 1
+                print(f"FAIL /metadata: {err}")
+            params = [p for p in search_params(settings, None, time.time()) if p[0] != "_count"] + [("_count", "1")]
+            try:
+                async for page in client.search("Observation", params):
+                    print(f"ok   Observation search: {len(page.resources)} on the first page, "
+                          f"{'more pages' if page.next_url else 'no more pages'}")
+                    break
+            except NeutrowatchError as err:
+                failures += 1
+                print(f"FAIL Observation search: {err}")
+    except NeutrowatchError as err:
+        print(f"FAIL connection or auth: {err}")
+        return 1
+    return 1 if failures else 0

@@ -1,0 +1,78 @@
+"""The state-store protocol. Implementations: sqlite.py (default, one replica), postgres.py (HA).
+
+Every method that changes state is one transaction: a crash leaves the store as it was before the
+call or after it, never between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..clinical.episodes import EpisodeState
+from ..clinical.observations import LabResult, Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """One Observation version read from the server, normalised (or rejected)."""
+
+    ref: str
+    updated_us: int  # meta.lastUpdated (-1 when absent)
+    version: int  # numeric versionId (-1 when absent or not numeric)
+    patient: str | None
+    panel: str | None  # None for a rejection
+    outcome: LabResult | Rejected
+
+
+@dataclass(frozen=True, slots=True)
+class PanelWork:
+    patient: str
+    panel: str
+    first_available: int  # smallest meta.lastUpdated of its members (µs)
+    changed_at: float  # local time the newest member arrived
+    results: list[LabResult]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    id: int
+    patient: str
+    event: dict[str, Any]  # the decision record (events.py)
+    writes: dict[str, Any]  # the FHIR writes (alerts.AlertWrites as a dict)
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What one assessment changes, committed together."""
+
+    patient: str
+    panel: str
+    state: EpisodeState
+    record: dict[str, Any] | None  # the decision record, if any (event or panel rejection)
+    writes: dict[str, Any] | None  # FHIR writes for the outbox, if any
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def get_cursor(self) -> str | None: ...
+    async def set_cursor(self, value: str) -> None: ...
+    async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
+        """Store new versions (skip (id, version) already seen or older); mark their panels dirty;
+        quarantine rejections. Returns the items that were new."""
+        ...
+    async def dirty_panels(self) -> list[PanelWork]:
+        """Panels with results not yet assessed, in order of first availability."""
+        ...
+    async def load_states(self, patients: Sequence[str]) -> dict[str, EpisodeState]: ...
+    async def commit(self, decided: Sequence[Decided]) -> None:
+        """Episode states, panels marked assessed, decision log and outbox rows — one transaction."""
+        ...
+    async def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]: ...
+    async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None: ...
+    async def mark_failed(self, entry_id: int, error: str) -> None: ...
+    async def outbox_pending_count(self) -> int: ...
+    async def decisions(self, patient: str | None = None) -> list[dict[str, Any]]: ...

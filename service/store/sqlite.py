@@ -1,0 +1,255 @@
+"""SQLite state store (the default; one active replica). WAL mode, one connection, every change
+one transaction. Calls are short and local, so they run on the event loop thread."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import orjson
+
+from ..clinical.episodes import EpisodeState
+from ..clinical.observations import LabResult, Rejected
+from ..errors import StoreError
+from .base import Decided, Intake, OutboxEntry, PanelWork
+
+SCHEMA_VERSION = 1
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    -- latest version of each Observation read, data NULL when that version was rejected
+    CREATE TABLE results (ref TEXT PRIMARY KEY, vu INTEGER NOT NULL, vv INTEGER NOT NULL,
+                          patient TEXT, panel TEXT, data BLOB) WITHOUT ROWID;
+    CREATE INDEX results_panel ON results (patient, panel);
+    CREATE TABLE panels (patient TEXT NOT NULL, panel TEXT NOT NULL, first_vu INTEGER NOT NULL,
+                         dirty INTEGER NOT NULL, changed_at REAL NOT NULL,
+                         PRIMARY KEY (patient, panel)) WITHOUT ROWID;
+    CREATE INDEX panels_dirty ON panels (dirty, first_vu);
+    CREATE TABLE episodes (patient TEXT PRIMARY KEY, state BLOB NOT NULL) WITHOUT ROWID;
+    CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT, decided_at REAL NOT NULL,
+                            record BLOB NOT NULL);
+    CREATE INDEX decisions_patient ON decisions (patient);
+    CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT NOT NULL, event BLOB NOT NULL,
+                         writes BLOB NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+                         attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, created REAL NOT NULL,
+                         sent_at REAL, result BLOB);
+    CREATE INDEX outbox_pending ON outbox (status, id);
+    CREATE TABLE quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, ref TEXT, version INTEGER, patient TEXT,
+                             reason TEXT NOT NULL, received REAL NOT NULL, record BLOB NOT NULL);
+    """,
+}
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_result = msgspec.msgpack.Decoder(LabResult).decode
+_state_decoder = msgspec.json.Decoder(EpisodeState)
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._db: sqlite3.Connection | None = None
+
+    # lifecycle -------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._db = db
+            self._migrate()
+        except sqlite3.Error as err:
+            raise StoreError(f"state store {self.path}: {err}") from None
+
+    async def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("state store is not open")
+        return self._db
+
+    def _migrate(self) -> None:
+        db = self.db
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        current = int(row[0]) if row else 0
+        if current > SCHEMA_VERSION:
+            raise StoreError(f"state store {self.path} has schema {current}, newer than this version ({SCHEMA_VERSION})")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with self._tx():
+                script = _MIGRATIONS[version]
+                if version == 1:
+                    script = script.replace("CREATE TABLE meta", "CREATE TABLE IF NOT EXISTS meta")
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self.db)
+
+    # cursor ----------------------------------------------------------------------------------------
+
+    async def get_cursor(self) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
+        return row[0] if row else None
+
+    async def set_cursor(self, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (value,))
+
+    # intake ----------------------------------------------------------------------------------------
+
+    async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
+        new: list[Intake] = []
+        db = self.db
+        with self._tx():
+            for item in items:
+                row = db.execute("SELECT vu, vv, patient, panel FROM results WHERE ref = ?", (item.ref,)).fetchone()
+                if row is not None and (row[0], row[1]) >= (item.updated_us, item.version):
+                    continue  # this version (or a newer one) was read before: the overlap window re-reads
+                new.append(item)
+                outcome = item.outcome
+                data = _encode(outcome) if isinstance(outcome, LabResult) else None
+                db.execute(
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                    (item.ref, item.updated_us, item.version, item.patient, item.panel, data),
+                )
+                touched = {(item.patient, item.panel)} if item.panel else set()
+                if row is not None and row[3] is not None:
+                    touched.add((row[2], row[3]))  # the older version's panel changes too
+                for patient, panel in touched:
+                    self._touch(patient, panel, item.updated_us, now)
+                if isinstance(outcome, Rejected):
+                    db.execute(
+                        "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES (?, ?, ?, ?, ?, ?)",
+                        (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome)),
+                    )
+        return new
+
+    async def quarantine(self, rejected: Rejected, now: float) -> None:
+        """A rejection with no usable id (it supersedes nothing): kept with its reason."""
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES (?, ?, ?, ?, ?, ?)",
+                (rejected.ref, None, rejected.patient, rejected.reason, now, _encode(rejected)),
+            )
+
+    def _touch(self, patient: str, panel: str, updated_us: int, now: float) -> None:
+        self.db.execute(
+            """INSERT INTO panels VALUES (?, ?, ?, 1, ?)
+               ON CONFLICT (patient, panel) DO UPDATE SET dirty = 1, changed_at = excluded.changed_at,
+               first_vu = MIN(panels.first_vu, excluded.first_vu)""",
+            (patient, panel, updated_us, now),
+        )
+
+    async def dirty_panels(self) -> list[PanelWork]:
+        db = self.db
+        out: list[PanelWork] = []
+        for patient, panel, first_vu, changed_at in db.execute(
+            "SELECT patient, panel, first_vu, changed_at FROM panels WHERE dirty = 1 ORDER BY first_vu, patient, panel"
+        ).fetchall():
+            results = [
+                _decode_result(data)
+                for (data,) in db.execute(
+                    "SELECT data FROM results WHERE patient = ? AND panel = ? AND data IS NOT NULL ORDER BY ref",
+                    (patient, panel),
+                )
+            ]
+            out.append(PanelWork(patient, panel, first_vu, changed_at, results))
+        return out
+
+    # decisions -------------------------------------------------------------------------------------
+
+    async def load_states(self, patients: Sequence[str]) -> dict[str, EpisodeState]:
+        states: dict[str, EpisodeState] = {}
+        for patient in set(patients):
+            row = self.db.execute("SELECT state FROM episodes WHERE patient = ?", (patient,)).fetchone()
+            if row is not None:
+                states[patient] = _state_decoder.decode(row[0])
+        return states
+
+    async def commit(self, decided: Sequence[Decided]) -> None:
+        db = self.db
+        now = time.time()
+        with self._tx():
+            for d in decided:
+                db.execute("INSERT OR REPLACE INTO episodes VALUES (?, ?)", (d.patient, msgspec.json.encode(d.state)))
+                db.execute("UPDATE panels SET dirty = 0 WHERE patient = ? AND panel = ?", (d.patient, d.panel))
+                if d.record is not None:
+                    db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
+                               (d.patient, now, orjson.dumps(d.record)))
+                if d.writes is not None and d.record is not None:
+                    db.execute("INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
+                               (d.patient, orjson.dumps(d.record), orjson.dumps(d.writes), now))
+
+    async def record_decision(self, record: dict[str, Any]) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
+                            (record.get("patient"), time.time(), orjson.dumps(record)))
+
+    # outbox ----------------------------------------------------------------------------------------
+
+    async def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
+        rows = self.db.execute(
+            "SELECT id, patient, event, writes, attempts FROM outbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows]
+
+    async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
+        with self._tx():
+            self.db.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?, attempts = attempts + 1 WHERE id = ?",
+                            (time.time(), orjson.dumps(result), entry_id))
+
+    async def mark_failed(self, entry_id: int, error: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error[:500], entry_id))
+
+    async def outbox_pending_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone()[0])
+
+    # reading back ----------------------------------------------------------------------------------
+
+    async def decisions(self, patient: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT record FROM decisions" + (" WHERE patient = ?" if patient else "") + " ORDER BY id"
+        return [orjson.loads(r) for (r,) in self.db.execute(sql, (patient,) if patient else ())]
+
+    async def quarantined(self) -> list[tuple[str | None, str]]:
+        return list(self.db.execute("SELECT ref, reason FROM quarantine ORDER BY id"))
+
+    async def counts(self) -> dict[str, int]:
+        tables: Iterable[str] = ("results", "panels", "episodes", "decisions", "outbox", "quarantine")
+        return {t: int(self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in tables}
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (so no partial state)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> None:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"state store busy or unavailable: {err}") from None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as err:
+                self.db.execute("ROLLBACK")
+                raise StoreError(f"state store commit failed: {err}") from None
+        else:
+            self.db.execute("ROLLBACK")

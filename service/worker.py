@@ -1,0 +1,274 @@
+"""One poll cycle: deliver leftovers -> search -> normalise -> store -> decide -> outbox -> post ->
+advance the cursor. Effectively once: decisions and their writes are stored in one transaction, writes
+are conditional creates keyed on deterministic identifiers, and the cursor moves only after the
+server has confirmed every write."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from . import metrics
+from .alerts import AlertWrites, build
+from .clinical import raw
+from .clinical.anc import is_complete
+from .clinical.codes import cbc_codes
+from .clinical.episodes import EpisodeState
+from .clinical.fhirtime import from_epoch_us, to_epoch_us
+from .clinical.observations import Ignored, LabResult, Rejected, normalise
+from .clinical.panels import decide, panel_key
+from .config import Settings
+from .errors import NeutrowatchError
+from .events import event_record, panel_rejected_record, rejected_record
+from .fhir.client import FhirClient
+from .fhir.errors import PreconditionFailed
+from .store.base import Decided, Intake, OutboxEntry, Store
+
+log = structlog.get_logger("neutrowatch.worker")
+LOINC = "http://loinc.org"
+
+
+@dataclass
+class CycleReport:
+    pages: int = 0
+    observations: int = 0
+    new_versions: int = 0
+    panels_assessed: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+    written: int = 0
+    delivered_all: bool = True
+    cursor: str | None = None
+
+
+def _version(version: str | None) -> int:
+    return int(version) if version is not None and version.isdigit() and len(version) < 18 else -1
+
+
+def intake(resource: raw.Resource | raw.Undecodable) -> Intake | Rejected | Ignored:
+    """A search entry as the store takes it: an Intake, a Rejected without an id (quarantined
+    only), or Ignored (another resource type, or a code not monitored)."""
+    if isinstance(resource, raw.Undecodable):
+        if resource.resource_type not in (None, "Observation"):
+            return Ignored(f"undecodable {resource.resource_type}")
+        rejected = Rejected(resource.reason, f"Observation/{resource.id}" if resource.id else None, None, resource.subject)
+        if rejected.ref is None:
+            return rejected
+        return Intake(rejected.ref, -1, -1, rejected.patient, None, rejected)
+    if resource.resourceType != "Observation":
+        return Ignored(f"{resource.resourceType} not used")
+    outcome = normalise(resource)
+    if isinstance(outcome, Ignored):
+        return outcome
+    if isinstance(outcome, Rejected) and outcome.ref is None:
+        return outcome
+    updated = outcome.updated_us if outcome.updated_us is not None else -1
+    panel = panel_key(outcome, None) if isinstance(outcome, LabResult) else None
+    return Intake(outcome.ref, updated, _version(outcome.version), outcome.patient, panel, outcome)  # type: ignore[arg-type]
+
+
+def search_params(settings: Settings, cursor: str | None, now: float) -> list[tuple[str, str]]:
+    """Observation search since `cursor` less the overlap window (or the initial look-back)."""
+    poll = settings.poll
+    if cursor is not None:
+        since_us = to_epoch_us(cursor) - int(poll.overlap_seconds * 1_000_000)
+    else:
+        since_us = int((now - poll.initial_lookback_hours * 3600) * 1_000_000)
+    params = [
+        ("code", ",".join(f"{LOINC}|{c}" for c in cbc_codes())),
+        ("_lastUpdated", "ge" + from_epoch_us(max(since_us, 0))),
+        ("_sort", "_lastUpdated"),
+        ("_count", str(settings.fhir.page_size)),
+    ]
+    if poll.category:
+        params.append(("category", poll.category))
+    return params
+
+
+class Worker:
+    def __init__(self, settings: Settings, client: FhirClient, store: Store, *, clock: Callable[[], float] = time.time):
+        self.settings = settings
+        self.client = client
+        self.store = store
+        self.clock = clock
+        self.scheme = settings.scheme
+
+    # the cycle ---------------------------------------------------------------------------------------
+
+    async def run_cycle(self) -> CycleReport:
+        report = CycleReport()
+        started = time.perf_counter()
+        try:
+            if not await self.deliver(report):
+                report.delivered_all = False
+                metrics.POLLS.labels("undelivered").inc()
+                return report
+            newest_us = await self._read(report)
+            await self._decide(report)
+            report.delivered_all = await self.deliver(report)
+            if report.delivered_all and newest_us is not None:
+                report.cursor = from_epoch_us(newest_us)
+                await self.store.set_cursor(report.cursor)
+            metrics.POLLS.labels("ok" if report.delivered_all else "undelivered").inc()
+            if report.delivered_all:
+                metrics.LAST_POLL_OK.set(self.clock())
+        except NeutrowatchError:
+            metrics.POLLS.labels("error").inc()
+            raise
+        finally:
+            metrics.POLL_SECONDS.observe(time.perf_counter() - started)
+            metrics.OUTBOX_PENDING.set(await self.store.outbox_pending_count())
+        log.info("poll cycle", pages=report.pages, observations=report.observations, new=report.new_versions,
+                 panels=report.panels_assessed, events=report.events, written=report.written, cursor=report.cursor)
+        return report
+
+    async def _read(self, report: CycleReport) -> int | None:
+        """Read every page since the cursor into the store. Returns the newest meta.lastUpdated seen."""
+        cursor = await self.store.get_cursor()
+        newest_us = to_epoch_us(cursor) if cursor else None
+        async for page in self.client.search("Observation", search_params(self.settings, cursor, self.clock())):
+            report.pages += 1  # (the client counts pages in metrics.PAGES)
+            items: list[Intake] = []
+            now = self.clock()
+            for resource in page.resources:
+                item = intake(resource)
+                if isinstance(item, Ignored):
+                    metrics.OBSERVATIONS.labels("ignored").inc()
+                    continue
+                report.observations += 1
+                if isinstance(item, Rejected):  # no id: nothing to supersede, quarantined as it is
+                    await self.store.quarantine(item, now)
+                    await self._rejected(item)
+                    continue
+                items.append(item)
+                if item.updated_us >= 0 and (newest_us is None or item.updated_us > newest_us):
+                    newest_us = item.updated_us
+            new = await self.store.ingest(items, now)
+            report.new_versions += len(new)
+            for item in new:
+                if isinstance(item.outcome, Rejected):
+                    await self._rejected(item.outcome)
+                else:
+                    metrics.OBSERVATIONS.labels("stored").inc()
+            metrics.OBSERVATIONS.labels("seen_before").inc(len(items) - len(new))
+        if newest_us is not None:
+            metrics.POLL_LAG.set(max(0.0, self.clock() - newest_us / 1_000_000))
+        return newest_us
+
+    async def _rejected(self, rejected: Rejected) -> None:
+        metrics.OBSERVATIONS.labels("rejected").inc()
+        metrics.REJECTIONS.labels(metrics.reason_label(rejected.reason)).inc()
+        log.warning("observation rejected", observation=rejected.ref, code=rejected.code, reason=rejected.reason)
+        await self.store.record_decision(rejected_record(rejected))
+
+    async def _decide(self, report: CycleReport) -> None:
+        now = self.clock()
+        settle = self.settings.poll.settle_seconds
+        ready = [w for w in await self.store.dirty_panels() if is_complete(w.results) or now - w.changed_at >= settle]
+        if not ready:
+            return
+        states = await self.store.load_states([w.patient for w in ready])
+        decided: list[Decided] = []
+        sent = from_epoch_us(int(now * 1_000_000))
+        for work in ready:
+            state = states.get(work.patient, EpisodeState())
+            d = decide(state, work.patient, work.panel, work.results, self.scheme)
+            states[work.patient] = d.state
+            record: dict[str, Any] | None = None
+            writes: dict[str, Any] | None = None
+            if d.assessed:
+                report.panels_assessed += 1
+                metrics.PANELS.inc()
+            if d.rejection is not None:
+                record = panel_rejected_record(d.rejection, work.results)
+                metrics.REJECTIONS.labels(metrics.reason_label(d.rejection.rejected.reason)).inc()
+                log.warning("panel rejected", patient=work.patient, panel=work.panel, reason=d.rejection.rejected.reason)
+            elif d.event is not None:
+                record = event_record(d.event, self.scheme)
+                writes = _writes_dict(build(d.event, self.scheme, self.settings.alerts, sent=sent), d.event.kind.value)
+                metrics.ALERTS.labels(record["event"], record["grade"] or "none").inc()
+                report.events[record["event"]] = report.events.get(record["event"], 0) + 1
+                log.info("alert decided", patient=work.patient, alert=record["event"], grade=record["grade"],
+                         episode=record["episode"], observations=record["observations"])
+            decided.append(Decided(work.patient, work.panel, d.state, record, writes))
+        await self.store.commit(decided)
+
+    # delivery ----------------------------------------------------------------------------------------
+
+    async def deliver(self, report: CycleReport) -> bool:
+        """Post pending writes in order; stop at the first failure (order matters within an episode)."""
+        while True:
+            entries = await self.store.pending_outbox()
+            if not entries:
+                return True
+            for entry in entries:
+                try:
+                    result = await self._post(entry)
+                except NeutrowatchError as err:
+                    await self.store.mark_failed(entry.id, str(err))
+                    metrics.WRITES.labels("bundle", "failed").inc()
+                    log.warning("alert write failed, will retry", outbox=entry.id, error=str(err))
+                    return False
+                await self.store.mark_sent(entry.id, result)
+                report.written += 1
+
+    async def _post(self, entry: OutboxEntry) -> dict[str, Any]:
+        w = entry.writes
+        flag, communication = w["flag"], w["communication"]
+        flag_search = "identifier=" + "|".join(w["flag_identifier"])
+        comm_entry = _conditional_create(communication, "identifier=" + "|".join(w["communication_identifier"]))
+        for _attempt in range(3):
+            if w["event"] == "new":
+                flag_entry = _conditional_create(flag, flag_search)
+            else:
+                existing = await self.client.search_all("Flag", [("identifier", "|".join(w["flag_identifier"]))])
+                if not existing:
+                    flag_entry = _conditional_create(flag, flag_search)
+                elif _same(existing[0], flag):
+                    flag_entry = None
+                else:
+                    current = existing[0]
+                    flag_entry = {
+                        "resource": {**flag, "id": current["id"]},
+                        "request": {"method": "PUT", "url": f"Flag/{current['id']}",
+                                    "ifMatch": f'W/"{current.get("meta", {}).get("versionId", "")}"'},
+                    }
+            entries = [e for e in (flag_entry, comm_entry) if e is not None]
+            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+            try:
+                response = await self.client.transaction(bundle)
+            except PreconditionFailed:
+                continue  # the Flag changed since we read it: read it again
+            statuses = [str((e.get("response") or {}).get("status", "")) for e in response.get("entry", [])]
+            if all(s.startswith("2") for s in statuses) and len(statuses) == len(entries):
+                for e in entries:
+                    metrics.WRITES.labels(e["resource"]["resourceType"], "ok").inc()
+                return {"statuses": statuses, "locations": [(e.get("response") or {}).get("location") for e in response.get("entry", [])]}
+            if not any(s.startswith("412") for s in statuses):
+                raise WriteRejected(f"server answered {statuses} to an alert transaction")
+        raise WriteRejected("Flag kept changing under us (412 three times)")
+
+
+class WriteRejected(NeutrowatchError):
+    """The server refused an alert write; it stays in the outbox and is retried."""
+
+
+def _conditional_create(resource: dict[str, Any], if_none_exist: str) -> dict[str, Any]:
+    return {"resource": resource, "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": if_none_exist}}
+
+
+def _same(existing: dict[str, Any], desired: dict[str, Any]) -> bool:
+    return all(existing.get(k) == v for k, v in desired.items())
+
+
+def _writes_dict(writes: AlertWrites, event: str) -> dict[str, Any]:
+    return {
+        "event": event,
+        "flag": writes.flag,
+        "communication": writes.communication,
+        "flag_identifier": list(writes.flag_identifier),
+        "communication_identifier": list(writes.communication_identifier),
+    }

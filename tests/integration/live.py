@@ -1,0 +1,82 @@
+"""Shared helpers of the live-loop tests: settings for the test engine, staging data, and the
+replay oracle (what replay predicts for the resources as the server holds them)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from service.__main__ import main as cli
+from service.config import Settings
+from service.synthetic import PopulationSpec, generate
+from tests.fhir_server.load import export
+
+Resource = dict[str, Any]
+
+
+def settings_for(base_url: str, state: Path, **poll: Any) -> Settings:
+    return Settings(
+        fhir={"base_url": base_url, "allow_insecure_http": True, "page_size": poll.pop("page_size", 50),
+              "timeout_seconds": 10, "retry": {"max_attempts": 3, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.5}},
+        store={"path": state},
+        poll={"interval_seconds": 0.5, "overlap_seconds": 120, "settle_seconds": 0, "initial_lookback_hours": 24, **poll},
+        alerts={"recipients": ["CareTeam/oncology"]},
+        web={"host": "127.0.0.1", "port": 0},
+    )
+
+
+def population(patients: int = 12, days: int = 42, seed: int = 3) -> list[Resource]:
+    """A synthetic population without corrections (correction semantics are issue 4)."""
+    spec = PopulationSpec(patients=patients, days=days, seed=seed, corrections=0.0, temperatures=False)
+    return list(generate(spec))
+
+
+def stages(resources: list[Resource], n: int) -> list[list[Resource]]:
+    size = -(-len(resources) // n)
+    return [resources[i : i + size] for i in range(0, len(resources), size)]
+
+
+def oracle(base_url: str, workdir: Path) -> tuple[list[dict], list[Resource]]:
+    """Replay over the Observations and DiagnosticReports as the server holds them now."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / "server.ndjson"
+    resources = export(base_url, "Observation") + export(base_url, "DiagnosticReport")
+    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
+    events, alerts = workdir / "events.jsonl", workdir / "alerts.ndjson"
+    assert cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts)]) == 0
+    read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731
+    return read(events), read(alerts)
+
+
+def identifier(resource: Resource) -> str:
+    (ident,) = resource["identifier"]
+    return f"{ident['system']}|{ident['value']}"
+
+
+def compare_with_oracle(base_url: str, workdir: Path) -> dict[str, int]:
+    """Assert the server holds exactly the alerts replay predicts: every Communication once, every
+    episode's Flag once with the final status. Returns counts for the caller's own assertions."""
+    _events, predicted = oracle(base_url, workdir)
+    want_comms = [identifier(r) for r in predicted if r["resourceType"] == "Communication"]
+    want_flags = {identifier(r): r for r in predicted if r["resourceType"] == "Flag"}  # last state wins
+    comms = export(base_url, "Communication")
+    flags = export(base_url, "Flag")
+    got_comms = Counter(identifier(c) for c in comms)
+    duplicated = {k: v for k, v in got_comms.items() if v > 1}
+    assert not duplicated, f"duplicated Communications: {duplicated}"
+    assert set(got_comms) == set(want_comms), (
+        f"missing {sorted(set(want_comms) - set(got_comms))[:5]}, unexpected {sorted(set(got_comms) - set(want_comms))[:5]}")
+    got_flags = Counter(identifier(f) for f in flags)
+    assert all(v == 1 for v in got_flags.values()), f"duplicated Flags: {got_flags.most_common(3)}"
+    assert set(got_flags) == set(want_flags)
+    for f in flags:
+        want = want_flags[identifier(f)]
+        assert (f["status"], f["period"]) == (want["status"], want["period"]), identifier(f)
+    by_id = {identifier(c): c for c in comms}
+    for c in predicted:
+        if c["resourceType"] == "Communication":
+            assert by_id[identifier(c)]["priority"] == c["priority"]
+    return {"communications": len(comms), "flags": len(flags)}

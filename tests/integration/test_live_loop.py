@@ -1,0 +1,141 @@
+"""The live loop against the real FHIR engine: what it writes equals what replay predicts, once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+
+from service.fhir.client import FhirClient
+from service.store.sqlite import SqliteStore
+from service.worker import Worker
+from tests.fhir_server.load import export, put_all
+from tests.integration.live import compare_with_oracle, population, settings_for, stages
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def cycle(settings, store_path: Path):
+    store = SqliteStore(store_path)
+    await store.open()
+    try:
+        async with FhirClient(settings.fhir) as client:
+            return await Worker(settings, client, store).run_cycle()
+    finally:
+        await store.close()
+
+
+async def test_staged_arrival_matches_replay_exactly_once(fhir_base_url, tmp_path):
+    resources = population()
+    settings = settings_for(fhir_base_url, tmp_path / "state.sqlite3")
+    written = 0
+    for stage in stages(resources, 4):
+        put_all(fhir_base_url, stage)
+        report = await cycle(settings, tmp_path / "state.sqlite3")
+        assert report.delivered_all
+        written += report.written
+    counts = compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+    assert counts["communications"] == written > 5
+    # A cycle with nothing new writes nothing and the server is unchanged.
+    again = await cycle(settings, tmp_path / "state.sqlite3")
+    assert (again.written, again.new_versions) == (0, 0)
+    assert len(export(fhir_base_url, "Communication")) == counts["communications"]
+
+
+async def test_small_pages_lose_nothing(fhir_base_url, tmp_path):
+    resources = population(patients=6, days=28, seed=5)
+    put_all(fhir_base_url, resources)
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3", page_size=7)
+    report = await cycle(settings, tmp_path / "s.sqlite3")
+    monitored = [r for r in export(fhir_base_url, "Observation") if r["code"]["coding"][-1]["code"] != "8310-5"]
+    assert report.pages >= len(monitored) // 7
+    assert report.observations >= len(monitored)
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
+    assert (await store.counts())["results"] == len(monitored)
+    await store.close()
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+
+
+async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_base_url, tmp_path, monkeypatch):
+    put_all(fhir_base_url, population(patients=8, days=35, seed=9))
+    settings = settings_for(fhir_base_url, tmp_path / "c.sqlite3")
+    crashes = {"left": 3}
+    original = SqliteStore.mark_sent
+
+    async def crash_once(self, entry_id, result):
+        if crashes["left"]:
+            crashes["left"] -= 1
+            raise KeyboardInterrupt("simulated crash after the server confirmed the write")
+        return await original(self, entry_id, result)
+
+    monkeypatch.setattr(SqliteStore, "mark_sent", crash_once)
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            await cycle(settings, tmp_path / "c.sqlite3")
+    report = await cycle(settings, tmp_path / "c.sqlite3")
+    assert report.delivered_all
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+
+
+def _write_config(path: Path, settings) -> Path:
+    data = settings.model_dump(mode="json", exclude_none=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def _health(port: int) -> int | None:
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=1)) as r:
+            return r.status
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_kill_9_at_random_points_then_restart(fhir_base_url, tmp_path):
+    """The real process, killed with SIGKILL at seeded random moments while it works through a
+    backlog arriving in stages; after the last restart the server holds exactly replay's alerts."""
+    rng = random.Random(20261121)
+    port = _free_port()
+    settings = settings_for(fhir_base_url, tmp_path / "k.sqlite3", page_size=25)
+    config = _write_config(tmp_path / "config.yaml", settings.model_copy(update={"web": settings.web.model_copy(update={"port": port})}))
+    env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "warning"}
+    kills = 0
+    log = (tmp_path / "service.log").open("wb")
+    for stage in stages(population(patients=10, days=42, seed=11), 5):
+        put_all(fhir_base_url, stage)
+        proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(config)], cwd=ROOT, env=env,
+                                stdout=log, stderr=log)
+        await asyncio.sleep(rng.uniform(0.3, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+    proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(config)], cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and await _health(port) != 200:
+            await asyncio.sleep(0.3)
+        assert await _health(port) == 200, (tmp_path / "service.log").read_text()[-2000:]
+        await asyncio.sleep(1.5)  # a further cycle after the first successful one
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0  # SIGTERM drains and exits cleanly
+    assert kills == 5
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
