@@ -45,7 +45,7 @@ def _anc_text(event: AlertEvent) -> str:
 
 
 def _thresholds(scheme: Scheme) -> str:
-    steps = [f"{b.label} <{b.below:g}" for b in reversed(scheme.bands) if b.below is not None]
+    steps = [f"{b.label} <{'LLN' if b.below_lln else f'{b.below:g}'}" for b in reversed(scheme.bands) if b.severity]
     return ", ".join(steps)
 
 

@@ -32,6 +32,7 @@ class Anc:
     method: str
     inputs: tuple[LabResult, ...]  # the results that produced the value, primary first
     wbc: float | None
+    lln: float | None = None  # lower limit of normal reported with a reported absolute count
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +69,7 @@ def _select(results: tuple[LabResult, ...], wbc: LabResult | None) -> Anc | Pane
     direct = _best(results, Kind.NEUT_ABS)
     if direct is not None:
         inputs = (direct, wbc) if wbc is not None else (direct,)
-        return Anc(direct.value, direct.at_most, "reported-absolute", inputs, wbc_value)  # type: ignore[arg-type]
+        return Anc(direct.value, direct.at_most, "reported-absolute", inputs, wbc_value, direct.ref_low)  # type: ignore[arg-type]
     segs_abs = _best(results, Kind.SEG_ABS)
     if segs_abs is not None:
         bands_abs = _best(results, Kind.BAND_ABS)
@@ -109,7 +110,7 @@ def _gate(anc: Anc) -> Anc | PanelRejected:
             return PanelRejected(f"implausible WBC {anc.wbc:g}/uL (above 1000000)", anc.inputs)
         if value > anc.wbc * (1 + _TOLERANCE):
             return PanelRejected(f"ANC {value:g}/uL exceeds WBC {anc.wbc:g}/uL", anc.inputs)
-    return Anc(value, anc.at_most, anc.method, anc.inputs, anc.wbc)
+    return Anc(value, anc.at_most, anc.method, anc.inputs, anc.wbc, anc.lln)
 
 
 def is_complete(results: Iterable[LabResult]) -> bool:

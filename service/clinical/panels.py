@@ -58,7 +58,7 @@ def assess(
     if isinstance(outcome, PanelRejected):
         return PanelRejection(patient, panel, outcome)
     primary = outcome.inputs[0]
-    return Assessment(patient, panel, outcome, scheme.grade(outcome.value), primary.effective, primary.effective_us)
+    return Assessment(patient, panel, outcome, scheme.grade(outcome.value, outcome.lln), primary.effective, primary.effective_us)
 
 
 @dataclass(frozen=True, slots=True)

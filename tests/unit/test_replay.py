@@ -216,3 +216,17 @@ def test_output_does_not_depend_on_file_order(tmp_path, resources, seed):
     a = replay(tmp_path, write_ndjson(tmp_path / "a.ndjson", resources))
     b = replay(tmp_path, write_ndjson(tmp_path / "a.ndjson", shuffled))
     assert a == b
+
+
+def test_ctcae_v5_uses_the_reported_lln(tmp_path):
+    # 751-8 = 1.8 10*3/uL with referenceRange.low 2.0: CTCAE v5 grade 1 (<LLN-1500); the default
+    # scheme calls 1800 normal.
+    obs = cbc("Patient/lln", 4, 1.8)
+    obs[1]["referenceRange"] = [{"low": {"value": 2.0, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"}}]
+    path = write_ndjson(tmp_path / "lln.ndjson", obs)
+    cfg = tmp_path / "v5.yaml"
+    cfg.write_text("grading:\n  scheme: ctcae-v5\n")
+    events, alerts = replay(tmp_path, path, config=cfg)
+    assert [(e["event"], e["grade"], e["scheme"], e["grade_label"]) for e in events] == [("new", "mild", "ctcae-v5", "grade 1")]
+    assert "grade 1 <LLN" in alerts[1]["payload"][0]["contentString"]
+    assert replay(tmp_path, path)[0] == []
