@@ -27,7 +27,7 @@ from service.config import load_settings
 from service.replay import Replay
 s = load_settings(None)
 t0 = time.perf_counter()
-with Replay(s.scheme, s.alerts) as r, open(os.devnull, "wb") as sink:
+with Replay(s.rules, s.alerts) as r, open(os.devnull, "wb") as sink:
     stats = r.run([sys.argv[1]], sink)
 elapsed = time.perf_counter() - t0
 print(json.dumps({"seconds": elapsed, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

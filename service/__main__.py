@@ -28,7 +28,7 @@ def _replay(args: argparse.Namespace) -> int:
             alerts = stack.enter_context(open(args.alerts, "wb")) if args.alerts else None
         except OSError as err:
             raise NeutrowatchError(f"cannot write {err.filename}: {err.strerror}") from None
-        replay = stack.enter_context(Replay(settings.scheme, settings.alerts))
+        replay = stack.enter_context(Replay(settings.rules, settings.alerts))
         stats = replay.run(args.inputs, events, alerts)
     log.info(
         "replay finished",

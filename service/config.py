@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from .clinical.grading import BUILT_IN, Scheme
+from .clinical.rules import Rules
 from .errors import ConfigError
 
 ENV_PREFIX = "NEUTROWATCH_"
@@ -33,6 +34,17 @@ CONFIG_ENV = "NEUTROWATCH_CONFIG"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PancytopeniaSettings(_Section):
+    hemoglobin_below_g_dl: float = Field(10.0, gt=0, le=25, description="Haemoglobin below this (g/dL) counts as low.")
+    platelets_below_10e3_per_ul: float = Field(100.0, gt=0, le=1000, description="Platelets below this (10^3/uL) count as low.")
+
+
+class ClinicalSettings(_Section):
+    pancytopenia: PancytopeniaSettings = PancytopeniaSettings()
+    chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (seed 000: > 3 months).")
+    history_limit: int = Field(24, ge=2, le=500, description="Assessed panels remembered per patient, so a corrected result can be re-evaluated.")
 
 
 class GradingSettings(_Section):
@@ -179,12 +191,24 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     web: WebSettings = WebSettings()
     grading: GradingSettings = GradingSettings()
+    clinical: ClinicalSettings = ClinicalSettings()
     alerts: AlertSettings = AlertSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @property
     def scheme(self) -> Scheme:
         return BUILT_IN[self.grading.scheme]
+
+    @property
+    def rules(self) -> Rules:
+        c = self.clinical
+        return Rules(
+            scheme=self.scheme,
+            hemoglobin_below_g_dl=c.pancytopenia.hemoglobin_below_g_dl,
+            platelets_below_per_ul=c.pancytopenia.platelets_below_10e3_per_ul * 1000.0,
+            chronic_after_us=int(c.chronic_after_days * 86_400_000_000),
+            history_limit=c.history_limit,
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -13,22 +13,34 @@ from .clinical.panels import PanelRejection
 
 def event_record(event: AlertEvent, scheme: Scheme) -> dict[str, Any]:
     a = event.assessment
-    return {
+    x = event.retracted
+    record: dict[str, Any] = {
         "patient": event.patient,
         "event": event.kind.value,
         "grade": event.band.severity,
-        "anc": _number(a.anc.value),
-        "effective": a.effective,
-        "observations": [r.ref for r in a.anc.inputs],
+        "anc": _number(a.anc) if a else None,
+        "effective": a.effective if a else (x.effective if x else None),
+        "observations": list(a.refs) if a else [],
         "episode": event.episode,
         "scheme": scheme.name,
         "grade_label": event.band.label,
-        "method": a.anc.method,
-        "anc_at_most": a.anc.at_most,
-        "wbc": _number(a.anc.wbc) if a.anc.wbc is not None else None,
+        "method": a.method if a else None,
+        "anc_at_most": a.at_most if a else None,
+        "wbc": _number(a.wbc) if a and a.wbc is not None else None,
         "previous_anc": _number(event.previous_anc) if event.previous_anc is not None else None,
         "previous_effective": event.previous_effective,
+        "cytopenia": a.cytopenia if a else None,
+        "hemoglobin": _number(a.hemoglobin, 2) if a and a.hemoglobin is not None else None,
+        "platelets": _number(a.platelets) if a and a.platelets is not None else None,
+        "chronic": event.chronic,
     }
+    if event.revision:
+        record["correction"] = {"revision": event.revision, "reason": event.reason}
+    if x is not None:
+        record["retracted"] = {"event": x.kind.value, "grade": x.band.severity, "grade_label": x.band.label,
+                               "anc": _number(x.anc), "effective": x.effective}
+        record["episode_status"] = "entered-in-error" if event.worst is None else ("active" if event.episode_open else "inactive")
+    return record
 
 
 def rejected_record(rejected: Rejected) -> dict[str, Any]:
@@ -58,6 +70,6 @@ def panel_rejected_record(rejection: PanelRejection, members: list[LabResult]) -
     }
 
 
-def _number(value: float) -> int | float:
-    rounded = round(value, 1)
+def _number(value: float, digits: int = 1) -> int | float:
+    rounded = round(value, digits)
     return int(rounded) if rounded.is_integer() else rounded

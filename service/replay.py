@@ -24,9 +24,9 @@ import orjson
 
 from .alerts import build as build_alert
 from .clinical import raw
-from .clinical.episodes import EpisodeState
+from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
-from .clinical.grading import Scheme
+from .clinical.rules import Rules
 from .clinical.observations import LabResult, Rejected, normalise
 from .clinical.panels import (
     collection_key,
@@ -141,8 +141,9 @@ ORDER BY first
 
 
 class Replay:
-    def __init__(self, scheme: Scheme, alert_settings: AlertSettings, workdir: str | Path | None = None):
-        self.scheme = scheme
+    def __init__(self, rules: Rules, alert_settings: AlertSettings, workdir: str | Path | None = None):
+        self.rules = rules
+        self.scheme = rules.scheme
         self.alert_settings = alert_settings
         self.stats = ReplayStats()
         self._tmp = tempfile.TemporaryDirectory(prefix="neutrowatch-replay-", dir=workdir)
@@ -259,7 +260,7 @@ class Replay:
     def decide(self, *, with_alerts: bool = True) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
         """(event record, alert resources or None) in order of availability. Building and
         validating the alert resources is skipped when nobody asked for them."""
-        states: dict[str, EpisodeState] = {}
+        states: dict[str, PatientState] = {}
         stream: Iterable[tuple[str, str, str, Any]] = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
         for _akey, patient, panel, payload in stream:
             if isinstance(payload, Rejected):
@@ -267,23 +268,21 @@ class Replay:
                 yield rejected_record(payload), None
                 continue
             self.stats.panels += 1
-            decision = decide(states.get(patient, EpisodeState()), patient, panel, payload, self.scheme)
+            decision = decide(states.get(patient, PatientState()), patient, panel, payload, self.rules)
             states[patient] = decision.state
             self.stats.stale_panels += decision.stale
             if decision.rejection is not None:
                 self.stats.events["rejected"] += 1
                 yield panel_rejected_record(decision.rejection, payload), None
-                continue
-            event = decision.event
-            if event is None:
-                continue
-            self.stats.events[event.kind.value] += 1
-            if not with_alerts:
-                yield event_record(event, self.scheme), None
-                continue
-            sent = _available(payload) or event.assessment.effective
-            writes = build_alert(event, self.scheme, self.alert_settings, sent=sent)
-            yield event_record(event, self.scheme), [writes.flag, writes.communication]
+            for event in decision.events:
+                self.stats.events[event.kind.value] += 1
+                if not with_alerts:
+                    yield event_record(event, self.scheme), None
+                    continue
+                sent = _available(payload) or (event.assessment.effective if event.assessment else "")
+                writes = build_alert(event, self.scheme, self.alert_settings, sent=sent)
+                resources = [writes.flag] + ([writes.communication] if writes.communication else [])
+                yield event_record(event, self.scheme), resources
 
 
 def _available(members: list[LabResult]) -> str | None:

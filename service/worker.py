@@ -17,7 +17,7 @@ from .alerts import AlertWrites, build
 from .clinical import raw
 from .clinical.anc import is_complete
 from .clinical.codes import cbc_codes
-from .clinical.episodes import EpisodeState
+from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us, to_epoch_us
 from .clinical.observations import Ignored, LabResult, Rejected, normalise
 from .clinical.panels import decide, panel_key
@@ -95,6 +95,7 @@ class Worker:
         self.store = store
         self.clock = clock
         self.scheme = settings.scheme
+        self.rules = settings.rules
 
     # the cycle ---------------------------------------------------------------------------------------
 
@@ -174,26 +175,25 @@ class Worker:
         decided: list[Decided] = []
         sent = from_epoch_us(int(now * 1_000_000))
         for work in ready:
-            state = states.get(work.patient, EpisodeState())
-            d = decide(state, work.patient, work.panel, work.results, self.scheme)
+            d = decide(states.get(work.patient, PatientState()), work.patient, work.panel, work.results, self.rules)
             states[work.patient] = d.state
-            record: dict[str, Any] | None = None
-            writes: dict[str, Any] | None = None
+            records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
             if d.assessed:
                 report.panels_assessed += 1
                 metrics.PANELS.inc()
             if d.rejection is not None:
-                record = panel_rejected_record(d.rejection, work.results)
+                records.append((panel_rejected_record(d.rejection, work.results), None))
                 metrics.REJECTIONS.labels(metrics.reason_label(d.rejection.rejected.reason)).inc()
                 log.warning("panel rejected", patient=work.patient, panel=work.panel, reason=d.rejection.rejected.reason)
-            elif d.event is not None:
-                record = event_record(d.event, self.scheme)
-                writes = _writes_dict(build(d.event, self.scheme, self.settings.alerts, sent=sent), d.event.kind.value)
+            for event in d.events:
+                record = event_record(event, self.scheme)
+                writes = _writes_dict(build(event, self.scheme, self.settings.alerts, sent=sent), event.kind.value)
+                records.append((record, writes))
                 metrics.ALERTS.labels(record["event"], record["grade"] or "none").inc()
                 report.events[record["event"]] = report.events.get(record["event"], 0) + 1
                 log.info("alert decided", patient=work.patient, alert=record["event"], grade=record["grade"],
                          episode=record["episode"], observations=record["observations"])
-            decided.append(Decided(work.patient, work.panel, d.state, record, writes))
+            decided.append(Decided(work.patient, work.panel, d.state, records))
         await self.store.commit(decided)
 
     # delivery ----------------------------------------------------------------------------------------
@@ -219,7 +219,8 @@ class Worker:
         w = entry.writes
         flag, communication = w["flag"], w["communication"]
         flag_search = "identifier=" + "|".join(w["flag_identifier"])
-        comm_entry = _conditional_create(communication, "identifier=" + "|".join(w["communication_identifier"]))
+        comm_entry = (_conditional_create(communication, "identifier=" + "|".join(w["communication_identifier"]))
+                      if communication is not None else None)
         for _attempt in range(3):
             if w["event"] == "new":
                 flag_entry = _conditional_create(flag, flag_search)
@@ -237,6 +238,8 @@ class Worker:
                                     "ifMatch": f'W/"{current.get("meta", {}).get("versionId", "")}"'},
                     }
             entries = [e for e in (flag_entry, comm_entry) if e is not None]
+            if not entries:
+                return {"statuses": [], "locations": []}
             bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
             try:
                 response = await self.client.transaction(bundle)
@@ -270,5 +273,5 @@ def _writes_dict(writes: AlertWrites, event: str) -> dict[str, Any]:
         "flag": writes.flag,
         "communication": writes.communication,
         "flag_identifier": list(writes.flag_identifier),
-        "communication_identifier": list(writes.communication_identifier),
+        "communication_identifier": list(writes.communication_identifier) if writes.communication_identifier else None,
     }

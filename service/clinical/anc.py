@@ -41,7 +41,7 @@ class PanelRejected:
     inputs: tuple[LabResult, ...]
 
 
-def _best(results: Iterable[LabResult], kind: Kind) -> LabResult | None:
+def best_result(results: Iterable[LabResult], kind: Kind) -> LabResult | None:
     """The preferred term of `kind`; between two of the same term, the most recently updated."""
     best: LabResult | None = None
     best_key: tuple[int, int, str] | None = None
@@ -57,7 +57,7 @@ def _best(results: Iterable[LabResult], kind: Kind) -> LabResult | None:
 def compute_anc(results: Iterable[LabResult]) -> Anc | PanelRejected | None:
     """None when the panel holds no neutrophil result (e.g. a CBC without differential)."""
     results = tuple(results)
-    wbc = _best(results, Kind.WBC)
+    wbc = best_result(results, Kind.WBC)
     anc = _select(results, wbc)
     if anc is None or isinstance(anc, PanelRejected):
         return anc
@@ -66,27 +66,27 @@ def compute_anc(results: Iterable[LabResult]) -> Anc | PanelRejected | None:
 
 def _select(results: tuple[LabResult, ...], wbc: LabResult | None) -> Anc | PanelRejected | None:
     wbc_value = wbc.value if wbc is not None else None
-    direct = _best(results, Kind.NEUT_ABS)
+    direct = best_result(results, Kind.NEUT_ABS)
     if direct is not None:
         inputs = (direct, wbc) if wbc is not None else (direct,)
         return Anc(direct.value, direct.at_most, "reported-absolute", inputs, wbc_value, direct.ref_low)  # type: ignore[arg-type]
-    segs_abs = _best(results, Kind.SEG_ABS)
+    segs_abs = best_result(results, Kind.SEG_ABS)
     if segs_abs is not None:
-        bands_abs = _best(results, Kind.BAND_ABS)
+        bands_abs = best_result(results, Kind.BAND_ABS)
         parts = (segs_abs, bands_abs) if bands_abs is not None else (segs_abs,)
         total = sum(p.value for p in parts)  # type: ignore[misc]
         inputs = parts + ((wbc,) if wbc is not None else ())
         method = "absolute-segs+bands" if bands_abs is not None else "absolute-segs"
         return Anc(total, any(p.at_most for p in parts), method, inputs, wbc_value)
-    segs_pct = _best(results, Kind.SEG_PCT)
-    neut_pct = _best(results, Kind.NEUT_PCT)
+    segs_pct = best_result(results, Kind.SEG_PCT)
+    neut_pct = best_result(results, Kind.NEUT_PCT)
     if segs_pct is None and neut_pct is None:
         return None
     if wbc is None or wbc_value is None:
         pct = segs_pct or neut_pct
         return PanelRejected("neutrophil percentage without a WBC in the same panel", (pct,))  # type: ignore[arg-type]
     if segs_pct is not None:
-        bands_pct = _best(results, Kind.BAND_PCT)
+        bands_pct = best_result(results, Kind.BAND_PCT)
         parts = (segs_pct, bands_pct) if bands_pct is not None else (segs_pct,)
         pct_total = sum(p.value for p in parts)  # type: ignore[misc]
         if pct_total > 100.0 + _TOLERANCE:

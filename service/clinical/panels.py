@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .anc import Anc, PanelRejected, compute_anc
-from .episodes import AlertEvent, Assessment, EpisodeState, step
-from .grading import Scheme
+from .anc import PanelRejected, best_result, compute_anc
+from .codes import Kind
+from .episodes import AlertEvent, Assessment, PatientState, apply, withdraw
 from .observations import LabResult
+from .rules import Rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,41 +49,82 @@ class PanelRejection:
     rejected: PanelRejected
 
 
-def assess(
-    patient: str, panel: str, results: Iterable[LabResult], scheme: Scheme
-) -> Assessment | PanelRejection | None:
+def cytopenia(results: Iterable[LabResult], rules: Rules) -> tuple[str | None, float | None, float | None]:
+    """(isolated | pancytopenia | with anaemia | with thrombocytopenia, Hb g/dL, platelets /uL);
+    the label is None unless both haemoglobin and platelets are in the panel."""
+    results = tuple(results)
+    hb = best_result(results, Kind.HGB)
+    plt = best_result(results, Kind.PLT)
+    hb_value = hb.value if hb is not None else None
+    plt_value = plt.value if plt is not None else None
+    if hb_value is None or plt_value is None:
+        return None, hb_value, plt_value
+    low_hb = hb_value < rules.hemoglobin_below_g_dl
+    low_plt = plt_value < rules.platelets_below_per_ul
+    label = {(True, True): "pancytopenia", (False, False): "isolated", (True, False): "with anaemia",
+             (False, True): "with thrombocytopenia"}[(low_hb, low_plt)]
+    return label, hb_value, plt_value
+
+
+def assess(patient: str, panel: str, results: Iterable[LabResult], rules: Rules) -> Assessment | PanelRejection | None:
     """None when the panel has nothing to assess (no neutrophil result, or none final yet)."""
+    results = tuple(results)
     outcome = compute_anc(results)
     if outcome is None:
         return None
     if isinstance(outcome, PanelRejected):
         return PanelRejection(patient, panel, outcome)
     primary = outcome.inputs[0]
-    return Assessment(patient, panel, outcome, scheme.grade(outcome.value, outcome.lln), primary.effective, primary.effective_us)
+    label, hb, plt = cytopenia(results, rules)
+    return Assessment(
+        patient, panel, outcome.value, outcome.at_most, outcome.method, outcome.wbc,
+        rules.scheme.grade(outcome.value, outcome.lln), primary.effective, primary.effective_us,
+        tuple(r.ref for r in outcome.inputs), tuple(r.version for r in outcome.inputs), label, hb, plt,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class PanelDecision:
-    state: EpisodeState  # the patient's state after the panel
-    event: AlertEvent | None = None
+    state: PatientState  # the patient's state after the panel
+    events: tuple[AlertEvent, ...] = ()
     rejection: PanelRejection | None = None
     assessed: bool = False  # the panel had an ANC to grade
     stale: bool = False  # collected before the newest panel already assessed
 
 
-def decide(state: EpisodeState, patient: str, panel: str, results: Iterable[LabResult], scheme: Scheme) -> PanelDecision:
-    """One panel through the whole core: ANC, grade, episode step. The same function serves
-    replay and the live loop, so replay is the live loop's oracle."""
-    outcome = assess(patient, panel, results, scheme)
-    if outcome is None:
-        return PanelDecision(state)
+def decide(state: PatientState, patient: str, panel: str, results: Iterable[LabResult], rules: Rules) -> PanelDecision:
+    """One panel through the whole core: ANC, grade, episode (and revision when the panel was
+    assessed before). The same function serves replay and the live loop, so replay is the live
+    loop's oracle."""
+    results = tuple(results)
+    outcome = assess(patient, panel, results, rules)
     if isinstance(outcome, PanelRejection):
-        return PanelDecision(state, rejection=outcome)
-    new_state, event, stale = step(state, outcome)
-    return PanelDecision(new_state, event, assessed=True, stale=stale)
+        # An implausible panel never alerts; if it was assessed before, what rested on it goes.
+        new, events = withdraw(state, patient, panel, reason="rejected on correction", chronic_after_us=rules.chronic_after_us)
+        return PanelDecision(new, tuple(events), rejection=outcome)
+    if outcome is None:
+        new, events = withdraw(state, patient, panel, reason=_withdrawal_reason(results), chronic_after_us=rules.chronic_after_us)
+        return PanelDecision(new, tuple(events))
+    previous = next((h for h in state.history if h.panel == panel), None)
+    reason = _revision_reason(previous, outcome) if previous is not None else "corrected"
+    new, events, stale = apply(state, outcome, reason=reason, chronic_after_us=rules.chronic_after_us, limit=rules.history_limit)
+    return PanelDecision(new, tuple(events), assessed=True, stale=stale)
 
 
-__all__ = ["Anc", "Assessment", "PanelRejection", "Report", "assess", "collection_key", "decide", "PanelDecision", "panel_key", "report_key", "specimen_key"]
+def _withdrawal_reason(results: tuple[LabResult, ...]) -> str:
+    statuses = {r.status for r in results}
+    for status in ("entered-in-error", "cancelled"):
+        if status in statuses:
+            return status
+    return "no longer assessable"
+
+
+def _revision_reason(previous: Assessment, now: Assessment) -> str:
+    """'corrected' when a result used before changed version; 'updated' when results were added."""
+    before = dict(zip(previous.refs, previous.versions, strict=True))
+    if any(ref in before and before[ref] != version for ref, version in zip(now.refs, now.versions, strict=True)):
+        return "corrected"
+    return "updated"
 
 
 def local_reference(ref: str | None, resource_type: str) -> str | None:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..clinical.episodes import EpisodeState
+from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 
 
@@ -50,9 +50,8 @@ class Decided:
 
     patient: str
     panel: str
-    state: EpisodeState
-    record: dict[str, Any] | None  # the decision record, if any (event or panel rejection)
-    writes: dict[str, Any] | None  # FHIR writes for the outbox, if any
+    state: PatientState
+    records: list[tuple[dict[str, Any], dict[str, Any] | None]]  # (decision record, FHIR writes for the outbox or None)
 
 
 class Store(Protocol):
@@ -67,7 +66,7 @@ class Store(Protocol):
     async def dirty_panels(self) -> list[PanelWork]:
         """Panels with results not yet assessed, in order of first availability."""
         ...
-    async def load_states(self, patients: Sequence[str]) -> dict[str, EpisodeState]: ...
+    async def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]: ...
     async def commit(self, decided: Sequence[Decided]) -> None:
         """Episode states, panels marked assessed, decision log and outbox rows — one transaction."""
         ...

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from ..clinical.episodes import EpisodeState
+from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
 from .base import Decided, Intake, OutboxEntry, PanelWork
@@ -45,7 +45,7 @@ _MIGRATIONS: dict[int, str] = {
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
-_state_decoder = msgspec.json.Decoder(EpisodeState)
+_state_decoder = msgspec.json.Decoder(PatientState)
 
 
 class SqliteStore:
@@ -171,8 +171,8 @@ class SqliteStore:
 
     # decisions -------------------------------------------------------------------------------------
 
-    async def load_states(self, patients: Sequence[str]) -> dict[str, EpisodeState]:
-        states: dict[str, EpisodeState] = {}
+    async def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]:
+        states: dict[str, PatientState] = {}
         for patient in set(patients):
             row = self.db.execute("SELECT state FROM episodes WHERE patient = ?", (patient,)).fetchone()
             if row is not None:
@@ -186,12 +186,12 @@ class SqliteStore:
             for d in decided:
                 db.execute("INSERT OR REPLACE INTO episodes VALUES (?, ?)", (d.patient, msgspec.json.encode(d.state)))
                 db.execute("UPDATE panels SET dirty = 0 WHERE patient = ? AND panel = ?", (d.patient, d.panel))
-                if d.record is not None:
+                for record, writes in d.records:
                     db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
-                               (d.patient, now, orjson.dumps(d.record)))
-                if d.writes is not None and d.record is not None:
-                    db.execute("INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
-                               (d.patient, orjson.dumps(d.record), orjson.dumps(d.writes), now))
+                               (d.patient, now, orjson.dumps(record)))
+                    if writes is not None:
+                        db.execute("INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
+                                   (d.patient, orjson.dumps(record), orjson.dumps(writes), now))
 
     async def record_decision(self, record: dict[str, Any]) -> None:
         with self._tx():

@@ -1,21 +1,43 @@
-"""Episode transitions (issue 2 rules), table-driven: each row is a patient's sequence of panels
-(ANC, collection day) and the events expected. Bands: default scheme (see test_grading)."""
+"""Episodes: transitions (issue 2 rules), chronicity and revision on corrections (issue 4).
+Each row is a patient's sequence of panels and the events expected. Bands: the default scheme
+(test_grading); chronic: > 3 months (seed 000, issue 4)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 
-from service.clinical.anc import Anc
-from service.clinical.episodes import Assessment, EpisodeState, step
+from service.clinical.episodes import DAY_US, Assessment, PatientState, apply, step, withdraw
 from service.clinical.grading import DEFAULT
 
 
+def assessment(anc: float, day: int, panel: str | None = None, version: str = "1") -> Assessment:
+    return Assessment("Patient/p", panel or f"panel-day{day}", anc, False, "reported-absolute", None, DEFAULT.grade(anc),
+                      f"2026-01-01+{day}d", day * DAY_US, (f"Observation/{panel or day}",), (version,))
+
+
+def label(e) -> str:
+    return f"{e.kind.value}:{e.band.label}"
+
+
 def run(sequence):
-    state, out = EpisodeState(), []
-    for i, (anc, day) in enumerate(sequence):
-        a = Assessment("Patient/p", f"panel{i}", Anc(anc, False, "reported-absolute", (), None), DEFAULT.grade(anc),
-                       f"2026-01-{day:02d}", day * 86_400_000_000)
-        state, event, stale = step(state, a)
-        out.append("stale" if stale else (f"{event.kind.value}:{event.band.label}" if event else "-"))
-    return out, state
+    """sequence of (anc, day) first assessments, or ('fix', day, anc) corrections, ('withdraw', day)."""
+    ps, out = PatientState(), []
+    for item in sequence:
+        if item[0] == "fix":
+            _, day, anc = item
+            ps, events, _ = apply(ps, assessment(anc, day, version="2"))
+        elif item[0] == "withdraw":
+            ps, events = withdraw(ps, "Patient/p", f"panel-day{item[1]}", reason="entered-in-error")
+        else:
+            anc, day, *panel = item
+            ps, events, stale = apply(ps, assessment(anc, day, *panel))
+            if stale:
+                out.append("stale")
+                continue
+        out.append(",".join(label(e) for e in events) or "-")
+    return out, ps
 
 
 @pytest.mark.parametrize(
@@ -27,32 +49,79 @@ def run(sequence):
         ([(3000, 1), (1200, 2)], ["-", "new:mild"]),
         # open episode, worse than worst alerted -> worsening; same or better -> nothing
         ([(1200, 1), (800, 2), (900, 3), (300, 4), (450, 5)], ["new:mild", "worsening:moderate", "-", "worsening:severe", "-"]),
-        # jump straight to severe, then improve: no repeated alert at a grade already sent
+        # straight to severe, then improving: no repeated alert at a grade already sent
         ([(300, 1), (700, 2), (1200, 3), (400, 4)], ["new:severe", "-", "-", "-"]),
-        # resolution at >= 1500 closes the episode with the grade it resolved from; a later drop opens a new one
+        # >= 1500 resolves with the grade it resolved from; a later drop opens a new episode
         ([(800, 1), (1200, 2), (1500, 3), (1400, 4)], ["new:moderate", "-", "resolved:mild", "new:mild"]),
-        # a panel collected before the newest assessed one does not open, worsen or resolve
+        # a panel collected before the newest assessed one changes nothing
         ([(1200, 5), (300, 3), (2000, 4), (1300, 6)], ["new:mild", "stale", "stale", "-"]),
-        # same collection time as the newest is not older: assessed
-        ([(1200, 5), (400, 5)], ["new:mild", "worsening:severe"]),
+        # the same collection time as the newest is not older (a second specimen drawn at once)
+        ([(1200, 5), (400, 5, "second-specimen")], ["new:mild", "worsening:severe"]),
+        # chronic: open more than 3 months (91 days) -> once, alongside nothing else
+        ([(1200, 1), (1300, 60), (1250, 93), (1100, 120)], ["new:mild", "-", "chronic:mild", "-"]),
+        # a worsening on the day it becomes chronic carries both events
+        ([(1200, 1), (700, 95)], ["new:mild", "worsening:moderate,chronic:moderate"]),
+        # --- corrections (issue 4) ---
+        # the only severe value corrected to normal: the alert is withdrawn
+        ([(400, 1), ("fix", 1, 1800)], ["new:severe", "retracted:severe"]),
+        # a worsening corrected away: the worsening is withdrawn, the episode stays
+        ([(1200, 1), (300, 2), ("fix", 2, 1100)], ["new:mild", "worsening:severe", "retracted:severe"]),
+        # a normal value corrected to severe: a (corrected) new episode
+        ([(1800, 1), ("fix", 1, 400)], ["-", "new:severe"]),
+        # a correction that keeps the band changes nothing
+        ([(400, 1), ("fix", 1, 350)], ["new:severe", "-"]),
+        # the resolving value corrected to moderate: resolution withdrawn (episode open again)
+        # (a resolution is labelled with the grade it resolved from: 800 was moderate)
+        ([(800, 1), (1700, 3), ("fix", 3, 900)], ["new:moderate", "resolved:moderate", "retracted:moderate"]),
+        # entered-in-error removes the value and what rested on it
+        ([(1200, 1), (300, 2), ("withdraw", 2)], ["new:mild", "worsening:severe", "retracted:severe"]),
+        ([(400, 1), ("withdraw", 1)], ["new:severe", "retracted:severe"]),
+        # withdrawing a value that alerted nothing says nothing
+        ([(1200, 1), (1300, 2), ("withdraw", 2)], ["new:mild", "-", "-"]),
+        # moderate -> corrected to severe: the new at moderate is withdrawn, a corrected new at severe is sent
+        ([(800, 1), ("fix", 1, 300)], ["new:moderate", "retracted:moderate,new:severe"]),
     ],
 )
-def test_transitions(sequence, expected):
-    assert run(sequence)[0] == expected
+def test_sequences(sequence, expected):
+    got, _ = run(sequence)
+    assert got == expected
 
 
-def test_episode_ids_are_deterministic_and_distinct():
-    _, s1 = run([(800, 1)])
-    _, s2 = run([(800, 1)])
-    _, s3 = run([(800, 2), (1600, 3), (800, 4)])
-    assert s1.episode == s2.episode
-    assert s3.episode != s1.episode
+def test_retraction_says_what_remains():
+    _, ps = run([(400, 1)])
+    ps2, events = withdraw(ps, "Patient/p", "panel-day1", reason="entered-in-error")
+    (e,) = events
+    assert e.worst is None and not e.episode_open  # no episode remains: its Flag -> entered-in-error
+    assert e.retracted.anc == 400 and e.reason == "entered-in-error" and e.revision == 1
+    assert ps2.machine.episode is None and ps2.alerted == ()
+
+    _, ps = run([(1200, 1), (300, 2)])
+    _, events = withdraw(ps, "Patient/p", "panel-day2", reason="entered-in-error")
+    (e,) = events
+    assert e.worst.label == "mild" and e.episode_open  # the episode stays, back to its mild worst
 
 
-def test_previous_value_is_carried():
-    state, events = EpisodeState(), []
-    for i, anc in enumerate([2100, 900]):
-        a = Assessment("Patient/p", f"k{i}", Anc(anc, False, "m", (), None), DEFAULT.grade(anc), f"d{i}", i)
-        state, event, _ = step(state, a)
-        events.append(event)
-    assert (events[1].previous_anc, events[1].previous_effective) == (2100, "d0")
+def test_flip_flop_corrections_reannounce_with_new_identity():
+    """400 -> corrected 1800 -> corrected again 400: the second 'new' is a new announcement (its
+    revision differs), so a conditional create on its identifier cannot swallow it."""
+    ps, events, _ = apply(PatientState(), assessment(400, 1))
+    ps, events2, _ = apply(ps, assessment(1800, 1, version="2"))
+    ps, events3, _ = apply(ps, assessment(400, 1, version="3"))
+    assert [label(e) for e in events3] == ["new:severe"]
+    assert (events[0].revision, events2[0].revision, events3[0].revision) == (0, 1, 2)
+
+
+def test_history_is_bounded_and_old_panels_fall_back_to_the_base():
+    ps = PatientState()
+    for day in range(1, 60):
+        ps, _, _ = apply(ps, assessment(1200 if day < 30 else 2000, day), limit=10)
+    assert len(ps.history) == 10 and len(ps.alerted) <= 10
+    assert ps.base.newest_us is not None  # what fell out is folded into the base state
+    # correcting a panel that fell out of the history does nothing (documented limit)
+    ps2, events, _ = apply(ps, assessment(300, 2, version="2"), limit=10)
+    assert events == [] or all(e.kind.value != "retracted" for e in events)
+
+
+def test_step_is_what_apply_does_for_first_assessments():
+    state, events, _ = step(replace(PatientState().machine), assessment(800, 1))
+    assert [label(e) for e in events] == ["new:moderate"] and state.episode

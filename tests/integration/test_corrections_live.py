@@ -1,0 +1,69 @@
+"""Corrections end to end against the real FHIR engine (issue 4): an entered-in-error result that
+withdraws an alert, and a corrected value."""
+
+from __future__ import annotations
+
+from service.fhir.client import FhirClient
+from service.store.sqlite import SqliteStore
+from service.worker import Worker
+from tests.builders import observation
+from tests.fhir_server.load import export, put_all
+from tests.integration.live import settings_for
+
+
+async def cycle(settings, path):
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        async with FhirClient(settings.fhir) as client:
+            return await Worker(settings, client, store).run_cycle()
+    finally:
+        await store.close()
+
+
+def panel(patient: str, anc_k: float, **kw):
+    common = dict(patient=patient, effective="2026-03-02T08:00:00Z", specimen=f"Specimen/{patient[8:]}-1")
+    return [observation("6690-2", 3.0, id=f"{patient[8:]}-wbc", **common),
+            observation("751-8", anc_k, id=f"{patient[8:]}-anc", **common, **kw)]
+
+
+async def test_entered_in_error_withdraws_the_alert(fhir_base_url, tmp_path):
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
+    put_all(fhir_base_url, panel("Patient/eie", 0.3))
+    first = await cycle(settings, tmp_path / "s.sqlite3")
+    assert first.events == {"new": 1}
+    (flag,) = export(fhir_base_url, "Flag")
+    assert flag["status"] == "active"
+
+    withdrawn = panel("Patient/eie", None)[1]
+    withdrawn.update(status="entered-in-error")
+    put_all(fhir_base_url, [withdrawn])
+    second = await cycle(settings, tmp_path / "s.sqlite3")
+    assert second.events == {"retracted": 1}
+
+    (flag,) = export(fhir_base_url, "Flag")
+    assert flag["status"] == "entered-in-error"
+    comms = sorted(export(fhir_base_url, "Communication"), key=lambda c: c["identifier"][0]["value"])
+    assert len(comms) == 2
+    notice = next(c for c in comms if "-retracted-" in c["identifier"][0]["value"])
+    original = next(c for c in comms if "-retracted-" not in c["identifier"][0]["value"])
+    text = notice["payload"][0]["contentString"]
+    assert text.startswith("WITHDRAWN") and "entered-in-error" in text and "300 cells/µL" in text
+    assert notice["inResponseTo"][0]["identifier"]["value"] == original["identifier"][0]["value"]
+    assert notice["priority"] == "urgent"
+    again = await cycle(settings, tmp_path / "s.sqlite3")
+    assert (again.written, len(export(fhir_base_url, "Communication"))) == (0, 2)
+
+
+async def test_corrected_value_downgrades_the_episode(fhir_base_url, tmp_path):
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
+    put_all(fhir_base_url, panel("Patient/cor", 1.2))  # mild
+    put_all(fhir_base_url, [dict(o, id=o["id"] + "-2", specimen={"reference": "Specimen/cor-2"}, effectiveDateTime="2026-03-04T08:00:00Z")
+                            for o in panel("Patient/cor", 0.3)])  # severe two days later
+    assert (await cycle(settings, tmp_path / "s.sqlite3")).events == {"new": 1, "worsening": 1}
+    fixed = dict(panel("Patient/cor", 1.1)[1], id="cor-anc-2", specimen={"reference": "Specimen/cor-2"},
+                 effectiveDateTime="2026-03-04T08:00:00Z", status="corrected")
+    put_all(fhir_base_url, [fixed])
+    assert (await cycle(settings, tmp_path / "s.sqlite3")).events == {"retracted": 1}
+    (flag,) = export(fhir_base_url, "Flag")
+    assert flag["status"] == "active" and flag["code"]["text"].startswith("Neutropenia, mild")
