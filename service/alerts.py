@@ -24,6 +24,7 @@ FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
 COMMUNICATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/communication-category"
 FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
 NEUTROPENIA = {"system": SNOMED, "code": "165517008", "display": "Neutropenia (finding)"}
+FEBRILE_NEUTROPENIA = {"system": SNOMED, "code": "409089005", "display": "Febrile neutropenia (disorder)"}
 
 PRIORITY = {"mild": "routine", "moderate": "urgent", "severe": "asap"}
 
@@ -74,6 +75,11 @@ def message(event: AlertEvent, scheme: Scheme) -> str:
         head = f"{corrected}New neutropenia, {event.band.label}: {now}."
     elif event.kind is EventKind.WORSENING:
         head = f"{corrected}Neutropenia worsening to {event.band.label}: {now}."
+    elif event.kind is EventKind.FEBRILE:
+        fever = event.fever
+        reading = f"temperature {fever.celsius:.1f} °C at {fever.effective}" if fever else "fever"
+        head = (f"FEBRILE NEUTROPENIA: {reading} with {now}. Treat as an emergency: empirical antibiotics "
+                "within 1 hour per ASCO/IDSA.")
     elif event.kind is EventKind.CHRONIC:
         head = f"Neutropenia episode since {event.opened} is now chronic (open more than 3 months): {now}."
         chronic = ""
@@ -87,7 +93,8 @@ def _retraction_message(event: AlertEvent, scheme: Scheme) -> str:
     x = event.retracted
     assert x is not None
     what = {"new": f"new neutropenia, {x.band.label}", "worsening": f"worsening to {x.band.label}",
-            "resolved": "resolution of the neutropenia", "chronic": "chronic label"}[x.kind.value]
+            "resolved": "resolution of the neutropenia", "chronic": "chronic label",
+            "febrile": "febrile neutropenia"}[x.kind.value]
     head = (f"WITHDRAWN: the earlier alert ({what}; ANC {_cells(x.anc)} collected {x.effective}) no longer holds: "
             f"a result it rested on was {event.reason}.")
     a = event.assessment
@@ -113,6 +120,8 @@ def _priority(event: AlertEvent) -> str:
         return "urgent" if x is not None and x.band.severity in ("moderate", "severe") else "routine"
     if event.kind is EventKind.RESOLVED:
         return "routine"
+    if event.kind is EventKind.FEBRILE:
+        return "stat"
     return PRIORITY[event.band.severity or "mild"]
 
 
@@ -126,7 +135,7 @@ def build(event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: s
     if status == "inactive" and event.ended:
         period["end"] = event.ended
     band: Band = event.worst or event.band
-    details = [f"Neutropenia, {band.label}"]
+    details = [f"{'Febrile neutropenia' if event.febrile else 'Neutropenia'}, {band.label}"]
     if event.chronic:
         details.append("chronic")
     if a is not None and a.cytopenia:
@@ -142,7 +151,7 @@ def build(event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: s
         "identifier": [{"system": flag_id[0], "value": flag_id[1]}],
         "status": status,
         "category": [{"coding": [{"system": FLAG_CATEGORY, "code": "clinical", "display": "Clinical"}]}],
-        "code": {"coding": [NEUTROPENIA], "text": text},
+        "code": {"coding": [FEBRILE_NEUTROPENIA if event.febrile else NEUTROPENIA], "text": text},
         "subject": {"reference": event.patient},
         "period": period,
         "author": {"reference": settings.author},

@@ -41,8 +41,19 @@ class PancytopeniaSettings(_Section):
     platelets_below_10e3_per_ul: float = Field(100.0, gt=0, le=1000, description="Platelets below this (10^3/uL) count as low.")
 
 
+class FebrileSettings(_Section):
+    fever_window_hours: float = Field(24.0, gt=0, le=168, description="A fever counts when it lies within this many hours of the ANC.")
+    fall_fraction: float = Field(
+        0.5, gt=0, lt=1,
+        description="'Expected to fall below 500 within 48 h' proxy: an ANC < 1000 that fell by at least this "
+        "fraction from the previous value (a design choice, not from a guideline).",
+    )
+    fall_window_hours: float = Field(48.0, gt=0, le=168, description="... within this many hours of the previous value.")
+
+
 class ClinicalSettings(_Section):
     pancytopenia: PancytopeniaSettings = PancytopeniaSettings()
+    febrile: FebrileSettings = FebrileSettings()
     chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (seed 000: > 3 months).")
     history_limit: int = Field(24, ge=2, le=500, description="Assessed panels remembered per patient, so a corrected result can be re-evaluated.")
 
@@ -208,6 +219,9 @@ class Settings(BaseSettings):
             platelets_below_per_ul=c.pancytopenia.platelets_below_10e3_per_ul * 1000.0,
             chronic_after_us=int(c.chronic_after_days * 86_400_000_000),
             history_limit=c.history_limit,
+            febrile_fall_fraction=c.febrile.fall_fraction,
+            febrile_fall_window_us=int(c.febrile.fall_window_hours * 3_600_000_000),
+            fever_window_us=int(c.febrile.fever_window_hours * 3_600_000_000),
         )
 
     @classmethod

@@ -33,7 +33,11 @@ def event_record(event: AlertEvent, scheme: Scheme) -> dict[str, Any]:
         "hemoglobin": _number(a.hemoglobin, 2) if a and a.hemoglobin is not None else None,
         "platelets": _number(a.platelets) if a and a.platelets is not None else None,
         "chronic": event.chronic,
+        "febrile": event.febrile,
     }
+    if event.fever is not None:
+        record["temperature"] = {"celsius": round(event.fever.celsius, 2), "effective": event.fever.effective,
+                                 "observation": event.fever.ref}
     if event.revision:
         record["correction"] = {"revision": event.revision, "reason": event.reason}
     if x is not None:

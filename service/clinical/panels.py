@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .anc import PanelRejected, best_result, compute_anc
 from .codes import Kind
-from .episodes import AlertEvent, Assessment, PatientState, apply, withdraw
+from .episodes import AlertEvent, Assessment, PatientState, Temperature, add_temperature, apply, withdraw
 from .observations import LabResult
 from .rules import Rules
 
@@ -93,22 +93,30 @@ class PanelDecision:
 
 
 def decide(state: PatientState, patient: str, panel: str, results: Iterable[LabResult], rules: Rules) -> PanelDecision:
-    """One panel through the whole core: ANC, grade, episode (and revision when the panel was
-    assessed before). The same function serves replay and the live loop, so replay is the live
-    loop's oracle."""
+    """One panel through the whole core: temperatures remembered, ANC, grade, episode (and revision
+    when the panel was assessed before). The same function serves replay and the live loop, so
+    replay is the live loop's oracle."""
     results = tuple(results)
-    outcome = assess(patient, panel, results, rules)
+    events: list[AlertEvent] = []
+    for r in results:
+        if r.kind is Kind.TEMP and r.assessable:
+            state, produced = add_temperature(state, Temperature(r.ref, r.effective, r.effective_us, r.value), rules)  # type: ignore[arg-type]
+            events.extend(produced)
+    labs = tuple(r for r in results if r.kind is not Kind.TEMP)
+    if not labs:
+        return PanelDecision(state, tuple(events))
+    outcome = assess(patient, panel, labs, rules)
     if isinstance(outcome, PanelRejection):
         # An implausible panel never alerts; if it was assessed before, what rested on it goes.
-        new, events = withdraw(state, patient, panel, reason="rejected on correction", chronic_after_us=rules.chronic_after_us)
-        return PanelDecision(new, tuple(events), rejection=outcome)
+        state, withdrawn = withdraw(state, patient, panel, rules, reason="rejected on correction")
+        return PanelDecision(state, tuple(events + withdrawn), rejection=outcome)
     if outcome is None:
-        new, events = withdraw(state, patient, panel, reason=_withdrawal_reason(results), chronic_after_us=rules.chronic_after_us)
-        return PanelDecision(new, tuple(events))
+        state, withdrawn = withdraw(state, patient, panel, rules, reason=_withdrawal_reason(labs))
+        return PanelDecision(state, tuple(events + withdrawn))
     previous = next((h for h in state.history if h.panel == panel), None)
     reason = _revision_reason(previous, outcome) if previous is not None else "corrected"
-    new, events, stale = apply(state, outcome, reason=reason, chronic_after_us=rules.chronic_after_us, limit=rules.history_limit)
-    return PanelDecision(new, tuple(events), assessed=True, stale=stale)
+    state, produced, stale = apply(state, outcome, rules, reason=reason)
+    return PanelDecision(state, tuple(events + produced), assessed=True, stale=stale)
 
 
 def _withdrawal_reason(results: tuple[LabResult, ...]) -> str:

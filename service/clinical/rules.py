@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .episodes import CHRONIC_AFTER_US, HISTORY_LIMIT
 from .grading import DEFAULT, Scheme
+
+HOUR_US = 3_600_000_000
+DAY_US = 24 * HOUR_US
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,5 +18,21 @@ class Rules:
     # "Cytopeni": Hb < 6.2 mmol/L (about 10 g/dL), platelets < 100 x 10^9/L — reference §3).
     hemoglobin_below_g_dl: float = 10.0
     platelets_below_per_ul: float = 100_000.0
-    chronic_after_us: int = CHRONIC_AFTER_US
-    history_limit: int = HISTORY_LIMIT
+    # Chronic: an episode open more than 3 months (issue 4, seed 000).
+    chronic_after_us: int = 91 * DAY_US
+    # Assessed panels remembered per patient, so a corrected result can be re-evaluated.
+    history_limit: int = 24
+    # Fever (IDSA 2010, Freifeld CID 2011;52:e56; ASCO/IDSA 2018): a single temperature >= 38.3 C,
+    # or >= 38.0 C sustained over 1 h (reference §3).
+    fever_single_c: float = 38.3
+    fever_sustained_c: float = 38.0
+    fever_sustained_us: int = HOUR_US
+    # Febrile neutropenia: fever while ANC < 500, or ANC < 1000 and expected to fall below 500 within
+    # 48 h (IDSA 2010); the "expected to fall" proxy is a design choice: a fall of >= 50 % from the
+    # previous value within 48 h. The fever must lie within 24 h of the ANC (issue 4 default).
+    febrile_anc_below: float = 500.0
+    febrile_falling_anc_below: float = 1000.0
+    febrile_fall_fraction: float = 0.5
+    febrile_fall_window_us: int = 48 * HOUR_US
+    fever_window_us: int = 24 * HOUR_US
+    temperature_memory_us: int = 72 * HOUR_US  # temperatures kept per patient (and at most 64 of them)

@@ -9,6 +9,9 @@ from dataclasses import replace
 import pytest
 
 from service.clinical.episodes import DAY_US, Assessment, PatientState, apply, step, withdraw
+from service.clinical.rules import Rules
+
+RULES = Rules()
 from service.clinical.grading import DEFAULT
 
 
@@ -27,12 +30,12 @@ def run(sequence):
     for item in sequence:
         if item[0] == "fix":
             _, day, anc = item
-            ps, events, _ = apply(ps, assessment(anc, day, version="2"))
+            ps, events, _ = apply(ps, assessment(anc, day, version="2"), RULES)
         elif item[0] == "withdraw":
-            ps, events = withdraw(ps, "Patient/p", f"panel-day{item[1]}", reason="entered-in-error")
+            ps, events = withdraw(ps, "Patient/p", f"panel-day{item[1]}", RULES, reason="entered-in-error")
         else:
             anc, day, *panel = item
-            ps, events, stale = apply(ps, assessment(anc, day, *panel))
+            ps, events, stale = apply(ps, assessment(anc, day, *panel), RULES)
             if stale:
                 out.append("stale")
                 continue
@@ -89,14 +92,14 @@ def test_sequences(sequence, expected):
 
 def test_retraction_says_what_remains():
     _, ps = run([(400, 1)])
-    ps2, events = withdraw(ps, "Patient/p", "panel-day1", reason="entered-in-error")
+    ps2, events = withdraw(ps, "Patient/p", "panel-day1", RULES, reason="entered-in-error")
     (e,) = events
     assert e.worst is None and not e.episode_open  # no episode remains: its Flag -> entered-in-error
     assert e.retracted.anc == 400 and e.reason == "entered-in-error" and e.revision == 1
     assert ps2.machine.episode is None and ps2.alerted == ()
 
     _, ps = run([(1200, 1), (300, 2)])
-    _, events = withdraw(ps, "Patient/p", "panel-day2", reason="entered-in-error")
+    _, events = withdraw(ps, "Patient/p", "panel-day2", RULES, reason="entered-in-error")
     (e,) = events
     assert e.worst.label == "mild" and e.episode_open  # the episode stays, back to its mild worst
 
@@ -104,24 +107,25 @@ def test_retraction_says_what_remains():
 def test_flip_flop_corrections_reannounce_with_new_identity():
     """400 -> corrected 1800 -> corrected again 400: the second 'new' is a new announcement (its
     revision differs), so a conditional create on its identifier cannot swallow it."""
-    ps, events, _ = apply(PatientState(), assessment(400, 1))
-    ps, events2, _ = apply(ps, assessment(1800, 1, version="2"))
-    ps, events3, _ = apply(ps, assessment(400, 1, version="3"))
+    ps, events, _ = apply(PatientState(), assessment(400, 1), RULES)
+    ps, events2, _ = apply(ps, assessment(1800, 1, version="2"), RULES)
+    ps, events3, _ = apply(ps, assessment(400, 1, version="3"), RULES)
     assert [label(e) for e in events3] == ["new:severe"]
     assert (events[0].revision, events2[0].revision, events3[0].revision) == (0, 1, 2)
 
 
 def test_history_is_bounded_and_old_panels_fall_back_to_the_base():
     ps = PatientState()
+    small = Rules(history_limit=10)
     for day in range(1, 60):
-        ps, _, _ = apply(ps, assessment(1200 if day < 30 else 2000, day), limit=10)
+        ps, _, _ = apply(ps, assessment(1200 if day < 30 else 2000, day), small)
     assert len(ps.history) == 10 and len(ps.alerted) <= 10
     assert ps.base.newest_us is not None  # what fell out is folded into the base state
     # correcting a panel that fell out of the history does nothing (documented limit)
-    ps2, events, _ = apply(ps, assessment(300, 2, version="2"), limit=10)
+    ps2, events, _ = apply(ps, assessment(300, 2, version="2"), small)
     assert events == [] or all(e.kind.value != "retracted" for e in events)
 
 
 def test_step_is_what_apply_does_for_first_assessments():
-    state, events, _ = step(replace(PatientState().machine), assessment(800, 1))
+    state, events, _ = step(replace(PatientState().machine), assessment(800, 1), RULES)
     assert [label(e) for e in events] == ["new:moderate"] and state.episode
