@@ -174,6 +174,11 @@ class PollSettings(_Section):
     )
     initial_lookback_hours: float = Field(168.0, ge=0, description="With no cursor yet, start this far back.")
     category: str | None = Field(None, description="Optional Observation category filter, e.g. laboratory.")
+    temperatures: Literal["open-episodes", "all", "off"] = Field(
+        "open-episodes",
+        description="Body temperatures for the febrile rule: one search per patient with an open episode each "
+        "cycle (open-episodes), every temperature in the main search (all), or none (off).",
+    )
 
 
 class StoreSettings(_Section):

@@ -6,7 +6,7 @@ server has confirmed every write."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ from . import metrics
 from .alerts import AlertWrites, build
 from .clinical import raw
 from .clinical.anc import is_complete
-from .clinical.codes import cbc_codes
+from .clinical.codes import cbc_codes, temperature_codes
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us, to_epoch_us
 from .clinical.observations import Ignored, LabResult, Rejected, normalise
@@ -24,7 +24,7 @@ from .clinical.panels import decide, panel_key
 from .config import Settings
 from .errors import NeutrowatchError
 from .events import event_record, panel_rejected_record, rejected_record
-from .fhir.client import FhirClient
+from .fhir.client import FhirClient, Page
 from .fhir.errors import PreconditionFailed
 from .store.base import Decided, Intake, OutboxEntry, Store
 
@@ -41,6 +41,7 @@ class CycleReport:
     events: dict[str, int] = field(default_factory=dict)
     written: int = 0
     delivered_all: bool = True
+    temperature_searches: int = 0
     cursor: str | None = None
 
 
@@ -77,8 +78,9 @@ def search_params(settings: Settings, cursor: str | None, now: float) -> list[tu
         since_us = to_epoch_us(cursor) - int(poll.overlap_seconds * 1_000_000)
     else:
         since_us = int((now - poll.initial_lookback_hours * 3600) * 1_000_000)
+    codes = cbc_codes() + (temperature_codes() if poll.temperatures == "all" else [])
     params = [
-        ("code", ",".join(f"{LOINC}|{c}" for c in cbc_codes())),
+        ("code", ",".join(f"{LOINC}|{c}" for c in codes)),
         ("_lastUpdated", "ge" + from_epoch_us(max(since_us, 0))),
         ("_sort", "_lastUpdated"),
         ("_count", str(settings.fhir.page_size)),
@@ -109,6 +111,9 @@ class Worker:
                 return report
             newest_us = await self._read(report)
             await self._decide(report)
+            if self.settings.poll.temperatures == "open-episodes":
+                await self._temperatures(report)
+                await self._decide(report)
             report.delivered_all = await self.deliver(report)
             if report.delivered_all and newest_us is not None:
                 report.cursor = from_epoch_us(newest_us)
@@ -129,8 +134,14 @@ class Worker:
     async def _read(self, report: CycleReport) -> int | None:
         """Read every page since the cursor into the store. Returns the newest meta.lastUpdated seen."""
         cursor = await self.store.get_cursor()
-        newest_us = to_epoch_us(cursor) if cursor else None
-        async for page in self.client.search("Observation", search_params(self.settings, cursor, self.clock())):
+        params = search_params(self.settings, cursor, self.clock())
+        newest_us = await self._ingest(self.client.search("Observation", params), report, to_epoch_us(cursor) if cursor else None)
+        if newest_us is not None:
+            metrics.POLL_LAG.set(max(0.0, self.clock() - newest_us / 1_000_000))
+        return newest_us
+
+    async def _ingest(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> int | None:
+        async for page in pages:
             report.pages += 1  # (the client counts pages in metrics.PAGES)
             items: list[Intake] = []
             now = self.clock()
@@ -155,9 +166,25 @@ class Worker:
                 else:
                     metrics.OBSERVATIONS.labels("stored").inc()
             metrics.OBSERVATIONS.labels("seen_before").inc(len(items) - len(new))
-        if newest_us is not None:
-            metrics.POLL_LAG.set(max(0.0, self.clock() - newest_us / 1_000_000))
         return newest_us
+
+    async def _temperatures(self, report: CycleReport) -> None:
+        """poll.temperatures = open-episodes: one search per patient with an open episode — the
+        first time for readings collected from 24 h (the fever window) before the newest ANC, then
+        for what changed since that patient's own cursor less the overlap."""
+        poll = self.settings.poll
+        codes = ",".join(f"{LOINC}|{c}" for c in temperature_codes())
+        window_us = self.rules.fever_window_us
+        for patient, cursor, newest_us in await self.store.open_patients():
+            params = [("subject", patient), ("code", codes), ("_sort", "_lastUpdated"), ("_count", str(self.settings.fhir.page_size))]
+            if cursor is not None:
+                params.append(("_lastUpdated", "ge" + from_epoch_us(to_epoch_us(cursor) - int(poll.overlap_seconds * 1_000_000))))
+            else:
+                params.append(("date", "ge" + from_epoch_us(max((newest_us or 0) - window_us, 0))))
+            report.temperature_searches += 1
+            newest = await self._ingest(self.client.search("Observation", params), report, None)
+            if newest is not None:
+                await self.store.set_temperature_cursor(patient, from_epoch_us(newest))
 
     async def _rejected(self, rejected: Rejected) -> None:
         metrics.OBSERVATIONS.labels("rejected").inc()

@@ -115,3 +115,7 @@ CBC_KINDS: frozenset[Kind] = frozenset(k for k in Kind if k is not Kind.TEMP)
 def cbc_codes() -> list[str]:
     """The LOINC codes the poller asks the server for (every CBC term this module knows)."""
     return [t.code for t in TERMS.values() if t.kind in CBC_KINDS]
+
+
+def temperature_codes() -> list[str]:
+    return [t.code for t in TERMS.values() if t.kind is Kind.TEMP]

@@ -29,7 +29,9 @@ _MIGRATIONS: dict[int, str] = {
                          dirty INTEGER NOT NULL, changed_at REAL NOT NULL,
                          PRIMARY KEY (patient, panel)) WITHOUT ROWID;
     CREATE INDEX panels_dirty ON panels (dirty, first_vu);
-    CREATE TABLE episodes (patient TEXT PRIMARY KEY, state BLOB NOT NULL) WITHOUT ROWID;
+    CREATE TABLE episodes (patient TEXT PRIMARY KEY, state BLOB NOT NULL, open INTEGER NOT NULL DEFAULT 0,
+                           newest_us INTEGER, temperature_cursor TEXT) WITHOUT ROWID;
+    CREATE INDEX episodes_open ON episodes (open);
     CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT, decided_at REAL NOT NULL,
                             record BLOB NOT NULL);
     CREATE INDEX decisions_patient ON decisions (patient);
@@ -184,7 +186,13 @@ class SqliteStore:
         now = time.time()
         with self._tx():
             for d in decided:
-                db.execute("INSERT OR REPLACE INTO episodes VALUES (?, ?)", (d.patient, msgspec.json.encode(d.state)))
+                db.execute(
+                    """INSERT INTO episodes (patient, state, open, newest_us) VALUES (?, ?, ?, ?)
+                       ON CONFLICT (patient) DO UPDATE SET state = excluded.state, open = excluded.open,
+                       newest_us = excluded.newest_us,
+                       temperature_cursor = CASE WHEN excluded.open THEN episodes.temperature_cursor END""",
+                    (d.patient, msgspec.json.encode(d.state), d.state.machine.episode is not None, d.state.machine.newest_us),
+                )
                 db.execute("UPDATE panels SET dirty = 0 WHERE patient = ? AND panel = ?", (d.patient, d.panel))
                 for record, writes in d.records:
                     db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
@@ -192,6 +200,14 @@ class SqliteStore:
                     if writes is not None:
                         db.execute("INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
                                    (d.patient, orjson.dumps(record), orjson.dumps(writes), now))
+
+    async def open_patients(self) -> list[tuple[str, str | None, int | None]]:
+        """(patient, temperature cursor, collection time of the newest ANC) for each open episode."""
+        return list(self.db.execute("SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open = 1 ORDER BY patient"))
+
+    async def set_temperature_cursor(self, patient: str, cursor: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE episodes SET temperature_cursor = ? WHERE patient = ?", (cursor, patient))
 
     async def record_decision(self, record: dict[str, Any]) -> None:
         with self._tx():

@@ -1,0 +1,53 @@
+"""Febrile neutropenia in the live loop against the real engine: temperatures polled for patients
+with an open episode (and all of them, by config), in °C and °F, matching replay."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.fhir.client import FhirClient
+from service.store.sqlite import SqliteStore
+from service.worker import Worker
+from tests.builders import observation
+from tests.fhir_server.load import export, put_all
+from tests.integration.live import compare_with_oracle, settings_for
+
+
+async def cycle(settings, path):
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        async with FhirClient(settings.fhir) as client:
+            return await Worker(settings, client, store).run_cycle()
+    finally:
+        await store.close()
+
+
+def cbc(pid: str, anc_k: float, when: str):
+    kw = dict(patient=f"Patient/{pid}", effective=when, specimen=f"Specimen/{pid}-{when[:10]}")
+    return [observation("6690-2", 2.5, id=f"{pid}-{when[:10]}-wbc", **kw), observation("751-8", anc_k, id=f"{pid}-{when[:10]}-anc", **kw)]
+
+
+def temperature(pid: str, value: float, unit: str, when: str):
+    return observation("8310-5", value, unit, id=f"{pid}-t-{when[11:13]}{when[14:16]}", patient=f"Patient/{pid}",
+                       effective=when, specimen=None, category=[{"coding": [{"code": "vital-signs"}]}])
+
+
+@pytest.mark.parametrize("mode", ["open-episodes", "all"])
+async def test_fever_before_and_after_the_anc(fhir_base_url, tmp_path, mode):
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3", temperatures=mode)
+    # fever 6 h before a severe ANC (°F), and a patient whose fever comes after the ANC (°C)
+    put_all(fhir_base_url, [temperature("a", 101.5, "[degF]", "2026-04-01T02:00:00Z"), *cbc("a", 0.3, "2026-04-01T08:00:00Z"),
+                            *cbc("b", 0.4, "2026-04-01T09:00:00Z"), temperature("c", 39.0, "Cel", "2026-04-01T09:30:00Z")])
+    first = await cycle(settings, tmp_path / "s.sqlite3")
+    assert first.events == {"new": 2, "febrile": 1}
+    if mode == "open-episodes":
+        assert first.temperature_searches == 2  # one per patient with an open episode; patient c has none
+    put_all(fhir_base_url, [temperature("b", 38.1, "Cel", "2026-04-01T11:00:00Z"), temperature("b", 38.2, "Cel", "2026-04-01T12:10:00Z")])
+    second = await cycle(settings, tmp_path / "s.sqlite3")
+    assert second.events == {"febrile": 1}  # >= 38.0 sustained over 70 minutes
+    flags = {f["subject"]["reference"]: f for f in export(fhir_base_url, "Flag")}
+    assert {p: f["code"]["coding"][0]["code"] for p, f in flags.items()} == {"Patient/a": "409089005", "Patient/b": "409089005"}
+    stat = [c for c in export(fhir_base_url, "Communication") if c["priority"] == "stat"]
+    assert len(stat) == 2
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
