@@ -9,6 +9,7 @@ Communication whose `inResponseTo` points at the prior one).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,7 +126,9 @@ def _priority(event: AlertEvent) -> str:
     return PRIORITY[event.band.severity or "mild"]
 
 
-def build(event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: str) -> AlertWrites:
+def build(
+    event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: str, recipients: Sequence[str] | None = None
+) -> AlertWrites:
     """The Flag as it stands after `event`, and the Communication announcing it (none for `chronic`)."""
     base = settings.canonical_base
     flag_id = (f"{base}/episode", event.episode)
@@ -184,7 +187,8 @@ def build(event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: s
     if x is not None:
         prior = communication_value(x.episode, x.kind.value, x.band.rank, x.revision)
         communication["inResponseTo"] = [{"type": "Communication", "identifier": {"system": comm_system, "value": prior}}]
-    if settings.recipients:
-        communication["recipient"] = [{"reference": r} for r in settings.recipients]
+    to = settings.recipients if recipients is None else recipients
+    if to:
+        communication["recipient"] = [{"reference": r} for r in to]
     Communication.model_validate(communication)
     return AlertWrites(flag, communication, flag_id, (comm_system, comm_value))

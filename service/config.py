@@ -54,6 +54,17 @@ class FebrileSettings(_Section):
 class ClinicalSettings(_Section):
     pancytopenia: PancytopeniaSettings = PancytopeniaSettings()
     febrile: FebrileSettings = FebrileSettings()
+    infant_threshold_per_ul: float = Field(1000.0, gt=0, le=5000, description="Infants (second week to 1 year): neutropenic below this.")
+    patient_thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="Individual neutropenia thresholds (cells/uL) by patient reference, e.g. a documented "
+        "Duffy-null associated neutrophil count baseline: {\"Patient/123\": 1000}.",
+    )
+    chronic_benign_threshold_per_ul: float | None = Field(
+        1000.0, gt=0, le=5000,
+        description="Threshold for patients with an active Condition 234423001 (chronic benign neutropenia); "
+        "null to ignore that Condition. A local choice to validate.",
+    )
     chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (seed 000: > 3 months).")
     history_limit: int = Field(24, ge=2, le=500, description="Assessed panels remembered per patient, so a corrected result can be re-evaluated.")
 
@@ -174,6 +185,12 @@ class PollSettings(_Section):
     )
     initial_lookback_hours: float = Field(168.0, ge=0, description="With no cursor yet, start this far back.")
     category: str | None = Field(None, description="Optional Observation category filter, e.g. laboratory.")
+    patient_context: bool = Field(
+        True,
+        description="Read Patient.birthDate and active Conditions (age and individual thresholds), and the "
+        "orders and care team for recipients; cached for context_ttl_seconds.",
+    )
+    context_ttl_seconds: float = Field(3600.0, ge=0, le=86_400 * 7, description="How long fetched patient context is reused.")
     temperatures: Literal["open-episodes", "all", "off"] = Field(
         "open-episodes",
         description="Body temperatures for the febrile rule: one search per patient with an open episode each "
@@ -227,6 +244,7 @@ class Settings(BaseSettings):
             febrile_fall_fraction=c.febrile.fall_fraction,
             febrile_fall_window_us=int(c.febrile.fall_window_hours * 3_600_000_000),
             fever_window_us=int(c.febrile.fever_window_hours * 3_600_000_000),
+            infant_threshold=c.infant_threshold_per_ul,
         )
 
     @classmethod

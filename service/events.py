@@ -8,10 +8,11 @@ from typing import Any
 from .clinical.episodes import AlertEvent
 from .clinical.grading import Scheme
 from .clinical.observations import LabResult, Rejected
-from .clinical.panels import PanelRejection
+from .clinical.panels import NotAssessed, PanelRejection
+from .clinical.recipients import Recipients
 
 
-def event_record(event: AlertEvent, scheme: Scheme) -> dict[str, Any]:
+def event_record(event: AlertEvent, scheme: Scheme, recipients: Recipients | None = None) -> dict[str, Any]:
     a = event.assessment
     x = event.retracted
     record: dict[str, Any] = {
@@ -34,7 +35,11 @@ def event_record(event: AlertEvent, scheme: Scheme) -> dict[str, Any]:
         "platelets": _number(a.platelets) if a and a.platelets is not None else None,
         "chronic": event.chronic,
         "febrile": event.febrile,
+        "threshold_rule": a.threshold_rule if a else None,
     }
+    if recipients is not None:
+        record["recipients"] = list(recipients.refs)
+        record["recipient_rule"] = recipients.rule
     if event.fever is not None:
         record["temperature"] = {"celsius": round(event.fever.celsius, 2), "effective": event.fever.effective,
                                  "observation": event.fever.ref}
@@ -45,6 +50,18 @@ def event_record(event: AlertEvent, scheme: Scheme) -> dict[str, Any]:
                                "anc": _number(x.anc), "effective": x.effective}
         record["episode_status"] = "entered-in-error" if event.worst is None else ("active" if event.episode_open else "inactive")
     return record
+
+
+def not_assessed_record(n: NotAssessed) -> dict[str, Any]:
+    return {
+        "patient": n.patient,
+        "event": "not-assessed",
+        "grade": None,
+        "anc": None,
+        "effective": n.effective,
+        "observations": list(n.refs),
+        "reason": n.reason,
+    }
 
 
 def rejected_record(rejected: Rejected) -> dict[str, Any]:

@@ -19,6 +19,7 @@ WRITES = Counter("neutrowatch_fhir_writes_total", "Alert resources written, by t
 FHIR_REQUESTS = Counter("neutrowatch_fhir_requests_total", "FHIR requests by method and HTTP status (or error kind).", ["method", "status"], registry=REGISTRY)
 FHIR_RETRIES = Counter("neutrowatch_fhir_retries_total", "FHIR requests retried, by reason.", ["reason"], registry=REGISTRY)
 UNSAFE_LINKS = Counter("neutrowatch_refused_links_total", "Links or redirects to another origin that were refused.", ["kind"], registry=REGISTRY)
+CONTEXT_FAILURES = Counter("neutrowatch_context_lookup_failures_total", "Patient context or recipient look-ups that failed (fallback used).", ["lookup"], registry=REGISTRY)
 POLL_LAG = Gauge("neutrowatch_poll_lag_seconds", "Seconds between now and the newest meta.lastUpdated read.", registry=REGISTRY)
 LAST_POLL_OK = Gauge("neutrowatch_last_successful_poll_timestamp_seconds", "Unix time of the last successful poll.", registry=REGISTRY)
 OUTBOX_PENDING = Gauge("neutrowatch_outbox_pending", "Alert writes decided but not yet confirmed by the FHIR server.", registry=REGISTRY)

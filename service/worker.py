@@ -23,7 +23,8 @@ from .clinical.observations import Ignored, LabResult, Rejected, normalise
 from .clinical.panels import decide, panel_key
 from .config import Settings
 from .errors import NeutrowatchError
-from .events import event_record, panel_rejected_record, rejected_record
+from .directory import LiveDirectory
+from .events import event_record, not_assessed_record, panel_rejected_record, rejected_record
 from .fhir.client import FhirClient, Page
 from .fhir.errors import PreconditionFailed
 from .store.base import Decided, Intake, OutboxEntry, Store
@@ -98,6 +99,7 @@ class Worker:
         self.clock = clock
         self.scheme = settings.scheme
         self.rules = settings.rules
+        self.directory = LiveDirectory(settings, client)
 
     # the cycle ---------------------------------------------------------------------------------------
 
@@ -202,7 +204,8 @@ class Worker:
         decided: list[Decided] = []
         sent = from_epoch_us(int(now * 1_000_000))
         for work in ready:
-            d = decide(states.get(work.patient, PatientState()), work.patient, work.panel, work.results, self.rules)
+            context = await self.directory.context(work.patient)
+            d = decide(states.get(work.patient, PatientState()), work.patient, work.panel, work.results, self.rules, context)
             states[work.patient] = d.state
             records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
             if d.assessed:
@@ -212,9 +215,13 @@ class Worker:
                 records.append((panel_rejected_record(d.rejection, work.results), None))
                 metrics.REJECTIONS.labels(metrics.reason_label(d.rejection.rejected.reason)).inc()
                 log.warning("panel rejected", patient=work.patient, panel=work.panel, reason=d.rejection.rejected.reason)
+            if d.not_assessed is not None:
+                records.append((not_assessed_record(d.not_assessed), None))
             for event in d.events:
-                record = event_record(event, self.scheme)
-                writes = _writes_dict(build(event, self.scheme, self.settings.alerts, sent=sent), event.kind.value)
+                recipients = await self.directory.recipients(work.patient, event.assessment.based_on if event.assessment else ())
+                record = event_record(event, self.scheme, recipients)
+                alert = build(event, self.scheme, self.settings.alerts, sent=sent, recipients=recipients.refs)
+                writes = _writes_dict(alert, event.kind.value)
                 records.append((record, writes))
                 metrics.ALERTS.labels(record["event"], record["grade"] or "none").inc()
                 report.events[record["event"]] = report.events.get(record["event"], 0) + 1

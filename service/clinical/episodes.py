@@ -62,6 +62,8 @@ class Assessment:
     cytopenia: str | None = None  # isolated | pancytopenia | with anaemia | with thrombocytopenia
     hemoglobin: float | None = None  # g/dL, same panel
     platelets: float | None = None  # cells/uL, same panel
+    threshold_rule: str = "scheme"  # which threshold applied (scheme, infant, individual)
+    based_on: tuple[str, ...] = ()  # the orders (ServiceRequest references) behind the results
 
 
 @dataclass(frozen=True, slots=True)

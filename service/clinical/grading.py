@@ -7,7 +7,7 @@ its own steps without any change to `episodes.py`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 SEVERITIES = ("mild", "moderate", "severe")
 
@@ -39,6 +39,24 @@ class Scheme:
     @property
     def normal(self) -> Band:
         return self.bands[-1]
+
+    def with_threshold(self, threshold: float) -> Scheme:
+        """The scheme for a patient whose neutropenia starts below `threshold` (an infant, or a
+        documented individual baseline): bands at or above it are normal, a band across it ends at
+        it. Ranks and labels are kept, so worsening still follows the scheme's own steps."""
+        bands: list[Band] = []
+        lower = 0.0
+        for band in self.bands[:-1]:
+            if band.below_lln:
+                if lower < threshold:
+                    bands.append(band)
+                continue
+            assert band.below is not None
+            if lower >= threshold:
+                continue
+            bands.append(replace(band, below=min(band.below, threshold)))
+            lower = band.below
+        return Scheme(f"{self.name}, threshold {threshold:g}", (*bands, self.bands[-1]))
 
 
 class SchemeError(ValueError):

@@ -13,6 +13,7 @@ from .anc import PanelRejected, best_result, compute_anc
 from .codes import Kind
 from .episodes import AlertEvent, Assessment, PatientState, Temperature, add_temperature, apply, withdraw
 from .observations import LabResult
+from .context import PatientContext, grading_for
 from .rules import Rules
 
 
@@ -66,7 +67,18 @@ def cytopenia(results: Iterable[LabResult], rules: Rules) -> tuple[str | None, f
     return label, hb_value, plt_value
 
 
-def assess(patient: str, panel: str, results: Iterable[LabResult], rules: Rules) -> Assessment | PanelRejection | None:
+@dataclass(frozen=True, slots=True)
+class NotAssessed:
+    patient: str
+    panel: str
+    effective: str
+    reason: str
+    refs: tuple[str, ...]
+
+
+def assess(
+    patient: str, panel: str, results: Iterable[LabResult], rules: Rules, context: PatientContext = PatientContext()
+) -> Assessment | PanelRejection | NotAssessed | None:
     """None when the panel has nothing to assess (no neutrophil result, or none final yet)."""
     results = tuple(results)
     outcome = compute_anc(results)
@@ -75,11 +87,16 @@ def assess(patient: str, panel: str, results: Iterable[LabResult], rules: Rules)
     if isinstance(outcome, PanelRejected):
         return PanelRejection(patient, panel, outcome)
     primary = outcome.inputs[0]
+    grading = grading_for(rules, context, primary.effective_us)
+    refs = tuple(r.ref for r in outcome.inputs)
+    if grading.scheme is None:
+        return NotAssessed(patient, panel, primary.effective, grading.reason or "not assessed", refs)
     label, hb, plt = cytopenia(results, rules)
+    based_on = tuple(sorted({ref for r in results for ref in r.based_on}))
     return Assessment(
         patient, panel, outcome.value, outcome.at_most, outcome.method, outcome.wbc,
-        rules.scheme.grade(outcome.value, outcome.lln), primary.effective, primary.effective_us,
-        tuple(r.ref for r in outcome.inputs), tuple(r.version for r in outcome.inputs), label, hb, plt,
+        grading.scheme.grade(outcome.value, outcome.lln), primary.effective, primary.effective_us,
+        refs, tuple(r.version for r in outcome.inputs), label, hb, plt, grading.rule, based_on,
     )
 
 
@@ -88,11 +105,15 @@ class PanelDecision:
     state: PatientState  # the patient's state after the panel
     events: tuple[AlertEvent, ...] = ()
     rejection: PanelRejection | None = None
+    not_assessed: NotAssessed | None = None
     assessed: bool = False  # the panel had an ANC to grade
     stale: bool = False  # collected before the newest panel already assessed
 
 
-def decide(state: PatientState, patient: str, panel: str, results: Iterable[LabResult], rules: Rules) -> PanelDecision:
+def decide(
+    state: PatientState, patient: str, panel: str, results: Iterable[LabResult], rules: Rules,
+    context: PatientContext = PatientContext(),
+) -> PanelDecision:
     """One panel through the whole core: temperatures remembered, ANC, grade, episode (and revision
     when the panel was assessed before). The same function serves replay and the live loop, so
     replay is the live loop's oracle."""
@@ -105,7 +126,9 @@ def decide(state: PatientState, patient: str, panel: str, results: Iterable[LabR
     labs = tuple(r for r in results if r.kind is not Kind.TEMP)
     if not labs:
         return PanelDecision(state, tuple(events))
-    outcome = assess(patient, panel, labs, rules)
+    outcome = assess(patient, panel, labs, rules, context)
+    if isinstance(outcome, NotAssessed):
+        return PanelDecision(state, tuple(events), not_assessed=outcome)
     if isinstance(outcome, PanelRejection):
         # An implausible panel never alerts; if it was assessed before, what rested on it goes.
         state, withdrawn = withdraw(state, patient, panel, rules, reason="rejected on correction")

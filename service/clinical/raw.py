@@ -55,12 +55,17 @@ class Link(msgspec.Struct, frozen=True, gc=False):
     url: str | None = None
 
 
+class Participant(msgspec.Struct, frozen=True, gc=False):
+    member: Reference | None = None
+
+
 class Entry(msgspec.Struct, frozen=True, gc=False):
     resource: Resource | None = None
 
 
 class Resource(msgspec.Struct, frozen=True, gc=False):
-    """Fields of Observation, DiagnosticReport, Patient and Bundle that the service reads."""
+    """Fields of Observation, DiagnosticReport, Patient, Condition, ServiceRequest, CareTeam and
+    Bundle that the service reads."""
 
     resourceType: str = ""
     id: str | None = None
@@ -83,7 +88,11 @@ class Resource(msgspec.Struct, frozen=True, gc=False):
     basedOn: list[Reference] | None = None
     result: list[Reference] | None = None
     hasMember: list[Reference] | None = None
-    birthDate: str | None = None
+    birthDate: str | None = None  # Patient
+    clinicalStatus: CodeableConcept | None = None  # Condition
+    verificationStatus: CodeableConcept | None = None  # Condition
+    requester: Reference | None = None  # ServiceRequest
+    participant: list[Participant] | None = None  # CareTeam
     entry: list[Entry] | None = None
     link: list[Link] | None = None  # Bundle.link (paging)
     total: int | None = None  # Bundle.total

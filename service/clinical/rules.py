@@ -36,3 +36,9 @@ class Rules:
     febrile_fall_window_us: int = 48 * HOUR_US
     fever_window_us: int = 24 * HOUR_US
     temperature_memory_us: int = 72 * HOUR_US  # temperatures kept per patient (and at most 64 of them)
+    # Age (reference §3 "Paediatrics"): the first week of life is out of scope; infants up to 1 year
+    # are neutropenic below 1000/uL (the source covers 2 weeks-1 year; the second week takes the
+    # nearer infant rule).
+    neonate_days: int = 7
+    infant_until_days: int = 365
+    infant_threshold: float = 1000.0

@@ -62,3 +62,53 @@ def test_corrected_version_is_reason_corrected():
     fixed = panel(("6690-2", 2.0, "10*3/uL"), ("751-8", 1.8, "10*3/uL", {"version": "2", "status": "corrected"}))
     d = decide(first.state, "Patient/p1", "k", fixed, Rules())
     assert [(e.kind.value, e.reason) for e in d.events] == [("retracted", "corrected")]
+
+
+@pytest.mark.parametrize(
+    ("based_on", "requesters", "team", "pool", "expected"),
+    [
+        (["ServiceRequest/sr1"], {"ServiceRequest/sr1": "Practitioner/dr-a"}, ["Practitioner/t1"], ["CareTeam/onc"],
+         (("Practitioner/dr-a",), "ordering clinician")),
+        (["ServiceRequest/sr1"], {"ServiceRequest/sr1": None}, ["Practitioner/t1", "Patient/p1"], ["CareTeam/onc"],
+         (("Practitioner/t1",), "care team")),  # a patient on the team is not a recipient of the alert
+        (["ServiceRequest/gone"], {}, [], ["CareTeam/onc"], (("CareTeam/onc",), "configured pool")),
+        ([], {}, [], [], ((), "none")),
+        (["ServiceRequest/a", "ServiceRequest/b"], {"ServiceRequest/a": "PractitionerRole/r1", "ServiceRequest/b": "PractitionerRole/r1"},
+         [], [], (("PractitionerRole/r1",), "ordering clinician")),
+    ],
+)
+def test_recipient_rules(based_on, requesters, team, pool, expected):
+    from service.clinical.recipients import choose
+
+    got = choose(based_on, requesters, team, pool)
+    assert (got.refs, got.rule) == expected
+
+
+# Age and individual thresholds (reference §3 "Paediatrics": infants 2 weeks-1 year < 1000/mm3;
+# first week of life out of scope; individual baselines, never race).
+@pytest.mark.parametrize(
+    ("age_days", "threshold", "anc", "outcome"),
+    [
+        (3, None, 300, "not assessed"),  # first week: out of scope, said in the event
+        (20, None, 1200, "normal"),  # infant: 1200 is not neutropenic (< 1000 is)
+        (20, None, 900, "moderate"),
+        (400, None, 1200, "mild"),  # over 1 year: adult bands
+        (40 * 365, 1000.0, 1200, "normal"),  # documented individual threshold 1000
+        (40 * 365, 1000.0, 800, "moderate"),
+    ],
+)
+def test_age_and_individual_thresholds(age_days, threshold, anc, outcome):
+    from service.clinical.context import PatientContext
+    from service.clinical.rules import DAY_US
+
+    rows = panel(("6690-2", 3.0, "10*3/uL"), ("751-8", anc / 1000, "10*3/uL"))
+    effective_us = rows[0].effective_us
+    context = PatientContext(effective_us - age_days * DAY_US, threshold, "config" if threshold else None)
+    d = decide(PatientState(), "Patient/p1", "k", rows, Rules(), context)
+    if outcome == "not assessed":
+        assert d.not_assessed is not None and "first 7 days" in d.not_assessed.reason and not d.events
+    elif outcome == "normal":
+        assert d.events == () and d.assessed
+    else:
+        (event,) = d.events
+        assert event.band.severity == outcome

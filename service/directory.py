@@ -1,0 +1,122 @@
+"""Patient context and recipients for the live loop, read from the FHIR server and cached.
+
+A failed look-up never holds back an alert: the patient is graded with the scheme's own bands and
+the Communication goes to the configured pool, and the failure is logged (ids only) and counted."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+
+from . import metrics
+from .clinical import raw
+from .clinical.context import PatientContext, care_team_members, patient_context, requester
+from .clinical.recipients import Recipients, choose
+from .config import Settings
+from .errors import NeutrowatchError
+from .fhir.client import FhirClient
+from .fhir.errors import FhirHttpError
+
+log = structlog.get_logger("neutrowatch.directory")
+T = TypeVar("T")
+_CACHE_LIMIT = 20_000
+
+
+def _id(ref: str, resource_type: str) -> str | None:
+    parts = ref.rstrip("/").split("/")
+    return parts[-1] if len(parts) >= 2 and parts[-2] == resource_type else None
+
+
+def _resource(obj: dict[str, Any] | None) -> raw.Resource | None:
+    if obj is None:
+        return None
+    try:
+        return msgspec.convert(obj, raw.Resource)
+    except msgspec.ValidationError:
+        return None
+
+
+class LiveDirectory:
+    def __init__(self, settings: Settings, client: FhirClient, *, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.client = client
+        self.clock = clock
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+
+    async def _cached(self, key: tuple[str, str], load: Callable[[], Awaitable[T]]) -> T:
+        hit = self._cache.get(key)
+        now = self.clock()
+        if hit is not None and now - hit[0] < self.settings.poll.context_ttl_seconds:
+            self._cache.move_to_end(key)
+            return hit[1]  # type: ignore[no-any-return]
+        value = await load()
+        self._cache[key] = (now, value)
+        if len(self._cache) > _CACHE_LIMIT:
+            self._cache.popitem(last=False)
+        return value
+
+    async def _guard(self, what: str, ref: str, load: Callable[[], Awaitable[T]], fallback: T) -> T:
+        """The loaded value, or the fallback (not cached: the next cycle asks again)."""
+        try:
+            return await load()
+        except NeutrowatchError as err:
+            metrics.CONTEXT_FAILURES.labels(what).inc()
+            log.warning("context look-up failed; using the fallback", lookup=what, reference=ref, error=str(err)[:200])
+            return fallback
+
+    async def _read(self, resource_type: str, id: str) -> raw.Resource | None:
+        """The resource, or None when the server says it does not exist (a definite answer)."""
+        try:
+            return _resource((await self.client.read(resource_type, id))[0])
+        except FhirHttpError as err:
+            if err.status in (404, 410):
+                return None
+            raise
+
+    async def context(self, patient: str) -> PatientContext:
+        clinical = self.settings.clinical
+        if not self.settings.poll.patient_context:
+            return patient_context(patient, None, (), clinical.patient_thresholds, None)
+
+        async def load() -> PatientContext:
+            pid = _id(patient, "Patient")
+            record = await self._read("Patient", pid) if pid else None
+            conditions: list[raw.Resource] = []
+            if clinical.chronic_benign_threshold_per_ul is not None:
+                found = await self.client.search_all(
+                    "Condition", [("subject", patient), ("code", "http://snomed.info/sct|234423001")])
+                conditions = [r for r in map(_resource, found) if r is not None]
+            return patient_context(patient, record, conditions, clinical.patient_thresholds,
+                                   clinical.chronic_benign_threshold_per_ul)
+
+        fallback = patient_context(patient, None, (), clinical.patient_thresholds, None)
+        return await self._guard("patient", patient, lambda: self._cached(("context", patient), load), fallback)
+
+    async def recipients(self, patient: str, based_on: Sequence[str]) -> Recipients:
+        pool = self.settings.alerts.recipients
+        if not self.settings.poll.patient_context:
+            return choose((), {}, (), pool)
+        requesters: dict[str, str | None] = {}
+        for ref in based_on:
+            sid = _id(ref, "ServiceRequest")
+            if sid is None:
+                continue
+
+            async def load_order(sid: str = sid) -> str | None:
+                return requester(await self._read("ServiceRequest", sid))
+
+            requesters[ref] = await self._guard("order", ref, lambda load=load_order, ref=ref: self._cached(("order", ref), load), None)
+        if any(requesters.values()):
+            return choose(based_on, requesters, (), pool)
+
+        async def load_team() -> list[str]:
+            found = await self.client.search_all("CareTeam", [("subject", patient), ("status", "active")])
+            return care_team_members(r for r in map(_resource, found) if r is not None)
+
+        team = await self._guard("care team", patient, lambda: self._cached(("team", patient), load_team), [])
+        return choose(based_on, requesters, team, pool)
