@@ -11,10 +11,25 @@ import orjson
 
 from service.__main__ import main as cli
 from service.config import Settings
+from service.fhir.client import FhirClient
+from service.store.sqlite import SqliteStore
+from service.worker import Worker
 from service.synthetic import PopulationSpec, generate
 from tests.fhir_server.load import export
 
 Resource = dict[str, Any]
+
+
+async def cycle(settings: Settings, path: Path, *, with_decisions: bool = False) -> Any:
+    """One worker cycle with a fresh store connection and client (as a restarted process would)."""
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        async with FhirClient(settings.fhir) as client:
+            report = await Worker(settings, client, store).run_cycle()
+            return (report, await store.decisions()) if with_decisions else report
+    finally:
+        await store.close()
 
 
 def settings_for(base_url: str, state: Path, **poll: Any) -> Settings:

@@ -4,25 +4,13 @@ chosen from the order, the care team, or the configured pool."""
 
 from __future__ import annotations
 
-from service.fhir.client import FhirClient
-from service.store.sqlite import SqliteStore
-from service.worker import Worker
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
-from tests.integration.live import settings_for
+from tests.integration.live import cycle, settings_for
 
 WHEN = "2026-05-10T08:00:00Z"
 
 
-async def cycle(settings, path):
-    store = SqliteStore(path)
-    await store.open()
-    try:
-        async with FhirClient(settings.fhir) as client:
-            report = await Worker(settings, client, store).run_cycle()
-            return report, await store.decisions()
-    finally:
-        await store.close()
 
 
 def cbc(pid: str, anc_k: float, **kw):
@@ -50,7 +38,7 @@ async def test_age_thresholds_and_recipients(fhir_base_url, tmp_path):
     ]
     put_all(fhir_base_url, resources)
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
-    report, decisions = await cycle(settings, tmp_path / "s.sqlite3")
+    report, decisions = await cycle(settings, tmp_path / "s.sqlite3", with_decisions=True)
     by_patient = {d["patient"]: d for d in decisions}
     assert set(report.events) == {"new"} and report.events["new"] == 2
     assert by_patient["Patient/adult"]["event"] == "new"

@@ -3,22 +3,11 @@ withdraws an alert, and a corrected value."""
 
 from __future__ import annotations
 
-from service.fhir.client import FhirClient
-from service.store.sqlite import SqliteStore
-from service.worker import Worker
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
-from tests.integration.live import settings_for
+from tests.integration.live import cycle, settings_for
 
 
-async def cycle(settings, path):
-    store = SqliteStore(path)
-    await store.open()
-    try:
-        async with FhirClient(settings.fhir) as client:
-            return await Worker(settings, client, store).run_cycle()
-    finally:
-        await store.close()
 
 
 def panel(patient: str, anc_k: float, **kw):

@@ -15,23 +15,13 @@ import aiohttp
 import pytest
 import yaml
 
-from service.fhir.client import FhirClient
 from service.store.sqlite import SqliteStore
-from service.worker import Worker
 from tests.fhir_server.load import export, put_all
-from tests.integration.live import compare_with_oracle, population, settings_for, stages
+from tests.integration.live import compare_with_oracle, cycle, population, settings_for, stages
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def cycle(settings, store_path: Path):
-    store = SqliteStore(store_path)
-    await store.open()
-    try:
-        async with FhirClient(settings.fhir) as client:
-            return await Worker(settings, client, store).run_cycle()
-    finally:
-        await store.close()
 
 
 async def test_staged_arrival_matches_replay_exactly_once(fhir_base_url, tmp_path):
