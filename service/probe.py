@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from .clinical.fhirtime import from_epoch_us
 from .config import Settings
 from .errors import NeutrowatchError
 from .fhir.client import FhirClient
@@ -23,7 +24,8 @@ async def probe(settings: Settings) -> int:
             except NeutrowatchError as err:
                 failures += 1
                 print(f"FAIL /metadata: {err}")
-            params = [p for p in search_params(settings, None, time.time()) if p[0] != "_count"] + [("_count", "1")]
+            base, since_us = search_params(settings, None, time.time())
+            params = [p for p in base if p[0] != "_count"] + [("_count", "1"), ("_lastUpdated", "ge" + from_epoch_us(since_us))]
             try:
                 async for page in client.search("Observation", params):
                     print(f"ok   Observation search: {len(page.resources)} on the first page, "

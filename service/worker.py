@@ -22,9 +22,14 @@ from .clinical.fhirtime import from_epoch_us, to_epoch_us
 from .clinical.observations import Ignored, LabResult, Rejected, normalise
 from .clinical.panels import decide, panel_key
 from .config import Settings
-from .errors import NeutrowatchError
 from .directory import LiveDirectory
-from .events import event_record, not_assessed_record, panel_rejected_record, rejected_record
+from .errors import NeutrowatchError
+from .events import (
+    event_record,
+    not_assessed_record,
+    panel_rejected_record,
+    rejected_record,
+)
 from .fhir.client import FhirClient, Page
 from .fhir.errors import PreconditionFailed
 from .store.base import Decided, Intake, OutboxEntry, Store
@@ -72,8 +77,9 @@ def intake(resource: raw.Resource | raw.Undecodable) -> Intake | Rejected | Igno
     return Intake(outcome.ref, updated, _version(outcome.version), outcome.patient, panel, outcome)  # type: ignore[arg-type]
 
 
-def search_params(settings: Settings, cursor: str | None, now: float) -> list[tuple[str, str]]:
-    """Observation search since `cursor` less the overlap window (or the initial look-back)."""
+def search_params(settings: Settings, cursor: str | None, now: float) -> tuple[list[tuple[str, str]], int]:
+    """The Observation search (without its _lastUpdated bound) and the instant to read from: the
+    cursor less the overlap window, or the initial look-back."""
     poll = settings.poll
     if cursor is not None:
         since_us = to_epoch_us(cursor) - int(poll.overlap_seconds * 1_000_000)
@@ -82,13 +88,55 @@ def search_params(settings: Settings, cursor: str | None, now: float) -> list[tu
     codes = cbc_codes() + (temperature_codes() if poll.temperatures == "all" else [])
     params = [
         ("code", ",".join(f"{LOINC}|{c}" for c in codes)),
-        ("_lastUpdated", "ge" + from_epoch_us(max(since_us, 0))),
         ("_sort", "_lastUpdated"),
         ("_count", str(settings.fhir.page_size)),
     ]
     if poll.category:
         params.append(("category", poll.category))
-    return params
+    return params, max(since_us, 0)
+
+
+def _updated(resource: raw.Resource | raw.Undecodable) -> int | None:
+    if isinstance(resource, raw.Resource) and resource.meta is not None and resource.meta.lastUpdated:
+        try:
+            return to_epoch_us(resource.meta.lastUpdated)
+        except ValueError:
+            return None
+    return None
+
+
+async def pages_since(
+    client: FhirClient, resource_type: str, params: list[tuple[str, str]], since_us: int, anchor: str = "_lastUpdated"
+) -> AsyncIterator[Page]:
+    """Every page of `params` with `anchor` >= `since_us`, sorted by _lastUpdated, robust to a result
+    set that changes while it is read.
+
+    Following offset-based `next` links over a live result set skips a resource whenever an earlier
+    one is updated meanwhile (it moves to the end and everything after it shifts up by one; seen
+    against the engine, and the cursor then passes the skipped resource for good). So after each
+    page the search is started again from the newest meta.lastUpdated read (keyset paging);
+    re-read resources are de-duplicated on (id, versionId). Only when a whole page shares one
+    timestamp is the server's `next` link followed, exactly as given."""
+    bound = since_us
+    key = anchor
+    while True:
+        pages = client.search(resource_type, [*params, (key, "ge" + from_epoch_us(bound))])
+        restarted = False
+        try:
+            async for page in pages:
+                yield page
+                if page.next_url is None:
+                    return
+                stamps = [u for u in map(_updated, page.resources) if u is not None]
+                top = max(stamps, default=bound)
+                if top > bound:
+                    bound, key, restarted = top, "_lastUpdated", True
+                    break
+                # the whole page shares the bound's timestamp: only the server's next link moves on
+        finally:
+            await pages.aclose()  # type: ignore[attr-defined]
+        if not restarted:
+            return
 
 
 class Worker:
@@ -136,8 +184,9 @@ class Worker:
     async def _read(self, report: CycleReport) -> int | None:
         """Read every page since the cursor into the store. Returns the newest meta.lastUpdated seen."""
         cursor = await self.store.get_cursor()
-        params = search_params(self.settings, cursor, self.clock())
-        newest_us = await self._ingest(self.client.search("Observation", params), report, to_epoch_us(cursor) if cursor else None)
+        params, since_us = search_params(self.settings, cursor, self.clock())
+        pages = pages_since(self.client, "Observation", params, since_us)
+        newest_us = await self._ingest(pages, report, to_epoch_us(cursor) if cursor else None)
         if newest_us is not None:
             metrics.POLL_LAG.set(max(0.0, self.clock() - newest_us / 1_000_000))
         return newest_us
@@ -180,11 +229,11 @@ class Worker:
         for patient, cursor, newest_us in await self.store.open_patients():
             params = [("subject", patient), ("code", codes), ("_sort", "_lastUpdated"), ("_count", str(self.settings.fhir.page_size))]
             if cursor is not None:
-                params.append(("_lastUpdated", "ge" + from_epoch_us(to_epoch_us(cursor) - int(poll.overlap_seconds * 1_000_000))))
-            else:
-                params.append(("date", "ge" + from_epoch_us(max((newest_us or 0) - window_us, 0))))
+                pages = pages_since(self.client, "Observation", params, to_epoch_us(cursor) - int(poll.overlap_seconds * 1_000_000))
+            else:  # first time: by collection time, from the fever window before the newest ANC
+                pages = pages_since(self.client, "Observation", params, max((newest_us or 0) - window_us, 0), anchor="date")
             report.temperature_searches += 1
-            newest = await self._ingest(self.client.search("Observation", params), report, None)
+            newest = await self._ingest(pages, report, None)
             if newest is not None:
                 await self.store.set_temperature_cursor(patient, from_epoch_us(newest))
 

@@ -12,10 +12,14 @@ import time
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 import yaml
 
+from service.clinical.observations import LabResult
+from service.fhir.client import FhirClient
 from service.store.sqlite import SqliteStore
+from tests.builders import observation
 from tests.fhir_server.load import export, put_all
 from tests.integration.live import compare_with_oracle, cycle, population, settings_for, stages
 
@@ -129,3 +133,36 @@ async def test_kill_9_at_random_points_then_restart(fhir_base_url, tmp_path):
         assert proc.wait(timeout=15) == 0  # SIGTERM drains and exits cleanly
     assert kills == 5
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+
+
+async def test_update_during_paging_loses_nothing(fhir_base_url, tmp_path, monkeypatch):
+    """An Observation updated while the cycle pages through the results moves to the end of the
+    offset-paged result set; following next links alone would skip the resource that shifted into
+    its place, and the cursor would pass it for good (found by the live benchmark)."""
+    obs = [observation("6690-2", 4.0 + i / 100, id=f"shift-{i:02d}", patient=f"Patient/s{i % 5}",
+                       effective=f"2026-06-01T{8 + i // 60:02d}:{i % 60:02d}:00Z", specimen=f"Specimen/shift-{i}") for i in range(60)]
+    put_all(fhir_base_url, obs, batch_size=1)  # one request each: distinct lastUpdated stamps
+    original = FhirClient.search
+    fired = {"done": False}
+
+    async def search_with_a_concurrent_update(self, resource_type, params):
+        async for page in original(self, resource_type, params):
+            if not fired["done"]:  # the server answered page 1; now someone updates an entry of it
+                fired["done"] = True
+                put_all(fhir_base_url, [dict(obs[2], status="corrected")])  # moves to the end of the results
+            yield page
+
+    monkeypatch.setattr(FhirClient, "search", search_with_a_concurrent_update)
+    settings = settings_for(fhir_base_url, tmp_path / "p.sqlite3", page_size=10)
+    report = await cycle(settings, tmp_path / "p.sqlite3")
+    assert fired["done"], "the update was not injected"
+    assert report.delivered_all, report
+    store = SqliteStore(tmp_path / "p.sqlite3")
+    await store.open()
+    try:
+        refs = {r for (r,) in store.db.execute("SELECT ref FROM results")}
+        data = store.db.execute("SELECT data FROM results WHERE ref = 'Observation/shift-02'").fetchone()[0]
+    finally:
+        await store.close()
+    assert refs == {f"Observation/shift-{i:02d}" for i in range(60)}
+    assert msgspec.msgpack.decode(data, type=LabResult).status == "corrected"  # the newer version is kept
