@@ -31,6 +31,7 @@ test-unit: install
 
 bench: install
 	$(BIN)/python bench/replay_bench.py --write docs/benchmarks.md
+	$(BIN)/python bench/live_bench.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(ENGINE)/node_modules build .demo .pytest_cache .hypothesis
