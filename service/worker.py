@@ -35,6 +35,7 @@ from .fhir.errors import PreconditionFailed
 from .store.base import Decided, Intake, OutboxEntry, Store
 
 log = structlog.get_logger("neutrowatch.worker")
+TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
 LOINC = "http://loinc.org"
 
 
@@ -162,7 +163,7 @@ class Worker:
             newest_us = await self._read(report)
             await self._decide(report)
             if self.settings.poll.temperatures == "open-episodes":
-                await self._temperatures(report)
+                await self._temperatures(report, newest_us)
                 await self._decide(report)
             report.delivered_all = await self.deliver(report)
             if report.delivered_all and newest_us is not None:
@@ -219,23 +220,37 @@ class Worker:
             metrics.OBSERVATIONS.labels("seen_before").inc(len(items) - len(new))
         return newest_us
 
-    async def _temperatures(self, report: CycleReport) -> None:
-        """poll.temperatures = open-episodes: one search per patient with an open episode — the
-        first time for readings collected from 24 h (the fever window) before the newest ANC, then
-        for what changed since that patient's own cursor less the overlap."""
+    async def _temperatures(self, report: CycleReport, read_up_to_us: int | None) -> None:
+        """poll.temperatures = open-episodes: body temperatures of the patients with an open episode.
+        A patient's first search reads by collection time from 24 h (the fever window) before the
+        newest ANC; after that, patients are searched TEMPERATURE_BATCH at a time
+        (subject=a,b,...) for what changed since their cursors less the overlap."""
         poll = self.settings.poll
-        codes = ",".join(f"{LOINC}|{c}" for c in temperature_codes())
-        window_us = self.rules.fever_window_us
+        overlap_us = int(poll.overlap_seconds * 1_000_000)
+        base = [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
+                ("_count", str(self.settings.fhir.page_size))]
+        first: list[tuple[str, int | None]] = []
+        known: list[tuple[str, str]] = []
         for patient, cursor, newest_us in await self.store.open_patients():
-            params = [("subject", patient), ("code", codes), ("_sort", "_lastUpdated"), ("_count", str(self.settings.fhir.page_size))]
-            if cursor is not None:
-                pages = pages_since(self.client, "Observation", params, to_epoch_us(cursor) - int(poll.overlap_seconds * 1_000_000))
-            else:  # first time: by collection time, from the fever window before the newest ANC
-                pages = pages_since(self.client, "Observation", params, max((newest_us or 0) - window_us, 0), anchor="date")
+            if cursor is None:
+                first.append((patient, newest_us))
+            else:
+                known.append((patient, cursor))
+        batches: list[tuple[list[str], AsyncIterator[Page]]] = []
+        for patient, newest_us in first:
+            since = max((newest_us or 0) - self.rules.fever_window_us, 0)
+            batches.append(([patient], pages_since(self.client, "Observation", [("subject", patient), *base], since, anchor="date")))
+        for i in range(0, len(known), TEMPERATURE_BATCH):
+            group = known[i : i + TEMPERATURE_BATCH]
+            since = min(to_epoch_us(c) for _, c in group) - overlap_us
+            subjects = ",".join(p for p, _ in group)
+            batches.append(([p for p, _ in group], pages_since(self.client, "Observation", [("subject", subjects), *base], since)))
+        for patients, pages in batches:
             report.temperature_searches += 1
-            newest = await self._ingest(pages, report, None)
+            newest = await self._ingest(pages, report, read_up_to_us)
             if newest is not None:
-                await self.store.set_temperature_cursor(patient, from_epoch_us(newest))
+                for patient in patients:
+                    await self.store.set_temperature_cursor(patient, from_epoch_us(newest))
 
     async def _rejected(self, rejected: Rejected) -> None:
         metrics.OBSERVATIONS.labels("rejected").inc()

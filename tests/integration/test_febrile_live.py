@@ -35,6 +35,8 @@ async def test_fever_before_and_after_the_anc(fhir_base_url, tmp_path, mode):
     put_all(fhir_base_url, [temperature("b", 38.1, "Cel", "2026-04-01T11:00:00Z"), temperature("b", 38.2, "Cel", "2026-04-01T12:10:00Z")])
     second = await cycle(settings, tmp_path / "s.sqlite3")
     assert second.events == {"febrile": 1}  # >= 38.0 sustained over 70 minutes
+    if mode == "open-episodes":
+        assert second.temperature_searches == 1  # both open episodes in one search (subject=a,b)
     flags = {f["subject"]["reference"]: f for f in export(fhir_base_url, "Flag")}
     assert {p: f["code"]["coding"][0]["code"] for p, f in flags.items()} == {"Patient/a": "409089005", "Patient/b": "409089005"}
     stat = [c for c in export(fhir_base_url, "Communication") if c["priority"] == "stat"]
