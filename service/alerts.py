@@ -16,7 +16,7 @@ from typing import Any
 from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.flag import Flag
 
-from .clinical.episodes import AlertEvent, Alerted, EventKind
+from .clinical.episodes import Alerted, AlertEvent, EventKind
 from .clinical.grading import Band, Scheme
 from .config import AlertSettings
 

@@ -15,7 +15,12 @@ import structlog
 
 from . import metrics
 from .clinical import raw
-from .clinical.context import PatientContext, care_team_members, patient_context, requester
+from .clinical.context import (
+    PatientContext,
+    care_team_members,
+    patient_context,
+    requester,
+)
 from .clinical.recipients import Recipients, choose
 from .config import Settings
 from .errors import NeutrowatchError

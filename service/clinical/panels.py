@@ -11,9 +11,17 @@ from dataclasses import dataclass
 
 from .anc import PanelRejected, best_result, compute_anc
 from .codes import Kind
-from .episodes import AlertEvent, Assessment, PatientState, Temperature, add_temperature, apply, withdraw
-from .observations import LabResult
 from .context import PatientContext, grading_for
+from .episodes import (
+    AlertEvent,
+    Assessment,
+    PatientState,
+    Temperature,
+    add_temperature,
+    apply,
+    withdraw,
+)
+from .observations import LabResult
 from .rules import Rules
 
 
