@@ -5,6 +5,7 @@ server has confirmed every write."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -297,21 +298,39 @@ class Worker:
     # delivery ----------------------------------------------------------------------------------------
 
     async def deliver(self, report: CycleReport) -> bool:
-        """Post pending writes in order; stop at the first failure (order matters within an episode)."""
+        """Post pending writes: in order within a patient (an episode's writes build on each other),
+        patients side by side up to fhir.max_concurrency. A patient's chain stops at its first
+        failure and is retried next cycle; other patients go on."""
+        failed: set[str] = set()
         while True:
-            entries = await self.store.pending_outbox()
+            entries = [e for e in await self.store.pending_outbox(limit=500) if e.patient not in failed]
             if not entries:
-                return True
+                return not failed
+            by_patient: dict[str, list[OutboxEntry]] = {}
             for entry in entries:
-                try:
-                    result = await self._post(entry)
-                except NeutrowatchError as err:
-                    await self.store.mark_failed(entry.id, str(err))
-                    metrics.WRITES.labels("bundle", "failed").inc()
-                    log.warning("alert write failed, will retry", outbox=entry.id, error=str(err))
-                    return False
-                await self.store.mark_sent(entry.id, result)
-                report.written += 1
+                by_patient.setdefault(entry.patient, []).append(entry)
+            gate = asyncio.Semaphore(self.settings.fhir.max_concurrency)
+
+            async def chain(patient: str, chain_entries: list[OutboxEntry]) -> None:
+                async with gate:
+                    for entry in chain_entries:
+                        try:
+                            result = await self._post(entry)
+                        except NeutrowatchError as err:
+                            await self.store.mark_failed(entry.id, str(err))
+                            metrics.WRITES.labels("bundle", "failed").inc()
+                            log.warning("alert write failed, will retry", outbox=entry.id, error=str(err))
+                            failed.add(patient)
+                            return
+                        await self.store.mark_sent(entry.id, result)
+                        report.written += 1
+
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for p, es in by_patient.items():
+                        group.create_task(chain(p, es))
+            except* NeutrowatchError as errors:  # the store failed under us: the cycle fails as a whole
+                raise errors.exceptions[0] from None
 
     async def _post(self, entry: OutboxEntry) -> dict[str, Any]:
         w = entry.writes

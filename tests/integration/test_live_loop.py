@@ -18,6 +18,7 @@ import yaml
 
 from service.clinical.observations import LabResult
 from service.fhir.client import FhirClient
+from service.errors import StoreError
 from service.store.sqlite import SqliteStore
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
@@ -69,12 +70,12 @@ async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_b
     async def crash_once(self, entry_id, result):
         if crashes["left"]:
             crashes["left"] -= 1
-            raise KeyboardInterrupt("simulated crash after the server confirmed the write")
+            raise StoreError("simulated crash: the server confirmed the write, the store never heard")
         return await original(self, entry_id, result)
 
     monkeypatch.setattr(SqliteStore, "mark_sent", crash_once)
     for _ in range(3):
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(StoreError):
             await cycle(settings, tmp_path / "c.sqlite3")
     report = await cycle(settings, tmp_path / "c.sqlite3")
     assert report.delivered_all
