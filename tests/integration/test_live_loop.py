@@ -74,9 +74,12 @@ async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_b
         return await original(self, entry_id, result)
 
     monkeypatch.setattr(SqliteStore, "mark_sent", crash_once)
-    for _ in range(3):
+    failed_cycles = 0
+    while crashes["left"]:  # writes go out in parallel across patients: one cycle may use up several
         with pytest.raises(StoreError):
             await cycle(settings, tmp_path / "c.sqlite3")
+        failed_cycles += 1
+    assert 1 <= failed_cycles <= 3
     report = await cycle(settings, tmp_path / "c.sqlite3")
     assert report.delivered_all
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
