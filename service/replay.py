@@ -4,10 +4,15 @@ Memory stays flat as input grows: pass 1 streams the input into a temporary SQLi
 (latest version of each Observation, DiagnosticReport membership, rejections); pass 2 reads panels
 back in order of their first available member and runs the core. Only per-patient episode state is
 held in memory.
+
+That is the "sqlite" engine, kept as the reference. The default "partitioned" engine
+(replay_parallel) computes the same bytes from the same pass-1 rows (`read_document`) and the same
+pass-2 loop (`Replay.decide`), in partitions spread over worker processes.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import heapq
 import itertools
@@ -26,7 +31,6 @@ from .alerts import build as build_alert
 from .clinical import raw
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
-from .clinical.rules import Rules
 from .clinical.observations import LabResult, Rejected, normalise
 from .clinical.panels import (
     collection_key,
@@ -36,6 +40,7 @@ from .clinical.panels import (
     report_members,
     specimen_key,
 )
+from .clinical.rules import Rules
 from .config import AlertSettings
 from .errors import InputError
 from .events import event_record, panel_rejected_record, rejected_record
@@ -107,8 +112,74 @@ def _is_json(line: bytes) -> bool:
 # -- ordering ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # versionIds repeat ("1", "2", ...)
 def _version_number(version: str | None) -> int:
     return int(version) if version is not None and version.isdigit() and len(version) < 18 else -1
+
+
+def availability_key(ref: str | None, vu: int, vv: int, seq: int) -> str:
+    """`_AVAILABILITY` in Python, for the partitioned engine: the same order (seq is zero-padded
+    wider because that engine numbers resources (chunk << 32) + position)."""
+    if vu >= 0:
+        return f"{vu:020d}\x1f{ref or ''}\x1f{vv}\x1f{seq:020d}"
+    return f"~{seq:020d}"
+
+
+# -- pass 1: documents -> rows (shared by both engines) ----------------------------------------
+
+
+@dataclass
+class Rows:
+    """What pass 1 makes of a stretch of input: rows of the obs, member and rejected tables."""
+
+    obs: list[tuple[Any, ...]] = field(default_factory=list)  # ref, vu, vv, seq, patient, pkey, fkey, data
+    member: list[tuple[str, str]] = field(default_factory=list)  # Observation ref, its DiagnosticReport's key
+    rejected: list[tuple[Any, ...]] = field(default_factory=list)  # ref, vu, vv, seq, data
+
+
+def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> int:
+    """Decode and sort one document into `rows`, numbering its resources from `seq` + 1 (the
+    input position that breaks ties in the order of availability). Returns the last number used."""
+    stats.documents += 1
+    for item in raw.decode(document):
+        seq += 1
+        stats.resources += 1
+        if isinstance(item, raw.Undecodable):
+            if item.resource_type in (None, "Observation"):
+                _reject(_undecodable_rejection(item), seq, rows)
+            else:
+                stats.ignored[f"undecodable {item.resource_type}"] += 1
+            continue
+        kind = item.resourceType
+        if kind == "Observation":
+            stats.observations += 1
+            outcome = normalise(item)
+            if isinstance(outcome, LabResult):
+                rows.obs.append((outcome.ref, outcome.updated_us or -1, _version_number(outcome.version),
+                                 seq, outcome.patient, specimen_key(outcome.specimen),
+                                 collection_key(outcome), _encode(outcome)))
+            elif isinstance(outcome, Rejected):
+                _reject(outcome, seq, rows)
+            else:
+                stats.ignored[outcome.reason] += 1
+        elif kind == "DiagnosticReport" and item.id:
+            specimens = item.specimen if isinstance(item.specimen, list) else ()
+            for ref, report in report_members(
+                item.id, (r.reference for r in item.result or ()), (s.reference for s in specimens)
+            ):
+                rows.member.append((ref, report_key(report)))
+        else:
+            stats.ignored[f"{kind or 'untyped'} not used"] += 1
+    return seq
+
+
+def _reject(rejected: Rejected, seq: int, rows: Rows) -> None:
+    vu, vv = rejected.updated_us or -1, _version_number(rejected.version)
+    rows.rejected.append((rejected.ref, vu, vv, seq, _encode(rejected)))
+    if rejected.ref is not None:
+        # A rejected version still supersedes older versions: an Observation whose newest
+        # version is unusable contributes nothing.
+        rows.obs.append((rejected.ref, vu, vv, seq, rejected.patient, None, None, None))
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -141,19 +212,35 @@ ORDER BY first
 
 
 class Replay:
-    def __init__(self, rules: Rules, alert_settings: AlertSettings, workdir: str | Path | None = None):
+    """`engine`: "partitioned" (replay_parallel: all cores, the default) or "sqlite" (one process,
+    the reference the partitioned engine is tested against; both give the same bytes).
+    `workers`: processes for the partitioned engine; None: one per core when the input is large
+    enough to gain from them."""
+
+    def __init__(self, rules: Rules, alert_settings: AlertSettings, workdir: str | Path | None = None, *,
+                 engine: str = "partitioned", workers: int | None = None):
+        if engine not in ("partitioned", "sqlite"):
+            raise ValueError(f"unknown replay engine {engine!r}")
+        self.engine = engine
+        self.workers = workers
         self.rules = rules
         self.scheme = rules.scheme
         self.alert_settings = alert_settings
         self.stats = ReplayStats()
         self._tmp = tempfile.TemporaryDirectory(prefix="neutrowatch-replay-", dir=workdir)
-        self.db = sqlite3.connect(Path(self._tmp.name) / "replay.sqlite3", isolation_level=None)
+        self.db: sqlite3.Connection | None = None
+        if engine == "sqlite":
+            self._connect()
+
+    def _connect(self) -> None:
+        self.db = db = sqlite3.connect(Path(self._tmp.name) / "replay.sqlite3", isolation_level=None)
         for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", "cache_size=-16384"):
-            self.db.execute(f"PRAGMA {pragma}")
-        self.db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA {pragma}")
+        db.executescript(_SCHEMA)
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
         self._tmp.cleanup()
 
     def __enter__(self) -> Replay:
@@ -163,6 +250,10 @@ class Replay:
         self.close()
 
     def run(self, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None = None) -> ReplayStats:
+        if self.engine == "partitioned":
+            from . import replay_parallel
+
+            return replay_parallel.run(self, inputs, events, alerts, self.workers)
         self.load(inputs)
         for record in self.decide(with_alerts=alerts is not None):
             events.write(orjson.dumps(record[0]) + b"\n")
@@ -174,73 +265,37 @@ class Replay:
     # pass 1 ------------------------------------------------------------------------------------
 
     def load(self, inputs: Sequence[str | Path]) -> None:
-        files = _files(inputs)
-        obs_rows: list[tuple[Any, ...]] = []
-        member_rows: list[tuple[str, str]] = []
-        rejected_rows: list[tuple[Any, ...]] = []
+        if self.db is None:
+            self._connect()
+        assert self.db is not None
+        rows = Rows()
         seq = 0
-        stats = self.stats
         self.db.execute("BEGIN")
-        for path in files:
+        for path in _files(inputs):
             for document in _documents(path):
-                stats.documents += 1
-                for item in raw.decode(document):
-                    seq += 1
-                    stats.resources += 1
-                    if isinstance(item, raw.Undecodable):
-                        if item.resource_type in (None, "Observation"):
-                            self._reject(_undecodable_rejection(item), seq, obs_rows, rejected_rows)
-                        else:
-                            stats.ignored[f"undecodable {item.resource_type}"] += 1
-                        continue
-                    kind = item.resourceType
-                    if kind == "Observation":
-                        stats.observations += 1
-                        outcome = normalise(item)
-                        if isinstance(outcome, LabResult):
-                            obs_rows.append((outcome.ref, outcome.updated_us or -1, _version_number(outcome.version),
-                                             seq, outcome.patient, specimen_key(outcome.specimen),
-                                             collection_key(outcome), _encode(outcome)))
-                        elif isinstance(outcome, Rejected):
-                            self._reject(outcome, seq, obs_rows, rejected_rows)
-                        else:
-                            stats.ignored[outcome.reason] += 1
-                    elif kind == "DiagnosticReport" and item.id:
-                        specimens = item.specimen if isinstance(item.specimen, list) else ()
-                        for ref, report in report_members(
-                            item.id, (r.reference for r in item.result or ()), (s.reference for s in specimens)
-                        ):
-                            member_rows.append((ref, report_key(report)))
-                    else:
-                        stats.ignored[f"{kind or 'untyped'} not used"] += 1
-                if len(obs_rows) >= _BATCH:
-                    self._flush(obs_rows, member_rows, rejected_rows)
-        self._flush(obs_rows, member_rows, rejected_rows)
+                seq = read_document(document, seq, self.stats, rows)
+                if len(rows.obs) >= _BATCH:
+                    self._flush(rows)
+        self._flush(rows)
         self.db.execute("COMMIT")
 
-    def _reject(self, rejected: Rejected, seq: int, obs_rows: list[tuple[Any, ...]], rejected_rows: list[tuple[Any, ...]]) -> None:
-        vu, vv = rejected.updated_us or -1, _version_number(rejected.version)
-        rejected_rows.append((rejected.ref, vu, vv, seq, _encode(rejected)))
-        if rejected.ref is not None:
-            # A rejected version still supersedes older versions: an Observation whose newest
-            # version is unusable contributes nothing.
-            obs_rows.append((rejected.ref, vu, vv, seq, rejected.patient, None, None, None))
-
-    def _flush(self, obs_rows: list[tuple[Any, ...]], member_rows: list[tuple[str, str]], rejected_rows: list[tuple[Any, ...]]) -> None:
+    def _flush(self, rows: Rows) -> None:
         db = self.db
-        if obs_rows:
-            db.executemany(_INSERT, obs_rows)
-            obs_rows.clear()
-        if member_rows:
-            db.executemany("INSERT OR IGNORE INTO member VALUES (?, ?)", member_rows)
-            member_rows.clear()
-        if rejected_rows:
-            db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", rejected_rows)
-            rejected_rows.clear()
+        assert db is not None
+        if rows.obs:
+            db.executemany(_INSERT, rows.obs)
+            rows.obs.clear()
+        if rows.member:
+            db.executemany("INSERT OR IGNORE INTO member VALUES (?, ?)", rows.member)
+            rows.member.clear()
+        if rows.rejected:
+            db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", rows.rejected)
+            rows.rejected.clear()
 
     # pass 2 ------------------------------------------------------------------------------------
 
     def _panels(self) -> Iterator[tuple[str, str, str, list[LabResult]]]:
+        assert self.db is not None
         rows = self.db.execute(_PANELS)
         current: tuple[str, str, str] | None = None
         members: list[LabResult] = []
@@ -254,14 +309,19 @@ class Replay:
             yield current[2], current[0], current[1], members
 
     def _rejections(self) -> Iterator[tuple[str, str, str, Rejected]]:
+        assert self.db is not None
         for akey, data in self.db.execute("SELECT akey, data FROM rejected ORDER BY akey"):
             yield akey, "", "", _decode_rejected(data)
 
-    def decide(self, *, with_alerts: bool = True) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
+    def decide(self, *, with_alerts: bool = True, stream: Iterable[tuple[str, str, str, Any]] | None = None,
+               ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
         """(event record, alert resources or None) in order of availability. Building and
-        validating the alert resources is skipped when nobody asked for them."""
+        validating the alert resources is skipped when nobody asked for them. `stream`:
+        (availability key, patient, panel key, members or a Rejected) in order of availability;
+        by default the SQLite engine's pass 2."""
         states: dict[str, PatientState] = {}
-        stream: Iterable[tuple[str, str, str, Any]] = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
+        if stream is None:
+            stream = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
         for _akey, patient, panel, payload in stream:
             if isinstance(payload, Rejected):
                 self.stats.events["rejected"] += 1

@@ -1,0 +1,401 @@
+"""The partitioned replay engine: the SQLite engine's output, byte for byte, computed on all cores
+in memory bounded by the size of one partition.
+
+1. read (parallel over byte ranges of the input files): decode and normalise into the SQLite
+   engine's rows (`replay.read_document`). Observation versions and DiagnosticReport memberships go
+   to a partition chosen by the Observation reference, so everything about one Observation meets
+   in one partition; rejections go straight to step 3.
+2. latest (parallel over reference partitions): keep the newest version of each Observation (by
+   lastUpdated, versionId, input position), give it its panel key (specimen, else
+   DiagnosticReport, else collection instant) and its availability key, and pass it on to a
+   partition chosen by patient.
+3. judge (parallel over patient partitions): group panels, order them and the rejections by
+   availability and run the core (`Replay.decide`, the code the SQLite engine runs). A patient's
+   panels are all in one partition, so each patient sees its panels in the global order. Each
+   partition writes a run of output lines sorted by availability key.
+4. merge: the parent merges the runs into the events and alerts files.
+
+Partitions are chosen with the built-in `hash`, which is the same in every process only because the
+workers are forked from one parent (without fork, everything runs in this process).
+
+Steps hand rows on through files in the run's temporary directory (msgpack segments); only an
+index of (file, offset, length) per partition goes between processes. A worker holds one chunk of
+input (step 1) or one partition (steps 2 and 3); the number of partitions grows with the input,
+so memory stays flat (up to a few GB of input, where chunks and partitions start to grow instead).
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import math
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from operator import itemgetter
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+import orjson
+
+from .clinical.observations import LabResult, Rejected
+from .errors import InputError
+from .replay import (
+    Replay,
+    ReplayStats,
+    Rows,
+    _decode_rejected,
+    _decode_result,
+    _documents,
+    _files,
+    _is_json,
+    availability_key,
+    read_document,
+)
+
+CHUNK_BYTES = 8 << 20  # step 1 reads the input in byte ranges of about this size ...
+PARTITION_BYTES = 16 << 20  # ... and makes one partition per this much input (about 16k Observations)
+MAX_PARTITIONS = MAX_CHUNKS = 256  # beyond 2-4 GB of input, chunks and partitions grow instead
+PARALLEL_MIN_BYTES = 16 << 20  # below this much input, worker processes cost more than they save
+_RUN_FRAME_BYTES = 64 << 10  # step 3 writes its run in frames of about this size
+
+Segment = tuple[str, int, int]  # (file, offset, length) of one msgpack value
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+
+@dataclass(frozen=True)
+class Chunk:
+    number: int  # position in the input: resources are numbered (number << 32) + 1, + 2, ...
+    path: str
+    start: int | None  # byte range [start, end) of whole lines; None: the whole file, as `_documents` reads it
+    end: int | None
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What every task needs; set once per worker process."""
+
+    tmp: str
+    partitions: int
+    rules: Any
+    alert_settings: Any
+    with_alerts: bool
+
+
+_job: _Job | None = None
+
+
+def _start(job: _Job | None) -> None:
+    global _job
+    _job = job
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def run(replay: Replay, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None,
+        workers: int | None) -> ReplayStats:
+    files = _files(inputs)
+    size = sum(_size(path) for path in files)
+    if workers is None:
+        workers = default_workers() if size >= PARALLEL_MIN_BYTES else 1
+    # Bounded counts keep the index (chunks x partitions segments) and the number of files small.
+    partitions = min(MAX_PARTITIONS, max(1, math.ceil(size / PARTITION_BYTES)))
+    job = _Job(replay._tmp.name, partitions, replay.rules, replay.alert_settings, alerts is not None)
+    chunks = plan(files, max(CHUNK_BYTES, math.ceil(size / MAX_CHUNKS)))
+    with _collector_tuned():
+        if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+            try:
+                _start(job)
+                return _run(replay.stats, map, job, chunks, events, alerts)
+            finally:
+                _start(None)
+        # fork: the workers share the parent's imports and its `hash` seed (module docstring).
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start,
+                                   initargs=(job,))
+        try:
+            return _run(replay.stats, pool.map, job, chunks, events, alerts)
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a failure, the tasks not yet started do not run
+
+
+@contextmanager
+def _collector_tuned() -> Iterator[None]:
+    """The run makes many short-lived containers and few reference cycles: collect the young
+    generation less often, and freeze what exists already (imports, mostly) so that collections do
+    not walk it again and again (nor copy its pages into forked workers by touching them)."""
+    threshold = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(20_000, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()
+
+
+def _run(stats: ReplayStats, map_: Callable[..., Iterator[Any]], job: _Job, chunks: list[Chunk],
+         events: IO[bytes], alerts: IO[bytes] | None) -> ReplayStats:
+    n = job.partitions
+    by_ref: list[list[Segment]] = [[] for _ in range(n)]
+    by_patient: list[list[Segment]] = [[] for _ in range(n)]
+    for chunk_stats, ref_segments, patient_segments in map_(read_chunk, chunks):  # in input order
+        _add(stats, chunk_stats)
+        for part, segment in ref_segments.items():
+            by_ref[part].append(segment)
+        for part, segment in patient_segments.items():
+            by_patient[part].append(segment)
+    for patient_segments in map_(latest, range(n), by_ref):
+        for part, segment in patient_segments.items():
+            by_patient[part].append(segment)
+    _remove({path for segments in by_ref for path, _, _ in segments})
+    runs: list[list[Segment]] = []
+    counted: Counter[str] = Counter()
+    for run_segments, panels, stale, counts in map_(judge, range(n), by_patient):
+        runs.append(run_segments)
+        stats.panels += panels
+        stats.stale_panels += stale
+        counted.update(counts)
+    _remove({path for segments in by_patient for path, _, _ in segments})
+    kinds: Counter[str] = Counter()
+    for _key, _n, kind, line, alert_lines in heapq.merge(*map(_frames, runs)):
+        events.write(line)
+        if alerts is not None and alert_lines:
+            alerts.write(alert_lines)
+        kinds[kind] += 1
+    # The counts come from the core; the merge only puts them in the order the SQLite engine would.
+    stats.events.update(kinds if kinds == counted else counted)
+    return stats
+
+
+def _add(total: ReplayStats, part: ReplayStats) -> None:
+    total.documents += part.documents
+    total.resources += part.resources
+    total.observations += part.observations
+    total.ignored.update(part.ignored)
+
+
+def _size(path: Path) -> int:
+    size = path.stat().st_size
+    return size * 8 if path.suffix == ".gz" else size  # a rough guess at the uncompressed size
+
+
+def plan(files: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
+    """Byte ranges of whole lines for NDJSON files; one whole-file chunk for anything else (gzip, a
+    pretty-printed document), which `_documents` then reads as the SQLite engine does."""
+    chunks: list[Chunk] = []
+    for path in files:
+        if path.suffix == ".gz":
+            chunks.append(Chunk(len(chunks), str(path), None, None))
+            continue
+        try:
+            with open(path, "rb") as fh:
+                first = fh.readline()
+                if first.strip() and not _is_json(first):
+                    chunks.append(Chunk(len(chunks), str(path), None, None))
+                    continue
+                size = fh.seek(0, os.SEEK_END)
+                start = 0
+                while start < size:
+                    fh.seek(min(start + chunk_bytes, size) - 1)
+                    fh.readline()  # to the end of the line that holds the byte before the target
+                    end = fh.tell()
+                    chunks.append(Chunk(len(chunks), str(path), start, end))
+                    start = end
+        except OSError as err:
+            raise InputError(f"cannot read input {path}: {err.strerror or err}") from None
+    return chunks
+
+
+def _lines(chunk: Chunk) -> Iterator[bytes]:
+    assert chunk.start is not None and chunk.end is not None
+    try:
+        with open(chunk.path, "rb") as fh:
+            fh.seek(chunk.start)
+            left = chunk.end - chunk.start
+            for line in fh:
+                left -= len(line)
+                if not line.isspace():  # as `line.strip()` in `_documents`: lines are never empty
+                    yield line
+                if left <= 0:
+                    return
+    except OSError as err:
+        raise InputError(f"cannot read input {chunk.path}: {err.strerror or err}") from None
+
+
+def _spill(name: str, parts: dict[int, tuple[Sequence[Any], Sequence[Any]]]) -> dict[int, Segment]:
+    """Write one msgpack value per partition to a new file; where each one is."""
+    assert _job is not None
+    path = os.path.join(_job.tmp, name)
+    index: dict[int, Segment] = {}
+    offset = 0
+    with open(path, "wb") as fh:
+        for part, value in parts.items():
+            blob = _encode(value)
+            fh.write(blob)
+            index[part] = (path, offset, len(blob))
+            offset += len(blob)
+    return index
+
+
+def _load(segments: Iterable[Segment], decode: Callable[[bytes], Any] = _decode) -> Iterator[Any]:
+    for path, offset, length in segments:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            yield decode(fh.read(length))
+
+
+def _remove(paths: Iterable[str]) -> None:
+    for path in paths:
+        os.unlink(path)
+
+
+# -- step 1: read ------------------------------------------------------------------------------------
+
+
+def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, Segment], dict[int, Segment]]:
+    assert _job is not None
+    n = _job.partitions
+    stats = ReplayStats()
+    rows = Rows()
+    seq = chunk.number << 32
+    documents = _documents(Path(chunk.path)) if chunk.start is None else _lines(chunk)
+    for document in documents:
+        seq = read_document(document, seq, stats, rows)
+    obs: list[list[Any]] = [[] for _ in range(n)]
+    members: list[list[Any]] = [[] for _ in range(n)]
+    for row in rows.obs:
+        obs[hash(row[0]) % n].append(row)
+    for row in rows.member:
+        members[hash(row[0]) % n].append(row)
+    rejected: list[list[Any]] = [[] for _ in range(n)]
+    for ref, vu, vv, number, data in rows.rejected:  # rejections need no more than sorting: any partition
+        rejected[number % n].append((availability_key(ref, vu, vv, number), data))
+    by_ref = {i: (obs[i], members[i]) for i in range(n) if obs[i] or members[i]}
+    by_patient = {i: ((), rejected[i]) for i in range(n) if rejected[i]}
+    return stats, _spill(f"read-{chunk.number}-ref", by_ref), _spill(f"read-{chunk.number}-patient", by_patient)
+
+
+# -- step 2: latest version, panel key ----------------------------------------------------------
+
+
+class _Version(msgspec.Struct, array_like=True, gc=False):
+    """A row of the obs table (`replay.Rows.obs`)."""
+
+    ref: str
+    vu: int
+    vv: int
+    seq: int
+    patient: str | None
+    pkey: str | None
+    fkey: str | None
+    data: bytes | None
+
+
+_decode_versions = msgspec.msgpack.Decoder(tuple[list[_Version], list[tuple[str, str]]]).decode
+
+
+def latest(part: int, segments: list[Segment]) -> dict[int, Segment]:
+    assert _job is not None
+    newest: dict[str, _Version] = {}
+    reports: dict[str, str] = {}
+    for obs, members in _load(segments, _decode_versions):  # in input order
+        for row in obs:
+            seen = newest.get(row.ref)
+            # The newest version by (lastUpdated, versionId, input position); a rejected version
+            # (no data) still supersedes older ones.
+            if seen is None or (row.vu, row.vv, row.seq) > (seen.vu, seen.vv, seen.seq):
+                newest[row.ref] = row
+        for ref, key in members:
+            reports.setdefault(ref, key)  # the first DiagnosticReport naming it (INSERT OR IGNORE)
+    n = _job.partitions
+    results: list[list[Any]] = [[] for _ in range(n)]
+    for row in newest.values():
+        if row.data is None:
+            continue
+        panel = row.pkey if row.pkey is not None else reports.get(row.ref, row.fkey)
+        results[hash(row.patient) % n].append(
+            (row.patient, panel, availability_key(row.ref, row.vu, row.vv, row.seq), row.data))
+    return _spill(f"latest-{part}", {i: (rows, ()) for i, rows in enumerate(results) if rows})
+
+
+# -- step 3: the core -------------------------------------------------------------------------------
+
+
+def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, Counter[str]]:
+    assert _job is not None
+    results: list[tuple[str, str, str, bytes]] = []  # patient, panel key, availability key, LabResult
+    rejections: list[tuple[str, bytes]] = []  # availability key, Rejected
+    for result_rows, rejected_rows in _load(segments):
+        results += result_rows
+        rejections += rejected_rows
+    results.sort(key=itemgetter(2))
+    # A panel is available when its first member is: dicts keep insertion order. Members come in
+    # order of availability too (the SQLite engine promises no order; the core does not need one).
+    panels: dict[tuple[str, str], tuple[str, list[bytes]]] = {}
+    for patient, panel, key, data in results:
+        seen = panels.get((patient, panel))
+        if seen is None:
+            panels[(patient, panel)] = (key, [data])
+        else:
+            seen[1].append(data)
+    del results
+    items: list[tuple[str, str, str, Any]] = [(first, patient, panel, members)
+                                               for (patient, panel), (first, members) in panels.items()]
+    del panels
+    items += [(key, "", "", data) for key, data in rejections]
+    items.sort(key=itemgetter(0))  # all keys differ
+    current = [""]
+
+    def stream() -> Iterator[tuple[str, str, str, list[LabResult] | Rejected]]:
+        """What `Replay.decide` reads, decoded as it goes; `current` says where it is."""
+        for key, patient, panel, payload in items:
+            current[0] = key
+            if isinstance(payload, list):
+                yield key, patient, panel, [_decode_result(d) for d in payload]
+            else:
+                yield key, patient, panel, _decode_rejected(payload)
+
+    frames: list[Segment] = []
+    path = os.path.join(_job.tmp, f"judge-{part}")
+    with open(path, "wb") as fh, Replay(_job.rules, _job.alert_settings, workdir=_job.tmp, engine="partitioned") as core:
+        frame: list[tuple[str, int, str, bytes, bytes]] = []
+        size = 0
+        decisions = core.decide(with_alerts=_job.with_alerts, stream=stream())
+        for n, (record, resources) in enumerate(decisions):
+            line = orjson.dumps(record) + b"\n"
+            alert_lines = b"".join(orjson.dumps(r) + b"\n" for r in resources) if resources is not None else b""
+            frame.append((current[0], n, record["event"], line, alert_lines))
+            size += len(line) + len(alert_lines)
+            if size >= _RUN_FRAME_BYTES:
+                frames.append(_frame(fh, frame))
+                frame, size = [], 0
+        if frame:
+            frames.append(_frame(fh, frame))
+        stats = core.stats
+    return frames, stats.panels, stats.stale_panels, stats.events
+
+
+def _frame(fh: IO[bytes], entries: list[Any]) -> Segment:
+    blob = _encode(entries)
+    offset = fh.tell()
+    fh.write(blob)
+    return (fh.name, offset, len(blob))  # type: ignore[return-value]
+
+
+def _frames(segments: list[Segment]) -> Iterator[list[Any]]:
+    for frame in _load(segments):
+        yield from frame
