@@ -42,7 +42,8 @@ from service import logging as nw_logging  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
 from service.store.sqlite import SqliteStore  # noqa: E402
 from service.synthetic import PopulationSpec, generate, observations_target  # noqa: E402
-from service.worker import Worker, search_params  # noqa: E402
+from service.clinical.fhirtime import from_epoch_us  # noqa: E402
+from service.worker import Worker, pages_since, search_params  # noqa: E402
 from tests.fhir_server.engine import FhirEngine  # noqa: E402
 from tests.fhir_server.load import put_all  # noqa: E402
 from tests.integration.live import settings_for  # noqa: E402
@@ -70,7 +71,8 @@ def get(url: str, timeout: float = 30) -> bytes:
 async def bare_drain(settings) -> dict:
     async with FhirClient(settings.fhir) as client:
         marks, n, stamps = [time.perf_counter()], 0, []
-        async for page in client.search("Observation", search_params(settings, None, time.time())):
+        params, since_us = search_params(settings, None, time.time())
+        async for page in pages_since(client, "Observation", params, since_us):
             marks.append(time.perf_counter())
             n += len(page.resources)
             stamps.append(page.resources[0].meta.lastUpdated if page.resources else None)
@@ -114,8 +116,9 @@ async def service_drain(settings) -> dict:
 def first_page(base: str, settings, since: str | None = None, count: int | None = None) -> tuple[int, float]:
     """(matches, median of 3 timings) of the drain search's first page, maybe from a later
     `_lastUpdated` or with another `_count`."""
-    params = dict(search_params(settings, None, time.time()))
-    params.update({"_lastUpdated": "ge" + since} if since else {}, **({"_count": str(count)} if count else {}))
+    base_params, since_us = search_params(settings, None, time.time())
+    params = dict(base_params) | {"_lastUpdated": "ge" + (since or from_epoch_us(since_us))}
+    params.update({"_count": str(count)} if count else {})
     url, times = f"{base}/Observation?" + urllib.parse.urlencode(params), []
     for _ in range(3):
         t = time.perf_counter()
@@ -282,8 +285,9 @@ Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code {d['revisio
 
 **Backlog drain.** A `service.synthetic` population without temperatures or corrections
 ({spec.patients} patients, {spec.days} days, seed 7; {d['resources']:,} resources, every Observation a
-monitored CBC code), staged with `put_all`. *bare*: `FhirClient.search("Observation",
-search_params(settings, None, now))` over every page, nothing else. *service*: one
+monitored CBC code), staged with `put_all`. *bare*: the service's own paging
+(`worker.pages_since`: keyset restarts from the newest lastUpdated, next links on ties) over every
+page, nothing else. *service*: one
 `Worker.run_cycle()` from an empty SQLite state, settings of `tests/integration/live.py`, same page
 size ({d['page_size']}, the engine's maximum). Data re-staged before each round, order alternated.
 Wall time, and CPU time (engine + this process), which other load on the machine disturbs less.

@@ -245,6 +245,8 @@ class Settings(BaseSettings):
             febrile_fall_window_us=int(c.febrile.fall_window_hours * 3_600_000_000),
             fever_window_us=int(c.febrile.fever_window_hours * 3_600_000_000),
             infant_threshold=c.infant_threshold_per_ul,
+            patient_thresholds=tuple(sorted(c.patient_thresholds.items())),
+            chronic_benign_threshold=c.chronic_benign_threshold_per_ul,
         )
 
     @classmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -84,22 +85,21 @@ class LiveDirectory:
             raise
 
     async def context(self, patient: str) -> PatientContext:
-        clinical = self.settings.clinical
+        rules = self.settings.rules
         if not self.settings.poll.patient_context:
-            return patient_context(patient, None, (), clinical.patient_thresholds, None)
+            return patient_context(patient, None, (), replace(rules, chronic_benign_threshold=None))
 
         async def load() -> PatientContext:
             pid = _id(patient, "Patient")
             record = await self._read("Patient", pid) if pid else None
             conditions: list[raw.Resource] = []
-            if clinical.chronic_benign_threshold_per_ul is not None:
+            if rules.chronic_benign_threshold is not None:
                 found = await self.client.search_all(
                     "Condition", [("subject", patient), ("code", "http://snomed.info/sct|234423001")])
                 conditions = [r for r in map(_resource, found) if r is not None]
-            return patient_context(patient, record, conditions, clinical.patient_thresholds,
-                                   clinical.chronic_benign_threshold_per_ul)
+            return patient_context(patient, record, conditions, rules)
 
-        fallback = patient_context(patient, None, (), clinical.patient_thresholds, None)
+        fallback = patient_context(patient, None, (), replace(rules, chronic_benign_threshold=None))
         return await self._guard("patient", patient, lambda: self._cached(("context", patient), load), fallback)
 
     async def recipients(self, patient: str, based_on: Sequence[str]) -> Recipients:

@@ -19,7 +19,7 @@ import itertools
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Mapping, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -40,15 +40,17 @@ from .clinical.panels import (
     report_members,
     specimen_key,
 )
+from .clinical.context import PatientContext, patient_context
 from .clinical.rules import Rules
 from .config import AlertSettings
 from .errors import InputError
-from .events import event_record, panel_rejected_record, rejected_record
+from .events import event_record, not_assessed_record, panel_rejected_record, rejected_record
 
 _BATCH = 5_000
 _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _decode_rejected = msgspec.msgpack.Decoder(Rejected).decode
+_decode_resource = msgspec.msgpack.Decoder(raw.Resource).decode
 
 
 @dataclass
@@ -135,6 +137,21 @@ class Rows:
     obs: list[tuple[Any, ...]] = field(default_factory=list)  # ref, vu, vv, seq, patient, pkey, fkey, data
     member: list[tuple[str, str]] = field(default_factory=list)  # Observation ref, its DiagnosticReport's key
     rejected: list[tuple[Any, ...]] = field(default_factory=list)  # ref, vu, vv, seq, data
+    context: list[tuple[str, str, bytes]] = field(default_factory=list)  # patient, resourceType, Resource
+
+
+def patient_contexts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[str, PatientContext]:
+    """PatientContext per patient from the Patient and Condition resources of the input (the live
+    loop reads the same from the server)."""
+    patients: dict[str, raw.Resource] = {}
+    conditions: dict[str, list[raw.Resource]] = {}
+    for patient, kind, data in rows:
+        resource = _decode_resource(data)
+        if kind == "Patient":
+            patients[patient] = resource
+        else:
+            conditions.setdefault(patient, []).append(resource)
+    return {p: patient_context(p, patients.get(p), conditions.get(p, ()), rules) for p in {*patients, *conditions}}
 
 
 def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> int:
@@ -162,6 +179,10 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
                 _reject(outcome, seq, rows)
             else:
                 stats.ignored[outcome.reason] += 1
+        elif kind == "Patient" and item.id:
+            rows.context.append((f"Patient/{item.id}", kind, _encode(item)))
+        elif kind == "Condition" and item.subject is not None and item.subject.reference:
+            rows.context.append((item.subject.reference, kind, _encode(item)))
         elif kind == "DiagnosticReport" and item.id:
             specimens = item.specimen if isinstance(item.specimen, list) else ()
             for ref, report in report_members(
@@ -197,6 +218,7 @@ _SCHEMA = f"""
 CREATE TABLE obs (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, patient TEXT, pkey TEXT, fkey TEXT,
                   data BLOB, akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
 CREATE TABLE member (ref TEXT PRIMARY KEY, pkey TEXT) WITHOUT ROWID;
+CREATE TABLE context (patient TEXT, kind TEXT, data BLOB);
 CREATE TABLE rejected (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, data BLOB,
                        akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
 """
@@ -291,6 +313,9 @@ class Replay:
         if rows.rejected:
             db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", rows.rejected)
             rows.rejected.clear()
+        if rows.context:
+            db.executemany("INSERT INTO context VALUES (?, ?, ?)", rows.context)
+            rows.context.clear()
 
     # pass 2 ------------------------------------------------------------------------------------
 
@@ -314,23 +339,33 @@ class Replay:
             yield akey, "", "", _decode_rejected(data)
 
     def decide(self, *, with_alerts: bool = True, stream: Iterable[tuple[str, str, str, Any]] | None = None,
+               contexts: Mapping[str, PatientContext] | None = None,
                ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
         """(event record, alert resources or None) in order of availability. Building and
         validating the alert resources is skipped when nobody asked for them. `stream`:
         (availability key, patient, panel key, members or a Rejected) in order of availability;
-        by default the SQLite engine's pass 2."""
+        `contexts`: what the input says of each patient (age, individual threshold); by default
+        both from the SQLite engine's tables."""
         states: dict[str, PatientState] = {}
         if stream is None:
             stream = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
+        if contexts is None:
+            assert self.db is not None
+            contexts = patient_contexts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
+        no_context = PatientContext()
         for _akey, patient, panel, payload in stream:
             if isinstance(payload, Rejected):
                 self.stats.events["rejected"] += 1
                 yield rejected_record(payload), None
                 continue
             self.stats.panels += 1
-            decision = decide(states.get(patient, PatientState()), patient, panel, payload, self.rules)
+            context = contexts.get(patient, no_context)
+            decision = decide(states.get(patient, PatientState()), patient, panel, payload, self.rules, context)
             states[patient] = decision.state
             self.stats.stale_panels += decision.stale
+            if decision.not_assessed is not None:
+                self.stats.events["not-assessed"] += 1
+                yield not_assessed_record(decision.not_assessed), None
             if decision.rejection is not None:
                 self.stats.events["rejected"] += 1
                 yield panel_rejected_record(decision.rejection, payload), None

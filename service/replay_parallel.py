@@ -55,6 +55,7 @@ from .replay import (
     _files,
     _is_json,
     availability_key,
+    patient_contexts,
     read_document,
 )
 
@@ -284,8 +285,11 @@ def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, Segment], dict[int,
     rejected: list[list[Any]] = [[] for _ in range(n)]
     for ref, vu, vv, number, data in rows.rejected:  # rejections need no more than sorting: any partition
         rejected[number % n].append((availability_key(ref, vu, vv, number), data))
+    context: list[list[Any]] = [[] for _ in range(n)]
+    for row in rows.context:  # Patient and Condition resources go where their patient's panels go
+        context[hash(row[0]) % n].append(row)
     by_ref = {i: (obs[i], members[i]) for i in range(n) if obs[i] or members[i]}
-    by_patient = {i: ((), rejected[i]) for i in range(n) if rejected[i]}
+    by_patient = {i: ((), rejected[i], context[i]) for i in range(n) if rejected[i] or context[i]}
     return stats, _spill(f"read-{chunk.number}-ref", by_ref), _spill(f"read-{chunk.number}-patient", by_patient)
 
 
@@ -329,7 +333,7 @@ def latest(part: int, segments: list[Segment]) -> dict[int, Segment]:
         panel = row.pkey if row.pkey is not None else reports.get(row.ref, row.fkey)
         results[hash(row.patient) % n].append(
             (row.patient, panel, availability_key(row.ref, row.vu, row.vv, row.seq), row.data))
-    return _spill(f"latest-{part}", {i: (rows, ()) for i, rows in enumerate(results) if rows})
+    return _spill(f"latest-{part}", {i: (rows, (), ()) for i, rows in enumerate(results) if rows})
 
 
 # -- step 3: the core -------------------------------------------------------------------------------
@@ -339,9 +343,11 @@ def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, 
     assert _job is not None
     results: list[tuple[str, str, str, bytes]] = []  # patient, panel key, availability key, LabResult
     rejections: list[tuple[str, bytes]] = []  # availability key, Rejected
-    for result_rows, rejected_rows in _load(segments):
+    context_rows: list[tuple[str, str, bytes]] = []  # patient, resourceType, Resource
+    for result_rows, rejected_rows, patient_rows in _load(segments):
         results += result_rows
         rejections += rejected_rows
+        context_rows += patient_rows
     results.sort(key=itemgetter(2))
     # A panel is available when its first member is: dicts keep insertion order. Members come in
     # order of availability too (the SQLite engine promises no order; the core does not need one).
@@ -374,7 +380,9 @@ def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, 
     with open(path, "wb") as fh, Replay(_job.rules, _job.alert_settings, workdir=_job.tmp, engine="partitioned") as core:
         frame: list[tuple[str, int, str, bytes, bytes]] = []
         size = 0
-        decisions = core.decide(with_alerts=_job.with_alerts, stream=stream())
+        contexts = patient_contexts(context_rows, _job.rules)
+        del context_rows
+        decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(), contexts=contexts)
         for n, (record, resources) in enumerate(decisions):
             line = orjson.dumps(record) + b"\n"
             alert_lines = b"".join(orjson.dumps(r) + b"\n" for r in resources) if resources is not None else b""

@@ -11,7 +11,7 @@ from the patient's record or configuration, never from race or ethnicity.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .fhirtime import to_epoch_us
@@ -80,20 +80,15 @@ def has_chronic_benign_neutropenia(conditions: Iterable[Resource]) -> bool:
     return False
 
 
-def patient_context(
-    patient_ref: str,
-    patient: Resource | None,
-    conditions: Iterable[Resource],
-    configured: Mapping[str, float],
-    chronic_benign_threshold: float | None,
-) -> PatientContext:
+def patient_context(patient_ref: str, patient: Resource | None, conditions: Iterable[Resource], rules: Rules) -> PatientContext:
     """Configuration names individual thresholds first; else an active chronic benign neutropenia
     Condition with the site's configured threshold. Race and ethnicity are never read."""
     born = birth_us(patient)
+    configured = dict(rules.patient_thresholds)
     if patient_ref in configured:
         return PatientContext(born, configured[patient_ref], "config")
-    if chronic_benign_threshold is not None and has_chronic_benign_neutropenia(conditions):
-        return PatientContext(born, chronic_benign_threshold, f"Condition {CHRONIC_BENIGN_NEUTROPENIA}")
+    if rules.chronic_benign_threshold is not None and has_chronic_benign_neutropenia(conditions):
+        return PatientContext(born, rules.chronic_benign_threshold, f"Condition {CHRONIC_BENIGN_NEUTROPENIA}")
     return PatientContext(born)
 
 

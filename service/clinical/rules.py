@@ -42,3 +42,7 @@ class Rules:
     neonate_days: int = 7
     infant_until_days: int = 365
     infant_threshold: float = 1000.0
+    # Individual thresholds (cells/uL): configured per patient reference, or for an active Condition
+    # 234423001 (chronic benign neutropenia) the site's threshold (None: that Condition is ignored).
+    patient_thresholds: tuple[tuple[str, float], ...] = ()
+    chronic_benign_threshold: float | None = 1000.0

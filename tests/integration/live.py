@@ -55,10 +55,10 @@ def stages(resources: list[Resource], n: int) -> list[list[Resource]]:
 
 
 def oracle(base_url: str, workdir: Path) -> tuple[list[dict], list[Resource]]:
-    """Replay over the Observations and DiagnosticReports as the server holds them now."""
+    """Replay over the Patients, Conditions, Observations and DiagnosticReports as the server holds them now."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "server.ndjson"
-    resources = export(base_url, "Observation") + export(base_url, "DiagnosticReport")
+    resources = [r for t in ("Patient", "Condition", "Observation", "DiagnosticReport") for r in export(base_url, t)]
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
     events, alerts = workdir / "events.jsonl", workdir / "alerts.ndjson"
     assert cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts)]) == 0

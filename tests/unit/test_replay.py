@@ -230,3 +230,23 @@ def test_ctcae_v5_uses_the_reported_lln(tmp_path):
     assert [(e["event"], e["grade"], e["scheme"], e["grade_label"]) for e in events] == [("new", "mild", "ctcae-v5", "grade 1")]
     assert "grade 1 <LLN" in alerts[1]["payload"][0]["contentString"]
     assert replay(tmp_path, path)[0] == []
+
+
+def test_patient_context_from_the_input(tmp_path):
+    # Reference §3 "Paediatrics": infants (2 weeks-1 year) neutropenic below 1000; first week out of
+    # scope. An active Condition 234423001 gives the configured individual threshold (default 1000).
+    resources = [
+        {"resourceType": "Patient", "id": "infant", "birthDate": "2025-10-01"},
+        {"resourceType": "Patient", "id": "neonate", "birthDate": "2026-01-01"},
+        {"resourceType": "Patient", "id": "adult", "birthDate": "1970-01-01"},
+        {"resourceType": "Patient", "id": "benign", "birthDate": "1975-01-01"},
+        {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/benign"},
+         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
+         "clinicalStatus": {"coding": [{"code": "active"}]}},
+        *cbc("Patient/infant", 3, 1.2), *cbc("Patient/neonate", 3, 0.3), *cbc("Patient/adult", 3, 1.2), *cbc("Patient/benign", 3, 1.2),
+    ]
+    events, _ = replay(tmp_path, write_ndjson(tmp_path / "ctx.ndjson", resources))
+    by_patient = {e["patient"]: e for e in events}
+    assert set(by_patient) == {"Patient/neonate", "Patient/adult"}
+    assert by_patient["Patient/adult"]["event"] == "new" and by_patient["Patient/adult"]["threshold_rule"] == "scheme"
+    assert by_patient["Patient/neonate"]["event"] == "not-assessed"
