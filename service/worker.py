@@ -223,9 +223,9 @@ class Worker:
 
     async def _temperatures(self, report: CycleReport, read_up_to_us: int | None) -> None:
         """poll.temperatures = open-episodes: body temperatures of the patients with an open episode.
-        A patient's first search reads by collection time from 24 h (the fever window) before the
-        newest ANC; after that, patients are searched TEMPERATURE_BATCH at a time
-        (subject=a,b,...) for what changed since their cursors less the overlap."""
+        Patients are searched TEMPERATURE_BATCH at a time (subject=a,b,...): the first time by
+        collection time from 24 h (the fever window) before the newest ANC, after that for what
+        changed since their cursors less the overlap."""
         poll = self.settings.poll
         overlap_us = int(poll.overlap_seconds * 1_000_000)
         base = [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
@@ -238,9 +238,12 @@ class Worker:
             else:
                 known.append((patient, cursor))
         batches: list[tuple[list[str], AsyncIterator[Page]]] = []
-        for patient, newest_us in first:
-            since = max((newest_us or 0) - self.rules.fever_window_us, 0)
-            batches.append(([patient], pages_since(self.client, "Observation", [("subject", patient), *base], since, anchor="date")))
+        for i in range(0, len(first), TEMPERATURE_BATCH):  # by collection time, from 24 h before the ANC
+            group_first = first[i : i + TEMPERATURE_BATCH]
+            since = max(min((n or 0) for _, n in group_first) - self.rules.fever_window_us, 0)
+            subjects = ",".join(p for p, _ in group_first)
+            pages = pages_since(self.client, "Observation", [("subject", subjects), *base], since, anchor="date")
+            batches.append(([p for p, _ in group_first], pages))
         for i in range(0, len(known), TEMPERATURE_BATCH):
             group = known[i : i + TEMPERATURE_BATCH]
             since = min(to_epoch_us(c) for _, c in group) - overlap_us
