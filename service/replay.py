@@ -223,14 +223,42 @@ CREATE TABLE rejected (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, data BLOB,
                        akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
 """
 _INSERT = "INSERT INTO obs VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# Every version of every Observation, grouped by panel. A version's panel and patient are those of
+# the newest usable version of its Observation (a rejected version has none of its own).
 _PANELS = """
-SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, data FROM (
-    SELECT o.patient, COALESCE(o.pkey, m.pkey, o.fkey) AS panel, o.akey, o.data,
-           ROW_NUMBER() OVER (PARTITION BY o.ref ORDER BY o.vu DESC, o.vv DESC, o.seq DESC) AS rn
-    FROM obs o LEFT JOIN member m ON m.ref = o.ref)
-WHERE rn = 1 AND data IS NOT NULL
-ORDER BY first
+SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, akey, ref, data FROM (
+    SELECT ref, akey, data,
+           FIRST_VALUE(own_panel) OVER newest AS panel, FIRST_VALUE(own_patient) OVER newest AS patient
+    FROM (SELECT o.ref, o.akey, o.data, o.vu, o.vv, o.seq,
+                 CASE WHEN o.data IS NOT NULL THEN COALESCE(o.pkey, m.pkey, o.fkey) END AS own_panel,
+                 CASE WHEN o.data IS NOT NULL THEN o.patient END AS own_patient
+          FROM obs o LEFT JOIN member m ON m.ref = o.ref)
+    WINDOW newest AS (PARTITION BY ref ORDER BY own_panel IS NULL, vu DESC, vv DESC, seq DESC
+                      ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING))
+WHERE panel IS NOT NULL
+ORDER BY first, akey
 """
+
+Version = tuple[str, str, "LabResult | None"]  # (availability key, Observation reference, the result; None: rejected)
+
+
+def snapshots(versions: Sequence[Version]) -> tuple[list[LabResult], list[tuple[str, list[LabResult]]]]:
+    """A panel as it was first available (each member's first version) and as it stood after each
+    later version arrived: (availability key, members). `versions` in order of availability."""
+    first: dict[str, LabResult | None] = {}
+    later: list[Version] = []
+    for version in versions:
+        if version[1] in first:
+            later.append(version)
+        else:
+            first[version[1]] = version[2]
+    initial = [r for r in first.values() if r is not None]
+    current = dict(first)
+    out: list[tuple[str, list[LabResult]]] = []
+    for akey, ref, result in later:
+        current[ref] = result
+        out.append((akey, [r for r in current.values() if r is not None]))
+    return initial, out
 
 
 class Replay:
@@ -277,10 +305,10 @@ class Replay:
 
             return replay_parallel.run(self, inputs, events, alerts, self.workers)
         self.load(inputs)
-        for record in self.decide(with_alerts=alerts is not None):
-            events.write(orjson.dumps(record[0]) + b"\n")
-            if alerts is not None and record[1] is not None:
-                for resource in record[1]:
+        for _akey, record, resources in self.decide(with_alerts=alerts is not None):
+            events.write(orjson.dumps(record) + b"\n")
+            if alerts is not None and resources is not None:
+                for resource in resources:
                     alerts.write(orjson.dumps(resource) + b"\n")
         return self.stats
 
@@ -319,19 +347,18 @@ class Replay:
 
     # pass 2 ------------------------------------------------------------------------------------
 
-    def _panels(self) -> Iterator[tuple[str, str, str, list[LabResult]]]:
+    def _panels(self) -> Iterator[tuple[str, str, str, list[Version]]]:
         assert self.db is not None
-        rows = self.db.execute(_PANELS)
         current: tuple[str, str, str] | None = None
-        members: list[LabResult] = []
-        for patient, panel, first, data in rows:
+        versions: list[Version] = []
+        for patient, panel, first, akey, ref, data in self.db.execute(_PANELS):
             if current is None or current[2] != first:
                 if current is not None:
-                    yield current[2], current[0], current[1], members
-                current, members = (patient, panel, first), []
-            members.append(_decode_result(data))
+                    yield current[2], current[0], current[1], versions
+                current, versions = (patient, panel, first), []
+            versions.append((akey, ref, _decode_result(data) if data is not None else None))
         if current is not None:
-            yield current[2], current[0], current[1], members
+            yield current[2], current[0], current[1], versions
 
     def _rejections(self) -> Iterator[tuple[str, str, str, Rejected]]:
         assert self.db is not None
@@ -340,10 +367,13 @@ class Replay:
 
     def decide(self, *, with_alerts: bool = True, stream: Iterable[tuple[str, str, str, Any]] | None = None,
                contexts: Mapping[str, PatientContext] | None = None,
-               ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]] | None]]:
-        """(event record, alert resources or None) in order of availability. Building and
-        validating the alert resources is skipped when nobody asked for them. `stream`:
-        (availability key, patient, panel key, members or a Rejected) in order of availability;
+               ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
+        """(availability key, event record, alert resources or None) in order of availability.
+        Each Observation version is an arrival: a panel is assessed when its first member is
+        available, with each member's first version, and again when a later version of a member
+        arrives (a correction, a withdrawal) — as the live loop sees it. Building and validating
+        the alert resources is skipped when nobody asked for them. `stream`: (availability key,
+        patient, panel key, the panel's versions or a Rejected) in order of availability;
         `contexts`: what the input says of each patient (age, individual threshold); by default
         both from the SQLite engine's tables."""
         states: dict[str, PatientState] = {}
@@ -353,31 +383,44 @@ class Replay:
             assert self.db is not None
             contexts = patient_contexts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
         no_context = PatientContext()
-        for _akey, patient, panel, payload in stream:
-            if isinstance(payload, Rejected):
-                self.stats.events["rejected"] += 1
-                yield rejected_record(payload), None
-                continue
+        pending: list[tuple[str, str, str, list[LabResult]]] = []  # later versions, re-assessed when they arrive
+
+        def judge(akey: str, patient: str, panel: str, members: list[LabResult]) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
             self.stats.panels += 1
-            context = contexts.get(patient, no_context)
-            decision = decide(states.get(patient, PatientState()), patient, panel, payload, self.rules, context)
+            decision = decide(states.get(patient, PatientState()), patient, panel, members, self.rules,
+                              contexts.get(patient, no_context))
             states[patient] = decision.state
             self.stats.stale_panels += decision.stale
             if decision.not_assessed is not None:
                 self.stats.events["not-assessed"] += 1
-                yield not_assessed_record(decision.not_assessed), None
+                yield akey, not_assessed_record(decision.not_assessed), None
             if decision.rejection is not None:
                 self.stats.events["rejected"] += 1
-                yield panel_rejected_record(decision.rejection, payload), None
+                yield akey, panel_rejected_record(decision.rejection, members), None
             for event in decision.events:
                 self.stats.events[event.kind.value] += 1
                 if not with_alerts:
-                    yield event_record(event, self.scheme), None
+                    yield akey, event_record(event, self.scheme), None
                     continue
-                sent = _available(payload) or (event.assessment.effective if event.assessment else "")
+                sent = _available(members) or (event.assessment.effective if event.assessment else "")
                 writes = build_alert(event, self.scheme, self.alert_settings, sent=sent)
                 resources = [writes.flag] + ([writes.communication] if writes.communication else [])
-                yield event_record(event, self.scheme), resources
+                yield akey, event_record(event, self.scheme), resources
+
+        for akey, patient, panel, payload in stream:
+            while pending and pending[0][0] < akey:
+                yield from judge(*heapq.heappop(pending))
+            if isinstance(payload, Rejected):
+                self.stats.events["rejected"] += 1
+                yield akey, rejected_record(payload), None
+                continue
+            initial, later = snapshots(payload)
+            for later_key, members in later:
+                heapq.heappush(pending, (later_key, patient, panel, members))
+            if initial:
+                yield from judge(akey, patient, panel, initial)
+        while pending:
+            yield from judge(*heapq.heappop(pending))
 
 
 def _available(members: list[LabResult]) -> str | None:

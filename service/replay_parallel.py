@@ -43,7 +43,6 @@ from typing import IO, Any
 import msgspec
 import orjson
 
-from .clinical.observations import LabResult, Rejected
 from .errors import InputError
 from .replay import (
     Replay,
@@ -313,26 +312,28 @@ _decode_versions = msgspec.msgpack.Decoder(tuple[list[_Version], list[tuple[str,
 
 
 def latest(part: int, segments: list[Segment]) -> dict[int, Segment]:
+    """Each Observation's versions, given the panel and patient of its newest usable version (a
+    rejected version has none of its own), passed on to the patient's partition."""
     assert _job is not None
-    newest: dict[str, _Version] = {}
+    versions: dict[str, list[_Version]] = {}
     reports: dict[str, str] = {}
     for obs, members in _load(segments, _decode_versions):  # in input order
         for row in obs:
-            seen = newest.get(row.ref)
-            # The newest version by (lastUpdated, versionId, input position); a rejected version
-            # (no data) still supersedes older ones.
-            if seen is None or (row.vu, row.vv, row.seq) > (seen.vu, seen.vv, seen.seq):
-                newest[row.ref] = row
+            versions.setdefault(row.ref, []).append(row)
         for ref, key in members:
             reports.setdefault(ref, key)  # the first DiagnosticReport naming it (INSERT OR IGNORE)
     n = _job.partitions
     results: list[list[Any]] = [[] for _ in range(n)]
-    for row in newest.values():
-        if row.data is None:
+    for ref, rows in versions.items():
+        usable = [r for r in rows if r.data is not None]
+        if not usable:
             continue
-        panel = row.pkey if row.pkey is not None else reports.get(row.ref, row.fkey)
-        results[hash(row.patient) % n].append(
-            (row.patient, panel, availability_key(row.ref, row.vu, row.vv, row.seq), row.data))
+        # The newest by (lastUpdated, versionId, input position).
+        newest = max(usable, key=lambda r: (r.vu, r.vv, r.seq))
+        panel = newest.pkey if newest.pkey is not None else reports.get(ref, newest.fkey)
+        target = results[hash(newest.patient) % n]
+        for row in rows:
+            target.append((newest.patient, panel, availability_key(ref, row.vu, row.vv, row.seq), row.data, ref))
     return _spill(f"latest-{part}", {i: (rows, (), ()) for i, rows in enumerate(results) if rows})
 
 
@@ -341,7 +342,7 @@ def latest(part: int, segments: list[Segment]) -> dict[int, Segment]:
 
 def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, Counter[str]]:
     assert _job is not None
-    results: list[tuple[str, str, str, bytes]] = []  # patient, panel key, availability key, LabResult
+    results: list[tuple[str, str, str, bytes | None, str]] = []  # patient, panel key, availability key, LabResult, ref
     rejections: list[tuple[str, bytes]] = []  # availability key, Rejected
     context_rows: list[tuple[str, str, bytes]] = []  # patient, resourceType, Resource
     for result_rows, rejected_rows, patient_rows in _load(segments):
@@ -349,29 +350,27 @@ def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, 
         rejections += rejected_rows
         context_rows += patient_rows
     results.sort(key=itemgetter(2))
-    # A panel is available when its first member is: dicts keep insertion order. Members come in
-    # order of availability too (the SQLite engine promises no order; the core does not need one).
-    panels: dict[tuple[str, str], tuple[str, list[bytes]]] = {}
-    for patient, panel, key, data in results:
+    # A panel is available when its first version is: dicts keep insertion order, and each panel's
+    # versions come in order of availability.
+    panels: dict[tuple[str, str], tuple[str, list[tuple[str, str, bytes | None]]]] = {}
+    for patient, panel, key, data, ref in results:
         seen = panels.get((patient, panel))
         if seen is None:
-            panels[(patient, panel)] = (key, [data])
+            panels[(patient, panel)] = (key, [(key, ref, data)])
         else:
-            seen[1].append(data)
+            seen[1].append((key, ref, data))
     del results
-    items: list[tuple[str, str, str, Any]] = [(first, patient, panel, members)
-                                               for (patient, panel), (first, members) in panels.items()]
+    items: list[tuple[str, str, str, Any]] = [(first, patient, panel, versions)
+                                               for (patient, panel), (first, versions) in panels.items()]
     del panels
     items += [(key, "", "", data) for key, data in rejections]
     items.sort(key=itemgetter(0))  # all keys differ
-    current = [""]
 
-    def stream() -> Iterator[tuple[str, str, str, list[LabResult] | Rejected]]:
-        """What `Replay.decide` reads, decoded as it goes; `current` says where it is."""
+    def stream() -> Iterator[tuple[str, str, str, Any]]:
+        """What `Replay.decide` reads, decoded as it goes."""
         for key, patient, panel, payload in items:
-            current[0] = key
             if isinstance(payload, list):
-                yield key, patient, panel, [_decode_result(d) for d in payload]
+                yield key, patient, panel, [(k, ref, _decode_result(d) if d is not None else None) for k, ref, d in payload]
             else:
                 yield key, patient, panel, _decode_rejected(payload)
 
@@ -383,10 +382,10 @@ def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, 
         contexts = patient_contexts(context_rows, _job.rules)
         del context_rows
         decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(), contexts=contexts)
-        for n, (record, resources) in enumerate(decisions):
+        for n, (key, record, resources) in enumerate(decisions):
             line = orjson.dumps(record) + b"\n"
             alert_lines = b"".join(orjson.dumps(r) + b"\n" for r in resources) if resources is not None else b""
-            frame.append((current[0], n, record["event"], line, alert_lines))
+            frame.append((key, n, record["event"], line, alert_lines))
             size += len(line) + len(alert_lines)
             if size >= _RUN_FRAME_BYTES:
                 frames.append(_frame(fh, frame))

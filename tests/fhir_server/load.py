@@ -60,3 +60,12 @@ def export(base_url: str, resource_type: str, params: str = "") -> list[Resource
         out.extend(e["resource"] for e in bundle.get("entry", []))
         url = next((link["url"] for link in bundle.get("link", []) if link.get("relation") == "next"), None)
     return out
+
+
+def export_history(base_url: str, resource_type: str) -> list[Resource]:
+    """Every version of every resource of a type (one _history read per resource: small data only)."""
+    out: list[Resource] = []
+    for current in export(base_url, resource_type):
+        bundle = _request("GET", f"{base_url}/{resource_type}/{current['id']}/_history")
+        out.extend(e["resource"] for e in bundle.get("entry", []) if "resource" in e)
+    return out

@@ -15,7 +15,7 @@ from service.fhir.client import FhirClient
 from service.store.sqlite import SqliteStore
 from service.worker import Worker
 from service.synthetic import PopulationSpec, generate
-from tests.fhir_server.load import export
+from tests.fhir_server.load import export, export_history
 
 Resource = dict[str, Any]
 
@@ -54,11 +54,13 @@ def stages(resources: list[Resource], n: int) -> list[list[Resource]]:
     return [resources[i : i + size] for i in range(0, len(resources), size)]
 
 
-def oracle(base_url: str, workdir: Path) -> tuple[list[dict], list[Resource]]:
-    """Replay over the Patients, Conditions, Observations and DiagnosticReports as the server holds them now."""
+def oracle(base_url: str, workdir: Path, *, history: bool = False) -> tuple[list[dict], list[Resource]]:
+    """Replay over the Patients, Conditions, Observations (every version with `history`) and
+    DiagnosticReports as the server holds them now."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "server.ndjson"
-    resources = [r for t in ("Patient", "Condition", "Observation", "DiagnosticReport") for r in export(base_url, t)]
+    observations = export_history(base_url, "Observation") if history else export(base_url, "Observation")
+    resources = [r for t in ("Patient", "Condition", "DiagnosticReport") for r in export(base_url, t)] + observations
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
     events, alerts = workdir / "events.jsonl", workdir / "alerts.ndjson"
     assert cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts)]) == 0
@@ -71,10 +73,10 @@ def identifier(resource: Resource) -> str:
     return f"{ident['system']}|{ident['value']}"
 
 
-def compare_with_oracle(base_url: str, workdir: Path) -> dict[str, int]:
+def compare_with_oracle(base_url: str, workdir: Path, *, history: bool = False) -> dict[str, int]:
     """Assert the server holds exactly the alerts replay predicts: every Communication once, every
     episode's Flag once with the final status. Returns counts for the caller's own assertions."""
-    _events, predicted = oracle(base_url, workdir)
+    _events, predicted = oracle(base_url, workdir, history=history)
     want_comms = [identifier(r) for r in predicted if r["resourceType"] == "Communication"]
     want_flags = {identifier(r): r for r in predicted if r["resourceType"] == "Flag"}  # last state wins
     comms = export(base_url, "Communication")

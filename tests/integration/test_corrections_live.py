@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
-from tests.integration.live import cycle, settings_for
+from tests.integration.live import compare_with_oracle, cycle, settings_for
 
 
 
@@ -42,6 +42,7 @@ async def test_entered_in_error_withdraws_the_alert(fhir_base_url, tmp_path):
     assert notice["priority"] == "urgent"
     again = await cycle(settings, tmp_path / "s.sqlite3")
     assert (again.written, len(export(fhir_base_url, "Communication"))) == (0, 2)
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)  # replay predicts the same
 
 
 async def test_corrected_value_downgrades_the_episode(fhir_base_url, tmp_path):
@@ -56,3 +57,4 @@ async def test_corrected_value_downgrades_the_episode(fhir_base_url, tmp_path):
     assert (await cycle(settings, tmp_path / "s.sqlite3")).events == {"retracted": 1}
     (flag,) = export(fhir_base_url, "Flag")
     assert flag["status"] == "active" and flag["code"]["text"].startswith("Neutropenia, mild")
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)

@@ -123,12 +123,27 @@ def test_rejections_are_events_and_never_alert(tmp_path):
     assert all(e["grade"] is None and e["anc"] is None for e in events)
 
 
-def test_latest_version_of_an_observation_wins(tmp_path):
+def test_each_version_is_an_arrival_and_a_correction_retracts(tmp_path):
+    # v1 final 400/uL alerts when it is available; v2 "corrected" to 1800/uL arrives later: the
+    # earlier alert no longer holds and is withdrawn (reference §1.5 amended/corrected); both versions
+    # are never counted together. File order does not matter (newest first here).
     v1 = cbc("Patient/v", 3, 0.4)
     v2 = [dict(o, meta={"versionId": "2", "lastUpdated": "2026-01-03T12:00:00.000Z"}) for o in v1]
     v2[1] = dict(v2[1], status="corrected", valueQuantity={"value": 1.8, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"})
-    events, _ = replay(tmp_path, write_ndjson(tmp_path / "v.ndjson", v2 + v1))  # newest first in the file
-    assert events == []  # the corrected 1800/uL is normal; never count both versions
+    events, alerts = replay(tmp_path, write_ndjson(tmp_path / "v.ndjson", v2 + v1))
+    assert [(e["event"], e["grade"], e["anc"]) for e in events] == [("new", "severe", 400), ("retracted", "severe", 1800)]
+    assert events[1]["correction"] == {"revision": 1, "reason": "corrected"}
+    assert events[1]["episode_status"] == "entered-in-error"
+    flags = [a for a in alerts if a["resourceType"] == "Flag"]
+    assert [f["status"] for f in flags] == ["active", "entered-in-error"]
+
+
+def test_entered_in_error_withdraws_in_replay(tmp_path):
+    v1 = cbc("Patient/e", 3, 0.4)
+    gone = dict(v1[1], meta={"versionId": "2", "lastUpdated": "2026-01-04T09:00:00.000Z"}, status="entered-in-error")
+    gone.pop("valueQuantity")
+    events, _ = replay(tmp_path, write_ndjson(tmp_path / "e.ndjson", [*v1, gone]))
+    assert [(e["event"], e.get("correction", {}).get("reason")) for e in events] == [("new", None), ("retracted", "entered-in-error")]
 
 
 def test_preliminary_is_not_assessed(tmp_path):
