@@ -40,7 +40,8 @@ from .clinical.panels import (
     report_members,
     specimen_key,
 )
-from .clinical.context import PatientContext, patient_context
+from .clinical.context import PatientContext, care_team_members, patient_context, requester
+from .clinical.recipients import choose
 from .clinical.rules import Rules
 from .config import AlertSettings
 from .errors import InputError
@@ -140,18 +141,29 @@ class Rows:
     context: list[tuple[str, str, bytes]] = field(default_factory=list)  # patient, resourceType, Resource
 
 
-def patient_contexts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[str, PatientContext]:
-    """PatientContext per patient from the Patient and Condition resources of the input (the live
-    loop reads the same from the server)."""
-    patients: dict[str, raw.Resource] = {}
-    conditions: dict[str, list[raw.Resource]] = {}
+@dataclass(frozen=True, slots=True)
+class PatientFacts:
+    """What the input says of a patient beyond its Observations (the live loop reads the same from
+    the server): age and individual threshold, the requesters of its orders, its care team."""
+
+    context: PatientContext = PatientContext()
+    requesters: Mapping[str, str | None] = field(default_factory=dict)
+    care_team: tuple[str, ...] = ()
+
+
+def patient_facts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[str, PatientFacts]:
+    by_kind: dict[str, dict[str, list[raw.Resource]]] = {}
     for patient, kind, data in rows:
-        resource = _decode_resource(data)
-        if kind == "Patient":
-            patients[patient] = resource
-        else:
-            conditions.setdefault(patient, []).append(resource)
-    return {p: patient_context(p, patients.get(p), conditions.get(p, ()), rules) for p in {*patients, *conditions}}
+        by_kind.setdefault(patient, {}).setdefault(kind, []).append(_decode_resource(data))
+    facts: dict[str, PatientFacts] = {}
+    for patient, kinds in by_kind.items():
+        record = (kinds.get("Patient") or [None])[-1]
+        orders = {f"ServiceRequest/{r.id}": requester(r) for r in kinds.get("ServiceRequest", ()) if r.id}
+        facts[patient] = PatientFacts(
+            patient_context(patient, record, kinds.get("Condition", ()), rules), orders,
+            tuple(care_team_members(kinds.get("CareTeam", ()))),
+        )
+    return facts
 
 
 def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> int:
@@ -181,7 +193,7 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
                 stats.ignored[outcome.reason] += 1
         elif kind == "Patient" and item.id:
             rows.context.append((f"Patient/{item.id}", kind, _encode(item)))
-        elif kind == "Condition" and item.subject is not None and item.subject.reference:
+        elif kind in ("Condition", "ServiceRequest", "CareTeam") and item.subject is not None and item.subject.reference:
             rows.context.append((item.subject.reference, kind, _encode(item)))
         elif kind == "DiagnosticReport" and item.id:
             specimens = item.specimen if isinstance(item.specimen, list) else ()
@@ -366,7 +378,7 @@ class Replay:
             yield akey, "", "", _decode_rejected(data)
 
     def decide(self, *, with_alerts: bool = True, stream: Iterable[tuple[str, str, str, Any]] | None = None,
-               contexts: Mapping[str, PatientContext] | None = None,
+               facts: Mapping[str, PatientFacts] | None = None,
                ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
         """(availability key, event record, alert resources or None) in order of availability.
         Each Observation version is an arrival: a panel is assessed when its first member is
@@ -374,21 +386,22 @@ class Replay:
         arrives (a correction, a withdrawal) — as the live loop sees it. Building and validating
         the alert resources is skipped when nobody asked for them. `stream`: (availability key,
         patient, panel key, the panel's versions or a Rejected) in order of availability;
-        `contexts`: what the input says of each patient (age, individual threshold); by default
+        `facts`: what the input says of each patient (age, threshold, orders, care team); by default
         both from the SQLite engine's tables."""
         states: dict[str, PatientState] = {}
         if stream is None:
             stream = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
-        if contexts is None:
+        if facts is None:
             assert self.db is not None
-            contexts = patient_contexts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
-        no_context = PatientContext()
+            facts = patient_facts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
+        nothing = PatientFacts()
+        pool = self.alert_settings.recipients
         pending: list[tuple[str, str, str, list[LabResult]]] = []  # later versions, re-assessed when they arrive
 
         def judge(akey: str, patient: str, panel: str, members: list[LabResult]) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
             self.stats.panels += 1
-            decision = decide(states.get(patient, PatientState()), patient, panel, members, self.rules,
-                              contexts.get(patient, no_context))
+            known = facts.get(patient, nothing)
+            decision = decide(states.get(patient, PatientState()), patient, panel, members, self.rules, known.context)
             states[patient] = decision.state
             self.stats.stale_panels += decision.stale
             if decision.not_assessed is not None:
@@ -399,13 +412,14 @@ class Replay:
                 yield akey, panel_rejected_record(decision.rejection, members), None
             for event in decision.events:
                 self.stats.events[event.kind.value] += 1
+                to = choose(event.assessment.based_on if event.assessment else (), known.requesters, known.care_team, pool)
                 if not with_alerts:
-                    yield akey, event_record(event, self.scheme), None
+                    yield akey, event_record(event, self.scheme, to), None
                     continue
                 sent = _available(members) or (event.assessment.effective if event.assessment else "")
-                writes = build_alert(event, self.scheme, self.alert_settings, sent=sent)
+                writes = build_alert(event, self.scheme, self.alert_settings, sent=sent, recipients=to.refs)
                 resources = [writes.flag] + ([writes.communication] if writes.communication else [])
-                yield akey, event_record(event, self.scheme), resources
+                yield akey, event_record(event, self.scheme, to), resources
 
         for akey, patient, panel, payload in stream:
             while pending and pending[0][0] < akey:

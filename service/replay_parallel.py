@@ -54,7 +54,7 @@ from .replay import (
     _files,
     _is_json,
     availability_key,
-    patient_contexts,
+    patient_facts,
     read_document,
 )
 
@@ -285,7 +285,7 @@ def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, Segment], dict[int,
     for ref, vu, vv, number, data in rows.rejected:  # rejections need no more than sorting: any partition
         rejected[number % n].append((availability_key(ref, vu, vv, number), data))
     context: list[list[Any]] = [[] for _ in range(n)]
-    for row in rows.context:  # Patient and Condition resources go where their patient's panels go
+    for row in rows.context:  # Patient, Condition, ServiceRequest, CareTeam go where their patient's panels go
         context[hash(row[0]) % n].append(row)
     by_ref = {i: (obs[i], members[i]) for i in range(n) if obs[i] or members[i]}
     by_patient = {i: ((), rejected[i], context[i]) for i in range(n) if rejected[i] or context[i]}
@@ -379,9 +379,9 @@ def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, 
     with open(path, "wb") as fh, Replay(_job.rules, _job.alert_settings, workdir=_job.tmp, engine="partitioned") as core:
         frame: list[tuple[str, int, str, bytes, bytes]] = []
         size = 0
-        contexts = patient_contexts(context_rows, _job.rules)
+        facts = patient_facts(context_rows, _job.rules)
         del context_rows
-        decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(), contexts=contexts)
+        decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(), facts=facts)
         for n, (key, record, resources) in enumerate(decisions):
             line = orjson.dumps(record) + b"\n"
             alert_lines = b"".join(orjson.dumps(r) + b"\n" for r in resources) if resources is not None else b""

@@ -18,6 +18,7 @@ from service.synthetic import PopulationSpec, generate
 from tests.fhir_server.load import export, export_history
 
 Resource = dict[str, Any]
+POOL = ("CareTeam/oncology",)  # the configured recipient pool of the tests (live loop and oracle alike)
 
 
 async def cycle(settings: Settings, path: Path, *, with_decisions: bool = False) -> Any:
@@ -38,7 +39,7 @@ def settings_for(base_url: str, state: Path, **poll: Any) -> Settings:
               "timeout_seconds": 10, "retry": {"max_attempts": 3, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.5}},
         store={"path": state},
         poll={"interval_seconds": 0.5, "overlap_seconds": 120, "settle_seconds": 0, "initial_lookback_hours": 24, **poll},
-        alerts={"recipients": ["CareTeam/oncology"]},
+        alerts={"recipients": list(POOL)},
         web={"host": "127.0.0.1", "port": 0},
     )
 
@@ -60,10 +61,13 @@ def oracle(base_url: str, workdir: Path, *, history: bool = False) -> tuple[list
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "server.ndjson"
     observations = export_history(base_url, "Observation") if history else export(base_url, "Observation")
-    resources = [r for t in ("Patient", "Condition", "DiagnosticReport") for r in export(base_url, t)] + observations
+    kinds = ("Patient", "Condition", "ServiceRequest", "CareTeam", "DiagnosticReport")
+    resources = [r for t in kinds for r in export(base_url, t)] + observations
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
     events, alerts = workdir / "events.jsonl", workdir / "alerts.ndjson"
-    assert cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts)]) == 0
+    config = workdir / "oracle.yaml"
+    config.write_text(f"alerts:\n  recipients: {list(POOL)}\n")
+    assert cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts), "--config", str(config)]) == 0
     read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731
     return read(events), read(alerts)
 
@@ -95,5 +99,6 @@ def compare_with_oracle(base_url: str, workdir: Path, *, history: bool = False) 
     by_id = {identifier(c): c for c in comms}
     for c in predicted:
         if c["resourceType"] == "Communication":
-            assert by_id[identifier(c)]["priority"] == c["priority"]
+            got = by_id[identifier(c)]
+            assert (got["priority"], got.get("recipient")) == (c["priority"], c.get("recipient")), identifier(c)
     return {"communications": len(comms), "flags": len(flags)}

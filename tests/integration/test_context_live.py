@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
-from tests.integration.live import cycle, settings_for
+from tests.integration.live import compare_with_oracle, cycle, settings_for
 
 WHEN = "2026-05-10T08:00:00Z"
 
@@ -53,3 +53,4 @@ async def test_age_thresholds_and_recipients(fhir_base_url, tmp_path):
     comms = {c["subject"]["reference"]: c for c in export(fhir_base_url, "Communication")}
     assert comms["Patient/adult"]["recipient"] == [{"reference": "Practitioner/dr-house"}]
     assert comms["Patient/team"]["recipient"] == [{"reference": "Practitioner/nurse-a"}]
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")  # replay reads the same context from the same resources
