@@ -162,10 +162,10 @@ class Worker:
                 metrics.POLLS.labels("undelivered").inc()
                 return report
             newest_us = await self._read(report)
-            await self._decide(report)
             if self.settings.poll.temperatures == "open-episodes":
+                # before deciding, so temperatures and panels are taken in one order of availability
                 await self._temperatures(report, newest_us)
-                await self._decide(report)
+            await self._decide(report)
             report.delivered_all = await self.deliver(report)
             if report.delivered_all and newest_us is not None:
                 report.cursor = from_epoch_us(newest_us)
@@ -222,7 +222,8 @@ class Worker:
         return newest_us
 
     async def _temperatures(self, report: CycleReport, read_up_to_us: int | None) -> None:
-        """poll.temperatures = open-episodes: body temperatures of the patients with an open episode.
+        """poll.temperatures = open-episodes: body temperatures of the patients with an open episode
+        or with new results this cycle.
         Patients are searched TEMPERATURE_BATCH at a time (subject=a,b,...): the first time by
         collection time from 24 h (the fever window) before the newest ANC, after that for what
         changed since their cursors less the overlap."""
@@ -230,9 +231,19 @@ class Worker:
         overlap_us = int(poll.overlap_seconds * 1_000_000)
         base = [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
                 ("_count", str(self.settings.fhir.page_size))]
+        # Patients with an open episode, and patients with new results this cycle (an episode may
+        # open, and even close, within the cycle: their temperatures must be in before the decisions).
+        targets: dict[str, tuple[str | None, int | None]] = {
+            patient: (cursor, newest_us) for patient, cursor, newest_us in await self.store.open_patients()}
+        for work in await self.store.dirty_panels():
+            earliest = min((r.effective_us for r in work.results), default=None)
+            cursor, newest_us = targets.get(work.patient, (None, None))
+            if earliest is not None and (newest_us is None or earliest < newest_us):
+                newest_us = earliest
+            targets[work.patient] = (cursor, newest_us)
         first: list[tuple[str, int | None]] = []
         known: list[tuple[str, str]] = []
-        for patient, cursor, newest_us in await self.store.open_patients():
+        for patient, (cursor, newest_us) in targets.items():
             if cursor is None:
                 first.append((patient, newest_us))
             else:

@@ -117,13 +117,15 @@ def is_complete(results: Iterable[LabResult]) -> bool:
     """The panel holds what the ANC and its plausibility gate need (a WBC and a neutrophil result)
     and no member is still awaiting its final value (registered/preliminary: the reference's "hold
     the alert until final"). An incomplete panel is held for the settle time, then what is there
-    is assessed."""
+    is assessed. Body temperatures wait for nothing."""
     kinds = set()
     for r in results:
         if r.status in PENDING_STATUSES:
             return False
         if r.assessable:
             kinds.add(r.kind)
+    if kinds == {Kind.TEMP}:
+        return True
     if Kind.WBC not in kinds:
         return False
     return bool(kinds & {Kind.NEUT_ABS, Kind.SEG_ABS, Kind.NEUT_PCT, Kind.SEG_PCT})

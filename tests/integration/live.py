@@ -44,9 +44,9 @@ def settings_for(base_url: str, state: Path, **poll: Any) -> Settings:
     )
 
 
-def population(patients: int = 12, days: int = 42, seed: int = 3) -> list[Resource]:
-    """A synthetic population without corrections (correction semantics are issue 4)."""
-    spec = PopulationSpec(patients=patients, days=days, seed=seed, corrections=0.0, temperatures=False)
+def population(patients: int = 12, days: int = 42, seed: int = 3, *, temperatures: bool = False, corrections: float = 0.0) -> list[Resource]:
+    """A synthetic population (by default without temperatures and corrections)."""
+    spec = PopulationSpec(patients=patients, days=days, seed=seed, corrections=corrections, temperatures=temperatures)
     return list(generate(spec))
 
 

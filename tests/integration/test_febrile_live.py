@@ -7,7 +7,7 @@ import pytest
 
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
-from tests.integration.live import compare_with_oracle, cycle, settings_for
+from tests.integration.live import compare_with_oracle, cycle, population, settings_for, stages
 
 
 
@@ -41,4 +41,16 @@ async def test_fever_before_and_after_the_anc(fhir_base_url, tmp_path, mode):
     assert {p: f["code"]["coding"][0]["code"] for p, f in flags.items()} == {"Patient/a": "409089005", "Patient/b": "409089005"}
     stat = [c for c in export(fhir_base_url, "Communication") if c["priority"] == "stat"]
     assert len(stat) == 2
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+
+
+async def test_population_with_temperatures_arriving_in_stages_matches_replay(fhir_base_url, tmp_path):
+    """Episodes can open and close within one cycle's arrivals: the temperatures of every patient
+    with new results are read before the decisions, so the febrile rule sees what replay sees."""
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
+    febrile = 0
+    for stage in stages(population(patients=40, days=56, seed=1, temperatures=True), 4):
+        put_all(fhir_base_url, stage)
+        febrile += (await cycle(settings, tmp_path / "s.sqlite3")).events.get("febrile", 0)
+    assert febrile >= 1
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
