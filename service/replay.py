@@ -31,7 +31,7 @@ from .alerts import build as build_alert
 from .clinical import raw
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
-from .clinical.observations import LabResult, Rejected, normalise
+from .clinical.observations import LabResult, Rejected, normalise, version_number
 from .clinical.panels import (
     collection_key,
     decide,
@@ -116,10 +116,6 @@ def _is_json(line: bytes) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)  # versionIds repeat ("1", "2", ...)
-def _version_number(version: str | None) -> int:
-    return int(version) if version is not None and version.isdigit() and len(version) < 18 else -1
-
-
 def availability_key(ref: str | None, vu: int, vv: int, seq: int) -> str:
     """`_AVAILABILITY` in Python, for the partitioned engine: the same order (seq is zero-padded
     wider because that engine numbers resources (chunk << 32) + position)."""
@@ -184,7 +180,7 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
             stats.observations += 1
             outcome = normalise(item)
             if isinstance(outcome, LabResult):
-                rows.obs.append((outcome.ref, outcome.updated_us or -1, _version_number(outcome.version),
+                rows.obs.append((outcome.ref, outcome.updated_us or -1, version_number(outcome.version),
                                  seq, outcome.patient, specimen_key(outcome.specimen),
                                  collection_key(outcome), _encode(outcome)))
             elif isinstance(outcome, Rejected):
@@ -207,7 +203,7 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
 
 
 def _reject(rejected: Rejected, seq: int, rows: Rows) -> None:
-    vu, vv = rejected.updated_us or -1, _version_number(rejected.version)
+    vu, vv = rejected.updated_us or -1, version_number(rejected.version)
     rows.rejected.append((rejected.ref, vu, vv, seq, _encode(rejected)))
     if rejected.ref is not None:
         # A rejected version still supersedes older versions: an Observation whose newest

@@ -20,7 +20,7 @@ from .clinical.anc import is_complete
 from .clinical.codes import cbc_codes, temperature_codes
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us, to_epoch_us
-from .clinical.observations import Ignored, LabResult, Rejected, normalise
+from .clinical.observations import Ignored, LabResult, Rejected, normalise, version_number
 from .clinical.panels import decide, panel_key
 from .config import Settings
 from .directory import LiveDirectory
@@ -53,10 +53,6 @@ class CycleReport:
     cursor: str | None = None
 
 
-def _version(version: str | None) -> int:
-    return int(version) if version is not None and version.isdigit() and len(version) < 18 else -1
-
-
 def intake(resource: raw.Resource | raw.Undecodable) -> Intake | Rejected | Ignored:
     """A search entry as the store takes it: an Intake, a Rejected without an id (quarantined
     only), or Ignored (another resource type, or a code not monitored)."""
@@ -76,7 +72,7 @@ def intake(resource: raw.Resource | raw.Undecodable) -> Intake | Rejected | Igno
         return outcome
     updated = outcome.updated_us if outcome.updated_us is not None else -1
     panel = panel_key(outcome, None) if isinstance(outcome, LabResult) else None
-    return Intake(outcome.ref, updated, _version(outcome.version), outcome.patient, panel, outcome)  # type: ignore[arg-type]
+    return Intake(outcome.ref, updated, version_number(outcome.version), outcome.patient, panel, outcome)  # type: ignore[arg-type]
 
 
 def search_params(settings: Settings, cursor: str | None, now: float) -> tuple[list[tuple[str, str]], int]:

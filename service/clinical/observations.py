@@ -25,6 +25,12 @@ _VALUELESS_STATUSES = frozenset({"registered", "cancelled", "entered-in-error", 
 _AT_MOST = frozenset({"<", "<="})
 
 
+def version_number(version: str | None) -> int:
+    """A numeric meta.versionId as a number for ordering versions; -1 when absent or not numeric
+    (some servers use UUIDs: then meta.lastUpdated alone orders the versions)."""
+    return int(version) if version is not None and version.isdigit() and len(version) < 18 else -1
+
+
 class LabResult(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One Observation version, its value in the canonical unit of its property
     (cells/uL, percent, g/dL, Celsius). `value` is None only for statuses that carry none."""
