@@ -31,11 +31,10 @@ from .alerts import build as build_alert
 from .clinical import raw
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
-from .clinical.observations import LabResult, Rejected, normalise, version_number
+from .clinical.observations import LabResult, Rejected, normalise, undecodable_rejection, version_number
 from .clinical.panels import (
     collection_key,
     decide,
-    local_reference,
     report_key,
     report_members,
     specimen_key,
@@ -171,7 +170,7 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
         stats.resources += 1
         if isinstance(item, raw.Undecodable):
             if item.resource_type in (None, "Observation"):
-                _reject(_undecodable_rejection(item), seq, rows)
+                _reject(undecodable_rejection(item), seq, rows)
             else:
                 stats.ignored[f"undecodable {item.resource_type}"] += 1
             continue
@@ -438,9 +437,5 @@ def _available(members: list[LabResult]) -> str | None:
     return from_epoch_us(min(stamps)) if stamps else None
 
 
-def _undecodable_rejection(item: raw.Undecodable) -> Rejected:
-    ref = f"Observation/{item.id}" if item.id else None
-    patient = local_reference(item.subject, "Patient") and item.subject
-    return Rejected(item.reason, ref, None, patient)
 
 

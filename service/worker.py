@@ -20,7 +20,7 @@ from .clinical.anc import is_complete
 from .clinical.codes import cbc_codes, temperature_codes
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us, to_epoch_us
-from .clinical.observations import Ignored, LabResult, Rejected, normalise, version_number
+from .clinical.observations import Ignored, LabResult, Rejected, normalise, undecodable_rejection, version_number
 from .clinical.panels import decide, panel_key
 from .config import Settings
 from .directory import LiveDirectory
@@ -59,7 +59,7 @@ def intake(resource: raw.Resource | raw.Undecodable) -> Intake | Rejected | Igno
     if isinstance(resource, raw.Undecodable):
         if resource.resource_type not in (None, "Observation"):
             return Ignored(f"undecodable {resource.resource_type}")
-        rejected = Rejected(resource.reason, f"Observation/{resource.id}" if resource.id else None, None, resource.subject)
+        rejected = undecodable_rejection(resource)
         if rejected.ref is None:
             return rejected
         return Intake(rejected.ref, -1, -1, rejected.patient, None, rejected)

@@ -27,9 +27,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from .grading import Band
-from .rules import DAY_US, Rules
-
-__all__ = ["DAY_US"]
+from .rules import Rules
 
 
 class EventKind(StrEnum):

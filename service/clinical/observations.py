@@ -12,7 +12,7 @@ import msgspec
 
 from .codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
 from .fhirtime import to_epoch_us
-from .raw import Quantity, Resource
+from .raw import Quantity, Resource, Undecodable
 from .units import UnitError, to_canonical
 
 LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"
@@ -99,11 +99,20 @@ def _term(resource: Resource) -> Term | Ignored | str:
     return GRANULOCYTES if granulocytes else NOT_MONITORED
 
 
-def _patient(resource: Resource) -> str | None:
-    ref = resource.subject.reference if resource.subject is not None else None
+def patient_reference(ref: str | None) -> str | None:
+    """The reference as given when it names a Patient, else None."""
     if ref and (ref.startswith("Patient/") or "/Patient/" in ref) and not ref.endswith("/"):
         return ref
     return None
+
+
+def _patient(resource: Resource) -> str | None:
+    return patient_reference(resource.subject.reference if resource.subject is not None else None)
+
+
+def undecodable_rejection(item: Undecodable) -> Rejected:
+    """A line or entry that could not be decoded, kept as a rejection with what could be read of it."""
+    return Rejected(item.reason, f"Observation/{item.id}" if item.id else None, None, patient_reference(item.subject))
 
 
 def _effective(resource: Resource) -> str | None:

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from service.clinical.episodes import DAY_US, Assessment, PatientState, apply, step, withdraw
-from service.clinical.rules import Rules
+from service.clinical.episodes import Assessment, PatientState, apply, step, withdraw
+from service.clinical.rules import DAY_US, Rules
 
 RULES = Rules()
 from service.clinical.grading import DEFAULT

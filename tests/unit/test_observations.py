@@ -180,3 +180,14 @@ def test_normalising_arbitrary_json_never_raises(obj):
 def test_decoding_arbitrary_bytes_never_raises(data):
     for item in raw.decode(data):
         assert isinstance(item, raw.Resource | raw.Undecodable)
+
+
+def test_undecodable_keeps_only_a_patient_subject():
+    from service.clinical.observations import undecodable_rejection
+
+    item = next(raw.decode(b'{"resourceType":"Observation","id":"g","subject":{"reference":"Group/ward"},"status":7}'))
+    assert isinstance(item, raw.Undecodable)
+    rejected = undecodable_rejection(item)
+    assert (rejected.ref, rejected.patient) == ("Observation/g", None)  # a Group is not a patient
+    item = next(raw.decode(b'{"resourceType":"Observation","id":"p","subject":{"reference":"Patient/9"},"status":7}'))
+    assert undecodable_rejection(item).patient == "Patient/9"
