@@ -199,7 +199,43 @@ class PollSettings(_Section):
 
 
 class StoreSettings(_Section):
+    backend: Literal["sqlite", "postgres"] = Field(
+        "sqlite",
+        description="sqlite: one replica, state in a local file. postgres: state in PostgreSQL; several replicas "
+        "may run and one (holding an advisory lock) polls and posts.",
+    )
     path: Path = Field(Path("neutrowatch.sqlite3"), description="SQLite state file (cursor, results, episodes, outbox).")
+    dsn: SecretStr | None = Field(
+        None,
+        description="PostgreSQL DSN, e.g. postgresql://neutrowatch@db:5432/neutrowatch (set it from the environment: "
+        "a password in it is a secret).",
+    )
+    dsn_file: Path | None = Field(None, description="File holding the PostgreSQL DSN (a mounted secret).")
+    schema_name: str = Field(
+        "neutrowatch", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL schema holding the tables; one per deployment (the leader lock is keyed on it).",
+    )
+    pool_size: int = Field(4, ge=2, le=64, description="PostgreSQL connections in the pool (the leader lock has its own).")
+    failover_check_seconds: float = Field(
+        2.0, gt=0, le=60,
+        description="A standby retries the leader lock this often; the leader re-checks it holds the lock this often.",
+    )
+
+    @model_validator(mode="after")
+    def _postgres(self) -> StoreSettings:
+        if self.backend == "postgres" and self.dsn is None and self.dsn_file is None:
+            raise ValueError("backend 'postgres' needs dsn (NEUTROWATCH_STORE__DSN) or dsn_file")
+        return self
+
+    def postgres_dsn(self) -> str:
+        """The DSN, read from dsn_file when that is set (never logged)."""
+        if self.dsn_file is not None:
+            try:
+                return self.dsn_file.read_text(encoding="utf-8").strip()
+            except OSError as err:
+                raise ConfigError(f"config error: store.dsn_file: {err.strerror or err}") from None
+        assert self.dsn is not None
+        return self.dsn.get_secret_value()
 
 
 class WebSettings(_Section):
