@@ -12,7 +12,7 @@ from pathlib import Path
 import structlog
 
 from . import logging as nw_logging
-from .config import load_settings
+from .config import StoreSettings, load_settings
 from .errors import NeutrowatchError
 
 
@@ -43,9 +43,17 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_store(store: StoreSettings) -> str:
+    if store.backend == "postgres":
+        from .store.postgres import describe_dsn
+
+        return f"postgres {describe_dsn(store.postgres_dsn())} schema {store.schema_name}"
+    return f"sqlite {store.path}"
+
+
 def _check_config(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    print(f"configuration ok (scheme {settings.grading.scheme}, store {settings.store.path})")
+    print(f"configuration ok (scheme {settings.grading.scheme}, store {describe_store(settings.store)})")
     if args.probe:
         from .probe import probe
 

@@ -1,5 +1,10 @@
 """The running service: state store, FHIR client, worker, scheduler and web endpoints, wired at the
-edge and shut down cleanly on SIGTERM/SIGINT."""
+edge and shut down cleanly on SIGTERM/SIGINT.
+
+Several replicas may run against one PostgreSQL store: each checks the leader lock every
+store.failover_check_seconds; the holder polls and posts, the others are ready standbys. Taking the
+lock starts a cycle at once, so a standby takes over within failover_check_seconds of the lock being
+freed (a killed leader's connection closes at once; a stalled one loses it after the lease)."""
 
 from __future__ import annotations
 
@@ -13,14 +18,16 @@ import structlog
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from . import metrics
 from .config import Settings
-from .errors import ConfigError, NeutrowatchError
+from .errors import ConfigError, NeutrowatchError, StoreError
 from .fhir.client import FhirClient
-from .store.sqlite import SqliteStore
+from .store import make_store
 from .web import make_app
 from .worker import CycleReport, Worker
 
 log = structlog.get_logger("neutrowatch")
+CYCLE_JOB = "poll"
 
 
 class Service:
@@ -28,7 +35,7 @@ class Service:
         if not settings.fhir.base_url:
             raise ConfigError("config error: fhir.base_url: required to poll a server")
         self.settings = settings
-        self.store = SqliteStore(settings.store.path)
+        self.store = make_store(settings.store)
         self.last_ok: float | None = None
         self.last_error: str | None = None
         self.started = time.time()
@@ -47,7 +54,10 @@ class Service:
         await self._stack.aclose()
 
     async def cycle(self) -> CycleReport | None:
+        """One poll cycle, if this replica is the leader (a standby's scheduled cycles do nothing)."""
         assert self.worker is not None
+        if not self.store.is_leader:
+            return None
         try:
             async with self._busy:
                 report = await self.worker.run_cycle()
@@ -61,6 +71,22 @@ class Service:
             self.last_error = "alert writes pending"
         return report
 
+    async def lead(self) -> bool:
+        """Take or renew the leader lock; True on becoming leader (not on keeping it)."""
+        was = self.store.is_leader
+        try:
+            now = await self.store.lead()
+        except StoreError as err:
+            log.warning("leader check failed", error=str(err))
+            now = False
+        metrics.LEADER.set(1 if now else 0)
+        if now != was:
+            metrics.LEADER_CHANGES.labels("taken" if now else "lost").inc()
+            log.info("leader" if now else "standby", backend=self.settings.store.backend)
+            if now:
+                self.last_ok = None  # readiness now follows this replica's own polls
+        return now and not was
+
     async def drain(self, timeout: float = 10.0) -> None:
         """Let a running cycle finish (cutting it is safe, finishing avoids re-work)."""
         try:
@@ -70,9 +96,11 @@ class Service:
             log.warning("cycle still running at shutdown; it will be redone after restart")
 
     def ready(self) -> tuple[bool, str]:
-        window = 3 * self.settings.poll.interval_seconds
-        if self.store._db is None:  # noqa: SLF001 - a cheap liveness view of our own store
+        if not self.store.is_open:
             return False, "state store closed"
+        if not self.store.is_leader:
+            return True, "standby: another replica holds the leader lock"
+        window = 3 * self.settings.poll.interval_seconds
         if self.last_ok is None:
             return False, self.last_error or "no successful poll yet"
         age = time.time() - self.last_ok
@@ -82,7 +110,7 @@ class Service:
 
 
 async def run(settings: Settings) -> None:
-    """Poll on an interval until SIGTERM/SIGINT; health endpoints answer throughout."""
+    """Poll on an interval while leader, until SIGTERM/SIGINT; health endpoints answer throughout."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,13 +120,20 @@ async def run(settings: Settings) -> None:
         await runner.setup()
         site = web.TCPSite(runner, settings.web.host, settings.web.port)
         await site.start()
-        log.info("service started", port=settings.web.port, interval=settings.poll.interval_seconds)
+        log.info("service started", port=settings.web.port, interval=settings.poll.interval_seconds,
+                 store=settings.store.backend)
         scheduler = AsyncIOScheduler()
-        scheduler.add_job(service.cycle, "interval", seconds=settings.poll.interval_seconds, max_instances=1,
-                          coalesce=True, next_run_time=_now())
+        job = scheduler.add_job(service.cycle, "interval", id=CYCLE_JOB, seconds=settings.poll.interval_seconds,
+                                max_instances=1, coalesce=True)
         scheduler.start()
         try:
-            await stop.wait()
+            while not stop.is_set():
+                if await service.lead():
+                    job.modify(next_run_time=_now())  # a new leader polls at once
+                try:
+                    await asyncio.wait_for(stop.wait(), settings.store.failover_check_seconds)
+                except TimeoutError:
+                    pass
         finally:
             log.info("stopping")
             scheduler.shutdown(wait=False)
@@ -109,6 +144,8 @@ async def run(settings: Settings) -> None:
 
 async def once(settings: Settings) -> CycleReport | None:
     async with Service(settings) as service:
+        if not await service.store.lead():
+            raise StoreError("another replica holds the leader lock; `once` would race it")
         return await service.cycle()
 
 

@@ -22,6 +22,8 @@ UNSAFE_LINKS = Counter("neutrowatch_refused_links_total", "Links or redirects to
 CONTEXT_FAILURES = Counter("neutrowatch_context_lookup_failures_total", "Patient context or recipient look-ups that failed (fallback used).", ["lookup"], registry=REGISTRY)
 POLL_LAG = Gauge("neutrowatch_poll_lag_seconds", "Seconds between now and the newest meta.lastUpdated read.", registry=REGISTRY)
 LAST_POLL_OK = Gauge("neutrowatch_last_successful_poll_timestamp_seconds", "Unix time of the last successful poll.", registry=REGISTRY)
+LEADER = Gauge("neutrowatch_leader", "1 while this replica holds the leader lock (polls and posts), 0 as a standby.", registry=REGISTRY)
+LEADER_CHANGES = Counter("neutrowatch_leader_changes_total", "Times this replica took or lost the leader lock.", ["change"], registry=REGISTRY)
 OUTBOX_PENDING = Gauge("neutrowatch_outbox_pending", "Alert writes decided but not yet confirmed by the FHIR server.", registry=REGISTRY)
 POLL_SECONDS = Histogram("neutrowatch_poll_duration_seconds", "Duration of poll cycles.", registry=REGISTRY,
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))

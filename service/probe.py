@@ -8,6 +8,7 @@ from .clinical.fhirtime import from_epoch_us
 from .config import Settings
 from .errors import NeutrowatchError
 from .fhir.client import FhirClient
+from .store import make_store
 from .worker import search_params
 
 
@@ -37,4 +38,14 @@ async def probe(settings: Settings) -> int:
     except NeutrowatchError as err:
         print(f"FAIL connection or auth: {err}")
         return 1
+    store = make_store(settings.store)
+    try:
+        await store.open()
+        leader = "free" if await store.lead() else "held by another replica"
+        print(f"ok   state store ({settings.store.backend}): schema current, leader lock {leader}")
+    except NeutrowatchError as err:
+        failures += 1
+        print(f"FAIL state store: {err}")
+    finally:
+        await store.close()
     return 1 if failures else 0

@@ -324,6 +324,7 @@ class Worker:
             async def chain(patient: str, chain_entries: list[OutboxEntry]) -> None:
                 async with gate:
                     for entry in chain_entries:
+                        await self.store.check_leader()  # a replaced leader stops before the next write
                         try:
                             result = await self._post(entry)
                         except NeutrowatchError as err:

@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fhir_server.pytest_plugin"]
+pytest_plugins = ["tests.fhir_server.pytest_plugin", "tests.postgres_plugin"]

@@ -1,8 +1,13 @@
 """SQLite state store (the default; one active replica). WAL mode, one connection, every change
-one transaction. Calls are short and local, so they run on the event loop thread."""
+one transaction. Calls are short and local, so they run on the event loop thread.
+
+Leadership is an exclusive flock on `<path>.leader`: a second process opening the same file (a
+rolling update on a shared volume, an operator's `once`) waits as a standby and cannot write."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -15,7 +20,7 @@ import orjson
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
-from .base import Decided, Intake, OutboxEntry, PanelWork
+from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelWork
 
 SCHEMA_VERSION = 1
 _MIGRATIONS: dict[int, str] = {
@@ -54,6 +59,7 @@ class SqliteStore:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
 
     # lifecycle -------------------------------------------------------------------------------------
 
@@ -74,6 +80,38 @@ class SqliteStore:
         if self._db is not None:
             self._db.close()
             self._db = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # frees the flock
+            self._lock_fd = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    # leadership ------------------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.path == ":memory:" or self._lock_fd is not None
+
+    async def lead(self) -> bool:
+        return self._try_lock()
+
+    async def check_leader(self) -> None:
+        if not self._try_lock():
+            raise LeadershipLost(f"another process holds {self.path}.leader")
+
+    def _try_lock(self) -> bool:
+        if self.is_leader:
+            return True  # a flock is held until the descriptor closes
+        fd = os.open(self.path + ".leader", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -89,7 +127,7 @@ class SqliteStore:
         if current > SCHEMA_VERSION:
             raise StoreError(f"state store {self.path} has schema {current}, newer than this version ({SCHEMA_VERSION})")
         for version in range(current + 1, SCHEMA_VERSION + 1):
-            with self._tx():
+            with _Transaction(db):  # BEGIN IMMEDIATE serialises migrating processes
                 script = _MIGRATIONS[version]
                 if version == 1:
                     script = script.replace("CREATE TABLE meta", "CREATE TABLE IF NOT EXISTS meta")
@@ -98,6 +136,9 @@ class SqliteStore:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
 
     def _tx(self) -> _Transaction:
+        """A fenced transaction: only the leader (the holder of the flock) changes state."""
+        if not self._try_lock():
+            raise LeadershipLost(f"another process holds {self.path}.leader")
         return _Transaction(self.db)
 
     # cursor ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import orjson
 from service.__main__ import main as cli
 from service.config import Settings
 from service.fhir.client import FhirClient
-from service.store.sqlite import SqliteStore
+from service.store import make_store
 from service.worker import Worker
 from service.synthetic import PopulationSpec, generate
 from tests.fhir_server.load import export, export_history
@@ -21,11 +21,12 @@ Resource = dict[str, Any]
 POOL = ("CareTeam/oncology",)  # the configured recipient pool of the tests (live loop and oracle alike)
 
 
-async def cycle(settings: Settings, path: Path, *, with_decisions: bool = False) -> Any:
+async def cycle(settings: Settings, *, with_decisions: bool = False) -> Any:
     """One worker cycle with a fresh store connection and client (as a restarted process would)."""
-    store = SqliteStore(path)
+    store = make_store(settings.store)
     await store.open()
     try:
+        assert await store.lead(), "another test process holds the store"
         async with FhirClient(settings.fhir) as client:
             report = await Worker(settings, client, store).run_cycle()
             return (report, await store.decisions()) if with_decisions else report
@@ -33,15 +34,20 @@ async def cycle(settings: Settings, path: Path, *, with_decisions: bool = False)
         await store.close()
 
 
-def settings_for(base_url: str, state: Path, **poll: Any) -> Settings:
+def settings_for(base_url: str, state: Path | dict[str, Any], **poll: Any) -> Settings:
+    """Settings for the test engine; `state` is a SQLite path or a whole store section (PostgreSQL)."""
     return Settings(
         fhir={"base_url": base_url, "allow_insecure_http": True, "page_size": poll.pop("page_size", 50),
               "timeout_seconds": 10, "retry": {"max_attempts": 3, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.5}},
-        store={"path": state},
+        store=state if isinstance(state, dict) else {"path": state},
         poll={"interval_seconds": 0.5, "overlap_seconds": 120, "settle_seconds": 0, "initial_lookback_hours": 24, **poll},
         alerts={"recipients": list(POOL)},
         web={"host": "127.0.0.1", "port": 0},
     )
+
+
+def postgres_store(dsn: str, schema: str, **more: Any) -> dict[str, Any]:
+    return {"backend": "postgres", "dsn": dsn, "schema_name": schema, "pool_size": 3, **more}
 
 
 def population(patients: int = 12, days: int = 42, seed: int = 3, *, temperatures: bool = False, corrections: float = 0.0) -> list[Resource]:

@@ -38,7 +38,7 @@ async def test_age_thresholds_and_recipients(fhir_base_url, tmp_path):
     ]
     put_all(fhir_base_url, resources)
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
-    report, decisions = await cycle(settings, tmp_path / "s.sqlite3", with_decisions=True)
+    report, decisions = await cycle(settings, with_decisions=True)
     by_patient = {d["patient"]: d for d in decisions}
     assert set(report.events) == {"new"} and report.events["new"] == 2
     assert by_patient["Patient/adult"]["event"] == "new"

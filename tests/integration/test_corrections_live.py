@@ -19,7 +19,7 @@ def panel(patient: str, anc_k: float, **kw):
 async def test_entered_in_error_withdraws_the_alert(fhir_base_url, tmp_path):
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     put_all(fhir_base_url, panel("Patient/eie", 0.3))
-    first = await cycle(settings, tmp_path / "s.sqlite3")
+    first = await cycle(settings)
     assert first.events == {"new": 1}
     (flag,) = export(fhir_base_url, "Flag")
     assert flag["status"] == "active"
@@ -27,7 +27,7 @@ async def test_entered_in_error_withdraws_the_alert(fhir_base_url, tmp_path):
     withdrawn = panel("Patient/eie", None)[1]
     withdrawn.update(status="entered-in-error")
     put_all(fhir_base_url, [withdrawn])
-    second = await cycle(settings, tmp_path / "s.sqlite3")
+    second = await cycle(settings)
     assert second.events == {"retracted": 1}
 
     (flag,) = export(fhir_base_url, "Flag")
@@ -40,7 +40,7 @@ async def test_entered_in_error_withdraws_the_alert(fhir_base_url, tmp_path):
     assert text.startswith("WITHDRAWN") and "entered-in-error" in text and "300 cells/µL" in text
     assert notice["inResponseTo"][0]["identifier"]["value"] == original["identifier"][0]["value"]
     assert notice["priority"] == "urgent"
-    again = await cycle(settings, tmp_path / "s.sqlite3")
+    again = await cycle(settings)
     assert (again.written, len(export(fhir_base_url, "Communication"))) == (0, 2)
     compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)  # replay predicts the same
 
@@ -50,11 +50,11 @@ async def test_corrected_value_downgrades_the_episode(fhir_base_url, tmp_path):
     put_all(fhir_base_url, panel("Patient/cor", 1.2))  # mild
     put_all(fhir_base_url, [dict(o, id=o["id"] + "-2", specimen={"reference": "Specimen/cor-2"}, effectiveDateTime="2026-03-04T08:00:00Z")
                             for o in panel("Patient/cor", 0.3)])  # severe two days later
-    assert (await cycle(settings, tmp_path / "s.sqlite3")).events == {"new": 1, "worsening": 1}
+    assert (await cycle(settings)).events == {"new": 1, "worsening": 1}
     fixed = dict(panel("Patient/cor", 1.1)[1], id="cor-anc-2", specimen={"reference": "Specimen/cor-2"},
                  effectiveDateTime="2026-03-04T08:00:00Z", status="corrected")
     put_all(fhir_base_url, [fixed])
-    assert (await cycle(settings, tmp_path / "s.sqlite3")).events == {"retracted": 1}
+    assert (await cycle(settings)).events == {"retracted": 1}
     (flag,) = export(fhir_base_url, "Flag")
     assert flag["status"] == "active" and flag["code"]["text"].startswith("Neutropenia, mild")
     compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)

@@ -28,12 +28,12 @@ async def test_fever_before_and_after_the_anc(fhir_base_url, tmp_path, mode):
     # fever 6 h before a severe ANC (°F), and a patient whose fever comes after the ANC (°C)
     put_all(fhir_base_url, [temperature("a", 101.5, "[degF]", "2026-04-01T02:00:00Z"), *cbc("a", 0.3, "2026-04-01T08:00:00Z"),
                             *cbc("b", 0.4, "2026-04-01T09:00:00Z"), temperature("c", 39.0, "Cel", "2026-04-01T09:30:00Z")])
-    first = await cycle(settings, tmp_path / "s.sqlite3")
+    first = await cycle(settings)
     assert first.events == {"new": 2, "febrile": 1}
     if mode == "open-episodes":
         assert first.temperature_searches == 1  # the two open episodes in one search; patient c has none
     put_all(fhir_base_url, [temperature("b", 38.1, "Cel", "2026-04-01T11:00:00Z"), temperature("b", 38.2, "Cel", "2026-04-01T12:10:00Z")])
-    second = await cycle(settings, tmp_path / "s.sqlite3")
+    second = await cycle(settings)
     assert second.events == {"febrile": 1}  # >= 38.0 sustained over 70 minutes
     if mode == "open-episodes":
         assert second.temperature_searches == 1  # both open episodes in one search (subject=a,b)
@@ -51,6 +51,6 @@ async def test_population_with_temperatures_arriving_in_stages_matches_replay(fh
     febrile = 0
     for stage in stages(population(patients=40, days=56, seed=1, temperatures=True), 4):
         put_all(fhir_base_url, stage)
-        febrile += (await cycle(settings, tmp_path / "s.sqlite3")).events.get("febrile", 0)
+        febrile += (await cycle(settings)).events.get("febrile", 0)
     assert febrile >= 1
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")

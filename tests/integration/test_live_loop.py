@@ -19,6 +19,7 @@ import yaml
 from service.clinical.observations import LabResult
 from service.fhir.client import FhirClient
 from service.errors import StoreError
+from service.store.postgres import PostgresStore
 from service.store.sqlite import SqliteStore
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
@@ -29,19 +30,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 
-async def test_staged_arrival_matches_replay_exactly_once(fhir_base_url, tmp_path):
+async def test_staged_arrival_matches_replay_exactly_once(fhir_base_url, tmp_path, state):
     resources = population()
-    settings = settings_for(fhir_base_url, tmp_path / "state.sqlite3")
+    settings = settings_for(fhir_base_url, state)
     written = 0
     for stage in stages(resources, 4):
         put_all(fhir_base_url, stage)
-        report = await cycle(settings, tmp_path / "state.sqlite3")
+        report = await cycle(settings)
         assert report.delivered_all
         written += report.written
     counts = compare_with_oracle(fhir_base_url, tmp_path / "oracle")
     assert counts["communications"] == written > 5
     # A cycle with nothing new writes nothing and the server is unchanged.
-    again = await cycle(settings, tmp_path / "state.sqlite3")
+    again = await cycle(settings)
     assert (again.written, again.new_versions) == (0, 0)
     assert len(export(fhir_base_url, "Communication")) == counts["communications"]
 
@@ -50,7 +51,7 @@ async def test_small_pages_lose_nothing(fhir_base_url, tmp_path):
     resources = population(patients=6, days=28, seed=5)
     put_all(fhir_base_url, resources)
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3", page_size=7)
-    report = await cycle(settings, tmp_path / "s.sqlite3")
+    report = await cycle(settings)
     monitored = [r for r in export(fhir_base_url, "Observation") if r["code"]["coding"][-1]["code"] != "8310-5"]
     assert report.pages >= len(monitored) // 7
     assert report.observations >= len(monitored)
@@ -61,11 +62,12 @@ async def test_small_pages_lose_nothing(fhir_base_url, tmp_path):
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
 
 
-async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_base_url, tmp_path, monkeypatch):
+async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_base_url, tmp_path, monkeypatch, state):
     put_all(fhir_base_url, population(patients=8, days=35, seed=9))
-    settings = settings_for(fhir_base_url, tmp_path / "c.sqlite3")
+    settings = settings_for(fhir_base_url, state)
     crashes = {"left": 3}
-    original = SqliteStore.mark_sent
+    store_class = SqliteStore if settings.store.backend == "sqlite" else PostgresStore
+    original = store_class.mark_sent
 
     async def crash_once(self, entry_id, result):
         if crashes["left"]:
@@ -73,14 +75,14 @@ async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_b
             raise StoreError("simulated crash: the server confirmed the write, the store never heard")
         return await original(self, entry_id, result)
 
-    monkeypatch.setattr(SqliteStore, "mark_sent", crash_once)
+    monkeypatch.setattr(store_class, "mark_sent", crash_once)
     failed_cycles = 0
     while crashes["left"]:  # writes go out in parallel across patients: one cycle may use up several
         with pytest.raises(StoreError):
-            await cycle(settings, tmp_path / "c.sqlite3")
+            await cycle(settings)
         failed_cycles += 1
     assert 1 <= failed_cycles <= 3
-    report = await cycle(settings, tmp_path / "c.sqlite3")
+    report = await cycle(settings)
     assert report.delivered_all
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
 
@@ -158,7 +160,7 @@ async def test_update_during_paging_loses_nothing(fhir_base_url, tmp_path, monke
 
     monkeypatch.setattr(FhirClient, "search", search_with_a_concurrent_update)
     settings = settings_for(fhir_base_url, tmp_path / "p.sqlite3", page_size=10)
-    report = await cycle(settings, tmp_path / "p.sqlite3")
+    report = await cycle(settings)
     assert fired["done"], "the update was not injected"
     assert report.delivered_all, report
     store = SqliteStore(tmp_path / "p.sqlite3")

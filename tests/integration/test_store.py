@@ -1,0 +1,288 @@
+"""The state-store contract, run against both implementations: SQLite (a file) and PostgreSQL (the
+machine's real server, a fresh schema per test). Same calls, same answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import pytest
+
+from service.clinical.episodes import PatientState
+from service.clinical.observations import LabResult
+from service.clinical.panels import decide
+from service.config import Settings
+from service.errors import StoreError
+from service.store import Decided, Intake, LeadershipLost, Store
+from service.store.postgres import PostgresStore
+from service.store.sqlite import SqliteStore
+from service.worker import intake
+from service.clinical.raw import Resource
+from tests.builders import observation
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")  # the async fixtures' loop
+RULES = Settings().rules
+T0 = "2026-01-05T08:00:00Z"
+
+
+def _intake(obs: dict) -> Intake:
+    item = intake(msgspec.convert(obs, Resource))
+    assert isinstance(item, Intake), item
+    return item
+
+
+def _panel(patient: str, specimen: str, anc: float, *, updated: str, version: str = "1", ids: str = "") -> list[Intake]:
+    """A WBC and an absolute neutrophil count on one specimen."""
+    ids = ids or specimen.split("/")[-1]
+    return [
+        _intake(observation("6690-2", 3.0, id=f"{ids}-wbc", patient=patient, specimen=specimen, updated=updated, version=version)),
+        _intake(observation("751-8", anc, id=f"{ids}-anc", patient=patient, specimen=specimen, updated=updated, version=version)),
+    ]
+
+
+Factory = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make(request: pytest.FixtureRequest, tmp_path: Path) -> Factory:
+    """Makes store instances on one location (two calls = two processes' views of one store)."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "state.sqlite3")
+    dsn = request.getfixturevalue("pg_dsn")
+    schema = request.getfixturevalue("pg_schema")
+    return lambda: PostgresStore(dsn, schema, pool_size=3, lease_seconds=10)
+
+
+@pytest.fixture
+async def store(make: Factory) -> AsyncIterator[Store]:
+    s = make()
+    await s.open()
+    assert await s.lead()
+    yield s
+    await s.close()
+
+
+async def test_cursor_round_trip_and_survives_reopen(store: Store, make: Factory) -> None:
+    assert await store.get_cursor() is None
+    await store.set_cursor("2026-01-05T08:00:00.000Z")
+    await store.set_cursor("2026-01-05T09:00:00.000Z")
+    await store.close()
+    again = make()
+    await again.open()
+    try:
+        assert await again.get_cursor() == "2026-01-05T09:00:00.000Z"
+    finally:
+        await again.close()
+
+
+async def test_ingest_keeps_the_newest_version_only(store: Store) -> None:
+    first = _panel("Patient/a", "Specimen/s1", 0.4, updated="2026-01-05T09:00:00Z")
+    assert await store.ingest(first, now=100.0) == first
+    # The overlap window reads the same versions again: nothing new.
+    assert await store.ingest(first, now=101.0) == []
+    # A newer version of one member is new; an older one is not.
+    newer = _intake(observation("751-8", 0.9, id="s1-anc", patient="Patient/a", specimen="Specimen/s1",
+                                updated="2026-01-05T10:00:00Z", version="2"))
+    older = _intake(observation("751-8", 0.1, id="s1-anc", patient="Patient/a", specimen="Specimen/s1",
+                                updated="2026-01-05T08:30:00Z", version="1"))
+    assert await store.ingest([newer, older], now=102.0) == [newer]
+    (work,) = await store.dirty_panels()
+    assert (work.patient, work.panel, work.changed_at) == ("Patient/a", first[0].panel, 102.0)
+    values = sorted((r.code, r.value) for r in work.results)
+    assert values == [("6690-2", 3000.0), ("751-8", 900.0)]  # 10*3/uL -> cells/uL, version 2's value
+    assert (await store.counts())["results"] == 2
+
+
+async def test_a_result_moved_to_another_specimen_dirties_both_panels(store: Store) -> None:
+    a = _panel("Patient/a", "Specimen/s1", 0.4, updated="2026-01-05T09:00:00Z")
+    await store.ingest(a, now=1.0)
+    await store.commit([Decided("Patient/a", a[0].panel, PatientState(), [])])
+    assert await store.dirty_panels() == []
+    moved = _intake(observation("751-8", 0.4, id="s1-anc", patient="Patient/a", specimen="Specimen/s2",
+                                updated="2026-01-05T11:00:00Z", version="2"))
+    await store.ingest([moved], now=2.0)
+    dirty = {(w.panel, tuple(r.ref for r in w.results)) for w in await store.dirty_panels()}
+    assert dirty == {(a[0].panel, ("Observation/s1-wbc",)), (moved.panel, ("Observation/s1-anc",))}
+
+
+async def test_dirty_panels_come_in_order_of_first_availability_then_byte_order(store: Store) -> None:
+    # Patients whose names sort differently under a linguistic collation and under byte order.
+    await store.ingest(_panel("Patient/b", "Specimen/x", 0.4, updated="2026-01-05T09:00:00Z"), now=1.0)
+    await store.ingest(_panel("Patient/a", "Specimen/y", 0.4, updated="2026-01-05T10:00:00Z"), now=1.0)
+    await store.ingest(_panel("Patient/Z", "Specimen/z", 0.4, updated="2026-01-05T10:00:00Z"), now=1.0)
+    await store.ingest(_panel("Patient/_", "Specimen/w", 0.4, updated="2026-01-05T10:00:00Z"), now=1.0)
+    order = [w.patient for w in await store.dirty_panels()]
+    # first_vu first; at equal times byte order: "Z" (0x5A) < "_" (0x5F) < "a" (0x61), as SQLite's BINARY.
+    assert order == ["Patient/b", "Patient/Z", "Patient/_", "Patient/a"]
+
+
+async def test_rejections_are_quarantined_with_their_reason(store: Store) -> None:
+    bad = _intake(observation("751-8", 0.4, unit="furlongs", id="bad", updated="2026-01-05T09:00:00Z"))
+    assert await store.ingest([bad], now=1.0) == [bad]
+    quarantined = await store.quarantined()
+    assert len(quarantined) == 1 and quarantined[0][0] == "Observation/bad" and "unit" in quarantined[0][1]
+    assert await store.dirty_panels() == []
+    counts = await store.counts()
+    assert (counts["results"], counts["quarantine"]) == (1, 1)  # kept, so a later version supersedes it
+
+
+async def test_commit_saves_state_decisions_and_outbox_in_one_transaction(store: Store) -> None:
+    items = _panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z")
+    await store.ingest(items, now=1.0)
+    (work,) = await store.dirty_panels()
+    d = decide(PatientState(), work.patient, work.panel, work.results, RULES)
+    assert d.events and d.state.machine.episode is not None  # 300/uL: a new severe episode
+    record = {"event": "new", "patient": "Patient/a", "anc": 300.0, "observations": ["Observation/s1-anc"]}
+    writes = {"event": "new", "flag": {"resourceType": "Flag", "status": "active"}, "communication": None,
+              "flag_identifier": ["urn:x", "e1"], "communication_identifier": None}
+    await store.commit([Decided("Patient/a", work.panel, d.state, [(record, writes), ({"event": "note"}, None)])])
+    assert await store.dirty_panels() == []
+    assert (await store.load_states(["Patient/a", "Patient/none"]))["Patient/a"] == d.state
+    assert await store.decisions() == [record, {"event": "note"}]
+    assert await store.decisions("Patient/a") == [record, {"event": "note"}]
+    (entry,) = await store.pending_outbox()
+    assert (entry.patient, entry.event, entry.writes, entry.attempts) == ("Patient/a", record, writes, 0)
+    assert [p for p, _, _ in await store.open_patients()] == ["Patient/a"]
+    await store.set_temperature_cursor("Patient/a", "2026-01-05T10:00:00.000Z")
+    assert (await store.open_patients())[0][1] == "2026-01-05T10:00:00.000Z"
+    # The episode closes: the temperature cursor is dropped with it.
+    await store.commit([Decided("Patient/a", work.panel, PatientState(), [])])
+    assert await store.open_patients() == []
+
+
+async def test_a_failed_commit_changes_nothing(store: Store) -> None:
+    await store.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
+    (work,) = await store.dirty_panels()
+    unserialisable = {"event": "new", "bad": object()}
+    with pytest.raises(TypeError):
+        await store.commit([Decided("Patient/a", work.panel, PatientState(), [({"event": "ok"}, None), (unserialisable, None)])])
+    assert len(await store.dirty_panels()) == 1
+    assert await store.decisions() == []
+
+
+async def test_outbox_failures_retry_and_sent_entries_leave(store: Store) -> None:
+    await store.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
+    (work,) = await store.dirty_panels()
+    writes = {"event": "new", "flag": {}, "communication": None, "flag_identifier": ["s", "v"], "communication_identifier": None}
+    await store.commit([Decided("Patient/a", work.panel, PatientState(), [({"n": 1}, writes), ({"n": 2}, writes)])])
+    first, second = await store.pending_outbox()
+    assert first.id < second.id and await store.outbox_pending_count() == 2
+    await store.mark_failed(first.id, "server answered 503")
+    assert [(e.id, e.attempts) for e in await store.pending_outbox()] == [(first.id, 1), (second.id, 0)]
+    await store.mark_sent(first.id, {"statuses": ["201 Created"]})
+    assert [e.id for e in await store.pending_outbox()] == [second.id]
+    assert await store.outbox_pending_count() == 1
+
+
+async def test_reopening_migrates_nothing_and_a_newer_schema_is_refused(store: Store, make: Factory) -> None:
+    await store.set_cursor("c1")
+    await store.close()
+    again = make()
+    await again.open()  # migrations already applied: a no-op
+    assert await again.get_cursor() == "c1"
+    if isinstance(again, SqliteStore):
+        again.db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    else:
+        assert isinstance(again, PostgresStore)
+        await again.pool.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    await again.close()
+    newer = make()
+    with pytest.raises(StoreError, match="schema 99, newer than this version"):
+        await newer.open()
+    await newer.close()
+
+
+async def test_one_leader_at_a_time_and_a_standby_cannot_write(store: Store, make: Factory) -> None:
+    standby = make()
+    await standby.open()
+    try:
+        assert not await standby.lead() and not standby.is_leader
+        with pytest.raises(LeadershipLost):
+            await standby.set_cursor("standby wrote")
+        with pytest.raises(LeadershipLost):
+            await standby.check_leader()
+        assert await standby.get_cursor() is None  # reads are fine, and nothing was written
+        await store.set_cursor("leader wrote")
+        await store.close()  # the leader stops: its lock is freed at once
+        assert await standby.lead() and standby.is_leader
+        await standby.set_cursor("new leader wrote")
+        assert await standby.get_cursor() == "new leader wrote"
+    finally:
+        await standby.close()
+
+
+# PostgreSQL only: fencing of a leader that lost its lock without knowing it, and the lease. ----------
+
+
+@pytest.fixture
+def pg(pg_dsn: str, pg_schema: str) -> Callable[..., PostgresStore]:
+    return lambda lease=10.0: PostgresStore(pg_dsn, pg_schema, pool_size=3, lease_seconds=lease)
+
+
+async def _terminate_lock_session(dsn: str, schema: str) -> None:
+    """What a network partition or a DBA does to the leader's lock connection."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        killed = await conn.fetchval(
+            """SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
+               WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = ($2::bigint & x'ffffffff'::bigint)::oid
+               AND l.granted""", 0x4E57, __import__("service.store.postgres", fromlist=["lock_key"]).lock_key(schema))
+        assert killed == 1
+    finally:
+        await conn.close()
+
+
+async def test_postgres_old_leader_is_fenced_after_a_new_one_began(pg, pg_dsn: str, pg_schema: str) -> None:
+    old, new = pg(), pg()
+    await old.open()
+    await new.open()
+    try:
+        assert await old.lead()
+        await old.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
+        (work,) = await old.dirty_panels()
+        writes = {"event": "new", "flag": {}, "communication": None, "flag_identifier": ["s", "v"], "communication_identifier": None}
+        await old.commit([Decided("Patient/a", work.panel, PatientState(), [({"n": 1}, writes)])])
+        (claimed,) = await old.pending_outbox()  # the old leader claimed a write, then "paused"
+        await _terminate_lock_session(pg_dsn, pg_schema)
+        assert await new.lead()
+        assert old.is_leader  # it has not noticed yet...
+        with pytest.raises(LeadershipLost, match="leadership passed"):
+            await old.mark_sent(claimed.id, {"statuses": ["201"]})  # ...but cannot write
+        assert not old.is_leader
+        with pytest.raises(LeadershipLost):
+            await old.check_leader()
+        (again,) = await new.pending_outbox()  # the new leader re-claims and delivers it
+        assert again.id == claimed.id
+        await new.mark_sent(again.id, {"statuses": ["201"]})
+        assert await new.outbox_pending_count() == 0
+    finally:
+        await old.close()
+        await new.close()
+
+
+async def test_postgres_a_stalled_leader_loses_the_lock_after_its_lease(pg) -> None:
+    stalled, standby = pg(lease=1.0), pg(lease=1.0)
+    await stalled.open()
+    await standby.open()
+    try:
+        assert await stalled.lead()
+        assert not await standby.lead()
+        await asyncio.sleep(2.0)  # the leader renews nothing for longer than its lease
+        assert await standby.lead()
+        assert not await stalled.lead()  # its renewal finds the session gone
+        with pytest.raises(LeadershipLost):
+            await stalled.set_cursor("late")
+    finally:
+        await stalled.close()
+        await standby.close()
+
+
+async def test_postgres_errors_never_show_the_dsn(pg_dsn: str, pg_schema: str) -> None:
+    store = PostgresStore("postgresql://neutrowatch:s3cret-pass@127.0.0.1:1/none", pg_schema)
+    with pytest.raises(StoreError) as err:
+        await store.open()
+    assert "s3cret-pass" not in str(err.value) and "127.0.0.1:1/none" in str(err.value)
+    assert "s3cret" not in repr(store)
