@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 ENGINE := tests/fhir_server
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit bench clean
+.PHONY: install demo test test-unit bench chart-check image-test ha-test clean
 
 install: $(STAMP)
 
@@ -29,9 +29,21 @@ test: install
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
 
+# helm lint/template of helm/neutrowatch validated with kubernetes-validate (Helm from npm, offline)
+chart-check: install
+	bash scripts/chart_check.sh
+
+# build the Dockerfile with podman on a debootstrapped base and run it (installs podman if missing)
+image-test: install
+	bash scripts/image_test.sh
+
+# two replicas on PostgreSQL, kill -9 of the leader, takeover and replay-exact alerts
+ha-test: install
+	$(BIN)/python -m pytest -v tests/integration/test_ha.py tests/integration/test_store.py
+
 bench: install
 	$(BIN)/python bench/replay_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/live_bench.py --write docs/benchmarks.md
 
 clean:
-	rm -rf $(VENV) $(ENGINE)/node_modules build .demo .pytest_cache .hypothesis
+	rm -rf $(VENV) $(ENGINE)/node_modules tools/helm/node_modules build .demo .pytest_cache .hypothesis
