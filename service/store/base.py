@@ -64,6 +64,18 @@ class Decided:
     records: list[tuple[dict[str, Any], dict[str, Any] | None]]  # (decision record, FHIR writes for the outbox or None)
 
 
+def episode_rows(decided: Sequence[Decided]) -> list[tuple[str, PatientState, bool, int | None, bool]]:
+    """One episodes row per patient however many of its panels one commit holds: (patient, last
+    state, open, newest collection time, keep the temperature cursor). The cursor is kept only when
+    the episode stayed open through every state of the batch (it belongs to that episode)."""
+    rows: dict[str, tuple[str, PatientState, bool, int | None, bool]] = {}
+    for d in decided:
+        is_open = d.state.machine.episode is not None
+        kept = rows[d.patient][4] if d.patient in rows else True
+        rows[d.patient] = (d.patient, d.state, is_open, d.state.machine.newest_us, kept and is_open)
+    return list(rows.values())
+
+
 class Store(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...

@@ -31,7 +31,7 @@ import structlog
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
-from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelWork
+from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelWork, episode_rows
 
 log = structlog.get_logger("neutrowatch.store")
 
@@ -111,7 +111,7 @@ class PostgresStore:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=self.pool_size,
-                                                   server_settings=self._settings(), timeout=10)
+                                                   server_settings=self._settings(), timeout=10, reset=_no_reset)
             await self._migrate()
         except StoreError:
             await self.close()
@@ -318,9 +318,9 @@ class PostgresStore:
         if not decided:
             return
         now = time.time()
-        episodes, panels, decisions, outbox = [], [], [], []
+        episodes = [(p, msgspec.json.encode(state), is_open, newest, keep) for p, state, is_open, newest, keep in episode_rows(decided)]
+        panels, decisions, outbox = [], [], []
         for d in decided:
-            episodes.append((d.patient, msgspec.json.encode(d.state), d.state.machine.episode is not None, d.state.machine.newest_us))
             panels.append((d.patient, d.panel))
             for record, writes in d.records:
                 text = orjson.dumps(record).decode()
@@ -332,7 +332,7 @@ class PostgresStore:
                 """INSERT INTO episodes (patient, state, open, newest_us) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (patient) DO UPDATE SET state = excluded.state, open = excluded.open,
                    newest_us = excluded.newest_us,
-                   temperature_cursor = CASE WHEN excluded.open THEN episodes.temperature_cursor END""",
+                   temperature_cursor = CASE WHEN $5 THEN episodes.temperature_cursor END""",
                 episodes)
             await conn.executemany("UPDATE panels SET dirty = false WHERE patient = $1 AND panel = $2", panels)
             if decisions:
@@ -395,6 +395,11 @@ class PostgresStore:
         tables = ("results", "panels", "episodes", "decisions", "outbox", "quarantine")
         rows = await self._read(" UNION ALL ".join(f"SELECT '{t}', count(*) FROM {t}" for t in tables))
         return {t: int(n) for t, n in rows}
+
+
+async def _no_reset(_conn: asyncpg.Connection) -> None:
+    """Pool connections carry no session state of ours (search_path is set at connect), so asyncpg's
+    default reset on release (advisory unlock, RESET ALL, ...) would only cost a round trip per call."""
 
 
 _QUARANTINE = "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES ($1, $2, $3, $4, $5, $6)"

@@ -20,7 +20,7 @@ import orjson
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
-from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelWork
+from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelWork, episode_rows
 
 SCHEMA_VERSION = 1
 _MIGRATIONS: dict[int, str] = {
@@ -226,14 +226,14 @@ class SqliteStore:
         db = self.db
         now = time.time()
         with self._tx():
+            db.executemany(
+                """INSERT INTO episodes (patient, state, open, newest_us) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (patient) DO UPDATE SET state = excluded.state, open = excluded.open,
+                   newest_us = excluded.newest_us,
+                   temperature_cursor = CASE WHEN ? THEN episodes.temperature_cursor END""",
+                [(p, msgspec.json.encode(state), is_open, newest, keep) for p, state, is_open, newest, keep in episode_rows(decided)],
+            )
             for d in decided:
-                db.execute(
-                    """INSERT INTO episodes (patient, state, open, newest_us) VALUES (?, ?, ?, ?)
-                       ON CONFLICT (patient) DO UPDATE SET state = excluded.state, open = excluded.open,
-                       newest_us = excluded.newest_us,
-                       temperature_cursor = CASE WHEN excluded.open THEN episodes.temperature_cursor END""",
-                    (d.patient, msgspec.json.encode(d.state), d.state.machine.episode is not None, d.state.machine.newest_us),
-                )
                 db.execute("UPDATE panels SET dirty = 0 WHERE patient = ? AND panel = ?", (d.patient, d.panel))
                 for record, writes in d.records:
                     db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",

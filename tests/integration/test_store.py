@@ -153,6 +153,24 @@ async def test_commit_saves_state_decisions_and_outbox_in_one_transaction(store:
     assert await store.open_patients() == []
 
 
+async def test_one_commit_with_several_panels_of_a_patient_keeps_the_last_state(store: Store) -> None:
+    """Episode rows are written once per patient per commit (the last state); the temperature cursor
+    survives only when the episode stayed open through the whole batch."""
+    await store.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
+    (work,) = await store.dirty_panels()
+    opened = decide(PatientState(), work.patient, work.panel, work.results, RULES).state
+    await store.commit([Decided("Patient/a", work.panel, opened, [])])
+    await store.set_temperature_cursor("Patient/a", "2026-01-05T10:00:00.000Z")
+    await store.commit([Decided("Patient/a", work.panel, opened, []), Decided("Patient/a", work.panel, opened, [])])
+    assert await store.open_patients() == [("Patient/a", "2026-01-05T10:00:00.000Z", opened.machine.newest_us)]
+    # closed, then open again within one batch: a new episode, whose temperatures start afresh
+    await store.commit([Decided("Patient/a", work.panel, PatientState(), []), Decided("Patient/a", work.panel, opened, [])])
+    assert await store.open_patients() == [("Patient/a", None, opened.machine.newest_us)]
+    await store.commit([Decided("Patient/a", work.panel, opened, []), Decided("Patient/a", work.panel, PatientState(), [])])
+    assert await store.open_patients() == []
+    assert (await store.load_states(["Patient/a"]))["Patient/a"] == PatientState()
+
+
 async def test_a_failed_commit_changes_nothing(store: Store) -> None:
     await store.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
     (work,) = await store.dirty_panels()
