@@ -37,7 +37,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.replay_bench import machine  # noqa: E402
+from bench.replay_bench import machine, write_section  # noqa: E402
 from service import logging as nw_logging  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
 from service.store.sqlite import SqliteStore  # noqa: E402
@@ -48,7 +48,6 @@ from tests.fhir_server.engine import FhirEngine  # noqa: E402
 from tests.fhir_server.load import put_all  # noqa: E402
 from tests.integration.live import settings_for  # noqa: E402
 
-MARKERS = ("<!-- live-bench:start -->", "<!-- live-bench:end -->")
 INTERVAL, POLL_FLAG, TRIAL_TIMEOUT, READY_TIMEOUT = 2.0, 0.05, 30.0, 90.0
 
 
@@ -343,19 +342,6 @@ def revision() -> str:
     return f"`{rev}`{dirty}" if rev else "unknown"
 
 
-def write_live_section(doc: Path, section: str) -> None:
-    """replay_bench.write_section hard-codes the replay markers: the same splice, with ours."""
-    start, end = MARKERS
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{section}{end}\n"
-    if start in text:
-        head, rest = text.split(start, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    doc.write_text(text)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--observations", type=int, default=20_000, help="backlog size (monitored Observations)")
@@ -376,7 +362,7 @@ def main() -> int:
     section = render(d, lat, (load_before, os.getloadavg()))
     print(section)
     if args.write:
-        write_live_section(args.write, section)
+        write_section(args.write, section, "live-bench")
     return 0 if lat["exit_code"] == 0 else 1
 
 

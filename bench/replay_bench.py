@@ -200,8 +200,10 @@ def _repeat_note(results: list[dict], repeat: int) -> str:
             f"each (memory: the highest peak of all runs). All runs:\n\n{spread}\n")
 
 
-def write_section(doc: Path, section: str) -> None:
-    marker_start, marker_end = "<!-- replay-bench:start -->", "<!-- replay-bench:end -->"
+def write_section(doc: Path, section: str, name: str = "replay-bench") -> None:
+    """Replace the section between `<!-- name:start -->` and `<!-- name:end -->`, else append it
+    (every bench writes its own section of docs/benchmarks.md this way)."""
+    marker_start, marker_end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\nNumbers from `make bench`. Each section says when and where it was measured.\n"
     block = f"{marker_start}\n{section}{marker_end}\n"
     if marker_start in text:

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.live_bench import revision  # noqa: E402
-from bench.replay_bench import machine  # noqa: E402
+from bench.replay_bench import machine, write_section  # noqa: E402
 from service import logging as nw_logging  # noqa: E402
 from service.clinical import raw  # noqa: E402
 from service.clinical.anc import is_complete  # noqa: E402
@@ -65,7 +65,6 @@ from service.synthetic import generate, observations_target  # noqa: E402
 from service.worker import intake  # noqa: E402
 
 HEADING = "## State store: SQLite vs PostgreSQL"
-MARKERS = ("<!-- store-bench:start -->", "<!-- store-bench:end -->")
 PHASES = ("ingest", "decide+commit", "outbox")
 BACKENDS = ("sqlite", "postgres")
 CLOCK0 = 1_800_000_000.0  # the float clock handed to ingest (seconds)
@@ -451,8 +450,8 @@ outbox {spread('sqlite', 'outbox')} s; PostgreSQL ingest {spread('postgres', 'in
 Per store method (median seconds over the runs). Socket writes: the asyncpg client's writes to the
 server; for single statements each is one round trip (the request, then a wait for the answer),
 while `executemany` streams its rows in pipelined chunks, so for `commit` (and part of `ingest`) it
-counts chunks, not round trips. Every use of the pool ends with one more: asyncpg's default reset on
-release (`SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`).
+counts chunks, not round trips. The pool is created without asyncpg's reset on release (our pool
+connections carry no session state), which saved one round trip per store call.
 
 {method_table(s)}
 
@@ -466,41 +465,26 @@ the script exits non-zero otherwise.
 ({dec:.2f} s of SQLite's decide+commit). The phase that dominates: SQLite {dominant['sqlite']}
 ({share['sqlite']:.0%} of its time), PostgreSQL {dominant['postgres']} ({share['postgres']:.0%}).
 PostgreSQL ingest costs about {ing_w:.0f} socket writes per page of {args.page_size} (BEGIN, the `FOR SHARE`
-epoch fence, one `ANY($1)` look-up of the page's ids, two pipelined `executemany` upserts, COMMIT, the
-pool's reset), so its cost per page is a handful of round trips plus server work on the other core
+epoch fence, one `ANY($1)` look-up of the page's ids, two pipelined `executemany` upserts, COMMIT),
+so its cost per page is a handful of round trips plus server work on the other core
 (this process's CPU is {b['phases']['ingest']['cpu']:.2f} s of its {b['phases']['ingest']['wall']:.2f} s), not {args.page_size}
 statements; SQLite runs three or four statements per Observation (a SELECT, the upsert, one or two
 panel touches), but in-process, so its ingest is CPU in this process.
-`commit` writes more than it keeps: a backlog commit has one `Decided` per panel, {st['decided rows']:,}
-rows for {st['patients']:,} patients (up to {st['most rows of one patient']} for one patient), and both stores
-JSON-encode and upsert the patient's whole state (history included) for every row:
-{st['state bytes'] / 2**20:.1f} MiB of state, of which the {st['patients']:,} final states are
-{st['state bytes, last per patient'] / 2**20:.1f} MiB; the rest is overwritten within the same transaction.
+A backlog commit has one `Decided` per panel, {st['decided rows']:,} rows for {st['patients']:,} patients
+(up to {st['most rows of one patient']} for one patient); both stores write one episodes row per patient
+(`store.base.episode_rows`: the last state, {st['state bytes, last per patient'] / 2**20:.1f} MiB) — encoding every
+intermediate state, as the first version did, was {st['state bytes'] / 2**20:.1f} MiB and cost more than twice
+the commit time on PostgreSQL.
 The outbox is per entry on both sides, which is where PostgreSQL is furthest behind: each `mark_sent`
-is its own fenced transaction, five round trips (BEGIN, fence, UPDATE, COMMIT, reset; {ms_b:.2f} ms against
-{ms_a:.3f} ms on SQLite), and the worker's `check_leader()` before it two more ({cl_b:.2f} ms), so {sent:,}
+is its own fenced transaction, four round trips (BEGIN, fence, UPDATE, COMMIT; {ms_b:.2f} ms against
+{ms_a:.3f} ms on SQLite), and the worker's `check_leader()` before it one more ({cl_b:.2f} ms), so {sent:,}
 entries cost PostgreSQL {pc('postgres', 'mark_sent')[1] + pc('postgres', 'check_leader')[1]:.1f} s. Over
 loopback a round trip is {pg['rtt_ms']:.2f} ms; with the database across a network at, say, 0.5 ms, these
-counts alone would add about {sent * 7 * 0.5 / 1000:.1f} s to the outbox and
+counts alone would add about {sent * 5 * 0.5 / 1000:.1f} s to the outbox and
 {pages * ing_w * 0.5 / 1000:.1f} s to the ingest (an estimate from the write counts, not measured), still
 small beside the FHIR requests each outbox entry stands for. `dirty_panels` took
 {dp_a:.2f} s on SQLite (one query per dirty panel) and {dp_b:.2f} s on PostgreSQL (two queries).
 """
-
-
-def write_section(doc: Path, section: str) -> None:
-    """Replace the section between the store-bench markers, else append it (the other benches' splice)."""
-    start, end = MARKERS
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{section}{end}\n"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        tail = rest.split(end, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
 
 
 def child(args: argparse.Namespace) -> int:
@@ -565,7 +549,7 @@ def main() -> int:
     section = render(args, pop, s, pg, args.revision or revision(), elapsed, (load_before, os.getloadavg()), began)
     print(f"\nwhole run {elapsed:.1f} s", file=sys.stderr)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, "store-bench")
         print(f"wrote the section to {args.write}", file=sys.stderr)
     else:
         print(section)
