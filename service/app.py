@@ -38,17 +38,31 @@ class Service:
         self.store = make_store(settings.store)
         self.last_ok: float | None = None
         self.last_error: str | None = None
+        self.store_error: str | None = None  # the last leader check could not reach the store
         self.started = time.time()
         self._stack = AsyncExitStack()
         self._busy = asyncio.Lock()
         self.worker: Worker | None = None
 
     async def __aenter__(self) -> Service:
-        await self.store.open()
         self._stack.push_async_callback(self.store.close)
         client = await self._stack.enter_async_context(FhirClient(self.settings.fhir))
         self.worker = Worker(self.settings, client, self.store)
         return self
+
+    async def open_store(self) -> bool:
+        """Open the state store (connect, migrate); False, with the reason kept for /readyz, when it
+        cannot be opened yet (the database is down or the file locked): `run` retries."""
+        try:
+            await self.store.open()
+        except StoreError as err:
+            if self.last_error != str(err):
+                log.error("state store unavailable", error=str(err))
+            self.last_error = str(err)
+            return False
+        log.info("state store open", backend=self.settings.store.backend)
+        self.last_error = None
+        return True
 
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
@@ -56,7 +70,7 @@ class Service:
     async def cycle(self) -> CycleReport | None:
         """One poll cycle, if this replica is the leader (a standby's scheduled cycles do nothing)."""
         assert self.worker is not None
-        if not self.store.is_leader:
+        if not (self.store.is_open and self.store.is_leader):
             return None
         try:
             async with self._busy:
@@ -76,8 +90,11 @@ class Service:
         was = self.store.is_leader
         try:
             now = await self.store.lead()
+            self.store_error = None
         except StoreError as err:
-            log.warning("leader check failed", error=str(err))
+            if self.store_error != str(err):
+                log.warning("leader check failed", error=str(err))
+            self.store_error = str(err)
             now = False
         metrics.LEADER.set(1 if now else 0)
         if now != was:
@@ -97,8 +114,10 @@ class Service:
 
     def ready(self) -> tuple[bool, str]:
         if not self.store.is_open:
-            return False, "state store closed"
+            return False, f"state store unavailable: {self.last_error}" if self.last_error else "state store not open yet"
         if not self.store.is_leader:
+            if self.store_error is not None:
+                return False, f"state store unavailable: {self.store_error}"
             return True, "standby: another replica holds the leader lock"
         window = 3 * self.settings.poll.interval_seconds
         if self.last_ok is None:
@@ -127,11 +146,15 @@ async def run(settings: Settings) -> None:
                                 max_instances=1, coalesce=True)
         scheduler.start()
         try:
+            wait = settings.store.failover_check_seconds
             while not stop.is_set():
-                if await service.lead():
+                if not service.store.is_open:
+                    # Alive (/healthz) but not ready until the store opens; retried with backoff.
+                    wait = settings.store.failover_check_seconds if await service.open_store() else min(2 * wait, 30.0)
+                if service.store.is_open and await service.lead():
                     job.modify(next_run_time=_now())  # a new leader polls at once
                 try:
-                    await asyncio.wait_for(stop.wait(), settings.store.failover_check_seconds)
+                    await asyncio.wait_for(stop.wait(), wait)
                 except TimeoutError:
                     pass
         finally:
@@ -144,6 +167,7 @@ async def run(settings: Settings) -> None:
 
 async def once(settings: Settings) -> CycleReport | None:
     async with Service(settings) as service:
+        await service.store.open()  # `once` fails at once with the store's reason
         if not await service.store.lead():
             raise StoreError("another replica holds the leader lock; `once` would race it")
         return await service.cycle()

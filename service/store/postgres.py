@@ -161,6 +161,7 @@ class PostgresStore:
         return self._epoch is not None
 
     async def lead(self) -> bool:
+        """False when another replica holds the lock; StoreError when the database cannot be asked."""
         async with self._leading:
             if self._epoch is not None:
                 try:
@@ -170,8 +171,7 @@ class PostgresStore:
                 except (*_DB_ERRORS, AssertionError) as err:
                     log.warning("leader lock lost", schema=self.schema, epoch=self._epoch, reason=_reason(err))
                     await self._release()
-                    return False
-            return await self._acquire()
+            return await self._acquire()  # at once: only the lock's connection may have died
 
     async def _acquire(self) -> bool:
         try:
@@ -188,9 +188,8 @@ class PostgresStore:
             epoch = await self.pool.fetchval(
                 "UPDATE leader SET epoch = epoch + 1, holder = $1, since = now() WHERE id = 1 RETURNING epoch", self.identity)
         except _DB_ERRORS as err:
-            log.warning("leader lock unavailable", schema=self.schema, reason=_reason(err))
             await self._release()
-            return False
+            raise StoreError(f"state store {self.where}: {_reason(err)}") from None
         self._epoch = int(epoch)
         log.info("leader lock taken", schema=self.schema, epoch=self._epoch)
         return True
@@ -407,8 +406,8 @@ _QUARANTINE = "INSERT INTO quarantine (ref, version, patient, reason, received, 
 
 def _reason(err: BaseException) -> str:
     """A one-line reason from a driver error. asyncpg's messages name the server's complaint, not the DSN."""
+    if isinstance(err, asyncpg.ClientConfigurationError | ValueError):
+        return "invalid DSN (its text is not repeated here: it may hold a password)"
     if isinstance(err, asyncpg.PostgresError | asyncpg.InterfaceError):
         return f"{type(err).__name__}: {err.args[0] if err.args else ''}".strip()
-    if isinstance(err, ValueError):
-        return "invalid DSN"
     return type(err).__name__ + (f": {err.strerror}" if isinstance(err, OSError) and err.strerror else "")

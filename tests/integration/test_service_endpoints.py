@@ -21,7 +21,7 @@ async def test_health_readiness_and_metrics(fhir_base_url, tmp_path):
     put_all(fhir_base_url, population(patients=6, days=35, seed=2))
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     async with Service(settings) as service:
-        assert await service.lead()
+        assert await service.open_store() and await service.lead()
         async with TestClient(TestServer(make_app(service.ready))) as http:
             assert (await http.get("/healthz")).status == 200
             not_yet = await http.get("/readyz")
@@ -41,7 +41,7 @@ async def test_health_readiness_and_metrics(fhir_base_url, tmp_path):
 async def test_readiness_fails_when_the_server_is_unreachable(tmp_path):
     settings = settings_for("http://127.0.0.1:9", tmp_path / "s.sqlite3")  # port 9: nothing listens
     async with Service(settings) as service:
-        assert await service.lead()
+        assert await service.open_store() and await service.lead()
         assert await service.cycle() is None
         ok, why = service.ready()
         assert not ok and "gave up" in why
@@ -51,6 +51,7 @@ async def test_a_second_replica_on_the_same_state_is_a_ready_standby_that_does_n
     put_all(fhir_base_url, population(patients=3, days=21, seed=4))
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     async with Service(settings) as leader, Service(settings) as standby:
+        assert await leader.open_store() and await standby.open_store()
         assert await leader.lead()
         assert not await standby.lead()
         assert standby.ready() == (True, "standby: another replica holds the leader lock")
