@@ -36,6 +36,9 @@ class Intake:
     outcome: LabResult | Rejected
 
 
+PanelKey = tuple[int, str, str]  # (first available, patient, panel): the order panels are decided in
+
+
 @dataclass(frozen=True, slots=True)
 class PanelWork:
     patient: str
@@ -43,6 +46,10 @@ class PanelWork:
     first_available: int  # smallest meta.lastUpdated of its members (µs)
     changed_at: float  # local time the newest member arrived
     results: list[LabResult]
+
+    @property
+    def key(self) -> PanelKey:
+        return (self.first_available, self.patient, self.panel)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +107,10 @@ class Store(Protocol):
         """A rejection with no usable id (it supersedes nothing): kept with its reason."""
         ...
     async def record_decision(self, record: dict[str, Any]) -> None: ...
-    async def dirty_panels(self) -> list[PanelWork]:
-        """Panels with results not yet assessed, in order of first availability."""
+    async def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
+        """Panels with results not yet assessed, in order of first availability (then patient, panel:
+        byte order), from just after the key `after`, at most `limit` of them (a backlog is taken in
+        batches, so memory does not grow with it)."""
         ...
     async def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]: ...
     async def commit(self, decided: Sequence[Decided]) -> None:

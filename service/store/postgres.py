@@ -31,7 +31,7 @@ import structlog
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
-from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelWork, episode_rows
+from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelKey, PanelWork, episode_rows
 
 log = structlog.get_logger("neutrowatch.store")
 
@@ -293,15 +293,18 @@ class PostgresStore:
         async with self._tx() as conn:
             await conn.execute(_QUARANTINE, rejected.ref, None, rejected.patient, rejected.reason, now, _encode(rejected))
 
-    async def dirty_panels(self) -> list[PanelWork]:
+    async def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
+        first_vu, patient, panel = after if after is not None else (None, None, None)
         panels = await self._read(
-            "SELECT patient, panel, first_vu, changed_at FROM panels WHERE dirty ORDER BY first_vu, patient, panel")
+            """SELECT patient, panel, first_vu, changed_at FROM panels
+               WHERE dirty AND ($1::bigint IS NULL OR (first_vu, patient, panel) > ($1, $2::text, $3::text))
+               ORDER BY first_vu, patient, panel LIMIT $4""", first_vu, patient, panel, limit)
         if not panels:
             return []
         rows = await self._read(
             """SELECT r.patient, r.panel, r.data FROM results r
-               JOIN panels p ON p.patient = r.patient AND p.panel = r.panel AND p.dirty
-               WHERE r.data IS NOT NULL ORDER BY r.ref""")
+               JOIN unnest($1::text[], $2::text[]) AS p (patient, panel) ON p.patient = r.patient AND p.panel = r.panel
+               WHERE r.data IS NOT NULL ORDER BY r.ref""", [p[0] for p in panels], [p[1] for p in panels])
         results: dict[tuple[str, str], list[LabResult]] = {}
         for patient, panel, data in rows:
             results.setdefault((patient, panel), []).append(_decode_result(data))

@@ -20,7 +20,7 @@ import orjson
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
-from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelWork, episode_rows
+from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelKey, PanelWork, episode_rows
 
 SCHEMA_VERSION = 1
 _MIGRATIONS: dict[int, str] = {
@@ -196,11 +196,13 @@ class SqliteStore:
             (patient, panel, updated_us, now),
         )
 
-    async def dirty_panels(self) -> list[PanelWork]:
+    async def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
         db = self.db
         out: list[PanelWork] = []
+        where, args = ("AND (first_vu, patient, panel) > (?, ?, ?)", after) if after is not None else ("", ())
         for patient, panel, first_vu, changed_at in db.execute(
-            "SELECT patient, panel, first_vu, changed_at FROM panels WHERE dirty = 1 ORDER BY first_vu, patient, panel"
+            f"SELECT patient, panel, first_vu, changed_at FROM panels WHERE dirty = 1 {where} "
+            f"ORDER BY first_vu, patient, panel LIMIT {-1 if limit is None else int(limit)}", args
         ).fetchall():
             results = [
                 _decode_result(data)

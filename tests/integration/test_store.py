@@ -119,6 +119,19 @@ async def test_dirty_panels_come_in_order_of_first_availability_then_byte_order(
     assert order == ["Patient/b", "Patient/Z", "Patient/_", "Patient/a"]
 
 
+async def test_dirty_panels_in_batches_from_a_key(store: Store) -> None:
+    for i in range(7):
+        await store.ingest(_panel(f"Patient/{i % 3}", f"Specimen/b{i}", 0.4, updated=f"2026-01-05T09:0{i % 4}:00Z"), now=1.0)
+    everything = await store.dirty_panels()
+    batches, after = [], None
+    while batch := await store.dirty_panels(after=after, limit=3):
+        batches.append(batch)
+        after = batch[-1].key
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert [w for b in batches for w in b] == everything
+    assert [w.key for w in everything] == sorted(w.key for w in everything)
+
+
 async def test_rejections_are_quarantined_with_their_reason(store: Store) -> None:
     bad = _intake(observation("751-8", 0.4, unit="furlongs", id="bad", updated="2026-01-05T09:00:00Z"))
     assert await store.ingest([bad], now=1.0) == [bad]
