@@ -33,10 +33,11 @@ from .events import (
 )
 from .fhir.client import FhirClient, Page
 from .fhir.errors import PreconditionFailed
-from .store.base import Decided, Intake, OutboxEntry, Store
+from .store.base import Decided, Intake, OutboxEntry, PanelWork, Store
 
 log = structlog.get_logger("neutrowatch.worker")
 TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
+DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
 LOINC = "http://loinc.org"
 
 
@@ -231,12 +232,13 @@ class Worker:
         # open, and even close, within the cycle: their temperatures must be in before the decisions).
         targets: dict[str, tuple[str | None, int | None]] = {
             patient: (cursor, newest_us) for patient, cursor, newest_us in await self.store.open_patients()}
-        for work in await self.store.dirty_panels():
-            earliest = min((r.effective_us for r in work.results), default=None)
-            cursor, newest_us = targets.get(work.patient, (None, None))
-            if earliest is not None and (newest_us is None or earliest < newest_us):
-                newest_us = earliest
-            targets[work.patient] = (cursor, newest_us)
+        async for batch in self._dirty_batches():
+            for work in batch:
+                earliest = min((r.effective_us for r in work.results), default=None)
+                cursor, newest_us = targets.get(work.patient, (None, None))
+                if earliest is not None and (newest_us is None or earliest < newest_us):
+                    newest_us = earliest
+                targets[work.patient] = (cursor, newest_us)
         first: list[tuple[str, int | None]] = []
         known: list[tuple[str, str]] = []
         for patient, (cursor, newest_us) in targets.items():
@@ -269,12 +271,23 @@ class Worker:
         log.warning("observation rejected", observation=rejected.ref, code=rejected.code, reason=rejected.reason)
         await self.store.record_decision(rejected_record(rejected))
 
+    async def _dirty_batches(self) -> AsyncIterator[list[PanelWork]]:
+        """Every dirty panel in decision order, DECIDE_BATCH at a time (memory flat on a backlog)."""
+        after = None
+        while batch := await self.store.dirty_panels(after=after, limit=DECIDE_BATCH):
+            after = batch[-1].key
+            yield batch
+
     async def _decide(self, report: CycleReport) -> None:
+        """Ready panels in order of first availability, committed a batch at a time."""
         now = self.clock()
         settle = self.settings.poll.settle_seconds
-        ready = [w for w in await self.store.dirty_panels() if is_complete(w.results) or now - w.changed_at >= settle]
-        if not ready:
-            return
+        async for batch in self._dirty_batches():
+            ready = [w for w in batch if is_complete(w.results) or now - w.changed_at >= settle]
+            if ready:
+                await self._decide_batch(ready, now, report)
+
+    async def _decide_batch(self, ready: list[PanelWork], now: float, report: CycleReport) -> None:
         states = await self.store.load_states([w.patient for w in ready])
         decided: list[Decided] = []
         sent = from_epoch_us(int(now * 1_000_000))

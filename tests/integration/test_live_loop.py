@@ -172,3 +172,15 @@ async def test_update_during_paging_loses_nothing(fhir_base_url, tmp_path, monke
         await store.close()
     assert refs == {f"Observation/shift-{i:02d}" for i in range(60)}
     assert msgspec.msgpack.decode(data, type=LabResult).status == "corrected"  # the newer version is kept
+
+
+async def test_decisions_in_small_batches_equal_replay(fhir_base_url, tmp_path, monkeypatch):
+    """A backlog is decided DECIDE_BATCH panels at a time (memory flat); batches of 3 change nothing."""
+    import service.worker
+
+    monkeypatch.setattr(service.worker, "DECIDE_BATCH", 3)
+    put_all(fhir_base_url, population(patients=8, days=35, seed=13, temperatures=True))
+    settings = settings_for(fhir_base_url, tmp_path / "b.sqlite3")
+    report = await cycle(settings)
+    assert report.delivered_all and report.panels_assessed > 30
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
