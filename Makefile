@@ -45,6 +45,7 @@ bench: install
 	$(BIN)/python bench/replay_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/live_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/store_bench.py --write docs/benchmarks.md
+	$(BIN)/python bench/backlog_bench.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(ENGINE)/node_modules tools/helm/node_modules build .demo .pytest_cache .hypothesis
