@@ -182,9 +182,11 @@ the drain also writes alerts, one transaction each). RSS of the service process 
 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 
-Memory does not grow with the backlog when the maxima of the two runs are about equal: pages are
-streamed into the store, panels are decided in batches of `DECIDE_BATCH` in order of first
-availability, and each batch is committed before the next is read.
+Memory does not grow with the backlog when the maxima of the runs are about equal: pages are
+streamed into the store, panels are decided 1000 at a time (`worker.DECIDE_BATCH`) in order of first
+availability, and each batch is committed before the next is read. What still grows is per patient,
+not per Observation (the temperature-search targets, one entry per patient with new results: 50 000
+patients at 1 M). Before the batching, a 100 k backlog peaked at 242 MiB while deciding.
 """
 
 
