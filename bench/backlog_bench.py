@@ -170,7 +170,7 @@ def render(runs: list[dict]) -> str:
         + f" | {r['rss_read_max']:.0f} MiB | {r['rss_decide_max']:.0f} MiB |" for r in runs)
     return f"""## Backlog: memory and back-pressure
 
-Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code `{revision()}`.
+Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code {revision()}.
 `python bench/backlog_bench.py` — the real service (`python -m service once`, SQLite state) drains a
 backlog of N Observations from a generated FHIR server (1 ms apart in `meta.lastUpdated`, pages of
 1000, keyset paging as against a real server; one patient in 25 goes new → worsening → resolved, so
