@@ -15,14 +15,31 @@ import structlog
 
 PHI_KEYS = frozenset(
     {"name", "names", "given", "family", "birthdate", "birth_date", "address", "telecom", "text",
-     "payload", "content", "contentstring", "note", "comment", "value_string", "valuestring", "display"}
+     "payload", "content", "contentstring", "note", "comment", "value_string", "valuestring", "display",
+     # free text of the other resources read (DiagnosticReport, narrative), and contact details
+     "conclusion", "interpretation", "div", "narrative", "phone", "email", "dob", "body"}
 )
 
 
 def drop_phi(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    for key in [k for k in event_dict if k.lower() in PHI_KEYS]:
-        event_dict[key] = "[redacted]"
+    for key, value in list(event_dict.items()):
+        if isinstance(key, str) and key.lower() in PHI_KEYS:
+            event_dict[key] = "[redacted]"
+        elif isinstance(value, dict | list | tuple):
+            event_dict[key] = _redacted(value, 4)
     return event_dict
+
+
+def _redacted(value: Any, depth: int) -> Any:
+    """The same for a value that nests (a resource passed whole): PHI keys at any depth."""
+    if depth <= 0:
+        return value
+    if isinstance(value, dict):
+        return {k: "[redacted]" if isinstance(k, str) and k.lower() in PHI_KEYS else _redacted(v, depth - 1)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redacted(v, depth - 1) for v in value]
+    return value
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:

@@ -14,6 +14,13 @@ PAGES = Counter("neutrowatch_pages_total", "Search result pages read.", registry
 OBSERVATIONS = Counter("neutrowatch_observations_total", "Observation versions read, by what became of them.", ["outcome"], registry=REGISTRY)
 PANELS = Counter("neutrowatch_panels_assessed_total", "Panels assessed.", registry=REGISTRY)
 REJECTIONS = Counter("neutrowatch_rejections_total", "Rejected inputs by reason.", ["reason"], registry=REGISTRY)
+DAMAGED_PAGES = Counter(
+    "neutrowatch_damaged_pages_total",
+    "Search pages a strict JSON parser refused, by what was done: salvaged (read entry by entry), "
+    "retried (broken framing, maybe a truncated transfer), prefix (the same broken page again: the "
+    "entries before the break were read, the rest is read from the cursor next cycle), refused "
+    "(nothing readable, or the same broken page once more: the cycle fails, the cursor stays).",
+    ["handling"], registry=REGISTRY)
 ALERTS = Counter("neutrowatch_alerts_total", "Alert events by event and grade.", ["event", "grade"], registry=REGISTRY)
 WRITES = Counter("neutrowatch_fhir_writes_total", "Alert resources written, by type and result.", ["resource", "result"], registry=REGISTRY)
 FHIR_REQUESTS = Counter("neutrowatch_fhir_requests_total", "FHIR requests by method and HTTP status (or error kind).", ["method", "status"], registry=REGISTRY)
@@ -31,10 +38,15 @@ POLL_SECONDS = Histogram("neutrowatch_poll_duration_seconds", "Duration of poll 
 
 _QUOTED = re.compile(r"'[^']*'")
 _AMOUNT = re.compile(r"[-+]?\d[\d.]*(?:e[-+]?\d+)?/uL")
+# Positions in parser messages ("line 1 column 65", "char 64", "byte 12", "$.code.coding[3]",
+# "after 120 entries"): they depend on the input, so they would make one label per input.
+_POSITION = re.compile(r"\b(line|column|char|byte|after) \d+|\[\d+\]")
 
 
 def reason_label(reason: str) -> str:
-    """A bounded label value for a rejection reason: quoted units and amounts are elided, so the
-    label set stays small whatever the input (the full reason goes to the log and the store)."""
+    """A bounded label value for a rejection reason: quoted units, amounts and positions are
+    elided, so the label set stays small whatever the input (the full reason goes to the log and
+    the store)."""
     reason = _AMOUNT.sub("N/uL", _QUOTED.sub("'…'", reason))
+    reason = _POSITION.sub(lambda m: f"{m.group(1)} N" if m.group(1) else "[N]", reason)
     return reason.split(" (", 1)[0][:80]

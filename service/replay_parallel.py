@@ -45,15 +45,18 @@ import orjson
 
 from .errors import InputError
 from .replay import (
+    IDENTICAL_COPY,
     Replay,
     ReplayStats,
     Rows,
     _decode_rejected,
     _decode_result,
     _documents,
+    _encode as _encode_rejected,
     _files,
-    _is_json,
+    _starts_document,
     availability_key,
+    copies,
     patient_facts,
     read_document,
 )
@@ -86,6 +89,7 @@ class _Job:
     rules: Any
     alert_settings: Any
     with_alerts: bool
+    provenance: bool = False
 
 
 _job: _Job | None = None
@@ -114,7 +118,7 @@ def run(replay: Replay, inputs: Sequence[str | Path], events: IO[bytes], alerts:
         workers = default_workers() if size >= PARALLEL_MIN_BYTES else 1
     # Bounded counts keep the index (chunks x partitions segments) and the number of files small.
     partitions = min(MAX_PARTITIONS, max(1, math.ceil(size / PARTITION_BYTES)))
-    job = _Job(replay._tmp.name, partitions, replay.rules, replay.alert_settings, alerts is not None)
+    job = _Job(replay._tmp.name, partitions, replay.rules, replay.alert_settings, alerts is not None, replay.provenance)
     chunks = plan(files, max(CHUNK_BYTES, math.ceil(size / MAX_CHUNKS)))
     with _collector_tuned():
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
@@ -158,9 +162,13 @@ def _run(stats: ReplayStats, map_: Callable[..., Iterator[Any]], job: _Job, chun
             by_ref[part].append(segment)
         for part, segment in patient_segments.items():
             by_patient[part].append(segment)
-    for patient_segments in map_(latest, range(n), by_ref):
+    identical = 0
+    for patient_segments, dropped in map_(latest, range(n), by_ref):
+        identical += dropped
         for part, segment in patient_segments.items():
             by_patient[part].append(segment)
+    if identical:
+        stats.ignored[IDENTICAL_COPY] += identical
     _remove({path for segments in by_ref for path, _, _ in segments})
     runs: list[list[Segment]] = []
     counted: Counter[str] = Counter()
@@ -204,7 +212,7 @@ def plan(files: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
         try:
             with open(path, "rb") as fh:
                 first = fh.readline()
-                if first.strip() and not _is_json(first):
+                if _starts_document(first):
                     chunks.append(Chunk(len(chunks), str(path), None, None))
                     continue
                 size = fh.seek(0, os.SEEK_END)
@@ -305,15 +313,19 @@ class _Version(msgspec.Struct, array_like=True, gc=False):
     patient: str | None
     pkey: str | None
     fkey: str | None
-    data: bytes | None
+    data: bytes | None  # the LabResult; None: a rejected version
+    rej: bytes | None  # the Rejected of a rejected version
 
 
 _decode_versions = msgspec.msgpack.Decoder(tuple[list[_Version], list[tuple[str, str]]]).decode
 
 
-def latest(part: int, segments: list[Segment]) -> dict[int, Segment]:
+def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]:
     """Each Observation's versions, given the panel and patient of its newest usable version (a
-    rejected version has none of its own), passed on to the patient's partition."""
+    rejected version has none of its own), passed on to the patient's partition; the rejections
+    of its rejected versions to any partition. A second copy of a version is dropped or rejected
+    as a conflict (`replay.copies`, as `Replay._dedupe`). Returns the segments and how many
+    identical copies were dropped."""
     assert _job is not None
     versions: dict[str, list[_Version]] = {}
     reports: dict[str, str] = {}
@@ -324,7 +336,14 @@ def latest(part: int, segments: list[Segment]) -> dict[int, Segment]:
             reports.setdefault(ref, key)  # the first DiagnosticReport naming it (INSERT OR IGNORE)
     n = _job.partitions
     results: list[list[Any]] = [[] for _ in range(n)]
+    rejected: list[list[Any]] = [[] for _ in range(n)]
+    identical = 0
     for ref, rows in versions.items():
+        rows, dropped = _first_copies(ref, rows, rejected)
+        identical += dropped
+        for r in rows:
+            if r.rej is not None:
+                rejected[r.seq % n].append((availability_key(ref, r.vu, r.vv, r.seq), r.rej))
         usable = [r for r in rows if r.data is not None]
         if not usable:
             continue
@@ -334,7 +353,33 @@ def latest(part: int, segments: list[Segment]) -> dict[int, Segment]:
         target = results[hash(newest.patient) % n]
         for row in rows:
             target.append((newest.patient, panel, availability_key(ref, row.vu, row.vv, row.seq), row.data, ref))
-    return _spill(f"latest-{part}", {i: (rows, (), ()) for i, rows in enumerate(results) if rows})
+    parts = {i: (results[i], rejected[i], ()) for i in range(n) if results[i] or rejected[i]}
+    return _spill(f"latest-{part}", parts), identical
+
+
+def _first_copies(ref: str, rows: list[_Version], rejected: list[list[Any]]) -> tuple[list[_Version], int]:
+    """`rows` without second copies of a version; the conflicts among them go to `rejected`."""
+    if len(rows) == 1:
+        return rows, 0
+    seen: dict[tuple[int, int], list[_Version]] = {}
+    for row in rows:
+        seen.setdefault((row.vu, row.vv), []).append(row)
+    if len(seen) == len(rows):
+        return rows, 0
+    n = len(rejected)
+    drop: set[int] = set()
+    identical = 0
+    for (vu, vv), group in seen.items():
+        if len(group) < 2:
+            continue
+        group.sort(key=lambda r: r.seq)  # input order
+        for seq, conflict in copies((r.seq, r.data, r.rej) for r in group):
+            drop.add(seq)
+            if conflict is None:
+                identical += 1
+            else:
+                rejected[seq % n].append((availability_key(ref, vu, vv, seq), _encode_rejected(conflict)))
+    return [r for r in rows if r.seq not in drop], identical
 
 
 # -- step 3: the core -------------------------------------------------------------------------------
@@ -376,7 +421,8 @@ def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, 
 
     frames: list[Segment] = []
     path = os.path.join(_job.tmp, f"judge-{part}")
-    with open(path, "wb") as fh, Replay(_job.rules, _job.alert_settings, workdir=_job.tmp, engine="partitioned") as core:
+    with open(path, "wb") as fh, Replay(_job.rules, _job.alert_settings, workdir=_job.tmp, engine="partitioned",
+                                      provenance=_job.provenance) as core:
         frame: list[tuple[str, int, str, bytes, bytes]] = []
         size = 0
         facts = patient_facts(context_rows, _job.rules)

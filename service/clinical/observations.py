@@ -7,12 +7,13 @@ Rules: shared/reference/clinical-and-fhir.md §1.1 (codes; never match on displa
 from __future__ import annotations
 
 import math
+import re
 
 import msgspec
 
 from .codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
 from .fhirtime import to_epoch_us
-from .raw import Quantity, Resource, Undecodable
+from .raw import Quantity, Resource, Undecodable, fhir_id
 from .units import UnitError, to_canonical
 
 LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"
@@ -23,6 +24,22 @@ STATUSES = frozenset(
 ASSESSED_STATUSES = frozenset({"final", "amended", "corrected"})
 _VALUELESS_STATUSES = frozenset({"registered", "cancelled", "entered-in-error", "unknown"})
 _AT_MOST = frozenset({"<", "<="})
+_LOWER_BOUND = frozenset({">", ">=", "ad"})
+_DATE_LIKE = re.compile(r"[0-9TZ:+\-.]{1,40}")
+_SHOWN_CODE = re.compile(r"[A-Za-z0-9\-._]{1,40}")  # what a reason repeats of a code
+MAX_BASED_ON = 32  # orders named by one result (recipients); more is junk, not clinical information
+# A literal reference to a Patient: relative, or absolute on an http(s) base, optionally versioned.
+_PATIENT_REF = re.compile(r"(?:https?://[!-~]{1,400}?/)?Patient/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+_LITERAL_REF = re.compile(r"(?:https?://[!-~]{1,400}?/)?[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+
+
+def literal_reference(ref: str | None) -> str | None:
+    """`ref` when it is a literal reference ("Type/<FHIR id>", absolute on an http(s) base,
+    optionally versioned), else None. A contained reference ("#s1") names something inside one
+    resource only, so it cannot join two results into a panel; free text is not a reference."""
+    if ref and len(ref) <= 512 and _LITERAL_REF.fullmatch(ref):
+        return ref
+    return None
 
 
 def version_number(version: str | None) -> int:
@@ -74,6 +91,15 @@ class Ignored(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
+CONFLICT = "conflicts with an earlier copy of the same version (same id, versionId and lastUpdated, other content)"
+
+
+def conflict_rejection(outcome: LabResult | Rejected) -> Rejected:
+    """A second, different copy of an Observation version already read: never used (replay.copies)."""
+    return Rejected(CONFLICT, outcome.ref, outcome.version, outcome.patient, outcome.code, outcome.effective,
+                    outcome.updated_us)
+
+
 NOT_MONITORED = Ignored("code not monitored")
 GRANULOCYTES = Ignored("granulocyte count is not an ANC")
 
@@ -100,8 +126,10 @@ def _term(resource: Resource) -> Term | Ignored | str:
 
 
 def patient_reference(ref: str | None) -> str | None:
-    """The reference as given when it names a Patient, else None."""
-    if ref and (ref.startswith("Patient/") or "/Patient/" in ref) and not ref.endswith("/"):
+    """The reference as given when it is a literal reference to a Patient ("Patient/<FHIR id>",
+    absolute on an http(s) base, optionally with /_history/<version>), else None: never free text,
+    never megabytes (it is logged and stored as the patient's key)."""
+    if ref and len(ref) <= 512 and _PATIENT_REF.fullmatch(ref):
         return ref
     return None
 
@@ -111,8 +139,10 @@ def _patient(resource: Resource) -> str | None:
 
 
 def undecodable_rejection(item: Undecodable) -> Rejected:
-    """A line or entry that could not be decoded, kept as a rejection with what could be read of it."""
-    return Rejected(item.reason, f"Observation/{item.id}" if item.id else None, None, patient_reference(item.subject))
+    """A line or entry that could not be decoded, kept as a rejection with what could be read of it
+    (a FHIR id and a Patient reference, nothing else)."""
+    ref = f"Observation/{item.id}" if fhir_id(item.id) else None
+    return Rejected(item.reason, ref, None, patient_reference(item.subject))
 
 
 def _effective(resource: Resource) -> str | None:
@@ -170,9 +200,10 @@ def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
     if isinstance(term, Ignored):
         return term
     meta = resource.meta
-    version = meta.versionId if meta is not None else None
+    raw_version = meta.versionId if meta is not None else None
+    version = fhir_id(raw_version)
     updated_us = _instant(meta.lastUpdated) if meta is not None else None
-    ref = f"Observation/{resource.id}" if resource.id else None
+    ref = f"Observation/{resource.id}" if fhir_id(resource.id) else None
     patient = _patient(resource)
     effective = _effective(resource)
     effective_us = _instant(effective)
@@ -180,7 +211,9 @@ def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
     if isinstance(term, str):
         reason: str | None = term
     elif ref is None:
-        reason = "no id"
+        reason = "no id" if resource.id is None else "id is not a FHIR id"
+    elif raw_version is not None and version is None:
+        reason = "meta.versionId is not a FHIR id"
     elif patient is None:
         reason = "subject is not a Patient reference"
     elif status not in STATUSES:
@@ -198,13 +231,17 @@ def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
             return LabResult(
                 ref, version, patient, term.code, term.kind, term.method.value, status, value[0],  # type: ignore[arg-type,union-attr]
                 value[1], effective, effective_us, updated_us,  # type: ignore[arg-type]
-                specimen.reference if isinstance(specimen, msgspec.Struct) else None,
+                literal_reference(specimen.reference) if isinstance(specimen, msgspec.Struct) else None,
                 _reference_low(term, resource) if term.kind is Kind.NEUT_ABS and value[0] is not None else None,  # type: ignore[arg-type]
-                tuple(r.reference for r in resource.basedOn or () if r.reference),
+                tuple(r.reference for r in (resource.basedOn or ())[:MAX_BASED_ON] if literal_reference(r.reference)),  # type: ignore[misc]
             )
         reason = value
     code = term.code if isinstance(term, Term) else None
-    return Rejected(reason, ref, version, patient, code, effective, updated_us)
+    # A rejection keeps only what identifies the result: a collection time that is not one is kept
+    # only when it is made of what dateTimes are made of (it is stored and written to the events:
+    # never free text).
+    shown = effective if effective_us is not None or (effective and _DATE_LIKE.fullmatch(effective)) else None
+    return Rejected(reason, ref, version, patient, code, shown, updated_us)
 
 
 def _value(term: Term, resource: Resource, status: str) -> tuple[float | None, bool] | str:
@@ -215,14 +252,17 @@ def _value(term: Term, resource: Resource, status: str) -> tuple[float | None, b
             return None, False
         if resource.dataAbsentReason is not None:
             codes = [c.code for c in resource.dataAbsentReason.coding or () if c.code]
-            return f"no value (dataAbsentReason {codes[0][:40] if codes else 'given'})"
+            shown = codes[0] if codes and _SHOWN_CODE.fullmatch(codes[0]) else "given"
+            return f"no value (dataAbsentReason {shown})"
         if resource.valueString is not None:
             return "value is text (valueString); needs manual review"
         if resource.valueCodeableConcept is not None or resource.valueInteger is not None:
             return "value is not a Quantity"
         return "no value"
     if q.comparator is not None and q.comparator not in _AT_MOST:
-        return f"comparator '{q.comparator[:4]}' gives only a lower bound"
+        if q.comparator in _LOWER_BOUND:
+            return f"comparator '{q.comparator}' gives only a lower bound"
+        return "comparator is not one of <, <=, >=, >, ad"
     try:
         value = _canonical(term, q, q.value)
     except UnitError as err:

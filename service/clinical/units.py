@@ -16,6 +16,7 @@ from .codes import Prop
 UCUM = "http://unitsofmeasure.org"
 
 _ANNOTATION = re.compile(r"\{[^}]*\}")
+_SHOWN_UNIT = re.compile(r"[^\s]{1,24}")  # what a reason repeats of a unit it does not know
 _TEN_E = re.compile(r"10e(\d+)")
 
 # Keys are unit strings after `unit_key` (annotations stripped, lower case, "x10^9" -> "10*9", µ -> u).
@@ -122,7 +123,7 @@ def _conversion(prop: Prop, *, unit: str | None, code: str | None, ucum: bool) -
         if prop is Prop.FRACTION:  # a pure number needs no unit
             return partial(_convert_key, prop, "1")  # type: ignore[return-value]
         return "no unit"
-    shown = seen[0] if len(seen[0]) <= 40 else seen[0][:40] + "…"
+    shown = seen[0] if _SHOWN_UNIT.fullmatch(seen[0]) else "…"  # a unit is a code: free text is not repeated
     return f"unit '{shown}' is not a {_PROP_NAMES[prop]} unit"
 
 

@@ -12,27 +12,30 @@ Construct it inside a running event loop (it makes an aiohttp session unless giv
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 import aiohttp
-import msgspec
 import orjson
 import structlog
 from yarl import URL
 
-from ..clinical import raw
+from ..clinical import jsonscan, raw
+from ..clinical.fhirtime import to_epoch_us
+from ..clinical.observations import patient_reference
 from ..config import FhirSettings
 from ..errors import ConfigError
-from ..metrics import FHIR_REQUESTS, FHIR_RETRIES, PAGES, UNSAFE_LINKS
+from ..metrics import DAMAGED_PAGES, FHIR_REQUESTS, FHIR_RETRIES, PAGES, UNSAFE_LINKS, reason_label
 from .auth import Auth, make_auth
 from .errors import (
     FhirError,
@@ -43,7 +46,7 @@ from .errors import (
 )
 from .tls import ssl_option
 
-__all__ = ["FhirClient", "Page"]
+__all__ = ["FhirClient", "Page", "UnreadablePage"]
 
 log = structlog.get_logger("neutrowatch.fhir")
 
@@ -54,7 +57,6 @@ MAX_SEARCH_ALL_PAGES = 100
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_page_decoder = msgspec.json.Decoder(raw.Resource)
 _closing: set[asyncio.Task[None]] = set()
 T = TypeVar("T")
 
@@ -64,6 +66,10 @@ class Page:
     resources: list[raw.Resource | raw.Undecodable]  # searchset entries, flattened (include-mode too)
     next_url: str | None
     url: str  # the URL this page came from
+    # the same truncated page came twice: `resources` are the entries before the cut and the search
+    # stops here. Sorted by _lastUpdated, a cursor moved to what was read loses nothing; a reader
+    # that needs the whole result now (temperatures for this cycle's decisions) must fail instead.
+    cut_short: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,14 +156,39 @@ def _next_link(links: Any) -> str | None:
 
 
 def _json_object(response: _Response) -> dict[str, Any]:
-    """The body of a GET as a dict; bad JSON is retryable (a truncated body)."""
+    """The body of a GET as a dict. Strict JSON first; a whole document that only a tolerant parser
+    reads (NaN, bytes that are not UTF-8 — replaced by U+FFFD here, nothing in these bodies is a
+    number we assess) is read so; a truncated or broken body is retryable (a transfer cut short)."""
     try:
         doc = orjson.loads(response.body)
     except (orjson.JSONDecodeError, RecursionError):
-        raise _Retry("invalid_json", ambiguous=False, response=response) from None
+        doc = _tolerant_object(response)
     if not isinstance(doc, dict):
         raise FhirError(f"HTTP {response.status} body is not a FHIR resource")
     return doc
+
+
+def _tolerant_object(response: _Response) -> Any:
+    text = response.body.removeprefix(raw.BOM).decode("utf-8", "replace")
+    if not jsonscan.single_document(text):
+        raise _Retry("invalid_json", ambiguous=False, response=response)
+    try:
+        return _scrubbed(raw.loads_tolerant(text))
+    except RecursionError:
+        raise FhirError(f"HTTP {response.status} body is nested too deeply to read") from None
+    except ValueError:
+        raise FhirError(f"HTTP {response.status} body is not JSON") from None
+
+
+def _scrubbed(value: Any) -> Any:
+    """Lone surrogates (unpaired \\ud800 escapes) replaced, so nothing read can fail to encode later."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode() if not value.isascii() else value
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, dict):
+        return {_scrubbed(k): _scrubbed(v) for k, v in value.items()}
+    return value
 
 
 def _optional_object(response: _Response) -> dict[str, Any] | None:
@@ -173,7 +204,8 @@ def _optional_object(response: _Response) -> dict[str, Any] | None:
 def _bundle_object(response: _Response) -> tuple[dict[str, Any], str | None]:
     doc = _json_object(response)
     if doc.get("resourceType") != "Bundle":
-        raise FhirError(f"search answered with {str(doc.get('resourceType'))[:40]}, not a Bundle")
+        shown = doc.get("resourceType")
+        raise FhirError(f"search answered with {shown if isinstance(shown, str) and _TYPE.match(shown) else 'something else'}, not a Bundle")
     return doc, _next_link(doc.get("link"))
 
 
@@ -187,21 +219,125 @@ def _entry_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def _page(response: _Response) -> tuple[list[raw.Resource | raw.Undecodable], str | None]:
-    """Typed fast path; if the page does not fit the types, entry by entry so one bad entry
-    does not take its neighbours with it."""
+class UnreadablePage(FhirError):
+    """A search page whose framing is broken (truncated, not JSON at all) came back byte for byte
+    the same: after a retry with no readable entry in it, or again after its readable entries were
+    read. It is not skipped: nothing is known of what the rest holds (which patients, which
+    meta.lastUpdated), so moving the cursor past it could lose an alert. The cycle fails instead —
+    visible in neutrowatch_polls_total{outcome="error"}, /readyz,
+    neutrowatch_damaged_pages_total{handling="refused"} and the log (size and digest of the page,
+    never its content)."""
+
+
+# Broken pages seen lately (sha256 of the body -> times seen): the same broken bytes again are not
+# a transfer cut short.
+_BROKEN_PAGES: OrderedDict[bytes, int] = OrderedDict()
+_BROKEN_PAGES_LIMIT = 64
+
+
+def _sightings(body: bytes) -> int:
+    """How many times this exact body has been seen broken, this time included."""
+    key = hashlib.sha256(body).digest()
+    seen = _BROKEN_PAGES.pop(key, 0) + 1
+    _BROKEN_PAGES[key] = seen
+    if len(_BROKEN_PAGES) > _BROKEN_PAGES_LIMIT:
+        _BROKEN_PAGES.popitem(last=False)
+    return seen
+
+
+class PageEntries(NamedTuple):
+    items: list[raw.Resource | raw.Undecodable]
+    cut_short: bool = False
+
+
+def _page(response: _Response) -> tuple[PageEntries, str | None]:
+    """A searchset page's entries, read so that damage stays with the entry that holds it.
+
+    * Strict JSON (nearly always): typed, entry by entry when an entry does not fit the types.
+    * A whole document that a strict parser refuses (NaN or Infinity tokens, 1e999, bytes that are
+      not UTF-8, one entry nested 100 000 levels deep or with a syntax error inside): not retried
+      (the server would send the same bytes again) but salvaged entry by entry (`raw.read`): a NaN
+      value becomes that Observation's rejection, an entry that cannot be read at all an
+      `Undecodable` with its id when that much can be read; the worker rejects, counts, logs and
+      quarantines each. The cursor moves as usual: every entry of the page is accounted for.
+    * Broken framing (truncated, not JSON at all): first retried, as a transfer cut short would
+      be. The same bytes a second time are not a transfer problem: the entries before the break
+      are read and the search stops there (no next link). Results are sorted by _lastUpdated, so
+      the cursor covers only what was read and the rest is read again from it next cycle: nothing
+      is skipped. If the same broken page then comes back a third time (reading its first entries
+      did not move the search past it: e.g. they all lie in the overlap window), or it holds no
+      readable entry at all, `UnreadablePage`: the cycle fails and the cursor stays, so the stall
+      is visible (polls_total{outcome="error"}, /readyz, damaged_pages_total{handling="refused"},
+      an error log line with the page's size and digest) instead of silent.
+    """
+    doc = raw.read(response.body)
+    doc = doc._replace(items=_without_future_stamps(doc.items, response.headers))
+    if doc.complete:
+        if doc.resource_type != "Bundle":
+            shown = doc.resource_type if doc.resource_type and _TYPE.match(doc.resource_type) else "something else"
+            raise FhirError(f"search answered with {shown}, not a Bundle")
+        if doc.damage is not None:
+            DAMAGED_PAGES.labels("salvaged").inc()
+            log.warning("fhir_page_salvaged", status=response.status, size=len(response.body), entries=len(doc.items),
+                        unreadable=sum(isinstance(i, raw.Undecodable) for i in doc.items), damage=reason_label(doc.damage))
+        return PageEntries(doc.items), _next_link(doc.links)
+    seen = _sightings(response.body)
+    if seen == 1:
+        DAMAGED_PAGES.labels("retried").inc()
+        raise _Retry("invalid_json", ambiguous=False, response=response)
+    digest = hashlib.sha256(response.body).hexdigest()[:16]
+    damage = reason_label(doc.damage or "broken")
+    if seen == 2 and doc.resource_type == "Bundle" and doc.items:
+        DAMAGED_PAGES.labels("prefix").inc()
+        log.warning("fhir_page_truncated", size=len(response.body), sha256=digest, entries=len(doc.items), damage=damage,
+                    action="entries before the break read; the rest is read from the cursor next cycle")
+        return PageEntries(doc.items, cut_short=True), None
+    DAMAGED_PAGES.labels("refused").inc()
+    log.error("fhir_page_unreadable", size=len(response.body), sha256=digest, damage=damage, seen=seen,
+              action="not skipped: the cycle fails and the cursor stays")
+    raise UnreadablePage(f"search page unreadable ({damage}; {len(response.body)} bytes, sha256 {digest}, seen {seen} times): "
+                         "not skipped, the cursor stays")
+
+
+FUTURE_STAMP = "meta.lastUpdated is later than the server's own clock"
+_DATE_SLACK_US = 5 * 60 * 1_000_000  # clocks of a server's nodes differ a little
+_NO_DATE_SLACK_US = 60 * 60 * 1_000_000  # no Date header: our clock, with room for the server's to be ahead
+
+
+def _without_future_stamps(items: list[raw.Resource | raw.Undecodable], headers: Mapping[str, str]
+                           ) -> list[raw.Resource | raw.Undecodable]:
+    """Entries whose meta.lastUpdated lies beyond the server's clock (its Date header) become
+    rejections. The server stamps what it stores, so such a stamp is not one it wrote; believed, it
+    would carry the cursor into the future (9999-12-31: every later result falls below the cursor
+    and is never read — monitoring stops for every patient, silently)."""
+    limit = _clock_limit_us(headers)
+    out: list[raw.Resource | raw.Undecodable] = []
+    for item in items:
+        stamp = item.meta.lastUpdated if isinstance(item, raw.Resource) and item.meta is not None else None
+        if stamp:
+            try:
+                future = to_epoch_us(stamp) > limit
+            except (ValueError, OverflowError):
+                future = False
+            if future:
+                subject = item.subject.reference if item.subject is not None else None  # type: ignore[union-attr]
+                out.append(raw.Undecodable(FUTURE_STAMP, raw.clean_text(item.resourceType, 64), raw.fhir_id(item.id),  # type: ignore[union-attr]
+                                           patient_reference(subject)))
+                continue
+        out.append(item)
+    return out
+
+
+def _clock_limit_us(headers: Mapping[str, str]) -> int:
     try:
-        bundle = _page_decoder.decode(response.body)
-    except msgspec.ValidationError:
-        doc, next_url = _bundle_object(response)
-        entries = doc.get("entry")
-        resources = list(raw.convert({"resourceType": "Bundle", "entry": entries})) if isinstance(entries, list) else []
-        return resources, next_url
-    except (msgspec.DecodeError, RecursionError):
-        raise _Retry("invalid_json", ambiguous=False, response=response) from None
-    if bundle.resourceType != "Bundle":
-        raise FhirError(f"search answered with {bundle.resourceType[:40]}, not a Bundle")
-    return list(raw.flatten(bundle)), _next_link(bundle.link)
+        date = parsedate_to_datetime(headers.get("Date") or "")
+    except (TypeError, ValueError, IndexError):
+        date = None
+    if date is None:
+        return int(time.time() * 1_000_000) + _NO_DATE_SLACK_US
+    if date.tzinfo is None:
+        date = date.replace(tzinfo=UTC)
+    return int(date.timestamp() * 1_000_000) + _DATE_SLACK_US
 
 
 def _request_url(url: str) -> URL:
@@ -258,8 +394,8 @@ class FhirClient:
 
     async def search(self, resource_type: str, params: Sequence[tuple[str, str]]) -> AsyncIterator[Page]:
         """Pages of a search: the first built from `params`, then Bundle.link[next] exactly as given."""
-        async for resources, next_url, url in self._walk(self._search_url(resource_type, params), _page):
-            yield Page(resources, next_url, url)
+        async for entries, next_url, url in self._walk(self._search_url(resource_type, params), _page):
+            yield Page(entries.items, next_url, url, entries.cut_short)
 
     async def search_all(self, resource_type: str, params: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         """Every entry resource of a small search as plain dicts (match and include entries; the

@@ -1,9 +1,8 @@
-"""FhirClient against the real FHIR test engine, directly and through a fault-injecting reverse
-proxy written here (429/503, truncated bodies, next links and redirects to another origin)."""
+"""FhirClient against the real FHIR test engine, directly and through the fault-injecting reverse
+proxy of tests/chaos/proxy.py (429/503, truncated bodies, next links and redirects to another origin)."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import random
 import socket
@@ -11,23 +10,20 @@ import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from yarl import URL
 
 from service.clinical import raw
 from service.config import FhirSettings, RetrySettings
@@ -41,6 +37,7 @@ from service.fhir.errors import (
     UnsafeLinkError,
 )
 from service.metrics import REGISTRY
+from tests.chaos.proxy import Fault, OtherOrigin, Proxy
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -87,105 +84,23 @@ def outcome(code: str, text: str) -> dict[str, Any]:
     return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
 
 
-# -- fault-injecting reverse proxy -----------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    method: str
-    raw_path: str  # path and query exactly as received (after the /fhir prefix)
-    headers: dict[str, str]
-
-
-@dataclass
-class Fault:
-    """For the first `times` requests matching `when`: answer with `respond` (nothing forwarded), or
-    forward and pass the answer through `mutate(status, headers, body)`, optionally after `delay`."""
-
-    when: Callable[[web.Request], bool]
-    times: int = 1
-    respond: Handler | None = None
-    mutate: Callable[[int, dict[str, str], bytes], tuple[int, dict[str, str], bytes]] | None = None
-    delay: float = 0.0
-
-
-@dataclass
-class Proxy:
-    upstream: str
-    base: str = ""  # the proxy's FHIR base URL: http://127.0.0.1:<port>/fhir
-    faults: list[Fault] = field(default_factory=list)
-    seen: list[Seen] = field(default_factory=list)
-    session: aiohttp.ClientSession | None = None
-
-    def add(self, fault: Fault) -> Fault:
-        self.faults.append(fault)
-        return fault
-
-    def requests(self, method: str, path_prefix: str = "") -> list[Seen]:
-        return [s for s in self.seen if s.method == method and s.raw_path.startswith(path_prefix)]
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        raw_path = request.raw_path.removeprefix("/fhir") or "/"
-        self.seen.append(Seen(request.method, raw_path, dict(request.headers)))
-        fault = next((f for f in self.faults if f.times > 0 and f.when(request)), None)
-        if fault is not None:
-            fault.times -= 1
-            await asyncio.sleep(fault.delay)
-            if fault.respond is not None:
-                return fault.respond(request)
-        status, headers, body = await self._forward(request, raw_path)
-        if fault is not None and fault.mutate is not None:
-            status, headers, body = fault.mutate(status, headers, body)
-        return web.Response(status=status, body=body, headers=headers)
-
-    async def _forward(self, request: web.Request, raw_path: str) -> tuple[int, dict[str, str], bytes]:
-        assert self.session is not None
-        passed = {k: v for k, v in request.headers.items() if k.lower() in ("accept", "content-type", "if-none-exist", "if-match")}
-        async with self.session.request(request.method, URL(self.upstream + raw_path, encoded=True),
-                                        data=await request.read(), headers=passed, allow_redirects=False) as resp:
-            body = (await resp.read()).replace(self.upstream.encode(), self.base.encode())
-            headers = {k: v.replace(self.upstream, self.base) for k, v in resp.headers.items()
-                       if k.lower() in ("content-type", "etag", "location", "last-modified")}
-            return resp.status, headers, body
-
-
-@dataclass
-class OtherOrigin:
-    """Stands for any other server: records what reaches it, answers an empty Bundle."""
-
-    base: str = ""
-    seen: list[Seen] = field(default_factory=list)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append(Seen(request.method, request.raw_path, dict(request.headers)))
-        return web.json_response({"resourceType": "Bundle", "type": "searchset", "entry": []})
+# -- fault-injecting reverse proxy (tests/chaos/proxy.py) ---------------------------------------------
 
 
 @pytest.fixture
 async def other() -> AsyncIterator[OtherOrigin]:
     state = OtherOrigin()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", state.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    state.base = str(server.make_url("")).rstrip("/")
+    await state.start()
     yield state
-    await server.close()
+    await state.stop()
 
 
 @pytest.fixture
 async def proxy(fhir_base_url: str) -> AsyncIterator[Proxy]:
-    state = Proxy(upstream=fhir_base_url.rstrip("/"))
-    app = web.Application(client_max_size=64 * 1024 * 1024)
-    app.router.add_route("*", "/fhir", state.handle)
-    app.router.add_route("*", "/fhir/{tail:.*}", state.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    state.base = str(server.make_url("/fhir"))
-    async with aiohttp.ClientSession() as session:
-        state.session = session
-        yield state
-    await server.close()
+    state = Proxy(upstream=fhir_base_url)
+    await state.start()
+    yield state
+    await state.stop()
 
 
 class Sleeps(list[float]):

@@ -1,0 +1,266 @@
+"""The hostile corpus through `replay` (the CLI, in-process): exit 0, no alert from a hostile
+input, each one accounted for by an event with its reason, and the valid neighbours in the same
+file still processed."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import orjson
+import pytest
+
+from service.__main__ import main
+from service.config import load_settings
+from service.replay import Replay
+from tests.hostile.corpus import (
+    BY_NAME,
+    CORPUS,
+    LINE_ONLY,
+    PHI,
+    Hostile,
+    Outcome,
+    bulk_entries,
+    duplicate_pair,
+    fill,
+    neighbour,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+NEIGHBOURS = ("before", "after")
+CONFLICT = "conflicts with an earlier copy of the same version"
+
+
+def read(path: Path) -> list[dict]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def replay(tmp_path: Path, *inputs: Path) -> tuple[list[dict], list[dict]]:
+    events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.ndjson"
+    assert main(["replay", *map(str, inputs), "--events", str(events), "--alerts", str(alerts)]) == 0
+    return read(events), read(alerts)
+
+
+def neighbour_lines(name: str) -> list[bytes]:
+    return [orjson.dumps(fill(r)) for r in neighbour(name)]
+
+
+def alerted_patients(alerts: list[dict]) -> set[str]:
+    return {a["subject"]["reference"] for a in alerts if a["resourceType"] == "Flag"}
+
+
+def assert_outcome(item: Hostile, events: list[dict]) -> None:
+    """The item is accounted for exactly as its class says, and nothing of it alerted."""
+    mine = [e for e in events if e["patient"] == item.patient or (item.ref and item.ref in e["observations"])
+            or (e["event"] == "rejected" and not e["observations"] and e["patient"] is None)]
+    if item.outcome is Outcome.ACCEPTED:
+        assert mine == [], mine
+        return
+    assert len(mine) == 1, (item.name, mine)
+    (event,) = mine
+    assert event["event"] == "rejected" and event["grade"] is None and event["anc"] is None
+    assert event["reason"].startswith(item.reason), (item.name, event["reason"])
+    if item.outcome is Outcome.REJECTED:
+        assert event["observations"] == ([item.ref] if item.ref else []), (item.name, event)
+    else:
+        assert item.ref in event["observations"]
+
+
+@pytest.mark.parametrize("item", CORPUS, ids=lambda h: h.name)
+def test_each_hostile_item_between_valid_neighbours(tmp_path, item: Hostile):
+    lines = [*neighbour_lines("before"), *item.resources(), *neighbour_lines("after")]
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    events, alerts = replay(tmp_path, path)
+    assert alerted_patients(alerts) == {f"Patient/nb-{n}" for n in NEIGHBOURS}  # neighbours processed, nothing else alerted
+    assert [e["event"] for e in events if e["patient"] and e["patient"].startswith("Patient/nb-")] == ["new", "new"]
+    assert_outcome(item, events)
+    assert len(events) == 2 + (item.outcome is not Outcome.ACCEPTED)  # nothing else, nothing lost
+
+
+def test_the_whole_corpus_in_one_file_and_as_one_bundle_gives_the_same(tmp_path):
+    """As NDJSON lines, and as one Bundle (whose strict parse fails as a whole, so it is read entry
+    by entry): the same events, each item accounted for once."""
+    items = [h for h in CORPUS if h.name not in LINE_ONLY]
+    lines = [*neighbour_lines("before")]
+    for item in items:
+        lines += item.resources()
+    lines += neighbour_lines("after")
+    ndjson = tmp_path / "all.ndjson"
+    ndjson.write_bytes(b"\n".join(lines) + b"\n")
+    bundle = tmp_path / "all.json"
+    bundle.write_bytes(b'{"resourceType":"Bundle","type":"collection","entry":['
+                       + b",".join(b'{"resource":' + line + b"}" for line in lines) + b"]}")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    by_line, alerts_a = replay(tmp_path / "a", ndjson)
+    by_bundle, alerts_b = replay(tmp_path / "b", bundle)
+    assert by_line == by_bundle and alerts_a == alerts_b
+    assert alerted_patients(alerts_a) == {"Patient/nb-before", "Patient/nb-after"}
+    rejected = [e for e in by_line if e["event"] == "rejected"]
+    assert len(rejected) == sum(h.outcome is not Outcome.ACCEPTED for h in items)
+    for item in items:
+        if item.ref is not None:
+            assert_outcome(item, [e for e in by_line if item.ref in e["observations"] or e["patient"] == item.patient])
+
+
+def test_pretty_printed_bundle_with_nan_tokens_keeps_its_neighbours(tmp_path):
+    """A pretty-printed Bundle holding NaN tokens used to fall back to reading line by line: every
+    line a junk rejection, the valid entries lost. Now each entry is read on its own."""
+    resources = [fill(r) for r in neighbour("before") + neighbour("after")]
+    text = json.dumps({"resourceType": "Bundle", "type": "collection",
+                       "entry": [{"resource": r} for r in resources[:2]]
+                       + [{"resource": orjson.loads(BY_NAME["quantity-is-a-list"].resources()[0])}]
+                       + [{"resource": {**resources[2], "id": "nan-anc", "valueQuantity": {"value": float("nan"), "unit": "10*3/uL"}}}]
+                       + [{"resource": r} for r in resources[2:]]}, indent=2)
+    assert "NaN" in text
+    path = tmp_path / "pretty.json"
+    path.write_text(text)
+    events, alerts = replay(tmp_path, path)
+    assert alerted_patients(alerts) == {"Patient/nb-before", "Patient/nb-after"}
+    assert sorted((e["event"], tuple(e["observations"]), e.get("reason")) for e in events if e["event"] == "rejected") == [
+        ("rejected", ("Observation/h-quantity-is-a-list",), "malformed: Expected `object | null`, got `array` - at `$.valueQuantity`"),
+        ("rejected", ("Observation/nan-anc",), "value is not a finite number"),
+    ]
+
+
+def test_truncated_bundle_file_keeps_the_entries_before_the_cut(tmp_path):
+    resources = [fill(r) for r in neighbour("before") + neighbour("after")]
+    text = json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}, indent=2)
+    cut = text.index('"nb-after-anc"')  # inside the last entry
+    path = tmp_path / "cut.json"
+    path.write_text(text[:cut])
+    events, alerts = replay(tmp_path, path)
+    assert alerted_patients(alerts) == {"Patient/nb-before"}
+    assert [e["event"] for e in events] == ["new", "rejected"]
+    assert events[1]["reason"] == "invalid JSON: Bundle truncated after 3 entries" and events[1]["observations"] == []
+
+
+def test_truncated_and_garbage_lines(tmp_path):
+    lines = [*neighbour_lines("before"), b'{"resourceType":"Observation","id":"h-trunc', b"<html>502 Bad Gateway</html>",
+             b"\xff\xfe\x00", *neighbour_lines("after")]
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    events, alerts = replay(tmp_path, path)
+    assert alerted_patients(alerts) == {"Patient/nb-before", "Patient/nb-after"}
+    rejected = [e for e in events if e["event"] == "rejected"]
+    assert len(rejected) == 3 and all(e["reason"].startswith("invalid JSON") and e["observations"] == [] for e in rejected)
+
+
+def test_a_corrupt_first_line_does_not_make_replay_read_the_file_whole(tmp_path, monkeypatch):
+    """A first line that is not JSON but closes like a resource starts NDJSON: the file is read line by
+    line (it used to be read into memory whole, to try it as one pretty-printed document)."""
+    from service import replay as replay_module
+
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(b"\n".join([BY_NAME["nan-token"].resources()[0], *neighbour_lines("after")]) + b"\n")
+    wholes: list[int] = []
+    original = replay_module._one_document
+    monkeypatch.setattr(replay_module, "_one_document", lambda data: wholes.append(len(data)) or original(data))
+    events, _ = replay(tmp_path, path)
+    assert wholes == [] and [e["event"] for e in events] == ["rejected", "new"]
+
+
+# -- duplicates: same id, versionId and lastUpdated --------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
+@pytest.mark.parametrize("order", ["normal-first", "severe-first"])
+def test_conflicting_copies_first_read_wins_second_is_rejected(tmp_path, engine, order):
+    patient, (first, second, wbc) = duplicate_pair(conflicting=True)
+    copies = [first, second] if order == "normal-first" else [second, first]
+    path = tmp_path / "dup.ndjson"
+    path.write_bytes(b"\n".join(r.replace(b"@UPDATED@", b"2026-03-01T10:00:00.000Z") for r in [wbc, *copies]) + b"\n")
+    settings = load_settings(None)
+    events_out, alerts_out = io.BytesIO(), io.BytesIO()
+    with Replay(settings.rules, settings.alerts, engine=engine) as r:
+        stats = r.run([str(path)], events_out, alerts_out)
+    events = [orjson.loads(x) for x in events_out.getvalue().splitlines()]
+    conflict = [e for e in events if e["event"] == "rejected"]
+    assert len(conflict) == 1 and conflict[0]["reason"].startswith(CONFLICT)
+    assert conflict[0]["observations"] == ["Observation/h-duplicate-conflict"] and conflict[0]["patient"] == patient
+    alerts = [e for e in events if e["event"] != "rejected"]
+    if order == "normal-first":  # the severe copy came second: it never alerts
+        assert alerts == [] and alerts_out.getvalue() == b""
+    else:  # the severe copy was read first and stands; the normal one does not withdraw it
+        assert [(e["event"], e["grade"]) for e in alerts] == [("new", "severe")]
+    assert stats.events["rejected"] == 1
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
+def test_identical_copies_are_one_version(tmp_path, engine):
+    patient, (first, second, wbc) = duplicate_pair(conflicting=False)
+    path = tmp_path / "dup.ndjson"
+    path.write_bytes(b"\n".join(r.replace(b"@UPDATED@", b"2026-03-01T10:00:00.000Z") for r in [first, wbc, second]) + b"\n")
+    settings = load_settings(None)
+    events_out = io.BytesIO()
+    with Replay(settings.rules, settings.alerts, engine=engine) as r:
+        stats = r.run([str(path)], events_out, None)
+    assert events_out.getvalue() == b""  # normal ANC, read once
+    assert stats.ignored["identical copy of a version already read"] == 1  # counted, not silent
+    assert stats.panels == 1
+
+
+# -- a Bundle of 30 000 entries ------------------------------------------------------------------
+
+
+def _max_rss_mb(args: list[str], env: dict[str, str]) -> tuple[int, float, str]:
+    """Run a child process; its exit code, its own peak RSS (MiB, from wait4) and its stderr."""
+    proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err: list[bytes] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))  # type: ignore[union-attr]
+    reader.start()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    reader.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024, err[0].decode(errors="replace")
+
+
+def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
+    """One Bundle document, 30 000 valid entries and a few poison ones (NaN, bytes that are not
+    UTF-8, 100 000 levels of nesting): the strict parse of the whole fails, every entry is still
+    read, every valid one assessed, every poison one rejected; memory stays bounded."""
+    poison = [BY_NAME[n].resources()[0] for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json")]
+    entries = bulk_entries(30_000)
+    for n, p in enumerate(poison):
+        entries.insert(7_000 * (n + 1), p)
+    path = tmp_path / "big.json"
+    path.write_bytes(b'{"resourceType":"Bundle","type":"collection","entry":[' + b",".join(b'{"resource":' + e + b"}" for e in entries) + b"]}")
+    events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.ndjson"
+    env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "info"}
+    code, rss, err = _max_rss_mb([sys.executable, "-m", "service", "replay", str(path), "--events", str(events), "--alerts", str(alerts)], env)
+    assert code == 0, err
+    summary = next(json.loads(line) for line in err.splitlines() if '"replay finished"' in line)
+    assert summary["resources"] == 30_000 + len(poison)  # every entry read
+    assert summary["observations"] == 30_000 + 1  # those decoded as Observations (NaN is, the others are undecodable)
+    assert summary["panels"] == 15_000
+    got = read(events)
+    assert sorted(e["patient"] for e in got if e["event"] == "new") == sorted(f"Patient/bulk-{p}" for p in range(10))
+    rejected = [e for e in got if e["event"] == "rejected"]
+    assert sorted(e["observations"][0] for e in rejected) == sorted(
+        BY_NAME[n].ref for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json"))
+    assert len(got) == 14
+    # 13 MB of input; the whole document is held once as bytes and once as text on the salvage path
+    print(f"replay of a 30 000-entry Bundle (salvage path): peak RSS {rss:.0f} MiB")
+    assert rss < 600, f"peak RSS {rss:.0f} MiB"
+
+
+def test_no_phi_in_the_replay_log(tmp_path):
+    lines = [*neighbour_lines("before")]
+    for item in CORPUS:
+        lines += item.resources()
+    path = tmp_path / "all.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "debug"}
+    code, _rss, err = _max_rss_mb([sys.executable, "-m", "service", "replay", str(path), "--events", str(tmp_path / "e.jsonl")], env)
+    assert code == 0, err
+    assert err.strip(), "the replay logged nothing: the scan would prove nothing"
+    for line in err.splitlines():
+        json.loads(line)
+        for phi in PHI:
+            assert phi not in line
