@@ -28,6 +28,7 @@ from .worker import CycleReport, Worker
 
 log = structlog.get_logger("neutrowatch")
 CYCLE_JOB = "poll"
+DRAIN_SECONDS = 8.0  # SIGTERM: a running cycle may finish within this, so the process exits within 10 s
 
 
 class Service:
@@ -39,6 +40,7 @@ class Service:
         self.last_ok: float | None = None
         self.last_error: str | None = None
         self.store_error: str | None = None  # the last leader check could not reach the store
+        self.lead_checked = False  # a leader check has completed (until then this is no standby either)
         self.started = time.time()
         self._stack = AsyncExitStack()
         self._busy = asyncio.Lock()
@@ -96,6 +98,7 @@ class Service:
                 log.warning("leader check failed", error=str(err))
             self.store_error = str(err)
             now = False
+        self.lead_checked = True
         metrics.LEADER.set(1 if now else 0)
         if now != was:
             metrics.LEADER_CHANGES.labels("taken" if now else "lost").inc()
@@ -104,7 +107,7 @@ class Service:
                 self.last_ok = None  # readiness now follows this replica's own polls
         return now and not was
 
-    async def drain(self, timeout: float = 10.0) -> None:
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Let a running cycle finish (cutting it is safe, finishing avoids re-work)."""
         try:
             async with asyncio.timeout(timeout), self._busy:
@@ -118,6 +121,8 @@ class Service:
         if not self.store.is_leader:
             if self.store_error is not None:
                 return False, f"state store unavailable: {self.store_error}"
+            if not self.lead_checked:
+                return False, "starting: the leader lock not checked yet"
             return True, "standby: another replica holds the leader lock"
         window = 3 * self.settings.poll.interval_seconds
         if self.last_ok is None:
@@ -159,8 +164,13 @@ async def run(settings: Settings) -> None:
                     pass
         finally:
             log.info("stopping")
-            scheduler.shutdown(wait=False)
+            # Pause first: shutting the scheduler down cancels a running cycle (the asyncio executor
+            # cancels its pending tasks), so it comes only after the drain, to cut a cycle that
+            # overran it; the second drain lets that cut cycle unwind before the store closes.
+            scheduler.pause()
             await service.drain()
+            scheduler.shutdown(wait=False)
+            await service.drain(1.0)
             await runner.cleanup()
     log.info("stopped")
 

@@ -32,7 +32,7 @@ from .events import (
     rejected_record,
 )
 from .fhir.client import FhirClient, Page
-from .fhir.errors import PreconditionFailed
+from .fhir.errors import FhirError, PreconditionFailed
 from .store.base import Decided, Intake, OutboxEntry, PanelWork, Store
 
 log = structlog.get_logger("neutrowatch.worker")
@@ -104,6 +104,16 @@ def _updated(resource: raw.Resource | raw.Undecodable) -> int | None:
     return None
 
 
+async def whole_result(pages: AsyncIterator[Page]) -> AsyncIterator[Page]:
+    """The pages of a search whose whole result this cycle's decisions need (temperatures): a page
+    the client had to cut short fails the cycle before its entries are taken, so neither the
+    decisions nor the temperature cursors move on a partial view (next cycle asks again)."""
+    async for page in pages:
+        if page.cut_short:
+            raise FhirError("a temperature search page came back truncated twice: the cycle is retried")
+        yield page
+
+
 async def pages_since(
     client: FhirClient, resource_type: str, params: list[tuple[str, str]], since_us: int, anchor: str = "_lastUpdated"
 ) -> AsyncIterator[Page]:
@@ -154,10 +164,10 @@ class Worker:
         report = CycleReport()
         started = time.perf_counter()
         try:
-            if not await self.deliver(report):
-                report.delivered_all = False
-                metrics.POLLS.labels("undelivered").inc()
-                return report
+            # Leftovers first. A chain that still fails (one write the server keeps refusing) must
+            # not stop the reading: it would silence every patient. It is retried below and every
+            # cycle; the cursor waits until every write is confirmed.
+            await self.deliver(report)
             newest_us = await self._read(report)
             if self.settings.poll.temperatures == "open-episodes":
                 # before deciding, so temperatures and panels are taken in one order of availability
@@ -260,7 +270,7 @@ class Worker:
             batches.append(([p for p, _ in group], pages_since(self.client, "Observation", [("subject", subjects), *base], since)))
         for patients, pages in batches:
             report.temperature_searches += 1
-            newest = await self._ingest(pages, report, read_up_to_us)
+            newest = await self._ingest(whole_result(pages), report, read_up_to_us)
             if newest is not None:
                 for patient in patients:
                     await self.store.set_temperature_cursor(patient, from_epoch_us(newest))

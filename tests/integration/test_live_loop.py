@@ -184,3 +184,35 @@ async def test_decisions_in_small_batches_equal_replay(fhir_base_url, tmp_path, 
     report = await cycle(settings)
     assert report.delivered_all and report.panels_assessed > 30
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+
+
+async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(fhir_base_url, tmp_path):
+    """One patient's alert write is refused every time (a server-side validation, say). That chain
+    waits in the outbox, retried every cycle; every other patient's results are still read and
+    their alerts still sent. (The cycle used to stop at the failed leftover and read nothing more:
+    one poison write silenced every patient; found by reasoning over the chaos campaign.)"""
+    from aiohttp import web
+
+    from tests.chaos.proxy import Fault, Proxy
+
+    def panel(pid: str) -> list[dict]:
+        kw = dict(patient=f"Patient/{pid}", effective="2026-03-02T08:00:00Z", specimen=f"Specimen/{pid}")
+        return [observation("6690-2", 2.0, id=f"{pid}-wbc", **kw), observation("751-8", 0.3, id=f"{pid}-anc", **kw)]
+
+    proxy = Proxy(fhir_base_url)
+    proxy.add(Fault(lambda r: r.method == "POST", times=float("inf"), body_contains=b'"Patient/poison"',
+                    respond=lambda _r: web.json_response(
+                        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]}, status=422)))
+    await proxy.start()
+    try:
+        settings = settings_for(proxy.base, tmp_path / "s.sqlite3")
+        put_all(fhir_base_url, panel("poison") + panel("first"))
+        one = await cycle(settings)
+        assert one.events == {"new": 2} and not one.delivered_all
+        put_all(fhir_base_url, panel("later"))
+        two = await cycle(settings)
+    finally:
+        await proxy.stop()
+    assert two.events == {"new": 1} and not two.delivered_all and two.cursor is None  # the cursor waits for every write
+    alerted = {c["subject"]["reference"] for c in export(fhir_base_url, "Communication")}
+    assert alerted == {"Patient/first", "Patient/later"}

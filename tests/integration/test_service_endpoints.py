@@ -59,6 +59,18 @@ async def test_a_second_replica_on_the_same_state_is_a_ready_standby_that_does_n
         assert await leader.cycle() is not None
 
 
+async def test_not_ready_before_the_first_leader_check(tmp_path, state):
+    """Between opening the store and the first leader check (on PostgreSQL a round trip) a replica is
+    neither the leader nor a known standby: not ready. It answered 200 "standby" there, so a single
+    replica started with the FHIR server down was briefly ready (found by tests/chaos)."""
+    settings = settings_for("http://127.0.0.1:9", state)  # port 9: nothing listens
+    async with Service(settings) as service:
+        assert await service.open_store()
+        assert service.ready() == (False, "starting: the leader lock not checked yet")
+        assert await service.lead()
+        assert service.ready() == (False, "no successful poll yet")
+
+
 def _config(tmp_path: Path, base_url: str) -> Path:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(settings_for(base_url, tmp_path / "s.sqlite3").model_dump(mode="json", exclude_none=True)))
