@@ -19,6 +19,8 @@ from .errors import NeutrowatchError
 def _replay(args: argparse.Namespace) -> int:
     from .replay import Replay
 
+    if args.provenance and not args.alerts:
+        raise NeutrowatchError("--provenance needs --alerts (the Provenance resources go to the alerts file)")
     settings = load_settings(args.config)
     nw_logging.configure(settings.logging.level, settings.logging.format)
     log = structlog.get_logger("neutrowatch.replay")
@@ -28,7 +30,7 @@ def _replay(args: argparse.Namespace) -> int:
             alerts = stack.enter_context(open(args.alerts, "wb")) if args.alerts else None
         except OSError as err:
             raise NeutrowatchError(f"cannot write {err.filename}: {err.strerror}") from None
-        replay = stack.enter_context(Replay(settings.rules, settings.alerts))
+        replay = stack.enter_context(Replay(settings.rules, settings.alerts, provenance=args.provenance))
         stats = replay.run(args.inputs, events, alerts)
     log.info(
         "replay finished",
@@ -40,6 +42,31 @@ def _replay(args: argparse.Namespace) -> int:
         events=dict(stats.events),
         ignored=dict(stats.ignored),
     )
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    """The decision trail of one patient, to stdout (and a PNG). Nothing is logged: the trail is the
+    patient's data, for the engineer's terminal only."""
+    import orjson
+
+    from . import explain
+
+    settings = load_settings(args.config)
+    nw_logging.configure(settings.logging.level, settings.logging.format)  # to stderr; explain itself logs nothing
+    if args.png is not None:
+        explain.plot_available()  # fail before the work when matplotlib is missing
+    if args.inputs:
+        trail = explain.explain_inputs(args.inputs, args.patient, settings)
+    else:
+        trail = explain.explain_server(settings, args.patient, history=not args.no_history)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(explain.trail_json(trail), option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        sys.stdout.write(explain.render_text(trail))
+    if args.png is not None:
+        explain.write_png(trail, args.png)
+        print(f"wrote {args.png}", file=sys.stderr)
     return 0
 
 
@@ -89,8 +116,20 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
     r.add_argument("--events", required=True, type=Path, metavar="EVENTS.jsonl", help="decisions, one JSON object a line")
     r.add_argument("--alerts", type=Path, metavar="ALERTS.ndjson", help="the Flag and Communication resources it would write")
+    r.add_argument("--provenance", action="store_true",
+                   help="also write each alert write's Provenance to ALERTS.ndjson (after its Flag and Communication)")
     r.add_argument("--config", type=Path, metavar="FILE", help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
     r.set_defaults(func=_replay)
+
+    e = sub.add_parser("explain", help="the decision trail of one patient: inputs, ANC, grade, episode, events and rules")
+    e.add_argument("patient", metavar="PATIENT", help="Patient reference (Patient/123) or id")
+    e.add_argument("--input", dest="inputs", nargs="+", metavar="FILES",
+                   help="read these files as replay does (default: fetch the patient from fhir.base_url)")
+    e.add_argument("--config", type=Path, metavar="FILE", help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
+    e.add_argument("--png", type=Path, metavar="OUT.png", help="also draw the timeline (needs neutrowatch[explain])")
+    e.add_argument("--json", action="store_true", help="the trail as JSON, for machines")
+    e.add_argument("--no-history", action="store_true", help="from the server: current versions only, no _history reads")
+    e.set_defaults(func=_explain)
 
     c = sub.add_parser("check-config", help="validate the configuration and exit")
     c.add_argument("--config", type=Path, metavar="FILE")

@@ -120,7 +120,9 @@ class SmartSettings(_Section):
     client_id: str = Field("", description="The client id registered with the authorisation server.")
     private_key_file: Path | None = Field(None, description="PEM private key (RSA for RS384, EC P-384 for ES384); must not be world-readable.")
     key_id: str = Field("", description="`kid` header of the assertion: the key's id in the registered JWKS.")
-    algorithm: Literal["RS384", "ES384"] = "RS384"
+    algorithm: Literal["RS384", "ES384"] = Field(
+        "RS384", description="Signature algorithm of the JWT assertion: RS384 (an RSA key) or ES384 (an EC P-384 key)."
+    )
     scope: str = Field(
         "system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr",
         description="Requested scopes (SMART v2 syntax; v1 servers want e.g. system/Observation.read).",
@@ -130,7 +132,11 @@ class SmartSettings(_Section):
 
 
 class AuthSettings(_Section):
-    method: Literal["none", "bearer", "smart"] = "none"
+    method: Literal["none", "bearer", "smart"] = Field(
+        "none",
+        description="How requests authenticate: none; bearer (a static token, bearer_token or bearer_token_file); "
+        "smart (SMART Backend Services, the smart section).",
+    )
     bearer_token: SecretStr | None = Field(None, description="Static bearer token (set it from the environment, never in a file in the repo).")
     bearer_token_file: Path | None = Field(None, description="File holding the static bearer token (a mounted secret).")
     smart: SmartSettings = SmartSettings()
@@ -244,7 +250,7 @@ class WebSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="The lowest level logged.")
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console in a terminal, JSON otherwise."
     )

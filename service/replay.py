@@ -16,10 +16,11 @@ import functools
 import gzip
 import heapq
 import itertools
+import re
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -28,11 +29,19 @@ import msgspec
 import orjson
 
 from .alerts import build as build_alert
-from .clinical import raw
+from .clinical import jsonscan, raw
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
-from .clinical.observations import LabResult, Rejected, normalise, undecodable_rejection, version_number
+from .clinical.observations import (
+    LabResult,
+    Rejected,
+    conflict_rejection,
+    normalise,
+    undecodable_rejection,
+    version_number,
+)
 from .clinical.panels import (
+    PanelDecision,
     collection_key,
     decide,
     report_key,
@@ -51,6 +60,7 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _decode_rejected = msgspec.msgpack.Decoder(Rejected).decode
 _decode_resource = msgspec.msgpack.Decoder(raw.Resource).decode
+IDENTICAL_COPY = "identical copy of a version already read"  # ReplayStats.ignored key
 
 
 @dataclass
@@ -86,11 +96,13 @@ def _documents(path: Path) -> Iterator[bytes]:
     try:
         with opener(path, "rb") as fh:
             first = fh.readline()
-            if first.strip() and not _is_json(first):
-                # A pretty-printed document; if the whole file is not JSON either, fall back to
-                # lines so that one corrupt line does not hide the good ones.
+            if _starts_document(first):
+                # A pretty-printed document; if the whole file is not one document either, fall
+                # back to lines so that one corrupt line does not hide the good ones. A document
+                # that is one whole but not strict JSON (a NaN token, bytes that are not UTF-8, one
+                # entry nested too deeply) is read entry by entry (`raw.read`).
                 whole = first + fh.read()
-                if _is_json(whole):
+                if _is_json(whole) or _one_document(whole) or _cut_bundle(whole):
                     yield whole
                     return
                 lines: Iterable[bytes] = whole.splitlines()
@@ -103,12 +115,39 @@ def _documents(path: Path) -> Iterator[bytes]:
         raise InputError(f"cannot read input {path}: {err.strerror or err}") from None
 
 
+def documents(inputs: Sequence[str | Path]) -> Iterator[bytes]:
+    """Every JSON document of the inputs (files or directories), in input order: what pass 1 reads."""
+    for path in _files(inputs):
+        yield from _documents(path)
+
+
 def _is_json(line: bytes) -> bool:
     try:
         orjson.loads(line)
     except orjson.JSONDecodeError:
         return False
     return True
+
+
+def _starts_document(first: bytes) -> bool:
+    """Whether a file whose first line is `first` may be one multi-line JSON document. A first line
+    that is a JSON value, or that closes like one (a damaged NDJSON line), starts NDJSON: then the
+    file is read line by line and never held in memory as a whole."""
+    line = first.strip()
+    return bool(line) and not line.endswith((b"}", b"]")) and not _is_json(first)
+
+
+def _cut_bundle(data: bytes) -> bool:
+    """A Bundle cut short (a transfer or a copy that ended early): its entries before the cut are
+    read, and the cut is one rejection (rather than every later line of it one)."""
+    doc = raw.read(data)
+    return (doc.resource_type == "Bundle" and bool(doc.items) and doc.remainder is not None
+            and "truncated" in doc.remainder.reason)
+
+
+def _one_document(data: bytes) -> bool:
+    """One well-framed JSON document (perhaps not strict JSON inside), nothing after it."""
+    return jsonscan.single_document(data.removeprefix(raw.BOM).decode("utf-8", "surrogateescape"))
 
 
 # -- ordering ------------------------------------------------------------------------------------
@@ -130,7 +169,7 @@ def availability_key(ref: str | None, vu: int, vv: int, seq: int) -> str:
 class Rows:
     """What pass 1 makes of a stretch of input: rows of the obs, member and rejected tables."""
 
-    obs: list[tuple[Any, ...]] = field(default_factory=list)  # ref, vu, vv, seq, patient, pkey, fkey, data
+    obs: list[tuple[Any, ...]] = field(default_factory=list)  # ref, vu, vv, seq, patient, pkey, fkey, data, rej
     member: list[tuple[str, str]] = field(default_factory=list)  # Observation ref, its DiagnosticReport's key
     rejected: list[tuple[Any, ...]] = field(default_factory=list)  # ref, vu, vv, seq, data
     context: list[tuple[str, str, bytes]] = field(default_factory=list)  # patient, resourceType, Resource
@@ -172,7 +211,7 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
             if item.resource_type in (None, "Observation"):
                 _reject(undecodable_rejection(item), seq, rows)
             else:
-                stats.ignored[f"undecodable {item.resource_type}"] += 1
+                stats.ignored[f"undecodable {_kind(item.resource_type)}"] += 1
             continue
         kind = item.resourceType
         if kind == "Observation":
@@ -181,7 +220,7 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
             if isinstance(outcome, LabResult):
                 rows.obs.append((outcome.ref, outcome.updated_us or -1, version_number(outcome.version),
                                  seq, outcome.patient, specimen_key(outcome.specimen),
-                                 collection_key(outcome), _encode(outcome)))
+                                 collection_key(outcome), _encode(outcome), None))
             elif isinstance(outcome, Rejected):
                 _reject(outcome, seq, rows)
             else:
@@ -197,17 +236,48 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
             ):
                 rows.member.append((ref, report_key(report)))
         else:
-            stats.ignored[f"{kind or 'untyped'} not used"] += 1
+            stats.ignored[f"{_kind(kind) if kind else 'untyped'} not used"] += 1
     return seq
+
+
+_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
+
+
+def _kind(resource_type: str) -> str:
+    """A resourceType as the summary log shows it: a type name, or "unknown type" (never text)."""
+    return resource_type if _RESOURCE_TYPE.fullmatch(resource_type) else "unknown type"
 
 
 def _reject(rejected: Rejected, seq: int, rows: Rows) -> None:
     vu, vv = rejected.updated_us or -1, version_number(rejected.version)
-    rows.rejected.append((rejected.ref, vu, vv, seq, _encode(rejected)))
-    if rejected.ref is not None:
+    data = _encode(rejected)
+    if rejected.ref is None:
+        rows.rejected.append((None, vu, vv, seq, data))
+    else:
         # A rejected version still supersedes older versions: an Observation whose newest
-        # version is unusable contributes nothing.
-        rows.obs.append((rejected.ref, vu, vv, seq, rejected.patient, None, None, None))
+        # version is unusable contributes nothing. Its rejection is reported from this row (rej),
+        # unless it is a second copy of a version already read (`Replay._dedupe`).
+        rows.obs.append((rejected.ref, vu, vv, seq, rejected.patient, None, None, None, data))
+
+
+def copies(versions: Iterable[tuple[int, bytes | None, bytes | None]]) -> Iterator[tuple[int, Rejected | None]]:
+    """For the versions of one Observation that share (meta.lastUpdated, versionId), given as (seq,
+    LabResult bytes, Rejected bytes) in input order: (seq, conflict rejection or None) for each
+    one after the first. The first copy read wins, as in the live loop (the store skips an (id,
+    lastUpdated, versionId) it has read); a later copy is dropped when it reads the same (a
+    re-export, overlapping files) and is rejected as a conflict when it does not: a FHIR version is
+    immutable, so two contents under one version are a server or interface fault, and the second
+    never alerts nor withdraws what the first decided."""
+    first: bytes | None = None
+    for n, (seq, data, rej) in enumerate(versions):
+        blob = data if data is not None else rej
+        if n == 0:
+            first = blob
+        elif blob == first:
+            yield seq, None
+        else:
+            outcome = _decode_result(data) if data is not None else _decode_rejected(rej)  # type: ignore[arg-type]
+            yield seq, conflict_rejection(outcome)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -223,13 +293,19 @@ _AVAILABILITY = """CASE WHEN vu >= 0
 # DiagnosticReport's key. COALESCE(pkey, member.pkey, fkey) is `panels.panel_key`'s precedence.
 _SCHEMA = f"""
 CREATE TABLE obs (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, patient TEXT, pkey TEXT, fkey TEXT,
-                  data BLOB, akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
+                  data BLOB, rej BLOB, akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
 CREATE TABLE member (ref TEXT PRIMARY KEY, pkey TEXT) WITHOUT ROWID;
 CREATE TABLE context (patient TEXT, kind TEXT, data BLOB);
 CREATE TABLE rejected (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, data BLOB,
                        akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
 """
-_INSERT = "INSERT INTO obs VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT = "INSERT INTO obs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# Versions of an Observation read more than once with the same (lastUpdated, versionId).
+_COPIES = """
+SELECT rowid, ref, vu, vv, seq, data, rej FROM obs
+WHERE (ref, vu, vv) IN (SELECT ref, vu, vv FROM obs GROUP BY ref, vu, vv HAVING COUNT(*) > 1)
+ORDER BY ref, vu, vv, seq
+"""
 # Every version of every Observation, grouped by panel. A version's panel and patient are those of
 # the newest usable version of its Observation (a rejected version has none of its own).
 _PANELS = """
@@ -247,6 +323,22 @@ ORDER BY first, akey
 """
 
 Version = tuple[str, str, "LabResult | None"]  # (availability key, Observation reference, the result; None: rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class PanelTrace:
+    """One panel as `Replay.decide` judged it, for `explain`: what went in (the members as they
+    stood at that arrival), the patient's state before, the core's decision, and the event records
+    it produced (exactly those `decide` yields for it)."""
+
+    akey: str  # availability key of the arrival that made the panel be judged
+    patient: str
+    panel: str
+    members: tuple[LabResult, ...]
+    before: PatientState
+    decision: PanelDecision
+    context: PatientContext
+    records: tuple[dict[str, Any], ...]
 
 
 def snapshots(versions: Sequence[Version]) -> tuple[list[LabResult], list[tuple[str, list[LabResult]]]]:
@@ -275,10 +367,11 @@ class Replay:
     enough to gain from them."""
 
     def __init__(self, rules: Rules, alert_settings: AlertSettings, workdir: str | Path | None = None, *,
-                 engine: str = "partitioned", workers: int | None = None):
+                 engine: str = "partitioned", workers: int | None = None, provenance: bool = False):
         if engine not in ("partitioned", "sqlite"):
             raise ValueError(f"unknown replay engine {engine!r}")
         self.engine = engine
+        self.provenance = provenance  # the alert resources include each write's Provenance (--provenance)
         self.workers = workers
         self.rules = rules
         self.scheme = rules.scheme
@@ -328,13 +421,32 @@ class Replay:
         rows = Rows()
         seq = 0
         self.db.execute("BEGIN")
-        for path in _files(inputs):
-            for document in _documents(path):
-                seq = read_document(document, seq, self.stats, rows)
-                if len(rows.obs) >= _BATCH:
-                    self._flush(rows)
+        for document in documents(inputs):
+            seq = read_document(document, seq, self.stats, rows)
+            if len(rows.obs) >= _BATCH:
+                self._flush(rows)
         self._flush(rows)
+        self._dedupe()
         self.db.execute("COMMIT")
+
+    def _dedupe(self) -> None:
+        """Second copies of a version: dropped, or rejected as a conflict (`copies`)."""
+        assert self.db is not None
+        db = self.db
+        dropped: list[tuple[int]] = []
+        conflicts: list[tuple[Any, ...]] = []
+        rows = db.execute(_COPIES).fetchall()
+        for _key, group in itertools.groupby(rows, key=lambda r: (r[1], r[2], r[3])):
+            members = list(group)
+            rowids = {r[4]: r[0] for r in members}
+            for seq, conflict in copies((r[4], r[5], r[6]) for r in members):
+                dropped.append((rowids[seq],))
+                if conflict is None:
+                    self.stats.ignored[IDENTICAL_COPY] += 1
+                else:
+                    conflicts.append((conflict.ref, members[0][2], members[0][3], seq, _encode(conflict)))
+        db.executemany("DELETE FROM obs WHERE rowid = ?", dropped)
+        db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", conflicts)
 
     def _flush(self, rows: Rows) -> None:
         db = self.db
@@ -369,11 +481,27 @@ class Replay:
 
     def _rejections(self) -> Iterator[tuple[str, str, str, Rejected]]:
         assert self.db is not None
-        for akey, data in self.db.execute("SELECT akey, data FROM rejected ORDER BY akey"):
+        query = """SELECT akey, data FROM rejected UNION ALL SELECT akey, rej FROM obs WHERE rej IS NOT NULL
+                   ORDER BY akey"""
+        for akey, data in self.db.execute(query):
             yield akey, "", "", _decode_rejected(data)
 
+    def stream(self, patient: str | None = None) -> Iterator[tuple[str, str, str, Any]]:
+        """(availability key, patient, panel key, the panel's versions or a Rejected) in order of
+        availability, from the SQLite engine's tables; `patient`: only that subject reference's
+        (a patient's decisions depend on its own inputs only, so they are the same either way)."""
+        merged = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
+        if patient is None:
+            return merged
+        return (t for t in merged if (t[3].patient if isinstance(t[3], Rejected) else t[1]) == patient)
+
+    def facts(self) -> dict[str, PatientFacts]:
+        """What the loaded input says of each patient (the SQLite engine's context table)."""
+        assert self.db is not None
+        return patient_facts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
+
     def decide(self, *, with_alerts: bool = True, stream: Iterable[tuple[str, str, str, Any]] | None = None,
-               facts: Mapping[str, PatientFacts] | None = None,
+               facts: Mapping[str, PatientFacts] | None = None, trace: Callable[[PanelTrace], None] | None = None,
                ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
         """(availability key, event record, alert resources or None) in order of availability.
         Each Observation version is an arrival: a panel is assessed when its first member is
@@ -382,13 +510,13 @@ class Replay:
         the alert resources is skipped when nobody asked for them. `stream`: (availability key,
         patient, panel key, the panel's versions or a Rejected) in order of availability;
         `facts`: what the input says of each patient (age, threshold, orders, care team); by default
-        both from the SQLite engine's tables."""
+        both from the SQLite engine's tables. `trace`: called with each judged panel (`explain`)
+        before its records are yielded; it changes nothing of what is yielded."""
         states: dict[str, PatientState] = {}
         if stream is None:
-            stream = heapq.merge(self._panels(), self._rejections(), key=lambda t: t[0])
+            stream = self.stream()
         if facts is None:
-            assert self.db is not None
-            facts = patient_facts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
+            facts = self.facts()
         nothing = PatientFacts()
         pool = self.alert_settings.recipients
         pending: list[tuple[str, str, str, list[LabResult]]] = []  # later versions, re-assessed when they arrive
@@ -396,25 +524,33 @@ class Replay:
         def judge(akey: str, patient: str, panel: str, members: list[LabResult]) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
             self.stats.panels += 1
             known = facts.get(patient, nothing)
-            decision = decide(states.get(patient, PatientState()), patient, panel, members, self.rules, known.context)
+            before = states.get(patient, PatientState())
+            decision = decide(before, patient, panel, members, self.rules, known.context)
             states[patient] = decision.state
             self.stats.stale_panels += decision.stale
+            out: list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]] = []
             if decision.not_assessed is not None:
                 self.stats.events["not-assessed"] += 1
-                yield akey, not_assessed_record(decision.not_assessed), None
+                out.append((akey, not_assessed_record(decision.not_assessed), None))
             if decision.rejection is not None:
                 self.stats.events["rejected"] += 1
-                yield akey, panel_rejected_record(decision.rejection, members), None
+                out.append((akey, panel_rejected_record(decision.rejection, members), None))
             for event in decision.events:
                 self.stats.events[event.kind.value] += 1
                 to = choose(event.assessment.based_on if event.assessment else (), known.requesters, known.care_team, pool)
                 if not with_alerts:
-                    yield akey, event_record(event, self.scheme, to), None
+                    out.append((akey, event_record(event, self.scheme, to), None))
                     continue
                 sent = _available(members) or (event.assessment.effective if event.assessment else "")
                 writes = build_alert(event, self.scheme, self.alert_settings, sent=sent, recipients=to.refs)
                 resources = [writes.flag] + ([writes.communication] if writes.communication else [])
-                yield akey, event_record(event, self.scheme, to), resources
+                if self.provenance:
+                    resources.append(writes.provenance)
+                out.append((akey, event_record(event, self.scheme, to), resources))
+            if trace is not None:
+                trace(PanelTrace(akey, patient, panel, tuple(members), before, decision, known.context,
+                                 tuple(record for _k, record, _r in out)))
+            yield from out
 
         for akey, patient, panel, payload in stream:
             while pending and pending[0][0] < akey:
