@@ -1,22 +1,35 @@
-"""AlertEvent -> the FHIR writes the service makes: a Flag (one per episode, updated as it evolves)
-and a Communication per announcement. Built as plain dicts, validated with fhir.resources R4B models.
+"""AlertEvent -> the FHIR writes the service makes: a Flag (one per episode, updated as it evolves),
+a Communication per announcement, and a Provenance per write. Built as plain dicts, validated with
+fhir.resources R4B models; they claim the profiles of fhir_profiles/ (meta.profile, extensions and
+codes from service/profiles.py, on the configured alerts.canonical_base).
 
 Conventions: shared/reference/clinical-and-fhir.md §1.4 (SNOMED 165517008), §1.5 (flag-category
 `clinical`, not `lab`; communication-category `alert`; request-priority), §4 (flag-detail extension,
 Flag.author, period, status active -> inactive, entered-in-error on retraction; a correction is a new
-Communication whose `inResponseTo` points at the prior one).
+Communication whose `inResponseTo` points at the prior one; Provenance: target the Flag and the
+Communication, entity the source Observations, agent the service Device with the algorithm version).
+
+The three go to the server as one transaction Bundle (service/worker.py): each entry carries the
+fullUrl given here (`urn:uuid:` + a UUID derived from the resource's identifier), and the
+Provenance's `target` references the Flag and the Communication by those fullUrls, so the server
+rewrites them to the ids it assigns. `provenance_entry()` is the Provenance's entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.flag import Flag
+from fhir.resources.R4B.provenance import Provenance
 
-from .clinical.episodes import Alerted, AlertEvent, EventKind
+from . import profiles
+from .clinical.episodes import Alerted, AlertEvent, Assessment, EventKind
+from .clinical.fhirtime import from_epoch_us, to_epoch_us
 from .clinical.grading import Band, Scheme
 from .config import AlertSettings
 
@@ -27,7 +40,17 @@ FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
 NEUTROPENIA = {"system": SNOMED, "code": "165517008", "display": "Neutropenia (finding)"}
 FEBRILE_NEUTROPENIA = {"system": SNOMED, "code": "409089005", "display": "Febrile neutropenia (disorder)"}
 
+PROVENANCE_PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+V3_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+AUTHOR_TYPE = {"system": PROVENANCE_PARTICIPANT_TYPE, "code": "author", "display": "Author"}
+ACTIVITY = {  # Provenance.activity: the event creates the episode's Flag (new) or updates it
+    "create": {"system": V3_DATA_OPERATION, "code": "CREATE", "display": "create"},
+    "update": {"system": V3_DATA_OPERATION, "code": "UPDATE", "display": "revise"},
+}
+
 PRIORITY = {"mild": "routine", "moderate": "urgent", "severe": "asap"}
+
+_INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +59,68 @@ class AlertWrites:
     communication: dict[str, Any] | None  # None: the event updates the Flag only (chronic)
     flag_identifier: tuple[str, str]  # (system, value): the conditional-create key
     communication_identifier: tuple[str, str] | None
+    provenance: dict[str, Any]  # targets the Flag and Communication by their fullUrls below
+    provenance_tag: tuple[str, str]  # (system, code) of its meta.tag: the conditional-create key (_tag)
+    flag_full_url: str  # urn:uuid:..., the Flag's Bundle.entry.fullUrl
+    communication_full_url: str | None
+    provenance_full_url: str
+
+
+def full_url(system: str, value: str) -> str:
+    """A transaction entry's fullUrl: a UUID (v5) derived from the resource's identifier, so the
+    same write gives the same Bundle in replay, in the live loop and after a restart."""
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{system}|{value}')}"
+
+
+def _number(value: float) -> int | float:
+    rounded = round(value, 1)
+    return int(rounded) if rounded.is_integer() else rounded
+
+
+def _coding(base: str, system: str, code: str, display: str) -> dict[str, str]:
+    return {"system": profiles.system_url(base, system), "code": code, "display": display}
+
+
+def _grade(base: str, scheme: Scheme, band: Band) -> dict[str, Any]:
+    name = profiles.base_scheme(scheme)
+    coding = _coding(base, profiles.GRADE_SYSTEM, profiles.grade_code(name, band), profiles.grade_display(name, band))
+    return {"url": profiles.profile_url(base, profiles.GRADE_EXTENSION), "valueCoding": coding}
+
+
+def _scheme(base: str, scheme: Scheme) -> dict[str, Any]:
+    name = profiles.base_scheme(scheme)
+    coding = _coding(base, profiles.SCHEME_SYSTEM, name, profiles.SCHEME_DISPLAY.get(name, name))
+    return {"url": profiles.profile_url(base, profiles.SCHEME_EXTENSION), "valueCoding": coding}
+
+
+def _event(base: str, kind: EventKind) -> dict[str, Any]:
+    coding = _coding(base, profiles.EVENT_SYSTEM, kind.value, profiles.EVENT_DISPLAY[kind][0])
+    return {"url": profiles.profile_url(base, profiles.EVENT_EXTENSION), "valueCoding": coding}
+
+
+def _anc(base: str, a: Assessment) -> dict[str, Any]:
+    quantity: dict[str, Any] = {"value": _number(a.anc)}
+    if a.at_most:
+        quantity["comparator"] = "<="
+    quantity.update({"unit": profiles.ANC_UNIT, "system": profiles.UCUM, "code": profiles.ANC_CODE})
+    return {"url": profiles.profile_url(base, profiles.ANC_EXTENSION), "valueQuantity": quantity}
+
+
+def _meta(base: str, profile: str) -> dict[str, Any]:
+    return {"profile": [profiles.profile_url(base, profile)]}
+
+
+def _instant(sent: str, event: AlertEvent) -> str:
+    """Provenance.recorded is an instant: `sent` when it is one, else the collection time as one."""
+    if _INSTANT.match(sent):
+        return sent
+    for text in (sent, event.assessment.effective if event.assessment else None, event.opened):
+        if text:
+            try:
+                return from_epoch_us(to_epoch_us(text))
+            except ValueError:
+                continue
+    return from_epoch_us(0)
 
 
 def _cells(value: float) -> str:
@@ -151,6 +236,7 @@ def build(
     )
     flag: dict[str, Any] = {
         "resourceType": "Flag",
+        "meta": _meta(base, profiles.FLAG_PROFILE),
         "identifier": [{"system": flag_id[0], "value": flag_id[1]}],
         "status": status,
         "category": [{"coding": [{"system": FLAG_CATEGORY, "code": "clinical", "display": "Clinical"}]}],
@@ -159,14 +245,13 @@ def build(
         "period": period,
         "author": {"reference": settings.author},
     }
-    if a is not None:
-        flag["extension"] = [
-            {"url": FLAG_DETAIL, "valueReference": {"reference": f"{ref}/_history/{v}" if v else ref}}
-            for ref, v in zip(a.refs, a.versions, strict=True)
-        ]
+    sources = [f"{ref}/_history/{v}" if v else ref for ref, v in zip(a.refs, a.versions, strict=True)] if a is not None else []
+    flag["extension"] = [{"url": FLAG_DETAIL, "valueReference": {"reference": ref}} for ref in sources]
+    flag["extension"] += [_grade(base, scheme, band), _scheme(base, scheme)] + ([_anc(base, a)] if a is not None else [])
     Flag.model_validate(flag)
     if event.kind is EventKind.CHRONIC:
-        return AlertWrites(flag, None, flag_id, None)
+        comm_value = communication_value(event.episode, event.kind.value, event.band.rank, event.revision)
+        return _with_provenance(event, scheme, settings, sent, sources, flag, None, flag_id, None, comm_value)
     comm_system = f"{base}/communication"
     x = event.retracted
     comm_value = _retracted_value(event, x) if x is not None else communication_value(
@@ -174,6 +259,9 @@ def build(
     flag_ref = {"type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}
     communication: dict[str, Any] = {
         "resourceType": "Communication",
+        "meta": _meta(base, profiles.COMMUNICATION_PROFILE),
+        "extension": [_event(base, event.kind), _grade(base, scheme, event.band), _scheme(base, scheme)]
+        + ([_anc(base, a)] if a is not None else []),
         "identifier": [{"system": comm_system, "value": comm_value}],
         "status": "completed",
         "category": [{"coding": [{"system": COMMUNICATION_CATEGORY, "code": "alert", "display": "Alert"}]}],
@@ -191,4 +279,72 @@ def build(
     if to:
         communication["recipient"] = [{"reference": r} for r in to]
     Communication.model_validate(communication)
-    return AlertWrites(flag, communication, flag_id, (comm_system, comm_value))
+    return _with_provenance(event, scheme, settings, sent, sources, flag, communication, flag_id,
+                            (comm_system, comm_value), comm_value)
+
+
+def _with_provenance(event: AlertEvent, scheme: Scheme, settings: AlertSettings, sent: str, sources: list[str],
+                     flag: dict[str, Any], communication: dict[str, Any] | None, flag_id: tuple[str, str],
+                     comm_id: tuple[str, str] | None, key: str) -> AlertWrites:
+    """The writes with their Provenance: targets by fullUrl (and identifier), the source Observations
+    (and, for `febrile`, the temperature) as versioned entities, the service as author with its
+    version and grading scheme. `key` (the announcement's identifier value) is its idempotency tag."""
+    base = settings.canonical_base
+    flag_url = full_url(*flag_id)
+    comm_url = full_url(*comm_id) if comm_id is not None else None
+    tag = (f"{base}/provenance", key)
+    targets = [{"reference": flag_url, "type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}]
+    if comm_id is not None and comm_url is not None:
+        targets.append({"reference": comm_url, "type": "Communication",
+                        "identifier": {"system": comm_id[0], "value": comm_id[1]}})
+    entities = list(sources)
+    if event.fever is not None and event.fever.ref not in entities:
+        entities.append(event.fever.ref)
+    version = profiles.software_version()
+    provenance: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "meta": {**_meta(base, profiles.PROVENANCE_PROFILE), "tag": [{"system": tag[0], "code": tag[1]}]},
+        "extension": [_event(base, event.kind)],
+        "target": targets,
+        "recorded": _instant(sent, event),
+        "activity": {"coding": [ACTIVITY["create" if event.kind is EventKind.NEW else "update"]]},
+        "agent": [{
+            "extension": [{"url": profiles.profile_url(base, profiles.SOFTWARE_EXTENSION), "valueString": version},
+                          _scheme(base, scheme)],
+            "type": {"coding": [AUTHOR_TYPE]},
+            "who": {"reference": settings.author, "display": f"neutrowatch {version}"},
+        }],
+    }
+    if entities:
+        provenance["entity"] = [{"role": "source", "what": {"reference": ref}} for ref in entities]
+    Provenance.model_validate(provenance)
+    return AlertWrites(flag, communication, flag_id, comm_id, provenance, tag, flag_url, comm_url,
+                       full_url(*tag))
+
+
+def provenance_entry(writes: Mapping[str, Any], flag_id: str | None = None) -> dict[str, Any] | None:
+    """The transaction entry of a write's Provenance (`writes`: the outbox dict, worker._writes_dict),
+    or None for a write stored before Provenance existed. `flag_id`: the server id of the episode's
+    Flag when the Flag is not conditionally created in the same Bundle (a PUT, or no Flag entry
+    because it is unchanged): its target then references `Flag/<id>` instead of the Flag's urn:uuid."""
+    provenance = writes.get("provenance")
+    if not provenance:
+        return None
+    if flag_id is not None:
+        flag_url = writes["flag_full_url"]
+        provenance = {**provenance, "target": [{**t, "reference": f"Flag/{flag_id}"} if t.get("reference") == flag_url else t
+                                               for t in provenance["target"]]}
+    system, code = writes["provenance_tag"]
+    return {"fullUrl": writes["provenance_full_url"], "resource": provenance,
+            "request": {"method": "POST", "url": "Provenance", "ifNoneExist": f"_tag={system}|{code}"}}
+
+
+def outbox_fields(writes: AlertWrites) -> dict[str, Any]:
+    """What `worker._writes_dict` adds to the outbox dict for the Provenance and the fullUrls."""
+    return {
+        "flag_full_url": writes.flag_full_url,
+        "communication_full_url": writes.communication_full_url,
+        "provenance": writes.provenance,
+        "provenance_tag": list(writes.provenance_tag),
+        "provenance_full_url": writes.provenance_full_url,
+    }
