@@ -121,7 +121,10 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
 
 
 def outcome_summary(body: bytes) -> str:
-    """One line from an OperationOutcome: issue codes and diagnostics, at most 200 characters."""
+    """One line from an OperationOutcome, at most 200 characters: per issue its code, the codes of
+    its `details` and the element paths (`expression`) it names. Never `diagnostics` or
+    `details.text`: servers put free text there, often echoing the resource they refused (a name,
+    a value), and this line goes to logs, errors and /readyz."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -130,11 +133,27 @@ def outcome_summary(body: bytes) -> str:
         return ""
     parts = []
     for issue in doc.get("issue") or ():
-        if isinstance(issue, dict):
-            details = issue.get("details")
-            text = issue.get("diagnostics") or (details.get("text") if isinstance(details, dict) else None)
-            parts.append(": ".join(str(p) for p in (issue.get("code"), text) if p))
-    return " ".join("; ".join(p for p in parts if p).split())[:200]
+        if not isinstance(issue, dict):
+            continue
+        details = issue.get("details")
+        codings = details.get("coding") if isinstance(details, dict) else None
+        codes = [c.get("code") for c in codings if isinstance(c, dict)] if isinstance(codings, list) else []
+        paths = issue.get("expression") if isinstance(issue.get("expression"), list) else []
+        words = [_token(issue.get("code")), *map(_token, codes), *(f"at {p}" for p in map(_path, paths) if p)]
+        parts.append(" ".join(w for w in words if w))
+    return "; ".join(p for p in parts if p)[:200]
+
+
+_CODE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_PATH = re.compile(r"^[A-Za-z][A-Za-z0-9_.\[\]()]{0,120}$")
+
+
+def _token(value: Any) -> str:
+    return value if isinstance(value, str) and _CODE.match(value) else ""
+
+
+def _path(value: Any) -> str:
+    return value if isinstance(value, str) and _PATH.match(value) else ""
 
 
 def _is_idempotent_entry(entry: Any) -> bool:

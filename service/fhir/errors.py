@@ -12,7 +12,7 @@ class FhirError(NeutrowatchError):
 
 class FhirHttpError(FhirError):
     """The server answered with an error status. `summary` comes from the OperationOutcome (issue
-    codes and diagnostics, one line, at most 200 characters)."""
+    codes, detail codes and element paths, never its free text; one line, at most 200 characters)."""
 
     def __init__(self, status: int, summary: str = "") -> None:
         self.status = status

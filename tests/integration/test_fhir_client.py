@@ -326,7 +326,7 @@ async def test_non_idempotent_post_not_retried_on_503(proxy: Proxy, make_client:
 
     with pytest.raises(FhirHttpError) as caught:
         await h.client.create(observation())
-    assert caught.value.status == 503 and "overloaded" in str(caught.value)
+    assert caught.value.status == 503 and "transient" in str(caught.value) and "overloaded" not in str(caught.value)
     with pytest.raises(FhirHttpError):
         await h.client.transaction(transaction([post_entry(observation())]))
 
@@ -479,14 +479,18 @@ async def test_retry_after_parsing() -> None:
     assert retry_after_seconds({}, now) is None
 
 
-async def test_outcome_summary_is_one_short_line() -> None:
+async def test_outcome_summary_keeps_codes_and_paths_never_free_text() -> None:
     body = orjson.dumps({"resourceType": "OperationOutcome", "issue": [
-        {"code": "invalid", "diagnostics": "line one\nline two " + "x" * 400},
-        {"code": "processing", "details": {"text": "second"}},
+        {"severity": "error", "code": "invalid", "diagnostics": "Patient Jane Doe born 1961-04-02: value 0.3 invalid",
+         "expression": ["Communication.payload[0].contentString"]},
+        {"code": "processing", "details": {"text": "Jane Doe", "coding": [{"code": "MSG_DUPLICATE_ID"}]}},
+        {"code": "x" * 400, "expression": ["Jane Doe; DROP"]},
     ]})
     summary = outcome_summary(body)
-    assert summary.startswith("invalid: line one line two")
-    assert "\n" not in summary and len(summary) == 200
+    assert summary == "invalid at Communication.payload[0].contentString; processing MSG_DUPLICATE_ID"
+    assert "Jane" not in summary and "1961" not in summary and "0.3" not in summary
+    many = orjson.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "invalid", "expression": ["Flag.code"]}] * 50})
+    assert len(outcome_summary(many)) == 200
     assert outcome_summary(b'{"resourceType": "Patient", "name": [{"family": "Doe"}]}') == ""
     assert outcome_summary(b"<html>") == ""
 
