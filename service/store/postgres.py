@@ -20,6 +20,7 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,11 +32,23 @@ import structlog
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
-from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelKey, PanelWork, episode_rows
+from .base import (
+    Copy,
+    Decided,
+    Intake,
+    LeadershipLost,
+    OutboxEntry,
+    PanelKey,
+    PanelWork,
+    classify,
+    digest,
+    episode_rows,
+    held_back,
+)
 
 log = structlog.get_logger("neutrowatch.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 LOCK_CLASS = 0x4E57  # "NW": first key of neutrowatch's advisory locks; the second is derived from the schema
 _MIGRATIONS: dict[int, str] = {
     1: """
@@ -60,6 +73,14 @@ _MIGRATIONS: dict[int, str] = {
     CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending';
     CREATE TABLE quarantine (id bigserial PRIMARY KEY, ref text, version bigint, patient text, reason text NOT NULL,
                              received double precision NOT NULL, record bytea NOT NULL);
+    """,
+    # As sqlite.py's migration 2: the digest of the version each results row holds (a table of its
+    # own, keyed by that version, so a row written meanwhile by a replica of an older release is
+    # never compared with an older version's digest), and the content of each quarantined copy.
+    2: """
+    CREATE TABLE digests (ref text COLLATE "C" PRIMARY KEY, vu bigint NOT NULL, vv bigint NOT NULL, digest bytea NOT NULL);
+    ALTER TABLE quarantine ADD COLUMN digest bytea;
+    CREATE INDEX quarantine_copy ON quarantine (ref, digest);
     """,
 }
 # Errors that mean "the database is unreachable or refused": reported as StoreError, never with the DSN.
@@ -253,40 +274,30 @@ class PostgresStore:
     async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
         if not items:
             return []
+        refs = list({i.ref for i in items})
         new: list[Intake] = []
-        upserts: list[tuple[Any, ...]] = []
-        touches: list[tuple[Any, ...]] = []
-        quarantined: list[tuple[Any, ...]] = []
+        writes = _IngestWrites()
+        earlier: set[tuple[str, bytes]] | None = None  # (ref, digest) quarantined before: read when first needed
         async with self._tx() as conn:
-            known = {r[0]: (r[1], r[2], r[3], r[4]) for r in await conn.fetch(
-                "SELECT ref, vu, vv, patient, panel FROM results WHERE ref = ANY($1::text[])", list({i.ref for i in items}))}
+            known: dict[str, tuple[Any, ...]] = {r[0]: tuple(r[1:]) for r in await conn.fetch(_STORED, refs)}
             for item in items:
                 row = known.get(item.ref)
-                if row is not None and (row[0], row[1]) >= (item.updated_us, item.version):
+                content = digest(item.outcome)
+                copy = classify(row[:3] if row is not None else None, item, content)
+                if copy is Copy.SEEN:
                     continue  # this version (or a newer one) was read before: the overlap window re-reads
-                new.append(item)
-                known[item.ref] = (item.updated_us, item.version, item.patient, item.panel)
-                outcome = item.outcome
-                data = _encode(outcome) if isinstance(outcome, LabResult) else None
-                upserts.append((item.ref, item.updated_us, item.version, item.patient, item.panel, data))
-                touched = {(item.patient, item.panel)} if item.panel else set()
-                if row is not None and row[3] is not None:
-                    touched.add((row[2], row[3]))  # the older version's panel changes too
-                touches.extend((patient, panel, item.updated_us, now) for patient, panel in sorted(touched))
-                if isinstance(outcome, Rejected):
-                    quarantined.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome)))
-            if upserts:
-                await conn.executemany(
-                    """INSERT INTO results VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (ref) DO UPDATE SET
-                       vu = excluded.vu, vv = excluded.vv, patient = excluded.patient, panel = excluded.panel, data = excluded.data""",
-                    upserts)
-            if touches:
-                await conn.executemany(
-                    """INSERT INTO panels VALUES ($1, $2, $3, true, $4) ON CONFLICT (patient, panel) DO UPDATE SET
-                       dirty = true, changed_at = excluded.changed_at, first_vu = LEAST(panels.first_vu, excluded.first_vu)""",
-                    touches)
-            if quarantined:
-                await conn.executemany(_QUARANTINE, quarantined)
+                if copy is Copy.NEW:
+                    new.append(item)
+                    known[item.ref] = (item.updated_us, item.version, content, item.patient, item.panel)
+                    writes.store(item, content, row[3:] if row is not None else None, now)
+                    continue
+                if earlier is None:
+                    earlier = await _quarantined_copies(conn, refs)
+                if (item.ref, content) not in earlier and (item.ref, content) not in writes.quarantined:
+                    held = held_back(item, copy)
+                    writes.quarantine(held, content, now)
+                    new.append(held)
+            await writes.flush(conn)
         return new
 
     async def quarantine(self, rejected: Rejected, now: float) -> None:
@@ -405,6 +416,65 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
 
 
 _QUARANTINE = "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES ($1, $2, $3, $4, $5, $6)"
+_QUARANTINE_COPY = """INSERT INTO quarantine (ref, version, patient, reason, received, record, digest)
+                      VALUES ($1, $2, $3, $4, $5, $6, $7)"""
+# The stored version of each Observation: ref, vu, vv, its digest or None, patient, panel.
+_STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel FROM results r
+             LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ANY($1::text[])"""
+
+
+@dataclass
+class _IngestWrites:
+    """The rows one `ingest` writes, sent in batches at its end."""
+
+    results: list[tuple[Any, ...]] = field(default_factory=list)
+    digests: list[tuple[Any, ...]] = field(default_factory=list)
+    touches: list[tuple[Any, ...]] = field(default_factory=list)
+    quarantine_rows: list[tuple[Any, ...]] = field(default_factory=list)
+    quarantined: set[tuple[str, bytes]] = field(default_factory=set)  # (ref, digest) of quarantine_rows
+
+    def store(self, item: Intake, content: bytes, before: tuple[Any, ...] | None, now: float) -> None:
+        """A new version (`before`: the patient and panel of the version it replaces)."""
+        outcome = item.outcome
+        data = _encode(outcome) if isinstance(outcome, LabResult) else None
+        self.results.append((item.ref, item.updated_us, item.version, item.patient, item.panel, data))
+        self.digests.append((item.ref, item.updated_us, item.version, content))
+        touched = {(item.patient, item.panel)} if item.panel else set()
+        if before is not None and before[1] is not None:
+            touched.add((before[0], before[1]))  # the older version's panel changes too
+        self.touches.extend((patient, panel, item.updated_us, now) for patient, panel in sorted(touched))
+        if isinstance(outcome, Rejected):
+            self.quarantine(item, content, now)
+
+    def quarantine(self, item: Intake, content: bytes, now: float) -> None:
+        outcome = item.outcome
+        assert isinstance(outcome, Rejected)
+        self.quarantine_rows.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
+        self.quarantined.add((item.ref, content))
+
+    async def flush(self, conn: asyncpg.Connection) -> None:
+        if self.results:
+            await conn.executemany(
+                """INSERT INTO results (ref, vu, vv, patient, panel, data) VALUES ($1, $2, $3, $4, $5, $6)
+                   ON CONFLICT (ref) DO UPDATE SET vu = excluded.vu, vv = excluded.vv, patient = excluded.patient,
+                   panel = excluded.panel, data = excluded.data""",
+                self.results)
+            await conn.executemany(
+                """INSERT INTO digests VALUES ($1, $2, $3, $4) ON CONFLICT (ref) DO UPDATE SET
+                   vu = excluded.vu, vv = excluded.vv, digest = excluded.digest""",
+                self.digests)
+        if self.touches:
+            await conn.executemany(
+                """INSERT INTO panels VALUES ($1, $2, $3, true, $4) ON CONFLICT (patient, panel) DO UPDATE SET
+                   dirty = true, changed_at = excluded.changed_at, first_vu = LEAST(panels.first_vu, excluded.first_vu)""",
+                self.touches)
+        if self.quarantine_rows:
+            await conn.executemany(_QUARANTINE_COPY, self.quarantine_rows)
+
+
+async def _quarantined_copies(conn: asyncpg.Connection, refs: list[str]) -> set[tuple[str, bytes]]:
+    rows = await conn.fetch("SELECT ref, digest FROM quarantine WHERE ref = ANY($1::text[]) AND digest IS NOT NULL", refs)
+    return {(r[0], bytes(r[1])) for r in rows}
 
 
 def _reason(err: BaseException) -> str:

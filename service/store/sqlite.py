@@ -20,9 +20,21 @@ import orjson
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
-from .base import Decided, Intake, LeadershipLost, OutboxEntry, PanelKey, PanelWork, episode_rows
+from .base import (
+    Copy,
+    Decided,
+    Intake,
+    LeadershipLost,
+    OutboxEntry,
+    PanelKey,
+    PanelWork,
+    classify,
+    digest,
+    episode_rows,
+    held_back,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _MIGRATIONS: dict[int, str] = {
     1: """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -48,8 +60,21 @@ _MIGRATIONS: dict[int, str] = {
     CREATE TABLE quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, ref TEXT, version INTEGER, patient TEXT,
                              reason TEXT NOT NULL, received REAL NOT NULL, record BLOB NOT NULL);
     """,
+    # The digest (base.digest) of the version each results row holds, for telling a copy sent again
+    # from a conflicting one. A table of its own, keyed by the version it belongs to, so that a row
+    # written by a release without digests is never compared with a digest of an older version.
+    # quarantine.digest: the content of each quarantined copy, so that a copy read again is not
+    # quarantined again.
+    2: """
+    CREATE TABLE digests (ref TEXT PRIMARY KEY, vu INTEGER NOT NULL, vv INTEGER NOT NULL, digest BLOB NOT NULL) WITHOUT ROWID;
+    ALTER TABLE quarantine ADD COLUMN digest BLOB;
+    CREATE INDEX quarantine_copy ON quarantine (ref, digest);
+    """,
 }
 
+# The stored version of an Observation: (vu, vv, its digest or None, patient, panel).
+_STORED = """SELECT r.vu, r.vv, d.digest, r.patient, r.panel FROM results r
+             LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ?"""
 _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _state_decoder = msgspec.json.Decoder(PatientState)
@@ -158,27 +183,47 @@ class SqliteStore:
         db = self.db
         with self._tx():
             for item in items:
-                row = db.execute("SELECT vu, vv, patient, panel FROM results WHERE ref = ?", (item.ref,)).fetchone()
-                if row is not None and (row[0], row[1]) >= (item.updated_us, item.version):
+                row = db.execute(_STORED, (item.ref,)).fetchone()
+                content = digest(item.outcome)
+                copy = classify(row[:3] if row is not None else None, item, content)
+                if copy is Copy.SEEN:
                     continue  # this version (or a newer one) was read before: the overlap window re-reads
+                if copy is not Copy.NEW:
+                    if not self._quarantined(item.ref, content):
+                        held = held_back(item, copy)
+                        self._quarantine(held, content, now)
+                        new.append(held)
+                    continue
                 new.append(item)
-                outcome = item.outcome
-                data = _encode(outcome) if isinstance(outcome, LabResult) else None
-                db.execute(
-                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-                    (item.ref, item.updated_us, item.version, item.patient, item.panel, data),
-                )
-                touched = {(item.patient, item.panel)} if item.panel else set()
-                if row is not None and row[3] is not None:
-                    touched.add((row[2], row[3]))  # the older version's panel changes too
-                for patient, panel in touched:
-                    self._touch(patient, panel, item.updated_us, now)
-                if isinstance(outcome, Rejected):
-                    db.execute(
-                        "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES (?, ?, ?, ?, ?, ?)",
-                        (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome)),
-                    )
+                self._store(item, content, now, row[3:] if row is not None else None)
         return new
+
+    def _store(self, item: Intake, content: bytes, now: float, before: tuple[Any, Any] | None) -> None:
+        """A new version: its row, its digest, its panel and the panel of the version it replaces
+        (`before`: that version's patient and panel) marked dirty, its rejection quarantined."""
+        outcome = item.outcome
+        data = _encode(outcome) if isinstance(outcome, LabResult) else None
+        self.db.execute("INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
+                        (item.ref, item.updated_us, item.version, item.patient, item.panel, data))
+        self.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (item.ref, item.updated_us, item.version, content))
+        touched: set[tuple[Any, Any]] = {(item.patient, item.panel)} if item.panel else set()
+        if before is not None and before[1] is not None:
+            touched.add(before)  # the older version's panel changes too
+        for patient, panel in touched:
+            self._touch(patient, panel, item.updated_us, now)
+        if isinstance(outcome, Rejected):
+            self._quarantine(item, content, now)
+
+    def _quarantined(self, ref: str, content: bytes) -> bool:
+        return self.db.execute("SELECT 1 FROM quarantine WHERE ref = ? AND digest = ?", (ref, content)).fetchone() is not None
+
+    def _quarantine(self, item: Intake, content: bytes, now: float) -> None:
+        outcome = item.outcome
+        assert isinstance(outcome, Rejected)
+        self.db.execute(
+            "INSERT INTO quarantine (ref, version, patient, reason, received, record, digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content),
+        )
 
     async def quarantine(self, rejected: Rejected, now: float) -> None:
         """A rejection with no usable id (it supersedes nothing): kept with its reason."""

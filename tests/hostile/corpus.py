@@ -18,9 +18,8 @@ Outcome classes:
 
 Duplicates (two different resources with the same id, versionId and lastUpdated) are built by
 `duplicate_pair`: the first copy read wins; a later copy that reads the same is dropped, one that
-differs is rejected as a conflict (replay: `rejected` event "conflicts with an earlier copy...";
-live: skipped by the store as already read — see test_live_hostile for the store change the
-conflict quarantine needs).
+differs is rejected as a conflict ("conflicts with an earlier copy..."; replay: a `rejected` event;
+live: quarantined once, counted and in the decision log, the first copy stays in force).
 
 Every item also carries a fake patient name, birth date and free text (PHI below) in fields the
 service never reads, so the tests can check that none of it reaches a log line.

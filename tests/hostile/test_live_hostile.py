@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ import orjson
 import pytest
 
 from service import metrics
+from service.clinical.fhirtime import from_epoch_us
+from service.clinical.observations import CONFLICT
 from service.fhir.client import UnreadablePage
 from service.metrics import reason_label
 from service.store.sqlite import SqliteStore
@@ -38,6 +41,7 @@ from tests.hostile.corpus import (
     duplicate_pair,
     fill,
     neighbour,
+    observation,
 )
 from tests.hostile.logs import captured_logs
 from tests.hostile.middleman import Middleman, Splice
@@ -75,8 +79,9 @@ class LiveRun:
     log_lines: list[str]
 
 
-async def _through_the_loop(base_url: str, state: Path, entries: list[bytes], cycles: int = 2) -> LiveRun:
-    middleman = Middleman(base_url, [Splice(entries)])
+async def _through_the_loop(base_url: str, state: Path, entries: list[bytes], cycles: int = 2, times: float = 1) -> LiveRun:
+    """`entries` spliced into the first CBC search page of the first `times` cycles."""
+    middleman = Middleman(base_url, [Splice(entries, times=times)])
     await middleman.start()
     rejections = counter("neutrowatch_rejections_total", "reason")
     observations = counter("neutrowatch_observations_total", "outcome")
@@ -84,7 +89,7 @@ async def _through_the_loop(base_url: str, state: Path, entries: list[bytes], cy
         settings = settings_for(middleman.base, state)
         with captured_logs("debug") as buffer:
             reports = [await cycle(settings) for _ in range(cycles)]
-        assert middleman.spliced_pages == 1
+        assert middleman.spliced_pages == min(times, cycles)
     finally:
         await middleman.stop()
     store = SqliteStore(state)
@@ -170,26 +175,110 @@ def test_no_phi_in_any_log_line(corpus_run: LiveRun):
 # -- duplicates --------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the conflict quarantine needs the store: SqliteStore/PostgresStore.ingest must compare a "
-                                       "copy with the same (lastUpdated, versionId) to the stored one (see the report of issue 6)")
+def _an_hour_ago() -> str:
+    """A fixed meta.lastUpdated for entries spliced into every cycle: each cycle then re-reads the same
+    version, as the overlap window does (with "@UPDATED@" the middleman stamps them from the search
+    bound, which moves with the cursor: a new version every cycle)."""
+    return from_epoch_us(int((time.time() - 3600) * 1_000_000))
+
+
+def _stamped(entries: list[bytes], at: str) -> list[bytes]:
+    return [e.replace(UPDATED.encode(), at.encode()) for e in entries]
+
+
 async def test_conflicting_copy_is_quarantined_as_a_conflict(fhir_base_url, tmp_path):
     patient, (first, second, wbc) = duplicate_pair(conflicting=True)
     run = await _through_the_loop(fhir_base_url, tmp_path / "s.sqlite3", [wbc, first, second], cycles=1)
-    assert [r for _ref, r in run.quarantine if r.startswith("conflicts with an earlier copy")]
+    assert [(ref, r) for ref, r in run.quarantine if r.startswith("conflicts with an earlier copy")] == [
+        ("Observation/h-duplicate-conflict", CONFLICT)]
+    assert run.rejections == Counter({reason_label(CONFLICT): 1}) and run.observations["rejected"] == 1
+    (record,) = [d for d in run.decisions if d["event"] == "rejected"]
+    assert (record["reason"], record["observations"], record["patient"]) == (CONFLICT, ["Observation/h-duplicate-conflict"], patient)
+    (logged,) = [orjson.loads(line) for line in run.log_lines if '"observation rejected"' in line]
+    assert (logged["observation"], logged["code"], logged["reason"]) == ("Observation/h-duplicate-conflict", "751-8", CONFLICT)
 
 
 @pytest.mark.parametrize("order", ["normal-first", "severe-first"])
-async def test_conflicting_copies_first_read_wins(fhir_base_url, tmp_path, order):
-    """As in replay: the first copy of a version read wins; the second changes nothing (the live
-    store skips it as already read: observations_total{outcome="seen_before"})."""
+async def test_conflicting_copies_first_read_wins_and_the_conflict_is_quarantined_once(fhir_base_url, tmp_path, order):
+    """As in replay: the first copy of a version read wins; the second is a conflict, quarantined and
+    counted once however often the overlap window reads both again, and it changes nothing (no
+    alert from the severe copy read second; no retraction by the normal copy read second)."""
     patient, (first, second, wbc) = duplicate_pair(conflicting=True)
     copies = [first, second] if order == "normal-first" else [second, first]
-    run = await _through_the_loop(fhir_base_url, tmp_path / "s.sqlite3", [wbc, *copies], cycles=1)
-    assert run.observations["seen_before"] >= 1
+    entries = _stamped([wbc, *copies], _an_hour_ago())
+    run = await _through_the_loop(fhir_base_url, tmp_path / "s.sqlite3", entries, cycles=3, times=float("inf"))
+    assert run.quarantine == [("Observation/h-duplicate-conflict", CONFLICT)]
+    assert run.rejections == Counter({reason_label(CONFLICT): 1}) and run.observations["rejected"] == 1
+    assert run.observations["seen_before"] == 2 * 3  # cycles 2 and 3: the WBC and both copies, read before
     if order == "normal-first":
-        assert patient not in run.flagged and run.reports[0].events == {}
+        assert patient not in run.flagged and [r.events for r in run.reports] == [{}, {}, {}]
     else:
-        assert run.flagged == {patient} and run.reports[0].events == {"new": 1}
+        assert run.flagged == {patient} and [r.events for r in run.reports] == [{"new": 1}, {}, {}]
+
+
+async def test_an_undecodable_copy_is_quarantined_once_and_never_shadows_a_readable_version(fhir_base_url, tmp_path):
+    """An entry that cannot be read but whose id can (intake: lastUpdated and version -1), on every
+    page: quarantined once over the cycles. When the server then holds a readable version of that
+    Observation, it is read as the newer version (never taken for an older one), decided and
+    alerted; the unreadable copy, still sent every cycle, neither withdraws that alert nor is
+    quarantined again."""
+    item = BY_NAME["invalid-json"]
+    middleman = Middleman(fhir_base_url, [Splice(item.resources(_an_hour_ago()), times=float("inf"))])
+    await middleman.start()
+    rejections = counter("neutrowatch_rejections_total", "reason")
+    try:
+        settings = settings_for(middleman.base, tmp_path / "s.sqlite3")
+        reports = [await cycle(settings) for _ in range(2)]
+        oid = item.ref.removeprefix("Observation/")  # type: ignore[union-attr]
+        put_all(fhir_base_url, [fill(observation(oid, item.patient, value=0.3))])  # readable now: severe
+        reports += [await cycle(settings) for _ in range(2)]
+    finally:
+        await middleman.stop()
+    assert middleman.spliced_pages == 4
+    assert [r.events for r in reports] == [{}, {}, {"new": 1}, {}]
+    assert {f["subject"]["reference"] for f in export(fhir_base_url, "Flag")} == {item.patient}
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
+    quarantine, decisions = await store.quarantined(), await store.decisions()
+    await store.close()
+    ((ref, reason),) = quarantine
+    assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]
+    assert sum(delta(counter("neutrowatch_rejections_total", "reason"), rejections).values()) == 1
+    assert [d["event"] for d in decisions if item.ref in d.get("observations", ())].count("rejected") == 1
+    assert "retracted" not in {d["event"] for d in decisions}
+
+
+async def test_an_undecodable_copy_behind_a_readable_version_is_quarantined_once_and_withdraws_nothing(fhir_base_url, tmp_path):
+    """The other order: the server's readable version was read and alerted; then an unreadable copy
+    of it comes on every page. It has no meta to order it by, so it neither supersedes the version
+    read (no alert withdrawn on an unreadable copy) nor is dropped unseen (it was: "seen before"):
+    quarantined and counted once."""
+    item = BY_NAME["invalid-json"]
+    broken, wbc = item.resources(_an_hour_ago())
+    oid = item.ref.removeprefix("Observation/")  # type: ignore[union-attr]
+    put_all(fhir_base_url, [orjson.loads(wbc), fill(observation(oid, item.patient, value=0.3))])
+    middleman = Middleman(fhir_base_url, [Splice([broken], times=float("inf"))])
+    await middleman.start()
+    rejections = counter("neutrowatch_rejections_total", "reason")
+    try:
+        settings = settings_for(middleman.base, tmp_path / "s.sqlite3")
+        middleman.splices[0].done = float("inf")  # the first cycle reads the server as it is
+        reports = [await cycle(settings)]
+        middleman.splices[0].done = 0
+        reports += [await cycle(settings) for _ in range(3)]
+    finally:
+        await middleman.stop()
+    assert middleman.spliced_pages == 3
+    assert [r.events for r in reports] == [{"new": 1}, {}, {}, {}]
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    await store.open()
+    quarantine, decisions = await store.quarantined(), await store.decisions()
+    await store.close()
+    ((ref, reason),) = quarantine
+    assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]
+    assert sum(delta(counter("neutrowatch_rejections_total", "reason"), rejections).values()) == 1
+    assert [d["event"] for d in decisions] == ["new", "rejected"]
+    assert [(f["subject"]["reference"], f["status"]) for f in export(fhir_base_url, "Flag")] == [(item.patient, "active")]
 
 
 # -- poison pages ------------------------------------------------------------------------------------

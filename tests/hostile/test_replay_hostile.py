@@ -10,14 +10,21 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from service.__main__ import main
+from service.clinical import raw
+from service.clinical.observations import CONFLICT as CONFLICT_REASON
 from service.config import load_settings
 from service.replay import Replay
+from service.store.base import Intake
+from service.store.sqlite import SqliteStore
+from service.worker import intake
 from tests.hostile.corpus import (
     BY_NAME,
     CORPUS,
@@ -29,6 +36,7 @@ from tests.hostile.corpus import (
     duplicate_pair,
     fill,
     neighbour,
+    observation,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -204,6 +212,97 @@ def test_identical_copies_are_one_version(tmp_path, engine):
     assert events_out.getvalue() == b""  # normal ANC, read once
     assert stats.ignored["identical copy of a version already read"] == 1  # counted, not silent
     assert stats.panels == 1
+
+
+def _variant(change: Callable[[dict[str, Any]], bytes]) -> bytes:
+    obs = fill(observation("h-copy", "Patient/hx-copy", value=0.3))
+    return change(obs)
+
+
+def _reserialised(obs: dict[str, Any]) -> bytes:
+    """Other key order, whitespace and number spelling: the same resource."""
+    text = json.dumps(dict(reversed(list(obs.items()))), separators=(" , ", " : "))
+    assert '"value" : 0.3 ,' in text
+    return text.replace('"value" : 0.3 ,', '"value" : 0.30 ,').encode()
+
+
+def _changed(**changes: Any) -> Callable[[dict[str, Any]], bytes]:
+    return lambda obs: orjson.dumps({**obs, **changes})
+
+
+def _quantity(**changes: Any) -> Callable[[dict[str, Any]], bytes]:
+    return lambda obs: orjson.dumps({**obs, "valueQuantity": {**obs["valueQuantity"], **changes}})
+
+
+# A second copy of the same version (id, versionId, lastUpdated): is it a conflict?
+SECOND_COPIES: dict[str, tuple[Callable[[dict[str, Any]], bytes], bool]] = {
+    "identical": (orjson.dumps, False),
+    "re-serialised": (_reserialised, False),
+    "narrative and note": (_changed(text={"status": "generated", "div": "<div>x</div>"}, note=[{"text": "re-sent"}]), False),
+    "value": (_quantity(value=0.1), True),
+    "unit": (_quantity(unit="/uL", code="/uL"), True),
+    "code": (_changed(code={"coding": [{"system": "http://loinc.org", "code": "26499-4"}]}), True),
+    "subject": (_changed(subject={"reference": "Patient/hx-copy-other"}), True),
+    "status": (_changed(status="preliminary"), True),
+}
+
+
+async def _live_says_conflict(state: Path, first: bytes, second: bytes) -> bool:
+    store = SqliteStore(state)
+    await store.open()
+    try:
+        taken = [intake(r) for data in (first, second) for r in raw.decode(data)]
+        assert all(isinstance(t, Intake) for t in taken)
+        assert await store.ingest(taken[:1], now=1.0) == taken[:1]  # type: ignore[arg-type]
+        held = await store.ingest(taken[1:], now=2.0)  # type: ignore[arg-type]
+        return bool(held) and held[0].outcome.reason == CONFLICT_REASON  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
+@pytest.mark.parametrize("name", SECOND_COPIES)
+async def test_replay_and_the_live_store_tell_copies_apart_alike(tmp_path, engine, name):
+    """Two copies of one version: replay drops the second as identical or rejects it as a conflict,
+    and the live store skips it as read before or quarantines it as a conflict, on the same line:
+    the normalised content (what a decision can depend on), not the bytes."""
+    change, conflict = SECOND_COPIES[name]
+    first, second = _variant(orjson.dumps), _variant(change)
+    path = tmp_path / "copies.ndjson"
+    path.write_bytes(first + b"\n" + second + b"\n")
+    settings = load_settings(None)
+    events_out = io.BytesIO()
+    with Replay(settings.rules, settings.alerts, engine=engine) as r:
+        stats = r.run([str(path)], events_out, None)
+    events = [orjson.loads(x) for x in events_out.getvalue().splitlines()]
+    replay_conflict = [e["reason"] for e in events if e["event"] == "rejected"] == [CONFLICT_REASON]
+    assert replay_conflict is conflict
+    assert stats.ignored["identical copy of a version already read"] == (0 if conflict else 1)
+    assert await _live_says_conflict(tmp_path / "s.sqlite3", first, second) is conflict
+
+
+@pytest.mark.xfail(strict=True, reason="replay takes an undecodable copy (no meta: ordered after every version) for the newest "
+                                       "version and withdraws the readable one; the live store never lets it supersede "
+                                       "(store.base.unplaced). Patch for replay.py _PANELS and replay_parallel.latest: see the "
+                                       "report of issue 6 follow-ups")
+@pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
+@pytest.mark.parametrize("order", ["readable-first", "undecodable-first"])
+def test_an_undecodable_copy_never_withdraws_a_readable_version(tmp_path, engine, order):
+    """As live: the unreadable copy is reported (a `rejected` event with its reason), and the
+    readable version stands whichever was read first: its alert is not retracted."""
+    item = BY_NAME["invalid-json"]
+    broken, wbc = item.resources()
+    readable = orjson.dumps(fill(observation(item.ref.removeprefix("Observation/"), item.patient, value=0.3)))  # type: ignore[union-attr]
+    lines = [wbc, readable, broken] if order == "readable-first" else [broken, wbc, readable]
+    path = tmp_path / "in.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    settings = load_settings(None)
+    events_out = io.BytesIO()
+    with Replay(settings.rules, settings.alerts, engine=engine) as r:
+        r.run([str(path)], events_out, None)
+    events = [orjson.loads(x) for x in events_out.getvalue().splitlines()]
+    assert [(e["event"], e["grade"]) for e in events] == [("new", "severe"), ("rejected", None)]
+    assert events[1]["reason"].startswith(item.reason) and events[1]["observations"] == [item.ref]
 
 
 # -- a Bundle of 30 000 entries ------------------------------------------------------------------

@@ -4,19 +4,23 @@ machine's real server, a fresh schema per test). Same calls, same answers."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
 import msgspec
+import orjson
 import pytest
 
+from service.clinical import raw
 from service.clinical.episodes import PatientState
-from service.clinical.observations import LabResult
+from service.clinical.observations import CONFLICT, LabResult, Rejected
 from service.clinical.panels import decide
 from service.config import Settings
 from service.errors import StoreError
 from service.store import Decided, Intake, LeadershipLost, Store
+from service.store.base import DIGEST_TAG, Copy, classify, digest
 from service.store.postgres import PostgresStore
 from service.store.sqlite import SqliteStore
 from service.worker import intake
@@ -30,6 +34,14 @@ T0 = "2026-01-05T08:00:00Z"
 
 def _intake(obs: dict) -> Intake:
     item = intake(msgspec.convert(obs, Resource))
+    assert isinstance(item, Intake), item
+    return item
+
+
+def _read(data: bytes) -> Intake:
+    """An Observation as the live loop takes it from a page: raw bytes, decoded, normalised."""
+    (resource,) = raw.decode(data)
+    item = intake(resource)
     assert isinstance(item, Intake), item
     return item
 
@@ -318,3 +330,176 @@ async def test_postgres_errors_never_show_the_dsn(pg_dsn: str, pg_schema: str) -
         await store.open()
     assert "s3cret-pass" not in str(err.value) and "127.0.0.1:1/none" in str(err.value)
     assert "s3cret" not in repr(store)
+
+
+# Copies of one version: sent again, re-serialised, conflicting. ------------------------------------
+
+ANC = observation("751-8", 0.4, id="s1-anc", patient="Patient/a", specimen="Specimen/s1", updated="2026-01-05T09:00:00Z")
+WBC = observation("6690-2", 3.0, id="s1-wbc", patient="Patient/a", specimen="Specimen/s1", updated="2026-01-05T09:00:00Z")
+V2 = {"versionId": "2", "lastUpdated": "2026-01-05T10:00:00Z"}
+
+
+def _with(obs: dict, **changes: object) -> dict:
+    copy = orjson.loads(orjson.dumps(obs))
+    copy.update(changes)
+    return copy
+
+
+async def _stored_anc(store: Store) -> float | None:
+    (work,) = await store.dirty_panels()
+    return {r.code: r.value for r in work.results}.get("751-8")
+
+
+async def test_a_copy_sent_again_is_seen_before_not_a_conflict(store: Store) -> None:
+    first = [_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))]
+    assert await store.ingest(first, now=1.0) == first
+    assert await store.ingest([_read(orjson.dumps(ANC)), _read(orjson.dumps(WBC))], now=2.0) == []
+    assert await store.quarantined() == []
+
+
+async def test_the_same_content_serialised_differently_is_not_a_conflict(store: Store) -> None:
+    await store.ingest([_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))], now=1.0)
+    reordered = dict(reversed(list(ANC.items())))  # other key order ...
+    spaced = json.dumps(reordered, indent=2).encode().replace(b'"value": 0.4', b'"value": 0.40')  # ... whitespace, number spelling
+    assert spaced != orjson.dumps(ANC)
+    # ... and narrative and a note: the service reads neither, so they cannot change a decision.
+    annotated = _with(ANC, text={"status": "generated", "div": "<div>ANC</div>"}, note=[{"text": "re-sent"}])
+    assert await store.ingest([_read(spaced), _read(orjson.dumps(annotated))], now=2.0) == []
+    assert await store.quarantined() == []
+    assert await _stored_anc(store) == 400.0
+
+
+CONFLICTING = {
+    "value": _with(ANC, valueQuantity={**ANC["valueQuantity"], "value": 0.1}),
+    "unit": _with(ANC, valueQuantity={**ANC["valueQuantity"], "unit": "/uL", "code": "/uL"}),  # 0.4/uL, not 400/uL
+    "code": _with(ANC, code={"coding": [{"system": "http://loinc.org", "code": "26499-4"}]}),  # another ANC term
+    "subject": _with(ANC, subject={"reference": "Patient/b"}),
+    "status": _with(ANC, status="entered-in-error"),
+}
+
+
+@pytest.mark.parametrize("change", CONFLICTING)
+async def test_other_content_under_the_same_version_is_a_conflict_quarantined_once(store: Store, change: str) -> None:
+    """The first copy read stays in force: it is the one decided (and stays decided); the second is
+    returned as a conflict rejection and quarantined once however often it is read again."""
+    first = [_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))]
+    await store.ingest(first, now=1.0)
+    (work,) = await store.dirty_panels()
+    await store.commit([Decided("Patient/a", work.panel, PatientState(), [])])
+    other = _read(orjson.dumps(CONFLICTING[change]))
+    (held,) = await store.ingest([other], now=2.0)
+    assert isinstance(held.outcome, Rejected) and held.outcome.reason == CONFLICT
+    assert (held.ref, held.updated_us, held.version, held.panel) == (other.ref, other.updated_us, other.version, None)
+    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)]
+    assert await store.dirty_panels() == []  # nothing to decide again: the first copy's decision stands
+    for now in (3.0, 4.0):  # the overlap window reads it again, and the first copy too
+        assert await store.ingest([other, first[1]], now=now) == []
+    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)]
+    counts = await store.counts()
+    assert (counts["results"], counts["quarantine"]) == (2, 1)
+    newer = _read(orjson.dumps(_with(ANC, meta=V2)))
+    assert await store.ingest([newer], now=5.0) == [newer]  # a new version supersedes as usual
+    assert await _stored_anc(store) == 400.0
+
+
+async def test_a_conflict_within_one_batch_first_copy_wins(store: Store) -> None:
+    severe = _read(orjson.dumps(CONFLICTING["value"]))
+    wbc, anc = _read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))
+    new = await store.ingest([wbc, anc, severe, severe, anc], now=1.0)
+    assert new[:2] == [wbc, anc] and len(new) == 3 and new[2].outcome.reason == CONFLICT  # type: ignore[union-attr]
+    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)]
+    assert await _stored_anc(store) == 400.0
+
+
+async def test_a_second_different_conflict_is_quarantined_too(store: Store) -> None:
+    await store.ingest([_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))], now=1.0)
+    one, two = _read(orjson.dumps(CONFLICTING["value"])), _read(orjson.dumps(CONFLICTING["unit"]))
+    assert len(await store.ingest([one, two, one, two], now=2.0)) == 2
+    assert [r for _, r in await store.quarantined()] == [CONFLICT, CONFLICT]
+
+
+async def test_a_digest_of_another_release_is_never_compared() -> None:
+    """Another release may normalise the same JSON differently: after an upgrade a re-read is not a
+    conflict, whatever its digest."""
+    anc, other = _read(orjson.dumps(ANC)), _read(orjson.dumps(CONFLICTING["value"]))
+    stored = digest(anc.outcome)
+    assert classify((anc.updated_us, anc.version, stored), other, digest(other.outcome)) is Copy.CONFLICT
+    assert classify((anc.updated_us, anc.version, stored), anc, digest(anc.outcome)) is Copy.SEEN
+    foreign = bytes(b ^ 0xFF for b in DIGEST_TAG) + stored[len(DIGEST_TAG):]
+    assert classify((anc.updated_us, anc.version, foreign), other, digest(other.outcome)) is Copy.SEEN
+
+
+# An entry that cannot be decoded, with an id (intake: updated -1, version -1). -----------------------
+
+UNDECODABLE = orjson.dumps(ANC).replace(b'"value":0.4', b'"value":0.4,,')
+
+
+async def test_an_undecodable_copy_is_quarantined_once_and_a_readable_version_supersedes_it(store: Store) -> None:
+    broken = _read(UNDECODABLE)
+    assert (broken.ref, broken.updated_us, broken.version, broken.panel) == ("Observation/s1-anc", -1, -1, None)
+    assert await store.ingest([_read(orjson.dumps(WBC)), broken], now=1.0) != []
+    for now in (2.0, 3.0):  # read again every cycle while it lies in the overlap window
+        assert await store.ingest([broken], now=now) == []
+    ((ref, reason),) = await store.quarantined()
+    assert ref == "Observation/s1-anc" and reason.startswith("invalid JSON")
+    # The server's next version is readable: it is newer than the undecodable copy, never shadowed.
+    readable = _read(orjson.dumps(_with(ANC, meta=V2)))
+    assert await store.ingest([readable], now=4.0) == [readable]
+    assert await _stored_anc(store) == 400.0
+    assert await store.ingest([broken, readable], now=5.0) == []  # still only once, and still in force
+    assert len(await store.quarantined()) == 1
+
+
+async def test_an_undecodable_copy_behind_a_stored_version_is_quarantined_once_and_changes_nothing(store: Store) -> None:
+    """It has no meta to order it by: it neither supersedes the stored version (no alert withdrawn on
+    an unreadable copy) nor is dropped unseen (it used to be: "seen before")."""
+    await store.ingest([_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))], now=1.0)
+    (work,) = await store.dirty_panels()
+    await store.commit([Decided("Patient/a", work.panel, PatientState(), [])])
+    broken = _read(UNDECODABLE)
+    (held,) = await store.ingest([broken], now=2.0)
+    assert held == broken
+    for now in (3.0, 4.0):
+        assert await store.ingest([broken], now=now) == []
+    ((ref, reason),) = await store.quarantined()
+    assert ref == "Observation/s1-anc" and reason.startswith("invalid JSON")
+    assert await store.dirty_panels() == []
+    assert (await store.counts())["results"] == 2
+
+
+# Schema 1 -> 2 in place. -----------------------------------------------------------------------------
+
+
+async def test_a_schema_1_store_upgrades_in_place(make: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store written before digests: its rows stay, a copy of a version stored then cannot be
+    compared (it counts as read before, as it did), versions stored after the upgrade can."""
+    anc = _read(orjson.dumps(ANC))
+    legacy = make()
+    with monkeypatch.context() as m:
+        m.setattr(type(legacy).__module__ + ".SCHEMA_VERSION", 1)
+        await legacy.open()
+        assert await legacy.lead()
+        row = (anc.ref, anc.updated_us, anc.version, anc.patient, anc.panel, msgspec.msgpack.encode(anc.outcome))
+        if isinstance(legacy, SqliteStore):
+            legacy.db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?)", row)
+            legacy.db.execute("INSERT INTO quarantine (ref, version, patient, reason, received, record) "
+                              "VALUES ('Observation/x', 1, 'Patient/x', 'no value', 1.0, x'00')")
+        else:
+            assert isinstance(legacy, PostgresStore)
+            await legacy.pool.execute("INSERT INTO results VALUES ($1, $2, $3, $4, $5, $6)", *row)
+            await legacy.pool.execute("INSERT INTO quarantine (ref, version, patient, reason, received, record) "
+                                      "VALUES ('Observation/x', 1, 'Patient/x', 'no value', 1.0, '\\x00')")
+        await legacy.close()
+    store = make()
+    await store.open()
+    try:
+        assert await store.lead()
+        assert await store.quarantined() == [("Observation/x", "no value")]
+        assert await store.ingest([anc, _read(orjson.dumps(CONFLICTING["value"]))], now=1.0) == []
+        newer = _read(orjson.dumps(_with(ANC, meta=V2)))
+        assert await store.ingest([newer], now=2.0) == [newer]
+        conflicting = _read(orjson.dumps(_with(CONFLICTING["value"], meta=V2)))
+        (held,) = await store.ingest([conflicting], now=3.0)
+        assert held.outcome.reason == CONFLICT  # type: ignore[union-attr]
+    finally:
+        await store.close()
