@@ -124,7 +124,7 @@ class SmartSettings(_Section):
         "RS384", description="Signature algorithm of the JWT assertion: RS384 (an RSA key) or ES384 (an EC P-384 key)."
     )
     scope: str = Field(
-        "system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr",
+        "system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr system/Provenance.cr",
         description="Requested scopes (SMART v2 syntax; v1 servers want e.g. system/Observation.read).",
     )
     token_url: str | None = Field(None, description="Token endpoint; discovered from .well-known/smart-configuration when empty.")

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from . import metrics
-from .alerts import AlertWrites, build
+from .alerts import AlertWrites, build, outbox_fields, provenance_entry
 from .clinical import raw
 from .clinical.anc import is_complete
 from .clinical.codes import cbc_codes, temperature_codes
@@ -367,35 +367,25 @@ class Worker:
                 raise errors.exceptions[0] from None
 
     async def _post(self, entry: OutboxEntry) -> dict[str, Any]:
+        """One transaction per write: the Flag (conditional create, versioned PUT, or nothing when the
+        server's Flag already says the same), the Communication and the Provenance (conditional creates
+        on identifier and on _tag). The Provenance goes even when nothing else does: a write whose
+        answer was lost, re-posted, finds it there and writes nothing, so it exists once per write."""
         w = entry.writes
-        flag, communication = w["flag"], w["communication"]
-        flag_search = "identifier=" + "|".join(w["flag_identifier"])
-        comm_entry = (_conditional_create(communication, "identifier=" + "|".join(w["communication_identifier"]))
-                      if communication is not None else None)
+        comm_entry = _communication_entry(w)
         for _attempt in range(3):
-            if w["event"] == "new":
-                flag_entry = _conditional_create(flag, flag_search)
-            else:
-                existing = await self.client.search_all("Flag", [("identifier", "|".join(w["flag_identifier"]))])
-                if not existing:
-                    flag_entry = _conditional_create(flag, flag_search)
-                elif _same(existing[0], flag):
-                    flag_entry = None
-                else:
-                    current = existing[0]
-                    flag_entry = {
-                        "resource": {**flag, "id": current["id"]},
-                        "request": {"method": "PUT", "url": f"Flag/{current['id']}",
-                                    "ifMatch": f'W/"{current.get("meta", {}).get("versionId", "")}"'},
-                    }
-            entries = [e for e in (flag_entry, comm_entry) if e is not None]
-            if not entries:
+            flag_entry, flag_id = await self._flag_entry(w)
+            entries = [e for e in (flag_entry, comm_entry, provenance_entry(w, flag_id)) if e is not None]
+            if not entries:  # an outbox row from before Provenance, with the Flag unchanged
                 return {"statuses": [], "locations": []}
             bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
             try:
                 response = await self.client.transaction(bundle)
             except PreconditionFailed:
-                continue  # the Flag changed since we read it: read it again
+                # The Flag changed since we read it, or our own PUT, retried after a lost answer, was
+                # applied: read it again. (A server that is not atomic, like the test engine, may
+                # have written the conditional creates already: the next attempt finds them.)
+                continue
             statuses = [str((e.get("response") or {}).get("status", "")) for e in response.get("entry", [])]
             if all(s.startswith("2") for s in statuses) and len(statuses) == len(entries):
                 for e in entries:
@@ -405,17 +395,56 @@ class Worker:
                 raise WriteRejected(f"server answered {statuses} to an alert transaction")
         raise WriteRejected("Flag kept changing under us (412 three times)")
 
+    async def _flag_entry(self, w: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+        """The Flag's transaction entry and, when it is not conditionally created in this Bundle (a
+        PUT, or none because it is unchanged), the server id of the existing Flag."""
+        flag = w["flag"]
+        create = _conditional_create(flag, "identifier=" + "|".join(w["flag_identifier"]), w.get("flag_full_url"))
+        if w["event"] == "new":
+            return create, None
+        existing = await self.client.search_all("Flag", [("identifier", "|".join(w["flag_identifier"]))])
+        if not existing:
+            return create, None
+        current = existing[0]
+        if _same(current, flag):
+            return None, current["id"]
+        put = {
+            "fullUrl": f"{self.settings.fhir.base_url}/Flag/{current['id']}",
+            "resource": {**flag, "id": current["id"]},
+            "request": {"method": "PUT", "url": f"Flag/{current['id']}",
+                        "ifMatch": f'W/"{current.get("meta", {}).get("versionId", "")}"'},
+        }
+        return put, current["id"]
+
 
 class WriteRejected(NeutrowatchError):
     """The server refused an alert write; it stays in the outbox and is retried."""
 
 
-def _conditional_create(resource: dict[str, Any], if_none_exist: str) -> dict[str, Any]:
-    return {"resource": resource, "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": if_none_exist}}
+def _conditional_create(resource: dict[str, Any], if_none_exist: str, full_url: str | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"fullUrl": full_url} if full_url else {}
+    return {**entry, "resource": resource,
+            "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": if_none_exist}}
+
+
+def _communication_entry(w: dict[str, Any]) -> dict[str, Any] | None:
+    communication = w["communication"]
+    if communication is None:
+        return None
+    return _conditional_create(communication, "identifier=" + "|".join(w["communication_identifier"]),
+                               w.get("communication_full_url"))
 
 
 def _same(existing: dict[str, Any], desired: dict[str, Any]) -> bool:
-    return all(existing.get(k) == v for k, v in desired.items())
+    """The server's resource says what `desired` says. `meta` is compared by its profiles only: the
+    server adds versionId and lastUpdated."""
+    for key, value in desired.items():
+        if key == "meta":
+            if (existing.get("meta") or {}).get("profile") != (value or {}).get("profile"):
+                return False
+        elif existing.get(key) != value:
+            return False
+    return True
 
 
 def _writes_dict(writes: AlertWrites, event: str) -> dict[str, Any]:
@@ -425,4 +454,5 @@ def _writes_dict(writes: AlertWrites, event: str) -> dict[str, Any]:
         "communication": writes.communication,
         "flag_identifier": list(writes.flag_identifier),
         "communication_identifier": list(writes.communication_identifier) if writes.communication_identifier else None,
+        **outbox_fields(writes),
     }

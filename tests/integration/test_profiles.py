@@ -9,7 +9,8 @@
 (c) the generated CodeSystems and ValueSets hold exactly the service's own grades, schemes and
     events, and the URLs the service stamps are the generated ones;
 (d) the transaction shape documented for service/worker.py (fullUrls, Provenance by conditional
-    create on its meta.tag) works against the test engine, re-posting included.
+    create on its meta.tag) works against the test engine, re-posting included. What the worker
+    itself posts in the live loop is validated by tests/integration/test_provenance_live.py.
 
 `validate_resources(resources)` / `assert_valid(resources)` validate any list of resources in one
 call (for the live loop: every resource it wrote to the engine).
@@ -136,6 +137,13 @@ def test_other_schemes_and_a_deployments_own_base_validate(validator, scheme, tm
     wrong = validator(written)
     assert len(wrong) == len(written)
     assert all("unknown profile" in i["message"] for f in wrong for i in f["issues"] if i["severity"] == "error")
+
+
+def test_the_documented_examples_validate(validator):
+    """docs/examples/ (scripts/alert_examples.py): each file validates against the profile it names."""
+    examples = [json.loads((ROOT / "docs" / "examples" / f"{t}.json").read_text()) for t in ("Flag", "Communication", "Provenance")]
+    failures = validator(examples)
+    assert not failures, describe(failures)
 
 
 def test_replay_writes_provenance_only_when_asked(tmp_path):
