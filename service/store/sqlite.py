@@ -1,18 +1,23 @@
 """SQLite state store (the default; one active replica). WAL mode, one connection, every change
-one transaction. Calls are short and local, so they run on the event loop thread.
+one transaction. Every call runs on the store's own thread (`_on_store_thread`): a database that
+another process holds locked blocks that thread for up to the busy timeout, never the event loop
+that answers /healthz and /readyz and drains on SIGTERM.
 
 Leadership is an exclusive flock on `<path>.leader`: a second process opening the same file (a
 rolling update on a shared volume, an operator's `once`) waits as a standby and cannot write."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import functools
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
 import orjson
@@ -80,19 +85,50 @@ _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _state_decoder = msgspec.json.Decoder(PatientState)
 
 
+BUSY_TIMEOUT_SECONDS = 5.0  # how long a statement waits for another process's write lock
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _on_store_thread(method: Callable[Concatenate[SqliteStore, _P], _R]) -> Callable[Concatenate[SqliteStore, _P], Coroutine[Any, Any, _R]]:
+    """The store method as a coroutine that runs it on the store's one thread. Calls are serialised
+    (one thread, one connection), as they were on the event loop; a caller cancelled meanwhile does
+    not cut a transaction short (it commits or rolls back whole). A sqlite3 error that no
+    transaction turned into a StoreError (a read of a damaged or vanished file) becomes one."""
+
+    @functools.wraps(method)
+    async def call(self: SqliteStore, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(_guarded, method, self, *args, **kwargs))
+
+    return call
+
+
+def _guarded(method: Callable[..., _R], store: SqliteStore, *args: Any, **kwargs: Any) -> _R:
+    try:
+        return method(store, *args, **kwargs)
+    except sqlite3.Error as err:
+        raise StoreError(f"state store {store.path}: {err}") from None
+
+
 class SqliteStore:
     def __init__(self, path: str | Path):
         self.path = str(path)
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._thread: ThreadPoolExecutor | None = None
 
     # lifecycle -------------------------------------------------------------------------------------
 
-    async def open(self) -> None:
+    @_on_store_thread
+    def open(self) -> None:
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=5.0)
+            # check_same_thread=False: tests read the file through `db` from their own thread
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
@@ -102,12 +138,19 @@ class SqliteStore:
             raise StoreError(f"state store {self.path}: {err}") from None
 
     async def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        if self._thread is not None:
+            await self._close()  # after every call queued before it
+            self._thread.shutdown(wait=False)
+            self._thread = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # frees the flock
             self._lock_fd = None
+
+    @_on_store_thread
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
 
     @property
     def is_open(self) -> bool:
@@ -168,17 +211,20 @@ class SqliteStore:
 
     # cursor ----------------------------------------------------------------------------------------
 
-    async def get_cursor(self) -> str | None:
+    @_on_store_thread
+    def get_cursor(self) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
         return row[0] if row else None
 
-    async def set_cursor(self, value: str) -> None:
+    @_on_store_thread
+    def set_cursor(self, value: str) -> None:
         with self._tx():
             self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (value,))
 
     # intake ----------------------------------------------------------------------------------------
 
-    async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
+    @_on_store_thread
+    def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
         new: list[Intake] = []
         db = self.db
         with self._tx():
@@ -225,7 +271,8 @@ class SqliteStore:
             (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content),
         )
 
-    async def quarantine(self, rejected: Rejected, now: float) -> None:
+    @_on_store_thread
+    def quarantine(self, rejected: Rejected, now: float) -> None:
         """A rejection with no usable id (it supersedes nothing): kept with its reason."""
         with self._tx():
             self.db.execute(
@@ -241,7 +288,8 @@ class SqliteStore:
             (patient, panel, updated_us, now),
         )
 
-    async def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
+    @_on_store_thread
+    def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
         db = self.db
         out: list[PanelWork] = []
         where, args = ("AND (first_vu, patient, panel) > (?, ?, ?)", after) if after is not None else ("", ())
@@ -261,7 +309,8 @@ class SqliteStore:
 
     # decisions -------------------------------------------------------------------------------------
 
-    async def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]:
+    @_on_store_thread
+    def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]:
         states: dict[str, PatientState] = {}
         for patient in set(patients):
             row = self.db.execute("SELECT state FROM episodes WHERE patient = ?", (patient,)).fetchone()
@@ -269,7 +318,8 @@ class SqliteStore:
                 states[patient] = _state_decoder.decode(row[0])
         return states
 
-    async def commit(self, decided: Sequence[Decided]) -> None:
+    @_on_store_thread
+    def commit(self, decided: Sequence[Decided]) -> None:
         db = self.db
         now = time.time()
         with self._tx():
@@ -289,49 +339,59 @@ class SqliteStore:
                         db.execute("INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
                                    (d.patient, orjson.dumps(record), orjson.dumps(writes), now))
 
-    async def open_patients(self) -> list[tuple[str, str | None, int | None]]:
+    @_on_store_thread
+    def open_patients(self) -> list[tuple[str, str | None, int | None]]:
         """(patient, temperature cursor, collection time of the newest ANC) for each open episode."""
         return list(self.db.execute("SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open = 1 ORDER BY patient"))
 
-    async def set_temperature_cursor(self, patient: str, cursor: str) -> None:
+    @_on_store_thread
+    def set_temperature_cursor(self, patient: str, cursor: str) -> None:
         with self._tx():
             self.db.execute("UPDATE episodes SET temperature_cursor = ? WHERE patient = ?", (cursor, patient))
 
-    async def record_decision(self, record: dict[str, Any]) -> None:
+    @_on_store_thread
+    def record_decision(self, record: dict[str, Any]) -> None:
         with self._tx():
             self.db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
                             (record.get("patient"), time.time(), orjson.dumps(record)))
 
     # outbox ----------------------------------------------------------------------------------------
 
-    async def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
+    @_on_store_thread
+    def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
         rows = self.db.execute(
             "SELECT id, patient, event, writes, attempts FROM outbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
         return [OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows]
 
-    async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
+    @_on_store_thread
+    def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
         with self._tx():
             self.db.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?, attempts = attempts + 1 WHERE id = ?",
                             (time.time(), orjson.dumps(result), entry_id))
 
-    async def mark_failed(self, entry_id: int, error: str) -> None:
+    @_on_store_thread
+    def mark_failed(self, entry_id: int, error: str) -> None:
         with self._tx():
             self.db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error[:500], entry_id))
 
-    async def outbox_pending_count(self) -> int:
+    @_on_store_thread
+    def outbox_pending_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone()[0])
 
     # reading back ----------------------------------------------------------------------------------
 
-    async def decisions(self, patient: str | None = None) -> list[dict[str, Any]]:
+    @_on_store_thread
+    def decisions(self, patient: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT record FROM decisions" + (" WHERE patient = ?" if patient else "") + " ORDER BY id"
         return [orjson.loads(r) for (r,) in self.db.execute(sql, (patient,) if patient else ())]
 
-    async def quarantined(self) -> list[tuple[str | None, str]]:
+    @_on_store_thread
+    def quarantined(self) -> list[tuple[str | None, str]]:
         return list(self.db.execute("SELECT ref, reason FROM quarantine ORDER BY id"))
 
-    async def counts(self) -> dict[str, int]:
+    @_on_store_thread
+    def counts(self) -> dict[str, int]:
         tables: Iterable[str] = ("results", "panels", "episodes", "decisions", "outbox", "quarantine")
         return {t: int(self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in tables}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -259,6 +261,48 @@ async def test_one_leader_at_a_time_and_a_standby_cannot_write(store: Store, mak
 
 
 # PostgreSQL only: fencing of a leader that lost its lock without knowing it, and the lease. ----------
+
+
+
+async def test_sqlite_locked_by_another_process_fails_clearly_and_never_blocks_the_event_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holds the database's write lock (an operator's sqlite3 shell, a backup
+    tool): a write waits out the busy timeout on the store's thread and fails with a StoreError
+    naming the cause, nothing of it is kept, and meanwhile the event loop keeps running (it answers
+    /healthz and SIGTERM). After the lock is gone the same call succeeds."""
+    import service.store.sqlite as sqlite_module
+
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_SECONDS", 0.6)
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    await store.open()
+    try:
+        assert await store.lead()
+        await store.set_cursor("2026-01-05T08:00:00.000Z")
+        other = sqlite3.connect(str(tmp_path / "state.sqlite3"), isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.02)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="state store busy or unavailable: database is locked"):
+            await store.set_cursor("2026-01-05T09:00:00.000Z")
+        waited = time.monotonic() - started
+        ticker.cancel()
+        assert waited >= 0.5  # it did wait for the lock ...
+        assert ticks >= 0.5 * waited / 0.02  # ... and the loop ran all the while (a blocked loop: 0 ticks)
+        other.execute("ROLLBACK")
+        other.close()
+        assert await store.get_cursor() == "2026-01-05T08:00:00.000Z"  # nothing half-written
+        await store.set_cursor("2026-01-05T09:00:00.000Z")
+        assert await store.get_cursor() == "2026-01-05T09:00:00.000Z"
+    finally:
+        await store.close()
 
 
 @pytest.fixture
