@@ -91,7 +91,11 @@ class CampaignSpec:
     interval: float = 0.5  # poll.interval_seconds
     overlap: float = 3.0  # poll.overlap_seconds (each cycle re-reads this window: kept short, pages are costly)
     timeout: float = 1.5  # fhir.timeout_seconds (a slow response exceeds it)
-    lock_seconds: float = 6.5  # > the SQLite store's 5 s busy timeout, so a transaction does fail
+    # The store lock is held at least lock_seconds (> the SQLite store's 5 s busy timeout), and on
+    # until the service has logged the StoreError of a write it tried meanwhile (a cycle busy with a
+    # slow server may try none for a while), at most lock_seconds_max.
+    lock_seconds: float = 6.5
+    lock_seconds_max: float = 40.0
     stage_timeout: float = 120.0  # the service must catch up with a stage within this
     process_faults: int = 0  # beyond one of each kind; 0: from `faults`
     dry: bool = False  # no faults at all: checks that staging alone keeps replay's prediction exact
@@ -363,16 +367,21 @@ class Campaign:
             await asyncio.sleep(rng.uniform(0.0, 0.5))
             cursor = await self.probe.cursor_us()
             latencies: list[float] = []
+            armed = self.proxy.disarm()  # no kill -9 meanwhile: /healthz is asked of one process
             async with sqlite_exclusive(self.workdir / "state.sqlite3") as began:
                 self.proxy.count(STORE_LOCKED)
                 until = time.monotonic() + self.spec.lock_seconds
-                while time.monotonic() < until:  # is the process still answering meanwhile?
+                give_up = time.monotonic() + self.spec.lock_seconds_max
+                while time.monotonic() < until or (time.monotonic() < give_up and not self._store_error_since(began)):
+                    # is the process still answering meanwhile?
                     asked = time.monotonic()
                     answered = await self.service.healthz() == 200
                     latencies.append(time.monotonic() - asked if answered else float("inf"))
                     await asyncio.sleep(0.2)
                 moved = await self.probe.cursor_us() != cursor
             self.notes["locks"].append((began, time.time(), max(latencies, default=0.0), moved))
+            for k in armed:
+                self.proxy.arm(k)
             if moved:
                 self.problems.append("the cursor moved while the state store was locked")
         else:
@@ -527,6 +536,10 @@ class Campaign:
         if crashed:  # every exit the supervisor saw should be one of our kill -9s
             self.problems.append(f"the service exited by itself: exit codes {crashed}\n{self.service.log_tail()}")
 
+    def _store_error_since(self, began: float) -> bool:
+        return any(r.get("event") == "poll cycle failed" and "state store" in str(r.get("error", "")) and log_time(r) >= began
+                   for r in read_log(self.service.log_path))
+
     def _check_logs(self) -> None:
         records = list(read_log(self.service.log_path))
         failed = [r for r in records if r.get("event") == "poll cycle failed"]
@@ -548,7 +561,9 @@ class Campaign:
         }
         if self.counts[px.OTHER_ORIGIN] and not refused:
             self.problems.append("next links to another origin were injected but the log shows no refusal")
-        for began, ended, _slowest, _moved in self.notes["locks"]:
+        for began, ended, slowest, _moved in self.notes["locks"]:
+            if slowest > 1.0:  # the store waits on its own thread: the event loop must keep answering
+                self.problems.append(f"store locked {began:.1f}-{ended:.1f}: /healthz took {slowest:.1f} s (or never answered)")
             if not any(began <= log_time(r) <= ended + 1.0 for r in store_errors):
                 self.problems.append(f"store locked {began:.1f}-{ended:.1f}: no StoreError in the log")
             if not any(ended < log_time(r) <= ended + 20 for r in records if r.get("event") == "poll cycle"):
