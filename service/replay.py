@@ -308,6 +308,9 @@ ORDER BY ref, vu, vv, seq
 """
 # Every version of every Observation, grouped by panel. A version's panel and patient are those of
 # the newest usable version of its Observation (a rejected version has none of its own).
+# Each panel's versions in order of availability. A rejection with neither lastUpdated nor a
+# versionId (an undecodable entry) cannot be placed among versions: it is reported (`_rejections`)
+# but is no version of its panel, so it never withdraws a readable one (store.base.unplaced, live).
 _PANELS = """
 SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, akey, ref, data FROM (
     SELECT ref, akey, data,
@@ -315,7 +318,8 @@ SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, ak
     FROM (SELECT o.ref, o.akey, o.data, o.vu, o.vv, o.seq,
                  CASE WHEN o.data IS NOT NULL THEN COALESCE(o.pkey, m.pkey, o.fkey) END AS own_panel,
                  CASE WHEN o.data IS NOT NULL THEN o.patient END AS own_patient
-          FROM obs o LEFT JOIN member m ON m.ref = o.ref)
+          FROM obs o LEFT JOIN member m ON m.ref = o.ref
+          WHERE o.data IS NOT NULL OR o.vu >= 0 OR o.vv >= 0)
     WINDOW newest AS (PARTITION BY ref ORDER BY own_panel IS NULL, vu DESC, vv DESC, seq DESC
                       ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING))
 WHERE panel IS NOT NULL

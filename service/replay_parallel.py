@@ -352,6 +352,8 @@ def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]
         panel = newest.pkey if newest.pkey is not None else reports.get(ref, newest.fkey)
         target = results[hash(newest.patient) % n]
         for row in rows:
+            if row.data is None and row.vu < 0 and row.vv < 0:
+                continue  # unplaced (an undecodable entry): reported above, no version (as replay._PANELS)
             target.append((newest.patient, panel, availability_key(ref, row.vu, row.vv, row.seq), row.data, ref))
     parts = {i: (results[i], rejected[i], ()) for i in range(n) if results[i] or rejected[i]}
     return _spill(f"latest-{part}", parts), identical

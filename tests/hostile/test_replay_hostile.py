@@ -281,10 +281,6 @@ async def test_replay_and_the_live_store_tell_copies_apart_alike(tmp_path, engin
     assert await _live_says_conflict(tmp_path / "s.sqlite3", first, second) is conflict
 
 
-@pytest.mark.xfail(strict=True, reason="replay takes an undecodable copy (no meta: ordered after every version) for the newest "
-                                       "version and withdraws the readable one; the live store never lets it supersede "
-                                       "(store.base.unplaced). Patch for replay.py _PANELS and replay_parallel.latest: see the "
-                                       "report of issue 6 follow-ups")
 @pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
 @pytest.mark.parametrize("order", ["readable-first", "undecodable-first"])
 def test_an_undecodable_copy_never_withdraws_a_readable_version(tmp_path, engine, order):
