@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.replay_bench import machine, write_section  # noqa: E402
 from service import logging as nw_logging  # noqa: E402
+from service.clinical.fhirtime import from_epoch_us  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
 from service.store.sqlite import SqliteStore  # noqa: E402
 from service.synthetic import PopulationSpec, generate, observations_target  # noqa: E402
-from service.clinical.fhirtime import from_epoch_us  # noqa: E402
 from service.worker import Worker, pages_since, search_params  # noqa: E402
 from tests.fhir_server.engine import FhirEngine  # noqa: E402
 from tests.fhir_server.load import put_all  # noqa: E402

@@ -30,6 +30,7 @@ import orjson
 
 from .alerts import build as build_alert
 from .clinical import jsonscan, raw
+from .clinical.context import PatientContext, care_team_members, patient_context, requester
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
 from .clinical.observations import (
@@ -48,7 +49,6 @@ from .clinical.panels import (
     report_members,
     specimen_key,
 )
-from .clinical.context import PatientContext, care_team_members, patient_context, requester
 from .clinical.recipients import choose
 from .clinical.rules import Rules
 from .config import AlertSettings

@@ -52,13 +52,15 @@ from .replay import (
     _decode_rejected,
     _decode_result,
     _documents,
-    _encode as _encode_rejected,
     _files,
     _starts_document,
     availability_key,
     copies,
     patient_facts,
     read_document,
+)
+from .replay import (
+    _encode as _encode_rejected,
 )
 
 CHUNK_BYTES = 8 << 20  # step 1 reads the input in byte ranges of about this size ...

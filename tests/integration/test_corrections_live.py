@@ -8,8 +8,6 @@ from tests.fhir_server.load import export, put_all
 from tests.integration.live import compare_with_oracle, cycle, settings_for
 
 
-
-
 def panel(patient: str, anc_k: float, **kw):
     common = dict(patient=patient, effective="2026-03-02T08:00:00Z", specimen=f"Specimen/{patient[8:]}-1")
     return [observation("6690-2", 3.0, id=f"{patient[8:]}-wbc", **common),

@@ -10,8 +10,6 @@ from tests.fhir_server.load import export, put_all
 from tests.integration.live import compare_with_oracle, cycle, population, settings_for, stages
 
 
-
-
 def cbc(pid: str, anc_k: float, when: str):
     kw = dict(patient=f"Patient/{pid}", effective=when, specimen=f"Specimen/{pid}-{when[:10]}")
     return [observation("6690-2", 2.5, id=f"{pid}-{when[:10]}-wbc", **kw), observation("751-8", anc_k, id=f"{pid}-{when[:10]}-anc", **kw)]

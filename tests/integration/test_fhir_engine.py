@@ -12,7 +12,7 @@ import json
 import re
 import socket
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -180,7 +180,7 @@ async def test_search_pages_through_230_observations_via_next_links(
     expected = {r["id"] for r in created if r["code"]["coding"][0]["code"] == NEUTROPHILS}
     assert len(expected) == 230
 
-    since = watermark.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    since = watermark.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     pages = await search_all(
         http,
         fhir_base_url,

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from service.clinical.observations import LabResult
-from service.fhir.client import FhirClient
 from service.errors import StoreError
+from service.fhir.client import FhirClient
 from service.store.postgres import PostgresStore
 from service.store.sqlite import SqliteStore
 from tests.builders import observation

@@ -17,8 +17,9 @@ import pytest
 
 from service.clinical import raw
 from service.clinical.episodes import PatientState
-from service.clinical.observations import CONFLICT, LabResult, Rejected
+from service.clinical.observations import CONFLICT, Rejected
 from service.clinical.panels import decide
+from service.clinical.raw import Resource
 from service.config import Settings
 from service.errors import StoreError
 from service.store import Decided, Intake, LeadershipLost, Store
@@ -26,7 +27,6 @@ from service.store.base import DIGEST_TAG, Copy, classify, digest
 from service.store.postgres import PostgresStore
 from service.store.sqlite import SqliteStore
 from service.worker import intake
-from service.clinical.raw import Resource
 from tests.builders import observation
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the async fixtures' loop
