@@ -189,3 +189,31 @@ async def test_a_temperature_page_truncated_twice_loses_no_febrile_alert(fhir_en
     assert febrile in await run(fhir_engine.base_url, False, tmp_path / "clean.sqlite3")
     fhir_engine.reset()
     assert febrile in await run(fhir_engine.base_url, True, tmp_path / "cut.sqlite3")
+
+
+@pytest.mark.parametrize("seed", [7, 11, 20261122])
+def test_stages_never_hold_two_later_versions_of_one_draw(seed: int) -> None:
+    """The staging that keeps replay an exact oracle: a draw's first versions arrive together, each
+    later version after the one before it, and no stage holds two later versions of one draw
+    (seed 7 had a corrected WBC and neutrophil % in one stage: replay, taking them one by one,
+    predicted an alert the live loop rightly never sent)."""
+    from tests.chaos.campaign import _DRAW, split_stages
+
+    resources = population(patients=114 if seed == 7 else 40, days=42, seed=seed, temperatures=True, corrections=0.03)
+    stages = split_stages(resources, 41)
+    seen: dict[tuple[str, str], int] = {}
+    first_of_draw: dict[str, int] = {}
+    later_in_stage: dict[tuple[str, int], int] = {}
+    for i, stage in enumerate(stages):
+        for r in stage:
+            key = (r["resourceType"], r["id"])
+            m = _DRAW.match(r["id"]) if r["resourceType"] in ("Observation", "DiagnosticReport") else None
+            draw = m.group(1) if m else r["id"]
+            if key in seen:
+                assert i > seen[key], key
+                later_in_stage[(draw, i)] = later_in_stage.get((draw, i), 0) + 1
+            else:
+                assert first_of_draw.setdefault(draw, i) == i, draw
+            seen[key] = i
+    assert sum(later_in_stage.values()) > 10  # the population does hold corrections
+    assert max(later_in_stage.values()) == 1

@@ -79,6 +79,15 @@ class LiveRun:
     log_lines: list[str]
 
 
+async def _quarantine_and_decisions(state: Path) -> tuple[list[tuple[str | None, str]], list[dict[str, Any]]]:
+    store = SqliteStore(state)
+    await store.open()
+    try:
+        return await store.quarantined(), await store.decisions()
+    finally:
+        await store.close()
+
+
 async def _through_the_loop(base_url: str, state: Path, entries: list[bytes], cycles: int = 2, times: float = 1) -> LiveRun:
     """`entries` spliced into the first CBC search page of the first `times` cycles."""
     middleman = Middleman(base_url, [Splice(entries, times=times)])
@@ -92,10 +101,7 @@ async def _through_the_loop(base_url: str, state: Path, entries: list[bytes], cy
         assert middleman.spliced_pages == min(times, cycles)
     finally:
         await middleman.stop()
-    store = SqliteStore(state)
-    await store.open()
-    quarantine, decisions = await store.quarantined(), await store.decisions()
-    await store.close()
+    quarantine, decisions = await _quarantine_and_decisions(state)
     with sqlite3.connect(state) as db:
         results = {ref: bool(usable) for ref, usable in db.execute("SELECT ref, data IS NOT NULL FROM results")}
     flags, comms = export(base_url, "Flag"), export(base_url, "Communication")
@@ -237,10 +243,7 @@ async def test_an_undecodable_copy_is_quarantined_once_and_never_shadows_a_reada
     assert middleman.spliced_pages == 4
     assert [r.events for r in reports] == [{}, {}, {"new": 1}, {}]
     assert {f["subject"]["reference"] for f in export(fhir_base_url, "Flag")} == {item.patient}
-    store = SqliteStore(tmp_path / "s.sqlite3")
-    await store.open()
-    quarantine, decisions = await store.quarantined(), await store.decisions()
-    await store.close()
+    quarantine, decisions = await _quarantine_and_decisions(tmp_path / "s.sqlite3")
     ((ref, reason),) = quarantine
     assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]
     assert sum(delta(counter("neutrowatch_rejections_total", "reason"), rejections).values()) == 1
@@ -270,10 +273,7 @@ async def test_an_undecodable_copy_behind_a_readable_version_is_quarantined_once
         await middleman.stop()
     assert middleman.spliced_pages == 3
     assert [r.events for r in reports] == [{"new": 1}, {}, {}, {}]
-    store = SqliteStore(tmp_path / "s.sqlite3")
-    await store.open()
-    quarantine, decisions = await store.quarantined(), await store.decisions()
-    await store.close()
+    quarantine, decisions = await _quarantine_and_decisions(tmp_path / "s.sqlite3")
     ((ref, reason),) = quarantine
     assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]
     assert sum(delta(counter("neutrowatch_rejections_total", "reason"), rejections).values()) == 1
