@@ -30,7 +30,7 @@ def _replay(args: argparse.Namespace) -> int:
             alerts = stack.enter_context(open(args.alerts, "wb")) if args.alerts else None
         except OSError as err:
             raise NeutrowatchError(f"cannot write {err.filename}: {err.strerror}") from None
-        replay = stack.enter_context(Replay(settings.rules, settings.alerts, provenance=args.provenance))
+        replay = stack.enter_context(Replay(settings.rules, settings.alerts, provenance=args.provenance, read_policy=settings.read_policy))
         stats = replay.run(args.inputs, events, alerts)
     log.info(
         "replay finished",

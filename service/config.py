@@ -24,7 +24,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .clinical.fhirtime import local_zone
 from .clinical.grading import BUILT_IN, Scheme
+from .clinical.observations import ReadPolicy
 from .clinical.rules import Rules
 from .errors import ConfigError
 
@@ -67,6 +69,24 @@ class ClinicalSettings(_Section):
     )
     chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (seed 000: > 3 months).")
     history_limit: int = Field(24, ge=2, le=500, description="Assessed panels remembered per patient, so a corrected result can be re-evaluated.")
+    local_timezone: str | None = Field(
+        None,
+        description="IANA timezone (e.g. Europe/Berlin) in which sources write collection times that carry no UTC "
+        "offset. Unset: such a time is rejected ('effective time has no timezone'), never guessed as UTC. Set: it is "
+        "read in this zone and the decision says so.",
+    )
+    collection_time_slack_minutes: float = Field(
+        60.0, ge=0, le=1440,
+        description="A collection time later than its result's meta.lastUpdated (or the reading clock) by more than "
+        "this is rejected as impossible (clock skew between laboratory system and server is allowed for).",
+    )
+
+    @field_validator("local_timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            local_zone(value)  # ValueError naming the zone: reported with the field's name
+        return value
 
 
 class GradingSettings(_Section):
@@ -289,7 +309,13 @@ class Settings(BaseSettings):
             infant_threshold=c.infant_threshold_per_ul,
             patient_thresholds=tuple(sorted(c.patient_thresholds.items())),
             chronic_benign_threshold=c.chronic_benign_threshold_per_ul,
+            collection_slack_us=int(c.collection_time_slack_minutes * 60_000_000),
         )
+
+    @property
+    def read_policy(self) -> ReadPolicy:
+        """How Observations are read (replay and the live loop alike)."""
+        return ReadPolicy(local_timezone=self.clinical.local_timezone)
 
     @classmethod
     def settings_customise_sources(
