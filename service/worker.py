@@ -36,8 +36,8 @@ from .directory import LiveDirectory
 from .errors import NeutrowatchError
 from .events import rejected_record
 from .fhir.client import FhirClient, Page
-from .outcomes import failure_record, panel_outcome
 from .fhir.errors import FhirError, PreconditionFailed
+from .outcomes import failure_record, panel_outcome
 from .store.base import Decided, Intake, OutboxEntry, PanelWork, Store
 
 log = structlog.get_logger("neutrowatch.worker")

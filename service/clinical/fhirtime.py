@@ -105,6 +105,15 @@ def instant_us(text: str) -> int:
     return _zoned(m)
 
 
+def is_instant(text: str) -> bool:
+    """Whether `text` is a FHIR instant (what a writer may put in an instant element)."""
+    try:
+        instant_us(text)
+    except TimeError:
+        return False
+    return True
+
+
 def is_date_time(text: str) -> bool:
     """Whether `text` is a FHIR dateTime (what a writer may put in a dateTime element)."""
     return len(text) <= 64 and _DATE_TIME.fullmatch(text) is not None

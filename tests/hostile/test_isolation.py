@@ -247,3 +247,29 @@ async def _cursor(settings: Any) -> str | None:
         return await store.get_cursor()
     finally:
         await store.close()
+
+
+async def test_a_cycle_failed_by_a_defect_is_counted_and_named(fhir_engine, tmp_path, monkeypatch):
+    """An exception that fails a whole cycle (here a defect in the store's commit) is counted in
+    neutrowatch_polls_total{outcome="error"} and logged with its type, not its message; the next
+    cycle, without the defect, delivers."""
+    from service.store.sqlite import SqliteStore
+    from tests.hostile.logs import captured_logs
+
+    fhir_engine.reset()
+    put_all(fhir_engine.base_url, POPULATION)
+    real = SqliteStore.commit
+
+    async def broken(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise Defect("quoting Ophelia Quennell-Marchetti")
+
+    monkeypatch.setattr(SqliteStore, "commit", broken)
+    polls = counter("neutrowatch_polls_total", "outcome")
+    settings = settings_for(fhir_engine.base_url, tmp_path / "s.sqlite3")
+    with captured_logs("debug") as buffer, pytest.raises(Defect):
+        await cycle(settings)
+    assert delta(counter("neutrowatch_polls_total", "outcome"), polls)["error"] == 1
+    (line,) = [orjson.loads(x) for x in buffer.getvalue().splitlines() if '"poll cycle failed"' in x]
+    assert line["error_type"] == "Defect" and "Ophelia" not in orjson.dumps(line).decode()
+    monkeypatch.setattr(SqliteStore, "commit", real)
+    assert (await cycle(settings)).delivered_all
