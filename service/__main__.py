@@ -12,8 +12,31 @@ from pathlib import Path
 import structlog
 
 from . import logging as nw_logging
-from .config import StoreSettings, load_settings
+from .config import Settings, StoreSettings, load_settings
 from .errors import NeutrowatchError
+
+
+def _logging(settings: Settings, *, service: bool = False) -> None:
+    """Logging as configured; patient references pseudonymised unless the operator chose plain."""
+    pseudonyms = None
+    if settings.logging.patient_references == "pseudonymised":
+        pseudonyms = nw_logging.Pseudonyms(settings.logging.pseudonym_key_bytes())
+    nw_logging.configure(settings.logging.level, settings.logging.format, pseudonyms)
+    if service and pseudonyms is not None and pseudonyms.ephemeral:
+        structlog.get_logger("neutrowatch").warning(
+            "patient references in logs are pseudonymised with a key of this process only: set "
+            "logging.pseudonym_key or logging.pseudonym_key_file to correlate lines across restarts and replicas")
+
+
+def _pseudonym(args: argparse.Namespace) -> int:
+    """Which pseudonym the logs use for a patient: for an operator who knows the patient and looks for its lines."""
+    settings = load_settings(args.config)
+    key = settings.logging.pseudonym_key_bytes()
+    if key is None:
+        raise NeutrowatchError("no logging.pseudonym_key or logging.pseudonym_key_file configured: pseudonyms change with each process")
+    ref = args.patient if args.patient.startswith("Patient/") else f"Patient/{args.patient}"
+    print(nw_logging.Pseudonyms(key).text(ref))
+    return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -22,7 +45,7 @@ def _replay(args: argparse.Namespace) -> int:
     if args.provenance and not args.alerts:
         raise NeutrowatchError("--provenance needs --alerts (the Provenance resources go to the alerts file)")
     settings = load_settings(args.config)
-    nw_logging.configure(settings.logging.level, settings.logging.format)
+    _logging(settings)
     log = structlog.get_logger("neutrowatch.replay")
     with ExitStack() as stack:
         try:
@@ -53,7 +76,7 @@ def _explain(args: argparse.Namespace) -> int:
     from . import explain
 
     settings = load_settings(args.config)
-    nw_logging.configure(settings.logging.level, settings.logging.format)  # to stderr; explain itself logs nothing
+    _logging(settings)  # to stderr; explain itself logs nothing
     if args.png is not None:
         explain.plot_available()  # fail before the work when matplotlib is missing
     if args.inputs:
@@ -92,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     from . import app
 
     settings = load_settings(args.config)
-    nw_logging.configure(settings.logging.level, settings.logging.format)
+    _logging(settings, service=True)
     asyncio.run(app.run(settings))
     return 0
 
@@ -101,7 +124,7 @@ def _once(args: argparse.Namespace) -> int:
     from . import app
 
     settings = load_settings(args.config)
-    nw_logging.configure(settings.logging.level, settings.logging.format)
+    _logging(settings, service=True)
     report = asyncio.run(app.once(settings))
     if report is None:
         return 1
@@ -139,6 +162,11 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="poll the FHIR server on an interval and post alerts (the service)")
     run.add_argument("--config", type=Path, metavar="FILE")
     run.set_defaults(func=_run)
+
+    ps = sub.add_parser("pseudonym", help="the pseudonym a patient reference has in this deployment's logs")
+    ps.add_argument("patient", metavar="PATIENT", help="Patient reference (Patient/123) or id")
+    ps.add_argument("--config", type=Path, metavar="FILE")
+    ps.set_defaults(func=_pseudonym)
 
     once = sub.add_parser("once", help="run one poll cycle and exit (cron-style use, tests)")
     once.add_argument("--config", type=Path, metavar="FILE")

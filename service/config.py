@@ -271,6 +271,25 @@ class WebSettings(_Section):
 
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="The lowest level logged.")
+    patient_references: Literal["pseudonymised", "plain"] = Field(
+        "pseudonymised",
+        description="pseudonymised: every Patient/<id> in a log line becomes Patient/~<keyed hash> (logs are then "
+        "not PHI); plain: references as they are (the logs tie grades and values to patients: treat them as PHI).",
+    )
+    pseudonym_key: SecretStr | None = Field(
+        None, description="Key of the pseudonyms (HMAC-SHA-256); set it from the environment "
+        "(NEUTROWATCH_LOGGING__PSEUDONYM_KEY), never in a file in the repo. Unset: a key per process.",
+    )
+    pseudonym_key_file: Path | None = Field(None, description="File holding the pseudonym key (a mounted secret).")
+
+    def pseudonym_key_bytes(self) -> bytes | None:
+        """The configured key, read from pseudonym_key_file when that is set (never logged)."""
+        if self.pseudonym_key_file is not None:
+            try:
+                return self.pseudonym_key_file.read_bytes().strip()
+            except OSError as err:
+                raise ConfigError(f"config error: logging.pseudonym_key_file: {err.strerror or err}") from None
+        return self.pseudonym_key.get_secret_value().encode() if self.pseudonym_key is not None else None
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console in a terminal, JSON otherwise."
     )
