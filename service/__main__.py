@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
 import structlog
 
 from . import logging as nw_logging
-from .config import StoreSettings, load_settings
-from .errors import NeutrowatchError
+from .config import Settings, StoreSettings, load_settings, review_settings
+from .errors import ConfigError, NeutrowatchError
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -72,14 +72,46 @@ def _explain(args: argparse.Namespace) -> int:
 
 def describe_store(store: StoreSettings) -> str:
     if store.backend == "postgres":
-        from .store.postgres import describe_dsn
-
-        return f"postgres {describe_dsn(store.postgres_dsn())} schema {store.schema_name}"
+        return f"postgres {store.parsed_dsn().describe()} schema {store.schema_name}"
     return f"sqlite {store.path}"
 
 
+def _secret_files(settings: Settings) -> list[str]:
+    """Problems of the files `run` would read at start-up (DSN, token, private key, CA bundle), each
+    naming its field and never quoting the file's content."""
+    from .fhir.auth import load_signing_key, read_token_file
+    from .fhir.tls import ssl_option
+
+    checks: list[Callable[[], object]] = [lambda: ssl_option(settings.fhir)]
+    if settings.store.backend == "postgres":
+        checks.append(settings.store.parsed_dsn)
+    auth = settings.fhir.auth
+    if auth.method == "bearer" and auth.bearer_token is None and auth.bearer_token_file is not None:
+        checks.append(lambda: read_token_file(auth.bearer_token_file))  # type: ignore[arg-type]
+    if auth.method == "smart" and auth.smart.private_key_file is not None:
+        checks.append(lambda: load_signing_key(auth.smart.private_key_file, auth.smart.algorithm))  # type: ignore[arg-type]
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as err:
+            problems.append(str(err).removeprefix("config error: "))
+    return problems
+
+
 def _check_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    """Every error (each naming its field) and every warning to stderr; "configuration ok" to
+    stdout. Exit 2 on any error, 0 otherwise (warnings included)."""
+    review = review_settings(args.config)
+    errors = review.errors + (_secret_files(review.settings) if review.settings is not None else [])
+    for warning in review.warnings:
+        print(f"neutrowatch: warning: {warning}", file=sys.stderr)
+    if errors or review.settings is None:
+        for error in errors:
+            print(f"neutrowatch: config error: {error}", file=sys.stderr)
+        print(f"neutrowatch: configuration invalid ({len(errors)} error{'s' if len(errors) != 1 else ''})", file=sys.stderr)
+        return 2
+    settings = review.settings
     print(f"configuration ok (scheme {settings.grading.scheme}, store {describe_store(settings.store)})")
     if args.probe:
         from .probe import probe
