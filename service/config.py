@@ -142,7 +142,9 @@ class AuthSettings(_Section):
         "smart (SMART Backend Services, the smart section).",
     )
     bearer_token: SecretStr | None = Field(None, description="Static bearer token (set it from the environment, never in a file in the repo).")
-    bearer_token_file: Path | None = Field(None, description="File holding the static bearer token (a mounted secret).")
+    bearer_token_file: Path | None = Field(
+        None, description="File holding the static bearer token (a mounted secret); re-read after a 401, so a rotated secret needs no restart."
+    )
     smart: SmartSettings = SmartSettings()
 
     @model_validator(mode="after")
@@ -218,8 +220,8 @@ class StoreSettings(_Section):
     path: Path = Field(Path("neutrowatch.sqlite3"), description="SQLite state file (cursor, results, episodes, outbox).")
     dsn: SecretStr | None = Field(
         None,
-        description="PostgreSQL DSN, e.g. postgresql://neutrowatch@db:5432/neutrowatch (set it from the environment: "
-        "a password in it is a secret).",
+        description="PostgreSQL DSN: a URL with a host, e.g. postgresql://neutrowatch@db:5432/neutrowatch, or libpq "
+        "keyword=value pairs (host=db dbname=neutrowatch ...). Set it from the environment: a password in it is a secret.",
     )
     dsn_file: Path | None = Field(None, description="File holding the PostgreSQL DSN (a mounted secret).")
     schema_name: str = Field(
