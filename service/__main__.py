@@ -7,6 +7,7 @@ import asyncio
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -82,14 +83,14 @@ def _secret_files(settings: Settings) -> list[str]:
     from .fhir.auth import load_signing_key, read_token_file
     from .fhir.tls import ssl_option
 
-    checks: list[Callable[[], object]] = [lambda: ssl_option(settings.fhir)]
+    checks: list[Callable[[], object]] = [partial(ssl_option, settings.fhir)]
     if settings.store.backend == "postgres":
         checks.append(settings.store.parsed_dsn)
     auth = settings.fhir.auth
     if auth.method == "bearer" and auth.bearer_token is None and auth.bearer_token_file is not None:
-        checks.append(lambda: read_token_file(auth.bearer_token_file))  # type: ignore[arg-type]
+        checks.append(partial(read_token_file, auth.bearer_token_file))
     if auth.method == "smart" and auth.smart.private_key_file is not None:
-        checks.append(lambda: load_signing_key(auth.smart.private_key_file, auth.smart.algorithm))  # type: ignore[arg-type]
+        checks.append(partial(load_signing_key, auth.smart.private_key_file, auth.smart.algorithm))
     problems = []
     for check in checks:
         try:
@@ -120,11 +121,18 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_warnings(config: Path | None) -> None:
+    """What check-config warns of, in the service's log too (field names and the file, no values)."""
+    for warning in review_settings(config).warnings:
+        structlog.get_logger("neutrowatch").warning("unsafe configuration", warning=warning)
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import app
 
     settings = load_settings(args.config)
     nw_logging.configure(settings.logging.level, settings.logging.format)
+    _log_warnings(args.config)
     asyncio.run(app.run(settings))
     return 0
 
@@ -134,6 +142,7 @@ def _once(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     nw_logging.configure(settings.logging.level, settings.logging.format)
+    _log_warnings(args.config)
     report = asyncio.run(app.once(settings))
     if report is None:
         return 1

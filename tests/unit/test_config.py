@@ -318,3 +318,17 @@ def test_probe_names_host_and_port_of_an_unreachable_server(tmp_path):
     proc = _cli("check-config", "--probe", "--config", str(cfg))
     assert proc.returncode == 1
     assert "FAIL /metadata: cannot reach 127.0.0.1:9 (GET metadata: gave up after 2 attempts; last: connection)" in proc.stdout
+
+
+def test_once_logs_what_check_config_warns_of(tmp_path):
+    """A service started without check-config still tells the operator: the warnings are logged at
+    start (field and file named, never the secret)."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("fhir:\n  base_url: https://127.0.0.1:9/fhir\n  verify_tls: false\n  retry:\n    max_attempts: 1\n"
+                   "  auth:\n    method: bearer\n    bearer_token: tok-INLINE-9\n"
+                   f"store:\n  path: {tmp_path / 's.db'}\nlogging:\n  format: json\n")
+    proc = _cli("once", "--config", str(cfg))
+    assert proc.returncode == 1
+    warnings = [line for line in proc.stderr.splitlines() if '"event": "unsafe configuration"' in line]
+    assert len(warnings) == 2 and "fhir.verify_tls: false" in warnings[0] and "fhir.auth.bearer_token is written" in warnings[1]
+    assert "tok-INLINE-9" not in proc.stdout + proc.stderr
