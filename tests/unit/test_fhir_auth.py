@@ -417,16 +417,21 @@ async def test_bearer_token_file_is_re_read_after_a_401(tmp_path: Path, session:
     tmp = tmp_path / "token.new"
     tmp.write_text("new-token\n")
     tmp.replace(token_file)  # an atomic swap, as the kubelet's symlink swap
-    assert await auth.header() == {"Authorization": "Bearer old-token"}
-    auth.invalidate()
-    assert await auth.header() == {"Authorization": "Bearer new-token"}
-    token_file.unlink()
-    auth.invalidate()
-    assert await auth.header() == {"Authorization": "Bearer new-token"}
-    token_file.write_text("newer-token")
-    assert await auth.header() == {"Authorization": "Bearer new-token"}  # read only after a 401
-    auth.invalidate()
-    assert await auth.header() == {"Authorization": "Bearer newer-token"}
+    from tests.hostile.logs import captured_logs
+
+    with captured_logs("debug") as buffer:
+        assert await auth.header() == {"Authorization": "Bearer old-token"}
+        auth.invalidate()
+        assert await auth.header() == {"Authorization": "Bearer new-token"}
+        token_file.unlink()
+        auth.invalidate()
+        assert await auth.header() == {"Authorization": "Bearer new-token"}
+        token_file.write_text("newer-token")
+        assert await auth.header() == {"Authorization": "Bearer new-token"}  # read only after a 401
+        auth.invalidate()
+        assert await auth.header() == {"Authorization": "Bearer newer-token"}
+    logged = buffer.getvalue()
+    assert "fhir_bearer_token_renewed" in logged and "new-token" not in logged and "old-token" not in logged
     assert "token" not in repr(auth).replace("BearerAuth(token=", "")
 
 
