@@ -77,7 +77,7 @@ class LabResult(msgspec.Struct, frozen=True, gc=False, array_like=True):
 
     ref: str  # "Observation/<id>"
     version: str | None
-    patient: str  # subject reference as given
+    patient: str  # the patient's key: the subject's canonical reference (`canonical_reference`)
     code: str  # the LOINC code that matched
     kind: Kind
     method: str
