@@ -90,6 +90,15 @@ class LiveDirectory:
         found = canonical_reference(ref, resource_type, self.policy)
         return found.local_id if isinstance(found, Resolved) else None
 
+    def _subject(self, patient: str) -> str:
+        """The search value for resources about a local patient: its relative and its absolute
+        spelling (a comma is OR, FHIR search.html#combining). A server that indexes references as
+        written finds a Condition whose subject is absolute under the base only by the second;
+        replay keys such a Condition by the canonical subject too. (A versioned subject cannot be
+        searched for that way; a server that resolves references finds it by the first.)"""
+        base = self.settings.fhir.base_url
+        return f"{patient},{base}/{patient}" if base else patient
+
     async def context(self, patient: str) -> PatientContext:
         rules = self.settings.rules
         pid = self._local(patient, "Patient")
@@ -102,7 +111,7 @@ class LiveDirectory:
             conditions: list[raw.Resource] = []
             if rules.chronic_benign_threshold is not None:
                 found = await self.client.search_all(
-                    "Condition", [("subject", patient), ("code", "http://snomed.info/sct|234423001")])
+                    "Condition", [("subject", self._subject(patient)), ("code", "http://snomed.info/sct|234423001")])
                 conditions = [r for r in map(_resource, found) if r is not None]
             return patient_context(patient, record, conditions, rules)
 
@@ -129,7 +138,7 @@ class LiveDirectory:
             return choose(based_on, requesters, (), pool)
 
         async def load_team() -> list[str]:
-            found = await self.client.search_all("CareTeam", [("subject", patient), ("status", "active")])
+            found = await self.client.search_all("CareTeam", [("subject", self._subject(patient)), ("status", "active")])
             return care_team_members(r for r in map(_resource, found) if r is not None)
 
         team = await self._guard("care team", patient, lambda: self._cached(("team", patient), load_team), [])

@@ -118,3 +118,29 @@ async def test_an_accepted_foreign_base_is_an_identity_with_no_local_look_up(fhi
     assert context_requests(middleman) == []
     assert [(f["subject"]["reference"], f["status"]) for f in export(base, "Flag")] == [(f"{PARTNER}/Patient/x", "inactive")]
     compare_with_oracle(base, tmp_path / "oracle", accepted_foreign_bases=(PARTNER,))
+
+
+async def test_facts_written_with_the_absolute_subject_are_the_patients(fhir_engine, tmp_path):
+    """A Condition 234423001 (chronic benign neutropenia: individual threshold 1000/uL) and a CareTeam
+    whose subject is "<base>/Patient/..." are that patient's facts, live as in replay: an ANC of
+    1200/uL is no alert for the one, and the other's alert goes to its care team. Before, the
+    directory searched the relative spelling only, which an engine indexing references as written
+    does not match, while replay keys context rows by the canonical subject."""
+    fhir_engine.reset()
+    base = fhir_engine.base_url
+    put_all(base, [
+        {"resourceType": "Patient", "id": "b", "birthDate": "1970-01-01"},
+        {"resourceType": "Patient", "id": "t", "birthDate": "1970-01-01"},
+        {"resourceType": "Condition", "id": "cbn", "subject": {"reference": f"{base}/Patient/b"},
+         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
+         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]}},
+        {"resourceType": "CareTeam", "id": "ct", "status": "active", "subject": {"reference": f"{base}/Patient/t"},
+         "participant": [{"member": {"reference": "Practitioner/nurse-a"}}]},
+    ])
+    settings = settings_for(base, tmp_path / "s.sqlite3")
+    put_all(base, panel("Patient/b", "b", 0, 1.2, 2) + panel("Patient/t", "t", 0, 0.8, 2))
+    report, decisions = await cycle(settings, with_decisions=True)
+    assert report.events == {"new": 1}
+    assert [(d["patient"], d["recipient_rule"], d["recipients"]) for d in decisions] == [
+        ("Patient/t", "care team", ["Practitioner/nurse-a"])]
+    compare_with_oracle(base, tmp_path / "oracle")
