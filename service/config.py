@@ -30,6 +30,7 @@ from . import pgdsn
 from .clinical.fhirtime import local_zone
 from .clinical.grading import BUILT_IN, Scheme
 from .clinical.observations import ReadPolicy
+from .clinical.references import base_key
 from .clinical.rules import Rules
 from .errors import ConfigError
 
@@ -185,6 +186,13 @@ class FhirSettings(_Section):
     page_size: int = Field(200, ge=1, le=1000, description="_count of each search page.")
     max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
     user_agent: str = Field("neutrowatch/0.1", description="User-Agent header.")
+    accepted_foreign_bases: tuple[str, ...] = Field(
+        (),
+        description="Federated setups only: base URLs of other FHIR servers whose patients the results may name "
+        "(e.g. https://partner.example.org/fhir). Such a subject is the patient's identity as its absolute "
+        "reference, and nothing about it is read from this server. A subject on any other server is rejected "
+        "('subject is on another server'), never alerted on.",
+    )
     retry: RetrySettings = RetrySettings()
     auth: AuthSettings = AuthSettings()
 
@@ -196,10 +204,20 @@ class FhirSettings(_Section):
             raise ValueError("must start with https:// (or http:// with allow_insecure_http)")
         return value
 
+    @field_validator("accepted_foreign_bases")
+    @classmethod
+    def _bases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if base_key(url) is None:
+                raise ValueError(f"{url[:200]!r} is not an http(s) base URL (no query or fragment)")
+        return tuple(url.strip().rstrip("/") for url in value)
+
     @model_validator(mode="after")
     def _scheme(self) -> FhirSettings:
         if self.base_url.startswith("http://") and not self.allow_insecure_http:
             raise ValueError("base_url is plain http://; use https:// or set allow_insecure_http for local tests")
+        if self.base_url and base_key(self.base_url) in {base_key(b) for b in self.accepted_foreign_bases}:
+            raise ValueError("accepted_foreign_bases lists base_url itself: its references are local, not foreign")
         return self
 
 
@@ -356,8 +374,10 @@ class Settings(BaseSettings):
 
     @property
     def read_policy(self) -> ReadPolicy:
-        """How Observations are read (replay and the live loop alike)."""
-        return ReadPolicy(local_timezone=self.clinical.local_timezone)
+        """How Observations are read (replay and the live loop alike). Replay has no server: its base is
+        fhir.base_url when configured, else every absolute reference is foreign unless accepted."""
+        return ReadPolicy(local_timezone=self.clinical.local_timezone, base_url=self.fhir.base_url or None,
+                          accepted_foreign_bases=self.fhir.accepted_foreign_bases)
 
     @classmethod
     def settings_customise_sources(

@@ -37,7 +37,9 @@ from .clinical.observations import (
     LabResult,
     ReadPolicy,
     Rejected,
+    canonical_reference,
     conflict_rejection,
+    literal_reference,
     normalise,
     undecodable_rejection,
     version_number,
@@ -51,6 +53,7 @@ from .clinical.panels import (
     specimen_key,
 )
 from .clinical.recipients import choose
+from .clinical.references import Resolved
 from .clinical.rules import Rules
 from .config import AlertSettings
 from .errors import InputError
@@ -212,7 +215,7 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows, pol
         stats.resources += 1
         if isinstance(item, raw.Undecodable):
             if item.resource_type in (None, "Observation"):
-                _reject(undecodable_rejection(item), seq, rows)
+                _reject(undecodable_rejection(item, policy), seq, rows)
             else:
                 stats.ignored[f"undecodable {_kind(item.resource_type)}"] += 1
             continue
@@ -234,11 +237,18 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows, pol
         elif kind == "Patient" and item.id:
             rows.context.append((f"Patient/{item.id}", kind, _encode(item)))
         elif kind in ("Condition", "ServiceRequest", "CareTeam") and item.subject is not None and item.subject.reference:
-            rows.context.append((item.subject.reference, kind, _encode(item)))
+            # Keyed by the patient's canonical reference, as its results are. A subject on another
+            # server gives no facts: the live loop never looks a foreign patient up on its server.
+            subject = canonical_reference(item.subject.reference, "Patient", policy)
+            if isinstance(subject, Resolved) and not subject.foreign:
+                rows.context.append((subject.key, kind, _encode(item)))
+            else:
+                stats.ignored[f"{kind} of a patient not on the server"] += 1
         elif kind == "DiagnosticReport" and item.id:
             specimens = item.specimen if isinstance(item.specimen, list) else ()
             for ref, report in report_members(
-                item.id, (r.reference for r in item.result or ()), (s.reference for s in specimens)
+                item.id, (literal_reference(r.reference, policy) for r in item.result or ()),
+                (literal_reference(s.reference, policy) for s in specimens),
             ):
                 rows.member.append((ref, report_key(report)))
         else:

@@ -65,7 +65,7 @@ def intake(resource: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAUL
     if isinstance(resource, raw.Undecodable):
         if resource.resource_type not in (None, "Observation"):
             return Ignored(f"undecodable {resource.resource_type}")
-        rejected = undecodable_rejection(resource)
+        rejected = undecodable_rejection(resource, policy)
         if rejected.ref is None:
             return rejected
         return Intake(rejected.ref, -1, -1, rejected.patient, None, rejected)

@@ -190,6 +190,13 @@ CORPUS: list[Hostile] = [
     _item("group-subject", R, "subject is not a Patient reference", mutate=_set("subject", {"reference": "Group/ward-7"})),
     _item("free-text-subject", R, "subject is not a Patient reference", mutate=_set("subject", {"reference": f"Patient/{PHI_NAME}"})),
     _item("display-only-subject", R, "subject is not a Patient reference", mutate=_set("subject", {"display": PHI_NAME})),
+    # a subject that names no patient on the server read (FHIR references.html#literal): its namesake
+    # "Patient/<id>" on this server is another patient, so it never takes that one's age or episode
+    _item("foreign-subject", R, "subject is on another server",
+          mutate=_set("subject", {"reference": "https://evil.example.com/Patient/hx-foreign-subject"})),
+    _item("contained-subject", R, "subject is a contained reference", mutate=_set("subject", {"reference": "#p1"})),
+    _item("urn-uuid-subject", R, "subject is a urn:uuid: reference",
+          mutate=_set("subject", {"reference": "urn:uuid:5f2d8c1e-3a0b-4c7d-9e8f-1a2b3c4d5e6f"})),
     # ids
     _item("no-id", R, "no id", ref=False, mutate=_set("id", _DELETE)),
     _item("id-with-spaces", R, "id is not a FHIR id", ref=False, mutate=_set("id", PHI_NAME)),
