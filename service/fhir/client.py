@@ -616,7 +616,8 @@ class FhirClient:
     async def _body(self, resp: aiohttp.ClientResponse, method: str, url: str) -> bytes:
         """The response body, read chunk by chunk up to `fhir.max_response_bytes` (decompressed):
         refused at once when Content-Length is over it, else as soon as the chunks are (a chunked
-        response has no length), so at most the cap and one chunk are ever held."""
+        response has no length), so no more than the cap and one chunk is ever read (joining the
+        chunks holds that twice for a moment)."""
         cap = self._settings.max_response_bytes
         declared = resp.content_length
         if declared is not None and declared > cap:
