@@ -186,7 +186,8 @@ def render(rep: dict, onc: dict, started: float) -> str:
     lines += ["", "**once** against the test engine (tests/fhir_server: Medplum FhirRouter + MemoryRepository, "
               "same machine), 1000 Observations whose notes make one search page (`page_size` 1000, the "
               "engine's maximum) of the size shown. The engine builds the whole page before it answers "
-              "(with its Content-Length), so a refused page still costs the engine's time.", "",
+              "(with its Content-Length), so a refused page still costs the engine's time. Exit 1: the "
+              "cycle failed (the cursor stays; the service would try again each interval).", "",
               "| page | `fhir.max_response_bytes` | exit | once | peak RSS | outcome |", "|---:|---|---:|---:|---:|---|"]
     for label in ("large", "fits"):
         page = onc[label]

@@ -163,8 +163,8 @@ class FhirSettings(_Section):
         description="Largest response body read (after decompression); a larger one is refused unread, checked "
         "against Content-Length and while the body streams in. A search page so refused fails the cycle and the "
         "cursor stays (raise this, or lower page_size). 64 MiB: a full page (page_size 1000) of Observations is "
-        "1-3 MB, and a page at this cap, with its decoded entries, peaks below 300 MiB, well under the Helm "
-        "chart's 512 MiB container limit.",
+        "1-3 MB, and `once` reading a page just under this cap peaks at about 200 MiB (a 300 MB page: about 680 MiB), "
+        "well under the Helm chart's 512 MiB container limit (docs/benchmarks.md: memory).",
     )
     user_agent: str = Field("neutrowatch/0.1", description="User-Agent header.")
     retry: RetrySettings = RetrySettings()
