@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import orjson
 import pytest
 from fhir.resources.R4B.communication import Communication
@@ -420,3 +421,33 @@ def test_a_truncated_or_corrupt_gzip_is_an_input_error(tmp_path, name):
     assert "Traceback" not in proc.stderr
     lines_out = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines_out) == 1 and str(path) in lines_out[0], proc.stderr
+
+
+_SEED_BUNDLE = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "self", "url": "http://x/Observation"}],
+                             "entry": [{"fullUrl": f"urn:{i}", "resource": r} for i, r in enumerate(
+                                 [*cbc("Patient/fz", 2, 0.3), {"resourceType": "Bundle", "entry": [{"resource": cbc("Patient/fz", 3, 0.5)[0]}]},
+                                  *cbc("Patient/fz2", 4, 1.2)])]}, option=orjson.OPT_INDENT_2)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["cut", "insert", "replace"]), st.integers(0, len(_SEED_BUNDLE) - 1),
+                          st.sampled_from([b"NaN", b"\xff", b"\\ud800", b",", b"}", b"]", b'"', b"{", b"[", b"1e999", b" ", b"x", b"\x00"])),
+                max_size=3))
+def test_a_damaged_bundle_walked_entry_by_entry_gives_the_items_of_reading_it_whole(tmp_path, edits):
+    """Whatever damage a Bundle carries (cut short, stray bytes, NaN, bytes that are not UTF-8,
+    lone surrogates, broken brackets), the entry-by-entry reading either declines it (it is then
+    read whole) or gives exactly the items `raw.decode` gives for the whole document."""
+    from service import replay as replay_module
+    from service.clinical import raw
+
+    data = _SEED_BUNDLE
+    for kind, at, piece in edits:
+        at = min(at, len(data))
+        data = data[:at] if kind == "cut" else data[:at] + piece + data[at + (kind == "replace"):]
+    path = tmp_path / "fuzz.json"
+    path.write_bytes(data)
+    streamed = replay_module._streamed(path, 0, None)
+    if streamed is None:
+        return
+    whole = list(raw.decode(data))
+    assert msgspec.msgpack.encode(list(streamed)) == msgspec.msgpack.encode(whole)
