@@ -255,6 +255,8 @@ def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | No
                 if b"\\" in event.key or event.key == b"entry":
                     return None
                 if event.key == b"resourceType":
+                    if event.value != b'"Bundle"':
+                        return None  # a single resource (a large note, say): read whole
                     types.append(event.value)
                 members.append((event.key, event.value))
             elif isinstance(event, jsonscan.EntryArray):
