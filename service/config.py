@@ -185,6 +185,14 @@ class FhirSettings(_Section):
     timeout_seconds: float = Field(30.0, gt=0, le=600, description="Timeout of one request (connect + read).")
     page_size: int = Field(200, ge=1, le=1000, description="_count of each search page.")
     max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024,
+        description="Largest response body read (after decompression); a larger one is refused unread, checked "
+        "against Content-Length and while the body streams in. A search page so refused fails the cycle and the "
+        "cursor stays (raise this, or lower page_size). 64 MiB: a full page (page_size 1000) of Observations is "
+        "1-3 MB, and `once` reading a page just under this cap peaks at about 200 MiB (a 300 MB page: about 680 MiB), "
+        "well under the Helm chart's 512 MiB container limit (docs/benchmarks.md: memory).",
+    )
     user_agent: str = Field("neutrowatch/0.1", description="User-Agent header.")
     accepted_foreign_bases: tuple[str, ...] = Field(
         (),

@@ -19,11 +19,12 @@ import itertools
 import re
 import sqlite3
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import msgspec
 import orjson
@@ -96,35 +97,219 @@ def _files(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _documents(path: Path) -> Iterator[bytes]:
-    """NDJSON lines, or the whole file when it is one (pretty-printed) JSON document."""
-    opener = gzip.open if path.suffix == ".gz" else open
+LARGE_DOCUMENT = 4 << 20  # a document (file or line) at least this large is read entry by entry (whole: ~6x its size)
+_BLOCK = 1 << 20
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip: a cut (EOFError) or corrupt (zlib.error) stream
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _unreadable(path: Path | str, err: BaseException) -> InputError:
+    if isinstance(err, EOFError):
+        why = "compressed data ends early (truncated)"
+    elif isinstance(err, zlib.error | gzip.BadGzipFile):
+        why = f"compressed data is corrupt ({err})"
+    else:
+        why = getattr(err, "strerror", None) or str(err)
+    return InputError(f"cannot read input {path}: {why}")
+
+
+def _documents(path: Path) -> Iterator[bytes | StreamedBundle]:
+    """NDJSON lines, or the whole file when it is one (pretty-printed) JSON document. A document of
+    LARGE_DOCUMENT bytes or more (a whole file, or one line) that is a Bundle comes as a
+    `StreamedBundle`: read entry by entry, to the same items as `raw.decode` of its bytes."""
     try:
-        with opener(path, "rb") as fh:
-            first = fh.readline()
-            if _starts_document(first):
-                # A pretty-printed document; if the whole file is not one document either, fall
-                # back to lines so that one corrupt line does not hide the good ones. A document
-                # that is one whole but not strict JSON (a NaN token, bytes that are not UTF-8, one
-                # entry nested too deeply) is read entry by entry (`raw.read`).
-                whole = first + fh.read()
-                if _is_json(whole) or _one_document(whole) or _cut_bundle(whole):
-                    yield whole
-                    return
-                lines: Iterable[bytes] = whole.splitlines()
-            else:
-                lines = itertools.chain((first,), fh) if first else ()
-            for line in lines:
-                if line.strip():
-                    yield line
-    except OSError as err:
-        raise InputError(f"cannot read input {path}: {err.strerror or err}") from None
+        with _open(path) as fh:
+            first = _first_line(fh)
+            if first.document is None:  # a long first line that neither closes nor opens like an object
+                fh.seek(0)
+                line = fh.readline()
+                first = _FirstLine(line, len(line), _starts_document(line))
+            if first.document:
+                yield from _whole_document(path, fh, first.line)
+                return
+            if _partial(first.line):
+                yield from _large_line(path, 0, first.end)
+            elif first.line.strip():
+                yield first.line
+            yield from _line_documents(path, fh, first.end, None)
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
 
 
 def documents(inputs: Sequence[str | Path]) -> Iterator[bytes]:
-    """Every JSON document of the inputs (files or directories), in input order: what pass 1 reads."""
+    """Every JSON document of the inputs (files or directories), in input order: what pass 1 reads
+    (a large Bundle read whole here: callers want its bytes)."""
     for path in _files(inputs):
-        yield from _documents(path)
+        for document in _documents(path):
+            yield document if isinstance(document, bytes) else document.data()
+
+
+class _FirstLine(NamedTuple):
+    line: bytes  # the first line, or its first LARGE_DOCUMENT bytes
+    end: int  # the offset just past it
+    document: bool | None  # `_starts_document` of it (None: a long line that cannot tell without reading it whole)
+
+
+def _partial(line: bytes) -> bool:
+    return len(line) >= LARGE_DOCUMENT and not line.endswith(b"\n")
+
+
+def _first_line(fh: IO[bytes]) -> _FirstLine:
+    """The first line and whether it starts a multi-line document, told without holding a long
+    first line whole: one that closes like a JSON value ("}", "]") is an NDJSON line as
+    `_starts_document` says; one that opens an object or array and does not close it cannot be
+    JSON, so it starts a document. `fh` is left just past the line."""
+    first = fh.readline(LARGE_DOCUMENT)
+    if not _partial(first):
+        return _FirstLine(first, len(first), _starts_document(first))
+    end, tail = len(first), first.rstrip()[-1:]
+    while more := fh.readline(_BLOCK):
+        end += len(more)
+        if more.strip():
+            tail = more.rstrip()[-1:]
+        if more.endswith(b"\n"):
+            break
+    head = first.lstrip()[:1]
+    return _FirstLine(first, end, False if tail in (b"}", b"]") else True if head in (b"{", b"[") else None)
+
+
+def _whole_document(path: Path, fh: IO[bytes], first: bytes) -> Iterator[bytes | StreamedBundle]:
+    """A file that starts a multi-line document. A pretty-printed document; if the whole file is
+    not one document either, fall back to lines so that one corrupt line does not hide the good
+    ones. A document that is one whole but not strict JSON (a NaN token, bytes that are not UTF-8,
+    one entry nested too deeply) is read entry by entry (`raw.read`)."""
+    if not _partial(first):
+        whole = first + fh.read(LARGE_DOCUMENT)
+        if not fh.read(1):  # small: read as it always was
+            yield from _whole_or_lines(whole)
+            return
+        del whole
+    streamed = _streamed(path, 0, None)
+    if streamed is not None and (streamed.cut is None or streamed.has_items()):  # a Bundle cut short: `_cut_bundle`
+        yield streamed
+        return
+    with _open(path) as again:  # not a Bundle that can be walked: as it always was, whole
+        yield from _whole_or_lines(again.read())
+
+
+def _whole_or_lines(whole: bytes) -> Iterator[bytes]:
+    if _is_json(whole) or _one_document(whole) or _cut_bundle(whole):
+        yield whole
+        return
+    for line in whole.splitlines():
+        if line.strip():
+            yield line
+
+
+def _line_documents(path: Path, fh: IO[bytes], pos: int, stop: int | None) -> Iterator[bytes | StreamedBundle]:
+    """The non-blank lines from `pos` (where `fh` is) to `stop` (a line boundary; None: the end);
+    a line of LARGE_DOCUMENT bytes or more is read as `_large_line`, never whole."""
+    while stop is None or pos < stop:
+        line = fh.readline(LARGE_DOCUMENT)
+        if not line:
+            return
+        start, pos = pos, pos + len(line)
+        if _partial(line):
+            while more := fh.readline(_BLOCK):
+                pos += len(more)
+                if more.endswith(b"\n"):
+                    break
+            yield from _large_line(path, start, pos)
+        elif not line.isspace():  # as `line.strip()`: lines are never empty
+            yield line
+
+
+def _large_line(path: Path, start: int, end: int) -> Iterator[bytes | StreamedBundle]:
+    streamed = _streamed(path, start, end - start)
+    if streamed is not None:
+        yield streamed
+        return
+    with _open(path) as fh:
+        fh.seek(start)
+        line = fh.read(end - start)
+    if line.strip():
+        yield line
+
+
+def _blocks(fh: IO[bytes], length: int | None) -> Iterator[bytes]:
+    while length is None or length > 0:
+        block = fh.read(_BLOCK if length is None else min(_BLOCK, length))
+        if not block:
+            return
+        if length is not None:
+            length -= len(block)
+        yield block
+
+
+def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | None:
+    """The document at [start, start + length) as a `StreamedBundle`, or None when it is not a
+    Bundle that can be walked entry by entry to the same items as `raw.decode` of it whole: not
+    an object, one "resourceType" other than "Bundle" or not exactly one, not exactly one "entry"
+    array, a key with an escape in it, or framing broken other than by ending early. This first
+    walk also tells which path `raw.read` of the whole would take (`raw.Checks`)."""
+    checks, members, types, arrays = raw.Checks(), [], [], 0
+    end: jsonscan.End | None = None
+    with _open(path) as fh:
+        fh.seek(start)
+        for event in jsonscan.scan_stream(_blocks(fh, length)):
+            if isinstance(event, jsonscan.Element):
+                checks.add_entry(event.value, event.strict)
+            elif isinstance(event, jsonscan.Member):
+                if b"\\" in event.key or event.key == b"entry":
+                    return None
+                if event.key == b"resourceType":
+                    if event.value != b'"Bundle"':
+                        return None  # a single resource (a large note, say): read whole
+                    types.append(event.value)
+                members.append((event.key, event.value))
+            elif isinstance(event, jsonscan.EntryArray):
+                arrays += 1
+            else:
+                end = event
+    if end is None or arrays != 1 or types != [b'"Bundle"'] or (end.broken is not None and end.broken.what != "truncated"):
+        return None
+    checks.add_members(members)
+    return StreamedBundle(path, start, length, checks.path(end.broken is None), None if end.broken is None else end.entries)
+
+
+@dataclass(frozen=True)
+class StreamedBundle:
+    """A large Bundle document of a file (bytes [start, start + length); length None: to the end),
+    whose resources are read entry by entry: the second walk (`_streamed` made the first)."""
+
+    path: Path
+    start: int
+    length: int | None
+    how: str  # the path `raw.read` of the whole takes (raw.TYPED, ...)
+    cut: int | None  # the framing ends early after this many entries (None: whole)
+
+    def entries(self) -> Iterator[bytes]:
+        try:
+            with _open(self.path) as fh:
+                fh.seek(self.start)
+                for event in jsonscan.scan_stream(_blocks(fh, self.length)):
+                    if isinstance(event, jsonscan.Element):
+                        yield event.value
+        except _READ_ERRORS as err:
+            raise _unreadable(self.path, err) from None
+
+    def __iter__(self) -> Iterator[raw.Resource | raw.Undecodable]:
+        """The items of `raw.decode` of the whole document, in order."""
+        for entry in self.entries():
+            yield from raw.entry_items(entry, self.how)
+        if self.cut is not None:
+            yield raw.cut_short(self.cut)
+
+    def has_items(self) -> bool:
+        return any(raw.entry_items(entry, self.how) for entry in self.entries())
+
+    def data(self) -> bytes:
+        with _open(self.path) as fh:
+            fh.seek(self.start)
+            return fh.read() if self.length is None else fh.read(self.length)
 
 
 def _is_json(line: bytes) -> bool:
@@ -206,11 +391,16 @@ def patient_facts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[
     return facts
 
 
-def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows, policy: ReadPolicy = DEFAULT_READ) -> int:
+def read_document(document: bytes | StreamedBundle, seq: int, stats: ReplayStats, rows: Rows,
+                  flush: Callable[[Rows], None] | None = None, batch: int = _BATCH, policy: ReadPolicy = DEFAULT_READ) -> int:
     """Decode and sort one document into `rows`, numbering its resources from `seq` + 1 (the
-    input position that breaks ties in the order of availability). Returns the last number used."""
+    input position that breaks ties in the order of availability). Returns the last number used.
+    `flush`: called (to empty `rows`) whenever they hold `batch` rows, so that one large document
+    does not pile up in memory."""
     stats.documents += 1
-    for item in raw.decode(document):
+    for item in raw.decode(document) if isinstance(document, bytes) else document:
+        if flush is not None and len(rows.obs) + len(rows.context) + len(rows.rejected) + len(rows.member) >= batch:
+            flush(rows)
         seq += 1
         stats.resources += 1
         if isinstance(item, raw.Undecodable):
@@ -446,10 +636,8 @@ class Replay:
         rows = Rows()
         seq = 0
         self.db.execute("BEGIN")
-        for document in documents(inputs):
-            seq = read_document(document, seq, self.stats, rows, self.read_policy)
-            if len(rows.obs) >= _BATCH:
-                self._flush(rows)
+        for document in (d for path in _files(inputs) for d in _documents(path)):
+            seq = read_document(document, seq, self.stats, rows, self._flush, policy=self.read_policy)
         self._flush(rows)
         self._dedupe()
         self.db.execute("COMMIT")

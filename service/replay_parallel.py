@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import itertools
 import math
 import multiprocessing
 import os
@@ -43,17 +44,21 @@ from typing import IO, Any
 import msgspec
 import orjson
 
-from .errors import InputError
 from .replay import (
+    _BLOCK,
+    _READ_ERRORS,
     IDENTICAL_COPY,
     Replay,
     ReplayStats,
     Rows,
+    StreamedBundle,
     _decode_rejected,
     _decode_result,
     _documents,
     _files,
-    _starts_document,
+    _first_line,
+    _line_documents,
+    _unreadable,
     availability_key,
     copies,
     patient_facts,
@@ -163,10 +168,10 @@ def _run(stats: ReplayStats, map_: Callable[..., Iterator[Any]], job: _Job, chun
     by_patient: list[list[Segment]] = [[] for _ in range(n)]
     for chunk_stats, ref_segments, patient_segments in map_(read_chunk, chunks):  # in input order
         _add(stats, chunk_stats)
-        for part, segment in ref_segments.items():
-            by_ref[part].append(segment)
-        for part, segment in patient_segments.items():
-            by_patient[part].append(segment)
+        for part, segments in ref_segments.items():
+            by_ref[part].extend(segments)
+        for part, segments in patient_segments.items():
+            by_patient[part].extend(segments)
     identical = 0
     for patient_segments, dropped in map_(latest, range(n), by_ref):
         identical += dropped
@@ -211,7 +216,8 @@ def _size(path: Path) -> int:
 
 def plan(files: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
     """Byte ranges of whole lines for NDJSON files; one whole-file chunk for anything else (gzip, a
-    pretty-printed document), which `_documents` then reads as the SQLite engine does."""
+    pretty-printed document), which `_documents` then reads as the SQLite engine does. Lines are
+    found by reading at most a block of them at a time: a long line is never held whole here."""
     chunks: list[Chunk] = []
     for path in files:
         if path.suffix == ".gz":
@@ -219,37 +225,31 @@ def plan(files: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
             continue
         try:
             with open(path, "rb") as fh:
-                first = fh.readline()
-                if _starts_document(first):
+                if _first_line(fh).document is not False:  # a document, or a long line only `_documents` can tell
                     chunks.append(Chunk(len(chunks), str(path), None, None))
                     continue
                 size = fh.seek(0, os.SEEK_END)
                 start = 0
                 while start < size:
                     fh.seek(min(start + chunk_bytes, size) - 1)
-                    fh.readline()  # to the end of the line that holds the byte before the target
+                    while (part := fh.readline(_BLOCK)) and not part.endswith(b"\n"):
+                        pass  # to the end of the line that holds the byte before the target
                     end = fh.tell()
                     chunks.append(Chunk(len(chunks), str(path), start, end))
                     start = end
-        except OSError as err:
-            raise InputError(f"cannot read input {path}: {err.strerror or err}") from None
+        except _READ_ERRORS as err:
+            raise _unreadable(path, err) from None
     return chunks
 
 
-def _lines(chunk: Chunk) -> Iterator[bytes]:
+def _lines(chunk: Chunk) -> Iterator[bytes | StreamedBundle]:
     assert chunk.start is not None and chunk.end is not None
     try:
         with open(chunk.path, "rb") as fh:
             fh.seek(chunk.start)
-            left = chunk.end - chunk.start
-            for line in fh:
-                left -= len(line)
-                if not line.isspace():  # as `line.strip()` in `_documents`: lines are never empty
-                    yield line
-                if left <= 0:
-                    return
-    except OSError as err:
-        raise InputError(f"cannot read input {chunk.path}: {err.strerror or err}") from None
+            yield from _line_documents(Path(chunk.path), fh, chunk.start, chunk.end)
+    except _READ_ERRORS as err:
+        raise _unreadable(chunk.path, err) from None
 
 
 def _spill(name: str, parts: dict[int, tuple[Sequence[Any], Sequence[Any]]]) -> dict[int, Segment]:
@@ -282,15 +282,40 @@ def _remove(paths: Iterable[str]) -> None:
 # -- step 1: read ------------------------------------------------------------------------------------
 
 
-def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, Segment], dict[int, Segment]]:
+SPILL_ROWS = 32_768  # step 1 spills a chunk's rows in parts of this many: one large Bundle is one chunk
+
+
+def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, list[Segment]], dict[int, list[Segment]]]:
     assert _job is not None
     n = _job.partitions
     stats = ReplayStats()
     rows = Rows()
     seq = chunk.number << 32
+    by_ref: dict[int, list[Segment]] = {}
+    by_patient: dict[int, list[Segment]] = {}
+
+    spills = itertools.count()
+
+    def spill(rows: Rows) -> None:
+        part = next(spills)
+        refs, patients = _partitioned(rows, n)
+        for i, segment in _spill(f"read-{chunk.number}-{part}-ref", refs).items():
+            by_ref.setdefault(i, []).append(segment)
+        for i, segment in _spill(f"read-{chunk.number}-{part}-patient", patients).items():
+            by_patient.setdefault(i, []).append(segment)
+        rows.obs.clear()
+        rows.member.clear()
+        rows.rejected.clear()
+        rows.context.clear()
+
     documents = _documents(Path(chunk.path)) if chunk.start is None else _lines(chunk)
     for document in documents:
-        seq = read_document(document, seq, stats, rows, _job.read_policy)
+        seq = read_document(document, seq, stats, rows, spill, SPILL_ROWS, _job.read_policy)
+    spill(rows)
+    return stats, by_ref, by_patient
+
+
+def _partitioned(rows: Rows, n: int) -> tuple[dict[int, Any], dict[int, Any]]:
     obs: list[list[Any]] = [[] for _ in range(n)]
     members: list[list[Any]] = [[] for _ in range(n)]
     for row in rows.obs:
@@ -305,7 +330,7 @@ def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, Segment], dict[int,
         context[hash(row[0]) % n].append(row)
     by_ref = {i: (obs[i], members[i]) for i in range(n) if obs[i] or members[i]}
     by_patient = {i: ((), rejected[i], context[i]) for i in range(n) if rejected[i] or context[i]}
-    return stats, _spill(f"read-{chunk.number}-ref", by_ref), _spill(f"read-{chunk.number}-patient", by_patient)
+    return by_ref, by_patient
 
 
 # -- step 2: latest version, panel key ----------------------------------------------------------
