@@ -284,7 +284,34 @@ def _int(text: str) -> int | float:
     return -math.inf if text[0] == "-" else math.inf
 
 
+# Python's json recurses once per nesting level against the interpreter's recursion limit, so how
+# deep a document it reads depends on how deep the caller's stack already is (and on a test runner
+# that raises the limit): the same bytes could be read in one place and refused in another. A fixed
+# bound makes "nested too deeply" a property of the bytes alone. FHIR resources nest a few dozen
+# levels at most (a Bundle entry's extension of an extension ...); 200 leaves room, well inside the
+# default limit of 1000 wherever the salvage path is called from.
+MAX_NESTING = 200
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _too_deep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 def _loads(text: str) -> Any:
+    if _too_deep(text):
+        raise RecursionError("nested deeper than MAX_NESTING")
     return json.loads(text, parse_int=_int)
 
 
