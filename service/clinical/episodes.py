@@ -17,11 +17,26 @@ order. When a remembered panel is re-assessed with a corrected value, or loses i
 (entered-in-error, cancelled), the machine is re-run over the revised history and what it now
 derives is compared with what was announced: announcements that no longer hold are `retracted`,
 and alerts that now hold but were never sent are sent, marked as corrections.
+
+Bounded memories, chosen so that the arrival order never decides what is forgotten:
+- temperatures are remembered by COLLECTION time (`remembered_temperatures`): every reading from
+  the oldest remembered assessment (or the newest panel, if older) less the fever window and the
+  sustained-fever span on — readings collected after the newest panel included, since they may pair
+  with a CBC not read yet — plus the last reading before that (it carries a sustained run under
+  way). Panels collected earlier are stale or can no longer be revised, so within that horizon a
+  panel still to be judged finds exactly the fevers of the whole record, whatever order the
+  readings came in (a reading collected days later and read first used to evict the fever beside
+  an earlier draw when memory followed the newest reading seen). Over rules.temperature_memory_cap
+  the earliest collected go first;
+- the history keeps `history_limit` assessments: panels stale in the fold go first (earliest
+  collected first; they changed nothing and a correction finds them stale again), then the earliest
+  arrivals into `base`, so a back-load of old panels cannot push the newest out (`_trim`).
 """
 
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -250,14 +265,36 @@ def _remember(e: AlertEvent) -> Alerted:
     return Alerted(e.episode, e.kind, e.band, a.panel if a else "", a.anc if a else 0.0, a.effective if a else "", e.revision)
 
 
+def _stale_in_order(base: EpisodeState, history: tuple[Assessment, ...]) -> list[bool]:
+    """Which remembered assessments `step` finds stale when the history is folded from `base`."""
+    newest, out = base.newest_us, []
+    for h in history:
+        stale = newest is not None and h.effective_us < newest
+        out.append(stale)
+        newest = newest if stale else h.effective_us
+    return out
+
+
 def _trim(ps: PatientState, rules: Rules) -> PatientState:
+    """Over history_limit, panels go in this order: first those stale in the fold (collected before a
+    panel that arrived earlier — a back-load, a late result), earliest collected first: they never
+    moved the machine nor announced anything, so dropping them changes neither, and a correction of
+    one finds it stale again; then the earliest arrivals, folded into `base`. Dropping arrivals
+    alone let a burst of late old panels push out the newest ones, whose correction is the likely
+    one (it was then judged as a new panel, e.g. `resolved` instead of `retracted`). The temperature
+    memory follows the history (temperature_horizon)."""
     if len(ps.history) <= rules.history_limit:
         return ps
-    cut = len(ps.history) - rules.history_limit
-    dropped, kept = ps.history[:cut], ps.history[cut:]
+    excess = len(ps.history) - rules.history_limit
+    stale = [i for i, flag in enumerate(_stale_in_order(ps.base, ps.history)) if flag]
+    gone = set(sorted(stale, key=lambda i: (ps.history[i].effective_us, i))[:excess])
+    history = tuple(h for i, h in enumerate(ps.history) if i not in gone)
+    cut = max(len(history) - rules.history_limit, 0)
+    dropped, kept = history[:cut], history[cut:]
     base, _ = _fold(ps.base, dropped, rules, ps.temperatures)
     panels = {a.panel for a in kept}
-    return replace(ps, base=base, history=kept, alerted=tuple(x for x in ps.alerted if x.panel in panels))
+    ps = replace(ps, base=base, history=kept, alerted=tuple(x for x in ps.alerted if x.panel in panels))
+    return replace(ps, temperatures=remembered_temperatures(ps.temperatures, temperature_horizon(ps, rules), rules))
 
 
 def apply(ps: PatientState, a: Assessment, rules: Rules, *, reason: str = "corrected") -> tuple[PatientState, list[AlertEvent], bool]:
@@ -288,9 +325,7 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
     """A body temperature reading: remembered for the fever rule; may make the open episode febrile."""
     if any(x.ref == t.ref and x.effective_us == t.effective_us and x.celsius == t.celsius for x in ps.temperatures):
         return ps, []
-    merged = sorted((*(x for x in ps.temperatures if x.ref != t.ref), t), key=lambda x: (x.effective_us, x.ref))
-    newest = max(merged[-1].effective_us, ps.machine.newest_us or 0)
-    kept = tuple(x for x in merged if newest - x.effective_us <= rules.temperature_memory_us)[-64:]
+    kept = remembered_temperatures((*(x for x in ps.temperatures if x.ref != t.ref), t), temperature_horizon(ps, rules), rules)
     ps = replace(ps, temperatures=kept)
     machine = ps.machine
     fever = _febrile_fever(machine, kept, rules)
@@ -300,6 +335,46 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
     event = _event(EventKind.FEBRILE, febrile, machine.current or machine.last.band, machine.last,
                    replace(machine, last_anc=machine.previous_anc, last_effective=machine.previous_effective), fever=fever)
     return replace(ps, machine=febrile, alerted=ps.alerted + (_remember(event),)), [event]
+
+
+# -- temperature memory ------------------------------------------------------------------------------
+
+
+def temperature_horizon(ps: PatientState, rules: Rules) -> int | None:
+    """The earliest collection time a reading can still matter at: the fever window and the
+    sustained span before the oldest remembered assessment (a correction re-judges every one of
+    them) or before the newest panel (a panel collected earlier is stale and judges no fever), if
+    that is older. None before the first assessment: the first panel may be collected at any time."""
+    times = [h.effective_us for h in ps.history]
+    if ps.machine.newest_us is not None:
+        times.append(ps.machine.newest_us)
+    return min(times) - rules.fever_window_us - rules.fever_sustained_us if times else None
+
+
+def remembered_temperatures(readings: Iterable[Temperature], horizon_us: int | None, rules: Rules) -> tuple[Temperature, ...]:
+    """The readings kept, in collection order (`fevers` reads them so), chosen by collection time
+    and never by arrival: a reading collected days after the newest panel may pair with a CBC not
+    read yet, and is kept like any other.
+
+    - Readings collected before `horizon_us` go, except the last of them: it carries whether a run
+      >= fever_sustained_c was under way at the horizon, so every reading from horizon +
+      fever_sustained_us on is a fever exactly when it is one in the whole record.
+    - Over rules.temperature_memory_cap the earliest collected go next, the same way (the first one
+      kept carries the run): reached only by a patient with that many readings since the horizon,
+      and then the fevers lost are those of the oldest panels (for a correction of one) or of the
+      earliest readings before a first CBC, never a reading collected later than one kept.
+
+    Nothing in between is thinned out: a reading below 38.0 C that looks redundant may be the one
+    that separates two readings >= 38.0 C arriving later (a false sustained fever without it)."""
+    ordered = sorted(readings, key=_collection_order)
+    start = 0
+    if horizon_us is not None:
+        start = max(bisect_left(ordered, (horizon_us, ""), key=_collection_order) - 1, 0)
+    return tuple(ordered[max(start, len(ordered) - rules.temperature_memory_cap):])
+
+
+def _collection_order(t: Temperature) -> tuple[int, str]:
+    return t.effective_us, t.ref
 
 
 # -- revision ----------------------------------------------------------------------------------------

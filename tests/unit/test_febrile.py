@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.clinical.episodes import PatientState
 from service.clinical.panels import decide
@@ -95,3 +97,194 @@ def test_febrile_event_carries_the_fever_and_is_stat():
     assert writes.communication["priority"] == "stat"
     assert writes.flag["code"]["coding"][0]["code"] == "409089005"  # Febrile neutropenia (disorder)
     assert "38.7 °C" in writes.communication["payload"][0]["contentString"]
+
+
+# -- temperature memory: by collection time, never by arrival ---------------------------------------
+
+DRAW = "2026-03-02T07:30:00Z"  # a severe ANC drawn 07:30, resulted 09:00
+
+
+def late_reading_case(later_updated: str) -> list[dict]:
+    """The severe CBC, the fever beside it (38.8 °C at 08:00, IDSA 2010: >= 38.3 single reading) and
+    a normal reading collected four days later whose meta.lastUpdated is `later_updated`."""
+    kw = dict(patient="Patient/late", effective=DRAW, updated="2026-03-02T09:00:00Z", specimen="Specimen/late-1")
+    temp_kw = dict(patient="Patient/late", specimen=None, category=[{"coding": [{"code": "vital-signs"}]}])
+    return [
+        observation("8310-5", 38.8, "Cel", id="late-fever", effective="2026-03-02T08:00:00Z", updated="2026-03-02T08:05:00Z", **temp_kw),
+        observation("8310-5", 36.8, "Cel", id="late-normal", effective="2026-03-06T08:00:00Z", updated=later_updated, **temp_kw),
+        observation("6690-2", 2.0, id="late-wbc", **kw),
+        observation("751-8", 0.3, id="late-anc", **kw),
+    ]
+
+
+@pytest.mark.parametrize("later_updated", ["2026-03-02T08:10:00Z", "2026-03-02T09:30:00Z"])
+def test_a_reading_collected_days_later_and_read_before_the_cbc_keeps_the_fever(tmp_path, later_updated):
+    """The fever beside a draw is remembered whatever was collected later: a 36.8 °C reading collected
+    four days later and read BEFORE the CBC (lastUpdated 08:10 < 09:00) used to evict the 38.8 °C
+    reading (memory kept 72 h behind the newest reading seen), so the febrile alert was never sent;
+    read after the CBC it was. Both orders give the same `febrile` event, with the 08:00 fever."""
+    from tests.unit.test_replay import replay, write_ndjson
+
+    events, alerts = replay(tmp_path, write_ndjson(tmp_path / "in.ndjson", late_reading_case(later_updated)))
+    assert [e["event"] for e in events] == ["new", "febrile"]
+    assert events[1]["temperature"] == {"celsius": 38.8, "effective": "2026-03-02T08:00:00Z", "observation": "Observation/late-fever"}
+    assert events[1]["observations"][0] == "Observation/late-anc"
+    assert [c["priority"] for c in alerts if c["resourceType"] == "Communication"][-1] == "stat"
+
+
+def test_the_same_case_through_decide_in_every_arrival_order():
+    """The same readings through `decide` directly, every one of the 6 arrival orders of the two
+    readings and the CBC: one `febrile` event beside the CBC, with the 08:00 fever."""
+    from itertools import permutations
+
+    items = [("cbc", "specimen:late-1", [result(o) for o in late_reading_case("2026-03-02T08:10:00Z")[2:]]),
+             ("temp", "t1", [result(late_reading_case("x")[0])]), ("temp", "t2", [result(late_reading_case("x")[1])])]
+    for order in permutations(items):
+        state, febrile = PatientState(), []
+        for _, panel, results in order:
+            d = decide(state, "Patient/late", panel, results, RULES)
+            state = d.state
+            febrile += [(e.assessment.panel, e.fever.ref) for e in d.events if e.kind.value == "febrile"]
+        assert febrile == [("specimen:late-1", "Observation/late-fever")], [p for _, p, _ in order]
+
+
+def reading(minutes: int, celsius: float, ref: str | None = None):
+    from service.clinical.episodes import Temperature
+
+    return Temperature(ref or f"Observation/t{minutes}", at(T0, minutes), at_us(T0, minutes), celsius)
+
+
+def at_us(day: int, minutes: int = 0) -> int:
+    from service.clinical.fhirtime import to_epoch_us
+
+    return to_epoch_us(at(day, minutes))
+
+
+H = 60  # minutes
+
+
+@pytest.mark.parametrize(
+    ("readings", "horizon", "kept"),
+    [
+        # no assessment yet (no horizon): everything is kept, in collection order
+        ([(0, 36.5), (H, 36.6), (2 * H, 38.4), (3 * H, 36.9)], None, [0, H, 2 * H, 3 * H]),
+        # before the horizon only the last reading stays (it carries a >= 38.0 run under way)
+        ([(-48 * H, 38.6), (-30 * H, 38.0), (-26 * H, 38.1), (0, 36.5)], -27 * H, [-30 * H, -26 * H, 0]),
+        # collected days after everything else: kept (it may pair with a CBC not read yet)
+        ([(0, 36.5), (96 * H, 36.8), (97 * H, 39.0)], 0, [0, 96 * H, 97 * H]),
+        # a reading below 38.0 between others below 38.0 is kept too: a reading >= 38.0 arriving later
+        # on either side of it is separated by it alone
+        ([(0, 36.5), (H, 36.6), (2 * H, 36.7)], 0, [0, H, 2 * H]),
+    ],
+)
+def test_temperature_memory_by_collection_time(readings, horizon, kept):
+    """What the memory keeps, by collection time (never by arrival); the fever thresholds are IDSA
+    2010 (Freifeld, CID 2011;52:e56): >= 38.3 °C once, >= 38.0 °C over 1 h."""
+    from service.clinical.episodes import remembered_temperatures
+
+    got = remembered_temperatures([reading(m, c) for m, c in reversed(readings)], None if horizon is None else at_us(T0, horizon), RULES)
+    assert [t.effective_us for t in got] == [at_us(T0, m) for m in kept]
+
+
+def test_thousands_of_readings_stay_bounded():
+    """A patient with thousands of readings does not grow state without limit: over the cap the
+    earliest collected go first, whatever order they arrived in."""
+    import random
+
+    from service.clinical.episodes import remembered_temperatures
+
+    readings = [reading(15 * i, 38.4 if i % 3 else 36.5) for i in range(5000)]
+    memory: tuple = ()
+    for t in random.Random(7).sample(readings, len(readings)):
+        memory = remembered_temperatures((*memory, t), None, RULES)
+    assert memory == tuple(readings[-RULES.temperature_memory_cap:])
+
+
+VALUES = (35.8, 36.6, 37.4, 37.9, 38.0, 38.1, 38.2, 38.3, 38.9, 40.1)  # either side of 38.0 and 38.3 (IDSA 2010)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_memory_finds_the_fevers_of_the_whole_record(data):
+    """Whatever the arrival order and the horizon, the remembered readings make the same fevers as
+    every reading ever received, for every reading collected from horizon + the sustained span on
+    (the earliest fever a panel that may yet be judged can use)."""
+    from service.clinical.episodes import fevers, remembered_temperatures
+
+    n = data.draw(st.integers(1, 40))
+    readings = [reading(data.draw(st.integers(-72, 72)) * 10, data.draw(st.sampled_from(VALUES)), f"Observation/r{i}") for i in range(n)]
+    horizon = data.draw(st.one_of(st.none(), st.integers(-72, 72).map(lambda m: at_us(T0, m * 10))))
+    memory: tuple = ()
+    for t in data.draw(st.permutations(readings)):
+        memory = remembered_temperatures((*memory, t), horizon, RULES)
+    from_us = -(2**62) if horizon is None else horizon + RULES.fever_sustained_us
+    whole = [t.ref for t in fevers(sorted(readings, key=lambda x: (x.effective_us, x.ref)), RULES) if t.effective_us >= from_us]
+    assert [t.ref for t in fevers(memory, RULES) if t.effective_us >= from_us] == whole
+
+
+# -- arrival order: the same febrile events whatever order the readings and the CBC arrive in --------
+
+LOWS = (35.6, 36.4, 36.8, 37.2, 37.9)  # below 38.0: no fever, alone or sustained (IDSA 2010)
+HIGHS = (38.3, 38.8, 40.1)  # >= 38.3: a fever on its own (IDSA 2010)
+DAY_MIN = 24 * 60  # the fever window (issue 4 default: 24 h either side of the ANC)
+
+
+@st.composite
+def arrivals(draw):
+    """A severe (or mild) CBC drawn at 07:30, readings below 38.0 anywhere within 6 days, fevers
+    only further than the 24 h window from it, and at most one fever inside the window (so which
+    fever the event names does not depend on which arrived first), all in one arrival order."""
+    minutes = st.integers(-6 * DAY_MIN // 10, 6 * DAY_MIN // 10).map(lambda m: m * 10)
+    lows = draw(st.lists(st.tuples(minutes, st.sampled_from(LOWS)), max_size=70))
+    far = draw(st.lists(st.tuples(minutes.filter(lambda m: abs(m) > DAY_MIN), st.sampled_from(HIGHS)), max_size=8))
+    near = draw(st.lists(st.tuples(st.integers(-DAY_MIN, DAY_MIN), st.sampled_from(HIGHS)), max_size=1))
+    readings = {m: c for m, c in [*lows, *far, *near]}  # one reading per instant: each is its own panel
+    if near:
+        readings[near[0][0]] = near[0][1]
+    anc_k = draw(st.sampled_from((0.3, 0.45, 1.2)))
+    pid, draw_time = "Patient/order", at(T0, -30)
+    kw = dict(patient=pid, effective=draw_time, specimen="Specimen/order-1")
+    cbc_obs = [observation("6690-2", 2.0, id="order-wbc", **kw), observation("751-8", anc_k, id="order-anc", **kw)]
+    temps = [[observation("8310-5", c, "Cel", id=f"order-t{m + 10_000}", patient=pid, effective=at(T0, m - 30), specimen=None)]
+             for m, c in sorted(readings.items())]
+    fever = next((f"Observation/order-t{m + 10_000}" for m, c in readings.items() if abs(m) <= DAY_MIN and c >= 38.3), None)
+    expected = {("Observation/order-anc", fever)} if fever and anc_k < 0.5 else set()
+    return draw(st.permutations([cbc_obs, *temps])), expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(case=arrivals())
+def test_febrile_events_do_not_depend_on_arrival_order_decide(case):
+    """Through `decide`: for every arrival order of the readings and the CBC (more readings than the
+    old 64-reading memory, some collected days after the draw) the febrile events (panel, fever
+    reading) are the same: the one fever within 24 h of an ANC < 500, if there is one."""
+    order, expected = case
+    state, got = PatientState(), set()
+    for resources in order:
+        panel = "specimen:" + resources[0]["specimen"]["reference"] if "specimen" in resources[0] else resources[0]["id"]
+        d = decide(state, "Patient/order", panel, [result(o) for o in resources], RULES)
+        state = d.state
+        got |= {(e.assessment.refs[0], e.fever.ref) for e in d.events if e.kind.value == "febrile"}
+    assert got == expected
+
+
+@settings(max_examples=20, deadline=None)
+@given(case=arrivals())
+def test_febrile_events_do_not_depend_on_arrival_order_replay(case):
+    """Through `replay`, the arrival order given by meta.lastUpdated: the same febrile events for
+    every order, equal to those `decide` gives."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from tests.unit.test_replay import replay, write_ndjson
+
+    order, expected = case
+    resources = []
+    for i, group in enumerate(order):
+        for obs in copy.deepcopy(group):
+            obs["meta"]["lastUpdated"] = at(T0 + 20, i)
+            resources.append(obs)
+    with tempfile.TemporaryDirectory() as tmp:
+        events, _ = replay(Path(tmp), write_ndjson(Path(tmp) / "in.ndjson", resources))
+    assert {(e["observations"][0], e["temperature"]["observation"]) for e in events if e["event"] == "febrile"} == expected
