@@ -9,7 +9,9 @@ Rules of the machine (issue 2; grading from grading.py):
 - open episode and a normal band -> `resolved` (the episode closes; a later drop opens a new one);
 - an episode open longer than `chronic_after` -> `chronic`, once (issue 4; seed 000: > 3 months);
 - fever within 24 h of an ANC < 500, or of an ANC < 1000 that fell by half within 48 h ->
-  `febrile`, once per episode (issue 4; IDSA 2010, ASCO/IDSA 2018; rules.py);
+  `febrile`, once per episode (issue 4; IDSA 2010, ASCO/IDSA 2018; rules.py); a reading that
+  arrives after its CBC pairs with the first assessment of the open episode it makes febrile, as if
+  it had arrived first (`add_temperature`), so the order of arrival does not decide;
 - anything else -> no event: never a repeated alert at a band already sent.
 
 Revision (issue 4, "Corrections"): the patient's recent assessments are remembered in arrival
@@ -26,8 +28,9 @@ Bounded memories, chosen so that the arrival order never decides what is forgott
   way). Panels collected earlier are stale or can no longer be revised, so within that horizon a
   panel still to be judged finds exactly the fevers of the whole record, whatever order the
   readings came in (a reading collected days later and read first used to evict the fever beside
-  an earlier draw when memory followed the newest reading seen). Over rules.temperature_memory_cap
-  the earliest collected go first;
+  an earlier draw when memory followed the newest reading seen, and a correction days later
+  retracted a febrile alert for want of its fever). Over rules.temperature_memory_cap the earliest
+  collected go first;
 - the history keeps `history_limit` assessments: panels stale in the fold go first (earliest
   collected first; they changed nothing and a correction finds them stale again), then the earliest
   arrivals into `base`, so a back-load of old panels cannot push the newest out (`_trim`).
@@ -322,19 +325,33 @@ def withdraw(ps: PatientState, patient: str, panel: str, rules: Rules, *, reason
 
 
 def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[PatientState, list[AlertEvent]]:
-    """A body temperature reading: remembered for the fever rule; may make the open episode febrile."""
+    """A body temperature reading: remembered for the fever rule; may make the open episode febrile.
+
+    The open episode's remembered assessments are judged again with it (the fold a revision makes):
+    the first one it makes febrile is announced, as if the reading had been there when that panel
+    was judged. So a reading that arrives after a later CBC of the same episode still pairs with
+    the earlier draw it was taken beside; the febrile decision does not depend on the order the
+    readings arrive in. A reading below 38.0 C makes no fever (it can only break a run), so it
+    is only remembered; a fever learned after its episode closed is not announced (the alert asks
+    for emergency treatment of an open neutropenia)."""
     if any(x.ref == t.ref and x.effective_us == t.effective_us and x.celsius == t.celsius for x in ps.temperatures):
         return ps, []
     kept = remembered_temperatures((*(x for x in ps.temperatures if x.ref != t.ref), t), temperature_horizon(ps, rules), rules)
     ps = replace(ps, temperatures=kept)
     machine = ps.machine
-    fever = _febrile_fever(machine, kept, rules)
-    if fever is None or machine.last is None:
+    if machine.episode is None or machine.febrile or t.celsius < min(rules.fever_sustained_c, rules.fever_single_c):
         return ps, []
-    febrile = replace(machine, febrile=True)
-    event = _event(EventKind.FEBRILE, febrile, machine.current or machine.last.band, machine.last,
-                   replace(machine, last_anc=machine.previous_anc, last_effective=machine.previous_effective), fever=fever)
-    return replace(ps, machine=febrile, alerted=ps.alerted + (_remember(event),)), [event]
+    _, derived = _fold(ps.base, ps.history, rules, kept)
+    event = next((e for e in derived if e.kind is EventKind.FEBRILE and e.episode == machine.episode), None)
+    if event is not None:
+        event = replace(event, worst=machine.worst, chronic=machine.chronic)  # the Flag as it stands now
+    else:  # the newest panel, when it is no longer in the history (folded into `base`)
+        fever = _febrile_fever(machine, kept, rules)
+        if fever is None or machine.last is None:
+            return ps, []
+        event = _event(EventKind.FEBRILE, replace(machine, febrile=True), machine.current or machine.last.band, machine.last,
+                       replace(machine, last_anc=machine.previous_anc, last_effective=machine.previous_effective), fever=fever)
+    return replace(ps, machine=replace(machine, febrile=True), alerted=ps.alerted + (_remember(event),)), [event]
 
 
 # -- temperature memory ------------------------------------------------------------------------------
