@@ -78,3 +78,16 @@ async def test_reading_collected_days_later_read_before_the_cbc(fhir_base_url, t
     (stat,) = [c for c in export(fhir_base_url, "Communication") if c["priority"] == "stat"]
     assert "38.8 °C" in stat["payload"][0]["contentString"]
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+
+
+async def test_first_temperature_search_reaches_back_by_the_sustained_span(fhir_base_url, tmp_path):
+    """The first temperature search for a patient reads by collection time from the fever window
+    before its earliest new result less the sustained-fever span: a reading >= 38.0 °C 40 min
+    before the window starts a run that makes the reading 30 min into the window a fever (>= 38.0 °C
+    over 1 h, IDSA 2010, Freifeld CID 2011;52:e56), as replay finds it."""
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3", temperatures="open-episodes")
+    put_all(fhir_base_url, [temperature("e", 38.0, "Cel", "2026-04-01T06:50:00Z"), temperature("e", 38.1, "Cel", "2026-04-01T08:00:00Z"),
+                            *cbc("e", 0.3, "2026-04-02T07:30:00Z")])
+    report = await cycle(settings)
+    assert report.events == {"new": 1, "febrile": 1}
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
