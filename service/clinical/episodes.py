@@ -39,8 +39,8 @@ Bounded memories, chosen so that the arrival order never decides what is forgott
 from __future__ import annotations
 
 import hashlib
-from bisect import bisect_left
-from collections.abc import Iterable
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -297,7 +297,7 @@ def _trim(ps: PatientState, rules: Rules) -> PatientState:
     base, _ = _fold(ps.base, dropped, rules, ps.temperatures)
     panels = {a.panel for a in kept}
     ps = replace(ps, base=base, history=kept, alerted=tuple(x for x in ps.alerted if x.panel in panels))
-    return replace(ps, temperatures=remembered_temperatures(ps.temperatures, temperature_horizon(ps, rules), rules))
+    return replace(ps, temperatures=_bounded(ps.temperatures, temperature_horizon(ps, rules), rules))  # kept in collection order
 
 
 def apply(ps: PatientState, a: Assessment, rules: Rules, *, reason: str = "corrected") -> tuple[PatientState, list[AlertEvent], bool]:
@@ -334,9 +334,12 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
     readings arrive in. A reading below 38.0 C makes no fever (it can only break a run), so it
     is only remembered; a fever learned after its episode closed is not announced (the alert asks
     for emergency treatment of an open neutropenia)."""
-    if any(x.ref == t.ref and x.effective_us == t.effective_us and x.celsius == t.celsius for x in ps.temperatures):
+    known = next((x for x in ps.temperatures if x.ref == t.ref), None)
+    if known == t:
         return ps, []
-    kept = remembered_temperatures((*(x for x in ps.temperatures if x.ref != t.ref), t), temperature_horizon(ps, rules), rules)
+    readings = [x for x in ps.temperatures if x.ref != t.ref] if known is not None else list(ps.temperatures)
+    insort(readings, t, key=_collection_order)  # the memory is kept in collection order
+    kept = _bounded(readings, temperature_horizon(ps, rules), rules)
     ps = replace(ps, temperatures=kept)
     machine = ps.machine
     if machine.episode is None or machine.febrile or t.celsius < min(rules.fever_sustained_c, rules.fever_single_c):
@@ -383,11 +386,16 @@ def remembered_temperatures(readings: Iterable[Temperature], horizon_us: int | N
 
     Nothing in between is thinned out: a reading below 38.0 C that looks redundant may be the one
     that separates two readings >= 38.0 C arriving later (a false sustained fever without it)."""
-    ordered = sorted(readings, key=_collection_order)
+    return _bounded(sorted(readings, key=_collection_order), horizon_us, rules)
+
+
+def _bounded(ordered: Sequence[Temperature], horizon_us: int | None, rules: Rules) -> tuple[Temperature, ...]:
+    """`remembered_temperatures` of readings already in collection order."""
     start = 0
     if horizon_us is not None:
         start = max(bisect_left(ordered, (horizon_us, ""), key=_collection_order) - 1, 0)
-    return tuple(ordered[max(start, len(ordered) - rules.temperature_memory_cap):])
+    start = max(start, len(ordered) - rules.temperature_memory_cap)
+    return ordered[start:] if isinstance(ordered, tuple) else tuple(ordered[start:])
 
 
 def _collection_order(t: Temperature) -> tuple[int, str]:
