@@ -417,8 +417,12 @@ def revise(
 ) -> tuple[PatientState, list[AlertEvent]]:
     machine, derived = _fold(ps.base, history, rules, ps.temperatures)
     revision = ps.revisions + 1
-    derived_keys = {e.key for e in derived}
     announced = {x.key: x for x in ps.alerted}
+    # A febrile never announced for an episode that is closed now stays unannounced, as in
+    # add_temperature: a fever learned after its episode closed (kept in memory as long as the
+    # panels it pairs with) must not re-open that episode's Flag on the next, unrelated, correction.
+    derived = [e for e in derived if not (e.kind is EventKind.FEBRILE and e.key not in announced and e.episode != machine.episode)]
+    derived_keys = {e.key for e in derived}
     events: list[AlertEvent] = []
     for x in ps.alerted:
         if x.key in derived_keys:

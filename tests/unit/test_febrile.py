@@ -355,3 +355,18 @@ def test_a_correction_days_later_does_not_retract_a_febrile_alert_for_want_of_it
     for _, panel, results in items:
         state = decide(state, "Patient/f", panel, results, RULES).state
     assert state.machine.febrile and state.history[-1].band.label == "moderate"
+
+
+def test_a_fever_learned_after_its_episode_closed_is_never_announced():
+    """A fever beside a severe draw that arrives after the episode resolved is not announced (the
+    febrile alert asks for emergency treatment of an open neutropenia), neither when it arrives nor
+    at a later revision: withdrawing an unrelated normal panel used to send it as a correction,
+    re-activating the closed episode's Flag."""
+    normal = cbc(2.0, T0 - 5)
+    kw = dict(patient="Patient/f", effective=at(T0 - 5), specimen=f"Specimen/{T0 - 5}-0")
+    withdrawn = ("cbc", normal[1], [result(observation("6690-2", 3.0, id=f"w{T0 - 5}-0", **kw)),
+                                    result(observation("751-8", 2.0, id=f"a{T0 - 5}-0", version="2", status="entered-in-error", **kw))])
+    items = [normal, cbc(0.3, T0), cbc(2.0, T0 + 2), temp(38.8, T0, 60), withdrawn]
+    assert events_of(items) == ["new", "resolved"]
+    # the same fever arriving while the episode was open was announced, and a revision keeps it
+    assert events_of([normal, cbc(0.3, T0), temp(38.8, T0, 60), cbc(2.0, T0 + 2), withdrawn]) == ["new", "febrile", "resolved"]
