@@ -16,6 +16,7 @@ from service.clinical.episodes import PatientState
 from service.clinical.panels import decide
 from service.clinical.rules import Rules
 from tests.builders import observation, result
+from tests.unit.test_replay import replay, write_ndjson
 
 RULES = Rules()
 T0 = 10  # day of the first panel in each scenario
@@ -123,7 +124,6 @@ def test_a_reading_collected_days_later_and_read_before_the_cbc_keeps_the_fever(
     four days later and read BEFORE the CBC (lastUpdated 08:10 < 09:00) used to evict the 38.8 °C
     reading (memory kept 72 h behind the newest reading seen), so the febrile alert was never sent;
     read after the CBC it was. Both orders give the same `febrile` event, with the 08:00 fever."""
-    from tests.unit.test_replay import replay, write_ndjson
 
     events, alerts = replay(tmp_path, write_ndjson(tmp_path / "in.ndjson", late_reading_case(later_updated)))
     assert [e["event"] for e in events] == ["new", "febrile"]
@@ -296,7 +296,6 @@ def test_febrile_events_do_not_depend_on_arrival_order_replay(case):
     import tempfile
     from pathlib import Path
 
-    from tests.unit.test_replay import replay, write_ndjson
 
     order, expected = case
     resources = []
