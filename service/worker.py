@@ -267,7 +267,7 @@ class Worker:
         batches: list[tuple[list[str], AsyncIterator[Page]]] = []
         for i in range(0, len(first), TEMPERATURE_BATCH):  # by collection time, from 24 h before the ANC
             group_first = first[i : i + TEMPERATURE_BATCH]
-            since = max(min((n or 0) for _, n in group_first) - self.rules.fever_window_us, 0)
+            since = max(min((n or 0) for _, n in group_first) - self.rules.fever_window_us - self.rules.fever_sustained_us, 0)
             subjects = ",".join(p for p, _ in group_first)
             pages = pages_since(self.client, "Observation", [("subject", subjects), *base], since, anchor="date")
             batches.append(([p for p, _ in group_first], pages))

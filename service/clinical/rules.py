@@ -35,7 +35,14 @@ class Rules:
     febrile_fall_fraction: float = 0.5
     febrile_fall_window_us: int = 48 * HOUR_US
     fever_window_us: int = 24 * HOUR_US
-    temperature_memory_us: int = 72 * HOUR_US  # temperatures kept per patient (and at most 64 of them)
+    # Temperatures remembered per patient (episodes.remembered_temperatures), chosen by COLLECTION
+    # time, never by arrival: every reading from (the oldest remembered assessment, or the newest
+    # panel if older, - fever_window_us - fever_sustained_us) on, readings collected after the newest
+    # panel included (they may pair with a CBC not read yet), plus the last one before (it carries a
+    # sustained run under way); over the cap the earliest collected go first. Within that horizon
+    # the fevers (IDSA 2010, Freifeld CID 2011;52:e56) are those of the whole record, so a panel that
+    # may yet be judged finds its fever whatever the order the readings arrived in.
+    temperature_memory_cap: int = 2048
     # Age (reference §3 "Paediatrics"): the first week of life is out of scope; infants up to 1 year
     # are neutropenic below 1000/uL (the source covers 2 weeks-1 year; the second week takes the
     # nearer infant rule).
