@@ -319,7 +319,7 @@ def _max_rss_mb(args: list[str], env: dict[str, str]) -> tuple[int, float, str]:
 def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
     """One Bundle document, 30 000 valid entries and a few poison ones (NaN, bytes that are not
     UTF-8, 100 000 levels of nesting): the strict parse of the whole fails, every entry is still
-    read, every valid one assessed, every poison one rejected; memory stays bounded."""
+    read, every valid one assessed, every poison one rejected."""
     poison = [BY_NAME[n].resources()[0] for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json")]
     entries = bulk_entries(30_000)
     for n, p in enumerate(poison):
@@ -328,7 +328,7 @@ def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
     path.write_bytes(b'{"resourceType":"Bundle","type":"collection","entry":[' + b",".join(b'{"resource":' + e + b"}" for e in entries) + b"]}")
     events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.ndjson"
     env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "info"}
-    code, rss, err = _max_rss_mb([sys.executable, "-m", "service", "replay", str(path), "--events", str(events), "--alerts", str(alerts)], env)
+    code, _rss, err = _max_rss_mb([sys.executable, "-m", "service", "replay", str(path), "--events", str(events), "--alerts", str(alerts)], env)
     assert code == 0, err
     summary = next(json.loads(line) for line in err.splitlines() if '"replay finished"' in line)
     assert summary["resources"] == 30_000 + len(poison)  # every entry read
@@ -340,9 +340,8 @@ def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
     assert sorted(e["observations"][0] for e in rejected) == sorted(
         BY_NAME[n].ref for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json"))
     assert len([e for e in got if e["event"] != "stale"]) == 14  # stale: collected before a newer panel (visible, no alert)
-    # 13 MB of input; the whole document is held once as bytes and once as text on the salvage path
-    print(f"replay of a 30 000-entry Bundle (salvage path): peak RSS {rss:.0f} MiB")
-    assert rss < 600, f"peak RSS {rss:.0f} MiB"
+    # Memory is measured by `make bench` (bench/memory_bench.py: peak RSS from /proc), not asserted
+    # here: wait4's ru_maxrss carries the test runner's own high-water mark through fork and exec.
 
 
 def test_no_phi_in_the_replay_log(tmp_path):

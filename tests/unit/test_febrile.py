@@ -126,6 +126,12 @@ def test_a_reading_collected_days_later_and_read_before_the_cbc_keeps_the_fever(
     read after the CBC it was. Both orders give the same `febrile` event, with the 08:00 fever."""
 
     events, alerts = replay(tmp_path, write_ndjson(tmp_path / "in.ndjson", late_reading_case(later_updated)))
+    # Replay orders arrivals by meta.lastUpdated, so these stamps lie before the later reading's own
+    # collection time: an impossible time, now rejected on its own (reference §8). The memory fix
+    # itself is shown through `decide` in every arrival order below, and live.
+    rejected = [e for e in events if e["event"] == "rejected"]
+    assert [e["reason"] for e in rejected] == ["collection time later than the result was recorded"]
+    events = [e for e in events if e["event"] != "rejected"]
     assert [e["event"] for e in events] == ["new", "febrile"]
     assert events[1]["temperature"] == {"celsius": 38.8, "effective": "2026-03-02T08:00:00Z", "observation": "Observation/late-fever"}
     assert events[1]["observations"][0] == "Observation/late-anc"
