@@ -355,7 +355,7 @@ ORDER BY ref, seq
 # the newest usable version of its Observation (a rejected version has none of its own).
 # Each panel's versions in order of availability. A rejection with neither lastUpdated nor a
 # versionId (an undecodable entry) cannot be placed among versions: it is reported (`_rejections`)
-# but is no version of its panel, so it never withdraws a readable one (store.base.unplaced, live).
+# but is no version of its panel, so it never withdraws a readable one (clinical.copies.placed).
 _PANELS = """
 SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, akey, ref, data FROM (
     SELECT ref, akey, data,
