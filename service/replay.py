@@ -266,7 +266,8 @@ class Settled:
     """What `settle` makes of the rows of one Observation (pass 1, both engines)."""
 
     keep: set[int] = field(default_factory=set)  # seq of each row that stays as it was read
-    versions: list[tuple[int, int, int, str | None, bytes]] = field(default_factory=list)  # (seq, vu, vv, patient, Rejected): rows added as rejected versions (a conflict)
+    # (seq, vu, vv, patient, Rejected): rows added as rejected versions (a conflict)
+    versions: list[tuple[int, int, int, str | None, bytes]] = field(default_factory=list)
     reported: list[tuple[int, int, int, bytes]] = field(default_factory=list)  # (seq, vu, vv, Rejected): reported, no version
     identical: int = 0  # copies dropped as a content already read
 

@@ -75,6 +75,8 @@ class Verdict(Generic[T]):
 def one_version(copies: Sequence[tuple[bytes, T]]) -> Verdict[T]:
     """`copies`: (content key, copy) of one version, the first read first. The same verdict, up to
     which of two alike copies represents them, for every order of `copies`."""
+    if len(copies) == 1:
+        return Verdict(copies[0], (), ())
     firsts: dict[bytes, tuple[bytes, T]] = {}
     duplicates: list[tuple[bytes, T]] = []
     for pair in copies:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from importlib import metadata
 from typing import Any, Protocol
 
 import msgspec
 
-from ..clinical.episodes import PatientState
 from ..clinical.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
+from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected, conflict_rejection
 from ..errors import StoreError
 
@@ -83,23 +82,31 @@ class StoredVersion:
     digest: bytes | None  # None: stored before digests (schema 1, or a release without them)
     patient: str | None
     panel: str | None
-    outcome: LabResult | Rejected | None  # None: a rejection whose record is not at hand (not compared)
+    data: bytes | None  # the LabResult (msgpack); None: a rejected version
+    record: bytes | None = None  # a rejected version's quarantined Rejected (msgpack), when at hand
+    read: LabResult | Rejected | None = None  # the copy itself, when it was written by this batch
 
     @property
     def stamp(self) -> tuple[int, int]:
         return (self.updated_us, self.version)
+
+    @property
+    def outcome(self) -> LabResult | Rejected | None:
+        """The stored copy (decoded only when `plan` needs it: a conflict, a copy without meta
+        replaced); None: a rejection whose record is not at hand (it is not reported again)."""
+        if self.read is not None:
+            return self.read
+        if self.data is not None:
+            return _decode_result(self.data)
+        return _decode_rejected(self.record) if self.record is not None else None
 
 
 def stored_version(vu: int, vv: int, content: bytes | None, patient: str | None, panel: str | None,
                    data: bytes | None, record: bytes | None) -> StoredVersion:
     """A stored row as `plan` takes it: `data` the LabResult of the results row, `record` the
     quarantined Rejected of a rejected version (the quarantine row with its digest)."""
-    outcome: LabResult | Rejected | None = None
-    if data is not None:
-        outcome = _decode_result(bytes(data))
-    elif record is not None:
-        outcome = _decode_rejected(bytes(record))
-    return StoredVersion(vu, vv, bytes(content) if content is not None else None, patient, panel, outcome)
+    return StoredVersion(vu, vv, bytes(content) if content is not None else None, patient, panel,
+                         bytes(data) if data is not None else None, bytes(record) if record is not None else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,9 +154,14 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
 
     A stored digest that is missing (stored before schema 2, or by a release without digests) or
     from another release cannot be compared: a copy of that version counts as read before."""
+    if len(items) == 1 and stamped(items[0].updated_us, items[0].version) \
+            and (stored is None or (stamped(*stored.stamp) and stored.stamp != (items[0].updated_us, items[0].version))):
+        # The common case, the rule below in short: one stamped copy, and a stamped version stored or none.
+        if stored is not None and stored.stamp > (items[0].updated_us, items[0].version):
+            return Plan()
+        return Plan([Write(items[0], digest(items[0].outcome), _where(stored))])
     out = Plan()
-    if stored is not None and not stamped(*stored.stamp) and stored.digest != CONFLICTED \
-            and not isinstance(stored.outcome, LabResult):
+    if stored is not None and not stamped(*stored.stamp) and stored.digest != CONFLICTED and stored.data is None:
         stored = None  # a rejection without lastUpdated or versionId, stored by an older release: no version
     ref = items[0].ref if items else ""
     stamped_read = (stored is not None and stamped(*stored.stamp)) or any(stamped(i.updated_us, i.version) for i in items)
@@ -179,26 +191,35 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
             kept = verdict.kept[1]
             if kept is not None:  # (None: the stored version read again alike)
                 out.writes.append(Write(kept, verdict.kept[0], _where(current)))
-                current = StoredVersion(*stamp, verdict.kept[0], kept.patient, kept.panel, kept.outcome)
+                current = _as_stored(kept, verdict.kept[0])
             continue
         held: list[tuple[Intake, bytes]] = []
         for content, copy in verdict.conflicting:
             if copy is None:  # the stored copy, taken before the other was seen
-                if current is None or current.outcome is None:
+                taken = current.outcome if current is not None else None
+                if current is None or taken is None:
                     continue
-                copy = Intake(ref, *current.stamp, current.patient, None, current.outcome)
+                copy = Intake(ref, *current.stamp, current.patient, None, taken)
             held.append((_conflict(copy), content))
         first = held[0][0]
         out.writes.append(Write(first, CONFLICTED, _where(current)))
         out.held += held
-        current = StoredVersion(*stamp, CONFLICTED, first.patient, None, first.outcome)
-    firsts, _again = distinct(unplaced)
-    out.held += [(replace(copy, panel=None, outcome=unplaced_rejection(copy.outcome)), content) for content, copy in firsts]
-    if stored is not None and isinstance(stored.outcome, LabResult) and not stamped(*stored.stamp) \
+        current = _as_stored(first, CONFLICTED)
+    if unplaced:
+        firsts, _again = distinct(unplaced)
+        out.held += [(replace(copy, panel=None, outcome=unplaced_rejection(copy.outcome)), content) for content, copy in firsts]
+    if stored is not None and stored.data is not None and not stamped(*stored.stamp) \
             and current is not None and stamped(*current.stamp):
-        replaced = Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(stored.outcome))
-        out.held.append((replaced, digest(stored.outcome)))
+        readable = stored.outcome
+        assert readable is not None
+        out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)), digest(readable)))
     return out
+
+
+def _as_stored(item: Intake, content: bytes) -> StoredVersion:
+    usable = isinstance(item.outcome, LabResult)
+    return StoredVersion(item.updated_us, item.version, content, item.patient, item.panel, b"" if usable else None,
+                         read=item.outcome)
 
 
 def _conflict(copy: Intake) -> Intake:

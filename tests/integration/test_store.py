@@ -19,7 +19,7 @@ import pytest
 from service.clinical import raw
 from service.clinical.episodes import PatientState
 from service.clinical.copies import UNPLACED
-from service.clinical.observations import CONFLICT, Rejected
+from service.clinical.observations import CONFLICT
 from service.clinical.panels import decide
 from service.clinical.raw import Resource
 from service.config import Settings
@@ -546,7 +546,7 @@ async def test_a_digest_of_another_release_is_never_compared() -> None:
     anc, other = _read(orjson.dumps(ANC)), _read(orjson.dumps(CONFLICTING["value"]))
 
     def stored(content: bytes) -> StoredVersion:
-        return StoredVersion(anc.updated_us, anc.version, content, anc.patient, anc.panel, anc.outcome)
+        return StoredVersion(anc.updated_us, anc.version, content, anc.patient, anc.panel, msgspec.msgpack.encode(anc.outcome))
 
     conflict = plan(stored(digest(anc.outcome)), [other])
     assert [h.outcome.reason for h, _ in conflict.held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
