@@ -19,7 +19,7 @@ import pytest
 from service.clinical import raw
 from service.clinical.episodes import PatientState
 from service.clinical.copies import UNPLACED
-from service.clinical.observations import CONFLICT
+from service.clinical.observations import CONFLICT, Rejected
 from service.clinical.panels import decide
 from service.clinical.raw import Resource
 from service.config import Settings
@@ -453,6 +453,19 @@ async def test_other_content_under_the_same_version_withdraws_it_and_every_copy_
     newer = _read(orjson.dumps(_with(ANC, meta=V2)))
     assert await store.ingest([newer], now=5.0) == [newer]  # a new version supersedes as usual
     assert await _stored_anc(store) == 400.0
+
+
+async def test_a_stored_rejected_version_found_to_conflict_is_quarantined_as_a_conflict_too(store: Store) -> None:
+    """The copy read first was rejected (an unknown unit) and stored as such; a readable copy of the
+    same version makes it a conflict: both are returned as CONFLICT, the first one rebuilt from its
+    quarantine record (its code and collection time kept), and the readable one is not used."""
+    rejected = _read(orjson.dumps(CONFLICTING["unit"] | {"valueQuantity": {**ANC["valueQuantity"], "unit": "bananas/uL", "code": "bananas/uL"}}))
+    assert isinstance(rejected.outcome, Rejected)
+    await store.ingest([_read(orjson.dumps(WBC)), rejected], now=1.0)
+    held = await store.ingest([_read(orjson.dumps(ANC))], now=2.0)
+    assert [(h.outcome.reason, h.outcome.code, h.outcome.effective) for h in held] == [(CONFLICT, "751-8", ANC["effectiveDateTime"])] * 2  # type: ignore[union-attr]
+    assert [r for _, r in await store.quarantined()] == [rejected.outcome.reason, CONFLICT, CONFLICT]
+    assert (await _in_force(store))["Observation/s1-anc"] == (ANC_US, 1, False)
 
 
 async def test_a_third_content_of_a_conflicting_version_is_quarantined_too(store: Store) -> None:
