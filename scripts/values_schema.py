@@ -221,6 +221,7 @@ def chart_properties(config: Schema) -> Schema:
                 "bearerToken": string("Key with the FHIR bearer token; sets fhir.auth.bearer_token_file."),
                 "smartPrivateKey": string("Key with the SMART private key (PEM); sets fhir.auth.smart.private_key_file."),
                 "dsn": string("Key with the PostgreSQL DSN; sets store.dsn_file."),
+                "pseudonymKey": string("Key with the key of patient pseudonyms in the logs; sets logging.pseudonym_key_file."),
             }),
         }, "Secrets by reference only: mounted as files under /var/run/secrets/neutrowatch."),
         "serviceAccount": obj({
@@ -382,7 +383,7 @@ RULES: list[Schema] = [
     ),
     rule(
         "A secret key without existingSecret.name references nothing.",
-        {"anyOf": [nested(f"existingSecret.keys.{k}", NON_EMPTY) for k in ("bearerToken", "smartPrivateKey", "dsn")]},
+        {"anyOf": [nested(f"existingSecret.keys.{k}", NON_EMPTY) for k in ("bearerToken", "smartPrivateKey", "dsn", "pseudonymKey")]},
         nested("existingSecret.name", NON_EMPTY),
     ),
     rule(

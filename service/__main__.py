@@ -5,15 +5,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import structlog
 
 from . import logging as nw_logging
-from .config import StoreSettings, load_settings
-from .errors import NeutrowatchError
+from .config import Settings, StoreSettings, load_settings, review_settings
+from .errors import ConfigError, NeutrowatchError
+
+
+def _logging(settings: Settings, *, service: bool = False) -> None:
+    """Logging as configured; patient references pseudonymised unless the operator chose plain."""
+    pseudonyms = None
+    if settings.logging.patient_references == "pseudonymised":
+        pseudonyms = nw_logging.Pseudonyms(settings.logging.pseudonym_key_bytes())
+    nw_logging.configure(settings.logging.level, settings.logging.format, pseudonyms)
+    if service and pseudonyms is not None and pseudonyms.ephemeral:
+        structlog.get_logger("neutrowatch").warning(
+            "patient references in logs are pseudonymised with a key of this process only: set "
+            "logging.pseudonym_key or logging.pseudonym_key_file to correlate lines across restarts and replicas")
+
+
+def _pseudonym(args: argparse.Namespace) -> int:
+    """Which pseudonym the logs use for a patient: for an operator who knows the patient and looks for its lines."""
+    settings = load_settings(args.config)
+    key = settings.logging.pseudonym_key_bytes()
+    if key is None:
+        raise NeutrowatchError("no logging.pseudonym_key or logging.pseudonym_key_file configured: pseudonyms change with each process")
+    ref = args.patient if args.patient.startswith("Patient/") else f"Patient/{args.patient}"
+    print(nw_logging.Pseudonyms(key).text(ref))
+    return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -22,7 +46,7 @@ def _replay(args: argparse.Namespace) -> int:
     if args.provenance and not args.alerts:
         raise NeutrowatchError("--provenance needs --alerts (the Provenance resources go to the alerts file)")
     settings = load_settings(args.config)
-    nw_logging.configure(settings.logging.level, settings.logging.format)
+    _logging(settings)
     log = structlog.get_logger("neutrowatch.replay")
     with ExitStack() as stack:
         try:
@@ -30,7 +54,7 @@ def _replay(args: argparse.Namespace) -> int:
             alerts = stack.enter_context(open(args.alerts, "wb")) if args.alerts else None
         except OSError as err:
             raise NeutrowatchError(f"cannot write {err.filename}: {err.strerror}") from None
-        replay = stack.enter_context(Replay(settings.rules, settings.alerts, provenance=args.provenance))
+        replay = stack.enter_context(Replay(settings.rules, settings.alerts, provenance=args.provenance, read_policy=settings.read_policy))
         stats = replay.run(args.inputs, events, alerts)
     log.info(
         "replay finished",
@@ -53,7 +77,7 @@ def _explain(args: argparse.Namespace) -> int:
     from . import explain
 
     settings = load_settings(args.config)
-    nw_logging.configure(settings.logging.level, settings.logging.format)  # to stderr; explain itself logs nothing
+    _logging(settings)  # to stderr; explain itself logs nothing
     if args.png is not None:
         explain.plot_available()  # fail before the work when matplotlib is missing
     if args.inputs:
@@ -72,14 +96,46 @@ def _explain(args: argparse.Namespace) -> int:
 
 def describe_store(store: StoreSettings) -> str:
     if store.backend == "postgres":
-        from .store.postgres import describe_dsn
-
-        return f"postgres {describe_dsn(store.postgres_dsn())} schema {store.schema_name}"
+        return f"postgres {store.parsed_dsn().describe()} schema {store.schema_name}"
     return f"sqlite {store.path}"
 
 
+def _secret_files(settings: Settings) -> list[str]:
+    """Problems of the files `run` would read at start-up (DSN, token, private key, CA bundle), each
+    naming its field and never quoting the file's content."""
+    from .fhir.auth import load_signing_key, read_token_file
+    from .fhir.tls import ssl_option
+
+    checks: list[Callable[[], object]] = [partial(ssl_option, settings.fhir)]
+    if settings.store.backend == "postgres":
+        checks.append(settings.store.parsed_dsn)
+    auth = settings.fhir.auth
+    if auth.method == "bearer" and auth.bearer_token is None and auth.bearer_token_file is not None:
+        checks.append(partial(read_token_file, auth.bearer_token_file))
+    if auth.method == "smart" and auth.smart.private_key_file is not None:
+        checks.append(partial(load_signing_key, auth.smart.private_key_file, auth.smart.algorithm))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as err:
+            problems.append(str(err).removeprefix("config error: "))
+    return problems
+
+
 def _check_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    """Every error (each naming its field) and every warning to stderr; "configuration ok" to
+    stdout. Exit 2 on any error, 0 otherwise (warnings included)."""
+    review = review_settings(args.config)
+    errors = review.errors + (_secret_files(review.settings) if review.settings is not None else [])
+    for warning in review.warnings:
+        print(f"neutrowatch: warning: {warning}", file=sys.stderr)
+    if errors or review.settings is None:
+        for error in errors:
+            print(f"neutrowatch: config error: {error}", file=sys.stderr)
+        print(f"neutrowatch: configuration invalid ({len(errors)} error{'s' if len(errors) != 1 else ''})", file=sys.stderr)
+        return 2
+    settings = review.settings
     print(f"configuration ok (scheme {settings.grading.scheme}, store {describe_store(settings.store)})")
     if args.probe:
         from .probe import probe
@@ -88,11 +144,18 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_warnings(config: Path | None) -> None:
+    """What check-config warns of, in the service's log too (field names and the file, no values)."""
+    for warning in review_settings(config).warnings:
+        structlog.get_logger("neutrowatch").warning("unsafe configuration", warning=warning)
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import app
 
     settings = load_settings(args.config)
-    nw_logging.configure(settings.logging.level, settings.logging.format)
+    _logging(settings, service=True)
+    _log_warnings(args.config)
     asyncio.run(app.run(settings))
     return 0
 
@@ -101,7 +164,8 @@ def _once(args: argparse.Namespace) -> int:
     from . import app
 
     settings = load_settings(args.config)
-    nw_logging.configure(settings.logging.level, settings.logging.format)
+    _logging(settings, service=True)
+    _log_warnings(args.config)
     report = asyncio.run(app.once(settings))
     if report is None:
         return 1
@@ -139,6 +203,11 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="poll the FHIR server on an interval and post alerts (the service)")
     run.add_argument("--config", type=Path, metavar="FILE")
     run.set_defaults(func=_run)
+
+    ps = sub.add_parser("pseudonym", help="the pseudonym a patient reference has in this deployment's logs")
+    ps.add_argument("patient", metavar="PATIENT", help="Patient reference (Patient/123) or id")
+    ps.add_argument("--config", type=Path, metavar="FILE")
+    ps.set_defaults(func=_pseudonym)
 
     once = sub.add_parser("once", help="run one poll cycle and exit (cron-style use, tests)")
     once.add_argument("--config", type=Path, metavar="FILE")

@@ -17,7 +17,6 @@ rewrites them to the ids it assigns. `provenance_entry()` is the Provenance's en
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from fhir.resources.R4B.provenance import Provenance
 
 from . import profiles
 from .clinical.episodes import Alerted, AlertEvent, Assessment, EventKind
-from .clinical.fhirtime import from_epoch_us, to_epoch_us
+from .clinical.fhirtime import from_epoch_us, is_instant, to_epoch_us
 from .clinical.grading import Band, Scheme
 from .config import AlertSettings
 
@@ -50,7 +49,6 @@ ACTIVITY = {  # Provenance.activity: the event creates the episode's Flag (new) 
 
 PRIORITY = {"mild": "routine", "moderate": "urgent", "severe": "asap"}
 
-_INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +110,7 @@ def _meta(base: str, profile: str) -> dict[str, Any]:
 
 def _instant(sent: str, event: AlertEvent) -> str:
     """Provenance.recorded is an instant: `sent` when it is one, else the collection time as one."""
-    if _INSTANT.match(sent):
+    if is_instant(sent):
         return sent
     for text in (sent, event.assessment.effective if event.assessment else None, event.opened):
         if text:

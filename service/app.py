@@ -79,7 +79,9 @@ class Service:
                 report = await self.worker.run_cycle()
         except NeutrowatchError as err:
             self.last_error = str(err)
-            log.error("poll cycle failed", error=str(err))
+            return None  # logged and counted by the worker
+        except Exception as err:  # noqa: BLE001 - a defect fails this cycle, never the scheduler; its message may quote input
+            self.last_error = f"unexpected {type(err).__name__} (see the log)"
             return None
         if report.delivered_all:
             self.last_ok, self.last_error = time.time(), None

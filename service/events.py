@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .clinical.episodes import AlertEvent
+from .clinical.episodes import AlertEvent, Assessment
 from .clinical.grading import Scheme
 from .clinical.observations import LabResult, Rejected
 from .clinical.panels import NotAssessed, PanelRejection
@@ -37,6 +37,8 @@ def event_record(event: AlertEvent, scheme: Scheme, recipients: Recipients | Non
         "febrile": event.febrile,
         "threshold_rule": a.threshold_rule if a else None,
     }
+    if a is not None and a.time_note:
+        record["effective_note"] = a.time_note
     if recipients is not None:
         record["recipients"] = list(recipients.refs)
         record["recipient_rule"] = recipients.rule
@@ -88,6 +90,21 @@ def panel_rejected_record(rejection: PanelRejection, members: list[LabResult]) -
         "observations": [r.ref for r in inputs],
         "reason": rejection.rejected.reason,
         "code": inputs[0].code if inputs else None,
+    }
+
+
+def stale_record(assessment: Assessment, newest_effective: str | None) -> dict[str, Any]:
+    """A panel collected before the newest panel already assessed for the patient: remembered (a
+    correction may still revise it) but it opens, worsens and resolves nothing. Visible, not silent."""
+    return {
+        "patient": assessment.patient,
+        "event": "stale",
+        "grade": assessment.band.severity,
+        "anc": _number(assessment.anc),
+        "effective": assessment.effective,
+        "observations": list(assessment.refs),
+        "reason": "collected before the newest panel already assessed",
+        "newest_effective": newest_effective,
     }
 
 

@@ -133,7 +133,7 @@ class Step:
     effective: str | None
     effective_us: int | None
     inputs: list[Input]
-    outcome: str  # assessed | stale | rejected | not-assessed | no-anc | temperature | rejected-input
+    outcome: str  # assessed | stale | rejected | not-assessed | no-anc | temperature | rejected-input | quarantined
     reason: str | None = None
     anc: dict[str, Any] | None = None
     grade: dict[str, Any] | None = None
@@ -423,8 +423,11 @@ def _step(n: int, t: PanelTrace, rules: Rules, index: GivenIndex, earlier: Step 
     primary = next((r for r in labs if r.ref in used[:1]), labs[0] if labs else (temps[0] if temps else None))
     step = Step(n, "panel" if labs else "temperature", t.akey, updated, trigger, t.patient, t.panel,
                 primary.effective if primary else None, primary.effective_us if primary else None, inputs, "assessed",
-                before=_episode(t.before), after=_episode(d.state), records=list(t.records),
+                before=_episode(t.before), after=_episode(d.state if d is not None else t.before), records=list(t.records),
                 revision_of=earlier.n if earlier is not None else None)
+    if d is None:  # could not be decided: quarantined, the patient's state unchanged
+        step.outcome, step.reason = "quarantined", str(t.records[0].get("reason")) if t.records else None
+        return step
     if not labs:
         step.outcome = "temperature"
     elif d.rejection is not None:
@@ -444,8 +447,8 @@ def _step(n: int, t: PanelTrace, rules: Rules, index: GivenIndex, earlier: Step 
                     "platelets": a.platelets}
         step.grade = {"scheme": scheme.name, "label": a.band.label, "severity": a.band.severity, "rank": a.band.rank,
                       "range": band_range(scheme, a.band, lln), "threshold_rule": a.threshold_rule}
-    # the records: [not-assessed] [panel rejected] then one per event, in that order
-    offset = (d.not_assessed is not None) + (d.rejection is not None)
+    # the records: [not-assessed] [panel rejected] [stale] then one per event, in that order
+    offset = (d.not_assessed is not None) + (d.rejection is not None) + (d.stale and d.assessment is not None)
     for event, record in zip(d.events, t.records[offset:], strict=True):
         rule, detail = rule_for(event, t.before, rules)
         correction = REASON_PHRASE.get(event.reason or "", event.reason) if event.revision and event.kind is not EventKind.RETRACTED else None
@@ -568,7 +571,7 @@ def read_given(inputs: Sequence[str | Path], patient: str) -> dict[tuple[str, st
 def explain_inputs(inputs: Sequence[str | Path], patient: str, settings: Settings, *, source: str | None = None) -> Trail:
     """The trail of `patient` over files (NDJSON, Bundles, resources), read as replay reads them."""
     patient = patient_reference(patient)
-    with Replay(settings.rules, settings.alerts, engine="sqlite") as replay:
+    with Replay(settings.rules, settings.alerts, engine="sqlite", read_policy=settings.read_policy) as replay:
         replay.load(inputs)
         given = read_given(inputs, patient)
         return build_trail(replay, patient, given, source or f"{len(inputs)} input(s): " + ", ".join(map(str, inputs)))

@@ -2,13 +2,25 @@
 
 No PHI in logs: resource ids and codes are fine; names, birth dates, free text and values tied to a
 person are not. `drop_phi` removes keys that could carry them, whatever a caller passes.
+
+Patient references are pseudonymised by default (`Pseudonyms`): a log line that says "alert decided,
+grade severe" for `Patient/123` would tie a clinical value to a person, so every `Patient/<id>` in a
+logged value becomes `Patient/~<keyed hash>`. The hash is HMAC-SHA-256 under a key from the
+environment or a mounted file, so it is stable within a deployment (an operator correlates lines, and
+`python -m service pseudonym Patient/123` tells which pseudonym a known patient has) but cannot be
+reversed or recomputed by whoever reads the logs alone. Without a configured key, a random key per
+process is used (lines still correlate within one process lifetime) and a warning says so.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import re
+import secrets
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
@@ -42,14 +54,55 @@ def _redacted(value: Any, depth: int) -> Any:
     return value
 
 
-def configure(level: str = "info", fmt: str = "auto") -> None:
+# A Patient reference inside any logged text: relative, versioned or absolute.
+_PATIENT = re.compile(r"(?:https?://[!-~]{1,400}?/)?Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+
+
+class Pseudonyms:
+    """`Patient/<id>` -> `Patient/~<16 hex digits of HMAC-SHA-256(key, id)>`."""
+
+    def __init__(self, key: bytes | None):
+        self.ephemeral = key is None
+        self._key = key if key is not None else secrets.token_bytes(32)
+
+    def of(self, patient_id: str) -> str:
+        return "~" + hmac.new(self._key, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def text(self, value: str) -> str:
+        if "Patient/" not in value:
+            return value
+        return _PATIENT.sub(lambda m: "Patient/" + self.of(m.group(1)), value)
+
+    def processor(self) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
+        def pseudonymise(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+            for key, value in list(event_dict.items()):
+                event_dict[key] = self._value(value, 4)
+            return event_dict
+        return pseudonymise
+
+    def _value(self, value: Any, depth: int) -> Any:
+        if isinstance(value, str):
+            return self.text(value)
+        if depth <= 0:
+            return value
+        if isinstance(value, dict):
+            return {k: self._value(v, depth - 1) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._value(v, depth - 1) for v in value]
+        return value
+
+
+def configure(level: str = "info", fmt: str = "auto", pseudonyms: Pseudonyms | None = None) -> None:
+    """`pseudonyms`: how patient references are logged (None: as they are; the operator's choice,
+    `logging.patient_references: plain`, which makes the logs PHI)."""
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+    privacy: list[Any] = [drop_phi] + ([pseudonyms.processor()] if pseudonyms is not None else [])
     # Libraries that log through the standard library (APScheduler, aiohttp) get the same format.
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=renderer,
-        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True), drop_phi],
+        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True), *privacy],
     ))
     root = logging.getLogger()
     root.handlers = [handler]
@@ -60,8 +113,8 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            drop_phi,
             structlog.processors.format_exc_info,
+            *privacy,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),

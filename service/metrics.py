@@ -13,6 +13,8 @@ POLLS = Counter("neutrowatch_polls_total", "Poll cycles by outcome.", ["outcome"
 PAGES = Counter("neutrowatch_pages_total", "Search result pages read.", registry=REGISTRY)
 OBSERVATIONS = Counter("neutrowatch_observations_total", "Observation versions read, by what became of them.", ["outcome"], registry=REGISTRY)
 PANELS = Counter("neutrowatch_panels_assessed_total", "Panels assessed.", registry=REGISTRY)
+PANEL_FAILURES = Counter("neutrowatch_panel_failures_total", "Panels quarantined because deciding them or building their writes failed, by exception class.", ["error"], registry=REGISTRY)
+STALE_PANELS = Counter("neutrowatch_stale_panels_total", "Panels collected before the newest panel already assessed for the patient (remembered, no event).", registry=REGISTRY)
 REJECTIONS = Counter("neutrowatch_rejections_total", "Rejected inputs by reason.", ["reason"], registry=REGISTRY)
 DAMAGED_PAGES = Counter(
     "neutrowatch_damaged_pages_total",

@@ -28,14 +28,15 @@ from typing import IO, Any
 import msgspec
 import orjson
 
-from .alerts import build as build_alert
 from .clinical import jsonscan, raw
 from .clinical.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
 from .clinical.context import PatientContext, care_team_members, patient_context, requester
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
 from .clinical.observations import (
+    DEFAULT_READ,
     LabResult,
+    ReadPolicy,
     Rejected,
     conflict_rejection,
     normalise,
@@ -54,7 +55,8 @@ from .clinical.recipients import choose
 from .clinical.rules import Rules
 from .config import AlertSettings
 from .errors import InputError
-from .events import event_record, not_assessed_record, panel_rejected_record, rejected_record
+from .events import rejected_record
+from .outcomes import QUARANTINED, failure_record, panel_outcome
 
 _BATCH = 5_000
 _encode = msgspec.msgpack.Encoder().encode
@@ -71,6 +73,7 @@ class ReplayStats:
     observations: int = 0
     panels: int = 0
     stale_panels: int = 0
+    newest_updated_us: int | None = None  # the newest meta.lastUpdated read: replay's reading clock
     ignored: Counter[str] = field(default_factory=Counter)
     events: Counter[str] = field(default_factory=Counter)
 
@@ -201,7 +204,7 @@ def patient_facts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[
     return facts
 
 
-def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> int:
+def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows, policy: ReadPolicy = DEFAULT_READ) -> int:
     """Decode and sort one document into `rows`, numbering its resources from `seq` + 1 (the
     input position that breaks ties in the order of availability). Returns the last number used."""
     stats.documents += 1
@@ -217,7 +220,10 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows) -> 
         kind = item.resourceType
         if kind == "Observation":
             stats.observations += 1
-            outcome = normalise(item)
+            outcome = normalise(item, policy)
+            updated = getattr(outcome, "updated_us", None)
+            if updated is not None and (stats.newest_updated_us is None or updated > stats.newest_updated_us):
+                stats.newest_updated_us = updated
             if isinstance(outcome, LabResult):
                 rows.obs.append((outcome.ref, outcome.updated_us or -1, version_number(outcome.version),
                                  seq, outcome.patient, specimen_key(outcome.specimen),
@@ -386,7 +392,7 @@ class PanelTrace:
     panel: str
     members: tuple[LabResult, ...]
     before: PatientState
-    decision: PanelDecision
+    decision: PanelDecision | None  # None: the panel could not be decided (its record says why)
     context: PatientContext
     records: tuple[dict[str, Any], ...]
 
@@ -417,16 +423,21 @@ class Replay:
     enough to gain from them."""
 
     def __init__(self, rules: Rules, alert_settings: AlertSettings, workdir: str | Path | None = None, *,
-                 engine: str = "partitioned", workers: int | None = None, provenance: bool = False):
+                 engine: str = "partitioned", workers: int | None = None, provenance: bool = False,
+                 read_policy: ReadPolicy = DEFAULT_READ):
         if engine not in ("partitioned", "sqlite"):
             raise ValueError(f"unknown replay engine {engine!r}")
         self.engine = engine
         self.provenance = provenance  # the alert resources include each write's Provenance (--provenance)
         self.workers = workers
         self.rules = rules
+        self.read_policy = read_policy
         self.scheme = rules.scheme
         self.alert_settings = alert_settings
         self.stats = ReplayStats()
+        # The reading clock (bounds the collection time of a result without meta.lastUpdated); by
+        # default the newest meta.lastUpdated of the input, as the live loop's is the server's now.
+        self.clock_us: int | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="neutrowatch-replay-", dir=workdir)
         self.db: sqlite3.Connection | None = None
         if engine == "sqlite":
@@ -472,7 +483,7 @@ class Replay:
         seq = 0
         self.db.execute("BEGIN")
         for document in documents(inputs):
-            seq = read_document(document, seq, self.stats, rows)
+            seq = read_document(document, seq, self.stats, rows, self.read_policy)
             if len(rows.obs) >= _BATCH:
                 self._flush(rows)
         self._flush(rows)
@@ -563,6 +574,7 @@ class Replay:
         both from the SQLite engine's tables. `trace`: called with each judged panel (`explain`)
         before its records are yielded; it changes nothing of what is yielded."""
         states: dict[str, PatientState] = {}
+        clock = self.clock_us if self.clock_us is not None else self.stats.newest_updated_us
         if stream is None:
             stream = self.stream()
         if facts is None:
@@ -575,28 +587,31 @@ class Replay:
             self.stats.panels += 1
             known = facts.get(patient, nothing)
             before = states.get(patient, PatientState())
-            decision = decide(before, patient, panel, members, self.rules, known.context)
+            decision: PanelDecision | None = None
+            try:
+                decision = decide(before, patient, panel, members, self.rules, known.context, clock)
+                to = [choose(e.assessment.based_on if e.assessment else (), known.requesters, known.care_team, pool)
+                      for e in decision.events]
+                sent = _available(members) or next((e.assessment.effective for e in decision.events if e.assessment), "")
+                outcome = panel_outcome(decision, members, to, self.scheme, self.alert_settings, sent=sent)
+            except Exception as err:  # noqa: BLE001 - contained to this panel (outcomes module docstring)
+                self.stats.events[QUARANTINED] += 1
+                record = failure_record(patient, panel, members, err)
+                if trace is not None:
+                    trace(PanelTrace(akey, patient, panel, tuple(members), before, None, known.context, (record,)))
+                yield akey, record, None
+                return
             states[patient] = decision.state
             self.stats.stale_panels += decision.stale
             out: list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]] = []
-            if decision.not_assessed is not None:
-                self.stats.events["not-assessed"] += 1
-                out.append((akey, not_assessed_record(decision.not_assessed), None))
-            if decision.rejection is not None:
-                self.stats.events["rejected"] += 1
-                out.append((akey, panel_rejected_record(decision.rejection, members), None))
-            for event in decision.events:
-                self.stats.events[event.kind.value] += 1
-                to = choose(event.assessment.based_on if event.assessment else (), known.requesters, known.care_team, pool)
-                if not with_alerts:
-                    out.append((akey, event_record(event, self.scheme, to), None))
-                    continue
-                sent = _available(members) or (event.assessment.effective if event.assessment else "")
-                writes = build_alert(event, self.scheme, self.alert_settings, sent=sent, recipients=to.refs)
-                resources = [writes.flag] + ([writes.communication] if writes.communication else [])
-                if self.provenance:
-                    resources.append(writes.provenance)
-                out.append((akey, event_record(event, self.scheme, to), resources))
+            for record, writes in outcome.records:
+                self.stats.events[record["event"]] += 1
+                resources = None
+                if with_alerts and writes is not None:
+                    resources = [writes.flag] + ([writes.communication] if writes.communication else [])
+                    if self.provenance:
+                        resources.append(writes.provenance)
+                out.append((akey, record, resources))
             if trace is not None:
                 trace(PanelTrace(akey, patient, panel, tuple(members), before, decision, known.context,
                                  tuple(record for _k, record, _r in out)))

@@ -89,6 +89,8 @@ class _Job:
     alert_settings: Any
     with_alerts: bool
     provenance: bool = False
+    read_policy: Any = None
+    clock_us: int | None = None  # the reading clock when the caller fixed it (Replay.clock_us)
 
 
 _job: _Job | None = None
@@ -117,7 +119,8 @@ def run(replay: Replay, inputs: Sequence[str | Path], events: IO[bytes], alerts:
         workers = default_workers() if size >= PARALLEL_MIN_BYTES else 1
     # Bounded counts keep the index (chunks x partitions segments) and the number of files small.
     partitions = min(MAX_PARTITIONS, max(1, math.ceil(size / PARTITION_BYTES)))
-    job = _Job(replay._tmp.name, partitions, replay.rules, replay.alert_settings, alerts is not None, replay.provenance)
+    job = _Job(replay._tmp.name, partitions, replay.rules, replay.alert_settings, alerts is not None, replay.provenance,
+               replay.read_policy, replay.clock_us)
     chunks = plan(files, max(CHUNK_BYTES, math.ceil(size / MAX_CHUNKS)))
     with _collector_tuned():
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
@@ -171,7 +174,8 @@ def _run(stats: ReplayStats, map_: Callable[..., Iterator[Any]], job: _Job, chun
     _remove({path for segments in by_ref for path, _, _ in segments})
     runs: list[list[Segment]] = []
     counted: Counter[str] = Counter()
-    for run_segments, panels, stale, counts in map_(judge, range(n), by_patient):
+    clock = job.clock_us if job.clock_us is not None else stats.newest_updated_us
+    for run_segments, panels, stale, counts in map_(judge, range(n), by_patient, [clock] * n):
         runs.append(run_segments)
         stats.panels += panels
         stats.stale_panels += stale
@@ -192,6 +196,8 @@ def _add(total: ReplayStats, part: ReplayStats) -> None:
     total.documents += part.documents
     total.resources += part.resources
     total.observations += part.observations
+    if part.newest_updated_us is not None and (total.newest_updated_us is None or part.newest_updated_us > total.newest_updated_us):
+        total.newest_updated_us = part.newest_updated_us
     total.ignored.update(part.ignored)
 
 
@@ -281,7 +287,7 @@ def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, Segment], dict[int,
     seq = chunk.number << 32
     documents = _documents(Path(chunk.path)) if chunk.start is None else _lines(chunk)
     for document in documents:
-        seq = read_document(document, seq, stats, rows)
+        seq = read_document(document, seq, stats, rows, _job.read_policy)
     obs: list[list[Any]] = [[] for _ in range(n)]
     members: list[list[Any]] = [[] for _ in range(n)]
     for row in rows.obs:
@@ -375,7 +381,7 @@ def _first_copies(ref: str, rows: list[_Version], rejected: list[list[Any]]) -> 
 # -- step 3: the core -------------------------------------------------------------------------------
 
 
-def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, Counter[str]]:
+def judge(part: int, segments: list[Segment], clock_us: int | None = None) -> tuple[list[Segment], int, int, Counter[str]]:
     assert _job is not None
     results: list[tuple[str, str, str, bytes | None, str]] = []  # patient, panel key, availability key, LabResult, ref
     rejections: list[tuple[str, bytes]] = []  # availability key, Rejected
@@ -415,6 +421,7 @@ def judge(part: int, segments: list[Segment]) -> tuple[list[Segment], int, int, 
                                       provenance=_job.provenance) as core:
         frame: list[tuple[str, int, str, bytes, bytes]] = []
         size = 0
+        core.clock_us = clock_us
         facts = patient_facts(context_rows, _job.rules)
         del context_rows
         decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(), facts=facts)

@@ -14,25 +14,30 @@ from typing import Any
 import structlog
 
 from . import metrics
-from .alerts import AlertWrites, build, outbox_fields, provenance_entry
+from .alerts import AlertWrites, outbox_fields, provenance_entry
 from .clinical import raw
 from .clinical.anc import is_complete
 from .clinical.codes import cbc_codes, temperature_codes
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us, to_epoch_us
-from .clinical.observations import Ignored, LabResult, Rejected, normalise, undecodable_rejection, version_number
+from .clinical.observations import (
+    DEFAULT_READ,
+    Ignored,
+    LabResult,
+    ReadPolicy,
+    Rejected,
+    normalise,
+    undecodable_rejection,
+    version_number,
+)
 from .clinical.panels import decide, panel_key
 from .config import Settings
 from .directory import LiveDirectory
 from .errors import NeutrowatchError
-from .events import (
-    event_record,
-    not_assessed_record,
-    panel_rejected_record,
-    rejected_record,
-)
+from .events import rejected_record
 from .fhir.client import FhirClient, Page
 from .fhir.errors import FhirError, PreconditionFailed
+from .outcomes import failure_record, panel_outcome
 from .store.base import Decided, Intake, OutboxEntry, PanelWork, Store
 
 log = structlog.get_logger("neutrowatch.worker")
@@ -54,7 +59,7 @@ class CycleReport:
     cursor: str | None = None
 
 
-def intake(resource: raw.Resource | raw.Undecodable) -> Intake | Rejected | Ignored:
+def intake(resource: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAULT_READ) -> Intake | Rejected | Ignored:
     """A search entry as the store takes it: an Intake, a Rejected without an id (quarantined
     only), or Ignored (another resource type, or a code not monitored)."""
     if isinstance(resource, raw.Undecodable):
@@ -66,7 +71,7 @@ def intake(resource: raw.Resource | raw.Undecodable) -> Intake | Rejected | Igno
         return Intake(rejected.ref, -1, -1, rejected.patient, None, rejected)
     if resource.resourceType != "Observation":
         return Ignored(f"{resource.resourceType} not used")
-    outcome = normalise(resource)
+    outcome = normalise(resource, policy)
     if isinstance(outcome, Ignored):
         return outcome
     if isinstance(outcome, Rejected) and outcome.ref is None:
@@ -156,6 +161,7 @@ class Worker:
         self.clock = clock
         self.scheme = settings.scheme
         self.rules = settings.rules
+        self.read_policy = settings.read_policy
         self.directory = LiveDirectory(settings, client)
 
     # the cycle ---------------------------------------------------------------------------------------
@@ -180,8 +186,10 @@ class Worker:
             metrics.POLLS.labels("ok" if report.delivered_all else "undelivered").inc()
             if report.delivered_all:
                 metrics.LAST_POLL_OK.set(self.clock())
-        except NeutrowatchError:
+        except Exception as err:
+            # Whatever fails the cycle as a whole is counted and named; the caller retries next cycle.
             metrics.POLLS.labels("error").inc()
+            log.error("poll cycle failed", error_type=type(err).__name__, error=str(err)[:200] if isinstance(err, NeutrowatchError) else None)
             raise
         finally:
             metrics.POLL_SECONDS.observe(time.perf_counter() - started)
@@ -206,7 +214,7 @@ class Worker:
             items: list[Intake] = []
             now = self.clock()
             for resource in page.resources:
-                item = intake(resource)
+                item = intake(resource, self.read_policy)
                 if isinstance(item, Ignored):
                     metrics.OBSERVATIONS.labels("ignored").inc()
                     continue
@@ -302,26 +310,40 @@ class Worker:
         states = await self.store.load_states([w.patient for w in ready])
         decided: list[Decided] = []
         sent = from_epoch_us(int(now * 1_000_000))
+        clock_us = int(now * 1_000_000)
         for work in ready:
-            context = await self.directory.context(work.patient)
-            d = decide(states.get(work.patient, PatientState()), work.patient, work.panel, work.results, self.rules, context)
+            before = states.get(work.patient, PatientState())
+            try:
+                context = await self.directory.context(work.patient)
+                d = decide(before, work.patient, work.panel, work.results, self.rules, context, clock_us)
+                recipients = [await self.directory.recipients(work.patient, e.assessment.based_on if e.assessment else ())
+                              for e in d.events]
+                outcome = panel_outcome(d, work.results, recipients, self.scheme, self.settings.alerts, sent=sent)
+            except NeutrowatchError:
+                raise  # the store or the server failed under us: the cycle fails as a whole and is retried
+            except Exception as err:  # noqa: BLE001 - contained to this panel (service/outcomes.py)
+                record = failure_record(work.patient, work.panel, work.results, err)
+                metrics.PANEL_FAILURES.labels(type(err).__name__).inc()
+                log.error("panel quarantined: could not be decided", patient=work.patient, panel=work.panel,
+                          observations=record["observations"], error_type=type(err).__name__)
+                decided.append(Decided(work.patient, work.panel, before, [(record, None)]))
+                continue
             states[work.patient] = d.state
-            records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
             if d.assessed:
                 report.panels_assessed += 1
                 metrics.PANELS.inc()
-            if d.rejection is not None:
-                records.append((panel_rejected_record(d.rejection, work.results), None))
-                metrics.REJECTIONS.labels(metrics.reason_label(d.rejection.rejected.reason)).inc()
-                log.warning("panel rejected", patient=work.patient, panel=work.panel, reason=d.rejection.rejected.reason)
-            if d.not_assessed is not None:
-                records.append((not_assessed_record(d.not_assessed), None))
-            for event in d.events:
-                recipients = await self.directory.recipients(work.patient, event.assessment.based_on if event.assessment else ())
-                record = event_record(event, self.scheme, recipients)
-                alert = build(event, self.scheme, self.settings.alerts, sent=sent, recipients=recipients.refs)
-                writes = _writes_dict(alert, event.kind.value)
-                records.append((record, writes))
+            if d.stale:
+                metrics.STALE_PANELS.inc()
+                log.info("stale panel: collected before the newest assessed", patient=work.patient, panel=work.panel)
+            records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+            for record, alert in outcome.records:
+                if alert is None:
+                    if record["event"] == "rejected":
+                        metrics.REJECTIONS.labels(metrics.reason_label(record["reason"])).inc()
+                        log.warning("panel rejected", patient=work.patient, panel=work.panel, reason=record["reason"])
+                    records.append((record, None))
+                    continue
+                records.append((record, _writes_dict(alert, record["event"])))
                 metrics.ALERTS.labels(record["event"], record["grade"] or "none").inc()
                 report.events[record["event"]] = report.events.get(record["event"], 0) + 1
                 log.info("alert decided", patient=work.patient, alert=record["event"], grade=record["grade"],

@@ -62,6 +62,7 @@ class Assessment:
     platelets: float | None = None  # cells/uL, same panel
     threshold_rule: str = "scheme"  # which threshold applied (scheme, infant, individual)
     based_on: tuple[str, ...] = ()  # the orders (ServiceRequest references) behind the results
+    time_note: str | None = None  # the collection time had no offset and was read in the site's timezone
 
 
 @dataclass(frozen=True, slots=True)

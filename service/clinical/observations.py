@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
 import msgspec
 
 from .codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
-from .fhirtime import to_epoch_us
+from .fhirtime import CollectionTime, TimeError, collection_time, instant_us
 from .raw import Quantity, Resource, Undecodable, fhir_id
 from .units import UnitError, to_canonical
 
@@ -31,6 +32,17 @@ MAX_BASED_ON = 32  # orders named by one result (recipients); more is junk, not 
 # A literal reference to a Patient: relative, or absolute on an http(s) base, optionally versioned.
 _PATIENT_REF = re.compile(r"(?:https?://[!-~]{1,400}?/)?Patient/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
 _LITERAL_REF = re.compile(r"(?:https?://[!-~]{1,400}?/)?[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadPolicy:
+    """What the site says about how its data is written, built from the configuration at the edge and
+    handed to `normalise` by replay and the live loop alike."""
+
+    local_timezone: str | None = None  # IANA zone of collection times written without an offset
+
+
+DEFAULT_READ = ReadPolicy()
 
 
 def literal_reference(ref: str | None) -> str | None:
@@ -67,6 +79,7 @@ class LabResult(msgspec.Struct, frozen=True, gc=False, array_like=True):
     specimen: str | None
     ref_low: float | None  # referenceRange.low in the canonical unit (absolute neutrophil terms only: the LLN)
     based_on: tuple[str, ...] = ()
+    time_note: str | None = None  # the collection time had no offset and was read in the site's timezone
 
     @property
     def assessable(self) -> bool:
@@ -112,8 +125,11 @@ def _term(resource: Resource) -> Term | Ignored | str:
     for c in coding or ():
         if c.system != LOINC and c.system != LOINC_OID:
             continue
-        code = (c.code or "").strip()
+        code = c.code or ""
         term = TERMS.get(code)
+        if term is None and code.strip() in TERMS:
+            # Not a FHIR code (no leading or trailing whitespace, datatypes §code): visible, not silent.
+            return f"code {code.strip()} has surrounding whitespace"
         if term is None:
             granulocytes = granulocytes or code in NOT_NEUTROPHILS
             continue
@@ -158,22 +174,40 @@ def _effective(resource: Resource) -> str | None:
 
 _UNSEEN = object()
 _instants: dict[str, int | None] = {}
+_collections: dict[tuple[str, str | None], CollectionTime | str] = {}
 
 
 def _instant(text: str | None) -> int | None:
-    """Parsed FHIR time; panel members share their strings, so a small cache saves most parses."""
+    """meta.lastUpdated as a FHIR instant, None when absent or not one (a small cache: the members of
+    a panel share their strings)."""
     if not text:
         return None
     cached = _instants.get(text, _UNSEEN)
     if cached is not _UNSEEN:
         return cached  # type: ignore[return-value]
     try:
-        value: int | None = to_epoch_us(text)
-    except ValueError:
+        value: int | None = instant_us(text)
+    except TimeError:
         value = None
     if len(_instants) >= 8192:
         _instants.clear()
     _instants[text] = value
+    return value
+
+
+def _collection(text: str, local_timezone: str | None) -> CollectionTime | str:
+    """The collection time, or the reason it is not one (cached like `_instant`)."""
+    key = (text, local_timezone)
+    cached = _collections.get(key)
+    if cached is not None:
+        return cached
+    try:
+        value: CollectionTime | str = collection_time(text, local_timezone)
+    except TimeError as err:
+        value = str(err)
+    if len(_collections) >= 8192:
+        _collections.clear()
+    _collections[key] = value
     return value
 
 
@@ -193,7 +227,7 @@ def _check_value(term: Term, value: float) -> str | None:
     return None
 
 
-def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
+def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResult | Rejected | Ignored:
     """Read one Observation. Never raises for any `Resource` value."""
     if resource.resourceType != "Observation":
         return Ignored("not an Observation")
@@ -207,7 +241,7 @@ def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
     ref = f"Observation/{resource.id}" if fhir_id(resource.id) else None
     patient = _patient(resource)
     effective = _effective(resource)
-    effective_us = _instant(effective)
+    when = _collection(effective, policy.local_timezone) if effective else None
     status = resource.status
     if isinstance(term, str):
         reason: str | None = term
@@ -221,8 +255,8 @@ def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
         reason = "unknown status"
     elif effective is None:
         reason = "no effective time"
-    elif effective_us is None:
-        reason = "effective time is not a FHIR dateTime"
+    elif isinstance(when, str):
+        reason = when
     else:
         reason = None
     if reason is None:
@@ -231,23 +265,27 @@ def normalise(resource: Resource) -> LabResult | Rejected | Ignored:
             specimen = resource.specimen
             return LabResult(
                 ref, version, patient, term.code, term.kind, term.method.value, status, value[0],  # type: ignore[arg-type,union-attr]
-                value[1], effective, effective_us, updated_us,  # type: ignore[arg-type]
+                value[1], when.text, when.us, updated_us,  # type: ignore[union-attr]
                 literal_reference(specimen.reference) if isinstance(specimen, msgspec.Struct) else None,
                 _reference_low(term, resource) if term.kind is Kind.NEUT_ABS and value[0] is not None else None,  # type: ignore[arg-type]
                 tuple(r.reference for r in (resource.basedOn or ())[:MAX_BASED_ON] if literal_reference(r.reference)),  # type: ignore[misc]
+                when.note,  # type: ignore[union-attr]
             )
         reason = value
     code = term.code if isinstance(term, Term) else None
     # A rejection keeps only what identifies the result: a collection time that is not one is kept
     # only when it is made of what dateTimes are made of (it is stored and written to the events:
     # never free text).
-    shown = effective if effective_us is not None or (effective and _DATE_LIKE.fullmatch(effective)) else None
+    shown = effective if effective and _DATE_LIKE.fullmatch(effective) else None
     return Rejected(reason, ref, version, patient, code, shown, updated_us)
 
 
 def _value(term: Term, resource: Resource, status: str) -> tuple[float | None, bool] | str:
     """(value in the canonical unit, at_most), or the reason there is no usable value."""
     q = resource.valueQuantity
+    if resource.dataAbsentReason is not None and (q is not None or resource.valueString is not None
+                                                   or resource.valueCodeableConcept is not None or resource.valueInteger is not None):
+        return "value given together with dataAbsentReason (FHIR obs-6)"
     if q is None or q.value is None:
         if status in _VALUELESS_STATUSES:
             return None, False

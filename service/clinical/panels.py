@@ -22,7 +22,7 @@ from .episodes import (
     withdraw,
 )
 from .observations import LabResult
-from .rules import Rules
+from .rules import DAY_US, Rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +104,7 @@ def assess(
     return Assessment(
         patient, panel, outcome.value, outcome.at_most, outcome.method, outcome.wbc,
         grading.scheme.grade(outcome.value, outcome.lln), primary.effective, primary.effective_us,
-        refs, tuple(r.version for r in outcome.inputs), label, hb, plt, grading.rule, based_on,
+        refs, tuple(r.version for r in outcome.inputs), label, hb, plt, grading.rule, based_on, primary.time_note,
     )
 
 
@@ -116,16 +116,56 @@ class PanelDecision:
     not_assessed: NotAssessed | None = None
     assessed: bool = False  # the panel had an ANC to grade
     stale: bool = False  # collected before the newest panel already assessed
+    assessment: Assessment | None = None  # the panel's assessment, when it had an ANC to grade
+    newest_effective: str | None = None  # for a stale panel: the collection time of the newest one assessed
+
+
+def implausible_time(results: Iterable[LabResult], rules: Rules, context: PatientContext, clock_us: int | None) -> PanelRejected | None:
+    """The panel's members whose collection time cannot be true, with the reason, or None.
+
+    Later than the result was recorded: each result's meta.lastUpdated bounds its own collection
+    time (a result without one is bounded by `clock_us`, the reading clock: the newest
+    meta.lastUpdated read, or now); earlier than the patient's birth or than 1900. Such a time would
+    otherwise stand as the patient's newest (or oldest) collection and turn every real panel after
+    it into a stale one, silencing the patient."""
+    late: list[LabResult] = []
+    early: list[LabResult] = []
+    floor = rules.earliest_collection_us
+    born = context.birth_us - DAY_US if context.birth_us is not None else None
+    for r in results:
+        bound = r.updated_us if r.updated_us is not None else clock_us
+        if bound is not None and r.effective_us > bound + rules.collection_slack_us:
+            late.append(r)
+        elif r.effective_us < floor or (born is not None and r.effective_us < born):
+            early.append(r)
+    if late:
+        return PanelRejected(COLLECTED_AFTER_RECORDED, tuple(late))
+    if early:
+        reason = COLLECTED_BEFORE_1900 if any(r.effective_us < floor for r in early) else COLLECTED_BEFORE_BIRTH
+        return PanelRejected(reason, tuple(early))
+    return None
+
+
+COLLECTED_AFTER_RECORDED = "collection time later than the result was recorded"
+COLLECTED_BEFORE_BIRTH = "collection time before the patient's birth date"
+COLLECTED_BEFORE_1900 = "collection time before 1900"
 
 
 def decide(
     state: PatientState, patient: str, panel: str, results: Iterable[LabResult], rules: Rules,
-    context: PatientContext = PatientContext(),
+    context: PatientContext = PatientContext(), clock_us: int | None = None,
 ) -> PanelDecision:
-    """One panel through the whole core: temperatures remembered, ANC, grade, episode (and revision
-    when the panel was assessed before). The same function serves replay and the live loop, so
-    replay is the live loop's oracle."""
+    """One panel through the whole core: collection times checked, temperatures remembered, ANC,
+    grade, episode (and revision when the panel was assessed before). The same function serves
+    replay and the live loop, so replay is the live loop's oracle. `clock_us`: the reading clock,
+    bounding the collection time of a result that has no meta.lastUpdated."""
     results = tuple(results)
+    impossible = implausible_time(results, rules, context, clock_us)
+    if impossible is not None:
+        # Never alerts, never becomes the patient's newest collection; if the panel was assessed
+        # before (a correction moved its time), what rested on it goes.
+        state, withdrawn = withdraw(state, patient, panel, rules, reason="rejected on correction")
+        return PanelDecision(state, tuple(withdrawn), rejection=PanelRejection(patient, panel, impossible))
     events: list[AlertEvent] = []
     for r in results:
         if r.kind is Kind.TEMP and r.assessable:
@@ -146,8 +186,10 @@ def decide(
         return PanelDecision(state, tuple(events + withdrawn))
     previous = next((h for h in state.history if h.panel == panel), None)
     reason = _revision_reason(previous, outcome) if previous is not None else "corrected"
+    newest = state.machine.last_effective
     state, produced, stale = apply(state, outcome, rules, reason=reason)
-    return PanelDecision(state, tuple(events + produced), assessed=True, stale=stale)
+    return PanelDecision(state, tuple(events + produced), assessed=True, stale=stale, assessment=outcome,
+                         newest_effective=newest if stale else None)
 
 
 def _withdrawal_reason(results: tuple[LabResult, ...]) -> str:

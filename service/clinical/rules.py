@@ -46,3 +46,10 @@ class Rules:
     # 234423001 (chronic benign neutropenia) the site's threshold (None: that Condition is ignored).
     patient_thresholds: tuple[tuple[str, float], ...] = ()
     chronic_benign_threshold: float | None = 1000.0
+    # Plausible collection times (docs/clinical-reference.md, "Collection time"): a specimen is
+    # collected before its result is recorded, so a collection time later than the result's
+    # meta.lastUpdated (or, without one, the reading clock) by more than this slack is impossible
+    # (clock skew between the laboratory system and the server is allowed for); one earlier than the
+    # patient's birth date (less a day: a date has no timezone) or than 1900 is a typing error.
+    collection_slack_us: int = HOUR_US
+    earliest_collection_us: int = -2_208_988_800_000_000  # 1900-01-01T00:00:00Z

@@ -359,6 +359,16 @@ def _clock_limit_us(headers: Mapping[str, str]) -> int:
     return int(date.timestamp() * 1_000_000) + _DATE_SLACK_US
 
 
+HTML_PAGE = "the server answered with an HTML page, not FHIR JSON — a proxy or login page?"
+
+
+def _is_html(response: _Response) -> bool:
+    """A page for a person (a proxy's or single sign-on login page, an error page), not a FHIR
+    answer: said so, instead of a JSON parse error that sends the operator looking at the server."""
+    media = (response.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    return media in ("text/html", "application/xhtml+xml")
+
+
 def _request_url(url: str) -> URL:
     """Send a URL exactly as given (next links included) unless it holds characters that must be encoded."""
     return URL(url, encoded=True) if url.isascii() and url.isprintable() and " " not in url else URL(url)
@@ -563,9 +573,12 @@ class FhirClient:
         if status in RETRY_STATUSES:
             after = retry_after_seconds(response.headers, self._clock())
             raise _Retry(str(status), ambiguous=status != 429, response=response, after=after)
+        html = _is_html(response)
         if 200 <= status < 300:
+            if html:
+                raise FhirError(f"HTTP {status}: {HTML_PAGE}")
             return parse(response)
-        summary = outcome_summary(response.body)
+        summary = HTML_PAGE if html else outcome_summary(response.body)
         if status == 412:
             raise PreconditionFailed(status, summary)
         raise FhirHttpError(status, summary)

@@ -22,13 +22,13 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
 import orjson
 import structlog
 
+from .. import pgdsn
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
@@ -99,12 +99,10 @@ def lock_key(schema: str) -> int:
 
 
 def describe_dsn(dsn: str) -> str:
-    """host:port/database of a DSN, for messages (no user, no password)."""
-    try:
-        parts = urlsplit(dsn)
-        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
-    except ValueError:
-        return "(unparseable DSN)"
+    """host:port/database of a DSN, for messages, /readyz and logs: built from the parsed host, port
+    and database only (never the user, password or options); a DSN of neither libpq form shows
+    as "(unparseable DSN)", never as its text."""
+    return pgdsn.describe(dsn)
 
 
 class PostgresStore:

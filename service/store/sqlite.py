@@ -117,6 +117,23 @@ def _guarded(method: Callable[..., _R], store: SqliteStore, *args: Any, **kwargs
         raise StoreError(f"state store {store.path}: {err}") from None
 
 
+FILE_MODE = 0o600
+
+
+def _private(path: str) -> None:
+    """Create the state file 0600 before SQLite opens it (it would create it 0644 under the usual
+    umask: patient references and results readable by every local user). SQLite creates the -wal
+    and -shm files with the database file's permissions, so they follow. A file that exists with
+    group or other permissions (made by an older release) loses them, and so do its -wal and -shm."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.exists(name) and (mode := os.stat(name).st_mode & 0o777) & 0o077:
+                os.chmod(name, mode & 0o700)
+    except OSError as err:
+        raise StoreError(f"state store {path}: {err.strerror or type(err).__name__}") from None
+
+
 class SqliteStore:
     def __init__(self, path: str | Path):
         self.path = str(path)
@@ -131,6 +148,7 @@ class SqliteStore:
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                _private(self.path)
             # check_same_thread=False: tests read the file through `db` from their own thread
             db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")

@@ -79,10 +79,12 @@ def engine_available() -> tuple[bool, str]:
 class FhirEngine:
     """A running (or startable) FHIR test engine process."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, verbose: bool = False) -> None:
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
+                 bearer_token_file: Path | None = None) -> None:
         self.host = host
         self.port = port
         self.verbose = verbose
+        self.bearer_token_file = bearer_token_file  # requests must carry this file's token (re-read each request)
         self.base_url: str = ""
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen[str] | None = None
@@ -103,6 +105,8 @@ class FhirEngine:
         args = [node, str(SERVER_SCRIPT), "--port", str(self.port), "--host", self.host, "--exit-with-stdin"]
         if self.verbose:
             args.append("--verbose")
+        if self.bearer_token_file is not None:
+            args += ["--bearer-token-file", str(self.bearer_token_file)]
         # stderr goes to a file, never to an undrained pipe (a full pipe would block the server).
         self._log_file = tempfile.NamedTemporaryFile(prefix="fhir-engine-", suffix=".log", delete=False)
         started = time.monotonic()

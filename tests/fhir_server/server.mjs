@@ -6,9 +6,15 @@
 // body-size and content-type checks, and two admin endpoints (POST /$reset, GET /$health).
 //
 //   node server.mjs [--port 0] [--host 127.0.0.1] [--verbose] [--no-narrow] [--exit-with-stdin]
+//                   [--bearer-token-file PATH]
+//
+// With --bearer-token-file every FHIR request (not the admin endpoints) must carry
+// "Authorization: Bearer <the file's content>", read on each request so a test can rotate it;
+// otherwise 401 with WWW-Authenticate: Bearer (RFC 6750 §3).
 //
 // Prints exactly one line "LISTENING http://<host>:<port>" to stdout once ready. See README.md.
 
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import { parseArgs } from 'node:util';
 // @medplum/core 5.2 targets Node >= 22 and reads WebSocket.OPEN/CLOSING/CLOSED at module load.
@@ -52,6 +58,7 @@ const { values: args } = parseArgs({
     verbose: { type: 'boolean', default: false },
     'no-narrow': { type: 'boolean', default: false },
     'exit-with-stdin': { type: 'boolean', default: false },
+    'bearer-token-file': { type: 'string' },
   },
 });
 
@@ -264,6 +271,11 @@ async function handle(req, res, base) {
   if (url.pathname === '/$reset' && method === 'POST') {
     repo = new EngineRepository();
     return send(res, 200, allOk);
+  }
+  const tokenFile = args['bearer-token-file'];
+  if (tokenFile && req.headers.authorization !== `Bearer ${readFileSync(tokenFile, 'utf8').trim()}`) {
+    const outcome = { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'login' }] };
+    return send(res, 401, outcome, { 'WWW-Authenticate': 'Bearer error="invalid_token"' });
   }
   if (url.pathname === '/metadata' && method === 'GET') {
     return send(res, 200, capabilityStatement(base));

@@ -203,6 +203,28 @@ CORPUS: list[Hostile] = [
     _item("no-id", R, "no id", ref=False, mutate=_set("id", _DELETE)),
     _item("id-with-spaces", R, "id is not a FHIR id", ref=False, mutate=_set("id", PHI_NAME)),
     _item("version-with-spaces", R, "meta.versionId is not a FHIR id", mutate=_set("meta.versionId", PHI_NAME)),
+    # collection times that are not FHIR dateTimes with an offset (FHIR R4 datatypes, dateTime regex)
+    *(_item(f"effective-{label}", R, reason, mutate=_set("effectiveDateTime", text)) for label, text, reason in (
+        ("no-offset", "2026-03-01T08:00:00", "effective time has no timezone"),
+        ("no-seconds", "2026-03-01T08:00Z", "effective time is not a FHIR dateTime"),
+        ("empty-fraction", "2026-03-01T08:00:00.Z", "effective time is not a FHIR dateTime"),
+        ("space-separator", "2026-03-01 08:00:00Z", "effective time is not a FHIR dateTime"),
+        ("offset-without-colon", "2026-03-01T08:00:00+0100", "effective time is not a FHIR dateTime"),
+        ("offset-hours-only", "2026-03-01T08:00:00+01", "effective time is not a FHIR dateTime"),
+        ("basic-format", "20260301T080000Z", "effective time is not a FHIR dateTime"),
+        ("hour-only", "2026-03-01T08", "effective time is not a FHIR dateTime"),
+        ("space-before-zone", "2026-03-01T08:00:00 Z", "effective time is not a FHIR dateTime"),
+        ("month-only", "2026-03", "effective time is a date without a time of day"),
+        ("date-only", "2026-03-01", "effective time is a date without a time of day"),
+        ("thirtieth-of-february", "2026-02-30T08:00:00Z", "effective time is not a FHIR dateTime"),
+    )),
+    # collection times that cannot be true (docs/clinical-reference.md, "Collection time")
+    _item("effective-far-future", P, "collection time later than the result was recorded", mutate=_set("effectiveDateTime", "9999-12-31T23:59:59Z")),
+    _item("effective-year-one", P, "collection time before 1900", mutate=_set("effectiveDateTime", "0001-01-01T00:00:00Z")),
+    # a value together with dataAbsentReason (FHIR obs-6), a code with surrounding whitespace
+    _item("value-and-data-absent-reason", R, "value given together with dataAbsentReason",
+          mutate=_set("dataAbsentReason", {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "error"}]})),
+    _item("code-with-whitespace", R, "code 751-8 has surrounding whitespace", mutate=_set("code", {"coding": [{"system": LOINC, "code": " 751-8 "}]})),
     # a copy without meta (severe) of an Observation whose stamped version (normal) is read too:
     # no version of it, whatever the order
     _without_meta("copy-without-meta", "copy that cannot be ordered among the versions read of this Observation"),

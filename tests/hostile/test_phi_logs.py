@@ -110,6 +110,38 @@ def test_live_loop_logs_carry_no_phi(fhir_base_url, tmp_path):
     assert any('"observation rejected"' in line for line in lines)  # the noisy results were logged, by id and reason
     assert any('"fhir_response"' in line for line in lines)  # debug lines are in
     assert_no_phi(lines, names, texts)
+    # Patient references are pseudonymised: no line ties a grade or a value to a patient's id
+    patients = {f"Patient/{r['id']}" for r in resources if r["resourceType"] == "Patient"}
+    decided = [line for line in lines if '"alert decided"' in line]
+    assert decided and all('"Patient/~' in line for line in decided)
+    for line in lines:
+        for ref in re.findall(r"Patient/[A-Za-z0-9\-.]+", line):
+            assert ref not in patients, f"a plain patient reference in the log: {line[:300]}"
+
+
+def test_pseudonyms_are_stable_per_key_and_canonical():
+    """One key: one pseudonym per patient whatever the spelling of its reference (versioned,
+    absolute); another key: another pseudonym; the id itself never appears."""
+    from service.logging import Pseudonyms
+
+    a, b = Pseudonyms(b"k1"), Pseudonyms(b"k2")
+    spellings = ["Patient/p-17", "Patient/p-17/_history/3", "https://fhir.example.org/r4/Patient/p-17"]
+    assert len({a.text(s) for s in spellings}) == 1
+    assert a.text("Patient/p-17") != b.text("Patient/p-17") and "p-17" not in a.text("see Patient/p-17 now")
+    assert a.text("Observation/o-1") == "Observation/o-1"
+    assert Pseudonyms(None).ephemeral and not a.ephemeral
+
+
+def test_pseudonym_command_matches_the_logs(tmp_path, monkeypatch, capsys):
+    """`neutrowatch pseudonym Patient/x` prints the pseudonym the logs use under the configured key."""
+    from service.__main__ import main
+    from service.logging import Pseudonyms
+
+    monkeypatch.setenv("NEUTROWATCH_LOGGING__PSEUDONYM_KEY", "deployment-key")
+    assert main(["pseudonym", "Patient/p-17"]) == 0
+    assert capsys.readouterr().out.strip() == Pseudonyms(b"deployment-key").text("Patient/p-17")
+    monkeypatch.delenv("NEUTROWATCH_LOGGING__PSEUDONYM_KEY")
+    assert main(["pseudonym", "Patient/p-17"]) == 2  # no key: pseudonyms change with each process
 
 
 def test_phi_keys_are_redacted_at_any_depth():

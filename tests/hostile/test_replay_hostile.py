@@ -398,7 +398,7 @@ def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
     rejected = [e for e in got if e["event"] == "rejected"]
     assert sorted(e["observations"][0] for e in rejected) == sorted(
         BY_NAME[n].ref for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json"))
-    assert len(got) == 14
+    assert len([e for e in got if e["event"] != "stale"]) == 14  # stale: collected before a newer panel (visible, no alert)
     # 13 MB of input; the whole document is held once as bytes and once as text on the salvage path
     print(f"replay of a 30 000-entry Bundle (salvage path): peak RSS {rss:.0f} MiB")
     assert rss < 600, f"peak RSS {rss:.0f} MiB"

@@ -112,3 +112,71 @@ def test_age_and_individual_thresholds(age_days, threshold, anc, outcome):
     else:
         (event,) = d.events
         assert event.band.severity == outcome
+
+
+# -- collection times that cannot be true ---------------------------------------------------------
+
+from service.clinical.context import PatientContext  # noqa: E402
+from service.clinical.panels import (  # noqa: E402
+    COLLECTED_AFTER_RECORDED,
+    COLLECTED_BEFORE_1900,
+    COLLECTED_BEFORE_BIRTH,
+)
+
+UPDATED = "2026-01-05T09:00:00Z"
+
+
+def cbc_at(effective, updated=UPDATED, patient="Patient/t"):
+    key = "".join(ch for ch in effective if ch.isdigit())
+    return [result(observation(code, value, "10*3/uL", id=f"t{code}-{key}", patient=patient, effective=effective,
+                               updated=updated, specimen=f"Specimen/s{key}"))
+            for code, value in (("6690-2", 2.0), ("751-8", 0.2))]
+
+
+BORN = PatientContext(birth_us=1_577_836_800_000_000)  # 2020-01-01
+
+
+@pytest.mark.parametrize(("effective", "updated", "context", "clock", "reason"), [
+    # A specimen is collected before its result is recorded (meta.lastUpdated); the default slack of
+    # one hour allows for clock skew between laboratory system and server.
+    ("2026-01-05T08:00:00Z", UPDATED, PatientContext(), None, None),
+    ("2026-01-05T09:59:59Z", UPDATED, PatientContext(), None, None),  # within the hour of slack
+    ("2026-01-05T10:00:01Z", UPDATED, PatientContext(), None, COLLECTED_AFTER_RECORDED),
+    ("9999-12-31T23:59:59Z", UPDATED, PatientContext(), None, COLLECTED_AFTER_RECORDED),
+    # without meta.lastUpdated the reading clock bounds it; without either nothing does
+    ("2026-01-05T10:00:01Z", None, PatientContext(), 1_767_603_600_000_000, COLLECTED_AFTER_RECORDED),  # clock 09:00Z
+    ("2026-01-05T10:00:01Z", None, PatientContext(), None, None),
+    # before the patient was born (less a day: a birth date has no timezone), or before 1900
+    ("2019-12-31T12:00:00Z", UPDATED, BORN, None, None),
+    ("2019-12-30T12:00:00Z", UPDATED, BORN, None, COLLECTED_BEFORE_BIRTH),
+    ("1899-12-31T23:59:59Z", UPDATED, PatientContext(), None, COLLECTED_BEFORE_1900),
+    ("0001-01-01T00:00:00Z", UPDATED, BORN, None, COLLECTED_BEFORE_1900),
+])
+def test_impossible_collection_times_are_rejected(effective, updated, context, clock, reason):
+    """A collection time later than the result was recorded, or before birth or 1900, rejects the
+    panel with the reason; a plausible one is assessed."""
+    d = decide(PatientState(), "Patient/t", "k", cbc_at(effective, updated), Rules(), context, clock)
+    if reason is None:
+        assert d.rejection is None and d.assessed
+    else:
+        assert d.rejection is not None and d.rejection.rejected.reason == reason
+        assert not d.events and not d.assessed and d.state == PatientState()
+
+
+def test_a_far_future_panel_does_not_silence_the_patient():
+    """A panel dated 9999 is rejected and never becomes the patient's newest collection, so the
+    real severe panel after it still alerts (before: every later panel was stale, no event)."""
+    state = PatientState()
+    future = decide(state, "Patient/t", "f", cbc_at("9999-12-31T23:59:59Z"), Rules())
+    later = decide(future.state, "Patient/t", "r", cbc_at("2026-01-05T08:30:00Z"), Rules())
+    assert future.rejection is not None
+    assert [e.kind.value for e in later.events] == ["new"] and not later.stale
+
+
+def test_a_stale_panel_says_which_collection_is_newer():
+    """A panel collected before the newest assessed one is remembered without an event, and the
+    decision names the newer collection (it becomes a visible `stale` record)."""
+    first = decide(PatientState(), "Patient/t", "a", cbc_at("2026-01-05T08:00:00Z"), Rules())
+    older = decide(first.state, "Patient/t", "b", cbc_at("2026-01-04T08:00:00Z"), Rules())
+    assert older.stale and not older.events
+    assert older.newest_effective == "2026-01-05T08:00:00Z" and older.assessment is not None

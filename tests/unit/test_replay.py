@@ -154,11 +154,13 @@ def test_preliminary_is_not_assessed(tmp_path):
 
 
 def test_late_arriving_older_panel_does_not_reopen(tmp_path):
-    # Panel collected day 5 arrives after the day 8 panel: recorded, no event (issue 2 rule).
+    """A panel collected on day 5 that arrives after the day 8 panel opens nothing: it is remembered
+    and reported as a visible `stale` decision that names the newer collection, never silently dropped."""
     new = cbc("Patient/late", 8, 1.2, updated=False)
     old = cbc("Patient/late", 5, 0.3, updated=False)
     events, _ = replay(tmp_path, write_ndjson(tmp_path / "l.ndjson", new + old))
-    assert [(e["event"], e["anc"]) for e in events] == [("new", 1200)]
+    assert [(e["event"], e["anc"]) for e in events] == [("new", 1200), ("stale", 300)]
+    assert events[1]["newest_effective"] == events[0]["effective"]
 
 
 def test_panels_grouped_by_effective_when_no_specimen_or_report(tmp_path):

@@ -72,7 +72,7 @@ app.kubernetes.io/part-of: neutrowatch
 {{/* True (non-empty) when the Secret is referenced for at least one key. */}}
 {{- define "neutrowatch.secretMounted" -}}
 {{- $k := .Values.existingSecret.keys }}
-{{- if and .Values.existingSecret.name (or $k.bearerToken $k.smartPrivateKey $k.dsn) }}true{{- end }}
+{{- if and .Values.existingSecret.name (or $k.bearerToken $k.smartPrivateKey $k.dsn $k.pseudonymKey) }}true{{- end }}
 {{- end }}
 
 {{/*
@@ -94,6 +94,9 @@ ConfigMap and the checksum all see what the service sees.
 {{- end }}
 {{- if and .Values.existingSecret.name $keys.dsn }}
 {{- $_ := mergeOverwrite $overlay (dict "store" (dict "dsn_file" (printf "%s/dsn" $dir))) }}
+{{- end }}
+{{- if and .Values.existingSecret.name $keys.pseudonymKey }}
+{{- $_ := mergeOverwrite $overlay (dict "logging" (dict "pseudonym_key_file" (printf "%s/pseudonym-key" $dir))) }}
 {{- end }}
 {{- toYaml (mergeOverwrite $cfg $overlay) }}
 {{- end }}
