@@ -30,6 +30,7 @@ import msgspec
 import orjson
 
 from .clinical import jsonscan, raw
+from .clinical.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
 from .clinical.context import PatientContext, care_team_members, patient_context, requester
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
@@ -466,24 +467,67 @@ def _reject(rejected: Rejected, seq: int, rows: Rows) -> None:
         rows.obs.append((rejected.ref, vu, vv, seq, rejected.patient, None, None, None, data))
 
 
-def copies(versions: Iterable[tuple[int, bytes | None, bytes | None]]) -> Iterator[tuple[int, Rejected | None]]:
-    """For the versions of one Observation that share (meta.lastUpdated, versionId), given as (seq,
-    LabResult bytes, Rejected bytes) in input order: (seq, conflict rejection or None) for each
-    one after the first. The first copy read wins, as in the live loop (the store skips an (id,
-    lastUpdated, versionId) it has read); a later copy is dropped when it reads the same (a
-    re-export, overlapping files) and is rejected as a conflict when it does not: a FHIR version is
-    immutable, so two contents under one version are a server or interface fault, and the second
-    never alerts nor withdraws what the first decided."""
-    first: bytes | None = None
-    for n, (seq, data, rej) in enumerate(versions):
-        blob = data if data is not None else rej
-        if n == 0:
-            first = blob
-        elif blob == first:
-            yield seq, None
+@dataclass
+class Settled:
+    """What `settle` makes of the rows of one Observation (pass 1, both engines)."""
+
+    keep: set[int] = field(default_factory=set)  # seq of each row that stays as it was read
+    # (seq, vu, vv, patient, Rejected): rows added as rejected versions (a conflict)
+    versions: list[tuple[int, int, int, str | None, bytes]] = field(default_factory=list)
+    reported: list[tuple[int, int, int, bytes]] = field(default_factory=list)  # (seq, vu, vv, Rejected): reported, no version
+    identical: int = 0  # copies dropped as a content already read
+
+
+ObsRow = tuple[int, int, int, bytes | None, bytes | None]  # (seq, vu, vv, LabResult, Rejected) of an obs row
+
+
+def settle(rows: Sequence[ObsRow]) -> Settled:
+    """The rows read of one Observation, in input order, as `clinical.copies` rules (the rule the
+    live stores apply, `store.base.plan`): copies of one version that read alike are one row (the
+    others counted, IDENTICAL_COPY); copies that do not are one rejected version (CONFLICT) and a
+    CONFLICT rejection per further content; a copy that is no version (not `placed`) is reported
+    once per content and is no row. Where order would show (which rejection first), contents are
+    taken in order of content key and given the smallest input positions of their copies, so the
+    events are the same for every order of the copies."""
+    stamped_read = any(stamped(vu, vv) for _seq, vu, vv, _data, _rej in rows)
+    out = Settled()
+    groups: dict[tuple[int, int], list[ObsRow]] = {}
+    unplaced: list[ObsRow] = []
+    for row in rows:
+        _seq, vu, vv, data, _rej = row
+        if placed(vu, vv, data is None, stamped_read):
+            groups.setdefault((vu, vv), []).append(row)
         else:
-            outcome = _decode_result(data) if data is not None else _decode_rejected(rej)  # type: ignore[arg-type]
-            yield seq, conflict_rejection(outcome)
+            unplaced.append(row)
+    if unplaced:
+        firsts, again = distinct([(_content(r), r) for r in unplaced])
+        out.identical += again
+        for seq, (_key, (_s, vu, vv, data, rej)) in zip(sorted(r[0] for r in unplaced), firsts, strict=False):
+            out.reported.append((seq, vu, vv, _encode(unplaced_rejection(_outcome(data, rej)))))
+    for (vu, vv), group in groups.items():
+        if len(group) == 1:
+            out.keep.add(group[0][0])
+            continue
+        verdict = one_version([(_content(r), r) for r in group])
+        out.identical += len(verdict.duplicates)
+        if verdict.kept is not None:
+            out.keep.add(verdict.kept[1][0])
+            continue
+        for n, (seq, (_key, row)) in enumerate(zip(sorted(r[0] for r in group), verdict.conflicting, strict=False)):
+            rejection = conflict_rejection(_outcome(row[3], row[4]))
+            if n == 0:  # the version, rejected: it supersedes older versions as any rejected version does
+                out.versions.append((seq, vu, vv, rejection.patient, _encode(rejection)))
+            else:
+                out.reported.append((seq, vu, vv, _encode(rejection)))
+    return out
+
+
+def _content(row: ObsRow) -> bytes:
+    return content_key(row[3] if row[3] is not None else row[4])  # type: ignore[arg-type]
+
+
+def _outcome(data: bytes | None, rej: bytes | None) -> LabResult | Rejected:
+    return _decode_result(data) if data is not None else _decode_rejected(rej)  # type: ignore[arg-type]
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -506,17 +550,19 @@ CREATE TABLE rejected (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, data BLOB,
                        akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
 """
 _INSERT = "INSERT INTO obs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# Versions of an Observation read more than once with the same (lastUpdated, versionId).
+# The rows of each Observation `settle` may change: one read more than once with the same
+# (lastUpdated, versionId), or read both with and without them (a prefilter: `settle` decides).
 _COPIES = """
 SELECT rowid, ref, vu, vv, seq, data, rej FROM obs
-WHERE (ref, vu, vv) IN (SELECT ref, vu, vv FROM obs GROUP BY ref, vu, vv HAVING COUNT(*) > 1)
-ORDER BY ref, vu, vv, seq
+WHERE ref IN (SELECT ref FROM (SELECT ref, vu, vv, COUNT(*) AS n FROM obs GROUP BY ref, vu, vv)
+              GROUP BY ref HAVING MAX(n) > 1 OR (MIN(vu < 0 AND vv < 0) = 0 AND MAX(vu < 0 AND vv < 0) = 1))
+ORDER BY ref, seq
 """
 # Every version of every Observation, grouped by panel. A version's panel and patient are those of
 # the newest usable version of its Observation (a rejected version has none of its own).
 # Each panel's versions in order of availability. A rejection with neither lastUpdated nor a
 # versionId (an undecodable entry) cannot be placed among versions: it is reported (`_rejections`)
-# but is no version of its panel, so it never withdraws a readable one (store.base.unplaced, live).
+# but is no version of its panel, so it never withdraws a readable one (clinical.copies.placed).
 _PANELS = """
 SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, akey, ref, data FROM (
     SELECT ref, akey, data,
@@ -643,23 +689,23 @@ class Replay:
         self.db.execute("COMMIT")
 
     def _dedupe(self) -> None:
-        """Second copies of a version: dropped, or rejected as a conflict (`copies`)."""
+        """Copies of a version, and copies that are no version, as `settle` rules."""
         assert self.db is not None
         db = self.db
         dropped: list[tuple[int]] = []
-        conflicts: list[tuple[Any, ...]] = []
-        rows = db.execute(_COPIES).fetchall()
-        for _key, group in itertools.groupby(rows, key=lambda r: (r[1], r[2], r[3])):
+        versions: list[tuple[Any, ...]] = []
+        reported: list[tuple[Any, ...]] = []
+        for ref, group in itertools.groupby(db.execute(_COPIES).fetchall(), key=lambda r: r[1]):
             members = list(group)
-            rowids = {r[4]: r[0] for r in members}
-            for seq, conflict in copies((r[4], r[5], r[6]) for r in members):
-                dropped.append((rowids[seq],))
-                if conflict is None:
-                    self.stats.ignored[IDENTICAL_COPY] += 1
-                else:
-                    conflicts.append((conflict.ref, members[0][2], members[0][3], seq, _encode(conflict)))
+            settled = settle([(seq, vu, vv, data, rej) for _rowid, _ref, vu, vv, seq, data, rej in members])
+            if settled.identical:
+                self.stats.ignored[IDENTICAL_COPY] += settled.identical
+            dropped += [(r[0],) for r in members if r[4] not in settled.keep]
+            versions += [(ref, vu, vv, seq, patient, None, None, None, rej) for seq, vu, vv, patient, rej in settled.versions]
+            reported += [(ref, vu, vv, seq, rej) for seq, vu, vv, rej in settled.reported]
         db.executemany("DELETE FROM obs WHERE rowid = ?", dropped)
-        db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", conflicts)
+        db.executemany(_INSERT, versions)
+        db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", reported)
 
     def _flush(self, rows: Rows) -> None:
         db = self.db

@@ -60,12 +60,9 @@ from .replay import (
     _line_documents,
     _unreadable,
     availability_key,
-    copies,
     patient_facts,
     read_document,
-)
-from .replay import (
-    _encode as _encode_rejected,
+    settle,
 )
 
 CHUNK_BYTES = 8 << 20  # step 1 reads the input in byte ranges of about this size ...
@@ -356,8 +353,8 @@ _decode_versions = msgspec.msgpack.Decoder(tuple[list[_Version], list[tuple[str,
 def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]:
     """Each Observation's versions, given the panel and patient of its newest usable version (a
     rejected version has none of its own), passed on to the patient's partition; the rejections
-    of its rejected versions to any partition. A second copy of a version is dropped or rejected
-    as a conflict (`replay.copies`, as `Replay._dedupe`). Returns the segments and how many
+    of its rejected versions to any partition. Copies of a version and copies that are no version
+    are ruled by `replay.settle` (as `Replay._dedupe`). Returns the segments and how many
     identical copies were dropped."""
     assert _job is not None
     versions: dict[str, list[_Version]] = {}
@@ -393,28 +390,17 @@ def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]
 
 
 def _first_copies(ref: str, rows: list[_Version], rejected: list[list[Any]]) -> tuple[list[_Version], int]:
-    """`rows` without second copies of a version; the conflicts among them go to `rejected`."""
+    """`rows` as `replay.settle` rules them (as `Replay._dedupe`); the rejections that are no
+    version go to `rejected`. Returns the rows and how many identical copies were dropped."""
     if len(rows) == 1:
         return rows, 0
-    seen: dict[tuple[int, int], list[_Version]] = {}
-    for row in rows:
-        seen.setdefault((row.vu, row.vv), []).append(row)
-    if len(seen) == len(rows):
-        return rows, 0
+    settled = settle([(r.seq, r.vu, r.vv, r.data, r.rej) for r in rows])
     n = len(rejected)
-    drop: set[int] = set()
-    identical = 0
-    for (vu, vv), group in seen.items():
-        if len(group) < 2:
-            continue
-        group.sort(key=lambda r: r.seq)  # input order
-        for seq, conflict in copies((r.seq, r.data, r.rej) for r in group):
-            drop.add(seq)
-            if conflict is None:
-                identical += 1
-            else:
-                rejected[seq % n].append((availability_key(ref, vu, vv, seq), _encode_rejected(conflict)))
-    return [r for r in rows if r.seq not in drop], identical
+    for seq, vu, vv, rej in settled.reported:
+        rejected[seq % n].append((availability_key(ref, vu, vv, seq), rej))
+    kept = [r for r in rows if r.seq in settled.keep]
+    kept += [_Version(ref, vu, vv, seq, patient, None, None, None, rej) for seq, vu, vv, patient, rej in settled.versions]
+    return kept, settled.identical
 
 
 # -- step 3: the core -------------------------------------------------------------------------------

@@ -233,7 +233,8 @@ class Worker:
                     await self._rejected(item.outcome)
                 else:
                     metrics.OBSERVATIONS.labels("stored").inc()
-            metrics.OBSERVATIONS.labels("seen_before").inc(len(items) - len(new))
+            # (a batch may quarantine more than it read: a stored copy found to conflict)
+            metrics.OBSERVATIONS.labels("seen_before").inc(max(0, len(items) - len(new)))
         return newest_us
 
     async def _temperatures(self, report: CycleReport, read_up_to_us: int | None) -> None:

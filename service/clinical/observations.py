@@ -115,11 +115,12 @@ class Ignored(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
-CONFLICT = "conflicts with an earlier copy of the same version (same id, versionId and lastUpdated, other content)"
+CONFLICT = "conflicting copies of one version (same id, versionId and lastUpdated, other content): none is used"
 
 
 def conflict_rejection(outcome: LabResult | Rejected) -> Rejected:
-    """A second, different copy of an Observation version already read: never used (replay.copies)."""
+    """One of several copies of an Observation version that do not read alike: none is used
+    (clinical.copies)."""
     return Rejected(CONFLICT, outcome.ref, outcome.version, outcome.patient, outcome.code, outcome.effective,
                     outcome.updated_us)
 
