@@ -71,7 +71,7 @@ class ClinicalSettings(_Section):
         description="Threshold for patients with an active Condition 234423001 (chronic benign neutropenia); "
         "null to ignore that Condition. A local choice to validate.",
     )
-    chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (seed 000: > 3 months).")
+    chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (default: more than 3 months, a local choice to validate).")
     history_limit: int = Field(24, ge=2, le=500, description="Assessed panels remembered per patient, so a corrected result can be re-evaluated.")
     local_timezone: str | None = Field(
         None,

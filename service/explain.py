@@ -1,4 +1,4 @@
-"""`explain`: the decision trail of one patient — why neutrowatch decided what it decided (issue 7).
+"""`explain`: the decision trail of one patient — why neutrowatch decided what it decided.
 
 The inputs are read by replay's own reader (`Replay.load`, the SQLite engine) and judged by replay's
 own loop (`Replay.decide`, the same `panels.decide` the live loop runs); `explain` only listens, through

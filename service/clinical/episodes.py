@@ -1,20 +1,20 @@
 """Per-patient neutropenia episodes: a state machine over assessments and temperatures, and
 revision when a result that was already assessed is corrected or withdrawn.
 
-Rules of the machine (issue 2; grading from grading.py):
+Rules of the machine (grading from grading.py; reference §3):
 - a panel collected before the newest panel already assessed for the patient is remembered but
   does not open, worsen or resolve an episode (`stale`);
 - no open episode and a neutropenic band -> `new`;
 - open episode and a band worse than the worst already alerted in it -> `worsening`;
 - open episode and a normal band -> `resolved` (the episode closes; a later drop opens a new one);
-- an episode open longer than `chronic_after` -> `chronic`, once (issue 4; seed 000: > 3 months);
+- an episode open longer than `chronic_after` -> `chronic`, once (default > 3 months, a local choice);
 - fever within 24 h of an ANC < 500, or of an ANC < 1000 that fell by half within 48 h ->
-  `febrile`, once per episode (issue 4; IDSA 2010, ASCO/IDSA 2018; rules.py); a reading that
+  `febrile`, once per episode (IDSA 2010, ASCO/IDSA 2018; rules.py); a reading that
   arrives after its CBC pairs with the first assessment of the open episode it makes febrile, as if
   it had arrived first (`add_temperature`), so the order of arrival does not decide;
 - anything else -> no event: never a repeated alert at a band already sent.
 
-Revision (issue 4, "Corrections"): the patient's recent assessments are remembered in arrival
+Revision (corrections, reference §1.5): the patient's recent assessments are remembered in arrival
 order. When a remembered panel is re-assessed with a corrected value, or loses its value
 (entered-in-error, cancelled), the machine is re-run over the revised history and what it now
 derives is compared with what was announced: announcements that no longer hold are `retracted`,

@@ -1,6 +1,6 @@
 """Observation -> LabResult (a value in a canonical unit) or Rejected (with a reason).
 
-Rules: shared/reference/clinical-and-fhir.md §1.1 (codes; never match on display text), §1.5
+Rules: docs/clinical-reference.md §1.1 (codes; never match on display text), §1.5
 (Observation.status), §2 (units, comparator, dataAbsentReason, valueString).
 """
 

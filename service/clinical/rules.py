@@ -14,11 +14,11 @@ DAY_US = 24 * HOUR_US
 @dataclass(frozen=True, slots=True)
 class Rules:
     scheme: Scheme = DEFAULT
-    # Pancytopenia cut-offs (issue 4 defaults; one operational definition, the Danish KIP value set
+    # Pancytopenia cut-offs (defaults; one operational definition, the Danish KIP value set
     # "Cytopeni": Hb < 6.2 mmol/L (about 10 g/dL), platelets < 100 x 10^9/L — reference §3).
     hemoglobin_below_g_dl: float = 10.0
     platelets_below_per_ul: float = 100_000.0
-    # Chronic: an episode open more than 3 months (issue 4, seed 000).
+    # Chronic: an episode open more than 3 months (a local default to validate).
     chronic_after_us: int = 91 * DAY_US
     # Assessed panels remembered per patient, so a corrected result can be re-evaluated.
     history_limit: int = 24
@@ -29,7 +29,7 @@ class Rules:
     fever_sustained_us: int = HOUR_US
     # Febrile neutropenia: fever while ANC < 500, or ANC < 1000 and expected to fall below 500 within
     # 48 h (IDSA 2010); the "expected to fall" proxy is a design choice: a fall of >= 50 % from the
-    # previous value within 48 h. The fever must lie within 24 h of the ANC (issue 4 default).
+    # previous value within 48 h. The fever must lie within 24 h of the ANC (default; reference §3 "Febrile neutropenia").
     febrile_anc_below: float = 500.0
     febrile_falling_anc_below: float = 1000.0
     febrile_fall_fraction: float = 0.5

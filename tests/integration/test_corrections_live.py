@@ -1,4 +1,4 @@
-"""Corrections end to end against the real FHIR engine (issue 4): an entered-in-error result that
+"""Corrections end to end against the real FHIR engine: an entered-in-error result that
 withdraws an alert, and a corrected value."""
 
 from __future__ import annotations

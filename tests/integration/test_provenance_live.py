@@ -1,4 +1,4 @@
-"""Provenance in the live write path (issue 7): every alert write the worker posts carries its
+"""Provenance in the live write path: every alert write the worker posts carries its
 Provenance in the same transaction, and what the server then holds
 
 (a) has exactly one Provenance per Communication and per Flag-only (chronic) update, whose targets

@@ -1,6 +1,6 @@
-"""Episodes: transitions (issue 2 rules), chronicity and revision on corrections (issue 4).
+"""Episodes: transitions, chronicity and revision on corrections.
 Each row is a patient's sequence of panels and the events expected. Bands: the default scheme
-(test_grading); chronic: > 3 months (seed 000, issue 4)."""
+(test_grading); chronic: > 3 months (a local default)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def run(sequence):
         ([(1200, 1), (1300, 60), (1250, 93), (1100, 120)], ["new:mild", "-", "chronic:mild", "-"]),
         # a worsening on the day it becomes chronic carries both events
         ([(1200, 1), (700, 95)], ["new:mild", "worsening:moderate,chronic:moderate"]),
-        # --- corrections (issue 4) ---
+        # --- corrections ---
         # the only severe value corrected to normal: the alert is withdrawn
         ([(400, 1), ("fix", 1, 1800)], ["new:severe", "retracted:severe"]),
         # a worsening corrected away: the worsening is withdrawn, the episode stays

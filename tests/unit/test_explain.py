@@ -1,10 +1,10 @@
-"""`explain` (issue 7): the decision trail of one patient. Table-driven over hand-built inputs: the
+"""`explain`: the decision trail of one patient. Table-driven over hand-built inputs: the
 rule named for each event, the steps' outcomes, and — for every case and for a synthetic population —
 the events equal what replay writes for that patient (replay is the oracle; explain must agree).
 
 Expected values come from the rules table of the README (sources there): bands from grading.py's
 schemes (reference §3), fever >= 38.3 once or >= 38.0 over 1 h within 24 h of ANC < 500 (IDSA 2010,
-ASCO/IDSA 2018), the falling proxy (issue 4 default), chronic after 91 days (seed 000), infant/neonate
+ASCO/IDSA 2018), the falling proxy (default), chronic after 91 days (a local default), infant/neonate
 and individual thresholds (reference §3), corrections (reference §1.5)."""
 
 from __future__ import annotations

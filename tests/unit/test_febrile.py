@@ -1,10 +1,10 @@
-"""Febrile neutropenia (issue 4). Sources of the expected values:
+"""Febrile neutropenia. Sources of the expected values:
 - fever: IDSA 2010 (Freifeld, CID 2011;52:e56) and ASCO/IDSA 2018 (Taplitz, JCO 36:1443): a single
   oral temperature >= 38.3 C (101 F), or >= 38.0 C (100.4 F) sustained over 1 h (reference §3);
 - neutropenia: ANC < 500, or expected to fall below 500 within 48 h (IDSA 2010); the proxy for
-  "expected to fall" — a fall of >= 50 % from the previous value within 48 h — is the issue's
+  "expected to fall" — a fall of >= 50 % from the previous value within 48 h — is a
   configurable default, not a guideline value;
-- the fever must lie within 24 h of the ANC (issue 4 default window)."""
+- the fever must lie within 24 h of the ANC (default window)."""
 
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def test_memory_finds_the_fevers_of_the_whole_record(data):
 
 LOWS = (35.6, 36.4, 36.8, 37.2, 37.9)  # below 38.0: no fever, alone or sustained (IDSA 2010)
 HIGHS = (38.3, 38.8, 40.1)  # >= 38.3: a fever on its own (IDSA 2010)
-DAY_MIN = 24 * 60  # the fever window (issue 4 default: 24 h either side of the ANC)
+DAY_MIN = 24 * 60  # the fever window (default: 24 h either side of the ANC)
 
 
 @st.composite

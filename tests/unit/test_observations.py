@@ -1,4 +1,4 @@
-"""Observation -> LabResult | Rejected | Ignored. Sources: shared/reference/clinical-and-fhir.md
+"""Observation -> LabResult | Rejected | Ignored. Sources: docs/clinical-reference.md
 §1.1 (codes, mislabelled codes), §1.5 (Observation.status, comparator, dataAbsentReason,
 valueString), §2 (units)."""
 
@@ -101,7 +101,7 @@ def test_comparator_less_than_is_the_bound():
         ("final", True, True),  # evaluate and alert
         ("amended", True, True),  # re-evaluate
         ("corrected", True, True),
-        ("preliminary", False, True),  # issue 2: only final/amended/corrected are assessed
+        ("preliminary", False, True),  # reference §1.5: only final/amended/corrected are assessed
         ("registered", False, False),  # no result yet: kept to recognise the later update
         ("cancelled", False, False),
         ("entered-in-error", False, False),

@@ -1,4 +1,4 @@
-"""The replay contract (issue 2): CLI, event fields, ordering, rejections, alerts."""
+"""The replay contract: CLI, event fields, ordering, rejections, alerts."""
 
 from __future__ import annotations
 
