@@ -5,6 +5,7 @@ an invalid value fails with a message that names the field."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from .clinical.rules import Rules
 from .errors import ConfigError
 
 ENV_PREFIX = "NEUTROWATCH_"
+_PATIENT_KEY = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
 CONFIG_ENV = "NEUTROWATCH_CONFIG"
 
 
@@ -84,6 +86,18 @@ class ClinicalSettings(_Section):
         description="A collection time later than its result's meta.lastUpdated (or the reading clock) by more than "
         "this is rejected as impossible (clock skew between laboratory system and server is allowed for).",
     )
+
+    @field_validator("patient_thresholds")
+    @classmethod
+    def _patient_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        # Keys are patient identities as the service keys them (reference §9): relative, unversioned.
+        bad = sorted(k for k in value if not _PATIENT_KEY.fullmatch(k))
+        if bad:
+            raise ValueError(f"{len(bad)} key(s) are not a relative, unversioned Patient/<id> reference")
+        for k, v in value.items():
+            if not 0 < v <= 5000:
+                raise ValueError(f"threshold for {k} must be > 0 and <= 5000 cells/uL")
+        return value
 
     @field_validator("local_timezone")
     @classmethod

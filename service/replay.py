@@ -777,13 +777,15 @@ class Replay:
             stream = self.stream()
         if facts is None:
             facts = self.facts()
-        nothing = PatientFacts()
+        def no_facts(patient: str) -> PatientFacts:
+            """A patient the input says nothing else of: still its configured threshold, as live."""
+            return PatientFacts(patient_context(patient, None, (), self.rules))
         pool = self.alert_settings.recipients
         pending: list[tuple[str, str, str, list[LabResult]]] = []  # later versions, re-assessed when they arrive
 
         def judge(akey: str, patient: str, panel: str, members: list[LabResult]) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
             self.stats.panels += 1
-            known = facts.get(patient, nothing)
+            known = facts.get(patient) or no_facts(patient)
             before = states.get(patient, PatientState())
             decision: PanelDecision | None = None
             try:

@@ -332,3 +332,15 @@ def test_once_logs_what_check_config_warns_of(tmp_path):
     warnings = [line for line in proc.stderr.splitlines() if '"event": "unsafe configuration"' in line]
     assert len(warnings) == 2 and "fhir.verify_tls: false" in warnings[0] and "fhir.auth.bearer_token is written" in warnings[1]
     assert "tok-INLINE-9" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("key", ["Patient/1/_history/2", "https://fhir.example.org/Patient/1", "1", "Patient/a b"])
+def test_patient_threshold_keys_are_patient_identities(tmp_path, key):
+    """A configured threshold is keyed by the identity the service uses (a relative, unversioned
+    Patient reference): any other spelling would silently never match, so it is refused at start-up,
+    naming the field and not repeating the key."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"clinical:\n  patient_thresholds:\n    '{key}': 1000\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert "clinical.patient_thresholds" in str(err.value)

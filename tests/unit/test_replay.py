@@ -272,6 +272,17 @@ def test_patient_context_from_the_input(tmp_path):
     assert by_patient["Patient/neonate"]["event"] == "not-assessed"
 
 
+def test_configured_threshold_applies_without_any_patient_resource(tmp_path):
+    """A threshold configured for a patient (a documented Duffy-null associated neutrophil count,
+    reference §3) applies in replay even when the input holds nothing but its results, as it does
+    live: ANC 1200 is mild under the default scheme, normal under an individual 1000."""
+    config = tmp_path / "c.yaml"
+    config.write_text("clinical:\n  patient_thresholds:\n    Patient/danc: 1000\n")
+    events, _ = replay(tmp_path, write_ndjson(tmp_path / "t.ndjson", [*cbc("Patient/danc", 3, 1.2), *cbc("Patient/other", 3, 1.2)]),
+                       config=config)
+    assert [(e["patient"], e["event"]) for e in events] == [("Patient/other", "new")]
+
+
 # -- large documents: read entry by entry, the same events ---------------------------------------------
 
 
