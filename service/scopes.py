@@ -16,6 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 LETTERS = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": LETTERS}
@@ -56,6 +60,13 @@ def interactions(*, patient_context: bool = True, conditions: bool = True, claim
     if claim_profiles:
         found.append(Interaction("StructureDefinition read (claimed profiles)", "StructureDefinition", "rs"))
     return found
+
+
+def needed_by(settings: Settings) -> list[Interaction]:
+    """The interactions of the live loop under these settings."""
+    return interactions(patient_context=settings.poll.patient_context,
+                        conditions=settings.clinical.chronic_benign_threshold_per_ul is not None,
+                        claim_profiles=settings.alerts.claim_profiles)
 
 
 def required(items: Iterable[Interaction]) -> dict[str, str]:
