@@ -153,5 +153,6 @@ class LiveDirectory:
             found = await self.client.search_all("CareTeam", [("subject", self._subject(patient)), ("status", "active")])
             return care_team_members(r for r in map(_resource, found) if r is not None)
 
-        team = await self._guard("care team", patient, ("team", patient), load_team, [])
+        no_team: list[str] = []
+        team = await self._guard("care team", patient, ("team", patient), load_team, no_team)
         return choose(based_on, requesters, team, pool)
