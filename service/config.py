@@ -34,7 +34,7 @@ from .clinical.observations import ReadPolicy
 from .clinical.references import base_key
 from .clinical.rules import Rules
 from .errors import ConfigError
-from .scopes import default_scope
+from .scopes import default_scope, missing, needed_by, required, scope_string
 
 ENV_PREFIX = "NEUTROWATCH_"
 _PATIENT_KEY = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
@@ -522,6 +522,12 @@ def review_settings(path: str | Path | None = None) -> Review:
         host = fhir.base_url.removeprefix("http://").split("/", 1)[0]
         if fhir.base_url.startswith("http://") and not host.startswith(_LOOPBACK):
             warnings.append(f"fhir.allow_insecure_http: plain http:// to {host} while {credential}: the credential travels in clear")
+    if settings is not None and settings.fhir.auth.method == "smart":
+        need = required(needed_by(settings))
+        lacking = missing(need, settings.fhir.auth.smart.scope)
+        if lacking:
+            warnings.append(f"fhir.auth.smart.scope lacks {' '.join(lacking)}: the server will refuse those requests "
+                            f"(this configuration needs {scope_string(need)})")
     where = str(config) if config is not None else "the config file"
     if _dig(data, "fhir", "auth", "bearer_token"):
         warnings.append("fhir.auth.bearer_token " + _INLINE.format(

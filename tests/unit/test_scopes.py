@@ -77,3 +77,29 @@ def test_missing_names_exactly_the_scopes_not_granted(grant, lacking):
     """Granted vs required, in v1 or v2 syntax, wildcards included; only the missing letters are named."""
     need = scopes.required(scopes.interactions())
     assert scopes.missing(need, grant) == lacking
+
+
+def test_check_config_warns_of_a_configured_scope_short_of_the_needs(tmp_path):
+    """A site's SMART scope that lacks what the configuration does is a check-config warning (logged
+    at start by run and once too), naming the missing scopes; the default scope draws none."""
+    from service.config import review_settings
+
+    key = tmp_path / "key.pem"
+    key.write_text("not read by the review")
+    base = ("fhir:\n  base_url: https://fhir.example.org/r4\n  auth:\n    method: smart\n    smart:\n"
+            f"      client_id: nw\n      private_key_file: {key}\n")
+    short = tmp_path / "short.yaml"
+    short.write_text(base + "      scope: system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr system/Provenance.cr\n")
+    warned = [w for w in review_settings(short).warnings if w.startswith("fhir.auth.smart.scope")]
+    assert len(warned) == 1 and warned[0].startswith(
+        "fhir.auth.smart.scope lacks system/Condition.s system/ServiceRequest.r system/CareTeam.s system/Flag.s "
+        "system/Communication.s system/Provenance.s system/StructureDefinition.rs: the server will refuse those requests")
+    default = tmp_path / "default.yaml"
+    default.write_text(base)
+    assert not [w for w in review_settings(default).warnings if w.startswith("fhir.auth.smart.scope")]
+    # a configuration that reads less needs less: no context, no profile claims
+    lean = tmp_path / "lean.yaml"
+    lean.write_text(base + "      scope: system/Observation.read system/Flag.read system/Flag.write system/Communication.read "
+                    "system/Communication.write system/Provenance.read system/Provenance.write\n"
+                    "poll:\n  patient_context: false\nalerts:\n  claim_profiles: false\n")
+    assert not [w for w in review_settings(lean).warnings if w.startswith("fhir.auth.smart.scope")]
