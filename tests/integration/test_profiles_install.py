@@ -8,6 +8,8 @@ import asyncio
 import json
 
 from service.__main__ import main
+from service.config import load_settings
+from service.probe import probe
 from service.profiles import GENERATED
 from tests.fhir_server.load import export
 
@@ -18,7 +20,7 @@ BASE = "https://alerts.hospital.example/fhir"
 def config(tmp_path, base_url: str):
     path = tmp_path / "c.yaml"
     path.write_text(f"fhir:\n  base_url: {base_url}\n  allow_insecure_http: true\nalerts:\n  canonical_base: {BASE}\n"
-                    "logging:\n  level: warning\n")
+                    f"logging:\n  level: warning\nstore:\n  path: {tmp_path / 's.sqlite3'}\n")
     return path
 
 
@@ -56,6 +58,10 @@ async def test_install_is_idempotent_and_rebased(fhir_base_url, tmp_path, capsys
     assert f"updated   StructureDefinition {BASE}/StructureDefinition/neutrowatch-flag|0.1.0" in out
     third = on_server(fhir_base_url)
     assert len(third) == 16 and third[f"{BASE}/StructureDefinition/neutrowatch-flag|0.1.0"].get("description") == flag.get("description")
+
+    # the probe now finds the claimed profiles under the configured base
+    assert await probe(load_settings(cfg)) == 0
+    assert "ok   StructureDefinition read (claimed profiles): the claimed profiles are on the server" in capsys.readouterr().out
 
 
 def test_install_without_definitions_says_where_it_looked(tmp_path, capsys):
