@@ -144,6 +144,30 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profiles_install(args: argparse.Namespace) -> int:
+    """The project's StructureDefinitions, CodeSystems and ValueSets onto fhir.base_url (rebased on
+    alerts.canonical_base), each created or updated on its canonical url + version; one line each."""
+    from . import profiles
+    from .fhir.client import FhirClient
+
+    settings = load_settings(args.config)
+    _logging(settings)
+    if not settings.fhir.base_url:
+        raise NeutrowatchError("fhir.base_url is not set: nowhere to install the profiles")
+    resources = profiles.definitions(args.source, settings.alerts.canonical_base)
+
+    async def go() -> list[tuple[str, dict[str, object]]]:
+        async with FhirClient(settings.fhir) as client:
+            return await profiles.install(client, resources)
+
+    done = asyncio.run(go())
+    for what, resource in done:
+        print(f"{what:<9} {resource['resourceType']} {resource['url']}|{resource['version']}")
+    counts = {w: sum(1 for d, _ in done if d == w) for w in ("created", "updated", "unchanged")}
+    print(f"profiles install: {', '.join(f'{n} {w}' for w, n in counts.items())} on {settings.fhir.base_url}")
+    return 0
+
+
 def _log_warnings(config: Path | None) -> None:
     """What check-config warns of, in the service's log too (field names and the file, no values)."""
     for warning in review_settings(config).warnings:
@@ -208,6 +232,16 @@ def parser() -> argparse.ArgumentParser:
     ps.add_argument("patient", metavar="PATIENT", help="Patient reference (Patient/123) or id")
     ps.add_argument("--config", type=Path, metavar="FILE")
     ps.set_defaults(func=_pseudonym)
+
+    pr = sub.add_parser("profiles", help="the project's FHIR profiles and terminology on the server")
+    prs = pr.add_subparsers(dest="action", required=True)
+    pi = prs.add_parser("install", help="create or update the StructureDefinitions, CodeSystems and ValueSets on "
+                        "fhir.base_url (conditional on canonical url + version; a second run changes nothing)")
+    pi.add_argument("--config", type=Path, metavar="FILE")
+    pi.add_argument("--from", dest="source", type=Path, metavar="DIR",
+                    default=Path(__file__).resolve().parents[1] / "fhir_profiles" / "generated",
+                    help="the generated JSON (default: fhir_profiles/generated/ of the source tree)")
+    pi.set_defaults(func=_profiles_install)
 
     once = sub.add_parser("once", help="run one poll cycle and exit (cron-style use, tests)")
     once.add_argument("--config", type=Path, metavar="FILE")

@@ -104,8 +104,14 @@ def _anc(base: str, a: Assessment) -> dict[str, Any]:
     return {"url": profiles.profile_url(base, profiles.ANC_EXTENSION), "valueQuantity": quantity}
 
 
-def _meta(base: str, profile: str) -> dict[str, Any]:
-    return {"profile": [profiles.profile_url(base, profile)]}
+def _meta(settings: AlertSettings, profile: str) -> dict[str, Any]:
+    """meta.profile when the deployment claims the profiles (alerts.claim_profiles), else nothing: a
+    server that validates claims reads each claimed StructureDefinition, so a claim it cannot resolve
+    refuses the write. The extensions stay either way: an extension is valid without the profile
+    that uses it (FHIR extensibility.html), and the codes they carry keep their systems."""
+    if not settings.claim_profiles:
+        return {}
+    return {"profile": [profiles.profile_url(settings.canonical_base, profile)]}
 
 
 def _instant(sent: str, event: AlertEvent) -> str:
@@ -234,7 +240,7 @@ def build(
     )
     flag: dict[str, Any] = {
         "resourceType": "Flag",
-        "meta": _meta(base, profiles.FLAG_PROFILE),
+        **({"meta": m} if (m := _meta(settings, profiles.FLAG_PROFILE)) else {}),
         "identifier": [{"system": flag_id[0], "value": flag_id[1]}],
         "status": status,
         "category": [{"coding": [{"system": FLAG_CATEGORY, "code": "clinical", "display": "Clinical"}]}],
@@ -257,7 +263,7 @@ def build(
     flag_ref = {"type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}
     communication: dict[str, Any] = {
         "resourceType": "Communication",
-        "meta": _meta(base, profiles.COMMUNICATION_PROFILE),
+        **({"meta": m} if (m := _meta(settings, profiles.COMMUNICATION_PROFILE)) else {}),
         "extension": [_event(base, event.kind), _grade(base, scheme, event.band), _scheme(base, scheme)]
         + ([_anc(base, a)] if a is not None else []),
         "identifier": [{"system": comm_system, "value": comm_value}],
@@ -301,7 +307,7 @@ def _with_provenance(event: AlertEvent, scheme: Scheme, settings: AlertSettings,
     version = profiles.software_version()
     provenance: dict[str, Any] = {
         "resourceType": "Provenance",
-        "meta": {**_meta(base, profiles.PROVENANCE_PROFILE), "tag": [{"system": tag[0], "code": tag[1]}]},
+        "meta": {**_meta(settings, profiles.PROVENANCE_PROFILE), "tag": [{"system": tag[0], "code": tag[1]}]},
         "extension": [_event(base, event.kind)],
         "target": targets,
         "recorded": _instant(sent, event),

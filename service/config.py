@@ -34,6 +34,7 @@ from .clinical.observations import ReadPolicy
 from .clinical.references import base_key
 from .clinical.rules import Rules
 from .errors import ConfigError
+from .scopes import default_scope, missing, needed_by, required, scope_string
 
 ENV_PREFIX = "NEUTROWATCH_"
 _PATIENT_KEY = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
@@ -130,6 +131,12 @@ class AlertSettings(_Section):
         description="Reference used as Flag.author and Communication.sender (a Device or Organization).",
         pattern=r"^(Device|Organization)/[A-Za-z0-9\-.]{1,64}$",
     )
+    claim_profiles: bool = Field(
+        True,
+        description="Written Flags, Communications and Provenance claim the project's profiles (meta.profile). A server "
+        "that validates claims must hold the StructureDefinitions (`profiles install`) and let the service read them; "
+        "false: no meta.profile (the extensions stay, they are valid without the profiles). Replay follows it too.",
+    )
     recipients: tuple[str, ...] = Field(
         (),
         description="Fallback Communication recipients (Practitioner, PractitionerRole, CareTeam, "
@@ -162,8 +169,9 @@ class SmartSettings(_Section):
         "RS384", description="Signature algorithm of the JWT assertion: RS384 (an RSA key) or ES384 (an EC P-384 key)."
     )
     scope: str = Field(
-        "system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr system/Provenance.cr",
-        description="Requested scopes (SMART v2 syntax; v1 servers want e.g. system/Observation.read).",
+        default_scope(),
+        description="Requested scopes (SMART v2 syntax, or v1 such as system/Flag.write). The default is exactly what the "
+        "built-in configuration does (service/scopes.py); `check-config --probe` compares it with what the server grants.",
     )
     token_url: str | None = Field(None, description="Token endpoint; discovered from .well-known/smart-configuration when empty.")
     jku: str | None = Field(None, description="Optional `jku` header: URL of the JWKS holding the public key.")
@@ -514,6 +522,12 @@ def review_settings(path: str | Path | None = None) -> Review:
         host = fhir.base_url.removeprefix("http://").split("/", 1)[0]
         if fhir.base_url.startswith("http://") and not host.startswith(_LOOPBACK):
             warnings.append(f"fhir.allow_insecure_http: plain http:// to {host} while {credential}: the credential travels in clear")
+    if settings is not None and settings.fhir.auth.method == "smart":
+        need = required(needed_by(settings))
+        lacking = missing(need, settings.fhir.auth.smart.scope)
+        if lacking:
+            warnings.append(f"fhir.auth.smart.scope lacks {' '.join(lacking)}: the server will refuse those requests "
+                            f"(this configuration needs {scope_string(need)})")
     where = str(config) if config is not None else "the config file"
     if _dig(data, "fhir", "auth", "bearer_token"):
         warnings.append("fhir.auth.bearer_token " + _INLINE.format(

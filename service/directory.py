@@ -1,7 +1,9 @@
 """Patient context and recipients for the live loop, read from the FHIR server and cached.
 
 A failed look-up never holds back an alert: the patient is graded with the scheme's own bands and
-the Communication goes to the configured pool, and the failure is logged (ids only) and counted.
+the Communication goes to the configured pool, and the failure is logged (ids only), counted, and
+remembered for a few minutes like a successful answer (a negative TTL), so a refused look-up is not
+repeated for every panel.
 
 Only what is on this server is read: the patient key is the canonical reference (intake), and a
 patient or order on an accepted foreign server (an absolute key) is never looked up here — its local
@@ -37,6 +39,7 @@ from .fhir.errors import FhirHttpError
 log = structlog.get_logger("neutrowatch.directory")
 T = TypeVar("T")
 _CACHE_LIMIT = 20_000
+FAILURE_TTL_SECONDS = 300.0  # a failed look-up is asked again after this (or context_ttl_seconds, if shorter)
 
 
 def _resource(obj: dict[str, Any] | None) -> raw.Resource | None:
@@ -53,29 +56,38 @@ class LiveDirectory:
         self.settings = settings
         self.client = client
         self.clock = clock
-        self._cache: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Any, bool]] = OrderedDict()  # (when, value, failed)
         self.policy = settings.read_policy
 
-    async def _cached(self, key: tuple[str, str], load: Callable[[], Awaitable[T]]) -> T:
+    async def _guard(self, what: str, ref: str, key: tuple[str, str], load: Callable[[], Awaitable[T]], fallback: T) -> T:
+        """The loaded value, cached for poll.context_ttl_seconds; when the look-up fails, the fallback,
+        cached too, for FAILURE_TTL_SECONDS at most (a negative TTL). A refused look-up (403: a scope
+        the token lacks) would otherwise be asked again for every panel of the patient in every cycle;
+        a transient one is asked again a few minutes later. Each failure is counted and logged once."""
         hit = self._cache.get(key)
         now = self.clock()
-        if hit is not None and now - hit[0] < self.settings.poll.context_ttl_seconds:
-            self._cache.move_to_end(key)
-            return hit[1]  # type: ignore[no-any-return]
-        value = await load()
-        self._cache[key] = (now, value)
-        if len(self._cache) > _CACHE_LIMIT:
-            self._cache.popitem(last=False)
-        return value
-
-    async def _guard(self, what: str, ref: str, load: Callable[[], Awaitable[T]], fallback: T) -> T:
-        """The loaded value, or the fallback (not cached: the next cycle asks again)."""
+        if hit is not None:
+            at, value, failed = hit
+            ttl = self.settings.poll.context_ttl_seconds
+            if now - at < (min(ttl, FAILURE_TTL_SECONDS) if failed else ttl):
+                self._cache.move_to_end(key)
+                return value  # type: ignore[no-any-return]
         try:
-            return await load()
+            value = await load()
         except NeutrowatchError as err:
             metrics.CONTEXT_FAILURES.labels(what).inc()
-            log.warning("context look-up failed; using the fallback", lookup=what, reference=ref, error=str(err)[:200])
+            log.warning("context look-up failed; using the fallback", lookup=what, reference=ref, error=str(err)[:200],
+                        retry_after_seconds=min(self.settings.poll.context_ttl_seconds, FAILURE_TTL_SECONDS))
+            self._remember(key, now, fallback, failed=True)
             return fallback
+        self._remember(key, now, value, failed=False)
+        return value
+
+    def _remember(self, key: tuple[str, str], now: float, value: Any, *, failed: bool) -> None:
+        self._cache[key] = (now, value, failed)
+        self._cache.move_to_end(key)
+        if len(self._cache) > _CACHE_LIMIT:
+            self._cache.popitem(last=False)
 
     async def _read(self, resource_type: str, id: str) -> raw.Resource | None:
         """The resource, or None when the server says it does not exist (a definite answer)."""
@@ -116,7 +128,7 @@ class LiveDirectory:
             return patient_context(patient, record, conditions, rules)
 
         fallback = patient_context(patient, None, (), replace(rules, chronic_benign_threshold=None))
-        return await self._guard("patient", patient, lambda: self._cached(("context", patient), load), fallback)
+        return await self._guard("patient", patient, ("context", patient), load, fallback)
 
     async def recipients(self, patient: str, based_on: Sequence[str]) -> Recipients:
         pool = self.settings.alerts.recipients
@@ -133,7 +145,7 @@ class LiveDirectory:
             async def load_order(sid: str = sid) -> str | None:
                 return requester(await self._read("ServiceRequest", sid))
 
-            requesters[ref] = await self._guard("order", ref, lambda load=load_order, ref=ref: self._cached(("order", ref), load), None)
+            requesters[ref] = await self._guard("order", ref, ("order", ref), load_order, None)
         if any(requesters.values()):
             return choose(based_on, requesters, (), pool)
 
@@ -141,5 +153,6 @@ class LiveDirectory:
             found = await self.client.search_all("CareTeam", [("subject", self._subject(patient)), ("status", "active")])
             return care_team_members(r for r in map(_resource, found) if r is not None)
 
-        team = await self._guard("care team", patient, lambda: self._cached(("team", patient), load_team), [])
+        no_team: list[str] = []
+        team = await self._guard("care team", patient, ("team", patient), load_team, no_team)
         return choose(based_on, requesters, team, pool)

@@ -583,6 +583,18 @@ def explain_inputs(inputs: Sequence[str | Path], patient: str, settings: Setting
 
 
 async def fetch_patient(settings: Settings, patient: str, *, history: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
+    """`_fetch_patient`; a request that fails is named in the error (which interaction, on which
+    resource type, e.g. "Condition search: HTTP 403: forbidden"), never only its status."""
+    from .fhir.errors import FhirError
+
+    doing: list[str] = ["connection"]
+    try:
+        return await _fetch_patient(settings, patient, history, doing)
+    except FhirError as err:
+        raise ExplainError(f"explain: {doing[-1]} failed: {err}") from None
+
+
+async def _fetch_patient(settings: Settings, patient: str, history: bool, doing: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
     """What replay would read of one patient, from the server named by fhir.base_url: the monitored
     Observations (CBC terms and body temperatures; every version through `_history` unless
     `history` is False), the Patient, its chronic benign neutropenia Conditions, DiagnosticReports
@@ -596,6 +608,7 @@ async def fetch_patient(settings: Settings, patient: str, *, history: bool = Tru
     page = str(settings.fhir.page_size)
     codes = ",".join(f"{LOINC}|{c}" for c in cbc_codes() + temperature_codes())
     async with FhirClient(settings.fhir) as client:
+        doing.append("Observation search")
         observations = await client.search_all("Observation", [("subject", patient), ("code", codes), ("_count", page)])
         if history:
             # a resource whose versionId is "1" has no earlier version to read
@@ -609,6 +622,7 @@ async def fetch_patient(settings: Settings, patient: str, *, history: bool = Tru
                         return []
                     raise
 
+            doing.append("Observation _history read")
             try:
                 versions = await asyncio.gather(*(versions_of(o["id"]) for o in older))
             except FhirHttpError as err:  # the server does not offer _history (e.g. 400, 405, 501)
@@ -621,22 +635,27 @@ async def fetch_patient(settings: Settings, patient: str, *, history: bool = Tru
             notes.append("current versions only (--no-history)")
         resources: list[dict[str, Any]] = list(observations)
         if pid:
+            doing.append("Patient read")
             try:
                 resources.append((await client.read("Patient", pid))[0])
             except FhirHttpError as err:
                 if err.status not in (404, 410):
                     raise
                 notes.append(f"{patient} not found on the server: no birth date")
+        doing.append("Condition search")
         resources += await client.search_all(
             "Condition", [("subject", patient), ("code", f"http://snomed.info/sct|{CHRONIC_BENIGN_NEUTROPENIA}")])
+        doing.append("DiagnosticReport search")
         resources += await client.search_all("DiagnosticReport", [("subject", patient), ("_count", page)])
         orders = sorted({r["reference"] for o in observations for r in o.get("basedOn") or ()
                          if isinstance(r, dict) and str(r.get("reference", "")).startswith("ServiceRequest/")})
+        doing.append("ServiceRequest read")
         for ref in orders:
             try:
                 resources.append((await client.read("ServiceRequest", ref.split("/", 1)[1]))[0])
             except (FhirHttpError, ValueError):
                 notes.append(f"{ref} could not be read")
+        doing.append("CareTeam search")
         resources += await client.search_all("CareTeam", [("subject", patient), ("status", "active")])
     return resources, notes
 

@@ -153,6 +153,9 @@ class SmartBackendAuth:
         self._token: SecretStr | None = None
         self._expires_at = 0.0
         self._lock = asyncio.Lock()
+        # `scope` of the last token response (SMART Backend Services: the scopes granted, which may be
+        # fewer than requested); None when the server left it out (RFC 6749 §5.1: then as requested)
+        self.granted_scope: str | None = None
 
     def __repr__(self) -> str:
         return f"SmartBackendAuth(client_id={self._settings.client_id!r}, algorithm={self._settings.algorithm})"
@@ -219,6 +222,8 @@ class SmartBackendAuth:
             raise AuthError("token endpoint response has no usable access_token")
         if not isinstance(token_type, str) or token_type.lower() != "bearer":
             raise AuthError("token endpoint returned a token that is not a bearer token")
+        scope = doc.get("scope")
+        self.granted_scope = scope if isinstance(scope, str) else None
         expires_in = doc.get("expires_in", DEFAULT_EXPIRES_IN)
         if not isinstance(expires_in, int | float) or isinstance(expires_in, bool) or expires_in <= 0:
             expires_in = DEFAULT_EXPIRES_IN

@@ -94,3 +94,31 @@ def test_explain_cli_against_the_server(fhir_base_url, tmp_path, capsys):
     assert "rule: febrile: fever >= 38.3 within 24 h of ANC < 500" in out
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "Patient/live" not in err  # nothing of the patient in the log
+
+
+async def test_explain_names_the_request_the_server_refused(fhir_base_url, tmp_path, capsys):
+    """A refused request (403 on the Condition search, through a proxy in front of the engine) is named
+    in explain's error, with its status, and the patient is not (the terminal may be shared)."""
+    import asyncio
+
+    from aiohttp import web
+
+    from tests.chaos.proxy import Fault, Proxy, outcome
+
+    put_all(fhir_base_url, correction_case())
+    proxy = Proxy(upstream=fhir_base_url)
+    await proxy.start()
+    try:
+        proxy.add(Fault(lambda r: r.method == "GET" and r.path == "/fhir/Condition", times=float("inf"),
+                        respond=lambda _r: web.Response(status=403, body=orjson.dumps(outcome("forbidden", "no")),
+                                                        headers={"Content-Type": "application/fhir+json"})))
+        config = tmp_path / "c.yaml"
+        config.write_text(f"fhir:\n  base_url: {proxy.base}\n  allow_insecure_http: true\n"
+                          "  retry:\n    max_attempts: 1\nlogging:\n  level: warning\n")
+        code = await asyncio.to_thread(main, ["explain", "live", "--config", str(config)])
+    finally:
+        await proxy.stop()
+    _out, err = capsys.readouterr()
+    assert code == 2
+    assert "explain: Condition search failed: HTTP 403" in err
+    assert "Patient/live" not in err
