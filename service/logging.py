@@ -92,6 +92,17 @@ class Pseudonyms:
         return value
 
 
+class _Stderr:
+    """Whatever `sys.stderr` is when a line is written, not when logging was configured (a caller,
+    such as a test harness, may have swapped and closed the stream since)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(level: str = "info", fmt: str = "auto", pseudonyms: Pseudonyms | None = None) -> None:
     """`pseudonyms`: how patient references are logged (None: as they are; the operator's choice,
     `logging.patient_references: plain`, which makes the logs PHI)."""
@@ -99,7 +110,7 @@ def configure(level: str = "info", fmt: str = "auto", pseudonyms: Pseudonyms | N
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     privacy: list[Any] = [drop_phi] + ([pseudonyms.processor()] if pseudonyms is not None else [])
     # Libraries that log through the standard library (APScheduler, aiohttp) get the same format.
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=renderer,
         foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True), *privacy],
@@ -118,6 +129,6 @@ def configure(level: str = "info", fmt: str = "auto", pseudonyms: Pseudonyms | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
