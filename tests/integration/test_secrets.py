@@ -90,7 +90,7 @@ async def test_token_and_database_password_never_appear_in_logs_metrics_or_outpu
                                 env=_env(dsn, port), stdout=out, stderr=out)
         try:
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and (await _get(f"http://127.0.0.1:{port}/readyz"))[0] != 200:
+            while time.monotonic() < deadline and "last successful poll" not in (await _get(f"http://127.0.0.1:{port}/readyz"))[1]:
                 await asyncio.sleep(0.2)
             status, metrics = await _get(f"http://127.0.0.1:{port}/metrics")
             assert status == 200 and 'neutrowatch_fhir_writes_total{resource="Flag",result="ok"}' in metrics
