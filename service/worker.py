@@ -276,6 +276,7 @@ class Worker:
                 report.cursor = from_epoch_us(newest_us)
                 await self.store.set_cursor(report.cursor)
             self.progress.step_at = time.time()
+            metrics.LAST_POLL_OK.set(self.clock())  # a committed step is a successful poll of its pages
         self.progress.pages = report.search_pages
         if not caught_up:
             self.progress.catching_up = True
