@@ -146,7 +146,8 @@ class Service:
         age = now - last
         if age > window:
             why = f"stuck: no progress for {age:.0f} s (> {window:.0f} s)"
-            return False, f"{why}: {self.last_error}" if self.last_error else why
+            reason = self.last_error or ("alert writes pending" if progress is not None and progress.writes_pending else None)
+            return False, f"{why}: {reason}" if reason else why
         if progress is not None and progress.catching_up and step_at is not None:
             lag = "" if progress.lag_seconds is None else f", lag {progress.lag_seconds:.0f} s"
             return True, f"catching up: {progress.pages} pages read{lag}, last step {now - step_at:.0f} s ago"

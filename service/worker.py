@@ -1,7 +1,8 @@
-"""One poll cycle: deliver leftovers -> search -> normalise -> store -> decide -> outbox -> post ->
+"""One poll cycle: deliver leftovers, then steps until the search is read to its end, each: search (at
+most poll.max_pages_per_step pages) -> normalise -> store -> temperatures -> decide -> outbox -> post ->
 advance the cursor. Effectively once: decisions and their writes are stored in one transaction, writes
 are conditional creates keyed on deterministic identifiers, and the cursor moves only after the
-server has confirmed every write."""
+server has confirmed every write; a kill loses at most the step in progress."""
 
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ class Progress:
     step_at: float | None = None  # local time the last step committed (read, decided, delivered, cursor moved)
     catching_up: bool = False  # a cycle has committed a step and has not yet read to the end of the search
     pages: int = 0  # pages of the main search read so far by the cycle in progress
-    lag_seconds: float | None = None  # now - the cursor, when the last step committed
+    lag_seconds: float | None = None  # now - the newest meta.lastUpdated read, after the last step
+    writes_pending: bool = False  # the last step ended with writes the server has not confirmed (the cursor stayed)
 
 
 def intake(resource: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAULT_READ) -> Intake | Rejected | Ignored:
@@ -259,10 +261,11 @@ class Worker:
         and the cycle goes on reading: one refused write must not silence every later patient."""
         before = (report.search_pages, report.observations, report.new_versions, report.panels_assessed, report.written,
                   sum(report.events.values()))
+        began = self.clock()
         newest_us, caught_up = await self._read(pages, report, newest_us)
         if self.settings.poll.temperatures == "open-episodes":
             # before deciding, so temperatures and panels are taken in one order of availability
-            await self._temperatures(report, newest_us, caught_up=caught_up)
+            await self._temperatures(report, newest_us, caught_up=caught_up, changed_since=began)
         await self._decide(report, caught_up=caught_up)
         delivered = await self.deliver(report)
         report.delivered_all = delivered
@@ -278,6 +281,7 @@ class Worker:
             self.progress.step_at = time.time()
             metrics.LAST_POLL_OK.set(self.clock())  # a committed step is a successful poll of its pages
         self.progress.pages = report.search_pages
+        self.progress.writes_pending = not delivered
         if not caught_up:
             self.progress.catching_up = True
             metrics.BACKLOG_PAGES.set(report.search_pages)
@@ -341,7 +345,8 @@ class Worker:
             metrics.OBSERVATIONS.labels("seen_before").inc(len(items) - len(new))
         return newest_us
 
-    async def _temperatures(self, report: CycleReport, read_up_to_us: int | None, *, caught_up: bool = True) -> None:
+    async def _temperatures(self, report: CycleReport, read_up_to_us: int | None, *, caught_up: bool = True,
+                            changed_since: float | None = None) -> None:
         """poll.temperatures = open-episodes: body temperatures of the patients with new results in
         this step and, once the search is read to its end, of every patient with an open episode.
         Patients are searched TEMPERATURE_BATCH at a time (subject=a,b,...): the first time by
@@ -352,8 +357,10 @@ class Worker:
         main search has read (`read_up_to_us`) are taken, and the cursors stop there: a later one
         would be decided before the same patient's panels still to be read, out of the order of
         availability that replay follows (a resolution then a fever remembered for the next episode
-        is not a fever then a resolution). Open episodes without new results are searched at the
-        end only, once a cycle as when a cycle read everything before deciding."""
+        is not a fever then a resolution). Open episodes without new results, and panels still
+        waiting from an earlier step (`changed_since`), are searched at the end only, once a cycle as
+        when a cycle read everything before deciding: their later temperatures are read, in order,
+        with their patient's next results or at the end."""
         poll = self.settings.poll
         overlap_us = int(poll.overlap_seconds * 1_000_000)
         base = [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
@@ -364,6 +371,8 @@ class Worker:
         targets: dict[str, tuple[str | None, int | None]] = dict(opened) if caught_up else {}
         async for batch in self._dirty_batches():
             for work in batch:
+                if not caught_up and changed_since is not None and work.changed_at < changed_since:
+                    continue  # waiting since an earlier step, nothing new in this one
                 earliest = min((r.effective_us for r in work.results), default=None)
                 cursor, newest_us = targets.get(work.patient, opened.get(work.patient, (None, None)))
                 if earliest is not None and (newest_us is None or earliest < newest_us):
@@ -412,14 +421,26 @@ class Worker:
     async def _decide(self, report: CycleReport, *, caught_up: bool = True) -> None:
         """Ready panels in order of first availability, committed a batch at a time.
 
-        Before the search is read to its end (a step of a catch-up) only complete panels are ready:
-        the pages still to come may hold an incomplete panel's other results, and the step boundary
-        is no arrival time (a step is not a wait), so the panel waits as it did when a cycle read
-        everything before deciding. Once caught up, an incomplete panel waits poll.settle_seconds."""
+        Before the search is read to its end (a step of a catch-up) only complete panels are ready,
+        and none of a patient after one of theirs that is not: the pages still to come may hold an
+        incomplete panel's other results, and a step boundary is no arrival time (a step is not a
+        wait), so the panel waits as it did when a cycle read everything before deciding, and the
+        patient's later panels wait behind it (a patient's panels are decided in order of first
+        availability, as replay decides them). Once caught up, an incomplete panel waits
+        poll.settle_seconds."""
         now = self.clock()
         settle = self.settings.poll.settle_seconds
+        waiting: set[str] = set()  # patients with a panel held back in this step
         async for batch in self._dirty_batches():
-            ready = [w for w in batch if is_complete(w.results) or (caught_up and now - w.changed_at >= settle)]
+            if caught_up:
+                ready = [w for w in batch if is_complete(w.results) or now - w.changed_at >= settle]
+            else:
+                ready = []
+                for w in batch:
+                    if w.patient not in waiting and is_complete(w.results):
+                        ready.append(w)
+                    else:
+                        waiting.add(w.patient)
             if ready:
                 await self._decide_batch(ready, now, report)
 

@@ -20,6 +20,7 @@ from service.store import make_store
 from service.store.base import Store
 from service.web import make_app
 from service.worker import CycleReport, Worker
+from tests.builders import observation
 from tests.fhir_server.engine import FhirEngine
 from tests.fhir_server.load import export, put_all
 from tests.integration.live import compare_with_oracle, cycle, oracle, population, settings_for
@@ -193,4 +194,25 @@ async def test_temperatures_in_small_steps_keep_the_order_of_availability(fhir_b
     assert report.caught_up and report.steps > 20
     events, _ = oracle(fhir_base_url, tmp_path / "predicted")
     assert sum(1 for e in events if e["event"] == "febrile") >= 1
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+
+
+async def test_a_panel_waiting_for_its_other_results_keeps_the_patients_later_panels_behind_it(fhir_base_url, tmp_path):
+    """A patient's WBC is read in the first step, its neutrophil count only at the end of the
+    backlog, and a later complete panel of the same patient in between. Replay judges the first
+    panel at its first availability, with both results (severe), then the later one; the live loop
+    must not decide the later panel while the earlier one waits for its other result (it would
+    open the episode on the later panel and find the first one stale): the patient's later panels
+    wait behind it, and the server ends with exactly replay's alerts."""
+    def cbc(pid: str, day: str, wbc: float, anc: float, tag: str) -> list[dict[str, Any]]:
+        kw = dict(patient=f"Patient/{pid}", effective=f"2026-03-{day}T08:00:00Z", specimen=f"Specimen/{pid}-{day}")
+        return [observation("6690-2", wbc, id=f"{pid}-{day}-wbc{tag}", **kw), observation("751-8", anc, id=f"{pid}-{day}-anc{tag}", **kw)]
+
+    first_wbc, first_anc = cbc("late", "01", 2.5, 0.4, "")
+    fillers = [r for i in range(12) for r in cbc(f"f{i}", "02", 5.0, 3.0, "")]
+    arrivals = [first_wbc, *fillers[:12], *cbc("late", "03", 2.8, 0.8, ""), *fillers[12:], first_anc]
+    put_all(fhir_base_url, arrivals, batch_size=1)  # one request each: arrivals in this order
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3", page_size=5, max_pages_per_step=1)
+    report = await cycle(settings)
+    assert report.caught_up and report.steps >= 5
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
