@@ -262,11 +262,11 @@ class Worker:
         before = (report.search_pages, report.observations, report.new_versions, report.panels_assessed, report.written,
                   sum(report.events.values()))
         began = self.clock()
-        newest_us, caught_up = await self._read(pages, report, newest_us)
+        newest_us, caught_up, edge = await self._read(pages, report, newest_us)
         if self.settings.poll.temperatures == "open-episodes":
             # before deciding, so temperatures and panels are taken in one order of availability
             await self._temperatures(report, newest_us, caught_up=caught_up, changed_since=began)
-        await self._decide(report, caught_up=caught_up)
+        await self._decide(report, caught_up=caught_up, edge=edge)
         delivered = await self.deliver(report)
         report.delivered_all = delivered
         report.steps += 1
@@ -294,14 +294,16 @@ class Worker:
                  lag_seconds=None if lag is None else round(lag, 1), caught_up=caught_up, cycle_pages=report.search_pages)
         return newest_us, caught_up
 
-    async def _read(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool]:
+    async def _read(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool, set[str]]:
         """Read at most poll.max_pages_per_step pages of the open search into the store. Returns the
-        newest meta.lastUpdated seen (starting from `newest_us`) and whether the search ended."""
+        newest meta.lastUpdated seen (starting from `newest_us`), whether the search ended, and the
+        patients with results on the last page read (a panel of theirs may go on past it)."""
         limit = self.settings.poll.max_pages_per_step
         ended = False
+        last: Page | None = None
 
         async def bounded() -> AsyncIterator[Page]:
-            nonlocal ended
+            nonlocal ended, last
             for _ in range(limit):
                 try:
                     page = await anext(pages)
@@ -309,13 +311,20 @@ class Worker:
                     ended = True
                     return
                 report.search_pages += 1
+                last = page
                 yield page
                 if page.next_url is None:  # pages_since ends after a page without a next link
                     ended = True
                     return
 
         newest_us = await self._ingest(bounded(), report, newest_us)
-        return newest_us, ended
+        edge: set[str] = set()
+        if last is not None and not ended:
+            for resource in last.resources:
+                item = intake(resource, self.read_policy)
+                if isinstance(item, Intake) and item.patient is not None:
+                    edge.add(item.patient)
+        return newest_us, ended, edge
 
     async def _ingest(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> int | None:
         async for page in pages:
@@ -418,7 +427,7 @@ class Worker:
             after = batch[-1].key
             yield batch
 
-    async def _decide(self, report: CycleReport, *, caught_up: bool = True) -> None:
+    async def _decide(self, report: CycleReport, *, caught_up: bool = True, edge: set[str] | None = None) -> None:
         """Ready panels in order of first availability, committed a batch at a time.
 
         Before the search is read to its end (a step of a catch-up) only complete panels are ready,
@@ -426,11 +435,14 @@ class Worker:
         incomplete panel's other results, and a step boundary is no arrival time (a step is not a
         wait), so the panel waits as it did when a cycle read everything before deciding, and the
         patient's later panels wait behind it (a patient's panels are decided in order of first
-        availability, as replay decides them). Once caught up, an incomplete panel waits
-        poll.settle_seconds."""
+        availability, as replay decides them). The patients on the step's last page (`edge`) wait
+        for the next step too: a panel's results are written together, so one cut by the step's
+        end is whole on the next page, and a panel complete without all its results would
+        otherwise be decided, then revised, where replay decides it once. Once
+        caught up, an incomplete panel waits poll.settle_seconds."""
         now = self.clock()
         settle = self.settings.poll.settle_seconds
-        waiting: set[str] = set()  # patients with a panel held back in this step
+        waiting: set[str] = set(edge or ())  # patients with a panel held back in this step
         async for batch in self._dirty_batches():
             if caught_up:
                 ready = [w for w in batch if is_complete(w.results) or now - w.changed_at >= settle]
