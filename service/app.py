@@ -24,7 +24,7 @@ from .errors import ConfigError, NeutrowatchError, StoreError
 from .fhir.client import FhirClient
 from .store import make_store
 from .web import make_app
-from .worker import CycleReport, Worker
+from .worker import CycleReport, Progress, Worker
 
 log = structlog.get_logger("neutrowatch")
 CYCLE_JOB = "poll"
@@ -107,10 +107,15 @@ class Service:
             log.info("leader" if now else "standby", backend=self.settings.store.backend)
             if now:
                 self.last_ok = None  # readiness now follows this replica's own polls
+                if self.worker is not None:
+                    self.worker.progress = Progress()
         return now and not was
 
     async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
-        """Let a running cycle finish (cutting it is safe, finishing avoids re-work)."""
+        """Let a running cycle finish its step in progress and stop there (cutting it is safe: the
+        cursor covers every committed step; finishing the step avoids re-work)."""
+        if self.worker is not None:
+            self.worker.request_stop()
         try:
             async with asyncio.timeout(timeout), self._busy:
                 pass
@@ -118,6 +123,11 @@ class Service:
             log.warning("cycle still running at shutdown; it will be redone after restart")
 
     def ready(self) -> tuple[bool, str]:
+        """Readiness of this replica, with the reason. A leader is ready while it makes progress: a
+        cycle completed, or a step of a long catch-up committed, within 3 poll intervals. A replica
+        that is catching up is working (restarting or isolating it would only lose its step), so it
+        is ready and says so with its lag; one whose steps stopped committing is stuck: 503 with why.
+        (Readiness gates only traffic to /metrics and rollouts; liveness is /healthz.)"""
         if not self.store.is_open:
             return False, f"state store unavailable: {self.last_error}" if self.last_error else "state store not open yet"
         if not self.store.is_leader:
@@ -127,11 +137,20 @@ class Service:
                 return False, "starting: the leader lock not checked yet"
             return True, "standby: another replica holds the leader lock"
         window = 3 * self.settings.poll.interval_seconds
-        if self.last_ok is None:
+        progress = self.worker.progress if self.worker is not None else None
+        step_at = progress.step_at if progress is not None else None
+        last = max((t for t in (self.last_ok, step_at) if t is not None), default=None)
+        if last is None:
             return False, self.last_error or "no successful poll yet"
-        age = time.time() - self.last_ok
+        now = time.time()
+        age = now - last
         if age > window:
-            return False, f"last successful poll {age:.0f} s ago (> {window:.0f} s)"
+            why = f"stuck: no progress for {age:.0f} s (> {window:.0f} s)"
+            reason = self.last_error or ("alert writes pending" if progress is not None and progress.writes_pending else None)
+            return False, f"{why}: {reason}" if reason else why
+        if progress is not None and progress.catching_up and step_at is not None:
+            lag = "" if progress.lag_seconds is None else f", lag {progress.lag_seconds:.0f} s"
+            return True, f"catching up: {progress.pages} pages read{lag}, last step {now - step_at:.0f} s ago"
         return True, f"last successful poll {age:.0f} s ago"
 
 

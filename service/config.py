@@ -271,6 +271,13 @@ class PollSettings(_Section):
         "orders and care team for recipients; cached for context_ttl_seconds.",
     )
     context_ttl_seconds: float = Field(3600.0, ge=0, le=86_400 * 7, description="How long fetched patient context is reused.")
+    max_pages_per_step: int = Field(
+        5, ge=1, le=1000,
+        description="A cycle reads at most this many search pages, then decides, posts and moves the cursor (a step) "
+        "before it reads on, so a backlog is worked through in steps that each commit progress (/readyz: catching up). "
+        "5 pages of the default 200 are about 1,000 Observations, whose alerts (about 400 writes in a chemotherapy "
+        "population) post within one readiness window (3 intervals) even at a server quota of 500 writes a minute.",
+    )
     temperatures: Literal["open-episodes", "all", "off"] = Field(
         "open-episodes",
         description="Body temperatures for the febrile rule: one search per patient with an open episode each "

@@ -39,6 +39,11 @@ LAST_POLL_OK = Gauge("neutrowatch_last_successful_poll_timestamp_seconds", "Unix
 LEADER = Gauge("neutrowatch_leader", "1 while this replica holds the leader lock (polls and posts), 0 as a standby.", registry=REGISTRY)
 LEADER_CHANGES = Counter("neutrowatch_leader_changes_total", "Times this replica took or lost the leader lock.", ["change"], registry=REGISTRY)
 OUTBOX_PENDING = Gauge("neutrowatch_outbox_pending", "Alert writes decided but not yet confirmed by the FHIR server.", registry=REGISTRY)
+STEPS = Counter("neutrowatch_steps_total", "Poll steps (at most poll.max_pages_per_step pages read, decided and posted), by "
+                "outcome: committed (every write confirmed, the cursor moved) or undelivered (writes pending, the cursor stayed).",
+                ["outcome"], registry=REGISTRY)
+BACKLOG_PAGES = Gauge("neutrowatch_backlog_pages", "Pages read so far by a cycle that has not yet reached the end of the search "
+                      "(a catch-up in progress); 0 once a cycle has read to the end.", registry=REGISTRY)
 POLL_SECONDS = Histogram("neutrowatch_poll_duration_seconds", "Duration of poll cycles.", registry=REGISTRY,
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
 

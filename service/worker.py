@@ -1,14 +1,15 @@
-"""One poll cycle: deliver leftovers -> search -> normalise -> store -> decide -> outbox -> post ->
+"""One poll cycle: deliver leftovers, then steps until the search is read to its end, each: search (at
+most poll.max_pages_per_step pages) -> normalise -> store -> temperatures -> decide -> outbox -> post ->
 advance the cursor. Effectively once: decisions and their writes are stored in one transaction, writes
 are conditional creates keyed on deterministic identifiers, and the cursor moves only after the
-server has confirmed every write."""
+server has confirmed every write; a kill loses at most the step in progress."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -57,6 +58,21 @@ class CycleReport:
     delivered_all: bool = True
     temperature_searches: int = 0
     cursor: str | None = None
+    search_pages: int = 0  # pages of the main search (`pages` counts temperature searches' pages too)
+    steps: int = 0  # steps taken (each: at most poll.max_pages_per_step pages, decided, posted, committed)
+    caught_up: bool = False  # the search was read to its end (False: stopped between steps)
+
+
+@dataclass
+class Progress:
+    """What /readyz and the metrics say about the cycle in progress: updated after every step, so a
+    long catch-up is visibly working (a step committed recently) or visibly stuck (none did)."""
+
+    step_at: float | None = None  # local time the last step committed (read, decided, delivered, cursor moved)
+    catching_up: bool = False  # a cycle has committed a step and has not yet read to the end of the search
+    pages: int = 0  # pages of the main search read so far by the cycle in progress
+    lag_seconds: float | None = None  # now - the newest meta.lastUpdated read, after the last step
+    writes_pending: bool = False  # the last step ended with writes the server has not confirmed (the cursor stayed)
 
 
 def intake(resource: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAULT_READ) -> Intake | Rejected | Ignored:
@@ -119,6 +135,15 @@ async def whole_result(pages: AsyncIterator[Page]) -> AsyncIterator[Page]:
         yield page
 
 
+async def updated_until(pages: AsyncIterator[Page], bound_us: int | None) -> AsyncIterator[Page]:
+    """The pages with only the resources updated at or before `bound_us` (all of them when None;
+    a resource without a readable meta.lastUpdated is kept: it cannot be placed later)."""
+    async for page in pages:
+        if bound_us is not None:
+            page = replace(page, resources=[r for r in page.resources if (u := _updated(r)) is None or u <= bound_us])
+        yield page
+
+
 async def pages_since(
     client: FhirClient, resource_type: str, params: list[tuple[str, str]], since_us: int, anchor: str = "_lastUpdated"
 ) -> AsyncIterator[Page]:
@@ -163,50 +188,143 @@ class Worker:
         self.rules = settings.rules
         self.read_policy = settings.read_policy
         self.directory = LiveDirectory(settings, client)
+        self.progress = Progress()
+        self._stop = False
 
     # the cycle ---------------------------------------------------------------------------------------
 
+    def request_stop(self) -> None:
+        """Finish the step in progress and end the cycle there (SIGTERM): the cursor already covers
+        every committed step, so the next process resumes where this one stopped."""
+        self._stop = True
+
     async def run_cycle(self) -> CycleReport:
+        """Deliver leftovers, then steps until the search is read to its end: each step reads at most
+        poll.max_pages_per_step pages into the store, reads temperatures, decides, posts, and moves the
+        cursor to the newest meta.lastUpdated read once every write is confirmed. A kill loses at most
+        the step in progress; a stop request or a lost leadership ends the cycle between steps.
+
+        There is no time budget that ends a cycle before it has caught up: the next cycle would start
+        again from the cursor less poll.overlap_seconds, and on a backlog written within that window
+        (a bulk load) it would re-read the same pages every cycle and never get through. The page
+        stream stays open across steps instead (keyset paging continues from where it stopped)."""
         report = CycleReport()
         started = time.perf_counter()
+        self.progress.pages = 0
         try:
             # Leftovers first. A chain that still fails (one write the server keeps refusing) must
-            # not stop the reading: it would silence every patient. It is retried below and every
-            # cycle; the cursor waits until every write is confirmed.
+            # not stop the reading: it would silence every patient. It is retried at every step and
+            # every cycle; the cursor waits until every write is confirmed.
             await self.deliver(report)
-            newest_us = await self._read(report)
-            if self.settings.poll.temperatures == "open-episodes":
-                # before deciding, so temperatures and panels are taken in one order of availability
-                await self._temperatures(report, newest_us)
-            await self._decide(report)
-            report.delivered_all = await self.deliver(report)
-            if report.delivered_all and newest_us is not None:
-                report.cursor = from_epoch_us(newest_us)
-                await self.store.set_cursor(report.cursor)
+            cursor = await self.store.get_cursor()
+            newest_us = to_epoch_us(cursor) if cursor else None
+            params, since_us = search_params(self.settings, cursor, self.clock())
+            pages = pages_since(self.client, "Observation", params, since_us)
+            try:
+                while True:
+                    newest_us, report.caught_up = await self._step(pages, report, newest_us)
+                    if report.caught_up or self._stop:
+                        break
+                    # a replaced leader stops here, before reading further (its writes are fenced anyway)
+                    await self.store.check_leader()
+            finally:
+                await pages.aclose()  # type: ignore[attr-defined]
             metrics.POLLS.labels("ok" if report.delivered_all else "undelivered").inc()
             if report.delivered_all:
                 metrics.LAST_POLL_OK.set(self.clock())
+            if report.caught_up:
+                self.progress.catching_up = False
+                metrics.BACKLOG_PAGES.set(0)
         except Exception as err:
             # Whatever fails the cycle as a whole is counted and named; the caller retries next cycle.
             metrics.POLLS.labels("error").inc()
-            log.error("poll cycle failed", error_type=type(err).__name__, error=str(err)[:200] if isinstance(err, NeutrowatchError) else None)
+            log.error("poll cycle failed", error_type=type(err).__name__, error=str(err)[:200] if isinstance(err, NeutrowatchError) else None,
+                      steps=report.steps, cursor=report.cursor)
             raise
         finally:
             metrics.POLL_SECONDS.observe(time.perf_counter() - started)
             metrics.OUTBOX_PENDING.set(await self.store.outbox_pending_count())
         log.info("poll cycle", pages=report.pages, observations=report.observations, new=report.new_versions,
-                 panels=report.panels_assessed, events=report.events, written=report.written, cursor=report.cursor)
+                 panels=report.panels_assessed, events=report.events, written=report.written, cursor=report.cursor,
+                 steps=report.steps, caught_up=report.caught_up)
         return report
 
-    async def _read(self, report: CycleReport) -> int | None:
-        """Read every page since the cursor into the store. Returns the newest meta.lastUpdated seen."""
-        cursor = await self.store.get_cursor()
-        params, since_us = search_params(self.settings, cursor, self.clock())
-        pages = pages_since(self.client, "Observation", params, since_us)
-        newest_us = await self._ingest(pages, report, to_epoch_us(cursor) if cursor else None)
-        if newest_us is not None:
-            metrics.POLL_LAG.set(max(0.0, self.clock() - newest_us / 1_000_000))
-        return newest_us
+    async def _step(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool]:
+        """One step: read, temperatures, decide, deliver, commit. Returns the newest meta.lastUpdated
+        read so far and whether the search has been read to its end.
+
+        The cursor moves to the newest meta.lastUpdated read only when every write decided so far is
+        confirmed (deliver retries all pending writes, so True means the outbox is empty). Pages come
+        sorted by _lastUpdated, so everything before that instant has been read; what shares it, or
+        commits late behind it, is read again from the cursor less the overlap (de-duplicated on
+        (id, versionId)). A step whose writes are not all confirmed leaves the cursor where it is
+        and the cycle goes on reading: one refused write must not silence every later patient."""
+        before = (report.search_pages, report.observations, report.new_versions, report.panels_assessed, report.written,
+                  sum(report.events.values()))
+        began = self.clock()
+        newest_us, caught_up, edge = await self._read(pages, report, newest_us)
+        if self.settings.poll.temperatures == "open-episodes":
+            # before deciding, so temperatures and panels are taken in one order of availability
+            await self._temperatures(report, newest_us, caught_up=caught_up, changed_since=began)
+        await self._decide(report, caught_up=caught_up, edge=edge)
+        delivered = await self.deliver(report)
+        report.delivered_all = delivered
+        report.steps += 1
+        lag = None if newest_us is None else max(0.0, self.clock() - newest_us / 1_000_000)
+        if lag is not None:
+            metrics.POLL_LAG.set(lag)
+            self.progress.lag_seconds = lag
+        if delivered:
+            if newest_us is not None:
+                report.cursor = from_epoch_us(newest_us)
+                await self.store.set_cursor(report.cursor)
+            self.progress.step_at = time.time()
+            metrics.LAST_POLL_OK.set(self.clock())  # a committed step is a successful poll of its pages
+        self.progress.pages = report.search_pages
+        self.progress.writes_pending = not delivered
+        if not caught_up:
+            self.progress.catching_up = True
+            metrics.BACKLOG_PAGES.set(report.search_pages)
+        metrics.STEPS.labels("committed" if delivered else "undelivered").inc()
+        pages_read, observations, new, panels, written, events = (
+            now - then for now, then in zip((report.search_pages, report.observations, report.new_versions, report.panels_assessed,
+                                             report.written, sum(report.events.values())), before, strict=True))
+        log.info("poll step", step=report.steps, pages=pages_read, observations=observations, new=new, panels=panels,
+                 events=events, written=written, committed=delivered, cursor=report.cursor,
+                 lag_seconds=None if lag is None else round(lag, 1), caught_up=caught_up, cycle_pages=report.search_pages)
+        return newest_us, caught_up
+
+    async def _read(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool, set[str]]:
+        """Read at most poll.max_pages_per_step pages of the open search into the store. Returns the
+        newest meta.lastUpdated seen (starting from `newest_us`), whether the search ended, and the
+        patients with results on the last page read (a panel of theirs may go on past it)."""
+        limit = self.settings.poll.max_pages_per_step
+        ended = False
+        last: Page | None = None
+
+        async def bounded() -> AsyncIterator[Page]:
+            nonlocal ended, last
+            for _ in range(limit):
+                try:
+                    page = await anext(pages)
+                except StopAsyncIteration:
+                    ended = True
+                    return
+                report.search_pages += 1
+                last = page
+                yield page
+                if page.next_url is None:  # pages_since ends after a page without a next link
+                    ended = True
+                    return
+
+        newest_us = await self._ingest(bounded(), report, newest_us)
+        edge: set[str] = set()
+        if last is not None and not ended:
+            for resource in last.resources:
+                item = intake(resource, self.read_policy)
+                if isinstance(item, Intake) and item.patient is not None:
+                    edge.add(item.patient)
+        return newest_us, ended, edge
 
     async def _ingest(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> int | None:
         async for page in pages:
@@ -237,24 +355,36 @@ class Worker:
             metrics.OBSERVATIONS.labels("seen_before").inc(max(0, len(items) - len(new)))
         return newest_us
 
-    async def _temperatures(self, report: CycleReport, read_up_to_us: int | None) -> None:
-        """poll.temperatures = open-episodes: body temperatures of the patients with an open episode
-        or with new results this cycle.
+    async def _temperatures(self, report: CycleReport, read_up_to_us: int | None, *, caught_up: bool = True,
+                            changed_since: float | None = None) -> None:
+        """poll.temperatures = open-episodes: body temperatures of the patients with new results in
+        this step and, once the search is read to its end, of every patient with an open episode.
         Patients are searched TEMPERATURE_BATCH at a time (subject=a,b,...): the first time by
         collection time from 24 h (the fever window) before the newest ANC, after that for what
-        changed since their cursors less the overlap."""
+        changed since their cursors less the overlap.
+
+        Before the end of the search (a step of a catch-up) only temperatures updated up to what the
+        main search has read (`read_up_to_us`) are taken, and the cursors stop there: a later one
+        would be decided before the same patient's panels still to be read, out of the order of
+        availability that replay follows (a resolution then a fever remembered for the next episode
+        is not a fever then a resolution). Open episodes without new results, and panels still
+        waiting from an earlier step (`changed_since`), are searched at the end only, once a cycle as
+        when a cycle read everything before deciding: their later temperatures are read, in order,
+        with their patient's next results or at the end."""
         poll = self.settings.poll
         overlap_us = int(poll.overlap_seconds * 1_000_000)
         base = [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
                 ("_count", str(self.settings.fhir.page_size))]
-        # Patients with an open episode, and patients with new results this cycle (an episode may
-        # open, and even close, within the cycle: their temperatures must be in before the decisions).
-        targets: dict[str, tuple[str | None, int | None]] = {
-            patient: (cursor, newest_us) for patient, cursor, newest_us in await self.store.open_patients()}
+        # Patients with an open episode, and patients with new results this step (an episode may
+        # open, and even close, within the step: their temperatures must be in before the decisions).
+        opened = {patient: (cursor, newest_us) for patient, cursor, newest_us in await self.store.open_patients()}
+        targets: dict[str, tuple[str | None, int | None]] = dict(opened) if caught_up else {}
         async for batch in self._dirty_batches():
             for work in batch:
+                if not caught_up and changed_since is not None and work.changed_at < changed_since:
+                    continue  # waiting since an earlier step, nothing new in this one
                 earliest = min((r.effective_us for r in work.results), default=None)
-                cursor, newest_us = targets.get(work.patient, (None, None))
+                cursor, newest_us = targets.get(work.patient, opened.get(work.patient, (None, None)))
                 if earliest is not None and (newest_us is None or earliest < newest_us):
                     newest_us = earliest
                 targets[work.patient] = (cursor, newest_us)
@@ -277,9 +407,10 @@ class Worker:
             since = min(to_epoch_us(c) for _, c in group) - overlap_us
             subjects = ",".join(p for p, _ in group)
             batches.append(([p for p, _ in group], pages_since(self.client, "Observation", [("subject", subjects), *base], since)))
+        bound = None if caught_up else read_up_to_us
         for patients, pages in batches:
             report.temperature_searches += 1
-            newest = await self._ingest(whole_result(pages), report, read_up_to_us)
+            newest = await self._ingest(updated_until(whole_result(pages), bound), report, read_up_to_us)
             if newest is not None:
                 for patient in patients:
                     await self.store.set_temperature_cursor(patient, from_epoch_us(newest))
@@ -297,12 +428,32 @@ class Worker:
             after = batch[-1].key
             yield batch
 
-    async def _decide(self, report: CycleReport) -> None:
-        """Ready panels in order of first availability, committed a batch at a time."""
+    async def _decide(self, report: CycleReport, *, caught_up: bool = True, edge: set[str] | None = None) -> None:
+        """Ready panels in order of first availability, committed a batch at a time.
+
+        Before the search is read to its end (a step of a catch-up) only complete panels are ready,
+        and none of a patient after one of theirs that is not: the pages still to come may hold an
+        incomplete panel's other results, and a step boundary is no arrival time (a step is not a
+        wait), so the panel waits as it did when a cycle read everything before deciding, and the
+        patient's later panels wait behind it (a patient's panels are decided in order of first
+        availability, as replay decides them). The patients on the step's last page (`edge`) wait
+        for the next step too: a panel's results are written together, so one cut by the step's
+        end is whole on the next page, and a panel complete without all its results would
+        otherwise be decided, then revised, where replay decides it once. Once
+        caught up, an incomplete panel waits poll.settle_seconds."""
         now = self.clock()
         settle = self.settings.poll.settle_seconds
+        waiting: set[str] = set(edge or ())  # patients with a panel held back in this step
         async for batch in self._dirty_batches():
-            ready = [w for w in batch if is_complete(w.results) or now - w.changed_at >= settle]
+            if caught_up:
+                ready = [w for w in batch if is_complete(w.results) or now - w.changed_at >= settle]
+            else:
+                ready = []
+                for w in batch:
+                    if w.patient not in waiting and is_complete(w.results):
+                        ready.append(w)
+                    else:
+                        waiting.add(w.patient)
             if ready:
                 await self._decide_batch(ready, now, report)
 

@@ -94,9 +94,10 @@ def _write_config(path: Path, settings) -> Path:
 
 
 async def _health(port: int) -> int | None:
+    """200 once a cycle has read to the end of the search (/readyz is 200 "catching up" before)."""
     try:
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=1)) as r:
-            return r.status
+            return r.status if "last successful poll" in await r.text() else None
     except (aiohttp.ClientError, TimeoutError):
         return None
 

@@ -213,7 +213,7 @@ class Harness:
         self.reload_engine()
         config, env = self.config(s, name + "-run", base, self.dsn(s))
         settled = ((lambda status, body: "SMART discovery" in body) if s.auth == "smart"
-                   else (lambda status, body: status == 200))
+                   else (lambda status, body: status == 200 and "last successful poll" in body))
         code, run = self.run(config, env, settled)
         assert code == 0, run["log"][-2000:]
         out.update({f"run: {k}": v for k, v in run.items()})
