@@ -6,6 +6,12 @@
 // body-size and content-type checks, and two admin endpoints (POST /$reset, GET /$health).
 //
 //   node server.mjs [--port 0] [--host 127.0.0.1] [--verbose] [--no-narrow] [--exit-with-stdin]
+//                   [--batch-transactions]
+//
+// A `transaction` Bundle is atomic by default (all entries or none: a failed entry rolls back the
+// others and the answer is the error). With --batch-transactions the router processes it as a batch,
+// as Medplum does for a project without transaction bundles: 200 with one status per entry, the
+// successful entries kept. POST /$fault makes the next writes of a type fail for real (409).
 //
 // Prints exactly one line "LISTENING http://<host>:<port>" to stdout once ready. See README.md.
 
@@ -20,12 +26,14 @@ globalThis.WebSocket ??= class WebSocketUnavailable {
 const {
   allOk,
   badRequest,
+  conflict,
   contentTooLarge,
   getExpressionForResourceType,
   getStatus,
   globalSchema,
   indexSearchParameterBundle,
   indexStructureDefinitionBundle,
+  OperationOutcomeError,
   serverError,
   unsupportedMediaType,
 } = await import('@medplum/core');
@@ -52,6 +60,7 @@ const { values: args } = parseArgs({
     verbose: { type: 'boolean', default: false },
     'no-narrow': { type: 'boolean', default: false },
     'exit-with-stdin': { type: 'boolean', default: false },
+    'batch-transactions': { type: 'boolean', default: false },
   },
 });
 
@@ -107,7 +116,44 @@ class EngineRepository extends MemoryRepository {
     this.history.get(resourceType)?.get(id)?.reverse();
     return bundle;
   }
+
+  /**
+   * MemoryRepository.withTransaction() just runs fn: a transaction whose third entry fails keeps its
+   * first two. Restore the repository as it was when fn throws, so a transaction is all or nothing
+   * as on a server with transactions enabled. (Nothing else can run meanwhile: no I/O is awaited.)
+   */
+  async withTransaction(fn) {
+    if (this.inTransaction) return fn(this);
+    const copy = (maps, value) => new Map([...maps].map(([type, byId]) => [type, new Map([...byId].map(([id, v]) => [id, value(v)]))]));
+    const resources = copy(this.resources, (r) => r);
+    const history = copy(this.history, (versions) => versions.slice());
+    this.inTransaction = true;
+    try {
+      return await fn(this);
+    } catch (err) {
+      this.resources = resources;
+      this.history = history;
+      throw err;
+    } finally {
+      this.inTransaction = false;
+    }
+  }
+
+  /** Every create and update (plain, conditional, in a Bundle or not) goes through here. */
+  createResourceSync(resource, options, update = false) {
+    const fault = faults.find((f) => f.times > 0 && f.resourceType === resource.resourceType
+      && (!f.contains || JSON.stringify(resource).includes(f.contains)));
+    if (fault) {
+      fault.times--;
+      throw new OperationOutcomeError(conflict(`injected fault: ${resource.resourceType} write refused (POST /$fault)`));
+    }
+    return super.createResourceSync(resource, options, update);
+  }
 }
+
+/** Armed by POST /$fault: {resourceType, times (default 1), contains (a substring of the resource)}. */
+let faults = [];
+const transactionMode = args['batch-transactions'] ? 'batch' : 'atomic';
 
 const router = new FhirRouter();
 let repo = new EngineRepository();
@@ -259,10 +305,25 @@ async function handle(req, res, base) {
   const method = req.method;
 
   if (url.pathname === '/$health' && method === 'GET') {
-    return send(res, 200, { status: 'ok', fhirVersion: '4.0.1', uptimeSeconds: Math.round(process.uptime()) });
+    return send(res, 200, { status: 'ok', fhirVersion: '4.0.1', transactions: transactionMode, uptimeSeconds: Math.round(process.uptime()) });
   }
   if (url.pathname === '/$reset' && method === 'POST') {
     repo = new EngineRepository();
+    faults = [];
+    return send(res, 200, allOk);
+  }
+  if (url.pathname === '/$fault' && method === 'POST') {
+    const fault = await readBody(req);
+    if (typeof fault?.resourceType !== 'string' || (fault.contains !== undefined && typeof fault.contains !== 'string')) {
+      throw new HttpError(400, badRequest('expected {"resourceType": "<type>", "times": n, "contains": "<substring>"}'));
+    }
+    const times = fault.times === undefined ? 1 : fault.times === 'always' ? Infinity : Number(fault.times);
+    if (!(times >= 0)) throw new HttpError(400, badRequest('times: a number >= 0 or "always"'));
+    faults.push({ resourceType: fault.resourceType, times, contains: fault.contains });
+    return send(res, 200, allOk);
+  }
+  if (url.pathname === '/$fault' && method === 'DELETE') {
+    faults = [];
     return send(res, 200, allOk);
   }
   if (url.pathname === '/metadata' && method === 'GET') {
@@ -287,7 +348,8 @@ async function handle(req, res, base) {
     query: {},
     body,
     headers: req.headers,
-    config: { transactions: true },
+    // Medplum's own switch: without it a `transaction` Bundle is processed as a batch.
+    config: { transactions: transactionMode === 'atomic' },
   };
   // Seeding mode is a repository-wide flag, but MemoryRepository never waits on I/O, so no other
   // request's handler can run while this one is in flight.
