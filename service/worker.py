@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ log = structlog.get_logger("neutrowatch.worker")
 TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
 DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
 TARGET_ATTEMPTS = 3  # Flag+Communication requests per write: 412 re-reads, re-posts after a mixed answer
+KNOWN_FLAGS = 5000  # episodes' Flags (id, version, content) the worker remembers between writes
 LOINC = "http://loinc.org"
 
 
@@ -165,6 +167,9 @@ class Worker:
         self.rules = settings.rules
         self.read_policy = settings.read_policy
         self.directory = LiveDirectory(settings, client)
+        # The episodes' Flags as this process last wrote or read them (id, version, content), so an
+        # update needs no identifier search first. Bounded; a stale entry costs one 412 and a re-read.
+        self._flags: OrderedDict[str, KnownFlag] = OrderedDict()
 
     # the cycle ---------------------------------------------------------------------------------------
 
@@ -453,6 +458,7 @@ class Worker:
                 # The Flag changed since we read it, or our own PUT, retried after a lost answer, was
                 # applied: read it again.
                 failed = ["412"]
+                self._flags.pop(_key(w), None)
                 continue
             answers = response.get("entry") or []
             if len(answers) != len(entries):
@@ -465,6 +471,8 @@ class Worker:
                 if not status.startswith("2"):
                     failed.append(status)
                     metrics.WRITES.labels(kind, "failed").inc()
+                    if kind == "Flag":
+                        self._flags.pop(_key(w), None)  # read it again before the next attempt
                     continue
                 identifier = w["flag_identifier"] if kind == "Flag" else w["communication_identifier"]
                 ids[kind] = (put_id if kind == "Flag" and put_id is not None
@@ -472,6 +480,8 @@ class Worker:
                              or await self._find(kind, identifier))
                 written[kind] = (status, result.get("location"))
                 metrics.WRITES.labels(kind, "ok").inc()
+                if kind == "Flag":
+                    self._remember(w, sent, ids[kind], status, result, answer.get("resource"))
             if failed and len(failed) < len(entries):
                 metrics.NONATOMIC_TRANSACTIONS.inc()
                 log.warning("transaction answered entry by entry (the server processes it as a batch): "
@@ -493,24 +503,80 @@ class Worker:
 
     async def _flag_entry(self, w: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
         """The Flag's transaction entry and, when it is not conditionally created (a PUT, or none
-        because it is unchanged), the server id of the existing Flag."""
+        because it is unchanged), the server id of the existing Flag. The existing Flag is the one
+        this process last wrote or read when it remembers it (no request), else it is searched."""
         flag = w["flag"]
         create = _conditional_create(flag, "identifier=" + "|".join(w["flag_identifier"]), w.get("flag_full_url"))
         if w["event"] == "new":
             return create, None
-        existing = await self.client.search_all("Flag", [("identifier", "|".join(w["flag_identifier"]))])
-        if not existing:
-            return create, None
-        current = existing[0]
-        if _same(current, flag):
-            return None, current["id"]
+        known = self._flags.get(_key(w))
+        if known is None:
+            existing = await self.client.search_all("Flag", [("identifier", "|".join(w["flag_identifier"]))])
+            if not existing:
+                return create, None
+            current = existing[0]
+            known = KnownFlag(current["id"], str(current.get("meta", {}).get("versionId", "")), current)
+            self._keep(_key(w), known)
+        if _same(known.flag, flag):
+            return None, known.id
         put = {
-            "fullUrl": f"{self.settings.fhir.base_url}/Flag/{current['id']}",
-            "resource": {**flag, "id": current["id"]},
-            "request": {"method": "PUT", "url": f"Flag/{current['id']}",
-                        "ifMatch": f'W/"{current.get("meta", {}).get("versionId", "")}"'},
+            "fullUrl": f"{self.settings.fhir.base_url}/Flag/{known.id}",
+            "resource": {**flag, "id": known.id},
+            "request": {"method": "PUT", "url": f"Flag/{known.id}", "ifMatch": f'W/"{known.version}"'},
         }
-        return put, current["id"]
+        return put, known.id
+
+    def _remember(self, w: dict[str, Any], sent: dict[str, Any], flag_id: str, status: str, result: dict[str, Any],
+                  answered: Any) -> None:
+        """Keep the Flag as the server now holds it: the resource it answered, else what was sent
+        when the server wrote it (a PUT, or a create answered 201; a conditional create answered
+        200 found a Flag whose content we do not know), with the version from the answer."""
+        if isinstance(answered, dict) and answered.get("resourceType") == "Flag" and answered.get("id") == flag_id:
+            content: dict[str, Any] | None = answered
+        elif sent["request"]["method"] == "PUT" or status.startswith("201"):
+            content = sent["resource"]
+        else:
+            content = None
+        version = answered_version(result, answered)
+        if content is None or version is None:
+            self._flags.pop(_key(w), None)
+        else:
+            self._keep(_key(w), KnownFlag(flag_id, version, content))
+
+    def _keep(self, key: str, known: KnownFlag) -> None:
+        self._flags[key] = known
+        self._flags.move_to_end(key)
+        while len(self._flags) > KNOWN_FLAGS:
+            self._flags.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class KnownFlag:
+    """An episode's Flag as the server holds it after this process's last write or read of it."""
+
+    id: str
+    version: str
+    flag: dict[str, Any]
+
+
+def _key(w: dict[str, Any]) -> str:
+    return "|".join(w["flag_identifier"])
+
+
+def answered_version(result: dict[str, Any], resource: Any) -> str | None:
+    """The version a transaction entry wrote: response.etag (W/"v"), the location's `_history/v`,
+    or the answered resource's meta.versionId."""
+    etag = result.get("etag")
+    if isinstance(etag, str) and etag.strip():
+        return etag.strip().removeprefix("W/").strip('"') or None
+    location = result.get("location")
+    if isinstance(location, str) and "/_history/" in location:
+        version = location.split("?", 1)[0].rsplit("/_history/", 1)[1].strip("/")
+        if _FHIR_ID.match(version):
+            return version
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) and version else None
 
 
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")

@@ -33,6 +33,7 @@ from service.__main__ import main as cli
 from service.clinical.codes import temperature_codes
 from service.config import Settings
 from service.fhir.client import FhirClient
+from service.store import make_store
 from service.store.base import OutboxEntry
 from service.worker import Worker
 from tests.builders import observation
@@ -343,6 +344,54 @@ async def test_a_refused_entry_leaves_no_provenance_pointing_at_nothing(fhir_eng
     assert len(got["Provenance"]) == sum(seen.values())
     compare_with_oracle(base_url, tmp_path / "oracle", history=True)
     check_against_replay(got, predicted(base_url, tmp_path / "oracle-prov", history=True))
+
+
+# -- the Flag the worker remembers ------------------------------------------------------------------
+
+
+async def test_an_update_of_a_flag_the_worker_wrote_needs_no_search_and_a_stale_one_is_read_again(
+        fhir_base_url, tmp_path, monkeypatch):
+    """One worker over the scenario's stages, as the running service keeps it: the Flag a write
+    creates or updates is remembered from the server's answer (id, version, content), so the
+    episode's next update is a versioned PUT without an identifier search first (2 requests a write,
+    not 3). When someone else changed that Flag meanwhile, the PUT's If-Match is stale: 412, the Flag
+    is read again (one search) and the write goes through, ending as replay predicts."""
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
+    searched: list[str] = []
+    original = FhirClient.search_all
+
+    async def counting(self: FhirClient, resource_type: str, params: Any) -> list[Resource]:
+        if resource_type == "Flag":
+            searched.append(dict(params)["identifier"])
+        return await original(self, resource_type, params)
+
+    monkeypatch.setattr(FhirClient, "search_all", counting)
+    store = make_store(settings.store)
+    await store.open()
+    seen: Counter[str] = Counter()
+    per_stage: list[int] = []
+    try:
+        assert await store.lead()
+        async with FhirClient(settings.fhir) as client:
+            worker = Worker(settings, client, store)
+            for i, stage in enumerate(scenario()):
+                if i == 2:  # before ei's withdrawal: its Flag is changed by someone else
+                    (flag,) = [f for f in export(fhir_base_url, "Flag") if f["subject"]["reference"] == "Patient/ei"]
+                    put_all(fhir_base_url, [{**flag, "code": {**flag["code"], "text": "edited elsewhere"}}])
+                put_all(fhir_base_url, stage)
+                before = len(searched)
+                report = await worker.run_cycle()
+                assert report.delivered_all
+                seen.update(report.events)
+                per_stage.append(len(searched) - before)
+    finally:
+        await store.close()
+    assert seen["worsening"] and seen["retracted"] >= 2 and seen["chronic"], seen  # updates in stages 2-4
+    assert per_stage == [0, 0, 1, 0], per_stage  # only the Flag changed elsewhere was searched
+    got = held(fhir_base_url)
+    check_provenances(fhir_base_url, settings, got, chronic=seen["chronic"])
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)
+    check_against_replay(got, predicted(fhir_base_url, tmp_path / "oracle-prov", history=True))
 
 
 # -- the worker's transaction --------------------------------------------------------------------------
