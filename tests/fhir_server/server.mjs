@@ -119,23 +119,25 @@ class EngineRepository extends MemoryRepository {
 
   /**
    * MemoryRepository.withTransaction() just runs fn: a transaction whose third entry fails keeps its
-   * first two. Restore the repository as it was when fn throws, so a transaction is all or nothing
-   * as on a server with transactions enabled. (Nothing else can run meanwhile: no I/O is awaited.)
+   * first two. Undo the writes fn made when it throws, so a transaction is all or nothing as on a
+   * server with transactions enabled. (Nothing else can run meanwhile: no I/O is awaited.)
    */
   async withTransaction(fn) {
-    if (this.inTransaction) return fn(this);
-    const copy = (maps, value) => new Map([...maps].map(([type, byId]) => [type, new Map([...byId].map(([id, v]) => [id, value(v)]))]));
-    const resources = copy(this.resources, (r) => r);
-    const history = copy(this.history, (versions) => versions.slice());
-    this.inTransaction = true;
+    if (this.undo) return fn(this);
+    this.undo = [];
     try {
       return await fn(this);
     } catch (err) {
-      this.resources = resources;
-      this.history = history;
+      for (const { type, id, before, versions } of this.undo.reverse()) {
+        if (before) this.resources.get(type).set(id, before);
+        else this.resources.get(type)?.delete(id);
+        const history = this.history.get(type);
+        if (versions) history?.get(id)?.splice(versions);
+        else history?.delete(id);
+      }
       throw err;
     } finally {
-      this.inTransaction = false;
+      this.undo = undefined;
     }
   }
 
@@ -147,7 +149,18 @@ class EngineRepository extends MemoryRepository {
       fault.times--;
       throw new OperationOutcomeError(conflict(`injected fault: ${resource.resourceType} write refused (POST /$fault)`));
     }
-    return super.createResourceSync(resource, options, update);
+    const type = resource.resourceType;
+    const before = resource.id ? this.resources.get(type)?.get(resource.id) : undefined;
+    const versions = resource.id ? this.history.get(type)?.get(resource.id)?.length ?? 0 : 0;
+    const written = super.createResourceSync(resource, options, update);
+    this.undo?.push({ type, id: written.id, before, versions });
+    return written;
+  }
+
+  async deleteResource(type, id, options) {
+    const before = this.resources.get(type)?.get(id);
+    await super.deleteResource(type, id, options);
+    this.undo?.push({ type, id, before, versions: this.history.get(type)?.get(id)?.length ?? 0 });
   }
 }
 
