@@ -571,9 +571,9 @@ def answered_version(result: dict[str, Any], resource: Any) -> str | None:
         return etag.strip().removeprefix("W/").strip('"') or None
     location = result.get("location")
     if isinstance(location, str) and "/_history/" in location:
-        version = location.split("?", 1)[0].rsplit("/_history/", 1)[1].strip("/")
-        if _FHIR_ID.match(version):
-            return version
+        vid = location.split("?", 1)[0].rsplit("/_history/", 1)[1].strip("/")
+        if _FHIR_ID.match(vid):
+            return vid
     meta = resource.get("meta") if isinstance(resource, dict) else None
     version = meta.get("versionId") if isinstance(meta, dict) else None
     return version if isinstance(version, str) and version else None
