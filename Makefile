@@ -68,6 +68,7 @@ bench: install
 	$(BIN)/python bench/live_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/store_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/backlog_bench.py --write docs/benchmarks.md
+	$(BIN)/python bench/memory_bench.py --write docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) $(ENGINE)/node_modules $(PROFILES)/node_modules tools/helm/node_modules build .demo .pytest_cache .hypothesis

@@ -177,7 +177,7 @@ Patients, ~2 % noise), seed 7. *orjson* is `orjson.loads` over the same lines (f
 timed); *replay* is the whole `replay` run (read, decode, normalise, spill, panel, decide, write
 events) in a fresh process, with the default partitioned engine and its worker processes (one per
 core). *CPU* is user + system time of all its processes. Peak RSS: the replay process, and the
-largest worker; peak PSS: all its processes together (shared pages counted once). Targets (issue 2):
+largest worker; peak PSS: all its processes together (shared pages counted once). Targets:
 ratio ≤ 3; peak memory flat from 100 k to 1 M.
 
 | Observations | resources | patients | file | orjson.loads | replay | Observations/s | ratio | CPU | peak RSS | worker peak RSS | peak PSS |

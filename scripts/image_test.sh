@@ -280,7 +280,7 @@ step "check: replay --help"
 out=$(podman run --rm "$IMAGE" replay --help 2>&1) || { echo "$out" >&2; die "replay --help failed"; }
 grep -q '^usage: neutrowatch replay' <<<"$out" || { echo "$out" >&2; die "replay --help printed no usage"; }
 say "ok: $(head -n1 <<<"$out")"
-out=$(podman run --rm --read-only --read-only-tmpfs=false "$IMAGE" check-config 2>&1) \
+out=$(podman run --rm --read-only --read-only-tmpfs=false -e NEUTROWATCH_FHIR__BASE_URL=https://fhir.example.org/r4 "$IMAGE" check-config 2>&1) \
   || { echo "$out" >&2; die "check-config failed"; }
 say "check-config: $out"
 

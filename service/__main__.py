@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 
 import structlog
 
 from . import logging as nw_logging
-from .config import Settings, StoreSettings, load_settings
-from .errors import NeutrowatchError
+from .config import Settings, StoreSettings, load_settings, review_settings
+from .errors import ConfigError, NeutrowatchError
 
 
 def _logging(settings: Settings, *, service: bool = False) -> None:
@@ -95,14 +96,46 @@ def _explain(args: argparse.Namespace) -> int:
 
 def describe_store(store: StoreSettings) -> str:
     if store.backend == "postgres":
-        from .store.postgres import describe_dsn
-
-        return f"postgres {describe_dsn(store.postgres_dsn())} schema {store.schema_name}"
+        return f"postgres {store.parsed_dsn().describe()} schema {store.schema_name}"
     return f"sqlite {store.path}"
 
 
+def _secret_files(settings: Settings) -> list[str]:
+    """Problems of the files `run` would read at start-up (DSN, token, private key, CA bundle), each
+    naming its field and never quoting the file's content."""
+    from .fhir.auth import load_signing_key, read_token_file
+    from .fhir.tls import ssl_option
+
+    checks: list[Callable[[], object]] = [partial(ssl_option, settings.fhir)]
+    if settings.store.backend == "postgres":
+        checks.append(settings.store.parsed_dsn)
+    auth = settings.fhir.auth
+    if auth.method == "bearer" and auth.bearer_token is None and auth.bearer_token_file is not None:
+        checks.append(partial(read_token_file, auth.bearer_token_file))
+    if auth.method == "smart" and auth.smart.private_key_file is not None:
+        checks.append(partial(load_signing_key, auth.smart.private_key_file, auth.smart.algorithm))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as err:
+            problems.append(str(err).removeprefix("config error: "))
+    return problems
+
+
 def _check_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    """Every error (each naming its field) and every warning to stderr; "configuration ok" to
+    stdout. Exit 2 on any error, 0 otherwise (warnings included)."""
+    review = review_settings(args.config)
+    errors = review.errors + (_secret_files(review.settings) if review.settings is not None else [])
+    for warning in review.warnings:
+        print(f"neutrowatch: warning: {warning}", file=sys.stderr)
+    if errors or review.settings is None:
+        for error in errors:
+            print(f"neutrowatch: config error: {error}", file=sys.stderr)
+        print(f"neutrowatch: configuration invalid ({len(errors)} error{'s' if len(errors) != 1 else ''})", file=sys.stderr)
+        return 2
+    settings = review.settings
     print(f"configuration ok (scheme {settings.grading.scheme}, store {describe_store(settings.store)})")
     if args.probe:
         from .probe import probe
@@ -111,11 +144,18 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_warnings(config: Path | None) -> None:
+    """What check-config warns of, in the service's log too (field names and the file, no values)."""
+    for warning in review_settings(config).warnings:
+        structlog.get_logger("neutrowatch").warning("unsafe configuration", warning=warning)
+
+
 def _run(args: argparse.Namespace) -> int:
     from . import app
 
     settings = load_settings(args.config)
     _logging(settings, service=True)
+    _log_warnings(args.config)
     asyncio.run(app.run(settings))
     return 0
 
@@ -125,6 +165,7 @@ def _once(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     _logging(settings, service=True)
+    _log_warnings(args.config)
     report = asyncio.run(app.once(settings))
     if report is None:
         return 1

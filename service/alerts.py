@@ -3,7 +3,7 @@ a Communication per announcement, and a Provenance per write. Built as plain dic
 fhir.resources R4B models; they claim the profiles of fhir_profiles/ (meta.profile, extensions and
 codes from service/profiles.py, on the configured alerts.canonical_base).
 
-Conventions: shared/reference/clinical-and-fhir.md §1.4 (SNOMED 165517008), §1.5 (flag-category
+Conventions: docs/clinical-reference.md §1.4 (SNOMED 165517008), §1.5 (flag-category
 `clinical`, not `lab`; communication-category `alert`; request-priority), §4 (flag-detail extension,
 Flag.author, period, status active -> inactive, entered-in-error on retraction; a correction is a new
 Communication whose `inResponseTo` points at the prior one; Provenance: target the Flag and the

@@ -5,6 +5,8 @@ an invalid value fails with a message that names the field."""
 from __future__ import annotations
 
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,17 +22,21 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
+from . import pgdsn
 from .clinical.fhirtime import local_zone
 from .clinical.grading import BUILT_IN, Scheme
 from .clinical.observations import ReadPolicy
+from .clinical.references import base_key
 from .clinical.rules import Rules
 from .errors import ConfigError
 
 ENV_PREFIX = "NEUTROWATCH_"
+_PATIENT_KEY = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
 CONFIG_ENV = "NEUTROWATCH_CONFIG"
 
 
@@ -67,7 +73,7 @@ class ClinicalSettings(_Section):
         description="Threshold for patients with an active Condition 234423001 (chronic benign neutropenia); "
         "null to ignore that Condition. A local choice to validate.",
     )
-    chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (seed 000: > 3 months).")
+    chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (default: more than 3 months, a local choice to validate).")
     history_limit: int = Field(24, ge=2, le=500, description="Assessed panels remembered per patient, so a corrected result can be re-evaluated.")
     local_timezone: str | None = Field(
         None,
@@ -80,6 +86,18 @@ class ClinicalSettings(_Section):
         description="A collection time later than its result's meta.lastUpdated (or the reading clock) by more than "
         "this is rejected as impossible (clock skew between laboratory system and server is allowed for).",
     )
+
+    @field_validator("patient_thresholds")
+    @classmethod
+    def _patient_keys(cls, value: dict[str, float]) -> dict[str, float]:
+        # Keys are patient identities as the service keys them (reference §9): relative, unversioned.
+        bad = sorted(k for k in value if not _PATIENT_KEY.fullmatch(k))
+        if bad:
+            raise ValueError(f"{len(bad)} key(s) are not a relative, unversioned Patient/<id> reference")
+        for k, v in value.items():
+            if not 0 < v <= 5000:
+                raise ValueError(f"threshold for {k} must be > 0 and <= 5000 cells/uL")
+        return value
 
     @field_validator("local_timezone")
     @classmethod
@@ -152,13 +170,16 @@ class SmartSettings(_Section):
 
 
 class AuthSettings(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # the token is a secret
     method: Literal["none", "bearer", "smart"] = Field(
         "none",
         description="How requests authenticate: none; bearer (a static token, bearer_token or bearer_token_file); "
         "smart (SMART Backend Services, the smart section).",
     )
     bearer_token: SecretStr | None = Field(None, description="Static bearer token (set it from the environment, never in a file in the repo).")
-    bearer_token_file: Path | None = Field(None, description="File holding the static bearer token (a mounted secret).")
+    bearer_token_file: Path | None = Field(
+        None, description="File holding the static bearer token (a mounted secret); re-read after a 401, so a rotated secret needs no restart."
+    )
     smart: SmartSettings = SmartSettings()
 
     @model_validator(mode="after")
@@ -178,7 +199,22 @@ class FhirSettings(_Section):
     timeout_seconds: float = Field(30.0, gt=0, le=600, description="Timeout of one request (connect + read).")
     page_size: int = Field(200, ge=1, le=1000, description="_count of each search page.")
     max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024,
+        description="Largest response body read (after decompression); a larger one is refused unread, checked "
+        "against Content-Length and while the body streams in. A search page so refused fails the cycle and the "
+        "cursor stays (raise this, or lower page_size). 64 MiB: a full page (page_size 1000) of Observations is "
+        "1-3 MB, and `once` reading a page just under this cap peaks at about 200 MiB (a 300 MB page: about 680 MiB), "
+        "well under the Helm chart's 512 MiB container limit (docs/benchmarks.md: memory).",
+    )
     user_agent: str = Field("neutrowatch/0.1", description="User-Agent header.")
+    accepted_foreign_bases: tuple[str, ...] = Field(
+        (),
+        description="Federated setups only: base URLs of other FHIR servers whose patients the results may name "
+        "(e.g. https://partner.example.org/fhir). Such a subject is the patient's identity as its absolute "
+        "reference, and nothing about it is read from this server. A subject on any other server is rejected "
+        "('subject is on another server'), never alerted on.",
+    )
     retry: RetrySettings = RetrySettings()
     auth: AuthSettings = AuthSettings()
 
@@ -190,10 +226,20 @@ class FhirSettings(_Section):
             raise ValueError("must start with https:// (or http:// with allow_insecure_http)")
         return value
 
+    @field_validator("accepted_foreign_bases")
+    @classmethod
+    def _bases(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for url in value:
+            if base_key(url) is None:
+                raise ValueError(f"{url[:200]!r} is not an http(s) base URL (no query or fragment)")
+        return tuple(url.strip().rstrip("/") for url in value)
+
     @model_validator(mode="after")
     def _scheme(self) -> FhirSettings:
         if self.base_url.startswith("http://") and not self.allow_insecure_http:
             raise ValueError("base_url is plain http://; use https:// or set allow_insecure_http for local tests")
+        if self.base_url and base_key(self.base_url) in {base_key(b) for b in self.accepted_foreign_bases}:
+            raise ValueError("accepted_foreign_bases lists base_url itself: its references are local, not foreign")
         return self
 
 
@@ -225,6 +271,7 @@ class PollSettings(_Section):
 
 
 class StoreSettings(_Section):
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # the DSN is a secret
     backend: Literal["sqlite", "postgres"] = Field(
         "sqlite",
         description="sqlite: one replica, state in a local file. postgres: state in PostgreSQL; several replicas "
@@ -233,8 +280,8 @@ class StoreSettings(_Section):
     path: Path = Field(Path("neutrowatch.sqlite3"), description="SQLite state file (cursor, results, episodes, outbox).")
     dsn: SecretStr | None = Field(
         None,
-        description="PostgreSQL DSN, e.g. postgresql://neutrowatch@db:5432/neutrowatch (set it from the environment: "
-        "a password in it is a secret).",
+        description="PostgreSQL DSN: a URL with a host, e.g. postgresql://neutrowatch@db:5432/neutrowatch, or libpq "
+        "keyword=value pairs (host=db dbname=neutrowatch ...). Set it from the environment: a password in it is a secret.",
     )
     dsn_file: Path | None = Field(None, description="File holding the PostgreSQL DSN (a mounted secret).")
     schema_name: str = Field(
@@ -247,6 +294,13 @@ class StoreSettings(_Section):
         description="A standby retries the leader lock this often; the leader re-checks it holds the lock this often.",
     )
 
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_form(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            pgdsn.parse(value.get_secret_value())  # the reason never quotes the DSN
+        return value
+
     @model_validator(mode="after")
     def _postgres(self) -> StoreSettings:
         if self.backend == "postgres" and self.dsn is None and self.dsn_file is None:
@@ -254,14 +308,23 @@ class StoreSettings(_Section):
         return self
 
     def postgres_dsn(self) -> str:
-        """The DSN, read from dsn_file when that is set (never logged)."""
+        """The DSN as asyncpg reads it (the keyword=value form becomes the equivalent URL), read from
+        dsn_file when that is set. Never logged; a DSN of neither form is a ConfigError naming the
+        field, never quoting the text."""
+        return self.parsed_dsn().url
+
+    def parsed_dsn(self) -> pgdsn.Dsn:
         if self.dsn_file is not None:
             try:
-                return self.dsn_file.read_text(encoding="utf-8").strip()
-            except OSError as err:
-                raise ConfigError(f"config error: store.dsn_file: {err.strerror or err}") from None
+                text = self.dsn_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(f"config error: store.dsn_file: {getattr(err, 'strerror', None) or type(err).__name__}") from None
+            try:
+                return pgdsn.parse(text)
+            except ValueError as err:
+                raise ConfigError(f"config error: store.dsn_file: the DSN in {self.dsn_file} {err}") from None
         assert self.dsn is not None
-        return self.dsn.get_secret_value()
+        return pgdsn.parse(self.dsn.get_secret_value())  # checked by _dsn_form
 
 
 class WebSettings(_Section):
@@ -297,7 +360,7 @@ class LoggingSettings(_Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True, hide_input_in_errors=True
     )
 
     fhir: FhirSettings = FhirSettings()
@@ -333,8 +396,10 @@ class Settings(BaseSettings):
 
     @property
     def read_policy(self) -> ReadPolicy:
-        """How Observations are read (replay and the live loop alike)."""
-        return ReadPolicy(local_timezone=self.clinical.local_timezone)
+        """How Observations are read (replay and the live loop alike). Replay has no server: its base is
+        fhir.base_url when configured, else every absolute reference is foreign unless accepted."""
+        return ReadPolicy(local_timezone=self.clinical.local_timezone, base_url=self.fhir.base_url or None,
+                          accepted_foreign_bases=self.fhir.accepted_foreign_bases)
 
     @classmethod
     def settings_customise_sources(
@@ -367,23 +432,110 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+class ConfigProblems(ConfigError):
+    """Every problem pydantic found (not only the first), each "field: reason"; `str()` is one line."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source, self.problems = source, problems
+        super().__init__(f"config error{source}: {'; '.join(problems)}")
+
+
+def _problems(err: ValidationError) -> list[str]:
+    """One "field: reason" per error. Never the input: it may be a secret (and hide_input_in_errors
+    keeps it out of str(err) as well)."""
+    found = []
+    for error in err.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        found.append(f"{field}: {message}")
+    return found
+
+
 def _describe(err: ValidationError) -> str:
-    first = err.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown field"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{field}: {message}{more}"
+    return "; ".join(_problems(err))
+
+
+def _config_path(path: str | Path | None) -> Path | None:
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    return Path(path) if path is not None else None
 
 
 def load_settings(path: str | Path | None = None) -> Settings:
-    """Load and validate. `path` None means $NEUTROWATCH_CONFIG if set, else built-in defaults."""
-    if path is None and os.environ.get(CONFIG_ENV):
-        path = os.environ[CONFIG_ENV]
-    data = _read_yaml(Path(path)) if path is not None else {}
+    """Load and validate. `path` None means $NEUTROWATCH_CONFIG if set, else built-in defaults.
+    Invalid: ConfigProblems listing every error, each naming its field."""
+    config = _config_path(path)
+    data = _read_yaml(config) if config is not None else {}
     try:
         return Settings(**data)
     except ValidationError as err:
-        source = f" in {path}" if path is not None else ""
-        raise ConfigError(f"config error{source}: {_describe(err)}") from None
+        raise ConfigProblems(f" in {config}" if config is not None else "", _problems(err)) from None
+
+
+@dataclass(frozen=True)
+class Review:
+    """What `check-config` reports: the settings (None when invalid), every error (each naming its
+    field) and warnings (valid, but unsafe)."""
+
+    settings: Settings | None
+    errors: list[str]
+    warnings: list[str]
+
+
+_INLINE = "is written in the config file {path}: set it from the environment ({env}) or a mounted file ({file})"
+_LOOPBACK = ("127.", "localhost", "[::1]")
+
+
+def review_settings(path: str | Path | None = None) -> Review:
+    """Load as `load_settings` does, then what only a running service would find out: no FHIR base
+    URL, credentials sent without TLS verification or over plain http to another host, secrets
+    written in the YAML file (which ends up in a repository, a ConfigMap, a support ticket)."""
+    config = _config_path(path)
+    data = _read_yaml(config) if config is not None else {}
+    errors: list[str] = []
+    warnings: list[str] = []
+    settings: Settings | None
+    try:
+        settings = Settings(**data)
+    except ValidationError as err:
+        settings, errors = None, _problems(err)
+    if settings is not None:
+        base_url = settings.fhir.base_url
+    else:  # the effective value as Settings would see it: the environment beats the file
+        env = EnvSettingsSource(Settings)()
+        base_url = _dig(env, "fhir", "base_url") or _dig(data, "fhir", "base_url") or ""
+    if not str(base_url).strip() and not any(e.startswith("fhir.base_url:") for e in errors):
+        errors.append("fhir.base_url: required (run and once poll this FHIR server); e.g. https://fhir.example.org/r4")
+    if settings is not None and settings.fhir.auth.method != "none":
+        fhir, credential = settings.fhir, f"fhir.auth.method is {settings.fhir.auth.method}"
+        if not fhir.verify_tls:
+            warnings.append(f"fhir.verify_tls: false while {credential}: the credential goes to any server that "
+                            "answers for the host (a man in the middle included); use fhir.ca_bundle for a private CA")
+        host = fhir.base_url.removeprefix("http://").split("/", 1)[0]
+        if fhir.base_url.startswith("http://") and not host.startswith(_LOOPBACK):
+            warnings.append(f"fhir.allow_insecure_http: plain http:// to {host} while {credential}: the credential travels in clear")
+    where = str(config) if config is not None else "the config file"
+    if _dig(data, "fhir", "auth", "bearer_token"):
+        warnings.append("fhir.auth.bearer_token " + _INLINE.format(
+            path=where, env=f"{ENV_PREFIX}FHIR__AUTH__BEARER_TOKEN", file="fhir.auth.bearer_token_file"))
+    if _dig(data, "logging", "pseudonym_key"):
+        warnings.append("logging.pseudonym_key " + _INLINE.format(
+            path=where, env=f"{ENV_PREFIX}LOGGING__PSEUDONYM_KEY", file="logging.pseudonym_key_file"))
+    dsn = _dig(data, "store", "dsn")
+    if isinstance(dsn, str) and _has_password(dsn):
+        warnings.append("store.dsn holds a password and " + _INLINE.format(
+            path=where, env=f"{ENV_PREFIX}STORE__DSN", file="store.dsn_file"))
+    return Review(settings, errors, warnings)
+
+
+def _dig(data: Any, *keys: str) -> Any:
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
+
+
+def _has_password(dsn: str) -> bool:
+    try:
+        return pgdsn.parse(dsn).has_password
+    except ValueError:
+        return "password" in dsn or "@" in dsn  # malformed (an error already): assume the worst

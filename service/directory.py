@@ -1,7 +1,11 @@
 """Patient context and recipients for the live loop, read from the FHIR server and cached.
 
 A failed look-up never holds back an alert: the patient is graded with the scheme's own bands and
-the Communication goes to the configured pool, and the failure is logged (ids only) and counted."""
+the Communication goes to the configured pool, and the failure is logged (ids only) and counted.
+
+Only what is on this server is read: the patient key is the canonical reference (intake), and a
+patient or order on an accepted foreign server (an absolute key) is never looked up here — its local
+namesake of the same id is another patient. Replay uses no facts for it either (read_document)."""
 
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ from .clinical.context import (
     patient_context,
     requester,
 )
+from .clinical.observations import canonical_reference
 from .clinical.recipients import Recipients, choose
+from .clinical.references import Resolved
 from .config import Settings
 from .errors import NeutrowatchError
 from .fhir.client import FhirClient
@@ -31,11 +37,6 @@ from .fhir.errors import FhirHttpError
 log = structlog.get_logger("neutrowatch.directory")
 T = TypeVar("T")
 _CACHE_LIMIT = 20_000
-
-
-def _id(ref: str, resource_type: str) -> str | None:
-    parts = ref.rstrip("/").split("/")
-    return parts[-1] if len(parts) >= 2 and parts[-2] == resource_type else None
 
 
 def _resource(obj: dict[str, Any] | None) -> raw.Resource | None:
@@ -53,6 +54,7 @@ class LiveDirectory:
         self.client = client
         self.clock = clock
         self._cache: OrderedDict[tuple[str, str], tuple[float, Any]] = OrderedDict()
+        self.policy = settings.read_policy
 
     async def _cached(self, key: tuple[str, str], load: Callable[[], Awaitable[T]]) -> T:
         hit = self._cache.get(key)
@@ -84,18 +86,32 @@ class LiveDirectory:
                 return None
             raise
 
+    def _local(self, ref: str, resource_type: str) -> str | None:
+        found = canonical_reference(ref, resource_type, self.policy)
+        return found.local_id if isinstance(found, Resolved) else None
+
+    def _subject(self, patient: str) -> str:
+        """The search value for resources about a local patient: its relative and its absolute
+        spelling (a comma is OR, FHIR search.html#combining). A server that indexes references as
+        written finds a Condition whose subject is absolute under the base only by the second;
+        replay keys such a Condition by the canonical subject too. (A versioned subject cannot be
+        searched for that way; a server that resolves references finds it by the first.)"""
+        base = self.settings.fhir.base_url
+        return f"{patient},{base}/{patient}" if base else patient
+
     async def context(self, patient: str) -> PatientContext:
         rules = self.settings.rules
-        if not self.settings.poll.patient_context:
+        pid = self._local(patient, "Patient")
+        if not self.settings.poll.patient_context or pid is None:
+            # nothing to read here: context off, or a patient on an accepted foreign server
             return patient_context(patient, None, (), replace(rules, chronic_benign_threshold=None))
 
         async def load() -> PatientContext:
-            pid = _id(patient, "Patient")
-            record = await self._read("Patient", pid) if pid else None
+            record = await self._read("Patient", pid)
             conditions: list[raw.Resource] = []
             if rules.chronic_benign_threshold is not None:
                 found = await self.client.search_all(
-                    "Condition", [("subject", patient), ("code", "http://snomed.info/sct|234423001")])
+                    "Condition", [("subject", self._subject(patient)), ("code", "http://snomed.info/sct|234423001")])
                 conditions = [r for r in map(_resource, found) if r is not None]
             return patient_context(patient, record, conditions, rules)
 
@@ -104,11 +120,13 @@ class LiveDirectory:
 
     async def recipients(self, patient: str, based_on: Sequence[str]) -> Recipients:
         pool = self.settings.alerts.recipients
-        if not self.settings.poll.patient_context:
+        if not self.settings.poll.patient_context or self._local(patient, "Patient") is None:
+            # context off, or a patient on an accepted foreign server: nothing of it is read here
+            # (not even a local order it names: replay has no facts for it either)
             return choose((), {}, (), pool)
         requesters: dict[str, str | None] = {}
         for ref in based_on:
-            sid = _id(ref, "ServiceRequest")
+            sid = self._local(ref, "ServiceRequest")
             if sid is None:
                 continue
 
@@ -120,7 +138,7 @@ class LiveDirectory:
             return choose(based_on, requesters, (), pool)
 
         async def load_team() -> list[str]:
-            found = await self.client.search_all("CareTeam", [("subject", patient), ("status", "active")])
+            found = await self.client.search_all("CareTeam", [("subject", self._subject(patient)), ("status", "active")])
             return care_team_members(r for r in map(_resource, found) if r is not None)
 
         team = await self._guard("care team", patient, lambda: self._cached(("team", patient), load_team), [])

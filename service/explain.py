@@ -1,4 +1,4 @@
-"""`explain`: the decision trail of one patient — why neutrowatch decided what it decided (issue 7).
+"""`explain`: the decision trail of one patient — why neutrowatch decided what it decided.
 
 The inputs are read by replay's own reader (`Replay.load`, the SQLite engine) and judged by replay's
 own loop (`Replay.decide`, the same `panels.decide` the live loop runs); `explain` only listens, through
@@ -31,8 +31,9 @@ from .clinical.context import CHRONIC_BENIGN_NEUTROPENIA, grading_for
 from .clinical.episodes import AlertEvent, EventKind, PatientState, fevers
 from .clinical.fhirtime import from_epoch_us, to_epoch_us
 from .clinical.grading import Band, Scheme
-from .clinical.observations import LabResult, Rejected
+from .clinical.observations import DEFAULT_READ, LabResult, ReadPolicy, Rejected, canonical_reference
 from .clinical.panels import Assessment, NotAssessed, PanelRejection, assess, local_reference
+from .clinical.references import Resolved
 from .clinical.rules import HOUR_US, Rules
 from .config import Settings
 from .errors import NeutrowatchError
@@ -182,14 +183,18 @@ def patient_reference(arg: str) -> str:
     return arg if "/" in arg else f"Patient/{arg}"
 
 
-def matcher(patient: str) -> Callable[[str | None], bool]:
-    """Does a subject reference name this patient (as given, or the same Patient/id)?"""
-    local = local_reference(patient, "Patient")
+def matcher(patient: str, policy: ReadPolicy = DEFAULT_READ) -> Callable[[str | None], bool]:
+    """Does a subject reference name this patient? Both sides in their canonical spelling (reference
+    §9: `Patient/x`, `Patient/x/_history/2` and the absolute URL under the base are one patient; a
+    patient on another server is not the local one of the same id)."""
+    wanted = canonical_reference(patient, "Patient", policy)
+    key = wanted.key if isinstance(wanted, Resolved) else patient
 
     def matches(ref: str | None) -> bool:
         if not ref:
             return False
-        return ref == patient or (local is not None and local_reference(ref, "Patient") == local)
+        got = canonical_reference(ref, "Patient", policy)
+        return (got.key if isinstance(got, Resolved) else ref) == key
 
     return matches
 
@@ -484,7 +489,7 @@ def _rejected_step(n: int, akey: str, rejected: Rejected, record: dict[str, Any]
 def build_trail(replay: Replay, patient: str, given: GivenIndex, source: str) -> Trail:
     """Run replay's loop over the loaded input for one patient and keep what it decided, and why."""
     rules = replay.rules
-    matches = matcher(patient)
+    matches = matcher(patient, replay.read_policy)
     rejected: dict[str, Rejected] = {}
 
     def stream() -> Iterator[tuple[str, str, str, Any]]:
@@ -543,10 +548,10 @@ def _given_of(resource: raw.Resource) -> Given:
     return Given()
 
 
-def read_given(inputs: Sequence[str | Path], patient: str) -> dict[tuple[str, str | None, int | None], Given]:
+def read_given(inputs: Sequence[str | Path], patient: str, policy: ReadPolicy = DEFAULT_READ) -> dict[tuple[str, str | None, int | None], Given]:
     """The patient's Observations as received, by (reference, versionId, meta.lastUpdated): what
     the normalised values came from. Read with replay's own document reader."""
-    matches = matcher(patient)
+    matches = matcher(patient, policy)
     needle = (local_reference(patient, "Patient") or patient).split("/")[-1].encode()
     index: dict[tuple[str, str | None, int | None], Given] = {}
     for document in documents(inputs):
@@ -573,7 +578,7 @@ def explain_inputs(inputs: Sequence[str | Path], patient: str, settings: Setting
     patient = patient_reference(patient)
     with Replay(settings.rules, settings.alerts, engine="sqlite", read_policy=settings.read_policy) as replay:
         replay.load(inputs)
-        given = read_given(inputs, patient)
+        given = read_given(inputs, patient, settings.read_policy)
         return build_trail(replay, patient, given, source or f"{len(inputs)} input(s): " + ", ".join(map(str, inputs)))
 
 

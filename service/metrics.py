@@ -23,6 +23,11 @@ DAMAGED_PAGES = Counter(
     "entries before the break were read, the rest is read from the cursor next cycle), refused "
     "(nothing readable, or the same broken page once more: the cycle fails, the cursor stays).",
     ["handling"], registry=REGISTRY)
+OVERSIZED_RESPONSES = Counter(
+    "neutrowatch_oversized_responses_total",
+    "FHIR responses refused unread because their body exceeds fhir.max_response_bytes (by method); a search "
+    "page so refused fails the cycle and the cursor stays.",
+    ["method"], registry=REGISTRY)
 ALERTS = Counter("neutrowatch_alerts_total", "Alert events by event and grade.", ["event", "grade"], registry=REGISTRY)
 WRITES = Counter("neutrowatch_fhir_writes_total", "Alert resources written, by type and result.", ["resource", "result"], registry=REGISTRY)
 NONATOMIC_TRANSACTIONS = Counter(

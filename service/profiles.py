@@ -1,4 +1,4 @@
-"""The FHIR profiles, extensions and terminology of what the service writes (fhir_profiles/, issue 7).
+"""The FHIR profiles, extensions and terminology of what the service writes (fhir_profiles/).
 
 One source for the canonical URLs and codes: `alerts.py` stamps them on the resources it builds, and
 `fhir_profiles/tools/terminology.py` generates the FSH CodeSystems and ValueSets from the same

@@ -19,16 +19,18 @@ import itertools
 import re
 import sqlite3
 import tempfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import msgspec
 import orjson
 
 from .clinical import jsonscan, raw
+from .clinical.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
 from .clinical.context import PatientContext, care_team_members, patient_context, requester
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
@@ -37,7 +39,9 @@ from .clinical.observations import (
     LabResult,
     ReadPolicy,
     Rejected,
+    canonical_reference,
     conflict_rejection,
+    literal_reference,
     normalise,
     undecodable_rejection,
     version_number,
@@ -51,6 +55,7 @@ from .clinical.panels import (
     specimen_key,
 )
 from .clinical.recipients import choose
+from .clinical.references import Resolved
 from .clinical.rules import Rules
 from .config import AlertSettings
 from .errors import InputError
@@ -93,35 +98,219 @@ def _files(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def _documents(path: Path) -> Iterator[bytes]:
-    """NDJSON lines, or the whole file when it is one (pretty-printed) JSON document."""
-    opener = gzip.open if path.suffix == ".gz" else open
+LARGE_DOCUMENT = 4 << 20  # a document (file or line) at least this large is read entry by entry (whole: ~6x its size)
+_BLOCK = 1 << 20
+_READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip: a cut (EOFError) or corrupt (zlib.error) stream
+
+
+def _open(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _unreadable(path: Path | str, err: BaseException) -> InputError:
+    if isinstance(err, EOFError):
+        why = "compressed data ends early (truncated)"
+    elif isinstance(err, zlib.error | gzip.BadGzipFile):
+        why = f"compressed data is corrupt ({err})"
+    else:
+        why = getattr(err, "strerror", None) or str(err)
+    return InputError(f"cannot read input {path}: {why}")
+
+
+def _documents(path: Path) -> Iterator[bytes | StreamedBundle]:
+    """NDJSON lines, or the whole file when it is one (pretty-printed) JSON document. A document of
+    LARGE_DOCUMENT bytes or more (a whole file, or one line) that is a Bundle comes as a
+    `StreamedBundle`: read entry by entry, to the same items as `raw.decode` of its bytes."""
     try:
-        with opener(path, "rb") as fh:
-            first = fh.readline()
-            if _starts_document(first):
-                # A pretty-printed document; if the whole file is not one document either, fall
-                # back to lines so that one corrupt line does not hide the good ones. A document
-                # that is one whole but not strict JSON (a NaN token, bytes that are not UTF-8, one
-                # entry nested too deeply) is read entry by entry (`raw.read`).
-                whole = first + fh.read()
-                if _is_json(whole) or _one_document(whole) or _cut_bundle(whole):
-                    yield whole
-                    return
-                lines: Iterable[bytes] = whole.splitlines()
-            else:
-                lines = itertools.chain((first,), fh) if first else ()
-            for line in lines:
-                if line.strip():
-                    yield line
-    except OSError as err:
-        raise InputError(f"cannot read input {path}: {err.strerror or err}") from None
+        with _open(path) as fh:
+            first = _first_line(fh)
+            if first.document is None:  # a long first line that neither closes nor opens like an object
+                fh.seek(0)
+                line = fh.readline()
+                first = _FirstLine(line, len(line), _starts_document(line))
+            if first.document:
+                yield from _whole_document(path, fh, first.line)
+                return
+            if _partial(first.line):
+                yield from _large_line(path, 0, first.end)
+            elif first.line.strip():
+                yield first.line
+            yield from _line_documents(path, fh, first.end, None)
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
 
 
 def documents(inputs: Sequence[str | Path]) -> Iterator[bytes]:
-    """Every JSON document of the inputs (files or directories), in input order: what pass 1 reads."""
+    """Every JSON document of the inputs (files or directories), in input order: what pass 1 reads
+    (a large Bundle read whole here: callers want its bytes)."""
     for path in _files(inputs):
-        yield from _documents(path)
+        for document in _documents(path):
+            yield document if isinstance(document, bytes) else document.data()
+
+
+class _FirstLine(NamedTuple):
+    line: bytes  # the first line, or its first LARGE_DOCUMENT bytes
+    end: int  # the offset just past it
+    document: bool | None  # `_starts_document` of it (None: a long line that cannot tell without reading it whole)
+
+
+def _partial(line: bytes) -> bool:
+    return len(line) >= LARGE_DOCUMENT and not line.endswith(b"\n")
+
+
+def _first_line(fh: IO[bytes]) -> _FirstLine:
+    """The first line and whether it starts a multi-line document, told without holding a long
+    first line whole: one that closes like a JSON value ("}", "]") is an NDJSON line as
+    `_starts_document` says; one that opens an object or array and does not close it cannot be
+    JSON, so it starts a document. `fh` is left just past the line."""
+    first = fh.readline(LARGE_DOCUMENT)
+    if not _partial(first):
+        return _FirstLine(first, len(first), _starts_document(first))
+    end, tail = len(first), first.rstrip()[-1:]
+    while more := fh.readline(_BLOCK):
+        end += len(more)
+        if more.strip():
+            tail = more.rstrip()[-1:]
+        if more.endswith(b"\n"):
+            break
+    head = first.lstrip()[:1]
+    return _FirstLine(first, end, False if tail in (b"}", b"]") else True if head in (b"{", b"[") else None)
+
+
+def _whole_document(path: Path, fh: IO[bytes], first: bytes) -> Iterator[bytes | StreamedBundle]:
+    """A file that starts a multi-line document. A pretty-printed document; if the whole file is
+    not one document either, fall back to lines so that one corrupt line does not hide the good
+    ones. A document that is one whole but not strict JSON (a NaN token, bytes that are not UTF-8,
+    one entry nested too deeply) is read entry by entry (`raw.read`)."""
+    if not _partial(first):
+        whole = first + fh.read(LARGE_DOCUMENT)
+        if not fh.read(1):  # small: read as it always was
+            yield from _whole_or_lines(whole)
+            return
+        del whole
+    streamed = _streamed(path, 0, None)
+    if streamed is not None and (streamed.cut is None or streamed.has_items()):  # a Bundle cut short: `_cut_bundle`
+        yield streamed
+        return
+    with _open(path) as again:  # not a Bundle that can be walked: as it always was, whole
+        yield from _whole_or_lines(again.read())
+
+
+def _whole_or_lines(whole: bytes) -> Iterator[bytes]:
+    if _is_json(whole) or _one_document(whole) or _cut_bundle(whole):
+        yield whole
+        return
+    for line in whole.splitlines():
+        if line.strip():
+            yield line
+
+
+def _line_documents(path: Path, fh: IO[bytes], pos: int, stop: int | None) -> Iterator[bytes | StreamedBundle]:
+    """The non-blank lines from `pos` (where `fh` is) to `stop` (a line boundary; None: the end);
+    a line of LARGE_DOCUMENT bytes or more is read as `_large_line`, never whole."""
+    while stop is None or pos < stop:
+        line = fh.readline(LARGE_DOCUMENT)
+        if not line:
+            return
+        start, pos = pos, pos + len(line)
+        if _partial(line):
+            while more := fh.readline(_BLOCK):
+                pos += len(more)
+                if more.endswith(b"\n"):
+                    break
+            yield from _large_line(path, start, pos)
+        elif not line.isspace():  # as `line.strip()`: lines are never empty
+            yield line
+
+
+def _large_line(path: Path, start: int, end: int) -> Iterator[bytes | StreamedBundle]:
+    streamed = _streamed(path, start, end - start)
+    if streamed is not None:
+        yield streamed
+        return
+    with _open(path) as fh:
+        fh.seek(start)
+        line = fh.read(end - start)
+    if line.strip():
+        yield line
+
+
+def _blocks(fh: IO[bytes], length: int | None) -> Iterator[bytes]:
+    while length is None or length > 0:
+        block = fh.read(_BLOCK if length is None else min(_BLOCK, length))
+        if not block:
+            return
+        if length is not None:
+            length -= len(block)
+        yield block
+
+
+def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | None:
+    """The document at [start, start + length) as a `StreamedBundle`, or None when it is not a
+    Bundle that can be walked entry by entry to the same items as `raw.decode` of it whole: not
+    an object, one "resourceType" other than "Bundle" or not exactly one, not exactly one "entry"
+    array, a key with an escape in it, or framing broken other than by ending early. This first
+    walk also tells which path `raw.read` of the whole would take (`raw.Checks`)."""
+    checks, members, types, arrays = raw.Checks(), [], [], 0
+    end: jsonscan.End | None = None
+    with _open(path) as fh:
+        fh.seek(start)
+        for event in jsonscan.scan_stream(_blocks(fh, length)):
+            if isinstance(event, jsonscan.Element):
+                checks.add_entry(event.value, event.strict)
+            elif isinstance(event, jsonscan.Member):
+                if b"\\" in event.key or event.key == b"entry":
+                    return None
+                if event.key == b"resourceType":
+                    if event.value != b'"Bundle"':
+                        return None  # a single resource (a large note, say): read whole
+                    types.append(event.value)
+                members.append((event.key, event.value))
+            elif isinstance(event, jsonscan.EntryArray):
+                arrays += 1
+            else:
+                end = event
+    if end is None or arrays != 1 or types != [b'"Bundle"'] or (end.broken is not None and end.broken.what != "truncated"):
+        return None
+    checks.add_members(members)
+    return StreamedBundle(path, start, length, checks.path(end.broken is None), None if end.broken is None else end.entries)
+
+
+@dataclass(frozen=True)
+class StreamedBundle:
+    """A large Bundle document of a file (bytes [start, start + length); length None: to the end),
+    whose resources are read entry by entry: the second walk (`_streamed` made the first)."""
+
+    path: Path
+    start: int
+    length: int | None
+    how: str  # the path `raw.read` of the whole takes (raw.TYPED, ...)
+    cut: int | None  # the framing ends early after this many entries (None: whole)
+
+    def entries(self) -> Iterator[bytes]:
+        try:
+            with _open(self.path) as fh:
+                fh.seek(self.start)
+                for event in jsonscan.scan_stream(_blocks(fh, self.length)):
+                    if isinstance(event, jsonscan.Element):
+                        yield event.value
+        except _READ_ERRORS as err:
+            raise _unreadable(self.path, err) from None
+
+    def __iter__(self) -> Iterator[raw.Resource | raw.Undecodable]:
+        """The items of `raw.decode` of the whole document, in order."""
+        for entry in self.entries():
+            yield from raw.entry_items(entry, self.how)
+        if self.cut is not None:
+            yield raw.cut_short(self.cut)
+
+    def has_items(self) -> bool:
+        return any(raw.entry_items(entry, self.how) for entry in self.entries())
+
+    def data(self) -> bytes:
+        with _open(self.path) as fh:
+            fh.seek(self.start)
+            return fh.read() if self.length is None else fh.read(self.length)
 
 
 def _is_json(line: bytes) -> bool:
@@ -203,16 +392,21 @@ def patient_facts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[
     return facts
 
 
-def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows, policy: ReadPolicy = DEFAULT_READ) -> int:
+def read_document(document: bytes | StreamedBundle, seq: int, stats: ReplayStats, rows: Rows,
+                  flush: Callable[[Rows], None] | None = None, batch: int = _BATCH, policy: ReadPolicy = DEFAULT_READ) -> int:
     """Decode and sort one document into `rows`, numbering its resources from `seq` + 1 (the
-    input position that breaks ties in the order of availability). Returns the last number used."""
+    input position that breaks ties in the order of availability). Returns the last number used.
+    `flush`: called (to empty `rows`) whenever they hold `batch` rows, so that one large document
+    does not pile up in memory."""
     stats.documents += 1
-    for item in raw.decode(document):
+    for item in raw.decode(document) if isinstance(document, bytes) else document:
+        if flush is not None and len(rows.obs) + len(rows.context) + len(rows.rejected) + len(rows.member) >= batch:
+            flush(rows)
         seq += 1
         stats.resources += 1
         if isinstance(item, raw.Undecodable):
             if item.resource_type in (None, "Observation"):
-                _reject(undecodable_rejection(item), seq, rows)
+                _reject(undecodable_rejection(item, policy), seq, rows)
             else:
                 stats.ignored[f"undecodable {_kind(item.resource_type)}"] += 1
             continue
@@ -234,11 +428,18 @@ def read_document(document: bytes, seq: int, stats: ReplayStats, rows: Rows, pol
         elif kind == "Patient" and item.id:
             rows.context.append((f"Patient/{item.id}", kind, _encode(item)))
         elif kind in ("Condition", "ServiceRequest", "CareTeam") and item.subject is not None and item.subject.reference:
-            rows.context.append((item.subject.reference, kind, _encode(item)))
+            # Keyed by the patient's canonical reference, as its results are. A subject on another
+            # server gives no facts: the live loop never looks a foreign patient up on its server.
+            subject = canonical_reference(item.subject.reference, "Patient", policy)
+            if isinstance(subject, Resolved) and not subject.foreign:
+                rows.context.append((subject.key, kind, _encode(item)))
+            else:
+                stats.ignored[f"{kind} of a patient not on the server"] += 1
         elif kind == "DiagnosticReport" and item.id:
             specimens = item.specimen if isinstance(item.specimen, list) else ()
             for ref, report in report_members(
-                item.id, (r.reference for r in item.result or ()), (s.reference for s in specimens)
+                item.id, (literal_reference(r.reference, policy) for r in item.result or ()),
+                (literal_reference(s.reference, policy) for s in specimens),
             ):
                 rows.member.append((ref, report_key(report)))
         else:
@@ -266,24 +467,67 @@ def _reject(rejected: Rejected, seq: int, rows: Rows) -> None:
         rows.obs.append((rejected.ref, vu, vv, seq, rejected.patient, None, None, None, data))
 
 
-def copies(versions: Iterable[tuple[int, bytes | None, bytes | None]]) -> Iterator[tuple[int, Rejected | None]]:
-    """For the versions of one Observation that share (meta.lastUpdated, versionId), given as (seq,
-    LabResult bytes, Rejected bytes) in input order: (seq, conflict rejection or None) for each
-    one after the first. The first copy read wins, as in the live loop (the store skips an (id,
-    lastUpdated, versionId) it has read); a later copy is dropped when it reads the same (a
-    re-export, overlapping files) and is rejected as a conflict when it does not: a FHIR version is
-    immutable, so two contents under one version are a server or interface fault, and the second
-    never alerts nor withdraws what the first decided."""
-    first: bytes | None = None
-    for n, (seq, data, rej) in enumerate(versions):
-        blob = data if data is not None else rej
-        if n == 0:
-            first = blob
-        elif blob == first:
-            yield seq, None
+@dataclass
+class Settled:
+    """What `settle` makes of the rows of one Observation (pass 1, both engines)."""
+
+    keep: set[int] = field(default_factory=set)  # seq of each row that stays as it was read
+    # (seq, vu, vv, patient, Rejected): rows added as rejected versions (a conflict)
+    versions: list[tuple[int, int, int, str | None, bytes]] = field(default_factory=list)
+    reported: list[tuple[int, int, int, bytes]] = field(default_factory=list)  # (seq, vu, vv, Rejected): reported, no version
+    identical: int = 0  # copies dropped as a content already read
+
+
+ObsRow = tuple[int, int, int, bytes | None, bytes | None]  # (seq, vu, vv, LabResult, Rejected) of an obs row
+
+
+def settle(rows: Sequence[ObsRow]) -> Settled:
+    """The rows read of one Observation, in input order, as `clinical.copies` rules (the rule the
+    live stores apply, `store.base.plan`): copies of one version that read alike are one row (the
+    others counted, IDENTICAL_COPY); copies that do not are one rejected version (CONFLICT) and a
+    CONFLICT rejection per further content; a copy that is no version (not `placed`) is reported
+    once per content and is no row. Where order would show (which rejection first), contents are
+    taken in order of content key and given the smallest input positions of their copies, so the
+    events are the same for every order of the copies."""
+    stamped_read = any(stamped(vu, vv) for _seq, vu, vv, _data, _rej in rows)
+    out = Settled()
+    groups: dict[tuple[int, int], list[ObsRow]] = {}
+    unplaced: list[ObsRow] = []
+    for row in rows:
+        _seq, vu, vv, data, _rej = row
+        if placed(vu, vv, data is None, stamped_read):
+            groups.setdefault((vu, vv), []).append(row)
         else:
-            outcome = _decode_result(data) if data is not None else _decode_rejected(rej)  # type: ignore[arg-type]
-            yield seq, conflict_rejection(outcome)
+            unplaced.append(row)
+    if unplaced:
+        firsts, again = distinct([(_content(r), r) for r in unplaced])
+        out.identical += again
+        for seq, (_key, (_s, vu, vv, data, rej)) in zip(sorted(r[0] for r in unplaced), firsts, strict=False):
+            out.reported.append((seq, vu, vv, _encode(unplaced_rejection(_outcome(data, rej)))))
+    for (vu, vv), group in groups.items():
+        if len(group) == 1:
+            out.keep.add(group[0][0])
+            continue
+        verdict = one_version([(_content(r), r) for r in group])
+        out.identical += len(verdict.duplicates)
+        if verdict.kept is not None:
+            out.keep.add(verdict.kept[1][0])
+            continue
+        for n, (seq, (_key, row)) in enumerate(zip(sorted(r[0] for r in group), verdict.conflicting, strict=False)):
+            rejection = conflict_rejection(_outcome(row[3], row[4]))
+            if n == 0:  # the version, rejected: it supersedes older versions as any rejected version does
+                out.versions.append((seq, vu, vv, rejection.patient, _encode(rejection)))
+            else:
+                out.reported.append((seq, vu, vv, _encode(rejection)))
+    return out
+
+
+def _content(row: ObsRow) -> bytes:
+    return content_key(row[3] if row[3] is not None else row[4])  # type: ignore[arg-type]
+
+
+def _outcome(data: bytes | None, rej: bytes | None) -> LabResult | Rejected:
+    return _decode_result(data) if data is not None else _decode_rejected(rej)  # type: ignore[arg-type]
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -306,17 +550,19 @@ CREATE TABLE rejected (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, data BLOB,
                        akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);
 """
 _INSERT = "INSERT INTO obs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# Versions of an Observation read more than once with the same (lastUpdated, versionId).
+# The rows of each Observation `settle` may change: one read more than once with the same
+# (lastUpdated, versionId), or read both with and without them (a prefilter: `settle` decides).
 _COPIES = """
 SELECT rowid, ref, vu, vv, seq, data, rej FROM obs
-WHERE (ref, vu, vv) IN (SELECT ref, vu, vv FROM obs GROUP BY ref, vu, vv HAVING COUNT(*) > 1)
-ORDER BY ref, vu, vv, seq
+WHERE ref IN (SELECT ref FROM (SELECT ref, vu, vv, COUNT(*) AS n FROM obs GROUP BY ref, vu, vv)
+              GROUP BY ref HAVING MAX(n) > 1 OR (MIN(vu < 0 AND vv < 0) = 0 AND MAX(vu < 0 AND vv < 0) = 1))
+ORDER BY ref, seq
 """
 # Every version of every Observation, grouped by panel. A version's panel and patient are those of
 # the newest usable version of its Observation (a rejected version has none of its own).
 # Each panel's versions in order of availability. A rejection with neither lastUpdated nor a
 # versionId (an undecodable entry) cannot be placed among versions: it is reported (`_rejections`)
-# but is no version of its panel, so it never withdraws a readable one (store.base.unplaced, live).
+# but is no version of its panel, so it never withdraws a readable one (clinical.copies.placed).
 _PANELS = """
 SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, akey, ref, data FROM (
     SELECT ref, akey, data,
@@ -436,32 +682,30 @@ class Replay:
         rows = Rows()
         seq = 0
         self.db.execute("BEGIN")
-        for document in documents(inputs):
-            seq = read_document(document, seq, self.stats, rows, self.read_policy)
-            if len(rows.obs) >= _BATCH:
-                self._flush(rows)
+        for document in (d for path in _files(inputs) for d in _documents(path)):
+            seq = read_document(document, seq, self.stats, rows, self._flush, policy=self.read_policy)
         self._flush(rows)
         self._dedupe()
         self.db.execute("COMMIT")
 
     def _dedupe(self) -> None:
-        """Second copies of a version: dropped, or rejected as a conflict (`copies`)."""
+        """Copies of a version, and copies that are no version, as `settle` rules."""
         assert self.db is not None
         db = self.db
         dropped: list[tuple[int]] = []
-        conflicts: list[tuple[Any, ...]] = []
-        rows = db.execute(_COPIES).fetchall()
-        for _key, group in itertools.groupby(rows, key=lambda r: (r[1], r[2], r[3])):
+        versions: list[tuple[Any, ...]] = []
+        reported: list[tuple[Any, ...]] = []
+        for ref, group in itertools.groupby(db.execute(_COPIES).fetchall(), key=lambda r: r[1]):
             members = list(group)
-            rowids = {r[4]: r[0] for r in members}
-            for seq, conflict in copies((r[4], r[5], r[6]) for r in members):
-                dropped.append((rowids[seq],))
-                if conflict is None:
-                    self.stats.ignored[IDENTICAL_COPY] += 1
-                else:
-                    conflicts.append((conflict.ref, members[0][2], members[0][3], seq, _encode(conflict)))
+            settled = settle([(seq, vu, vv, data, rej) for _rowid, _ref, vu, vv, seq, data, rej in members])
+            if settled.identical:
+                self.stats.ignored[IDENTICAL_COPY] += settled.identical
+            dropped += [(r[0],) for r in members if r[4] not in settled.keep]
+            versions += [(ref, vu, vv, seq, patient, None, None, None, rej) for seq, vu, vv, patient, rej in settled.versions]
+            reported += [(ref, vu, vv, seq, rej) for seq, vu, vv, rej in settled.reported]
         db.executemany("DELETE FROM obs WHERE rowid = ?", dropped)
-        db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", conflicts)
+        db.executemany(_INSERT, versions)
+        db.executemany("INSERT INTO rejected VALUES (?, ?, ?, ?, ?)", reported)
 
     def _flush(self, rows: Rows) -> None:
         db = self.db
@@ -533,13 +777,15 @@ class Replay:
             stream = self.stream()
         if facts is None:
             facts = self.facts()
-        nothing = PatientFacts()
+        def no_facts(patient: str) -> PatientFacts:
+            """A patient the input says nothing else of: still its configured threshold, as live."""
+            return PatientFacts(patient_context(patient, None, (), self.rules))
         pool = self.alert_settings.recipients
         pending: list[tuple[str, str, str, list[LabResult]]] = []  # later versions, re-assessed when they arrive
 
         def judge(akey: str, patient: str, panel: str, members: list[LabResult]) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
             self.stats.panels += 1
-            known = facts.get(patient, nothing)
+            known = facts.get(patient) or no_facts(patient)
             before = states.get(patient, PatientState())
             decision: PanelDecision | None = None
             try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import itertools
 import math
 import multiprocessing
 import os
@@ -43,24 +44,25 @@ from typing import IO, Any
 import msgspec
 import orjson
 
-from .errors import InputError
 from .replay import (
+    _BLOCK,
+    _READ_ERRORS,
     IDENTICAL_COPY,
     Replay,
     ReplayStats,
     Rows,
+    StreamedBundle,
     _decode_rejected,
     _decode_result,
     _documents,
     _files,
-    _starts_document,
+    _first_line,
+    _line_documents,
+    _unreadable,
     availability_key,
-    copies,
     patient_facts,
     read_document,
-)
-from .replay import (
-    _encode as _encode_rejected,
+    settle,
 )
 
 CHUNK_BYTES = 8 << 20  # step 1 reads the input in byte ranges of about this size ...
@@ -163,10 +165,10 @@ def _run(stats: ReplayStats, map_: Callable[..., Iterator[Any]], job: _Job, chun
     by_patient: list[list[Segment]] = [[] for _ in range(n)]
     for chunk_stats, ref_segments, patient_segments in map_(read_chunk, chunks):  # in input order
         _add(stats, chunk_stats)
-        for part, segment in ref_segments.items():
-            by_ref[part].append(segment)
-        for part, segment in patient_segments.items():
-            by_patient[part].append(segment)
+        for part, segments in ref_segments.items():
+            by_ref[part].extend(segments)
+        for part, segments in patient_segments.items():
+            by_patient[part].extend(segments)
     identical = 0
     for patient_segments, dropped in map_(latest, range(n), by_ref):
         identical += dropped
@@ -211,7 +213,8 @@ def _size(path: Path) -> int:
 
 def plan(files: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
     """Byte ranges of whole lines for NDJSON files; one whole-file chunk for anything else (gzip, a
-    pretty-printed document), which `_documents` then reads as the SQLite engine does."""
+    pretty-printed document), which `_documents` then reads as the SQLite engine does. Lines are
+    found by reading at most a block of them at a time: a long line is never held whole here."""
     chunks: list[Chunk] = []
     for path in files:
         if path.suffix == ".gz":
@@ -219,37 +222,31 @@ def plan(files: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
             continue
         try:
             with open(path, "rb") as fh:
-                first = fh.readline()
-                if _starts_document(first):
+                if _first_line(fh).document is not False:  # a document, or a long line only `_documents` can tell
                     chunks.append(Chunk(len(chunks), str(path), None, None))
                     continue
                 size = fh.seek(0, os.SEEK_END)
                 start = 0
                 while start < size:
                     fh.seek(min(start + chunk_bytes, size) - 1)
-                    fh.readline()  # to the end of the line that holds the byte before the target
+                    while (part := fh.readline(_BLOCK)) and not part.endswith(b"\n"):
+                        pass  # to the end of the line that holds the byte before the target
                     end = fh.tell()
                     chunks.append(Chunk(len(chunks), str(path), start, end))
                     start = end
-        except OSError as err:
-            raise InputError(f"cannot read input {path}: {err.strerror or err}") from None
+        except _READ_ERRORS as err:
+            raise _unreadable(path, err) from None
     return chunks
 
 
-def _lines(chunk: Chunk) -> Iterator[bytes]:
+def _lines(chunk: Chunk) -> Iterator[bytes | StreamedBundle]:
     assert chunk.start is not None and chunk.end is not None
     try:
         with open(chunk.path, "rb") as fh:
             fh.seek(chunk.start)
-            left = chunk.end - chunk.start
-            for line in fh:
-                left -= len(line)
-                if not line.isspace():  # as `line.strip()` in `_documents`: lines are never empty
-                    yield line
-                if left <= 0:
-                    return
-    except OSError as err:
-        raise InputError(f"cannot read input {chunk.path}: {err.strerror or err}") from None
+            yield from _line_documents(Path(chunk.path), fh, chunk.start, chunk.end)
+    except _READ_ERRORS as err:
+        raise _unreadable(chunk.path, err) from None
 
 
 def _spill(name: str, parts: dict[int, tuple[Sequence[Any], Sequence[Any]]]) -> dict[int, Segment]:
@@ -282,15 +279,40 @@ def _remove(paths: Iterable[str]) -> None:
 # -- step 1: read ------------------------------------------------------------------------------------
 
 
-def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, Segment], dict[int, Segment]]:
+SPILL_ROWS = 32_768  # step 1 spills a chunk's rows in parts of this many: one large Bundle is one chunk
+
+
+def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, list[Segment]], dict[int, list[Segment]]]:
     assert _job is not None
     n = _job.partitions
     stats = ReplayStats()
     rows = Rows()
     seq = chunk.number << 32
+    by_ref: dict[int, list[Segment]] = {}
+    by_patient: dict[int, list[Segment]] = {}
+
+    spills = itertools.count()
+
+    def spill(rows: Rows) -> None:
+        part = next(spills)
+        refs, patients = _partitioned(rows, n)
+        for i, segment in _spill(f"read-{chunk.number}-{part}-ref", refs).items():
+            by_ref.setdefault(i, []).append(segment)
+        for i, segment in _spill(f"read-{chunk.number}-{part}-patient", patients).items():
+            by_patient.setdefault(i, []).append(segment)
+        rows.obs.clear()
+        rows.member.clear()
+        rows.rejected.clear()
+        rows.context.clear()
+
     documents = _documents(Path(chunk.path)) if chunk.start is None else _lines(chunk)
     for document in documents:
-        seq = read_document(document, seq, stats, rows, _job.read_policy)
+        seq = read_document(document, seq, stats, rows, spill, SPILL_ROWS, _job.read_policy)
+    spill(rows)
+    return stats, by_ref, by_patient
+
+
+def _partitioned(rows: Rows, n: int) -> tuple[dict[int, Any], dict[int, Any]]:
     obs: list[list[Any]] = [[] for _ in range(n)]
     members: list[list[Any]] = [[] for _ in range(n)]
     for row in rows.obs:
@@ -305,7 +327,7 @@ def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, Segment], dict[int,
         context[hash(row[0]) % n].append(row)
     by_ref = {i: (obs[i], members[i]) for i in range(n) if obs[i] or members[i]}
     by_patient = {i: ((), rejected[i], context[i]) for i in range(n) if rejected[i] or context[i]}
-    return stats, _spill(f"read-{chunk.number}-ref", by_ref), _spill(f"read-{chunk.number}-patient", by_patient)
+    return by_ref, by_patient
 
 
 # -- step 2: latest version, panel key ----------------------------------------------------------
@@ -331,8 +353,8 @@ _decode_versions = msgspec.msgpack.Decoder(tuple[list[_Version], list[tuple[str,
 def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]:
     """Each Observation's versions, given the panel and patient of its newest usable version (a
     rejected version has none of its own), passed on to the patient's partition; the rejections
-    of its rejected versions to any partition. A second copy of a version is dropped or rejected
-    as a conflict (`replay.copies`, as `Replay._dedupe`). Returns the segments and how many
+    of its rejected versions to any partition. Copies of a version and copies that are no version
+    are ruled by `replay.settle` (as `Replay._dedupe`). Returns the segments and how many
     identical copies were dropped."""
     assert _job is not None
     versions: dict[str, list[_Version]] = {}
@@ -368,28 +390,17 @@ def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]
 
 
 def _first_copies(ref: str, rows: list[_Version], rejected: list[list[Any]]) -> tuple[list[_Version], int]:
-    """`rows` without second copies of a version; the conflicts among them go to `rejected`."""
+    """`rows` as `replay.settle` rules them (as `Replay._dedupe`); the rejections that are no
+    version go to `rejected`. Returns the rows and how many identical copies were dropped."""
     if len(rows) == 1:
         return rows, 0
-    seen: dict[tuple[int, int], list[_Version]] = {}
-    for row in rows:
-        seen.setdefault((row.vu, row.vv), []).append(row)
-    if len(seen) == len(rows):
-        return rows, 0
+    settled = settle([(r.seq, r.vu, r.vv, r.data, r.rej) for r in rows])
     n = len(rejected)
-    drop: set[int] = set()
-    identical = 0
-    for (vu, vv), group in seen.items():
-        if len(group) < 2:
-            continue
-        group.sort(key=lambda r: r.seq)  # input order
-        for seq, conflict in copies((r.seq, r.data, r.rej) for r in group):
-            drop.add(seq)
-            if conflict is None:
-                identical += 1
-            else:
-                rejected[seq % n].append((availability_key(ref, vu, vv, seq), _encode_rejected(conflict)))
-    return [r for r in rows if r.seq not in drop], identical
+    for seq, vu, vv, rej in settled.reported:
+        rejected[seq % n].append((availability_key(ref, vu, vv, seq), rej))
+    kept = [r for r in rows if r.seq in settled.keep]
+    kept += [_Version(ref, vu, vv, seq, patient, None, None, None, rej) for seq, vu, vv, patient, rej in settled.versions]
+    return kept, settled.identical
 
 
 # -- step 3: the core -------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def intake(resource: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAUL
     if isinstance(resource, raw.Undecodable):
         if resource.resource_type not in (None, "Observation"):
             return Ignored(f"undecodable {resource.resource_type}")
-        rejected = undecodable_rejection(resource)
+        rejected = undecodable_rejection(resource, policy)
         if rejected.ref is None:
             return rejected
         return Intake(rejected.ref, -1, -1, rejected.patient, None, rejected)
@@ -240,7 +240,8 @@ class Worker:
                     await self._rejected(item.outcome)
                 else:
                     metrics.OBSERVATIONS.labels("stored").inc()
-            metrics.OBSERVATIONS.labels("seen_before").inc(len(items) - len(new))
+            # (a batch may quarantine more than it read: a stored copy found to conflict)
+            metrics.OBSERVATIONS.labels("seen_before").inc(max(0, len(items) - len(new)))
         return newest_us
 
     async def _temperatures(self, report: CycleReport, read_up_to_us: int | None) -> None:
@@ -274,7 +275,7 @@ class Worker:
         batches: list[tuple[list[str], AsyncIterator[Page]]] = []
         for i in range(0, len(first), TEMPERATURE_BATCH):  # by collection time, from 24 h before the ANC
             group_first = first[i : i + TEMPERATURE_BATCH]
-            since = max(min((n or 0) for _, n in group_first) - self.rules.fever_window_us, 0)
+            since = max(min((n or 0) for _, n in group_first) - self.rules.fever_window_us - self.rules.fever_sustained_us, 0)
             subjects = ",".join(p for p, _ in group_first)
             pages = pages_since(self.client, "Observation", [("subject", subjects), *base], since, anchor="date")
             batches.append(([p for p, _ in group_first], pages))

@@ -1,6 +1,6 @@
 """Absolute neutrophil count for one panel (the results of one collection).
 
-Order of preference (shared/reference/clinical-and-fhir.md §2, "Order of preference"):
+Order of preference (docs/clinical-reference.md §2, "Order of preference"):
 1. a reported absolute count (753-4 manual, 26499-4, 751-8 automated);
 2. absolute segmented + band counts;
 3. WBC x (segmented % + band %) / 100 — manual differential (UpToDate; 5-Minute Pediatric Consult);

@@ -1,7 +1,7 @@
 """LOINC terms neutrowatch understands, and what each one means for the ANC.
 
 Match on system + code, never on display text. Sources are in
-shared/reference/clinical-and-fhir.md §1 (LOINC tables, panel value sets) and §2 (ANC rules).
+docs/clinical-reference.md §1 (LOINC tables, panel value sets) and §2 (ANC rules).
 """
 
 from __future__ import annotations
@@ -94,11 +94,11 @@ TERMS: dict[str, Term] = _terms(
     ("764-1", Kind.BAND_PCT, Prop.PERCENT, _M),
     ("26508-2", Kind.BAND_PCT, Prop.PERCENT, _U),
     ("35332-6", Kind.BAND_PCT, Prop.PERCENT, _A),
-    # Companions for pancytopenia (issue 4) — carried in panels, not used for the ANC.
+    # Companions for pancytopenia (reference §1.3) — carried in panels, not used for the ANC.
     ("718-7", Kind.HGB, Prop.MASS, _U),
     ("777-3", Kind.PLT, Prop.COUNT, _A),
     ("26515-7", Kind.PLT, Prop.COUNT, _U),
-    # Body temperature (febrile neutropenia, issue 4). 8310-5 generic; oral, rectal, tympanic, axillary.
+    # Body temperature (febrile neutropenia, reference §1.3). 8310-5 generic; oral, rectal, tympanic, axillary.
     ("8310-5", Kind.TEMP, Prop.TEMP, _U),
     ("8331-1", Kind.TEMP, Prop.TEMP, _U),
     ("8332-9", Kind.TEMP, Prop.TEMP, _U),

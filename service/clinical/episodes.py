@@ -1,28 +1,46 @@
 """Per-patient neutropenia episodes: a state machine over assessments and temperatures, and
 revision when a result that was already assessed is corrected or withdrawn.
 
-Rules of the machine (issue 2; grading from grading.py):
+Rules of the machine (grading from grading.py; reference §3):
 - a panel collected before the newest panel already assessed for the patient is remembered but
   does not open, worsen or resolve an episode (`stale`);
 - no open episode and a neutropenic band -> `new`;
 - open episode and a band worse than the worst already alerted in it -> `worsening`;
 - open episode and a normal band -> `resolved` (the episode closes; a later drop opens a new one);
-- an episode open longer than `chronic_after` -> `chronic`, once (issue 4; seed 000: > 3 months);
+- an episode open longer than `chronic_after` -> `chronic`, once (default > 3 months, a local choice);
 - fever within 24 h of an ANC < 500, or of an ANC < 1000 that fell by half within 48 h ->
-  `febrile`, once per episode (issue 4; IDSA 2010, ASCO/IDSA 2018; rules.py);
+  `febrile`, once per episode (IDSA 2010, ASCO/IDSA 2018; rules.py); a reading that
+  arrives after its CBC pairs with the first assessment of the open episode it makes febrile, as if
+  it had arrived first (`add_temperature`), so the order of arrival does not decide;
 - anything else -> no event: never a repeated alert at a band already sent.
 
-Revision (issue 4, "Corrections"): the patient's recent assessments are remembered in arrival
+Revision (corrections, reference §1.5): the patient's recent assessments are remembered in arrival
 order. When a remembered panel is re-assessed with a corrected value, or loses its value
 (entered-in-error, cancelled), the machine is re-run over the revised history and what it now
 derives is compared with what was announced: announcements that no longer hold are `retracted`,
 and alerts that now hold but were never sent are sent, marked as corrections.
+
+Bounded memories, chosen so that the arrival order never decides what is forgotten:
+- temperatures are remembered by COLLECTION time (`remembered_temperatures`): every reading from
+  the oldest remembered assessment (or the newest panel, if older) less the fever window and the
+  sustained-fever span on — readings collected after the newest panel included, since they may pair
+  with a CBC not read yet — plus the last reading before that (it carries a sustained run under
+  way). Panels collected earlier are stale or can no longer be revised, so within that horizon a
+  panel still to be judged finds exactly the fevers of the whole record, whatever order the
+  readings came in (a reading collected days later and read first used to evict the fever beside
+  an earlier draw when memory followed the newest reading seen, and a correction days later
+  retracted a febrile alert for want of its fever). Over rules.temperature_memory_cap the earliest
+  collected go first;
+- the history keeps `history_limit` assessments: panels stale in the fold go first (earliest
+  collected first; they changed nothing and a correction finds them stale again), then the earliest
+  arrivals into `base`, so a back-load of old panels cannot push the newest out (`_trim`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from bisect import bisect_left, insort
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
@@ -251,14 +269,36 @@ def _remember(e: AlertEvent) -> Alerted:
     return Alerted(e.episode, e.kind, e.band, a.panel if a else "", a.anc if a else 0.0, a.effective if a else "", e.revision)
 
 
+def _stale_in_order(base: EpisodeState, history: tuple[Assessment, ...]) -> list[bool]:
+    """Which remembered assessments `step` finds stale when the history is folded from `base`."""
+    newest, out = base.newest_us, []
+    for h in history:
+        stale = newest is not None and h.effective_us < newest
+        out.append(stale)
+        newest = newest if stale else h.effective_us
+    return out
+
+
 def _trim(ps: PatientState, rules: Rules) -> PatientState:
+    """Over history_limit, panels go in this order: first those stale in the fold (collected before a
+    panel that arrived earlier — a back-load, a late result), earliest collected first: they never
+    moved the machine nor announced anything, so dropping them changes neither, and a correction of
+    one finds it stale again; then the earliest arrivals, folded into `base`. Dropping arrivals
+    alone let a burst of late old panels push out the newest ones, whose correction is the likely
+    one (it was then judged as a new panel, e.g. `resolved` instead of `retracted`). The temperature
+    memory follows the history (temperature_horizon)."""
     if len(ps.history) <= rules.history_limit:
         return ps
-    cut = len(ps.history) - rules.history_limit
-    dropped, kept = ps.history[:cut], ps.history[cut:]
+    excess = len(ps.history) - rules.history_limit
+    stale = [i for i, flag in enumerate(_stale_in_order(ps.base, ps.history)) if flag]
+    gone = set(sorted(stale, key=lambda i: (ps.history[i].effective_us, i))[:excess])
+    history = tuple(h for i, h in enumerate(ps.history) if i not in gone)
+    cut = max(len(history) - rules.history_limit, 0)
+    dropped, kept = history[:cut], history[cut:]
     base, _ = _fold(ps.base, dropped, rules, ps.temperatures)
     panels = {a.panel for a in kept}
-    return replace(ps, base=base, history=kept, alerted=tuple(x for x in ps.alerted if x.panel in panels))
+    ps = replace(ps, base=base, history=kept, alerted=tuple(x for x in ps.alerted if x.panel in panels))
+    return replace(ps, temperatures=_bounded(ps.temperatures, temperature_horizon(ps, rules), rules))  # kept in collection order
 
 
 def apply(ps: PatientState, a: Assessment, rules: Rules, *, reason: str = "corrected") -> tuple[PatientState, list[AlertEvent], bool]:
@@ -286,21 +326,81 @@ def withdraw(ps: PatientState, patient: str, panel: str, rules: Rules, *, reason
 
 
 def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[PatientState, list[AlertEvent]]:
-    """A body temperature reading: remembered for the fever rule; may make the open episode febrile."""
-    if any(x.ref == t.ref and x.effective_us == t.effective_us and x.celsius == t.celsius for x in ps.temperatures):
+    """A body temperature reading: remembered for the fever rule; may make the open episode febrile.
+
+    The open episode's remembered assessments are judged again with it (the fold a revision makes):
+    the first one it makes febrile is announced, as if the reading had been there when that panel
+    was judged. So a reading that arrives after a later CBC of the same episode still pairs with
+    the earlier draw it was taken beside; the febrile decision does not depend on the order the
+    readings arrive in. A reading below 38.0 C makes no fever (it can only break a run), so it
+    is only remembered; a fever learned after its episode closed is not announced (the alert asks
+    for emergency treatment of an open neutropenia)."""
+    known = next((x for x in ps.temperatures if x.ref == t.ref), None)
+    if known == t:
         return ps, []
-    merged = sorted((*(x for x in ps.temperatures if x.ref != t.ref), t), key=lambda x: (x.effective_us, x.ref))
-    newest = max(merged[-1].effective_us, ps.machine.newest_us or 0)
-    kept = tuple(x for x in merged if newest - x.effective_us <= rules.temperature_memory_us)[-64:]
+    readings = [x for x in ps.temperatures if x.ref != t.ref] if known is not None else list(ps.temperatures)
+    insort(readings, t, key=_collection_order)  # the memory is kept in collection order
+    kept = _bounded(readings, temperature_horizon(ps, rules), rules)
     ps = replace(ps, temperatures=kept)
     machine = ps.machine
-    fever = _febrile_fever(machine, kept, rules)
-    if fever is None or machine.last is None:
+    if machine.episode is None or machine.febrile or t.celsius < min(rules.fever_sustained_c, rules.fever_single_c):
         return ps, []
-    febrile = replace(machine, febrile=True)
-    event = _event(EventKind.FEBRILE, febrile, machine.current or machine.last.band, machine.last,
-                   replace(machine, last_anc=machine.previous_anc, last_effective=machine.previous_effective), fever=fever)
-    return replace(ps, machine=febrile, alerted=ps.alerted + (_remember(event),)), [event]
+    _, derived = _fold(ps.base, ps.history, rules, kept)
+    event = next((e for e in derived if e.kind is EventKind.FEBRILE and e.episode == machine.episode), None)
+    if event is not None:
+        event = replace(event, worst=machine.worst, chronic=machine.chronic)  # the Flag as it stands now
+    else:  # the newest panel, when it is no longer in the history (folded into `base`)
+        fever = _febrile_fever(machine, kept, rules)
+        if fever is None or machine.last is None:
+            return ps, []
+        event = _event(EventKind.FEBRILE, replace(machine, febrile=True), machine.current or machine.last.band, machine.last,
+                       replace(machine, last_anc=machine.previous_anc, last_effective=machine.previous_effective), fever=fever)
+    return replace(ps, machine=replace(machine, febrile=True), alerted=ps.alerted + (_remember(event),)), [event]
+
+
+# -- temperature memory ------------------------------------------------------------------------------
+
+
+def temperature_horizon(ps: PatientState, rules: Rules) -> int | None:
+    """The earliest collection time a reading can still matter at: the fever window and the
+    sustained span before the oldest remembered assessment (a correction re-judges every one of
+    them) or before the newest panel (a panel collected earlier is stale and judges no fever), if
+    that is older. None before the first assessment: the first panel may be collected at any time."""
+    times = [h.effective_us for h in ps.history]
+    if ps.machine.newest_us is not None:
+        times.append(ps.machine.newest_us)
+    return min(times) - rules.fever_window_us - rules.fever_sustained_us if times else None
+
+
+def remembered_temperatures(readings: Iterable[Temperature], horizon_us: int | None, rules: Rules) -> tuple[Temperature, ...]:
+    """The readings kept, in collection order (`fevers` reads them so), chosen by collection time
+    and never by arrival: a reading collected days after the newest panel may pair with a CBC not
+    read yet, and is kept like any other.
+
+    - Readings collected before `horizon_us` go, except the last of them: it carries whether a run
+      >= fever_sustained_c was under way at the horizon, so every reading from horizon +
+      fever_sustained_us on is a fever exactly when it is one in the whole record.
+    - Over rules.temperature_memory_cap the earliest collected go next, the same way (the first one
+      kept carries the run): reached only by a patient with that many readings since the horizon,
+      and then the fevers lost are those of the oldest panels (for a correction of one) or of the
+      earliest readings before a first CBC, never a reading collected later than one kept.
+
+    Nothing in between is thinned out: a reading below 38.0 C that looks redundant may be the one
+    that separates two readings >= 38.0 C arriving later (a false sustained fever without it)."""
+    return _bounded(sorted(readings, key=_collection_order), horizon_us, rules)
+
+
+def _bounded(ordered: Sequence[Temperature], horizon_us: int | None, rules: Rules) -> tuple[Temperature, ...]:
+    """`remembered_temperatures` of readings already in collection order."""
+    start = 0
+    if horizon_us is not None:
+        start = max(bisect_left(ordered, (horizon_us, ""), key=_collection_order) - 1, 0)
+    start = max(start, len(ordered) - rules.temperature_memory_cap)
+    return ordered[start:] if isinstance(ordered, tuple) else tuple(ordered[start:])
+
+
+def _collection_order(t: Temperature) -> tuple[int, str]:
+    return t.effective_us, t.ref
 
 
 # -- revision ----------------------------------------------------------------------------------------
@@ -318,8 +418,12 @@ def revise(
 ) -> tuple[PatientState, list[AlertEvent]]:
     machine, derived = _fold(ps.base, history, rules, ps.temperatures)
     revision = ps.revisions + 1
-    derived_keys = {e.key for e in derived}
     announced = {x.key: x for x in ps.alerted}
+    # A febrile never announced for an episode that is closed now stays unannounced, as in
+    # add_temperature: a fever learned after its episode closed (kept in memory as long as the
+    # panels it pairs with) must not re-open that episode's Flag on the next, unrelated, correction.
+    derived = [e for e in derived if not (e.kind is EventKind.FEBRILE and e.key not in announced and e.episode != machine.episode)]
+    derived_keys = {e.key for e in derived}
     events: list[AlertEvent] = []
     for x in ps.alerted:
         if x.key in derived_keys:

@@ -93,7 +93,7 @@ def make_scheme(
     return Scheme(name, tuple(bands))
 
 
-# Seed bands (shared/reference/clinical-and-fhir.md §3 "Common ANC bands": neutropenia < 1500 /uL
+# Seed bands (docs/clinical-reference.md §3 "Common ANC bands": neutropenia < 1500 /uL
 # (UpToDate, Coates); mild 1000-1500, moderate 500-1000, severe < 500 (5-Minute Pediatric Consult)).
 DEFAULT = make_scheme(
     "default",

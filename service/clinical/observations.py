@@ -1,6 +1,6 @@
 """Observation -> LabResult (a value in a canonical unit) or Rejected (with a reason).
 
-Rules: shared/reference/clinical-and-fhir.md §1.1 (codes; never match on display text), §1.5
+Rules: docs/clinical-reference.md §1.1 (codes; never match on display text), §1.5
 (Observation.status), §2 (units, comparator, dataAbsentReason, valueString).
 """
 
@@ -15,6 +15,7 @@ import msgspec
 from .codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
 from .fhirtime import CollectionTime, TimeError, collection_time, instant_us
 from .raw import Quantity, Resource, Undecodable, fhir_id
+from .references import Resolved, parse, resolve
 from .units import UnitError, to_canonical
 
 LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"
@@ -29,9 +30,6 @@ _LOWER_BOUND = frozenset({">", ">=", "ad"})
 _DATE_LIKE = re.compile(r"[0-9TZ:+\-.]{1,40}")
 _SHOWN_CODE = re.compile(r"[A-Za-z0-9\-._]{1,40}")  # what a reason repeats of a code
 MAX_BASED_ON = 32  # orders named by one result (recipients); more is junk, not clinical information
-# A literal reference to a Patient: relative, or absolute on an http(s) base, optionally versioned.
-_PATIENT_REF = re.compile(r"(?:https?://[!-~]{1,400}?/)?Patient/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
-_LITERAL_REF = re.compile(r"(?:https?://[!-~]{1,400}?/)?[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}(?:/_history/[A-Za-z0-9\-.]{1,64})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,18 +38,31 @@ class ReadPolicy:
     handed to `normalise` by replay and the live loop alike."""
 
     local_timezone: str | None = None  # IANA zone of collection times written without an offset
+    # The base of the server the resources come from (live: fhir.base_url; replay: fhir.base_url when
+    # configured, else None): an absolute reference under it is the relative one.
+    base_url: str | None = None
+    # Other servers whose references are identities (a federated setup); any other server's are refused.
+    accepted_foreign_bases: tuple[str, ...] = ()
 
 
 DEFAULT_READ = ReadPolicy()
 
 
-def literal_reference(ref: str | None) -> str | None:
-    """`ref` when it is a literal reference ("Type/<FHIR id>", absolute on an http(s) base,
-    optionally versioned), else None. A contained reference ("#s1") names something inside one
-    resource only, so it cannot join two results into a panel; free text is not a reference."""
-    if ref and len(ref) <= 512 and _LITERAL_REF.fullmatch(ref):
-        return ref
-    return None
+def canonical_reference(ref: str | None, resource_type: str | None, policy: ReadPolicy = DEFAULT_READ) -> Resolved | str:
+    """The one canonicalisation of references (clinical/references.py), with the site's bases: the
+    canonical reference, or the reason (a phrase after the element's name) it names nothing usable.
+    Intake (subject, basedOn, specimen), replay's context rows and the live look-ups all use it, so
+    one resource is one key whichever way it is written."""
+    return resolve(ref, resource_type, policy.base_url, policy.accepted_foreign_bases)
+
+
+def literal_reference(ref: str | None, policy: ReadPolicy = DEFAULT_READ) -> str | None:
+    """The canonical key of a literal reference ("Type/<FHIR id>" on the service's server, absolute
+    on an accepted foreign one), else None. A contained reference ("#s1") names something inside one
+    resource only, so it cannot join two results into a panel; a reference to another server is not
+    to the local resource of the same id; free text is not a reference."""
+    found = canonical_reference(ref, None, policy)
+    return found.key if isinstance(found, Resolved) else None
 
 
 def version_number(version: str | None) -> int:
@@ -66,7 +77,7 @@ class LabResult(msgspec.Struct, frozen=True, gc=False, array_like=True):
 
     ref: str  # "Observation/<id>"
     version: str | None
-    patient: str  # subject reference as given
+    patient: str  # the patient's key: the subject's canonical reference (`canonical_reference`)
     code: str  # the LOINC code that matched
     kind: Kind
     method: str
@@ -104,11 +115,12 @@ class Ignored(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
-CONFLICT = "conflicts with an earlier copy of the same version (same id, versionId and lastUpdated, other content)"
+CONFLICT = "conflicting copies of one version (same id, versionId and lastUpdated, other content): none is used"
 
 
 def conflict_rejection(outcome: LabResult | Rejected) -> Rejected:
-    """A second, different copy of an Observation version already read: never used (replay.copies)."""
+    """One of several copies of an Observation version that do not read alike: none is used
+    (clinical.copies)."""
     return Rejected(CONFLICT, outcome.ref, outcome.version, outcome.patient, outcome.code, outcome.effective,
                     outcome.updated_us)
 
@@ -142,23 +154,27 @@ def _term(resource: Resource) -> Term | Ignored | str:
 
 
 def patient_reference(ref: str | None) -> str | None:
-    """The reference as given when it is a literal reference to a Patient ("Patient/<FHIR id>",
-    absolute on an http(s) base, optionally with /_history/<version>), else None: never free text,
-    never megabytes (it is logged and stored as the patient's key)."""
-    if ref and len(ref) <= 512 and _PATIENT_REF.fullmatch(ref):
-        return ref
-    return None
+    """The reference as given when it has the form of a literal reference to a Patient (relative or
+    absolute, optionally versioned), else None: never free text, never megabytes. For carrying a
+    subject along (an entry the client could not use: `undecodable_rejection` resolves it); the
+    patient's identity is the canonical reference (`_patient`)."""
+    parsed = parse(ref)
+    return ref if parsed is not None and parsed[1] == "Patient" else None
 
 
-def _patient(resource: Resource) -> str | None:
-    return patient_reference(resource.subject.reference if resource.subject is not None else None)
+def _patient(resource: Resource, policy: ReadPolicy) -> Resolved | str:
+    """The subject as the patient's identity, or the reason it is none ("subject is on another
+    server", "subject is a contained reference ...", "subject is not a Patient reference")."""
+    found = canonical_reference(resource.subject.reference if resource.subject is not None else None, "Patient", policy)
+    return found if isinstance(found, Resolved) else "subject " + found
 
 
-def undecodable_rejection(item: Undecodable) -> Rejected:
+def undecodable_rejection(item: Undecodable, policy: ReadPolicy = DEFAULT_READ) -> Rejected:
     """A line or entry that could not be decoded, kept as a rejection with what could be read of it
-    (a FHIR id and a Patient reference, nothing else)."""
+    (a FHIR id and the patient's key when its subject names one, nothing else)."""
     ref = f"Observation/{item.id}" if fhir_id(item.id) else None
-    return Rejected(item.reason, ref, None, patient_reference(item.subject))
+    found = canonical_reference(item.subject, "Patient", policy)
+    return Rejected(item.reason, ref, None, found.key if isinstance(found, Resolved) else None)
 
 
 def _effective(resource: Resource) -> str | None:
@@ -238,7 +254,8 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
     version = fhir_id(raw_version)
     updated_us = _instant(meta.lastUpdated) if meta is not None else None
     ref = f"Observation/{resource.id}" if fhir_id(resource.id) else None
-    patient = _patient(resource)
+    subject = _patient(resource, policy)
+    patient = subject.key if isinstance(subject, Resolved) else None
     effective = _effective(resource)
     when = _collection(effective, policy.local_timezone) if effective else None
     status = resource.status
@@ -248,8 +265,8 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
         reason = "no id" if resource.id is None else "id is not a FHIR id"
     elif raw_version is not None and version is None:
         reason = "meta.versionId is not a FHIR id"
-    elif patient is None:
-        reason = "subject is not a Patient reference"
+    elif isinstance(subject, str):
+        reason = subject
     elif status not in STATUSES:
         reason = "unknown status"
     elif effective is None:
@@ -265,9 +282,9 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
             return LabResult(
                 ref, version, patient, term.code, term.kind, term.method.value, status, value[0],  # type: ignore[arg-type,union-attr]
                 value[1], when.text, when.us, updated_us,  # type: ignore[union-attr]
-                literal_reference(specimen.reference) if isinstance(specimen, msgspec.Struct) else None,
+                literal_reference(specimen.reference, policy) if isinstance(specimen, msgspec.Struct) else None,
                 _reference_low(term, resource) if term.kind is Kind.NEUT_ABS and value[0] is not None else None,  # type: ignore[arg-type]
-                tuple(r.reference for r in (resource.basedOn or ())[:MAX_BASED_ON] if literal_reference(r.reference)),  # type: ignore[misc]
+                _based_on(resource, policy),
                 when.note,  # type: ignore[union-attr]
             )
         reason = value
@@ -277,6 +294,12 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
     # never free text).
     shown = effective if effective and _DATE_LIKE.fullmatch(effective) else None
     return Rejected(reason, ref, version, patient, code, shown, updated_us)
+
+
+def _based_on(resource: Resource, policy: ReadPolicy) -> tuple[str, ...]:
+    """The orders a result names, canonical; those that name nothing usable are left out."""
+    keys = (literal_reference(r.reference, policy) for r in (resource.basedOn or ())[:MAX_BASED_ON])
+    return tuple(k for k in keys if k is not None)
 
 
 def _value(term: Term, resource: Resource, status: str) -> tuple[float | None, bool] | str:

@@ -1,7 +1,7 @@
 """Which results belong to one collection (a panel), and the assessment of a panel.
 
 A panel is the results of one patient with the same specimen reference, else the same
-DiagnosticReport, else the same collection instant (issue 2, "Panel").
+DiagnosticReport, else the same collection instant (reference §1.2).
 """
 
 from __future__ import annotations

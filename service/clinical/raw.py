@@ -284,7 +284,34 @@ def _int(text: str) -> int | float:
     return -math.inf if text[0] == "-" else math.inf
 
 
+# Python's json recurses once per nesting level against the interpreter's recursion limit, so how
+# deep a document it reads depends on how deep the caller's stack already is (and on a test runner
+# that raises the limit): the same bytes could be read in one place and refused in another. A fixed
+# bound makes "nested too deeply" a property of the bytes alone. FHIR resources nest a few dozen
+# levels at most (a Bundle entry's extension of an extension ...); 200 leaves room, well inside the
+# default limit of 1000 wherever the salvage path is called from.
+MAX_NESTING = 200
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _too_deep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
 def _loads(text: str) -> Any:
+    if _too_deep(text):
+        raise RecursionError("nested deeper than MAX_NESTING")
     return json.loads(text, parse_int=_int)
 
 
@@ -416,3 +443,88 @@ def _entry(text: str, start: int, end: int, nesting: int) -> list[Resource | Und
         return [Undecodable("invalid JSON: Bundles nested too deeply")]
     doc = _read_text(piece, nesting + 1)
     return doc.items + ([doc.remainder] if doc.remainder is not None else [])
+
+
+# -- a Bundle read entry by entry ----------------------------------------------------------------
+#
+# `read` of a whole Bundle takes one of four paths (typed, strict, tolerant, framing), and the path
+# decides how each entry is read. A Bundle too large to hold is walked twice instead
+# (`jsonscan.scan_stream`): the first walk tells, from its parts, which path `read` of the whole
+# would take (`Checks`), the second reads each entry as that path reads it (`entry_items`). The
+# same items come out, one entry in memory at a time.
+
+TYPED, STRICT, TOLERANT, FRAMING = "typed", "strict", "tolerant", "framing"
+_entry_decoder = msgspec.json.Decoder(Entry)
+
+
+class Checks(msgspec.Struct):
+    """What `read` of the whole would find, gathered part by part (every top-level member and
+    every entry: the whole is valid exactly when each of its parts is, its framing being sound)."""
+
+    utf8: bool = True  # every byte sequence valid UTF-8
+    typed: bool = True  # the typed decoder takes every part
+    strict: bool = True  # orjson takes every part
+    tolerant: bool = True  # Python's json takes every part
+
+    def add(self, data: bytes, typed: msgspec.json.Decoder[Any], strict: bool = False) -> None:
+        if self.utf8 and not (data.isascii() or _is_utf8(data)):
+            self.utf8 = False
+        if self.typed:
+            try:
+                typed.decode(data)
+            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+                self.typed = False
+        if strict:  # orjson read it already
+            return
+        try:
+            orjson.loads(data)
+        except (orjson.JSONDecodeError, RecursionError):
+            self.strict = False
+            if self.tolerant:
+                try:
+                    _loads(data.decode("utf-8", "surrogateescape"))
+                except (ValueError, RecursionError):
+                    self.tolerant = False
+
+    def add_entry(self, data: bytes, strict: bool = False) -> None:
+        self.add(data, _entry_decoder, strict)
+
+    def add_members(self, members: list[tuple[bytes, bytes]]) -> None:
+        """The Bundle's members but "entry", as one object (keys hold no escapes: the caller checks)."""
+        self.add(b"{" + b",".join(b'"' + key + b'":' + value for key, value in members) + b"}", _decoder)
+
+    def path(self, complete: bool) -> str:
+        """The path `read` takes for the whole: typed and strict need UTF-8 and (like tolerant)
+        a whole document; a document cut short is read by its framing."""
+        if not complete:
+            return FRAMING
+        if self.utf8 and self.typed:
+            return TYPED
+        if self.utf8 and self.strict:
+            return STRICT
+        return TOLERANT if self.tolerant else FRAMING
+
+
+def entry_items(data: bytes, path: str) -> list[Resource | Undecodable]:
+    """The resources of one Bundle entry (its JSON text), read as `read` of the whole Bundle reads
+    each entry on `path`."""
+    if path == TYPED:
+        entry = _entry_decoder.decode(data)
+        return list(flatten(entry.resource)) if entry.resource is not None else []
+    if path == FRAMING:
+        return _entry(data.decode("utf-8", "surrogateescape"), 0, len(data), 0)
+    item = orjson.loads(data) if path == STRICT else _loads(data.decode("utf-8", "surrogateescape"))
+    resource = item.get("resource") if isinstance(item, dict) else None
+    if resource is None:
+        return []
+    if path == STRICT:
+        return list(_from_object(resource))
+    try:
+        return list(_tolerant(resource))
+    except RecursionError:  # `read` of the whole gives one such item for the document
+        return [_undecodable(resource, TOO_DEEP)]
+
+
+def cut_short(entries: int) -> Undecodable:
+    """The remainder of a Bundle whose framing ends early after `entries` entries (as `_scan`)."""
+    return Undecodable(f"invalid JSON: Bundle truncated after {entries} entries")

@@ -1,5 +1,5 @@
 """Who is told: the ordering clinician when the order can be found (Observation.basedOn ->
-ServiceRequest.requester), else the patient's care team, else the configured pool (issue 4)."""
+ServiceRequest.requester), else the patient's care team, else the configured pool (reference §4)."""
 
 from __future__ import annotations
 

@@ -14,11 +14,11 @@ DAY_US = 24 * HOUR_US
 @dataclass(frozen=True, slots=True)
 class Rules:
     scheme: Scheme = DEFAULT
-    # Pancytopenia cut-offs (issue 4 defaults; one operational definition, the Danish KIP value set
+    # Pancytopenia cut-offs (defaults; one operational definition, the Danish KIP value set
     # "Cytopeni": Hb < 6.2 mmol/L (about 10 g/dL), platelets < 100 x 10^9/L — reference §3).
     hemoglobin_below_g_dl: float = 10.0
     platelets_below_per_ul: float = 100_000.0
-    # Chronic: an episode open more than 3 months (issue 4, seed 000).
+    # Chronic: an episode open more than 3 months (a local default to validate).
     chronic_after_us: int = 91 * DAY_US
     # Assessed panels remembered per patient, so a corrected result can be re-evaluated.
     history_limit: int = 24
@@ -29,13 +29,20 @@ class Rules:
     fever_sustained_us: int = HOUR_US
     # Febrile neutropenia: fever while ANC < 500, or ANC < 1000 and expected to fall below 500 within
     # 48 h (IDSA 2010); the "expected to fall" proxy is a design choice: a fall of >= 50 % from the
-    # previous value within 48 h. The fever must lie within 24 h of the ANC (issue 4 default).
+    # previous value within 48 h. The fever must lie within 24 h of the ANC (default; reference §3 "Febrile neutropenia").
     febrile_anc_below: float = 500.0
     febrile_falling_anc_below: float = 1000.0
     febrile_fall_fraction: float = 0.5
     febrile_fall_window_us: int = 48 * HOUR_US
     fever_window_us: int = 24 * HOUR_US
-    temperature_memory_us: int = 72 * HOUR_US  # temperatures kept per patient (and at most 64 of them)
+    # Temperatures remembered per patient (episodes.remembered_temperatures), chosen by COLLECTION
+    # time, never by arrival: every reading from (the oldest remembered assessment, or the newest
+    # panel if older, - fever_window_us - fever_sustained_us) on, readings collected after the newest
+    # panel included (they may pair with a CBC not read yet), plus the last one before (it carries a
+    # sustained run under way); over the cap the earliest collected go first. Within that horizon
+    # the fevers (IDSA 2010, Freifeld CID 2011;52:e56) are those of the whole record, so a panel that
+    # may yet be judged finds its fever whatever the order the readings arrived in.
+    temperature_memory_cap: int = 2048
     # Age (reference §3 "Paediatrics"): the first week of life is out of scope; infants up to 1 year
     # are neutropenic below 1000/uL (the source covers 2 weeks-1 year; the second week takes the
     # nearer infant rule).

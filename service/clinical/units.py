@@ -1,7 +1,7 @@
 """Unit normalisation to canonical units: cells/uL, percent, g/dL, degrees Celsius.
 
 UCUM `code` is read first when `system` is UCUM, else the display `unit`; an unknown unit is a
-rejection, never a guess. Tables: shared/reference/clinical-and-fhir.md §2 ("Conversion to
+rejection, never a guess. Tables: docs/clinical-reference.md §2 ("Conversion to
 cells/uL") and §1.3.
 """
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import orjson
+import structlog
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -28,6 +29,8 @@ from ..config import FhirSettings, SmartSettings
 from ..errors import ConfigError
 from .errors import AuthError, FhirUnavailable
 from .tls import ssl_option
+
+log = structlog.get_logger("neutrowatch.fhir")
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 300  # seconds; SMART: exp no more than five minutes in the future
@@ -56,16 +59,33 @@ class NoAuth:
 
 
 class BearerAuth:
-    """A static token; `invalidate` cannot renew it, so a 401 is retried once and then raised."""
+    """A static token, or one read from a file (a mounted secret). Kubernetes rotates a mounted
+    secret in place (an atomic symlink swap), so with a file a 401 re-reads it: `invalidate` marks
+    the token stale, the next `header` reads the file again, and the client's one retry after a 401
+    goes out with the new token. A file that cannot be read then keeps the token it had (logged
+    with the field, never the token): the retry's 401 is raised as usual. A token given inline
+    cannot be renewed: its 401 is retried once and then raised."""
 
-    def __init__(self, token: SecretStr | str) -> None:
+    def __init__(self, token: SecretStr | str, *, path: Path | None = None) -> None:
         self._token = token if isinstance(token, SecretStr) else SecretStr(token)
+        self._path = path
+        self._stale = False
 
     async def header(self) -> dict[str, str]:
+        if self._stale and self._path is not None:
+            self._stale = False
+            try:
+                token = read_token_file(self._path)
+            except ConfigError as err:
+                log.warning("fhir_bearer_token_file_unreadable", error=str(err), action="the previous token is kept")
+            else:
+                if token.get_secret_value() != self._token.get_secret_value():
+                    log.info("fhir_bearer_token_renewed", field=TOKEN_FILE_FIELD, after="401")
+                self._token = token
         return {"Authorization": f"Bearer {self._token.get_secret_value()}"}
 
     def invalidate(self) -> None:
-        pass
+        self._stale = True
 
     def __repr__(self) -> str:
         return "BearerAuth(token='**********')"
@@ -254,7 +274,7 @@ def make_auth(settings: FhirSettings, session: aiohttp.ClientSession) -> Auth:
         if auth.bearer_token is not None:
             return BearerAuth(auth.bearer_token)
         assert auth.bearer_token_file is not None  # guaranteed by AuthSettings
-        return BearerAuth(read_token_file(auth.bearer_token_file))
+        return BearerAuth(read_token_file(auth.bearer_token_file), path=auth.bearer_token_file)
     if auth.method == "smart":
         return SmartBackendAuth(
             auth.smart, base_url=settings.base_url, session=session,

@@ -35,7 +35,7 @@ from ..clinical.fhirtime import to_epoch_us
 from ..clinical.observations import patient_reference
 from ..config import FhirSettings
 from ..errors import ConfigError
-from ..metrics import DAMAGED_PAGES, FHIR_REQUESTS, FHIR_RETRIES, PAGES, UNSAFE_LINKS, reason_label
+from ..metrics import DAMAGED_PAGES, FHIR_REQUESTS, FHIR_RETRIES, OVERSIZED_RESPONSES, PAGES, UNSAFE_LINKS, reason_label
 from .auth import Auth, make_auth
 from .errors import (
     FhirError,
@@ -46,7 +46,7 @@ from .errors import (
 )
 from .tls import ssl_option
 
-__all__ = ["FhirClient", "Page", "UnreadablePage"]
+__all__ = ["FhirClient", "Page", "ResponseTooLarge", "UnreadablePage"]
 
 log = structlog.get_logger("neutrowatch.fhir")
 
@@ -248,6 +248,18 @@ class UnreadablePage(FhirError):
     never its content)."""
 
 
+class ResponseTooLarge(FhirError):
+    """A response whose body exceeds `fhir.max_response_bytes` (its Content-Length says so, or the
+    body streams past it): refused unread, so one huge page cannot take the process over its memory
+    limit (and into a restart loop on the same page). Not retried: the server would send the same.
+    A search page so refused is not skipped either: nothing is known of what it holds, so the cycle
+    fails and the cursor stays (as `UnreadablePage`) — neutrowatch_oversized_responses_total,
+    polls_total{outcome="error"}, /readyz and an error log line that names the setting to raise."""
+
+
+_BODY_CHUNK = 1 << 16
+
+
 # Broken pages seen lately (sha256 of the body -> times seen): the same broken bytes again are not
 # a transfer cut short.
 _BROKEN_PAGES: OrderedDict[bytes, int] = OrderedDict()
@@ -357,6 +369,16 @@ def _clock_limit_us(headers: Mapping[str, str]) -> int:
     if date.tzinfo is None:
         date = date.replace(tzinfo=UTC)
     return int(date.timestamp() * 1_000_000) + _DATE_SLACK_US
+
+
+HTML_PAGE = "the server answered with an HTML page, not FHIR JSON — a proxy or login page?"
+
+
+def _is_html(response: _Response) -> bool:
+    """A page for a person (a proxy's or single sign-on login page, an error page), not a FHIR
+    answer: said so, instead of a JSON parse error that sends the operator looking at the server."""
+    media = (response.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+    return media in ("text/html", "application/xhtml+xml")
 
 
 def _request_url(url: str) -> URL:
@@ -563,9 +585,12 @@ class FhirClient:
         if status in RETRY_STATUSES:
             after = retry_after_seconds(response.headers, self._clock())
             raise _Retry(str(status), ambiguous=status != 429, response=response, after=after)
+        html = _is_html(response)
         if 200 <= status < 300:
+            if html:
+                raise FhirError(f"HTTP {status}: {HTML_PAGE}")
             return parse(response)
-        summary = outcome_summary(response.body)
+        summary = HTML_PAGE if html else outcome_summary(response.body)
         if status == 412:
             raise PreconditionFailed(status, summary)
         raise FhirHttpError(status, summary)
@@ -601,6 +626,35 @@ class FhirClient:
             raise FhirHttpError(response.status, "more than one redirect")
         return response
 
+    async def _body(self, resp: aiohttp.ClientResponse, method: str, url: str) -> bytes:
+        """The response body, read chunk by chunk up to `fhir.max_response_bytes` (decompressed):
+        refused at once when Content-Length is over it, else as soon as the chunks are (a chunked
+        response has no length), so no more than the cap and one chunk is ever read (joining the
+        chunks holds that twice for a moment)."""
+        cap = self._settings.max_response_bytes
+        declared = resp.content_length
+        if declared is not None and declared > cap:
+            raise self._too_large(method, url, f"Content-Length {declared}")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(_BODY_CHUNK):
+            size += len(chunk)
+            if size > cap:
+                raise self._too_large(method, url, f"more than {cap} bytes read")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, method: str, url: str, seen: str) -> ResponseTooLarge:
+        OVERSIZED_RESPONSES.labels(method=method).inc()
+        FHIR_REQUESTS.labels(method=method, status="too_large").inc()
+        kind = self._resource_type(url) or "base"
+        cap = self._settings.max_response_bytes
+        log.error("fhir_response_too_large", method=method, resource_type=kind, limit=cap, seen=seen,
+                  action="not read and not skipped: the cycle fails and the cursor stays; raise fhir.max_response_bytes "
+                         "(or lower fhir.page_size)")
+        return ResponseTooLarge(f"{method} {kind}: response body over fhir.max_response_bytes ({cap} bytes; {seen}): "
+                                "refused unread, not skipped; raise fhir.max_response_bytes or lower fhir.page_size")
+
     async def _send(self, method: str, url: str, body: bytes | None, extra: Mapping[str, str]) -> _Response:
         auth = await self._auth.header()
         headers = {"Accept": FHIR_JSON, "User-Agent": self._settings.user_agent, **extra, **auth}
@@ -610,7 +664,7 @@ class FhirClient:
             try:
                 async with self._session.request(method, _request_url(url), data=body, headers=headers, timeout=self._timeout,
                                                  ssl=self._ssl, allow_redirects=False) as resp:
-                    status, resp_headers, data = resp.status, resp.headers, await resp.read()
+                    status, resp_headers, data = resp.status, resp.headers, await self._body(resp, method, url)
             except TimeoutError:
                 FHIR_REQUESTS.labels(method=method, status="timeout").inc()
                 raise _Retry("timeout", ambiguous=True) from None

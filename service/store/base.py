@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from enum import Enum
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Protocol
 
 import msgspec
 
+from ..clinical.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected, conflict_rejection
 from ..errors import StoreError
@@ -51,6 +51,8 @@ def _release_tag() -> bytes:
 
 DIGEST_TAG = _release_tag()
 _encode = msgspec.msgpack.Encoder().encode
+_decode_result = msgspec.msgpack.Decoder(LabResult).decode
+_decode_rejected = msgspec.msgpack.Decoder(Rejected).decode
 
 
 def digest(outcome: LabResult | Rejected) -> bytes:
@@ -60,58 +62,172 @@ def digest(outcome: LabResult | Rejected) -> bytes:
     server that sends a version again with other key order, whitespace, number spelling ("0.30") or
     narrative is sending the same version, while a different value, unit (when it changes the
     value), code, subject, status, specimen, time or rejection reason is a different one — replay
-    draws the same line (`replay.copies` compares the same bytes). Prefixed with DIGEST_TAG, this
-    release's: another release may normalise the same JSON differently, so its digests are not
-    compared (`classify`), lest an upgrade turn every re-read into a conflict."""
-    return DIGEST_TAG + hashlib.sha256(_encode(outcome)).digest()[:16]
+    draws the same line (`clinical.copies.content_key` of the same bytes). Prefixed with
+    DIGEST_TAG, this release's: another release may normalise the same JSON differently, so its
+    digests are not compared (`plan`), lest an upgrade turn every re-read into a conflict."""
+    return DIGEST_TAG + content_key(_encode(outcome))
 
 
-class Copy(Enum):
-    """What one read copy is, next to the stored version of its Observation (`classify`)."""
-
-    NEW = "new"  # a newer version (or the first): stored, supersedes the stored one
-    SEEN = "seen"  # read before, or older than the stored version: skipped
-    CONFLICT = "conflict"  # the stored version again, with other content: quarantined once, never stored
-    UNPLACED = "unplaced"  # a rejection without version (an undecodable entry) behind a stored version: quarantined once
+# The digest stored for a version whose copies conflict (no content is in force): every further
+# copy of that version is a conflict too (quarantined once per content).
+CONFLICTED = DIGEST_TAG + bytes(16)
 
 
-Stored = tuple[int, int, bytes | None]  # (meta.lastUpdated, versionId, digest or None) of the stored version
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """The version of an Observation the store holds (its results and digests rows)."""
+
+    updated_us: int
+    version: int
+    digest: bytes | None  # None: stored before digests (schema 1, or a release without them)
+    patient: str | None
+    panel: str | None
+    data: bytes | None  # the LabResult (msgpack); None: a rejected version
+    record: bytes | None = None  # a rejected version's quarantined Rejected (msgpack), when at hand
+    read: LabResult | Rejected | None = None  # the copy itself, when it was written by this batch
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return (self.updated_us, self.version)
+
+    @property
+    def outcome(self) -> LabResult | Rejected | None:
+        """The stored copy (decoded only when `plan` needs it: a conflict, a copy without meta
+        replaced); None: a rejection whose record is not at hand (it is not reported again)."""
+        if self.read is not None:
+            return self.read
+        if self.data is not None:
+            return _decode_result(self.data)
+        return _decode_rejected(self.record) if self.record is not None else None
 
 
-def classify(stored: Stored | None, item: Intake, content: bytes) -> Copy:
-    """`content`: digest(item.outcome). A stored digest that is missing (stored before schema 2, or
-    by a release without digests) or from another release cannot be compared: the copy counts as
-    read before, as it did before digests."""
-    read = (item.updated_us, item.version)
-    if stored is None or stored[:2] < read:
-        return Copy.NEW
-    if stored[:2] > read:
-        return Copy.UNPLACED if unplaced(item) else Copy.SEEN
-    known = stored[2]
-    if known is None or known == content or not known.startswith(DIGEST_TAG):
-        return Copy.SEEN
-    return Copy.CONFLICT
+def stored_version(vu: int, vv: int, content: bytes | None, patient: str | None, panel: str | None,
+                   data: bytes | None, record: bytes | None) -> StoredVersion:
+    """A stored row as `plan` takes it: `data` the LabResult of the results row, `record` the
+    quarantined Rejected of a rejected version (the quarantine row with its digest)."""
+    return StoredVersion(vu, vv, bytes(content) if content is not None else None, patient, panel,
+                         bytes(data) if data is not None else None, bytes(record) if record is not None else None)
 
 
-def unplaced(item: Intake) -> bool:
-    """A rejection with neither meta.lastUpdated nor a numeric versionId (an undecodable entry):
-    it cannot be ordered among versions, so it never supersedes a stored version that has them."""
-    return item.updated_us < 0 and item.version < 0 and isinstance(item.outcome, Rejected)
+@dataclass(frozen=True, slots=True)
+class Write:
+    """A row `ingest` writes as the Observation's version in force."""
+
+    item: Intake  # the version; for a conflict, its CONFLICT rejection (no panel)
+    content: bytes  # its digest; CONFLICTED for a conflict
+    before: tuple[str | None, str | None] | None  # patient and panel of the version it replaces (marked dirty)
 
 
-def held_back(item: Intake, copy: Copy) -> Intake:
-    """What `ingest` quarantines and returns for a copy it does not store (CONFLICT, UNPLACED).
+@dataclass
+class Plan:
+    """What `ingest` does with the copies of one Observation read in one batch."""
 
-    The stored copy stays in force: it was read first and may already have been decided on (an
-    alert sent, or none). A FHIR version is immutable, so two contents under one version are a
-    server or interface fault, and which one is right cannot be told from here; acting on the
-    second would let an alert, or its absence, flip on that fault (and flip again whenever the
-    overlap window reads the copies in another order). The conflict is made visible instead
-    (rejection counter, log line, decision log, quarantine) for a person to resolve; a newer
-    version supersedes as usual. The same holds for an UNPLACED copy: nothing of it is usable, and
-    it may be a damaged re-send of the very version stored."""
-    outcome = conflict_rejection(item.outcome) if copy is Copy.CONFLICT else item.outcome
-    return replace(item, panel=None, outcome=outcome)
+    writes: list[Write] = field(default_factory=list)  # in order: the last one is in force
+    held: list[tuple[Intake, bytes]] = field(default_factory=list)  # (rejection, digest of the copy): quarantined once
+
+
+def by_ref(items: Sequence[Intake]) -> dict[str, list[Intake]]:
+    """The items of a batch by Observation, in order of first appearance."""
+    out: dict[str, list[Intake]] = {}
+    for item in items:
+        out.setdefault(item.ref, []).append(item)
+    return out
+
+
+def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
+    """The copies of one Observation in a batch (`items`, as read), next to its stored version, as
+    `clinical.copies` rules them (what replay's `settle` applies to the whole input), so that what
+    is in force after a batch does not depend on the order of its copies, nor (see below) on which
+    batch each copy came in:
+
+    - versions newer than the stored one are written, oldest first; a version older than the stored
+      one, or the stored one read again alike, is skipped (the overlap window re-reads);
+    - copies of one version that do not read alike, in the batch or next to the stored copy, make
+      it a conflict: the version in force becomes a rejected version (CONFLICTED; its panel, and
+      that of the version it replaces, decided again: an alert that rested on the first copy read
+      is withdrawn, as replay, which sees all copies at once, never raises it), and every distinct
+      content is held back as CONFLICT — the stored copy too (it was taken before the other was
+      seen); a further copy of a CONFLICTED version is held back as CONFLICT;
+    - a copy with neither lastUpdated nor a numeric versionId is held back (UNPLACED, or its own
+      reason when rejected) once a version of the Observation with them is read, and a stored
+      readable one is held back when such a version replaces it: it changes nothing.
+
+    A stored digest that is missing (stored before schema 2, or by a release without digests) or
+    from another release cannot be compared: a copy of that version counts as read before."""
+    if len(items) == 1 and stamped(items[0].updated_us, items[0].version) \
+            and (stored is None or (stamped(*stored.stamp) and stored.stamp != (items[0].updated_us, items[0].version))):
+        # The common case, the rule below in short: one stamped copy, and a stamped version stored or none.
+        if stored is not None and stored.stamp > (items[0].updated_us, items[0].version):
+            return Plan()
+        return Plan([Write(items[0], digest(items[0].outcome), _where(stored))])
+    out = Plan()
+    if stored is not None and not stamped(*stored.stamp) and stored.digest != CONFLICTED and stored.data is None:
+        stored = None  # a rejection without lastUpdated or versionId, stored by an older release: no version
+    ref = items[0].ref if items else ""
+    stamped_read = (stored is not None and stamped(*stored.stamp)) or any(stamped(i.updated_us, i.version) for i in items)
+    groups: dict[tuple[int, int], list[tuple[bytes, Intake | None]]] = {}
+    unplaced: list[tuple[bytes, Intake]] = []
+    for item in items:
+        content = digest(item.outcome)
+        if placed(item.updated_us, item.version, isinstance(item.outcome, Rejected), stamped_read):
+            groups.setdefault((item.updated_us, item.version), []).append((content, item))
+        else:
+            unplaced.append((content, item))
+    current = stored
+    for stamp in sorted(groups):
+        group = groups[stamp]
+        if current is not None and stamp < current.stamp:
+            continue  # older than the version in force
+        if current is not None and stamp == current.stamp:
+            if current.digest is None or not current.digest.startswith(DIGEST_TAG):
+                continue  # cannot be compared
+            if current.digest == CONFLICTED:
+                firsts, _again = distinct(group)
+                out.held += [(_conflict(copy), content) for content, copy in firsts if copy is not None]
+                continue
+            group = [(current.digest, None), *group]  # None: the stored copy
+        verdict = one_version(group)
+        if verdict.kept is not None:
+            kept = verdict.kept[1]
+            if kept is not None:  # (None: the stored version read again alike)
+                out.writes.append(Write(kept, verdict.kept[0], _where(current)))
+                current = _as_stored(kept, verdict.kept[0])
+            continue
+        held: list[tuple[Intake, bytes]] = []
+        for content, copy in verdict.conflicting:
+            if copy is None:  # the stored copy, taken before the other was seen
+                taken = current.outcome if current is not None else None
+                if current is None or taken is None:
+                    continue
+                copy = Intake(ref, *current.stamp, current.patient, None, taken)
+            held.append((_conflict(copy), content))
+        first = held[0][0]
+        out.writes.append(Write(first, CONFLICTED, _where(current)))
+        out.held += held
+        current = _as_stored(first, CONFLICTED)
+    if unplaced:
+        firsts, _again = distinct(unplaced)
+        out.held += [(replace(copy, panel=None, outcome=unplaced_rejection(copy.outcome)), content) for content, copy in firsts]
+    if stored is not None and stored.data is not None and not stamped(*stored.stamp) \
+            and current is not None and stamped(*current.stamp):
+        readable = stored.outcome
+        assert readable is not None
+        out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)), digest(readable)))
+    return out
+
+
+def _as_stored(item: Intake, content: bytes) -> StoredVersion:
+    usable = isinstance(item.outcome, LabResult)
+    return StoredVersion(item.updated_us, item.version, content, item.patient, item.panel, b"" if usable else None,
+                         read=item.outcome)
+
+
+def _conflict(copy: Intake) -> Intake:
+    return replace(copy, panel=None, outcome=conflict_rejection(copy.outcome))
+
+
+def _where(version: StoredVersion | None) -> tuple[str | None, str | None] | None:
+    return (version.patient, version.panel) if version is not None else None
 
 
 PanelKey = tuple[int, str, str]  # (first available, patient, panel): the order panels are decided in
@@ -178,12 +294,13 @@ class Store(Protocol):
     async def get_cursor(self) -> str | None: ...
     async def set_cursor(self, value: str) -> None: ...
     async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
-        """Store new versions (skip (id, version) already seen or older); mark their panels dirty;
-        quarantine rejections. A copy of the stored version with other content (CONFLICT), or an
-        undecodable copy behind a stored version (UNPLACED), is not stored: it is quarantined, once
-        per distinct content however often it is read again (`held_back`). Returns the items that
-        were new, and those held back as rejections (the caller counts, logs and records them as
-        it does any rejection)."""
+        """Store new versions (skip (id, version) already seen or older); mark their panels, and
+        those of the versions they replace, dirty; quarantine rejections. The copies of each
+        Observation are taken together (`plan`): copies of one version that conflict make it a
+        rejected version and are quarantined, and a copy that is no version is quarantined, each
+        once per (content, reason) however often it is read again. Returns the items that were new,
+        and the rejections quarantined (the caller counts, logs and records them as it does any
+        rejection): there may be more of these than items (a stored copy turned out to conflict)."""
         ...
     async def quarantine(self, rejected: Rejected, now: float) -> None:
         """A rejection with no usable id (it supersedes nothing): kept with its reason."""

@@ -22,28 +22,29 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import msgspec
 import orjson
 import structlog
 
+from .. import pgdsn
 from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
 from .base import (
-    Copy,
+    CONFLICTED,
     Decided,
     Intake,
     LeadershipLost,
     OutboxEntry,
     PanelKey,
     PanelWork,
-    classify,
-    digest,
+    Write,
+    by_ref,
     episode_rows,
-    held_back,
+    plan,
+    stored_version,
 )
 
 log = structlog.get_logger("neutrowatch.store")
@@ -98,12 +99,10 @@ def lock_key(schema: str) -> int:
 
 
 def describe_dsn(dsn: str) -> str:
-    """host:port/database of a DSN, for messages (no user, no password)."""
-    try:
-        parts = urlsplit(dsn)
-        return f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or ''}"
-    except ValueError:
-        return "(unparseable DSN)"
+    """host:port/database of a DSN, for messages, /readyz and logs: built from the parsed host, port
+    and database only (never the user, password or options); a DSN of neither libpq form shows
+    as "(unparseable DSN)", never as its text."""
+    return pgdsn.describe(dsn)
 
 
 class PostgresStore:
@@ -274,29 +273,28 @@ class PostgresStore:
     async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
         if not items:
             return []
-        refs = list({i.ref for i in items})
+        copies = by_ref(items)
         new: list[Intake] = []
         writes = _IngestWrites()
-        earlier: set[tuple[str, bytes]] | None = None  # (ref, digest) quarantined before: read when first needed
+        earlier: set[tuple[str, bytes, str]] | None = None  # (ref, digest, reason) quarantined before: read when first needed
         async with self._tx() as conn:
-            known: dict[str, tuple[Any, ...]] = {r[0]: tuple(r[1:]) for r in await conn.fetch(_STORED, refs)}
-            for item in items:
-                row = known.get(item.ref)
-                content = digest(item.outcome)
-                copy = classify(row[:3] if row is not None else None, item, content)
-                if copy is Copy.SEEN:
-                    continue  # this version (or a newer one) was read before: the overlap window re-reads
-                if copy is Copy.NEW:
-                    new.append(item)
-                    known[item.ref] = (item.updated_us, item.version, content, item.patient, item.panel)
-                    writes.store(item, content, row[3:] if row is not None else None, now)
+            known = {r[0]: stored_version(*r[1:]) for r in await conn.fetch(_STORED, list(copies))}
+            for ref, group in copies.items():
+                todo = plan(known.get(ref), group)
+                for write in todo.writes:
+                    writes.store(write, now)
+                    if write.content != CONFLICTED:
+                        new.append(write.item)
+                if not todo.held:
                     continue
                 if earlier is None:
-                    earlier = await _quarantined_copies(conn, refs)
-                if (item.ref, content) not in earlier and (item.ref, content) not in writes.quarantined:
-                    held = held_back(item, copy)
-                    writes.quarantine(held, content, now)
-                    new.append(held)
+                    earlier = await _quarantined_copies(conn, list(copies))
+                for held, content in todo.held:
+                    key = (ref, content, held.outcome.reason)  # type: ignore[union-attr]
+                    if key not in earlier:
+                        earlier.add(key)
+                        writes.quarantine(held, content, now)
+                        new.append(held)
             await writes.flush(conn)
         return new
 
@@ -418,9 +416,11 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
 _QUARANTINE = "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES ($1, $2, $3, $4, $5, $6)"
 _QUARANTINE_COPY = """INSERT INTO quarantine (ref, version, patient, reason, received, record, digest)
                       VALUES ($1, $2, $3, $4, $5, $6, $7)"""
-# The stored version of each Observation: ref, vu, vv, its digest or None, patient, panel.
-_STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel FROM results r
-             LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ANY($1::text[])"""
+# The stored version of each Observation: ref, then as sqlite.py's _STORED (`base.stored_version`).
+_STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
+                    CASE WHEN r.data IS NULL THEN (SELECT q.record FROM quarantine q
+                                                   WHERE q.ref = r.ref AND q.digest = d.digest LIMIT 1) END
+             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ANY($1::text[])"""
 
 
 @dataclass
@@ -431,10 +431,10 @@ class _IngestWrites:
     digests: list[tuple[Any, ...]] = field(default_factory=list)
     touches: list[tuple[Any, ...]] = field(default_factory=list)
     quarantine_rows: list[tuple[Any, ...]] = field(default_factory=list)
-    quarantined: set[tuple[str, bytes]] = field(default_factory=set)  # (ref, digest) of quarantine_rows
 
-    def store(self, item: Intake, content: bytes, before: tuple[Any, ...] | None, now: float) -> None:
-        """A new version (`before`: the patient and panel of the version it replaces)."""
+    def store(self, write: Write, now: float) -> None:
+        """A new version, or a conflict (as sqlite.py's `_store`)."""
+        item, content, before = write.item, write.content, write.before
         outcome = item.outcome
         data = _encode(outcome) if isinstance(outcome, LabResult) else None
         self.results.append((item.ref, item.updated_us, item.version, item.patient, item.panel, data))
@@ -442,15 +442,14 @@ class _IngestWrites:
         touched = {(item.patient, item.panel)} if item.panel else set()
         if before is not None and before[1] is not None:
             touched.add((before[0], before[1]))  # the older version's panel changes too
-        self.touches.extend((patient, panel, item.updated_us, now) for patient, panel in sorted(touched))
-        if isinstance(outcome, Rejected):
+        self.touches.extend((patient, panel, item.updated_us, now) for patient, panel in sorted(touched))  # type: ignore[type-var]
+        if isinstance(outcome, Rejected) and content != CONFLICTED:
             self.quarantine(item, content, now)
 
     def quarantine(self, item: Intake, content: bytes, now: float) -> None:
         outcome = item.outcome
         assert isinstance(outcome, Rejected)
         self.quarantine_rows.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
-        self.quarantined.add((item.ref, content))
 
     async def flush(self, conn: asyncpg.Connection) -> None:
         if self.results:
@@ -472,9 +471,9 @@ class _IngestWrites:
             await conn.executemany(_QUARANTINE_COPY, self.quarantine_rows)
 
 
-async def _quarantined_copies(conn: asyncpg.Connection, refs: list[str]) -> set[tuple[str, bytes]]:
-    rows = await conn.fetch("SELECT ref, digest FROM quarantine WHERE ref = ANY($1::text[]) AND digest IS NOT NULL", refs)
-    return {(r[0], bytes(r[1])) for r in rows}
+async def _quarantined_copies(conn: asyncpg.Connection, refs: list[str]) -> set[tuple[str, bytes, str]]:
+    rows = await conn.fetch("SELECT ref, digest, reason FROM quarantine WHERE ref = ANY($1::text[]) AND digest IS NOT NULL", refs)
+    return {(r[0], bytes(r[1]), r[2]) for r in rows}
 
 
 def _reason(err: BaseException) -> str:

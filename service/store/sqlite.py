@@ -26,17 +26,18 @@ from ..clinical.episodes import PatientState
 from ..clinical.observations import LabResult, Rejected
 from ..errors import StoreError
 from .base import (
-    Copy,
+    CONFLICTED,
     Decided,
     Intake,
     LeadershipLost,
     OutboxEntry,
     PanelKey,
     PanelWork,
-    classify,
-    digest,
+    Write,
+    by_ref,
     episode_rows,
-    held_back,
+    plan,
+    stored_version,
 )
 
 SCHEMA_VERSION = 2
@@ -77,9 +78,12 @@ _MIGRATIONS: dict[int, str] = {
     """,
 }
 
-# The stored version of an Observation: (vu, vv, its digest or None, patient, panel).
-_STORED = """SELECT r.vu, r.vv, d.digest, r.patient, r.panel FROM results r
-             LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ?"""
+# The stored version of an Observation: vu, vv, its digest or None, patient, panel, the LabResult,
+# and for a rejected version its quarantined Rejected (`base.stored_version`).
+_STORED = """SELECT r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
+                    CASE WHEN r.data IS NULL THEN (SELECT q.record FROM quarantine q
+                                                   WHERE q.ref = r.ref AND q.digest = d.digest LIMIT 1) END
+             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ?"""
 _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _state_decoder = msgspec.json.Decoder(PatientState)
@@ -113,6 +117,23 @@ def _guarded(method: Callable[..., _R], store: SqliteStore, *args: Any, **kwargs
         raise StoreError(f"state store {store.path}: {err}") from None
 
 
+FILE_MODE = 0o600
+
+
+def _private(path: str) -> None:
+    """Create the state file 0600 before SQLite opens it (it would create it 0644 under the usual
+    umask: patient references and results readable by every local user). SQLite creates the -wal
+    and -shm files with the database file's permissions, so they follow. A file that exists with
+    group or other permissions (made by an older release) loses them, and so do its -wal and -shm."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.exists(name) and (mode := os.stat(name).st_mode & 0o777) & 0o077:
+                os.chmod(name, mode & 0o700)
+    except OSError as err:
+        raise StoreError(f"state store {path}: {err.strerror or type(err).__name__}") from None
+
+
 class SqliteStore:
     def __init__(self, path: str | Path):
         self.path = str(path)
@@ -127,6 +148,7 @@ class SqliteStore:
         try:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                _private(self.path)
             # check_same_thread=False: tests read the file through `db` from their own thread
             db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -228,25 +250,23 @@ class SqliteStore:
         new: list[Intake] = []
         db = self.db
         with self._tx():
-            for item in items:
-                row = db.execute(_STORED, (item.ref,)).fetchone()
-                content = digest(item.outcome)
-                copy = classify(row[:3] if row is not None else None, item, content)
-                if copy is Copy.SEEN:
-                    continue  # this version (or a newer one) was read before: the overlap window re-reads
-                if copy is not Copy.NEW:
-                    if not self._quarantined(item.ref, content):
-                        held = held_back(item, copy)
+            for ref, copies in by_ref(items).items():
+                row = db.execute(_STORED, (ref,)).fetchone()
+                todo = plan(stored_version(*row) if row is not None else None, copies)
+                for write in todo.writes:
+                    self._store(write, now)
+                    if write.content != CONFLICTED:
+                        new.append(write.item)
+                for held, content in todo.held:
+                    if not self._quarantined(ref, content, held.outcome.reason):  # type: ignore[union-attr]
                         self._quarantine(held, content, now)
                         new.append(held)
-                    continue
-                new.append(item)
-                self._store(item, content, now, row[3:] if row is not None else None)
         return new
 
-    def _store(self, item: Intake, content: bytes, now: float, before: tuple[Any, Any] | None) -> None:
-        """A new version: its row, its digest, its panel and the panel of the version it replaces
-        (`before`: that version's patient and panel) marked dirty, its rejection quarantined."""
+    def _store(self, write: Write, now: float) -> None:
+        """A new version (or a conflict): its row, its digest, its panel and the panel of the
+        version it replaces marked dirty, a rejected version's rejection quarantined."""
+        item, content, before = write.item, write.content, write.before
         outcome = item.outcome
         data = _encode(outcome) if isinstance(outcome, LabResult) else None
         self.db.execute("INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
@@ -257,11 +277,12 @@ class SqliteStore:
             touched.add(before)  # the older version's panel changes too
         for patient, panel in touched:
             self._touch(patient, panel, item.updated_us, now)
-        if isinstance(outcome, Rejected):
+        if isinstance(outcome, Rejected) and content != CONFLICTED:  # (a conflict's copies are quarantined each)
             self._quarantine(item, content, now)
 
-    def _quarantined(self, ref: str, content: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM quarantine WHERE ref = ? AND digest = ?", (ref, content)).fetchone() is not None
+    def _quarantined(self, ref: str, content: bytes, reason: str) -> bool:
+        return self.db.execute("SELECT 1 FROM quarantine WHERE ref = ? AND digest = ? AND reason = ?",
+                               (ref, content, reason)).fetchone() is not None
 
     def _quarantine(self, item: Intake, content: bytes, now: float) -> None:
         outcome = item.outcome

@@ -81,13 +81,14 @@ class FhirEngine:
     """A running (or startable) FHIR test engine process."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-                 batch_transactions: bool = False) -> None:
+                 batch_transactions: bool = False, bearer_token_file: Path | None = None) -> None:
         """`batch_transactions`: process a `transaction` Bundle as a batch (mixed entry statuses,
         the successful entries kept), as Medplum does for a project without transaction bundles."""
         self.host = host
         self.port = port
         self.verbose = verbose
         self.batch_transactions = batch_transactions
+        self.bearer_token_file = bearer_token_file  # requests must carry this file's token (re-read each request)
         self.base_url: str = ""
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen[str] | None = None
@@ -110,6 +111,8 @@ class FhirEngine:
             args.append("--verbose")
         if self.batch_transactions:
             args.append("--batch-transactions")
+        if self.bearer_token_file is not None:
+            args += ["--bearer-token-file", str(self.bearer_token_file)]
         # stderr goes to a file, never to an undrained pipe (a full pipe would block the server).
         self._log_file = tempfile.NamedTemporaryFile(prefix="fhir-engine-", suffix=".log", delete=False)
         started = time.monotonic()

@@ -35,11 +35,15 @@ def batches(resources: Iterable[Resource], size: int) -> Iterator[list[Resource]
         yield chunk
 
 
-def put_all(base_url: str, resources: Iterable[Resource], *, batch_size: int = 200, keep_meta: bool = False) -> int:
+def put_all(base_url: str, resources: Iterable[Resource], *, batch_size: int = 200, keep_meta: bool = False,
+            token: str | None = None) -> int:
     """PUT each resource by id in batch Bundles (a repeated id becomes a new version). With
-    `keep_meta` the engine keeps the resources' own meta.lastUpdated (the X-Engine-Keep-Meta header)."""
+    `keep_meta` the engine keeps the resources' own meta.lastUpdated (the X-Engine-Keep-Meta header);
+    `token` for an engine started with a bearer token file."""
     count = 0
     headers = {"X-Engine-Keep-Meta": "true"} if keep_meta else {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
     for chunk in batches(resources, batch_size):
         bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
             {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in chunk]}

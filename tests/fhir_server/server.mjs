@@ -6,15 +6,20 @@
 // body-size and content-type checks, and two admin endpoints (POST /$reset, GET /$health).
 //
 //   node server.mjs [--port 0] [--host 127.0.0.1] [--verbose] [--no-narrow] [--exit-with-stdin]
-//                   [--batch-transactions]
+//                   [--batch-transactions] [--bearer-token-file PATH]
 //
 // A `transaction` Bundle is atomic by default (all entries or none: a failed entry rolls back the
 // others and the answer is the error). With --batch-transactions the router processes it as a batch,
 // as Medplum does for a project without transaction bundles: 200 with one status per entry, the
 // successful entries kept. POST /$fault makes the next writes of a type fail for real (409).
 //
+// With --bearer-token-file every FHIR request (not the admin endpoints) must carry
+// "Authorization: Bearer <the file's content>", read on each request so a test can rotate it;
+// otherwise 401 with WWW-Authenticate: Bearer (RFC 6750 §3).
+//
 // Prints exactly one line "LISTENING http://<host>:<port>" to stdout once ready. See README.md.
 
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import { parseArgs } from 'node:util';
 // @medplum/core 5.2 targets Node >= 22 and reads WebSocket.OPEN/CLOSING/CLOSED at module load.
@@ -61,6 +66,7 @@ const { values: args } = parseArgs({
     'no-narrow': { type: 'boolean', default: false },
     'exit-with-stdin': { type: 'boolean', default: false },
     'batch-transactions': { type: 'boolean', default: false },
+    'bearer-token-file': { type: 'string' },
   },
 });
 
@@ -338,6 +344,11 @@ async function handle(req, res, base) {
   if (url.pathname === '/$fault' && method === 'DELETE') {
     faults = [];
     return send(res, 200, allOk);
+  }
+  const tokenFile = args['bearer-token-file'];
+  if (tokenFile && req.headers.authorization !== `Bearer ${readFileSync(tokenFile, 'utf8').trim()}`) {
+    const outcome = { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'login' }] };
+    return send(res, 401, outcome, { 'WWW-Authenticate': 'Bearer error="invalid_token"' });
   }
   if (url.pathname === '/metadata' && method === 'GET') {
     return send(res, 200, capabilityStatement(base));

@@ -17,9 +17,11 @@ Outcome classes:
   ANC here, so no alert either), no rejection.
 
 Duplicates (two different resources with the same id, versionId and lastUpdated) are built by
-`duplicate_pair`: the first copy read wins; a later copy that reads the same is dropped, one that
-differs is rejected as a conflict ("conflicts with an earlier copy..."; replay: a `rejected` event;
-live: quarantined once, counted and in the decision log, the first copy stays in force).
+`duplicate_pair`: a copy that reads the same as another is dropped; copies that differ are all
+rejected as a conflict ("conflicting copies of one version...", whichever is read first; replay: a
+`rejected` event each; live: each quarantined once, counted and in the decision log, and the
+version in force is rejected). A copy without meta of an Observation read with it
+("copy-without-meta") is no version of it: rejected, and it changes nothing.
 
 Every item also carries a fake patient name, birth date and free text (PHI below) in fields the
 service never reads, so the tests can check that none of it reaches a log line.
@@ -135,6 +137,13 @@ def _deep(levels: int) -> bytes:
     return b"[" * levels + b"]" * levels
 
 
+def _without_meta(name: str, reason: str) -> Hostile:
+    oid, patient = f"h-{name}", f"Patient/hx-{name}"
+    severe = {k: v for k, v in observation(oid, patient, value=0.1).items() if k != "meta"}
+    stamped = orjson.dumps(observation(oid, patient, value=2.5))
+    return Hostile(name, orjson.dumps(severe), R, reason, f"Observation/{oid}", patient, (wbc_partner(oid, patient), stamped))
+
+
 def _with_raw_value(name: str, raw_value: bytes, outcome: Outcome, reason: str | None, ref: bool = True) -> Hostile:
     return _item(name, outcome, reason, ref=ref, value="@V@", raw_values={"V": raw_value})
 
@@ -190,6 +199,13 @@ CORPUS: list[Hostile] = [
     _item("group-subject", R, "subject is not a Patient reference", mutate=_set("subject", {"reference": "Group/ward-7"})),
     _item("free-text-subject", R, "subject is not a Patient reference", mutate=_set("subject", {"reference": f"Patient/{PHI_NAME}"})),
     _item("display-only-subject", R, "subject is not a Patient reference", mutate=_set("subject", {"display": PHI_NAME})),
+    # a subject that names no patient on the server read (FHIR references.html#literal): its namesake
+    # "Patient/<id>" on this server is another patient, so it never takes that one's age or episode
+    _item("foreign-subject", R, "subject is on another server",
+          mutate=_set("subject", {"reference": "https://evil.example.com/Patient/hx-foreign-subject"})),
+    _item("contained-subject", R, "subject is a contained reference", mutate=_set("subject", {"reference": "#p1"})),
+    _item("urn-uuid-subject", R, "subject is a urn:uuid: reference",
+          mutate=_set("subject", {"reference": "urn:uuid:5f2d8c1e-3a0b-4c7d-9e8f-1a2b3c4d5e6f"})),
     # ids
     _item("no-id", R, "no id", ref=False, mutate=_set("id", _DELETE)),
     _item("id-with-spaces", R, "id is not a FHIR id", ref=False, mutate=_set("id", PHI_NAME)),
@@ -216,6 +232,9 @@ CORPUS: list[Hostile] = [
     _item("value-and-data-absent-reason", R, "value given together with dataAbsentReason",
           mutate=_set("dataAbsentReason", {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/data-absent-reason", "code": "error"}]})),
     _item("code-with-whitespace", R, "code 751-8 has surrounding whitespace", mutate=_set("code", {"coding": [{"system": LOINC, "code": " 751-8 "}]})),
+    # a copy without meta (severe) of an Observation whose stamped version (normal) is read too:
+    # no version of it, whatever the order
+    _without_meta("copy-without-meta", "copy that cannot be ordered among the versions read of this Observation"),
     # form only
     _item("byte-order-mark", A, None, value=2.5, raw=b"\xef\xbb\xbf" + orjson.dumps(observation("h-byte-order-mark", "Patient/hx-byte-order-mark", value=2.5))),
 ]

@@ -2,7 +2,8 @@
 entries, as raw bytes, into the engine's Observation searchset pages (the engine itself refuses
 invalid resources on write, so they can only be injected on the way back).
 
-Everything is forwarded as is, except: the engine's origin in bodies and Location headers becomes
+Every request is recorded (`requests`: what the worker asked the server for). Everything is
+forwarded as is, except: the engine's origin in bodies and Location headers becomes
 the middleman's (so next links stay under the client's base URL), and for a GET of an Observation
 search matching a `Splice`, the splice's entries go in front of the page's entries, with
 "@UPDATED@" replaced by the smallest meta.lastUpdated on the page (or the search's own
@@ -41,6 +42,7 @@ class Middleman:
     splices: list[Splice] = field(default_factory=list)
     base: str = ""
     spliced_pages: int = 0
+    requests: list[str] = field(default_factory=list)  # "METHOD /path?query" of every request, in order
     _runner: web.AppRunner | None = None
     _session: aiohttp.ClientSession | None = None
 
@@ -63,6 +65,7 @@ class Middleman:
 
     async def _handle(self, request: web.Request) -> web.Response:
         assert self._session is not None
+        self.requests.append(f"{request.method} {request.raw_path}")
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED}
         body = await request.read() if request.can_read_body else None
         async with self._session.request(request.method, self.upstream + request.raw_path, headers=headers, data=body,

@@ -24,10 +24,14 @@ import pytest
 
 from service import metrics
 from service.clinical.fhirtime import from_epoch_us
+from service.clinical import raw
+from service.clinical.copies import UNPLACED, stamped
 from service.clinical.observations import CONFLICT
 from service.fhir.client import UnreadablePage
 from service.metrics import reason_label
+from service.store.base import Intake
 from service.store.sqlite import SqliteStore
+from service.worker import intake
 from tests.fhir_server.load import export, put_all
 from tests.hostile.corpus import (
     BY_NAME,
@@ -144,9 +148,16 @@ def test_each_item_is_kept_counted_and_never_alerted(corpus_run: LiveRun, item: 
         assert record["event"] == "rejected" and record["reason"].startswith(item.reason)
         assert corpus_run.rejections[reason_label(record["reason"])] >= 1
         return
-    if item.ref is not None:
+    if item.ref is not None and item.reason == UNPLACED.split(" (")[0]:  # no version: the stamped one read stays in force
         (reason,) = [r for ref, r in corpus_run.quarantine if ref == item.ref]
-        assert corpus_run.results[item.ref] is False  # its version is stored as rejected: it supersedes, never alerts
+        assert corpus_run.results[item.ref] is True
+    elif item.ref is not None:
+        (reason,) = [r for ref, r in corpus_run.quarantine if ref == item.ref]
+        taken = intake(next(iter(raw.decode(item.resources()[0]))))  # stamped as the middleman does
+        assert isinstance(taken, Intake)
+        # Its version is stored as rejected (it supersedes, never alerts); a rejected copy without
+        # lastUpdated and versionId (an undecodable entry) is no version at all.
+        assert corpus_run.results.get(item.ref) is (False if stamped(taken.updated_us, taken.version) else None)
     else:  # no FHIR id could be read: quarantined as it is
         reasons = [r for ref, r in corpus_run.quarantine if ref is None and r.startswith(item.reason)]
         same = [h for h in LIVE if h.ref is None and h.reason == item.reason]
@@ -192,34 +203,78 @@ def _stamped(entries: list[bytes], at: str) -> list[bytes]:
     return [e.replace(UPDATED.encode(), at.encode()) for e in entries]
 
 
-async def test_conflicting_copy_is_quarantined_as_a_conflict(fhir_base_url, tmp_path):
+async def test_conflicting_copies_are_quarantined_as_a_conflict(fhir_base_url, tmp_path):
+    """Both copies of the version: each quarantined, counted, logged and recorded as CONFLICT."""
     patient, (first, second, wbc) = duplicate_pair(conflicting=True)
     run = await _through_the_loop(fhir_base_url, tmp_path / "s.sqlite3", [wbc, first, second], cycles=1)
-    assert [(ref, r) for ref, r in run.quarantine if r.startswith("conflicts with an earlier copy")] == [
-        ("Observation/h-duplicate-conflict", CONFLICT)]
-    assert run.rejections == Counter({reason_label(CONFLICT): 1}) and run.observations["rejected"] == 1
-    (record,) = [d for d in run.decisions if d["event"] == "rejected"]
-    assert (record["reason"], record["observations"], record["patient"]) == (CONFLICT, ["Observation/h-duplicate-conflict"], patient)
-    (logged,) = [orjson.loads(line) for line in run.log_lines if '"observation rejected"' in line]
-    assert (logged["observation"], logged["code"], logged["reason"]) == ("Observation/h-duplicate-conflict", "751-8", CONFLICT)
+    assert run.quarantine == [("Observation/h-duplicate-conflict", CONFLICT)] * 2
+    assert run.rejections == Counter({reason_label(CONFLICT): 2}) and run.observations["rejected"] == 2
+    records = [d for d in run.decisions if d["event"] == "rejected"]
+    assert [(r["reason"], r["observations"], r["patient"]) for r in records] == [
+        (CONFLICT, ["Observation/h-duplicate-conflict"], patient)] * 2
+    logged = [orjson.loads(line) for line in run.log_lines if '"observation rejected"' in line]
+    assert [(x["observation"], x["code"], x["reason"]) for x in logged] == [("Observation/h-duplicate-conflict", "751-8", CONFLICT)] * 2
+    assert run.results["Observation/h-duplicate-conflict"] is False  # the version in force is rejected
 
 
 @pytest.mark.parametrize("order", ["normal-first", "severe-first"])
-async def test_conflicting_copies_first_read_wins_and_the_conflict_is_quarantined_once(fhir_base_url, tmp_path, order):
-    """As in replay: the first copy of a version read wins; the second is a conflict, quarantined and
-    counted once however often the overlap window reads both again, and it changes nothing (no
-    alert from the severe copy read second; no retraction by the normal copy read second)."""
+async def test_conflicting_copies_none_is_used_in_either_order_and_each_is_quarantined_once(fhir_base_url, tmp_path, order):
+    """As in replay: neither copy of the version is used, whichever comes first on the page (no
+    alert from the severe one); each is quarantined and counted once however often the overlap
+    window reads both again."""
     patient, (first, second, wbc) = duplicate_pair(conflicting=True)
     copies = [first, second] if order == "normal-first" else [second, first]
     entries = _stamped([wbc, *copies], _an_hour_ago())
     run = await _through_the_loop(fhir_base_url, tmp_path / "s.sqlite3", entries, cycles=3, times=float("inf"))
-    assert run.quarantine == [("Observation/h-duplicate-conflict", CONFLICT)]
-    assert run.rejections == Counter({reason_label(CONFLICT): 1}) and run.observations["rejected"] == 1
+    assert run.quarantine == [("Observation/h-duplicate-conflict", CONFLICT)] * 2
+    assert run.rejections == Counter({reason_label(CONFLICT): 2}) and run.observations["rejected"] == 2
     assert run.observations["seen_before"] == 2 * 3  # cycles 2 and 3: the WBC and both copies, read before
-    if order == "normal-first":
-        assert patient not in run.flagged and [r.events for r in run.reports] == [{}, {}, {}]
-    else:
-        assert run.flagged == {patient} and [r.events for r in run.reports] == [{"new": 1}, {}, {}]
+    assert patient not in run.flagged and [r.events for r in run.reports] == [{}, {}, {}]
+
+
+async def test_a_copy_that_makes_a_version_a_conflict_retracts_what_its_first_copy_alerted(fhir_base_url, tmp_path):
+    """Cycle 1 reads only the severe copy: it alerts. From cycle 2 the normal copy of the same
+    version comes too: the version is a conflict, both copies are quarantined as CONFLICT (the one
+    read first too) and the alert is retracted: the Flag ends entered-in-error, the final state
+    replay predicts from the same copies (where it never alerts: no Flag stays active either way)."""
+    patient, (normal, severe, wbc) = duplicate_pair(conflicting=True)
+    at = _an_hour_ago()
+    middleman = Middleman(fhir_base_url, [Splice(_stamped([wbc, severe], at)), Splice(_stamped([wbc, severe, normal], at), times=float("inf"))])
+    await middleman.start()
+    try:
+        settings = settings_for(middleman.base, tmp_path / "s.sqlite3")
+        reports = [await cycle(settings) for _ in range(3)]
+    finally:
+        await middleman.stop()
+    assert [r.events for r in reports] == [{"new": 1}, {"retracted": 1}, {}]
+    quarantine, decisions = await _quarantine_and_decisions(tmp_path / "s.sqlite3")
+    assert quarantine == [("Observation/h-duplicate-conflict", CONFLICT)] * 2
+    assert [d["event"] for d in decisions] == ["new", "rejected", "rejected", "retracted"]
+    flags = [f for f in export(fhir_base_url, "Flag") if f["subject"]["reference"] == patient]
+    assert [f["status"] for f in flags] == ["entered-in-error"]
+
+
+async def test_a_copy_without_meta_after_a_stamped_version_changes_nothing(fhir_base_url, tmp_path):
+    """The server's version (normal) is read; then a copy of it without meta (severe) comes on
+    every page: it is no version of it, so it neither alerts nor is dropped unseen: quarantined
+    and counted once (UNPLACED)."""
+    patient, (normal, severe, wbc) = duplicate_pair(conflicting=True)
+    at = _an_hour_ago()
+    no_meta = orjson.dumps({k: v for k, v in orjson.loads(severe).items() if k != "meta"})
+    middleman = Middleman(fhir_base_url, [Splice(_stamped([wbc, normal], at)),
+                                          Splice([no_meta, *_stamped([wbc, normal], at)], times=float("inf"))])
+    await middleman.start()
+    rejections = counter("neutrowatch_rejections_total", "reason")
+    try:
+        settings = settings_for(middleman.base, tmp_path / "s.sqlite3")
+        reports = [await cycle(settings) for _ in range(4)]
+    finally:
+        await middleman.stop()
+    assert [r.events for r in reports] == [{}, {}, {}, {}]
+    quarantine, _decisions = await _quarantine_and_decisions(tmp_path / "s.sqlite3")
+    assert quarantine == [("Observation/h-duplicate-conflict", UNPLACED)]
+    assert delta(counter("neutrowatch_rejections_total", "reason"), rejections) == Counter({reason_label(UNPLACED): 1})
+    assert patient not in {f["subject"]["reference"] for f in export(fhir_base_url, "Flag")}
 
 
 async def test_an_undecodable_copy_is_quarantined_once_and_never_shadows_a_readable_version(fhir_base_url, tmp_path):

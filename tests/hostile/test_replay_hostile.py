@@ -5,6 +5,7 @@ file still processed."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -19,9 +20,10 @@ import pytest
 
 from service.__main__ import main
 from service.clinical import raw
+from service.clinical.copies import UNPLACED
 from service.clinical.observations import CONFLICT as CONFLICT_REASON
 from service.config import load_settings
-from service.replay import Replay
+from service.replay import Replay, ReplayStats
 from service.store.base import Intake
 from service.store.sqlite import SqliteStore
 from service.worker import intake
@@ -30,6 +32,7 @@ from tests.hostile.corpus import (
     CORPUS,
     LINE_ONLY,
     PHI,
+    REPLAY_UPDATED,
     Hostile,
     Outcome,
     bulk_entries,
@@ -41,7 +44,6 @@ from tests.hostile.corpus import (
 
 ROOT = Path(__file__).resolve().parents[2]
 NEIGHBOURS = ("before", "after")
-CONFLICT = "conflicts with an earlier copy of the same version"
 
 
 def read(path: Path) -> list[dict]:
@@ -177,27 +179,84 @@ def test_a_corrupt_first_line_does_not_make_replay_read_the_file_whole(tmp_path,
 # -- duplicates: same id, versionId and lastUpdated --------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
-@pytest.mark.parametrize("order", ["normal-first", "severe-first"])
-def test_conflicting_copies_first_read_wins_second_is_rejected(tmp_path, engine, order):
-    patient, (first, second, wbc) = duplicate_pair(conflicting=True)
-    copies = [first, second] if order == "normal-first" else [second, first]
-    path = tmp_path / "dup.ndjson"
-    path.write_bytes(b"\n".join(r.replace(b"@UPDATED@", b"2026-03-01T10:00:00.000Z") for r in [wbc, *copies]) + b"\n")
+def _replay_lines(tmp_path: Path, lines: list[bytes], engine: str) -> tuple[bytes, bytes, ReplayStats]:
+    path = tmp_path / "copies.ndjson"
+    path.write_bytes(b"\n".join(lines) + b"\n")
     settings = load_settings(None)
     events_out, alerts_out = io.BytesIO(), io.BytesIO()
     with Replay(settings.rules, settings.alerts, engine=engine) as r:
         stats = r.run([str(path)], events_out, alerts_out)
-    events = [orjson.loads(x) for x in events_out.getvalue().splitlines()]
-    conflict = [e for e in events if e["event"] == "rejected"]
-    assert len(conflict) == 1 and conflict[0]["reason"].startswith(CONFLICT)
-    assert conflict[0]["observations"] == ["Observation/h-duplicate-conflict"] and conflict[0]["patient"] == patient
-    alerts = [e for e in events if e["event"] != "rejected"]
-    if order == "normal-first":  # the severe copy came second: it never alerts
-        assert alerts == [] and alerts_out.getvalue() == b""
-    else:  # the severe copy was read first and stands; the normal one does not withdraw it
-        assert [(e["event"], e["grade"]) for e in alerts] == [("new", "severe")]
-    assert stats.events["rejected"] == 1
+    return events_out.getvalue(), alerts_out.getvalue(), stats
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
+def test_conflicting_copies_none_is_used_whatever_the_order(tmp_path, engine):
+    """A normal and a severe copy of one version (same id, versionId, lastUpdated): in every order
+    of the lines, both are rejected as CONFLICT (one event each), nothing alerts, and the events
+    are the same bytes."""
+    patient, (first, second, wbc) = duplicate_pair(conflicting=True)
+    lines = [r.replace(b"@UPDATED@", b"2026-03-01T10:00:00.000Z") for r in [wbc, first, second]]
+    seen = set()
+    for order in itertools.permutations(lines):
+        events, alerts, stats = _replay_lines(tmp_path, list(order), engine)
+        seen.add(events)
+        records = [orjson.loads(x) for x in events.splitlines()]
+        assert [(e["event"], e["reason"]) for e in records] == [("rejected", CONFLICT_REASON)] * 2
+        assert {e["patient"] for e in records} == {patient} and alerts == b""
+        assert {tuple(e["observations"]) for e in records} == {("Observation/h-duplicate-conflict",)}
+        assert stats.events["rejected"] == 2
+    assert len(seen) == 1
+
+
+def _copies_of_one_observation() -> list[bytes]:
+    """An ANC whose version 1 (severe) alerts, whose version 2 came as two copies that conflict
+    (severe and normal), read again alike, and a copy without meta (severe): its WBC partner too."""
+    def anc(value: float, **meta: str) -> bytes:
+        obs = fill(observation("h-order", "Patient/hx-order", value=value))
+        return orjson.dumps({**obs, "meta": meta} if meta else {k: v for k, v in obs.items() if k != "meta"})
+    wbc = fill(observation("h-order-wbc", "Patient/hx-order", code="6690-2", value=4.0))
+    wbc["specimen"] = {"reference": "Specimen/h-order-sp"}
+    v2 = {"versionId": "2", "lastUpdated": "2026-03-02T10:00:00.000Z"}
+    return [orjson.dumps(wbc), anc(0.3, versionId="1", lastUpdated=REPLAY_UPDATED), anc(0.2, **v2), anc(2.5, **v2),
+            anc(2.5, **v2), anc(0.1)]
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
+def test_the_events_do_not_depend_on_the_order_of_the_copies(tmp_path, engine):
+    """Every order of the ANC's copies (120): the same events and alerts, byte for byte. Version 1 alerts;
+    version 2 is a conflict (both contents rejected as CONFLICT), so it is a rejected version that
+    withdraws the alert as any unusable correction does; the copy without meta is no version
+    (rejected as UNPLACED) and changes nothing; the identical copy is counted, not reported."""
+    wbc, *copies = _copies_of_one_observation()
+    outputs = set()
+    for order in itertools.permutations(copies):
+        events, alerts, stats = _replay_lines(tmp_path, [wbc, *order], engine)
+        outputs.add((events, alerts))
+        assert stats.ignored["identical copy of a version already read"] == 1
+    ((events, alerts),) = outputs
+    records = [orjson.loads(x) for x in events.splitlines()]
+    assert [(e["event"], e.get("reason")) for e in records] == [
+        ("new", None), ("rejected", CONFLICT_REASON), ("retracted", None), ("rejected", CONFLICT_REASON),
+        ("rejected", UNPLACED)]
+    assert b'"Flag"' in alerts
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
+@pytest.mark.parametrize("where", ["after", "before"])
+def test_a_copy_without_meta_changes_nothing(tmp_path, engine, where):
+    """A copy without versionId and lastUpdated (severe) of an Observation whose stamped version
+    (normal) was read, after it or before it in the input: the events are those without it, and
+    one `rejected` event (UNPLACED) for it. It used to be taken as the newest arrival: it overrode
+    the stamped version and alerted."""
+    wbc, v1, *_rest, no_meta = _copies_of_one_observation()
+    normal = v1.replace(b'"value":0.3', b'"value":2.5')
+    assert normal != v1
+    without, _, _ = _replay_lines(tmp_path, [wbc, normal], engine)
+    lines = [wbc, normal, no_meta] if where == "after" else [no_meta, wbc, normal]
+    events, alerts, _stats = _replay_lines(tmp_path, lines, engine)
+    assert without == b"" and alerts == b""
+    (record,) = [orjson.loads(x) for x in events.splitlines()]
+    assert (record["event"], record["reason"], record["observations"]) == ("rejected", UNPLACED, ["Observation/h-order"])
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
@@ -275,7 +334,7 @@ async def test_replay_and_the_live_store_tell_copies_apart_alike(tmp_path, engin
     with Replay(settings.rules, settings.alerts, engine=engine) as r:
         stats = r.run([str(path)], events_out, None)
     events = [orjson.loads(x) for x in events_out.getvalue().splitlines()]
-    replay_conflict = [e["reason"] for e in events if e["event"] == "rejected"] == [CONFLICT_REASON]
+    replay_conflict = [e["reason"] for e in events if e["event"] == "rejected"] == [CONFLICT_REASON] * 2
     assert replay_conflict is conflict
     assert stats.ignored["identical copy of a version already read"] == (0 if conflict else 1)
     assert await _live_says_conflict(tmp_path / "s.sqlite3", first, second) is conflict
@@ -319,7 +378,7 @@ def _max_rss_mb(args: list[str], env: dict[str, str]) -> tuple[int, float, str]:
 def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
     """One Bundle document, 30 000 valid entries and a few poison ones (NaN, bytes that are not
     UTF-8, 100 000 levels of nesting): the strict parse of the whole fails, every entry is still
-    read, every valid one assessed, every poison one rejected; memory stays bounded."""
+    read, every valid one assessed, every poison one rejected."""
     poison = [BY_NAME[n].resources()[0] for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json")]
     entries = bulk_entries(30_000)
     for n, p in enumerate(poison):
@@ -328,7 +387,7 @@ def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
     path.write_bytes(b'{"resourceType":"Bundle","type":"collection","entry":[' + b",".join(b'{"resource":' + e + b"}" for e in entries) + b"]}")
     events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.ndjson"
     env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "info"}
-    code, rss, err = _max_rss_mb([sys.executable, "-m", "service", "replay", str(path), "--events", str(events), "--alerts", str(alerts)], env)
+    code, _rss, err = _max_rss_mb([sys.executable, "-m", "service", "replay", str(path), "--events", str(events), "--alerts", str(alerts)], env)
     assert code == 0, err
     summary = next(json.loads(line) for line in err.splitlines() if '"replay finished"' in line)
     assert summary["resources"] == 30_000 + len(poison)  # every entry read
@@ -340,9 +399,8 @@ def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
     assert sorted(e["observations"][0] for e in rejected) == sorted(
         BY_NAME[n].ref for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json"))
     assert len([e for e in got if e["event"] != "stale"]) == 14  # stale: collected before a newer panel (visible, no alert)
-    # 13 MB of input; the whole document is held once as bytes and once as text on the salvage path
-    print(f"replay of a 30 000-entry Bundle (salvage path): peak RSS {rss:.0f} MiB")
-    assert rss < 600, f"peak RSS {rss:.0f} MiB"
+    # Memory is measured by `make bench` (bench/memory_bench.py: peak RSS from /proc), not asserted
+    # here: wait4's ru_maxrss carries the test runner's own high-water mark through fork and exec.
 
 
 def test_no_phi_in_the_replay_log(tmp_path):

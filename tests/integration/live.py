@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 
 from service.__main__ import main as cli
 from service.config import Settings
@@ -61,9 +62,11 @@ def stages(resources: list[Resource], n: int) -> list[list[Resource]]:
     return [resources[i : i + size] for i in range(0, len(resources), size)]
 
 
-def oracle(base_url: str, workdir: Path, *, history: bool = False) -> tuple[list[dict], list[Resource]]:
+def oracle(base_url: str, workdir: Path, *, history: bool = False, accepted_foreign_bases: tuple[str, ...] = ()
+           ) -> tuple[list[dict], list[Resource]]:
     """Replay over the Patients, Conditions, Observations (every version with `history`) and
-    DiagnosticReports as the server holds them now."""
+    DiagnosticReports as the server holds them now, with the server's base as fhir.base_url (an
+    absolute reference under it is the relative one, as in the live loop)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "server.ndjson"
     observations = export_history(base_url, "Observation") if history else export(base_url, "Observation")
@@ -72,7 +75,8 @@ def oracle(base_url: str, workdir: Path, *, history: bool = False) -> tuple[list
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
     events, alerts = workdir / "events.jsonl", workdir / "alerts.ndjson"
     config = workdir / "oracle.yaml"
-    config.write_text(f"alerts:\n  recipients: {list(POOL)}\n")
+    config.write_text(yaml.safe_dump({"alerts": {"recipients": list(POOL)}, "fhir": {
+        "base_url": base_url, "allow_insecure_http": True, "accepted_foreign_bases": list(accepted_foreign_bases)}}))
     assert cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts), "--config", str(config)]) == 0
     read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731
     return read(events), read(alerts)
@@ -83,10 +87,11 @@ def identifier(resource: Resource) -> str:
     return f"{ident['system']}|{ident['value']}"
 
 
-def compare_with_oracle(base_url: str, workdir: Path, *, history: bool = False) -> dict[str, int]:
+def compare_with_oracle(base_url: str, workdir: Path, *, history: bool = False,
+                        accepted_foreign_bases: tuple[str, ...] = ()) -> dict[str, int]:
     """Assert the server holds exactly the alerts replay predicts: every Communication once, every
     episode's Flag once with the final status. Returns counts for the caller's own assertions."""
-    _events, predicted = oracle(base_url, workdir, history=history)
+    _events, predicted = oracle(base_url, workdir, history=history, accepted_foreign_bases=accepted_foreign_bases)
     want_comms = [identifier(r) for r in predicted if r["resourceType"] == "Communication"]
     want_flags = {identifier(r): r for r in predicted if r["resourceType"] == "Flag"}  # last state wins
     comms = export(base_url, "Communication")

@@ -1,4 +1,4 @@
-"""Patient context and recipients in the live loop, against the real engine (issue 4): age from
+"""Patient context and recipients in the live loop, against the real engine: age from
 Patient.birthDate, an individual threshold from an active Condition 234423001, and the recipient
 chosen from the order, the care team, or the configured pool."""
 

@@ -1,4 +1,4 @@
-"""`explain` from the live FHIR server equals `explain --input` over the same resources (issue 7):
+"""`explain` from the live FHIR server equals `explain --input` over the same resources:
 the patient's Observations (every version, through _history), Patient, Conditions, DiagnosticReports,
 orders and care teams fetched with FhirClient are read by replay's reader exactly as an export of the
 server is. The export is made independently (tests/fhir_server/load.py), as the replay oracle of the

@@ -29,7 +29,7 @@ from service.clinical import raw
 from service.config import FhirSettings, RetrySettings
 from service.errors import ConfigError
 from service.fhir.auth import BearerAuth
-from service.fhir.client import FhirClient, Page, outcome_summary, retry_after_seconds
+from service.fhir.client import FhirClient, Page, ResponseTooLarge, outcome_summary, retry_after_seconds
 from service.fhir.errors import (
     FhirHttpError,
     FhirUnavailable,
@@ -37,7 +37,9 @@ from service.fhir.errors import (
     UnsafeLinkError,
 )
 from service.metrics import REGISTRY
+from service.store import make_store
 from tests.chaos.proxy import Fault, OtherOrigin, Proxy
+from tests.integration.live import cycle, settings_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -129,8 +131,10 @@ class Harness:
 async def make_client() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
     clients: list[FhirClient] = []
 
-    async def make(base_url: str, *, auth: Any = None, max_attempts: int = 4, timeout: float = 30.0) -> Harness:
+    async def make(base_url: str, *, auth: Any = None, max_attempts: int = 4, timeout: float = 30.0,
+                   max_response_bytes: int = 64 * 1024 * 1024) -> Harness:
         settings = FhirSettings(base_url=base_url, allow_insecure_http=True, timeout_seconds=timeout, user_agent="neutrowatch-test/1",
+                                max_response_bytes=max_response_bytes,
                                 retry=RetrySettings(max_attempts=max_attempts, backoff_base_seconds=0.5, backoff_max_seconds=30))
         sleeps, rng = Sleeps(), RecordingRandom()
         client = FhirClient(settings, auth=auth if auth is not None else BearerAuth(TOKEN), sleep=sleeps, rng=rng)
@@ -567,3 +571,82 @@ async def test_tls_ca_bundle_and_verify_tls_are_honoured(tmp_path: Path) -> None
             FhirClient(FhirSettings(base_url=base, ca_bundle=tmp_path / "absent.pem"))
     finally:
         await runner.cleanup()
+
+
+# -- response size cap ---------------------------------------------------------------------------------
+
+CAP = 64 * 1024  # the smallest fhir.max_response_bytes: 150 Observations of the engine are about twice that
+
+
+def oversized(method: str = "GET") -> float:
+    return metric("neutrowatch_oversized_responses_total", method=method)
+
+
+async def test_an_oversized_page_is_refused_unread_and_not_retried(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """A search page over fhir.max_response_bytes (the engine sends its Content-Length) is refused
+    before its body is read: ResponseTooLarge naming the setting to raise, counted, not retried (the
+    server would send the same); the same search in smaller pages is read whole."""
+    await seed((await make_client(proxy.base)).client, 150)
+    h = await make_client(proxy.base, max_response_bytes=CAP)
+    before = oversized()
+
+    with pytest.raises(ResponseTooLarge, match=r"fhir\.max_response_bytes \(65536 bytes; Content-Length \d+\)") as caught:
+        await pages_of(h.client, [*SEARCH, ("_count", "150")])
+
+    assert "raise fhir.max_response_bytes" in str(caught.value) and "Patient/" not in str(caught.value)
+    assert oversized() - before == 1
+    assert len(proxy.requests("GET", "/Observation")) == 1 and h.sleeps == []  # not retried
+    pages = await pages_of(h.client, [*SEARCH, ("_count", "25")])
+    assert len({r.id for p in pages for r in p.resources if isinstance(r, raw.Resource)}) == 150
+
+
+async def test_an_oversized_chunked_page_is_refused_while_it_streams(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """A chunked response has no Content-Length: the body is refused as soon as what has streamed
+    in passes fhir.max_response_bytes, so no more than the cap and one chunk are held."""
+    h = await make_client(proxy.base, max_response_bytes=CAP)
+    await seed(h.client, 1)
+    entries = [{"resource": {**observation(value=i / 100), "id": f"o{i}", "meta": {"lastUpdated": "2024-05-01T08:00:00Z"}}}
+               for i in range(2000)]
+    body = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": entries})
+    assert len(body) > 8 * CAP
+
+    def chunked(_request: web.Request) -> web.Response:
+        response = web.Response(status=200, body=body, headers={"Content-Type": "application/fhir+json"})
+        response.enable_chunked_encoding()
+        return response
+
+    proxy.add(Fault(is_search, respond=chunked))
+    before = oversized()
+    with pytest.raises(ResponseTooLarge, match=r"more than 65536 bytes read"):
+        await pages_of(h.client, SEARCH)
+    assert oversized() - before == 1 and h.sleeps == []
+    pages = await pages_of(h.client, SEARCH)  # the fault answered once: the engine's own page fits
+    assert len(pages[0].resources) == 1
+
+
+async def test_an_oversized_page_fails_the_cycle_and_the_cursor_stays(
+    fhir_base_url: str, tmp_path: Path, make_client: Callable[..., Awaitable[Harness]],
+) -> None:
+    """The live loop does not skip a page it refused for its size: the cycle fails (polls_total
+    {outcome="error"}) and the cursor does not move, every cycle, until the page fits (here: a
+    smaller page_size); then every Observation is read."""
+    h = await make_client(fhir_base_url)
+    await seed(h.client, 150)
+    settings = settings_for(fhir_base_url, tmp_path / "state.sqlite3", page_size=150)
+    capped = settings.model_copy(update={"fhir": settings.fhir.model_copy(update={"max_response_bytes": CAP})})
+    errors = metric("neutrowatch_polls_total", outcome="error")
+
+    for _ in range(2):
+        with pytest.raises(ResponseTooLarge):
+            await cycle(capped)
+    store = make_store(capped.store)
+    await store.open()
+    try:
+        assert await store.get_cursor() is None
+    finally:
+        await store.close()
+    assert metric("neutrowatch_polls_total", outcome="error") - errors == 2
+
+    smaller = capped.model_copy(update={"fhir": capped.fhir.model_copy(update={"page_size": 25})})
+    report = await cycle(smaller)
+    assert report.new_versions == 150 and report.cursor is not None

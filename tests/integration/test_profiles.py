@@ -1,4 +1,4 @@
-"""The FHIR profiles of what the service writes (issue 7, fhir_profiles/).
+"""The FHIR profiles of what the service writes (fhir_profiles/).
 
 (a) every resource replay writes (--provenance) for a synthetic population validates against the
     profile it names, with fhir_profiles/validate.mjs (Medplum's validator, independent of the

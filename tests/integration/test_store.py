@@ -4,6 +4,7 @@ machine's real server, a fresh schema per test). Same calls, same answers."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sqlite3
 import time
@@ -17,13 +18,14 @@ import pytest
 
 from service.clinical import raw
 from service.clinical.episodes import PatientState
+from service.clinical.copies import UNPLACED
 from service.clinical.observations import CONFLICT, Rejected
 from service.clinical.panels import decide
 from service.clinical.raw import Resource
 from service.config import Settings
 from service.errors import StoreError
 from service.store import Decided, Intake, LeadershipLost, Store
-from service.store.base import DIGEST_TAG, Copy, classify, digest
+from service.store.base import DIGEST_TAG, Plan, StoredVersion, digest, plan
 from service.store.postgres import PostgresStore
 from service.store.sqlite import SqliteStore
 from service.worker import intake
@@ -381,6 +383,7 @@ async def test_postgres_errors_never_show_the_dsn(pg_dsn: str, pg_schema: str) -
 ANC = observation("751-8", 0.4, id="s1-anc", patient="Patient/a", specimen="Specimen/s1", updated="2026-01-05T09:00:00Z")
 WBC = observation("6690-2", 3.0, id="s1-wbc", patient="Patient/a", specimen="Specimen/s1", updated="2026-01-05T09:00:00Z")
 V2 = {"versionId": "2", "lastUpdated": "2026-01-05T10:00:00Z"}
+ANC_US = 1767603600000000  # 2026-01-05T09:00:00Z
 
 
 def _with(obs: dict, **changes: object) -> dict:
@@ -423,54 +426,146 @@ CONFLICTING = {
 
 
 @pytest.mark.parametrize("change", CONFLICTING)
-async def test_other_content_under_the_same_version_is_a_conflict_quarantined_once(store: Store, change: str) -> None:
-    """The first copy read stays in force: it is the one decided (and stays decided); the second is
-    returned as a conflict rejection and quarantined once however often it is read again."""
+async def test_other_content_under_the_same_version_withdraws_it_and_every_copy_is_quarantined_once(store: Store, change: str) -> None:
+    """The first copy was stored and decided on; a copy of the same version with other content makes
+    the version a conflict: both copies are returned and quarantined as CONFLICT (the first one
+    too: which one is right cannot be told), the version in force is rejected (it contributes
+    nothing) and its panel is decided again (what rested on the first copy is withdrawn, as replay
+    never raises it). Read again, either copy changes nothing; a newer version supersedes."""
     first = [_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))]
     await store.ingest(first, now=1.0)
     (work,) = await store.dirty_panels()
     await store.commit([Decided("Patient/a", work.panel, PatientState(), [])])
     other = _read(orjson.dumps(CONFLICTING[change]))
-    (held,) = await store.ingest([other], now=2.0)
-    assert isinstance(held.outcome, Rejected) and held.outcome.reason == CONFLICT
-    assert (held.ref, held.updated_us, held.version, held.panel) == (other.ref, other.updated_us, other.version, None)
-    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)]
-    assert await store.dirty_panels() == []  # nothing to decide again: the first copy's decision stands
-    for now in (3.0, 4.0):  # the overlap window reads it again, and the first copy too
+    held = await store.ingest([other], now=2.0)
+    assert sorted(h.outcome.patient for h in held) == sorted([first[1].patient, other.patient])  # type: ignore[union-attr,type-var]
+    assert [h.outcome.reason for h in held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
+    assert {(h.ref, h.updated_us, h.version, h.panel) for h in held} == {(other.ref, other.updated_us, other.version, None)}
+    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)] * 2
+    (work,) = await store.dirty_panels()  # decided again, without the conflicting version
+    assert (work.panel, [r.ref for r in work.results]) == (first[1].panel, ["Observation/s1-wbc"])
+    await store.commit([Decided("Patient/a", work.panel, PatientState(), [])])
+    for now in (3.0, 4.0):  # the overlap window reads both again
         assert await store.ingest([other, first[1]], now=now) == []
-    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)]
-    counts = await store.counts()
-    assert (counts["results"], counts["quarantine"]) == (2, 1)
+    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)] * 2
+    assert await store.dirty_panels() == []
+    assert (await _in_force(store))["Observation/s1-anc"] == (first[1].updated_us, 1, False)
     newer = _read(orjson.dumps(_with(ANC, meta=V2)))
     assert await store.ingest([newer], now=5.0) == [newer]  # a new version supersedes as usual
     assert await _stored_anc(store) == 400.0
 
 
-async def test_a_conflict_within_one_batch_first_copy_wins(store: Store) -> None:
-    severe = _read(orjson.dumps(CONFLICTING["value"]))
-    wbc, anc = _read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))
-    new = await store.ingest([wbc, anc, severe, severe, anc], now=1.0)
-    assert new[:2] == [wbc, anc] and len(new) == 3 and new[2].outcome.reason == CONFLICT  # type: ignore[union-attr]
-    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)]
-    assert await _stored_anc(store) == 400.0
+async def test_a_stored_rejected_version_found_to_conflict_is_quarantined_as_a_conflict_too(store: Store) -> None:
+    """The copy read first was rejected (an unknown unit) and stored as such; a readable copy of the
+    same version makes it a conflict: both are returned as CONFLICT, the first one rebuilt from its
+    quarantine record (its code and collection time kept), and the readable one is not used."""
+    rejected = _read(orjson.dumps(CONFLICTING["unit"] | {"valueQuantity": {**ANC["valueQuantity"], "unit": "bananas/uL", "code": "bananas/uL"}}))
+    assert isinstance(rejected.outcome, Rejected)
+    await store.ingest([_read(orjson.dumps(WBC)), rejected], now=1.0)
+    held = await store.ingest([_read(orjson.dumps(ANC))], now=2.0)
+    assert [(h.outcome.reason, h.outcome.code, h.outcome.effective) for h in held] == [(CONFLICT, "751-8", ANC["effectiveDateTime"])] * 2  # type: ignore[union-attr]
+    assert [r for _, r in await store.quarantined()] == [rejected.outcome.reason, CONFLICT, CONFLICT]
+    assert (await _in_force(store))["Observation/s1-anc"] == (ANC_US, 1, False)
 
 
-async def test_a_second_different_conflict_is_quarantined_too(store: Store) -> None:
+async def test_a_third_content_of_a_conflicting_version_is_quarantined_too(store: Store) -> None:
     await store.ingest([_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))], now=1.0)
     one, two = _read(orjson.dumps(CONFLICTING["value"])), _read(orjson.dumps(CONFLICTING["unit"]))
-    assert len(await store.ingest([one, two, one, two], now=2.0)) == 2
-    assert [r for _, r in await store.quarantined()] == [CONFLICT, CONFLICT]
+    assert len(await store.ingest([one, one], now=2.0)) == 2  # the stored copy and `one`
+    assert len(await store.ingest([two, one, two], now=3.0)) == 1
+    assert [r for _, r in await store.quarantined()] == [CONFLICT] * 3
+
+
+async def _in_force(store: Store) -> dict[str, tuple[int, int, bool]]:
+    """Each Observation's version in force: (meta.lastUpdated, versionId, usable)."""
+    sql = "SELECT ref, vu, vv, data IS NOT NULL FROM results"
+    if isinstance(store, SqliteStore):
+        rows = store.db.execute(sql).fetchall()
+    else:
+        assert isinstance(store, PostgresStore)
+        rows = await store.pool.fetch(sql)
+    return {r[0]: (r[1], r[2], bool(r[3])) for r in rows}
+
+
+async def _outcome(store: Store, run: int) -> tuple[list[tuple[str, tuple[int, int, bool]]], list[tuple[str, str]], list[str]]:
+    """What one run (its Observations' ids end in `-r<run>`) left: the versions in force, the
+    quarantine, and the results a decision of its panel would take (ids without the suffix)."""
+    tag = f"-r{run}"
+    force = sorted((ref.removesuffix(tag), v) for ref, v in (await _in_force(store)).items() if ref.endswith(tag))
+    quarantine = sorted((ref.removesuffix(tag), reason) for ref, reason in await store.quarantined() if ref and ref.endswith(tag))
+    panels = [w for w in await store.dirty_panels() if w.patient == f"Patient/a{tag}"]
+    usable = sorted(r.ref.removesuffix(tag) for w in panels for r in w.results)
+    return force, quarantine, usable
+
+
+def _run_copies(run: int) -> list[Intake]:
+    """The WBC and three copies of its ANC partner: version 1 normal, version 1 severe (a conflict)
+    and a copy without meta (severe), of run `run`'s own Observations and patient."""
+    def own(obs: dict) -> Intake:
+        return _read(orjson.dumps(_with(obs, id=obs["id"] + f"-r{run}", subject={"reference": f"Patient/a-r{run}"})))
+    no_meta = {k: v for k, v in CONFLICTING["value"].items() if k != "meta"}
+    return [own(WBC), own(ANC), own(CONFLICTING["value"]), own(no_meta)]
+
+
+async def test_the_store_outcome_does_not_depend_on_the_order_or_batching_of_copies(store: Store) -> None:
+    """Every order of the copies, split into batches at every possible place (one ingest each, as
+    successive poll cycles read them): the same versions in force (the ANC's version rejected as a
+    conflict, the WBC usable), the same quarantine (both copies of version 1 as CONFLICT, the copy
+    without meta as no version of it) and the same panel content. Each run on its own Observations."""
+    expected = None
+    run = 0
+    for order in itertools.permutations(range(4)):
+        for cuts in itertools.product((False, True), repeat=3):
+            run += 1
+            items = [_run_copies(run)[i] for i in order]
+            batches: list[list[Intake]] = [[items[0]]]
+            for item, cut in zip(items[1:], cuts, strict=True):
+                if cut:
+                    batches.append([])
+                batches[-1].append(item)
+            for n, batch in enumerate(batches):
+                await store.ingest(batch, now=float(n))
+            got = await _outcome(store, run)
+            if expected is None:
+                expected = got
+                assert got[0] == [("Observation/s1-anc", (ANC_US, 1, False)), ("Observation/s1-wbc", (ANC_US, 1, True))]
+                assert got[1] == sorted([("Observation/s1-anc", CONFLICT)] * 2 + [("Observation/s1-anc", UNPLACED)])
+                assert got[2] == ["Observation/s1-wbc"]
+            assert got == expected, (order, cuts)
+
+
+async def test_a_copy_without_meta_never_overrides_a_stamped_version(store: Store) -> None:
+    """A copy with neither versionId nor lastUpdated, of an Observation whose version was read, is
+    no version of it: returned and quarantined once (UNPLACED), and it changes nothing (no panel to
+    decide again, the version in force stays), however often it is read again."""
+    await store.ingest([_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))], now=1.0)
+    (work,) = await store.dirty_panels()
+    await store.commit([Decided("Patient/a", work.panel, PatientState(), [])])
+    severe = {k: v for k, v in CONFLICTING["value"].items() if k != "meta"}
+    copy = _read(orjson.dumps(severe))
+    assert (copy.updated_us, copy.version) == (-1, -1)
+    (held,) = await store.ingest([copy], now=2.0)
+    assert (held.ref, held.panel, held.outcome.reason) == ("Observation/s1-anc", None, UNPLACED)  # type: ignore[union-attr]
+    for now in (3.0, 4.0):
+        assert await store.ingest([copy], now=now) == []
+    assert await store.quarantined() == [("Observation/s1-anc", UNPLACED)]
+    assert await store.dirty_panels() == []
+    assert (await _in_force(store))["Observation/s1-anc"] == (ANC_US, 1, True)
 
 
 async def test_a_digest_of_another_release_is_never_compared() -> None:
     """Another release may normalise the same JSON differently: after an upgrade a re-read is not a
     conflict, whatever its digest."""
     anc, other = _read(orjson.dumps(ANC)), _read(orjson.dumps(CONFLICTING["value"]))
-    stored = digest(anc.outcome)
-    assert classify((anc.updated_us, anc.version, stored), other, digest(other.outcome)) is Copy.CONFLICT
-    assert classify((anc.updated_us, anc.version, stored), anc, digest(anc.outcome)) is Copy.SEEN
-    foreign = bytes(b ^ 0xFF for b in DIGEST_TAG) + stored[len(DIGEST_TAG):]
-    assert classify((anc.updated_us, anc.version, foreign), other, digest(other.outcome)) is Copy.SEEN
+
+    def stored(content: bytes) -> StoredVersion:
+        return StoredVersion(anc.updated_us, anc.version, content, anc.patient, anc.panel, msgspec.msgpack.encode(anc.outcome))
+
+    conflict = plan(stored(digest(anc.outcome)), [other])
+    assert [h.outcome.reason for h, _ in conflict.held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
+    assert plan(stored(digest(anc.outcome)), [anc]) == Plan()
+    foreign = bytes(b ^ 0xFF for b in DIGEST_TAG) + digest(anc.outcome)[len(DIGEST_TAG):]
+    assert plan(stored(foreign), [other]) == Plan()
 
 
 # An entry that cannot be decoded, with an id (intake: updated -1, version -1). -----------------------
@@ -543,7 +638,7 @@ async def test_a_schema_1_store_upgrades_in_place(make: Factory, monkeypatch: py
         newer = _read(orjson.dumps(_with(ANC, meta=V2)))
         assert await store.ingest([newer], now=2.0) == [newer]
         conflicting = _read(orjson.dumps(_with(CONFLICTING["value"], meta=V2)))
-        (held,) = await store.ingest([conflicting], now=3.0)
-        assert held.outcome.reason == CONFLICT  # type: ignore[union-attr]
+        held = await store.ingest([conflicting], now=3.0)  # both copies of version 2
+        assert [h.outcome.reason for h in held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
     finally:
         await store.close()

@@ -1,4 +1,4 @@
-"""ANC per panel. Sources: shared/reference/clinical-and-fhir.md §2 (formulas and order of
+"""ANC per panel. Sources: docs/clinical-reference.md §2 (formulas and order of
 preference; plausibility gate) and §7 (public examples)."""
 
 import pytest

@@ -301,7 +301,7 @@ def test_rendered_config_is_accepted_by_the_service(helm, values, tmp_path, clea
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     for name in ("bearer-token", "dsn", "smart-private-key.pem"):
-        (secrets / name).write_text(f"dummy-{name}\n")
+        (secrets / name).write_text(f"dummy-{name}\n" if name != "dsn" else "postgresql://nw@dummy-db/nw\n")
     path = tmp_path / "config.yaml"
     path.write_text(config_text(docs).replace(SECRET_DIR, str(secrets)))
     settings = load_settings(path)
@@ -314,7 +314,7 @@ def test_rendered_config_is_accepted_by_the_service(helm, values, tmp_path, clea
         assert settings.store.backend == "sqlite" and settings.fhir.auth.method == "none"
     if values == "ha":
         assert settings.store.backend == "postgres"
-        assert settings.store.postgres_dsn() == "dummy-dsn"
+        assert settings.store.postgres_dsn() == "postgresql://nw@dummy-db/nw"
         assert settings.fhir.auth.method == "bearer"
         assert settings.fhir.auth.bearer_token_file == secrets / "bearer-token"
     if values == "full":

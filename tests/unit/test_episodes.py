@@ -1,6 +1,6 @@
-"""Episodes: transitions (issue 2 rules), chronicity and revision on corrections (issue 4).
+"""Episodes: transitions, chronicity and revision on corrections.
 Each row is a patient's sequence of panels and the events expected. Bands: the default scheme
-(test_grading); chronic: > 3 months (seed 000, issue 4)."""
+(test_grading); chronic: > 3 months (a local default)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def run(sequence):
         ([(1200, 1), (1300, 60), (1250, 93), (1100, 120)], ["new:mild", "-", "chronic:mild", "-"]),
         # a worsening on the day it becomes chronic carries both events
         ([(1200, 1), (700, 95)], ["new:mild", "worsening:moderate,chronic:moderate"]),
-        # --- corrections (issue 4) ---
+        # --- corrections ---
         # the only severe value corrected to normal: the alert is withdrawn
         ([(400, 1), ("fix", 1, 1800)], ["new:severe", "retracted:severe"]),
         # a worsening corrected away: the worsening is withdrawn, the episode stays
@@ -129,3 +129,33 @@ def test_history_is_bounded_and_old_panels_fall_back_to_the_base():
 def test_step_is_what_apply_does_for_first_assessments():
     state, events, _ = step(replace(PatientState().machine), assessment(800, 1), RULES)
     assert [label(e) for e in events] == ["new:moderate"] and state.episode
+
+
+def test_late_old_panels_do_not_push_the_newest_out_of_the_history():
+    """A back-load of panels collected earlier (stale: they judge nothing) arriving after the newest
+    panel must not push that panel out of the bounded history: its correction is then still a
+    revision (`retracted`), not a new panel judged on its own (`resolved`)."""
+    small = Rules(history_limit=3)
+    ps, events, _ = apply(PatientState(), assessment(400, 10), small)
+    assert [label(e) for e in events] == ["new:severe"]
+    for day in (1, 2, 3):  # collected before day 10, arriving after it
+        ps, events, stale = apply(ps, assessment(2000, day), small)
+        assert stale and events == []
+    assert len(ps.history) == 3 and any(h.panel == "panel-day10" for h in ps.history)
+    ps, events, _ = apply(ps, assessment(1800, 10, version="2"), small)
+    assert [label(e) for e in events] == ["retracted:severe"]
+    assert ps.machine.episode is None and ps.alerted == ()
+
+
+def test_history_trimmed_by_stale_panels_decides_as_the_whole_history():
+    """Whatever goes out of the bounded history, the machine is the fold of `base` over what is kept
+    (the invariant a revision relies on), for arrivals mixing late old panels and new ones."""
+    from service.clinical.episodes import _fold
+
+    small = Rules(history_limit=4)
+    ps = PatientState()
+    for anc, day in [(1200, 10), (300, 12), (2000, 3), (900, 14), (2500, 1), (400, 16), (1700, 2), (1600, 18), (800, 5), (700, 20)]:
+        ps, _, _ = apply(ps, assessment(anc, day), small)
+        assert len(ps.history) <= 4
+        machine, _ = _fold(ps.base, ps.history, small, ps.temperatures)
+        assert machine == ps.machine

@@ -1,10 +1,10 @@
-"""`explain` (issue 7): the decision trail of one patient. Table-driven over hand-built inputs: the
+"""`explain`: the decision trail of one patient. Table-driven over hand-built inputs: the
 rule named for each event, the steps' outcomes, and — for every case and for a synthetic population —
 the events equal what replay writes for that patient (replay is the oracle; explain must agree).
 
 Expected values come from the rules table of the README (sources there): bands from grading.py's
 schemes (reference §3), fever >= 38.3 once or >= 38.0 over 1 h within 24 h of ANC < 500 (IDSA 2010,
-ASCO/IDSA 2018), the falling proxy (issue 4 default), chronic after 91 days (seed 000), infant/neonate
+ASCO/IDSA 2018), the falling proxy (default), chronic after 91 days (a local default), infant/neonate
 and individual thresholds (reference §3), corrections (reference §1.5)."""
 
 from __future__ import annotations
@@ -353,3 +353,22 @@ def test_json_is_the_trail(episode_file):
     assert json.loads(json.dumps(doc)) == doc  # plain JSON
     assert doc["bands"][0] == {"label": "severe", "severity": "severe", "range": "< 500"}
     assert io.StringIO(render_text(trail)).readline().startswith("Decision trail of Patient/a")
+
+
+def test_explain_finds_a_patient_under_every_spelling_of_its_reference(tmp_path):
+    """`explain Patient/x` shows the results written with `Patient/x/_history/3` or with the
+    absolute URL under the configured base too (reference §9): the same key replay uses."""
+    base = "https://fhir.example.org/r4"
+    first = cbc("sp", 1, 1.2)
+    second = cbc("sp", 3, 0.3)
+    for o in first:
+        o["subject"]["reference"] = "Patient/sp/_history/3"
+    for o in second:
+        o["subject"]["reference"] = f"{base}/Patient/sp"
+    data = tmp_path / "in.ndjson"
+    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in first + second))
+    settings = Settings(fhir={"base_url": base})
+    for asked in ("sp", "Patient/sp", f"{base}/Patient/sp"):
+        trail = explain_inputs([data], asked, settings)
+        assert [e.kind for e in trail.events] == ["new", "worsening"], asked
+        assert all(i.given is not None for s in trail.steps for i in s.inputs), asked

@@ -398,12 +398,41 @@ def _bearer_settings(**auth: Any) -> FhirSettings:
 
 
 async def test_bearer_token_file_read_and_stripped(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """The token file is read at start (stripped) and not again while the token works."""
     token_file = tmp_path / "token"
     token_file.write_text("  abc.def-123\n\n")
     auth = make_auth(_bearer_settings(bearer_token_file=token_file), session)
     token_file.write_text("changed")  # read once, at start
     assert await auth.header() == {"Authorization": "Bearer abc.def-123"}
     assert "abc.def" not in repr(auth)
+
+
+async def test_bearer_token_file_is_re_read_after_a_401(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    """Kubernetes rotates a mounted secret in place: after a 401 (`invalidate`) the next header comes
+    from the file as it is now. A file that cannot be read then keeps the token it had (the retry
+    then fails as before); it is read again after the next 401."""
+    token_file = tmp_path / "token"
+    token_file.write_text("old-token\n")
+    auth = make_auth(_bearer_settings(bearer_token_file=token_file), session)
+    tmp = tmp_path / "token.new"
+    tmp.write_text("new-token\n")
+    tmp.replace(token_file)  # an atomic swap, as the kubelet's symlink swap
+    from tests.hostile.logs import captured_logs
+
+    with captured_logs("debug") as buffer:
+        assert await auth.header() == {"Authorization": "Bearer old-token"}
+        auth.invalidate()
+        assert await auth.header() == {"Authorization": "Bearer new-token"}
+        token_file.unlink()
+        auth.invalidate()
+        assert await auth.header() == {"Authorization": "Bearer new-token"}
+        token_file.write_text("newer-token")
+        assert await auth.header() == {"Authorization": "Bearer new-token"}  # read only after a 401
+        auth.invalidate()
+        assert await auth.header() == {"Authorization": "Bearer newer-token"}
+    logged = buffer.getvalue()
+    assert "fhir_bearer_token_renewed" in logged and "new-token" not in logged and "old-token" not in logged
+    assert "token" not in repr(auth).replace("BearerAuth(token=", "")
 
 
 @pytest.mark.parametrize("content", [None, "", " \n"], ids=["missing", "empty", "blank"])

@@ -1,4 +1,4 @@
-"""Grading boundaries. Source: shared/reference/clinical-and-fhir.md §3 "Common ANC bands":
+"""Grading boundaries. Source: docs/clinical-reference.md §3 "Common ANC bands":
 neutropenia < 1500/uL (UpToDate, Coates); mild 1000-1500, moderate 500-1000, severe < 500
 (5-Minute Pediatric Consult). A band "a-b" includes a and excludes b."""
 
@@ -11,7 +11,7 @@ from service.clinical.grading import BUILT_IN, DEFAULT, SchemeError, make_scheme
     ("anc", "severity"),
     [
         (4000, None),
-        (1500, None),  # 1500 is normal (issue 2 boundary)
+        (1500, None),  # 1500 is normal (boundary)
         (1499.9, "mild"),
         (1000, "mild"),  # 1000 is mild
         (999.9, "moderate"),

@@ -1,14 +1,15 @@
-"""Observation -> LabResult | Rejected | Ignored. Sources: shared/reference/clinical-and-fhir.md
+"""Observation -> LabResult | Rejected | Ignored. Sources: docs/clinical-reference.md
 §1.1 (codes, mislabelled codes), §1.5 (Observation.status, comparator, dataAbsentReason,
 valueString), §2 (units)."""
 
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.clinical import raw
 from service.clinical.codes import Kind
-from service.clinical.observations import Ignored, LabResult, Rejected, normalise
+from service.clinical.observations import Ignored, LabResult, ReadPolicy, Rejected, normalise
 from tests.builders import normalised, observation, result
 
 
@@ -100,7 +101,7 @@ def test_comparator_less_than_is_the_bound():
         ("final", True, True),  # evaluate and alert
         ("amended", True, True),  # re-evaluate
         ("corrected", True, True),
-        ("preliminary", False, True),  # issue 2: only final/amended/corrected are assessed
+        ("preliminary", False, True),  # reference §1.5: only final/amended/corrected are assessed
         ("registered", False, False),  # no result yet: kept to recognise the later update
         ("cancelled", False, False),
         ("entered-in-error", False, False),
@@ -118,9 +119,13 @@ def test_reference_range_low_is_normalised():
     assert result(obs).ref_low == 2000.0
 
 
-def test_absolute_patient_url_is_kept_as_given():
-    r = result(observation("751-8", 1.2, patient="https://fhir.example.org/r4/Patient/123"))
-    assert r.patient == "https://fhir.example.org/r4/Patient/123"
+def test_absolute_patient_url_under_the_base_is_the_relative_reference():
+    """An absolute subject under the server's base is the patient "Patient/<id>" (one key, however
+    written: tests/unit/test_references.py); without a base it is on another server."""
+    obs = msgspec.convert(observation("751-8", 1.2, patient="https://fhir.example.org/r4/Patient/123"), raw.Resource)
+    r = normalise(obs, ReadPolicy(base_url="https://fhir.example.org/r4"))
+    assert isinstance(r, LabResult) and r.patient == "Patient/123"
+    assert normalise(obs).reason == "subject is on another server"  # type: ignore[union-attr]
 
 
 def test_undecodable_lines_say_why_without_content():

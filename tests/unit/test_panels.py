@@ -1,4 +1,4 @@
-"""Panel-level rules: isolated neutropenia vs pancytopenia (issue 4 defaults Hb < 10 g/dL, platelets
+"""Panel-level rules: isolated neutropenia vs pancytopenia (defaults Hb < 10 g/dL, platelets
 < 100 x 10^3/uL; one operational definition, Danish KIP value set "Cytopeni": Hb < 6.2 mmol/L
 (about 10 g/dL), platelets < 100 x 10^9/L — reference §3), and the revision reasons."""
 

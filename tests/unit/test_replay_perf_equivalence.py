@@ -107,6 +107,17 @@ def _edge_cases(tmp_path: Path) -> Path:
     res += _cbc("Patient/e9", "instant", 11, 0.45, specimen=None)
     res.append(observation("8310-5", 38.9, "Cel", id="fever", patient="Patient/e9", effective="2026-03-11T08:00:00Z",
                            updated="2026-03-11T09:00:00.000Z", specimen=None, ucum_code="Cel"))
+    # Copies of one version that conflict (a severe version 1 and two contents of version 2, one read
+    # twice), and copies without meta: of an Observation read with it (no version of it), alone
+    # (a version), and two that conflict.
+    res += _cbc("Patient/e11", "copies", 13, 0.3, specimen="Specimen/copies")
+    for anc in (0.2, 2.5, 2.5):
+        res.append(observation("751-8", anc, id="copies-anc", patient="Patient/e11", effective="2026-03-13T08:00:00Z",
+                               updated="2026-03-14T10:00:00.000Z", version="2", specimen="Specimen/copies"))
+    for ids, anc in (("copies-anc", 0.1), ("bare", 0.4), ("bare-twice", 0.3), ("bare-twice", 2.0)):
+        bare = observation("751-8", anc, id=ids, patient="Patient/e12", effective="2026-03-15T08:00:00Z", specimen=None)
+        del bare["meta"]
+        res.append(bare)
     lines = [orjson.dumps(r) for r in res]
     bundle = {"resourceType": "Bundle", "type": "collection",
               "entry": [{"resource": r} for r in _cbc("Patient/e10", "bundled", 12, 0.6)] + [{"resource": {"resourceType": "Observation", "status": 5}}]}

@@ -1,4 +1,4 @@
-"""Unit conversion to cells/uL and percent. Sources: shared/reference/clinical-and-fhir.md §2,
+"""Unit conversion to cells/uL and percent. Sources: docs/clinical-reference.md §2,
 table "Conversion to cells/uL" (UCUM essence: 10* and 10^ are the number ten; 1 L = 10^6 uL;
 1 mm3 = 1 uL; "K" is kelvin in UCUM so "K/uL" is a display string) and ucum-org/ucum#90 on
 {annotations}."""
