@@ -9,10 +9,11 @@ Flag.author, period, status active -> inactive, entered-in-error on retraction; 
 Communication whose `inResponseTo` points at the prior one; Provenance: target the Flag and the
 Communication, entity the source Observations, agent the service Device with the algorithm version).
 
-The three go to the server as one transaction Bundle (service/worker.py): each entry carries the
-fullUrl given here (`urn:uuid:` + a UUID derived from the resource's identifier), and the
-Provenance's `target` references the Flag and the Communication by those fullUrls, so the server
-rewrites them to the ids it assigns. `provenance_entry()` is the Provenance's entry.
+Each entry carries the fullUrl given here (`urn:uuid:` + a UUID derived from the resource's
+identifier), and the Provenance built here references the Flag and the Communication by those
+fullUrls (what replay writes). The live loop (service/worker.py) posts the Flag and the
+Communication first and the Provenance only once the server has confirmed both, with its targets
+rewritten to the server ids: `provenance_entry()` is that entry.
 """
 
 from __future__ import annotations
@@ -326,18 +327,22 @@ def _with_provenance(event: AlertEvent, scheme: Scheme, settings: AlertSettings,
                        full_url(*tag))
 
 
-def provenance_entry(writes: Mapping[str, Any], flag_id: str | None = None) -> dict[str, Any] | None:
+def provenance_entry(writes: Mapping[str, Any], flag_id: str | None = None,
+                     communication_id: str | None = None) -> dict[str, Any] | None:
     """The transaction entry of a write's Provenance (`writes`: the outbox dict, worker._writes_dict),
-    or None for a write stored before Provenance existed. `flag_id`: the server id of the episode's
-    Flag when the Flag is not conditionally created in the same Bundle (a PUT, or no Flag entry
-    because it is unchanged): its target then references `Flag/<id>` instead of the Flag's urn:uuid."""
+    or None for a write stored before Provenance existed: a conditional create on its tag, so a
+    re-post finds it. `flag_id` / `communication_id`: the server ids of the Flag and the
+    Communication; each given target then references `Type/<id>` instead of its urn:uuid fullUrl.
+    The live loop posts the Provenance alone, after the server has confirmed both targets, and
+    always gives both ids: a server that processes a transaction as a batch keeps a Provenance
+    whose target's entry failed, with the id it had reserved for it (service/worker.py)."""
     provenance = writes.get("provenance")
     if not provenance:
         return None
-    if flag_id is not None:
-        flag_url = writes["flag_full_url"]
-        provenance = {**provenance, "target": [{**t, "reference": f"Flag/{flag_id}"} if t.get("reference") == flag_url else t
-                                               for t in provenance["target"]]}
+    ids = {writes["flag_full_url"]: f"Flag/{flag_id}" if flag_id is not None else None,
+           writes.get("communication_full_url"): f"Communication/{communication_id}" if communication_id is not None else None}
+    provenance = {**provenance, "target": [{**t, "reference": ids[t.get("reference")]} if ids.get(t.get("reference")) else t
+                                           for t in provenance["target"]]}
     system, code = writes["provenance_tag"]
     return {"fullUrl": writes["provenance_full_url"], "resource": provenance,
             "request": {"method": "POST", "url": "Provenance", "ifNoneExist": f"_tag={system}|{code}"}}

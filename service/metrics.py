@@ -30,6 +30,10 @@ OVERSIZED_RESPONSES = Counter(
     ["method"], registry=REGISTRY)
 ALERTS = Counter("neutrowatch_alerts_total", "Alert events by event and grade.", ["event", "grade"], registry=REGISTRY)
 WRITES = Counter("neutrowatch_fhir_writes_total", "Alert resources written, by type and result.", ["resource", "result"], registry=REGISTRY)
+NONATOMIC_TRANSACTIONS = Counter(
+    "neutrowatch_nonatomic_transactions_total",
+    "Alert transactions the server answered entry by entry with mixed statuses (it processes a "
+    "transaction as a batch); the entries that failed were posted again.", registry=REGISTRY)
 FHIR_REQUESTS = Counter("neutrowatch_fhir_requests_total", "FHIR requests by method and HTTP status (or error kind).", ["method", "status"], registry=REGISTRY)
 FHIR_RETRIES = Counter("neutrowatch_fhir_retries_total", "FHIR requests retried, by reason.", ["reason"], registry=REGISTRY)
 UNSAFE_LINKS = Counter("neutrowatch_refused_links_total", "Links or redirects to another origin that were refused.", ["kind"], registry=REGISTRY)

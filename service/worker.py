@@ -7,7 +7,9 @@ server has confirmed every write; a kill loses at most the step in progress."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,6 +46,8 @@ from .store.base import Decided, Intake, OutboxEntry, PanelWork, Store
 log = structlog.get_logger("neutrowatch.worker")
 TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
 DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
+TARGET_ATTEMPTS = 3  # Flag+Communication requests per write: 412 re-reads, re-posts after a mixed answer
+KNOWN_FLAGS = 5000  # episodes' Flags (id, version, content) the worker remembers between writes
 LOINC = "http://loinc.org"
 
 
@@ -190,6 +194,9 @@ class Worker:
         self.directory = LiveDirectory(settings, client)
         self.progress = Progress()
         self._stop = False
+        # The episodes' Flags as this process last wrote or read them (id, version, content), so an
+        # update needs no identifier search first. Bounded; a stale entry costs one 412 and a re-read.
+        self._flags: OrderedDict[str, KnownFlag] = OrderedDict()
 
     # the cycle ---------------------------------------------------------------------------------------
 
@@ -541,54 +548,206 @@ class Worker:
                 raise errors.exceptions[0] from None
 
     async def _post(self, entry: OutboxEntry) -> dict[str, Any]:
-        """One transaction per write: the Flag (conditional create, versioned PUT, or nothing when the
-        server's Flag already says the same), the Communication and the Provenance (conditional creates
-        on identifier and on _tag). The Provenance goes even when nothing else does: a write whose
-        answer was lost, re-posted, finds it there and writes nothing, so it exists once per write."""
+        """One write: the Flag (conditional create, versioned PUT, or nothing when the server's Flag
+        already says the same) and the Communication (conditional create on identifier) in one
+        Bundle; then, once the server has confirmed both, the Provenance on its own (conditional
+        create on _tag), its targets the server ids it answered.
+
+        Not one Bundle of three: many servers process a `transaction` as a batch (Medplum without
+        transaction bundles: 200, one status per entry, the successful entries kept). The server
+        reserves an id for each create and rewrites the urn:uuid references to it before any entry
+        runs, so a Provenance in the same Bundle as a Flag or Communication entry that fails is kept,
+        pointing at an id that never exists; the retry writes the target under another id. Posted
+        after its targets, the Provenance can only name what the server holds. It goes even when
+        nothing else does: a write whose answer was lost, re-posted, finds it there and writes
+        nothing, so it exists once per write. Two requests a write (three when the Flag is searched)."""
         w = entry.writes
+        ids, statuses, locations = await self._post_targets(w)
+        provenance = provenance_entry(w, ids.get("Flag"), ids.get("Communication"))
+        if provenance is not None:
+            response = await self.client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [provenance]})
+            answers = response.get("entry") or []
+            status = str(((answers[0] if answers else {}).get("response") or {}).get("status", ""))
+            if len(answers) != 1 or not status.startswith("2"):
+                raise WriteRejected(f"server answered {status or 'nothing'} to an alert's Provenance")
+            metrics.WRITES.labels("Provenance", "ok").inc()
+            statuses.append(status)
+            locations.append((answers[0].get("response") or {}).get("location"))
+        return {"statuses": statuses, "locations": locations, "ids": ids}
+
+    async def _post_targets(self, w: dict[str, Any]) -> tuple[dict[str, str], list[str], list[str | None]]:
+        """Write the Flag and the Communication until the server confirms both; returns their server
+        ids by type and the statuses and locations of the entries written (Flag first).
+
+        An atomic server answers all or nothing (an error status raises, except 412: re-read). A
+        batch server may answer mixed statuses: that is counted, and only the entries that failed
+        are posted again (conditional creates and If-Match PUTs are safe to repeat), up to
+        TARGET_ATTEMPTS requests. A Flag entry that failed is rebuilt from a fresh read (a 412 means
+        it changed under us). Unconfirmed after that: WriteRejected, so no Provenance is posted and
+        the write stays in the outbox for the next cycle."""
         comm_entry = _communication_entry(w)
-        for _attempt in range(3):
-            flag_entry, flag_id = await self._flag_entry(w)
-            entries = [e for e in (flag_entry, comm_entry, provenance_entry(w, flag_id)) if e is not None]
-            if not entries:  # an outbox row from before Provenance, with the Flag unchanged
-                return {"statuses": [], "locations": []}
-            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        ids: dict[str, str] = {}
+        written: dict[str, tuple[str, str | None]] = {}  # type -> (status, location)
+        failed: list[str] = []
+        for _attempt in range(TARGET_ATTEMPTS):
+            entries: list[dict[str, Any]] = []
+            put_id: str | None = None
+            if "Flag" not in ids:
+                flag_entry, flag_id = await self._flag_entry(w)
+                if flag_entry is None:
+                    assert flag_id is not None
+                    ids["Flag"] = flag_id  # unchanged: nothing to write
+                else:
+                    entries.append(flag_entry)
+                    put_id = flag_id
+            if comm_entry is not None and "Communication" not in ids:
+                entries.append(comm_entry)
+            if not entries:
+                break
             try:
-                response = await self.client.transaction(bundle)
+                response = await self.client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
             except PreconditionFailed:
                 # The Flag changed since we read it, or our own PUT, retried after a lost answer, was
-                # applied: read it again. (A server that is not atomic, like the test engine, may
-                # have written the conditional creates already: the next attempt finds them.)
+                # applied: read it again.
+                failed = ["412"]
+                self._flags.pop(_key(w), None)
                 continue
-            statuses = [str((e.get("response") or {}).get("status", "")) for e in response.get("entry", [])]
-            if all(s.startswith("2") for s in statuses) and len(statuses) == len(entries):
-                for e in entries:
-                    metrics.WRITES.labels(e["resource"]["resourceType"], "ok").inc()
-                return {"statuses": statuses, "locations": [(e.get("response") or {}).get("location") for e in response.get("entry", [])]}
-            if not any(s.startswith("412") for s in statuses):
-                raise WriteRejected(f"server answered {statuses} to an alert transaction")
-        raise WriteRejected("Flag kept changing under us (412 three times)")
+            answers = response.get("entry") or []
+            if len(answers) != len(entries):
+                raise WriteRejected(f"server answered {len(answers)} entries to an alert transaction of {len(entries)}")
+            failed = []
+            for sent, answer in zip(entries, answers, strict=True):
+                kind = sent["resource"]["resourceType"]
+                result = answer.get("response") or {}
+                status = str(result.get("status", ""))
+                if not status.startswith("2"):
+                    failed.append(status)
+                    metrics.WRITES.labels(kind, "failed").inc()
+                    if kind == "Flag":
+                        self._flags.pop(_key(w), None)  # read it again before the next attempt
+                    continue
+                identifier = w["flag_identifier"] if kind == "Flag" else w["communication_identifier"]
+                ids[kind] = (put_id if kind == "Flag" and put_id is not None
+                             else answered_id(kind, result.get("location"), answer.get("resource"))
+                             or await self._find(kind, identifier))
+                written[kind] = (status, result.get("location"))
+                metrics.WRITES.labels(kind, "ok").inc()
+                if kind == "Flag":
+                    self._remember(w, sent, ids[kind], status, result, answer.get("resource"))
+            if failed and len(failed) < len(entries):
+                metrics.NONATOMIC_TRANSACTIONS.inc()
+                log.warning("transaction answered entry by entry (the server processes it as a batch): "
+                            "re-posting what failed", statuses=[str((a.get("response") or {}).get("status", "")) for a in answers])
+        if "Flag" not in ids or (comm_entry is not None and "Communication" not in ids):
+            if failed and all(s.startswith("412") for s in failed):
+                raise WriteRejected(f"Flag kept changing under us (412 {TARGET_ATTEMPTS} times)")
+            raise WriteRejected(f"server answered {failed} to an alert's Flag/Communication: no Provenance posted")
+        order = [k for k in ("Flag", "Communication") if k in written]
+        return ids, [written[k][0] for k in order], [written[k][1] for k in order]
+
+    async def _find(self, kind: str, identifier: list[str]) -> str:
+        """The server id of the one resource with `identifier`: for a 2xx answer without a usable
+        location (a conditional create that found the resource may give none)."""
+        found = await self.client.search_all(kind, [("identifier", "|".join(identifier))])
+        if len(found) != 1 or not isinstance(found[0].get("id"), str):
+            raise WriteRejected(f"{kind} confirmed, but its identifier search found {len(found)}")
+        return str(found[0]["id"])
 
     async def _flag_entry(self, w: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-        """The Flag's transaction entry and, when it is not conditionally created in this Bundle (a
-        PUT, or none because it is unchanged), the server id of the existing Flag."""
+        """The Flag's transaction entry and, when it is not conditionally created (a PUT, or none
+        because it is unchanged), the server id of the existing Flag. The existing Flag is the one
+        this process last wrote or read when it remembers it (no request), else it is searched."""
         flag = w["flag"]
         create = _conditional_create(flag, "identifier=" + "|".join(w["flag_identifier"]), w.get("flag_full_url"))
         if w["event"] == "new":
             return create, None
-        existing = await self.client.search_all("Flag", [("identifier", "|".join(w["flag_identifier"]))])
-        if not existing:
-            return create, None
-        current = existing[0]
-        if _same(current, flag):
-            return None, current["id"]
+        known = self._flags.get(_key(w))
+        if known is None:
+            existing = await self.client.search_all("Flag", [("identifier", "|".join(w["flag_identifier"]))])
+            if not existing:
+                return create, None
+            current = existing[0]
+            known = KnownFlag(current["id"], str(current.get("meta", {}).get("versionId", "")), current)
+            self._keep(_key(w), known)
+        if _same(known.flag, flag):
+            return None, known.id
         put = {
-            "fullUrl": f"{self.settings.fhir.base_url}/Flag/{current['id']}",
-            "resource": {**flag, "id": current["id"]},
-            "request": {"method": "PUT", "url": f"Flag/{current['id']}",
-                        "ifMatch": f'W/"{current.get("meta", {}).get("versionId", "")}"'},
+            "fullUrl": f"{self.settings.fhir.base_url}/Flag/{known.id}",
+            "resource": {**flag, "id": known.id},
+            "request": {"method": "PUT", "url": f"Flag/{known.id}", "ifMatch": f'W/"{known.version}"'},
         }
-        return put, current["id"]
+        return put, known.id
+
+    def _remember(self, w: dict[str, Any], sent: dict[str, Any], flag_id: str, status: str, result: dict[str, Any],
+                  answered: Any) -> None:
+        """Keep the Flag as the server now holds it: the resource it answered, else what was sent
+        when the server wrote it (a PUT, or a create answered 201; a conditional create answered
+        200 found a Flag whose content we do not know), with the version from the answer."""
+        if isinstance(answered, dict) and answered.get("resourceType") == "Flag" and answered.get("id") == flag_id:
+            content: dict[str, Any] | None = answered
+        elif sent["request"]["method"] == "PUT" or status.startswith("201"):
+            content = sent["resource"]
+        else:
+            content = None
+        version = answered_version(result, answered)
+        if content is None or version is None:
+            self._flags.pop(_key(w), None)
+        else:
+            self._keep(_key(w), KnownFlag(flag_id, version, content))
+
+    def _keep(self, key: str, known: KnownFlag) -> None:
+        self._flags[key] = known
+        self._flags.move_to_end(key)
+        while len(self._flags) > KNOWN_FLAGS:
+            self._flags.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class KnownFlag:
+    """An episode's Flag as the server holds it after this process's last write or read of it."""
+
+    id: str
+    version: str
+    flag: dict[str, Any]
+
+
+def _key(w: dict[str, Any]) -> str:
+    return "|".join(w["flag_identifier"])
+
+
+def answered_version(result: dict[str, Any], resource: Any) -> str | None:
+    """The version a transaction entry wrote: response.etag (W/"v"), the location's `_history/v`,
+    or the answered resource's meta.versionId."""
+    etag = result.get("etag")
+    if isinstance(etag, str) and etag.strip():
+        return etag.strip().removeprefix("W/").strip('"') or None
+    location = result.get("location")
+    if isinstance(location, str) and "/_history/" in location:
+        vid = location.split("?", 1)[0].rsplit("/_history/", 1)[1].strip("/")
+        if _FHIR_ID.match(vid):
+            return vid
+    meta = resource.get("meta") if isinstance(resource, dict) else None
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) and version else None
+
+
+_FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+def answered_id(kind: str, location: Any, resource: Any) -> str | None:
+    """The server id of a `kind` written by a transaction entry: from its response.location
+    (`Type/id`, `Type/id/_history/vid`, relative or absolute: FHIR http.html#transaction-response),
+    else from the resource returned with it; None when neither names one."""
+    if isinstance(location, str):
+        segments = location.split("?", 1)[0].split("#", 1)[0].rstrip("/").split("/")
+        if "_history" in segments[-2:]:
+            segments = segments[: segments.index("_history", max(len(segments) - 2, 0))]
+        if len(segments) >= 2 and segments[-2] == kind and _FHIR_ID.match(segments[-1]):
+            return segments[-1]
+    if isinstance(resource, dict) and resource.get("resourceType") == kind and isinstance(resource.get("id"), str) \
+            and _FHIR_ID.match(resource["id"]):
+        return str(resource["id"])
+    return None
 
 
 class WriteRejected(NeutrowatchError):

@@ -15,6 +15,7 @@ Prerequisites: ``node`` (>= 20) on PATH (or in ``$NEUTROWATCH_NODE``) and
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import queue
 import re
@@ -80,10 +81,13 @@ class FhirEngine:
     """A running (or startable) FHIR test engine process."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-                 bearer_token_file: Path | None = None) -> None:
+                 batch_transactions: bool = False, bearer_token_file: Path | None = None) -> None:
+        """`batch_transactions`: process a `transaction` Bundle as a batch (mixed entry statuses,
+        the successful entries kept), as Medplum does for a project without transaction bundles."""
         self.host = host
         self.port = port
         self.verbose = verbose
+        self.batch_transactions = batch_transactions
         self.bearer_token_file = bearer_token_file  # requests must carry this file's token (re-read each request)
         self.base_url: str = ""
         self.startup_seconds: float | None = None
@@ -105,6 +109,8 @@ class FhirEngine:
         args = [node, str(SERVER_SCRIPT), "--port", str(self.port), "--host", self.host, "--exit-with-stdin"]
         if self.verbose:
             args.append("--verbose")
+        if self.batch_transactions:
+            args.append("--batch-transactions")
         if self.bearer_token_file is not None:
             args += ["--bearer-token-file", str(self.bearer_token_file)]
         # stderr goes to a file, never to an undrained pipe (a full pipe would block the server).
@@ -206,6 +212,27 @@ class FhirEngine:
         except (urllib.error.URLError, OSError) as exc:
             raise EngineError(f"FHIR test engine reset failed: {exc}\n{self.log_tail()}") from exc
 
+    def fault(self, resource_type: str, *, times: int | str = 1, contains: str | None = None) -> None:
+        """Make the next `times` ("always": every) creates or updates of `resource_type` whose JSON
+        holds `contains` fail for real with 409 (``POST /$fault``); ``reset()`` or
+        ``clear_faults()`` disarms them."""
+        body = {"resourceType": resource_type, "times": times, **({"contains": contains} if contains else {})}
+        self._admin("POST", "/$fault", json.dumps(body).encode())
+
+    def clear_faults(self) -> None:
+        self._admin("DELETE", "/$fault", None)
+
+    def _admin(self, method: str, path: str, data: bytes | None) -> None:
+        if not self.running:
+            raise EngineError("FHIR test engine is not running; call start() first")
+        request = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                response.read()
+        except (urllib.error.URLError, OSError) as exc:
+            raise EngineError(f"FHIR test engine {method} {path} failed: {exc}\n{self.log_tail()}") from exc
+
     # -- context manager ---------------------------------------------------------------------------
 
     def __enter__(self) -> FhirEngine:
@@ -222,4 +249,5 @@ class FhirEngine:
 
     def __repr__(self) -> str:
         state = f"running at {self.base_url}" if self.running else "stopped"
+        state += ", transactions as batches" if self.batch_transactions else ""
         return f"<FhirEngine {state}>"

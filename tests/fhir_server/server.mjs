@@ -6,7 +6,12 @@
 // body-size and content-type checks, and two admin endpoints (POST /$reset, GET /$health).
 //
 //   node server.mjs [--port 0] [--host 127.0.0.1] [--verbose] [--no-narrow] [--exit-with-stdin]
-//                   [--bearer-token-file PATH]
+//                   [--batch-transactions] [--bearer-token-file PATH]
+//
+// A `transaction` Bundle is atomic by default (all entries or none: a failed entry rolls back the
+// others and the answer is the error). With --batch-transactions the router processes it as a batch,
+// as Medplum does for a project without transaction bundles: 200 with one status per entry, the
+// successful entries kept. POST /$fault makes the next writes of a type fail for real (409).
 //
 // With --bearer-token-file every FHIR request (not the admin endpoints) must carry
 // "Authorization: Bearer <the file's content>", read on each request so a test can rotate it;
@@ -26,12 +31,14 @@ globalThis.WebSocket ??= class WebSocketUnavailable {
 const {
   allOk,
   badRequest,
+  conflict,
   contentTooLarge,
   getExpressionForResourceType,
   getStatus,
   globalSchema,
   indexSearchParameterBundle,
   indexStructureDefinitionBundle,
+  OperationOutcomeError,
   serverError,
   unsupportedMediaType,
 } = await import('@medplum/core');
@@ -58,6 +65,7 @@ const { values: args } = parseArgs({
     verbose: { type: 'boolean', default: false },
     'no-narrow': { type: 'boolean', default: false },
     'exit-with-stdin': { type: 'boolean', default: false },
+    'batch-transactions': { type: 'boolean', default: false },
     'bearer-token-file': { type: 'string' },
   },
 });
@@ -114,7 +122,57 @@ class EngineRepository extends MemoryRepository {
     this.history.get(resourceType)?.get(id)?.reverse();
     return bundle;
   }
+
+  /**
+   * MemoryRepository.withTransaction() just runs fn: a transaction whose third entry fails keeps its
+   * first two. Undo the writes fn made when it throws, so a transaction is all or nothing as on a
+   * server with transactions enabled. (Nothing else can run meanwhile: no I/O is awaited.)
+   */
+  async withTransaction(fn) {
+    if (this.undo) return fn(this);
+    this.undo = [];
+    try {
+      return await fn(this);
+    } catch (err) {
+      for (const { type, id, before, versions } of this.undo.reverse()) {
+        if (before) this.resources.get(type).set(id, before);
+        else this.resources.get(type)?.delete(id);
+        const history = this.history.get(type);
+        if (versions) history?.get(id)?.splice(versions);
+        else history?.delete(id);
+      }
+      throw err;
+    } finally {
+      this.undo = undefined;
+    }
+  }
+
+  /** Every create and update (plain, conditional, in a Bundle or not) goes through here. */
+  createResourceSync(resource, options, update = false) {
+    const fault = faults.find((f) => f.times > 0 && f.resourceType === resource.resourceType
+      && (!f.contains || JSON.stringify(resource).includes(f.contains)));
+    if (fault) {
+      fault.times--;
+      throw new OperationOutcomeError(conflict(`injected fault: ${resource.resourceType} write refused (POST /$fault)`));
+    }
+    const type = resource.resourceType;
+    const before = resource.id ? this.resources.get(type)?.get(resource.id) : undefined;
+    const versions = resource.id ? this.history.get(type)?.get(resource.id)?.length ?? 0 : 0;
+    const written = super.createResourceSync(resource, options, update);
+    this.undo?.push({ type, id: written.id, before, versions });
+    return written;
+  }
+
+  async deleteResource(type, id, options) {
+    const before = this.resources.get(type)?.get(id);
+    await super.deleteResource(type, id, options);
+    this.undo?.push({ type, id, before, versions: this.history.get(type)?.get(id)?.length ?? 0 });
+  }
 }
+
+/** Armed by POST /$fault: {resourceType, times (default 1), contains (a substring of the resource)}. */
+let faults = [];
+const transactionMode = args['batch-transactions'] ? 'batch' : 'atomic';
 
 const router = new FhirRouter();
 let repo = new EngineRepository();
@@ -266,10 +324,25 @@ async function handle(req, res, base) {
   const method = req.method;
 
   if (url.pathname === '/$health' && method === 'GET') {
-    return send(res, 200, { status: 'ok', fhirVersion: '4.0.1', uptimeSeconds: Math.round(process.uptime()) });
+    return send(res, 200, { status: 'ok', fhirVersion: '4.0.1', transactions: transactionMode, uptimeSeconds: Math.round(process.uptime()) });
   }
   if (url.pathname === '/$reset' && method === 'POST') {
     repo = new EngineRepository();
+    faults = [];
+    return send(res, 200, allOk);
+  }
+  if (url.pathname === '/$fault' && method === 'POST') {
+    const fault = await readBody(req);
+    if (typeof fault?.resourceType !== 'string' || (fault.contains !== undefined && typeof fault.contains !== 'string')) {
+      throw new HttpError(400, badRequest('expected {"resourceType": "<type>", "times": n, "contains": "<substring>"}'));
+    }
+    const times = fault.times === undefined ? 1 : fault.times === 'always' ? Infinity : Number(fault.times);
+    if (!(times >= 0)) throw new HttpError(400, badRequest('times: a number >= 0 or "always"'));
+    faults.push({ resourceType: fault.resourceType, times, contains: fault.contains });
+    return send(res, 200, allOk);
+  }
+  if (url.pathname === '/$fault' && method === 'DELETE') {
+    faults = [];
     return send(res, 200, allOk);
   }
   const tokenFile = args['bearer-token-file'];
@@ -299,7 +372,8 @@ async function handle(req, res, base) {
     query: {},
     body,
     headers: req.headers,
-    config: { transactions: true },
+    // Medplum's own switch: without it a `transaction` Bundle is processed as a batch.
+    config: { transactions: transactionMode === 'atomic' },
   };
   // Seeding mode is a repository-wide flag, but MemoryRepository never waits on I/O, so no other
   // request's handler can run while this one is in flight.

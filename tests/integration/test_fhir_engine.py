@@ -273,6 +273,79 @@ async def test_transaction_with_if_none_exist_and_more_than_8_entries_is_refused
     assert found["total"] == 0
 
 
+async def _stale_put_transaction(http: aiohttp.ClientSession, base: str) -> tuple[int, Any, str]:
+    """A Flag updated once, then a transaction: a new Flag (conditional create) and a PUT of the
+    first Flag with its first (stale) version. Returns (HTTP status, body, the new Flag's identifier)."""
+    status, flag, _ = await request(http, "POST", f"{base}/Flag", flag_entry("episode-s")["resource"])
+    assert status == 201
+    v1 = flag["meta"]["versionId"]
+    status, _, _ = await request(http, "PUT", f"{base}/Flag/{flag['id']}", {**flag, "status": "inactive"})
+    assert status == 200
+    stale = {"resource": {**flag, "status": "entered-in-error"},
+             "request": {"method": "PUT", "url": f"Flag/{flag['id']}", "ifMatch": f'W/"{v1}"'}}
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("episode-new"), stale]}
+    status, body, _ = await request(http, "POST", f"{base}/", bundle)
+    return status, body, "urn:neutrowatch:episode|episode-new"
+
+
+async def test_atomic_transaction_with_a_failing_entry_is_refused_and_rolled_back(
+    http: aiohttp.ClientSession, fhir_base_url: str
+) -> None:
+    """The default engine treats a transaction as all or nothing (FHIR http.html#transaction): a
+    stale If-Match entry fails the whole Bundle with its 412, and the entry before it is undone."""
+    status, body, new = await _stale_put_transaction(http, fhir_base_url)
+    assert status == 412 and body["resourceType"] == "OperationOutcome", body
+    status, found, _ = await request(http, "GET", f"{fhir_base_url}/Flag", params={"identifier": new})
+    assert found["total"] == 0, "the create of the refused transaction was kept"
+    status, health, _ = await request(http, "GET", f"{fhir_base_url}/$health")
+    assert health["transactions"] == "atomic"
+
+
+async def test_batch_engine_answers_a_transaction_with_mixed_statuses_and_keeps_the_rest(
+    http: aiohttp.ClientSession, fhir_base_url_batch: str
+) -> None:
+    """--batch-transactions (Medplum's router without `transactions`, as a project without
+    transaction bundles): the same Bundle answers 200 with one status per entry, and the entry that
+    succeeded stays written although another failed."""
+    status, body, new = await _stale_put_transaction(http, fhir_base_url_batch)
+    assert status == 200 and body["type"] == "transaction-response", body
+    assert [e["response"]["status"] for e in body["entry"]] == ["201", "412"]
+    status, found, _ = await request(http, "GET", f"{fhir_base_url_batch}/Flag", params={"identifier": new})
+    assert found["total"] == 1
+    status, health, _ = await request(http, "GET", f"{fhir_base_url_batch}/$health")
+    assert health["transactions"] == "batch"
+
+
+async def test_batch_engine_rewrites_a_reference_to_a_failed_entry_to_an_id_that_never_exists(
+    http: aiohttp.ClientSession, fhir_engine_each_mode: Any
+) -> None:
+    """Why a Provenance must not share a Bundle with its targets on a batch server: the server
+    reserves an id for each create before processing, rewrites urn:uuid references to it, and keeps
+    a later entry whose target's entry failed (here a Flag write refused once through POST /$fault,
+    the engine's own fault switch, which fails the write for real with 409). Atomic: nothing kept."""
+    base = fhir_engine_each_mode.base_url
+    flag = flag_entry("episode-f")
+    provenance = {"resourceType": "Provenance", "recorded": "2026-01-01T00:00:00Z", "target": [{"reference": flag["fullUrl"]}],
+                  "agent": [{"who": {"reference": "Device/neutrowatch"}}]}
+    bundle = {"resourceType": "Bundle", "type": "transaction",
+              "entry": [flag, {"resource": provenance, "request": {"method": "POST", "url": "Provenance"}}]}
+    fhir_engine_each_mode.fault("Flag", contains="episode-f")
+    status, body, _ = await request(http, "POST", f"{base}/", bundle)
+    if fhir_engine_each_mode.batch_transactions:
+        assert status == 200 and [e["response"]["status"] for e in body["entry"]] == ["409", "201"], body
+        (target,) = body["entry"][1]["resource"]["target"]
+        assert target["reference"].startswith("Flag/")
+        status, _, _ = await request(http, "GET", f"{base}/{target['reference']}")
+        assert status == 404  # a Provenance whose target never existed
+    else:
+        assert status == 409 and "injected fault" in body["issue"][0]["details"]["text"], body
+        status, found, _ = await request(http, "GET", f"{base}/Provenance")
+        assert found["total"] == 0
+    # The fault was used up: the same Bundle now goes through.
+    status, body, _ = await request(http, "POST", f"{base}/", bundle)
+    assert status == 200 and [e["response"]["status"] for e in body["entry"]] == ["201", "201"], body
+
+
 async def test_conditional_create_with_if_none_exist_header(http: aiohttp.ClientSession, fhir_base_url: str) -> None:
     flag = flag_entry("episode-h")["resource"]
     headers = {"If-None-Exist": "identifier=urn:neutrowatch:episode|episode-h"}

@@ -1,4 +1,6 @@
-"""The live loop against the real FHIR engine: what it writes equals what replay predicts, once."""
+"""The live loop against the real FHIR engine: what it writes equals what replay predicts, once.
+The tests of the write path run against both engines (fhir_base_url_each_mode): one whose
+transactions are atomic, one that processes a transaction as a batch, as many servers do."""
 
 from __future__ import annotations
 
@@ -30,21 +32,21 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 
-async def test_staged_arrival_matches_replay_exactly_once(fhir_base_url, tmp_path, state):
+async def test_staged_arrival_matches_replay_exactly_once(fhir_base_url_each_mode, tmp_path, state):
     resources = population()
-    settings = settings_for(fhir_base_url, state)
+    settings = settings_for(fhir_base_url_each_mode, state)
     written = 0
     for stage in stages(resources, 4):
-        put_all(fhir_base_url, stage)
+        put_all(fhir_base_url_each_mode, stage)
         report = await cycle(settings)
         assert report.delivered_all
         written += report.written
-    counts = compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+    counts = compare_with_oracle(fhir_base_url_each_mode, tmp_path / "oracle")
     assert counts["communications"] == written > 5
     # A cycle with nothing new writes nothing and the server is unchanged.
     again = await cycle(settings)
     assert (again.written, again.new_versions) == (0, 0)
-    assert len(export(fhir_base_url, "Communication")) == counts["communications"]
+    assert len(export(fhir_base_url_each_mode, "Communication")) == counts["communications"]
 
 
 async def test_small_pages_lose_nothing(fhir_base_url, tmp_path):
@@ -62,9 +64,9 @@ async def test_small_pages_lose_nothing(fhir_base_url, tmp_path):
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
 
 
-async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_base_url, tmp_path, monkeypatch, state):
-    put_all(fhir_base_url, population(patients=8, days=35, seed=9))
-    settings = settings_for(fhir_base_url, state)
+async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_base_url_each_mode, tmp_path, monkeypatch, state):
+    put_all(fhir_base_url_each_mode, population(patients=8, days=35, seed=9))
+    settings = settings_for(fhir_base_url_each_mode, state)
     crashes = {"left": 3}
     store_class = SqliteStore if settings.store.backend == "sqlite" else PostgresStore
     original = store_class.mark_sent
@@ -84,7 +86,7 @@ async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_b
     assert 1 <= failed_cycles <= 3
     report = await cycle(settings)
     assert report.delivered_all
-    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+    compare_with_oracle(fhir_base_url_each_mode, tmp_path / "oracle")
 
 
 def _write_config(path: Path, settings) -> Path:
@@ -110,18 +112,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def test_kill_9_at_random_points_then_restart(fhir_base_url, tmp_path):
+async def test_kill_9_at_random_points_then_restart(fhir_base_url_each_mode, tmp_path):
     """The real process, killed with SIGKILL at seeded random moments while it works through a
     backlog arriving in stages; after the last restart the server holds exactly replay's alerts."""
     rng = random.Random(20261121)
     port = _free_port()
-    settings = settings_for(fhir_base_url, tmp_path / "k.sqlite3", page_size=25)
+    settings = settings_for(fhir_base_url_each_mode, tmp_path / "k.sqlite3", page_size=25)
     config = _write_config(tmp_path / "config.yaml", settings.model_copy(update={"web": settings.web.model_copy(update={"port": port})}))
     env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "warning"}
     kills = 0
     log = (tmp_path / "service.log").open("wb")
     for stage in stages(population(patients=10, days=42, seed=11), 5):
-        put_all(fhir_base_url, stage)
+        put_all(fhir_base_url_each_mode, stage)
         proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(config)], cwd=ROOT, env=env,
                                 stdout=log, stderr=log)
         await asyncio.sleep(rng.uniform(0.3, 1.5))
@@ -139,7 +141,7 @@ async def test_kill_9_at_random_points_then_restart(fhir_base_url, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0  # SIGTERM drains and exits cleanly
     assert kills == 5
-    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+    compare_with_oracle(fhir_base_url_each_mode, tmp_path / "oracle")
 
 
 async def test_update_during_paging_loses_nothing(fhir_base_url, tmp_path, monkeypatch):
@@ -175,19 +177,19 @@ async def test_update_during_paging_loses_nothing(fhir_base_url, tmp_path, monke
     assert msgspec.msgpack.decode(data, type=LabResult).status == "corrected"  # the newer version is kept
 
 
-async def test_decisions_in_small_batches_equal_replay(fhir_base_url, tmp_path, monkeypatch):
+async def test_decisions_in_small_batches_equal_replay(fhir_base_url_each_mode, tmp_path, monkeypatch):
     """A backlog is decided DECIDE_BATCH panels at a time (memory flat); batches of 3 change nothing."""
     import service.worker
 
     monkeypatch.setattr(service.worker, "DECIDE_BATCH", 3)
-    put_all(fhir_base_url, population(patients=8, days=35, seed=13, temperatures=True))
-    settings = settings_for(fhir_base_url, tmp_path / "b.sqlite3")
+    put_all(fhir_base_url_each_mode, population(patients=8, days=35, seed=13, temperatures=True))
+    settings = settings_for(fhir_base_url_each_mode, tmp_path / "b.sqlite3")
     report = await cycle(settings)
     assert report.delivered_all and report.panels_assessed > 30
-    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+    compare_with_oracle(fhir_base_url_each_mode, tmp_path / "oracle")
 
 
-async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(fhir_base_url, tmp_path):
+async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(fhir_base_url_each_mode, tmp_path):
     """One patient's alert write is refused every time (a server-side validation, say). That chain
     waits in the outbox, retried every cycle; every other patient's results are still read and
     their alerts still sent. (The cycle used to stop at the failed leftover and read nothing more:
@@ -200,20 +202,20 @@ async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(fhi
         kw = dict(patient=f"Patient/{pid}", effective="2026-03-02T08:00:00Z", specimen=f"Specimen/{pid}")
         return [observation("6690-2", 2.0, id=f"{pid}-wbc", **kw), observation("751-8", 0.3, id=f"{pid}-anc", **kw)]
 
-    proxy = Proxy(fhir_base_url)
+    proxy = Proxy(fhir_base_url_each_mode)
     proxy.add(Fault(lambda r: r.method == "POST", times=float("inf"), body_contains=b'"Patient/poison"',
                     respond=lambda _r: web.json_response(
                         {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]}, status=422)))
     await proxy.start()
     try:
         settings = settings_for(proxy.base, tmp_path / "s.sqlite3")
-        put_all(fhir_base_url, panel("poison") + panel("first"))
+        put_all(fhir_base_url_each_mode, panel("poison") + panel("first"))
         one = await cycle(settings)
         assert one.events == {"new": 2} and not one.delivered_all
-        put_all(fhir_base_url, panel("later"))
+        put_all(fhir_base_url_each_mode, panel("later"))
         two = await cycle(settings)
     finally:
         await proxy.stop()
     assert two.events == {"new": 1} and not two.delivered_all and two.cursor is None  # the cursor waits for every write
-    alerted = {c["subject"]["reference"] for c in export(fhir_base_url, "Communication")}
+    alerted = {c["subject"]["reference"] for c in export(fhir_base_url_each_mode, "Communication")}
     assert alerted == {"Patient/first", "Patient/later"}

@@ -1,5 +1,6 @@
-"""Provenance in the live write path: every alert write the worker posts carries its
-Provenance in the same transaction, and what the server then holds
+"""Provenance in the live write path: every alert write the worker posts is followed by its
+Provenance, posted once the server has confirmed the Flag and the Communication, and what the server
+then holds, whether it runs a transaction atomically or as a batch (every test runs on both engines),
 
 (a) has exactly one Provenance per Communication and per Flag-only (chronic) update, whose targets
     are the server ids of that Flag and Communication, whose entities are the source Observations
@@ -8,7 +9,9 @@ Provenance in the same transaction, and what the server then holds
     server-assigned ids, references and the send time;
 (c) validates against fhir_profiles/ with validate.mjs;
 (d) holds one Provenance per write even when a write was applied but its answer was lost (502)
-    and it was posted again.
+    and it was posted again;
+(e) has no Provenance whose target does not exist when the server refused a Flag or a
+    Communication entry: a batch server answers mixed statuses and keeps the rest.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from typing import Any
 import orjson
 import pytest
 
-from service import alerts
+from service import alerts, metrics
 from service import worker as worker_module
 from service.__main__ import main as cli
 from service.clinical.codes import temperature_codes
 from service.config import Settings
 from service.fhir.client import FhirClient
+from service.store import make_store
 from service.store.base import OutboxEntry
 from service.worker import Worker
 from tests.builders import observation
@@ -43,6 +47,12 @@ pytestmark = pytest.mark.integration
 Resource = dict[str, Any]
 INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 VERSIONED = re.compile(r"^Observation/([A-Za-z0-9\-.]+)/_history/([A-Za-z0-9\-.]+)$")
+
+
+@pytest.fixture
+def fhir_base_url(fhir_base_url_each_mode: str) -> str:
+    """Every test here runs against both engines: transactions atomic, and processed as batches."""
+    return fhir_base_url_each_mode
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -273,6 +283,115 @@ async def test_a_lost_answer_reposted_leaves_one_provenance(fhir_base_url, tmp_p
     check_provenances(fhir_base_url, settings, got, chronic=seen["chronic"])
     assert len(got["Provenance"]) == sum(seen.values())
     compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)
+
+
+# -- (e) an entry the server refuses -----------------------------------------------------------------
+
+
+# Each refusal fails a write for real on the engine (POST /$fault: the next write of that type whose
+# JSON holds the text answers 409), in the Bundle the worker posts.
+REFUSED = {
+    "communication-once": ("Communication", "Neutropenia worsening to", 1),  # wf's worsening announcement
+    "flag-once": ("Flag", '"Patient/cx"', 1),  # cx's Flag, when it is created
+    "communication-always": ("Communication", '"Patient/ei"', "always"),  # every write of ei's announcements
+}
+
+
+def assert_targets_resolve(base_url: str, provenances: list[Resource]) -> None:
+    """Every Provenance target is a resource the server holds: read by its reference, 200."""
+    for p in provenances:
+        for t in p["target"]:
+            found = read(base_url, t["reference"])  # raises HTTPError 404 on a dangling target
+            assert (found["resourceType"], found["id"]) == tuple(t["reference"].split("/")), t
+
+
+@pytest.mark.parametrize("refused", sorted(REFUSED))
+async def test_a_refused_entry_leaves_no_provenance_pointing_at_nothing(fhir_engine_each_mode, tmp_path, refused):
+    """A Flag or Communication write the server refuses (409). On the batch engine the answer is
+    mixed (the other entry kept): it is counted and only the refused entry is posted again, in the
+    same write; the Provenance goes only once both targets are confirmed, naming the ids the server
+    answered. Refused every time: the write waits in the outbox, no Provenance is posted, and once
+    the server accepts it everything is written once. (A Provenance in the same Bundle kept the id
+    the batch server had reserved for the refused entry: its target never existed.)"""
+    engine = fhir_engine_each_mode
+    base_url = engine.base_url
+    kind, text, times = REFUSED[refused]
+    engine.fault(kind, times=times, contains=text)
+    settings = settings_for(base_url, tmp_path / "s.sqlite3")
+    mixed_before = metrics.NONATOMIC_TRANSACTIONS._value.get()
+    seen: Counter[str] = Counter()
+    undelivered = 0
+    for stage in scenario():
+        put_all(base_url, stage)
+        report = await cycle(settings)
+        undelivered += not report.delivered_all
+        seen.update(report.events)
+        assert_targets_resolve(base_url, export(base_url, "Provenance"))  # at every step, not only at the end
+    if times == "always":
+        assert undelivered == 4  # ei's chain waits from its first write on, the others go on
+        refused_patient = {p for p in held(base_url)["Provenance"] if "Patient/ei" in json.dumps(p)}
+        assert not refused_patient, "a Provenance was posted although its Communication was refused"
+        engine.clear_faults()
+        assert (await cycle(settings)).delivered_all
+    elif engine.batch_transactions:
+        assert undelivered == 0  # mended within the write
+        assert metrics.NONATOMIC_TRANSACTIONS._value.get() > mixed_before
+    else:
+        assert undelivered <= 1  # all or nothing: refused, then written whole
+    got = held(base_url)
+    assert_targets_resolve(base_url, got["Provenance"])
+    check_provenances(base_url, settings, got, chronic=seen["chronic"])
+    assert len(got["Provenance"]) == sum(seen.values())
+    compare_with_oracle(base_url, tmp_path / "oracle", history=True)
+    check_against_replay(got, predicted(base_url, tmp_path / "oracle-prov", history=True))
+
+
+# -- the Flag the worker remembers ------------------------------------------------------------------
+
+
+async def test_an_update_of_a_flag_the_worker_wrote_needs_no_search_and_a_stale_one_is_read_again(
+        fhir_base_url, tmp_path, monkeypatch):
+    """One worker over the scenario's stages, as the running service keeps it: the Flag a write
+    creates or updates is remembered from the server's answer (id, version, content), so the
+    episode's next update is a versioned PUT without an identifier search first (2 requests a write,
+    not 3). When someone else changed that Flag meanwhile, the PUT's If-Match is stale: 412, the Flag
+    is read again (one search) and the write goes through, ending as replay predicts."""
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
+    searched: list[str] = []
+    original = FhirClient.search_all
+
+    async def counting(self: FhirClient, resource_type: str, params: Any) -> list[Resource]:
+        if resource_type == "Flag":
+            searched.append(dict(params)["identifier"])
+        return await original(self, resource_type, params)
+
+    monkeypatch.setattr(FhirClient, "search_all", counting)
+    store = make_store(settings.store)
+    await store.open()
+    seen: Counter[str] = Counter()
+    per_stage: list[int] = []
+    try:
+        assert await store.lead()
+        async with FhirClient(settings.fhir) as client:
+            worker = Worker(settings, client, store)
+            for i, stage in enumerate(scenario()):
+                if i == 2:  # before ei's withdrawal: its Flag is changed by someone else
+                    (flag,) = [f for f in export(fhir_base_url, "Flag") if f["subject"]["reference"] == "Patient/ei"]
+                    put_all(fhir_base_url, [{**flag, "code": {**flag["code"], "text": "edited elsewhere"}}])
+                put_all(fhir_base_url, stage)
+                before = len(searched)
+                report = await worker.run_cycle()
+                assert report.delivered_all
+                seen.update(report.events)
+                per_stage.append(len(searched) - before)
+    finally:
+        await store.close()
+    assert seen["worsening"] and seen["retracted"] >= 2 and seen["chronic"], seen  # updates in stages 2-4
+    assert per_stage == [0, 0, 1, 0], per_stage  # only the Flag changed elsewhere was searched
+    got = held(fhir_base_url)
+    check_provenances(fhir_base_url, settings, got, chronic=seen["chronic"])
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)
+    check_against_replay(got, predicted(fhir_base_url, tmp_path / "oracle-prov", history=True))
 
 
 # -- the worker's transaction --------------------------------------------------------------------------
