@@ -30,8 +30,8 @@ import msgspec
 import orjson
 
 from .clinical import jsonscan, raw
-from .clinical.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
 from .clinical.context import PatientContext, care_team_members, patient_context, requester
+from .clinical.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
 from .clinical.episodes import PatientState
 from .clinical.fhirtime import from_epoch_us
 from .clinical.observations import (

@@ -23,9 +23,9 @@ import orjson
 import pytest
 
 from service import metrics
-from service.clinical.fhirtime import from_epoch_us
 from service.clinical import raw
 from service.clinical.copies import UNPLACED, stamped
+from service.clinical.fhirtime import from_epoch_us
 from service.clinical.observations import CONFLICT
 from service.fhir.client import UnreadablePage
 from service.metrics import reason_label

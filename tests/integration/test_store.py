@@ -17,8 +17,8 @@ import orjson
 import pytest
 
 from service.clinical import raw
-from service.clinical.episodes import PatientState
 from service.clinical.copies import UNPLACED
+from service.clinical.episodes import PatientState
 from service.clinical.observations import CONFLICT, Rejected
 from service.clinical.panels import decide
 from service.clinical.raw import Resource
