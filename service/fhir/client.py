@@ -56,7 +56,7 @@ from .errors import (
 )
 from .tls import ssl_option
 
-__all__ = ["FhirClient", "Page", "ResponseTooLarge", "UnreadablePage", "transient_status"]
+__all__ = ["FhirClient", "Page", "ResponseTooLarge", "UnreadablePage", "quota_reset_seconds", "transient_status"]
 
 log = structlog.get_logger("neutrowatch.fhir")
 
@@ -209,6 +209,28 @@ class _Pacer:
                 wait = self._sent[0] + self._window - now
                 FHIR_PACED_SECONDS.inc(wait)
                 await asyncio.sleep(wait)
+
+
+_RATELIMIT_ITEM = re.compile(r'^\s*(?:"[^"]*"|[A-Za-z0-9_.\-]+)\s*((?:;\s*[a-z]+=[^;,]*)*)\s*$')
+
+
+def quota_reset_seconds(headers: Mapping[str, str]) -> float | None:
+    """A 429's hint of when the quota renews, when it has no Retry-After: the `RateLimit` header
+    (IETF httpapi ratelimit-headers, the form Medplum sends: `"fhirInteractions";r=0;t=37`) — the
+    largest `t` (seconds until reset) among the policies with nothing remaining (`r=0`). None when
+    absent or unreadable: the client then waits into the quota window instead. A hint only shortens
+    or aims the wait; it is never longer than `fhir.retry.quota_window_seconds`."""
+    value = headers.get("RateLimit") or ""
+    found: float | None = None
+    for item in value.split(",")[:16]:
+        match = _RATELIMIT_ITEM.match(item)
+        if match is None:
+            continue
+        params = dict(p.strip().split("=", 1) for p in match.group(1).split(";") if "=" in p)
+        remaining, reset = params.get("r", "").strip(), params.get("t", "").strip()
+        if remaining == "0" and reset.isdigit():
+            found = max(found or 0.0, float(reset))
+    return found
 
 
 def outcome_summary(body: bytes) -> str:
@@ -751,13 +773,17 @@ class FhirClient:
     def _delay(self, retry_index: int, retry: _Retry) -> float:
         """Retry-After (or x-ms-retry-after-ms) as told, capped; a 429 without it waits into the
         quota window — a uniform half to whole `quota_window_seconds`, so the quota has been renewed
-        for most of the waiting requests and they come back spread out, not in one burst; anything
-        else: full jitter over base * 2**n, capped."""
+        for most of the waiting requests and they come back spread out, not in one burst (or, with a
+        `RateLimit` header saying when it renews, until then plus up to a tenth of the window);
+        anything else: full jitter over base * 2**n, capped."""
         cap = self._retry.backoff_max_seconds
         if retry.after is not None:
             return min(cap, retry.after)
         if retry.reason == "429":
             window = self._retry.quota_window_seconds
+            hint = quota_reset_seconds(retry.response.headers) if retry.response is not None else None
+            if hint is not None:  # the server says when: then, spread over a tenth of the window
+                return min(window, hint + self._rng.uniform(0, window / 10))
             return self._rng.uniform(window / 2, window)
         return self._rng.uniform(0, min(cap, self._retry.backoff_base_seconds * 2**retry_index))
 

@@ -30,7 +30,15 @@ from service.clinical import raw
 from service.config import FhirSettings, RetrySettings
 from service.errors import ConfigError
 from service.fhir.auth import BearerAuth
-from service.fhir.client import FhirClient, Page, ResponseTooLarge, outcome_summary, retry_after_seconds, transient_status
+from service.fhir.client import (
+    FhirClient,
+    Page,
+    ResponseTooLarge,
+    outcome_summary,
+    quota_reset_seconds,
+    retry_after_seconds,
+    transient_status,
+)
 from service.fhir.errors import (
     FhirHttpError,
     FhirUnavailable,
@@ -805,6 +813,32 @@ async def test_a_429_without_retry_after_waits_into_the_quota_window(
     assert retries("429") - before == stats["throttled"] == len(h.sleeps)
     assert h.rng.bounds == [(0.5, 1.0)] * len(h.sleeps) and all(0.5 <= s <= 1.0 for s in h.sleeps)
     assert time.monotonic() - started < 5  # coarse: a few windows at most
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"requests";r=59999;t=60, "fhirInteractions";r=0;t=37', 37.0), ('"a";r=0;t=5, "b";r=0;t=12', 12.0),
+     ('"fhirInteractions";r=12;t=37', None), ('"x";r=0', None), ("garbage,,;;=", None), ("", None)],
+)
+async def test_quota_reset_seconds_reads_the_ratelimit_header(value: str, expected: float | None) -> None:
+    """The optional renewal hint of a 429 without Retry-After: the RateLimit header's `t` of an
+    exhausted policy (r=0), the latest of them; nothing otherwise (format:
+    https://datatracker.ietf.org/doc/draft-ietf-httpapi-ratelimit-headers/)."""
+    assert quota_reset_seconds({"RateLimit": value} if value else {}) == expected
+
+
+async def test_a_429_with_a_ratelimit_hint_waits_until_the_quota_renews(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """A 429 without Retry-After but with `RateLimit: ...;r=0;t=7` waits 7 s plus up to a tenth of
+    the quota window, not a random half to whole window; a hint beyond the window is cut to it."""
+    h = await make_client(proxy.base, quota_window_seconds=60.0)
+    await seed(h.client, 1)
+    proxy.add(Fault(is_search, times=1, respond=answer(429, RateLimit='"fhirInteractions";r=0;t=7')))
+    proxy.add(Fault(is_search, times=1, respond=answer(429, RateLimit='"fhirInteractions";r=0;t=600')))
+
+    pages = await pages_of(h.client, SEARCH)
+
+    assert len(pages[0].resources) == 1
+    assert 7.0 <= h.sleeps[0] <= 13.0 and h.sleeps[1] == 60.0
 
 
 async def test_quota_backoff_is_capped_per_request_and_per_cycle(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
