@@ -157,6 +157,22 @@ class RetrySettings(_Section):
     max_attempts: int = Field(6, ge=1, le=20, description="Attempts per request, the first included.")
     backoff_base_seconds: float = Field(0.5, gt=0, le=60, description="First backoff; doubles each retry, with full jitter.")
     backoff_max_seconds: float = Field(30.0, gt=0, le=600, description="Cap on one backoff, Retry-After included.")
+    quota_window_seconds: float = Field(
+        60.0, gt=0, le=3600,
+        description="The server's quota window (Medplum: points per minute). A 429 without Retry-After waits a "
+        "jittered half to whole window (not the backoff schedule, not capped by backoff_max_seconds), and every "
+        "other request of the client waits with it.",
+    )
+    max_request_retry_seconds: float = Field(
+        180.0, gt=0, le=3600,
+        description="Total backoff one request may spend over all its retries; a retry that would pass it gives up "
+        "(the cycle fails and is redone from the cursor and the outbox).",
+    )
+    max_cycle_retry_seconds: float = Field(
+        600.0, gt=0, le=86_400,
+        description="Backoff budget of the whole client: retries stop when it is spent (a backlog never turns into a "
+        "retry storm). It refills at half a second per second, and fully at the start of each poll cycle.",
+    )
 
 
 class SmartSettings(_Section):
@@ -207,6 +223,11 @@ class FhirSettings(_Section):
     timeout_seconds: float = Field(30.0, gt=0, le=600, description="Timeout of one request (connect + read).")
     page_size: int = Field(200, ge=1, le=1000, description="_count of each search page.")
     max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
+    max_requests_per_minute: int | None = Field(
+        None, ge=1, le=1_000_000,
+        description="Client-side rate limit: at most this many requests (retries included) in any 60 s; none when "
+        "empty. Set it under a server quota (Medplum prices a write 100 points, a search 20, a read 10).",
+    )
     max_response_bytes: int = Field(
         64 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024,
         description="Largest response body read (after decompression); a larger one is refused unread, checked "

@@ -36,6 +36,12 @@ NONATOMIC_TRANSACTIONS = Counter(
     "transaction as a batch); the entries that failed were posted again.", registry=REGISTRY)
 FHIR_REQUESTS = Counter("neutrowatch_fhir_requests_total", "FHIR requests by method and HTTP status (or error kind).", ["method", "status"], registry=REGISTRY)
 FHIR_RETRIES = Counter("neutrowatch_fhir_retries_total", "FHIR requests retried, by reason.", ["reason"], registry=REGISTRY)
+FHIR_RETRY_CAPS = Counter(
+    "neutrowatch_fhir_retry_caps_total",
+    "FHIR requests not retried because a backoff cap was reached: request (fhir.retry.max_request_retry_seconds) "
+    "or cycle (the client's budget, fhir.retry.max_cycle_retry_seconds).",
+    ["cap"], registry=REGISTRY)
+FHIR_PACED_SECONDS = Counter("neutrowatch_fhir_paced_seconds_total", "Seconds requests waited for the client-side rate limit (fhir.max_requests_per_minute).", registry=REGISTRY)
 UNSAFE_LINKS = Counter("neutrowatch_refused_links_total", "Links or redirects to another origin that were refused.", ["kind"], registry=REGISTRY)
 CONTEXT_FAILURES = Counter("neutrowatch_context_lookup_failures_total", "Patient context or recipient look-ups that failed (fallback used).", ["lookup"], registry=REGISTRY)
 POLL_LAG = Gauge("neutrowatch_poll_lag_seconds", "Seconds between now and the newest meta.lastUpdated read.", registry=REGISTRY)

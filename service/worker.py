@@ -7,6 +7,7 @@ server has confirmed every write; a kill loses at most the step in progress."""
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from collections import OrderedDict
@@ -38,7 +39,7 @@ from .config import Settings
 from .directory import LiveDirectory
 from .errors import NeutrowatchError
 from .events import rejected_record
-from .fhir.client import FhirClient, Page
+from .fhir.client import FhirClient, Page, transient_status
 from .fhir.errors import FhirError, PreconditionFailed
 from .outcomes import failure_record, panel_outcome
 from .store.base import Decided, Intake, OutboxEntry, PanelWork, Store
@@ -47,6 +48,7 @@ log = structlog.get_logger("neutrowatch.worker")
 TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
 DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
 TARGET_ATTEMPTS = 3  # Flag+Communication requests per write: 412 re-reads, re-posts after a mixed answer
+ENTRY_BACKOFF_SECONDS = 0.5  # first backoff (full jitter, doubling) before re-posting entries refused transiently
 KNOWN_FLAGS = 5000  # episodes' Flags (id, version, content) the worker remembers between writes
 LOINC = "http://loinc.org"
 
@@ -218,6 +220,7 @@ class Worker:
         report = CycleReport()
         started = time.perf_counter()
         self.progress.pages = 0
+        self.client.start_cycle()  # the client's retry budget is per cycle
         try:
             # Leftovers first. A chain that still fails (one write the server keeps refusing) must
             # not stop the reading: it would silence every patient. It is retried at every step and
@@ -638,6 +641,17 @@ class Worker:
                 metrics.NONATOMIC_TRANSACTIONS.inc()
                 log.warning("transaction answered entry by entry (the server processes it as a batch): "
                             "re-posting what failed", statuses=[str((a.get("response") or {}).get("status", "")) for a in answers])
+            reasons = [transient_status(str((a.get("response") or {}).get("status", "")), (a.get("response") or {}).get("outcome"))
+                       for a in answers if not str((a.get("response") or {}).get("status", "")).startswith("2")]
+            if reasons and all(reasons):
+                # A refusal the server lifts once a concurrent write has committed (409, a
+                # serialization failure) or an overload: back off before re-posting what failed,
+                # within this cycle, rather than waiting a whole poll interval.
+                for reason in reasons:
+                    metrics.FHIR_RETRIES.labels(reason).inc()
+                await asyncio.sleep(random.uniform(0, ENTRY_BACKOFF_SECONDS * 2**_attempt))
+            elif reasons:
+                break  # a refusal to keep: re-posting would only repeat it
         if "Flag" not in ids or (comm_entry is not None and "Communication" not in ids):
             if failed and all(s.startswith("412") for s in failed):
                 raise WriteRejected(f"Flag kept changing under us (412 {TARGET_ATTEMPTS} times)")

@@ -16,7 +16,7 @@ import hashlib
 import random
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC
@@ -35,7 +35,17 @@ from ..clinical.fhirtime import to_epoch_us
 from ..clinical.observations import patient_reference
 from ..config import FhirSettings
 from ..errors import ConfigError
-from ..metrics import DAMAGED_PAGES, FHIR_REQUESTS, FHIR_RETRIES, OVERSIZED_RESPONSES, PAGES, UNSAFE_LINKS, reason_label
+from ..metrics import (
+    DAMAGED_PAGES,
+    FHIR_PACED_SECONDS,
+    FHIR_REQUESTS,
+    FHIR_RETRIES,
+    FHIR_RETRY_CAPS,
+    OVERSIZED_RESPONSES,
+    PAGES,
+    UNSAFE_LINKS,
+    reason_label,
+)
 from .auth import Auth, make_auth
 from .errors import (
     FhirError,
@@ -46,7 +56,7 @@ from .errors import (
 )
 from .tls import ssl_option
 
-__all__ = ["FhirClient", "Page", "ResponseTooLarge", "UnreadablePage"]
+__all__ = ["FhirClient", "Page", "ResponseTooLarge", "UnreadablePage", "quota_reset_seconds", "transient_status"]
 
 log = structlog.get_logger("neutrowatch.fhir")
 
@@ -118,6 +128,109 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
+
+
+_SERIALIZATION = re.compile(r"\b40001\b|could not serialize access", re.IGNORECASE)
+_STATUS = re.compile(r"^\s*(\d{3})(?!\d)")
+
+
+def transient_status(status: int | str | None, outcome: Any = None) -> str | None:
+    """Why a refusal is transient, or None when it is a refusal to keep: the retry reason
+    (`neutrowatch_fhir_retries_total{reason}`) for a response status, or a transaction/batch entry's
+    `response.status` ("409 Conflict"), and its OperationOutcome (a dict, e.g. the entry's
+    `response.outcome`, or a body as bytes).
+
+    * "40001": the outcome says the server's database could not serialize the transaction
+      (PostgreSQL SQLSTATE 40001, "could not serialize access"), whatever the status: nothing was
+      applied, the same request succeeds once the concurrent one has committed.
+    * "409": a conflict — Medplum answers it to concurrent conditional creates, which it runs
+      serializably.
+    * "412": a precondition failed (a stale If-Match). Transient, but a verbatim resend meets the
+      same stale version: the caller re-reads, rebuilds and resends. The client itself never resends
+      a 412 unless it carries the 40001 marker; it raises PreconditionFailed.
+    * "429", "500", "502", "503", "504": overload, as for whole requests.
+
+    Every other status (2xx, 400, 401, 403, 404, 422, ...) is None: a refusal that a retry within the
+    cycle would only repeat. The outcome's free text is searched for the marker only, never kept.
+    A retry of a non-idempotent write stays the caller's decision: only conditional creates and
+    If-Match updates are safe to repeat."""
+    if isinstance(status, int):
+        code: int | None = status
+    else:
+        match = _STATUS.match(status) if isinstance(status, str) else None
+        code = int(match.group(1)) if match else None
+    if code is None or code < 400:
+        return None
+    if _serialization_failure(outcome):
+        return "40001"
+    if code in (409, 412) or code in RETRY_STATUSES:
+        return str(code)
+    return None
+
+
+def _serialization_failure(outcome: Any) -> bool:
+    if isinstance(outcome, bytes | bytearray):
+        try:
+            outcome = orjson.loads(outcome) if outcome.strip() else None
+        except (orjson.JSONDecodeError, RecursionError):
+            return False
+    if not isinstance(outcome, dict) or outcome.get("resourceType") != "OperationOutcome":
+        return False
+    for issue in outcome.get("issue") or ():
+        if not isinstance(issue, dict):
+            continue
+        details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+        codings = details.get("coding") if isinstance(details.get("coding"), list) else []
+        texts = [issue.get("diagnostics"), details.get("text"), *(c.get("code") for c in codings if isinstance(c, dict))]
+        if any(isinstance(t, str) and _SERIALIZATION.search(t[:2000]) for t in texts):
+            return True
+    return False
+
+
+class _Pacer:
+    """`fhir.max_requests_per_minute`: at most `limit` sends in any `window` seconds — a sliding log
+    of send times, so a burst after a quiet minute is allowed up to the limit and never beyond it
+    (a server's per-minute quota counts the same way). Waits are real time (pacing, not backoff)."""
+
+    def __init__(self, limit: int, window: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._limit, self._window, self._clock = limit, window, clock
+        self._sent: deque[float] = deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:  # in order: a waiting request is not overtaken
+            while True:
+                now = self._clock()
+                while self._sent and self._sent[0] <= now - self._window:
+                    self._sent.popleft()
+                if len(self._sent) < self._limit:
+                    self._sent.append(now)
+                    return
+                wait = self._sent[0] + self._window - now
+                FHIR_PACED_SECONDS.inc(wait)
+                await asyncio.sleep(wait)
+
+
+_RATELIMIT_ITEM = re.compile(r'^\s*(?:"[^"]*"|[A-Za-z0-9_.\-]+)\s*((?:;\s*[a-z]+=[^;,]*)*)\s*$')
+
+
+def quota_reset_seconds(headers: Mapping[str, str]) -> float | None:
+    """A 429's hint of when the quota renews, when it has no Retry-After: the `RateLimit` header
+    (IETF httpapi ratelimit-headers, the form Medplum sends: `"fhirInteractions";r=0;t=37`) — the
+    largest `t` (seconds until reset) among the policies with nothing remaining (`r=0`). None when
+    absent or unreadable: the client then waits into the quota window instead. A hint only shortens
+    or aims the wait; it is never longer than `fhir.retry.quota_window_seconds`."""
+    value = headers.get("RateLimit") or ""
+    found: float | None = None
+    for item in value.split(",")[:16]:
+        match = _RATELIMIT_ITEM.match(item)
+        if match is None:
+            continue
+        params = dict(p.strip().split("=", 1) for p in match.group(1).split(";") if "=" in p)
+        remaining, reset = params.get("r", "").strip(), params.get("t", "").strip()
+        if remaining == "0" and reset.isdigit():
+            found = max(found or 0.0, float(reset))
+    return found
 
 
 def outcome_summary(body: bytes) -> str:
@@ -396,6 +509,7 @@ class FhirClient:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if not settings.base_url:
             raise ConfigError("fhir.base_url: required")
@@ -406,7 +520,10 @@ class FhirClient:
         self._ssl = ssl_option(settings)
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout_seconds)
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
-        self._sleep, self._rng, self._clock = sleep, rng or random.Random(), clock
+        self._sleep, self._rng, self._clock, self._monotonic = sleep, rng or random.Random(), clock, monotonic
+        self._pacer = _Pacer(settings.max_requests_per_minute) if settings.max_requests_per_minute else None
+        self._paused_until = float("-inf")  # a 429 pauses every request of this client until then (monotonic)
+        self._budget, self._budget_at = self._retry.max_cycle_retry_seconds, monotonic()
         self._own_session = session is None
         self._session = session or aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl))
         try:
@@ -417,6 +534,10 @@ class FhirClient:
                 _closing.add(task)
                 task.add_done_callback(_closing.discard)
             raise
+
+    def start_cycle(self) -> None:
+        """A poll cycle begins: the backoff budget (`fhir.retry.max_cycle_retry_seconds`) is full again."""
+        self._budget, self._budget_at = self._retry.max_cycle_retry_seconds, self._monotonic()
 
     async def __aenter__(self) -> Self:
         return self
@@ -556,11 +677,13 @@ class FhirClient:
 
     async def _request(self, method: str, url: str, *, idempotent: bool, parse: Callable[[_Response], T],
                        body: bytes | None = None, headers: Mapping[str, str] | None = None) -> T:
-        attempt, reauthorised = 0, False
+        attempt, reauthorised, spent = 0, False, 0.0
+        slept_until = float("-inf")  # the end of this request's own last backoff (monotonic)
         what = f"{method} {self._resource_type(url) or 'base'}"
         while True:
             attempt += 1
             try:
+                slept_until = await self._wait_out_pause(slept_until)
                 response = await self._exchange(method, url, body, headers or {})
                 if response.status == 401 and response.authorized and not reauthorised:
                     reauthorised, attempt = True, attempt - 1
@@ -574,17 +697,62 @@ class FhirClient:
                 if attempt >= self._retry.max_attempts:
                     raise FhirUnavailable(f"{what}: gave up after {attempt} attempts; last: {retry.reason}",
                                           reason=retry.reason, attempts=attempt) from None
-                delay = self._delay(attempt - 1, retry.after)
+                delay = self._delay(attempt - 1, retry)
+                now = self._monotonic()
+                if retry.reason == "429":  # one quota pause for the whole client, joined by every request that meets it
+                    delay = max(delay, self._paused_until - now)
+                if spent + delay > self._retry.max_request_retry_seconds:
+                    raise self._capped(what, retry, attempt, "request", spent) from None
+                if not self._debit(max(0.0, now + delay - max(now, self._paused_until)) if retry.reason == "429" else delay):
+                    raise self._capped(what, retry, attempt, "cycle", spent) from None
+                spent += delay
+                if retry.reason == "429":
+                    self._paused_until = max(self._paused_until, now + delay)
+                slept_until = now + delay
                 FHIR_RETRIES.labels(reason=retry.reason).inc()
                 log.warning("fhir_retry", method=method, resource_type=self._resource_type(url), reason=retry.reason,
                             attempt=attempt, delay=round(delay, 3))
                 await self._sleep(delay)
 
+    async def _wait_out_pause(self, slept_until: float) -> float:
+        """Before a send: wait until the client's quota pause (set by a 429) is over, unless this
+        request's own backoff already reached its end. Returns the new end of this request's wait."""
+        wait = self._paused_until - max(self._monotonic(), slept_until)
+        if wait > 0:
+            await self._sleep(wait)
+            return self._paused_until
+        return slept_until
+
+    def _debit(self, seconds: float) -> bool:
+        """Take `seconds` of backoff from the client's budget; False (nothing taken) when it is short.
+        The budget refills at half a second per second (so backoff never takes more than half the
+        time for long) and fully at `start_cycle()`."""
+        now, cap = self._monotonic(), self._retry.max_cycle_retry_seconds
+        self._budget = min(cap, self._budget + max(0.0, now - self._budget_at) / 2)
+        self._budget_at = now
+        if seconds > self._budget:
+            return False
+        self._budget -= seconds
+        return True
+
+    def _capped(self, what: str, retry: _Retry, attempt: int, cap: str, spent: float) -> FhirUnavailable:
+        FHIR_RETRY_CAPS.labels(cap=cap).inc()
+        setting = "max_request_retry_seconds" if cap == "request" else "max_cycle_retry_seconds"
+        log.warning("fhir_retry_capped", what=what, reason=retry.reason, attempt=attempt, cap=cap, spent=round(spent, 3))
+        return FhirUnavailable(f"{what}: not retried after {attempt} attempt(s), fhir.retry.{setting} reached; last: {retry.reason}",
+                               reason=retry.reason, attempts=attempt)
+
     def _accept(self, response: _Response, parse: Callable[[_Response], T]) -> T:
         status = response.status
         if status in RETRY_STATUSES:
             after = retry_after_seconds(response.headers, self._clock())
-            raise _Retry(str(status), ambiguous=status != 429, response=response, after=after)
+            reason = "40001" if _serialization_failure(response.body) else str(status)
+            raise _Retry(reason, ambiguous=status != 429, response=response, after=after)
+        if status in (409, 412) and (transient := transient_status(status, response.body)) != "412":
+            # A conflict (a concurrent conditional create) or a serialization failure: nothing was
+            # applied, so a conditional create or an If-Match update is sent again after a backoff.
+            # "ambiguous" keeps the rule that a plain POST is never repeated.
+            raise _Retry(transient or str(status), ambiguous=True, response=response)
         html = _is_html(response)
         if 200 <= status < 300:
             if html:
@@ -602,10 +770,21 @@ class FhirClient:
         return FhirUnavailable(f"{what}: {retry.reason} after {attempt} attempt(s); not retried, the write is not "
                                "idempotent and its outcome is unknown", reason=retry.reason, attempts=attempt)
 
-    def _delay(self, retry_index: int, retry_after: float | None) -> float:
+    def _delay(self, retry_index: int, retry: _Retry) -> float:
+        """Retry-After (or x-ms-retry-after-ms) as told, capped; a 429 without it waits into the
+        quota window — a uniform half to whole `quota_window_seconds`, so the quota has been renewed
+        for most of the waiting requests and they come back spread out, not in one burst (or, with a
+        `RateLimit` header saying when it renews, until then plus up to a tenth of the window);
+        anything else: full jitter over base * 2**n, capped."""
         cap = self._retry.backoff_max_seconds
-        if retry_after is not None:
-            return min(cap, retry_after)
+        if retry.after is not None:
+            return min(cap, retry.after)
+        if retry.reason == "429":
+            window = self._retry.quota_window_seconds
+            hint = quota_reset_seconds(retry.response.headers) if retry.response is not None else None
+            if hint is not None:  # the server says when: then, spread over a tenth of the window
+                return min(window, hint + self._rng.uniform(0, window / 10))
+            return self._rng.uniform(window / 2, window)
         return self._rng.uniform(0, min(cap, self._retry.backoff_base_seconds * 2**retry_index))
 
     async def _exchange(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]) -> _Response:
@@ -660,6 +839,8 @@ class FhirClient:
         headers = {"Accept": FHIR_JSON, "User-Agent": self._settings.user_agent, **extra, **auth}
         if body is not None:
             headers["Content-Type"] = FHIR_JSON
+        if self._pacer is not None:
+            await self._pacer.acquire()  # every send counts: first attempts, retries, a followed redirect
         async with self._semaphore:
             try:
                 async with self._session.request(method, _request_url(url), data=body, headers=headers, timeout=self._timeout,

@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 __all__ = ["EngineError", "EngineUnavailable", "FhirEngine", "engine_available"]
 
@@ -81,7 +82,9 @@ class FhirEngine:
     """A running (or startable) FHIR test engine process."""
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-                 batch_transactions: bool = False, bearer_token_file: Path | None = None) -> None:
+                 batch_transactions: bool = False, bearer_token_file: Path | None = None,
+                 quota_points_per_minute: int | None = None, quota_window_seconds: float | None = None,
+                 conflict_every: int | None = None) -> None:
         """`batch_transactions`: process a `transaction` Bundle as a batch (mixed entry statuses,
         the successful entries kept), as Medplum does for a project without transaction bundles."""
         self.host = host
@@ -89,6 +92,10 @@ class FhirEngine:
         self.verbose = verbose
         self.batch_transactions = batch_transactions
         self.bearer_token_file = bearer_token_file  # requests must carry this file's token (re-read each request)
+        # Medplum-style quota: points per window (write 100, search 20, read 10), 429 without Retry-After
+        self.quota_points_per_minute = quota_points_per_minute
+        self.quota_window_seconds = quota_window_seconds  # the quota's window; 60 s unless given
+        self.conflict_every = conflict_every  # every Nth conditional create answers 409 (serialization failure)
         self.base_url: str = ""
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen[str] | None = None
@@ -113,6 +120,12 @@ class FhirEngine:
             args.append("--batch-transactions")
         if self.bearer_token_file is not None:
             args += ["--bearer-token-file", str(self.bearer_token_file)]
+        if self.quota_points_per_minute is not None:
+            args += ["--quota-points-per-minute", str(self.quota_points_per_minute)]
+        if self.quota_window_seconds is not None:
+            args += ["--quota-window-seconds", str(self.quota_window_seconds)]
+        if self.conflict_every is not None:
+            args += ["--conflict-every", str(self.conflict_every)]
         # stderr goes to a file, never to an undrained pipe (a full pipe would block the server).
         self._log_file = tempfile.NamedTemporaryFile(prefix="fhir-engine-", suffix=".log", delete=False)
         started = time.monotonic()
@@ -232,6 +245,18 @@ class FhirEngine:
                 response.read()
         except (urllib.error.URLError, OSError) as exc:
             raise EngineError(f"FHIR test engine {method} {path} failed: {exc}\n{self.log_tail()}") from exc
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since start or the last reset (``GET /$stats``): ``requests`` (FHIR requests, not
+        the admin endpoints or /metadata), ``throttled`` (answered 429 by the quota), ``conflicts``
+        (answered 409 by ``conflict_every``), ``conditionalCreates``, ``points`` (quota points spent)."""
+        if not self.running:
+            raise EngineError("FHIR test engine is not running; call start() first")
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/$stats", timeout=10) as response:
+                return dict(json.loads(response.read()))
+        except (urllib.error.URLError, OSError) as exc:
+            raise EngineError(f"FHIR test engine stats failed: {exc}\n{self.log_tail()}") from exc
 
     # -- context manager ---------------------------------------------------------------------------
 

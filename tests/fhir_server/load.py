@@ -13,8 +13,11 @@ Resource = dict[str, Any]
 
 def _request(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
     data = json.dumps(body).encode() if body is not None else None
+    # Staging and exporting are the test's own bookkeeping, not the client under test: exempt from the
+    # engine's quota and injected conflicts (README: quota and conflicts).
     req = urllib.request.Request(url, data=data, method=method, headers={
-        "Content-Type": "application/fhir+json", "Accept": "application/fhir+json", **(headers or {})})
+        "Content-Type": "application/fhir+json", "Accept": "application/fhir+json", "X-Engine-Unmetered": "true",
+        **(headers or {})})
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.loads(resp.read() or b"null")
 

@@ -6,7 +6,8 @@
 // body-size and content-type checks, and two admin endpoints (POST /$reset, GET /$health).
 //
 //   node server.mjs [--port 0] [--host 127.0.0.1] [--verbose] [--no-narrow] [--exit-with-stdin]
-//                   [--batch-transactions] [--bearer-token-file PATH]
+//                   [--batch-transactions] [--bearer-token-file PATH] [--quota-points-per-minute N]
+//                   [--quota-window-seconds S] [--conflict-every N]
 //
 // A `transaction` Bundle is atomic by default (all entries or none: a failed entry rolls back the
 // others and the answer is the error). With --batch-transactions the router processes it as a batch,
@@ -16,6 +17,13 @@
 // With --bearer-token-file every FHIR request (not the admin endpoints) must carry
 // "Authorization: Bearer <the file's content>", read on each request so a test can rotate it;
 // otherwise 401 with WWW-Authenticate: Bearer (RFC 6750 §3).
+//
+// With --quota-points-per-minute every FHIR request costs points (a write 100, a search 20, a read
+// 10; a Bundle the sum of its entries) against a fixed window (60 s, or --quota-window-seconds);
+// over the quota: 429 with an OperationOutcome and no Retry-After, as Medplum answers. With
+// --conflict-every N every Nth conditional create (If-None-Exist header, or a Bundle with an
+// ifNoneExist entry) answers 409 with a serialization-failure OperationOutcome, unapplied.
+// GET /$stats counts requests, throttled and conflicted ones.
 //
 // Prints exactly one line "LISTENING http://<host>:<port>" to stdout once ready. See README.md.
 
@@ -52,6 +60,8 @@ const JSON_TYPES = new Set(['application/fhir+json', 'application/json', 'applic
 const FHIR_JSON = 'application/fhir+json; charset=utf-8';
 /** Opt-in request header: keep client-sent meta.lastUpdated / meta.versionId on create/update. */
 const KEEP_META_HEADER = 'x-engine-keep-meta';
+/** Opt-in request header: exempt from the quota, the injected conflicts and the counters (test staging). */
+const UNMETERED_HEADER = 'x-engine-unmetered';
 
 const CAPABILITY_TYPES = ['Observation', 'Flag', 'Communication', 'Provenance', 'Patient', 'DiagnosticReport',
   'ServiceRequest', 'CareTeam', 'Device'];
@@ -67,9 +77,22 @@ const { values: args } = parseArgs({
     'exit-with-stdin': { type: 'boolean', default: false },
     'batch-transactions': { type: 'boolean', default: false },
     'bearer-token-file': { type: 'string' },
+    'quota-points-per-minute': { type: 'string' },
+    'quota-window-seconds': { type: 'string', default: '60' },
+    'conflict-every': { type: 'string' },
   },
 });
 
+const positive = (name) => {
+  const raw = args[name];
+  if (raw === undefined) return undefined;
+  const value = Number(raw);
+  if (!(value > 0)) throw new Error(`--${name} must be a positive number, not ${raw}`);
+  return value;
+};
+const QUOTA_POINTS = positive('quota-points-per-minute');
+const QUOTA_WINDOW_MS = positive('quota-window-seconds') * 1000;
+const CONFLICT_EVERY = positive('conflict-every');
 const log = args.verbose ? (...parts) => process.stderr.write(parts.join(' ') + '\n') : () => undefined;
 
 // ---------------------------------------------------------------------------------------------
@@ -316,6 +339,59 @@ function capabilityStatement(base) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Quota and injected conflicts (opt-in)
+// ---------------------------------------------------------------------------------------------
+
+/** Points per interaction, as Medplum prices its "FHIR interaction load": write, search, read. */
+const COST = { write: 100, search: 20, read: 10 };
+const stats = { requests: 0, throttled: 0, conflicts: 0, conditionalCreates: 0, points: 0 };
+let quota = { start: 0, used: 0 };
+
+/** The points one interaction costs: by method, and for a GET whether it names an instance. */
+function interactionCost(method, path) {
+  if (method !== 'GET' && method !== 'HEAD') return COST.write;
+  const segments = path.split('?')[0].split('/').filter(Boolean);
+  return segments.length >= 2 && !segments[1].startsWith('_') ? COST.read : COST.search;
+}
+
+function requestCost(method, pathname, body) {
+  if (method === 'POST' && pathname === '/' && body?.resourceType === 'Bundle') {
+    return (body.entry ?? []).reduce((sum, e) => sum + interactionCost(e?.request?.method ?? 'POST', '/' + (e?.request?.url ?? '')), 0);
+  }
+  return interactionCost(method, pathname);
+}
+
+/** Fixed window (Medplum's limiter resets its points each window). A refused request costs nothing. */
+function overQuota(cost) {
+  if (QUOTA_POINTS === undefined) return false;
+  const now = Date.now();
+  if (now - quota.start >= QUOTA_WINDOW_MS) quota = { start: now, used: 0 };
+  if (quota.used + cost > QUOTA_POINTS) return true;
+  quota.used += cost;
+  stats.points += cost;
+  return false;
+}
+
+function isConditionalCreate(req, pathname, body) {
+  if (req.method !== 'POST') return false;
+  if (pathname === '/' && body?.resourceType === 'Bundle') return (body.entry ?? []).some((e) => e?.request?.ifNoneExist);
+  return Boolean(req.headers['if-none-exist']);
+}
+
+const THROTTLED = {
+  resourceType: 'OperationOutcome',
+  issue: [{ severity: 'error', code: 'throttled', details: { text: 'Too Many Requests' } }],
+};
+const SERIALIZATION_FAILURE = {
+  resourceType: 'OperationOutcome',
+  issue: [{
+    severity: 'error', code: 'conflict',
+    details: { text: 'Conflict' },
+    diagnostics: 'could not serialize access due to read/write dependencies among transactions (SQLSTATE 40001)',
+  }],
+};
+
+// ---------------------------------------------------------------------------------------------
 // Request handling
 // ---------------------------------------------------------------------------------------------
 
@@ -329,6 +405,8 @@ async function handle(req, res, base) {
   if (url.pathname === '/$reset' && method === 'POST') {
     repo = new EngineRepository();
     faults = [];
+    quota = { start: 0, used: 0 };
+    for (const key of Object.keys(stats)) stats[key] = 0;
     return send(res, 200, allOk);
   }
   if (url.pathname === '/$fault' && method === 'POST') {
@@ -345,6 +423,10 @@ async function handle(req, res, base) {
     faults = [];
     return send(res, 200, allOk);
   }
+  if (url.pathname === '/$stats' && method === 'GET') {
+    return send(res, 200, { ...stats, quotaPoints: QUOTA_POINTS ?? null, quotaWindowSeconds: QUOTA_WINDOW_MS / 1000,
+      conflictEvery: CONFLICT_EVERY ?? null });
+  }
   const tokenFile = args['bearer-token-file'];
   if (tokenFile && req.headers.authorization !== `Bearer ${readFileSync(tokenFile, 'utf8').trim()}`) {
     const outcome = { resourceType: 'OperationOutcome', issue: [{ severity: 'error', code: 'login' }] };
@@ -355,6 +437,19 @@ async function handle(req, res, base) {
   }
 
   const body = await readBody(req);
+  const unmetered = /^(1|true)$/i.test(req.headers[UNMETERED_HEADER] ?? '');
+  if (!unmetered) stats.requests++;
+  if (!unmetered && overQuota(requestCost(method, url.pathname, body))) {
+    stats.throttled++;
+    return send(res, 429, THROTTLED); // no Retry-After: Medplum sends none
+  }
+  if (!unmetered && isConditionalCreate(req, url.pathname, body)) {
+    stats.conditionalCreates++;
+    if (CONFLICT_EVERY !== undefined && stats.conditionalCreates % CONFLICT_EVERY === 0) {
+      stats.conflicts++;
+      return send(res, 409, SERIALIZATION_FAILURE); // nothing applied, as after a rolled-back transaction
+    }
+  }
   const route = router.find(method, url.pathname);
   const interaction = route?.data?.interaction;
   const paging = method === 'GET' && (interaction === 'search-type' || interaction === 'search-system')

@@ -3,13 +3,14 @@ proxy of tests/chaos/proxy.py (429/503, truncated bodies, next links and redirec
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
@@ -29,7 +30,15 @@ from service.clinical import raw
 from service.config import FhirSettings, RetrySettings
 from service.errors import ConfigError
 from service.fhir.auth import BearerAuth
-from service.fhir.client import FhirClient, Page, ResponseTooLarge, outcome_summary, retry_after_seconds
+from service.fhir.client import (
+    FhirClient,
+    Page,
+    ResponseTooLarge,
+    outcome_summary,
+    quota_reset_seconds,
+    retry_after_seconds,
+    transient_status,
+)
 from service.fhir.errors import (
     FhirHttpError,
     FhirUnavailable,
@@ -39,7 +48,9 @@ from service.fhir.errors import (
 from service.metrics import REGISTRY
 from service.store import make_store
 from tests.chaos.proxy import Fault, OtherOrigin, Proxy
-from tests.integration.live import cycle, settings_for
+from tests.fhir_server.engine import FhirEngine
+from tests.fhir_server.load import put_all
+from tests.integration.live import compare_with_oracle, cycle, population, settings_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -106,8 +117,21 @@ async def proxy(fhir_base_url: str) -> AsyncIterator[Proxy]:
 
 
 class Sleeps(list[float]):
+    """Backoff recorded instead of slept; `monotonic()` is the real clock moved on by what was
+    "slept", so the client's pause and budget bookkeeping sees time pass as it would. With
+    `real=True` it also sleeps (a test that needs a server-side window to pass)."""
+
+    def __init__(self, real: bool = False) -> None:
+        super().__init__()
+        self.real = real
+
     async def __call__(self, seconds: float) -> None:
         self.append(seconds)
+        if self.real:
+            await asyncio.sleep(seconds)
+
+    def monotonic(self) -> float:
+        return time.monotonic() + (0.0 if self.real else sum(self))
 
 
 class RecordingRandom(random.Random):
@@ -132,12 +156,14 @@ async def make_client() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
     clients: list[FhirClient] = []
 
     async def make(base_url: str, *, auth: Any = None, max_attempts: int = 4, timeout: float = 30.0,
-                   max_response_bytes: int = 64 * 1024 * 1024) -> Harness:
+                   max_response_bytes: int = 64 * 1024 * 1024, real_sleep: bool = False,
+                   max_requests_per_minute: int | None = None, **retry: float) -> Harness:
         settings = FhirSettings(base_url=base_url, allow_insecure_http=True, timeout_seconds=timeout, user_agent="neutrowatch-test/1",
-                                max_response_bytes=max_response_bytes,
-                                retry=RetrySettings(max_attempts=max_attempts, backoff_base_seconds=0.5, backoff_max_seconds=30))
-        sleeps, rng = Sleeps(), RecordingRandom()
-        client = FhirClient(settings, auth=auth if auth is not None else BearerAuth(TOKEN), sleep=sleeps, rng=rng)
+                                max_response_bytes=max_response_bytes, max_requests_per_minute=max_requests_per_minute,
+                                retry=RetrySettings(max_attempts=max_attempts, backoff_base_seconds=0.5, backoff_max_seconds=30, **retry))
+        sleeps, rng = Sleeps(real_sleep), RecordingRandom()
+        client = FhirClient(settings, auth=auth if auth is not None else BearerAuth(TOKEN), sleep=sleeps, rng=rng,
+                            monotonic=sleeps.monotonic)
         clients.append(client)
         return Harness(client, sleeps, rng)
 
@@ -650,3 +676,268 @@ async def test_an_oversized_page_fails_the_cycle_and_the_cursor_stays(
     smaller = capped.model_copy(update={"fhir": capped.fhir.model_copy(update={"page_size": 25})})
     report = await cycle(smaller)
     assert report.new_versions == 150 and report.cursor is not None
+
+
+# -- transient conflicts, quotas and the client-side rate limit ---------------------------------------
+
+
+SERIALIZATION_FAILURE = {"resourceType": "OperationOutcome", "issue": [{
+    "severity": "error", "code": "conflict",
+    "diagnostics": "could not serialize access due to read/write dependencies among transactions"}]}
+
+
+@pytest.fixture
+def start_engine(fhir_engine: FhirEngine) -> Iterator[Callable[..., FhirEngine]]:
+    """A FHIR engine of this test's own, started with options (quota, conflicts); `fhir_engine`
+    is requested only for its skip-or-fail handling when Node.js is missing."""
+    engines: list[FhirEngine] = []
+
+    def start(**options: Any) -> FhirEngine:
+        engine = FhirEngine(**options)
+        engines.append(engine)
+        engine.start()
+        return engine
+
+    yield start
+    for engine in engines:
+        engine.stop()
+
+
+def conditional(value: str) -> tuple[dict[str, Any], str]:
+    return observation(identifier=[{"system": "urn:test", "value": value}]), f"identifier=urn:test|{value}"
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome_", "reason"),
+    [
+        ("409 Conflict", None, "409"),
+        (409, None, "409"),
+        ("412 Precondition Failed", None, "412"),  # transient, but the caller re-reads before resending
+        ("400 Bad Request", SERIALIZATION_FAILURE, "40001"),  # the marker, whatever the status
+        ("500", orjson.dumps(outcome("exception", "ERROR: could not serialize access (SQLSTATE 40001)")), "40001"),
+        ("429 Too Many Requests", None, "429"),
+        ("503", None, "503"),
+        ("201 Created", SERIALIZATION_FAILURE, None),  # a success is never a refusal
+        ("400 Bad Request", outcome("invalid", "Flag.status: required"), None),
+        (403, None, None),
+        (404, None, None),
+        ("422", b"not json", None),
+        ("conflict", None, None),
+        (None, SERIALIZATION_FAILURE, None),
+    ],
+)
+async def test_transient_status_classifies_statuses_and_entry_statuses(status: Any, outcome_: Any, reason: str | None) -> None:
+    """A transaction/batch entry's status (or a response's) with its OperationOutcome is classified
+    as transient (the retry reason) or a refusal to keep (None): 409, 412, a serialization failure
+    (SQLSTATE 40001, https://www.postgresql.org/docs/current/errcodes-appendix.html) and overload
+    are transient; other 4xx are not."""
+    assert transient_status(status, outcome_) == reason
+
+
+async def test_a_409_on_a_conditional_create_is_retried_and_counted(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """A conditional create answered 409 (a concurrent conditional create) is sent again after a
+    jittered backoff within the same call, counted under reason 409, and creates the resource once."""
+    h = await make_client(proxy.base)
+    proxy.add(Fault(lambda r: r.method == "POST", times=1, respond=answer(409, outcome("conflict", "concurrent"))))
+    before = retries("409")
+    resource, criteria = conditional("c409")
+
+    created, status = await h.client.create(resource, if_none_exist=criteria)
+
+    assert status == 201 and created is not None
+    assert retries("409") - before == 1
+    assert len(proxy.requests("POST")) == 2 and h.rng.bounds == [(0, 0.5)]
+    assert len(await h.client.search_all("Observation", [("identifier", "urn:test|c409")])) == 1
+
+
+async def test_a_serialization_failure_from_the_engine_is_retried_for_a_conditional_transaction(
+    start_engine: Callable[..., FhirEngine], make_client: Callable[..., Awaitable[Harness]],
+) -> None:
+    """The engine's 409 with a 40001 outcome on every 2nd conditional create: a transaction of
+    conditional creates (idempotent) is retried until it is applied, counted under reason 40001."""
+    engine = start_engine(conflict_every=2)
+    h = await make_client(engine.base_url)
+    before = retries("40001")
+    first, criteria = conditional("s1")
+    await h.client.create(first, if_none_exist=criteria)  # conditional create #1: applied
+
+    entries = [post_entry(r, ifNoneExist=c) for r, c in (conditional("s2"), conditional("s3"))]
+    response = await h.client.transaction(transaction(entries))  # #2: 409, #3 (the retry): applied
+
+    assert [e["response"]["status"][:3] for e in response["entry"]] == ["201", "201"]
+    assert retries("40001") - before == 1
+    assert engine.stats()["conflicts"] == 1 and len(h.sleeps) == 1
+
+
+async def test_a_409_on_a_plain_post_and_a_400_are_not_retried(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """Refusals stay refusals: a plain POST answered 409 is not repeated (not idempotent); a 400 on
+    a conditional create is not retried; a stale If-Match (412 without the serialization marker) is
+    not resent verbatim but raised for the caller to re-read."""
+    h = await make_client(proxy.base)
+    before = (retries("409"), retries("400"), retries("412"))
+    proxy.add(Fault(lambda r: r.method == "POST", times=1, respond=answer(409, outcome("conflict", "concurrent"))))
+    with pytest.raises(FhirHttpError) as caught:
+        await h.client.create(observation())
+    assert caught.value.status == 409
+    proxy.add(Fault(lambda r: r.method == "POST", times=1, respond=answer(400, outcome("invalid", "bad"))))
+    resource, criteria = conditional("c400")
+    with pytest.raises(FhirHttpError) as caught:
+        await h.client.create(resource, if_none_exist=criteria)
+    assert caught.value.status == 400
+    proxy.add(Fault(lambda r: r.method == "PUT", times=1, respond=answer(412, outcome("conflict", "stale"))))
+    with pytest.raises(PreconditionFailed):
+        await h.client.update({**observation(), "id": "x1"}, if_match="1")
+
+    assert len(proxy.requests("POST")) == 2 and len(proxy.requests("PUT")) == 1
+    assert h.sleeps == [] and (retries("409"), retries("400"), retries("412")) == before
+
+
+async def test_a_429_without_retry_after_waits_into_the_quota_window(
+    start_engine: Callable[..., FhirEngine], make_client: Callable[..., Awaitable[Harness]],
+) -> None:
+    """The engine's quota (a write 100 points, a search 20; 429 without Retry-After) is spent by a
+    write; the next search waits a jittered half to whole quota window (not the 0.5 s backoff
+    schedule), then succeeds within max_attempts requests."""
+    engine = start_engine(quota_points_per_minute=100, quota_window_seconds=1)
+    h = await make_client(engine.base_url, max_attempts=5, real_sleep=True, quota_window_seconds=1.0)
+    resource, criteria = conditional("q1")
+    await h.client.create(resource, if_none_exist=criteria)  # 100 points: the window's quota
+    before = retries("429")
+    started = time.monotonic()
+
+    found = await h.client.search_all("Observation", [("identifier", "urn:test|q1")])
+
+    assert len(found) == 1
+    stats = engine.stats()
+    assert 1 <= stats["throttled"] <= 4 and stats["requests"] == 2 + stats["throttled"]
+    assert retries("429") - before == stats["throttled"] == len(h.sleeps)
+    assert h.rng.bounds == [(0.5, 1.0)] * len(h.sleeps) and all(0.5 <= s <= 1.0 for s in h.sleeps)
+    assert time.monotonic() - started < 5  # coarse: a few windows at most
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('"requests";r=59999;t=60, "fhirInteractions";r=0;t=37', 37.0), ('"a";r=0;t=5, "b";r=0;t=12', 12.0),
+     ('"fhirInteractions";r=12;t=37', None), ('"x";r=0', None), ("garbage,,;;=", None), ("", None)],
+)
+async def test_quota_reset_seconds_reads_the_ratelimit_header(value: str, expected: float | None) -> None:
+    """The optional renewal hint of a 429 without Retry-After: the RateLimit header's `t` of an
+    exhausted policy (r=0), the latest of them; nothing otherwise (format:
+    https://datatracker.ietf.org/doc/draft-ietf-httpapi-ratelimit-headers/)."""
+    assert quota_reset_seconds({"RateLimit": value} if value else {}) == expected
+
+
+async def test_a_429_with_a_ratelimit_hint_waits_until_the_quota_renews(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """A 429 without Retry-After but with `RateLimit: ...;r=0;t=7` waits 7 s plus up to a tenth of
+    the quota window, not a random half to whole window; a hint beyond the window is cut to it."""
+    h = await make_client(proxy.base, quota_window_seconds=60.0)
+    await seed(h.client, 1)
+    proxy.add(Fault(is_search, times=1, respond=answer(429, RateLimit='"fhirInteractions";r=0;t=7')))
+    proxy.add(Fault(is_search, times=1, respond=answer(429, RateLimit='"fhirInteractions";r=0;t=600')))
+
+    pages = await pages_of(h.client, SEARCH)
+
+    assert len(pages[0].resources) == 1
+    assert 7.0 <= h.sleeps[0] <= 13.0 and h.sleeps[1] == 60.0
+
+
+async def test_quota_backoff_is_capped_per_request_and_per_cycle(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """A server that keeps answering 429 without Retry-After: one request stops retrying once its
+    backoff would pass fhir.retry.max_request_retry_seconds; a client whose backoff budget
+    (max_cycle_retry_seconds) is spent stops retrying, and start_cycle() gives it back. Each stop
+    is counted by cap."""
+    proxy.add(Fault(lambda r: r.method == "GET", times=999, respond=answer(429, outcome("throttled", "quota"))))
+    capped = lambda cap: metric("neutrowatch_fhir_retry_caps_total", cap=cap)  # noqa: E731
+    before = (capped("request"), capped("cycle"))
+
+    per_request = await make_client(proxy.base, max_attempts=20, quota_window_seconds=10.0, max_request_retry_seconds=25.0)
+    with pytest.raises(FhirUnavailable, match=r"max_request_retry_seconds reached; last: 429"):
+        await per_request.client.metadata()
+    assert 15 <= sum(per_request.sleeps) <= 25 and len(proxy.requests("GET")) == len(per_request.sleeps) + 1
+    assert capped("request") - before[0] == 1
+
+    per_cycle = await make_client(proxy.base, max_attempts=20, quota_window_seconds=10.0, max_request_retry_seconds=100.0,
+                                  max_cycle_retry_seconds=12.0)
+    with pytest.raises(FhirUnavailable, match=r"max_cycle_retry_seconds reached; last: 429"):
+        await per_cycle.client.metadata()
+    # 12 s of budget, refilled at half a second per second of backoff: about 24 s at most
+    assert 12 <= sum(per_cycle.sleeps) <= 24 and capped("cycle") - before[1] == 1
+    slept = len(per_cycle.sleeps)
+    per_cycle.client.start_cycle()
+    with pytest.raises(FhirUnavailable, match=r"max_cycle_retry_seconds reached"):
+        await per_cycle.client.metadata()
+    assert len(per_cycle.sleeps) - slept >= 2  # retried again after the budget was given back
+
+
+async def test_concurrent_requests_share_one_quota_pause(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """Four requests meeting a 429 at once do not each start their own backoff: the client pauses
+    as a whole, every request waits out the same pause (at most one quota window), and the backoff
+    budget is charged for the pause once, not four times (4 × 0.2-0.4 s would overrun 0.6 s)."""
+    h = await make_client(proxy.base, real_sleep=True, quota_window_seconds=0.4, max_cycle_retry_seconds=0.6)
+    await seed(h.client, 1)
+    proxy.add(Fault(is_search, times=4, delay=0.3, respond=answer(429, outcome("throttled", "quota"))))
+    started, before = time.monotonic(), retries("429")
+
+    results = await asyncio.gather(*(pages_of(h.client, SEARCH) for _ in range(4)))
+
+    assert all(len(pages[0].resources) == 1 for pages in results)
+    assert retries("429") - before == 4  # each request retried once (a request whose own backoff ended
+    assert all(0.0 < s <= 0.4 for s in h.sleeps)  # before the shared pause waits out the rest of it)
+    assert len(proxy.requests("GET", "/Observation")) == 8
+    assert time.monotonic() - started < 3  # coarse
+
+
+async def test_the_client_side_rate_limit_spaces_requests(
+    fhir_engine: FhirEngine, fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]],
+) -> None:
+    """fhir.max_requests_per_minute = 5: eight searches at once, and within the next 1.5 s exactly
+    five reach the server; the others wait for the minute to make room (counted as paced seconds)."""
+    h = await make_client(fhir_base_url, max_requests_per_minute=5)
+    paced = metric("neutrowatch_fhir_paced_seconds_total")
+    tasks = [asyncio.create_task(h.client.search_all("Observation", [("_count", "1")])) for _ in range(8)]
+
+    done, pending = await asyncio.wait(tasks, timeout=1.5)
+
+    for task in pending:
+        task.cancel()
+    assert (len(done), len(pending)) == (5, 3)
+    assert fhir_engine.stats()["requests"] == 5
+    assert metric("neutrowatch_fhir_paced_seconds_total") - paced > 50  # the sixth waits out most of the minute
+
+
+async def test_retries_count_against_the_rate_limit(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+    """Every send counts against fhir.max_requests_per_minute, retries included: with a limit of 2
+    a search retried once uses the minute up, and a second search waits."""
+    h = await make_client(proxy.base, max_requests_per_minute=2)
+    proxy.add(Fault(is_search, times=1, respond=answer(503)))
+    first = asyncio.create_task(pages_of(h.client, SEARCH))
+    await asyncio.wait_for(asyncio.shield(first), timeout=5)
+    second = asyncio.create_task(pages_of(h.client, SEARCH))
+
+    done, _pending = await asyncio.wait([second], timeout=1.0)
+
+    second.cancel()
+    assert not done and len(proxy.requests("GET", "/Observation")) == 2
+
+
+async def test_a_live_cycle_under_a_quota_and_conflicts_writes_what_replay_predicts(
+    start_engine: Callable[..., FhirEngine], tmp_path: Path,
+) -> None:
+    """The live loop against an engine with a small quota (short window, 429s without Retry-After)
+    and a 409 on every 4th conditional create: one cycle delivers every alert (no write waits for
+    the next cycle) and the server holds exactly what replay predicts, nothing doubled."""
+    engine = start_engine(quota_points_per_minute=2500, quota_window_seconds=1, conflict_every=4)
+    put_all(engine.base_url, population())
+    base = settings_for(engine.base_url, tmp_path / "s.sqlite3")
+    retry = base.fhir.retry.model_copy(update={"max_attempts": 12, "quota_window_seconds": 1.0})
+    settings = base.model_copy(update={"fhir": base.fhir.model_copy(update={"retry": retry})})
+    throttled, conflicted = retries("429"), retries("40001")
+
+    report = await cycle(settings)
+
+    assert report.delivered_all and report.written > 5
+    stats = engine.stats()
+    assert stats["throttled"] > 0 and stats["conflicts"] > 0
+    assert retries("429") - throttled == stats["throttled"] and retries("40001") - conflicted == stats["conflicts"]
+    counts = compare_with_oracle(engine.base_url, tmp_path / "oracle")
+    assert counts["communications"] == report.written

@@ -464,3 +464,86 @@ def _raw_http(host: str, port: int, request_line: bytes) -> bytes:
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+# -- quota and injected conflicts (start options) ---------------------------------------------------
+
+
+@pytest.fixture
+def engine_with(fhir_engine: Any) -> Any:
+    """Start an engine of this test's own with options; `fhir_engine` only for its skip-or-fail
+    handling when Node.js is missing."""
+    from tests.fhir_server.engine import FhirEngine
+
+    engines: list[Any] = []
+
+    def start(**options: Any) -> Any:
+        engine = FhirEngine(**options)
+        engines.append(engine)
+        engine.start()
+        return engine
+
+    yield start
+    for engine in engines:
+        engine.stop()
+
+
+async def test_quota_prices_interactions_and_answers_429_without_retry_after(http: aiohttp.ClientSession, engine_with: Any) -> None:
+    """--quota-points-per-minute: a write costs 100 points, a search 20, a read 10 (the costs the
+    README gives); a request over the window's quota is refused unapplied with 429, an
+    OperationOutcome (code throttled) and no Retry-After; the next window has the full quota again;
+    X-Engine-Unmetered requests are exempt."""
+    engine = engine_with(quota_points_per_minute=150, quota_window_seconds=1)
+    base = engine.base_url
+    status, created, _ = await request(http, "POST", f"{base}/Observation", observation())  # 100
+    assert status == 201
+    assert (await request(http, "GET", f"{base}/Observation/{created['id']}"))[0] == 200  # 110
+    assert (await request(http, "GET", f"{base}/Observation"))[0] == 200  # 130
+    assert (await request(http, "GET", f"{base}/Observation", params={"_count": "1"}))[0] == 200  # 150
+
+    status, body, headers = await request(http, "GET", f"{base}/Observation/{created['id']}")  # 160: over
+    assert status == 429 and "Retry-After" not in headers
+    assert body["resourceType"] == "OperationOutcome" and body["issue"][0]["code"] == "throttled"
+    status, _, _ = await request(http, "POST", f"{base}/Observation", observation(), headers={"X-Engine-Unmetered": "true"})
+    assert status == 201
+    assert (engine.stats()["throttled"], engine.stats()["points"]) == (1, 150)
+
+    await asyncio.sleep(1.1)
+    assert (await request(http, "POST", f"{base}/Observation", observation()))[0] == 201  # a new window
+
+
+async def test_quota_prices_a_bundle_by_its_entries(http: aiohttp.ClientSession, engine_with: Any) -> None:
+    """A transaction costs the sum of its entries (100 per write, 20 per search entry): a Bundle of
+    two creates is refused whole by a quota of 150, one create passes."""
+    engine = engine_with(quota_points_per_minute=150)
+    two = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("q1"), flag_entry("q2")]}
+    one = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("q3")]}
+    assert (await request(http, "POST", engine.base_url, two))[0] == 429
+    assert (await request(http, "POST", engine.base_url, one))[0] == 200
+    assert engine.stats()["points"] == 100
+    assert (await request(http, "GET", f"{engine.base_url}/Flag"))[1]["total"] == 1
+
+
+async def test_conflict_every_answers_409_to_every_nth_conditional_create(http: aiohttp.ClientSession, engine_with: Any) -> None:
+    """--conflict-every 2: every 2nd conditional create (If-None-Exist header, or a Bundle with an
+    ifNoneExist entry) answers 409 with a serialization-failure OperationOutcome (SQLSTATE 40001 in
+    its diagnostics) and writes nothing; plain creates are neither counted nor refused; the same
+    request sent again is applied."""
+    engine = engine_with(conflict_every=2)
+    base = engine.base_url
+    ident = lambda v: {"identifier": [{"system": "urn:test", "value": v}]}  # noqa: E731
+    assert (await request(http, "POST", f"{base}/Observation", observation(**ident("a")),
+                          headers={"If-None-Exist": "identifier=urn:test|a"}))[0] == 201  # 1st
+    assert (await request(http, "POST", f"{base}/Observation", observation()))[0] == 201  # plain: not counted
+
+    status, body, _ = await request(http, "POST", f"{base}/Observation", observation(**ident("b")),
+                                    headers={"If-None-Exist": "identifier=urn:test|b"})  # 2nd
+    assert status == 409 and body["issue"][0]["code"] == "conflict" and "40001" in body["issue"][0]["diagnostics"]
+    assert (await request(http, "GET", f"{base}/Observation", params={"identifier": "urn:test|b"}))[1]["total"] == 0
+    assert (await request(http, "POST", f"{base}/Observation", observation(**ident("b")),
+                          headers={"If-None-Exist": "identifier=urn:test|b"}))[0] == 201  # 3rd
+
+    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("c1")]}
+    assert (await request(http, "POST", base, bundle))[0] == 409  # 4th
+    assert (await request(http, "POST", base, bundle))[0] == 200  # 5th
+    assert (engine.stats()["conflicts"], engine.stats()["conditionalCreates"]) == (2, 5)
