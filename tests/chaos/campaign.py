@@ -575,8 +575,10 @@ class Campaign:
                 self.problems.append(f"store locked {began:.1f}-{ended:.1f}: /healthz took {slowest:.1f} s (or never answered)")
             if not any(began <= log_time(r) <= ended + 1.0 for r in store_errors):
                 self.problems.append(f"store locked {began:.1f}-{ended:.1f}: no StoreError in the log")
-            if not any(ended < log_time(r) <= ended + 20 for r in records if r.get("event") == "poll cycle"):
-                self.problems.append(f"store locked until {ended:.1f}: no successful cycle within 20 s after")
+            # Recovered: a cycle completed, or a step of a long catch-up committed its progress.
+            progress = [r for r in records if r.get("event") == "poll cycle" or (r.get("event") == "poll step" and r.get("committed"))]
+            if not any(ended < log_time(r) <= ended + 20 for r in progress):
+                self.problems.append(f"store locked until {ended:.1f}: no successful cycle or committed step within 20 s after")
         if self.notes["log"]["tracebacks"]:
             self.problems.append(f"{self.notes['log']['tracebacks']} log records with an exception")
 
