@@ -10,6 +10,7 @@ replay predicts; every Provenance target exists; and no alert waits more than on
 from __future__ import annotations
 
 from collections import Counter
+
 import pytest
 
 from service import metrics

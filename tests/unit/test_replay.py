@@ -297,7 +297,7 @@ def _entries(resources: list[dict]) -> list[bytes]:
 def _large_document_cases() -> dict[str, tuple[str, bytes]]:
     """(file name, bytes) of Bundles that `raw.read` reads by each of its paths, whole and cut
     short, and of documents the entry-by-entry reading must leave to the whole reading."""
-    from tests.hostile.corpus import BY_NAME, CORPUS, LINE_ONLY, MEGA, fill, neighbour
+    from tests.hostile.corpus import CORPUS, LINE_ONLY, MEGA, fill, neighbour
 
     good = [*cbc("Patient/lg1", 2, 0.3), *cbc("Patient/lg1", 5, 0.9), *cbc("Patient/lg2", 3, 0.4, specimen="Specimen/s9")]
     ok = _entries(good)
