@@ -18,8 +18,8 @@ Set ``FHIR_ENGINE_VERBOSE=1`` to have the engine log each request to its stderr 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from typing import NoReturn
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn
 
 import pytest
 
@@ -85,3 +85,21 @@ def fhir_engine_each_mode(request: pytest.FixtureRequest) -> FhirEngine:
 @pytest.fixture
 def fhir_base_url_each_mode(fhir_engine_each_mode: FhirEngine) -> str:
     return fhir_engine_each_mode.base_url
+
+
+@pytest.fixture
+def start_engine(fhir_engine: FhirEngine) -> Iterator[Callable[..., FhirEngine]]:
+    """Start engines of this test's own, with options (batch transactions, quota, conflicts); each is
+    stopped after the test. `fhir_engine` is requested only for its skip-or-fail handling when
+    Node.js is missing."""
+    engines: list[FhirEngine] = []
+
+    def start(**options: Any) -> FhirEngine:
+        engine = FhirEngine(**options)
+        engines.append(engine)
+        engine.start()
+        return engine
+
+    yield start
+    for engine in engines:
+        engine.stop()

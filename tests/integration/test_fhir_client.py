@@ -10,7 +10,7 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import formatdate
@@ -686,21 +686,6 @@ SERIALIZATION_FAILURE = {"resourceType": "OperationOutcome", "issue": [{
     "diagnostics": "could not serialize access due to read/write dependencies among transactions"}]}
 
 
-@pytest.fixture
-def start_engine(fhir_engine: FhirEngine) -> Iterator[Callable[..., FhirEngine]]:
-    """A FHIR engine of this test's own, started with options (quota, conflicts); `fhir_engine`
-    is requested only for its skip-or-fail handling when Node.js is missing."""
-    engines: list[FhirEngine] = []
-
-    def start(**options: Any) -> FhirEngine:
-        engine = FhirEngine(**options)
-        engines.append(engine)
-        engine.start()
-        return engine
-
-    yield start
-    for engine in engines:
-        engine.stop()
 
 
 def conditional(value: str) -> tuple[dict[str, Any], str]:

@@ -469,31 +469,14 @@ def _raw_http(host: str, port: int, request_line: bytes) -> bytes:
 # -- quota and injected conflicts (start options) ---------------------------------------------------
 
 
-@pytest.fixture
-def engine_with(fhir_engine: Any) -> Any:
-    """Start an engine of this test's own with options; `fhir_engine` only for its skip-or-fail
-    handling when Node.js is missing."""
-    from tests.fhir_server.engine import FhirEngine
-
-    engines: list[Any] = []
-
-    def start(**options: Any) -> Any:
-        engine = FhirEngine(**options)
-        engines.append(engine)
-        engine.start()
-        return engine
-
-    yield start
-    for engine in engines:
-        engine.stop()
 
 
-async def test_quota_prices_interactions_and_answers_429_without_retry_after(http: aiohttp.ClientSession, engine_with: Any) -> None:
+async def test_quota_prices_interactions_and_answers_429_without_retry_after(http: aiohttp.ClientSession, start_engine: Any) -> None:
     """--quota-points-per-minute: a write costs 100 points, a search 20, a read 10 (the costs the
     README gives); a request over the window's quota is refused unapplied with 429, an
     OperationOutcome (code throttled) and no Retry-After; the next window has the full quota again;
     X-Engine-Unmetered requests are exempt."""
-    engine = engine_with(quota_points_per_minute=150, quota_window_seconds=1)
+    engine = start_engine(quota_points_per_minute=150, quota_window_seconds=1)
     base = engine.base_url
     status, created, _ = await request(http, "POST", f"{base}/Observation", observation())  # 100
     assert status == 201
@@ -512,10 +495,10 @@ async def test_quota_prices_interactions_and_answers_429_without_retry_after(htt
     assert (await request(http, "POST", f"{base}/Observation", observation()))[0] == 201  # a new window
 
 
-async def test_quota_prices_a_bundle_by_its_entries(http: aiohttp.ClientSession, engine_with: Any) -> None:
+async def test_quota_prices_a_bundle_by_its_entries(http: aiohttp.ClientSession, start_engine: Any) -> None:
     """A transaction costs the sum of its entries (100 per write, 20 per search entry): a Bundle of
     two creates is refused whole by a quota of 150, one create passes."""
-    engine = engine_with(quota_points_per_minute=150)
+    engine = start_engine(quota_points_per_minute=150)
     two = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("q1"), flag_entry("q2")]}
     one = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("q3")]}
     assert (await request(http, "POST", engine.base_url, two))[0] == 429
@@ -524,12 +507,12 @@ async def test_quota_prices_a_bundle_by_its_entries(http: aiohttp.ClientSession,
     assert (await request(http, "GET", f"{engine.base_url}/Flag"))[1]["total"] == 1
 
 
-async def test_conflict_every_answers_409_to_every_nth_conditional_create(http: aiohttp.ClientSession, engine_with: Any) -> None:
+async def test_conflict_every_answers_409_to_every_nth_conditional_create(http: aiohttp.ClientSession, start_engine: Any) -> None:
     """--conflict-every 2: every 2nd conditional create (If-None-Exist header, or a Bundle with an
     ifNoneExist entry) answers 409 with a serialization-failure OperationOutcome (SQLSTATE 40001 in
     its diagnostics) and writes nothing; plain creates are neither counted nor refused; the same
     request sent again is applied."""
-    engine = engine_with(conflict_every=2)
+    engine = start_engine(conflict_every=2)
     base = engine.base_url
     ident = lambda v: {"identifier": [{"system": "urn:test", "value": v}]}  # noqa: E731
     assert (await request(http, "POST", f"{base}/Observation", observation(**ident("a")),

@@ -10,13 +10,14 @@ replay predicts; every Provenance target exists; and no alert waits more than on
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 import pytest
 
 from service import metrics
 from service.config import Settings
 from tests.chaos import proxy as px
-from tests.fhir_server.engine import FhirEngine, engine_available
+from tests.fhir_server.engine import FhirEngine
 from tests.fhir_server.load import export, put_all
 from tests.hostile.test_live_hostile import counter, delta
 from tests.integration.live import compare_with_oracle, cycle, population, settings_for
@@ -34,16 +35,8 @@ def _plan() -> px.FaultPlan:
 
 
 @pytest.fixture
-def real_like_engine():
-    ok, reason = engine_available()
-    if not ok:
-        pytest.skip(reason)
-    engine = FhirEngine(batch_transactions=True, quota_points_per_minute=800, quota_window_seconds=1, conflict_every=4)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop()
+def real_like_engine(start_engine: Any) -> FhirEngine:
+    return start_engine(batch_transactions=True, quota_points_per_minute=800, quota_window_seconds=1, conflict_every=4)  # type: ignore[no-any-return]
 
 
 async def test_batch_server_with_quota_conflicts_and_faults_matches_replay(real_like_engine: FhirEngine, tmp_path):
