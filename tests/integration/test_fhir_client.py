@@ -108,14 +108,6 @@ async def other() -> AsyncIterator[OtherOrigin]:
     await state.stop()
 
 
-@pytest.fixture
-async def proxy(fhir_base_url: str) -> AsyncIterator[Proxy]:
-    state = Proxy(upstream=fhir_base_url)
-    await state.start()
-    yield state
-    await state.stop()
-
-
 class Sleeps(list[float]):
     """Backoff recorded instead of slept; `monotonic()` is the real clock moved on by what was
     "slept", so the client's pause and budget bookkeeping sees time pass as it would. With

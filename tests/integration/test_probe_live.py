@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from service import scopes
 from service.config import Settings
 from service.probe import probe
-from tests.chaos.proxy import Fault, Proxy, outcome
+from tests.chaos.proxy import Fault, outcome
 from tests.fhir_server.load import export
 from tests.integration.live import settings_for
 
@@ -32,14 +32,6 @@ INTERACTIONS = ("Observation search", "Patient read", "Condition search", "Servi
 def forbidden(_request: web.Request) -> web.Response:
     return web.Response(status=403, body=orjson.dumps(outcome("forbidden", "forbidden")),
                         headers={"Content-Type": "application/fhir+json"})
-
-
-@pytest.fixture
-async def proxy(fhir_base_url: str) -> AsyncIterator[Proxy]:
-    state = Proxy(upstream=fhir_base_url)
-    await state.start()
-    yield state
-    await state.stop()
 
 
 def lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
