@@ -619,12 +619,14 @@ class Worker:
             if len(answers) != len(entries):
                 raise WriteRejected(f"server answered {len(answers)} entries to an alert transaction of {len(entries)}")
             failed = []
+            reasons: list[str | None] = []  # why each refused entry is transient (None: a refusal to keep)
             for sent, answer in zip(entries, answers, strict=True):
                 kind = sent["resource"]["resourceType"]
                 result = answer.get("response") or {}
                 status = str(result.get("status", ""))
                 if not status.startswith("2"):
                     failed.append(status)
+                    reasons.append(transient_status(status, result.get("outcome")))
                     metrics.WRITES.labels(kind, "failed").inc()
                     if kind == "Flag":
                         self._flags.pop(_key(w), None)  # read it again before the next attempt
@@ -641,8 +643,6 @@ class Worker:
                 metrics.NONATOMIC_TRANSACTIONS.inc()
                 log.warning("transaction answered entry by entry (the server processes it as a batch): "
                             "re-posting what failed", statuses=[str((a.get("response") or {}).get("status", "")) for a in answers])
-            reasons = [transient_status(str((a.get("response") or {}).get("status", "")), (a.get("response") or {}).get("outcome"))
-                       for a in answers if not str((a.get("response") or {}).get("status", "")).startswith("2")]
             if reasons and all(reasons):
                 # A refusal the server lifts once a concurrent write has committed (409, a
                 # serialization failure) or an overload: back off before re-posting what failed,
