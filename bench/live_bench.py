@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.replay_bench import machine, write_section  # noqa: E402
 from service import logging as nw_logging  # noqa: E402
-from service.clinical.fhirtime import from_epoch_us  # noqa: E402
+from service.fhir.fhirtime import from_epoch_us  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
-from service.store.sqlite import SqliteStore  # noqa: E402
-from service.synthetic import PopulationSpec, generate, observations_target  # noqa: E402
-from service.worker import Worker, pages_since, search_params  # noqa: E402
+from service.live.store.sqlite import SqliteStore  # noqa: E402
+from tests.synthetic import PopulationSpec, generate, observations_target  # noqa: E402
+from service.live.worker import Worker, pages_since, search_params  # noqa: E402
 from tests.fhir_server.engine import FhirEngine  # noqa: E402
 from tests.fhir_server.load import put_all  # noqa: E402
 from tests.integration.live import settings_for  # noqa: E402
@@ -287,7 +287,7 @@ Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code {d['revisio
 (1/5/15 min) {avg(load[0])} before, {avg(load[1])} after. FHIR server: the test engine
 (`tests/fhir_server`: Medplum FhirRouter + MemoryRepository, in memory, on the same machine).
 
-**Backlog drain.** A `service.synthetic` population without temperatures or corrections
+**Backlog drain.** A `tests.synthetic` population without temperatures or corrections
 ({spec.patients} patients, {spec.days} days, seed 7; {d['resources']:,} resources, every Observation a
 monitored CBC code), staged with `put_all`. *bare*: the service's own paging
 (`worker.pages_since`: keyset restarts from the newest lastUpdated, next links on ties) over every

@@ -1,7 +1,7 @@
 """`make bench`, memory part: peak memory of `replay` on one large Bundle file, and of `once`
 against the real FHIR test engine serving one very large search page.
 
-1. replay: a `service.synthetic` population written as one pretty-printed Bundle (~200 MB) and as
+1. replay: a `tests.synthetic` population written as one pretty-printed Bundle (~200 MB) and as
    NDJSON (the same resources): `replay` of each in a fresh process, and of the Bundle once more
    read whole (`replay.LARGE_DOCUMENT` set above its size: how every Bundle was read before).
 2. once: the engine (tests/fhir_server) holds 1000 Observations whose notes make one page of
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.replay_bench import machine, write_section  # noqa: E402
-from service.synthetic import generate, observations_target  # noqa: E402
+from tests.synthetic import generate, observations_target  # noqa: E402
 from tests.fhir_server.engine import FhirEngine  # noqa: E402
 from tests.fhir_server.load import put_all  # noqa: E402
 
@@ -43,8 +43,8 @@ CHILD = """
 import json, re, resource, sys, time
 from pathlib import Path
 if sys.argv[1] != "-":
-    import service.replay
-    service.replay.LARGE_DOCUMENT = int(sys.argv[1])  # above the input's size: read whole, as before
+    import service.replay.engine
+    service.replay.engine.LARGE_DOCUMENT = int(sys.argv[1])  # above the input's size: read whole, as before
 from service.__main__ import main
 t0 = time.perf_counter()
 rc = main(sys.argv[2:])
@@ -175,7 +175,7 @@ def render(rep: dict, onc: dict, started: float) -> str:
         "Peak RSS of each run in a fresh process (VmHWM), and of its largest worker process (replay's "
         "partitioned engine). The Helm chart's container limit is 512 MiB.", "",
         f"**replay** of one pretty-printed Bundle file of {rep['bundle_bytes'] / 1e6:,.0f} MB "
-        f"({rep['resources']:,} resources, `service.synthetic`, seed 7), and of the same resources as "
+        f"({rep['resources']:,} resources, `tests.synthetic`, seed 7), and of the same resources as "
         f"NDJSON ({rep['ndjson_bytes'] / 1e6:,.0f} MB). *Read whole* is how every Bundle was read before "
         "(`replay.LARGE_DOCUMENT` set above the file's size); the events are the same byte for byte "
         "(tests/unit/test_replay.py).", "",

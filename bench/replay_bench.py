@@ -24,12 +24,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.synthetic import observations_target, write_ndjson  # noqa: E402
+from tests.synthetic import observations_target, write_ndjson  # noqa: E402
 
 CHILD_REPLAY = """
 import json, os, resource, sys, time
 from service.config import load_settings
-from service.replay import Replay
+from service.replay.engine import Replay
 s = load_settings(None)
 t0 = time.perf_counter()
 with Replay(s.rules, s.alerts, engine=sys.argv[2]) as r, open(os.devnull, "wb") as sink:
@@ -172,7 +172,7 @@ against, byte for byte), same inputs, same moment:
 
 Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}.
 
-Input: `service.synthetic` NDJSON (mixed automated/manual CBC panels, DiagnosticReports, temperatures,
+Input: `tests.synthetic` NDJSON (mixed automated/manual CBC panels, DiagnosticReports, temperatures,
 Patients, ~2 % noise), seed 7. *orjson* is `orjson.loads` over the same lines (file reading not
 timed); *replay* is the whole `replay` run (read, decode, normalise, spill, panel, decide, write
 events) in a fresh process, with the default partitioned engine and its worker processes (one per

@@ -1,6 +1,6 @@
 """State-store benchmark: SqliteStore against PostgresStore, driven the way the worker drives them.
 
-Each run is a child process: it generates a `service.synthetic` population (~20 000 monitored
+Each run is a child process: it generates a `tests.synthetic` population (~20 000 monitored
 Observations, seed 7) and converts it, untimed, with `worker.intake` (non-Intake results skipped); then,
 on a fresh store (a new SQLite file in a temporary directory; a new PostgreSQL schema `nwbench_<random>`,
 dropped afterwards):
@@ -52,17 +52,17 @@ sys.path.insert(0, str(ROOT))
 from bench.live_bench import revision  # noqa: E402
 from bench.replay_bench import machine, write_section  # noqa: E402
 from service import logging as nw_logging  # noqa: E402
-from service.clinical import raw  # noqa: E402
-from service.clinical.anc import is_complete  # noqa: E402
-from service.clinical.episodes import PatientState  # noqa: E402
-from service.clinical.observations import Rejected  # noqa: E402
-from service.clinical.panels import decide  # noqa: E402
+from service.fhir import raw  # noqa: E402
+from service.core.anc import is_complete  # noqa: E402
+from service.core.episodes import PatientState  # noqa: E402
+from service.core.observations import Rejected  # noqa: E402
+from service.core.panels import decide  # noqa: E402
 from service.config import Settings  # noqa: E402
-from service.store.base import Decided, Intake  # noqa: E402
-from service.store.postgres import PostgresStore  # noqa: E402
-from service.store.sqlite import SqliteStore  # noqa: E402
-from service.synthetic import generate, observations_target  # noqa: E402
-from service.worker import intake  # noqa: E402
+from service.live.store.base import Decided, Intake  # noqa: E402
+from service.live.store.postgres import PostgresStore  # noqa: E402
+from service.live.store.sqlite import SqliteStore  # noqa: E402
+from tests.synthetic import generate, observations_target  # noqa: E402
+from service.live.worker import intake  # noqa: E402
 
 HEADING = "## State store: SQLite vs PostgreSQL"
 PHASES = ("ingest", "decide+commit", "outbox")
@@ -425,7 +425,7 @@ Load average (1/5/15 min) {avg(load[0])} before, {avg(load[1])} after: the machi
 absolute numbers are noisy; the ratios less so. `python bench/store_bench.py --write docs/benchmarks.md`,
 whole run {elapsed:.0f} s.
 
-**Input.** `service.synthetic` ({pop['patients']} patients, {pop['days']} days, seed {pop['seed']}, temperatures and
+**Input.** `tests.synthetic` ({pop['patients']} patients, {pop['days']} days, seed {pop['seed']}, temperatures and
 corrections on): {n_obs:,} Observations, every one an `Intake` after `worker.intake` (a monitored CBC
 code or a body temperature; {pop['rejected']} rejected versions among them), converted before timing
 ({pop['seconds']:.1f} s). Each run is a child process of its own, on a fresh store (a new SQLite file in a

@@ -6,7 +6,7 @@ over a fixed synthetic population, so the examples cannot drift from the code.
     python scripts/alert_examples.py           # write the files
     python scripts/alert_examples.py --check   # exit 1 (with a diff) if the committed files are stale
 
-The input is `service.synthetic` with SPEC below (deterministic from its seed); the configuration is
+The input is `tests.synthetic` with SPEC below (deterministic from its seed); the configuration is
 the default one with RECIPIENTS as the fallback recipient pool. The write shown is the first
 `febrile` event of the replay: its Flag as updated by the event, the Communication announcing it,
 and its Provenance (targets by the transaction's urn:uuid fullUrls, which the server rewrites to
@@ -33,7 +33,7 @@ import orjson  # noqa: E402
 import yaml  # noqa: E402
 
 from service.__main__ import main as cli  # noqa: E402
-from service.synthetic import PopulationSpec, generate  # noqa: E402
+from tests.synthetic import PopulationSpec, generate  # noqa: E402
 
 SPEC = PopulationSpec(patients=6, days=42, seed=3, temperatures=True, corrections=0.0)
 RECIPIENTS = ["CareTeam/oncology"]

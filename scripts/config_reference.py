@@ -31,7 +31,7 @@ from pydantic import BaseModel, SecretStr  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
-from service.clinical.grading import BUILT_IN  # noqa: E402
+from service.core.grading import BUILT_IN  # noqa: E402
 from service.config import ENV_PREFIX, Settings  # noqa: E402
 
 SECRET = "secret: from the environment or a file"

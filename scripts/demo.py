@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 
 from service import logging as nw_logging  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
-from service.store.sqlite import SqliteStore  # noqa: E402
-from service.synthetic import PopulationSpec, generate  # noqa: E402
-from service.worker import Worker  # noqa: E402
+from service.live.store.sqlite import SqliteStore  # noqa: E402
+from tests.synthetic import PopulationSpec, generate  # noqa: E402
+from service.live.worker import Worker  # noqa: E402
 from tests.fhir_server.engine import EngineUnavailable, FhirEngine  # noqa: E402
 from tests.fhir_server.load import export, put_all  # noqa: E402
 from tests.integration.live import compare_with_oracle, settings_for, stages  # noqa: E402

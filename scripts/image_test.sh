@@ -339,7 +339,7 @@ say "FHIR engine (pid $ENGINE_PID) at $FHIR"
 # something to decide and write.
 .venv/bin/python - "$FHIR" <<'PY'
 import sys
-from service.synthetic import PopulationSpec, generate
+from tests.synthetic import PopulationSpec, generate
 from tests.fhir_server.load import put_all
 n = put_all(sys.argv[1], list(generate(PopulationSpec(patients=8, seed=1, corrections=0.0))))
 print(f"    loaded {n} synthetic resources (8 patients)")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from pydantic import BaseModel, SecretStr  # noqa: E402
 
-from service.clinical.grading import BUILT_IN  # noqa: E402
+from service.core.grading import BUILT_IN  # noqa: E402
 from service.config import Settings  # noqa: E402
 
 Schema = dict[str, Any]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import structlog
 
-from . import logging as nw_logging
-from .config import Settings, StoreSettings, load_settings, review_settings
-from .errors import ConfigError, NeutrowatchError
+from service import logging as nw_logging
+from service.config import Settings, StoreSettings, load_settings, review_settings
+from service.errors import ConfigError, NeutrowatchError
 
 
 def _logging(settings: Settings, *, service: bool = False) -> None:
@@ -41,7 +41,7 @@ def _pseudonym(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from .replay import Replay
+    from service.replay.engine import Replay
 
     if args.provenance and not args.alerts:
         raise NeutrowatchError("--provenance needs --alerts (the Provenance resources go to the alerts file)")
@@ -74,7 +74,7 @@ def _explain(args: argparse.Namespace) -> int:
     patient's data, for the engineer's terminal only."""
     import orjson
 
-    from . import explain
+    from service import explain
 
     settings = load_settings(args.config)
     _logging(settings)  # to stderr; explain itself logs nothing
@@ -103,8 +103,8 @@ def describe_store(store: StoreSettings) -> str:
 def _secret_files(settings: Settings) -> list[str]:
     """Problems of the files `run` would read at start-up (DSN, token, private key, CA bundle), each
     naming its field and never quoting the file's content."""
-    from .fhir.auth import load_signing_key, read_token_file
-    from .fhir.tls import ssl_option
+    from service.fhir.auth import load_signing_key, read_token_file
+    from service.fhir.tls import ssl_option
 
     checks: list[Callable[[], object]] = [partial(ssl_option, settings.fhir)]
     if settings.store.backend == "postgres":
@@ -138,7 +138,7 @@ def _check_config(args: argparse.Namespace) -> int:
     settings = review.settings
     print(f"configuration ok (scheme {settings.grading.scheme}, store {describe_store(settings.store)})")
     if args.probe:
-        from .probe import probe
+        from service.live.probe import probe
 
         return asyncio.run(probe(settings))
     return 0
@@ -147,8 +147,8 @@ def _check_config(args: argparse.Namespace) -> int:
 def _profiles_install(args: argparse.Namespace) -> int:
     """The project's StructureDefinitions, CodeSystems and ValueSets onto fhir.base_url (rebased on
     alerts.canonical_base), each created or updated on its canonical url + version; one line each."""
-    from . import profiles
-    from .fhir.client import FhirClient
+    from service.live import profiles
+    from service.fhir.client import FhirClient
 
     settings = load_settings(args.config)
     _logging(settings)
@@ -175,7 +175,7 @@ def _log_warnings(config: Path | None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import app
+    from service.live import app
 
     settings = load_settings(args.config)
     _logging(settings, service=True)
@@ -185,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _once(args: argparse.Namespace) -> int:
-    from . import app
+    from service.live import app
 
     settings = load_settings(args.config)
     _logging(settings, service=True)

@@ -27,14 +27,14 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from . import pgdsn
-from .clinical.fhirtime import local_zone
-from .clinical.grading import BUILT_IN, Scheme
-from .clinical.observations import ReadPolicy
-from .clinical.references import base_key
-from .clinical.rules import Rules
-from .errors import ConfigError
-from .scopes import default_scope, missing, needed_by, required, scope_string
+from service.live.store import pgdsn
+from service.fhir.fhirtime import local_zone
+from service.core.grading import BUILT_IN, Scheme
+from service.core.observations import ReadPolicy
+from service.core.references import base_key
+from service.core.rules import Rules
+from service.errors import ConfigError
+from service.fhir.scopes import default_scope, missing, needed_by, required, scope_string
 
 ENV_PREFIX = "NEUTROWATCH_"
 _PATIENT_KEY = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
@@ -187,7 +187,7 @@ class SmartSettings(_Section):
     scope: str = Field(
         default_scope(),
         description="Requested scopes (SMART v2 syntax, or v1 such as system/Flag.write). The default is exactly what the "
-        "built-in configuration does (service/scopes.py); `check-config --probe` compares it with what the server grants.",
+        "built-in configuration does (service/fhir/scopes.py); `check-config --probe` compares it with what the server grants.",
     )
     token_url: str | None = Field(None, description="Token endpoint; discovered from .well-known/smart-configuration when empty.")
     jku: str | None = Field(None, description="Optional `jku` header: URL of the JWKS holding the public key.")

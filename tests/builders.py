@@ -7,8 +7,8 @@ from typing import Any
 
 import msgspec
 
-from service.clinical.observations import Ignored, LabResult, Rejected, normalise
-from service.clinical.raw import Resource
+from service.core.observations import Ignored, LabResult, Rejected, normalise
+from service.fhir.raw import Resource
 
 UCUM = "http://unitsofmeasure.org"
 _ids = itertools.count(1)

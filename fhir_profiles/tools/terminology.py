@@ -19,9 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from service import alerts, profiles  # noqa: E402
-from service.clinical.episodes import EventKind  # noqa: E402
-from service.clinical.grading import BUILT_IN  # noqa: E402
+from service.output import alerts
+from service.live import profiles  # noqa: E402
+from service.core.episodes import EventKind  # noqa: E402
+from service.core.grading import BUILT_IN  # noqa: E402
 
 TARGET = ROOT / "fhir_profiles" / "input" / "fsh" / "terminology.fsh"
 

@@ -1,17 +1,5 @@
-"""FHIR R4 access: the HTTP client (`FhirClient`) and its authentication (`make_auth`)."""
+"""FHIR R4 on the wire: the time grammar (`fhirtime`), the JSON decoding and salvage parser (`raw`,
+`jsonscan`), SMART scopes (`scopes`), and the HTTP client (`client`) with its authentication (`auth`).
 
-from .auth import Auth, BearerAuth, NoAuth, SmartBackendAuth, make_auth
-from .client import FhirClient, Page
-from .errors import (
-    AuthError,
-    FhirError,
-    FhirHttpError,
-    FhirUnavailable,
-    PreconditionFailed,
-    UnsafeLinkError,
-)
-
-__all__ = [
-    "Auth", "AuthError", "BearerAuth", "FhirClient", "FhirError", "FhirHttpError", "FhirUnavailable", "NoAuth",
-    "Page", "PreconditionFailed", "SmartBackendAuth", "UnsafeLinkError", "make_auth",
-]
+Import from the submodules: the decoding modules are pure and the clinical core uses them, so this
+package does not import the HTTP client on its own."""

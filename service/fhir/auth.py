@@ -25,10 +25,10 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 from pydantic import SecretStr
 
-from ..config import FhirSettings, SmartSettings
-from ..errors import ConfigError
-from .errors import AuthError, FhirUnavailable
-from .tls import ssl_option
+from service.config import FhirSettings, SmartSettings
+from service.errors import ConfigError
+from service.fhir.errors import AuthError, FhirUnavailable
+from service.fhir.tls import ssl_option
 
 log = structlog.get_logger("neutrowatch.fhir")
 

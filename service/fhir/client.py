@@ -30,12 +30,12 @@ import orjson
 import structlog
 from yarl import URL
 
-from ..clinical import jsonscan, raw
-from ..clinical.fhirtime import to_epoch_us
-from ..clinical.observations import patient_reference
-from ..config import FhirSettings
-from ..errors import ConfigError
-from ..metrics import (
+from service.fhir import jsonscan, raw
+from service.fhir.fhirtime import to_epoch_us
+from service.core.observations import patient_reference
+from service.config import FhirSettings
+from service.errors import ConfigError
+from service.metrics import (
     DAMAGED_PAGES,
     FHIR_PACED_SECONDS,
     FHIR_REQUESTS,
@@ -46,15 +46,15 @@ from ..metrics import (
     UNSAFE_LINKS,
     reason_label,
 )
-from .auth import Auth, make_auth
-from .errors import (
+from service.fhir.auth import Auth, make_auth
+from service.fhir.errors import (
     FhirError,
     FhirHttpError,
     FhirUnavailable,
     PreconditionFailed,
     UnsafeLinkError,
 )
-from .tls import ssl_option
+from service.fhir.tls import ssl_option
 
 __all__ = ["FhirClient", "Page", "ResponseTooLarge", "UnreadablePage", "quota_reset_seconds", "transient_status"]
 

@@ -3,7 +3,7 @@ request body, a token, a key or a client assertion (request bodies can hold PHI)
 
 from __future__ import annotations
 
-from ..errors import NeutrowatchError
+from service.errors import NeutrowatchError
 
 
 class FhirError(NeutrowatchError):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ssl
 
-from ..config import FhirSettings
-from ..errors import ConfigError
+from service.config import FhirSettings
+from service.errors import ConfigError
 
 
 def ssl_option(settings: FhirSettings) -> ssl.SSLContext | bool:

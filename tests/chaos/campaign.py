@@ -44,10 +44,10 @@ from typing import Any
 import orjson
 import yaml
 
-from service.app import DRAIN_SECONDS
-from service.clinical.codes import cbc_codes
-from service.clinical.fhirtime import from_epoch_us, to_epoch_us
-from service.synthetic import PopulationSpec
+from service.live.app import DRAIN_SECONDS
+from service.core.codes import cbc_codes
+from service.fhir.fhirtime import from_epoch_us, to_epoch_us
+from tests.synthetic import PopulationSpec
 from tests.chaos import proxy as px
 from tests.chaos.harness import (
     ServiceProcess,

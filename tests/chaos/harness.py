@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from service.clinical.fhirtime import to_epoch_us
+from service.fhir.fhirtime import to_epoch_us
 
 ROOT = Path(__file__).resolve().parents[2]
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$")

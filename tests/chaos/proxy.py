@@ -35,7 +35,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
-from service.clinical.fhirtime import to_epoch_us
+from service.fhir.fhirtime import to_epoch_us
 
 # request classes
 SEARCH, READ, WRITE = "search", "read", "write"

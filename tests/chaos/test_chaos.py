@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.clinical.fhirtime import to_epoch_us
+from service.fhir.fhirtime import to_epoch_us
 from service.fhir.errors import FhirError
 from tests.chaos import proxy as px
 from tests.chaos.campaign import CampaignSpec, is_cbc, required_kinds, run_campaign

@@ -25,13 +25,13 @@ import orjson
 if __package__ in (None, ""):  # run as a script by atheris
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service.clinical import raw  # noqa: E402
-from service.clinical.anc import ANC_MAX, Anc, PanelRejected, compute_anc  # noqa: E402
-from service.clinical.episodes import PatientState  # noqa: E402
-from service.clinical.observations import LabResult, Rejected, normalise, undecodable_rejection  # noqa: E402
-from service.clinical.panels import decide  # noqa: E402
+from service.fhir import raw  # noqa: E402
+from service.core.anc import ANC_MAX, Anc, PanelRejected, compute_anc  # noqa: E402
+from service.core.episodes import PatientState  # noqa: E402
+from service.core.observations import LabResult, Rejected, normalise, undecodable_rejection  # noqa: E402
+from service.core.panels import decide  # noqa: E402
 from service.config import load_settings  # noqa: E402
-from service.events import rejected_record  # noqa: E402
+from service.output.events import rejected_record  # noqa: E402
 from service.fhir.client import FhirError, _page, _Response, _Retry, _without_future_stamps  # noqa: E402
 
 RULES = load_settings(None).rules

@@ -20,15 +20,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.clinical import raw
-from service.clinical.anc import ANC_MAX, Anc, PanelRejected, compute_anc
-from service.clinical.codes import TERMS
-from service.clinical.episodes import PatientState
-from service.clinical.observations import LabResult, Rejected, normalise
-from service.clinical.panels import decide
+from service.fhir import raw
+from service.core.anc import ANC_MAX, Anc, PanelRejected, compute_anc
+from service.core.codes import TERMS
+from service.core.episodes import PatientState
+from service.core.observations import LabResult, Rejected, normalise
+from service.core.panels import decide
 from service.config import load_settings
 from service.metrics import reason_label
-from service.replay import Replay
+from service.replay.engine import Replay
 from tests.hostile.corpus import CORPUS, fill, neighbour, observation
 from tests.hostile.fuzz_target import RULES, check
 

@@ -2,7 +2,7 @@
 every other patient's decisions and alert resources exactly as they were — in replay and in the live
 loop — and a panel whose deciding or building fails is quarantined while the cycle goes on.
 
-The population comes from `service.synthetic`; the hostile resource from the whole corpus
+The population comes from `tests.synthetic`; the hostile resource from the whole corpus
 (tests/hostile/corpus.py: dates, references, values, sizes, encodings), either for a patient of its
 own or aimed at a patient of the population. A rejected hostile resource aimed at a population
 patient must not change even that patient's alerts.
@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.__main__ import main as cli
-from service.outcomes import QUARANTINED
+from service.output.outcomes import QUARANTINED
 from tests.fhir_server.load import export, put_all
 from tests.hostile.corpus import BY_NAME, CORPUS, LINE_ONLY, UPDATED, Hostile, Outcome
 from tests.hostile.middleman import Middleman, Splice
@@ -127,7 +127,7 @@ class Defect(RuntimeError):
 def defect_for(monkeypatch):
     """Make building the alert writes raise for one patient: the code path a value no writer accepts,
     or any other defect, takes. Everything else runs for real."""
-    import service.outcomes as outcomes
+    import service.output.outcomes as outcomes
 
     real = outcomes.build
 
@@ -247,7 +247,7 @@ async def test_live_quarantines_the_failing_panel_and_the_cycle_goes_on(fhir_eng
 
 
 async def _cursor(settings: Any) -> str | None:
-    from service.store import make_store
+    from service.live.store import make_store
 
     store = make_store(settings.store)
     await store.open()
@@ -261,7 +261,7 @@ async def test_a_cycle_failed_by_a_defect_is_counted_and_named(fhir_engine, tmp_
     """An exception that fails a whole cycle (here a defect in the store's commit) is counted in
     neutrowatch_polls_total{outcome="error"} and logged with its type, not its message; the next
     cycle, without the defect, delivers."""
-    from service.store.sqlite import SqliteStore
+    from service.live.store.sqlite import SqliteStore
     from tests.hostile.logs import captured_logs
 
     fhir_engine.reset()

@@ -23,15 +23,15 @@ import orjson
 import pytest
 
 from service import metrics
-from service.clinical import raw
-from service.clinical.copies import UNPLACED, stamped
-from service.clinical.fhirtime import from_epoch_us
-from service.clinical.observations import CONFLICT
+from service.fhir import raw
+from service.core.copies import UNPLACED, stamped
+from service.fhir.fhirtime import from_epoch_us
+from service.core.observations import CONFLICT
 from service.fhir.client import UnreadablePage
 from service.metrics import reason_label
-from service.store.base import Intake
-from service.store.sqlite import SqliteStore
-from service.worker import intake
+from service.live.store.base import Intake
+from service.live.store.sqlite import SqliteStore
+from service.live.worker import intake
 from tests.fhir_server.load import export, put_all
 from tests.hostile.corpus import (
     BY_NAME,

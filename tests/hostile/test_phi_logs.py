@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 import yaml
 
-from service.synthetic import PopulationSpec, generate
+from tests.synthetic import PopulationSpec, generate
 from tests.fhir_server.load import export, put_all
 from tests.integration.live import settings_for
 

@@ -13,9 +13,9 @@ import yaml
 from service.__main__ import main as cli
 from service.config import Settings
 from service.fhir.client import FhirClient
-from service.store import make_store
-from service.synthetic import PopulationSpec, generate
-from service.worker import Worker
+from service.live.store import make_store
+from tests.synthetic import PopulationSpec, generate
+from service.live.worker import Worker
 from tests.fhir_server.load import export, export_history
 
 Resource = dict[str, Any]

@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from service import metrics
-from service.directory import FAILURE_TTL_SECONDS, LiveDirectory
+from service.live.directory import FAILURE_TTL_SECONDS, LiveDirectory
 from service.fhir.client import FhirClient
 from tests.chaos.proxy import Fault, Proxy, outcome
 from tests.fhir_server.load import put_all

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from service.clinical import raw
+from service.fhir import raw
 from service.config import FhirSettings, RetrySettings
 from service.errors import ConfigError
 from service.fhir.auth import BearerAuth
@@ -46,7 +46,7 @@ from service.fhir.errors import (
     UnsafeLinkError,
 )
 from service.metrics import REGISTRY
-from service.store import make_store
+from service.live.store import make_store
 from tests.chaos.proxy import Fault, OtherOrigin, Proxy
 from tests.fhir_server.engine import FhirEngine
 from tests.fhir_server.load import put_all

@@ -18,11 +18,11 @@ import msgspec
 import pytest
 import yaml
 
-from service.clinical.observations import LabResult
+from service.core.observations import LabResult
 from service.errors import StoreError
 from service.fhir.client import FhirClient
-from service.store.postgres import PostgresStore
-from service.store.sqlite import SqliteStore
+from service.live.store.postgres import PostgresStore
+from service.live.store.sqlite import SqliteStore
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
 from tests.integration.live import compare_with_oracle, cycle, population, settings_for, stages
@@ -179,9 +179,9 @@ async def test_update_during_paging_loses_nothing(fhir_base_url, tmp_path, monke
 
 async def test_decisions_in_small_batches_equal_replay(fhir_base_url_each_mode, tmp_path, monkeypatch):
     """A backlog is decided DECIDE_BATCH panels at a time (memory flat); batches of 3 change nothing."""
-    import service.worker
+    import service.live.worker
 
-    monkeypatch.setattr(service.worker, "DECIDE_BATCH", 3)
+    monkeypatch.setattr(service.live.worker, "DECIDE_BATCH", 3)
     put_all(fhir_base_url_each_mode, population(patients=8, days=35, seed=13, temperatures=True))
     settings = settings_for(fhir_base_url_each_mode, tmp_path / "b.sqlite3")
     report = await cycle(settings)

@@ -16,9 +16,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from service import scopes
+from service.fhir import scopes
 from service.config import Settings
-from service.probe import probe
+from service.live.probe import probe
 from tests.chaos.proxy import Fault, outcome
 from tests.fhir_server.load import export
 from tests.integration.live import settings_for

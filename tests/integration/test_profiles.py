@@ -8,7 +8,7 @@
     validator is not vacuous);
 (c) the generated CodeSystems and ValueSets hold exactly the service's own grades, schemes and
     events, and the URLs the service stamps are the generated ones;
-(d) the transaction shape documented for service/worker.py (fullUrls, Provenance by conditional
+(d) the transaction shape documented for service/live/worker.py (fullUrls, Provenance by conditional
     create on its meta.tag) works against the test engine, re-posting included. What the worker
     itself posts in the live loop is validated by tests/integration/test_provenance_live.py.
 
@@ -32,10 +32,11 @@ import orjson
 import pytest
 import yaml
 
-from service import alerts, profiles
+from service.output import alerts
+from service.live import profiles
 from service.__main__ import main as cli
-from service.clinical.episodes import EventKind
-from service.clinical.grading import BUILT_IN
+from service.core.episodes import EventKind
+from service.core.grading import BUILT_IN
 from service.config import AlertSettings
 from tests.fhir_server.engine import _node_executable, engine_available
 from tests.fhir_server.load import export
@@ -173,7 +174,7 @@ def test_both_replay_engines_write_the_same_provenance(tmp_path):
     import io
 
     from service.config import load_settings
-    from service.replay import Replay
+    from service.replay.engine import Replay
 
     data = tmp_path / "in.ndjson"
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in population(patients=12, days=42, seed=3, temperatures=True, corrections=0.1)))
@@ -385,7 +386,7 @@ def _post(base_url: str, bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 def _transaction(w: dict[str, Any], flag_entry: dict[str, Any] | None, flag_id: str | None) -> dict[str, Any]:
-    """The Bundle as service/worker.py `_post` must build it (fhir_profiles/README.md)."""
+    """The Bundle as service/live/worker.py `_post` must build it (fhir_profiles/README.md)."""
     entries = [flag_entry] if flag_entry else []
     if w["communication"] is not None:
         entries.append({"fullUrl": w["communication_full_url"], "resource": w["communication"],

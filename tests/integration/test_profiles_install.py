@@ -9,8 +9,8 @@ import json
 
 from service.__main__ import main
 from service.config import load_settings
-from service.probe import probe
-from service.profiles import GENERATED
+from service.live.probe import probe
+from service.live.profiles import GENERATED
 from tests.fhir_server.load import export
 
 KINDS = ("StructureDefinition", "CodeSystem", "ValueSet")

@@ -27,15 +27,16 @@ from typing import Any
 import orjson
 import pytest
 
-from service import alerts, metrics
-from service import worker as worker_module
+from service.output import alerts
+from service import metrics
+from service.live import worker as worker_module
 from service.__main__ import main as cli
-from service.clinical.codes import temperature_codes
+from service.core.codes import temperature_codes
 from service.config import Settings
 from service.fhir.client import FhirClient
-from service.store import make_store
-from service.store.base import OutboxEntry
-from service.worker import Worker
+from service.live.store import make_store
+from service.live.store.base import OutboxEntry
+from service.live.worker import Worker
 from tests.builders import observation
 from tests.chaos.proxy import APPLIED_502, Fault, Proxy, outcome
 from tests.fhir_server.load import export, export_history, put_all

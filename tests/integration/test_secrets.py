@@ -40,7 +40,7 @@ from service.config import AuthSettings, FhirSettings
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError
 from service.metrics import REGISTRY
-from service.store.sqlite import SqliteStore
+from service.live.store.sqlite import SqliteStore
 from tests.fhir_server.engine import FhirEngine, engine_available
 from tests.fhir_server.load import put_all
 from tests.integration.live import population, postgres_store, settings_for

@@ -9,8 +9,8 @@ from pathlib import Path
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from service.app import Service
-from service.web import make_app
+from service.live.app import Service
+from service.live.web import make_app
 from tests.fhir_server.load import put_all
 from tests.integration.live import population, settings_for
 

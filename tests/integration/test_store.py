@@ -16,19 +16,19 @@ import msgspec
 import orjson
 import pytest
 
-from service.clinical import raw
-from service.clinical.copies import UNPLACED
-from service.clinical.episodes import PatientState
-from service.clinical.observations import CONFLICT, Rejected
-from service.clinical.panels import decide
-from service.clinical.raw import Resource
+from service.fhir import raw
+from service.core.copies import UNPLACED
+from service.core.episodes import PatientState
+from service.core.observations import CONFLICT, Rejected
+from service.core.panels import decide
+from service.fhir.raw import Resource
 from service.config import Settings
 from service.errors import StoreError
-from service.store import Decided, Intake, LeadershipLost, Store
-from service.store.base import DIGEST_TAG, Plan, StoredVersion, digest, plan
-from service.store.postgres import PostgresStore
-from service.store.sqlite import SqliteStore
-from service.worker import intake
+from service.live.store import Decided, Intake, LeadershipLost, Store
+from service.live.store.base import DIGEST_TAG, Plan, StoredVersion, digest, plan
+from service.live.store.postgres import PostgresStore
+from service.live.store.sqlite import SqliteStore
+from service.live.worker import intake
 from tests.builders import observation
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the async fixtures' loop
@@ -272,7 +272,7 @@ async def test_sqlite_locked_by_another_process_fails_clearly_and_never_blocks_t
     tool): a write waits out the busy timeout on the store's thread and fails with a StoreError
     naming the cause, nothing of it is kept, and meanwhile the event loop keeps running (it answers
     /healthz and SIGTERM). After the lock is gone the same call succeeds."""
-    import service.store.sqlite as sqlite_module
+    import service.live.store.sqlite as sqlite_module
 
     monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT_SECONDS", 0.6)
     store = SqliteStore(tmp_path / "state.sqlite3")
@@ -319,7 +319,7 @@ async def _terminate_lock_session(dsn: str, schema: str) -> None:
         killed = await conn.fetchval(
             """SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
                WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = ($2::bigint & x'ffffffff'::bigint)::oid
-               AND l.granted""", 0x4E57, __import__("service.store.postgres", fromlist=["lock_key"]).lock_key(schema))
+               AND l.granted""", 0x4E57, __import__("service.live.store.postgres", fromlist=["lock_key"]).lock_key(schema))
         assert killed == 1
     finally:
         await conn.close()

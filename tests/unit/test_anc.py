@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.clinical.anc import Anc, PanelRejected, compute_anc
+from service.core.anc import Anc, PanelRejected, compute_anc
 from tests.builders import observation, result
 
 
@@ -113,6 +113,6 @@ def test_anc_never_negative_nor_above_wbc(wbc, pct, direct, unit):
     ],
 )
 def test_panel_completeness(rows, complete):
-    from service.clinical.anc import is_complete
+    from service.core.anc import is_complete
 
     assert is_complete(panel(*rows)) is complete

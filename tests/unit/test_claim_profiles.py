@@ -2,7 +2,7 @@
 (meta.profile). A server that validates claims resolves each claimed StructureDefinition
 (https://hl7.org/fhir/R4/profiling.html: "claims of conformance"), so a deployment whose server
 cannot must be able to write without them. Replay follows the same setting as the live loop (both
-build through service/alerts.py)."""
+build through service/output/alerts.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""service.clinical.copies: which copy of an Observation is its version, which are held back.
+"""service.core.copies: which copy of an Observation is its version, which are held back.
 
 Source of the rule: a FHIR version is immutable, meta.versionId "changes each time the content of
 the resource changes" (https://hl7.org/fhir/R4/resource.html#Meta); two contents under one
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.clinical.copies import UNPLACED, content_key, one_version, placed, unplaced_rejection
-from service.clinical.observations import Rejected
+from service.core.copies import UNPLACED, content_key, one_version, placed, unplaced_rejection
+from service.core.observations import Rejected
 from tests.builders import observation, result
 
 

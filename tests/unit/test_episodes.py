@@ -8,11 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from service.clinical.episodes import Assessment, PatientState, apply, step, withdraw
-from service.clinical.rules import DAY_US, Rules
+from service.core.episodes import Assessment, PatientState, apply, step, withdraw
+from service.core.rules import DAY_US, Rules
 
 RULES = Rules()
-from service.clinical.grading import DEFAULT
+from service.core.grading import DEFAULT
 
 
 def assessment(anc: float, day: int, panel: str | None = None, version: str = "1") -> Assessment:
@@ -150,7 +150,7 @@ def test_late_old_panels_do_not_push_the_newest_out_of_the_history():
 def test_history_trimmed_by_stale_panels_decides_as_the_whole_history():
     """Whatever goes out of the bounded history, the machine is the fold of `base` over what is kept
     (the invariant a revision relies on), for arrivals mixing late old panels and new ones."""
-    from service.clinical.episodes import _fold
+    from service.core.episodes import _fold
 
     small = Rules(history_limit=4)
     ps = PatientState()

@@ -23,7 +23,7 @@ import pytest
 from service.__main__ import main
 from service.config import Settings, load_settings
 from service.explain import Trail, explain_inputs, render_text, trail_json, write_png
-from service.synthetic import PopulationSpec, generate
+from tests.synthetic import PopulationSpec, generate
 from tests.builders import observation
 
 UCUM = "http://unitsofmeasure.org"

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.clinical.episodes import PatientState
-from service.clinical.panels import decide
-from service.clinical.rules import Rules
+from service.core.episodes import PatientState
+from service.core.panels import decide
+from service.core.rules import Rules
 from tests.builders import observation, result
 from tests.unit.test_replay import replay, write_ndjson
 
@@ -85,7 +85,7 @@ def test_febrile_once_per_episode_and_again_in_a_new_episode():
 
 
 def test_febrile_event_carries_the_fever_and_is_stat():
-    from service.alerts import build
+    from service.output.alerts import build
     from service.config import AlertSettings
 
     state = PatientState()
@@ -155,13 +155,13 @@ def test_the_same_case_through_decide_in_every_arrival_order():
 
 
 def reading(minutes: int, celsius: float, ref: str | None = None):
-    from service.clinical.episodes import Temperature
+    from service.core.episodes import Temperature
 
     return Temperature(ref or f"Observation/t{minutes}", at(T0, minutes), at_us(T0, minutes), celsius)
 
 
 def at_us(day: int, minutes: int = 0) -> int:
-    from service.clinical.fhirtime import to_epoch_us
+    from service.fhir.fhirtime import to_epoch_us
 
     return to_epoch_us(at(day, minutes))
 
@@ -186,7 +186,7 @@ H = 60  # minutes
 def test_temperature_memory_by_collection_time(readings, horizon, kept):
     """What the memory keeps, by collection time (never by arrival); the fever thresholds are IDSA
     2010 (Freifeld, CID 2011;52:e56): >= 38.3 °C once, >= 38.0 °C over 1 h."""
-    from service.clinical.episodes import remembered_temperatures
+    from service.core.episodes import remembered_temperatures
 
     got = remembered_temperatures([reading(m, c) for m, c in reversed(readings)], None if horizon is None else at_us(T0, horizon), RULES)
     assert [t.effective_us for t in got] == [at_us(T0, m) for m in kept]
@@ -197,7 +197,7 @@ def test_thousands_of_readings_stay_bounded():
     earliest collected go first, whatever order they arrived in."""
     import random
 
-    from service.clinical.episodes import remembered_temperatures
+    from service.core.episodes import remembered_temperatures
 
     readings = [reading(15 * i, 38.4 if i % 3 else 36.5) for i in range(5000)]
     memory: tuple = ()
@@ -215,7 +215,7 @@ def test_memory_finds_the_fevers_of_the_whole_record(data):
     """Whatever the arrival order and the horizon, the remembered readings make the same fevers as
     every reading ever received, for every reading collected from horizon + the sustained span on
     (the earliest fever a panel that may yet be judged can use)."""
-    from service.clinical.episodes import fevers, remembered_temperatures
+    from service.core.episodes import fevers, remembered_temperatures
 
     n = data.draw(st.integers(1, 40))
     readings = [reading(data.draw(st.integers(-72, 72)) * 10, data.draw(st.sampled_from(VALUES)), f"Observation/r{i}") for i in range(n)]

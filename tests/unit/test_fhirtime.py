@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.clinical.fhirtime import (
+from service.fhir.fhirtime import (
     NO_TIME_OF_DAY,
     NO_TIMEZONE,
     NOT_A_TIME,

@@ -4,7 +4,7 @@ neutropenia < 1500/uL (UpToDate, Coates); mild 1000-1500, moderate 500-1000, sev
 
 import pytest
 
-from service.clinical.grading import BUILT_IN, DEFAULT, SchemeError, make_scheme
+from service.core.grading import BUILT_IN, DEFAULT, SchemeError, make_scheme
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.clinical import raw
-from service.clinical.codes import Kind
-from service.clinical.observations import Ignored, LabResult, ReadPolicy, Rejected, normalise
+from service.fhir import raw
+from service.core.codes import Kind
+from service.core.observations import Ignored, LabResult, ReadPolicy, Rejected, normalise
 from tests.builders import normalised, observation, result
 
 
@@ -188,7 +188,7 @@ def test_decoding_arbitrary_bytes_never_raises(data):
 
 
 def test_undecodable_keeps_only_a_patient_subject():
-    from service.clinical.observations import undecodable_rejection
+    from service.core.observations import undecodable_rejection
 
     item = next(raw.decode(b'{"resourceType":"Observation","id":"g","subject":{"reference":"Group/ward"},"status":7}'))
     assert isinstance(item, raw.Undecodable)

@@ -4,9 +4,9 @@
 
 import pytest
 
-from service.clinical.episodes import PatientState
-from service.clinical.panels import cytopenia, decide
-from service.clinical.rules import Rules
+from service.core.episodes import PatientState
+from service.core.panels import cytopenia, decide
+from service.core.rules import Rules
 from tests.builders import observation, result
 
 
@@ -78,7 +78,7 @@ def test_corrected_version_is_reason_corrected():
     ],
 )
 def test_recipient_rules(based_on, requesters, team, pool, expected):
-    from service.clinical.recipients import choose
+    from service.core.recipients import choose
 
     got = choose(based_on, requesters, team, pool)
     assert (got.refs, got.rule) == expected
@@ -98,8 +98,8 @@ def test_recipient_rules(based_on, requesters, team, pool, expected):
     ],
 )
 def test_age_and_individual_thresholds(age_days, threshold, anc, outcome):
-    from service.clinical.context import PatientContext
-    from service.clinical.rules import DAY_US
+    from service.core.context import PatientContext
+    from service.core.rules import DAY_US
 
     rows = panel(("6690-2", 3.0, "10*3/uL"), ("751-8", anc / 1000, "10*3/uL"))
     effective_us = rows[0].effective_us
@@ -116,8 +116,8 @@ def test_age_and_individual_thresholds(age_days, threshold, anc, outcome):
 
 # -- collection times that cannot be true ---------------------------------------------------------
 
-from service.clinical.context import PatientContext  # noqa: E402
-from service.clinical.panels import (  # noqa: E402
+from service.core.context import PatientContext  # noqa: E402
+from service.core.panels import (  # noqa: E402
     COLLECTED_AFTER_RECORDED,
     COLLECTED_BEFORE_1900,
     COLLECTED_BEFORE_BIRTH,

@@ -1,4 +1,4 @@
-"""One canonical spelling of a reference (service/clinical/references.py, through
+"""One canonical spelling of a reference (service/core/references.py, through
 observations.canonical_reference): one patient is one key however its results write it, and a
 subject that names no patient on the service's server is refused with a reason.
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from service.clinical import raw
-from service.clinical.observations import (
+from service.fhir import raw
+from service.core.observations import (
     LabResult,
     ReadPolicy,
     Rejected,
@@ -24,7 +24,7 @@ from service.clinical.observations import (
     patient_reference,
     undecodable_rejection,
 )
-from service.clinical.references import Resolved, base_key
+from service.core.references import Resolved, base_key
 from service.config import Settings
 from tests.builders import observation
 

@@ -347,7 +347,7 @@ def test_a_large_document_read_entry_by_entry_gives_what_reading_it_whole_gives(
     the path `raw.read` of the whole takes (typed, strict, tolerant, by its framing; whole or cut
     short), the same resources come out in the same order, so the same events, alerts and counts
     (documents the entry-by-entry reading cannot follow are read whole, as before)."""
-    from service import replay as replay_module
+    from service.replay import engine as replay_module
 
     name, data = LARGE_CASES[case]
     path = tmp_path / name
@@ -378,7 +378,7 @@ def test_which_large_documents_are_read_entry_by_entry(tmp_path, monkeypatch, ca
     """Bundles are read entry by entry, each by the path the whole would take; what the walk cannot
     follow (no Bundle, broken framing, a second entry array, an escaped key, a byte-order mark, a
     cut Bundle with nothing readable before the cut) is read whole as before."""
-    from service import replay as replay_module
+    from service.replay import engine as replay_module
 
     monkeypatch.setattr(replay_module, "LARGE_DOCUMENT", 64)
     name, data = LARGE_CASES[case]
@@ -394,7 +394,7 @@ def test_which_large_documents_are_read_entry_by_entry(tmp_path, monkeypatch, ca
 def test_a_large_bundle_is_read_in_flat_memory(tmp_path):
     """A 25 MB Bundle (one document) replays in about the memory of NDJSON: it used to be parsed
     whole (about 6 times its size in memory: 1.05 GB for 190 MB)."""
-    from service.synthetic import generate, observations_target
+    from tests.synthetic import generate, observations_target
 
     path = tmp_path / "big.json"
     with open(path, "wb") as fh:
@@ -450,8 +450,8 @@ def test_a_damaged_bundle_walked_entry_by_entry_gives_the_items_of_reading_it_wh
     """Whatever damage a Bundle carries (cut short, stray bytes, NaN, bytes that are not UTF-8,
     lone surrogates, broken brackets), the entry-by-entry reading either declines it (it is then
     read whole) or gives exactly the items `raw.decode` gives for the whole document."""
-    from service import replay as replay_module
-    from service.clinical import raw
+    from service.replay import engine as replay_module
+    from service.fhir import raw
 
     data = _SEED_BUNDLE
     for kind, at, piece in edits:

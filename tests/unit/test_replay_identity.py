@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from service.config import load_settings
-from service.replay import Replay
+from service.replay.engine import Replay
 from tests.builders import observation
 
 BASE = "https://fhir.example.org/fhir/R4"

@@ -1,4 +1,4 @@
-"""The partitioned replay engine (service.replay_parallel) writes the same bytes as the SQLite engine
+"""The partitioned replay engine (service.replay.parallel) writes the same bytes as the SQLite engine
 it replaced, which stays as the reference: in one process and with worker processes, with input
 split into many chunks and partitions, whatever the file order."""
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from service import replay_parallel
+from service.replay import parallel
 from service.config import load_settings
-from service.replay import Replay, ReplayStats
-from service.synthetic import PopulationSpec, write_ndjson
+from service.replay.engine import Replay, ReplayStats
+from tests.synthetic import PopulationSpec, write_ndjson
 from tests.builders import observation
 
 ENGINES = {
@@ -40,8 +40,8 @@ def _stats(s: ReplayStats) -> tuple:
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Many chunks and partitions even for a small input, so every boundary is exercised."""
-    monkeypatch.setattr(replay_parallel, "CHUNK_BYTES", 50_000)
-    monkeypatch.setattr(replay_parallel, "PARTITION_BYTES", 300_000)
+    monkeypatch.setattr(parallel, "CHUNK_BYTES", 50_000)
+    monkeypatch.setattr(parallel, "PARTITION_BYTES", 300_000)
 
 
 @pytest.fixture(scope="module")

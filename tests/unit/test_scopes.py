@@ -1,4 +1,4 @@
-"""The SMART scopes the service requests: derived from what it does (service/scopes.py), one default
+"""The SMART scopes the service requests: derived from what it does (service/fhir/scopes.py), one default
 for the settings model and config/default.yaml, and both SMART syntaxes understood.
 Scope syntax: https://hl7.org/fhir/smart-app-launch/scopes-and-launch-context.html (v2 `cruds`
 letters; v1 `read`/`write`/`*`)."""
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service import scopes
+from service.fhir import scopes
 from service.config import Settings, SmartSettings
 
 ROOT = Path(__file__).resolve().parents[2]

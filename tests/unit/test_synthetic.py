@@ -1,4 +1,4 @@
-"""Behaviour of the synthetic FHIR generator (service.synthetic)."""
+"""Behaviour of the synthetic FHIR generator (tests.synthetic)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.synthetic import (
+from tests.synthetic import (
     NOISE_KINDS,
     NOISE_URL,
     PopulationSpec,

@@ -5,8 +5,8 @@ table "Conversion to cells/uL" (UCUM essence: 10* and 10^ are the number ten; 1 
 
 import pytest
 
-from service.clinical.codes import Prop
-from service.clinical.units import UCUM, UnitError, to_canonical
+from service.core.codes import Prop
+from service.core.units import UCUM, UnitError, to_canonical
 
 COUNT_CASES = [
     # (unit, system, code, value, expected cells/uL, source)

@@ -1,0 +1,530 @@
+"""The subset of FHIR R4 the core reads, as msgspec Structs.
+
+Incoming data is decoded straight into these (unknown fields are skipped in C), which is ~10×
+cheaper than building full `fhir.resources` models. Full models are used only for what the service
+writes. A line that does not fit these types is not dropped: `decode` says why, and a damaged
+document is read entry by entry (`read`, below) so the damage stays with the entry that holds it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import msgspec
+import orjson
+
+from service.fhir import jsonscan
+
+
+class Coding(msgspec.Struct, frozen=True, gc=False):
+    system: str | None = None
+    code: str | None = None
+
+
+class CodeableConcept(msgspec.Struct, frozen=True, gc=False):
+    coding: list[Coding] | None = None
+
+
+class Reference(msgspec.Struct, frozen=True, gc=False):
+    reference: str | None = None
+
+
+class Quantity(msgspec.Struct, frozen=True, gc=False):
+    value: float | None = None
+    comparator: str | None = None
+    unit: str | None = None
+    system: str | None = None
+    code: str | None = None
+
+
+class Range(msgspec.Struct, frozen=True, gc=False):
+    low: Quantity | None = None
+    high: Quantity | None = None
+
+
+class Period(msgspec.Struct, frozen=True, gc=False):
+    start: str | None = None
+    end: str | None = None
+
+
+class Meta(msgspec.Struct, frozen=True, gc=False):
+    versionId: str | None = None
+    lastUpdated: str | None = None
+
+
+class Link(msgspec.Struct, frozen=True, gc=False):
+    relation: str | None = None
+    url: str | None = None
+
+
+class Participant(msgspec.Struct, frozen=True, gc=False):
+    member: Reference | None = None
+
+
+class Entry(msgspec.Struct, frozen=True, gc=False):
+    resource: Resource | None = None
+
+
+class Resource(msgspec.Struct, frozen=True, gc=False):
+    """Fields of Observation, DiagnosticReport, Patient, Condition, ServiceRequest, CareTeam and
+    Bundle that the service reads."""
+
+    resourceType: str = ""
+    id: str | None = None
+    meta: Meta | None = None
+    status: str | None = None
+    code: CodeableConcept | None = None
+    subject: Reference | None = None
+    # Observation.specimen is one Reference, DiagnosticReport.specimen a list.
+    specimen: Reference | list[Reference] | None = None
+    effectiveDateTime: str | None = None
+    effectiveInstant: str | None = None
+    effectivePeriod: Period | None = None
+    issued: str | None = None
+    valueQuantity: Quantity | None = None
+    valueString: str | None = None
+    valueCodeableConcept: CodeableConcept | None = None
+    valueInteger: int | None = None
+    dataAbsentReason: CodeableConcept | None = None
+    referenceRange: list[Range] | None = None
+    basedOn: list[Reference] | None = None
+    result: list[Reference] | None = None
+    hasMember: list[Reference] | None = None
+    birthDate: str | None = None  # Patient
+    clinicalStatus: CodeableConcept | None = None  # Condition
+    verificationStatus: CodeableConcept | None = None  # Condition
+    requester: Reference | None = None  # ServiceRequest
+    participant: list[Participant] | None = None  # CareTeam
+    entry: list[Entry] | None = None
+    link: list[Link] | None = None  # Bundle.link (paging)
+    total: int | None = None  # Bundle.total
+
+
+class Undecodable(msgspec.Struct, frozen=True):
+    """A line or resource that could not be read into `Resource`: kept with its reason."""
+
+    reason: str
+    resource_type: str | None = None
+    id: str | None = None
+    subject: str | None = None
+
+
+_decoder = msgspec.json.Decoder(Resource)
+
+BOM = b"\xef\xbb\xbf"
+NOT_UTF8 = "text is not valid UTF-8 (invalid bytes or an unpaired surrogate)"
+TOO_DEEP = "invalid JSON: nested too deeply"
+MAX_BUNDLE_NESTING = 2  # Bundles inside Bundles read on the salvage path (each level walks the text again)
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_WANTED = frozenset({"resourceType", "id", "subject", "link"})
+_SMALL = 2048  # the longest member value read from a document that cannot be parsed
+
+
+class Document(NamedTuple):
+    """What one JSON document holds, however damaged.
+
+    `items`: its resources (a Bundle's entries, flattened), each read or `Undecodable` with the
+    reason; `complete`: the document's framing was intact, so every entry it holds is in `items`
+    (False: truncated or broken; `items` holds the entries before the break and `remainder` says
+    what was lost); `damage`: why a strict parse of the whole failed (None when it did not)."""
+
+    items: list[Resource | Undecodable]
+    resource_type: str | None
+    links: list[Link]
+    complete: bool = True
+    damage: str | None = None
+    remainder: Undecodable | None = None
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+
+
+def clean_text(value: Any, limit: int = 256) -> str | None:
+    """A short printable string (ids, references, codes), or None: never megabytes, never text
+    that could not be encoded again (lone surrogates), never control characters."""
+    if not isinstance(value, str) or not 0 < len(value) <= limit or not value.isprintable():
+        return None
+    return None if not value.isascii() and _SURROGATE.search(value) else value
+
+
+def fhir_id(value: Any) -> str | None:
+    """`value` when it is a FHIR id ([A-Za-z0-9-.]{1,64}), else None."""
+    return value if isinstance(value, str) and _FHIR_ID.fullmatch(value) else None
+
+
+def _undecodable(obj: Any, reason: str) -> Undecodable:
+    if not isinstance(obj, dict):
+        return Undecodable(reason)
+    subject = obj.get("subject")
+    return Undecodable(
+        reason,
+        resource_type=clean_text(obj.get("resourceType"), 64),
+        id=fhir_id(obj.get("id")),
+        subject=clean_text(subject.get("reference")) if isinstance(subject, dict) else None,
+    )
+
+
+def _from_object(obj: Any) -> Iterator[Resource | Undecodable]:
+    """Convert one parsed JSON value; a Bundle is converted entry by entry so one bad entry
+    does not take its neighbours with it."""
+    if not isinstance(obj, dict):
+        yield Undecodable(f"not a FHIR resource (a JSON {type(obj).__name__})")
+        return
+    if obj.get("resourceType") == "Bundle" and isinstance(obj.get("entry"), list):
+        for item in obj["entry"]:
+            resource = item.get("resource") if isinstance(item, dict) else None
+            if resource is not None:
+                yield from _from_object(resource)
+        return
+    try:
+        yield msgspec.convert(obj, Resource)
+    except msgspec.ValidationError as err:
+        yield _undecodable(obj, f"malformed: {_first_line(err)}")
+    except RecursionError:
+        yield _undecodable(obj, "malformed: nested too deeply")
+
+
+def flatten(resource: Resource) -> Iterator[Resource]:
+    """A resource, or the resources of a Bundle (nested Bundles included)."""
+    if resource.resourceType == "Bundle":
+        for entry in resource.entry or ():
+            if entry.resource is not None:
+                yield from flatten(entry.resource)
+    else:
+        yield resource
+
+
+def decode(data: bytes | str) -> Iterator[Resource | Undecodable]:
+    """Decode one JSON document (an NDJSON line, a Bundle or a single resource). Never raises:
+    what cannot be read is an `Undecodable` with the reason (and the id, when that much can be read)."""
+    doc = read(data)
+    yield from doc.items
+    if doc.remainder is not None:
+        yield doc.remainder
+
+
+def convert(obj: Any) -> Iterator[Resource | Undecodable]:
+    """The same as `decode` for JSON already parsed into Python objects."""
+    yield from _from_object(obj)
+
+
+# -- reading a document, damaged or not ----------------------------------------------------------
+#
+# 1. strict and typed (msgspec straight into `Resource`): the fast path, nearly always taken;
+# 2. strict JSON, entry by entry (`msgspec.convert`): one entry of the wrong shape stays one
+#    `Undecodable`;
+# 3. tolerant (the salvage path): Python's json, which reads NaN, Infinity and 1e999 (as floats
+#    that `observations.normalise` then rejects as not finite), with undecodable bytes kept as lone
+#    surrogates so that the entry holding them, and only that one, is refused as not UTF-8;
+# 4. when even that fails (a syntax error, nesting deeper than a parser's stack): the document's
+#    framing is walked (`jsonscan`, iterative) and each Bundle entry is read on its own through
+#    1-4, so the damage stays inside the entry that holds it. A document whose framing itself is
+#    truncated or broken yields the entries before the break and says so (`complete=False`).
+
+
+def read(data: bytes | str) -> Document:
+    if isinstance(data, str):
+        try:
+            data = data.encode()
+        except UnicodeEncodeError:
+            return _read_text(data, 0)
+    if data[:3] == BOM:  # some servers (and Windows tools) start UTF-8 with one
+        data = data[3:]
+    if data.isascii() or _is_utf8(data):
+        try:
+            resource = _decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            return Document(list(flatten(resource)), resource.resourceType, list(resource.link or ()))
+        try:
+            obj = orjson.loads(data)
+        except (orjson.JSONDecodeError, RecursionError):
+            pass
+        else:
+            return Document(list(_from_object(obj)), _type_of(obj), _links_of(obj))
+    return _read_text(data.decode("utf-8", "surrogateescape"), 0)
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _type_of(obj: Any) -> str | None:
+    return clean_text(obj.get("resourceType"), 64) if isinstance(obj, dict) else None
+
+
+def _links_of(obj: Any) -> list[Link]:
+    links = obj.get("link") if isinstance(obj, dict) else None
+    if not isinstance(links, list):
+        return []
+    out = []
+    for link in links:
+        if isinstance(link, dict):
+            relation, url = link.get("relation"), link.get("url")
+            out.append(Link(clean_text(relation, 64), clean_text(url, 8192)))
+    return out
+
+
+def _int(text: str) -> int | float:
+    # JSON has no leading zeros: more than 309 digits is beyond any float. (int() of more than
+    # 4300 digits raises; the value is not finite for our purposes anyway.)
+    if len(text) <= 309:
+        return int(text)
+    return -math.inf if text[0] == "-" else math.inf
+
+
+# Python's json recurses once per nesting level against the interpreter's recursion limit, so how
+# deep a document it reads depends on how deep the caller's stack already is (and on a test runner
+# that raises the limit): the same bytes could be read in one place and refused in another. A fixed
+# bound makes "nested too deeply" a property of the bytes alone. FHIR resources nest a few dozen
+# levels at most (a Bundle entry's extension of an extension ...); 200 leaves room, well inside the
+# default limit of 1000 wherever the salvage path is called from.
+MAX_NESTING = 200
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def _too_deep(text: str) -> bool:
+    if text.count("[") + text.count("{") <= MAX_NESTING:
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_JSON_STRING.sub("", text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def _loads(text: str) -> Any:
+    if _too_deep(text):
+        raise RecursionError("nested deeper than MAX_NESTING")
+    return json.loads(text, parse_int=_int)
+
+
+def loads_tolerant(text: str) -> Any:
+    """Python's json as the salvage path uses it: NaN, Infinity and out-of-range numbers become
+    floats (not finite), no integer is too long. Raises ValueError or RecursionError."""
+    return _loads(text)
+
+
+def has_surrogates(obj: Any) -> bool:
+    """True when a string in `obj` holds a lone surrogate (undecodable bytes, or an unpaired
+    escape such as "\\ud800"): such text cannot be encoded as UTF-8 again."""
+    return _has_surrogates(obj)
+
+
+def _has_surrogates(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _tolerant(obj: Any) -> Iterator[Resource | Undecodable]:
+    """`_from_object` for what Python's json made of a document: the entry that holds text that
+    was not UTF-8 is refused, its neighbours are read."""
+    if isinstance(obj, dict) and obj.get("resourceType") == "Bundle" and isinstance(obj.get("entry"), list):
+        for item in obj["entry"]:
+            resource = item.get("resource") if isinstance(item, dict) else None
+            if resource is not None:
+                yield from _tolerant(resource)
+        return
+    if _has_surrogates(obj):
+        yield _undecodable(obj, NOT_UTF8)
+        return
+    yield from _from_object(obj)
+
+
+def _read_text(text: str, nesting: int) -> Document:
+    try:
+        obj = _loads(text)
+    except RecursionError:
+        problem = "nested too deeply"
+    except ValueError as err:  # json.JSONDecodeError included
+        problem = _first_line(err)
+    else:
+        try:
+            items = list(_tolerant(obj))
+        except RecursionError:
+            items = [_undecodable(obj, TOO_DEEP)]
+        return Document(items, _type_of(obj), _links_of(obj), True, "not strict JSON")
+    return _scan(text, problem, nesting)
+
+
+def _small(text: str, span: tuple[int, int] | None) -> Any:
+    if span is None or span[1] - span[0] > _SMALL:
+        return None
+    try:
+        return _loads(text[span[0] : span[1]])
+    except (ValueError, RecursionError):
+        return None
+
+
+def _scan(text: str, problem: str, nesting: int) -> Document:
+    """The salvage of last resort: walk the framing, read each Bundle entry on its own."""
+    damage = f"invalid JSON: {problem}"
+    start = jsonscan.skip_ws(text, 0)
+    if start >= len(text) or text[start] != "{":
+        return Document([Undecodable(damage)], None, [], jsonscan.single_document(text), problem)
+    scan = jsonscan.scan_object(text, start, _WANTED, "entry")
+    resource_type = clean_text(_small(text, scan.spans.get("resourceType")), 64)
+    if resource_type != "Bundle" or scan.entries is None:
+        subject = _small(text, scan.spans.get("subject"))
+        item = Undecodable(
+            damage, resource_type, fhir_id(_small(text, scan.spans.get("id"))),
+            clean_text(subject.get("reference")) if isinstance(subject, dict) else None)
+        return Document([item], resource_type, [], scan.broken is None, problem)
+    items: list[Resource | Undecodable] = []
+    for s, e in scan.entries:
+        items.extend(_entry(text, s, e, nesting))
+    link = scan.spans.get("link")
+    links = _links_of({"link": _loads_or_none(text[link[0] : link[1]])}) if link is not None else []
+    remainder = None
+    if scan.broken is not None:
+        remainder = Undecodable(f"invalid JSON: Bundle {scan.broken.what} after {len(scan.entries)} entries")
+    return Document(items, "Bundle", links, scan.broken is None, problem, remainder)
+
+
+def _loads_or_none(text: str) -> Any:
+    try:
+        return _loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _entry(text: str, start: int, end: int, nesting: int) -> list[Resource | Undecodable]:
+    """The resource of one Bundle entry (`text[start:end]`), read on its own."""
+    if text[start] != "{":
+        return []  # not an entry object: nothing in it (as `_from_object` skips it)
+    try:
+        spans = jsonscan.object_members(text, start, frozenset({"resource"}))
+    except jsonscan.Broken:
+        return [Undecodable("invalid JSON: malformed Bundle entry")]
+    span = spans.get("resource")
+    if span is None:
+        return []
+    piece = text[span[0] : span[1]]
+    try:
+        data: bytes | None = piece.encode()
+    except UnicodeEncodeError:  # undecodable bytes in it
+        data = None
+    if data is not None:
+        try:
+            return list(flatten(_decoder.decode(data)))
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            pass
+        try:
+            return list(_from_object(orjson.loads(data)))
+        except (orjson.JSONDecodeError, RecursionError):
+            pass
+    if nesting >= MAX_BUNDLE_NESTING:
+        return [Undecodable("invalid JSON: Bundles nested too deeply")]
+    doc = _read_text(piece, nesting + 1)
+    return doc.items + ([doc.remainder] if doc.remainder is not None else [])
+
+
+# -- a Bundle read entry by entry ----------------------------------------------------------------
+#
+# `read` of a whole Bundle takes one of four paths (typed, strict, tolerant, framing), and the path
+# decides how each entry is read. A Bundle too large to hold is walked twice instead
+# (`jsonscan.scan_stream`): the first walk tells, from its parts, which path `read` of the whole
+# would take (`Checks`), the second reads each entry as that path reads it (`entry_items`). The
+# same items come out, one entry in memory at a time.
+
+TYPED, STRICT, TOLERANT, FRAMING = "typed", "strict", "tolerant", "framing"
+_entry_decoder = msgspec.json.Decoder(Entry)
+
+
+class Checks(msgspec.Struct):
+    """What `read` of the whole would find, gathered part by part (every top-level member and
+    every entry: the whole is valid exactly when each of its parts is, its framing being sound)."""
+
+    utf8: bool = True  # every byte sequence valid UTF-8
+    typed: bool = True  # the typed decoder takes every part
+    strict: bool = True  # orjson takes every part
+    tolerant: bool = True  # Python's json takes every part
+
+    def add(self, data: bytes, typed: msgspec.json.Decoder[Any], strict: bool = False) -> None:
+        if self.utf8 and not (data.isascii() or _is_utf8(data)):
+            self.utf8 = False
+        if self.typed:
+            try:
+                typed.decode(data)
+            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+                self.typed = False
+        if strict:  # orjson read it already
+            return
+        try:
+            orjson.loads(data)
+        except (orjson.JSONDecodeError, RecursionError):
+            self.strict = False
+            if self.tolerant:
+                try:
+                    _loads(data.decode("utf-8", "surrogateescape"))
+                except (ValueError, RecursionError):
+                    self.tolerant = False
+
+    def add_entry(self, data: bytes, strict: bool = False) -> None:
+        self.add(data, _entry_decoder, strict)
+
+    def add_members(self, members: list[tuple[bytes, bytes]]) -> None:
+        """The Bundle's members but "entry", as one object (keys hold no escapes: the caller checks)."""
+        self.add(b"{" + b",".join(b'"' + key + b'":' + value for key, value in members) + b"}", _decoder)
+
+    def path(self, complete: bool) -> str:
+        """The path `read` takes for the whole: typed and strict need UTF-8 and (like tolerant)
+        a whole document; a document cut short is read by its framing."""
+        if not complete:
+            return FRAMING
+        if self.utf8 and self.typed:
+            return TYPED
+        if self.utf8 and self.strict:
+            return STRICT
+        return TOLERANT if self.tolerant else FRAMING
+
+
+def entry_items(data: bytes, path: str) -> list[Resource | Undecodable]:
+    """The resources of one Bundle entry (its JSON text), read as `read` of the whole Bundle reads
+    each entry on `path`."""
+    if path == TYPED:
+        entry = _entry_decoder.decode(data)
+        return list(flatten(entry.resource)) if entry.resource is not None else []
+    if path == FRAMING:
+        return _entry(data.decode("utf-8", "surrogateescape"), 0, len(data), 0)
+    item = orjson.loads(data) if path == STRICT else _loads(data.decode("utf-8", "surrogateescape"))
+    resource = item.get("resource") if isinstance(item, dict) else None
+    if resource is None:
+        return []
+    if path == STRICT:
+        return list(_from_object(resource))
+    try:
+        return list(_tolerant(resource))
+    except RecursionError:  # `read` of the whole gives one such item for the document
+        return [_undecodable(resource, TOO_DEEP)]
+
+
+def cut_short(entries: int) -> Undecodable:
+    """The remainder of a Bundle whose framing ends early after `entries` entries (as `_scan`)."""
+    return Undecodable(f"invalid JSON: Bundle truncated after {entries} entries")

@@ -1,0 +1,330 @@
+"""The state-store protocol. Implementations: sqlite.py (default, one replica), postgres.py (HA).
+
+Every method that changes state is one transaction: a crash leaves the store as it was before the
+call or after it, never between.
+
+Leadership: several processes may open one store; only the one for which `lead()` returned True
+polls and posts. Every method that changes state is fenced: it fails with `LeadershipLost` (and
+changes nothing) once another process has become leader, so a paused old leader cannot write after
+a new one began.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from typing import Any, Protocol
+
+import msgspec
+
+from service.core.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
+from service.core.episodes import PatientState
+from service.core.observations import LabResult, Rejected, conflict_rejection
+from service.errors import StoreError
+
+
+class LeadershipLost(StoreError):
+    """This process no longer holds the leader lock; the change was not made."""
+
+
+@dataclass(frozen=True, slots=True)
+class Intake:
+    """One Observation version read from the server, normalised (or rejected)."""
+
+    ref: str
+    updated_us: int  # meta.lastUpdated (-1 when absent)
+    version: int  # numeric versionId (-1 when absent or not numeric)
+    patient: str | None
+    panel: str | None  # None for a rejection
+    outcome: LabResult | Rejected
+
+
+def _release_tag() -> bytes:
+    try:
+        release = metadata.version("neutrowatch")
+    except metadata.PackageNotFoundError:
+        release = "unknown"
+    return hashlib.sha256(release.encode()).digest()[:4]
+
+
+DIGEST_TAG = _release_tag()
+_encode = msgspec.msgpack.Encoder().encode
+_decode_result = msgspec.msgpack.Decoder(LabResult).decode
+_decode_rejected = msgspec.msgpack.Decoder(Rejected).decode
+
+
+def digest(outcome: LabResult | Rejected) -> bytes:
+    """The content of one copy of an Observation version, as compared with the stored copy.
+
+    Taken over the normalised outcome (the LabResult or the Rejected), not over the raw JSON: a
+    server that sends a version again with other key order, whitespace, number spelling ("0.30") or
+    narrative is sending the same version, while a different value, unit (when it changes the
+    value), code, subject, status, specimen, time or rejection reason is a different one — replay
+    draws the same line (`clinical.copies.content_key` of the same bytes). Prefixed with
+    DIGEST_TAG, this release's: another release may normalise the same JSON differently, so its
+    digests are not compared (`plan`), lest an upgrade turn every re-read into a conflict."""
+    return DIGEST_TAG + content_key(_encode(outcome))
+
+
+# The digest stored for a version whose copies conflict (no content is in force): every further
+# copy of that version is a conflict too (quarantined once per content).
+CONFLICTED = DIGEST_TAG + bytes(16)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """The version of an Observation the store holds (its results and digests rows)."""
+
+    updated_us: int
+    version: int
+    digest: bytes | None  # None: stored before digests (schema 1, or a release without them)
+    patient: str | None
+    panel: str | None
+    data: bytes | None  # the LabResult (msgpack); None: a rejected version
+    record: bytes | None = None  # a rejected version's quarantined Rejected (msgpack), when at hand
+    read: LabResult | Rejected | None = None  # the copy itself, when it was written by this batch
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return (self.updated_us, self.version)
+
+    @property
+    def outcome(self) -> LabResult | Rejected | None:
+        """The stored copy (decoded only when `plan` needs it: a conflict, a copy without meta
+        replaced); None: a rejection whose record is not at hand (it is not reported again)."""
+        if self.read is not None:
+            return self.read
+        if self.data is not None:
+            return _decode_result(self.data)
+        return _decode_rejected(self.record) if self.record is not None else None
+
+
+def stored_version(vu: int, vv: int, content: bytes | None, patient: str | None, panel: str | None,
+                   data: bytes | None, record: bytes | None) -> StoredVersion:
+    """A stored row as `plan` takes it: `data` the LabResult of the results row, `record` the
+    quarantined Rejected of a rejected version (the quarantine row with its digest)."""
+    return StoredVersion(vu, vv, bytes(content) if content is not None else None, patient, panel,
+                         bytes(data) if data is not None else None, bytes(record) if record is not None else None)
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """A row `ingest` writes as the Observation's version in force."""
+
+    item: Intake  # the version; for a conflict, its CONFLICT rejection (no panel)
+    content: bytes  # its digest; CONFLICTED for a conflict
+    before: tuple[str | None, str | None] | None  # patient and panel of the version it replaces (marked dirty)
+
+
+@dataclass
+class Plan:
+    """What `ingest` does with the copies of one Observation read in one batch."""
+
+    writes: list[Write] = field(default_factory=list)  # in order: the last one is in force
+    held: list[tuple[Intake, bytes]] = field(default_factory=list)  # (rejection, digest of the copy): quarantined once
+
+
+def by_ref(items: Sequence[Intake]) -> dict[str, list[Intake]]:
+    """The items of a batch by Observation, in order of first appearance."""
+    out: dict[str, list[Intake]] = {}
+    for item in items:
+        out.setdefault(item.ref, []).append(item)
+    return out
+
+
+def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
+    """The copies of one Observation in a batch (`items`, as read), next to its stored version, as
+    `clinical.copies` rules them (what replay's `settle` applies to the whole input), so that what
+    is in force after a batch does not depend on the order of its copies, nor (see below) on which
+    batch each copy came in:
+
+    - versions newer than the stored one are written, oldest first; a version older than the stored
+      one, or the stored one read again alike, is skipped (the overlap window re-reads);
+    - copies of one version that do not read alike, in the batch or next to the stored copy, make
+      it a conflict: the version in force becomes a rejected version (CONFLICTED; its panel, and
+      that of the version it replaces, decided again: an alert that rested on the first copy read
+      is withdrawn, as replay, which sees all copies at once, never raises it), and every distinct
+      content is held back as CONFLICT — the stored copy too (it was taken before the other was
+      seen); a further copy of a CONFLICTED version is held back as CONFLICT;
+    - a copy with neither lastUpdated nor a numeric versionId is held back (UNPLACED, or its own
+      reason when rejected) once a version of the Observation with them is read, and a stored
+      readable one is held back when such a version replaces it: it changes nothing.
+
+    A stored digest that is missing (stored before schema 2, or by a release without digests) or
+    from another release cannot be compared: a copy of that version counts as read before."""
+    if len(items) == 1 and stamped(items[0].updated_us, items[0].version) \
+            and (stored is None or (stamped(*stored.stamp) and stored.stamp != (items[0].updated_us, items[0].version))):
+        # The common case, the rule below in short: one stamped copy, and a stamped version stored or none.
+        if stored is not None and stored.stamp > (items[0].updated_us, items[0].version):
+            return Plan()
+        return Plan([Write(items[0], digest(items[0].outcome), _where(stored))])
+    out = Plan()
+    if stored is not None and not stamped(*stored.stamp) and stored.digest != CONFLICTED and stored.data is None:
+        stored = None  # a rejection without lastUpdated or versionId, stored by an older release: no version
+    ref = items[0].ref if items else ""
+    stamped_read = (stored is not None and stamped(*stored.stamp)) or any(stamped(i.updated_us, i.version) for i in items)
+    groups: dict[tuple[int, int], list[tuple[bytes, Intake | None]]] = {}
+    unplaced: list[tuple[bytes, Intake]] = []
+    for item in items:
+        content = digest(item.outcome)
+        if placed(item.updated_us, item.version, isinstance(item.outcome, Rejected), stamped_read):
+            groups.setdefault((item.updated_us, item.version), []).append((content, item))
+        else:
+            unplaced.append((content, item))
+    current = stored
+    for stamp in sorted(groups):
+        group = groups[stamp]
+        if current is not None and stamp < current.stamp:
+            continue  # older than the version in force
+        if current is not None and stamp == current.stamp:
+            if current.digest is None or not current.digest.startswith(DIGEST_TAG):
+                continue  # cannot be compared
+            if current.digest == CONFLICTED:
+                firsts, _again = distinct(group)
+                out.held += [(_conflict(copy), content) for content, copy in firsts if copy is not None]
+                continue
+            group = [(current.digest, None), *group]  # None: the stored copy
+        verdict = one_version(group)
+        if verdict.kept is not None:
+            kept = verdict.kept[1]
+            if kept is not None:  # (None: the stored version read again alike)
+                out.writes.append(Write(kept, verdict.kept[0], _where(current)))
+                current = _as_stored(kept, verdict.kept[0])
+            continue
+        held: list[tuple[Intake, bytes]] = []
+        for content, copy in verdict.conflicting:
+            if copy is None:  # the stored copy, taken before the other was seen
+                taken = current.outcome if current is not None else None
+                if current is None or taken is None:
+                    continue
+                copy = Intake(ref, *current.stamp, current.patient, None, taken)
+            held.append((_conflict(copy), content))
+        first = held[0][0]
+        out.writes.append(Write(first, CONFLICTED, _where(current)))
+        out.held += held
+        current = _as_stored(first, CONFLICTED)
+    if unplaced:
+        firsts, _again = distinct(unplaced)
+        out.held += [(replace(copy, panel=None, outcome=unplaced_rejection(copy.outcome)), content) for content, copy in firsts]
+    if stored is not None and stored.data is not None and not stamped(*stored.stamp) \
+            and current is not None and stamped(*current.stamp):
+        readable = stored.outcome
+        assert readable is not None
+        out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)), digest(readable)))
+    return out
+
+
+def _as_stored(item: Intake, content: bytes) -> StoredVersion:
+    usable = isinstance(item.outcome, LabResult)
+    return StoredVersion(item.updated_us, item.version, content, item.patient, item.panel, b"" if usable else None,
+                         read=item.outcome)
+
+
+def _conflict(copy: Intake) -> Intake:
+    return replace(copy, panel=None, outcome=conflict_rejection(copy.outcome))
+
+
+def _where(version: StoredVersion | None) -> tuple[str | None, str | None] | None:
+    return (version.patient, version.panel) if version is not None else None
+
+
+PanelKey = tuple[int, str, str]  # (first available, patient, panel): the order panels are decided in
+
+
+@dataclass(frozen=True, slots=True)
+class PanelWork:
+    patient: str
+    panel: str
+    first_available: int  # smallest meta.lastUpdated of its members (µs)
+    changed_at: float  # local time the newest member arrived
+    results: list[LabResult]
+
+    @property
+    def key(self) -> PanelKey:
+        return (self.first_available, self.patient, self.panel)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    id: int
+    patient: str
+    event: dict[str, Any]  # the decision record (events.py)
+    writes: dict[str, Any]  # the FHIR writes (alerts.AlertWrites as a dict)
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What one assessment changes, committed together."""
+
+    patient: str
+    panel: str
+    state: PatientState
+    records: list[tuple[dict[str, Any], dict[str, Any] | None]]  # (decision record, FHIR writes for the outbox or None)
+
+
+def episode_rows(decided: Sequence[Decided]) -> list[tuple[str, PatientState, bool, int | None, bool]]:
+    """One episodes row per patient however many of its panels one commit holds: (patient, last
+    state, open, newest collection time, keep the temperature cursor). The cursor is kept only when
+    the episode stayed open through every state of the batch (it belongs to that episode)."""
+    rows: dict[str, tuple[str, PatientState, bool, int | None, bool]] = {}
+    for d in decided:
+        is_open = d.state.machine.episode is not None
+        kept = rows[d.patient][4] if d.patient in rows else True
+        rows[d.patient] = (d.patient, d.state, is_open, d.state.machine.newest_us, kept and is_open)
+    return list(rows.values())
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    @property
+    def is_open(self) -> bool: ...
+    @property
+    def is_leader(self) -> bool: ...
+    async def lead(self) -> bool:
+        """Become leader if no one is (or confirm this process still is). True when leader now.
+        Called every store.failover_check_seconds; cheap."""
+        ...
+    async def check_leader(self) -> None:
+        """Raise LeadershipLost unless this process is the leader of record (before an external write)."""
+        ...
+    async def get_cursor(self) -> str | None: ...
+    async def set_cursor(self, value: str) -> None: ...
+    async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
+        """Store new versions (skip (id, version) already seen or older); mark their panels, and
+        those of the versions they replace, dirty; quarantine rejections. The copies of each
+        Observation are taken together (`plan`): copies of one version that conflict make it a
+        rejected version and are quarantined, and a copy that is no version is quarantined, each
+        once per (content, reason) however often it is read again. Returns the items that were new,
+        and the rejections quarantined (the caller counts, logs and records them as it does any
+        rejection): there may be more of these than items (a stored copy turned out to conflict)."""
+        ...
+    async def quarantine(self, rejected: Rejected, now: float) -> None:
+        """A rejection with no usable id (it supersedes nothing): kept with its reason."""
+        ...
+    async def record_decision(self, record: dict[str, Any]) -> None: ...
+    async def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
+        """Panels with results not yet assessed, in order of first availability (then patient, panel:
+        byte order), from just after the key `after`, at most `limit` of them (a backlog is taken in
+        batches, so memory does not grow with it)."""
+        ...
+    async def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]: ...
+    async def commit(self, decided: Sequence[Decided]) -> None:
+        """Episode states, panels marked assessed, decision log and outbox rows — one transaction."""
+        ...
+    async def open_patients(self) -> list[tuple[str, str | None, int | None]]:
+        """(patient, temperature cursor, collection time of the newest ANC) for each open episode."""
+        ...
+    async def set_temperature_cursor(self, patient: str, cursor: str) -> None: ...
+    async def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
+        """Claim pending writes for this leader, oldest first (fenced)."""
+        ...
+    async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None: ...
+    async def mark_failed(self, entry_id: int, error: str) -> None: ...
+    async def outbox_pending_count(self) -> int: ...
+    async def decisions(self, patient: str | None = None) -> list[dict[str, Any]]: ...
+    async def quarantined(self) -> list[tuple[str | None, str]]: ...
+    async def counts(self) -> dict[str, int]: ...

@@ -1,0 +1,440 @@
+"""SQLite state store (the default; one active replica). WAL mode, one connection, every change
+one transaction. Every call runs on the store's own thread (`_on_store_thread`): a database that
+another process holds locked blocks that thread for up to the busy timeout, never the event loop
+that answers /healthz and /readyz and drains on SIGTERM.
+
+Leadership is an exclusive flock on `<path>.leader`: a second process opening the same file (a
+rolling update on a shared volume, an operator's `once`) waits as a standby and cannot write."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import functools
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import msgspec
+import orjson
+
+from service.core.episodes import PatientState
+from service.core.observations import LabResult, Rejected
+from service.errors import StoreError
+from service.live.store.base import (
+    CONFLICTED,
+    Decided,
+    Intake,
+    LeadershipLost,
+    OutboxEntry,
+    PanelKey,
+    PanelWork,
+    Write,
+    by_ref,
+    episode_rows,
+    plan,
+    stored_version,
+)
+
+SCHEMA_VERSION = 2
+_MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+    -- latest version of each Observation read, data NULL when that version was rejected
+    CREATE TABLE results (ref TEXT PRIMARY KEY, vu INTEGER NOT NULL, vv INTEGER NOT NULL,
+                          patient TEXT, panel TEXT, data BLOB) WITHOUT ROWID;
+    CREATE INDEX results_panel ON results (patient, panel);
+    CREATE TABLE panels (patient TEXT NOT NULL, panel TEXT NOT NULL, first_vu INTEGER NOT NULL,
+                         dirty INTEGER NOT NULL, changed_at REAL NOT NULL,
+                         PRIMARY KEY (patient, panel)) WITHOUT ROWID;
+    CREATE INDEX panels_dirty ON panels (dirty, first_vu);
+    CREATE TABLE episodes (patient TEXT PRIMARY KEY, state BLOB NOT NULL, open INTEGER NOT NULL DEFAULT 0,
+                           newest_us INTEGER, temperature_cursor TEXT) WITHOUT ROWID;
+    CREATE INDEX episodes_open ON episodes (open);
+    CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT, decided_at REAL NOT NULL,
+                            record BLOB NOT NULL);
+    CREATE INDEX decisions_patient ON decisions (patient);
+    CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT NOT NULL, event BLOB NOT NULL,
+                         writes BLOB NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
+                         attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, created REAL NOT NULL,
+                         sent_at REAL, result BLOB);
+    CREATE INDEX outbox_pending ON outbox (status, id);
+    CREATE TABLE quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, ref TEXT, version INTEGER, patient TEXT,
+                             reason TEXT NOT NULL, received REAL NOT NULL, record BLOB NOT NULL);
+    """,
+    # The digest (base.digest) of the version each results row holds, for telling a copy sent again
+    # from a conflicting one. A table of its own, keyed by the version it belongs to, so that a row
+    # written by a release without digests is never compared with a digest of an older version.
+    # quarantine.digest: the content of each quarantined copy, so that a copy read again is not
+    # quarantined again.
+    2: """
+    CREATE TABLE digests (ref TEXT PRIMARY KEY, vu INTEGER NOT NULL, vv INTEGER NOT NULL, digest BLOB NOT NULL) WITHOUT ROWID;
+    ALTER TABLE quarantine ADD COLUMN digest BLOB;
+    CREATE INDEX quarantine_copy ON quarantine (ref, digest);
+    """,
+}
+
+# The stored version of an Observation: vu, vv, its digest or None, patient, panel, the LabResult,
+# and for a rejected version its quarantined Rejected (`base.stored_version`).
+_STORED = """SELECT r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
+                    CASE WHEN r.data IS NULL THEN (SELECT q.record FROM quarantine q
+                                                   WHERE q.ref = r.ref AND q.digest = d.digest LIMIT 1) END
+             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ?"""
+_encode = msgspec.msgpack.Encoder().encode
+_decode_result = msgspec.msgpack.Decoder(LabResult).decode
+_state_decoder = msgspec.json.Decoder(PatientState)
+
+
+BUSY_TIMEOUT_SECONDS = 5.0  # how long a statement waits for another process's write lock
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _on_store_thread(method: Callable[Concatenate[SqliteStore, _P], _R]) -> Callable[Concatenate[SqliteStore, _P], Coroutine[Any, Any, _R]]:
+    """The store method as a coroutine that runs it on the store's one thread. Calls are serialised
+    (one thread, one connection), as they were on the event loop; a caller cancelled meanwhile does
+    not cut a transaction short (it commits or rolls back whole). A sqlite3 error that no
+    transaction turned into a StoreError (a read of a damaged or vanished file) becomes one."""
+
+    @functools.wraps(method)
+    async def call(self: SqliteStore, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(_guarded, method, self, *args, **kwargs))
+
+    return call
+
+
+def _guarded(method: Callable[..., _R], store: SqliteStore, *args: Any, **kwargs: Any) -> _R:
+    try:
+        return method(store, *args, **kwargs)
+    except sqlite3.Error as err:
+        raise StoreError(f"state store {store.path}: {err}") from None
+
+
+FILE_MODE = 0o600
+
+
+def _private(path: str) -> None:
+    """Create the state file 0600 before SQLite opens it (it would create it 0644 under the usual
+    umask: patient references and results readable by every local user). SQLite creates the -wal
+    and -shm files with the database file's permissions, so they follow. A file that exists with
+    group or other permissions (made by an older release) loses them, and so do its -wal and -shm."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE))
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.exists(name) and (mode := os.stat(name).st_mode & 0o777) & 0o077:
+                os.chmod(name, mode & 0o700)
+    except OSError as err:
+        raise StoreError(f"state store {path}: {err.strerror or type(err).__name__}") from None
+
+
+class SqliteStore:
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._db: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._thread: ThreadPoolExecutor | None = None
+
+    # lifecycle -------------------------------------------------------------------------------------
+
+    @_on_store_thread
+    def open(self) -> None:
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                _private(self.path)
+            # check_same_thread=False: tests read the file through `db` from their own thread
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._db = db
+            self._migrate()
+        except sqlite3.Error as err:
+            raise StoreError(f"state store {self.path}: {err}") from None
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            await self._close()  # after every call queued before it
+            self._thread.shutdown(wait=False)
+            self._thread = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # frees the flock
+            self._lock_fd = None
+
+    @_on_store_thread
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    # leadership ------------------------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.path == ":memory:" or self._lock_fd is not None
+
+    async def lead(self) -> bool:
+        return self._try_lock()
+
+    async def check_leader(self) -> None:
+        if not self._try_lock():
+            raise LeadershipLost(f"another process holds {self.path}.leader")
+
+    def _try_lock(self) -> bool:
+        if self.is_leader:
+            return True  # a flock is held until the descriptor closes
+        fd = os.open(self.path + ".leader", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("state store is not open")
+        return self._db
+
+    def _migrate(self) -> None:
+        db = self.db
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        current = int(row[0]) if row else 0
+        if current > SCHEMA_VERSION:
+            raise StoreError(f"state store {self.path} has schema {current}, newer than this version ({SCHEMA_VERSION})")
+        for version in range(current + 1, SCHEMA_VERSION + 1):
+            with _Transaction(db):  # BEGIN IMMEDIATE serialises migrating processes
+                script = _MIGRATIONS[version]
+                if version == 1:
+                    script = script.replace("CREATE TABLE meta", "CREATE TABLE IF NOT EXISTS meta")
+                for statement in filter(str.strip, script.split(";")):
+                    db.execute(statement)
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
+
+    def _tx(self) -> _Transaction:
+        """A fenced transaction: only the leader (the holder of the flock) changes state."""
+        if not self._try_lock():
+            raise LeadershipLost(f"another process holds {self.path}.leader")
+        return _Transaction(self.db)
+
+    # cursor ----------------------------------------------------------------------------------------
+
+    @_on_store_thread
+    def get_cursor(self) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'cursor'").fetchone()
+        return row[0] if row else None
+
+    @_on_store_thread
+    def set_cursor(self, value: str) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('cursor', ?)", (value,))
+
+    # intake ----------------------------------------------------------------------------------------
+
+    @_on_store_thread
+    def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
+        new: list[Intake] = []
+        db = self.db
+        with self._tx():
+            for ref, copies in by_ref(items).items():
+                row = db.execute(_STORED, (ref,)).fetchone()
+                todo = plan(stored_version(*row) if row is not None else None, copies)
+                for write in todo.writes:
+                    self._store(write, now)
+                    if write.content != CONFLICTED:
+                        new.append(write.item)
+                for held, content in todo.held:
+                    if not self._quarantined(ref, content, held.outcome.reason):  # type: ignore[union-attr]
+                        self._quarantine(held, content, now)
+                        new.append(held)
+        return new
+
+    def _store(self, write: Write, now: float) -> None:
+        """A new version (or a conflict): its row, its digest, its panel and the panel of the
+        version it replaces marked dirty, a rejected version's rejection quarantined."""
+        item, content, before = write.item, write.content, write.before
+        outcome = item.outcome
+        data = _encode(outcome) if isinstance(outcome, LabResult) else None
+        self.db.execute("INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
+                        (item.ref, item.updated_us, item.version, item.patient, item.panel, data))
+        self.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (item.ref, item.updated_us, item.version, content))
+        touched: set[tuple[Any, Any]] = {(item.patient, item.panel)} if item.panel else set()
+        if before is not None and before[1] is not None:
+            touched.add(before)  # the older version's panel changes too
+        for patient, panel in touched:
+            self._touch(patient, panel, item.updated_us, now)
+        if isinstance(outcome, Rejected) and content != CONFLICTED:  # (a conflict's copies are quarantined each)
+            self._quarantine(item, content, now)
+
+    def _quarantined(self, ref: str, content: bytes, reason: str) -> bool:
+        return self.db.execute("SELECT 1 FROM quarantine WHERE ref = ? AND digest = ? AND reason = ?",
+                               (ref, content, reason)).fetchone() is not None
+
+    def _quarantine(self, item: Intake, content: bytes, now: float) -> None:
+        outcome = item.outcome
+        assert isinstance(outcome, Rejected)
+        self.db.execute(
+            "INSERT INTO quarantine (ref, version, patient, reason, received, record, digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content),
+        )
+
+    @_on_store_thread
+    def quarantine(self, rejected: Rejected, now: float) -> None:
+        """A rejection with no usable id (it supersedes nothing): kept with its reason."""
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES (?, ?, ?, ?, ?, ?)",
+                (rejected.ref, None, rejected.patient, rejected.reason, now, _encode(rejected)),
+            )
+
+    def _touch(self, patient: str, panel: str, updated_us: int, now: float) -> None:
+        self.db.execute(
+            """INSERT INTO panels VALUES (?, ?, ?, 1, ?)
+               ON CONFLICT (patient, panel) DO UPDATE SET dirty = 1, changed_at = excluded.changed_at,
+               first_vu = MIN(panels.first_vu, excluded.first_vu)""",
+            (patient, panel, updated_us, now),
+        )
+
+    @_on_store_thread
+    def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
+        db = self.db
+        out: list[PanelWork] = []
+        where, args = ("AND (first_vu, patient, panel) > (?, ?, ?)", after) if after is not None else ("", ())
+        for patient, panel, first_vu, changed_at in db.execute(
+            f"SELECT patient, panel, first_vu, changed_at FROM panels WHERE dirty = 1 {where} "
+            f"ORDER BY first_vu, patient, panel LIMIT {-1 if limit is None else int(limit)}", args
+        ).fetchall():
+            results = [
+                _decode_result(data)
+                for (data,) in db.execute(
+                    "SELECT data FROM results WHERE patient = ? AND panel = ? AND data IS NOT NULL ORDER BY ref",
+                    (patient, panel),
+                )
+            ]
+            out.append(PanelWork(patient, panel, first_vu, changed_at, results))
+        return out
+
+    # decisions -------------------------------------------------------------------------------------
+
+    @_on_store_thread
+    def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]:
+        states: dict[str, PatientState] = {}
+        for patient in set(patients):
+            row = self.db.execute("SELECT state FROM episodes WHERE patient = ?", (patient,)).fetchone()
+            if row is not None:
+                states[patient] = _state_decoder.decode(row[0])
+        return states
+
+    @_on_store_thread
+    def commit(self, decided: Sequence[Decided]) -> None:
+        db = self.db
+        now = time.time()
+        with self._tx():
+            db.executemany(
+                """INSERT INTO episodes (patient, state, open, newest_us) VALUES (?, ?, ?, ?)
+                   ON CONFLICT (patient) DO UPDATE SET state = excluded.state, open = excluded.open,
+                   newest_us = excluded.newest_us,
+                   temperature_cursor = CASE WHEN ? THEN episodes.temperature_cursor END""",
+                [(p, msgspec.json.encode(state), is_open, newest, keep) for p, state, is_open, newest, keep in episode_rows(decided)],
+            )
+            for d in decided:
+                db.execute("UPDATE panels SET dirty = 0 WHERE patient = ? AND panel = ?", (d.patient, d.panel))
+                for record, writes in d.records:
+                    db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
+                               (d.patient, now, orjson.dumps(record)))
+                    if writes is not None:
+                        db.execute("INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
+                                   (d.patient, orjson.dumps(record), orjson.dumps(writes), now))
+
+    @_on_store_thread
+    def open_patients(self) -> list[tuple[str, str | None, int | None]]:
+        """(patient, temperature cursor, collection time of the newest ANC) for each open episode."""
+        return list(self.db.execute("SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open = 1 ORDER BY patient"))
+
+    @_on_store_thread
+    def set_temperature_cursor(self, patient: str, cursor: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE episodes SET temperature_cursor = ? WHERE patient = ?", (cursor, patient))
+
+    @_on_store_thread
+    def record_decision(self, record: dict[str, Any]) -> None:
+        with self._tx():
+            self.db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
+                            (record.get("patient"), time.time(), orjson.dumps(record)))
+
+    # outbox ----------------------------------------------------------------------------------------
+
+    @_on_store_thread
+    def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
+        rows = self.db.execute(
+            "SELECT id, patient, event, writes, attempts FROM outbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows]
+
+    @_on_store_thread
+    def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
+        with self._tx():
+            self.db.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?, attempts = attempts + 1 WHERE id = ?",
+                            (time.time(), orjson.dumps(result), entry_id))
+
+    @_on_store_thread
+    def mark_failed(self, entry_id: int, error: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error[:500], entry_id))
+
+    @_on_store_thread
+    def outbox_pending_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone()[0])
+
+    # reading back ----------------------------------------------------------------------------------
+
+    @_on_store_thread
+    def decisions(self, patient: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT record FROM decisions" + (" WHERE patient = ?" if patient else "") + " ORDER BY id"
+        return [orjson.loads(r) for (r,) in self.db.execute(sql, (patient,) if patient else ())]
+
+    @_on_store_thread
+    def quarantined(self) -> list[tuple[str | None, str]]:
+        return list(self.db.execute("SELECT ref, reason FROM quarantine ORDER BY id"))
+
+    @_on_store_thread
+    def counts(self) -> dict[str, int]:
+        tables: Iterable[str] = ("results", "panels", "episodes", "decisions", "outbox", "quarantine")
+        return {t: int(self.db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]) for t in tables}
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (so no partial state)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self) -> None:
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"state store busy or unavailable: {err}") from None
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error as err:
+                self.db.execute("ROLLBACK")
+                raise StoreError(f"state store commit failed: {err}") from None
+        else:
+            self.db.execute("ROLLBACK")

@@ -1,0 +1,359 @@
+"""AlertEvent -> the FHIR writes the service makes: a Flag (one per episode, updated as it evolves),
+a Communication per announcement, and a Provenance per write. Built as plain dicts, validated with
+fhir.resources R4B models; they claim the profiles of fhir_profiles/ (meta.profile, extensions and
+codes from service/live/profiles.py, on the configured alerts.canonical_base).
+
+Conventions: docs/clinical-reference.md §1.4 (SNOMED 165517008), §1.5 (flag-category
+`clinical`, not `lab`; communication-category `alert`; request-priority), §4 (flag-detail extension,
+Flag.author, period, status active -> inactive, entered-in-error on retraction; a correction is a new
+Communication whose `inResponseTo` points at the prior one; Provenance: target the Flag and the
+Communication, entity the source Observations, agent the service Device with the algorithm version).
+
+Each entry carries the fullUrl given here (`urn:uuid:` + a UUID derived from the resource's
+identifier), and the Provenance built here references the Flag and the Communication by those
+fullUrls (what replay writes). The live loop (service/live/worker.py) posts the Flag and the
+Communication first and the Provenance only once the server has confirmed both, with its targets
+rewritten to the server ids: `provenance_entry()` is that entry.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fhir.resources.R4B.communication import Communication
+from fhir.resources.R4B.flag import Flag
+from fhir.resources.R4B.provenance import Provenance
+
+from service.live import profiles
+from service.core.episodes import Alerted, AlertEvent, Assessment, EventKind
+from service.fhir.fhirtime import from_epoch_us, is_instant, to_epoch_us
+from service.core.grading import Band, Scheme
+from service.config import AlertSettings
+
+SNOMED = "http://snomed.info/sct"
+FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
+COMMUNICATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/communication-category"
+FLAG_DETAIL = "http://hl7.org/fhir/StructureDefinition/flag-detail"
+NEUTROPENIA = {"system": SNOMED, "code": "165517008", "display": "Neutropenia (finding)"}
+FEBRILE_NEUTROPENIA = {"system": SNOMED, "code": "409089005", "display": "Febrile neutropenia (disorder)"}
+
+PROVENANCE_PARTICIPANT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type"
+V3_DATA_OPERATION = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
+AUTHOR_TYPE = {"system": PROVENANCE_PARTICIPANT_TYPE, "code": "author", "display": "Author"}
+ACTIVITY = {  # Provenance.activity: the event creates the episode's Flag (new) or updates it
+    "create": {"system": V3_DATA_OPERATION, "code": "CREATE", "display": "create"},
+    "update": {"system": V3_DATA_OPERATION, "code": "UPDATE", "display": "revise"},
+}
+
+PRIORITY = {"mild": "routine", "moderate": "urgent", "severe": "asap"}
+
+
+
+@dataclass(frozen=True, slots=True)
+class AlertWrites:
+    flag: dict[str, Any]
+    communication: dict[str, Any] | None  # None: the event updates the Flag only (chronic)
+    flag_identifier: tuple[str, str]  # (system, value): the conditional-create key
+    communication_identifier: tuple[str, str] | None
+    provenance: dict[str, Any]  # targets the Flag and Communication by their fullUrls below
+    provenance_tag: tuple[str, str]  # (system, code) of its meta.tag: the conditional-create key (_tag)
+    flag_full_url: str  # urn:uuid:..., the Flag's Bundle.entry.fullUrl
+    communication_full_url: str | None
+    provenance_full_url: str
+
+
+def full_url(system: str, value: str) -> str:
+    """A transaction entry's fullUrl: a UUID (v5) derived from the resource's identifier, so the
+    same write gives the same Bundle in replay, in the live loop and after a restart."""
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'{system}|{value}')}"
+
+
+def _number(value: float) -> int | float:
+    rounded = round(value, 1)
+    return int(rounded) if rounded.is_integer() else rounded
+
+
+def _coding(base: str, system: str, code: str, display: str) -> dict[str, str]:
+    return {"system": profiles.system_url(base, system), "code": code, "display": display}
+
+
+def _grade(base: str, scheme: Scheme, band: Band) -> dict[str, Any]:
+    name = profiles.base_scheme(scheme)
+    coding = _coding(base, profiles.GRADE_SYSTEM, profiles.grade_code(name, band), profiles.grade_display(name, band))
+    return {"url": profiles.profile_url(base, profiles.GRADE_EXTENSION), "valueCoding": coding}
+
+
+def _scheme(base: str, scheme: Scheme) -> dict[str, Any]:
+    name = profiles.base_scheme(scheme)
+    coding = _coding(base, profiles.SCHEME_SYSTEM, name, profiles.SCHEME_DISPLAY.get(name, name))
+    return {"url": profiles.profile_url(base, profiles.SCHEME_EXTENSION), "valueCoding": coding}
+
+
+def _event(base: str, kind: EventKind) -> dict[str, Any]:
+    coding = _coding(base, profiles.EVENT_SYSTEM, kind.value, profiles.EVENT_DISPLAY[kind][0])
+    return {"url": profiles.profile_url(base, profiles.EVENT_EXTENSION), "valueCoding": coding}
+
+
+def _anc(base: str, a: Assessment) -> dict[str, Any]:
+    quantity: dict[str, Any] = {"value": _number(a.anc)}
+    if a.at_most:
+        quantity["comparator"] = "<="
+    quantity.update({"unit": profiles.ANC_UNIT, "system": profiles.UCUM, "code": profiles.ANC_CODE})
+    return {"url": profiles.profile_url(base, profiles.ANC_EXTENSION), "valueQuantity": quantity}
+
+
+def _meta(settings: AlertSettings, profile: str) -> dict[str, Any]:
+    """meta.profile when the deployment claims the profiles (alerts.claim_profiles), else nothing: a
+    server that validates claims reads each claimed StructureDefinition, so a claim it cannot resolve
+    refuses the write. The extensions stay either way: an extension is valid without the profile
+    that uses it (FHIR extensibility.html), and the codes they carry keep their systems."""
+    if not settings.claim_profiles:
+        return {}
+    return {"profile": [profiles.profile_url(settings.canonical_base, profile)]}
+
+
+def _instant(sent: str, event: AlertEvent) -> str:
+    """Provenance.recorded is an instant: `sent` when it is one, else the collection time as one."""
+    if is_instant(sent):
+        return sent
+    for text in (sent, event.assessment.effective if event.assessment else None, event.opened):
+        if text:
+            try:
+                return from_epoch_us(to_epoch_us(text))
+            except ValueError:
+                continue
+    return from_epoch_us(0)
+
+
+def _cells(value: float) -> str:
+    return f"{value:,.0f} cells/µL"
+
+
+def _thresholds(scheme: Scheme) -> str:
+    steps = [f"{b.label} <{'LLN' if b.below_lln else f'{b.below:g}'}" for b in reversed(scheme.bands) if b.severity]
+    return ", ".join(steps)
+
+
+def communication_value(episode: str, kind: str, rank: int, revision: int) -> str:
+    """The deterministic Communication identifier of one announcement."""
+    return f"{episode}-{kind}-{rank}" + (f"-r{revision}" if revision else "")
+
+
+def _retracted_value(event: AlertEvent, x: Alerted) -> str:
+    return f"{event.episode}-retracted-{x.kind.value}-{x.band.rank}-r{event.revision}"
+
+
+def message(event: AlertEvent, scheme: Scheme) -> str:
+    a = event.assessment
+    if event.kind is EventKind.RETRACTED:
+        return _retraction_message(event, scheme)
+    assert a is not None
+    now = f"ANC {'≤ ' if a.at_most else ''}{_cells(a.anc)} collected {a.effective} ({a.method.replace('-', ' ')})"
+    if a.cytopenia == "pancytopenia":
+        now += f"; part of a pancytopenia (Hb {a.hemoglobin:g} g/dL, platelets {_cells(a.platelets or 0)})"
+    elif a.cytopenia == "isolated":
+        now += "; isolated (haemoglobin and platelets not low)"
+    elif a.cytopenia:
+        now += f"; {a.cytopenia} (Hb {a.hemoglobin:g} g/dL, platelets {_cells(a.platelets or 0)})"
+    before = (f"Previous ANC {_cells(event.previous_anc)} collected {event.previous_effective}."
+              if event.previous_anc is not None else "No previous ANC on record.")
+    chronic = " Chronic: episode open more than 3 months." if event.chronic else ""
+    corrected = f"Corrected ({event.reason}): " if event.revision else ""
+    if event.kind is EventKind.NEW:
+        head = f"{corrected}New neutropenia, {event.band.label}: {now}."
+    elif event.kind is EventKind.WORSENING:
+        head = f"{corrected}Neutropenia worsening to {event.band.label}: {now}."
+    elif event.kind is EventKind.FEBRILE:
+        fever = event.fever
+        reading = f"temperature {fever.celsius:.1f} °C at {fever.effective}" if fever else "fever"
+        head = (f"FEBRILE NEUTROPENIA: {reading} with {now}. Treat as an emergency: empirical antibiotics "
+                "within 1 hour per ASCO/IDSA.")
+    elif event.kind is EventKind.CHRONIC:
+        head = f"Neutropenia episode since {event.opened} is now chronic (open more than 3 months): {now}."
+        chronic = ""
+    else:
+        worst = event.worst.label if event.worst else event.band.label
+        head = f"{corrected}Neutropenia resolved: {now}, back in the {a.band.label} range. Episode since {event.opened}, worst {worst}."
+    return f"{head}{chronic} {before} Scheme {scheme.name}: {_thresholds(scheme)} cells/µL."
+
+
+def _retraction_message(event: AlertEvent, scheme: Scheme) -> str:
+    x = event.retracted
+    assert x is not None
+    what = {"new": f"new neutropenia, {x.band.label}", "worsening": f"worsening to {x.band.label}",
+            "resolved": "resolution of the neutropenia", "chronic": "chronic label",
+            "febrile": "febrile neutropenia"}[x.kind.value]
+    head = (f"WITHDRAWN: the earlier alert ({what}; ANC {_cells(x.anc)} collected {x.effective}) no longer holds: "
+            f"a result it rested on was {event.reason}.")
+    a = event.assessment
+    now = f" The panel now gives ANC {_cells(a.anc)} ({a.band.label})." if a is not None else " That value is no longer on record."
+    if event.worst is None:
+        state = " No neutropenia episode remains; its Flag is marked entered-in-error."
+    elif event.episode_open:
+        state = f" The episode remains open, worst {event.worst.label}."
+    else:
+        state = f" The episode is closed, worst {event.worst.label}."
+    return f"{head}{now}{state} Scheme {scheme.name}."
+
+
+def _flag_status(event: AlertEvent) -> str:
+    if event.worst is None:
+        return "entered-in-error"
+    return "active" if event.episode_open else "inactive"
+
+
+def _priority(event: AlertEvent) -> str:
+    if event.kind is EventKind.RETRACTED:
+        x = event.retracted
+        return "urgent" if x is not None and x.band.severity in ("moderate", "severe") else "routine"
+    if event.kind is EventKind.RESOLVED:
+        return "routine"
+    if event.kind is EventKind.FEBRILE:
+        return "stat"
+    return PRIORITY[event.band.severity or "mild"]
+
+
+def build(
+    event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: str, recipients: Sequence[str] | None = None
+) -> AlertWrites:
+    """The Flag as it stands after `event`, and the Communication announcing it (none for `chronic`)."""
+    base = settings.canonical_base
+    flag_id = (f"{base}/episode", event.episode)
+    a = event.assessment
+    status = _flag_status(event)
+    period: dict[str, str] = {"start": event.opened}
+    if status == "inactive" and event.ended:
+        period["end"] = event.ended
+    band: Band = event.worst or event.band
+    details = [f"{'Febrile neutropenia' if event.febrile else 'Neutropenia'}, {band.label}"]
+    if event.chronic:
+        details.append("chronic")
+    if a is not None and a.cytopenia:
+        details.append(a.cytopenia)
+    text = ", ".join(details) + (
+        " (entered in error: withdrawn)" if status == "entered-in-error"
+        else f"; resolved {event.ended}" if status == "inactive" and event.ended
+        else f"; latest ANC {_cells(a.anc)} collected {a.effective}" if a is not None
+        else ""
+    )
+    flag: dict[str, Any] = {
+        "resourceType": "Flag",
+        **({"meta": m} if (m := _meta(settings, profiles.FLAG_PROFILE)) else {}),
+        "identifier": [{"system": flag_id[0], "value": flag_id[1]}],
+        "status": status,
+        "category": [{"coding": [{"system": FLAG_CATEGORY, "code": "clinical", "display": "Clinical"}]}],
+        "code": {"coding": [FEBRILE_NEUTROPENIA if event.febrile else NEUTROPENIA], "text": text},
+        "subject": {"reference": event.patient},
+        "period": period,
+        "author": {"reference": settings.author},
+    }
+    sources = [f"{ref}/_history/{v}" if v else ref for ref, v in zip(a.refs, a.versions, strict=True)] if a is not None else []
+    flag["extension"] = [{"url": FLAG_DETAIL, "valueReference": {"reference": ref}} for ref in sources]
+    flag["extension"] += [_grade(base, scheme, band), _scheme(base, scheme)] + ([_anc(base, a)] if a is not None else [])
+    Flag.model_validate(flag)
+    if event.kind is EventKind.CHRONIC:
+        comm_value = communication_value(event.episode, event.kind.value, event.band.rank, event.revision)
+        return _with_provenance(event, scheme, settings, sent, sources, flag, None, flag_id, None, comm_value)
+    comm_system = f"{base}/communication"
+    x = event.retracted
+    comm_value = _retracted_value(event, x) if x is not None else communication_value(
+        event.episode, event.kind.value, event.band.rank, event.revision)
+    flag_ref = {"type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}
+    communication: dict[str, Any] = {
+        "resourceType": "Communication",
+        **({"meta": m} if (m := _meta(settings, profiles.COMMUNICATION_PROFILE)) else {}),
+        "extension": [_event(base, event.kind), _grade(base, scheme, event.band), _scheme(base, scheme)]
+        + ([_anc(base, a)] if a is not None else []),
+        "identifier": [{"system": comm_system, "value": comm_value}],
+        "status": "completed",
+        "category": [{"coding": [{"system": COMMUNICATION_CATEGORY, "code": "alert", "display": "Alert"}]}],
+        "priority": _priority(event),
+        "subject": {"reference": event.patient},
+        "about": [flag_ref] + ([{"reference": ref} for ref in a.refs] if a is not None else []),
+        "sent": sent,
+        "sender": {"reference": settings.author},
+        "payload": [{"contentString": message(event, scheme)}],
+    }
+    if x is not None:
+        prior = communication_value(x.episode, x.kind.value, x.band.rank, x.revision)
+        communication["inResponseTo"] = [{"type": "Communication", "identifier": {"system": comm_system, "value": prior}}]
+    to = settings.recipients if recipients is None else recipients
+    if to:
+        communication["recipient"] = [{"reference": r} for r in to]
+    Communication.model_validate(communication)
+    return _with_provenance(event, scheme, settings, sent, sources, flag, communication, flag_id,
+                            (comm_system, comm_value), comm_value)
+
+
+def _with_provenance(event: AlertEvent, scheme: Scheme, settings: AlertSettings, sent: str, sources: list[str],
+                     flag: dict[str, Any], communication: dict[str, Any] | None, flag_id: tuple[str, str],
+                     comm_id: tuple[str, str] | None, key: str) -> AlertWrites:
+    """The writes with their Provenance: targets by fullUrl (and identifier), the source Observations
+    (and, for `febrile`, the temperature) as versioned entities, the service as author with its
+    version and grading scheme. `key` (the announcement's identifier value) is its idempotency tag."""
+    base = settings.canonical_base
+    flag_url = full_url(*flag_id)
+    comm_url = full_url(*comm_id) if comm_id is not None else None
+    tag = (f"{base}/provenance", key)
+    targets = [{"reference": flag_url, "type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}]
+    if comm_id is not None and comm_url is not None:
+        targets.append({"reference": comm_url, "type": "Communication",
+                        "identifier": {"system": comm_id[0], "value": comm_id[1]}})
+    entities = list(sources)
+    if event.fever is not None and event.fever.ref not in entities:
+        entities.append(event.fever.ref)
+    version = profiles.software_version()
+    provenance: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "meta": {**_meta(settings, profiles.PROVENANCE_PROFILE), "tag": [{"system": tag[0], "code": tag[1]}]},
+        "extension": [_event(base, event.kind)],
+        "target": targets,
+        "recorded": _instant(sent, event),
+        "activity": {"coding": [ACTIVITY["create" if event.kind is EventKind.NEW else "update"]]},
+        "agent": [{
+            "extension": [{"url": profiles.profile_url(base, profiles.SOFTWARE_EXTENSION), "valueString": version},
+                          _scheme(base, scheme)],
+            "type": {"coding": [AUTHOR_TYPE]},
+            "who": {"reference": settings.author, "display": f"neutrowatch {version}"},
+        }],
+    }
+    if entities:
+        provenance["entity"] = [{"role": "source", "what": {"reference": ref}} for ref in entities]
+    Provenance.model_validate(provenance)
+    return AlertWrites(flag, communication, flag_id, comm_id, provenance, tag, flag_url, comm_url,
+                       full_url(*tag))
+
+
+def provenance_entry(writes: Mapping[str, Any], flag_id: str | None = None,
+                     communication_id: str | None = None) -> dict[str, Any] | None:
+    """The transaction entry of a write's Provenance (`writes`: the outbox dict, worker._writes_dict),
+    or None for a write stored before Provenance existed: a conditional create on its tag, so a
+    re-post finds it. `flag_id` / `communication_id`: the server ids of the Flag and the
+    Communication; each given target then references `Type/<id>` instead of its urn:uuid fullUrl.
+    The live loop posts the Provenance alone, after the server has confirmed both targets, and
+    always gives both ids: a server that processes a transaction as a batch keeps a Provenance
+    whose target's entry failed, with the id it had reserved for it (service/live/worker.py)."""
+    provenance = writes.get("provenance")
+    if not provenance:
+        return None
+    ids = {writes["flag_full_url"]: f"Flag/{flag_id}" if flag_id is not None else None,
+           writes.get("communication_full_url"): f"Communication/{communication_id}" if communication_id is not None else None}
+    provenance = {**provenance, "target": [{**t, "reference": ids[t.get("reference")]} if ids.get(t.get("reference")) else t
+                                           for t in provenance["target"]]}
+    system, code = writes["provenance_tag"]
+    return {"fullUrl": writes["provenance_full_url"], "resource": provenance,
+            "request": {"method": "POST", "url": "Provenance", "ifNoneExist": f"_tag={system}|{code}"}}
+
+
+def outbox_fields(writes: AlertWrites) -> dict[str, Any]:
+    """What `worker._writes_dict` adds to the outbox dict for the Provenance and the fullUrls."""
+    return {
+        "flag_full_url": writes.flag_full_url,
+        "communication_full_url": writes.communication_full_url,
+        "provenance": writes.provenance,
+        "provenance_tag": list(writes.provenance_tag),
+        "provenance_full_url": writes.provenance_full_url,
+    }
