@@ -174,10 +174,10 @@ async def run(settings: Settings) -> None:
         try:
             wait = settings.store.failover_check_seconds
             while not stop.is_set():
-                if not service.live.store.is_open:
+                if not service.store.is_open:
                     # Alive (/healthz) but not ready until the store opens; retried with backoff.
                     wait = settings.store.failover_check_seconds if await service.open_store() else min(2 * wait, 30.0)
-                if service.live.store.is_open and await service.lead():
+                if service.store.is_open and await service.lead():
                     job.modify(next_run_time=_now())  # a new leader polls at once
                 try:
                     await asyncio.wait_for(stop.wait(), wait)
@@ -198,8 +198,8 @@ async def run(settings: Settings) -> None:
 
 async def once(settings: Settings) -> CycleReport | None:
     async with Service(settings) as service:
-        await service.live.store.open()  # `once` fails at once with the store's reason
-        if not await service.live.store.lead():
+        await service.store.open()  # `once` fails at once with the store's reason
+        if not await service.store.lead():
             raise StoreError("another replica holds the leader lock; `once` would race it")
         return await service.cycle()
 

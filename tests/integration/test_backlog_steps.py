@@ -160,9 +160,9 @@ async def test_readyz_says_catching_up_while_steps_commit_and_stuck_when_the_ser
                     if n == 3:
                         await asyncio.to_thread(engine.stop)  # the server goes away in the middle of the catch-up
 
-                _watch_commits(service.live.store, probe)
+                _watch_commits(service.store, probe)
                 assert await service.cycle() is None  # the cycle gave up after the server went away
-                assert service.live.worker is not None and service.live.worker.progress.catching_up
+                assert service.worker is not None and service.worker.progress.catching_up
                 assert seen[1][:2] == (503, "not ready: no successful poll yet\n")  # no step complete yet
                 assert seen[2][0] == 200 and seen[2][1].startswith("ready: catching up: 2 pages read, lag "), seen[2][1]
                 assert seen[3][0] == 200 and seen[3][1].startswith("ready: catching up: 4 pages read, lag "), seen[3][1]
