@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SEED   ?= 7
 FAULTS ?= 800
 
-.PHONY: install demo test test-unit bench chart-check image-test ha-test chaos soak profiles profiles-check clean
+.PHONY: install lint demo test test-unit bench chart-check image-test ha-test chaos soak profiles profiles-check clean
 
 install: $(STAMP)
 
@@ -17,13 +17,20 @@ $(STAMP): pyproject.toml $(wildcard $(ENGINE)/package-lock.json) $(wildcard $(PR
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (3.11+)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,lint]'
 	@if [ -f $(ENGINE)/package-lock.json ]; then \
 	  command -v npm >/dev/null || { echo "need Node.js 20+ and npm for the test FHIR engine"; exit 1; }; \
 	  npm ci --prefix $(ENGINE) --no-audit --no-fund --loglevel=error; \
 	  npm ci --prefix $(PROFILES) --no-audit --no-fund --loglevel=error; \
 	fi
 	touch $@
+
+# the gates CI runs before the tests: lint (line length 110, complexity 12), format, types
+LINTED := service tests bench scripts fhir_profiles/tools
+lint: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
 
 demo: install
 	$(BIN)/python scripts/demo.py
