@@ -12,14 +12,15 @@ a new one began.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Protocol
 
 import msgspec
 
-from service.core.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
+from service.core.arrival import Copy, Stored, VersionRuling, rule
+from service.core.copies import content_key, stamped, unplaced_rejection
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected, conflict_rejection
 from service.errors import StoreError
@@ -154,66 +155,50 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
 
     A stored digest that is missing (stored before schema 2, or by a release without digests) or
     from another release cannot be compared: a copy of that version counts as read before."""
-    if len(items) == 1 and stamped(items[0].updated_us, items[0].version) \
-            and (stored is None or (stamped(*stored.stamp) and stored.stamp != (items[0].updated_us, items[0].version))):
-        # The common case, the rule below in short: one stamped copy, and a stamped version stored or none.
-        if stored is not None and stored.stamp > (items[0].updated_us, items[0].version):
-            return Plan()
-        return Plan([Write(items[0], digest(items[0].outcome), _where(stored))])
-    out = Plan()
     if stored is not None and not stamped(*stored.stamp) and stored.digest != CONFLICTED and stored.data is None:
         stored = None  # a rejection without lastUpdated or versionId, stored by an older release: no version
     ref = items[0].ref if items else ""
-    stamped_read = (stored is not None and stamped(*stored.stamp)) or any(stamped(i.updated_us, i.version) for i in items)
-    groups: dict[tuple[int, int], list[tuple[bytes, Intake | None]]] = {}
-    unplaced: list[tuple[bytes, Intake]] = []
-    for item in items:
-        content = digest(item.outcome)
-        if placed(item.updated_us, item.version, isinstance(item.outcome, Rejected), stamped_read):
-            groups.setdefault((item.updated_us, item.version), []).append((content, item))
-        else:
-            unplaced.append((content, item))
+    ruling = rule([Copy(i.updated_us, i.version, digest(i.outcome), isinstance(i.outcome, Rejected), i) for i in items],
+                  _comparable(stored))
+    out = Plan()
     current = stored
-    for stamp in sorted(groups):
-        group = groups[stamp]
-        if current is not None and stamp < current.stamp:
-            continue  # older than the version in force
-        if current is not None and stamp == current.stamp:
-            if current.digest is None or not current.digest.startswith(DIGEST_TAG):
-                continue  # cannot be compared
-            if current.digest == CONFLICTED:
-                firsts, _again = distinct(group)
-                out.held += [(_conflict(copy), content) for content, copy in firsts if copy is not None]
-                continue
-            group = [(current.digest, None), *group]  # None: the stored copy
-        verdict = one_version(group)
-        if verdict.kept is not None:
-            kept = verdict.kept[1]
-            if kept is not None:  # (None: the stored version read again alike)
-                out.writes.append(Write(kept, verdict.kept[0], _where(current)))
-                current = _as_stored(kept, verdict.kept[0])
+    for version in ruling.versions:
+        if version.kept is not None:
+            out.writes.append(Write(version.kept.item, version.kept.content, _where(current)))
+            current = _as_stored(version.kept.item, version.kept.content)
             continue
-        held: list[tuple[Intake, bytes]] = []
-        for content, copy in verdict.conflicting:
-            if copy is None:  # the stored copy, taken before the other was seen
-                taken = current.outcome if current is not None else None
-                if current is None or taken is None:
-                    continue
-                copy = Intake(ref, *current.stamp, current.patient, None, taken)
-            held.append((_conflict(copy), content))
-        first = held[0][0]
-        out.writes.append(Write(first, CONFLICTED, _where(current)))
+        held = [(_conflict(copy), content) for content, copy in _conflicting(version, stored, ref)]
         out.held += held
-        current = _as_stored(first, CONFLICTED)
-    if unplaced:
-        firsts, _again = distinct(unplaced)
-        out.held += [(replace(copy, panel=None, outcome=unplaced_rejection(copy.outcome)), content) for content, copy in firsts]
+        if version.new:
+            out.writes.append(Write(held[0][0], CONFLICTED, _where(current)))
+            current = _as_stored(held[0][0], CONFLICTED)
+    out.held += [(replace(c.item, panel=None, outcome=unplaced_rejection(c.item.outcome)), c.content) for c in ruling.unplaced]
     if stored is not None and stored.data is not None and not stamped(*stored.stamp) \
             and current is not None and stamped(*current.stamp):
         readable = stored.outcome
         assert readable is not None
-        out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)), digest(readable)))
+        out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)),
+                         digest(readable)))
     return out
+
+
+def _comparable(stored: StoredVersion | None) -> Stored | None:
+    """The stored version as `arrival.rule` compares copies with it: a digest that is missing or of
+    another release cannot be compared."""
+    if stored is None:
+        return None
+    content = stored.digest if stored.digest is not None and stored.digest.startswith(DIGEST_TAG) else None
+    return Stored(*stored.stamp, content, stored.digest == CONFLICTED)
+
+
+def _conflicting(version: VersionRuling[Intake], stored: StoredVersion | None, ref: str) -> Iterator[tuple[bytes, Intake]]:
+    """The copies of a conflicting version, one per content: the stored copy (item None) too, taken
+    before the other was seen, when its content is at hand."""
+    for copy in version.conflicting:
+        if copy.item is not None:
+            yield copy.content, copy.item
+        elif stored is not None and (taken := stored.outcome) is not None:
+            yield copy.content, Intake(ref, *stored.stamp, stored.patient, None, taken)
 
 
 def _as_stored(item: Intake, content: bytes) -> StoredVersion:

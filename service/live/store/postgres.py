@@ -28,10 +28,10 @@ import msgspec
 import orjson
 import structlog
 
-from service.live.store import pgdsn
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected
 from service.errors import StoreError
+from service.live.store import pgdsn
 from service.live.store.base import (
     CONFLICTED,
     Decided,
