@@ -12,7 +12,7 @@ a new one began.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Protocol
@@ -213,6 +213,70 @@ def _conflict(copy: Intake) -> Intake:
 
 def _where(version: StoredVersion | None) -> tuple[str | None, str | None] | None:
     return (version.patient, version.panel) if version is not None else None
+
+
+ResultRow = tuple[str, int, int, str | None, str | None, bytes | None]  # ref, vu, vv, patient, panel, LabResult
+DigestRow = tuple[str, int, int, bytes]  # ref, vu, vv, digest
+TouchRow = tuple[str, str, int, float]  # patient, panel, lastUpdated of the version, local time
+QuarantineRow = tuple[str | None, int, str | None, str, float, bytes, bytes]  # ref, version, patient, reason, received, Rejected, digest
+QuarantineKey = tuple[str, bytes, str]  # (ref, digest, reason): a copy quarantined once
+
+
+@dataclass
+class IngestRows:
+    """What one `ingest` writes, in order (`ingest_rows`): each store only runs its statements."""
+
+    results: list[ResultRow] = field(default_factory=list)
+    digests: list[DigestRow] = field(default_factory=list)
+    touches: list[TouchRow] = field(default_factory=list)
+    quarantine: list[QuarantineRow] = field(default_factory=list)
+    new: list[Intake] = field(default_factory=list)  # what `ingest` returns
+
+    def store(self, write: Write, now: float, quarantined: set[QuarantineKey]) -> None:
+        """A new version, or a conflict: its row, its digest, its panel and the panel of the version
+        it replaces marked dirty, a rejected version's rejection quarantined."""
+        item, content, before = write.item, write.content, write.before
+        outcome = item.outcome
+        self.results.append((item.ref, item.updated_us, item.version, item.patient, item.panel,
+                             _encode(outcome) if isinstance(outcome, LabResult) else None))
+        self.digests.append((item.ref, item.updated_us, item.version, content))
+        touched: set[tuple[str | None, str]] = {(item.patient, item.panel)} if item.panel else set()
+        if before is not None and before[1] is not None:
+            touched.add((before[0], before[1]))  # the older version's panel changes too
+        self.touches.extend((patient, panel, item.updated_us, now) for patient, panel in sorted(touched))  # type: ignore[type-var, misc]
+        if isinstance(outcome, Rejected) and content != CONFLICTED:  # (a conflict's copies are quarantined each)
+            quarantined.add((item.ref, content, outcome.reason))
+            self.quarantine.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
+        if content != CONFLICTED:
+            self.new.append(item)
+
+    def hold(self, item: Intake, content: bytes, now: float, quarantined: set[QuarantineKey]) -> None:
+        """A copy held back: quarantined (and returned by `ingest`) unless that content was
+        quarantined with that reason before."""
+        outcome = item.outcome
+        assert isinstance(outcome, Rejected)
+        key = (item.ref, content, outcome.reason)
+        if key not in quarantined:
+            quarantined.add(key)
+            self.quarantine.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
+            self.new.append(item)
+
+
+def plans(known: Mapping[str, StoredVersion], items: Sequence[Intake]) -> dict[str, Plan]:
+    """The plan of each Observation of a batch (`plan`), by reference in order of first appearance."""
+    return {ref: plan(known.get(ref), copies) for ref, copies in by_ref(items).items()}
+
+
+def ingest_rows(todo: Mapping[str, Plan], quarantined: set[QuarantineKey], now: float) -> IngestRows:
+    """The rows `ingest` writes for the plans of a batch; `quarantined`: the (ref, digest, reason) of
+    the copies of its Observations quarantined before (added to as rows are planned)."""
+    out = IngestRows()
+    for each in todo.values():
+        for write in each.writes:
+            out.store(write, now, quarantined)
+        for held, content in each.held:
+            out.hold(held, content, now, quarantined)
+    return out
 
 
 PanelKey = tuple[int, str, str]  # (first available, patient, panel): the order panels are decided in

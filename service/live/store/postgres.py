@@ -20,7 +20,6 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -33,17 +32,16 @@ from service.core.observations import LabResult, Rejected
 from service.errors import StoreError
 from service.live.store import pgdsn
 from service.live.store.base import (
-    CONFLICTED,
     Decided,
+    IngestRows,
     Intake,
     LeadershipLost,
     OutboxEntry,
     PanelKey,
     PanelWork,
-    Write,
-    by_ref,
     episode_rows,
-    plan,
+    ingest_rows,
+    plans,
     stored_version,
 )
 
@@ -116,7 +114,6 @@ class PostgresStore:
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
         self._pool: asyncpg.Pool | None = None
         self._lock_conn: asyncpg.Connection | None = None
-        self._lock_tx: Any = None
         self._epoch: int | None = None
         self._leading = asyncio.Lock()
 
@@ -204,7 +201,6 @@ class PostgresStore:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key(self.schema)):
                 await tx.rollback()
                 return False
-            self._lock_tx = tx
             epoch = await self.pool.fetchval(
                 "UPDATE leader SET epoch = epoch + 1, holder = $1, since = now() WHERE id = 1 RETURNING epoch", self.identity)
         except _DB_ERRORS as err:
@@ -215,7 +211,7 @@ class PostgresStore:
         return True
 
     async def _release(self) -> None:
-        self._epoch, self._lock_tx = None, None
+        self._epoch = None
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None and not conn.is_closed():
             try:
@@ -273,30 +269,13 @@ class PostgresStore:
     async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
         if not items:
             return []
-        copies = by_ref(items)
-        new: list[Intake] = []
-        writes = _IngestWrites()
-        earlier: set[tuple[str, bytes, str]] | None = None  # (ref, digest, reason) quarantined before: read when first needed
         async with self._tx() as conn:
-            known = {r[0]: stored_version(*r[1:]) for r in await conn.fetch(_STORED, list(copies))}
-            for ref, group in copies.items():
-                todo = plan(known.get(ref), group)
-                for write in todo.writes:
-                    writes.store(write, now)
-                    if write.content != CONFLICTED:
-                        new.append(write.item)
-                if not todo.held:
-                    continue
-                if earlier is None:
-                    earlier = await _quarantined_copies(conn, list(copies))
-                for held, content in todo.held:
-                    key = (ref, content, held.outcome.reason)  # type: ignore[union-attr]
-                    if key not in earlier:
-                        earlier.add(key)
-                        writes.quarantine(held, content, now)
-                        new.append(held)
-            await writes.flush(conn)
-        return new
+            refs = list(dict.fromkeys(item.ref for item in items))
+            todo = plans({r[0]: stored_version(*r[1:]) for r in await conn.fetch(_STORED, refs)}, items)
+            held = any(each.held for each in todo.values())
+            rows = ingest_rows(todo, await _quarantined_copies(conn, refs) if held else set(), now)
+            await _write(conn, rows)
+        return rows.new
 
     async def quarantine(self, rejected: Rejected, now: float) -> None:
         async with self._tx() as conn:
@@ -423,52 +402,25 @@ _STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
              FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ANY($1::text[])"""
 
 
-@dataclass
-class _IngestWrites:
-    """The rows one `ingest` writes, sent in batches at its end."""
-
-    results: list[tuple[Any, ...]] = field(default_factory=list)
-    digests: list[tuple[Any, ...]] = field(default_factory=list)
-    touches: list[tuple[Any, ...]] = field(default_factory=list)
-    quarantine_rows: list[tuple[Any, ...]] = field(default_factory=list)
-
-    def store(self, write: Write, now: float) -> None:
-        """A new version, or a conflict (as sqlite.py's `_store`)."""
-        item, content, before = write.item, write.content, write.before
-        outcome = item.outcome
-        data = _encode(outcome) if isinstance(outcome, LabResult) else None
-        self.results.append((item.ref, item.updated_us, item.version, item.patient, item.panel, data))
-        self.digests.append((item.ref, item.updated_us, item.version, content))
-        touched = {(item.patient, item.panel)} if item.panel else set()
-        if before is not None and before[1] is not None:
-            touched.add((before[0], before[1]))  # the older version's panel changes too
-        self.touches.extend((patient, panel, item.updated_us, now) for patient, panel in sorted(touched))  # type: ignore[type-var]
-        if isinstance(outcome, Rejected) and content != CONFLICTED:
-            self.quarantine(item, content, now)
-
-    def quarantine(self, item: Intake, content: bytes, now: float) -> None:
-        outcome = item.outcome
-        assert isinstance(outcome, Rejected)
-        self.quarantine_rows.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
-
-    async def flush(self, conn: asyncpg.Connection) -> None:
-        if self.results:
-            await conn.executemany(
-                """INSERT INTO results (ref, vu, vv, patient, panel, data) VALUES ($1, $2, $3, $4, $5, $6)
-                   ON CONFLICT (ref) DO UPDATE SET vu = excluded.vu, vv = excluded.vv, patient = excluded.patient,
-                   panel = excluded.panel, data = excluded.data""",
-                self.results)
-            await conn.executemany(
-                """INSERT INTO digests VALUES ($1, $2, $3, $4) ON CONFLICT (ref) DO UPDATE SET
-                   vu = excluded.vu, vv = excluded.vv, digest = excluded.digest""",
-                self.digests)
-        if self.touches:
-            await conn.executemany(
-                """INSERT INTO panels VALUES ($1, $2, $3, true, $4) ON CONFLICT (patient, panel) DO UPDATE SET
-                   dirty = true, changed_at = excluded.changed_at, first_vu = LEAST(panels.first_vu, excluded.first_vu)""",
-                self.touches)
-        if self.quarantine_rows:
-            await conn.executemany(_QUARANTINE_COPY, self.quarantine_rows)
+async def _write(conn: asyncpg.Connection, rows: IngestRows) -> None:
+    """The rows of one `ingest`, in batches."""
+    if rows.results:
+        await conn.executemany(
+            """INSERT INTO results (ref, vu, vv, patient, panel, data) VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (ref) DO UPDATE SET vu = excluded.vu, vv = excluded.vv, patient = excluded.patient,
+               panel = excluded.panel, data = excluded.data""",
+            rows.results)
+        await conn.executemany(
+            """INSERT INTO digests VALUES ($1, $2, $3, $4) ON CONFLICT (ref) DO UPDATE SET
+               vu = excluded.vu, vv = excluded.vv, digest = excluded.digest""",
+            rows.digests)
+    if rows.touches:
+        await conn.executemany(
+            """INSERT INTO panels VALUES ($1, $2, $3, true, $4) ON CONFLICT (patient, panel) DO UPDATE SET
+               dirty = true, changed_at = excluded.changed_at, first_vu = LEAST(panels.first_vu, excluded.first_vu)""",
+            rows.touches)
+    if rows.quarantine:
+        await conn.executemany(_QUARANTINE_COPY, rows.quarantine)
 
 
 async def _quarantined_copies(conn: asyncpg.Connection, refs: list[str]) -> set[tuple[str, bytes, str]]:

@@ -14,7 +14,7 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -26,17 +26,15 @@ from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected
 from service.errors import StoreError
 from service.live.store.base import (
-    CONFLICTED,
     Decided,
     Intake,
     LeadershipLost,
     OutboxEntry,
     PanelKey,
     PanelWork,
-    Write,
-    by_ref,
     episode_rows,
-    plan,
+    ingest_rows,
+    plans,
     stored_version,
 )
 
@@ -80,10 +78,18 @@ _MIGRATIONS: dict[int, str] = {
 
 # The stored version of an Observation: vu, vv, its digest or None, patient, panel, the LabResult,
 # and for a rejected version its quarantined Rejected (`base.stored_version`).
-_STORED = """SELECT r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
+_STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
                     CASE WHEN r.data IS NULL THEN (SELECT q.record FROM quarantine q
                                                    WHERE q.ref = r.ref AND q.digest = d.digest LIMIT 1) END
-             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ?"""
+             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv
+             WHERE r.ref IN (SELECT value FROM json_each(?))"""
+
+
+def _quarantined_copies(db: sqlite3.Connection, refs: str) -> Iterator[tuple[str, bytes, str]]:
+    """(ref, digest, reason) of the copies quarantined before of the Observations `refs` (a JSON list)."""
+    for ref, content, reason in db.execute("SELECT ref, digest, reason FROM quarantine "
+                                           "WHERE ref IN (SELECT value FROM json_each(?)) AND digest IS NOT NULL", (refs,)):
+        yield ref, bytes(content), reason
 _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _state_decoder = msgspec.json.Decoder(PatientState)
@@ -247,50 +253,22 @@ class SqliteStore:
 
     @_on_store_thread
     def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
-        new: list[Intake] = []
         db = self.db
         with self._tx():
-            for ref, copies in by_ref(items).items():
-                row = db.execute(_STORED, (ref,)).fetchone()
-                todo = plan(stored_version(*row) if row is not None else None, copies)
-                for write in todo.writes:
-                    self._store(write, now)
-                    if write.content != CONFLICTED:
-                        new.append(write.item)
-                for held, content in todo.held:
-                    if not self._quarantined(ref, content, held.outcome.reason):  # type: ignore[union-attr]
-                        self._quarantine(held, content, now)
-                        new.append(held)
-        return new
-
-    def _store(self, write: Write, now: float) -> None:
-        """A new version (or a conflict): its row, its digest, its panel and the panel of the
-        version it replaces marked dirty, a rejected version's rejection quarantined."""
-        item, content, before = write.item, write.content, write.before
-        outcome = item.outcome
-        data = _encode(outcome) if isinstance(outcome, LabResult) else None
-        self.db.execute("INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
-                        (item.ref, item.updated_us, item.version, item.patient, item.panel, data))
-        self.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (item.ref, item.updated_us, item.version, content))
-        touched: set[tuple[Any, Any]] = {(item.patient, item.panel)} if item.panel else set()
-        if before is not None and before[1] is not None:
-            touched.add(before)  # the older version's panel changes too
-        for patient, panel in touched:
-            self._touch(patient, panel, item.updated_us, now)
-        if isinstance(outcome, Rejected) and content != CONFLICTED:  # (a conflict's copies are quarantined each)
-            self._quarantine(item, content, now)
-
-    def _quarantined(self, ref: str, content: bytes, reason: str) -> bool:
-        return self.db.execute("SELECT 1 FROM quarantine WHERE ref = ? AND digest = ? AND reason = ?",
-                               (ref, content, reason)).fetchone() is not None
-
-    def _quarantine(self, item: Intake, content: bytes, now: float) -> None:
-        outcome = item.outcome
-        assert isinstance(outcome, Rejected)
-        self.db.execute(
-            "INSERT INTO quarantine (ref, version, patient, reason, received, record, digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content),
-        )
+            refs = orjson.dumps(list(dict.fromkeys(item.ref for item in items))).decode()
+            todo = plans({r[0]: stored_version(*r[1:]) for r in db.execute(_STORED, (refs,))}, items)
+            held = any(each.held for each in todo.values())
+            rows = ingest_rows(todo, set(_quarantined_copies(db, refs)) if held else set(), now)
+            db.executemany("INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
+                           rows.results)
+            db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", rows.digests)
+            db.executemany(
+                """INSERT INTO panels VALUES (?, ?, ?, 1, ?)
+                   ON CONFLICT (patient, panel) DO UPDATE SET dirty = 1, changed_at = excluded.changed_at,
+                   first_vu = MIN(panels.first_vu, excluded.first_vu)""", rows.touches)
+            db.executemany("INSERT INTO quarantine (ref, version, patient, reason, received, record, digest) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", rows.quarantine)
+        return rows.new
 
     @_on_store_thread
     def quarantine(self, rejected: Rejected, now: float) -> None:
@@ -300,14 +278,6 @@ class SqliteStore:
                 "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES (?, ?, ?, ?, ?, ?)",
                 (rejected.ref, None, rejected.patient, rejected.reason, now, _encode(rejected)),
             )
-
-    def _touch(self, patient: str, panel: str, updated_us: int, now: float) -> None:
-        self.db.execute(
-            """INSERT INTO panels VALUES (?, ?, ?, 1, ?)
-               ON CONFLICT (patient, panel) DO UPDATE SET dirty = 1, changed_at = excluded.changed_at,
-               first_vu = MIN(panels.first_vu, excluded.first_vu)""",
-            (patient, panel, updated_us, now),
-        )
 
     @_on_store_thread
     def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
