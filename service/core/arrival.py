@@ -80,7 +80,7 @@ class Ruling(Generic[T]):
 
     versions: list[VersionRuling[T]] = field(default_factory=list)  # newer than the stored one, oldest first
     unplaced: list[Copy[T]] = field(default_factory=list)  # no version: one copy per distinct content
-    unplaced_read: list[Copy[T]] = field(default_factory=list)  # every copy that is no version, in reading order
+    unplaced_read: list[Copy[T]] = field(default_factory=list)  # every copy that is no version, as read
     duplicates: int = 0  # copies that are a content already read (of a version, or of no version)
 
 
@@ -117,7 +117,8 @@ def _other(stamp: Stamp, stored: Stored) -> bool:
     return stamped(*stored.stamp) and stamp != stored.stamp
 
 
-def _version(stamp: Stamp, group: tuple[Copy[T], ...], stored: Stored | None, out: Ruling[T]) -> VersionRuling[T] | None:
+def _version(stamp: Stamp, group: tuple[Copy[T], ...], stored: Stored | None,
+             out: Ruling[T]) -> VersionRuling[T] | None:
     """The copies of one version; None: they change nothing (older than the stored version, or it
     read again alike, or a stored version they cannot be compared with)."""
     if stored is not None and stamp < stored.stamp:
@@ -130,7 +131,8 @@ def _version(stamp: Stamp, group: tuple[Copy[T], ...], stored: Stored | None, ou
             out.duplicates += again
             return VersionRuling(stamp, group, None, tuple(c for _content, c in firsts), new=False)
         as_stored: Copy[None] = Copy(*stamp, stored.content, False, None)
-        verdict: Verdict[Copy[Any]] = one_version([(as_stored.content, as_stored), *((c.content, c) for c in group)])
+        verdict: Verdict[Copy[Any]] = one_version([(as_stored.content, as_stored),
+                                                   *((c.content, c) for c in group)])
     else:
         verdict = one_version([(c.content, c) for c in group])
     out.duplicates += len(verdict.duplicates)

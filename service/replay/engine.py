@@ -56,15 +56,14 @@ __all__ = ["IDENTICAL_COPY", "PanelTrace", "PatientFacts", "Replay", "ReplayStat
 
 # -- the run ---------------------------------------------------------------------------------------
 
-# Order of availability: resources with meta.lastUpdated first, in that order, ties broken by id and
-# version (so the order of files does not matter); resources without it follow in input order.
+# Order of availability: `core.arrival.availability_key` in SQL, for the generated akey columns.
 _AVAILABILITY = """CASE WHEN vu >= 0
     THEN printf('%020d', vu) || char(31) || ifnull(ref, '') || char(31) || vv || char(31) || printf('%012d', seq)
     ELSE '~' || printf('%012d', seq) END"""
 
 # obs holds every version read; pass 2 keeps the latest of each (by lastUpdated, versionId, input
 # position). pkey: the specimen panel key; fkey: the collection-instant key; member.pkey: the
-# DiagnosticReport's key. COALESCE(pkey, member.pkey, fkey) is `panels.panel_key`'s precedence.
+# DiagnosticReport's key. COALESCE(pkey, member.pkey, fkey) is `core.arrival.panel_key`.
 _SCHEMA = f"""
 CREATE TABLE obs (ref TEXT, vu INTEGER, vv INTEGER, seq INTEGER, patient TEXT, pkey TEXT, fkey TEXT,
                   data BLOB, rej BLOB, akey TEXT GENERATED ALWAYS AS ({_AVAILABILITY}) STORED);

@@ -33,7 +33,7 @@ import math
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -257,7 +257,7 @@ def _lines(chunk: Chunk) -> Iterator[bytes | StreamedBundle]:
         raise unreadable(chunk.path, err) from None
 
 
-def _spill(name: str, parts: dict[int, tuple[Sequence[Any], Sequence[Any]]]) -> dict[int, Segment]:
+def _spill(name: str, parts: Mapping[int, tuple[Sequence[Any], ...]]) -> dict[int, Segment]:
     """Write one msgpack value per partition to a new file; where each one is."""
     assert _job is not None
     path = os.path.join(_job.tmp, name)

@@ -145,7 +145,8 @@ def patient_facts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[
         by_kind.setdefault(patient, {}).setdefault(kind, []).append(_decode_resource(data))
     facts: dict[str, PatientFacts] = {}
     for patient, kinds in by_kind.items():
-        record = (kinds.get("Patient") or [None])[-1]
+        records = kinds.get("Patient")
+        record = records[-1] if records else None
         orders = {f"ServiceRequest/{r.id}": requester(r) for r in kinds.get("ServiceRequest", ()) if r.id}
         facts[patient] = PatientFacts(
             patient_context(patient, record, kinds.get("Condition", ()), rules), orders,
@@ -155,7 +156,8 @@ def patient_facts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[
 
 
 def read_document(document: bytes | StreamedBundle, seq: int, stats: ReplayStats, rows: Rows,
-                  flush: Callable[[Rows], None] | None = None, batch: int = _BATCH, policy: ReadPolicy = DEFAULT_READ) -> int:
+                  flush: Callable[[Rows], None] | None = None, batch: int = _BATCH,
+                  policy: ReadPolicy = DEFAULT_READ) -> int:
     """Decode and sort one document into `rows`, numbering its resources from `seq` + 1 (the
     input position that breaks ties in the order of availability). Returns the last number used.
     `flush`: called (to empty `rows`) whenever they hold `batch` rows, so that one large document
@@ -199,7 +201,8 @@ def _other(item: raw.Resource, stats: ReplayStats, rows: Rows, policy: ReadPolic
     kind = item.resourceType
     if kind == "Patient" and item.id:
         rows.context.append(ContextRow(f"Patient/{item.id}", kind, encode(item)))
-    elif kind in ("Condition", "ServiceRequest", "CareTeam") and item.subject is not None and item.subject.reference:
+    elif kind in ("Condition", "ServiceRequest", "CareTeam") and item.subject is not None \
+            and item.subject.reference:
         # Keyed by the patient's canonical reference, as its results are. A subject on another
         # server gives no facts: the live loop never looks a foreign patient up on its server.
         subject = canonical_reference(item.subject.reference, "Patient", policy)
@@ -261,18 +264,21 @@ def settle(rows: Sequence[ObsRow]) -> Settled:
     seqs = sorted(c.item.seq for c in ruling.unplaced_read)
     for seq, copy in zip(seqs, ruling.unplaced, strict=False):
         row = copy.item
-        out.reported.append(RejectedRow(row.ref, row.vu, row.vv, seq, encode(unplaced_rejection(_outcome(row)))))
+        rejection = unplaced_rejection(_outcome(row))
+        out.reported.append(RejectedRow(row.ref, row.vu, row.vv, seq, encode(rejection)))
     for version in ruling.versions:
         if version.kept is not None:
             out.keep.add(version.kept.item.seq)
             continue
         vu, vv = version.stamp
-        for n, (seq, content) in enumerate(zip(sorted(c.item.seq for c in version.copies), version.conflicting, strict=False)):
+        seqs = sorted(c.item.seq for c in version.copies)
+        for n, (seq, content) in enumerate(zip(seqs, version.conflicting, strict=False)):
             read = content.item
             assert read is not None  # (no stored copy in replay)
             rejection = conflict_rejection(_outcome(read))
             if n == 0:  # the version, rejected: it supersedes older versions as any rejected version does
-                out.versions.append(ObsRow(read.ref, vu, vv, seq, rejection.patient, None, None, None, encode(rejection)))
+                out.versions.append(ObsRow(read.ref, vu, vv, seq, rejection.patient, None, None, None,
+                                           encode(rejection)))
             else:
                 out.reported.append(RejectedRow(read.ref, vu, vv, seq, encode(rejection)))
     return out
@@ -283,4 +289,6 @@ def _content(row: ObsRow) -> bytes:
 
 
 def _outcome(row: ObsRow) -> LabResult | Rejected:
-    return decode_result(row.data) if row.data is not None else decode_rejected(row.rej)  # type: ignore[arg-type]
+    if row.data is not None:
+        return decode_result(row.data)
+    return decode_rejected(row.rej)  # type: ignore[arg-type]

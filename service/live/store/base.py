@@ -158,8 +158,8 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
     if stored is not None and not stamped(*stored.stamp) and stored.digest != CONFLICTED and stored.data is None:
         stored = None  # a rejection without lastUpdated or versionId, stored by an older release: no version
     ref = items[0].ref if items else ""
-    ruling = rule([Copy(i.updated_us, i.version, digest(i.outcome), isinstance(i.outcome, Rejected), i) for i in items],
-                  _comparable(stored))
+    copies = [Copy(i.updated_us, i.version, digest(i.outcome), isinstance(i.outcome, Rejected), i) for i in items]
+    ruling = rule(copies, _comparable(stored))
     out = Plan()
     current = stored
     for version in ruling.versions:
@@ -172,7 +172,8 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
         if version.new:
             out.writes.append(Write(held[0][0], CONFLICTED, _where(current)))
             current = _as_stored(held[0][0], CONFLICTED)
-    out.held += [(replace(c.item, panel=None, outcome=unplaced_rejection(c.item.outcome)), c.content) for c in ruling.unplaced]
+    out.held += [(replace(c.item, panel=None, outcome=unplaced_rejection(c.item.outcome)), c.content)
+                 for c in ruling.unplaced]
     if stored is not None and stored.data is not None and not stamped(*stored.stamp) \
             and current is not None and stamped(*current.stamp):
         readable = stored.outcome
@@ -191,7 +192,8 @@ def _comparable(stored: StoredVersion | None) -> Stored | None:
     return Stored(*stored.stamp, content, stored.digest == CONFLICTED)
 
 
-def _conflicting(version: VersionRuling[Intake], stored: StoredVersion | None, ref: str) -> Iterator[tuple[bytes, Intake]]:
+def _conflicting(version: VersionRuling[Intake], stored: StoredVersion | None,
+                 ref: str) -> Iterator[tuple[bytes, Intake]]:
     """The copies of a conflicting version, one per content: the stored copy (item None) too, taken
     before the other was seen, when its content is at hand."""
     for copy in version.conflicting:
@@ -218,7 +220,8 @@ def _where(version: StoredVersion | None) -> tuple[str | None, str | None] | Non
 ResultRow = tuple[str, int, int, str | None, str | None, bytes | None]  # ref, vu, vv, patient, panel, LabResult
 DigestRow = tuple[str, int, int, bytes]  # ref, vu, vv, digest
 TouchRow = tuple[str, str, int, float]  # patient, panel, lastUpdated of the version, local time
-QuarantineRow = tuple[str | None, int, str | None, str, float, bytes, bytes]  # ref, version, patient, reason, received, Rejected, digest
+# ref, version, patient, reason, received, the Rejected (msgpack), digest
+QuarantineRow = tuple[str | None, int, str | None, str, float, bytes, bytes]
 QuarantineKey = tuple[str, bytes, str]  # (ref, digest, reason): a copy quarantined once
 
 
@@ -243,10 +246,10 @@ class IngestRows:
         touched: set[tuple[str | None, str]] = {(item.patient, item.panel)} if item.panel else set()
         if before is not None and before[1] is not None:
             touched.add((before[0], before[1]))  # the older version's panel changes too
-        self.touches.extend((patient, panel, item.updated_us, now) for patient, panel in sorted(touched))  # type: ignore[type-var, misc]
+        self.touches.extend((patient, panel, item.updated_us, now)  # type: ignore[misc]
+                            for patient, panel in sorted(touched))  # type: ignore[type-var]
         if isinstance(outcome, Rejected) and content != CONFLICTED:  # (a conflict's copies are quarantined each)
-            quarantined.add((item.ref, content, outcome.reason))
-            self.quarantine.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
+            self._quarantine(item, outcome, content, now, quarantined)
         if content != CONFLICTED:
             self.new.append(item)
 
@@ -255,11 +258,14 @@ class IngestRows:
         quarantined with that reason before."""
         outcome = item.outcome
         assert isinstance(outcome, Rejected)
-        key = (item.ref, content, outcome.reason)
-        if key not in quarantined:
-            quarantined.add(key)
-            self.quarantine.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
+        if (item.ref, content, outcome.reason) not in quarantined:
+            self._quarantine(item, outcome, content, now, quarantined)
             self.new.append(item)
+
+    def _quarantine(self, item: Intake, outcome: Rejected, content: bytes, now: float,
+                    quarantined: set[QuarantineKey]) -> None:
+        quarantined.add((item.ref, content, outcome.reason))
+        self.quarantine.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
 
 
 def plans(known: Mapping[str, StoredVersion], items: Sequence[Intake]) -> dict[str, Plan]:
@@ -375,5 +381,4 @@ class Store(Protocol):
     async def mark_failed(self, entry_id: int, error: str) -> None: ...
     async def outbox_pending_count(self) -> int: ...
     async def decisions(self, patient: str | None = None) -> list[dict[str, Any]]: ...
-    async def quarantined(self) -> list[tuple[str | None, str]]: ...
     async def counts(self) -> dict[str, int]: ...

@@ -30,7 +30,7 @@ import structlog
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected
 from service.errors import StoreError
-from service.live.store import pgdsn
+from service.live.store import pgdsn, schema
 from service.live.store.base import (
     Decided,
     IngestRows,
@@ -47,41 +47,7 @@ from service.live.store.base import (
 
 log = structlog.get_logger("neutrowatch.store")
 
-SCHEMA_VERSION = 2
 LOCK_CLASS = 0x4E57  # "NW": first key of neutrowatch's advisory locks; the second is derived from the schema
-_MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE leader (id integer PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL, holder text, since timestamptz);
-    INSERT INTO leader VALUES (1, 0, NULL, NULL);
-    CREATE TABLE results (ref text COLLATE "C" PRIMARY KEY, vu bigint NOT NULL, vv bigint NOT NULL,
-                          patient text COLLATE "C", panel text COLLATE "C", data bytea);
-    CREATE INDEX results_panel ON results (patient, panel);
-    CREATE TABLE panels (patient text COLLATE "C" NOT NULL, panel text COLLATE "C" NOT NULL, first_vu bigint NOT NULL,
-                         dirty boolean NOT NULL, changed_at double precision NOT NULL, PRIMARY KEY (patient, panel));
-    CREATE INDEX panels_dirty ON panels (first_vu, patient, panel) WHERE dirty;
-    CREATE TABLE episodes (patient text COLLATE "C" PRIMARY KEY, state bytea NOT NULL, open boolean NOT NULL DEFAULT false,
-                           newest_us bigint, temperature_cursor text);
-    CREATE INDEX episodes_open ON episodes (patient) WHERE open;
-    CREATE TABLE decisions (id bigserial PRIMARY KEY, patient text COLLATE "C", decided_at double precision NOT NULL,
-                            record jsonb NOT NULL);
-    CREATE INDEX decisions_patient ON decisions (patient, id);
-    CREATE TABLE outbox (id bigserial PRIMARY KEY, patient text COLLATE "C" NOT NULL, event jsonb NOT NULL,
-                         writes jsonb NOT NULL, status text NOT NULL DEFAULT 'pending', attempts integer NOT NULL DEFAULT 0,
-                         last_error text, created double precision NOT NULL, claimed_epoch bigint,
-                         sent_at double precision, result jsonb);
-    CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending';
-    CREATE TABLE quarantine (id bigserial PRIMARY KEY, ref text, version bigint, patient text, reason text NOT NULL,
-                             received double precision NOT NULL, record bytea NOT NULL);
-    """,
-    # As sqlite.py's migration 2: the digest of the version each results row holds (a table of its
-    # own, keyed by that version, so a row written meanwhile by a replica of an older release is
-    # never compared with an older version's digest), and the content of each quarantined copy.
-    2: """
-    CREATE TABLE digests (ref text COLLATE "C" PRIMARY KEY, vu bigint NOT NULL, vv bigint NOT NULL, digest bytea NOT NULL);
-    ALTER TABLE quarantine ADD COLUMN digest bytea;
-    CREATE INDEX quarantine_copy ON quarantine (ref, digest);
-    """,
-}
 # Errors that mean "the database is unreachable or refused": reported as StoreError, never with the DSN.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -161,12 +127,11 @@ class PostgresStore:
             # One replica migrates at a time; the others wait here, then find nothing to do.
             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key(self.schema) ^ 1)
-            await conn.execute("CREATE TABLE IF NOT EXISTS meta (key text COLLATE \"C\" PRIMARY KEY, value text NOT NULL)")
+            await conn.execute(schema.meta_table(schema.POSTGRES))
             current = int(await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") or 0)
-            if current > SCHEMA_VERSION:
-                raise StoreError(f"state store {self.where} has schema {current}, newer than this version ({SCHEMA_VERSION})")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                await conn.execute(_MIGRATIONS[version])
+            for version in schema.pending(current, self.where):
+                for statement in schema.migration(schema.POSTGRES, version):
+                    await conn.execute(statement)
                 await conn.execute("INSERT INTO meta VALUES ('schema_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
                                    str(version))
                 log.info("state store migrated", schema=self.schema, version=version)
@@ -377,9 +342,6 @@ class PostgresStore:
         else:
             rows = await self._read("SELECT record::text FROM decisions WHERE patient = $1 ORDER BY id", patient)
         return [orjson.loads(r[0]) for r in rows]
-
-    async def quarantined(self) -> list[tuple[str | None, str]]:
-        return [(r[0], r[1]) for r in await self._read("SELECT ref, reason FROM quarantine ORDER BY id")]
 
     async def counts(self) -> dict[str, int]:
         tables = ("results", "panels", "episodes", "decisions", "outbox", "quarantine")

@@ -25,6 +25,7 @@ import orjson
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected
 from service.errors import StoreError
+from service.live.store import schema
 from service.live.store.base import (
     Decided,
     Intake,
@@ -37,44 +38,6 @@ from service.live.store.base import (
     plans,
     stored_version,
 )
-
-SCHEMA_VERSION = 2
-_MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-    -- latest version of each Observation read, data NULL when that version was rejected
-    CREATE TABLE results (ref TEXT PRIMARY KEY, vu INTEGER NOT NULL, vv INTEGER NOT NULL,
-                          patient TEXT, panel TEXT, data BLOB) WITHOUT ROWID;
-    CREATE INDEX results_panel ON results (patient, panel);
-    CREATE TABLE panels (patient TEXT NOT NULL, panel TEXT NOT NULL, first_vu INTEGER NOT NULL,
-                         dirty INTEGER NOT NULL, changed_at REAL NOT NULL,
-                         PRIMARY KEY (patient, panel)) WITHOUT ROWID;
-    CREATE INDEX panels_dirty ON panels (dirty, first_vu);
-    CREATE TABLE episodes (patient TEXT PRIMARY KEY, state BLOB NOT NULL, open INTEGER NOT NULL DEFAULT 0,
-                           newest_us INTEGER, temperature_cursor TEXT) WITHOUT ROWID;
-    CREATE INDEX episodes_open ON episodes (open);
-    CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT, decided_at REAL NOT NULL,
-                            record BLOB NOT NULL);
-    CREATE INDEX decisions_patient ON decisions (patient);
-    CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT NOT NULL, event BLOB NOT NULL,
-                         writes BLOB NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
-                         attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, created REAL NOT NULL,
-                         sent_at REAL, result BLOB);
-    CREATE INDEX outbox_pending ON outbox (status, id);
-    CREATE TABLE quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, ref TEXT, version INTEGER, patient TEXT,
-                             reason TEXT NOT NULL, received REAL NOT NULL, record BLOB NOT NULL);
-    """,
-    # The digest (base.digest) of the version each results row holds, for telling a copy sent again
-    # from a conflicting one. A table of its own, keyed by the version it belongs to, so that a row
-    # written by a release without digests is never compared with a digest of an older version.
-    # quarantine.digest: the content of each quarantined copy, so that a copy read again is not
-    # quarantined again.
-    2: """
-    CREATE TABLE digests (ref TEXT PRIMARY KEY, vu INTEGER NOT NULL, vv INTEGER NOT NULL, digest BLOB NOT NULL) WITHOUT ROWID;
-    ALTER TABLE quarantine ADD COLUMN digest BLOB;
-    CREATE INDEX quarantine_copy ON quarantine (ref, digest);
-    """,
-}
 
 # The stored version of an Observation: vu, vv, its digest or None, patient, panel, the LabResult,
 # and for a rejected version its quarantined Rejected (`base.stored_version`).
@@ -217,17 +180,11 @@ class SqliteStore:
 
     def _migrate(self) -> None:
         db = self.db
-        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+        db.execute(schema.meta_table(schema.SQLITE))
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        current = int(row[0]) if row else 0
-        if current > SCHEMA_VERSION:
-            raise StoreError(f"state store {self.path} has schema {current}, newer than this version ({SCHEMA_VERSION})")
-        for version in range(current + 1, SCHEMA_VERSION + 1):
+        for version in schema.pending(int(row[0]) if row else 0, self.path):
             with _Transaction(db):  # BEGIN IMMEDIATE serialises migrating processes
-                script = _MIGRATIONS[version]
-                if version == 1:
-                    script = script.replace("CREATE TABLE meta", "CREATE TABLE IF NOT EXISTS meta")
-                for statement in filter(str.strip, script.split(";")):
+                for statement in schema.migration(schema.SQLITE, version):
                     db.execute(statement)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
 
@@ -376,10 +333,6 @@ class SqliteStore:
     def decisions(self, patient: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT record FROM decisions" + (" WHERE patient = ?" if patient else "") + " ORDER BY id"
         return [orjson.loads(r) for (r,) in self.db.execute(sql, (patient,) if patient else ())]
-
-    @_on_store_thread
-    def quarantined(self) -> list[tuple[str | None, str]]:
-        return list(self.db.execute("SELECT ref, reason FROM quarantine ORDER BY id"))
 
     @_on_store_thread
     def counts(self) -> dict[str, int]:
