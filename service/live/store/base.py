@@ -85,7 +85,6 @@ class StoredVersion:
     panel: str | None
     data: bytes | None  # the LabResult (msgpack); None: a rejected version
     record: bytes | None = None  # a rejected version's quarantined Rejected (msgpack), when at hand
-    read: LabResult | Rejected | None = None  # the copy itself, when it was written by this batch
 
     @property
     def stamp(self) -> tuple[int, int]:
@@ -95,8 +94,6 @@ class StoredVersion:
     def outcome(self) -> LabResult | Rejected | None:
         """The stored copy (decoded only when `plan` needs it: a conflict, a copy without meta
         replaced); None: a rejection whose record is not at hand (it is not reported again)."""
-        if self.read is not None:
-            return self.read
         if self.data is not None:
             return _decode_result(self.data)
         return _decode_rejected(self.record) if self.record is not None else None
@@ -161,21 +158,21 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
     copies = [Copy(i.updated_us, i.version, digest(i.outcome), isinstance(i.outcome, Rejected), i) for i in items]
     ruling = rule(copies, _comparable(stored))
     out = Plan()
-    current = stored
+    where = (stored.patient, stored.panel) if stored is not None else None  # of the version in force
     for version in ruling.versions:
         if version.kept is not None:
-            out.writes.append(Write(version.kept.item, version.kept.content, _where(current)))
-            current = _as_stored(version.kept.item, version.kept.content)
+            out.writes.append(Write(version.kept.item, version.kept.content, where))
+            where = (version.kept.item.patient, version.kept.item.panel)
             continue
         held = [(_conflict(copy), content) for content, copy in _conflicting(version, stored, ref)]
         out.held += held
         if version.new:
-            out.writes.append(Write(held[0][0], CONFLICTED, _where(current)))
-            current = _as_stored(held[0][0], CONFLICTED)
+            out.writes.append(Write(held[0][0], CONFLICTED, where))
+            where = (held[0][0].patient, None)
     out.held += [(replace(c.item, panel=None, outcome=unplaced_rejection(c.item.outcome)), c.content)
                  for c in ruling.unplaced]
     if stored is not None and stored.data is not None and not stamped(*stored.stamp) \
-            and current is not None and stamped(*current.stamp):
+            and any(stamped(*version.stamp) for version in ruling.versions if version.new):
         readable = stored.outcome
         assert readable is not None
         out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)),
@@ -203,18 +200,8 @@ def _conflicting(version: VersionRuling[Intake], stored: StoredVersion | None,
             yield copy.content, Intake(ref, *stored.stamp, stored.patient, None, taken)
 
 
-def _as_stored(item: Intake, content: bytes) -> StoredVersion:
-    usable = isinstance(item.outcome, LabResult)
-    return StoredVersion(item.updated_us, item.version, content, item.patient, item.panel, b"" if usable else None,
-                         read=item.outcome)
-
-
 def _conflict(copy: Intake) -> Intake:
     return replace(copy, panel=None, outcome=conflict_rejection(copy.outcome))
-
-
-def _where(version: StoredVersion | None) -> tuple[str | None, str | None] | None:
-    return (version.patient, version.panel) if version is not None else None
 
 
 ResultRow = tuple[str, int, int, str | None, str | None, bytes | None]  # ref, vu, vv, patient, panel, LabResult
