@@ -162,9 +162,9 @@ def newest_order(updated_us: int, version: int, seq: int) -> tuple[int, int, int
     return (updated_us, version, seq)
 
 
-def panel_key(specimen_key: str | None, report_key: str | None, collection_key: str | None) -> str | None:
+def panel_key(specimen_key: str | None, report_key: str | None, collection_key: str) -> str:
     """An Observation's panel, from its newest usable version: its specimen, else the first
-    DiagnosticReport naming it, else its collection instant (`panels.panel_key`'s precedence)."""
+    DiagnosticReport naming it, else its collection instant (reference §1.2)."""
     if specimen_key is not None:
         return specimen_key
     return report_key if report_key is not None else collection_key

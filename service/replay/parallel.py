@@ -369,6 +369,7 @@ def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]
         if not usable:
             continue
         newest = max(usable, key=lambda r: newest_order(r.vu, r.vv, r.seq))
+        assert newest.fkey is not None  # (a usable version has a collection instant)
         panel = panel_key(newest.pkey, reports.get(ref), newest.fkey)
         target = results[hash(newest.patient) % n]
         for row in rows:
