@@ -1,7 +1,7 @@
 """Several copies of one Observation: which one is its version, which are held back (with a reason).
 
-The rule replay (`replay.settle`, both engines) and the live stores (`store.base.plan`) share, so
-that what is in force never depends on the order the copies were read in:
+The rule replay (`replay.rows.settle`, both engines) and the live stores (`store.base.plan`) share
+through `core.arrival.rule`, so that what is in force never depends on the order the copies were read in:
 
 - Copies with the same (meta.lastUpdated, numeric versionId) are copies of one version. A FHIR
   version is immutable (meta.versionId "changes each time the content of the resource changes",

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from service.core import arrival
 from service.core.anc import PanelRejected, best_result, compute_anc
 from service.core.codes import Kind
 from service.core.context import PatientContext, grading_for
@@ -46,9 +47,10 @@ def collection_key(result: LabResult) -> str:
 
 
 def panel_key(result: LabResult, report: Report | None) -> str:
-    """Specimen, else DiagnosticReport, else collection instant. (replay applies the same
-    precedence in SQL, as COALESCE over these three keys.)"""
-    return specimen_key(result.specimen) or (report_key(report) if report else None) or collection_key(result)
+    """Specimen, else DiagnosticReport, else collection instant (`arrival.panel_key`, which replay
+    applies to the same three keys)."""
+    return arrival.panel_key(specimen_key(result.specimen), report_key(report) if report else None,
+                             collection_key(result))
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,37 +33,44 @@ import math
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import msgspec
 import orjson
 
-from service.replay.engine import (
-    _BLOCK,
-    _READ_ERRORS,
+from service.core.arrival import availability_key, newest_order, panel_key
+from service.replay.documents import (
+    BLOCK,
+    READ_ERRORS,
+    StreamedBundle,
+    file_documents,
+    files,
+    first_line,
+    line_documents,
+    unreadable,
+)
+from service.replay.rows import (
     IDENTICAL_COPY,
-    Replay,
+    Available,
+    ObsRow,
+    PanelVersion,
     ReplayStats,
     Rows,
-    StreamedBundle,
-    _decode_rejected,
-    _decode_result,
-    _documents,
-    _files,
-    _first_line,
-    _line_documents,
-    _unreadable,
-    availability_key,
+    decode_rejected,
+    decode_result,
     patient_facts,
     read_document,
     settle,
 )
+
+if TYPE_CHECKING:
+    from service.replay.engine import Replay
 
 CHUNK_BYTES = 8 << 20  # step 1 reads the input in byte ranges of about this size ...
 PARTITION_BYTES = 16 << 20  # ... and makes one partition per this much input (about 16k Observations)
@@ -80,7 +87,7 @@ _decode = msgspec.msgpack.Decoder().decode
 class Chunk:
     number: int  # position in the input: resources are numbered (number << 32) + 1, + 2, ...
     path: str
-    start: int | None  # byte range [start, end) of whole lines; None: the whole file, as `_documents` reads it
+    start: int | None  # byte range [start, end) of whole lines; None: the whole file, as `file_documents` reads it
     end: int | None
 
 
@@ -93,6 +100,7 @@ class _Job:
     rules: Any
     alert_settings: Any
     with_alerts: bool
+    core: type[Replay]  # what judges a partition (`Replay.decide`), of the caller's engine module
     provenance: bool = False
     read_policy: Any = None
     clock_us: int | None = None  # the reading clock when the caller fixed it (Replay.clock_us)
@@ -118,15 +126,15 @@ def default_workers() -> int:
 
 def run(replay: Replay, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None,
         workers: int | None) -> ReplayStats:
-    files = _files(inputs)
-    size = sum(_size(path) for path in files)
+    paths = files(inputs)
+    size = sum(_size(path) for path in paths)
     if workers is None:
         workers = default_workers() if size >= PARALLEL_MIN_BYTES else 1
     # Bounded counts keep the index (chunks x partitions segments) and the number of files small.
     partitions = min(MAX_PARTITIONS, max(1, math.ceil(size / PARTITION_BYTES)))
-    job = _Job(replay._tmp.name, partitions, replay.rules, replay.alert_settings, alerts is not None, replay.provenance,
-               replay.read_policy, replay.clock_us)
-    chunks = plan(files, max(CHUNK_BYTES, math.ceil(size / MAX_CHUNKS)))
+    job = _Job(replay._tmp.name, partitions, replay.rules, replay.alert_settings, alerts is not None, type(replay),
+               replay.provenance, replay.read_policy, replay.clock_us)
+    chunks = plan(paths, max(CHUNK_BYTES, math.ceil(size / MAX_CHUNKS)))
     with _collector_tuned():
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
             try:
@@ -211,31 +219,31 @@ def _size(path: Path) -> int:
     return size * 8 if path.suffix == ".gz" else size  # a rough guess at the uncompressed size
 
 
-def plan(files: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
+def plan(paths: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
     """Byte ranges of whole lines for NDJSON files; one whole-file chunk for anything else (gzip, a
-    pretty-printed document), which `_documents` then reads as the SQLite engine does. Lines are
+    pretty-printed document), which `file_documents` then reads as the SQLite engine does. Lines are
     found by reading at most a block of them at a time: a long line is never held whole here."""
     chunks: list[Chunk] = []
-    for path in files:
+    for path in paths:
         if path.suffix == ".gz":
             chunks.append(Chunk(len(chunks), str(path), None, None))
             continue
         try:
             with open(path, "rb") as fh:
-                if _first_line(fh).document is not False:  # a document, or a long line only `_documents` can tell
+                if first_line(fh).document is not False:  # a document, or a long line only `file_documents` can tell
                     chunks.append(Chunk(len(chunks), str(path), None, None))
                     continue
                 size = fh.seek(0, os.SEEK_END)
                 start = 0
                 while start < size:
                     fh.seek(min(start + chunk_bytes, size) - 1)
-                    while (part := fh.readline(_BLOCK)) and not part.endswith(b"\n"):
+                    while (part := fh.readline(BLOCK)) and not part.endswith(b"\n"):
                         pass  # to the end of the line that holds the byte before the target
                     end = fh.tell()
                     chunks.append(Chunk(len(chunks), str(path), start, end))
                     start = end
-        except _READ_ERRORS as err:
-            raise _unreadable(path, err) from None
+        except READ_ERRORS as err:
+            raise unreadable(path, err) from None
     return chunks
 
 
@@ -244,12 +252,12 @@ def _lines(chunk: Chunk) -> Iterator[bytes | StreamedBundle]:
     try:
         with open(chunk.path, "rb") as fh:
             fh.seek(chunk.start)
-            yield from _line_documents(Path(chunk.path), fh, chunk.start, chunk.end)
-    except _READ_ERRORS as err:
-        raise _unreadable(chunk.path, err) from None
+            yield from line_documents(Path(chunk.path), fh, chunk.start, chunk.end)
+    except READ_ERRORS as err:
+        raise unreadable(chunk.path, err) from None
 
 
-def _spill(name: str, parts: dict[int, tuple[Sequence[Any], Sequence[Any]]]) -> dict[int, Segment]:
+def _spill(name: str, parts: Mapping[int, tuple[Sequence[Any], ...]]) -> dict[int, Segment]:
     """Write one msgpack value per partition to a new file; where each one is."""
     assert _job is not None
     path = os.path.join(_job.tmp, name)
@@ -300,12 +308,9 @@ def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, list[Segment]], dic
             by_ref.setdefault(i, []).append(segment)
         for i, segment in _spill(f"read-{chunk.number}-{part}-patient", patients).items():
             by_patient.setdefault(i, []).append(segment)
-        rows.obs.clear()
-        rows.member.clear()
-        rows.rejected.clear()
-        rows.context.clear()
+        rows.clear()
 
-    documents = _documents(Path(chunk.path)) if chunk.start is None else _lines(chunk)
+    documents = file_documents(Path(chunk.path)) if chunk.start is None else _lines(chunk)
     for document in documents:
         seq = read_document(document, seq, stats, rows, spill, SPILL_ROWS, _job.read_policy)
     spill(rows)
@@ -316,15 +321,15 @@ def _partitioned(rows: Rows, n: int) -> tuple[dict[int, Any], dict[int, Any]]:
     obs: list[list[Any]] = [[] for _ in range(n)]
     members: list[list[Any]] = [[] for _ in range(n)]
     for row in rows.obs:
-        obs[hash(row[0]) % n].append(row)
-    for row in rows.member:
-        members[hash(row[0]) % n].append(row)
+        obs[hash(row.ref) % n].append(row)
+    for member in rows.member:
+        members[hash(member.ref) % n].append(member)
     rejected: list[list[Any]] = [[] for _ in range(n)]
     for ref, vu, vv, number, data in rows.rejected:  # rejections need no more than sorting: any partition
         rejected[number % n].append((availability_key(ref, vu, vv, number), data))
     context: list[list[Any]] = [[] for _ in range(n)]
-    for row in rows.context:  # Patient, Condition, ServiceRequest, CareTeam go where their patient's panels go
-        context[hash(row[0]) % n].append(row)
+    for context_row in rows.context:  # Patient, Condition, ServiceRequest, CareTeam go where their patient's panels go
+        context[hash(context_row.patient) % n].append(context_row)
     by_ref = {i: (obs[i], members[i]) for i in range(n) if obs[i] or members[i]}
     by_patient = {i: ((), rejected[i], context[i]) for i in range(n) if rejected[i] or context[i]}
     return by_ref, by_patient
@@ -333,31 +338,17 @@ def _partitioned(rows: Rows, n: int) -> tuple[dict[int, Any], dict[int, Any]]:
 # -- step 2: latest version, panel key ----------------------------------------------------------
 
 
-class _Version(msgspec.Struct, array_like=True, gc=False):
-    """A row of the obs table (`replay.Rows.obs`)."""
-
-    ref: str
-    vu: int
-    vv: int
-    seq: int
-    patient: str | None
-    pkey: str | None
-    fkey: str | None
-    data: bytes | None  # the LabResult; None: a rejected version
-    rej: bytes | None  # the Rejected of a rejected version
-
-
-_decode_versions = msgspec.msgpack.Decoder(tuple[list[_Version], list[tuple[str, str]]]).decode
+_decode_versions = msgspec.msgpack.Decoder(tuple[list[ObsRow], list[tuple[str, str]]]).decode
 
 
 def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]:
     """Each Observation's versions, given the panel and patient of its newest usable version (a
     rejected version has none of its own), passed on to the patient's partition; the rejections
     of its rejected versions to any partition. Copies of a version and copies that are no version
-    are ruled by `replay.settle` (as `Replay._dedupe`). Returns the segments and how many
+    are ruled by `rows.settle` (as `Replay._dedupe`). Returns the segments and how many
     identical copies were dropped."""
     assert _job is not None
-    versions: dict[str, list[_Version]] = {}
+    versions: dict[str, list[ObsRow]] = {}
     reports: dict[str, str] = {}
     for obs, members in _load(segments, _decode_versions):  # in input order
         for row in obs:
@@ -369,7 +360,7 @@ def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]
     rejected: list[list[Any]] = [[] for _ in range(n)]
     identical = 0
     for ref, rows in versions.items():
-        rows, dropped = _first_copies(ref, rows, rejected)
+        rows, dropped = _first_copies(rows, rejected)
         identical += dropped
         for r in rows:
             if r.rej is not None:
@@ -377,30 +368,28 @@ def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]
         usable = [r for r in rows if r.data is not None]
         if not usable:
             continue
-        # The newest by (lastUpdated, versionId, input position).
-        newest = max(usable, key=lambda r: (r.vu, r.vv, r.seq))
-        panel = newest.pkey if newest.pkey is not None else reports.get(ref, newest.fkey)
+        newest = max(usable, key=lambda r: newest_order(r.vu, r.vv, r.seq))
+        assert newest.fkey is not None  # (a usable version has a collection instant)
+        panel = panel_key(newest.pkey, reports.get(ref), newest.fkey)
         target = results[hash(newest.patient) % n]
         for row in rows:
             if row.data is None and row.vu < 0 and row.vv < 0:
-                continue  # unplaced (an undecodable entry): reported above, no version (as replay._PANELS)
+                continue  # unplaced (an undecodable entry): reported above, no version (as engine._PANELS)
             target.append((newest.patient, panel, availability_key(ref, row.vu, row.vv, row.seq), row.data, ref))
     parts = {i: (results[i], rejected[i], ()) for i in range(n) if results[i] or rejected[i]}
     return _spill(f"latest-{part}", parts), identical
 
 
-def _first_copies(ref: str, rows: list[_Version], rejected: list[list[Any]]) -> tuple[list[_Version], int]:
-    """`rows` as `replay.settle` rules them (as `Replay._dedupe`); the rejections that are no
+def _first_copies(rows: list[ObsRow], rejected: list[list[Any]]) -> tuple[list[ObsRow], int]:
+    """`rows` as `rows.settle` rules them (as `Replay._dedupe`); the rejections that are no
     version go to `rejected`. Returns the rows and how many identical copies were dropped."""
     if len(rows) == 1:
         return rows, 0
-    settled = settle([(r.seq, r.vu, r.vv, r.data, r.rej) for r in rows])
+    settled = settle(rows)
     n = len(rejected)
-    for seq, vu, vv, rej in settled.reported:
-        rejected[seq % n].append((availability_key(ref, vu, vv, seq), rej))
-    kept = [r for r in rows if r.seq in settled.keep]
-    kept += [_Version(ref, vu, vv, seq, patient, None, None, None, rej) for seq, vu, vv, patient, rej in settled.versions]
-    return kept, settled.identical
+    for row in settled.reported:
+        rejected[row.seq % n].append((availability_key(row.ref, row.vu, row.vv, row.seq), row.data))
+    return [r for r in rows if r.seq in settled.keep] + settled.versions, settled.identical
 
 
 # -- step 3: the core -------------------------------------------------------------------------------
@@ -432,18 +421,19 @@ def judge(part: int, segments: list[Segment], clock_us: int | None = None) -> tu
     items += [(key, "", "", data) for key, data in rejections]
     items.sort(key=itemgetter(0))  # all keys differ
 
-    def stream() -> Iterator[tuple[str, str, str, Any]]:
+    def stream() -> Iterator[Available]:
         """What `Replay.decide` reads, decoded as it goes."""
         for key, patient, panel, payload in items:
             if isinstance(payload, list):
-                yield key, patient, panel, [(k, ref, _decode_result(d) if d is not None else None) for k, ref, d in payload]
+                yield Available(key, patient, panel, [PanelVersion(k, ref, decode_result(d) if d is not None else None)
+                                                      for k, ref, d in payload])
             else:
-                yield key, patient, panel, _decode_rejected(payload)
+                yield Available(key, patient, panel, decode_rejected(payload))
 
     frames: list[Segment] = []
     path = os.path.join(_job.tmp, f"judge-{part}")
-    with open(path, "wb") as fh, Replay(_job.rules, _job.alert_settings, workdir=_job.tmp, engine="partitioned",
-                                      provenance=_job.provenance) as core:
+    with open(path, "wb") as fh, _job.core(_job.rules, _job.alert_settings, workdir=_job.tmp,
+                                                engine="partitioned", provenance=_job.provenance) as core:
         frame: list[tuple[str, int, str, bytes, bytes]] = []
         size = 0
         core.clock_us = clock_us

@@ -23,15 +23,16 @@ import orjson
 import pytest
 
 from service import metrics
-from service.fhir import raw
 from service.core.copies import UNPLACED, stamped
-from service.fhir.fhirtime import from_epoch_us
 from service.core.observations import CONFLICT
+from service.fhir import raw
 from service.fhir.client import UnreadablePage
-from service.metrics import reason_label
+from service.fhir.fhirtime import from_epoch_us
 from service.live.store.base import Intake
 from service.live.store.sqlite import SqliteStore
 from service.live.worker import intake
+from service.metrics import reason_label
+from tests import store_tables
 from tests.fhir_server.load import export, put_all
 from tests.hostile.corpus import (
     BY_NAME,
@@ -87,7 +88,7 @@ async def _quarantine_and_decisions(state: Path) -> tuple[list[tuple[str | None,
     store = SqliteStore(state)
     await store.open()
     try:
-        return await store.quarantined(), await store.decisions()
+        return await store_tables.quarantined(store), await store.decisions()
     finally:
         await store.close()
 
@@ -372,7 +373,7 @@ async def test_a_poison_page_does_not_stall_the_other_patients(fhir_base_url, tm
     assert counts["communications"] > 5
     store = SqliteStore(tmp_path / "s.sqlite3")
     await store.open()
-    quarantined = {ref for ref, _reason in await store.quarantined()}
+    quarantined = {ref for ref, _reason in await store_tables.quarantined(store)}
     await store.close()
     assert {BY_NAME[n].ref for n in POISON} <= quarantined
 
@@ -472,5 +473,6 @@ async def test_a_future_last_updated_does_not_carry_the_cursor_away(fhir_base_ur
     assert {f["subject"]["reference"] for f in export(fhir_base_url, "Flag")} == {"Patient/nb-later"}
     store = SqliteStore(tmp_path / "s.sqlite3")
     await store.open()
-    assert ("Observation/nb-future-anc", "meta.lastUpdated is later than the server's own clock") in await store.quarantined()
+    quarantined = await store_tables.quarantined(store)
+    assert ("Observation/nb-future-anc", "meta.lastUpdated is later than the server's own clock") in quarantined
     await store.close()

@@ -19,14 +19,14 @@ import orjson
 import pytest
 
 from service.__main__ import main
-from service.fhir import raw
+from service.config import load_settings
 from service.core.copies import UNPLACED
 from service.core.observations import CONFLICT as CONFLICT_REASON
-from service.config import load_settings
-from service.replay.engine import Replay, ReplayStats
+from service.fhir import raw
 from service.live.store.base import Intake
 from service.live.store.sqlite import SqliteStore
 from service.live.worker import intake
+from service.replay.engine import Replay, ReplayStats
 from tests.hostile.corpus import (
     BY_NAME,
     CORPUS,
@@ -165,7 +165,7 @@ def test_truncated_and_garbage_lines(tmp_path):
 def test_a_corrupt_first_line_does_not_make_replay_read_the_file_whole(tmp_path, monkeypatch):
     """A first line that is not JSON but closes like a resource starts NDJSON: the file is read line by
     line (it used to be read into memory whole, to try it as one pretty-printed document)."""
-    from service.replay import engine as replay_module
+    from service.replay import documents as replay_module
 
     path = tmp_path / "in.ndjson"
     path.write_bytes(b"\n".join([BY_NAME["nan-token"].resources()[0], *neighbour_lines("after")]) + b"\n")

@@ -16,19 +16,20 @@ import msgspec
 import orjson
 import pytest
 
-from service.fhir import raw
+from service.config import Settings
 from service.core.copies import UNPLACED
 from service.core.episodes import PatientState
 from service.core.observations import CONFLICT, Rejected
 from service.core.panels import decide
-from service.fhir.raw import Resource
-from service.config import Settings
 from service.errors import StoreError
+from service.fhir import raw
+from service.fhir.raw import Resource
 from service.live.store import Decided, Intake, LeadershipLost, Store
 from service.live.store.base import DIGEST_TAG, Plan, StoredVersion, digest, plan
 from service.live.store.postgres import PostgresStore
 from service.live.store.sqlite import SqliteStore
 from service.live.worker import intake
+from tests import store_tables
 from tests.builders import observation
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")  # the async fixtures' loop
@@ -152,7 +153,7 @@ async def test_dirty_panels_in_batches_from_a_key(store: Store) -> None:
 async def test_rejections_are_quarantined_with_their_reason(store: Store) -> None:
     bad = _intake(observation("751-8", 0.4, unit="furlongs", id="bad", updated="2026-01-05T09:00:00Z"))
     assert await store.ingest([bad], now=1.0) == [bad]
-    quarantined = await store.quarantined()
+    quarantined = await store_tables.quarantined(store)
     assert len(quarantined) == 1 and quarantined[0][0] == "Observation/bad" and "unit" in quarantined[0][1]
     assert await store.dirty_panels() == []
     counts = await store.counts()
@@ -401,7 +402,7 @@ async def test_a_copy_sent_again_is_seen_before_not_a_conflict(store: Store) -> 
     first = [_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))]
     assert await store.ingest(first, now=1.0) == first
     assert await store.ingest([_read(orjson.dumps(ANC)), _read(orjson.dumps(WBC))], now=2.0) == []
-    assert await store.quarantined() == []
+    assert await store_tables.quarantined(store) == []
 
 
 async def test_the_same_content_serialised_differently_is_not_a_conflict(store: Store) -> None:
@@ -412,7 +413,7 @@ async def test_the_same_content_serialised_differently_is_not_a_conflict(store: 
     # ... and narrative and a note: the service reads neither, so they cannot change a decision.
     annotated = _with(ANC, text={"status": "generated", "div": "<div>ANC</div>"}, note=[{"text": "re-sent"}])
     assert await store.ingest([_read(spaced), _read(orjson.dumps(annotated))], now=2.0) == []
-    assert await store.quarantined() == []
+    assert await store_tables.quarantined(store) == []
     assert await _stored_anc(store) == 400.0
 
 
@@ -441,13 +442,13 @@ async def test_other_content_under_the_same_version_withdraws_it_and_every_copy_
     assert sorted(h.outcome.patient for h in held) == sorted([first[1].patient, other.patient])  # type: ignore[union-attr,type-var]
     assert [h.outcome.reason for h in held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
     assert {(h.ref, h.updated_us, h.version, h.panel) for h in held} == {(other.ref, other.updated_us, other.version, None)}
-    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)] * 2
+    assert await store_tables.quarantined(store) == [("Observation/s1-anc", CONFLICT)] * 2
     (work,) = await store.dirty_panels()  # decided again, without the conflicting version
     assert (work.panel, [r.ref for r in work.results]) == (first[1].panel, ["Observation/s1-wbc"])
     await store.commit([Decided("Patient/a", work.panel, PatientState(), [])])
     for now in (3.0, 4.0):  # the overlap window reads both again
         assert await store.ingest([other, first[1]], now=now) == []
-    assert await store.quarantined() == [("Observation/s1-anc", CONFLICT)] * 2
+    assert await store_tables.quarantined(store) == [("Observation/s1-anc", CONFLICT)] * 2
     assert await store.dirty_panels() == []
     assert (await _in_force(store))["Observation/s1-anc"] == (first[1].updated_us, 1, False)
     newer = _read(orjson.dumps(_with(ANC, meta=V2)))
@@ -464,7 +465,7 @@ async def test_a_stored_rejected_version_found_to_conflict_is_quarantined_as_a_c
     await store.ingest([_read(orjson.dumps(WBC)), rejected], now=1.0)
     held = await store.ingest([_read(orjson.dumps(ANC))], now=2.0)
     assert [(h.outcome.reason, h.outcome.code, h.outcome.effective) for h in held] == [(CONFLICT, "751-8", ANC["effectiveDateTime"])] * 2  # type: ignore[union-attr]
-    assert [r for _, r in await store.quarantined()] == [rejected.outcome.reason, CONFLICT, CONFLICT]
+    assert [r for _, r in await store_tables.quarantined(store)] == [rejected.outcome.reason, CONFLICT, CONFLICT]
     assert (await _in_force(store))["Observation/s1-anc"] == (ANC_US, 1, False)
 
 
@@ -473,7 +474,7 @@ async def test_a_third_content_of_a_conflicting_version_is_quarantined_too(store
     one, two = _read(orjson.dumps(CONFLICTING["value"])), _read(orjson.dumps(CONFLICTING["unit"]))
     assert len(await store.ingest([one, one], now=2.0)) == 2  # the stored copy and `one`
     assert len(await store.ingest([two, one, two], now=3.0)) == 1
-    assert [r for _, r in await store.quarantined()] == [CONFLICT] * 3
+    assert [r for _, r in await store_tables.quarantined(store)] == [CONFLICT] * 3
 
 
 async def _in_force(store: Store) -> dict[str, tuple[int, int, bool]]:
@@ -492,7 +493,7 @@ async def _outcome(store: Store, run: int) -> tuple[list[tuple[str, tuple[int, i
     quarantine, and the results a decision of its panel would take (ids without the suffix)."""
     tag = f"-r{run}"
     force = sorted((ref.removesuffix(tag), v) for ref, v in (await _in_force(store)).items() if ref.endswith(tag))
-    quarantine = sorted((ref.removesuffix(tag), reason) for ref, reason in await store.quarantined() if ref and ref.endswith(tag))
+    quarantine = sorted((ref.removesuffix(tag), reason) for ref, reason in await store_tables.quarantined(store) if ref and ref.endswith(tag))
     panels = [w for w in await store.dirty_panels() if w.patient == f"Patient/a{tag}"]
     usable = sorted(r.ref.removesuffix(tag) for w in panels for r in w.results)
     return force, quarantine, usable
@@ -548,7 +549,7 @@ async def test_a_copy_without_meta_never_overrides_a_stamped_version(store: Stor
     assert (held.ref, held.panel, held.outcome.reason) == ("Observation/s1-anc", None, UNPLACED)  # type: ignore[union-attr]
     for now in (3.0, 4.0):
         assert await store.ingest([copy], now=now) == []
-    assert await store.quarantined() == [("Observation/s1-anc", UNPLACED)]
+    assert await store_tables.quarantined(store) == [("Observation/s1-anc", UNPLACED)]
     assert await store.dirty_panels() == []
     assert (await _in_force(store))["Observation/s1-anc"] == (ANC_US, 1, True)
 
@@ -579,14 +580,14 @@ async def test_an_undecodable_copy_is_quarantined_once_and_a_readable_version_su
     assert await store.ingest([_read(orjson.dumps(WBC)), broken], now=1.0) != []
     for now in (2.0, 3.0):  # read again every cycle while it lies in the overlap window
         assert await store.ingest([broken], now=now) == []
-    ((ref, reason),) = await store.quarantined()
+    ((ref, reason),) = await store_tables.quarantined(store)
     assert ref == "Observation/s1-anc" and reason.startswith("invalid JSON")
     # The server's next version is readable: it is newer than the undecodable copy, never shadowed.
     readable = _read(orjson.dumps(_with(ANC, meta=V2)))
     assert await store.ingest([readable], now=4.0) == [readable]
     assert await _stored_anc(store) == 400.0
     assert await store.ingest([broken, readable], now=5.0) == []  # still only once, and still in force
-    assert len(await store.quarantined()) == 1
+    assert len(await store_tables.quarantined(store)) == 1
 
 
 async def test_an_undecodable_copy_behind_a_stored_version_is_quarantined_once_and_changes_nothing(store: Store) -> None:
@@ -600,7 +601,7 @@ async def test_an_undecodable_copy_behind_a_stored_version_is_quarantined_once_a
     assert held == broken
     for now in (3.0, 4.0):
         assert await store.ingest([broken], now=now) == []
-    ((ref, reason),) = await store.quarantined()
+    ((ref, reason),) = await store_tables.quarantined(store)
     assert ref == "Observation/s1-anc" and reason.startswith("invalid JSON")
     assert await store.dirty_panels() == []
     assert (await store.counts())["results"] == 2
@@ -615,7 +616,7 @@ async def test_a_schema_1_store_upgrades_in_place(make: Factory, monkeypatch: py
     anc = _read(orjson.dumps(ANC))
     legacy = make()
     with monkeypatch.context() as m:
-        m.setattr(type(legacy).__module__ + ".SCHEMA_VERSION", 1)
+        m.setattr("service.live.store.schema.SCHEMA_VERSION", 1)
         await legacy.open()
         assert await legacy.lead()
         row = (anc.ref, anc.updated_us, anc.version, anc.patient, anc.panel, msgspec.msgpack.encode(anc.outcome))
@@ -633,7 +634,7 @@ async def test_a_schema_1_store_upgrades_in_place(make: Factory, monkeypatch: py
     await store.open()
     try:
         assert await store.lead()
-        assert await store.quarantined() == [("Observation/x", "no value")]
+        assert await store_tables.quarantined(store) == [("Observation/x", "no value")]
         assert await store.ingest([anc, _read(orjson.dumps(CONFLICTING["value"]))], now=1.0) == []
         newer = _read(orjson.dumps(_with(ANC, meta=V2)))
         assert await store.ingest([newer], now=2.0) == [newer]

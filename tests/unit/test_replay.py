@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from service.__main__ import main
 from service.config import load_settings
 from service.errors import ConfigError
+from service.replay.engine import Replay
 from tests.builders import observation
 
 REQUIRED = {"patient", "event", "grade", "anc", "effective", "observations"}
@@ -347,7 +348,7 @@ def test_a_large_document_read_entry_by_entry_gives_what_reading_it_whole_gives(
     the path `raw.read` of the whole takes (typed, strict, tolerant, by its framing; whole or cut
     short), the same resources come out in the same order, so the same events, alerts and counts
     (documents the entry-by-entry reading cannot follow are read whole, as before)."""
-    from service.replay import engine as replay_module
+    from service.replay import documents as replay_module
 
     name, data = LARGE_CASES[case]
     path = tmp_path / name
@@ -357,7 +358,7 @@ def test_a_large_document_read_entry_by_entry_gives_what_reading_it_whole_gives(
     for threshold in (replay_module.LARGE_DOCUMENT, 64):
         monkeypatch.setattr(replay_module, "LARGE_DOCUMENT", threshold)
         events, alerts = io.BytesIO(), io.BytesIO()
-        with replay_module.Replay(settings.rules, settings.alerts, engine=engine, workers=1) as r:
+        with Replay(settings.rules, settings.alerts, engine=engine, workers=1) as r:
             stats = r.run([path], events, alerts)
         outputs.append((events.getvalue(), alerts.getvalue(), stats))
     assert outputs[0][0] == outputs[1][0] and outputs[0][1] == outputs[1][1]
@@ -378,13 +379,13 @@ def test_which_large_documents_are_read_entry_by_entry(tmp_path, monkeypatch, ca
     """Bundles are read entry by entry, each by the path the whole would take; what the walk cannot
     follow (no Bundle, broken framing, a second entry array, an escaped key, a byte-order mark, a
     cut Bundle with nothing readable before the cut) is read whole as before."""
-    from service.replay import engine as replay_module
+    from service.replay import documents as replay_module
 
     monkeypatch.setattr(replay_module, "LARGE_DOCUMENT", 64)
     name, data = LARGE_CASES[case]
     path = tmp_path / name
     path.write_bytes(data)
-    ways = [d.how for d in replay_module._documents(path) if isinstance(d, replay_module.StreamedBundle)]
+    ways = [d.how for d in replay_module.file_documents(path) if isinstance(d, replay_module.StreamedBundle)]
     if case == "NDJSON with a Bundle line":
         assert ways == ["typed", "framing"]
     else:
@@ -450,8 +451,8 @@ def test_a_damaged_bundle_walked_entry_by_entry_gives_the_items_of_reading_it_wh
     """Whatever damage a Bundle carries (cut short, stray bytes, NaN, bytes that are not UTF-8,
     lone surrogates, broken brackets), the entry-by-entry reading either declines it (it is then
     read whole) or gives exactly the items `raw.decode` gives for the whole document."""
-    from service.replay import engine as replay_module
     from service.fhir import raw
+    from service.replay import documents as replay_module
 
     data = _SEED_BUNDLE
     for kind, at, piece in edits:

@@ -12,14 +12,15 @@ a new one began.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Protocol
 
 import msgspec
 
-from service.core.copies import content_key, distinct, one_version, placed, stamped, unplaced_rejection
+from service.core.arrival import Copy, Stored, VersionRuling, rule
+from service.core.copies import content_key, stamped, unplaced_rejection
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected, conflict_rejection
 from service.errors import StoreError
@@ -84,7 +85,6 @@ class StoredVersion:
     panel: str | None
     data: bytes | None  # the LabResult (msgpack); None: a rejected version
     record: bytes | None = None  # a rejected version's quarantined Rejected (msgpack), when at hand
-    read: LabResult | Rejected | None = None  # the copy itself, when it was written by this batch
 
     @property
     def stamp(self) -> tuple[int, int]:
@@ -94,8 +94,6 @@ class StoredVersion:
     def outcome(self) -> LabResult | Rejected | None:
         """The stored copy (decoded only when `plan` needs it: a conflict, a copy without meta
         replaced); None: a rejection whose record is not at hand (it is not reported again)."""
-        if self.read is not None:
-            return self.read
         if self.data is not None:
             return _decode_result(self.data)
         return _decode_rejected(self.record) if self.record is not None else None
@@ -154,80 +152,124 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
 
     A stored digest that is missing (stored before schema 2, or by a release without digests) or
     from another release cannot be compared: a copy of that version counts as read before."""
-    if len(items) == 1 and stamped(items[0].updated_us, items[0].version) \
-            and (stored is None or (stamped(*stored.stamp) and stored.stamp != (items[0].updated_us, items[0].version))):
-        # The common case, the rule below in short: one stamped copy, and a stamped version stored or none.
-        if stored is not None and stored.stamp > (items[0].updated_us, items[0].version):
-            return Plan()
-        return Plan([Write(items[0], digest(items[0].outcome), _where(stored))])
-    out = Plan()
     if stored is not None and not stamped(*stored.stamp) and stored.digest != CONFLICTED and stored.data is None:
         stored = None  # a rejection without lastUpdated or versionId, stored by an older release: no version
     ref = items[0].ref if items else ""
-    stamped_read = (stored is not None and stamped(*stored.stamp)) or any(stamped(i.updated_us, i.version) for i in items)
-    groups: dict[tuple[int, int], list[tuple[bytes, Intake | None]]] = {}
-    unplaced: list[tuple[bytes, Intake]] = []
-    for item in items:
-        content = digest(item.outcome)
-        if placed(item.updated_us, item.version, isinstance(item.outcome, Rejected), stamped_read):
-            groups.setdefault((item.updated_us, item.version), []).append((content, item))
-        else:
-            unplaced.append((content, item))
-    current = stored
-    for stamp in sorted(groups):
-        group = groups[stamp]
-        if current is not None and stamp < current.stamp:
-            continue  # older than the version in force
-        if current is not None and stamp == current.stamp:
-            if current.digest is None or not current.digest.startswith(DIGEST_TAG):
-                continue  # cannot be compared
-            if current.digest == CONFLICTED:
-                firsts, _again = distinct(group)
-                out.held += [(_conflict(copy), content) for content, copy in firsts if copy is not None]
-                continue
-            group = [(current.digest, None), *group]  # None: the stored copy
-        verdict = one_version(group)
-        if verdict.kept is not None:
-            kept = verdict.kept[1]
-            if kept is not None:  # (None: the stored version read again alike)
-                out.writes.append(Write(kept, verdict.kept[0], _where(current)))
-                current = _as_stored(kept, verdict.kept[0])
+    copies = [Copy(i.updated_us, i.version, digest(i.outcome), isinstance(i.outcome, Rejected), i) for i in items]
+    ruling = rule(copies, _comparable(stored))
+    out = Plan()
+    where = (stored.patient, stored.panel) if stored is not None else None  # of the version in force
+    for version in ruling.versions:
+        if version.kept is not None:
+            out.writes.append(Write(version.kept.item, version.kept.content, where))
+            where = (version.kept.item.patient, version.kept.item.panel)
             continue
-        held: list[tuple[Intake, bytes]] = []
-        for content, copy in verdict.conflicting:
-            if copy is None:  # the stored copy, taken before the other was seen
-                taken = current.outcome if current is not None else None
-                if current is None or taken is None:
-                    continue
-                copy = Intake(ref, *current.stamp, current.patient, None, taken)
-            held.append((_conflict(copy), content))
-        first = held[0][0]
-        out.writes.append(Write(first, CONFLICTED, _where(current)))
+        held = [(_conflict(copy), content) for content, copy in _conflicting(version, stored, ref)]
         out.held += held
-        current = _as_stored(first, CONFLICTED)
-    if unplaced:
-        firsts, _again = distinct(unplaced)
-        out.held += [(replace(copy, panel=None, outcome=unplaced_rejection(copy.outcome)), content) for content, copy in firsts]
+        if version.new:
+            out.writes.append(Write(held[0][0], CONFLICTED, where))
+            where = (held[0][0].patient, None)
+    out.held += [(replace(c.item, panel=None, outcome=unplaced_rejection(c.item.outcome)), c.content)
+                 for c in ruling.unplaced]
     if stored is not None and stored.data is not None and not stamped(*stored.stamp) \
-            and current is not None and stamped(*current.stamp):
+            and any(stamped(*version.stamp) for version in ruling.versions if version.new):
         readable = stored.outcome
         assert readable is not None
-        out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)), digest(readable)))
+        out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)),
+                         digest(readable)))
     return out
 
 
-def _as_stored(item: Intake, content: bytes) -> StoredVersion:
-    usable = isinstance(item.outcome, LabResult)
-    return StoredVersion(item.updated_us, item.version, content, item.patient, item.panel, b"" if usable else None,
-                         read=item.outcome)
+def _comparable(stored: StoredVersion | None) -> Stored | None:
+    """The stored version as `arrival.rule` compares copies with it: a digest that is missing or of
+    another release cannot be compared."""
+    if stored is None:
+        return None
+    content = stored.digest if stored.digest is not None and stored.digest.startswith(DIGEST_TAG) else None
+    return Stored(*stored.stamp, content, stored.digest == CONFLICTED)
+
+
+def _conflicting(version: VersionRuling[Intake], stored: StoredVersion | None,
+                 ref: str) -> Iterator[tuple[bytes, Intake]]:
+    """The copies of a conflicting version, one per content: the stored copy (item None) too, taken
+    before the other was seen, when its content is at hand."""
+    for copy in version.conflicting:
+        if copy.item is not None:
+            yield copy.content, copy.item
+        elif stored is not None and (taken := stored.outcome) is not None:
+            yield copy.content, Intake(ref, *stored.stamp, stored.patient, None, taken)
 
 
 def _conflict(copy: Intake) -> Intake:
     return replace(copy, panel=None, outcome=conflict_rejection(copy.outcome))
 
 
-def _where(version: StoredVersion | None) -> tuple[str | None, str | None] | None:
-    return (version.patient, version.panel) if version is not None else None
+ResultRow = tuple[str, int, int, str | None, str | None, bytes | None]  # ref, vu, vv, patient, panel, LabResult
+DigestRow = tuple[str, int, int, bytes]  # ref, vu, vv, digest
+TouchRow = tuple[str, str, int, float]  # patient, panel, lastUpdated of the version, local time
+# ref, version, patient, reason, received, the Rejected (msgpack), digest
+QuarantineRow = tuple[str | None, int, str | None, str, float, bytes, bytes]
+QuarantineKey = tuple[str, bytes, str]  # (ref, digest, reason): a copy quarantined once
+
+
+@dataclass
+class IngestRows:
+    """What one `ingest` writes, in order (`ingest_rows`): each store only runs its statements."""
+
+    results: list[ResultRow] = field(default_factory=list)
+    digests: list[DigestRow] = field(default_factory=list)
+    touches: list[TouchRow] = field(default_factory=list)
+    quarantine: list[QuarantineRow] = field(default_factory=list)
+    new: list[Intake] = field(default_factory=list)  # what `ingest` returns
+
+    def store(self, write: Write, now: float, quarantined: set[QuarantineKey]) -> None:
+        """A new version, or a conflict: its row, its digest, its panel and the panel of the version
+        it replaces marked dirty, a rejected version's rejection quarantined."""
+        item, content, before = write.item, write.content, write.before
+        outcome = item.outcome
+        self.results.append((item.ref, item.updated_us, item.version, item.patient, item.panel,
+                             _encode(outcome) if isinstance(outcome, LabResult) else None))
+        self.digests.append((item.ref, item.updated_us, item.version, content))
+        touched: set[tuple[str | None, str]] = {(item.patient, item.panel)} if item.panel else set()
+        if before is not None and before[1] is not None:
+            touched.add((before[0], before[1]))  # the older version's panel changes too
+        self.touches.extend((patient, panel, item.updated_us, now)  # type: ignore[misc]
+                            for patient, panel in sorted(touched))  # type: ignore[type-var]
+        if isinstance(outcome, Rejected) and content != CONFLICTED:  # (a conflict's copies are quarantined each)
+            self._quarantine(item, outcome, content, now, quarantined)
+        if content != CONFLICTED:
+            self.new.append(item)
+
+    def hold(self, item: Intake, content: bytes, now: float, quarantined: set[QuarantineKey]) -> None:
+        """A copy held back: quarantined (and returned by `ingest`) unless that content was
+        quarantined with that reason before."""
+        outcome = item.outcome
+        assert isinstance(outcome, Rejected)
+        if (item.ref, content, outcome.reason) not in quarantined:
+            self._quarantine(item, outcome, content, now, quarantined)
+            self.new.append(item)
+
+    def _quarantine(self, item: Intake, outcome: Rejected, content: bytes, now: float,
+                    quarantined: set[QuarantineKey]) -> None:
+        quarantined.add((item.ref, content, outcome.reason))
+        self.quarantine.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
+
+
+def plans(known: Mapping[str, StoredVersion], items: Sequence[Intake]) -> dict[str, Plan]:
+    """The plan of each Observation of a batch (`plan`), by reference in order of first appearance."""
+    return {ref: plan(known.get(ref), copies) for ref, copies in by_ref(items).items()}
+
+
+def ingest_rows(todo: Mapping[str, Plan], quarantined: set[QuarantineKey], now: float) -> IngestRows:
+    """The rows `ingest` writes for the plans of a batch; `quarantined`: the (ref, digest, reason) of
+    the copies of its Observations quarantined before (added to as rows are planned)."""
+    out = IngestRows()
+    for each in todo.values():
+        for write in each.writes:
+            out.store(write, now, quarantined)
+        for held, content in each.held:
+            out.hold(held, content, now, quarantined)
+    return out
 
 
 PanelKey = tuple[int, str, str]  # (first available, patient, panel): the order panels are decided in
@@ -326,5 +368,4 @@ class Store(Protocol):
     async def mark_failed(self, entry_id: int, error: str) -> None: ...
     async def outbox_pending_count(self) -> int: ...
     async def decisions(self, patient: str | None = None) -> list[dict[str, Any]]: ...
-    async def quarantined(self) -> list[tuple[str | None, str]]: ...
     async def counts(self) -> dict[str, int]: ...

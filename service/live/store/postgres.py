@@ -20,7 +20,6 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -28,62 +27,27 @@ import msgspec
 import orjson
 import structlog
 
-from service.live.store import pgdsn
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected
 from service.errors import StoreError
+from service.live.store import pgdsn, schema
 from service.live.store.base import (
-    CONFLICTED,
     Decided,
+    IngestRows,
     Intake,
     LeadershipLost,
     OutboxEntry,
     PanelKey,
     PanelWork,
-    Write,
-    by_ref,
     episode_rows,
-    plan,
+    ingest_rows,
+    plans,
     stored_version,
 )
 
 log = structlog.get_logger("neutrowatch.store")
 
-SCHEMA_VERSION = 2
 LOCK_CLASS = 0x4E57  # "NW": first key of neutrowatch's advisory locks; the second is derived from the schema
-_MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE leader (id integer PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL, holder text, since timestamptz);
-    INSERT INTO leader VALUES (1, 0, NULL, NULL);
-    CREATE TABLE results (ref text COLLATE "C" PRIMARY KEY, vu bigint NOT NULL, vv bigint NOT NULL,
-                          patient text COLLATE "C", panel text COLLATE "C", data bytea);
-    CREATE INDEX results_panel ON results (patient, panel);
-    CREATE TABLE panels (patient text COLLATE "C" NOT NULL, panel text COLLATE "C" NOT NULL, first_vu bigint NOT NULL,
-                         dirty boolean NOT NULL, changed_at double precision NOT NULL, PRIMARY KEY (patient, panel));
-    CREATE INDEX panels_dirty ON panels (first_vu, patient, panel) WHERE dirty;
-    CREATE TABLE episodes (patient text COLLATE "C" PRIMARY KEY, state bytea NOT NULL, open boolean NOT NULL DEFAULT false,
-                           newest_us bigint, temperature_cursor text);
-    CREATE INDEX episodes_open ON episodes (patient) WHERE open;
-    CREATE TABLE decisions (id bigserial PRIMARY KEY, patient text COLLATE "C", decided_at double precision NOT NULL,
-                            record jsonb NOT NULL);
-    CREATE INDEX decisions_patient ON decisions (patient, id);
-    CREATE TABLE outbox (id bigserial PRIMARY KEY, patient text COLLATE "C" NOT NULL, event jsonb NOT NULL,
-                         writes jsonb NOT NULL, status text NOT NULL DEFAULT 'pending', attempts integer NOT NULL DEFAULT 0,
-                         last_error text, created double precision NOT NULL, claimed_epoch bigint,
-                         sent_at double precision, result jsonb);
-    CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending';
-    CREATE TABLE quarantine (id bigserial PRIMARY KEY, ref text, version bigint, patient text, reason text NOT NULL,
-                             received double precision NOT NULL, record bytea NOT NULL);
-    """,
-    # As sqlite.py's migration 2: the digest of the version each results row holds (a table of its
-    # own, keyed by that version, so a row written meanwhile by a replica of an older release is
-    # never compared with an older version's digest), and the content of each quarantined copy.
-    2: """
-    CREATE TABLE digests (ref text COLLATE "C" PRIMARY KEY, vu bigint NOT NULL, vv bigint NOT NULL, digest bytea NOT NULL);
-    ALTER TABLE quarantine ADD COLUMN digest bytea;
-    CREATE INDEX quarantine_copy ON quarantine (ref, digest);
-    """,
-}
 # Errors that mean "the database is unreachable or refused": reported as StoreError, never with the DSN.
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
@@ -116,7 +80,6 @@ class PostgresStore:
         self.identity = identity or f"{socket.gethostname()}:{os.getpid()}"
         self._pool: asyncpg.Pool | None = None
         self._lock_conn: asyncpg.Connection | None = None
-        self._lock_tx: Any = None
         self._epoch: int | None = None
         self._leading = asyncio.Lock()
 
@@ -164,12 +127,11 @@ class PostgresStore:
             # One replica migrates at a time; the others wait here, then find nothing to do.
             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key(self.schema) ^ 1)
-            await conn.execute("CREATE TABLE IF NOT EXISTS meta (key text COLLATE \"C\" PRIMARY KEY, value text NOT NULL)")
+            await conn.execute(schema.meta_table(schema.POSTGRES))
             current = int(await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'") or 0)
-            if current > SCHEMA_VERSION:
-                raise StoreError(f"state store {self.where} has schema {current}, newer than this version ({SCHEMA_VERSION})")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                await conn.execute(_MIGRATIONS[version])
+            for version in schema.pending(current, self.where):
+                for statement in schema.migration(schema.POSTGRES, version):
+                    await conn.execute(statement)
                 await conn.execute("INSERT INTO meta VALUES ('schema_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
                                    str(version))
                 log.info("state store migrated", schema=self.schema, version=version)
@@ -204,7 +166,6 @@ class PostgresStore:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key(self.schema)):
                 await tx.rollback()
                 return False
-            self._lock_tx = tx
             epoch = await self.pool.fetchval(
                 "UPDATE leader SET epoch = epoch + 1, holder = $1, since = now() WHERE id = 1 RETURNING epoch", self.identity)
         except _DB_ERRORS as err:
@@ -215,7 +176,7 @@ class PostgresStore:
         return True
 
     async def _release(self) -> None:
-        self._epoch, self._lock_tx = None, None
+        self._epoch = None
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None and not conn.is_closed():
             try:
@@ -273,30 +234,13 @@ class PostgresStore:
     async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
         if not items:
             return []
-        copies = by_ref(items)
-        new: list[Intake] = []
-        writes = _IngestWrites()
-        earlier: set[tuple[str, bytes, str]] | None = None  # (ref, digest, reason) quarantined before: read when first needed
         async with self._tx() as conn:
-            known = {r[0]: stored_version(*r[1:]) for r in await conn.fetch(_STORED, list(copies))}
-            for ref, group in copies.items():
-                todo = plan(known.get(ref), group)
-                for write in todo.writes:
-                    writes.store(write, now)
-                    if write.content != CONFLICTED:
-                        new.append(write.item)
-                if not todo.held:
-                    continue
-                if earlier is None:
-                    earlier = await _quarantined_copies(conn, list(copies))
-                for held, content in todo.held:
-                    key = (ref, content, held.outcome.reason)  # type: ignore[union-attr]
-                    if key not in earlier:
-                        earlier.add(key)
-                        writes.quarantine(held, content, now)
-                        new.append(held)
-            await writes.flush(conn)
-        return new
+            refs = list(dict.fromkeys(item.ref for item in items))
+            todo = plans({r[0]: stored_version(*r[1:]) for r in await conn.fetch(_STORED, refs)}, items)
+            held = any(each.held for each in todo.values())
+            rows = ingest_rows(todo, await _quarantined_copies(conn, refs) if held else set(), now)
+            await _write(conn, rows)
+        return rows.new
 
     async def quarantine(self, rejected: Rejected, now: float) -> None:
         async with self._tx() as conn:
@@ -399,9 +343,6 @@ class PostgresStore:
             rows = await self._read("SELECT record::text FROM decisions WHERE patient = $1 ORDER BY id", patient)
         return [orjson.loads(r[0]) for r in rows]
 
-    async def quarantined(self) -> list[tuple[str | None, str]]:
-        return [(r[0], r[1]) for r in await self._read("SELECT ref, reason FROM quarantine ORDER BY id")]
-
     async def counts(self) -> dict[str, int]:
         tables = ("results", "panels", "episodes", "decisions", "outbox", "quarantine")
         rows = await self._read(" UNION ALL ".join(f"SELECT '{t}', count(*) FROM {t}" for t in tables))
@@ -423,52 +364,25 @@ _STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
              FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ANY($1::text[])"""
 
 
-@dataclass
-class _IngestWrites:
-    """The rows one `ingest` writes, sent in batches at its end."""
-
-    results: list[tuple[Any, ...]] = field(default_factory=list)
-    digests: list[tuple[Any, ...]] = field(default_factory=list)
-    touches: list[tuple[Any, ...]] = field(default_factory=list)
-    quarantine_rows: list[tuple[Any, ...]] = field(default_factory=list)
-
-    def store(self, write: Write, now: float) -> None:
-        """A new version, or a conflict (as sqlite.py's `_store`)."""
-        item, content, before = write.item, write.content, write.before
-        outcome = item.outcome
-        data = _encode(outcome) if isinstance(outcome, LabResult) else None
-        self.results.append((item.ref, item.updated_us, item.version, item.patient, item.panel, data))
-        self.digests.append((item.ref, item.updated_us, item.version, content))
-        touched = {(item.patient, item.panel)} if item.panel else set()
-        if before is not None and before[1] is not None:
-            touched.add((before[0], before[1]))  # the older version's panel changes too
-        self.touches.extend((patient, panel, item.updated_us, now) for patient, panel in sorted(touched))  # type: ignore[type-var]
-        if isinstance(outcome, Rejected) and content != CONFLICTED:
-            self.quarantine(item, content, now)
-
-    def quarantine(self, item: Intake, content: bytes, now: float) -> None:
-        outcome = item.outcome
-        assert isinstance(outcome, Rejected)
-        self.quarantine_rows.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
-
-    async def flush(self, conn: asyncpg.Connection) -> None:
-        if self.results:
-            await conn.executemany(
-                """INSERT INTO results (ref, vu, vv, patient, panel, data) VALUES ($1, $2, $3, $4, $5, $6)
-                   ON CONFLICT (ref) DO UPDATE SET vu = excluded.vu, vv = excluded.vv, patient = excluded.patient,
-                   panel = excluded.panel, data = excluded.data""",
-                self.results)
-            await conn.executemany(
-                """INSERT INTO digests VALUES ($1, $2, $3, $4) ON CONFLICT (ref) DO UPDATE SET
-                   vu = excluded.vu, vv = excluded.vv, digest = excluded.digest""",
-                self.digests)
-        if self.touches:
-            await conn.executemany(
-                """INSERT INTO panels VALUES ($1, $2, $3, true, $4) ON CONFLICT (patient, panel) DO UPDATE SET
-                   dirty = true, changed_at = excluded.changed_at, first_vu = LEAST(panels.first_vu, excluded.first_vu)""",
-                self.touches)
-        if self.quarantine_rows:
-            await conn.executemany(_QUARANTINE_COPY, self.quarantine_rows)
+async def _write(conn: asyncpg.Connection, rows: IngestRows) -> None:
+    """The rows of one `ingest`, in batches."""
+    if rows.results:
+        await conn.executemany(
+            """INSERT INTO results (ref, vu, vv, patient, panel, data) VALUES ($1, $2, $3, $4, $5, $6)
+               ON CONFLICT (ref) DO UPDATE SET vu = excluded.vu, vv = excluded.vv, patient = excluded.patient,
+               panel = excluded.panel, data = excluded.data""",
+            rows.results)
+        await conn.executemany(
+            """INSERT INTO digests VALUES ($1, $2, $3, $4) ON CONFLICT (ref) DO UPDATE SET
+               vu = excluded.vu, vv = excluded.vv, digest = excluded.digest""",
+            rows.digests)
+    if rows.touches:
+        await conn.executemany(
+            """INSERT INTO panels VALUES ($1, $2, $3, true, $4) ON CONFLICT (patient, panel) DO UPDATE SET
+               dirty = true, changed_at = excluded.changed_at, first_vu = LEAST(panels.first_vu, excluded.first_vu)""",
+            rows.touches)
+    if rows.quarantine:
+        await conn.executemany(_QUARANTINE_COPY, rows.quarantine)
 
 
 async def _quarantined_copies(conn: asyncpg.Connection, refs: list[str]) -> set[tuple[str, bytes, str]]:

@@ -14,7 +14,7 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -25,65 +25,34 @@ import orjson
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected
 from service.errors import StoreError
+from service.live.store import schema
 from service.live.store.base import (
-    CONFLICTED,
     Decided,
     Intake,
     LeadershipLost,
     OutboxEntry,
     PanelKey,
     PanelWork,
-    Write,
-    by_ref,
     episode_rows,
-    plan,
+    ingest_rows,
+    plans,
     stored_version,
 )
 
-SCHEMA_VERSION = 2
-_MIGRATIONS: dict[int, str] = {
-    1: """
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
-    -- latest version of each Observation read, data NULL when that version was rejected
-    CREATE TABLE results (ref TEXT PRIMARY KEY, vu INTEGER NOT NULL, vv INTEGER NOT NULL,
-                          patient TEXT, panel TEXT, data BLOB) WITHOUT ROWID;
-    CREATE INDEX results_panel ON results (patient, panel);
-    CREATE TABLE panels (patient TEXT NOT NULL, panel TEXT NOT NULL, first_vu INTEGER NOT NULL,
-                         dirty INTEGER NOT NULL, changed_at REAL NOT NULL,
-                         PRIMARY KEY (patient, panel)) WITHOUT ROWID;
-    CREATE INDEX panels_dirty ON panels (dirty, first_vu);
-    CREATE TABLE episodes (patient TEXT PRIMARY KEY, state BLOB NOT NULL, open INTEGER NOT NULL DEFAULT 0,
-                           newest_us INTEGER, temperature_cursor TEXT) WITHOUT ROWID;
-    CREATE INDEX episodes_open ON episodes (open);
-    CREATE TABLE decisions (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT, decided_at REAL NOT NULL,
-                            record BLOB NOT NULL);
-    CREATE INDEX decisions_patient ON decisions (patient);
-    CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, patient TEXT NOT NULL, event BLOB NOT NULL,
-                         writes BLOB NOT NULL, status TEXT NOT NULL DEFAULT 'pending',
-                         attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT, created REAL NOT NULL,
-                         sent_at REAL, result BLOB);
-    CREATE INDEX outbox_pending ON outbox (status, id);
-    CREATE TABLE quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, ref TEXT, version INTEGER, patient TEXT,
-                             reason TEXT NOT NULL, received REAL NOT NULL, record BLOB NOT NULL);
-    """,
-    # The digest (base.digest) of the version each results row holds, for telling a copy sent again
-    # from a conflicting one. A table of its own, keyed by the version it belongs to, so that a row
-    # written by a release without digests is never compared with a digest of an older version.
-    # quarantine.digest: the content of each quarantined copy, so that a copy read again is not
-    # quarantined again.
-    2: """
-    CREATE TABLE digests (ref TEXT PRIMARY KEY, vu INTEGER NOT NULL, vv INTEGER NOT NULL, digest BLOB NOT NULL) WITHOUT ROWID;
-    ALTER TABLE quarantine ADD COLUMN digest BLOB;
-    CREATE INDEX quarantine_copy ON quarantine (ref, digest);
-    """,
-}
-
 # The stored version of an Observation: vu, vv, its digest or None, patient, panel, the LabResult,
 # and for a rejected version its quarantined Rejected (`base.stored_version`).
-_STORED = """SELECT r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
+_STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
                     CASE WHEN r.data IS NULL THEN (SELECT q.record FROM quarantine q
                                                    WHERE q.ref = r.ref AND q.digest = d.digest LIMIT 1) END
-             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ?"""
+             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv
+             WHERE r.ref IN (SELECT value FROM json_each(?))"""
+
+
+def _quarantined_copies(db: sqlite3.Connection, refs: str) -> Iterator[tuple[str, bytes, str]]:
+    """(ref, digest, reason) of the copies quarantined before of the Observations `refs` (a JSON list)."""
+    for ref, content, reason in db.execute("SELECT ref, digest, reason FROM quarantine "
+                                           "WHERE ref IN (SELECT value FROM json_each(?)) AND digest IS NOT NULL", (refs,)):
+        yield ref, bytes(content), reason
 _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _state_decoder = msgspec.json.Decoder(PatientState)
@@ -211,17 +180,11 @@ class SqliteStore:
 
     def _migrate(self) -> None:
         db = self.db
-        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+        db.execute(schema.meta_table(schema.SQLITE))
         row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        current = int(row[0]) if row else 0
-        if current > SCHEMA_VERSION:
-            raise StoreError(f"state store {self.path} has schema {current}, newer than this version ({SCHEMA_VERSION})")
-        for version in range(current + 1, SCHEMA_VERSION + 1):
+        for version in schema.pending(int(row[0]) if row else 0, self.path):
             with _Transaction(db):  # BEGIN IMMEDIATE serialises migrating processes
-                script = _MIGRATIONS[version]
-                if version == 1:
-                    script = script.replace("CREATE TABLE meta", "CREATE TABLE IF NOT EXISTS meta")
-                for statement in filter(str.strip, script.split(";")):
+                for statement in schema.migration(schema.SQLITE, version):
                     db.execute(statement)
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(version),))
 
@@ -247,50 +210,22 @@ class SqliteStore:
 
     @_on_store_thread
     def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
-        new: list[Intake] = []
         db = self.db
         with self._tx():
-            for ref, copies in by_ref(items).items():
-                row = db.execute(_STORED, (ref,)).fetchone()
-                todo = plan(stored_version(*row) if row is not None else None, copies)
-                for write in todo.writes:
-                    self._store(write, now)
-                    if write.content != CONFLICTED:
-                        new.append(write.item)
-                for held, content in todo.held:
-                    if not self._quarantined(ref, content, held.outcome.reason):  # type: ignore[union-attr]
-                        self._quarantine(held, content, now)
-                        new.append(held)
-        return new
-
-    def _store(self, write: Write, now: float) -> None:
-        """A new version (or a conflict): its row, its digest, its panel and the panel of the
-        version it replaces marked dirty, a rejected version's rejection quarantined."""
-        item, content, before = write.item, write.content, write.before
-        outcome = item.outcome
-        data = _encode(outcome) if isinstance(outcome, LabResult) else None
-        self.db.execute("INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
-                        (item.ref, item.updated_us, item.version, item.patient, item.panel, data))
-        self.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", (item.ref, item.updated_us, item.version, content))
-        touched: set[tuple[Any, Any]] = {(item.patient, item.panel)} if item.panel else set()
-        if before is not None and before[1] is not None:
-            touched.add(before)  # the older version's panel changes too
-        for patient, panel in touched:
-            self._touch(patient, panel, item.updated_us, now)
-        if isinstance(outcome, Rejected) and content != CONFLICTED:  # (a conflict's copies are quarantined each)
-            self._quarantine(item, content, now)
-
-    def _quarantined(self, ref: str, content: bytes, reason: str) -> bool:
-        return self.db.execute("SELECT 1 FROM quarantine WHERE ref = ? AND digest = ? AND reason = ?",
-                               (ref, content, reason)).fetchone() is not None
-
-    def _quarantine(self, item: Intake, content: bytes, now: float) -> None:
-        outcome = item.outcome
-        assert isinstance(outcome, Rejected)
-        self.db.execute(
-            "INSERT INTO quarantine (ref, version, patient, reason, received, record, digest) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content),
-        )
+            refs = orjson.dumps(list(dict.fromkeys(item.ref for item in items))).decode()
+            todo = plans({r[0]: stored_version(*r[1:]) for r in db.execute(_STORED, (refs,))}, items)
+            held = any(each.held for each in todo.values())
+            rows = ingest_rows(todo, set(_quarantined_copies(db, refs)) if held else set(), now)
+            db.executemany("INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
+                           rows.results)
+            db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", rows.digests)
+            db.executemany(
+                """INSERT INTO panels VALUES (?, ?, ?, 1, ?)
+                   ON CONFLICT (patient, panel) DO UPDATE SET dirty = 1, changed_at = excluded.changed_at,
+                   first_vu = MIN(panels.first_vu, excluded.first_vu)""", rows.touches)
+            db.executemany("INSERT INTO quarantine (ref, version, patient, reason, received, record, digest) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", rows.quarantine)
+        return rows.new
 
     @_on_store_thread
     def quarantine(self, rejected: Rejected, now: float) -> None:
@@ -300,14 +235,6 @@ class SqliteStore:
                 "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES (?, ?, ?, ?, ?, ?)",
                 (rejected.ref, None, rejected.patient, rejected.reason, now, _encode(rejected)),
             )
-
-    def _touch(self, patient: str, panel: str, updated_us: int, now: float) -> None:
-        self.db.execute(
-            """INSERT INTO panels VALUES (?, ?, ?, 1, ?)
-               ON CONFLICT (patient, panel) DO UPDATE SET dirty = 1, changed_at = excluded.changed_at,
-               first_vu = MIN(panels.first_vu, excluded.first_vu)""",
-            (patient, panel, updated_us, now),
-        )
 
     @_on_store_thread
     def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
@@ -406,10 +333,6 @@ class SqliteStore:
     def decisions(self, patient: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT record FROM decisions" + (" WHERE patient = ?" if patient else "") + " ORDER BY id"
         return [orjson.loads(r) for (r,) in self.db.execute(sql, (patient,) if patient else ())]
-
-    @_on_store_thread
-    def quarantined(self) -> list[tuple[str | None, str]]:
-        return list(self.db.execute("SELECT ref, reason FROM quarantine ORDER BY id"))
 
     @_on_store_thread
     def counts(self) -> dict[str, int]:
