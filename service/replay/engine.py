@@ -16,7 +16,6 @@ import functools
 import gzip
 import heapq
 import itertools
-import re
 import sqlite3
 import tempfile
 import zlib
@@ -39,28 +38,22 @@ from service.core.observations import (
     LabResult,
     ReadPolicy,
     Rejected,
-    canonical_reference,
     conflict_rejection,
-    literal_reference,
-    normalise,
-    undecodable_rejection,
     version_number,
 )
 from service.core.panels import (
     PanelDecision,
     collection_key,
-    decide,
     report_key,
-    report_members,
     specimen_key,
 )
 from service.core.recipients import choose
-from service.core.references import Resolved
 from service.core.rules import Rules
+from service.core.triage import PatientFact, ReportMembers, triage
 from service.config import AlertSettings
 from service.errors import InputError
 from service.output.events import rejected_record
-from service.output.outcomes import QUARANTINED, failure_record, panel_outcome
+from service.output.outcomes import concluded, judged
 
 _BATCH = 5_000
 _encode = msgspec.msgpack.Encoder().encode
@@ -404,55 +397,25 @@ def read_document(document: bytes | StreamedBundle, seq: int, stats: ReplayStats
             flush(rows)
         seq += 1
         stats.resources += 1
-        if isinstance(item, raw.Undecodable):
-            if item.resource_type in (None, "Observation"):
-                _reject(undecodable_rejection(item, policy), seq, rows)
-            else:
-                stats.ignored[f"undecodable {_kind(item.resource_type)}"] += 1
-            continue
-        kind = item.resourceType
-        if kind == "Observation":
+        triaged = triage(item, policy)
+        if isinstance(item, raw.Resource) and item.resourceType == "Observation":
             stats.observations += 1
-            outcome = normalise(item, policy)
-            updated = getattr(outcome, "updated_us", None)
+            updated = getattr(triaged, "updated_us", None)
             if updated is not None and (stats.newest_updated_us is None or updated > stats.newest_updated_us):
                 stats.newest_updated_us = updated
-            if isinstance(outcome, LabResult):
-                rows.obs.append((outcome.ref, outcome.updated_us or -1, version_number(outcome.version),
-                                 seq, outcome.patient, specimen_key(outcome.specimen),
-                                 collection_key(outcome), _encode(outcome), None))
-            elif isinstance(outcome, Rejected):
-                _reject(outcome, seq, rows)
-            else:
-                stats.ignored[outcome.reason] += 1
-        elif kind == "Patient" and item.id:
-            rows.context.append((f"Patient/{item.id}", kind, _encode(item)))
-        elif kind in ("Condition", "ServiceRequest", "CareTeam") and item.subject is not None and item.subject.reference:
-            # Keyed by the patient's canonical reference, as its results are. A subject on another
-            # server gives no facts: the live loop never looks a foreign patient up on its server.
-            subject = canonical_reference(item.subject.reference, "Patient", policy)
-            if isinstance(subject, Resolved) and not subject.foreign:
-                rows.context.append((subject.key, kind, _encode(item)))
-            else:
-                stats.ignored[f"{kind} of a patient not on the server"] += 1
-        elif kind == "DiagnosticReport" and item.id:
-            specimens = item.specimen if isinstance(item.specimen, list) else ()
-            for ref, report in report_members(
-                item.id, (literal_reference(r.reference, policy) for r in item.result or ()),
-                (literal_reference(s.reference, policy) for s in specimens),
-            ):
-                rows.member.append((ref, report_key(report)))
+        if isinstance(triaged, LabResult):
+            rows.obs.append((triaged.ref, triaged.updated_us or -1, version_number(triaged.version),
+                             seq, triaged.patient, specimen_key(triaged.specimen),
+                             collection_key(triaged), _encode(triaged), None))
+        elif isinstance(triaged, Rejected):
+            _reject(triaged, seq, rows)
+        elif isinstance(triaged, PatientFact):
+            rows.context.append((triaged.patient, triaged.resource.resourceType, _encode(triaged.resource)))
+        elif isinstance(triaged, ReportMembers):
+            rows.member.extend((ref, report_key(report)) for ref, report in triaged.members)
         else:
-            stats.ignored[f"{_kind(kind) if kind else 'untyped'} not used"] += 1
+            stats.ignored[triaged.reason] += 1
     return seq
-
-
-_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
-
-
-def _kind(resource_type: str) -> str:
-    """A resourceType as the summary log shows it: a type name, or "unknown type" (never text)."""
-    return resource_type if _RESOURCE_TYPE.fullmatch(resource_type) else "unknown type"
 
 
 def _reject(rejected: Rejected, seq: int, rows: Rows) -> None:
@@ -787,24 +750,16 @@ class Replay:
             self.stats.panels += 1
             known = facts.get(patient) or no_facts(patient)
             before = states.get(patient, PatientState())
-            decision: PanelDecision | None = None
-            try:
-                decision = decide(before, patient, panel, members, self.rules, known.context, clock)
-                to = [choose(e.assessment.based_on if e.assessment else (), known.requesters, known.care_team, pool)
-                      for e in decision.events]
-                sent = _available(members) or next((e.assessment.effective for e in decision.events if e.assessment), "")
-                outcome = panel_outcome(decision, members, to, self.scheme, self.alert_settings, sent=sent)
-            except Exception as err:  # noqa: BLE001 - contained to this panel (outcomes module docstring)
-                self.stats.events[QUARANTINED] += 1
-                record = failure_record(patient, panel, members, err)
-                if trace is not None:
-                    trace(PanelTrace(akey, patient, panel, tuple(members), before, None, known.context, (record,)))
-                yield akey, record, None
-                return
-            states[patient] = decision.state
-            self.stats.stale_panels += decision.stale
+            step = judged(before, patient, panel, members, self.rules, known.context, clock)
+            if isinstance(step, PanelDecision):
+                step = concluded(before, patient, panel, members, step,
+                                 lambda based_on: choose(based_on, known.requesters, known.care_team, pool),
+                                 self.scheme, self.alert_settings, sent=_available(members))
+            states[patient] = step.state
+            if step.decision is not None:
+                self.stats.stale_panels += step.decision.stale
             out: list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]] = []
-            for record, writes in outcome.records:
+            for record, writes in step.records:
                 self.stats.events[record["event"]] += 1
                 resources = None
                 if with_alerts and writes is not None:
@@ -813,7 +768,7 @@ class Replay:
                         resources.append(writes.provenance)
                 out.append((akey, record, resources))
             if trace is not None:
-                trace(PanelTrace(akey, patient, panel, tuple(members), before, decision, known.context,
+                trace(PanelTrace(akey, patient, panel, tuple(members), before, step.decision, known.context,
                                  tuple(record for _k, record, _r in out)))
             yield from out
 

@@ -28,12 +28,13 @@ def test_the_default_scope_is_the_same_in_the_model_the_yaml_and_the_derivation(
 
 
 def test_the_default_scope_names_every_interaction_of_the_live_loop():
-    """Reads and searches of the context resources, `cus` on Flag (search, conditional create, update),
+    """The Observation search and the DiagnosticReports it includes, reads and searches of the context
+    resources, `cus` on Flag (search, conditional create, update),
     `cs` on Communication and Provenance (a conditional create searches), StructureDefinition read when
     profiles are claimed."""
     assert scopes.default_scope().split() == [
-        "system/Observation.s", "system/Patient.r", "system/Condition.s", "system/ServiceRequest.r",
-        "system/CareTeam.s", "system/Flag.cus", "system/Communication.cs", "system/Provenance.cs",
+        "system/Observation.s", "system/DiagnosticReport.s", "system/Patient.r", "system/Condition.s",
+        "system/ServiceRequest.r", "system/CareTeam.s", "system/Flag.cus", "system/Communication.cs", "system/Provenance.cs",
         "system/StructureDefinition.rs"]
 
 
