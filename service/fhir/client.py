@@ -68,6 +68,8 @@ MAX_SEARCH_ALL_PAGES = 100
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# The session closes of clients whose construction failed: a running task needs a strong reference
+# until it is done (asyncio.create_task), and the half-built client that started it is dropped.
 _closing: set[asyncio.Task[None]] = set()
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@ result set changing while it is read (keyset paging on meta.lastUpdated)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 
 from service.config import Settings
@@ -14,6 +14,7 @@ from service.fhir.errors import FhirError
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 
 LOINC = "http://loinc.org"
+TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
 
 
 def search_params(settings: Settings, cursor: str | None, now: float) -> tuple[list[tuple[str, str]], int]:
@@ -104,7 +105,28 @@ async def pages_since(
             return
 
 
-def temperature_params(settings: Settings) -> list[tuple[str, str]]:
-    """The body temperature search (without its subjects and its bound)."""
-    return [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
+def temperature_searches(client: FhirClient, settings: Settings, targets: Mapping[str, tuple[str | None, int | None]]
+                         ) -> list[tuple[list[str], AsyncIterator[Page]]]:
+    """The body temperature searches of `targets` (patient -> (temperature cursor, earliest
+    collection time of its new results)), TEMPERATURE_BATCH patients a search (subject=a,b,...):
+    a patient without a cursor by collection time from the fever window before that time, one with
+    a cursor for what changed since it less the overlap. Each with the patients it covers."""
+    base = [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
             ("_count", str(settings.fhir.page_size))]
+    rules = settings.rules
+    first = [(patient, newest_us) for patient, (cursor, newest_us) in targets.items() if cursor is None]
+    known = [(patient, cursor) for patient, (cursor, _newest) in targets.items() if cursor is not None]
+    batches: list[tuple[list[str], AsyncIterator[Page]]] = []
+    for i in range(0, len(first), TEMPERATURE_BATCH):  # by collection time, from 24 h before the ANC
+        group_first = first[i : i + TEMPERATURE_BATCH]
+        since = max(min((n or 0) for _, n in group_first) - rules.fever_window_us - rules.fever_sustained_us, 0)
+        subjects = ",".join(p for p, _ in group_first)
+        pages = pages_since(client, "Observation", [("subject", subjects), *base], since, anchor="date")
+        batches.append(([p for p, _ in group_first], pages))
+    overlap_us = int(settings.poll.overlap_seconds * 1_000_000)
+    for i in range(0, len(known), TEMPERATURE_BATCH):
+        group = known[i : i + TEMPERATURE_BATCH]
+        since = min(to_epoch_us(c) for _, c in group) - overlap_us
+        subjects = ",".join(p for p, _ in group)
+        batches.append(([p for p, _ in group], pages_since(client, "Observation", [("subject", subjects), *base], since)))
+    return batches

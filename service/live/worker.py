@@ -26,7 +26,7 @@ from service.fhir import raw
 from service.fhir.client import FhirClient, Page
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.live.directory import LiveDirectory
-from service.live.search import pages_since, search_params, temperature_params, updated_until, whole_result
+from service.live.search import pages_since, search_params, temperature_searches, updated_until, whole_result
 from service.live.store.base import Decided, Intake, OutboxEntry, PanelWork, Store
 from service.live.writer import AlertWriter
 from service.output.events import rejected_record
@@ -34,7 +34,6 @@ from service.output.outcomes import Judged, concluded, judged, orders, quarantin
 from service.output.transaction import outbox_writes
 
 log = structlog.get_logger("neutrowatch.worker")
-TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
 DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
 
 
@@ -270,9 +269,7 @@ class Worker:
                             changed_since: float | None = None) -> None:
         """poll.temperatures = open-episodes: body temperatures of the patients with new results in
         this step and, once the search is read to its end, of every patient with an open episode.
-        Patients are searched TEMPERATURE_BATCH at a time (subject=a,b,...): the first time by
-        collection time from 24 h (the fever window) before the newest ANC, after that for what
-        changed since their cursors less the overlap.
+        Patients are searched a batch at a time (`search.temperature_searches`).
 
         Before the end of the search (a step of a catch-up) only temperatures updated up to what the
         main search has read (`read_up_to_us`) are taken, and the cursors stop there: a later one
@@ -282,9 +279,6 @@ class Worker:
         waiting from an earlier step (`changed_since`), are searched at the end only, once a cycle as
         when a cycle read everything before deciding: their later temperatures are read, in order,
         with their patient's next results or at the end."""
-        poll = self.settings.poll
-        overlap_us = int(poll.overlap_seconds * 1_000_000)
-        base = temperature_params(self.settings)
         # Patients with an open episode, and patients with new results this step (an episode may
         # open, and even close, within the step: their temperatures must be in before the decisions).
         opened = {patient: (cursor, newest_us) for patient, cursor, newest_us in await self.store.open_patients()}
@@ -298,25 +292,7 @@ class Worker:
                 if earliest is not None and (newest_us is None or earliest < newest_us):
                     newest_us = earliest
                 targets[work.patient] = (cursor, newest_us)
-        first: list[tuple[str, int | None]] = []
-        known: list[tuple[str, str]] = []
-        for patient, (cursor, newest_us) in targets.items():
-            if cursor is None:
-                first.append((patient, newest_us))
-            else:
-                known.append((patient, cursor))
-        batches: list[tuple[list[str], AsyncIterator[Page]]] = []
-        for i in range(0, len(first), TEMPERATURE_BATCH):  # by collection time, from 24 h before the ANC
-            group_first = first[i : i + TEMPERATURE_BATCH]
-            since = max(min((n or 0) for _, n in group_first) - self.rules.fever_window_us - self.rules.fever_sustained_us, 0)
-            subjects = ",".join(p for p, _ in group_first)
-            pages = pages_since(self.client, "Observation", [("subject", subjects), *base], since, anchor="date")
-            batches.append(([p for p, _ in group_first], pages))
-        for i in range(0, len(known), TEMPERATURE_BATCH):
-            group = known[i : i + TEMPERATURE_BATCH]
-            since = min(to_epoch_us(c) for _, c in group) - overlap_us
-            subjects = ",".join(p for p, _ in group)
-            batches.append(([p for p, _ in group], pages_since(self.client, "Observation", [("subject", subjects), *base], since)))
+        batches = temperature_searches(self.client, self.settings, targets)
         bound = None if caught_up else read_up_to_us
         for patients, pages in batches:
             report.temperature_searches += 1
