@@ -72,8 +72,8 @@ def intake(resource: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAUL
     `reports`: the DiagnosticReport of each Observation the page's reports name (its panel's key
     when the result names no specimen, as replay keys it)."""
     triaged = triage(resource, policy)
-    if isinstance(triaged, ReportMembers | PatientFact):
-        return Ignored(f"{triaged.__class__.__name__} read as context")
+    if isinstance(triaged, ReportMembers | PatientFact):  # context is the directory's, membership `reports`'
+        return Ignored("not an Observation")
     if isinstance(triaged, Ignored) or (isinstance(triaged, Rejected) and triaged.ref is None):
         return triaged
     assert triaged.ref is not None

@@ -452,7 +452,8 @@ def _followed(doc: dict[str, Any], query: Sequence[tuple[str, str]]) -> bool:
         return False
     try:
         bound = to_epoch_us(bounds[0])
-        stamps = [to_epoch_us(e["resource"]["meta"]["lastUpdated"]) for e in doc.get("entry") or ()]
+        stamps = [to_epoch_us(e["resource"]["meta"]["lastUpdated"]) for e in doc.get("entry") or ()
+                  if (e.get("search") or {}).get("mode") != "include"]  # not the DiagnosticReports included
     except (KeyError, TypeError, ValueError):
         return False
     return all(s <= bound for s in stamps)
