@@ -78,14 +78,21 @@ def triage(item: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAULT_RE
         return Ignored(f"{kind} of a patient not on the server")
     if kind == "DiagnosticReport" and item.id:
         specimens = item.specimen if isinstance(item.specimen, list) else ()
-        return ReportMembers(tuple(report_members(
-            item.id, (literal_reference(r.reference, policy) for r in item.result or ()),
-            (literal_reference(s.reference, policy) for s in specimens),
-        )))
+        return ReportMembers(
+            tuple(
+                report_members(
+                    item.id,
+                    (literal_reference(r.reference, policy) for r in item.result or ()),
+                    (literal_reference(s.reference, policy) for s in specimens),
+                )
+            )
+        )
     return Ignored(f"{resource_kind(kind) if kind else 'untyped'} not used")
 
 
-def memberships(items: list[raw.Resource | raw.Undecodable], policy: ReadPolicy = DEFAULT_READ) -> dict[str, Report]:
+def memberships(
+    items: list[raw.Resource | raw.Undecodable], policy: ReadPolicy = DEFAULT_READ
+) -> dict[str, Report]:
     """The DiagnosticReport membership of each Observation named by the reports among `items`: the
     first report naming it, in order (as replay keeps the first it reads)."""
     found: dict[str, Report] = {}

@@ -67,12 +67,18 @@ async def updated_until(pages: AsyncIterator[Page], bound_us: int | None) -> Asy
     a resource without a readable meta.lastUpdated is kept: it cannot be placed later)."""
     async for page in pages:
         if bound_us is not None:
-            page = replace(page, resources=[r for r in page.resources if (u := _updated(r)) is None or u <= bound_us])
+            page = replace(
+                page, resources=[r for r in page.resources if (u := _updated(r)) is None or u <= bound_us]
+            )
         yield page
 
 
 async def pages_since(
-    client: FhirClient, resource_type: str, params: list[tuple[str, str]], since_us: int, anchor: str = "_lastUpdated"
+    client: FhirClient,
+    resource_type: str,
+    params: list[tuple[str, str]],
+    since_us: int,
+    anchor: str = "_lastUpdated",
 ) -> AsyncIterator[Page]:
     """Every page of `params` with `anchor` >= `since_us`, sorted by _lastUpdated, robust to a result
     set that changes while it is read.
@@ -93,7 +99,9 @@ async def pages_since(
                 yield page
                 if page.next_url is None:
                     return
-                stamps = [u for r in page.resources if _matched(r, resource_type) and (u := _updated(r)) is not None]
+                stamps = [
+                    u for r in page.resources if _matched(r, resource_type) and (u := _updated(r)) is not None
+                ]
                 top = max(stamps, default=bound)
                 if top > bound:
                     bound, key, restarted = top, "_lastUpdated", True
@@ -105,21 +113,27 @@ async def pages_since(
             return
 
 
-def temperature_searches(client: FhirClient, settings: Settings, targets: Mapping[str, tuple[str | None, int | None]]
-                         ) -> list[tuple[list[str], AsyncIterator[Page]]]:
+def temperature_searches(
+    client: FhirClient, settings: Settings, targets: Mapping[str, tuple[str | None, int | None]]
+) -> list[tuple[list[str], AsyncIterator[Page]]]:
     """The body temperature searches of `targets` (patient -> (temperature cursor, earliest
     collection time of its new results)), TEMPERATURE_BATCH patients a search (subject=a,b,...):
     a patient without a cursor by collection time from the fever window before that time, one with
     a cursor for what changed since it less the overlap. Each with the patients it covers."""
-    base = [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
-            ("_count", str(settings.fhir.page_size))]
+    base = [
+        ("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())),
+        ("_sort", "_lastUpdated"),
+        ("_count", str(settings.fhir.page_size)),
+    ]
     rules = settings.rules
     first = [(patient, newest_us) for patient, (cursor, newest_us) in targets.items() if cursor is None]
     known = [(patient, cursor) for patient, (cursor, _newest) in targets.items() if cursor is not None]
     batches: list[tuple[list[str], AsyncIterator[Page]]] = []
     for i in range(0, len(first), TEMPERATURE_BATCH):  # by collection time, from 24 h before the ANC
         group_first = first[i : i + TEMPERATURE_BATCH]
-        since = max(min((n or 0) for _, n in group_first) - rules.fever_window_us - rules.fever_sustained_us, 0)
+        since = max(
+            min((n or 0) for _, n in group_first) - rules.fever_window_us - rules.fever_sustained_us, 0
+        )
         subjects = ",".join(p for p, _ in group_first)
         pages = pages_since(client, "Observation", [("subject", subjects), *base], since, anchor="date")
         batches.append(([p for p, _ in group_first], pages))
@@ -128,5 +142,7 @@ def temperature_searches(client: FhirClient, settings: Settings, targets: Mappin
         group = known[i : i + TEMPERATURE_BATCH]
         since = min(to_epoch_us(c) for _, c in group) - overlap_us
         subjects = ",".join(p for p, _ in group)
-        batches.append(([p for p, _ in group], pages_since(client, "Observation", [("subject", subjects), *base], since)))
+        batches.append(
+            ([p for p, _ in group], pages_since(client, "Observation", [("subject", subjects), *base], since))
+        )
     return batches

@@ -35,6 +35,7 @@ from service.output.transaction import outbox_writes
 
 log = structlog.get_logger("neutrowatch.worker")
 DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
+Record = tuple[dict[str, Any], dict[str, Any] | None]  # a decision record and its outbox write (None: no alert)
 
 
 @dataclass
@@ -370,8 +371,9 @@ class Worker:
         return concluded(before, work.patient, work.panel, work.results, step, found.__getitem__, self.scheme,
                          self.settings.alerts, sent=sent)
 
-    def _records(self, work: PanelWork, step: Judged, report: CycleReport) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
-        """The judged panel's records as the store keeps them (each alert with its outbox write), counted and logged."""
+    def _records(self, work: PanelWork, step: Judged, report: CycleReport) -> list[Record]:
+        """The judged panel's records as the store keeps them (each alert with its outbox write),
+        counted and logged."""
         d = step.decision
         if d is None:
             (record, _none), = step.records
@@ -384,13 +386,15 @@ class Worker:
             metrics.PANELS.inc()
         if d.stale:
             metrics.STALE_PANELS.inc()
-            log.info("stale panel: collected before the newest assessed", patient=work.patient, panel=work.panel)
-        records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+            log.info("stale panel: collected before the newest assessed", patient=work.patient,
+                     panel=work.panel)
+        records: list[Record] = []
         for record, alert in step.records:
             if alert is None:
                 if record["event"] == "rejected":
                     metrics.REJECTIONS.labels(metrics.reason_label(record["reason"])).inc()
-                    log.warning("panel rejected", patient=work.patient, panel=work.panel, reason=record["reason"])
+                    log.warning("panel rejected", patient=work.patient, panel=work.panel,
+                                reason=record["reason"])
                 records.append((record, None))
                 continue
             records.append((record, outbox_writes(alert, record["event"])))
@@ -422,7 +426,8 @@ class Worker:
             except* NeutrowatchError as errors:  # the store failed under us: the cycle fails as a whole
                 raise errors.exceptions[0] from None
 
-    async def _chain(self, chain: list[OutboxEntry], gate: asyncio.Semaphore, failed: set[str], report: CycleReport) -> None:
+    async def _chain(self, chain: list[OutboxEntry], gate: asyncio.Semaphore, failed: set[str],
+                     report: CycleReport) -> None:
         """One patient's writes in order, until the first the server does not confirm (its patient
         then goes into `failed`)."""
         async with gate:

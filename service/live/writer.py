@@ -32,7 +32,9 @@ from service.output.transaction import (
 
 log = structlog.get_logger("neutrowatch.worker")
 TARGET_ATTEMPTS = 3  # Flag+Communication requests per write: 412 re-reads, re-posts after a mixed answer
-ENTRY_BACKOFF_SECONDS = 0.5  # first backoff (full jitter, doubling) before re-posting entries refused transiently
+ENTRY_BACKOFF_SECONDS = (
+    0.5  # first backoff (full jitter, doubling) before re-posting entries refused transiently
+)
 KNOWN_FLAGS = 5000  # episodes' Flags (id, version, content) the writer remembers between writes
 
 
@@ -118,11 +120,14 @@ class AlertWriter:
         if "Flag" not in targets.ids or (comm_entry is not None and "Communication" not in targets.ids):
             if targets.failed and all(s.startswith("412") for s in targets.failed):
                 raise WriteRejected(f"Flag kept changing under us (412 {TARGET_ATTEMPTS} times)")
-            raise WriteRejected(f"server answered {targets.failed} to an alert's Flag/Communication: no Provenance posted")
+            raise WriteRejected(
+                f"server answered {targets.failed} to an alert's Flag/Communication: no Provenance posted"
+            )
         return targets
 
-    async def _pending_entries(self, w: dict[str, Any], comm_entry: Entry | None, ids: dict[str, str]
-                               ) -> tuple[list[Entry], str | None]:
+    async def _pending_entries(
+        self, w: dict[str, Any], comm_entry: Entry | None, ids: dict[str, str]
+    ) -> tuple[list[Entry], str | None]:
         """The entries still to write and the id of the Flag a PUT among them replaces."""
         entries: list[Entry] = []
         put_id: str | None = None
@@ -138,8 +143,14 @@ class AlertWriter:
             entries.append(comm_entry)
         return entries, put_id
 
-    async def _take_answers(self, w: dict[str, Any], entries: list[Entry], answers: list[dict[str, Any]],
-                            put_id: str | None, targets: _Targets) -> list[str | None]:
+    async def _take_answers(
+        self,
+        w: dict[str, Any],
+        entries: list[Entry],
+        answers: list[dict[str, Any]],
+        put_id: str | None,
+        targets: _Targets,
+    ) -> list[str | None]:
         """Record what the server confirmed; returns why each refused entry is transient (None: a
         refusal to keep)."""
         targets.failed = []
@@ -156,9 +167,12 @@ class AlertWriter:
                     self._flags.pop(flag_key(w), None)  # read it again before the next attempt
                 continue
             identifier = w["flag_identifier"] if kind == "Flag" else w["communication_identifier"]
-            targets.ids[kind] = (put_id if kind == "Flag" and put_id is not None
-                                 else answered_id(kind, result.get("location"), answer.get("resource"))
-                                 or await self._find(kind, identifier))
+            targets.ids[kind] = (
+                put_id
+                if kind == "Flag" and put_id is not None
+                else answered_id(kind, result.get("location"), answer.get("resource"))
+                or await self._find(kind, identifier)
+            )
             targets.written[kind] = (status, result.get("location"))
             metrics.WRITES.labels(kind, "ok").inc()
             if kind == "Flag":
@@ -166,12 +180,17 @@ class AlertWriter:
         return reasons
 
     @staticmethod
-    async def _again(reasons: list[str | None], answers: list[dict[str, Any]], entries: list[Entry], attempt: int) -> bool:
+    async def _again(
+        reasons: list[str | None], answers: list[dict[str, Any]], entries: list[Entry], attempt: int
+    ) -> bool:
         """Whether to post what failed again (after a backoff when the refusals are transient)."""
         if reasons and len(reasons) < len(entries):
             metrics.NONATOMIC_TRANSACTIONS.inc()
-            log.warning("transaction answered entry by entry (the server processes it as a batch): "
-                        "re-posting what failed", statuses=[status_of(a) for a in answers])
+            log.warning(
+                "transaction answered entry by entry (the server processes it as a batch): "
+                "re-posting what failed",
+                statuses=[status_of(a) for a in answers],
+            )
         if reasons and all(reasons):
             # A refusal the server lifts once a concurrent write has committed (409, a
             # serialization failure) or an overload: back off before re-posting what failed,

@@ -84,7 +84,8 @@ class Judged:
     error: Exception | None = None
 
 
-def quarantined(before: PatientState, patient: str, panel: str, members: Sequence[LabResult], err: Exception) -> Judged:
+def quarantined(before: PatientState, patient: str, panel: str, members: Sequence[LabResult],
+                err: Exception) -> Judged:
     """A panel that could not be decided: its one record, the patient's state left as it was."""
     return Judged(before, None, ((failure_record(patient, panel, members, err), None),), err)
 
@@ -99,13 +100,14 @@ def judged(before: PatientState, patient: str, panel: str, members: Sequence[Lab
 
 
 def orders(event: AlertEvent) -> tuple[str, ...]:
-    """The orders (ServiceRequest references) an event's results are based on: who is told depends on them."""
+    """The orders (ServiceRequest references) an event's results are based on: who is told depends
+    on them."""
     return event.assessment.based_on if event.assessment else ()
 
 
-def concluded(before: PatientState, patient: str, panel: str, members: Sequence[LabResult], decision: PanelDecision,
-              recipients: Callable[[tuple[str, ...]], Recipients], scheme: Scheme, alerts: AlertSettings, *,
-              sent: str | None) -> Judged:
+def concluded(before: PatientState, patient: str, panel: str, members: Sequence[LabResult],
+              decision: PanelDecision, recipients: Callable[[tuple[str, ...]], Recipients], scheme: Scheme,
+              alerts: AlertSettings, *, sent: str | None) -> Judged:
     """A decided panel's records and writes (`panel_outcome`): `recipients` of each event's `orders`;
     `sent` the instant the alerts are sent (None: the first assessment's collection time). Quarantined
     when any of it raises."""

@@ -37,7 +37,9 @@ def outbox_writes(writes: AlertWrites, event: str) -> dict[str, Any]:
         "flag": writes.flag,
         "communication": writes.communication,
         "flag_identifier": list(writes.flag_identifier),
-        "communication_identifier": list(writes.communication_identifier) if writes.communication_identifier else None,
+        "communication_identifier": list(writes.communication_identifier)
+        if writes.communication_identifier
+        else None,
         **outbox_fields(writes),
     }
 
@@ -53,8 +55,11 @@ def transaction(entries: list[Entry]) -> dict[str, Any]:
 
 def conditional_create(resource: dict[str, Any], if_none_exist: str, full_url: str | None = None) -> Entry:
     entry: Entry = {"fullUrl": full_url} if full_url else {}
-    return {**entry, "resource": resource,
-            "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": if_none_exist}}
+    return {
+        **entry,
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], "ifNoneExist": if_none_exist},
+    }
 
 
 def flag_create(writes: dict[str, Any]) -> Entry:
@@ -80,11 +85,16 @@ def communication_create(writes: dict[str, Any]) -> Entry | None:
     communication = writes["communication"]
     if communication is None:
         return None
-    return conditional_create(communication, "identifier=" + "|".join(writes["communication_identifier"]),
-                              writes.get("communication_full_url"))
+    return conditional_create(
+        communication,
+        "identifier=" + "|".join(writes["communication_identifier"]),
+        writes.get("communication_full_url"),
+    )
 
 
-def provenance_transaction(writes: dict[str, Any], flag_id: str | None, communication_id: str | None) -> dict[str, Any] | None:
+def provenance_transaction(
+    writes: dict[str, Any], flag_id: str | None, communication_id: str | None
+) -> dict[str, Any] | None:
     """The Provenance alone, its targets the confirmed server ids (None: a write stored before
     Provenance existed)."""
     entry = provenance_entry(writes, flag_id, communication_id)
@@ -135,18 +145,28 @@ def answered_id(kind: str, location: Any, resource: Any) -> str | None:
             segments = segments[: segments.index("_history", max(len(segments) - 2, 0))]
         if len(segments) >= 2 and segments[-2] == kind and _FHIR_ID.match(segments[-1]):
             return segments[-1]
-    if isinstance(resource, dict) and resource.get("resourceType") == kind and isinstance(resource.get("id"), str) \
-            and _FHIR_ID.match(resource["id"]):
+    if (
+        isinstance(resource, dict)
+        and resource.get("resourceType") == kind
+        and isinstance(resource.get("id"), str)
+        and _FHIR_ID.match(resource["id"])
+    ):
         return str(resource["id"])
     return None
 
 
-def remembered(sent: Entry, flag_id: str, status: str, result: dict[str, Any], answered: Any) -> KnownFlag | None:
+def remembered(
+    sent: Entry, flag_id: str, status: str, result: dict[str, Any], answered: Any
+) -> KnownFlag | None:
     """The Flag as the server now holds it after `sent` was answered: the resource it answered, else
     what was sent when the server wrote it (a PUT, or a create answered 201; a conditional create
     answered 200 found a Flag whose content we do not know), with the version from the answer.
     None when either is unknown."""
-    if isinstance(answered, dict) and answered.get("resourceType") == "Flag" and answered.get("id") == flag_id:
+    if (
+        isinstance(answered, dict)
+        and answered.get("resourceType") == "Flag"
+        and answered.get("id") == flag_id
+    ):
         content: dict[str, Any] | None = answered
     elif sent["request"]["method"] == "PUT" or status.startswith("201"):
         content = sent["resource"]

@@ -31,7 +31,8 @@ from tests.integration.live import compare_with_oracle, cycle, oracle, populatio
 ROOT = Path(__file__).resolve().parents[2]
 
 
-async def test_a_draw_grouped_by_its_diagnostic_report_is_grouped_alike_by_replay_and_live(fhir_base_url, tmp_path):
+async def test_a_draw_grouped_by_its_diagnostic_report_is_grouped_alike_by_replay_and_live(
+        fhir_base_url, tmp_path):
     """The WBC and the neutrophil % of one draw name no specimen and were stamped a minute apart;
     only their DiagnosticReport says they are one panel (specimen, else DiagnosticReport, else
     collection instant: reference §1.2). The live loop reads the report with its results and
@@ -39,8 +40,10 @@ async def test_a_draw_grouped_by_its_diagnostic_report_is_grouped_alike_by_repla
     now_us = int(time.time() * 1_000_000)
     drawn, counted = from_epoch_us(now_us - 7_200_000_000), from_epoch_us(now_us - 7_140_000_000)
     wbc = observation("6690-2", 2.0, id="dr-wbc", patient="Patient/dr", effective=drawn, specimen=None)
-    # ANC = WBC x neutrophil fraction (reference §2): 2000/uL x 20 % = 400/uL, neutropenia in every scheme (reference §3)
-    neutrophils = observation("770-8", 20, "%", id="dr-neut", patient="Patient/dr", effective=counted, specimen=None)
+    # ANC = WBC x neutrophil fraction (reference §2): 2000/uL x 20 % = 400/uL, neutropenia in every
+    # grading scheme (reference §3)
+    neutrophils = observation("770-8", 20, "%", id="dr-neut", patient="Patient/dr", effective=counted,
+                              specimen=None)
     report = {"resourceType": "DiagnosticReport", "id": "dr-cbc", "status": "final",
               "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
               "subject": {"reference": "Patient/dr"},
@@ -51,7 +54,8 @@ async def test_a_draw_grouped_by_its_diagnostic_report_is_grouped_alike_by_repla
     assert cycle_report.delivered_all
     events, _alerts = oracle(fhir_base_url, tmp_path / "oracle")
     alerted = [e for e in live if e["event"] == "new"]
-    assert len(alerted) == 1 and sorted(alerted[0]["observations"]) == ["Observation/dr-neut", "Observation/dr-wbc"]
+    assert len(alerted) == 1
+    assert sorted(alerted[0]["observations"]) == ["Observation/dr-neut", "Observation/dr-wbc"]
     assert live == events
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
 

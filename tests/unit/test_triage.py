@@ -20,40 +20,58 @@ def resource(doc: dict[str, Any]) -> raw.Resource:
     return msgspec.convert(doc, raw.Resource)
 
 
-REPORT = {"resourceType": "DiagnosticReport", "id": "cbc", "status": "final", "subject": {"reference": "Patient/a"},
-          "specimen": [{"reference": "Specimen/s9"}],
-          "result": [{"reference": "Observation/wbc"}, {"reference": "https://elsewhere.example/Observation/x"},
-                     {"reference": "Observation/neut/_history/2"}]}
+REPORT = {
+    "resourceType": "DiagnosticReport",
+    "id": "cbc",
+    "status": "final",
+    "subject": {"reference": "Patient/a"},
+    "specimen": [{"reference": "Specimen/s9"}],
+    "result": [
+        {"reference": "Observation/wbc"},
+        {"reference": "https://elsewhere.example/Observation/x"},
+        {"reference": "Observation/neut/_history/2"},
+    ],
+}
 
 
-@pytest.mark.parametrize(("item", "expected"), [
-    # a monitored result (LOINC 751-8, reference §1.1): a lab result
-    (resource(observation("751-8", 0.4, id="anc")), LabResult),
-    # a unit no count converts from (reference §2): rejected, never an alert
-    (resource(observation("751-8", 0.4, unit="furlongs", id="bad")), Rejected),
-    # a code not monitored (LOINC 2345-7 glucose): ignored
-    (resource(observation("2345-7", 5.0, unit="mmol/L", id="glu")), Ignored),
-    # an entry that may be an Observation but cannot be read: rejected, with what could be read of it
-    (raw.Undecodable("not JSON", "Observation", "o1", "Patient/a"), Rejected),
-    (raw.Undecodable("not JSON", None, None, None), Rejected),
-    (resource({"resourceType": "Patient", "id": "a"}), PatientFact),
-    (resource({"resourceType": "CareTeam", "subject": {"reference": "Patient/a"}}), PatientFact),
-    (resource(REPORT), ReportMembers),
-])
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        # a monitored result (LOINC 751-8, reference §1.1): a lab result
+        (resource(observation("751-8", 0.4, id="anc")), LabResult),
+        # a unit no count converts from (reference §2): rejected, never an alert
+        (resource(observation("751-8", 0.4, unit="furlongs", id="bad")), Rejected),
+        # a code not monitored (LOINC 2345-7 glucose): ignored
+        (resource(observation("2345-7", 5.0, unit="mmol/L", id="glu")), Ignored),
+        # an entry that may be an Observation but cannot be read: rejected, with what could be read of it
+        (raw.Undecodable("not JSON", "Observation", "o1", "Patient/a"), Rejected),
+        (raw.Undecodable("not JSON", None, None, None), Rejected),
+        (resource({"resourceType": "Patient", "id": "a"}), PatientFact),
+        (resource({"resourceType": "CareTeam", "subject": {"reference": "Patient/a"}}), PatientFact),
+        (resource(REPORT), ReportMembers),
+    ],
+)
 def test_each_kind_of_resource_is_triaged_as_replay_and_the_live_loop_read_it(item, expected):
     """Observations by `normalise`, undecodable entries that may be Observations as rejections, the
     patient's context as facts, DiagnosticReports as panel membership."""
     assert isinstance(triage(item), expected)
 
 
-@pytest.mark.parametrize(("item", "reason"), [
-    (raw.Undecodable("not JSON", "Patient", "a", None), "undecodable Patient"),
-    (raw.Undecodable("not JSON", "<b>x</b>", None, None), "undecodable unknown type"),
-    (resource({"resourceType": "Condition", "subject": {"reference": "https://elsewhere.example/Patient/a"}}),
-     "Condition of a patient not on the server"),
-    (resource({"resourceType": "Medication", "id": "m"}), "Medication not used"),
-    (resource({"resourceType": "Patient"}), "Patient not used"),
-])
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        (raw.Undecodable("not JSON", "Patient", "a", None), "undecodable Patient"),
+        (raw.Undecodable("not JSON", "<b>x</b>", None, None), "undecodable unknown type"),
+        (
+            resource(
+                {"resourceType": "Condition", "subject": {"reference": "https://elsewhere.example/Patient/a"}}
+            ),
+            "Condition of a patient not on the server",
+        ),
+        (resource({"resourceType": "Medication", "id": "m"}), "Medication not used"),
+        (resource({"resourceType": "Patient"}), "Patient not used"),
+    ],
+)
 def test_what_is_not_used_is_ignored_with_a_reason_that_names_a_type_never_text(item, reason):
     """An ignored resource's reason (replay's summary counts it) names a type, or "unknown type"."""
     assert triage(item) == Ignored(reason)
