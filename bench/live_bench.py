@@ -43,7 +43,8 @@ from service.fhir.fhirtime import from_epoch_us  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
 from service.live.store.sqlite import SqliteStore  # noqa: E402
 from tests.synthetic import PopulationSpec, generate, observations_target  # noqa: E402
-from service.live.worker import Worker, pages_since, search_params  # noqa: E402
+from service.live.search import pages_since, search_params  # noqa: E402
+from service.live.worker import Worker  # noqa: E402
 from tests.fhir_server.engine import FhirEngine  # noqa: E402
 from tests.fhir_server.load import put_all  # noqa: E402
 from tests.integration.live import settings_for  # noqa: E402
@@ -290,7 +291,7 @@ Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code {d['revisio
 **Backlog drain.** A `tests.synthetic` population without temperatures or corrections
 ({spec.patients} patients, {spec.days} days, seed 7; {d['resources']:,} resources, every Observation a
 monitored CBC code), staged with `put_all`. *bare*: the service's own paging
-(`worker.pages_since`: keyset restarts from the newest lastUpdated, next links on ties) over every
+(`search.pages_since`: keyset restarts from the newest lastUpdated, next links on ties) over every
 page, nothing else. *service*: one
 `Worker.run_cycle()` from an empty SQLite state, settings of `tests/integration/live.py`, same page
 size ({d['page_size']}, the engine's maximum). Data re-staged before each round, order alternated.

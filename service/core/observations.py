@@ -6,6 +6,7 @@ Rules: docs/clinical-reference.md §1.1 (codes; never match on display text), §
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -187,43 +188,26 @@ def _effective(resource: Resource) -> str | None:
     return None
 
 
-_UNSEEN = object()
-_instants: dict[str, int | None] = {}
-_collections: dict[tuple[str, str | None], CollectionTime | str] = {}
-
-
 def _instant(text: str | None) -> int | None:
-    """meta.lastUpdated as a FHIR instant, None when absent or not one (a small cache: the members of
-    a panel share their strings)."""
-    if not text:
-        return None
-    cached = _instants.get(text, _UNSEEN)
-    if cached is not _UNSEEN:
-        return cached  # type: ignore[return-value]
+    """meta.lastUpdated as a FHIR instant, None when absent or not one."""
+    return _instant_of(text) if text else None
+
+
+@functools.lru_cache(maxsize=8192)  # the members of a panel share their strings
+def _instant_of(text: str) -> int | None:
     try:
-        value: int | None = instant_us(text)
+        return instant_us(text)
     except TimeError:
-        value = None
-    if len(_instants) >= 8192:
-        _instants.clear()
-    _instants[text] = value
-    return value
+        return None
 
 
+@functools.lru_cache(maxsize=8192)
 def _collection(text: str, local_timezone: str | None) -> CollectionTime | str:
     """The collection time, or the reason it is not one (cached like `_instant`)."""
-    key = (text, local_timezone)
-    cached = _collections.get(key)
-    if cached is not None:
-        return cached
     try:
-        value: CollectionTime | str = collection_time(text, local_timezone)
+        return collection_time(text, local_timezone)
     except TimeError as err:
-        value = str(err)
-    if len(_collections) >= 8192:
-        _collections.clear()
-    _collections[key] = value
-    return value
+        return str(err)
 
 
 def _canonical(term: Term, q: Quantity, value: float) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 
 from service.core.codes import Prop
 
@@ -94,19 +94,15 @@ def to_canonical(
     prop: Prop, value: float, *, unit: str | None, system: str | None, code: str | None
 ) -> float:
     """Convert `value` to the canonical unit of `prop`; raise UnitError with a reason otherwise."""
-    key = (prop, system == UCUM, code, unit)
-    conversion = _conversions.get(key)
-    if conversion is None:
-        conversion = _conversion(prop, unit=unit, code=code, ucum=system == UCUM)
-        if len(_conversions) < _CACHE_LIMIT:  # a handful of units in practice; bounded against junk
-            _conversions[key] = conversion
+    conversion = _cached_conversion(prop, system == UCUM, code, unit)
     if isinstance(conversion, str):
         raise UnitError(conversion)
     return round(conversion(value), 6)
 
 
-_CACHE_LIMIT = 4096
-_conversions: dict[tuple[Prop, bool, str | None, str | None], Callable[[float], float] | str] = {}
+@lru_cache(maxsize=4096)  # a handful of units in practice; bounded against junk
+def _cached_conversion(prop: Prop, ucum: bool, code: str | None, unit: str | None) -> Callable[[float], float] | str:
+    return _conversion(prop, unit=unit, code=code, ucum=ucum)
 
 
 def _conversion(prop: Prop, *, unit: str | None, code: str | None, ucum: bool) -> Callable[[float], float] | str:

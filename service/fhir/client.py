@@ -12,6 +12,7 @@ Construct it inside a running event loop (it makes an aiohttp session unless giv
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import random
 import re
@@ -30,11 +31,20 @@ import orjson
 import structlog
 from yarl import URL
 
-from service.fhir import jsonscan, raw
-from service.fhir.fhirtime import to_epoch_us
-from service.core.observations import patient_reference
 from service.config import FhirSettings
+from service.core.observations import patient_reference
 from service.errors import ConfigError
+from service.fhir import jsonscan, raw
+from service.fhir.auth import Auth, make_auth
+from service.fhir.errors import (
+    FhirError,
+    FhirHttpError,
+    FhirUnavailable,
+    PreconditionFailed,
+    UnsafeLinkError,
+)
+from service.fhir.fhirtime import to_epoch_us
+from service.fhir.tls import ssl_option
 from service.metrics import (
     DAMAGED_PAGES,
     FHIR_PACED_SECONDS,
@@ -46,15 +56,6 @@ from service.metrics import (
     UNSAFE_LINKS,
     reason_label,
 )
-from service.fhir.auth import Auth, make_auth
-from service.fhir.errors import (
-    FhirError,
-    FhirHttpError,
-    FhirUnavailable,
-    PreconditionFailed,
-    UnsafeLinkError,
-)
-from service.fhir.tls import ssl_option
 
 __all__ = ["FhirClient", "Page", "ResponseTooLarge", "UnreadablePage", "quota_reset_seconds", "transient_status"]
 
@@ -67,6 +68,8 @@ MAX_SEARCH_ALL_PAGES = 100
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _TYPE = re.compile(r"^[A-Z][A-Za-z]{1,63}$")
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# The session closes of clients whose construction failed: a running task needs a strong reference
+# until it is done (asyncio.create_task), and the half-built client that started it is dropped.
 _closing: set[asyncio.Task[None]] = set()
 T = TypeVar("T")
 
@@ -373,20 +376,24 @@ class ResponseTooLarge(FhirError):
 _BODY_CHUNK = 1 << 16
 
 
-# Broken pages seen lately (sha256 of the body -> times seen): the same broken bytes again are not
-# a transfer cut short.
-_BROKEN_PAGES: OrderedDict[bytes, int] = OrderedDict()
-_BROKEN_PAGES_LIMIT = 64
+class BrokenPages:
+    """The broken search pages a client has seen lately (sha256 of the body -> times seen): the same
+    broken bytes again are not a transfer cut short. One per client, so per process: a restarted
+    process takes the page for a transfer cut short once more."""
 
+    LIMIT = 64
 
-def _sightings(body: bytes) -> int:
-    """How many times this exact body has been seen broken, this time included."""
-    key = hashlib.sha256(body).digest()
-    seen = _BROKEN_PAGES.pop(key, 0) + 1
-    _BROKEN_PAGES[key] = seen
-    if len(_BROKEN_PAGES) > _BROKEN_PAGES_LIMIT:
-        _BROKEN_PAGES.popitem(last=False)
-    return seen
+    def __init__(self) -> None:
+        self._seen: OrderedDict[bytes, int] = OrderedDict()
+
+    def sightings(self, body: bytes) -> int:
+        """How many times this exact body has been seen broken, this time included."""
+        key = hashlib.sha256(body).digest()
+        seen = self._seen.pop(key, 0) + 1
+        self._seen[key] = seen
+        if len(self._seen) > self.LIMIT:
+            self._seen.popitem(last=False)
+        return seen
 
 
 class PageEntries(NamedTuple):
@@ -394,7 +401,7 @@ class PageEntries(NamedTuple):
     cut_short: bool = False
 
 
-def _page(response: _Response) -> tuple[PageEntries, str | None]:
+def _page(response: _Response, broken: BrokenPages) -> tuple[PageEntries, str | None]:
     """A searchset page's entries, read so that damage stays with the entry that holds it.
 
     * Strict JSON (nearly always): typed, entry by entry when an entry does not fit the types.
@@ -425,7 +432,7 @@ def _page(response: _Response) -> tuple[PageEntries, str | None]:
             log.warning("fhir_page_salvaged", status=response.status, size=len(response.body), entries=len(doc.items),
                         unreadable=sum(isinstance(i, raw.Undecodable) for i in doc.items), damage=reason_label(doc.damage))
         return PageEntries(doc.items), _next_link(doc.links)
-    seen = _sightings(response.body)
+    seen = broken.sightings(response.body)
     if seen == 1:
         DAMAGED_PAGES.labels("retried").inc()
         raise _Retry("invalid_json", ambiguous=False, response=response)
@@ -522,6 +529,7 @@ class FhirClient:
         self._semaphore = asyncio.Semaphore(settings.max_concurrency)
         self._sleep, self._rng, self._clock, self._monotonic = sleep, rng or random.Random(), clock, monotonic
         self._pacer = _Pacer(settings.max_requests_per_minute) if settings.max_requests_per_minute else None
+        self._broken_pages = BrokenPages()
         self._paused_until = float("-inf")  # a 429 pauses every request of this client until then (monotonic)
         self._budget, self._budget_at = self._retry.max_cycle_retry_seconds, monotonic()
         self._own_session = session is None
@@ -556,7 +564,8 @@ class FhirClient:
 
     async def search(self, resource_type: str, params: Sequence[tuple[str, str]]) -> AsyncIterator[Page]:
         """Pages of a search: the first built from `params`, then Bundle.link[next] exactly as given."""
-        async for entries, next_url, url in self._walk(self._search_url(resource_type, params), _page):
+        pages = functools.partial(_page, broken=self._broken_pages)
+        async for entries, next_url, url in self._walk(self._search_url(resource_type, params), pages):
             yield Page(entries.items, next_url, url, entries.cut_short)
 
     async def search_all(self, resource_type: str, params: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
@@ -603,6 +612,19 @@ class FhirClient:
         if doc is None or doc.get("resourceType") != "Bundle":
             raise FhirError("transaction response is not a Bundle")
         return doc
+
+    async def identified(self, resource_type: str, identifier: Sequence[str]) -> list[dict[str, Any]]:
+        """The resources of `resource_type` with `identifier` ((system, value): a token search)."""
+        return await self.search_all(resource_type, [("identifier", "|".join(identifier))])
+
+    async def transaction_answers(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """POST `entries` as one transaction Bundle; the answer's entries, one per entry sent, in
+        order (FHIR http.html#transaction-response). An answer of another length raises FhirError."""
+        response = await self.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+        answers = response.get("entry") or []
+        if len(answers) != len(entries):
+            raise FhirError(f"server answered {len(answers)} entries to a transaction of {len(entries)}")
+        return [a if isinstance(a, dict) else {} for a in answers]
 
     # -- URLs --------------------------------------------------------------------------------------
 

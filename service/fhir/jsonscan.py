@@ -108,21 +108,6 @@ def members(text: str, i: int) -> Iterator[tuple[str, int, int]]:
             return
 
 
-def elements(text: str, i: int) -> Iterator[tuple[int, int]]:
-    """(start, end) of each element of the array starting at `i`."""
-    i, _ = _expect(text, i, "[")
-    j = skip_ws(text, i)
-    if j < len(text) and text[j] == "]":
-        return
-    while True:
-        start = skip_ws(text, i)
-        end = value_end(text, start)
-        yield start, end
-        i, sep = _expect(text, end, ",]")
-        if sep == "]":
-            return
-
-
 def object_members(text: str, i: int, wanted: frozenset[str]) -> dict[str, tuple[int, int]]:
     """The spans of the `wanted` members of the object at `i` (the last one wins, as parsers do)."""
     found: dict[str, tuple[int, int]] = {}

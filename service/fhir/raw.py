@@ -321,13 +321,9 @@ def loads_tolerant(text: str) -> Any:
     return _loads(text)
 
 
-def has_surrogates(obj: Any) -> bool:
+def _has_surrogates(obj: Any) -> bool:
     """True when a string in `obj` holds a lone surrogate (undecodable bytes, or an unpaired
     escape such as "\\ud800"): such text cannot be encoded as UTF-8 again."""
-    return _has_surrogates(obj)
-
-
-def _has_surrogates(obj: Any) -> bool:
     stack = [obj]
     while stack:
         item = stack.pop()

@@ -44,7 +44,9 @@ def interactions(*, patient_context: bool = True, conditions: bool = True, claim
     `patient_context` (poll.patient_context: Patient, ServiceRequest, CareTeam), `conditions` (a
     chronic benign neutropenia threshold is set: the Condition search) and `claim_profiles` (the
     written resources claim profiles, which a validating server reads with the caller's rights)."""
-    found = [Interaction("Observation search", "Observation", "s")]
+    found = [Interaction("Observation search", "Observation", "s"),
+             # the search includes the DiagnosticReports of its results (_revinclude): panel membership
+             Interaction("DiagnosticReport search (with the Observation search)", "DiagnosticReport", "s")]
     if patient_context:
         found.append(Interaction("Patient read", "Patient", "r"))
         if conditions:

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from service.live import profiles
-from service.fhir import scopes
+from service.fhir import raw, scopes
 from service.fhir.fhirtime import from_epoch_us
 from service.config import Settings
 from service.errors import NeutrowatchError
@@ -34,7 +34,7 @@ from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError, FhirUnavailable
 from service.fhir.tls import ssl_option
 from service.live.store import make_store
-from service.live.worker import search_params
+from service.live.search import search_params
 
 PROBE_ATTEMPTS = 2  # a probe answers in seconds: one retry, not the service's full backoff
 PROBE_ID = "neutrowatch-probe"  # an id no resource is expected to have (reads answer 404)
@@ -142,7 +142,8 @@ async def _interactions(settings: Settings, client: FhirClient, run: _Run) -> No
 
     async def observations() -> str:
         async for page in client.search("Observation", params):
-            return f"{len(page.resources)} on the first page, {'more pages' if page.next_url else 'no more pages'}"
+            found = sum(1 for r in page.resources if not isinstance(r, raw.Resource) or r.resourceType == "Observation")
+            return f"{found} on the first page, {'more pages' if page.next_url else 'no more pages'}"
         return "no page"
 
     await run.check("Observation search", observations)

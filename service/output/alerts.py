@@ -11,7 +11,7 @@ Communication, entity the source Observations, agent the service Device with the
 
 Each entry carries the fullUrl given here (`urn:uuid:` + a UUID derived from the resource's
 identifier), and the Provenance built here references the Flag and the Communication by those
-fullUrls (what replay writes). The live loop (service/live/worker.py) posts the Flag and the
+fullUrls (what replay writes). The live loop (service/live/writer.py) posts the Flag and the
 Communication first and the Provenance only once the server has confirmed both, with its targets
 rewritten to the server ids: `provenance_entry()` is that entry.
 """
@@ -329,13 +329,13 @@ def _with_provenance(event: AlertEvent, scheme: Scheme, settings: AlertSettings,
 
 def provenance_entry(writes: Mapping[str, Any], flag_id: str | None = None,
                      communication_id: str | None = None) -> dict[str, Any] | None:
-    """The transaction entry of a write's Provenance (`writes`: the outbox dict, worker._writes_dict),
+    """The transaction entry of a write's Provenance (`writes`: the outbox dict, transaction.outbox_writes),
     or None for a write stored before Provenance existed: a conditional create on its tag, so a
     re-post finds it. `flag_id` / `communication_id`: the server ids of the Flag and the
     Communication; each given target then references `Type/<id>` instead of its urn:uuid fullUrl.
     The live loop posts the Provenance alone, after the server has confirmed both targets, and
     always gives both ids: a server that processes a transaction as a batch keeps a Provenance
-    whose target's entry failed, with the id it had reserved for it (service/live/worker.py)."""
+    whose target's entry failed, with the id it had reserved for it (service/live/writer.py)."""
     provenance = writes.get("provenance")
     if not provenance:
         return None
@@ -349,7 +349,7 @@ def provenance_entry(writes: Mapping[str, Any], flag_id: str | None = None,
 
 
 def outbox_fields(writes: AlertWrites) -> dict[str, Any]:
-    """What `worker._writes_dict` adds to the outbox dict for the Provenance and the fullUrls."""
+    """What `transaction.outbox_writes` adds to the outbox dict for the Provenance and the fullUrls."""
     return {
         "flag_full_url": writes.flag_full_url,
         "communication_full_url": writes.communication_full_url,

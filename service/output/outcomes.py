@@ -12,16 +12,19 @@ resources are not asked for, so `replay` and `replay --alerts` decide alike.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service.output.alerts import AlertWrites, build
+from service.config import AlertSettings
+from service.core.context import PatientContext
+from service.core.episodes import AlertEvent, PatientState
 from service.core.grading import Scheme
 from service.core.observations import LabResult
-from service.core.panels import PanelDecision
+from service.core.panels import PanelDecision, decide
 from service.core.recipients import Recipients
-from service.config import AlertSettings
+from service.core.rules import Rules
+from service.output.alerts import AlertWrites, build
 from service.output.events import event_record, not_assessed_record, panel_rejected_record, stale_record
 
 QUARANTINED = "quarantined"
@@ -68,3 +71,50 @@ def failure_record(patient: str, panel: str, members: Sequence[LabResult], err: 
         "reason": f"could not be decided: {type(err).__name__}",
         "panel": panel,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """One panel judged: the patient's state after it (as before it when quarantined), the core's
+    decision (None: quarantined, `error` says why) and its records, each event's with its writes."""
+
+    state: PatientState
+    decision: PanelDecision | None
+    records: tuple[tuple[dict[str, Any], AlertWrites | None], ...]
+    error: Exception | None = None
+
+
+def quarantined(before: PatientState, patient: str, panel: str, members: Sequence[LabResult],
+                err: Exception) -> Judged:
+    """A panel that could not be decided: its one record, the patient's state left as it was."""
+    return Judged(before, None, ((failure_record(patient, panel, members, err), None),), err)
+
+
+def judged(before: PatientState, patient: str, panel: str, members: Sequence[LabResult], rules: Rules,
+           context: PatientContext, clock_us: int | None) -> PanelDecision | Judged:
+    """The core's decision on a panel, or the panel quarantined when deciding raised."""
+    try:
+        return decide(before, patient, panel, members, rules, context, clock_us)
+    except Exception as err:  # noqa: BLE001 - contained to this panel (module docstring)
+        return quarantined(before, patient, panel, members, err)
+
+
+def orders(event: AlertEvent) -> tuple[str, ...]:
+    """The orders (ServiceRequest references) an event's results are based on: who is told depends
+    on them."""
+    return event.assessment.based_on if event.assessment else ()
+
+
+def concluded(before: PatientState, patient: str, panel: str, members: Sequence[LabResult],
+              decision: PanelDecision, recipients: Callable[[tuple[str, ...]], Recipients], scheme: Scheme,
+              alerts: AlertSettings, *, sent: str | None) -> Judged:
+    """A decided panel's records and writes (`panel_outcome`): `recipients` of each event's `orders`;
+    `sent` the instant the alerts are sent (None: the first assessment's collection time). Quarantined
+    when any of it raises."""
+    try:
+        to = [recipients(orders(event)) for event in decision.events]
+        at = sent or next((e.assessment.effective for e in decision.events if e.assessment), "")
+        outcome = panel_outcome(decision, members, to, scheme, alerts, sent=at)
+    except Exception as err:  # noqa: BLE001 - contained to this panel (module docstring)
+        return quarantined(before, patient, panel, members, err)
+    return Judged(decision.state, decision, outcome.records)

@@ -27,12 +27,12 @@ from service.config import AlertSettings
 from service.core.context import PatientContext, patient_context
 from service.core.episodes import PatientState
 from service.core.observations import DEFAULT_READ, LabResult, ReadPolicy, Rejected
-from service.core.panels import PanelDecision, decide
+from service.core.panels import PanelDecision
 from service.core.recipients import choose
 from service.core.rules import Rules
 from service.fhir.fhirtime import from_epoch_us
 from service.output.events import rejected_record
-from service.output.outcomes import QUARANTINED, failure_record, panel_outcome
+from service.output.outcomes import concluded, judged
 from service.replay import parallel
 from service.replay.documents import documents, file_documents, files
 from service.replay.rows import (
@@ -306,24 +306,16 @@ class Replay:
             self.stats.panels += 1
             known = facts.get(patient) or no_facts(patient)
             before = states.get(patient, PatientState())
-            decision: PanelDecision | None = None
-            try:
-                decision = decide(before, patient, panel, members, self.rules, known.context, clock)
-                to = [choose(e.assessment.based_on if e.assessment else (), known.requesters, known.care_team, pool)
-                      for e in decision.events]
-                sent = _available(members) or next((e.assessment.effective for e in decision.events if e.assessment), "")
-                outcome = panel_outcome(decision, members, to, self.scheme, self.alert_settings, sent=sent)
-            except Exception as err:  # noqa: BLE001 - contained to this panel (outcomes module docstring)
-                self.stats.events[QUARANTINED] += 1
-                record = failure_record(patient, panel, members, err)
-                if trace is not None:
-                    trace(PanelTrace(akey, patient, panel, tuple(members), before, None, known.context, (record,)))
-                yield akey, record, None
-                return
-            states[patient] = decision.state
-            self.stats.stale_panels += decision.stale
+            step = judged(before, patient, panel, members, self.rules, known.context, clock)
+            if isinstance(step, PanelDecision):
+                step = concluded(before, patient, panel, members, step,
+                                 lambda based_on: choose(based_on, known.requesters, known.care_team, pool),
+                                 self.scheme, self.alert_settings, sent=_available(members))
+            states[patient] = step.state
+            if step.decision is not None:
+                self.stats.stale_panels += step.decision.stale
             out: list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]] = []
-            for record, writes in outcome.records:
+            for record, writes in step.records:
                 self.stats.events[record["event"]] += 1
                 resources = None
                 if with_alerts and writes is not None:
@@ -332,7 +324,7 @@ class Replay:
                         resources.append(writes.provenance)
                 out.append((akey, record, resources))
             if trace is not None:
-                trace(PanelTrace(akey, patient, panel, tuple(members), before, decision, known.context,
+                trace(PanelTrace(akey, patient, panel, tuple(members), before, step.decision, known.context,
                                  tuple(record for _k, record, _r in out)))
             yield from out
 

@@ -106,10 +106,16 @@ class _Job:
     clock_us: int | None = None  # the reading clock when the caller fixed it (Replay.clock_us)
 
 
+# The job of this process: set by the pool's initializer (`_start`), once per worker process, and
+# around an in-process run. A module global because ProcessPoolExecutor hands a task only what
+# `map` pickles for it: passing the job with every task would pickle the rules and the alert
+# settings once per chunk and partition, where the initializer gives each worker process its copy
+# once. Nothing else writes it; each process runs one job at a time.
 _job: _Job | None = None
 
 
 def _start(job: _Job | None) -> None:
+    """The pool's initializer: this process's job (None: none)."""
     global _job
     _job = job
 

@@ -4,7 +4,6 @@ rows and stream items the engines hand on, as named structs."""
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,16 +19,12 @@ from service.core.observations import (
     LabResult,
     ReadPolicy,
     Rejected,
-    canonical_reference,
     conflict_rejection,
-    literal_reference,
-    normalise,
-    undecodable_rejection,
     version_number,
 )
-from service.core.panels import collection_key, report_key, report_members, specimen_key
-from service.core.references import Resolved
+from service.core.panels import collection_key, report_key, specimen_key
 from service.core.rules import Rules
+from service.core.triage import PatientFact, ReportMembers, Triaged, triage
 from service.fhir import raw
 from service.replay.documents import StreamedBundle
 
@@ -168,65 +163,30 @@ def read_document(document: bytes | StreamedBundle, seq: int, stats: ReplayStats
             flush(rows)
         seq += 1
         stats.resources += 1
-        if isinstance(item, raw.Undecodable):
-            if item.resource_type in (None, "Observation"):
-                _reject(undecodable_rejection(item, policy), seq, rows)
-            else:
-                stats.ignored[f"undecodable {_kind(item.resource_type)}"] += 1
-        elif item.resourceType == "Observation":
-            _observation(item, seq, stats, rows, policy)
-        else:
-            _other(item, stats, rows, policy)
+        triaged = triage(item, policy)
+        if isinstance(item, raw.Resource) and item.resourceType == "Observation":
+            stats.observations += 1
+            updated = getattr(triaged, "updated_us", None)
+            if updated is not None and (stats.newest_updated_us is None or updated > stats.newest_updated_us):
+                stats.newest_updated_us = updated
+        _row(triaged, seq, stats, rows)
     return seq
 
 
-def _observation(item: raw.Resource, seq: int, stats: ReplayStats, rows: Rows, policy: ReadPolicy) -> None:
-    stats.observations += 1
-    outcome = normalise(item, policy)
-    updated = getattr(outcome, "updated_us", None)
-    if updated is not None and (stats.newest_updated_us is None or updated > stats.newest_updated_us):
-        stats.newest_updated_us = updated
-    if isinstance(outcome, LabResult):
-        rows.obs.append(ObsRow(outcome.ref, outcome.updated_us or -1, version_number(outcome.version),
-                               seq, outcome.patient, specimen_key(outcome.specimen),
-                               collection_key(outcome), encode(outcome), None))
-    elif isinstance(outcome, Rejected):
-        _reject(outcome, seq, rows)
+def _row(triaged: Triaged, seq: int, stats: ReplayStats, rows: Rows) -> None:
+    """Where one triaged resource goes among the rows of pass 1."""
+    if isinstance(triaged, LabResult):
+        rows.obs.append(ObsRow(triaged.ref, triaged.updated_us or -1, version_number(triaged.version),
+                               seq, triaged.patient, specimen_key(triaged.specimen),
+                               collection_key(triaged), encode(triaged), None))
+    elif isinstance(triaged, Rejected):
+        _reject(triaged, seq, rows)
+    elif isinstance(triaged, PatientFact):
+        rows.context.append(ContextRow(triaged.patient, triaged.resource.resourceType, encode(triaged.resource)))
+    elif isinstance(triaged, ReportMembers):
+        rows.member.extend(Membership(ref, report_key(report)) for ref, report in triaged.members)
     else:
-        stats.ignored[outcome.reason] += 1
-
-
-def _other(item: raw.Resource, stats: ReplayStats, rows: Rows, policy: ReadPolicy) -> None:
-    """A resource other than an Observation: a fact of its patient, a report's members, or unused."""
-    kind = item.resourceType
-    if kind == "Patient" and item.id:
-        rows.context.append(ContextRow(f"Patient/{item.id}", kind, encode(item)))
-    elif kind in ("Condition", "ServiceRequest", "CareTeam") and item.subject is not None \
-            and item.subject.reference:
-        # Keyed by the patient's canonical reference, as its results are. A subject on another
-        # server gives no facts: the live loop never looks a foreign patient up on its server.
-        subject = canonical_reference(item.subject.reference, "Patient", policy)
-        if isinstance(subject, Resolved) and not subject.foreign:
-            rows.context.append(ContextRow(subject.key, kind, encode(item)))
-        else:
-            stats.ignored[f"{kind} of a patient not on the server"] += 1
-    elif kind == "DiagnosticReport" and item.id:
-        specimens = item.specimen if isinstance(item.specimen, list) else ()
-        for ref, report in report_members(
-            item.id, (literal_reference(r.reference, policy) for r in item.result or ()),
-            (literal_reference(s.reference, policy) for s in specimens),
-        ):
-            rows.member.append(Membership(ref, report_key(report)))
-    else:
-        stats.ignored[f"{_kind(kind) if kind else 'untyped'} not used"] += 1
-
-
-_RESOURCE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
-
-
-def _kind(resource_type: str) -> str:
-    """A resourceType as the summary log shows it: a type name, or "unknown type" (never text)."""
-    return resource_type if _RESOURCE_TYPE.fullmatch(resource_type) else "unknown type"
+        stats.ignored[triaged.reason] += 1
 
 
 def _reject(rejected: Rejected, seq: int, rows: Rows) -> None:

@@ -444,7 +444,7 @@ def _has_entries(data: bytes) -> bool:
 
 def _followed(doc: dict[str, Any], query: Sequence[tuple[str, str]]) -> bool:
     """Would neutrowatch's keyset paging follow this page's next link? Only when the page has one
-    and every entry shares the search's _lastUpdated lower bound (worker.pages_since)."""
+    and every entry shares the search's _lastUpdated lower bound (service/live/search.py pages_since)."""
     if not any(link.get("relation") == "next" for link in doc.get("link") or ()):
         return False
     bounds = [v[2:] for k, v in query if k == "_lastUpdated" and v.startswith("ge")]
@@ -452,7 +452,8 @@ def _followed(doc: dict[str, Any], query: Sequence[tuple[str, str]]) -> bool:
         return False
     try:
         bound = to_epoch_us(bounds[0])
-        stamps = [to_epoch_us(e["resource"]["meta"]["lastUpdated"]) for e in doc.get("entry") or ()]
+        stamps = [to_epoch_us(e["resource"]["meta"]["lastUpdated"]) for e in doc.get("entry") or ()
+                  if (e.get("search") or {}).get("mode") != "include"]  # not the DiagnosticReports included
     except (KeyError, TypeError, ValueError):
         return False
     return all(s <= bound for s in stamps)

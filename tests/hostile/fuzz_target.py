@@ -32,7 +32,7 @@ from service.core.observations import LabResult, Rejected, normalise, undecodabl
 from service.core.panels import decide  # noqa: E402
 from service.config import load_settings  # noqa: E402
 from service.output.events import rejected_record  # noqa: E402
-from service.fhir.client import FhirError, _page, _Response, _Retry, _without_future_stamps  # noqa: E402
+from service.fhir.client import BrokenPages, FhirError, _page, _Response, _Retry, _without_future_stamps  # noqa: E402
 
 RULES = load_settings(None).rules
 
@@ -67,7 +67,7 @@ def check_rejection(rejected: Rejected) -> None:
 
 def check_page(data: bytes, doc: raw.Document) -> None:
     try:
-        entries, _next = _page(_Response(200, {}, data, False))
+        entries, _next = _page(_Response(200, {}, data, False), BrokenPages())
         items = entries.items
     except (_Retry, FhirError):
         assert not (doc.complete and doc.resource_type == "Bundle")

@@ -26,7 +26,7 @@ from service import metrics
 from service.core.copies import UNPLACED, stamped
 from service.core.observations import CONFLICT
 from service.fhir import raw
-from service.fhir.client import UnreadablePage
+from service.fhir.client import FhirClient, UnreadablePage
 from service.fhir.fhirtime import from_epoch_us
 from service.live.store.base import Intake
 from service.live.store.sqlite import SqliteStore
@@ -393,10 +393,11 @@ async def test_a_page_truncated_the_same_way_every_time_is_read_up_to_the_cut_th
     before = counter("neutrowatch_damaged_pages_total", "handling")
     try:
         settings = settings_for(middleman.base, tmp_path / "s.sqlite3", page_size=30)
-        first = await cycle(settings)
-        assert first.delivered_all and 0 < first.observations < 30
-        with pytest.raises(UnreadablePage, match="not skipped, the cursor stays"):
-            await cycle(settings)
+        async with FhirClient(settings.fhir) as client:  # one running process: its client remembers the page
+            first = await cycle(settings, client=client)
+            assert first.delivered_all and 0 < first.observations < 30
+            with pytest.raises(UnreadablePage, match="not skipped, the cursor stays"):
+                await cycle(settings, client=client)
         handled = delta(counter("neutrowatch_damaged_pages_total", "handling"), before)
         assert handled["retried"] >= 1 and handled["prefix"] >= 1 and handled["refused"] >= 1
         middleman.splices.clear()  # the server heals

@@ -3,6 +3,7 @@ replay oracle (what replay predicts for the resources as the server holds them).
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,16 @@ Resource = dict[str, Any]
 POOL = ("CareTeam/oncology",)  # the configured recipient pool of the tests (live loop and oracle alike)
 
 
-async def cycle(settings: Settings, *, with_decisions: bool = False) -> Any:
-    """One worker cycle with a fresh store connection and client (as a restarted process would)."""
+async def cycle(settings: Settings, *, with_decisions: bool = False, client: FhirClient | None = None) -> Any:
+    """One worker cycle with a fresh store connection and client (as a restarted process would);
+    `client`: the one of a process that goes on running instead."""
     store = make_store(settings.store)
     await store.open()
     try:
         assert await store.lead(), "another test process holds the store"
-        async with FhirClient(settings.fhir) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            if client is None:
+                client = await stack.enter_async_context(FhirClient(settings.fhir))
             report = await Worker(settings, client, store).run_cycle()
             return (report, await store.decisions()) if with_decisions else report
     finally:

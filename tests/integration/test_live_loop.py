@@ -21,15 +21,43 @@ import yaml
 from service.core.observations import LabResult
 from service.errors import StoreError
 from service.fhir.client import FhirClient
+from service.fhir.fhirtime import from_epoch_us
 from service.live.store.postgres import PostgresStore
 from service.live.store.sqlite import SqliteStore
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
-from tests.integration.live import compare_with_oracle, cycle, population, settings_for, stages
+from tests.integration.live import compare_with_oracle, cycle, oracle, population, settings_for, stages
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+async def test_a_draw_grouped_by_its_diagnostic_report_is_grouped_alike_by_replay_and_live(
+        fhir_base_url, tmp_path):
+    """The WBC and the neutrophil % of one draw name no specimen and were stamped a minute apart;
+    only their DiagnosticReport says they are one panel (specimen, else DiagnosticReport, else
+    collection instant: reference §1.2). The live loop reads the report with its results and
+    decides the panel as replay does: one assessment of both results, the same event records."""
+    now_us = int(time.time() * 1_000_000)
+    drawn, counted = from_epoch_us(now_us - 7_200_000_000), from_epoch_us(now_us - 7_140_000_000)
+    wbc = observation("6690-2", 2.0, id="dr-wbc", patient="Patient/dr", effective=drawn, specimen=None)
+    # ANC = WBC x neutrophil fraction (reference §2): 2000/uL x 20 % = 400/uL, neutropenia in every
+    # grading scheme (reference §3)
+    neutrophils = observation("770-8", 20, "%", id="dr-neut", patient="Patient/dr", effective=counted,
+                              specimen=None)
+    report = {"resourceType": "DiagnosticReport", "id": "dr-cbc", "status": "final",
+              "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+              "subject": {"reference": "Patient/dr"},
+              "result": [{"reference": "Observation/dr-wbc"}, {"reference": "Observation/dr-neut"}]}
+    put_all(fhir_base_url, [wbc, neutrophils, report])
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
+    cycle_report, live = await cycle(settings, with_decisions=True)
+    assert cycle_report.delivered_all
+    events, _alerts = oracle(fhir_base_url, tmp_path / "oracle")
+    alerted = [e for e in live if e["event"] == "new"]
+    assert len(alerted) == 1
+    assert sorted(alerted[0]["observations"]) == ["Observation/dr-neut", "Observation/dr-wbc"]
+    assert live == events
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
 
 
 async def test_staged_arrival_matches_replay_exactly_once(fhir_base_url_each_mode, tmp_path, state):

@@ -139,8 +139,8 @@ def smart_settings(base_url: str, tmp_path: Path, token_url: str, scope: str | N
 
 
 async def test_granted_scopes_are_compared_with_the_needed_ones(proxy, token_endpoint, tmp_path, capsys):
-    """The token endpoint grants the old default (no Condition, ServiceRequest, CareTeam or
-    StructureDefinition, no search on the writes) and the server refuses the Condition search: the
+    """The token endpoint grants the old default (no DiagnosticReport, Condition, ServiceRequest,
+    CareTeam or StructureDefinition, no search on the writes) and the server refuses the Condition search: the
     probe names each scope not granted, and the refused search with the missing scope."""
     token_endpoint.granted = "system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr system/Provenance.cr"
     proxy.add(Fault(lambda r: r.path == "/fhir/Condition", times=float("inf"), respond=forbidden))
@@ -149,8 +149,9 @@ async def test_granted_scopes_are_compared_with_the_needed_ones(proxy, token_end
     out = lines(capsys)
     assert token_endpoint.requested == [scopes.default_scope()]
     assert "ok   requested scope: covers every interaction of this configuration" in out
-    assert ("FAIL granted scope: the token endpoint did not grant system/Condition.s system/ServiceRequest.r "
-            "system/CareTeam.s system/Flag.s system/Communication.s system/Provenance.s system/StructureDefinition.rs") in out
+    assert ("FAIL granted scope: the token endpoint did not grant system/DiagnosticReport.s system/Condition.s "
+            "system/ServiceRequest.r system/CareTeam.s system/Flag.s system/Communication.s system/Provenance.s "
+            "system/StructureDefinition.rs") in out
     assert "FAIL Condition search: HTTP 403: forbidden — missing system/Condition.s?" in out
     assert all(s.headers.get("Authorization") == "Bearer probe-token" for s in proxy.seen)
 
@@ -158,9 +159,9 @@ async def test_granted_scopes_are_compared_with_the_needed_ones(proxy, token_end
 async def test_a_requested_scope_short_of_the_needs_is_named(proxy, token_endpoint, tmp_path, capsys):
     """A site's own scope in v1 syntax that lacks Provenance: the probe fails naming it; a full
     v1 grant is accepted."""
-    v1 = ("system/Observation.read system/Patient.read system/Condition.read system/ServiceRequest.read "
-          "system/CareTeam.read system/Flag.read system/Flag.write system/Communication.read system/Communication.write "
-          "system/StructureDefinition.read")
+    v1 = ("system/Observation.read system/DiagnosticReport.read system/Patient.read system/Condition.read "
+          "system/ServiceRequest.read system/CareTeam.read system/Flag.read system/Flag.write system/Communication.read "
+          "system/Communication.write system/StructureDefinition.read")
     token_endpoint.granted = v1 + " system/Provenance.read system/Provenance.write"
     assert await probe(smart_settings(proxy.base, tmp_path, token_endpoint.url, v1)) == 1
     out = lines(capsys)

@@ -386,7 +386,7 @@ def _post(base_url: str, bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 def _transaction(w: dict[str, Any], flag_entry: dict[str, Any] | None, flag_id: str | None) -> dict[str, Any]:
-    """The Bundle as service/live/worker.py `_post` must build it (fhir_profiles/README.md)."""
+    """The Bundle as service/output/transaction.py and service/live/writer.py build it (fhir_profiles/README.md)."""
     entries = [flag_entry] if flag_entry else []
     if w["communication"] is not None:
         entries.append({"fullUrl": w["communication_full_url"], "resource": w["communication"],

@@ -448,7 +448,7 @@ async def test_an_outbox_row_from_before_provenance_still_posts(fhir_base_url, t
                 "flag_identifier": list(writes.flag_identifier),
                 "communication_identifier": list(writes.communication_identifier) if writes.communication_identifier else None}
 
-    monkeypatch.setattr(worker_module, "_writes_dict", old_writes)
+    monkeypatch.setattr(worker_module, "outbox_writes", old_writes)
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     for stage in scenario()[:2]:
         put_all(fhir_base_url, stage)

@@ -28,12 +28,13 @@ def test_the_default_scope_is_the_same_in_the_model_the_yaml_and_the_derivation(
 
 
 def test_the_default_scope_names_every_interaction_of_the_live_loop():
-    """Reads and searches of the context resources, `cus` on Flag (search, conditional create, update),
+    """The Observation search and the DiagnosticReports it includes, reads and searches of the context
+    resources, `cus` on Flag (search, conditional create, update),
     `cs` on Communication and Provenance (a conditional create searches), StructureDefinition read when
     profiles are claimed."""
     assert scopes.default_scope().split() == [
-        "system/Observation.s", "system/Patient.r", "system/Condition.s", "system/ServiceRequest.r",
-        "system/CareTeam.s", "system/Flag.cus", "system/Communication.cs", "system/Provenance.cs",
+        "system/Observation.s", "system/DiagnosticReport.s", "system/Patient.r", "system/Condition.s",
+        "system/ServiceRequest.r", "system/CareTeam.s", "system/Flag.cus", "system/Communication.cs", "system/Provenance.cs",
         "system/StructureDefinition.rs"]
 
 
@@ -46,27 +47,27 @@ def test_what_the_configuration_does_not_read_is_not_requested(options, absent):
     """Context off, no chronic benign threshold, or no profile claims: those scopes are not asked for."""
     requested = {s.split("/")[1].split(".")[0] for s in scopes.default_scope(**options).split()}
     assert requested & absent == set()
-    assert {"Observation", "Flag", "Communication", "Provenance"} <= requested
+    assert {"Observation", "DiagnosticReport", "Flag", "Communication", "Provenance"} <= requested
 
 
 @pytest.mark.parametrize(("grant", "lacking"), [
     (scopes.default_scope(), []),
     # v1 syntax: read = r+s, write = c+u+d
-    ("system/Observation.read system/Patient.read system/Condition.read system/ServiceRequest.read "
-     "system/CareTeam.read system/Flag.read system/Flag.write system/Communication.read system/Communication.write "
+    ("system/Observation.read system/DiagnosticReport.read system/Patient.read system/Condition.read "
+     "system/ServiceRequest.read system/CareTeam.read system/Flag.read system/Flag.write system/Communication.read system/Communication.write "
      "system/Provenance.read system/Provenance.write system/StructureDefinition.read", []),
     ("system/*.read system/*.write", []),
     ("system/*.*", []),
     ("system/*.cruds", []),
     # the default before this derivation: no Condition, ServiceRequest, CareTeam, StructureDefinition, no search on writes
     ("system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr system/Provenance.cr",
-     ["system/Condition.s", "system/ServiceRequest.r", "system/CareTeam.s", "system/Flag.s", "system/Communication.s",
-      "system/Provenance.s", "system/StructureDefinition.rs"]),
+     ["system/DiagnosticReport.s", "system/Condition.s", "system/ServiceRequest.r", "system/CareTeam.s", "system/Flag.s",
+      "system/Communication.s", "system/Provenance.s", "system/StructureDefinition.rs"]),
     # Provenance forgotten in the writes: only its create is missing (the wildcard read covers search)
     ("system/*.read system/Flag.write system/Communication.write", ["system/Provenance.c"]),
     # write without read: a conditional create also needs search
     ("system/Observation.read system/Flag.write system/Communication.write system/Provenance.write",
-     ["system/Patient.r", "system/Condition.s", "system/ServiceRequest.r", "system/CareTeam.s", "system/Flag.s",
+     ["system/DiagnosticReport.s", "system/Patient.r", "system/Condition.s", "system/ServiceRequest.r", "system/CareTeam.s", "system/Flag.s",
       "system/Communication.s", "system/Provenance.s", "system/StructureDefinition.rs"]),
     # patient/ and user/ scopes grant a backend service nothing
     ("patient/*.cruds user/*.cruds", [s for s in scopes.default_scope().split()]),
@@ -92,14 +93,14 @@ def test_check_config_warns_of_a_configured_scope_short_of_the_needs(tmp_path):
     short.write_text(base + "      scope: system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr system/Provenance.cr\n")
     warned = [w for w in review_settings(short).warnings if w.startswith("fhir.auth.smart.scope")]
     assert len(warned) == 1 and warned[0].startswith(
-        "fhir.auth.smart.scope lacks system/Condition.s system/ServiceRequest.r system/CareTeam.s system/Flag.s "
+        "fhir.auth.smart.scope lacks system/DiagnosticReport.s system/Condition.s system/ServiceRequest.r system/CareTeam.s system/Flag.s "
         "system/Communication.s system/Provenance.s system/StructureDefinition.rs: the server will refuse those requests")
     default = tmp_path / "default.yaml"
     default.write_text(base)
     assert not [w for w in review_settings(default).warnings if w.startswith("fhir.auth.smart.scope")]
     # a configuration that reads less needs less: no context, no profile claims
     lean = tmp_path / "lean.yaml"
-    lean.write_text(base + "      scope: system/Observation.read system/Flag.read system/Flag.write system/Communication.read "
+    lean.write_text(base + "      scope: system/Observation.read system/DiagnosticReport.read system/Flag.read system/Flag.write system/Communication.read "
                     "system/Communication.write system/Provenance.read system/Provenance.write\n"
                     "poll:\n  patient_context: false\nalerts:\n  claim_profiles: false\n")
     assert not [w for w in review_settings(lean).warnings if w.startswith("fhir.auth.smart.scope")]

@@ -7,7 +7,7 @@ without `_history`, the resource returned)."""
 
 import pytest
 
-from service.live.worker import answered_id, answered_version
+from service.output.transaction import answered_id, answered_version
 
 
 @pytest.mark.parametrize(
