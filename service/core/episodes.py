@@ -245,11 +245,9 @@ def fever_considered(ps: PatientState, readings: Sequence[Temperature], febrile:
         return FeverConsidered(rule, not_febrile=NotFebrile.NO_EPISODE)
     if m.febrile:
         return FeverConsidered(rule, not_febrile=NotFebrile.ALREADY_FEBRILE)
-    if m.last is None or m.newest_us is None:
-        return FeverConsidered(rule, not_febrile=NotFebrile.NO_ANC)
     if not any(_near(t, m, rules) for t in hits):
         return FeverConsidered(rule, not_febrile=NotFebrile.TOO_FAR)
-    return FeverConsidered(rule, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=m.last.anc)
+    return FeverConsidered(rule, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=m.last.anc if m.last else None)
 
 
 # -- the machine -------------------------------------------------------------------------------------

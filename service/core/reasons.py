@@ -49,7 +49,6 @@ class NotFebrile(StrEnum):
 
     NO_EPISODE = "no open episode"
     ALREADY_FEBRILE = "already febrile"  # once per episode
-    NO_ANC = "no anc"  # the open episode has no ANC yet
     ANC_NOT_LOW = "anc not low"  # the newest ANC is neither low enough nor falling fast enough
     TOO_FAR = "too far"  # collected more than fever_window_us from the newest ANC
 

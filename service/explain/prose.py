@@ -130,7 +130,6 @@ def _no_event(d: PanelDecision) -> str | None:
 NOT_FEBRILE = {
     NotFebrile.NO_EPISODE: "no open episode",
     NotFebrile.ALREADY_FEBRILE: "the episode is already febrile (once per episode)",
-    NotFebrile.NO_ANC: "no ANC yet",
 }
 
 
