@@ -229,7 +229,9 @@ def _febrile_fever(
     return (fever, FebrileRule(fever_rule(fever, rules), anc)) if fever is not None else None
 
 
-def fever_considered(ps: PatientState, readings: Sequence[Temperature], febrile: bool, rules: Rules) -> FeverConsidered:
+def fever_considered(
+    ps: PatientState, readings: Sequence[Temperature], febrile: bool, rules: Rules
+) -> FeverConsidered:
     """What the fever rule made of a panel's readings, in the patient's state after the panel:
     whether one is a fever (in the whole remembered record), and for a fever that announced no
     febrile neutropenia (`febrile` False), why."""
@@ -247,7 +249,8 @@ def fever_considered(ps: PatientState, readings: Sequence[Temperature], febrile:
         return FeverConsidered(rule, not_febrile=NotFebrile.ALREADY_FEBRILE)
     if not any(_near(t, m, rules) for t in hits):
         return FeverConsidered(rule, not_febrile=NotFebrile.TOO_FAR)
-    return FeverConsidered(rule, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=m.last.anc if m.last else None)
+    newest = m.last.anc if m.last else None
+    return FeverConsidered(rule, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=newest)
 
 
 # -- the machine -------------------------------------------------------------------------------------
@@ -296,7 +299,8 @@ def _after(
         fever, why = febrile
         s = replace(s, febrile=True)
         events = [replace(e, febrile=True) for e in events]
-        events.append(_event(EventKind.FEBRILE, s, s.current or a.band, a, before, fever=fever, febrile_rule=why))
+        events.append(_event(EventKind.FEBRILE, s, s.current or a.band, a, before, fever=fever,
+                             febrile_rule=why))
     return s, events, False
 
 
@@ -398,7 +402,8 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
         if febrile is None or machine.last is None:
             return ps, []
         event = _event(EventKind.FEBRILE, replace(machine, febrile=True), machine.current or machine.last.band, machine.last,
-                       replace(machine, last_anc=machine.previous_anc, last_effective=machine.previous_effective),
+                       replace(machine, last_anc=machine.previous_anc,
+                               last_effective=machine.previous_effective),
                        fever=febrile[0], febrile_rule=febrile[1])
     return replace(ps, machine=replace(machine, febrile=True), alerted=ps.alerted + (_remember(event),)), [event]
 

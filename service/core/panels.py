@@ -122,7 +122,7 @@ class PanelDecision:
     stale: bool = False  # collected before the newest panel already assessed
     assessment: Assessment | None = None  # the panel's assessment, when it had an ANC to grade
     newest_effective: str | None = None  # for a stale panel: the collection time of the newest one assessed
-    no_event: NoEvent | None = None  # why the panel announced nothing of its own (its rejection says so itself)
+    no_event: NoEvent | None = None  # why the panel announced nothing of its own (not set for a rejection)
     revised_from: Band | None = None  # for a re-assessed panel: the band it had before
     withdrawn: bool = False  # assessed before, the panel has no ANC now: it left the patient's history
     fever: FeverConsidered | None = None  # the panel's body temperatures, as the fever rule judged them
@@ -181,7 +181,8 @@ def decide(
     for reading in readings:
         state, produced = add_temperature(state, reading, rules)
         events.extend(produced)
-    decision = _labs(state, patient, panel, tuple(r for r in results if r.kind is not Kind.TEMP), rules, context, events)
+    labs = tuple(r for r in results if r.kind is not Kind.TEMP)
+    decision = _labs(state, patient, panel, labs, rules, context, events)
     if not temperatures:
         return decision
     febrile = any(e.kind is EventKind.FEBRILE for e in decision.events)
@@ -211,11 +212,14 @@ def _labs(state: PatientState, patient: str, panel: str, labs: tuple[LabResult, 
     state, produced, stale = apply(state, outcome, rules, reason=reason)
     events = [*events, *produced]
     return PanelDecision(state, tuple(events), assessed=True, stale=stale, assessment=outcome,
-                         newest_effective=newest if stale else None, revised_from=previous.band if previous else None,
+                         newest_effective=newest if stale else None,
+                         revised_from=previous.band if previous else None,
                          no_event=_no_event(state, stale, previous, bool(events)))
 
 
-def _no_event(after: PatientState, stale: bool, previous: Assessment | None, announced: bool) -> NoEvent | None:
+def _no_event(
+    after: PatientState, stale: bool, previous: Assessment | None, announced: bool
+) -> NoEvent | None:
     """Why an assessed panel announced nothing: stale (whatever its temperatures announced), else,
     when the panel's decision announced nothing at all, a revision that changed no announcement, or
     the episode rules' "never a repeated alert" (reference §3)."""

@@ -25,5 +25,5 @@ from service.explain.text import render_text, trail_json
 from service.explain.trail import build_trail, explain_inputs, read_given
 
 __all__ = ["ExplainError", "Trail", "build_trail", "explain_inputs", "explain_server", "fetch_patient",
-           "patient_reference", "plot", "plot_available", "read_given", "render_text", "rule_for", "trail_json",
-           "write_png"]
+           "patient_reference", "plot", "plot_available", "read_given", "render_text", "rule_for",
+           "trail_json", "write_png"]

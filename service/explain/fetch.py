@@ -24,7 +24,9 @@ from service.live.directory import active_care_teams, chronic_benign_conditions,
 Resources = list[dict[str, Any]]
 
 
-async def fetch_patient(settings: Settings, patient: str, *, history: bool = True) -> tuple[Resources, list[str]]:
+async def fetch_patient(
+    settings: Settings, patient: str, *, history: bool = True
+) -> tuple[Resources, list[str]]:
     """What replay would read of one patient, from the server named by fhir.base_url: the monitored
     Observations (CBC terms and body temperatures; every version through `_history` unless
     `history` is False), the Patient, its chronic benign neutropenia Conditions, DiagnosticReports
@@ -58,7 +60,8 @@ class _PatientReader:
         self.doing.append("Condition search")
         resources += await chronic_benign_conditions(self.client, self.subject)
         self.doing.append("DiagnosticReport search")
-        resources += await self.client.search_all("DiagnosticReport", [("subject", self.patient), ("_count", self.page)])
+        resources += await self.client.search_all("DiagnosticReport",
+                                                  [("subject", self.patient), ("_count", self.page)])
         resources += await self.orders(observations)
         self.doing.append("CareTeam search")
         resources += await active_care_teams(self.client, self.subject)
@@ -135,6 +138,7 @@ def explain_server(settings: Settings, patient: str, *, history: bool = True) ->
     with tempfile.TemporaryDirectory(prefix="neutrowatch-explain-") as tmp:
         path = Path(tmp) / "patient.ndjson"
         path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
-        trail = explain_inputs([path], patient, settings, source=f"{settings.fhir.base_url} ({len(resources)} resources)")
+        source = f"{settings.fhir.base_url} ({len(resources)} resources)"
+        trail = explain_inputs([path], patient, settings, source=source)
     trail.notes.extend(notes)
     return trail

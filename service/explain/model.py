@@ -92,7 +92,8 @@ class Step:
     effective: str | None
     effective_us: int | None
     inputs: list[Input]
-    outcome: str  # assessed | stale | rejected | not-assessed | no-anc | temperature | rejected-input | quarantined
+    # assessed | stale | rejected | not-assessed | no-anc | temperature | rejected-input | quarantined
+    outcome: str
     reason: str | None = None
     anc: dict[str, Any] | None = None
     grade: dict[str, Any] | None = None
@@ -100,7 +101,7 @@ class Step:
     after: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
     note: str | None = None  # why nothing (more) was announced
-    records: list[dict[str, Any]] = field(default_factory=list)  # every record of this step, in replay's order
+    records: list[dict[str, Any]] = field(default_factory=list)  # every record of this step, replay's order
     revision_of: int | None = None  # the step that judged this panel before
 
 

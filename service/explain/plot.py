@@ -63,16 +63,19 @@ class _Timeline:
         latest = {(s.patient, s.panel): s for s in trail.steps if s.kind == "panel"}
         current = sorted((s for s in latest.values() if s.anc is not None and s.effective_us is not None),
                          key=lambda s: s.effective_us or 0)
-        superseded = [(s, latest[(s.patient, s.panel)]) for s in trail.steps if s.kind == "panel"
-                      and s.anc is not None and s.effective_us is not None and latest[(s.patient, s.panel)] is not s]
+        superseded = [(s, latest[(s.patient, s.panel)]) for s in trail.steps
+                      if s.kind == "panel" and s.anc is not None and s.effective_us is not None
+                      and latest[(s.patient, s.panel)] is not s]
         temps = {i.ref: (i.effective_us, i.value) for s in trail.steps for i in s.inputs
                  if i.kind == "temperature" and i.value is not None and i.effective_us is not None}
-        times = [s.effective_us for s in trail.steps if s.effective_us is not None] + [t for t, _ in temps.values()]
+        times = [s.effective_us for s in trail.steps if s.effective_us is not None]
+        times += [t for t, _ in temps.values()]
         if not times:
             raise ExplainError(f"nothing with a collection time to plot for {trail.patient}")
         values = [s.anc["value"] for s in current + [old for old, _ in superseded] if s.anc] or [1000.0]
         bounds = [b.below for b in trail.scheme.bands if b.below is not None]
-        rejected = [s for s in trail.steps if s.outcome in ("rejected-input", "rejected") and s.effective_us is not None]
+        rejected = [s for s in trail.steps
+                    if s.outcome in ("rejected-input", "rejected") and s.effective_us is not None]
         return cls(current, superseded, rejected, sorted(temps.values()), min(times), max(times),
                    max(10.0, min(min(values) / 2, min(bounds) / 2)), max(max(values) * 2, max(bounds) * 4))
 
@@ -99,10 +102,10 @@ def _bands(ax: Any, scheme: Scheme, line: _Timeline) -> list[Any]:
     for band in scheme.bands:
         label = f"{band.label} ({band_range(scheme, band, lln)})"
         if band.below_lln:
+            hatched = {"facecolor": colour(band), "edgecolor": "#b2182b", "alpha": 0.6, "hatch": "///"}
             if lln is not None and lln > lower:
-                ax.axhspan(lower, lln, facecolor=colour(band), edgecolor="#b2182b", alpha=0.6, lw=0, hatch="///",
-                           zorder=1)
-            legend.append(Patch(facecolor=colour(band), edgecolor="#b2182b", alpha=0.6, hatch="///", label=label))
+                ax.axhspan(lower, lln, lw=0, zorder=1, **hatched)
+            legend.append(Patch(label=label, **hatched))
             continue
         top = band.below if band.below is not None else line.high
         ax.axhspan(lower, top, facecolor=colour(band), alpha=0.5, lw=0, zorder=0)
@@ -127,7 +130,8 @@ def _anc(ax: Any, line: _Timeline) -> None:
     for old, new in line.superseded:
         assert old.anc is not None and old.effective_us is not None
         p = (_dt(old.effective_us), line.floor(old.anc["value"]))
-        ax.plot([p[0]], [p[1]], marker="o", ms=9, mfc="white", mec=CORRECTION_COLOUR, mew=1.6, ls="none", zorder=5)
+        ax.plot([p[0]], [p[1]], marker="o", ms=9, mfc="white", mec=CORRECTION_COLOUR, mew=1.6, ls="none",
+                zorder=5)
         if new.anc is not None and new.effective_us is not None:
             ax.annotate("", xy=(_dt(new.effective_us), new.anc["value"]), xytext=p, zorder=5,
                         arrowprops={"arrowstyle": "->", "color": CORRECTION_COLOUR, "ls": ":", "lw": 1.4,
@@ -143,7 +147,8 @@ def _event_label(e: Event) -> str:
     if withdrawn:
         label = f"retracted: {withdrawn.get('event')} {withdrawn.get('grade_label') or ''}".rstrip()
     else:
-        label = e.kind + (f" {rec.get('grade_label')}" if rec.get("grade_label") and e.kind != "resolved" else "")
+        grade = rec.get("grade_label") if e.kind != "resolved" else None
+        label = e.kind + (f" {grade}" if grade else "")
     if rec.get("anc") is not None and e.kind != "retracted":
         label += f" ({'≤' if rec.get('anc_at_most') else ''}{fmt(rec['anc'], 0)})"
     return label + (" [correction]" if e.correction else "")
@@ -163,13 +168,15 @@ def _events(ax: Any, tx: Any, trail: Trail, line: _Timeline) -> None:
                 continue
             colour, marker = EVENT_STYLE.get(e.kind, ("black", "o"))
             at = (_dt(t_us), line.floor(float(withdrawn.get("anc") or e.record.get("anc") or line.low * 1.5)))
-            ax.plot([at[0]], [at[1]], marker=marker, ms=11, color=colour, mec="white", mew=0.8, ls="none", zorder=7)
+            ax.plot([at[0]], [at[1]], marker=marker, ms=11, color=colour, mec="white", mew=0.8, ls="none",
+                    zorder=7)
             frac = (t_us - line.start) / span
             level = sum(1 for f in placed if abs(f - frac) < 0.06)
             placed.append(frac)
-            ax.annotate(_event_label(e), at, xytext=(6, 14 + 13 * level), textcoords="offset points", fontsize=8,
-                        color=colour, fontweight="bold", zorder=8,
-                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": colour, "lw": 0.6, "alpha": 0.85},
+            ax.annotate(_event_label(e), at, xytext=(6, 14 + 13 * level), textcoords="offset points",
+                        fontsize=8, color=colour, fontweight="bold", zorder=8,
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": colour, "lw": 0.6,
+                              "alpha": 0.85},
                         arrowprops={"arrowstyle": "-", "color": colour, "lw": 0.6})
             for axis in (ax, tx):
                 axis.axvline(at[0], color=colour, lw=0.5, alpha=0.35, zorder=2)
@@ -190,20 +197,24 @@ def _fever_star(tx: Any, e: Event, colour: str) -> None:
 def _temperatures(tx: Any, r: Rules, points: list[tuple[int, float]]) -> None:
     """The readings (those >= the sustained threshold in orange) and the two fever thresholds."""
     if points:
-        tx.plot([_dt(t) for t, _ in points], [c for _, c in points], color="#6a51a3", lw=0.8, marker=".", ms=5)
+        tx.plot([_dt(t) for t, _ in points], [c for _, c in points], color="#6a51a3", lw=0.8, marker=".",
+                ms=5)
         hot = [(t, c) for t, c in points if c >= r.fever_sustained_c]
         if hot:
-            tx.plot([_dt(t) for t, _ in hot], [c for _, c in hot], ls="none", marker="o", ms=5, color=FEVER_COLOUR)
+            tx.plot([_dt(t) for t, _ in hot], [c for _, c in hot], ls="none", marker="o", ms=5,
+                    color=FEVER_COLOUR)
         tx.set_ylim(min(min(c for _, c in points) - 0.3, 36.0), max(max(c for _, c in points) + 0.3,
                                                                    r.fever_single_c + 0.5))
     else:
         tx.set_ylim(35.5, r.fever_single_c + 0.7)
-        tx.text(0.5, 0.5, "no body temperatures", transform=tx.transAxes, ha="center", va="center", color="#737373")
+        tx.text(0.5, 0.5, "no body temperatures", transform=tx.transAxes, ha="center", va="center",
+                color="#737373")
+    sustained = f"{r.fever_sustained_c:.1f} for {r.fever_sustained_us / HOUR_US:g} h"
     for celsius, colour, ls, label in ((r.fever_single_c, FEVER_COLOUR, "--", f"{r.fever_single_c:.1f} once"),
-                                       (r.fever_sustained_c, "#fd8d3c", ":",
-                                        f"{r.fever_sustained_c:.1f} for {r.fever_sustained_us / HOUR_US:g} h")):
+                                       (r.fever_sustained_c, "#fd8d3c", ":", sustained)):
         tx.axhline(celsius, color=colour, lw=0.9, ls=ls)
-        tx.text(1.005, celsius, label, transform=tx.get_yaxis_transform(), fontsize=7, va="center", color=colour)
+        tx.text(1.005, celsius, label, transform=tx.get_yaxis_transform(), fontsize=7, va="center",
+                color=colour)
     tx.set_ylabel("temperature (°C)")
     tx.grid(axis="y", color="#d9d9d9", lw=0.5)
 
@@ -213,9 +224,11 @@ def _marks(trail: Trail, line: _Timeline) -> list[Any]:
 
     marks = [Line2D([], [], color="#2b2b2b", marker="o", ls="-", label="ANC (current value)"),
              Line2D([], [], color="#2b2b2b", marker=7, ls="none", label="ANC at most (\"<\")"),
-             Line2D([], [], mfc="white", mec=CORRECTION_COLOUR, marker="o", ls="none", label="superseded by a correction")]
+             Line2D([], [], mfc="white", mec=CORRECTION_COLOUR, marker="o", ls="none",
+                    label="superseded by a correction")]
     if any(s.outcome == "stale" for s in line.current):
-        marks.append(Line2D([], [], mfc="#bdbdbd", mec="#2b2b2b", marker="o", ls="none", label="stale (collected earlier)"))
+        marks.append(Line2D([], [], mfc="#bdbdbd", mec="#2b2b2b", marker="o", ls="none",
+                            label="stale (collected earlier)"))
     if line.rejected:
         marks.append(Line2D([], [], color="#737373", marker="x", ls="none", label="rejected input/panel"))
     kinds = {e.kind for e in trail.events}
@@ -257,13 +270,14 @@ def plot(trail: Trail) -> Any:
     tx.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     ax.tick_params(labelbottom=False)
     tx.set_xlabel("collection time (UTC)")
-    ax.legend(handles=legend[::-1] + _marks(trail, line), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
-              frameon=False, title=f"scheme {trail.scheme.name}", title_fontsize=9)
-    counts = ", ".join(f"{k} {n}" for k in EVENT_STYLE if (n := sum(1 for e in trail.events if e.kind == k))) or "no events"
+    ax.legend(handles=legend[::-1] + _marks(trail, line), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize=8, frameon=False, title=f"scheme {trail.scheme.name}", title_fontsize=9)
+    kinds = [e.kind for e in trail.events]
+    counts = ", ".join(f"{k} {kinds.count(k)}" for k in EVENT_STYLE if k in kinds) or "no events"
     fig.suptitle(f"{trail.patient} - neutrowatch decision trail, scheme {trail.scheme.name}", fontsize=12,
                  fontweight="bold")
-    ax.set_title(f"{len(line.current)} panels assessed, {len(line.superseded)} superseded, {len(line.rejected)} "
-                 f"rejected; {counts}", fontsize=9, color="#525252")
+    ax.set_title(f"{len(line.current)} panels assessed, {len(line.superseded)} superseded, "
+                 f"{len(line.rejected)} rejected; {counts}", fontsize=9, color="#525252")
     return fig
 
 

@@ -26,7 +26,8 @@ def hours(us: int) -> str:
 
 
 def fever_threshold(rule: FeverRule, rules: Rules, unit: str = "") -> str:
-    """The fever criterion in Celsius: ">= 38.3", ">= 38.0 for 1 h" (with unit " Cel": ">= 38.0 Cel for 1 h")."""
+    """The fever criterion in Celsius: ">= 38.3", ">= 38.0 for 1 h" (with `unit` " Cel":
+    ">= 38.0 Cel for 1 h")."""
     if rule is FeverRule.SINGLE:
         return f">= {rules.fever_single_c:.1f}{unit}"
     return f">= {rules.fever_sustained_c:.1f}{unit} for {hours(rules.fever_sustained_us)}"
@@ -49,8 +50,8 @@ def rule_for(event: AlertEvent, before: PatientState, rules: Rules) -> tuple[str
         label = band.label if band.label == band.severity else f"{band.label} ({band.severity})"
         return "new: neutropenic with no open episode", f"{anc}: {label}"
     if kind is EventKind.WORSENING:
-        worst = before.machine.worst.label if before.machine.worst is not None and not event.revision else None
-        than = f" ({worst})" if worst else ""
+        worst = before.machine.worst
+        than = f" ({worst.label})" if worst is not None and not event.revision else ""
         return ("worsening: worse than the worst alerted",
                 f"{anc}: {event.band.label}, worse than the worst alerted{than}")
     if kind is EventKind.RESOLVED:
@@ -112,15 +113,15 @@ def _no_event(d: PanelDecision) -> str | None:
     if why is NoEvent.NO_ANC:
         return "no ANC: the panel holds no final neutrophil result"
     if why is NoEvent.STALE:
-        return (f"no event: collected before the newest assessed panel ({d.newest_effective}); remembered, it "
-                "changes no episode")
+        return (f"no event: collected before the newest assessed panel ({d.newest_effective}); remembered, "
+                "it changes no episode")
     if a is None or why is None:
         return None
     if why is NoEvent.REVISION_UNCHANGED:
         if d.revised_from is None or d.revised_from == a.band:
             return "re-assessed (later version): the same grade, nothing to announce"
-        return (f"re-assessed (later version) as {a.band.label}, was {d.revised_from.label}: the revised history "
-                "needs no new or withdrawn announcement")
+        return (f"re-assessed (later version) as {a.band.label}, was {d.revised_from.label}: the revised "
+                "history needs no new or withdrawn announcement")
     if why is NoEvent.NOT_NEUTROPENIC:
         return "no event: not neutropenic and no open episode"
     worst = d.state.machine.worst.label if d.state.machine.worst else "?"
@@ -137,8 +138,8 @@ def fever_note(f: FeverConsidered, rules: Rules) -> str:
     """A panel's temperatures as the fever rule judged them."""
     if f.fever is None:
         if f.high:
-            return (f"no fever yet: >= {rules.fever_sustained_c:.1f} Cel but below {rules.fever_single_c:.1f} and "
-                    f"not sustained for {hours(rules.fever_sustained_us)}")
+            return (f"no fever yet: >= {rules.fever_sustained_c:.1f} Cel but below "
+                    f"{rules.fever_single_c:.1f} and not sustained for {hours(rules.fever_sustained_us)}")
         return "no fever"
     fever = f"fever ({fever_threshold(f.fever, rules, ' Cel')})"
     if f.febrile or f.not_febrile is None:

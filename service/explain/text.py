@@ -21,8 +21,8 @@ def _given_json(i: Input) -> dict[str, Any] | None:
 def _input_json(i: Input) -> dict[str, Any]:
     return {
         "observation": i.ref, "version": i.version, "code": i.code, "kind": i.kind, "status": i.status,
-        "effective": i.effective, "given": _given_json(i), "value": i.value, "unit": i.unit, "at_most": i.at_most,
-        "role": i.role,
+        "effective": i.effective, "given": _given_json(i), "value": i.value, "unit": i.unit,
+        "at_most": i.at_most, "role": i.role,
     }
 
 
@@ -53,6 +53,10 @@ def trail_json(trail: Trail) -> dict[str, Any]:
     }
 
 
+def _versioned(i: Input) -> str:
+    return i.ref + (f" v{i.version}" if i.version else "")
+
+
 def _table(rows: list[list[str]], indent: str) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return [indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -71,10 +75,11 @@ def _header(trail: Trail) -> list[str]:
         f"  bands:   {scheme_summary(trail.scheme)} (cells/uL)",
         f"  fever:   >= {r.fever_single_c:.1f} Cel once, or >= {r.fever_sustained_c:.1f} Cel for "
         f"{hours(r.fever_sustained_us)}; febrile within {hours(r.fever_window_us)} of ANC < "
-        f"{r.febrile_anc_below:g} (or < {r.febrile_falling_anc_below:g} that fell >= {r.febrile_fall_fraction * 100:g} % "
-        f"within {hours(r.febrile_fall_window_us)})",
-        f"  summary: {panels} panel judgements, {temperatures} temperature readings, {len(trail.rejected_inputs)} "
-        "rejected inputs; events: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"),
+        f"{r.febrile_anc_below:g} (or < {r.febrile_falling_anc_below:g} that fell >= "
+        f"{r.febrile_fall_fraction * 100:g} % within {hours(r.febrile_fall_window_us)})",
+        f"  summary: {panels} panel judgements, {temperatures} temperature readings, "
+        f"{len(trail.rejected_inputs)} rejected inputs; events: "
+        + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"),
     ]
     return out + [f"  note:    {note}" for note in trail.notes]
 
@@ -82,8 +87,8 @@ def _header(trail: Trail) -> list[str]:
 def _inputs_table(s: Step) -> list[str]:
     rows = [["observation", "code", "term", "status", "as received", "normalised", "role"]]
     for i in s.inputs:
-        normalised = (("<=" if i.at_most else "") + f"{fmt(i.value, 2)} {i.unit}") if i.value is not None else "-"
-        rows.append([f"{i.ref}" + (f" v{i.version}" if i.version else ""), i.code or "-", i.kind or "-",
+        normalised = f"{'<=' if i.at_most else ''}{fmt(i.value, 2)} {i.unit}" if i.value is not None else "-"
+        rows.append([_versioned(i), i.code or "-", i.kind or "-",
                      i.status or "-", i.given.describe() if i.given else "(not found)", normalised, i.role])
     return _table(rows, "    ")
 
@@ -93,13 +98,15 @@ def _anc_lines(anc: dict[str, Any], grade: dict[str, Any]) -> list[str]:
     if anc["lln"] is not None:
         extra.append(f"LLN {fmt(anc['lln'])}/uL")
     if anc["cytopenia"]:
-        extra.append(f"{anc['cytopenia']} (Hb {fmt(anc['hemoglobin'], 2)} g/dL, platelets {fmt(anc['platelets'])}/uL)")
+        extra.append(f"{anc['cytopenia']} (Hb {fmt(anc['hemoglobin'], 2)} g/dL, "
+                     f"platelets {fmt(anc['platelets'])}/uL)")
     severity = grade["severity"] or "not neutropenic"
     label = grade["label"] if grade["label"] == severity else f"{grade['label']} ({severity})"
     return [
         f"    ANC:      {'<=' if anc['at_most'] else ''}{fmt(anc['value'])}/uL by {anc['method']}"
         + (f"; {'; '.join(extra)}" if extra else ""),
-        f"    grade:    {label}, {grade['range']}/uL in scheme {grade['scheme']}; threshold rule: {grade['threshold_rule']}",
+        f"    grade:    {label}, {grade['range']}/uL in scheme {grade['scheme']}; "
+        f"threshold rule: {grade['threshold_rule']}",
     ]
 
 
@@ -131,7 +138,8 @@ def _panel_lines(s: Step) -> list[str]:
     else:
         again = f"; again, judged before at [{s.revision_of}]" if s.revision_of else ""
         out = [f"{head}  panel {s.panel}",
-               f"    arrival:  {s.trigger}, available {s.available or '(no lastUpdated: input order)'}{again}"]
+               f"    arrival:  {s.trigger}, available "
+               f"{s.available or '(no lastUpdated: input order)'}{again}"]
     out += _inputs_table(s)
     if s.anc is not None and s.grade is not None:
         out += _anc_lines(s.anc, s.grade)
@@ -148,7 +156,7 @@ def _temperature_lines(s: Step) -> list[str]:
     lines = []
     for i in s.inputs:
         given = i.given.describe() if i.given else "(not found)"
-        lines.append(f"[{s.n}] {i.effective}  temperature {i.ref}" + (f" v{i.version}" if i.version else "")
+        lines.append(f"[{s.n}] {i.effective}  temperature {_versioned(i)}"
                      + f" {i.code}: {given} -> {fmt(i.value, 2)} Cel; {s.note}")
     lines += _event_lines(s)
     if s.events:
@@ -159,8 +167,8 @@ def _temperature_lines(s: Step) -> list[str]:
 def _rejected_inputs(trail: Trail) -> list[str]:
     if not trail.rejected_inputs:
         return []
-    rows = [[s.inputs[0].ref + (f" v{s.inputs[0].version}" if s.inputs[0].version else ""), s.inputs[0].code or "-",
-             s.effective or "-", s.reason or ""] for s in trail.rejected_inputs]
+    rows = [[_versioned(s.inputs[0]), s.inputs[0].code or "-", s.effective or "-", s.reason or ""]
+            for s in trail.rejected_inputs]
     return ["", "Rejected inputs:", *_table(rows, "  ")]
 
 

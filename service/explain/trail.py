@@ -40,7 +40,9 @@ from service.fhir import raw
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.replay.engine import PanelTrace, Replay, documents
 
-CANONICAL_UNIT = {Prop.COUNT: "/uL", Prop.PERCENT: "%", Prop.FRACTION: "%", Prop.MASS: "g/dL", Prop.TEMP: "Cel"}
+CANONICAL_UNIT = {
+    Prop.COUNT: "/uL", Prop.PERCENT: "%", Prop.FRACTION: "%", Prop.MASS: "g/dL", Prop.TEMP: "Cel",
+}
 KIND_LABEL = {
     Kind.WBC: "WBC", Kind.NEUT_PCT: "neutrophils %", Kind.SEG_PCT: "segs %", Kind.BAND_PCT: "bands %",
     Kind.NEUT_ABS: "neutrophils #", Kind.SEG_ABS: "segs #", Kind.BAND_ABS: "bands #", Kind.HGB: "haemoglobin",
@@ -97,8 +99,8 @@ def _episode(ps: PatientState) -> dict[str, Any]:
 
 def _input(r: LabResult, role: str, index: GivenIndex) -> Input:
     term = TERMS.get(r.code)
-    return Input(r.ref, r.version, r.code, KIND_LABEL.get(r.kind, r.kind.value), r.status, r.effective, r.effective_us,
-                 index.get((r.ref, r.version, r.updated_us)), r.value,
+    return Input(r.ref, r.version, r.code, KIND_LABEL.get(r.kind, r.kind.value), r.status, r.effective,
+                 r.effective_us, index.get((r.ref, r.version, r.updated_us)), r.value,
                  CANONICAL_UNIT.get(term.prop) if term else None, r.at_most, role)
 
 
@@ -130,8 +132,8 @@ def _roles(labs: Sequence[LabResult], d: PanelDecision | None) -> dict[str, str]
     graded: its implausible members are named, the others were not used."""
     used = _used(d)
     if d is not None and d.rejection is not None and d.rejection.rejected.reason in TIME_REJECTIONS:
-        return {r.ref: f"rejected: {d.rejection.rejected.reason}" if r.ref in used else "not used: the panel is rejected"
-                for r in labs}
+        rejected = f"rejected: {d.rejection.rejected.reason}"
+        return {r.ref: rejected if r.ref in used else "not used: the panel is rejected" for r in labs}
     cytopenia = d is not None and d.assessment is not None and d.assessment.cytopenia is not None
     return {r.ref: _role(r, used, cytopenia) for r in labs}
 
@@ -158,7 +160,9 @@ def _outcome(d: PanelDecision, labs: Sequence[LabResult]) -> tuple[str, str | No
     return ("stale" if d.stale else "assessed"), None
 
 
-def _graded(a: Assessment, labs: Sequence[LabResult], t: PanelTrace, rules: Rules) -> tuple[dict[str, Any], dict[str, Any]]:
+def _graded(
+    a: Assessment, labs: Sequence[LabResult], t: PanelTrace, rules: Rules
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """The step's ANC and grade: the assessment, with the lower limit of normal the results carried
     and the scheme it was graded in (the patient's own threshold may name another)."""
     anc = compute_anc(labs)
@@ -166,7 +170,8 @@ def _graded(a: Assessment, labs: Sequence[LabResult], t: PanelTrace, rules: Rule
     scheme = grading_for(rules, t.context, a.effective_us).scheme or rules.scheme
     return (
         {"value": a.anc, "unit": "/uL", "at_most": a.at_most, "method": a.method, "wbc": a.wbc, "lln": lln,
-         "observations": list(a.refs), "cytopenia": a.cytopenia, "hemoglobin": a.hemoglobin, "platelets": a.platelets},
+         "observations": list(a.refs), "cytopenia": a.cytopenia, "hemoglobin": a.hemoglobin,
+         "platelets": a.platelets},
         {"scheme": scheme.name, "label": a.band.label, "severity": a.band.severity, "rank": a.band.rank,
          "range": band_range(scheme, a.band, lln), "threshold_rule": a.threshold_rule},
     )
@@ -200,10 +205,11 @@ def _step(n: int, t: PanelTrace, rules: Rules, index: GivenIndex, earlier: Step 
     roles = _roles(labs, d)
     inputs = [_input(r, roles[r.ref], index) for r in labs] + [_input(r, "temperature", index) for r in temps]
     primary = next((r for r in labs if r.ref in used[:1]), labs[0] if labs else (temps[0] if temps else None))
-    step = Step(n, "panel" if labs else "temperature", t.akey, _available(t.akey)[0], _trigger(t, earlier), t.patient,
-                t.panel, primary.effective if primary else None, primary.effective_us if primary else None, inputs,
-                "assessed", before=_episode(t.before), after=_episode(d.state if d is not None else t.before),
-                records=list(t.records), revision_of=earlier.n if earlier is not None else None)
+    step = Step(n, "panel" if labs else "temperature", t.akey, _available(t.akey)[0], _trigger(t, earlier),
+                t.patient, t.panel, primary.effective if primary else None,
+                primary.effective_us if primary else None, inputs, "assessed", before=_episode(t.before),
+                after=_episode(d.state if d is not None else t.before), records=list(t.records),
+                revision_of=earlier.n if earlier is not None else None)
     if d is None:  # could not be decided: quarantined, the patient's state unchanged
         step.outcome, step.reason = "quarantined", str(t.records[0].get("reason")) if t.records else None
         return step
@@ -223,12 +229,13 @@ def _rejected_step(n: int, akey: str, rejected: Rejected, record: dict[str, Any]
         eff_us = None
     term = TERMS.get(rejected.code or "")
     given = index.get((rejected.ref, rejected.version, rejected.updated_us)) if rejected.ref else None
-    row = Input(rejected.ref or "(no id)", rejected.version, rejected.code, KIND_LABEL.get(term.kind) if term else None,
-                None, rejected.effective, eff_us, given, None, None, False, f"rejected: {rejected.reason}")
+    row = Input(rejected.ref or "(no id)", rejected.version, rejected.code,
+                KIND_LABEL.get(term.kind) if term else None, None, rejected.effective, eff_us, given, None,
+                None, False, f"rejected: {rejected.reason}")
     return Step(n, "rejected-input", akey, _available(akey)[0], "arrived", rejected.patient or "", "",
                 rejected.effective, eff_us, [row], "rejected-input", reason=rejected.reason, records=[record],
-                note=f"input rejected: {rejected.reason}; it never alerts (an Observation whose newest version is "
-                     "rejected contributes nothing to its panel)")
+                note=f"input rejected: {rejected.reason}; it never alerts (an Observation whose newest "
+                     "version is rejected contributes nothing to its panel)")
 
 
 # -- the whole trail ---------------------------------------------------------------------------------------
@@ -272,8 +279,8 @@ def build_trail(replay: Replay, patient: str, given: GivenIndex, source: str) ->
     trail = Trail(patient, rules.scheme, rules, source, steps, records)
     subjects = sorted({s.patient for s in steps if s.patient})
     if len(subjects) > 1:
-        trail.notes.append(f"the input names this patient in {len(subjects)} ways ({', '.join(subjects)}); replay "
-                           "follows each reference as a patient of its own")
+        trail.notes.append(f"the input names this patient in {len(subjects)} ways ({', '.join(subjects)}); "
+                           "replay follows each reference as a patient of its own")
     return trail
 
 
@@ -306,7 +313,9 @@ def _updated_us(resource: raw.Resource) -> int | None:
         return None
 
 
-def read_given(inputs: Sequence[str | Path], patient: str, policy: ReadPolicy = DEFAULT_READ) -> dict[tuple[str, str | None, int | None], Given]:
+def read_given(
+    inputs: Sequence[str | Path], patient: str, policy: ReadPolicy = DEFAULT_READ
+) -> dict[tuple[str, str | None, int | None], Given]:
     """The patient's Observations as received, by (reference, versionId, meta.lastUpdated): what
     the normalised values came from. Read with replay's own document reader."""
     matches = matcher(patient, policy)
@@ -324,10 +333,13 @@ def read_given(inputs: Sequence[str | Path], patient: str, policy: ReadPolicy = 
     return index
 
 
-def explain_inputs(inputs: Sequence[str | Path], patient: str, settings: Settings, *, source: str | None = None) -> Trail:
+def explain_inputs(
+    inputs: Sequence[str | Path], patient: str, settings: Settings, *, source: str | None = None
+) -> Trail:
     """The trail of `patient` over files (NDJSON, Bundles, resources), read as replay reads them."""
     patient = patient_reference(patient)
     with Replay(settings.rules, settings.alerts, engine="sqlite", read_policy=settings.read_policy) as replay:
         replay.load(inputs)
         given = read_given(inputs, patient, settings.read_policy)
-        return build_trail(replay, patient, given, source or f"{len(inputs)} input(s): " + ", ".join(map(str, inputs)))
+        source = source or f"{len(inputs)} input(s): " + ", ".join(map(str, inputs))
+        return build_trail(replay, patient, given, source)

@@ -173,9 +173,11 @@ def cbc(anc_k: float | None, day: int, *, version: str = "1", status: str = "fin
     kw = dict(patient="Patient/p", effective=f"2026-01-{day:02d}T08:00:00Z", specimen=f"Specimen/{day}")
     results = [result(observation("6690-2", 4.0, id=f"w{day}", **kw))]
     if anc_k is not None:
-        results.append(result(observation("751-8", anc_k, id=f"a{day}", version=version, status=status, **kw)))
+        anc = observation("751-8", anc_k, id=f"a{day}", version=version, status=status, **kw)
+        results.append(result(anc))
     elif status != "final":
-        results.append(normalised(observation("751-8", None, id=f"a{day}", version=version, status=status, **kw)))
+        withdrawn = observation("751-8", None, id=f"a{day}", version=version, status=status, **kw)
+        results.append(normalised(withdrawn))
     return f"day{day}", results
 
 
@@ -200,7 +202,8 @@ def decisions(panels) -> list:
         # no neutrophil result in the panel
         ([cbc(None, 1)], NoEvent.NO_ANC, None, False),
         # a corrected value in the same band: re-assessed, the revised history announces nothing new
-        ([cbc(0.8, 1), cbc(0.9, 1, version="2", status="corrected")], NoEvent.REVISION_UNCHANGED, "moderate", False),
+        ([cbc(0.8, 1), cbc(0.9, 1, version="2", status="corrected")], NoEvent.REVISION_UNCHANGED, "moderate",
+         False),
         # a stale panel corrected into another band (severe -> moderate): the revised history still
         # finds it stale, so no announcement changes
         ([cbc(0.8, 5), cbc(0.3, 3), cbc(0.9, 3, version="2", status="corrected")], NoEvent.REVISION_UNCHANGED,

@@ -25,8 +25,8 @@ from service.config import Settings, load_settings
 from service.core.reasons import FeverConsidered, FeverRule, NotFebrile
 from service.explain import Trail, explain_inputs, render_text, trail_json, write_png
 from service.explain.prose import fever_note
-from tests.synthetic import PopulationSpec, generate
 from tests.builders import observation
+from tests.synthetic import PopulationSpec, generate
 
 UCUM = "http://unitsofmeasure.org"
 
@@ -160,8 +160,8 @@ def _unused_temperatures() -> list[dict]:
 
 
 def _check_unused_temperatures(t: Trail) -> None:
-    assert t.steps[0].note == ("panel rejected: collection time later than the result was recorded; a rejected panel "
-                               "never alerts")
+    assert t.steps[0].note == ("panel rejected: collection time later than the result was recorded; "
+                               "a rejected panel never alerts")
     assert t.steps[2].note == "no fever"
 
 
@@ -395,7 +395,7 @@ def test_explain_finds_a_patient_under_every_spelling_of_its_reference(tmp_path)
         assert all(i.given is not None for s in trail.steps for i in s.inputs), asked
 
 
-# -- the core's reasons in words ---------------------------------------------------------------------------------
+# -- the core's reasons in words ----------------------------------------------------------------------------
 
 RULES = Settings().rules
 
@@ -405,7 +405,8 @@ RULES = Settings().rules
     [
         # thresholds: IDSA 2010 / ASCO-IDSA 2018 (reference §3), the defaults of rules.py
         (FeverConsidered(None), "no fever"),
-        (FeverConsidered(None, high=True), "no fever yet: >= 38.0 Cel but below 38.3 and not sustained for 1 h"),
+        (FeverConsidered(None, high=True),
+         "no fever yet: >= 38.0 Cel but below 38.3 and not sustained for 1 h"),
         (FeverConsidered(FeverRule.SINGLE, febrile=True), "fever (>= 38.3 Cel)"),
         (FeverConsidered(FeverRule.SUSTAINED, febrile=True), "fever (>= 38.0 Cel for 1 h)"),
         (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.NO_EPISODE),
@@ -413,7 +414,8 @@ RULES = Settings().rules
         (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.ALREADY_FEBRILE),
          "fever (>= 38.3 Cel); not febrile neutropenia: the episode is already febrile (once per episode)"),
         (FeverConsidered(FeverRule.SUSTAINED, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=1200.0),
-         "fever (>= 38.0 Cel for 1 h); not febrile neutropenia: the newest ANC (1200/uL) is neither < 500 nor falling"),
+         "fever (>= 38.0 Cel for 1 h); not febrile neutropenia: the newest ANC (1200/uL) is neither "
+         "< 500 nor falling"),
         (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.TOO_FAR),
          "fever (>= 38.3 Cel); not febrile neutropenia: more than 24 h from the newest ANC"),
     ],
