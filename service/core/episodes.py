@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from service.core.grading import Band
+from service.core.reasons import AncRule, FebrileRule, FeverConsidered, FeverRule, NotFebrile
 from service.core.rules import Rules
 
 
@@ -145,6 +146,7 @@ class AlertEvent:
     retracted: Alerted | None = None  # for `retracted`: the announcement withdrawn
     reason: str | None = None  # for revisions: why ("corrected", "entered-in-error", ...)
     revision: int = 0  # 0 for ordinary events; n for the patient's n-th revision
+    febrile_rule: FebrileRule | None = None  # for `febrile`: the fever and ANC criteria that fired
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -187,11 +189,19 @@ def fevers(temperatures: Iterable[Temperature], rules: Rules) -> list[Temperatur
     return out
 
 
-def _febrile_fever(state: EpisodeState, temperatures: tuple[Temperature, ...], rules: Rules) -> Temperature | None:
-    """The fever that makes the open episode's newest ANC a febrile neutropenia, if any."""
-    if state.episode is None or state.febrile or state.last is None or state.newest_us is None:
+def fever_rule(fever: Temperature, rules: Rules) -> FeverRule:
+    """How a reading that `fevers` returned established the fever."""
+    return FeverRule.SINGLE if fever.celsius >= rules.fever_single_c else FeverRule.SUSTAINED
+
+
+def _anc_rule(state: EpisodeState, rules: Rules) -> AncRule | None:
+    """The febrile ANC criterion the newest ANC meets, if any: below febrile_anc_below, else below
+    febrile_falling_anc_below having fallen by febrile_fall_fraction within the fall window."""
+    if state.last is None or state.newest_us is None:
         return None
     anc = state.last.anc
+    if anc < rules.febrile_anc_below:
+        return AncRule.BELOW
     falling = (
         anc < rules.febrile_falling_anc_below
         and state.previous_anc is not None
@@ -199,12 +209,48 @@ def _febrile_fever(state: EpisodeState, temperatures: tuple[Temperature, ...], r
         and state.newest_us - state.previous_us <= rules.febrile_fall_window_us
         and anc <= state.previous_anc * (1 - rules.febrile_fall_fraction)
     )
-    if not (anc < rules.febrile_anc_below or falling):
+    return AncRule.FALLING if falling else None
+
+
+def _near(fever: Temperature, state: EpisodeState, rules: Rules) -> bool:
+    """Collected within the fever window of the newest ANC."""
+    return state.newest_us is not None and abs(fever.effective_us - state.newest_us) <= rules.fever_window_us
+
+
+def _febrile_fever(
+    state: EpisodeState, temperatures: tuple[Temperature, ...], rules: Rules
+) -> tuple[Temperature, FebrileRule] | None:
+    """The fever that makes the open episode's newest ANC a febrile neutropenia, if any, with the
+    criteria it met."""
+    anc = _anc_rule(state, rules) if state.episode is not None and not state.febrile else None
+    if anc is None:
         return None
-    for fever in fevers(temperatures, rules):
-        if abs(fever.effective_us - state.newest_us) <= rules.fever_window_us:
-            return fever
-    return None
+    fever = next((t for t in fevers(temperatures, rules) if _near(t, state, rules)), None)
+    return (fever, FebrileRule(fever_rule(fever, rules), anc)) if fever is not None else None
+
+
+def fever_considered(
+    ps: PatientState, readings: Sequence[Temperature], febrile: bool, rules: Rules
+) -> FeverConsidered:
+    """What the fever rule made of a panel's readings, in the patient's state after the panel:
+    whether one is a fever (in the whole remembered record), and for a fever that announced no
+    febrile neutropenia (`febrile` False), why."""
+    established = {t.ref for t in fevers(ps.temperatures, rules)}
+    hits = [t for t in readings if t.ref in established]
+    if not hits:
+        return FeverConsidered(None, high=any(t.celsius >= rules.fever_sustained_c for t in readings))
+    rule = fever_rule(max(hits, key=lambda t: t.celsius), rules)
+    m = ps.machine
+    if febrile:
+        return FeverConsidered(rule, febrile=True)
+    if m.episode is None:
+        return FeverConsidered(rule, not_febrile=NotFebrile.NO_EPISODE)
+    if m.febrile:
+        return FeverConsidered(rule, not_febrile=NotFebrile.ALREADY_FEBRILE)
+    if not any(_near(t, m, rules) for t in hits):
+        return FeverConsidered(rule, not_febrile=NotFebrile.TOO_FAR)
+    newest = m.last.anc if m.last else None
+    return FeverConsidered(rule, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=newest)
 
 
 # -- the machine -------------------------------------------------------------------------------------
@@ -248,11 +294,13 @@ def step(
 def _after(
     s: EpisodeState, events: list[AlertEvent], a: Assessment, before: EpisodeState, rules: Rules, temperatures: tuple[Temperature, ...]
 ) -> tuple[EpisodeState, list[AlertEvent], bool]:
-    fever = _febrile_fever(s, temperatures, rules)
-    if fever is not None:
+    febrile = _febrile_fever(s, temperatures, rules)
+    if febrile is not None:
+        fever, why = febrile
         s = replace(s, febrile=True)
         events = [replace(e, febrile=True) for e in events]
-        events.append(_event(EventKind.FEBRILE, s, s.current or a.band, a, before, fever=fever))
+        events.append(_event(EventKind.FEBRILE, s, s.current or a.band, a, before, fever=fever,
+                             febrile_rule=why))
     return s, events, False
 
 
@@ -350,11 +398,13 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
     if event is not None:
         event = replace(event, worst=machine.worst, chronic=machine.chronic)  # the Flag as it stands now
     else:  # the newest panel, when it is no longer in the history (folded into `base`)
-        fever = _febrile_fever(machine, kept, rules)
-        if fever is None or machine.last is None:
+        febrile = _febrile_fever(machine, kept, rules)
+        if febrile is None or machine.last is None:
             return ps, []
         event = _event(EventKind.FEBRILE, replace(machine, febrile=True), machine.current or machine.last.band, machine.last,
-                       replace(machine, last_anc=machine.previous_anc, last_effective=machine.previous_effective), fever=fever)
+                       replace(machine, last_anc=machine.previous_anc,
+                               last_effective=machine.previous_effective),
+                       fever=febrile[0], febrile_rule=febrile[1])
     return replace(ps, machine=replace(machine, febrile=True), alerted=ps.alerted + (_remember(event),)), [event]
 
 

@@ -7,7 +7,7 @@ DiagnosticReport, else the same collection instant (reference §1.2).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.core import arrival
 from service.core.anc import PanelRejected, best_result, compute_anc
@@ -16,13 +16,17 @@ from service.core.context import PatientContext, grading_for
 from service.core.episodes import (
     AlertEvent,
     Assessment,
+    EventKind,
     PatientState,
     Temperature,
     add_temperature,
     apply,
+    fever_considered,
     withdraw,
 )
+from service.core.grading import Band
 from service.core.observations import LabResult
+from service.core.reasons import FeverConsidered, NoEvent
 from service.core.rules import DAY_US, Rules
 
 
@@ -120,6 +124,10 @@ class PanelDecision:
     stale: bool = False  # collected before the newest panel already assessed
     assessment: Assessment | None = None  # the panel's assessment, when it had an ANC to grade
     newest_effective: str | None = None  # for a stale panel: the collection time of the newest one assessed
+    no_event: NoEvent | None = None  # why the panel announced nothing of its own (not set for a rejection)
+    revised_from: Band | None = None  # for a re-assessed panel: the band it had before
+    withdrawn: bool = False  # assessed before, the panel has no ANC now: it left the patient's history
+    fever: FeverConsidered | None = None  # the panel's body temperatures, as the fever rule judged them
 
 
 def implausible_time(results: Iterable[LabResult], rules: Rules, context: PatientContext, clock_us: int | None) -> PanelRejected | None:
@@ -169,11 +177,24 @@ def decide(
         state, withdrawn = withdraw(state, patient, panel, rules, reason="rejected on correction")
         return PanelDecision(state, tuple(withdrawn), rejection=PanelRejection(patient, panel, impossible))
     events: list[AlertEvent] = []
-    for r in results:
-        if r.kind is Kind.TEMP and r.assessable:
-            state, produced = add_temperature(state, Temperature(r.ref, r.effective, r.effective_us, r.value), rules)  # type: ignore[arg-type]
-            events.extend(produced)
+    temperatures = [r for r in results if r.kind is Kind.TEMP]
+    readings = tuple(Temperature(r.ref, r.effective, r.effective_us, r.value)  # type: ignore[arg-type]
+                     for r in temperatures if r.assessable)
+    for reading in readings:
+        state, produced = add_temperature(state, reading, rules)
+        events.extend(produced)
     labs = tuple(r for r in results if r.kind is not Kind.TEMP)
+    decision = _labs(state, patient, panel, labs, rules, context, events)
+    if not temperatures:
+        return decision
+    febrile = any(e.kind is EventKind.FEBRILE for e in decision.events)
+    return replace(decision, fever=fever_considered(decision.state, readings, febrile, rules))
+
+
+def _labs(state: PatientState, patient: str, panel: str, labs: tuple[LabResult, ...], rules: Rules,
+          context: PatientContext, events: list[AlertEvent]) -> PanelDecision:
+    """The laboratory results of a panel through ANC, grade and episode; `events`: those its
+    temperatures already produced."""
     if not labs:
         return PanelDecision(state, tuple(events))
     outcome = assess(patient, panel, labs, rules, context)
@@ -183,15 +204,34 @@ def decide(
         # An implausible panel never alerts; if it was assessed before, what rested on it goes.
         state, withdrawn = withdraw(state, patient, panel, rules, reason="rejected on correction")
         return PanelDecision(state, tuple(events + withdrawn), rejection=outcome)
+    previous = next((h for h in state.history if h.panel == panel), None)
     if outcome is None:
         state, withdrawn = withdraw(state, patient, panel, rules, reason=_withdrawal_reason(labs))
-        return PanelDecision(state, tuple(events + withdrawn))
-    previous = next((h for h in state.history if h.panel == panel), None)
+        return PanelDecision(state, tuple(events + withdrawn), no_event=None if previous else NoEvent.NO_ANC,
+                             withdrawn=previous is not None)
     reason = _revision_reason(previous, outcome) if previous is not None else "corrected"
     newest = state.machine.last_effective
     state, produced, stale = apply(state, outcome, rules, reason=reason)
-    return PanelDecision(state, tuple(events + produced), assessed=True, stale=stale, assessment=outcome,
-                         newest_effective=newest if stale else None)
+    events = [*events, *produced]
+    return PanelDecision(state, tuple(events), assessed=True, stale=stale, assessment=outcome,
+                         newest_effective=newest if stale else None,
+                         revised_from=previous.band if previous else None,
+                         no_event=_no_event(state, stale, previous, bool(events)))
+
+
+def _no_event(
+    after: PatientState, stale: bool, previous: Assessment | None, announced: bool
+) -> NoEvent | None:
+    """Why an assessed panel announced nothing: stale (whatever its temperatures announced), else,
+    when the panel's decision announced nothing at all, a revision that changed no announcement, or
+    the episode rules' "never a repeated alert" (reference §3)."""
+    if stale:
+        return NoEvent.STALE
+    if announced:
+        return None
+    if previous is not None:
+        return NoEvent.REVISION_UNCHANGED
+    return NoEvent.NOT_NEUTROPENIC if after.machine.episode is None else NoEvent.NOT_WORSE
 
 
 def _withdrawal_reason(results: tuple[LabResult, ...]) -> str:

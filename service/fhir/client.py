@@ -585,6 +585,19 @@ class FhirClient:
         url = f"{self._type_url(resource_type)}/{self._checked_id(id)}"
         return await self._request("GET", url, idempotent=True, parse=lambda r: (_json_object(r), r.headers.get("ETag")))
 
+    async def history(self, resource_type: str, id: str) -> list[dict[str, Any]]:
+        """Every version of one resource (`GET [type]/[id]/_history`, paged like a search, at most
+        MAX_SEARCH_ALL_PAGES pages); entries without a resource of that type (deletions) are left out."""
+        url = f"{self._type_url(resource_type)}/{self._checked_id(id)}/_history"
+        found: list[dict[str, Any]] = []
+        pages = 0
+        async for doc, next_url, _url in self._walk(url, _bundle_object):
+            found.extend(r for r in _entry_resources(doc) if r.get("resourceType") == resource_type)
+            pages += 1
+            if pages >= MAX_SEARCH_ALL_PAGES and next_url is not None:
+                raise FhirError(f"history {resource_type}: more than {MAX_SEARCH_ALL_PAGES} pages")
+        return found
+
     async def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> tuple[dict[str, Any] | None, int]:
         """POST; with `if_none_exist` (a query such as "identifier=sys|val") a conditional create,
         which is safe to retry. Returns (resource or None without a body, 201 or 200)."""

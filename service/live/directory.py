@@ -23,6 +23,7 @@ import structlog
 from service import metrics
 from service.fhir import raw
 from service.core.context import (
+    CHRONIC_BENIGN_NEUTROPENIA,
     PatientContext,
     care_team_members,
     patient_context,
@@ -49,6 +50,36 @@ def _resource(obj: dict[str, Any] | None) -> raw.Resource | None:
         return msgspec.convert(obj, raw.Resource)
     except msgspec.ValidationError:
         return None
+
+
+async def read_existing(client: FhirClient, resource_type: str, id: str) -> dict[str, Any] | None:
+    """The resource, or None when the server says it does not exist (a definite answer)."""
+    try:
+        return (await client.read(resource_type, id))[0]
+    except FhirHttpError as err:
+        if err.status in (404, 410):
+            return None
+        raise
+
+
+def subject_search(base_url: str | None, patient: str) -> str:
+    """The search value for resources about a local patient: its relative and its absolute
+    spelling (a comma is OR, FHIR search.html#combining). A server that indexes references as
+    written finds a Condition whose subject is absolute under the base only by the second;
+    replay keys such a Condition by the canonical subject too. (A versioned subject cannot be
+    searched for that way; a server that resolves references finds it by the first.)"""
+    return f"{patient},{base_url}/{patient}" if base_url else patient
+
+
+async def chronic_benign_conditions(client: FhirClient, subject: str) -> list[dict[str, Any]]:
+    """The patient's chronic benign neutropenia Conditions (`subject`: a `subject_search` value)."""
+    code = f"http://snomed.info/sct|{CHRONIC_BENIGN_NEUTROPENIA}"
+    return await client.search_all("Condition", [("subject", subject), ("code", code)])
+
+
+async def active_care_teams(client: FhirClient, subject: str) -> list[dict[str, Any]]:
+    """The patient's active CareTeams (`subject`: a `subject_search` value)."""
+    return await client.search_all("CareTeam", [("subject", subject), ("status", "active")])
 
 
 class LiveDirectory:
@@ -91,25 +122,14 @@ class LiveDirectory:
 
     async def _read(self, resource_type: str, id: str) -> raw.Resource | None:
         """The resource, or None when the server says it does not exist (a definite answer)."""
-        try:
-            return _resource((await self.client.read(resource_type, id))[0])
-        except FhirHttpError as err:
-            if err.status in (404, 410):
-                return None
-            raise
+        return _resource(await read_existing(self.client, resource_type, id))
 
     def _local(self, ref: str, resource_type: str) -> str | None:
         found = canonical_reference(ref, resource_type, self.policy)
         return found.local_id if isinstance(found, Resolved) else None
 
     def _subject(self, patient: str) -> str:
-        """The search value for resources about a local patient: its relative and its absolute
-        spelling (a comma is OR, FHIR search.html#combining). A server that indexes references as
-        written finds a Condition whose subject is absolute under the base only by the second;
-        replay keys such a Condition by the canonical subject too. (A versioned subject cannot be
-        searched for that way; a server that resolves references finds it by the first.)"""
-        base = self.settings.fhir.base_url
-        return f"{patient},{base}/{patient}" if base else patient
+        return subject_search(self.settings.fhir.base_url, patient)
 
     async def context(self, patient: str) -> PatientContext:
         rules = self.settings.rules
@@ -122,8 +142,7 @@ class LiveDirectory:
             record = await self._read("Patient", pid)
             conditions: list[raw.Resource] = []
             if rules.chronic_benign_threshold is not None:
-                found = await self.client.search_all(
-                    "Condition", [("subject", self._subject(patient)), ("code", "http://snomed.info/sct|234423001")])
+                found = await chronic_benign_conditions(self.client, self._subject(patient))
                 conditions = [r for r in map(_resource, found) if r is not None]
             return patient_context(patient, record, conditions, rules)
 
@@ -150,7 +169,7 @@ class LiveDirectory:
             return choose(based_on, requesters, (), pool)
 
         async def load_team() -> list[str]:
-            found = await self.client.search_all("CareTeam", [("subject", self._subject(patient)), ("status", "active")])
+            found = await active_care_teams(self.client, self._subject(patient))
             return care_team_members(r for r in map(_resource, found) if r is not None)
 
         no_team: list[str] = []

@@ -8,8 +8,11 @@ from dataclasses import replace
 
 import pytest
 
-from service.core.episodes import Assessment, PatientState, apply, step, withdraw
+from service.core.episodes import Assessment, EventKind, PatientState, apply, step, withdraw
+from service.core.panels import decide
+from service.core.reasons import NoEvent
 from service.core.rules import DAY_US, Rules
+from tests.builders import normalised, observation, result
 
 RULES = Rules()
 from service.core.grading import DEFAULT
@@ -159,3 +162,65 @@ def test_history_trimmed_by_stale_panels_decides_as_the_whole_history():
         assert len(ps.history) <= 4
         machine, _ = _fold(ps.base, ps.history, small, ps.temperatures)
         assert machine == ps.machine
+
+
+# -- why a panel announced nothing, as data (service/core/reasons.py) ----------------------------------------
+
+
+def cbc(anc_k: float | None, day: int, *, version: str = "1", status: str = "final"):
+    """(panel, results): a WBC and an ANC (none when `anc_k` is None: a panel without one, or with
+    `status` "entered-in-error" the ANC withdrawn) collected on 2026-01-`day`."""
+    kw = dict(patient="Patient/p", effective=f"2026-01-{day:02d}T08:00:00Z", specimen=f"Specimen/{day}")
+    results = [result(observation("6690-2", 4.0, id=f"w{day}", **kw))]
+    if anc_k is not None:
+        anc = observation("751-8", anc_k, id=f"a{day}", version=version, status=status, **kw)
+        results.append(result(anc))
+    elif status != "final":
+        withdrawn = observation("751-8", None, id=f"a{day}", version=version, status=status, **kw)
+        results.append(normalised(withdrawn))
+    return f"day{day}", results
+
+
+def decisions(panels) -> list:
+    state, out = PatientState(), []
+    for panel, results in panels:
+        d = decide(state, "Patient/p", panel, results, RULES)
+        state = d.state
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("panels", "no_event", "revised_from", "withdrawn"),
+    [
+        # ANC 3000 >= 1500: normal, and no open episode (reference §3, default scheme)
+        ([cbc(3.0, 1)], NoEvent.NOT_NEUTROPENIC, None, False),
+        # 900 after 800: moderate again, never a repeated alert
+        ([cbc(0.8, 1), cbc(0.9, 2)], NoEvent.NOT_WORSE, None, False),
+        # collected before the newest panel assessed
+        ([cbc(0.8, 5), cbc(0.3, 3)], NoEvent.STALE, None, False),
+        # no neutrophil result in the panel
+        ([cbc(None, 1)], NoEvent.NO_ANC, None, False),
+        # a corrected value in the same band: re-assessed, the revised history announces nothing new
+        ([cbc(0.8, 1), cbc(0.9, 1, version="2", status="corrected")], NoEvent.REVISION_UNCHANGED, "moderate",
+         False),
+        # a stale panel corrected into another band (severe -> moderate): the revised history still
+        # finds it stale, so no announcement changes
+        ([cbc(0.8, 5), cbc(0.3, 3), cbc(0.9, 3, version="2", status="corrected")], NoEvent.REVISION_UNCHANGED,
+         "severe", False),
+        # the first panel opens an episode: an event, so no reason for silence
+        ([cbc(0.3, 1)], None, None, False),
+        # an ANC entered in error: the panel leaves the history, what rested on it is withdrawn
+        ([cbc(0.3, 1), cbc(None, 1, version="2", status="entered-in-error")], None, None, True),
+    ],
+)
+def test_a_panel_decision_says_why_it_announced_nothing(panels, no_event, revised_from, withdrawn):
+    """The panel's decision carries why it raised no event (stale, not neutropenic, not worse than
+    the worst alerted, a revision that changed nothing, no ANC), the band a re-assessed panel had
+    before, and whether the panel left the history."""
+    d = decisions(panels)[-1]
+    assert d.no_event is no_event
+    assert (d.revised_from.label if d.revised_from else None) == revised_from
+    assert d.withdrawn is withdrawn
+    if withdrawn:
+        assert [e.kind for e in d.events] == [EventKind.RETRACTED]

@@ -22,9 +22,11 @@ import pytest
 
 from service.__main__ import main
 from service.config import Settings, load_settings
+from service.core.reasons import FeverConsidered, FeverRule, NotFebrile
 from service.explain import Trail, explain_inputs, render_text, trail_json, write_png
-from tests.synthetic import PopulationSpec, generate
+from service.explain.prose import fever_note
 from tests.builders import observation
+from tests.synthetic import PopulationSpec, generate
 
 UCUM = "http://unitsofmeasure.org"
 
@@ -147,6 +149,22 @@ def _check_threshold(t: Trail) -> None:
     assert t.steps[0].note == "no event: not neutropenic and no open episode"
 
 
+def _unused_temperatures() -> list[dict]:
+    """A reading collected after it was recorded (a panel of its own, rejected for its time) and
+    one entered in error: the core uses neither."""
+    future = observation("8310-5", 38.9, "Cel", id="z-t-future", patient="Patient/z", effective=at(3, 600),
+                         updated=stamp(3, 100), specimen=None)
+    entered = observation("8310-5", 39.2, "Cel", id="z-t-eie", patient="Patient/z", effective=at(3, 200),
+                          updated=stamp(3, 210), specimen=None, status="entered-in-error")
+    return cbc("z", 3, 0.3) + [future, entered]
+
+
+def _check_unused_temperatures(t: Trail) -> None:
+    assert t.steps[0].note == ("panel rejected: collection time later than the result was recorded; "
+                               "a rejected panel never alerts")
+    assert t.steps[2].note == "no fever"
+
+
 def _check_v6(t: Trail) -> None:
     assert t.steps[0].grade["label"] == "grade 4" and t.steps[0].grade["range"] == "< 100"
     assert t.steps[1].grade["label"] == "grade 3" and t.steps[1].grade["range"] == "100-<500"
@@ -160,7 +178,8 @@ CASES = [
     Case("febrile, single reading", "c", cbc("c", 3, 0.3) + [temp("c", 3, 240, 38.6)],
          [NEW, "febrile: fever >= 38.3 within 24 h of ANC < 500"], outcomes=["assessed", "temperature"]),
     Case("febrile, sustained", "d", cbc("d", 3, 0.3) + [temp("d", 3, 240, 38.1), temp("d", 3, 310, 38.2)],
-         [NEW, "febrile: fever >= 38.0 for 1 h within 24 h of ANC < 500"]),
+         [NEW, "febrile: fever >= 38.0 for 1 h within 24 h of ANC < 500"],
+         check=lambda t: t.steps[-1].note == "fever (>= 38.0 Cel for 1 h)"),
     Case("febrile, falling", "e", cbc("e", 2, 1.9) + cbc("e", 3, 0.8) + [temp("e", 3, 60, 38.5)],
          [NEW, "febrile: fever >= 38.3 within 24 h of ANC < 1000 falling >= 50 % within 48 h"]),
     Case("fever without neutropenia", "n", cbc("n", 3, 2.5) + [temp("n", 3, 60, 39.0)], [],
@@ -182,6 +201,8 @@ CASES = [
          [NEW, "chronic: episode open more than 91 days"]),
     Case("ctcae-v6", "v", cbc("v", 2, 0.05) + cbc("v", 4, 0.3), [NEW], config={"grading": {"scheme": "ctcae-v6"}},
          check=_check_v6),
+    Case("temperatures the core does not use", "z", _unused_temperatures(), [NEW],
+         outcomes=["rejected", "assessed", "temperature"], check=_check_unused_temperatures),
 ]
 
 
@@ -372,3 +393,33 @@ def test_explain_finds_a_patient_under_every_spelling_of_its_reference(tmp_path)
         trail = explain_inputs([data], asked, settings)
         assert [e.kind for e in trail.events] == ["new", "worsening"], asked
         assert all(i.given is not None for s in trail.steps for i in s.inputs), asked
+
+
+# -- the core's reasons in words ----------------------------------------------------------------------------
+
+RULES = Settings().rules
+
+
+@pytest.mark.parametrize(
+    ("considered", "note"),
+    [
+        # thresholds: IDSA 2010 / ASCO-IDSA 2018 (reference §3), the defaults of rules.py
+        (FeverConsidered(None), "no fever"),
+        (FeverConsidered(None, high=True),
+         "no fever yet: >= 38.0 Cel but below 38.3 and not sustained for 1 h"),
+        (FeverConsidered(FeverRule.SINGLE, febrile=True), "fever (>= 38.3 Cel)"),
+        (FeverConsidered(FeverRule.SUSTAINED, febrile=True), "fever (>= 38.0 Cel for 1 h)"),
+        (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.NO_EPISODE),
+         "fever (>= 38.3 Cel); not febrile neutropenia: no open episode"),
+        (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.ALREADY_FEBRILE),
+         "fever (>= 38.3 Cel); not febrile neutropenia: the episode is already febrile (once per episode)"),
+        (FeverConsidered(FeverRule.SUSTAINED, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=1200.0),
+         "fever (>= 38.0 Cel for 1 h); not febrile neutropenia: the newest ANC (1200/uL) is neither "
+         "< 500 nor falling"),
+        (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.TOO_FAR),
+         "fever (>= 38.3 Cel); not febrile neutropenia: more than 24 h from the newest ANC"),
+    ],
+)
+def test_each_fever_judgement_is_put_in_words(considered, note):
+    """explain renders the fever judgement the core returned, one sentence per reason."""
+    assert fever_note(considered, RULES) == note

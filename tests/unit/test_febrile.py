@@ -12,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.core.episodes import PatientState
+from service.core.episodes import EventKind, PatientState
 from service.core.panels import decide
+from service.core.reasons import AncRule, FebrileRule, FeverConsidered, FeverRule, NotFebrile
 from service.core.rules import Rules
 from tests.builders import observation, result
 from tests.unit.test_replay import replay, write_ndjson
@@ -375,3 +376,75 @@ def test_a_fever_learned_after_its_episode_closed_is_never_announced():
     assert events_of(items) == ["new", "resolved"]
     # the same fever arriving while the episode was open was announced, and a revision keeps it
     assert events_of([normal, cbc(0.3, T0), temp(38.8, T0, 60), cbc(2.0, T0 + 2), withdrawn]) == ["new", "febrile", "resolved"]
+
+
+# -- the reasons the core returns (service/core/reasons.py) ------------------------------------------
+
+
+SINGLE, SUSTAINED = FeverRule.SINGLE, FeverRule.SUSTAINED
+BELOW, FALLING = AncRule.BELOW, AncRule.FALLING
+
+
+def decisions_of(items) -> list:
+    state, out = PatientState(), []
+    for _, panel, results in items:
+        d = decide(state, "Patient/f", panel, results, RULES)
+        state = d.state
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("items", "rule"),
+    [
+        # IDSA 2010 / ASCO-IDSA 2018: one reading >= 38.3 C, ANC < 500
+        ([cbc(0.4, T0), temp(38.3, T0, 120)], FebrileRule(SINGLE, BELOW)),
+        # >= 38.0 C sustained over 1 h
+        ([cbc(0.4, T0), temp(38.0, T0, 60), temp(38.1, T0, 120)], FebrileRule(SUSTAINED, BELOW)),
+        # the "expected to fall below 500" proxy (a default): < 1000 having fallen >= 50 % within 48 h
+        ([cbc(1.9, T0 - 1), cbc(0.8, T0), temp(38.5, T0, 60)], FebrileRule(SINGLE, FALLING)),
+        # below 500 and falling too: the ANC < 500 criterion is the one named
+        ([cbc(1.9, T0 - 1), cbc(0.4, T0), temp(38.5, T0, 60)], FebrileRule(SINGLE, BELOW)),
+        # the fever read before its CBC: the CBC's decision announces it, with the same criteria
+        ([temp(38.6, T0, -600), cbc(0.4, T0)], FebrileRule(SINGLE, BELOW)),
+        # a reading that arrives after a later CBC of the episode pairs with the draw beside it
+        ([cbc(0.4, T0), cbc(0.45, T0 + 3), temp(38.4, T0, 60)], FebrileRule(SINGLE, BELOW)),
+    ],
+)
+def test_a_febrile_event_names_the_criteria_that_fired(items, rule):
+    """Each febrile event carries which fever criterion (single or sustained) and which ANC
+    criterion (below 500 or falling) made it, as data."""
+    febrile = [e for d in decisions_of(items) for e in d.events if e.kind is EventKind.FEBRILE]
+    assert [e.febrile_rule for e in febrile] == [rule]
+
+
+@pytest.mark.parametrize(
+    ("items", "considered"),
+    [
+        # below 38.0 C: no fever (IDSA 2010 thresholds, reference §3)
+        ([cbc(0.4, T0), temp(37.5, T0, 60)], FeverConsidered(None)),
+        # >= 38.0 C but below 38.3 C and not (yet) sustained over 1 h
+        ([cbc(0.4, T0), temp(38.2, T0, 60)], FeverConsidered(None, high=True)),
+        ([cbc(0.4, T0), temp(38.3, T0, 60)], FeverConsidered(SINGLE, febrile=True)),
+        ([cbc(0.4, T0), temp(38.0, T0, 60), temp(38.1, T0, 120)], FeverConsidered(SUSTAINED, febrile=True)),
+        # ANC >= 1500: no episode to make febrile
+        ([cbc(2.5, T0), temp(39.0, T0, 60)], FeverConsidered(SINGLE, not_febrile=NotFebrile.NO_EPISODE)),
+        # once per episode
+        ([cbc(0.4, T0), temp(38.5, T0, 60), temp(38.6, T0, 120)],
+         FeverConsidered(SINGLE, not_febrile=NotFebrile.ALREADY_FEBRILE)),
+        # ANC 1200 (mild) is neither < 500 nor < 1000 and falling
+        ([cbc(1.2, T0), temp(39.0, T0, 60)],
+         FeverConsidered(SINGLE, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=1200.0)),
+        # 48 h after the ANC: outside the 24 h window
+        ([cbc(0.4, T0), temp(38.6, T0 + 2)], FeverConsidered(SINGLE, not_febrile=NotFebrile.TOO_FAR)),
+    ],
+)
+def test_a_panel_of_temperatures_says_what_the_fever_rule_made_of_them(items, considered):
+    """The decision on a panel of body temperatures carries whether they made a fever (and by which
+    criterion) and, for a fever that announced no febrile neutropenia, why not."""
+    assert decisions_of(items)[-1].fever == considered
+
+
+def test_a_panel_without_temperatures_considers_no_fever():
+    """A CBC alone carries no fever judgement (there was none to make)."""
+    assert decisions_of([cbc(0.4, T0)])[-1].fever is None
