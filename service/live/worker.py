@@ -35,6 +35,7 @@ from service.core.observations import (
     version_number,
 )
 from service.core.panels import decide, panel_key
+from service.core.undecided import ignored_unassessed, panel_unassessed, rejection_unassessed
 from service.config import Settings
 from service.live.directory import LiveDirectory
 from service.errors import NeutrowatchError
@@ -345,6 +346,7 @@ class Worker:
                 item = intake(resource, self.read_policy)
                 if isinstance(item, Ignored):
                     metrics.OBSERVATIONS.labels("ignored").inc()
+                    metrics.count_unassessed(ignored_unassessed(item.reason))
                     continue
                 report.observations += 1
                 if isinstance(item, Rejected):  # no id: nothing to supersede, quarantined as it is
@@ -428,6 +430,7 @@ class Worker:
     async def _rejected(self, rejected: Rejected) -> None:
         metrics.OBSERVATIONS.labels("rejected").inc()
         metrics.REJECTIONS.labels(metrics.reason_label(rejected.reason)).inc()
+        metrics.count_unassessed(rejection_unassessed(rejected.reason))
         log.warning("observation rejected", observation=rejected.ref, code=rejected.code, reason=rejected.reason)
         await self.store.record_decision(rejected_record(rejected))
 
@@ -490,6 +493,7 @@ class Worker:
                 decided.append(Decided(work.patient, work.panel, before, [(record, None)]))
                 continue
             states[work.patient] = d.state
+            metrics.count_unassessed(panel_unassessed(d, work.results))
             if d.assessed:
                 report.panels_assessed += 1
                 metrics.PANELS.inc()

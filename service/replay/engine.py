@@ -57,6 +57,7 @@ from service.core.panels import (
 from service.core.recipients import choose
 from service.core.references import Resolved
 from service.core.rules import Rules
+from service.core.undecided import REASONS, ignored_unassessed, panel_unassessed, rejection_unassessed
 from service.config import AlertSettings
 from service.errors import InputError
 from service.output.events import rejected_record
@@ -80,6 +81,16 @@ class ReplayStats:
     newest_updated_us: int | None = None  # the newest meta.lastUpdated read: replay's reading clock
     ignored: Counter[str] = field(default_factory=Counter)
     events: Counter[str] = field(default_factory=Counter)
+    unassessed: Counter[str] = field(default_factory=Counter)  # results of pass 2 that reached no assessment
+
+    def not_decided(self) -> dict[str, int]:
+        """Every result that reached no assessment, by reason (service/core/undecided.py): what
+        pass 2 counted and what pass 1 ignored."""
+        counts = Counter(self.unassessed)
+        for reason, n in self.ignored.items():
+            if (why := ignored_unassessed(reason)) is not None:
+                counts[why] += n
+        return {reason: counts[reason] for reason in REASONS if counts[reason]}
 
 
 # -- input ---------------------------------------------------------------------------------------
@@ -251,13 +262,15 @@ def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | No
     an object, one "resourceType" other than "Bundle" or not exactly one, not exactly one "entry"
     array, a key with an escape in it, or framing broken other than by ending early. This first
     walk also tells which path `raw.read` of the whole would take (`raw.Checks`)."""
-    checks, members, types, arrays = raw.Checks(), [], [], 0
+    checks, members, types, arrays, targets = raw.Checks(), [], [], 0, {}
     end: jsonscan.End | None = None
     with _open(path) as fh:
         fh.seek(start)
         for event in jsonscan.scan_stream(_blocks(fh, length)):
             if isinstance(event, jsonscan.Element):
                 checks.add_entry(event.value, event.strict)
+                if (target := raw.streamed_target(event.value)) is not None:
+                    targets[target[0]] = target[1]
             elif isinstance(event, jsonscan.Member):
                 if b"\\" in event.key or event.key == b"entry":
                     return None
@@ -273,7 +286,8 @@ def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | No
     if end is None or arrays != 1 or types != [b'"Bundle"'] or (end.broken is not None and end.broken.what != "truncated"):
         return None
     checks.add_members(members)
-    return StreamedBundle(path, start, length, checks.path(end.broken is None), None if end.broken is None else end.entries)
+    return StreamedBundle(path, start, length, checks.path(end.broken is None), None if end.broken is None else end.entries,
+                          targets)
 
 
 @dataclass(frozen=True)
@@ -286,6 +300,7 @@ class StreamedBundle:
     length: int | None
     how: str  # the path `raw.read` of the whole takes (raw.TYPED, ...)
     cut: int | None  # the framing ends early after this many entries (None: whole)
+    targets: Mapping[str, str] = field(default_factory=dict)  # raw.bundle_targets: entries named by urn: fullUrl
 
     def entries(self) -> Iterator[bytes]:
         try:
@@ -300,7 +315,7 @@ class StreamedBundle:
     def __iter__(self) -> Iterator[raw.Resource | raw.Undecodable]:
         """The items of `raw.decode` of the whole document, in order."""
         for entry in self.entries():
-            yield from raw.entry_items(entry, self.how)
+            yield from raw.entry_items(entry, self.how, self.targets)
         if self.cut is not None:
             yield raw.cut_short(self.cut)
 
@@ -635,6 +650,7 @@ class Replay:
         self.scheme = rules.scheme
         self.alert_settings = alert_settings
         self.stats = ReplayStats()
+        self.progress: Callable[[str, int, int], None] | None = None  # (stage, done, total): replay.progress
         # The reading clock (bounds the collection time of a result without meta.lastUpdated); by
         # default the newest meta.lastUpdated of the input, as the live loop's is the server's now.
         self.clock_us: int | None = None
@@ -803,6 +819,7 @@ class Replay:
                 return
             states[patient] = decision.state
             self.stats.stale_panels += decision.stale
+            self.stats.unassessed.update(panel_unassessed(decision, members))
             out: list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]] = []
             for record, writes in outcome.records:
                 self.stats.events[record["event"]] += 1
@@ -822,6 +839,8 @@ class Replay:
                 yield from judge(*heapq.heappop(pending))
             if isinstance(payload, Rejected):
                 self.stats.events["rejected"] += 1
+                if (why := rejection_unassessed(payload.reason)) is not None:
+                    self.stats.unassessed[why] += 1
                 yield akey, rejected_record(payload), None
                 continue
             initial, later = snapshots(payload)
