@@ -71,7 +71,8 @@ def _replay(args: argparse.Namespace) -> int:
         ignored=dict(stats.ignored),
         not_decided=stats.not_decided(),
     )
-    sys.stderr.write(summary_table(stats))
+    if progress.enabled:  # people at a terminal; a log file or pipe keeps JSON lines only
+        sys.stderr.write(summary_table(stats))
     return 0
 
 
@@ -85,6 +86,8 @@ def _survey(args: argparse.Namespace) -> int:
 
     if bool(args.inputs) == args.server:
         raise NeutrowatchError("survey: give INPUT files or --server, not both and not neither")
+    if args.max < 1 or (args.since and not args.server):
+        raise NeutrowatchError("survey: --max must be at least 1, and --since goes with --server")
     settings = load_settings(args.config)
     _logging(settings)
     survey = Survey(policy=settings.read_policy)

@@ -4,6 +4,7 @@ engines alike), ends with a human-readable table, and shows progress only on a t
 from __future__ import annotations
 
 import io
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -65,18 +66,20 @@ def test_a_panel_that_alerts_counts_nothing():
     assert panel_unassessed(PanelDecision(PatientState(), assessed=True), members) == Counter()
 
 
-def test_cli_logs_the_counts_and_ends_with_a_table(tmp_path, capsys):
-    """The summary log line carries `not_decided`; a table for people follows on stderr (not a
-    terminal here: no progress line)."""
+def test_cli_logs_the_counts_and_on_a_terminal_ends_with_a_table(tmp_path, capsys, monkeypatch):
+    """The summary log line carries `not_decided`. Off a terminal stderr holds JSON log lines only;
+    on a terminal a table for people follows the log line."""
     path = _write(tmp_path, CASES[0][1] + CASES[4][1])
     assert main(["replay", str(path), "--events", str(tmp_path / "e.jsonl")]) == 0
     err = capsys.readouterr().err
-    log_line = next(line for line in err.splitlines() if line.startswith("{"))
+    (log_line,) = err.splitlines()
     assert orjson.loads(log_line)["not_decided"] == {"code not monitored": 1,
                                                     "panel without an ANC: WBC without a differential": 2}
-    assert "results that reached no assessment" in err
-    assert "panel without an ANC: WBC without a differential" in err.split("results that reached no assessment")[1]
-    assert "replay: " not in err  # no progress off a terminal
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["replay", str(path), "--events", str(tmp_path / "e.jsonl")]) == 0
+    table = capsys.readouterr().err.split("results that reached no assessment")[1]
+    rows = {line.rsplit(None, 1)[0].strip(): line.split()[-1] for line in table.splitlines() if line.strip()}
+    assert rows == {"code not monitored": "1", "panel without an ANC: WBC without a differential": "2"}
 
 
 class _Terminal(io.StringIO):

@@ -198,9 +198,13 @@ def test_cli_writes_the_report_json_and_a_valid_draft_conceptmap(tmp_path, capsy
 
 
 def test_cli_needs_inputs_or_server(capsys):
-    """Neither INPUT nor --server (or both) is a usage error with one line, exit 2."""
+    """Neither INPUT nor --server (or both), --max below 1, or --since without --server: a usage error
+    with one line, exit 2."""
     assert main(["survey"]) == 2
     assert "INPUT files or --server" in capsys.readouterr().err
+    assert main(["survey", "--server", "--max", "0"]) == 2
+    assert main(["survey", str(MIMIC_FILES[1]), "--since", "7d"]) == 2
+    assert "--since goes with --server" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("90m", 5400), ("12h", 43200), ("7d", 604800), ("30s", 30)])
