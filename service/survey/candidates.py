@@ -47,7 +47,7 @@ def _re(text: str) -> re.Pattern[str]:
     return re.compile(text, re.I)
 
 
-_NOT_BLOOD = _re(r"urine|urinalysis|\bua\b|csf|fluid|ascit|pleural|synovial|joint|stool|fec|sputum|\bbal\b")
+_NOT_BLOOD = _re(r"urine|urinalysis|\bua\b|csf|fluid|ascit|pleural|synovial|joint|stool|\bfec|sputum|\bbal\b")
 _GRANULOCYTES = _re(r"granulocyte")
 _ANC = ("751-8", "ANC", "Neutrophils [#/volume] in Blood by Automated count")
 _RULES = (

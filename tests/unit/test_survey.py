@@ -211,3 +211,32 @@ def test_cli_needs_inputs_or_server(capsys):
 def test_since_durations(text, seconds):
     """--since takes a number and a unit: s, m, h, d."""
     assert duration_seconds(text) == seconds
+
+
+# (display, unit, candidate LOINC or None). Terms: docs/clinical-reference.md §1.1 (segs % 769-0, bands
+# absolute 763-3, absolute neutrophils 751-8), §1.2 (718-7, 777-3), §1.3 (8310-5). Look-alikes that are
+# other analytes get nothing: HbA1c, mean platelet volume, and counts in other fluids than blood.
+HINTS = [
+    ("Segs", "%", "769-0"),
+    ("Bands, absolute", "K/uL", "763-3"),
+    ("Neutrophils #", "10*9/L", "751-8"),
+    ("ANC", "/uL", "751-8"),
+    ("Leukocytes", "10^3/uL", "6690-2"),
+    ("HGB", "g/L", "718-7"),
+    ("PLT", "10*9/L", "777-3"),
+    (None, "[degF]", "8310-5"),
+    ("Hemoglobin A1c", "%", None),
+    ("Mean platelet volume", "fL", None),
+    ("WBC, urine", "/[HPF]", None),
+    ("Lymphocytes", "%", None),
+]
+
+
+@pytest.mark.parametrize(("display", "unit", "loinc"), HINTS)
+def test_likely_terms_from_display_and_unit(display, unit, loinc):
+    """A candidate is found from display text (the unit choosing % or count, or naming a temperature);
+    look-alike analytes get none."""
+    from service.survey.candidates import hint
+
+    found = hint(display, unit)
+    assert (found.candidate.loinc if found is not None and found.candidate is not None else None) == loinc
