@@ -14,8 +14,8 @@ import pytest
 
 from service.__main__ import main
 from service.config import Settings
-from service.core.panels import PanelDecision
 from service.core.episodes import PatientState
+from service.core.panels import PanelDecision
 from service.core.undecided import panel_unassessed
 from service.replay.engine import Replay
 from service.replay.progress import Progress
