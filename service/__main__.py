@@ -253,16 +253,22 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--config", type=Path, metavar="FILE", help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
     r.set_defaults(func=_replay)
 
-    sv = sub.add_parser("survey", help="what a site's Observations look like to the service: codes monitored, local codes "
-                        "with a likely term, units, statuses, panels without an ANC (read-only)")
-    sv.add_argument("inputs", nargs="*", metavar="INPUT", help="files or directories, read as replay reads them")
-    sv.add_argument("--server", action="store_true", help="a paged sample of Observations from fhir.base_url instead")
-    sv.add_argument("--since", metavar="DURATION", help="with --server: updated within this long (30m, 12h, 7d)")
-    sv.add_argument("--max", type=int, default=10_000, metavar="N", help="with --server: at most N Observations (10000)")
+    sv = sub.add_parser("survey", help="what a site's Observations look like to the service: codes "
+                        "monitored, local codes with a likely term, units, statuses, panels without an ANC "
+                        "(read-only)")
+    sv.add_argument("inputs", nargs="*", metavar="INPUT",
+                    help="files or directories, read as replay reads them")
+    sv.add_argument("--server", action="store_true",
+                    help="a paged sample of Observations from fhir.base_url instead")
+    sv.add_argument("--since", metavar="DURATION",
+                    help="with --server: updated within this long (30m, 12h, 7d)")
+    sv.add_argument("--max", type=int, default=10_000, metavar="N",
+                    help="with --server: at most N Observations (10000)")
     sv.add_argument("--json", type=Path, metavar="FILE", help="the survey as JSON (docs/survey.md)")
     sv.add_argument("--draft-conceptmap", type=Path, metavar="FILE",
                     help="a draft FHIR ConceptMap of the candidates, every element marked for review")
-    sv.add_argument("--config", type=Path, metavar="FILE", help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
+    sv.add_argument("--config", type=Path, metavar="FILE",
+                    help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
     sv.set_defaults(func=_survey)
 
     e = sub.add_parser("explain", help="the decision trail of one patient: inputs, ANC, grade, episode, events and rules")

@@ -18,9 +18,9 @@ PANEL_FAILURES = Counter("neutrowatch_panel_failures_total", "Panels quarantined
 STALE_PANELS = Counter("neutrowatch_stale_panels_total", "Panels collected before the newest panel already assessed for the patient (remembered, no event).", registry=REGISTRY)
 UNASSESSED = Counter(
     "neutrowatch_unassessed_results_total",
-    "Results that reached no assessment, by reason (service/core/undecided.py): code not monitored, status not "
-    "assessed, panel without an ANC (WBC without a differential, differential without a WBC), unresolvable "
-    "reference, not a lab result.", ["reason"], registry=REGISTRY)
+    "Results that reached no assessment, by reason (service/core/undecided.py): code not monitored, "
+    "status not assessed, panel without an ANC (WBC without a differential, differential without a "
+    "WBC), unresolvable reference, not a lab result.", ["reason"], registry=REGISTRY)
 REJECTIONS = Counter("neutrowatch_rejections_total", "Rejected inputs by reason.", ["reason"], registry=REGISTRY)
 DAMAGED_PAGES = Counter(
     "neutrowatch_damaged_pages_total",

@@ -193,7 +193,8 @@ def _from_object(obj: Any) -> Iterator[Resource | Undecodable]:
         yield _undecodable(obj, "malformed: nested too deeply")
 
 
-def _in_bundle(items: Iterable[Resource | Undecodable], targets: Mapping[str, str]) -> Iterator[Resource | Undecodable]:
+def _in_bundle(items: Iterable[Resource | Undecodable], targets: Mapping[str, str]
+               ) -> Iterator[Resource | Undecodable]:
     for item in items:
         yield localised(item, targets) if targets and isinstance(item, Resource) else item
 
@@ -223,7 +224,9 @@ _URN = ("urn:uuid:", "urn:oid:")
 
 def entry_target(full_url: Any, resource_type: Any, id: Any) -> tuple[str, str] | None:
     """(fullUrl, "Type/id") for an entry named by a urn: fullUrl, else None."""
-    if not isinstance(full_url, str) or not full_url.startswith(_URN) or clean_text(resource_type, 64) is None:
+    if not isinstance(full_url, str) or not full_url.startswith(_URN):
+        return None
+    if clean_text(resource_type, 64) is None:
         return None
     rid = fhir_id(id) or (fhir_id(full_url[len("urn:uuid:"):]) if full_url.startswith("urn:uuid:") else None)
     return (full_url, f"{resource_type}/{rid}") if rid is not None else None
@@ -568,7 +571,8 @@ class Checks(msgspec.Struct):
         return TOLERANT if self.tolerant else FRAMING
 
 
-def entry_items(data: bytes, path: str, targets: Mapping[str, str] | None = None) -> list[Resource | Undecodable]:
+def entry_items(data: bytes, path: str, targets: Mapping[str, str] | None = None
+                ) -> list[Resource | Undecodable]:
     """The resources of one Bundle entry (its JSON text), read as `read` of the whole Bundle reads
     each entry on `path`; `targets`: the Bundle's `bundle_targets` (`streamed_target` of each entry)."""
     items = _entry_items(data, path)

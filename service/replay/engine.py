@@ -286,8 +286,8 @@ def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | No
     if end is None or arrays != 1 or types != [b'"Bundle"'] or (end.broken is not None and end.broken.what != "truncated"):
         return None
     checks.add_members(members)
-    return StreamedBundle(path, start, length, checks.path(end.broken is None), None if end.broken is None else end.entries,
-                          targets)
+    cut = None if end.broken is None else end.entries
+    return StreamedBundle(path, start, length, checks.path(end.broken is None), cut, targets)
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,7 @@ class StreamedBundle:
     length: int | None
     how: str  # the path `raw.read` of the whole takes (raw.TYPED, ...)
     cut: int | None  # the framing ends early after this many entries (None: whole)
-    targets: Mapping[str, str] = field(default_factory=dict)  # raw.bundle_targets: entries named by urn: fullUrl
+    targets: Mapping[str, str] = field(default_factory=dict)  # entries by urn: fullUrl (raw.entry_target)
 
     def entries(self) -> Iterator[bytes]:
         try:

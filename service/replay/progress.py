@@ -13,8 +13,9 @@ from typing import TextIO
 class Progress:
     """Called as `progress(stage, done, total)` by the replay engine after each unit of work."""
 
-    def __init__(self, stream: TextIO | None = None, interval: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, interval: float = 0.5, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty()
         self.interval = interval

@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 from service.core.units import unit_key
 
-GRANULOCYTE_CAUTION = ("granulocytes are not the neutrophils of an ANC (a granulocyte count includes eosinophils "
-                       "and basophils; immature granulocytes are precursors): never an ANC (reference §1.1); no candidate")
-SEGS_NOTE = ("an automated neutrophil % already includes bands; where this item is the segmented "
-             "neutrophils of a manual differential (bands reported beside it), it is 769-0 there")
+GRANULOCYTE_CAUTION = (
+    "granulocytes are not the neutrophils of an ANC (a granulocyte count includes eosinophils "
+    "and basophils; immature granulocytes are precursors): never an ANC (reference §1.1); no candidate"
+)
+SEGS_NOTE = (
+    "an automated neutrophil % already includes bands; where this item is the segmented "
+    "neutrophils of a manual differential (bands reported beside it), it is 769-0 there"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,21 +56,43 @@ _GRANULOCYTES = _re(r"granulocyte")
 _ANC = ("751-8", "ANC", "Neutrophils [#/volume] in Blood by Automated count")
 _RULES = (
     _Rule(_re(r"absolute neutrophil|\banc\b|neut\w*[ ,.]*(abs|#|count)"), _ANC, _ANC),
-    _Rule(_re(r"\bbands?\b|band form|\bstabs?\b"),
-          ("764-1", "bands %", "Band form neutrophils/100 leukocytes in Blood by Manual count"),
-          ("763-3", "bands (absolute)", "Band form neutrophils [#/volume] in Blood by Manual count")),
-    _Rule(_re(r"\bsegs?\b|segmented"),
-          ("769-0", "segmented neutrophils %", "Segmented neutrophils/100 leukocytes in Blood by Manual count"),
-          ("768-2", "segmented neutrophils (absolute)", "Segmented neutrophils [#/volume] in Blood by Manual count")),
-    _Rule(_re(r"neutrophil|\bneuts?\b|\bpmns?\b|polymorph"),
-          ("770-8", "neutrophils %", "Neutrophils/100 leukocytes in Blood by Automated count"), _ANC, note=SEGS_NOTE),
-    _Rule(_re(r"white blood|\bwbcs?\b|leuko|leuco|white cell"), None,
-          ("6690-2", "WBC", "Leukocytes [#/volume] in Blood by Automated count")),
-    _Rule(_re(r"h(a)?emoglobin|\bhgb\b|\bhb\b"), None, ("718-7", "haemoglobin", "Hemoglobin [Mass/volume] in Blood"),
-          exclude=_re(r"a1c|glyc|carboxy|met|fetal|\bhbf\b|free|mean|\bmch|plasma|oxy|sat")),
-    _Rule(_re(r"platelet|\bplts?\b|thrombocyte"), None,
-          ("777-3", "platelets", "Platelets [#/volume] in Blood by Automated count"),
-          exclude=_re(r"volume|\bmpv\b|distribution|clump|smear|function|aggreg|antibod|large")),
+    _Rule(
+        _re(r"\bbands?\b|band form|\bstabs?\b"),
+        ("764-1", "bands %", "Band form neutrophils/100 leukocytes in Blood by Manual count"),
+        ("763-3", "bands (absolute)", "Band form neutrophils [#/volume] in Blood by Manual count"),
+    ),
+    _Rule(
+        _re(r"\bsegs?\b|segmented"),
+        ("769-0", "segmented neutrophils %", "Segmented neutrophils/100 leukocytes in Blood by Manual count"),
+        (
+            "768-2",
+            "segmented neutrophils (absolute)",
+            "Segmented neutrophils [#/volume] in Blood by Manual count",
+        ),
+    ),
+    _Rule(
+        _re(r"neutrophil|\bneuts?\b|\bpmns?\b|polymorph"),
+        ("770-8", "neutrophils %", "Neutrophils/100 leukocytes in Blood by Automated count"),
+        _ANC,
+        note=SEGS_NOTE,
+    ),
+    _Rule(
+        _re(r"white blood|\bwbcs?\b|leuko|leuco|white cell"),
+        None,
+        ("6690-2", "WBC", "Leukocytes [#/volume] in Blood by Automated count"),
+    ),
+    _Rule(
+        _re(r"h(a)?emoglobin|\bhgb\b|\bhb\b"),
+        None,
+        ("718-7", "haemoglobin", "Hemoglobin [Mass/volume] in Blood"),
+        exclude=_re(r"a1c|glyc|carboxy|met|fetal|\bhbf\b|free|mean|\bmch|plasma|oxy|sat"),
+    ),
+    _Rule(
+        _re(r"platelet|\bplts?\b|thrombocyte"),
+        None,
+        ("777-3", "platelets", "Platelets [#/volume] in Blood by Automated count"),
+        exclude=_re(r"volume|\bmpv\b|distribution|clump|smear|function|aggreg|antibod|large"),
+    ),
 )
 _TEMPERATURE = ("8310-5", "temperature", "Body temperature")
 _TEMPERATURE_TEXT = _re(r"temperature|\btemp\b")
@@ -88,7 +114,9 @@ def hint(display: str | None, unit: str | None) -> Hint | None:
         term = rule.percent if key in _PERCENT_UNITS and rule.percent is not None else rule.count
         if term is None:
             return None
-        return Hint(Candidate(*term, basis=f"display '{text}'", note=rule.note if term is rule.percent else None))
+        return Hint(
+            Candidate(*term, basis=f"display '{text}'", note=rule.note if term is rule.percent else None)
+        )
     if _TEMPERATURE_TEXT.search(text):
         return Hint(Candidate(*_TEMPERATURE, basis=f"display '{text}'"))
     if key in _TEMPERATURE_UNITS:

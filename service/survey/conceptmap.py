@@ -12,14 +12,25 @@ from typing import Any
 from service.core.codes import LOINC
 from service.survey.tally import CodeCount, Survey
 
-REVIEW = ("Proposed by neutrowatch survey from the {basis} ({count} results; units {units}): not a mapping "
-          "until reviewed. Review, and set equivalence to 'equivalent' when it is right.")
+REVIEW = (
+    "Proposed by neutrowatch survey from the {basis} ({count} results; units {units}): not a mapping "
+    "until reviewed. Review, and set equivalence to 'equivalent' when it is right."
+)
 
 
 def draft_conceptmap(survey: Survey) -> dict[str, Any]:
-    hinted = sorted((c for c in survey.codes.values() if c.standing == "unmonitored" and c.system and c.code
-                     and c.hint is not None and c.hint.candidate is not None),
-                    key=lambda c: (c.system or "", c.code or "", c.display or ""))
+    hinted = sorted(
+        (
+            c
+            for c in survey.codes.values()
+            if c.standing == "unmonitored"
+            and c.system
+            and c.code
+            and c.hint is not None
+            and c.hint.candidate is not None
+        ),
+        key=lambda c: (c.system or "", c.code or "", c.display or ""),
+    )
     groups = []
     for system, codes in groupby(hinted, key=lambda c: c.system):
         elements: dict[str, dict[str, Any]] = {}
@@ -32,7 +43,8 @@ def draft_conceptmap(survey: Survey) -> dict[str, Any]:
         "title": "Draft map of local laboratory and vital-sign codes to LOINC (neutrowatch survey)",
         "status": "draft",
         "experimental": True,
-        "description": "Candidates found by display text and unit. Every element needs human review before use.",
+        "description": "Candidates found by display text and unit. Every element needs human review "
+        "before use.",
         "targetUri": LOINC,
         "group": groups,
     }
@@ -47,6 +59,12 @@ def _element(c: CodeCount) -> dict[str, Any]:
     element: dict[str, Any] = {"code": c.code}
     if c.display:
         element["display"] = c.display
-    element["target"] = [{"code": candidate.loinc, "display": candidate.loinc_display, "equivalence": "inexact",
-                          "comment": comment}]
+    element["target"] = [
+        {
+            "code": candidate.loinc,
+            "display": candidate.loinc_display,
+            "equivalence": "inexact",
+            "comment": comment,
+        }
+    ]
     return element

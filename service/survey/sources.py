@@ -31,7 +31,7 @@ def file_resources(inputs: Sequence[str | Path]) -> Iterator[raw.Resource | raw.
 
 
 def duration_seconds(text: str) -> int:
-    """"90m", "12h", "7d" -> seconds."""
+    """ "90m", "12h", "7d" -> seconds."""
     m = _DURATION.fullmatch(text.strip())
     if m is None:
         raise NeutrowatchError(f"--since {text!r} is not a duration such as 30m, 12h or 7d")
@@ -45,8 +45,9 @@ def search_params(since_seconds: int | None, limit: int, page_size: int, now: fl
     return params
 
 
-async def server_resources(settings: FhirSettings, since_seconds: int | None, limit: int,
-                           now: float | None = None) -> list[raw.Resource | raw.Undecodable]:
+async def server_resources(
+    settings: FhirSettings, since_seconds: int | None, limit: int, now: float | None = None
+) -> list[raw.Resource | raw.Undecodable]:
     """At most `limit` Observations of the server, newest first (`since_seconds`: updated within)."""
     if not settings.base_url:
         raise NeutrowatchError("fhir.base_url is not set: no server to survey")

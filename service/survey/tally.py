@@ -31,7 +31,9 @@ from service.fhir import raw
 from service.survey.candidates import Hint, hint
 from service.survey.classifier import Classification, Classifier, builtin
 
-_DIFFERENTIAL = frozenset({Kind.NEUT_PCT, Kind.SEG_PCT, Kind.BAND_PCT, Kind.NEUT_ABS, Kind.SEG_ABS, Kind.BAND_ABS})
+_DIFFERENTIAL = frozenset(
+    {Kind.NEUT_PCT, Kind.SEG_PCT, Kind.BAND_PCT, Kind.NEUT_ABS, Kind.SEG_ABS, Kind.BAND_ABS}
+)
 NO_UNIT = "(no unit)"
 NO_STATUS = "(no status)"
 
@@ -72,7 +74,9 @@ class Survey:
     other_types: Counter[str] = field(default_factory=Counter)
     codes: dict[tuple[str | None, str | None, str | None], CodeCount] = field(default_factory=dict)
     not_assessed: Counter[str] = field(default_factory=Counter)  # "status preliminary" -> results
-    rejected: Counter[str] = field(default_factory=Counter)  # the core's reason -> results (monitored, mapped, as if)
+    rejected: Counter[str] = field(
+        default_factory=Counter
+    )  # the core's reason -> results (monitored, mapped, as if)
     unresolved_references: Counter[str] = field(default_factory=Counter)
     temperatures_rejected: Counter[str] = field(default_factory=Counter)
     panels: PanelCounts = field(default_factory=PanelCounts)
@@ -106,7 +110,9 @@ class Survey:
 
     def _count(self, resource: raw.Resource) -> tuple[CodeCount, str | None]:
         """The Observation counted under its code; the LOINC code it is read as (None: not read)."""
-        codings = resource.code.coding if resource.code is not None and resource.code.coding else [raw.Coding()]
+        codings = (
+            resource.code.coding if resource.code is not None and resource.code.coding else [raw.Coding()]
+        )
         found: tuple[raw.Coding, Classification] | None = None
         for coding in codings:
             known = self.classify(coding.system, coding.code)
@@ -165,7 +171,9 @@ class Survey:
 def _code_count(coding: raw.Coding, known: Classification | None, unit: str | None) -> CodeCount:
     if known is not None:
         return CodeCount(coding.system, coding.code, coding.display, known.standing, known.loinc, None)
-    return CodeCount(coding.system, coding.code, coding.display, "unmonitored", None, hint(coding.display, unit))
+    return CodeCount(
+        coding.system, coding.code, coding.display, "unmonitored", None, hint(coding.display, unit)
+    )
 
 
 def _with_loinc(resource: raw.Resource, loinc: str) -> raw.Resource:

@@ -47,8 +47,13 @@ def test_server_survey_reads_a_bounded_sample_and_changes_nothing(fhir_base_url,
     put_all(fhir_base_url, resources)
     config = _config(tmp_path, fhir_base_url)
     sample = _survey(tmp_path, config, "--max", "120")
-    assert sample["source"] == {"kind": "server", "resources": 120, "observations": 120, "undecodable": 0,
-                                "other_types": {}}
+    assert sample["source"] == {
+        "kind": "server",
+        "resources": 120,
+        "observations": 120,
+        "undecodable": 0,
+        "other_types": {},
+    }
     whole = _survey(tmp_path, config, "--max", "1000", "--since", "1d")
     counted = {entry["code"]: entry["count"] for entry in whole["observations"]}
     assert counted == Counter(r["code"]["coding"][0]["code"] for r in resources)
@@ -67,18 +72,30 @@ def test_server_survey_without_base_url_is_refused(tmp_path, capsys, monkeypatch
 
 
 def _unassessed(reason: str) -> float:
-    return metrics.REGISTRY.get_sample_value("neutrowatch_unassessed_results_total", {"reason": reason}) or 0.0
+    return (
+        metrics.REGISTRY.get_sample_value("neutrowatch_unassessed_results_total", {"reason": reason}) or 0.0
+    )
 
 
-@pytest.mark.parametrize(("resources", "reason", "count"), [
-    # The ANC needs a neutrophil result of the same draw (reference §2)
-    ([observation("6690-2", 3.0, id="u-wbc", specimen="Specimen/u1"),
-      observation("718-7", 9.0, "g/dL", id="u-hb", specimen="Specimen/u1")],
-     "panel without an ANC: WBC without a differential", 2),
-    # A contained subject names no patient on the server (FHIR R4 references.html#literal)
-    ([observation("6690-2", 3.0, id="u-contained", patient="#p1")], "unresolvable reference", 1),
-])
-async def test_live_loop_counts_results_without_an_assessment(fhir_base_url, tmp_path, resources, reason, count):
+@pytest.mark.parametrize(
+    ("resources", "reason", "count"),
+    [
+        # The ANC needs a neutrophil result of the same draw (reference §2)
+        (
+            [
+                observation("6690-2", 3.0, id="u-wbc", specimen="Specimen/u1"),
+                observation("718-7", 9.0, "g/dL", id="u-hb", specimen="Specimen/u1"),
+            ],
+            "panel without an ANC: WBC without a differential",
+            2,
+        ),
+        # A contained subject names no patient on the server (FHIR R4 references.html#literal)
+        ([observation("6690-2", 3.0, id="u-contained", patient="#p1")], "unresolvable reference", 1),
+    ],
+)
+async def test_live_loop_counts_results_without_an_assessment(
+    fhir_base_url, tmp_path, resources, reason, count
+):
     """A cycle that reads results which reach no assessment counts them by reason in /metrics."""
     before = _unassessed(reason)
     put_all(fhir_base_url, resources)

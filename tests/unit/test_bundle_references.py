@@ -24,19 +24,33 @@ NEUT_PCT = "770-8"  # reference §1.1
 
 
 def _entry(resource: dict[str, Any], uuid: str) -> dict[str, Any]:
-    return {"fullUrl": f"urn:uuid:{uuid}", "resource": resource,
-            "request": {"method": "POST", "url": resource["resourceType"]}}
+    return {
+        "fullUrl": f"urn:uuid:{uuid}",
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"]},
+    }
 
 
 def _observation(uuid: str, code: str, value: float, unit: str) -> dict[str, Any]:
     obs: dict[str, Any] = {
-        "resourceType": "Observation", "id": uuid, "status": "final",
-        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
-                                  "code": "laboratory"}]}],
+        "resourceType": "Observation",
+        "id": uuid,
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "laboratory",
+                    }
+                ]
+            }
+        ],
         "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
         "subject": {"reference": f"urn:uuid:{PATIENT}"},
         "encounter": {"reference": "urn:uuid:0c9a8b7d-6e5f-4a3b-8c2d-1e0f9a8b7c6d"},
-        "effectiveDateTime": "2024-03-01T08:00:00+00:00", "issued": "2024-03-01T09:00:00.000+00:00",
+        "effectiveDateTime": "2024-03-01T08:00:00+00:00",
+        "issued": "2024-03-01T09:00:00.000+00:00",
         "valueQuantity": {"value": value, "unit": unit, "system": "http://unitsofmeasure.org", "code": unit},
     }
     return _entry(obs, uuid)
@@ -50,10 +64,14 @@ def synthea_bundle(*, patient_id: bool = True, padding: int = 0) -> dict[str, An
     if patient_id:
         patient["id"] = PATIENT
     # WBC 2.0 x10^3/uL x 20 % = ANC 400/uL: severe (reference §2, §3)
-    entries = [_entry(patient, PATIENT),
-               _observation("a1b2c3d4-0000-4000-8000-000000000001", WBC, 2.0, "10*3/uL"),
-               _observation("a1b2c3d4-0000-4000-8000-000000000002", NEUT_PCT, 20.0, "%")]
-    entries += [_observation(f"b1b2c3d4-0000-4000-8000-{n:012d}", "8867-4", 70.0, "/min") for n in range(padding)]
+    entries = [
+        _entry(patient, PATIENT),
+        _observation("a1b2c3d4-0000-4000-8000-000000000001", WBC, 2.0, "10*3/uL"),
+        _observation("a1b2c3d4-0000-4000-8000-000000000002", NEUT_PCT, 20.0, "%"),
+    ]
+    entries += [
+        _observation(f"b1b2c3d4-0000-4000-8000-{n:012d}", "8867-4", 70.0, "/min") for n in range(padding)
+    ]
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
@@ -74,7 +92,8 @@ def test_synthea_bundle_subject_resolves_to_its_patient(tmp_path, engine_name, p
     path.write_bytes(orjson.dumps(synthea_bundle(patient_id=patient_id), option=orjson.OPT_INDENT_2))
     events = _events(path, engine_name)
     assert [(e["patient"], e["event"], e["grade"], e["anc"]) for e in events] == [
-        (f"Patient/{PATIENT}", "new", "severe", 400)]
+        (f"Patient/{PATIENT}", "new", "severe", 400)
+    ]
 
 
 def test_large_bundle_read_entry_by_entry_resolves_alike(tmp_path, monkeypatch):

@@ -25,22 +25,44 @@ from tests.builders import observation, result
 # WBC and a neutrophil result of one draw (reference §2); only final, amended and corrected results
 # are assessed (reference §1.5); codes by system and code only (reference §1.1).
 CASES: list[tuple[str, list[dict[str, Any]], dict[str, int]]] = [
-    ("WBC without a differential", [observation("6690-2", 3.0, id="w", specimen="Specimen/a"),
-                                    observation("718-7", 9.0, "g/dL", id="h", specimen="Specimen/a")],
-     {"panel without an ANC: WBC without a differential": 2}),
-    ("bands without a WBC", [observation("764-1", 5.0, "%", id="b", specimen="Specimen/a")],
-     {"panel without an ANC: differential without a WBC": 1}),
-    ("neutrophil % without a WBC (also a rejection)", [observation("770-8", 40.0, "%", id="n", specimen="Specimen/a")],
-     {"panel without an ANC: differential without a WBC": 1}),
-    ("preliminary differential", [observation("6690-2", 3.0, id="w", specimen="Specimen/a"),
-                                  observation("770-8", 40.0, "%", id="n", specimen="Specimen/a", status="preliminary")],
-     {"status not assessed": 1, "panel without an ANC: WBC without a differential": 1}),
+    (
+        "WBC without a differential",
+        [
+            observation("6690-2", 3.0, id="w", specimen="Specimen/a"),
+            observation("718-7", 9.0, "g/dL", id="h", specimen="Specimen/a"),
+        ],
+        {"panel without an ANC: WBC without a differential": 2},
+    ),
+    (
+        "bands without a WBC",
+        [observation("764-1", 5.0, "%", id="b", specimen="Specimen/a")],
+        {"panel without an ANC: differential without a WBC": 1},
+    ),
+    (
+        "neutrophil % without a WBC (also a rejection)",
+        [observation("770-8", 40.0, "%", id="n", specimen="Specimen/a")],
+        {"panel without an ANC: differential without a WBC": 1},
+    ),
+    (
+        "preliminary differential",
+        [
+            observation("6690-2", 3.0, id="w", specimen="Specimen/a"),
+            observation("770-8", 40.0, "%", id="n", specimen="Specimen/a", status="preliminary"),
+        ],
+        {"status not assessed": 1, "panel without an ANC: WBC without a differential": 1},
+    ),
     ("code not monitored", [observation("2345-7", 5.0, "mmol/L", id="g")], {"code not monitored": 1}),
     ("granulocytes", [observation("30394-1", 2.0, id="gr")], {"granulocyte count is not an ANC": 1}),
     ("contained subject", [observation("6690-2", 3.0, id="w", patient="#p1")], {"unresolvable reference": 1}),
     ("not a lab result", [{"resourceType": "Encounter", "id": "e1"}], {"not a lab result": 1}),
-    ("assessed panel", [observation("6690-2", 3.0, id="w", specimen="Specimen/a"),
-                        observation("770-8", 40.0, "%", id="n", specimen="Specimen/a")], {}),
+    (
+        "assessed panel",
+        [
+            observation("6690-2", 3.0, id="w", specimen="Specimen/a"),
+            observation("770-8", 40.0, "%", id="n", specimen="Specimen/a"),
+        ],
+        {},
+    ),
 ]
 
 
@@ -52,7 +74,9 @@ def _write(tmp_path: Path, resources: list[dict[str, Any]]) -> Path:
 
 @pytest.mark.parametrize("engine_name", ["partitioned", "sqlite"])
 @pytest.mark.parametrize(("name", "resources", "expected"), CASES, ids=[c[0] for c in CASES])
-def test_every_result_without_an_assessment_is_counted_by_reason(tmp_path, engine_name, name, resources, expected):
+def test_every_result_without_an_assessment_is_counted_by_reason(
+    tmp_path, engine_name, name, resources, expected
+):
     """Each input that reaches no graded assessment shows in `not_decided` under its reason."""
     settings = Settings()
     with Replay(settings.rules, settings.alerts, engine=engine_name, workers=1) as replay:
@@ -73,8 +97,10 @@ def test_cli_logs_the_counts_and_on_a_terminal_ends_with_a_table(tmp_path, capsy
     assert main(["replay", str(path), "--events", str(tmp_path / "e.jsonl")]) == 0
     err = capsys.readouterr().err
     (log_line,) = err.splitlines()
-    assert orjson.loads(log_line)["not_decided"] == {"code not monitored": 1,
-                                                    "panel without an ANC: WBC without a differential": 2}
+    assert orjson.loads(log_line)["not_decided"] == {
+        "code not monitored": 1,
+        "panel without an ANC: WBC without a differential": 2,
+    }
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert main(["replay", str(path), "--events", str(tmp_path / "e.jsonl")]) == 0
     table = capsys.readouterr().err.split("results that reached no assessment")[1]

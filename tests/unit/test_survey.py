@@ -42,14 +42,14 @@ def _by_code(survey: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # LOINC codes: docs/clinical-reference.md §1.1 (WBC 6690-2, neutrophils % 770-8, bands % 764-1, absolute
 # neutrophils 751-8), §1.2 (haemoglobin 718-7, platelets 777-3) and §1.3 (body temperature 8310-5).
 MIMIC_ITEMS = [
-    (LAB, "51301", 2759, "6690-2"),   # White Blood Cells
-    (LAB, "51256", 939, "770-8"),     # Neutrophils
-    (LAB, "51144", 395, "764-1"),     # Bands
-    (LAB, "52075", 565, "751-8"),     # Absolute Neutrophil Count
-    (LAB, "51222", 2785, "718-7"),    # Hemoglobin
-    (LAB, "51265", 2820, "777-3"),    # Platelet Count
+    (LAB, "51301", 2759, "6690-2"),  # White Blood Cells
+    (LAB, "51256", 939, "770-8"),  # Neutrophils
+    (LAB, "51144", 395, "764-1"),  # Bands
+    (LAB, "52075", 565, "751-8"),  # Absolute Neutrophil Count
+    (LAB, "51222", 2785, "718-7"),  # Hemoglobin
+    (LAB, "51265", 2820, "777-3"),  # Platelet Count
     (CHART, "223761", 3379, "8310-5"),  # Temperature Fahrenheit
-    (CHART, "223762", 391, "8310-5"),   # Temperature Celsius
+    (CHART, "223762", 391, "8310-5"),  # Temperature Celsius
 ]
 
 
@@ -58,7 +58,12 @@ def test_mimic_items_that_matter_are_listed_with_counts_and_candidates(mimic, sy
     """Each local MIMIC item the service needs is listed as unmonitored (no LOINC in the data), with
     its count and a candidate LOINC code found from its display text — a hint, not a mapping."""
     entry = _by_code(mimic)[code]
-    assert (entry["system"], entry["count"], entry["standing"], entry["loinc"]) == (system, count, "unmonitored", None)
+    assert (entry["system"], entry["count"], entry["standing"], entry["loinc"]) == (
+        system,
+        count,
+        "unmonitored",
+        None,
+    )
     assert entry["candidate"]["loinc"] == loinc
     assert "display" in entry["candidate"]["basis"]
     listed = {(u["system"], u["code"]): u for u in mimic["unmonitored"]}
@@ -98,7 +103,9 @@ def test_celsius_field_holding_fahrenheit_is_rejected_with_the_cores_reason(mimi
     mapped, the core rejects exactly those (its plausibility range, 25-46 °C); the survey repeats
     the core's reason and does not derive its own."""
     with gzip.open(MIMIC / "Observation.ndjson.gz", "rt") as fh:
-        wrong = sum(1 for line in fh if '"223762"' in line and json.loads(line)["valueQuantity"]["value"] > 46)
+        wrong = sum(
+            1 for line in fh if '"223762"' in line and json.loads(line)["valueQuantity"]["value"] > 46
+        )
     assert wrong > 0
     assert mimic["temperatures_rejected"] == {"temperature outside 25-46 Cel": wrong}
     assert mimic["not_assessed"] == {}  # every MIMIC result is final (README)
@@ -125,30 +132,38 @@ def _survey_of(resources: list[dict[str, Any]], classify=builtin) -> dict[str, A
 def test_monitored_codes_by_unit_status_and_not_assessed():
     """Monitored LOINC codes are counted by unit string and by status; results whose status the core
     does not assess (reference §1.5: only final, amended, corrected) are counted by status."""
-    found = _survey_of([
-        observation("6690-2", 3.0, "10*3/uL", id="w1", specimen="Specimen/a"),
-        observation("6690-2", 3.1, "K/uL", id="w2", specimen="Specimen/b", status="preliminary"),
-        observation("770-8", 40.0, "%", id="n1", specimen="Specimen/a", status="registered"),
-        observation("770-8", 45.0, "%", id="n2", specimen="Specimen/c"),
-    ])
+    found = _survey_of(
+        [
+            observation("6690-2", 3.0, "10*3/uL", id="w1", specimen="Specimen/a"),
+            observation("6690-2", 3.1, "K/uL", id="w2", specimen="Specimen/b", status="preliminary"),
+            observation("770-8", 40.0, "%", id="n1", specimen="Specimen/a", status="registered"),
+            observation("770-8", 45.0, "%", id="n2", specimen="Specimen/c"),
+        ]
+    )
     codes = _by_code(found)
     assert codes["6690-2"]["standing"] == "monitored"
     assert codes["6690-2"]["units"] == {"10*3/uL": 1, "K/uL": 1}
     assert codes["6690-2"]["statuses"] == {"final": 1, "preliminary": 1}
     assert found["not_assessed"] == {"status preliminary": 1, "status registered": 1}
     # a: WBC (its 770-8 registered), b: nothing final, c: 770-8 without a WBC
-    assert found["panels"] == {"total": 2, "wbc_without_differential": 1, "differential_without_wbc": 1,
-                               "neutrophil_pct_beside_bands": 0}
+    assert found["panels"] == {
+        "total": 2,
+        "wbc_without_differential": 1,
+        "differential_without_wbc": 1,
+        "neutrophil_pct_beside_bands": 0,
+    }
 
 
 def test_unresolvable_references_are_counted_with_the_cores_reason():
     """A subject that names no patient on the server (contained, urn:uuid: outside a Bundle) and a
     specimen that names nothing (FHIR R4 references.html#literal) are counted by reason."""
-    found = _survey_of([
-        observation("6690-2", 3.0, id="c1", patient="#p1"),
-        observation("6690-2", 3.0, id="c2", patient="urn:uuid:7d3c1c9e-3b7e-4c38-9a55-3f0f2b1c4d5e"),
-        observation("6690-2", 3.0, id="c3", specimen="#s1"),
-    ])
+    found = _survey_of(
+        [
+            observation("6690-2", 3.0, id="c1", patient="#p1"),
+            observation("6690-2", 3.0, id="c2", patient="urn:uuid:7d3c1c9e-3b7e-4c38-9a55-3f0f2b1c4d5e"),
+            observation("6690-2", 3.0, id="c3", specimen="#s1"),
+        ]
+    )
     assert found["unresolved_references"] == {
         "subject is a contained reference, which names no resource on the server": 1,
         "subject is a urn:uuid: reference, which names no resource on the server": 1,
@@ -159,8 +174,13 @@ def test_unresolvable_references_are_counted_with_the_cores_reason():
 def test_a_site_classifier_marks_mapped_codes_and_reads_them_as_their_target():
     """The terminology seam: a classifier that says a local code is mapped onto a LOINC code makes it
     "mapped" (not a candidate), and its results are read by the core as that code."""
+
     def site(system: str | None, code: str | None, /) -> Classification | None:
-        return Classification("mapped", "8310-5") if (system, code) == ("http://site/codes", "T") else builtin(system, code)
+        return (
+            Classification("mapped", "8310-5")
+            if (system, code) == ("http://site/codes", "T")
+            else builtin(system, code)
+        )
 
     temp = observation("8310-5", 101.0, "[degF]", id="t1")
     temp["code"] = {"coding": [{"system": "http://site/codes", "code": "T", "display": "Temp"}]}
@@ -177,7 +197,10 @@ def test_cli_writes_the_report_json_and_a_valid_draft_conceptmap(tmp_path, capsy
     (docs/survey.md); a FHIR R4 ConceptMap (validated with fhir.resources) whose every element maps a
     local code to its candidate LOINC code as `inexact`, with a comment asking for review."""
     out_json, out_map = tmp_path / "survey.json", tmp_path / "map.json"
-    assert main(["survey", *map(str, MIMIC_FILES), "--json", str(out_json), "--draft-conceptmap", str(out_map)]) == 0
+    assert (
+        main(["survey", *map(str, MIMIC_FILES), "--json", str(out_json), "--draft-conceptmap", str(out_map)])
+        == 0
+    )
     text = capsys.readouterr().out
     assert "51301  White Blood Cells" in text and "candidate: LOINC 6690-2" in text
     assert "51218  Granulocyte Count  CAUTION" in text
