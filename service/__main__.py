@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
@@ -42,6 +42,8 @@ def _pseudonym(args: argparse.Namespace) -> int:
 
 def _replay(args: argparse.Namespace) -> int:
     from service.replay.engine import Replay
+    from service.replay.progress import Progress
+    from service.replay.summary import summary_table
 
     if args.provenance and not args.alerts:
         raise NeutrowatchError("--provenance needs --alerts (the Provenance resources go to the alerts file)")
@@ -55,7 +57,9 @@ def _replay(args: argparse.Namespace) -> int:
         except OSError as err:
             raise NeutrowatchError(f"cannot write {err.filename}: {err.strerror}") from None
         replay = stack.enter_context(Replay(settings.rules, settings.alerts, provenance=args.provenance, read_policy=settings.read_policy))
+        replay.progress = progress = Progress()
         stats = replay.run(args.inputs, events, alerts)
+        progress.close()
     log.info(
         "replay finished",
         documents=stats.documents,
@@ -65,7 +69,47 @@ def _replay(args: argparse.Namespace) -> int:
         stale_panels=stats.stale_panels,
         events=dict(stats.events),
         ignored=dict(stats.ignored),
+        not_decided=stats.not_decided(),
     )
+    if progress.enabled:  # people at a terminal; a log file or pipe keeps JSON lines only
+        sys.stderr.write(summary_table(stats))
+    return 0
+
+
+def _survey(args: argparse.Namespace) -> int:
+    """The survey report to stdout; --json and --draft-conceptmap to files. Read-only everywhere."""
+    import orjson
+
+    from service.fhir import raw
+    from service.survey import conceptmap, report, sources
+    from service.survey.tally import Survey
+
+    if bool(args.inputs) == args.server:
+        raise NeutrowatchError("survey: give INPUT files or --server, not both and not neither")
+    if args.max < 1 or (args.since and not args.server):
+        raise NeutrowatchError("survey: --max must be at least 1, and --since goes with --server")
+    settings = load_settings(args.config)
+    _logging(settings)
+    survey = Survey(policy=settings.read_policy)
+    items: Iterable[raw.Resource | raw.Undecodable]
+    if args.server:
+        since = sources.duration_seconds(args.since) if args.since else None
+        items = asyncio.run(sources.server_resources(settings.fhir, since, args.max))
+        source = f"{settings.fhir.base_url} (at most {args.max:,} Observations, newest first)"
+    else:
+        items, source = sources.file_resources(args.inputs), " ".join(args.inputs)
+    for item in items:
+        survey.add(item)
+    survey.finish()
+    sys.stdout.write(report.render_text(survey, source))
+    outputs = [(args.json, report.survey_json(survey, "server" if args.server else "files")),
+               (args.draft_conceptmap, conceptmap.draft_conceptmap(survey))]
+    for path, document in outputs:
+        if path is not None:
+            try:
+                path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+            except OSError as err:
+                raise NeutrowatchError(f"cannot write {err.filename}: {err.strerror}") from None
     return 0
 
 
@@ -208,6 +252,24 @@ def parser() -> argparse.ArgumentParser:
                    help="also write each alert write's Provenance to ALERTS.ndjson (after its Flag and Communication)")
     r.add_argument("--config", type=Path, metavar="FILE", help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
     r.set_defaults(func=_replay)
+
+    sv = sub.add_parser("survey", help="what a site's Observations look like to the service: codes "
+                        "monitored, local codes with a likely term, units, statuses, panels without an ANC "
+                        "(read-only)")
+    sv.add_argument("inputs", nargs="*", metavar="INPUT",
+                    help="files or directories, read as replay reads them")
+    sv.add_argument("--server", action="store_true",
+                    help="a paged sample of Observations from fhir.base_url instead")
+    sv.add_argument("--since", metavar="DURATION",
+                    help="with --server: updated within this long (30m, 12h, 7d)")
+    sv.add_argument("--max", type=int, default=10_000, metavar="N",
+                    help="with --server: at most N Observations (10000)")
+    sv.add_argument("--json", type=Path, metavar="FILE", help="the survey as JSON (docs/survey.md)")
+    sv.add_argument("--draft-conceptmap", type=Path, metavar="FILE",
+                    help="a draft FHIR ConceptMap of the candidates, every element marked for review")
+    sv.add_argument("--config", type=Path, metavar="FILE",
+                    help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
+    sv.set_defaults(func=_survey)
 
     e = sub.add_parser("explain", help="the decision trail of one patient: inputs, ANC, grade, episode, events and rules")
     e.add_argument("patient", metavar="PATIENT", help="Patient reference (Patient/123) or id")

@@ -4,6 +4,7 @@ never patient identifiers."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -15,6 +16,11 @@ OBSERVATIONS = Counter("neutrowatch_observations_total", "Observation versions r
 PANELS = Counter("neutrowatch_panels_assessed_total", "Panels assessed.", registry=REGISTRY)
 PANEL_FAILURES = Counter("neutrowatch_panel_failures_total", "Panels quarantined because deciding them or building their writes failed, by exception class.", ["error"], registry=REGISTRY)
 STALE_PANELS = Counter("neutrowatch_stale_panels_total", "Panels collected before the newest panel already assessed for the patient (remembered, no event).", registry=REGISTRY)
+UNASSESSED = Counter(
+    "neutrowatch_unassessed_results_total",
+    "Results that reached no assessment, by reason (service/core/undecided.py): code not monitored, "
+    "status not assessed, panel without an ANC (WBC without a differential, differential without a "
+    "WBC), unresolvable reference, not a lab result.", ["reason"], registry=REGISTRY)
 REJECTIONS = Counter("neutrowatch_rejections_total", "Rejected inputs by reason.", ["reason"], registry=REGISTRY)
 DAMAGED_PAGES = Counter(
     "neutrowatch_damaged_pages_total",
@@ -72,3 +78,12 @@ def reason_label(reason: str) -> str:
     reason = _AMOUNT.sub("N/uL", _QUOTED.sub("'…'", reason))
     reason = _POSITION.sub(lambda m: f"{m.group(1)} N" if m.group(1) else "[N]", reason)
     return reason.split(" (", 1)[0][:80]
+
+
+def count_unassessed(reasons: Mapping[str, int] | str | None) -> None:
+    """Add results that reached no assessment: one reason (a result), or counts by reason (a panel)."""
+    if isinstance(reasons, str):
+        UNASSESSED.labels(reasons).inc()
+    elif reasons:
+        for reason, n in reasons.items():
+            UNASSESSED.labels(reason).inc(n)

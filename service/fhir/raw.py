@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import msgspec
@@ -23,6 +23,7 @@ from service.fhir import jsonscan
 class Coding(msgspec.Struct, frozen=True, gc=False):
     system: str | None = None
     code: str | None = None
+    display: str | None = None  # never matched on (reference §1.1); `survey` shows it to a person
 
 
 class CodeableConcept(msgspec.Struct, frozen=True, gc=False):
@@ -66,6 +67,7 @@ class Participant(msgspec.Struct, frozen=True, gc=False):
 
 
 class Entry(msgspec.Struct, frozen=True, gc=False):
+    fullUrl: str | None = None
     resource: Resource | None = None
 
 
@@ -177,10 +179,11 @@ def _from_object(obj: Any) -> Iterator[Resource | Undecodable]:
         yield Undecodable(f"not a FHIR resource (a JSON {type(obj).__name__})")
         return
     if obj.get("resourceType") == "Bundle" and isinstance(obj.get("entry"), list):
+        targets = _dict_targets(obj["entry"])
         for item in obj["entry"]:
             resource = item.get("resource") if isinstance(item, dict) else None
             if resource is not None:
-                yield from _from_object(resource)
+                yield from _in_bundle(_from_object(resource), targets)
         return
     try:
         yield msgspec.convert(obj, Resource)
@@ -190,14 +193,76 @@ def _from_object(obj: Any) -> Iterator[Resource | Undecodable]:
         yield _undecodable(obj, "malformed: nested too deeply")
 
 
-def flatten(resource: Resource) -> Iterator[Resource]:
-    """A resource, or the resources of a Bundle (nested Bundles included)."""
+def _in_bundle(items: Iterable[Resource | Undecodable], targets: Mapping[str, str]
+               ) -> Iterator[Resource | Undecodable]:
+    for item in items:
+        yield localised(item, targets) if targets and isinstance(item, Resource) else item
+
+
+def flatten(resource: Resource, targets: Mapping[str, str] | None = None) -> Iterator[Resource]:
+    """A resource, or the resources of a Bundle (nested Bundles included), their references to
+    other entries of their Bundle by fullUrl resolved (`localised`)."""
     if resource.resourceType == "Bundle":
+        inner = {**(targets or {}), **bundle_targets((e.fullUrl, e.resource) for e in resource.entry or ())}
         for entry in resource.entry or ():
             if entry.resource is not None:
-                yield from flatten(entry.resource)
+                yield from flatten(entry.resource, inner)
     else:
-        yield resource
+        yield localised(resource, targets) if targets else resource
+
+
+# -- references inside a Bundle --------------------------------------------------------------------
+#
+# A transaction or collection Bundle (Synthea writes them) names its entries by fullUrl
+# "urn:uuid:<uuid>" and its resources refer to each other by that fullUrl; such a reference
+# resolves within the Bundle and nowhere else (https://hl7.org/fhir/R4/bundle.html#references).
+# It is resolved here, while the Bundle is read, to the literal reference of the entry's resource
+# ("Patient/<id>"; without an id, the uuid is the id), so a Synthea patient is one patient.
+
+_URN = ("urn:uuid:", "urn:oid:")
+
+
+def entry_target(full_url: Any, resource_type: Any, id: Any) -> tuple[str, str] | None:
+    """(fullUrl, "Type/id") for an entry named by a urn: fullUrl, else None."""
+    if not isinstance(full_url, str) or not full_url.startswith(_URN):
+        return None
+    if clean_text(resource_type, 64) is None:
+        return None
+    rid = fhir_id(id) or (fhir_id(full_url[len("urn:uuid:"):]) if full_url.startswith("urn:uuid:") else None)
+    return (full_url, f"{resource_type}/{rid}") if rid is not None else None
+
+
+def bundle_targets(entries: Iterable[tuple[str | None, Resource | None]]) -> dict[str, str]:
+    found = (entry_target(url, r.resourceType, r.id) for url, r in entries if r is not None)
+    return dict(t for t in found if t is not None)
+
+
+def _dict_targets(entries: list[Any]) -> dict[str, str]:
+    found = (entry_target(e.get("fullUrl"), e["resource"].get("resourceType"), e["resource"].get("id"))
+             for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict))
+    return dict(t for t in found if t is not None)
+
+
+def _local(ref: Reference | None, targets: Mapping[str, str]) -> Reference | None:
+    if ref is None or ref.reference is None or ref.reference not in targets:
+        return ref
+    return Reference(targets[ref.reference])
+
+
+def _locals(refs: list[Reference] | None, targets: Mapping[str, str]) -> list[Reference] | None:
+    return None if refs is None else [_local(r, targets) or r for r in refs]
+
+
+def localised(resource: Resource, targets: Mapping[str, str]) -> Resource:
+    """`resource` with its references to entries of its Bundle (by urn: fullUrl) made literal."""
+    specimen = resource.specimen
+    return msgspec.structs.replace(
+        resource, subject=_local(resource.subject, targets), requester=_local(resource.requester, targets),
+        specimen=_locals(specimen, targets) if isinstance(specimen, list) else _local(specimen, targets),
+        basedOn=_locals(resource.basedOn, targets), result=_locals(resource.result, targets),
+        hasMember=_locals(resource.hasMember, targets),
+        participant=None if resource.participant is None else [
+            Participant(_local(p.member, targets)) for p in resource.participant])
 
 
 def decode(data: bytes | str) -> Iterator[Resource | Undecodable]:
@@ -342,10 +407,11 @@ def _tolerant(obj: Any) -> Iterator[Resource | Undecodable]:
     """`_from_object` for what Python's json made of a document: the entry that holds text that
     was not UTF-8 is refused, its neighbours are read."""
     if isinstance(obj, dict) and obj.get("resourceType") == "Bundle" and isinstance(obj.get("entry"), list):
+        targets = _dict_targets(obj["entry"])
         for item in obj["entry"]:
             resource = item.get("resource") if isinstance(item, dict) else None
             if resource is not None:
-                yield from _tolerant(resource)
+                yield from _in_bundle(_tolerant(resource), targets)
         return
     if _has_surrogates(obj):
         yield _undecodable(obj, NOT_UTF8)
@@ -501,9 +567,37 @@ class Checks(msgspec.Struct):
         return TOLERANT if self.tolerant else FRAMING
 
 
-def entry_items(data: bytes, path: str) -> list[Resource | Undecodable]:
+def entry_items(data: bytes, path: str, targets: Mapping[str, str] | None = None
+                ) -> list[Resource | Undecodable]:
     """The resources of one Bundle entry (its JSON text), read as `read` of the whole Bundle reads
-    each entry on `path`."""
+    each entry on `path`; `targets`: the Bundle's `bundle_targets` (`streamed_target` of each entry)."""
+    items = _entry_items(data, path)
+    return list(_in_bundle(items, targets)) if targets and path != FRAMING else items
+
+
+class _EntryHead(msgspec.Struct, gc=False):
+    resourceType: Any = None
+    id: Any = None
+
+
+class _Head(msgspec.Struct, gc=False):
+    fullUrl: Any = None
+    resource: _EntryHead | None = None
+
+
+_head_decoder = msgspec.json.Decoder(_Head)
+
+
+def streamed_target(data: bytes) -> tuple[str, str] | None:
+    """`entry_target` of one Bundle entry's JSON text (None when it cannot be read)."""
+    try:
+        head = _head_decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return None
+    return entry_target(head.fullUrl, head.resource.resourceType, head.resource.id) if head.resource else None
+
+
+def _entry_items(data: bytes, path: str) -> list[Resource | Undecodable]:
     if path == TYPED:
         entry = _entry_decoder.decode(data)
         return list(flatten(entry.resource)) if entry.resource is not None else []

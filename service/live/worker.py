@@ -21,6 +21,7 @@ from service.core.episodes import PatientState
 from service.core.observations import DEFAULT_READ, Ignored, LabResult, ReadPolicy, Rejected, version_number
 from service.core.panels import Report, panel_key
 from service.core.triage import PatientFact, ReportMembers, memberships, triage
+from service.core.undecided import ignored_unassessed, panel_unassessed, rejection_unassessed
 from service.errors import NeutrowatchError
 from service.fhir import raw
 from service.fhir.client import FhirClient, Page
@@ -246,6 +247,7 @@ class Worker:
                 item = intake(resource, self.read_policy, reports)
                 if isinstance(item, Ignored):
                     metrics.OBSERVATIONS.labels("ignored").inc()
+                    metrics.count_unassessed(ignored_unassessed(item.reason))
                     continue
                 report.observations += 1
                 if isinstance(item, Rejected):  # no id: nothing to supersede, quarantined as it is
@@ -305,6 +307,7 @@ class Worker:
     async def _rejected(self, rejected: Rejected) -> None:
         metrics.OBSERVATIONS.labels("rejected").inc()
         metrics.REJECTIONS.labels(metrics.reason_label(rejected.reason)).inc()
+        metrics.count_unassessed(rejection_unassessed(rejected.reason))
         log.warning("observation rejected", observation=rejected.ref, code=rejected.code, reason=rejected.reason)
         await self.store.record_decision(rejected_record(rejected))
 
@@ -381,6 +384,7 @@ class Worker:
             log.error("panel quarantined: could not be decided", patient=work.patient, panel=work.panel,
                       observations=record["observations"], error_type=type(step.error).__name__)
             return [(record, None)]
+        metrics.count_unassessed(panel_unassessed(d, work.results))
         if d.assessed:
             report.panels_assessed += 1
             metrics.PANELS.inc()

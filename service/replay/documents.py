@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import gzip
 import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -183,13 +183,15 @@ def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | No
     an object, one "resourceType" other than "Bundle" or not exactly one, not exactly one "entry"
     array, a key with an escape in it, or framing broken other than by ending early. This first
     walk also tells which path `raw.read` of the whole would take (`raw.Checks`)."""
-    checks, members, types, arrays = raw.Checks(), [], [], 0
+    checks, members, types, arrays, targets = raw.Checks(), [], [], 0, {}
     end: jsonscan.End | None = None
     with _open(path) as fh:
         fh.seek(start)
         for event in jsonscan.scan_stream(_blocks(fh, length)):
             if isinstance(event, jsonscan.Element):
                 checks.add_entry(event.value, event.strict)
+                if (target := raw.streamed_target(event.value)) is not None:
+                    targets[target[0]] = target[1]
             elif isinstance(event, jsonscan.Member):
                 if b"\\" in event.key or event.key == b"entry":
                     return None
@@ -205,7 +207,8 @@ def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | No
     if end is None or arrays != 1 or types != [b'"Bundle"'] or (end.broken is not None and end.broken.what != "truncated"):
         return None
     checks.add_members(members)
-    return StreamedBundle(path, start, length, checks.path(end.broken is None), None if end.broken is None else end.entries)
+    cut = None if end.broken is None else end.entries
+    return StreamedBundle(path, start, length, checks.path(end.broken is None), cut, targets)
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,7 @@ class StreamedBundle:
     length: int | None
     how: str  # the path `raw.read` of the whole takes (raw.TYPED, ...)
     cut: int | None  # the framing ends early after this many entries (None: whole)
+    targets: Mapping[str, str] = field(default_factory=dict)  # entries by urn: fullUrl (raw.entry_target)
 
     def entries(self) -> Iterator[bytes]:
         try:
@@ -232,7 +236,7 @@ class StreamedBundle:
     def __iter__(self) -> Iterator[raw.Resource | raw.Undecodable]:
         """The items of `raw.decode` of the whole document, in order."""
         for entry in self.entries():
-            yield from raw.entry_items(entry, self.how)
+            yield from raw.entry_items(entry, self.how, self.targets)
         if self.cut is not None:
             yield raw.cut_short(self.cut)
 

@@ -30,6 +30,7 @@ from service.core.observations import DEFAULT_READ, LabResult, ReadPolicy, Rejec
 from service.core.panels import PanelDecision
 from service.core.recipients import choose
 from service.core.rules import Rules
+from service.core.undecided import panel_unassessed, rejection_unassessed
 from service.fhir.fhirtime import from_epoch_us
 from service.output.events import rejected_record
 from service.output.outcomes import concluded, judged
@@ -155,6 +156,7 @@ class Replay:
         self.scheme = rules.scheme
         self.alert_settings = alert_settings
         self.stats = ReplayStats()
+        self.progress: Callable[[str, int, int], None] | None = None  # (stage, done, total): replay.progress
         # The reading clock (bounds the collection time of a result without meta.lastUpdated); by
         # default the newest meta.lastUpdated of the input, as the live loop's is the server's now.
         self.clock_us: int | None = None
@@ -314,6 +316,7 @@ class Replay:
             states[patient] = step.state
             if step.decision is not None:
                 self.stats.stale_panels += step.decision.stale
+                self.stats.unassessed.update(panel_unassessed(step.decision, members))
             out: list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]] = []
             for record, writes in step.records:
                 self.stats.events[record["event"]] += 1
@@ -333,6 +336,8 @@ class Replay:
                 yield from judge(*heapq.heappop(pending))
             if isinstance(payload, Rejected):
                 self.stats.events["rejected"] += 1
+                if (why := rejection_unassessed(payload.reason)) is not None:
+                    self.stats.unassessed[why] += 1
                 yield akey, rejected_record(payload), None
                 continue
             initial, later = snapshots(payload)

@@ -145,16 +145,34 @@ def run(replay: Replay, inputs: Sequence[str | Path], events: IO[bytes], alerts:
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
             try:
                 _start(job)
-                return _run(replay.stats, map, job, chunks, events, alerts)
+                return _run(replay.stats, _reporting(map, replay.progress), job, chunks, events, alerts)
             finally:
                 _start(None)
         # fork: the workers share the parent's imports and its `hash` seed (module docstring).
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start,
                                    initargs=(job,))
         try:
-            return _run(replay.stats, pool.map, job, chunks, events, alerts)
+            return _run(replay.stats, _reporting(pool.map, replay.progress), job, chunks, events, alerts)
         finally:
             pool.shutdown(cancel_futures=True)  # after a failure, the tasks not yet started do not run
+
+
+_STAGES = {"read_chunk": "reading input", "latest": "ordering versions", "judge": "deciding"}
+
+
+def _reporting(map_: Callable[..., Iterator[Any]], progress: Callable[[str, int, int], None] | None
+               ) -> Callable[..., Iterator[Any]]:
+    """`map_` that tells `progress` (stage, done, total) after each task (replay --progress on a terminal)."""
+    if progress is None:
+        return map_
+
+    def reporting(fn: Callable[..., Any], *iterables: Iterable[Any]) -> Iterator[Any]:
+        args = [list(it) for it in iterables]
+        stage = _STAGES.get(fn.__name__, fn.__name__)
+        for done, result in enumerate(map_(fn, *args), 1):
+            progress(stage, done, len(args[0]))
+            yield result
+    return reporting
 
 
 @contextmanager
@@ -194,10 +212,11 @@ def _run(stats: ReplayStats, map_: Callable[..., Iterator[Any]], job: _Job, chun
     runs: list[list[Segment]] = []
     counted: Counter[str] = Counter()
     clock = job.clock_us if job.clock_us is not None else stats.newest_updated_us
-    for run_segments, panels, stale, counts in map_(judge, range(n), by_patient, [clock] * n):
+    for run_segments, panels, stale, counts, unassessed in map_(judge, range(n), by_patient, [clock] * n):
         runs.append(run_segments)
         stats.panels += panels
         stats.stale_panels += stale
+        stats.unassessed.update(unassessed)
         counted.update(counts)
     _remove({path for segments in by_patient for path, _, _ in segments})
     kinds: Counter[str] = Counter()
@@ -401,7 +420,8 @@ def _first_copies(rows: list[ObsRow], rejected: list[list[Any]]) -> tuple[list[O
 # -- step 3: the core -------------------------------------------------------------------------------
 
 
-def judge(part: int, segments: list[Segment], clock_us: int | None = None) -> tuple[list[Segment], int, int, Counter[str]]:
+def judge(part: int, segments: list[Segment], clock_us: int | None = None
+          ) -> tuple[list[Segment], int, int, Counter[str], Counter[str]]:
     assert _job is not None
     results: list[tuple[str, str, str, bytes | None, str]] = []  # patient, panel key, availability key, LabResult, ref
     rejections: list[tuple[str, bytes]] = []  # availability key, Rejected
@@ -457,7 +477,7 @@ def judge(part: int, segments: list[Segment], clock_us: int | None = None) -> tu
         if frame:
             frames.append(_frame(fh, frame))
         stats = core.stats
-    return frames, stats.panels, stats.stale_panels, stats.events
+    return frames, stats.panels, stats.stale_panels, stats.events, stats.unassessed
 
 
 def _frame(fh: IO[bytes], entries: list[Any]) -> Segment:

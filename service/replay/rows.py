@@ -25,6 +25,7 @@ from service.core.observations import (
 from service.core.panels import collection_key, report_key, specimen_key
 from service.core.rules import Rules
 from service.core.triage import PatientFact, ReportMembers, Triaged, triage
+from service.core.undecided import REASONS, ignored_unassessed
 from service.fhir import raw
 from service.replay.documents import StreamedBundle
 
@@ -46,6 +47,16 @@ class ReplayStats:
     newest_updated_us: int | None = None  # the newest meta.lastUpdated read: replay's reading clock
     ignored: Counter[str] = field(default_factory=Counter)
     events: Counter[str] = field(default_factory=Counter)
+    unassessed: Counter[str] = field(default_factory=Counter)  # results of pass 2 that reached no assessment
+
+    def not_decided(self) -> dict[str, int]:
+        """Every result that reached no assessment, by reason (service/core/undecided.py): what
+        pass 2 counted and what pass 1 ignored."""
+        counts = Counter(self.unassessed)
+        for reason, n in self.ignored.items():
+            if (why := ignored_unassessed(reason)) is not None:
+                counts[why] += n
+        return {reason: counts[reason] for reason in REASONS if counts[reason]}
 
 
 class ObsRow(NamedTuple):
