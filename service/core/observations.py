@@ -196,8 +196,10 @@ def _term(resource: Resource, terminology: Terminology) -> Term | _Mapped | Igno
     if not terminology.codes and not terminology.conflicts:
         return loinc
     translated = _translated(resource, terminology)
-    if isinstance(translated, str) or not translated:
-        return translated or loinc
+    if isinstance(translated, str):
+        return translated
+    if not translated:
+        return loinc
     given = {c.code for c in resource.code.coding or () if c.system in (LOINC, LOINC_OID)}  # type: ignore[union-attr]
     targets = {t.loinc for _, t in translated}
     if len(targets) > 1 or (given and not targets <= given):

@@ -26,7 +26,7 @@ import orjson
 
 from service.fhir import raw
 from service.core.anc import PanelRejected, compute_anc
-from service.core.codes import LOINC, TERMS, Kind, Prop, cbc_codes, temperature_codes
+from service.core.codes import TERMS, Kind, Prop, cbc_codes, temperature_codes
 from service.core.context import CHRONIC_BENIGN_NEUTROPENIA, grading_for
 from service.core.episodes import AlertEvent, EventKind, PatientState, fevers
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
@@ -379,7 +379,8 @@ def _given(index: GivenIndex, ref: str | None, version: str | None, updated_us: 
 
 def _input(r: LabResult, role: str, index: GivenIndex) -> Input:
     term = TERMS.get(r.code)
-    return Input(r.ref, r.version, r.code, KIND_LABEL.get(r.kind, r.kind.value), r.status, r.effective, r.effective_us,
+    code = r.code if r.mapped_from is None else f"{r.code} (from {r.mapped_from} by ConceptMap {r.concept_map})"
+    return Input(r.ref, r.version, code, KIND_LABEL.get(r.kind, r.kind.value), r.status, r.effective, r.effective_us,
                  _given(index, r.ref, r.version, r.updated_us), r.value,
                  CANONICAL_UNIT.get(term.prop) if term else None, r.at_most, role)
 
@@ -414,7 +415,7 @@ def _step(n: int, t: PanelTrace, rules: Rules, index: GivenIndex, earlier: Step 
         trigger = (f"{arrived_ref} version {arrived.version} arrived ({arrived.status})" if arrived is not None
                    else f"a newer version of {arrived_ref or 'a member'} was rejected; judged without it")
     outcome = assess(t.patient, t.panel, labs, rules, t.context) if labs else None
-    anc = compute_anc(labs) if labs else None
+    anc = compute_anc(labs, rules.neutrophil_pct_with_bands_is_segmented) if labs else None
     a = outcome if isinstance(outcome, Assessment) else None
     used: tuple[str, ...] = ()
     if a is not None:
@@ -602,11 +603,12 @@ async def _fetch_patient(settings: Settings, patient: str, history: bool, doing:
     resources and notes on what could not be read."""
     from service.fhir.client import FhirClient
     from service.fhir.errors import FhirHttpError
+    from service.fhir.query import code_values
 
     notes: list[str] = []
     pid = (local_reference(patient, "Patient") or "").split("/")[-1]
     page = str(settings.fhir.page_size)
-    codes = ",".join(f"{LOINC}|{c}" for c in cbc_codes() + temperature_codes())
+    codes = ",".join(code_values(cbc_codes() + temperature_codes(), settings.read_policy.terminology))
     async with FhirClient(settings.fhir) as client:
         doing.append("Observation search")
         observations = await client.search_all("Observation", [("subject", patient), ("code", codes), ("_count", page)])

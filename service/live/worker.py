@@ -40,6 +40,8 @@ from service.live.directory import LiveDirectory
 from service.errors import NeutrowatchError
 from service.output.events import rejected_record
 from service.fhir.client import FhirClient, Page, transient_status
+from service.fhir.query import code_values, merged, split_searches
+from service.live.terminology import ServerConceptMaps
 from service.fhir.errors import FhirError, PreconditionFailed
 from service.output.outcomes import failure_record, panel_outcome
 from service.live.store.base import Decided, Intake, OutboxEntry, PanelWork, Store
@@ -194,6 +196,7 @@ class Worker:
         self.rules = settings.rules
         self.read_policy = settings.read_policy
         self.directory = LiveDirectory(settings, client)
+        self.concept_maps = ServerConceptMaps(settings, client)
         self.progress = Progress()
         self._stop = False
         # The episodes' Flags as this process last wrote or read them (id, version, content), so an
@@ -228,8 +231,8 @@ class Worker:
             await self.deliver(report)
             cursor = await self.store.get_cursor()
             newest_us = to_epoch_us(cursor) if cursor else None
-            params, since_us = search_params(self.settings, cursor, self.clock())
-            pages = pages_since(self.client, "Observation", params, since_us)
+            self.read_policy = await self.concept_maps.policy()
+            pages = self._observation_pages(*search_params(self.settings, cursor, self.clock()))
             try:
                 while True:
                     newest_us, report.caught_up = await self._step(pages, report, newest_us)
@@ -258,6 +261,16 @@ class Worker:
                  panels=report.panels_assessed, events=report.events, written=report.written, cursor=report.cursor,
                  steps=report.steps, caught_up=report.caught_up)
         return report
+
+    def _observation_pages(self, params: list[tuple[str, str]], since_us: int) -> AsyncIterator[Page]:
+        """The main search, its code list extended with the site's mapped local codes and split when
+        the URL would exceed fhir.max_search_url_length (service/fhir/query.py)."""
+        codes = [c.removeprefix(f"{LOINC}|") for k, v in params if k == "code" for c in v.split(",")]
+        rest = [p for p in params if p[0] != "code"]
+        searches = split_searches(f"{self.settings.fhir.base_url}/Observation", rest,
+                                  code_values(codes, self.read_policy.terminology), self.settings.fhir.max_search_url_length)
+        streams = [pages_since(self.client, "Observation", search, since_us) for search in searches]
+        return merged(streams, self.settings.fhir.page_size, _updated)
 
     async def _step(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool]:
         """One step: read, temperatures, decide, deliver, commit. Returns the newest meta.lastUpdated
@@ -383,7 +396,7 @@ class Worker:
         with their patient's next results or at the end."""
         poll = self.settings.poll
         overlap_us = int(poll.overlap_seconds * 1_000_000)
-        base = [("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())), ("_sort", "_lastUpdated"),
+        base = [("code", ",".join(code_values(temperature_codes(), self.read_policy.terminology))), ("_sort", "_lastUpdated"),
                 ("_count", str(self.settings.fhir.page_size))]
         # Patients with an open episode, and patients with new results this step (an episode may
         # open, and even close, within the step: their temperatures must be in before the decisions).
