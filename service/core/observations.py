@@ -203,8 +203,8 @@ def _term(resource: Resource, terminology: Terminology) -> Term | _Mapped | Igno
     given = {c.code for c in resource.code.coding or () if c.system in (LOINC, LOINC_OID)}  # type: ignore[union-attr]
     targets = {t.loinc for _, t in translated}
     if len(targets) > 1 or (given and not targets <= given):
-        source = _shown(translated[0][0].rsplit("|", 1)[1])
-        return f"local code {source} is mapped to LOINC {sorted(targets)[0]}, which disagrees with its other codings"
+        source, odd = next(((s, t) for s, t in translated if given and t.loinc not in given), translated[0])
+        return f"local code {_shown(source.rsplit('|', 1)[1])} is mapped to LOINC {odd.loinc}, which disagrees with its other codings"
     if given:
         return loinc  # the LOINC coding itself says the same
     source, translation = translated[0]
