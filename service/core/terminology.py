@@ -1,5 +1,5 @@
 """Site terminology: a local code translated to the LOINC code it means, by the site's FHIR ConceptMaps,
-and a local unit string to its UCUM code (docs/clinical-reference.md §10).
+and a local unit string to its UCUM code (docs/clinical-reference.md §11).
 
 A ConceptMap group whose `target` is LOINC maps each `element.code` of its `source` system to each
 `target.code` whose `equivalence` says the LOINC term covers the local one (equivalent, equal, wider,

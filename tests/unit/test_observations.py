@@ -201,7 +201,7 @@ def test_undecodable_keeps_only_a_patient_subject():
 def test_a_rejected_local_coded_result_names_its_loinc_code_and_the_mapping():
     """A result translated by the site's ConceptMap and then rejected (here: a unit neither the site
     nor the built-in table knows, reference §2) carries the LOINC code it was read as, and its
-    rejection record names the local code and the map (terminology, reference §10)."""
+    rejection record names the local code and the map (terminology, reference §11)."""
     from service.core.terminology import MapRow, build
     from service.output.events import rejected_record
 

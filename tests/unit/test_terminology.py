@@ -5,7 +5,7 @@ with the result's own LOINC coding, and a unit the site did not map stay out or 
 Sources: FHIR R4 ConceptMap (https://hl7.org/fhir/R4/conceptmap.html) and its equivalence value set
 (https://hl7.org/fhir/R4/valueset-concept-map-equivalence.html): "equivalent", "equal", "wider" and
 "subsumes" say the target means at least the source; "narrower", "inexact", "unmatched", "disjoint"
-do not. Codes and units: docs/clinical-reference.md §1.1, §2, §10."""
+do not. Codes and units: docs/clinical-reference.md §1.1, §2, §11."""
 
 from __future__ import annotations
 
