@@ -73,3 +73,18 @@ def test_the_differential_site_rule_on_a_real_manual_differential(tmp_path, obse
     first = next(e for e in segs if e["effective"] == "2112-09-18T03:15:00-05:00")
     assert (first["event"], first["grade"], first["anc"], first["method"]) == (
         "new", "mild", 1222, "wbc-x-neutrophil-pct-as-segs+bands-pct")
+
+
+def test_explain_names_the_local_code_the_map_and_the_differential_rule(tmp_path, observations):
+    """`explain` of a local-coded patient shows, beside each LOINC code, the local code and the map that
+    translated it, and the site rule by the ANC method it names (reference §2, §11)."""
+    from service.explain import explain_inputs, render_text
+
+    mine = [o for o in observations if o["subject"]["reference"] == "Patient/10035631"
+            and o["effectiveDateTime"].startswith("2112-09-1")]
+    data = tmp_path / "mine.ndjson"
+    data.write_bytes(b"".join(orjson.dumps(o) + b"\n" for o in mine))
+    text = render_text(explain_inputs([data, mimic.PATIENTS], "Patient/10035631", settings(mapped=True, segmented=True)))
+    assert (f"770-8 (from {mimic.LABITEMS}|51256 by ConceptMap "
+            "https://neutrowatch.example.org/fhir/ConceptMap/mimic-iv-to-loinc)") in text
+    assert "by wbc-x-neutrophil-pct-as-segs+bands-pct" in text
