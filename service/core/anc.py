@@ -90,21 +90,31 @@ def _select(results: tuple[LabResult, ...], wbc: LabResult | None, pct_with_band
     if wbc is None or wbc_value is None:
         pct = segs_pct or neut_pct
         return PanelRejected("neutrophil percentage without a WBC in the same panel", (pct,))  # type: ignore[arg-type]
+    return _from_percentages(results, wbc, wbc_value, pct_with_bands_is_segmented)
+
+
+def _from_percentages(results: tuple[LabResult, ...], wbc: LabResult, wbc_value: float,
+                      pct_with_bands_is_segmented: bool) -> Anc | PanelRejected:
+    """WBC x (segs % + bands %), or WBC x neutrophil %; under the site rule a neutrophil % beside a
+    band % is the segs % (reference §2 "Sites that report segs under the neutrophil code")."""
+    segs_pct = best_result(results, Kind.SEG_PCT)
+    neut_pct = best_result(results, Kind.NEUT_PCT)
     bands_pct = best_result(results, Kind.BAND_PCT)
     as_segs = segs_pct is None and bands_pct is not None and pct_with_bands_is_segmented
-    if segs_pct is not None or as_segs:
-        segs = segs_pct or neut_pct
-        parts = (segs, bands_pct) if bands_pct is not None else (segs,)  # type: ignore[assignment]
-        pct_total = sum(p.value for p in parts)  # type: ignore[misc,union-attr]
+    segs = segs_pct if segs_pct is not None else (neut_pct if as_segs else None)
+    parts: tuple[LabResult, ...]
+    if segs is not None:
+        parts = (segs, bands_pct) if bands_pct is not None else (segs,)
+        pct_total = sum(p.value or 0.0 for p in parts)
         if pct_total > 100.0 + _TOLERANCE:
-            return PanelRejected("segmented + band percentages exceed 100", parts + (wbc,))  # type: ignore[operator]
+            return PanelRejected("segmented + band percentages exceed 100", (*parts, wbc))
         method = "wbc-x-segs+bands-pct" if bands_pct is not None else "wbc-x-segs-pct"
         method = SEGMENTED_NEUTROPHIL_PCT if as_segs else method
-        inputs = parts + (wbc,)  # type: ignore[operator]
     else:
-        pct_total = neut_pct.value  # type: ignore[union-attr,assignment]
+        parts = (neut_pct,)  # type: ignore[assignment]  # _select: a segs % or a neutrophil % is present
+        pct_total = neut_pct.value or 0.0  # type: ignore[union-attr]
         method = "wbc-x-neutrophil-pct"
-        inputs = (neut_pct, wbc)  # type: ignore[assignment]
+    inputs = (*parts, wbc)
     value = wbc_value * pct_total / 100.0
     return Anc(value, any(r.at_most for r in inputs), method, inputs, wbc_value)
 
