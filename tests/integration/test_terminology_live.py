@@ -62,7 +62,8 @@ def oracle_config() -> dict[str, Any]:
 
 async def test_a_concept_map_on_the_server_makes_local_coded_results_alert(fhir_base_url, tmp_path):
     """Without a map nothing is monitored (every code local); with the map read from the server by
-    its url, the same results open, worsen and resolve episodes exactly as replay with the map predicts."""
+    its url, the same results open, worsen and resolve episodes exactly as replay with the map predicts.
+    A configured url the server does not hold is logged and skipped: it never stops the cycle."""
     put_all(fhir_base_url, one_patient_recent())
     base = settings_for(fhir_base_url, tmp_path / "before.sqlite3")
     before = await cycle(base)
@@ -71,7 +72,8 @@ async def test_a_concept_map_on_the_server_makes_local_coded_results_alert(fhir_
     concept_map = json.loads(mimic.CONCEPT_MAP.read_text())
     put_all(fhir_base_url, [concept_map])
     mapped = with_terminology(settings_for(fhir_base_url, tmp_path / "after.sqlite3"),
-                              {"concept_map_urls": [concept_map["url"]], "units": mimic.units_config()})
+                              {"concept_map_urls": ["https://absent.example.org/ConceptMap/none", concept_map["url"]],
+                               "units": mimic.units_config()})
     report = await cycle(mapped)
     assert report.events == {"new": 2, "worsening": 2, "resolved": 1}
     counts = compare_with_oracle(fhir_base_url, tmp_path / "oracle", more_config=oracle_config())
