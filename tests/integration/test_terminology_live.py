@@ -112,3 +112,31 @@ async def test_a_code_list_too_long_for_one_get_is_split(fhir_base_url, tmp_path
     assert len(searches) >= 2 and all(len(s) <= LIMIT for s in searches)
     assert report.events == {"new": 2, "worsening": 2, "resolved": 1}
     compare_with_oracle(fhir_base_url, tmp_path / "oracle", more_config=oracle_config())
+
+
+async def test_a_map_changed_on_the_server_is_read_again_after_the_context_ttl(fhir_base_url, tmp_path):
+    """One running worker: the server's map first covers only the temperatures (no CBC item: nothing
+    to alert), then is completed on the server; after poll.context_ttl_seconds (0 here) the next cycle
+    reads it again and the results re-read within the overlap window alert as replay predicts."""
+    from service.fhir.client import FhirClient
+    from service.live.store import make_store
+    from service.live.worker import Worker
+
+    put_all(fhir_base_url, one_patient_recent())
+    concept_map = json.loads(mimic.CONCEPT_MAP.read_text())
+    vitals_only = {**concept_map, "group": [g for g in concept_map["group"] if g["source"] == mimic.CHARTEVENTS]}
+    put_all(fhir_base_url, [vitals_only])
+    settings = with_terminology(settings_for(fhir_base_url, tmp_path / "s.sqlite3", context_ttl_seconds=0),
+                                {"concept_map_urls": [concept_map["url"]], "units": mimic.units_config()})
+    store = make_store(settings.store)
+    await store.open()
+    try:
+        assert await store.lead()
+        async with FhirClient(settings.fhir) as client:
+            worker = Worker(settings, client, store)
+            assert (await worker.run_cycle()).events == {}
+            put_all(fhir_base_url, [concept_map])
+            assert (await worker.run_cycle()).events == {"new": 2, "worsening": 2, "resolved": 1}
+    finally:
+        await store.close()
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle", more_config=oracle_config())
