@@ -59,34 +59,50 @@ async def merged(streams: Sequence[PageStream], page_size: int,
                  updated: Callable[[raw.Resource | raw.Undecodable], int | None]) -> PageStream:
     """Pages of `page_size` resources taken from `streams` in meta.lastUpdated order (a resource
     without one first: it cannot be placed later). The last page has `next_url` None."""
-    if len(streams) == 1:
-        async for page in streams[0]:
+    try:
+        if len(streams) == 1:
+            async for page in streams[0]:
+                yield page
+            return
+        async for page in _merge(streams, page_size, _updated_key(updated)):
             yield page
-        return
-    key = _updated_key(updated)
+    finally:
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def _merge(streams: Sequence[PageStream], page_size: int,
+                 key: Callable[[raw.Resource | raw.Undecodable], int]) -> PageStream:
+    """The k-way merge: the oldest head among the searches' buffered resources, each search's next
+    page read only when its buffer is empty (so every search's head is known before one is taken)."""
     buffers: list[deque[raw.Resource | raw.Undecodable]] = [deque() for _ in streams]
     open_streams = set(range(len(streams)))
     out: list[raw.Resource | raw.Undecodable] = []
     cut_short = False
-    try:
-        while True:
-            for i in sorted(open_streams):
-                while not buffers[i] and i in open_streams:
-                    page = await anext(streams[i], None)  # type: ignore[arg-type]
-                    if page is None or page.next_url is None:
-                        open_streams.discard(i)
-                    if page is not None:
-                        cut_short = cut_short or page.cut_short
-                        buffers[i].extend(page.resources)
-            filled = [i for i, b in enumerate(buffers) if b]
-            if not filled:
-                yield Page(out, None, MERGED, cut_short)
-                return
-            first = min(filled, key=lambda i: key(buffers[i][0]))
-            out.append(buffers[first].popleft())
-            if len(out) >= page_size:
-                yield Page(out, MERGED, MERGED, cut_short)
-                out, cut_short = [], False
-    finally:
-        for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+    while True:
+        for i in sorted(open_streams):
+            cut_short = await _refill(streams[i], buffers[i], open_streams, i) or cut_short
+        filled = [i for i, b in enumerate(buffers) if b]
+        if not filled:
+            yield Page(out, None, MERGED, cut_short)
+            return
+        first = min(filled, key=lambda i: key(buffers[i][0]))
+        out.append(buffers[first].popleft())
+        if len(out) >= page_size:
+            yield Page(out, MERGED, MERGED, cut_short)
+            out, cut_short = [], False
+
+
+async def _refill(stream: PageStream, buffer: deque[raw.Resource | raw.Undecodable], open_streams: set[int],
+                  index: int) -> bool:
+    """Read pages of one search until its buffer holds a resource or the search has ended (then it
+    leaves `open_streams`). Returns whether a page read was cut short."""
+    cut_short = False
+    while not buffer and index in open_streams:
+        page = await anext(stream, None)  # type: ignore[arg-type]
+        if page is None or page.next_url is None:
+            open_streams.discard(index)
+        if page is not None:
+            cut_short = cut_short or page.cut_short
+            buffer.extend(page.resources)
+    return cut_short
