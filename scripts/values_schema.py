@@ -224,6 +224,14 @@ def chart_properties(config: Schema) -> Schema:
                 "pseudonymKey": string("Key with the key of patient pseudonyms in the logs; sets logging.pseudonym_key_file."),
             }),
         }, "Secrets by reference only: mounted as files under /var/run/secrets/neutrowatch."),
+        "conceptMaps": obj({
+            "configMap": string("A ConfigMap in the release namespace holding FHIR R4 ConceptMap JSON files."),
+            "keys": {
+                "type": "array", "uniqueItems": True,
+                "items": string(minLength=1, pattern=r"^[-._a-zA-Z0-9]+$"),
+                "description": "Its keys to mount under /etc/neutrowatch/conceptmaps; sets terminology.concept_maps.",
+            },
+        }, "Site ConceptMaps (local codes to LOINC) mounted from a ConfigMap."),
         "serviceAccount": obj({
             "create": {"type": "boolean"},
             "name": string(),
@@ -400,6 +408,21 @@ RULES: list[Schema] = [
         "existingSecret.keys.dsn sets store.dsn_file: do not set it in config too.",
         nested("existingSecret.keys.dsn", NON_EMPTY),
         nested("config.store.dsn_file", ABSENT_OR_NULL, required=False),
+    ),
+    rule(
+        "conceptMaps.keys name keys of conceptMaps.configMap: without it they reference nothing.",
+        nested("conceptMaps.keys", {"minItems": 1}),
+        nested("conceptMaps.configMap", NON_EMPTY),
+    ),
+    rule(
+        "conceptMaps.configMap needs the keys to mount (the chart lists them in terminology.concept_maps).",
+        nested("conceptMaps.configMap", NON_EMPTY),
+        nested("conceptMaps.keys", {"minItems": 1}),
+    ),
+    rule(
+        "conceptMaps sets terminology.concept_maps: do not set it in config too.",
+        nested("conceptMaps.configMap", NON_EMPTY),
+        nested("config.terminology.concept_maps", {"maxItems": 0}, required=False),
     ),
     rule(
         "An enabled NetworkPolicy needs a FHIR server destination (an empty list would allow any).",

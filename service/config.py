@@ -4,9 +4,11 @@ an invalid value fails with a message that names the field."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +35,8 @@ from service.core.grading import BUILT_IN, Scheme
 from service.core.observations import ReadPolicy
 from service.core.references import base_key
 from service.core.rules import Rules
+from service.core.terminology import MapRow, Terminology, TerminologyError, build, concept_map_rows
+from service.core.units import known_unit
 from service.errors import ConfigError
 from service.fhir.scopes import default_scope, missing, needed_by, required, scope_string
 
@@ -60,9 +64,19 @@ class FebrileSettings(_Section):
     fall_window_hours: float = Field(48.0, gt=0, le=168, description="... within this many hours of the previous value.")
 
 
+class DifferentialSettings(_Section):
+    neutrophil_percent_with_bands_is_segmented: bool = Field(
+        False,
+        description="Site rule: a neutrophil % reported with a band % in the same panel is the segmented count of a "
+        "manual differential (some laboratories report segs under their neutrophil code, e.g. MIMIC item 51256), so "
+        "the ANC is WBC x (neutrophil % + band %). Off: bands are never added to a neutrophil % (reference §2).",
+    )
+
+
 class ClinicalSettings(_Section):
     pancytopenia: PancytopeniaSettings = PancytopeniaSettings()
     febrile: FebrileSettings = FebrileSettings()
+    differential: DifferentialSettings = DifferentialSettings()
     infant_threshold_per_ul: float = Field(1000.0, gt=0, le=5000, description="Infants (second week to 1 year): neutropenic below this.")
     patient_thresholds: dict[str, float] = Field(
         default_factory=dict,
@@ -106,6 +120,68 @@ class ClinicalSettings(_Section):
         if value is not None:
             local_zone(value)  # ValueError naming the zone: reported with the field's name
         return value
+
+
+class UnitMapping(_Section):
+    system: str = Field(min_length=1, description="The Quantity.system the site writes its unit strings under.")
+    unit: str = Field(min_length=1, description="The unit string (Quantity.code, else Quantity.unit) as written.")
+    ucum: str = Field(min_length=1, description="The UCUM code it means, e.g. 10*3/uL, [degF].")
+
+    @field_validator("ucum")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if not known_unit(value):
+            raise ValueError(f"{value[:40]!r} is not a unit the service converts (docs/clinical-reference.md §2)")
+        return value
+
+
+@lru_cache(maxsize=32)
+def concept_map_file_rows(path: Path) -> tuple[MapRow, ...]:
+    """The translating rows of one ConceptMap JSON file; ValueError naming the file and the problem."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"{path}: {err.strerror or err}") from None
+    except ValueError:
+        raise ValueError(f"{path}: not valid JSON") from None
+    try:
+        return tuple(concept_map_rows(data))
+    except TerminologyError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+class TerminologySettings(_Section):
+    concept_maps: tuple[Path, ...] = Field(
+        (),
+        description="FHIR R4 ConceptMap JSON files translating the site's local codes to LOINC (group.source the "
+        "local system, group.target http://loinc.org; equivalence equivalent, equal, wider or subsumes translate, "
+        "narrower, inexact, unmatched and disjoint do not). A mapped result is decided as its LOINC code.",
+    )
+    concept_map_urls: tuple[str, ...] = Field(
+        (),
+        description="Canonical URLs of ConceptMaps read from the FHIR server (ConceptMap?url=) at start-up and "
+        "again every poll.context_ttl_seconds (live loop only; replay and explain use concept_maps).",
+    )
+    units: tuple[UnitMapping, ...] = Field(
+        (),
+        description="Local unit strings the built-in table does not know: each {system, unit, ucum}. A unit neither "
+        "knows stays rejected.",
+    )
+
+    @field_validator("concept_maps")
+    @classmethod
+    def _readable(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for path in value:
+            concept_map_file_rows(path)  # ValueError naming the file: reported with the field's name
+        return value
+
+    def file_rows(self) -> list[MapRow]:
+        return [row for path in self.concept_maps for row in concept_map_file_rows(path)]
+
+    def terminology(self, server_rows: list[MapRow] | None = None) -> Terminology:
+        """The site's terminology: the files' maps, plus the server's when the live loop has read them."""
+        units = {(u.system, u.unit): u.ucum for u in self.units}
+        return build([*self.file_rows(), *(server_rows or ())], units)
 
 
 class GradingSettings(_Section):
@@ -237,6 +313,12 @@ class FhirSettings(_Section):
         "well under the Helm chart's 512 MiB container limit (docs/benchmarks.md: memory).",
     )
     user_agent: str = Field("neutrowatch/0.1", description="User-Agent header.")
+    max_search_url_length: int = Field(
+        2048, ge=256, le=65_536,
+        description="Longest search URL sent: a search whose code list would make it longer (many local codes from "
+        "terminology.concept_maps) is split into several searches read as one. Servers and proxies refuse long GETs "
+        "(IIS: 2048 characters of query by default).",
+    )
     accepted_foreign_bases: tuple[str, ...] = Field(
         (),
         description="Federated setups only: base URLs of other FHIR servers whose patients the results may name "
@@ -407,6 +489,7 @@ class Settings(BaseSettings):
     clinical: ClinicalSettings = ClinicalSettings()
     alerts: AlertSettings = AlertSettings()
     logging: LoggingSettings = LoggingSettings()
+    terminology: TerminologySettings = TerminologySettings()
 
     @property
     def scheme(self) -> Scheme:
@@ -428,6 +511,7 @@ class Settings(BaseSettings):
             patient_thresholds=tuple(sorted(c.patient_thresholds.items())),
             chronic_benign_threshold=c.chronic_benign_threshold_per_ul,
             collection_slack_us=int(c.collection_time_slack_minutes * 60_000_000),
+            neutrophil_pct_with_bands_is_segmented=c.differential.neutrophil_percent_with_bands_is_segmented,
         )
 
     @property
@@ -435,7 +519,8 @@ class Settings(BaseSettings):
         """How Observations are read (replay and the live loop alike). Replay has no server: its base is
         fhir.base_url when configured, else every absolute reference is foreign unless accepted."""
         return ReadPolicy(local_timezone=self.clinical.local_timezone, base_url=self.fhir.base_url or None,
-                          accepted_foreign_bases=self.fhir.accepted_foreign_bases)
+                          accepted_foreign_bases=self.fhir.accepted_foreign_bases,
+                          terminology=self.terminology.terminology())
 
     @classmethod
     def settings_customise_sources(

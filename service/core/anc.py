@@ -5,7 +5,9 @@ Order of preference (docs/clinical-reference.md §2, "Order of preference"):
 2. absolute segmented + band counts;
 3. WBC x (segmented % + band %) / 100 — manual differential (UpToDate; 5-Minute Pediatric Consult);
 4. WBC x neutrophil % / 100 — automated or method-less %, which already includes bands, so bands
-   are never added to it.
+   are never added to it; unless the site says its neutrophil % reported beside a band % is the
+   segmented count of a manual differential (`neutrophil_pct_with_bands_is_segmented`, reference §2
+   "Sites that report segs under the neutrophil code"): then WBC x (neutrophil % + band %) / 100.
 Plausibility gate: 0 <= ANC <= 100 000 /uL and ANC <= WBC of the same panel; else the panel is
 rejected, never alerted on.
 """
@@ -54,17 +56,20 @@ def best_result(results: Iterable[LabResult], kind: Kind) -> LabResult | None:
     return best
 
 
-def compute_anc(results: Iterable[LabResult]) -> Anc | PanelRejected | None:
+SEGMENTED_NEUTROPHIL_PCT = "wbc-x-neutrophil-pct-as-segs+bands-pct"  # the site rule applied
+
+
+def compute_anc(results: Iterable[LabResult], neutrophil_pct_with_bands_is_segmented: bool = False) -> Anc | PanelRejected | None:
     """None when the panel holds no neutrophil result (e.g. a CBC without differential)."""
     results = tuple(results)
     wbc = best_result(results, Kind.WBC)
-    anc = _select(results, wbc)
+    anc = _select(results, wbc, neutrophil_pct_with_bands_is_segmented)
     if anc is None or isinstance(anc, PanelRejected):
         return anc
     return _gate(anc)
 
 
-def _select(results: tuple[LabResult, ...], wbc: LabResult | None) -> Anc | PanelRejected | None:
+def _select(results: tuple[LabResult, ...], wbc: LabResult | None, pct_with_bands_is_segmented: bool) -> Anc | PanelRejected | None:
     wbc_value = wbc.value if wbc is not None else None
     direct = best_result(results, Kind.NEUT_ABS)
     if direct is not None:
@@ -85,18 +90,31 @@ def _select(results: tuple[LabResult, ...], wbc: LabResult | None) -> Anc | Pane
     if wbc is None or wbc_value is None:
         pct = segs_pct or neut_pct
         return PanelRejected("neutrophil percentage without a WBC in the same panel", (pct,))  # type: ignore[arg-type]
-    if segs_pct is not None:
-        bands_pct = best_result(results, Kind.BAND_PCT)
-        parts = (segs_pct, bands_pct) if bands_pct is not None else (segs_pct,)
-        pct_total = sum(p.value for p in parts)  # type: ignore[misc]
+    return _from_percentages(results, wbc, wbc_value, pct_with_bands_is_segmented)
+
+
+def _from_percentages(results: tuple[LabResult, ...], wbc: LabResult, wbc_value: float,
+                      pct_with_bands_is_segmented: bool) -> Anc | PanelRejected:
+    """WBC x (segs % + bands %), or WBC x neutrophil %; under the site rule a neutrophil % beside a
+    band % is the segs % (reference §2 "Sites that report segs under the neutrophil code")."""
+    segs_pct = best_result(results, Kind.SEG_PCT)
+    neut_pct = best_result(results, Kind.NEUT_PCT)
+    bands_pct = best_result(results, Kind.BAND_PCT)
+    as_segs = segs_pct is None and bands_pct is not None and pct_with_bands_is_segmented
+    segs = segs_pct if segs_pct is not None else (neut_pct if as_segs else None)
+    parts: tuple[LabResult, ...]
+    if segs is not None:
+        parts = (segs, bands_pct) if bands_pct is not None else (segs,)
+        pct_total = sum(p.value or 0.0 for p in parts)
         if pct_total > 100.0 + _TOLERANCE:
-            return PanelRejected("segmented + band percentages exceed 100", parts + (wbc,))
+            return PanelRejected("segmented + band percentages exceed 100", (*parts, wbc))
         method = "wbc-x-segs+bands-pct" if bands_pct is not None else "wbc-x-segs-pct"
-        inputs = parts + (wbc,)
+        method = SEGMENTED_NEUTROPHIL_PCT if as_segs else method
     else:
-        pct_total = neut_pct.value  # type: ignore[union-attr,assignment]
+        parts = (neut_pct,)  # type: ignore[assignment]  # _select: a segs % or a neutrophil % is present
+        pct_total = neut_pct.value or 0.0  # type: ignore[union-attr]
         method = "wbc-x-neutrophil-pct"
-        inputs = (neut_pct, wbc)  # type: ignore[assignment]
+    inputs = (*parts, wbc)
     value = wbc_value * pct_total / 100.0
     return Anc(value, any(r.at_most for r in inputs), method, inputs, wbc_value)
 

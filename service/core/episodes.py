@@ -82,6 +82,8 @@ class Assessment:
     threshold_rule: str = "scheme"  # which threshold applied (scheme, infant, individual)
     based_on: tuple[str, ...] = ()  # the orders (ServiceRequest references) behind the results
     time_note: str | None = None  # the collection time had no offset and was read in the site's timezone
+    # (Observation, "system|code", ConceptMap) of each member read through the site's ConceptMap
+    mapped: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

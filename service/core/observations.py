@@ -17,7 +17,8 @@ from service.core.codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
 from service.fhir.fhirtime import CollectionTime, TimeError, collection_time, instant_us
 from service.fhir.raw import Quantity, Resource, Undecodable, fhir_id
 from service.core.references import Resolved, parse, resolve
-from service.core.units import UnitError, to_canonical
+from service.core.terminology import NO_TERMINOLOGY, Terminology, Translation
+from service.core.units import UCUM, UnitError, to_canonical
 
 LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"
 
@@ -44,6 +45,8 @@ class ReadPolicy:
     base_url: str | None = None
     # Other servers whose references are identities (a federated setup); any other server's are refused.
     accepted_foreign_bases: tuple[str, ...] = ()
+    # The site's ConceptMaps and unit strings (terminology.*): a mapped local coding reads as its LOINC one.
+    terminology: Terminology = NO_TERMINOLOGY
 
 
 DEFAULT_READ = ReadPolicy()
@@ -92,6 +95,8 @@ class LabResult(msgspec.Struct, frozen=True, gc=False, array_like=True):
     ref_low: float | None  # referenceRange.low in the canonical unit (absolute neutrophil terms only: the LLN)
     based_on: tuple[str, ...] = ()
     time_note: str | None = None  # the collection time had no offset and was read in the site's timezone
+    mapped_from: str | None = None  # "system|code" of the local coding `code` was translated from
+    concept_map: str | None = None  # the ConceptMap that translated it
 
     @property
     def assessable(self) -> bool:
@@ -108,6 +113,8 @@ class Rejected(msgspec.Struct, frozen=True, gc=False, array_like=True):
     code: str | None = None
     effective: str | None = None
     updated_us: int | None = None
+    mapped_from: str | None = None  # as LabResult.mapped_from: `code` was translated from this local coding
+    concept_map: str | None = None
 
 
 class Ignored(msgspec.Struct, frozen=True, gc=False):
@@ -123,14 +130,23 @@ def conflict_rejection(outcome: LabResult | Rejected) -> Rejected:
     """One of several copies of an Observation version that do not read alike: none is used
     (clinical.copies)."""
     return Rejected(CONFLICT, outcome.ref, outcome.version, outcome.patient, outcome.code, outcome.effective,
-                    outcome.updated_us)
+                    outcome.updated_us, outcome.mapped_from, outcome.concept_map)
 
 
 NOT_MONITORED = Ignored("code not monitored")
 GRANULOCYTES = Ignored("granulocyte count is not an ANC")
 
 
-def _term(resource: Resource) -> Term | Ignored | str:
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    """A monitored term reached through the site's ConceptMap from a local coding."""
+
+    term: Term
+    source: str  # "system|code"
+    concept_map: str
+
+
+def _loinc_term(resource: Resource) -> Term | Ignored | str:
     coding = resource.code.coding if resource.code is not None else None
     found: Term | None = None
     granulocytes = False
@@ -152,6 +168,51 @@ def _term(resource: Resource) -> Term | Ignored | str:
     if found is not None:
         return found
     return GRANULOCYTES if granulocytes else NOT_MONITORED
+
+
+def _translated(resource: Resource, terminology: Terminology) -> list[tuple[str, Translation]] | str:
+    """The site's translations of the non-LOINC codings ("system|code", translation), or the reason
+    a local code cannot be read (mapped to two different LOINC codes)."""
+    found: list[tuple[str, Translation]] = []
+    for c in (resource.code.coding if resource.code is not None else None) or ():
+        if c.system == LOINC or c.system == LOINC_OID:
+            continue
+        if terminology.conflicting(c.system, c.code):
+            return f"local code {_shown(c.code)} is mapped to more than one LOINC code"
+        translation = terminology.translate(c.system, c.code)
+        if translation is not None:
+            found.append((f"{c.system}|{c.code}", translation))
+    return found
+
+
+def _shown(code: str | None) -> str:
+    return code if code and _SHOWN_CODE.fullmatch(code) else "…"
+
+
+def _term(resource: Resource, terminology: Terminology) -> Term | _Mapped | Ignored | str:
+    """The monitored term of the result: by its LOINC codings, else by the site's translation of a
+    local one. A LOINC coding and a translated local coding that name different LOINC codes, or two
+    local codings translated to different codes, disagree: rejected, never decided on either."""
+    loinc = _loinc_term(resource)
+    if not terminology.codes and not terminology.conflicts:
+        return loinc
+    translated = _translated(resource, terminology)
+    if isinstance(translated, str):
+        return translated
+    if not translated:
+        return loinc
+    given = {c.code for c in resource.code.coding or () if c.system in (LOINC, LOINC_OID)}  # type: ignore[union-attr]
+    targets = {t.loinc for _, t in translated}
+    if len(targets) > 1 or (given and not targets <= given):
+        source, odd = next(((s, t) for s, t in translated if given and t.loinc not in given), translated[0])
+        return f"local code {_shown(source.rsplit('|', 1)[1])} is mapped to LOINC {odd.loinc}, which disagrees with its other codings"
+    if given:
+        return loinc  # the LOINC coding itself says the same
+    source, translation = translated[0]
+    term = TERMS.get(translation.loinc)
+    if term is None:
+        return GRANULOCYTES if translation.loinc in NOT_NEUTROPHILS else NOT_MONITORED
+    return _Mapped(term, source, translation.concept_map)
 
 
 def patient_reference(ref: str | None) -> str | None:
@@ -210,7 +271,12 @@ def _collection(text: str, local_timezone: str | None) -> CollectionTime | str:
         return str(err)
 
 
-def _canonical(term: Term, q: Quantity, value: float) -> float:
+def _canonical(term: Term, q: Quantity, value: float, terminology: Terminology = NO_TERMINOLOGY) -> float:
+    """The value in the canonical unit of the term; a local unit string the site maps to UCUM
+    (terminology.units) is read as that UCUM code."""
+    ucum = terminology.ucum(q.system, q.code) or terminology.ucum(q.system, q.unit) if terminology.units else None
+    if ucum is not None:
+        return to_canonical(term.prop, value, unit=None, system=UCUM, code=ucum)
     return to_canonical(term.prop, value, unit=q.unit, system=q.system, code=q.code)
 
 
@@ -230,9 +296,11 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
     """Read one Observation. Never raises for any `Resource` value."""
     if resource.resourceType != "Observation":
         return Ignored("not an Observation")
-    term = _term(resource)
-    if isinstance(term, Ignored):
-        return term
+    found = _term(resource, policy.terminology)
+    if isinstance(found, Ignored):
+        return found
+    term = found.term if isinstance(found, _Mapped) else found
+    mapped_from, concept_map = (found.source, found.concept_map) if isinstance(found, _Mapped) else (None, None)
     meta = resource.meta
     raw_version = meta.versionId if meta is not None else None
     version = fhir_id(raw_version)
@@ -260,16 +328,18 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
     else:
         reason = None
     if reason is None:
-        value = _value(term, resource, status)  # type: ignore[arg-type]
+        value = _value(term, resource, status, policy.terminology)  # type: ignore[arg-type]
         if not isinstance(value, str):
             specimen = resource.specimen
             return LabResult(
                 ref, version, patient, term.code, term.kind, term.method.value, status, value[0],  # type: ignore[arg-type,union-attr]
                 value[1], when.text, when.us, updated_us,  # type: ignore[union-attr]
                 literal_reference(specimen.reference, policy) if isinstance(specimen, msgspec.Struct) else None,
-                _reference_low(term, resource) if term.kind is Kind.NEUT_ABS and value[0] is not None else None,  # type: ignore[arg-type]
+                _reference_low(term, resource, policy.terminology)  # type: ignore[arg-type]
+                if term.kind is Kind.NEUT_ABS and value[0] is not None else None,  # type: ignore[union-attr]
                 _based_on(resource, policy),
                 when.note,  # type: ignore[union-attr]
+                mapped_from, concept_map,
             )
         reason = value
     code = term.code if isinstance(term, Term) else None
@@ -277,7 +347,7 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
     # only when it is made of what dateTimes are made of (it is stored and written to the events:
     # never free text).
     shown = effective if effective and _DATE_LIKE.fullmatch(effective) else None
-    return Rejected(reason, ref, version, patient, code, shown, updated_us)
+    return Rejected(reason, ref, version, patient, code, shown, updated_us, mapped_from, concept_map)
 
 
 def _based_on(resource: Resource, policy: ReadPolicy) -> tuple[str, ...]:
@@ -286,7 +356,8 @@ def _based_on(resource: Resource, policy: ReadPolicy) -> tuple[str, ...]:
     return tuple(k for k in keys if k is not None)
 
 
-def _value(term: Term, resource: Resource, status: str) -> tuple[float | None, bool] | str:
+def _value(term: Term, resource: Resource, status: str,
+           terminology: Terminology = NO_TERMINOLOGY) -> tuple[float | None, bool] | str:
     """(value in the canonical unit, at_most), or the reason there is no usable value."""
     q = resource.valueQuantity
     if resource.dataAbsentReason is not None and (q is not None or resource.valueString is not None
@@ -309,7 +380,7 @@ def _value(term: Term, resource: Resource, status: str) -> tuple[float | None, b
             return f"comparator '{q.comparator}' gives only a lower bound"
         return "comparator is not one of <, <=, >=, >, ad"
     try:
-        value = _canonical(term, q, q.value)
+        value = _canonical(term, q, q.value, terminology)
     except UnitError as err:
         return f"{err} for LOINC {term.code}"
     except OverflowError:
@@ -317,13 +388,13 @@ def _value(term: Term, resource: Resource, status: str) -> tuple[float | None, b
     return _check_value(term, value) or (value, q.comparator is not None)
 
 
-def _reference_low(term: Term, resource: Resource) -> float | None:
+def _reference_low(term: Term, resource: Resource, terminology: Terminology = NO_TERMINOLOGY) -> float | None:
     for rr in resource.referenceRange or ():
         low = rr.low
         if low is None or low.value is None:
             continue
         try:
-            value = _canonical(term, low, low.value)
+            value = _canonical(term, low, low.value, terminology)
         except (UnitError, OverflowError):
             return None
         return value if math.isfinite(value) and value >= 0 else None

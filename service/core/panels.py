@@ -95,7 +95,7 @@ def assess(
 ) -> Assessment | PanelRejection | NotAssessed | None:
     """None when the panel has nothing to assess (no neutrophil result, or none final yet)."""
     results = tuple(results)
-    outcome = compute_anc(results)
+    outcome = compute_anc(results, rules.neutrophil_pct_with_bands_is_segmented)
     if outcome is None:
         return None
     if isinstance(outcome, PanelRejected):
@@ -111,7 +111,14 @@ def assess(
         patient, panel, outcome.value, outcome.at_most, outcome.method, outcome.wbc,
         grading.scheme.grade(outcome.value, outcome.lln), primary.effective, primary.effective_us,
         refs, tuple(r.version for r in outcome.inputs), label, hb, plt, grading.rule, based_on, primary.time_note,
+        _mapped(results),
     )
+
+
+def _mapped(results: tuple[LabResult, ...]) -> tuple[tuple[str, str, str], ...]:
+    """(Observation, local "system|code", ConceptMap) of each member the site's ConceptMap translated."""
+    return tuple((r.ref, r.mapped_from, r.concept_map) for r in results
+                 if r.mapped_from is not None and r.concept_map is not None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,3 +60,6 @@ class Rules:
     # patient's birth date (less a day: a date has no timezone) or than 1900 is a typing error.
     collection_slack_us: int = HOUR_US
     earliest_collection_us: int = -2_208_988_800_000_000  # 1900-01-01T00:00:00Z
+    # A site rule (reference §2 "Sites that report segs under the neutrophil code"): a neutrophil %
+    # reported with a band % in the same panel is the segmented count of a manual differential.
+    neutrophil_pct_with_bands_is_segmented: bool = False

@@ -66,6 +66,12 @@ def unit_key(text: str) -> str:
     return s
 
 
+def known_unit(text: str) -> bool:
+    """The unit (a UCUM code or a display string) is one this module converts for some property."""
+    key = unit_key(text)
+    return any(_convert_key(prop, key, 1.0) is not None for prop in Prop) and key not in _FRACTION
+
+
 class UnitError(ValueError):
     """The unit is missing, unknown, or does not fit the term's property."""
 

@@ -13,12 +13,13 @@ from typing import Any
 import orjson
 
 from service.config import Settings
-from service.core.codes import LOINC, cbc_codes, temperature_codes
+from service.core.codes import cbc_codes, temperature_codes
 from service.core.panels import local_reference
 from service.explain.model import ExplainError, Trail, patient_reference
 from service.explain.trail import explain_inputs
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirError, FhirHttpError
+from service.fhir.query import code_values
 from service.live.directory import active_care_teams, chronic_benign_conditions, read_existing, subject_search
 
 Resources = list[dict[str, Any]]
@@ -47,6 +48,7 @@ class _PatientReader:
         self.patient = patient
         self.base_url = settings.fhir.base_url
         self.page = str(settings.fhir.page_size)
+        self.terminology = settings.read_policy.terminology
         self.doing = doing  # the interaction under way, for the error
         self.notes: list[str] = []
         local = local_reference(patient, "Patient")
@@ -69,7 +71,7 @@ class _PatientReader:
 
     async def observations(self, history: bool) -> Resources:
         self.doing.append("Observation search")
-        codes = ",".join(f"{LOINC}|{c}" for c in cbc_codes() + temperature_codes())
+        codes = ",".join(code_values(cbc_codes() + temperature_codes(), self.terminology))
         found = await self.client.search_all("Observation", [("subject", self.patient), ("code", codes),
                                                              ("_count", self.page)])
         if not history:

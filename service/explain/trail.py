@@ -99,7 +99,8 @@ def _episode(ps: PatientState) -> dict[str, Any]:
 
 def _input(r: LabResult, role: str, index: GivenIndex) -> Input:
     term = TERMS.get(r.code)
-    return Input(r.ref, r.version, r.code, KIND_LABEL.get(r.kind, r.kind.value), r.status, r.effective,
+    code = r.code if r.mapped_from is None else f"{r.code} (from {r.mapped_from} by ConceptMap {r.concept_map})"
+    return Input(r.ref, r.version, code, KIND_LABEL.get(r.kind, r.kind.value), r.status, r.effective,
                  r.effective_us, index.get((r.ref, r.version, r.updated_us)), r.value,
                  CANONICAL_UNIT.get(term.prop) if term else None, r.at_most, role)
 
@@ -165,7 +166,7 @@ def _graded(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The step's ANC and grade: the assessment, with the lower limit of normal the results carried
     and the scheme it was graded in (the patient's own threshold may name another)."""
-    anc = compute_anc(labs)
+    anc = compute_anc(labs, rules.neutrophil_pct_with_bands_is_segmented)
     lln = anc.lln if anc is not None and not isinstance(anc, PanelRejected) else None
     scheme = grading_for(rules, t.context, a.effective_us).scheme or rules.scheme
     return (

@@ -8,10 +8,12 @@ from dataclasses import replace
 
 from service.config import Settings
 from service.core.codes import cbc_codes, temperature_codes
+from service.core.terminology import NO_TERMINOLOGY, Terminology
 from service.fhir import raw
 from service.fhir.client import FhirClient, Page
 from service.fhir.errors import FhirError
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
+from service.fhir.query import code_values
 
 LOINC = "http://loinc.org"
 TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
@@ -114,14 +116,16 @@ async def pages_since(
 
 
 def temperature_searches(
-    client: FhirClient, settings: Settings, targets: Mapping[str, tuple[str | None, int | None]]
+    client: FhirClient, settings: Settings, targets: Mapping[str, tuple[str | None, int | None]],
+    terminology: Terminology = NO_TERMINOLOGY,
 ) -> list[tuple[list[str], AsyncIterator[Page]]]:
     """The body temperature searches of `targets` (patient -> (temperature cursor, earliest
     collection time of its new results)), TEMPERATURE_BATCH patients a search (subject=a,b,...):
     a patient without a cursor by collection time from the fever window before that time, one with
-    a cursor for what changed since it less the overlap. Each with the patients it covers."""
+    a cursor for what changed since it less the overlap. Each with the patients it covers. The code
+    list holds the site's local codes mapped to a temperature term too (`terminology`)."""
     base = [
-        ("code", ",".join(f"{LOINC}|{c}" for c in temperature_codes())),
+        ("code", ",".join(code_values(temperature_codes(), terminology))),
         ("_sort", "_lastUpdated"),
         ("_count", str(settings.fhir.page_size)),
     ]

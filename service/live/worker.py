@@ -26,9 +26,11 @@ from service.errors import NeutrowatchError
 from service.fhir import raw
 from service.fhir.client import FhirClient, Page
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
+from service.fhir.query import code_values, merged, split_searches
 from service.live.directory import LiveDirectory
 from service.live.search import pages_since, search_params, temperature_searches, updated_until, whole_result
 from service.live.store.base import Decided, Intake, OutboxEntry, PanelWork, Store
+from service.live.terminology import ServerConceptMaps
 from service.live.writer import AlertWriter
 from service.output.events import rejected_record
 from service.output.outcomes import Judged, concluded, judged, orders, quarantined
@@ -94,6 +96,7 @@ class Worker:
         self.rules = settings.rules
         self.read_policy = settings.read_policy
         self.directory = LiveDirectory(settings, client)
+        self.concept_maps = ServerConceptMaps(settings, client)
         self.progress = Progress()
         self._stop = False
         self.writer = AlertWriter(client, settings.fhir.base_url)
@@ -126,8 +129,8 @@ class Worker:
             await self.deliver(report)
             cursor = await self.store.get_cursor()
             newest_us = to_epoch_us(cursor) if cursor else None
-            params, since_us = search_params(self.settings, cursor, self.clock())
-            pages = pages_since(self.client, "Observation", params, since_us)
+            self.read_policy = await self.concept_maps.policy()
+            pages = self._observation_pages(*search_params(self.settings, cursor, self.clock()))
             try:
                 while True:
                     newest_us, report.caught_up = await self._step(pages, report, newest_us)
@@ -156,6 +159,16 @@ class Worker:
                  panels=report.panels_assessed, events=report.events, written=report.written, cursor=report.cursor,
                  steps=report.steps, caught_up=report.caught_up)
         return report
+
+    def _observation_pages(self, params: list[tuple[str, str]], since_us: int) -> AsyncIterator[Page]:
+        """The main search, its code list extended with the site's mapped local codes and split when
+        the URL would exceed fhir.max_search_url_length (service/fhir/query.py)."""
+        codes = [c.removeprefix(f"{LOINC}|") for k, v in params if k == "code" for c in v.split(",")]
+        rest = [p for p in params if p[0] != "code"]
+        searches = split_searches(f"{self.settings.fhir.base_url}/Observation", rest,
+                                  code_values(codes, self.read_policy.terminology), self.settings.fhir.max_search_url_length)
+        streams = [pages_since(self.client, "Observation", search, since_us) for search in searches]
+        return merged(streams, self.settings.fhir.page_size, _updated)
 
     async def _step(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool]:
         """One step: read, temperatures, decide, deliver, commit. Returns the newest meta.lastUpdated
@@ -295,7 +308,7 @@ class Worker:
                 if earliest is not None and (newest_us is None or earliest < newest_us):
                     newest_us = earliest
                 targets[work.patient] = (cursor, newest_us)
-        batches = temperature_searches(self.client, self.settings, targets)
+        batches = temperature_searches(self.client, self.settings, targets, self.read_policy.terminology)
         bound = None if caught_up else read_up_to_us
         for patients, pages in batches:
             report.temperature_searches += 1

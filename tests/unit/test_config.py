@@ -344,3 +344,59 @@ def test_patient_threshold_keys_are_patient_identities(tmp_path, key):
     with pytest.raises(ConfigError) as err:
         load_settings(path)
     assert "clinical.patient_thresholds" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "No such file or directory"),
+        ("{not json", "not valid JSON"),
+        ('{"resourceType": "ValueSet", "status": "active"}', "not a ConceptMap resource"),
+        ('{"resourceType": "ConceptMap", "group": "x"}', "not a valid FHIR ConceptMap"),
+    ],
+)
+def test_an_unusable_concept_map_file_fails_start_up_naming_the_field_and_file(tmp_path, content, message):
+    """terminology.concept_maps is read and checked at start-up: the error names the field, the file
+    and what is wrong with it (never its content)."""
+    path = tmp_path / "map.json"
+    if content is not None:
+        path.write_text(content)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"terminology:\n  concept_maps: [{path}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert f"terminology.concept_maps: {path}: {message}" in str(err.value)
+
+
+def test_terminology_settings_reach_the_read_policy_and_the_rules(tmp_path):
+    """The project's MIMIC map and a unit mapping are in the read policy; the differential site rule
+    is off unless set (reference §2), and reaches the rules when set."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"terminology:\n  concept_maps: [{ROOT / 'tests/data/mimic-iv-demo-cbc/conceptmap.json'}]\n"
+                   "  units: [{system: 'http://lab.example.org/units', unit: 'Kcells/uL', ucum: '10*3/uL'}]\n"
+                   "clinical:\n  differential:\n    neutrophil_percent_with_bands_is_segmented: true\n")
+    settings = load_settings(cfg)
+    terminology = settings.read_policy.terminology
+    assert terminology.translate("http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-d-labitems", "51256").loinc == "770-8"  # type: ignore[union-attr]
+    assert terminology.translate("http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-d-labitems", "51218") is None
+    assert terminology.ucum("http://lab.example.org/units", "Kcells/uL") == "10*3/uL"
+    assert settings.rules.neutrophil_pct_with_bands_is_segmented is True
+    assert load_settings(None).rules.neutrophil_pct_with_bands_is_segmented is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("terminology:\n  units: [{system: s, unit: u, ucum: furlong}]\n",
+         "terminology.units.0.ucum: 'furlong' is not a unit the service converts"),
+        ("terminology:\n  units: [{system: s, unit: u}]\n", "terminology.units.0.ucum: Field required"),
+        ("fhir:\n  max_search_url_length: 100\n", "fhir.max_search_url_length: Input should be greater than or equal to 256"),
+    ],
+)
+def test_bad_terminology_values_name_the_field(tmp_path, text, message):
+    """A unit mapped to something the service cannot convert is refused at start-up, not at the first result."""
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert message in str(err.value)

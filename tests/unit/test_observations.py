@@ -196,3 +196,21 @@ def test_undecodable_keeps_only_a_patient_subject():
     assert (rejected.ref, rejected.patient) == ("Observation/g", None)  # a Group is not a patient
     item = next(raw.decode(b'{"resourceType":"Observation","id":"p","subject":{"reference":"Patient/9"},"status":7}'))
     assert undecodable_rejection(item).patient == "Patient/9"
+
+
+def test_a_rejected_local_coded_result_names_its_loinc_code_and_the_mapping():
+    """A result translated by the site's ConceptMap and then rejected (here: a unit neither the site
+    nor the built-in table knows, reference §2) carries the LOINC code it was read as, and its
+    rejection record names the local code and the map (terminology, reference §11)."""
+    from service.core.terminology import MapRow, build
+    from service.output.events import rejected_record
+
+    obs = observation("751-8", 1.2, "bags", system="http://lab.example.org/units")
+    obs["code"]["coding"] = [{"system": "http://lab.example.org/codes", "code": "ANC"}]
+    policy = ReadPolicy(terminology=build([MapRow("http://lab.example.org/codes", "ANC", "751-8", "https://lab.example.org/cm")]))
+    out = normalise(msgspec.convert(obs, raw.Resource), policy)
+    assert isinstance(out, Rejected)
+    assert (out.reason, out.code) == ("unit 'bags' is not a cell count unit for LOINC 751-8", "751-8")
+    assert rejected_record(out)["mapped_codes"] == [
+        {"observation": out.ref, "code": "http://lab.example.org/codes|ANC", "concept_map": "https://lab.example.org/cm"}]
+    assert normalise(msgspec.convert(obs, raw.Resource)) == Ignored("code not monitored")  # without the map

@@ -54,6 +54,12 @@ app.kubernetes.io/part-of: neutrowatch
 {{- define "neutrowatch.dataDir" -}}/var/lib/neutrowatch{{- end }}
 {{- define "neutrowatch.secretDir" -}}/var/run/secrets/neutrowatch{{- end }}
 {{- define "neutrowatch.configPath" -}}/etc/neutrowatch/config.yaml{{- end }}
+{{- define "neutrowatch.conceptMapDir" -}}/etc/neutrowatch/conceptmaps{{- end }}
+
+{{/* True (non-empty) when ConceptMap files are mounted from conceptMaps.configMap. */}}
+{{- define "neutrowatch.conceptMapsMounted" -}}
+{{- if and .Values.conceptMaps.configMap .Values.conceptMaps.keys }}true{{- end }}
+{{- end }}
 
 {{/* The port of /healthz, /readyz and /metrics: config.web.port, 8080 by default. */}}
 {{- define "neutrowatch.port" -}}
@@ -97,6 +103,13 @@ ConfigMap and the checksum all see what the service sees.
 {{- end }}
 {{- if and .Values.existingSecret.name $keys.pseudonymKey }}
 {{- $_ := mergeOverwrite $overlay (dict "logging" (dict "pseudonym_key_file" (printf "%s/pseudonym-key" $dir))) }}
+{{- end }}
+{{- if include "neutrowatch.conceptMapsMounted" . }}
+{{- $maps := list }}
+{{- range .Values.conceptMaps.keys }}
+{{- $maps = append $maps (printf "%s/%s" (include "neutrowatch.conceptMapDir" $) .) }}
+{{- end }}
+{{- $_ := mergeOverwrite $overlay (dict "terminology" (dict "concept_maps" $maps)) }}
 {{- end }}
 {{- toYaml (mergeOverwrite $cfg $overlay) }}
 {{- end }}
