@@ -17,6 +17,7 @@ import structlog
 from service import metrics
 from service.config import Settings
 from service.core.anc import is_complete
+from service.core.codes import LOINC
 from service.core.episodes import PatientState
 from service.core.observations import DEFAULT_READ, Ignored, LabResult, ReadPolicy, Rejected, version_number
 from service.core.panels import Report, panel_key
