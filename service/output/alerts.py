@@ -8,6 +8,7 @@ Conventions: docs/clinical-reference.md §1.4 (SNOMED 165517008), §1.5 (flag-ca
 Flag.author, period, status active -> inactive, entered-in-error on retraction; a correction is a new
 Communication whose `inResponseTo` points at the prior one; Provenance: target the Flag and the
 Communication, entity the source Observations, agent the service Device with the algorithm version).
+The words (the Flag's code.text, the Communication's payload) are composed in service/output/texts.py.
 
 Each entry carries the fullUrl given here (`urn:uuid:` + a UUID derived from the resource's
 identifier), and the Provenance built here references the Flag and the Communication by those

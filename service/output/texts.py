@@ -44,6 +44,7 @@ def percent(value: float) -> str:
 
 
 def anc(a: Assessment) -> str:
+    """ "ANC 410 cells/µL", or "ANC ≤ 100 cells/µL" for a bound."""
     return f"ANC {'≤ ' if a.at_most else ''}{cells(a.anc)}"
 
 
@@ -90,6 +91,7 @@ def panel(a: Assessment) -> str:
 
 
 def picture(a: Assessment | None) -> Picture | None:
+    """The panel's named white-cell picture, if any."""
     return white_of(a).picture if a is not None else None
 
 
@@ -139,7 +141,8 @@ def resolved_head(event: AlertEvent, now: str) -> str:
     worst = event.worst.label if event.worst else event.band.label
     episode = f"Episode since {event.opened}, worst {worst}."
     if picture(a) is not None:
-        return f"{corrected(event)}Neutropenia resolved by the ANC only; the white count is not normal: {now}. {episode}"
+        head = "Neutropenia resolved by the ANC only; the white count is not normal"
+        return f"{corrected(event)}{head}: {now}. {episode}"
     return f"{corrected(event)}Neutropenia resolved, ANC back in the {a.band.label} range: {now}. {episode}"
 
 
@@ -211,6 +214,11 @@ def retraction_state(event: AlertEvent) -> str:
     return f" The episode is closed, worst {event.worst.label}."
 
 
+def resolved_clause(event: AlertEvent) -> str:
+    """ "resolved <time>", qualified when the white-cell picture says the count is not normal."""
+    return f"resolved {event.ended}" + (" by the ANC only" if picture(event.assessment) is not None else "")
+
+
 def flag_text(event: AlertEvent, status: str) -> str:
     """The Flag's code.text: the episode (febrile, worst band, chronic, cytopenia), then its state and
     the latest panel's ANC and white count, and the white-cell picture when there is one."""
@@ -224,7 +232,7 @@ def flag_text(event: AlertEvent, status: str) -> str:
     text = ", ".join(details)
     if status == "entered-in-error":
         return text + " (entered in error: withdrawn)"
-    clauses = [f"resolved {event.ended}"] if status == "inactive" and event.ended else []
+    clauses = [resolved_clause(event)] if status == "inactive" and event.ended else []
     if a is not None:
         clauses.append(f"latest {anc(a)} collected {a.effective}")
         counts = blood_counts(a) if a.band.severity is None else None

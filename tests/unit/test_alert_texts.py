@@ -25,8 +25,8 @@ def assessment(anc: float, wbc: float | None, **kw: object) -> Assessment:
     fields: dict[str, object] = dict(
         patient="Patient/p", panel="specimen:s", anc=float(anc), at_most=False, method="wbc-x-neutrophil-pct",
         wbc=None if wbc is None else float(wbc),
-        band=DEFAULT.grade(anc, None), effective="2026-01-05T08:00:00Z", effective_us=0, refs=("Observation/n",),
-        versions=("1",))
+        band=DEFAULT.grade(anc, None), effective="2026-01-05T08:00:00Z", effective_us=0,
+        refs=("Observation/n",), versions=("1",))
     return Assessment(**{**fields, **kw})  # type: ignore[arg-type]
 
 
@@ -83,8 +83,9 @@ def test_the_white_count_and_fraction_follow_the_anc_in_both_texts():
     a = assessment(400, 2_000, cytopenia="pancytopenia", hemoglobin=8.1, platelets=23_000)
     message = texts.message(event(EventKind.NEW, a), DEFAULT)
     assert message.startswith("New neutropenia, severe: ANC 400 cells/µL collected 2026-01-05T08:00:00Z "
-                              "(wbc x neutrophil pct); WBC 2.0 ×10³/µL, neutrophils 20 %; part of a pancytopenia "
-                              "(Hb 8.1 g/dL, platelets 23 ×10³/µL). Previous ANC 410 cells/µL")
+                              "(wbc x neutrophil pct); WBC 2.0 ×10³/µL, neutrophils 20 %; "
+                              "part of a pancytopenia (Hb 8.1 g/dL, platelets 23 ×10³/µL). "
+                              "Previous ANC 410 cells/µL")
     assert texts.flag_text(event(EventKind.NEW, a), "active") == (
         "Neutropenia, severe, pancytopenia; latest ANC 400 cells/µL collected 2026-01-05T08:00:00Z; "
         "WBC 2.0 ×10³/µL, neutrophils 20 %")
@@ -97,13 +98,15 @@ def test_an_anc_bound_bounds_the_fraction_and_a_panel_without_wbc_gives_none():
     assert "ANC ≤ 100 cells/µL" in texts.message(event(EventKind.NEW, bound), DEFAULT)
     assert texts.white_count(bound) == "WBC 20.0 ×10³/µL, neutrophils ≤ 0.5 %"
     alone = assessment(300, None, method="reported-absolute")
-    assert texts.white_count(alone) is None and "WBC" not in texts.flag_text(event(EventKind.NEW, alone), "active")
+    assert texts.white_count(alone) is None
+    assert "WBC" not in texts.flag_text(event(EventKind.NEW, alone), "active")
 
 
 def test_isolated_neutropenia_gives_the_counts_that_are_not_low():
     """ "isolated" says which counts were not low, with their values."""
     a = assessment(340, 1_900, cytopenia="isolated", hemoglobin=10.8, platelets=207_000)
-    assert texts.cytopenia(a) == "isolated (haemoglobin and platelets not low: Hb 10.8 g/dL, platelets 207 ×10³/µL)"
+    assert texts.cytopenia(a) == ("isolated (haemoglobin and platelets not low: "
+                                  "Hb 10.8 g/dL, platelets 207 ×10³/µL)")
 
 
 # -- the leukaemic picture ------------------------------------------------------------------------------
@@ -123,11 +126,13 @@ def test_resolution_in_the_leukaemic_picture_is_not_a_return_to_normal():
     a = assessment(2_580, 43_000)
     resolved = event(EventKind.RESOLVED, a, episode_open=False, ended=a.effective)
     message = texts.message(resolved, DEFAULT)
-    assert message.startswith("Neutropenia resolved by the ANC only; the white count is not normal: ANC 2,580 cells/µL")
+    assert message.startswith("Neutropenia resolved by the ANC only; the white count is not normal: "
+                              "ANC 2,580 cells/µL")
     assert "WBC 43.0 ×10³/µL, neutrophils 6 %" in message and BLOOD_FILM in message.lower()
     assert "normal range" not in message and "back to normal" not in message
     flag = texts.flag_text(resolved, "inactive")
-    assert flag.startswith("Neutropenia, severe; resolved 2026-01-05T08:00:00Z; latest ANC 2,580 cells/µL")
+    assert flag.startswith("Neutropenia, severe; resolved 2026-01-05T08:00:00Z by the ANC only; "
+                           "latest ANC 2,580 cells/µL")
     assert "WBC 43.0 ×10³/µL, neutrophils 6 %" in flag and flag.endswith(BLOOD_FILM)
 
 
@@ -164,14 +169,17 @@ def test_the_built_resources_carry_the_texts():
     writes = build(event(EventKind.NEW, a), DEFAULT, AlertSettings(), sent="2026-01-05T10:00:00Z")
     assert writes.flag["code"]["text"] == texts.flag_text(event(EventKind.NEW, a), "active")
     assert writes.communication is not None
-    assert writes.communication["payload"][0]["contentString"] == texts.message(event(EventKind.NEW, a), DEFAULT)
+    payload = writes.communication["payload"][0]["contentString"]
+    assert payload == texts.message(event(EventKind.NEW, a), DEFAULT)
 
 
 # -- end to end: replay ------------------------------------------------------------------------------------
 
 
-def _panel(pid: str, day: int, wbc_k: float, neutrophil_pct: float, hb: float, platelets_k: float) -> list[dict]:
-    eff, upd, spec = f"2026-01-{day:02d}T08:00:00Z", f"2026-01-{day:02d}T10:00:00.000Z", f"Specimen/{pid}-{day}"
+def _panel(pid: str, day: int, wbc_k: float, neutrophil_pct: float, hb: float, platelets_k: float) -> list:
+    """One CBC: WBC, neutrophil %, Hb and platelets on one specimen, collected on `day` of January 2026."""
+    eff, upd = f"2026-01-{day:02d}T08:00:00Z", f"2026-01-{day:02d}T10:00:00.000Z"
+    spec = f"Specimen/{pid}-{day}"
     kw = dict(patient=f"Patient/{pid}", effective=eff, updated=upd, specimen=spec)
     return [observation("6690-2", wbc_k, "10*3/uL", id=f"{pid}-{day}-wbc", **kw),
             observation("770-8", neutrophil_pct, "%", id=f"{pid}-{day}-neut", **kw),
@@ -183,7 +191,8 @@ def test_replay_of_the_leukaemic_picture(tmp_path: Path):
     """WBC 41 → 43 ×10³/µL with 1 % → 6 % neutrophils (ANC 410 → 2,580): `new` severe then `resolved`,
     both events with picture `marked-leukocytosis-low-neutrophil-fraction`, and the texts name it."""
     source = tmp_path / "in.ndjson"
-    rows = _panel("leuk", 2, 41.0, 1, 8.1, 23) + _panel("leuk", 5, 43.0, 6, 8.3, 31) + _panel("ok", 2, 2.0, 20, 9.0, 45)
+    rows = _panel("leuk", 2, 41.0, 1, 8.1, 23) + _panel("leuk", 5, 43.0, 6, 8.3, 31)
+    rows += _panel("ok", 2, 2.0, 20, 9.0, 45)
     source.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.ndjson"
     assert main(["replay", str(source), "--events", str(events), "--alerts", str(alerts)]) == 0

@@ -51,7 +51,8 @@ def test_pictures_by_wbc_and_neutrophil_fraction(wbc, anc, picture):
 def test_neutrophil_fraction_is_the_anc_over_the_wbc(wbc, anc, at_most, percent):
     """The fraction is ANC / WBC × 100, and an ANC bound makes it a bound."""
     white = white_cells(wbc, anc, at_most)
-    assert white.neutrophil_percent == pytest.approx(percent) and white.at_most is at_most and white.wbc == wbc
+    assert white.neutrophil_percent == pytest.approx(percent)
+    assert (white.at_most, white.wbc) == (at_most, wbc)
 
 
 def test_a_low_bound_proves_a_low_fraction():
