@@ -8,6 +8,7 @@ Conventions: docs/clinical-reference.md §1.4 (SNOMED 165517008), §1.5 (flag-ca
 Flag.author, period, status active -> inactive, entered-in-error on retraction; a correction is a new
 Communication whose `inResponseTo` points at the prior one; Provenance: target the Flag and the
 Communication, entity the source Observations, agent the service Device with the algorithm version).
+The words (the Flag's code.text, the Communication's payload) are composed in service/output/texts.py.
 
 Each entry carries the fullUrl given here (`urn:uuid:` + a UUID derived from the resource's
 identifier), and the Provenance built here references the Flag and the Communication by those
@@ -28,6 +29,7 @@ from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.provenance import Provenance
 
 from service.live import profiles
+from service.output import texts
 from service.core.episodes import Alerted, AlertEvent, Assessment, EventKind
 from service.fhir.fhirtime import from_epoch_us, is_instant, to_epoch_us
 from service.core.grading import Band, Scheme
@@ -128,15 +130,6 @@ def _instant(sent: str, event: AlertEvent) -> str:
     return from_epoch_us(0)
 
 
-def _cells(value: float) -> str:
-    return f"{value:,.0f} cells/µL"
-
-
-def _thresholds(scheme: Scheme) -> str:
-    steps = [f"{b.label} <{'LLN' if b.below_lln else f'{b.below:g}'}" for b in reversed(scheme.bands) if b.severity]
-    return ", ".join(steps)
-
-
 def communication_value(episode: str, kind: str, rank: int, revision: int) -> str:
     """The deterministic Communication identifier of one announcement."""
     return f"{episode}-{kind}-{rank}" + (f"-r{revision}" if revision else "")
@@ -144,59 +137,6 @@ def communication_value(episode: str, kind: str, rank: int, revision: int) -> st
 
 def _retracted_value(event: AlertEvent, x: Alerted) -> str:
     return f"{event.episode}-retracted-{x.kind.value}-{x.band.rank}-r{event.revision}"
-
-
-def message(event: AlertEvent, scheme: Scheme) -> str:
-    a = event.assessment
-    if event.kind is EventKind.RETRACTED:
-        return _retraction_message(event, scheme)
-    assert a is not None
-    now = f"ANC {'≤ ' if a.at_most else ''}{_cells(a.anc)} collected {a.effective} ({a.method.replace('-', ' ')})"
-    if a.cytopenia == "pancytopenia":
-        now += f"; part of a pancytopenia (Hb {a.hemoglobin:g} g/dL, platelets {_cells(a.platelets or 0)})"
-    elif a.cytopenia == "isolated":
-        now += "; isolated (haemoglobin and platelets not low)"
-    elif a.cytopenia:
-        now += f"; {a.cytopenia} (Hb {a.hemoglobin:g} g/dL, platelets {_cells(a.platelets or 0)})"
-    before = (f"Previous ANC {_cells(event.previous_anc)} collected {event.previous_effective}."
-              if event.previous_anc is not None else "No previous ANC on record.")
-    chronic = " Chronic: episode open more than 3 months." if event.chronic else ""
-    corrected = f"Corrected ({event.reason}): " if event.revision else ""
-    if event.kind is EventKind.NEW:
-        head = f"{corrected}New neutropenia, {event.band.label}: {now}."
-    elif event.kind is EventKind.WORSENING:
-        head = f"{corrected}Neutropenia worsening to {event.band.label}: {now}."
-    elif event.kind is EventKind.FEBRILE:
-        fever = event.fever
-        reading = f"temperature {fever.celsius:.1f} °C at {fever.effective}" if fever else "fever"
-        head = (f"FEBRILE NEUTROPENIA: {reading} with {now}. Treat as an emergency: empirical antibiotics "
-                "within 1 hour per ASCO/IDSA.")
-    elif event.kind is EventKind.CHRONIC:
-        head = f"Neutropenia episode since {event.opened} is now chronic (open more than 3 months): {now}."
-        chronic = ""
-    else:
-        worst = event.worst.label if event.worst else event.band.label
-        head = f"{corrected}Neutropenia resolved: {now}, back in the {a.band.label} range. Episode since {event.opened}, worst {worst}."
-    return f"{head}{chronic} {before} Scheme {scheme.name}: {_thresholds(scheme)} cells/µL."
-
-
-def _retraction_message(event: AlertEvent, scheme: Scheme) -> str:
-    x = event.retracted
-    assert x is not None
-    what = {"new": f"new neutropenia, {x.band.label}", "worsening": f"worsening to {x.band.label}",
-            "resolved": "resolution of the neutropenia", "chronic": "chronic label",
-            "febrile": "febrile neutropenia"}[x.kind.value]
-    head = (f"WITHDRAWN: the earlier alert ({what}; ANC {_cells(x.anc)} collected {x.effective}) no longer holds: "
-            f"a result it rested on was {event.reason}.")
-    a = event.assessment
-    now = f" The panel now gives ANC {_cells(a.anc)} ({a.band.label})." if a is not None else " That value is no longer on record."
-    if event.worst is None:
-        state = " No neutropenia episode remains; its Flag is marked entered-in-error."
-    elif event.episode_open:
-        state = f" The episode remains open, worst {event.worst.label}."
-    else:
-        state = f" The episode is closed, worst {event.worst.label}."
-    return f"{head}{now}{state} Scheme {scheme.name}."
 
 
 def _flag_status(event: AlertEvent) -> str:
@@ -228,24 +168,14 @@ def build(
     if status == "inactive" and event.ended:
         period["end"] = event.ended
     band: Band = event.worst or event.band
-    details = [f"{'Febrile neutropenia' if event.febrile else 'Neutropenia'}, {band.label}"]
-    if event.chronic:
-        details.append("chronic")
-    if a is not None and a.cytopenia:
-        details.append(a.cytopenia)
-    text = ", ".join(details) + (
-        " (entered in error: withdrawn)" if status == "entered-in-error"
-        else f"; resolved {event.ended}" if status == "inactive" and event.ended
-        else f"; latest ANC {_cells(a.anc)} collected {a.effective}" if a is not None
-        else ""
-    )
     flag: dict[str, Any] = {
         "resourceType": "Flag",
         **({"meta": m} if (m := _meta(settings, profiles.FLAG_PROFILE)) else {}),
         "identifier": [{"system": flag_id[0], "value": flag_id[1]}],
         "status": status,
         "category": [{"coding": [{"system": FLAG_CATEGORY, "code": "clinical", "display": "Clinical"}]}],
-        "code": {"coding": [FEBRILE_NEUTROPENIA if event.febrile else NEUTROPENIA], "text": text},
+        "code": {"coding": [FEBRILE_NEUTROPENIA if event.febrile else NEUTROPENIA],
+                 "text": texts.flag_text(event, status)},
         "subject": {"reference": event.patient},
         "period": period,
         "author": {"reference": settings.author},
@@ -275,7 +205,7 @@ def build(
         "about": [flag_ref] + ([{"reference": ref} for ref in a.refs] if a is not None else []),
         "sent": sent,
         "sender": {"reference": settings.author},
-        "payload": [{"contentString": message(event, scheme)}],
+        "payload": [{"contentString": texts.message(event, scheme)}],
     }
     if x is not None:
         prior = communication_value(x.episode, x.kind.value, x.band.rank, x.revision)

@@ -9,6 +9,7 @@ from service.core.episodes import AlertEvent, Assessment
 from service.core.grading import Scheme
 from service.core.observations import LabResult, Rejected
 from service.core.panels import NotAssessed, PanelRejection
+from service.core.picture import white_cells
 from service.core.recipients import Recipients
 
 
@@ -36,6 +37,7 @@ def event_record(event: AlertEvent, scheme: Scheme, recipients: Recipients | Non
         "chronic": event.chronic,
         "febrile": event.febrile,
         "threshold_rule": a.threshold_rule if a else None,
+        "picture": _picture(a),
     }
     if a is not None and a.time_note:
         record["effective_note"] = a.time_note
@@ -121,6 +123,14 @@ def stale_record(assessment: Assessment, newest_effective: str | None) -> dict[s
         "reason": "collected before the newest panel already assessed",
         "newest_effective": newest_effective,
     }
+
+
+def _picture(a: Assessment | None) -> str | None:
+    """The white-cell picture the ANC alone does not tell (service/core/picture.py), if any."""
+    if a is None:
+        return None
+    named = white_cells(a.wbc, a.anc, a.at_most).picture
+    return named.value if named is not None else None
 
 
 def _number(value: float, digits: int = 1) -> int | float:
