@@ -40,7 +40,7 @@ def search_params(settings: Settings, cursor: str | None, now: float) -> tuple[l
     return params, max(since_us, 0)
 
 
-def _updated(resource: raw.Resource | raw.Undecodable) -> int | None:
+def updated_us(resource: raw.Resource | raw.Undecodable) -> int | None:
     if isinstance(resource, raw.Resource) and resource.meta is not None and resource.meta.lastUpdated:
         try:
             return to_epoch_us(resource.meta.lastUpdated)
@@ -70,7 +70,7 @@ async def updated_until(pages: AsyncIterator[Page], bound_us: int | None) -> Asy
     async for page in pages:
         if bound_us is not None:
             page = replace(
-                page, resources=[r for r in page.resources if (u := _updated(r)) is None or u <= bound_us]
+                page, resources=[r for r in page.resources if (u := updated_us(r)) is None or u <= bound_us]
             )
         yield page
 
@@ -102,7 +102,7 @@ async def pages_since(
                 if page.next_url is None:
                     return
                 stamps = [
-                    u for r in page.resources if _matched(r, resource_type) and (u := _updated(r)) is not None
+                    u for r in page.resources if _matched(r, resource_type) and (u := updated_us(r)) is not None
                 ]
                 top = max(stamps, default=bound)
                 if top > bound:

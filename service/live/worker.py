@@ -29,7 +29,14 @@ from service.fhir.client import FhirClient, Page
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.fhir.query import code_values, merged, split_searches
 from service.live.directory import LiveDirectory
-from service.live.search import pages_since, search_params, temperature_searches, updated_until, whole_result
+from service.live.search import (
+    pages_since,
+    search_params,
+    temperature_searches,
+    updated_until,
+    updated_us,
+    whole_result,
+)
 from service.live.store.base import Decided, Intake, OutboxEntry, PanelWork, Store
 from service.live.terminology import ServerConceptMaps
 from service.live.writer import AlertWriter
@@ -169,7 +176,7 @@ class Worker:
         searches = split_searches(f"{self.settings.fhir.base_url}/Observation", rest,
                                   code_values(codes, self.read_policy.terminology), self.settings.fhir.max_search_url_length)
         streams = [pages_since(self.client, "Observation", search, since_us) for search in searches]
-        return merged(streams, self.settings.fhir.page_size, _updated)
+        return merged(streams, self.settings.fhir.page_size, updated_us)
 
     async def _step(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool]:
         """One step: read, temperatures, decide, deliver, commit. Returns the newest meta.lastUpdated
