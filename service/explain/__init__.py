@@ -29,6 +29,7 @@ from service.core.anc import PanelRejected, compute_anc
 from service.core.codes import LOINC, TERMS, Kind, Prop, cbc_codes, temperature_codes
 from service.core.context import CHRONIC_BENIGN_NEUTROPENIA, grading_for
 from service.core.episodes import AlertEvent, EventKind, PatientState, fevers
+from service.output.alerts import recovering_phrase
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.core.grading import Band, Scheme
 from service.core.observations import DEFAULT_READ, LabResult, ReadPolicy, Rejected, canonical_reference
@@ -284,6 +285,11 @@ def rule_for(event: AlertEvent, before: PatientState, rules: Rules) -> tuple[str
         return "worsening: worse than the worst alerted", f"{anc}: {event.band.label}, worse than the worst alerted{than}"
     if kind is EventKind.RESOLVED:
         return "resolved: back in the normal band", f"{anc}: normal; the episode ({event.band.label}) closes"
+    if kind is EventKind.RECOVERING and event.recovering is not None:
+        return recovering_phrase(event.recovering), f"{anc}: {event.band.label}; the episode stays open"
+    if kind is EventKind.RECURRENCE:
+        return ("recurrence: neutropenic soon after the announced resolution",
+                f"{anc}: {event.band.label}; the episode resolved at {event.recurred_after} re-opens")
     if kind is EventKind.CHRONIC:
         days = rules.chronic_after_us / (24 * HOUR_US)
         return f"chronic: episode open more than {days:g} days", f"open since {event.opened}; {anc}"

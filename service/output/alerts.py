@@ -137,13 +137,37 @@ def _thresholds(scheme: Scheme) -> str:
     return ", ".join(steps)
 
 
-def communication_value(episode: str, kind: str, rank: int, revision: int) -> str:
-    """The deterministic Communication identifier of one announcement."""
-    return f"{episode}-{kind}-{rank}" + (f"-r{revision}" if revision else "")
+def communication_value(episode: str, kind: str, rank: int, revision: int, opening: int = 0) -> str:
+    """The deterministic Communication identifier of one announcement (`opening`: made after the
+    episode's n-th recurrence; `rank`: the Flag update's number for `recovering`)."""
+    return f"{episode}-{kind}-{rank}" + (f"-o{opening}" if opening else "") + (f"-r{revision}" if revision else "")
+
+
+def _rank(kind: EventKind, band: Band, update: int) -> int:
+    return update if kind is EventKind.RECOVERING else band.rank
 
 
 def _retracted_value(event: AlertEvent, x: Alerted) -> str:
-    return f"{event.episode}-retracted-{x.kind.value}-{x.band.rank}-r{event.revision}"
+    opening = f"-o{x.opening}" if x.opening else ""
+    return f"{event.episode}-retracted-{x.kind.value}-{_rank(x.kind, x.band, x.update)}{opening}-r{event.revision}"
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def memory_phrase(memory: tuple[int, int]) -> str:
+    """"3rd episode in 12 months": the patient's episodes opened within the memory window."""
+    count, days = memory
+    window = f"{days // 365 * 12} months" if days and days % 365 == 0 else f"{days} days"
+    return f"{_ordinal(count)} episode in {window}"
+
+
+def recovering_phrase(recovering: tuple[int, int]) -> str:
+    """"recovering (1 of 3 confirmations)", or "recovery interrupted" when a neutropenic panel ended it."""
+    got, needed = recovering
+    return f"recovering ({got} of {needed} confirmations)" if got else "recovery interrupted"
 
 
 def message(event: AlertEvent, scheme: Scheme) -> str:
@@ -164,6 +188,10 @@ def message(event: AlertEvent, scheme: Scheme) -> str:
     corrected = f"Corrected ({event.reason}): " if event.revision else ""
     if event.kind is EventKind.NEW:
         head = f"{corrected}New neutropenia, {event.band.label}: {now}."
+    elif event.kind is EventKind.RECURRENCE:
+        worst = event.worst.label if event.worst else event.band.label
+        head = (f"{corrected}Neutropenia recurrence, {event.band.label}: {now}; the episode since {event.opened} "
+                f"(worst {worst}) re-opens, resolved {event.recurred_after}.")
     elif event.kind is EventKind.WORSENING:
         head = f"{corrected}Neutropenia worsening to {event.band.label}: {now}."
     elif event.kind is EventKind.FEBRILE:
@@ -177,7 +205,8 @@ def message(event: AlertEvent, scheme: Scheme) -> str:
     else:
         worst = event.worst.label if event.worst else event.band.label
         head = f"{corrected}Neutropenia resolved: {now}, back in the {a.band.label} range. Episode since {event.opened}, worst {worst}."
-    return f"{head}{chronic} {before} Scheme {scheme.name}: {_thresholds(scheme)} cells/µL."
+    memory = f" {memory_phrase(event.memory).capitalize()}." if event.memory else ""
+    return f"{head}{chronic}{memory} {before} Scheme {scheme.name}: {_thresholds(scheme)} cells/µL."
 
 
 def _retraction_message(event: AlertEvent, scheme: Scheme) -> str:
@@ -185,7 +214,8 @@ def _retraction_message(event: AlertEvent, scheme: Scheme) -> str:
     assert x is not None
     what = {"new": f"new neutropenia, {x.band.label}", "worsening": f"worsening to {x.band.label}",
             "resolved": "resolution of the neutropenia", "chronic": "chronic label",
-            "febrile": "febrile neutropenia"}[x.kind.value]
+            "febrile": "febrile neutropenia", "recovering": "recovery update",
+            "recurrence": f"recurrence, {x.band.label}"}[x.kind.value]
     head = (f"WITHDRAWN: the earlier alert ({what}; ANC {_cells(x.anc)} collected {x.effective}) no longer holds: "
             f"a result it rested on was {event.reason}.")
     a = event.assessment
@@ -219,7 +249,8 @@ def _priority(event: AlertEvent) -> str:
 def build(
     event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: str, recipients: Sequence[str] | None = None
 ) -> AlertWrites:
-    """The Flag as it stands after `event`, and the Communication announcing it (none for `chronic`)."""
+    """The Flag as it stands after `event`, and the Communication announcing it (none for `chronic`
+    and `recovering`)."""
     base = settings.canonical_base
     flag_id = (f"{base}/episode", event.episode)
     a = event.assessment
@@ -233,10 +264,13 @@ def build(
         details.append("chronic")
     if a is not None and a.cytopenia:
         details.append(a.cytopenia)
+    if event.memory:
+        details.append(memory_phrase(event.memory))
+    recovering = f"; {recovering_phrase(event.recovering)}" if event.recovering and status == "active" else ""
     text = ", ".join(details) + (
         " (entered in error: withdrawn)" if status == "entered-in-error"
         else f"; resolved {event.ended}" if status == "inactive" and event.ended
-        else f"; latest ANC {_cells(a.anc)} collected {a.effective}" if a is not None
+        else f"{recovering}; latest ANC {_cells(a.anc)} collected {a.effective}" if a is not None
         else ""
     )
     flag: dict[str, Any] = {
@@ -254,13 +288,14 @@ def build(
     flag["extension"] = [{"url": FLAG_DETAIL, "valueReference": {"reference": ref}} for ref in sources]
     flag["extension"] += [_grade(base, scheme, band), _scheme(base, scheme)] + ([_anc(base, a)] if a is not None else [])
     Flag.model_validate(flag)
-    if event.kind is EventKind.CHRONIC:
-        comm_value = communication_value(event.episode, event.kind.value, event.band.rank, event.revision)
+    rank = _rank(event.kind, event.band, event.update)
+    if event.kind in (EventKind.CHRONIC, EventKind.RECOVERING):  # Flag updates without a Communication
+        comm_value = communication_value(event.episode, event.kind.value, rank, event.revision, event.opening)
         return _with_provenance(event, scheme, settings, sent, sources, flag, None, flag_id, None, comm_value)
     comm_system = f"{base}/communication"
     x = event.retracted
     comm_value = _retracted_value(event, x) if x is not None else communication_value(
-        event.episode, event.kind.value, event.band.rank, event.revision)
+        event.episode, event.kind.value, rank, event.revision, event.opening)
     flag_ref = {"type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}
     communication: dict[str, Any] = {
         "resourceType": "Communication",
@@ -278,7 +313,7 @@ def build(
         "payload": [{"contentString": message(event, scheme)}],
     }
     if x is not None:
-        prior = communication_value(x.episode, x.kind.value, x.band.rank, x.revision)
+        prior = communication_value(x.episode, x.kind.value, _rank(x.kind, x.band, x.update), x.revision, x.opening)
         communication["inResponseTo"] = [{"type": "Communication", "identifier": {"system": comm_system, "value": prior}}]
     to = settings.recipients if recipients is None else recipients
     if to:
