@@ -239,7 +239,8 @@ def _episode(ps: PatientState) -> dict[str, Any]:
     if m.episode is not None:
         view.update(episode=m.episode, opened=m.opened, worst=m.worst.label if m.worst else None,
                     worst_severity=m.worst.severity if m.worst else None,
-                    current=m.current.label if m.current else None, febrile=m.febrile, chronic=m.chronic)
+                    current=m.current.label if m.current else None, febrile=m.febrile, chronic=m.chronic,
+                    recovering=m.normals, recurrences=m.opening)
     view.update(last_anc=m.last_anc, last_effective=m.last_effective, remembered=len(ps.history), revisions=ps.revisions)
     return view
 
@@ -250,6 +251,8 @@ def describe_episode(view: dict[str, Any] | None) -> str:
     if not view["open"]:
         return "no open episode"
     flags = [f for f in ("febrile", "chronic") if view.get(f)]
+    flags += [f"{view['recovering']} normal in a row"] if view.get("recovering") else []
+    flags += [f"re-opened {view['recurrences']}x"] if view.get("recurrences") else []
     return (f"open {view['episode'][:8]} since {view['opened']}, worst alerted {view['worst']}"
             + (f", now {view['current']}" if view.get("current") and view["current"] != view["worst"] else "")
             + (f" ({', '.join(flags)})" if flags else ""))
@@ -286,7 +289,8 @@ def rule_for(event: AlertEvent, before: PatientState, rules: Rules) -> tuple[str
     if kind is EventKind.RESOLVED:
         return "resolved: back in the normal band", f"{anc}: normal; the episode ({event.band.label}) closes"
     if kind is EventKind.RECOVERING and event.recovering is not None:
-        return recovering_phrase(event.recovering), f"{anc}: {event.band.label}; the episode stays open"
+        rule = "recovering: normal, not yet confirmed" if event.recovering[0] else "recovering: neutropenic again"
+        return rule, f"{anc}: {event.band.label}; {recovering_phrase(event.recovering)}, the episode stays open"
     if kind is EventKind.RECURRENCE:
         return ("recurrence: neutropenic soon after the announced resolution",
                 f"{anc}: {event.band.label}; the episode resolved at {event.recurred_after} re-opens")
