@@ -25,7 +25,7 @@ from service.live.store.postgres import PostgresStore
 from service.live.store.sqlite import SqliteStore
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
-from tests.integration.live import compare_with_oracle, cycle, population, settings_for, stages
+from tests.integration.live import compare_with_oracle, cycle, oracle, population, settings_for, stages
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -219,3 +219,40 @@ async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(fhi
     assert two.events == {"new": 1} and not two.delivered_all and two.cursor is None  # the cursor waits for every write
     alerted = {c["subject"]["reference"] for c in export(fhir_base_url_each_mode, "Communication")}
     assert alerted == {"Patient/first", "Patient/later"}
+
+
+def _cbc(patient: str, day: int, anc_k: float) -> list[dict]:
+    """One panel (WBC + automated ANC 751-8) collected on `day` of January 2026."""
+    pid, eff = patient.split("/")[-1], f"2026-01-{day:02d}T08:00:00Z"
+    spec = f"Specimen/{pid}-{day}"
+    return [observation("6690-2", 4.0, "10*3/uL", id=f"{pid}-{day}-wbc", patient=patient, effective=eff, specimen=spec),
+            observation("751-8", anc_k, "10*3/uL", id=f"{pid}-{day}-anc", patient=patient, effective=eff, specimen=spec)]
+
+
+async def test_delayed_resolution_and_recurrence_live_equal_replay(fhir_base_url, tmp_path):
+    """With the default resolution rules (3 normal panels over >= 48 h: CIBMTR ANC recovery; a drop
+    within 7 days re-opens: reference §3), panels arriving over several cycles give what replay
+    predicts at every step: one normal panel leaves the Flag active and "recovering" with no
+    Communication; the panels that confirm it, read in a later cycle, resolve the episode; a drop
+    days later re-opens the same Flag with one "recurrence" Communication."""
+    patient = "Patient/recover"
+    settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
+    steps = [
+        (_cbc(patient, 2, 0.3) + _cbc(patient, 5, 1.8), "active", "recovering (1 of 3 confirmations)", ["new"]),
+        (_cbc(patient, 6, 1.9) + _cbc(patient, 7, 2.2), "inactive", "resolved 2026-01-07T08:00:00Z", ["new", "resolved"]),
+        (_cbc(patient, 10, 1.2), "active", "latest ANC 1,200", ["new", "resolved", "recurrence"]),
+    ]
+    for i, (panels, status, text, kinds) in enumerate(steps):
+        put_all(fhir_base_url, panels)
+        assert (await cycle(settings)).delivered_all
+        compare_with_oracle(fhir_base_url, tmp_path / f"oracle{i}")
+        (flag,) = export(fhir_base_url, "Flag")  # one episode, one Flag, updated in place
+        assert flag["status"] == status and text in flag["code"]["text"], flag["code"]["text"]
+        comms = sorted(export(fhir_base_url, "Communication"), key=lambda c: c["sent"])
+        got = [c["identifier"][0]["value"].split("-")[1] for c in comms]
+        assert sorted(got) == sorted(kinds)
+    _events, predicted = oracle(fhir_base_url, tmp_path / "final")
+    want = {c["identifier"][0]["value"]: c["payload"] for c in predicted if c["resourceType"] == "Communication"}
+    assert {c["identifier"][0]["value"]: c["payload"] for c in export(fhir_base_url, "Communication")} == want
+    last_flag = [r for r in predicted if r["resourceType"] == "Flag"][-1]
+    assert export(fhir_base_url, "Flag")[0]["code"] == last_flag["code"]
