@@ -214,8 +214,7 @@ def _retraction_message(event: AlertEvent, scheme: Scheme) -> str:
     assert x is not None
     what = {"new": f"new neutropenia, {x.band.label}", "worsening": f"worsening to {x.band.label}",
             "resolved": "resolution of the neutropenia", "chronic": "chronic label",
-            "febrile": "febrile neutropenia", "recovering": "recovery update",
-            "recurrence": f"recurrence, {x.band.label}"}[x.kind.value]
+            "febrile": "febrile neutropenia", "recurrence": f"recurrence, {x.band.label}"}[x.kind.value]
     head = (f"WITHDRAWN: the earlier alert ({what}; ANC {_cells(x.anc)} collected {x.effective}) no longer holds: "
             f"a result it rested on was {event.reason}.")
     a = event.assessment
@@ -289,11 +288,13 @@ def build(
     flag["extension"] += [_grade(base, scheme, band), _scheme(base, scheme)] + ([_anc(base, a)] if a is not None else [])
     Flag.model_validate(flag)
     rank = _rank(event.kind, event.band, event.update)
-    if event.kind in (EventKind.CHRONIC, EventKind.RECOVERING):  # Flag updates without a Communication
-        comm_value = communication_value(event.episode, event.kind.value, rank, event.revision, event.opening)
+    x = event.retracted
+    if event.kind in (EventKind.CHRONIC, EventKind.RECOVERING) or (x is not None and x.kind is EventKind.RECOVERING):
+        # Flag updates without a Communication (a withdrawn `recovering` was never announced either)
+        comm_value = _retracted_value(event, x) if x is not None else communication_value(
+            event.episode, event.kind.value, rank, event.revision, event.opening)
         return _with_provenance(event, scheme, settings, sent, sources, flag, None, flag_id, None, comm_value)
     comm_system = f"{base}/communication"
-    x = event.retracted
     comm_value = _retracted_value(event, x) if x is not None else communication_value(
         event.episode, event.kind.value, rank, event.revision, event.opening)
     flag_ref = {"type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}

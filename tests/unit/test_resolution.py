@@ -146,3 +146,29 @@ def test_settings_map_to_rules():
     d = Settings().rules
     assert (d.resolution_confirmations, d.resolution_min_us, d.reopen_us, d.memory_us) == (
         3, 48 * HOUR_US, 7 * DAY_US, 365 * DAY_US)
+
+
+def test_a_withdrawn_recovery_updates_the_flag_without_a_communication():
+    """The normal panel that made the episode `recovering` corrected to a neutropenic value: the
+    recovery is withdrawn on the Flag, and no Communication withdraws an update never announced."""
+    from service.output.alerts import build
+    ps = PatientState()
+    for anc, hour in ((300, 0), (1600, D)):
+        ps, _, _ = apply(ps, assessment(anc, hour), DEFAULTS)
+    ps, events, _ = apply(ps, replace(assessment(700, D), band=DEFAULT.grade(700.0), anc=700.0), DEFAULTS)
+    (withdrawn,) = [e for e in events if e.kind.value == "retracted"]
+    assert withdrawn.retracted is not None and withdrawn.retracted.kind.value == "recovering"
+    writes = build(withdrawn, DEFAULT, Settings().alerts, sent="2026-01-01T00:00:00Z")
+    assert writes.communication is None and writes.flag["status"] == "active"
+
+
+def test_episode_memory_is_in_the_texts():
+    """The Flag and the Communication of a third episode within a year say so."""
+    from service.output.alerts import build
+    panels = [p for start in (0, 100, 200) for p in [(1200, start * D)] + [(1600, (start + i) * D) for i in (1, 2, 3)]]
+    _, events = run(panels, DEFAULTS)
+    third = [e for e in events if e.kind.value == "new"][2]
+    writes = build(third, DEFAULT, Settings().alerts, sent="2026-01-01T00:00:00Z")
+    assert writes.communication is not None
+    assert "3rd episode in 12 months" in writes.flag["code"]["text"]
+    assert "3rd episode in 12 months." in writes.communication["payload"][0]["contentString"]
