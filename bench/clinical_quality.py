@@ -33,7 +33,7 @@ from tests import mimic, synthetic  # noqa: E402
 HOUR_US = 3_600_000_000
 DAY_US = 24 * HOUR_US
 MONTH_US = int(30.4375 * DAY_US)
-LEGACY = {"confirmations": 1, "min_hours": 0, "reopen_days": 0, "memory_days": 0}
+LEGACY: dict[str, float] = {"confirmations": 1, "min_hours": 0, "reopen_days": 0, "memory_days": 0}
 # Events that send a Communication (chronic and recovering update the Flag only).
 COMMUNICATED = {"new", "worsening", "resolved", "febrile", "recurrence", "retracted"}
 OPENS = {"new", "worsening", "recurrence"}

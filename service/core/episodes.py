@@ -192,7 +192,7 @@ class AlertEvent:
     revision: int = 0  # 0 for ordinary events; n for the patient's n-th revision
     opening: int = 0  # 0: the episode as opened; n: after its n-th recurrence
     update: int = 0  # for `recovering`: the n-th Flag update of the episode
-    recovering: tuple[int, int] | None = None  # for `recovering`: (normal panels in a row, needed); 0: interrupted
+    recovering: tuple[int, int] | None = None  # (normal panels in a row, needed); 0: the recovery ended
     recurred_after: str | None = None  # for `recurrence`: collection time of the resolution it re-opens
     memory: tuple[int, int] | None = None  # (n, days): the patient's n-th episode (n >= 2) within `days`
 
@@ -260,8 +260,8 @@ def _febrile_fever(state: EpisodeState, temperatures: tuple[Temperature, ...], r
 # -- the machine -------------------------------------------------------------------------------------
 
 
-def _event(kind: EventKind, s: EpisodeState, band: Band, a: Assessment | None, before: EpisodeState, rules: Rules,
-           **kw: object) -> AlertEvent:
+def _event(kind: EventKind, s: EpisodeState, band: Band, a: Assessment | None, before: EpisodeState,
+           rules: Rules, **kw: object) -> AlertEvent:
     assert s.episode is not None and s.opened is not None
     memory = (s.memory, rules.memory_us // DAY_US) if s.memory >= 2 else None
     return AlertEvent(kind, a.patient if a else "", s.episode, band, s.worst, a, s.opened, before.last_anc,
@@ -292,12 +292,14 @@ def step(
 def _open(moved: EpisodeState, a: Assessment, before: EpisodeState, rules: Rules,
           temperatures: tuple[Temperature, ...]) -> tuple[EpisodeState, list[AlertEvent], bool]:
     """A neutropenic panel with no open episode (nor one to re-open): a new episode."""
-    openings = tuple(t for t in before.openings if a.effective_us - t <= rules.memory_us) if rules.memory_us else ()
-    openings += (a.effective_us,) if rules.memory_us else ()
-    opened = replace(moved, episode=episode_id(a.patient, a.panel), opened=a.effective, opened_us=a.effective_us,
-                     worst=a.band, announced=a.band, chronic=False, febrile=False, opening=0, updates=0,
-                     closed=None, openings=openings, memory=len(openings))
-    return _after(opened, [_event(EventKind.NEW, opened, a.band, a, before, rules)], a, before, rules, temperatures)
+    window = rules.memory_us
+    recent = tuple(t for t in before.openings if a.effective_us - t <= window)
+    openings = recent + (a.effective_us,) if window else ()
+    opened = replace(moved, episode=episode_id(a.patient, a.panel), opened=a.effective,
+                     opened_us=a.effective_us, worst=a.band, announced=a.band, chronic=False, febrile=False,
+                     opening=0, updates=0, closed=None, openings=openings, memory=len(openings))
+    events = [_event(EventKind.NEW, opened, a.band, a, before, rules)]
+    return _after(opened, events, a, before, rules, temperatures)
 
 
 def _reopen(moved: EpisodeState, closed: ClosedEpisode, a: Assessment, before: EpisodeState, rules: Rules,
@@ -317,7 +319,7 @@ def _normal(moved: EpisodeState, a: Assessment, state: EpisodeState,
             rules: Rules) -> tuple[EpisodeState, list[AlertEvent], bool]:
     """A normal panel in an open episode: resolved once confirmed, else recovering."""
     assert state.worst is not None and state.episode is not None and state.opened is not None
-    since_us = state.normal_since_us if state.normals and state.normal_since_us is not None else a.effective_us
+    since_us = a.effective_us if not state.normals or state.normal_since_us is None else state.normal_since_us
     normals = state.normals + 1
     was = state.recovering_from if state.normals else state.current
     if normals >= rules.resolution_confirmations and a.effective_us - since_us >= rules.resolution_min_us:
@@ -325,12 +327,14 @@ def _normal(moved: EpisodeState, a: Assessment, state: EpisodeState,
                           ended=a.effective)
         closed = ClosedEpisode(state.episode, state.opened, state.opened_us or 0, state.worst, state.chronic,
                                a.effective, a.effective_us, state.opening, state.updates, state.memory)
-        return replace(moved, episode=None, opened=None, opened_us=None, worst=None, announced=None, chronic=False,
-                       febrile=False, normals=0, normal_since_us=None, recovering_from=None, opening=0, updates=0,
-                       closed=closed if rules.reopen_us else None, memory=0), [resolved], False
+        gone = replace(moved, episode=None, opened=None, opened_us=None, worst=None, announced=None,
+                       chronic=False, febrile=False, normals=0, normal_since_us=None, recovering_from=None,
+                       opening=0, updates=0, closed=closed if rules.reopen_us else None, memory=0)
+        return gone, [resolved], False
     s = replace(moved, normals=normals, normal_since_us=since_us, recovering_from=was, updates=state.updates + 1)
-    needed = rules.resolution_confirmations
-    return s, [_event(EventKind.RECOVERING, s, a.band, a, state, rules, recovering=(normals, needed), update=s.updates)], False
+    recovering = (normals, rules.resolution_confirmations)
+    event = _event(EventKind.RECOVERING, s, a.band, a, state, rules, recovering=recovering, update=s.updates)
+    return s, [event], False
 
 
 def _neutropenic(moved: EpisodeState, a: Assessment, state: EpisodeState, rules: Rules,
@@ -342,7 +346,8 @@ def _neutropenic(moved: EpisodeState, a: Assessment, state: EpisodeState, rules:
     moved = replace(moved, normals=0, normal_since_us=None, recovering_from=None)
     events: list[AlertEvent] = []
     if a.band.rank > announced.rank:
-        moved = replace(moved, worst=a.band if a.band.rank > state.worst.rank else state.worst, announced=a.band)
+        worst = a.band if a.band.rank > state.worst.rank else state.worst
+        moved = replace(moved, worst=worst, announced=a.band)
         events.append(_event(EventKind.WORSENING, moved, a.band, a, state, rules))
     elif state.normals:
         moved = replace(moved, updates=state.updates + 1)
@@ -384,8 +389,8 @@ def _fold(base: EpisodeState, history: tuple[Assessment, ...], rules: Rules, tem
 
 def _remember(e: AlertEvent) -> Alerted:
     a = e.assessment
-    return Alerted(e.episode, e.kind, e.band, a.panel if a else "", a.anc if a else 0.0, a.effective if a else "", e.revision,
-                   e.opening, e.update)
+    return Alerted(e.episode, e.kind, e.band, a.panel if a else "", a.anc if a else 0.0,
+                   a.effective if a else "", e.revision, e.opening, e.update)
 
 
 def _stale_in_order(base: EpisodeState, history: tuple[Assessment, ...]) -> list[bool]:
@@ -465,7 +470,9 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
     if machine.episode is None or machine.febrile or t.celsius < min(rules.fever_sustained_c, rules.fever_single_c):
         return ps, []
     _, derived = _fold(ps.base, ps.history, rules, kept)
-    event = next((e for e in derived if e.kind is EventKind.FEBRILE and (e.episode, e.opening) == (machine.episode, machine.opening)), None)
+    opening = (machine.episode, machine.opening)
+    event = next((e for e in derived if e.kind is EventKind.FEBRILE and (e.episode, e.opening) == opening),
+                 None)
     if event is not None:
         event = replace(event, worst=machine.worst, chronic=machine.chronic)  # the Flag as it stands now
     else:  # the newest panel, when it is no longer in the history (folded into `base`)
@@ -543,7 +550,8 @@ def revise(
     # add_temperature: a fever learned after its episode closed (kept in memory as long as the
     # panels it pairs with) must not re-open that episode's Flag on the next, unrelated, correction.
     current = (machine.episode, machine.opening)
-    derived = [e for e in derived if not (e.kind is EventKind.FEBRILE and e.key not in announced and (e.episode, e.opening) != current)]
+    derived = [e for e in derived if not (e.kind is EventKind.FEBRILE and e.key not in announced
+                                          and (e.episode, e.opening) != current)]
     derived_keys = {e.key for e in derived}
     events: list[AlertEvent] = []
     for x in ps.alerted:

@@ -149,7 +149,8 @@ def _rank(kind: EventKind, band: Band, update: int) -> int:
 
 def _retracted_value(event: AlertEvent, x: Alerted) -> str:
     opening = f"-o{x.opening}" if x.opening else ""
-    return f"{event.episode}-retracted-{x.kind.value}-{_rank(x.kind, x.band, x.update)}{opening}-r{event.revision}"
+    rank = _rank(x.kind, x.band, x.update)
+    return f"{event.episode}-retracted-{x.kind.value}-{rank}{opening}-r{event.revision}"
 
 
 def _ordinal(n: int) -> str:
@@ -289,7 +290,8 @@ def build(
     Flag.model_validate(flag)
     rank = _rank(event.kind, event.band, event.update)
     x = event.retracted
-    if event.kind in (EventKind.CHRONIC, EventKind.RECOVERING) or (x is not None and x.kind is EventKind.RECOVERING):
+    flag_only = (EventKind.CHRONIC, EventKind.RECOVERING)
+    if event.kind in flag_only or (x is not None and x.kind is EventKind.RECOVERING):
         # Flag updates without a Communication (a withdrawn `recovering` was never announced either)
         comm_value = _retracted_value(event, x) if x is not None else communication_value(
             event.episode, event.kind.value, rank, event.revision, event.opening)
@@ -314,7 +316,8 @@ def build(
         "payload": [{"contentString": message(event, scheme)}],
     }
     if x is not None:
-        prior = communication_value(x.episode, x.kind.value, _rank(x.kind, x.band, x.update), x.revision, x.opening)
+        prior = communication_value(x.episode, x.kind.value, _rank(x.kind, x.band, x.update), x.revision,
+                                    x.opening)
         communication["inResponseTo"] = [{"type": "Communication", "identifier": {"system": comm_system, "value": prior}}]
     to = settings.recipients if recipients is None else recipients
     if to:
