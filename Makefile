@@ -73,6 +73,7 @@ profiles-check: install
 bench: install
 	$(BIN)/python bench/replay_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/live_bench.py --write docs/benchmarks.md
+	$(BIN)/python bench/clinical_quality.py --write docs/clinical-quality.md
 	$(BIN)/python bench/store_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/backlog_bench.py --write docs/benchmarks.md
 	$(BIN)/python bench/memory_bench.py --write docs/benchmarks.md

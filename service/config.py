@@ -29,8 +29,6 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from service.live.store import pgdsn
-from service.fhir.fhirtime import local_zone
 from service.core.grading import BUILT_IN, Scheme
 from service.core.observations import ReadPolicy
 from service.core.references import base_key
@@ -38,7 +36,9 @@ from service.core.rules import Rules
 from service.core.terminology import MapRow, Terminology, TerminologyError, build, concept_map_rows
 from service.core.units import known_unit
 from service.errors import ConfigError
+from service.fhir.fhirtime import local_zone
 from service.fhir.scopes import default_scope, missing, needed_by, required, scope_string
+from service.live.store import pgdsn
 
 ENV_PREFIX = "NEUTROWATCH_"
 _PATIENT_KEY = re.compile(r"Patient/[A-Za-z0-9\-.]{1,64}")
@@ -73,10 +73,36 @@ class DifferentialSettings(_Section):
     )
 
 
+class ResolutionSettings(_Section):
+    """When an episode closes and when it re-opens (docs/clinical-reference.md §3 "Resolution and recurrence")."""
+
+    confirmations: int = Field(
+        3, ge=1, le=10,
+        description="Normal panels in a row that confirm a resolution (default 3: CIBMTR ANC recovery, three "
+        "consecutive values on different days). 1 with min_hours 0: one normal panel closes the episode.",
+    )
+    min_hours: float = Field(
+        48.0, ge=0, le=720,
+        description="Hours the confirming panels must span, first to last (default 48: values drawn more than a "
+        "day apart).",
+    )
+    reopen_days: float = Field(
+        7.0, ge=0, le=90,
+        description="A neutropenic panel within this many days of an announced resolution re-opens the same "
+        "episode as a recurrence (0: off; default 7, a local choice to validate).",
+    )
+    memory_days: float = Field(
+        365.0, ge=0, le=3650,
+        description="Episodes opened within this many days are counted in the texts (\"3rd episode in 12 "
+        "months\"; 0: off).",
+    )
+
+
 class ClinicalSettings(_Section):
     pancytopenia: PancytopeniaSettings = PancytopeniaSettings()
     febrile: FebrileSettings = FebrileSettings()
     differential: DifferentialSettings = DifferentialSettings()
+    resolution: ResolutionSettings = ResolutionSettings()
     infant_threshold_per_ul: float = Field(1000.0, gt=0, le=5000, description="Infants (second week to 1 year): neutropenic below this.")
     patient_thresholds: dict[str, float] = Field(
         default_factory=dict,
@@ -505,6 +531,10 @@ class Settings(BaseSettings):
             chronic_after_us=int(c.chronic_after_days * 86_400_000_000),
             history_limit=c.history_limit,
             febrile_fall_fraction=c.febrile.fall_fraction,
+            resolution_confirmations=c.resolution.confirmations,
+            resolution_min_us=int(c.resolution.min_hours * 3_600_000_000),
+            reopen_us=int(c.resolution.reopen_days * 86_400_000_000),
+            memory_us=int(c.resolution.memory_days * 86_400_000_000),
             febrile_fall_window_us=int(c.febrile.fall_window_hours * 3_600_000_000),
             fever_window_us=int(c.febrile.fever_window_hours * 3_600_000_000),
             infant_threshold=c.infant_threshold_per_ul,

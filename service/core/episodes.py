@@ -6,7 +6,14 @@ Rules of the machine (grading from grading.py; reference §3):
   does not open, worsen or resolve an episode (`stale`);
 - no open episode and a neutropenic band -> `new`;
 - open episode and a band worse than the worst already alerted in it -> `worsening`;
-- open episode and a normal band -> `resolved` (the episode closes; a later drop opens a new one);
+- open episode and a normal band -> `recovering` (a Flag update, no Communication) until
+  rules.resolution_confirmations normal panels in a row spanning rules.resolution_min_us confirm
+  it -> `resolved` (the episode closes); a neutropenic panel before that ends the recovery: the
+  episode stays open (`recovering` with 0 confirmations when no worsening announces it);
+- a neutropenic panel within rules.reopen_us of an announced resolution -> `recurrence`: the same
+  episode re-opens; grades and the fever are announced afresh within the re-opening (a later drop
+  opens a new episode);
+- every episode carries how many episodes the patient opened within rules.memory_us (`memory`);
 - an episode open longer than `chronic_after` -> `chronic`, once (default > 3 months, a local choice);
 - fever within 24 h of an ANC < 500, or of an ANC < 1000 that fell by half within 48 h ->
   `febrile`, once per episode (IDSA 2010, ASCO/IDSA 2018; rules.py); a reading that
@@ -46,7 +53,7 @@ from enum import StrEnum
 
 from service.core.grading import Band
 from service.core.reasons import AncRule, FebrileRule, FeverConsidered, FeverRule, NotFebrile
-from service.core.rules import Rules
+from service.core.rules import DAY_US, Rules
 
 
 class EventKind(StrEnum):
@@ -56,9 +63,19 @@ class EventKind(StrEnum):
     CHRONIC = "chronic"
     FEBRILE = "febrile"
     RETRACTED = "retracted"
+    RECOVERING = "recovering"
+    RECURRENCE = "recurrence"
 
 
 _ONCE_PER_EPISODE = (EventKind.CHRONIC, EventKind.FEBRILE)
+
+
+def _slot(kind: EventKind, band: Band, update: int) -> int:
+    """The announcement's place within its episode opening: once-per-episode kinds have one,
+    `recovering` one per Flag update, the others one per band."""
+    if kind in _ONCE_PER_EPISODE:
+        return 0
+    return update if kind is EventKind.RECOVERING else band.rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +112,23 @@ class Temperature:
 
 
 @dataclass(frozen=True, slots=True)
+class ClosedEpisode:
+    """The episode whose resolution was announced last: a neutropenic panel within rules.reopen_us
+    of `ended_us` re-opens it."""
+
+    episode: str
+    opened: str
+    opened_us: int
+    worst: Band
+    chronic: bool
+    ended: str
+    ended_us: int
+    opening: int
+    updates: int
+    memory: int
+
+
+@dataclass(frozen=True, slots=True)
 class EpisodeState:
     episode: str | None = None  # id of the open episode
     opened: str | None = None  # collection time of the panel that opened it
@@ -110,6 +144,15 @@ class EpisodeState:
     chronic: bool = False  # the open episode has been announced chronic
     febrile: bool = False  # the open episode has been announced febrile
     last: Assessment | None = None  # the newest assessment
+    announced: Band | None = None  # worst band announced since the episode (re-)opened
+    normals: int = 0  # normal panels in a row in the open episode (a recovery under way)
+    normal_since_us: int | None = None  # collection time of the first of them
+    recovering_from: Band | None = None  # band of the last neutropenic panel before them
+    opening: int = 0  # how many times the open episode has re-opened (recurrences)
+    updates: int = 0  # `recovering` Flag updates made in the open episode
+    closed: ClosedEpisode | None = None  # the last announced resolution, while a recurrence may re-open it
+    openings: tuple[int, ...] = ()  # collection times of episodes opened within rules.memory_us
+    memory: int = 0  # the open episode is the patient's n-th within rules.memory_us (0: not counted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +166,12 @@ class Alerted:
     anc: float
     effective: str
     revision: int = 0  # the revision that announced it (0: an ordinary event)
+    opening: int = 0  # the episode's re-opening it was made in
+    update: int = 0  # for `recovering`: which Flag update
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.episode, self.kind.value, 0 if self.kind in _ONCE_PER_EPISODE else self.band.rank)
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.episode, self.kind.value, _slot(self.kind, self.band, self.update), self.opening)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,10 +194,15 @@ class AlertEvent:
     reason: str | None = None  # for revisions: why ("corrected", "entered-in-error", ...)
     revision: int = 0  # 0 for ordinary events; n for the patient's n-th revision
     febrile_rule: FebrileRule | None = None  # for `febrile`: the fever and ANC criteria that fired
+    opening: int = 0  # 0: the episode as opened; n: after its n-th recurrence
+    update: int = 0  # for `recovering`: the n-th Flag update of the episode
+    recovering: tuple[int, int] | None = None  # (normal panels in a row, needed); 0: the recovery ended
+    recurred_after: str | None = None  # for `recurrence`: collection time of the resolution it re-opens
+    memory: tuple[int, int] | None = None  # (n, days): the patient's n-th episode (n >= 2) within `days`
 
     @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.episode, self.kind.value, 0 if self.kind in _ONCE_PER_EPISODE else self.band.rank)
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.episode, self.kind.value, _slot(self.kind, self.band, self.update), self.opening)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,10 +308,13 @@ def fever_considered(
 # -- the machine -------------------------------------------------------------------------------------
 
 
-def _event(kind: EventKind, s: EpisodeState, band: Band, a: Assessment | None, before: EpisodeState, **kw: object) -> AlertEvent:
+def _event(kind: EventKind, s: EpisodeState, band: Band, a: Assessment | None, before: EpisodeState,
+           rules: Rules, **kw: object) -> AlertEvent:
     assert s.episode is not None and s.opened is not None
+    memory = (s.memory, rules.memory_us // DAY_US) if s.memory >= 2 else None
     return AlertEvent(kind, a.patient if a else "", s.episode, band, s.worst, a, s.opened, before.last_anc,
-                      before.last_effective, s.chronic, s.febrile, **kw)  # type: ignore[arg-type]
+                      before.last_effective, s.chronic, s.febrile, opening=s.opening, memory=memory,
+                      **kw)  # type: ignore[arg-type]
 
 
 def step(
@@ -275,22 +328,92 @@ def step(
     if state.episode is None:
         if a.band.severity is None:
             return moved, [], False
-        opened = replace(moved, episode=episode_id(a.patient, a.panel), opened=a.effective, opened_us=a.effective_us,
-                         worst=a.band, chronic=False, febrile=False)
-        return _after(opened, [_event(EventKind.NEW, opened, a.band, a, state)], a, state, rules, temperatures)
-    assert state.worst is not None
+        closed = state.closed
+        if closed is not None and rules.reopen_us and a.effective_us - closed.ended_us <= rules.reopen_us:
+            return _reopen(moved, closed, a, state, rules, temperatures)
+        return _open(moved, a, state, rules, temperatures)
     if a.band.severity is None:
-        resolved = _event(EventKind.RESOLVED, state, state.current or state.worst, a, state, episode_open=False, ended=a.effective)
-        return replace(moved, episode=None, opened=None, opened_us=None, worst=None, chronic=False, febrile=False), [resolved], False
+        return _normal(moved, a, state, rules)
+    return _neutropenic(moved, a, state, rules, temperatures)
+
+
+def _open(moved: EpisodeState, a: Assessment, before: EpisodeState, rules: Rules,
+          temperatures: tuple[Temperature, ...]) -> tuple[EpisodeState, list[AlertEvent], bool]:
+    """A neutropenic panel with no open episode (nor one to re-open): a new episode."""
+    window = rules.memory_us
+    recent = tuple(t for t in before.openings if a.effective_us - t <= window)
+    openings = recent + (a.effective_us,) if window else ()
+    opened = replace(moved, episode=episode_id(a.patient, a.panel), opened=a.effective,
+                     opened_us=a.effective_us, worst=a.band, announced=a.band, chronic=False, febrile=False,
+                     opening=0, updates=0, closed=None, openings=openings, memory=len(openings))
+    events = [_event(EventKind.NEW, opened, a.band, a, before, rules)]
+    return _after(opened, events, a, before, rules, temperatures)
+
+
+def _reopen(moved: EpisodeState, closed: ClosedEpisode, a: Assessment, before: EpisodeState, rules: Rules,
+            temperatures: tuple[Temperature, ...]) -> tuple[EpisodeState, list[AlertEvent], bool]:
+    """A neutropenic panel soon after an announced resolution: the same episode again, its grade
+    announced afresh (a later worsening is announced even up to a grade the episode had before)."""
+    worst = a.band if a.band.rank > closed.worst.rank else closed.worst
+    s = replace(moved, episode=closed.episode, opened=closed.opened, opened_us=closed.opened_us, worst=worst,
+                announced=a.band, chronic=closed.chronic, febrile=False, opening=closed.opening + 1,
+                updates=closed.updates, closed=None, memory=closed.memory)
+    events = [_event(EventKind.RECURRENCE, s, a.band, a, before, rules, recurred_after=closed.ended)]
+    s, events = _chronic(s, events, a, before, rules)
+    return _after(s, events, a, before, rules, temperatures)
+
+
+def _normal(moved: EpisodeState, a: Assessment, state: EpisodeState,
+            rules: Rules) -> tuple[EpisodeState, list[AlertEvent], bool]:
+    """A normal panel in an open episode: resolved once confirmed, else recovering."""
+    assert state.worst is not None and state.episode is not None and state.opened is not None
+    since_us = a.effective_us if not state.normals or state.normal_since_us is None else state.normal_since_us
+    normals = state.normals + 1
+    was = state.recovering_from if state.normals else state.current
+    if normals >= rules.resolution_confirmations and a.effective_us - since_us >= rules.resolution_min_us:
+        resolved = _event(EventKind.RESOLVED, state, was or state.worst, a, state, rules, episode_open=False,
+                          ended=a.effective)
+        closed = ClosedEpisode(state.episode, state.opened, state.opened_us or 0, state.worst, state.chronic,
+                               a.effective, a.effective_us, state.opening, state.updates, state.memory)
+        gone = replace(moved, episode=None, opened=None, opened_us=None, worst=None, announced=None,
+                       chronic=False, febrile=False, normals=0, normal_since_us=None, recovering_from=None,
+                       opening=0, updates=0, closed=closed if rules.reopen_us else None, memory=0)
+        return gone, [resolved], False
+    s = replace(moved, normals=normals, normal_since_us=since_us, recovering_from=was, updates=state.updates + 1)
+    recovering = (normals, rules.resolution_confirmations)
+    event = _event(EventKind.RECOVERING, s, a.band, a, state, rules, recovering=recovering, update=s.updates)
+    return s, [event], False
+
+
+def _neutropenic(moved: EpisodeState, a: Assessment, state: EpisodeState, rules: Rules,
+                 temperatures: tuple[Temperature, ...]) -> tuple[EpisodeState, list[AlertEvent], bool]:
+    """A neutropenic panel in an open episode: worsening when worse than announced since it (re-)opened;
+    a recovery under way ends (the Flag says so)."""
+    assert state.worst is not None
+    announced = state.announced or state.worst
+    moved = replace(moved, normals=0, normal_since_us=None, recovering_from=None)
     events: list[AlertEvent] = []
-    if a.band.rank > state.worst.rank:
-        moved = replace(moved, worst=a.band)
-        events.append(_event(EventKind.WORSENING, moved, a.band, a, state))
-    if not moved.chronic and moved.opened_us is not None and a.effective_us - moved.opened_us > rules.chronic_after_us:
-        moved = replace(moved, chronic=True)
-        events = [replace(e, chronic=True) for e in events]
-        events.append(_event(EventKind.CHRONIC, moved, moved.worst or a.band, a, state))
+    if a.band.rank > announced.rank:
+        worst = a.band if a.band.rank > state.worst.rank else state.worst
+        moved = replace(moved, worst=worst, announced=a.band)
+        events.append(_event(EventKind.WORSENING, moved, a.band, a, state, rules))
+    elif state.normals:
+        moved = replace(moved, updates=state.updates + 1)
+        events.append(_event(EventKind.RECOVERING, moved, a.band, a, state, rules,
+                             recovering=(0, rules.resolution_confirmations), update=moved.updates))
+    moved, events = _chronic(moved, events, a, state, rules)
     return _after(moved, events, a, state, rules, temperatures)
+
+
+def _chronic(s: EpisodeState, events: list[AlertEvent], a: Assessment, before: EpisodeState,
+             rules: Rules) -> tuple[EpisodeState, list[AlertEvent]]:
+    """An episode open longer than rules.chronic_after_us becomes chronic, once."""
+    if s.chronic or s.opened_us is None or a.effective_us - s.opened_us <= rules.chronic_after_us:
+        return s, events
+    s = replace(s, chronic=True)
+    events = [replace(e, chronic=True) for e in events]
+    events.append(_event(EventKind.CHRONIC, s, s.worst or a.band, a, before, rules))
+    return s, events
 
 
 def _after(
@@ -301,7 +424,7 @@ def _after(
         fever, why = febrile
         s = replace(s, febrile=True)
         events = [replace(e, febrile=True) for e in events]
-        events.append(_event(EventKind.FEBRILE, s, s.current or a.band, a, before, fever=fever,
+        events.append(_event(EventKind.FEBRILE, s, s.current or a.band, a, before, rules, fever=fever,
                              febrile_rule=why))
     return s, events, False
 
@@ -316,7 +439,8 @@ def _fold(base: EpisodeState, history: tuple[Assessment, ...], rules: Rules, tem
 
 def _remember(e: AlertEvent) -> Alerted:
     a = e.assessment
-    return Alerted(e.episode, e.kind, e.band, a.panel if a else "", a.anc if a else 0.0, a.effective if a else "", e.revision)
+    return Alerted(e.episode, e.kind, e.band, a.panel if a else "", a.anc if a else 0.0,
+                   a.effective if a else "", e.revision, e.opening, e.update)
 
 
 def _stale_in_order(base: EpisodeState, history: tuple[Assessment, ...]) -> list[bool]:
@@ -396,7 +520,9 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
     if machine.episode is None or machine.febrile or t.celsius < min(rules.fever_sustained_c, rules.fever_single_c):
         return ps, []
     _, derived = _fold(ps.base, ps.history, rules, kept)
-    event = next((e for e in derived if e.kind is EventKind.FEBRILE and e.episode == machine.episode), None)
+    opening = (machine.episode, machine.opening)
+    event = next((e for e in derived if e.kind is EventKind.FEBRILE and (e.episode, e.opening) == opening),
+                 None)
     if event is not None:
         event = replace(event, worst=machine.worst, chronic=machine.chronic)  # the Flag as it stands now
     else:  # the newest panel, when it is no longer in the history (folded into `base`)
@@ -405,7 +531,7 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
             return ps, []
         event = _event(EventKind.FEBRILE, replace(machine, febrile=True), machine.current or machine.last.band, machine.last,
                        replace(machine, last_anc=machine.previous_anc,
-                               last_effective=machine.previous_effective),
+                               last_effective=machine.previous_effective), rules,
                        fever=febrile[0], febrile_rule=febrile[1])
     return replace(ps, machine=replace(machine, febrile=True), alerted=ps.alerted + (_remember(event),)), [event]
 
@@ -474,7 +600,9 @@ def revise(
     # A febrile never announced for an episode that is closed now stays unannounced, as in
     # add_temperature: a fever learned after its episode closed (kept in memory as long as the
     # panels it pairs with) must not re-open that episode's Flag on the next, unrelated, correction.
-    derived = [e for e in derived if not (e.kind is EventKind.FEBRILE and e.key not in announced and e.episode != machine.episode)]
+    current = (machine.episode, machine.opening)
+    derived = [e for e in derived if not (e.kind is EventKind.FEBRILE and e.key not in announced
+                                          and (e.episode, e.opening) != current)]
     derived_keys = {e.key for e in derived}
     events: list[AlertEvent] = []
     for x in ps.alerted:
@@ -487,7 +615,7 @@ def revise(
             EventKind.RETRACTED, patient, x.episode, x.band, _episode_worst(x.episode, machine, derived), assessment,
             opened, machine.last_anc, machine.last_effective, chronic=still_open and machine.chronic,
             febrile=still_open and machine.febrile, episode_open=still_open, ended=ended, retracted=x, reason=reason,
-            revision=revision,
+            revision=revision, opening=x.opening,
         ))
     for e in derived:
         if e.key not in announced:

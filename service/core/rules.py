@@ -20,6 +20,20 @@ class Rules:
     platelets_below_per_ul: float = 100_000.0
     # Chronic: an episode open more than 3 months (a local default to validate).
     chronic_after_us: int = 91 * DAY_US
+    # Resolution (reference §3 "Resolution and recurrence"): an episode closes only when
+    # `resolution_confirmations` normal panels in a row span at least `resolution_min_us` (from the
+    # first to the last). Default 3 values drawn more than a day apart: CIBMTR Forms Instruction
+    # Manual, "Initial ANC recovery" (three consecutive laboratory values obtained on different
+    # days; values drawn more than a day apart when not daily); ASTCT consensus (Kharfan-Dabaja,
+    # Bone Marrow Transplant 2024;59:832): the first of 3 successive days after the nadir.
+    # 1 and 0 give the former rule: one normal panel closes the episode.
+    resolution_confirmations: int = 3
+    resolution_min_us: int = 48 * HOUR_US
+    # Recurrence: a neutropenic panel within this long of an announced resolution re-opens the same
+    # episode (0: off; default 7 days, a local choice to validate: reference §3).
+    reopen_us: int = 7 * DAY_US
+    # Episode memory: episodes opened within this long are counted ("3rd episode in 12 months"; 0: off).
+    memory_us: int = 365 * DAY_US
     # Assessed panels remembered per patient, so a corrected result can be re-evaluated.
     history_limit: int = 24
     # Fever (IDSA 2010, Freifeld CID 2011;52:e56; ASCO/IDSA 2018): a single temperature >= 38.3 C,

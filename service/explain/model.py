@@ -166,6 +166,8 @@ def describe_episode(view: dict[str, Any] | None) -> str:
     if not view["open"]:
         return "no open episode"
     flags = [f for f in ("febrile", "chronic") if view.get(f)]
+    flags += [f"{view['recovering']} normal in a row"] if view.get("recovering") else []
+    flags += [f"re-opened {view['recurrences']}x"] if view.get("recurrences") else []
     return (f"open {view['episode'][:8]} since {view['opened']}, worst alerted {view['worst']}"
             + (f", now {view['current']}" if view.get("current") and view["current"] != view["worst"] else "")
             + (f" ({', '.join(flags)})" if flags else ""))

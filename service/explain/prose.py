@@ -10,6 +10,7 @@ from service.core.panels import PanelDecision
 from service.core.reasons import AncRule, FebrileRule, FeverConsidered, FeverRule, NoEvent, NotFebrile
 from service.core.rules import HOUR_US, Rules
 from service.explain.model import fmt
+from service.output.texts import recovering_phrase
 
 REASON_PHRASE = {
     "corrected": "corrected result",
@@ -45,6 +46,12 @@ def rule_for(event: AlertEvent, before: PatientState, rules: Rules) -> tuple[str
     a = event.assessment
     anc = f"ANC {fmt(a.anc)}/uL{' (at most)' if a.at_most else ''} at {a.effective}" if a else ""
     kind = event.kind
+    if kind is EventKind.RECOVERING and event.recovering is not None:
+        rule = "recovering: normal, not yet confirmed" if event.recovering[0] else "recovering: neutropenic again"
+        return rule, f"{anc}: {event.band.label}; {recovering_phrase(event.recovering)}, the episode stays open"
+    if kind is EventKind.RECURRENCE:
+        return ("recurrence: neutropenic soon after the announced resolution",
+                f"{anc}: {event.band.label}; the episode resolved at {event.recurred_after} re-opens")
     if kind is EventKind.NEW:
         band = event.band
         label = band.label if band.label == band.severity else f"{band.label} ({band.severity})"

@@ -88,7 +88,8 @@ def _episode(ps: PatientState) -> dict[str, Any]:
     if m.episode is not None:
         view.update(episode=m.episode, opened=m.opened, worst=m.worst.label if m.worst else None,
                     worst_severity=m.worst.severity if m.worst else None,
-                    current=m.current.label if m.current else None, febrile=m.febrile, chronic=m.chronic)
+                    current=m.current.label if m.current else None, febrile=m.febrile, chronic=m.chronic,
+                    recovering=m.normals, recurrences=m.opening)
     view.update(last_anc=m.last_anc, last_effective=m.last_effective, remembered=len(ps.history),
                 revisions=ps.revisions)
     return view

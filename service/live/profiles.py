@@ -69,6 +69,11 @@ EVENT_DISPLAY: dict[EventKind, tuple[str, str]] = {
     EventKind.CHRONIC: ("Chronic neutropenia", "The episode has been open for more than 3 months."),
     EventKind.FEBRILE: ("Febrile neutropenia", "A fever within 24 h of an ANC < 500/uL, or of an ANC < 1000/uL expected to fall."),
     EventKind.RETRACTED: ("Alert withdrawn", "An earlier announcement no longer holds: a result it rested on was corrected or withdrawn."),
+    EventKind.RECOVERING: ("Neutropenia recovering",
+                           "A normal ANC in an open episode, not yet confirmed by enough normal panels in a row "
+                           "(or a recovery ended by a neutropenic one): the Flag is updated, no Communication."),
+    EventKind.RECURRENCE: ("Neutropenia recurrence",
+                           "A neutropenic ANC soon after an announced resolution: the same episode re-opens."),
 }
 
 

@@ -28,12 +28,12 @@ from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.flag import Flag
 from fhir.resources.R4B.provenance import Provenance
 
+from service.config import AlertSettings
+from service.core.episodes import Alerted, AlertEvent, Assessment, EventKind
+from service.core.grading import Band, Scheme
+from service.fhir.fhirtime import from_epoch_us, is_instant, to_epoch_us
 from service.live import profiles
 from service.output import texts
-from service.core.episodes import Alerted, AlertEvent, Assessment, EventKind
-from service.fhir.fhirtime import from_epoch_us, is_instant, to_epoch_us
-from service.core.grading import Band, Scheme
-from service.config import AlertSettings
 
 SNOMED = "http://snomed.info/sct"
 FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"
@@ -130,13 +130,20 @@ def _instant(sent: str, event: AlertEvent) -> str:
     return from_epoch_us(0)
 
 
-def communication_value(episode: str, kind: str, rank: int, revision: int) -> str:
-    """The deterministic Communication identifier of one announcement."""
-    return f"{episode}-{kind}-{rank}" + (f"-r{revision}" if revision else "")
+def communication_value(episode: str, kind: str, rank: int, revision: int, opening: int = 0) -> str:
+    """The deterministic Communication identifier of one announcement (`opening`: made after the
+    episode's n-th recurrence; `rank`: the Flag update's number for `recovering`)."""
+    return f"{episode}-{kind}-{rank}" + (f"-o{opening}" if opening else "") + (f"-r{revision}" if revision else "")
+
+
+def _rank(kind: EventKind, band: Band, update: int) -> int:
+    return update if kind is EventKind.RECOVERING else band.rank
 
 
 def _retracted_value(event: AlertEvent, x: Alerted) -> str:
-    return f"{event.episode}-retracted-{x.kind.value}-{x.band.rank}-r{event.revision}"
+    opening = f"-o{x.opening}" if x.opening else ""
+    rank = _rank(x.kind, x.band, x.update)
+    return f"{event.episode}-retracted-{x.kind.value}-{rank}{opening}-r{event.revision}"
 
 
 def _flag_status(event: AlertEvent) -> str:
@@ -159,7 +166,8 @@ def _priority(event: AlertEvent) -> str:
 def build(
     event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: str, recipients: Sequence[str] | None = None
 ) -> AlertWrites:
-    """The Flag as it stands after `event`, and the Communication announcing it (none for `chronic`)."""
+    """The Flag as it stands after `event`, and the Communication announcing it (none for `chronic`
+    and `recovering`)."""
     base = settings.canonical_base
     flag_id = (f"{base}/episode", event.episode)
     a = event.assessment
@@ -184,13 +192,17 @@ def build(
     flag["extension"] = [{"url": FLAG_DETAIL, "valueReference": {"reference": ref}} for ref in sources]
     flag["extension"] += [_grade(base, scheme, band), _scheme(base, scheme)] + ([_anc(base, a)] if a is not None else [])
     Flag.model_validate(flag)
-    if event.kind is EventKind.CHRONIC:
-        comm_value = communication_value(event.episode, event.kind.value, event.band.rank, event.revision)
+    rank = _rank(event.kind, event.band, event.update)
+    x = event.retracted
+    flag_only = (EventKind.CHRONIC, EventKind.RECOVERING)
+    if event.kind in flag_only or (x is not None and x.kind is EventKind.RECOVERING):
+        # Flag updates without a Communication (a withdrawn `recovering` was never announced either)
+        comm_value = _retracted_value(event, x) if x is not None else communication_value(
+            event.episode, event.kind.value, rank, event.revision, event.opening)
         return _with_provenance(event, scheme, settings, sent, sources, flag, None, flag_id, None, comm_value)
     comm_system = f"{base}/communication"
-    x = event.retracted
     comm_value = _retracted_value(event, x) if x is not None else communication_value(
-        event.episode, event.kind.value, event.band.rank, event.revision)
+        event.episode, event.kind.value, rank, event.revision, event.opening)
     flag_ref = {"type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}
     communication: dict[str, Any] = {
         "resourceType": "Communication",
@@ -208,7 +220,8 @@ def build(
         "payload": [{"contentString": texts.message(event, scheme)}],
     }
     if x is not None:
-        prior = communication_value(x.episode, x.kind.value, x.band.rank, x.revision)
+        prior = communication_value(x.episode, x.kind.value, _rank(x.kind, x.band, x.update), x.revision,
+                                    x.opening)
         communication["inResponseTo"] = [{"type": "Communication", "identifier": {"system": comm_system, "value": prior}}]
     to = settings.recipients if recipients is None else recipients
     if to:

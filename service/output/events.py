@@ -49,6 +49,12 @@ def event_record(event: AlertEvent, scheme: Scheme, recipients: Recipients | Non
     if event.fever is not None:
         record["temperature"] = {"celsius": round(event.fever.celsius, 2), "effective": event.fever.effective,
                                  "observation": event.fever.ref}
+    if event.recovering is not None:
+        record["recovering"] = {"confirmations": event.recovering[0], "needed": event.recovering[1]}
+    if event.recurred_after is not None:
+        record["recurrence"] = {"resolved": event.recurred_after, "count": event.opening}
+    if event.memory is not None:
+        record["episode_memory"] = {"episodes": event.memory[0], "days": event.memory[1]}
     if event.revision:
         record["correction"] = {"revision": event.revision, "reason": event.reason}
     if x is not None:

@@ -22,7 +22,7 @@ PICTURE = {
 }
 RETRACTED_WHAT = {"new": "new neutropenia, {band}", "worsening": "worsening to {band}",
                   "resolved": "resolution of the neutropenia", "chronic": "chronic label",
-                  "febrile": "febrile neutropenia"}
+                  "febrile": "febrile neutropenia", "recurrence": "recurrence, {band}"}
 
 
 # -- counts -------------------------------------------------------------------------------------------
@@ -107,6 +107,24 @@ def picture_sentence(a: Assessment | None) -> str:
     return f" {text[0].upper()}{text[1:]}." if text else ""
 
 
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def memory_phrase(memory: tuple[int, int]) -> str:
+    """"3rd episode in 12 months": the patient's episodes opened within the memory window."""
+    count, days = memory
+    window = f"{days // 365 * 12} months" if days and days % 365 == 0 else f"{days} days"
+    return f"{ordinal(count)} episode in {window}"
+
+
+def recovering_phrase(recovering: tuple[int, int]) -> str:
+    """"recovering (1 of 3 confirmations)", or "recovery interrupted" when a neutropenic panel ended it."""
+    got, needed = recovering
+    return f"recovering ({got} of {needed} confirmations)" if got else "recovery interrupted"
+
+
 # -- the heads of the announcements -------------------------------------------------------------------
 
 
@@ -129,6 +147,13 @@ def febrile_head(event: AlertEvent, now: str) -> str:
             "within 1 hour per ASCO/IDSA.")
 
 
+def recurrence_head(event: AlertEvent, now: str) -> str:
+    """The same episode re-opened within clinical.resolution.reopen_days of its resolution."""
+    worst = event.worst.label if event.worst else event.band.label
+    return (f"{corrected(event)}Neutropenia recurrence, {event.band.label}: {now}; the episode since "
+            f"{event.opened} (worst {worst}) re-opens, resolved {event.recurred_after}.")
+
+
 def chronic_head(event: AlertEvent, now: str) -> str:
     return f"Neutropenia episode since {event.opened} is now chronic (open more than 3 months): {now}."
 
@@ -148,6 +173,7 @@ def resolved_head(event: AlertEvent, now: str) -> str:
 
 HEADS: dict[EventKind, Callable[[AlertEvent, str], str]] = {
     EventKind.NEW: new_head,
+    EventKind.RECURRENCE: recurrence_head,
     EventKind.WORSENING: worsening_head,
     EventKind.FEBRILE: febrile_head,
     EventKind.CHRONIC: chronic_head,
@@ -161,6 +187,11 @@ HEADS: dict[EventKind, Callable[[AlertEvent, str], str]] = {
 def chronic_note(event: AlertEvent) -> str:
     chronic = event.chronic and event.kind is not EventKind.CHRONIC
     return " Chronic: episode open more than 3 months." if chronic else ""
+
+
+def memory_note(event: AlertEvent) -> str:
+    """ " 3rd episode in 12 months." or ""."""
+    return f" {memory_phrase(event.memory).capitalize()}." if event.memory else ""
 
 
 def previous(event: AlertEvent) -> str:
@@ -186,7 +217,8 @@ def message(event: AlertEvent, scheme: Scheme) -> str:
     a = event.assessment
     assert a is not None
     head = HEADS[event.kind](event, panel(a))
-    return f"{head}{picture_sentence(a)}{chronic_note(event)} {previous(event)} {scheme_steps(scheme)}"
+    return (f"{head}{picture_sentence(a)}{chronic_note(event)}{memory_note(event)} {previous(event)} "
+            f"{scheme_steps(scheme)}")
 
 
 def retraction_message(event: AlertEvent, scheme: Scheme) -> str:
@@ -229,10 +261,14 @@ def flag_text(event: AlertEvent, status: str) -> str:
         details.append("chronic")
     if a is not None and a.cytopenia and a.band.severity is not None:
         details.append(a.cytopenia)
+    if event.memory:
+        details.append(memory_phrase(event.memory))
     text = ", ".join(details)
     if status == "entered-in-error":
         return text + " (entered in error: withdrawn)"
     clauses = [resolved_clause(event)] if status == "inactive" and event.ended else []
+    if event.recovering and status == "active":
+        clauses.append(recovering_phrase(event.recovering))
     if a is not None:
         clauses.append(f"latest {anc(a)} collected {a.effective}")
         counts = blood_counts(a) if a.band.severity is None else None

@@ -14,7 +14,10 @@ from service.core.reasons import NoEvent
 from service.core.rules import DAY_US, Rules
 from tests.builders import normalised, observation, result
 
-RULES = Rules()
+# One normal panel resolves (resolution.confirmations 1, min_hours 0, reopen_days 0, memory off):
+# the rows here test the transitions, fever and revision; confirmed resolution and recurrence are
+# tested in test_resolution.py.
+RULES = Rules(resolution_confirmations=1, resolution_min_us=0, reopen_us=0, memory_us=0)
 from service.core.grading import DEFAULT
 
 
@@ -119,7 +122,7 @@ def test_flip_flop_corrections_reannounce_with_new_identity():
 
 def test_history_is_bounded_and_old_panels_fall_back_to_the_base():
     ps = PatientState()
-    small = Rules(history_limit=10)
+    small = replace(RULES, history_limit=10)
     for day in range(1, 60):
         ps, _, _ = apply(ps, assessment(1200 if day < 30 else 2000, day), small)
     assert len(ps.history) == 10 and len(ps.alerted) <= 10
@@ -138,7 +141,7 @@ def test_late_old_panels_do_not_push_the_newest_out_of_the_history():
     """A back-load of panels collected earlier (stale: they judge nothing) arriving after the newest
     panel must not push that panel out of the bounded history: its correction is then still a
     revision (`retracted`), not a new panel judged on its own (`resolved`)."""
-    small = Rules(history_limit=3)
+    small = replace(RULES, history_limit=3)
     ps, events, _ = apply(PatientState(), assessment(400, 10), small)
     assert [label(e) for e in events] == ["new:severe"]
     for day in (1, 2, 3):  # collected before day 10, arriving after it
@@ -155,7 +158,7 @@ def test_history_trimmed_by_stale_panels_decides_as_the_whole_history():
     (the invariant a revision relies on), for arrivals mixing late old panels and new ones."""
     from service.core.episodes import _fold
 
-    small = Rules(history_limit=4)
+    small = replace(RULES, history_limit=4)
     ps = PatientState()
     for anc, day in [(1200, 10), (300, 12), (2000, 3), (900, 14), (2500, 1), (400, 16), (1700, 2), (1600, 18), (800, 5), (700, 20)]:
         ps, _, _ = apply(ps, assessment(anc, day), small)

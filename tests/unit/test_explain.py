@@ -68,6 +68,10 @@ def corrected(obs: dict, day: int, minutes: int, **changes: Any) -> dict:
 NEW = "new: neutropenic with no open episode"
 WORSE = "worsening: worse than the worst alerted"
 RESOLVED = "resolved: back in the normal band"
+RECOVERING = "recovering: normal, not yet confirmed"
+INTERRUPTED = "recovering: neutropenic again"
+RECURRENCE = "recurrence: neutropenic soon after the announced resolution"
+LEGACY_RESOLUTION = {"confirmations": 1, "min_hours": 0, "reopen_days": 0, "memory_days": 0}
 
 
 def _episode() -> list[dict]:
@@ -121,6 +125,11 @@ def _check_episode(t: Trail) -> None:
     assert t.steps[3].grade["range"] == ">= 1500"
 
 
+def _check_recovering(t: Trail) -> None:
+    assert "recovering (1 of 3 confirmations)" in t.steps[1].events[0].detail
+    assert "recovery interrupted" in t.steps[2].events[0].detail
+
+
 def _check_stale(t: Trail) -> None:
     assert "collected before the newest assessed panel" in t.steps[1].note
 
@@ -171,7 +180,15 @@ def _check_v6(t: Trail) -> None:
 
 
 CASES = [
-    Case("episode", "a", _episode(), [NEW, WORSE, RESOLVED, NEW], outcomes=["assessed"] * 5, check=_check_episode),
+    # one normal panel resolving (the former rule, set explicitly: reference §3 "Resolution and recurrence")
+    Case("episode", "a", _episode(), [NEW, WORSE, RESOLVED, NEW], outcomes=["assessed"] * 5, check=_check_episode,
+         config={"clinical": {"resolution": LEGACY_RESOLUTION}}),
+    # the defaults (3 normal panels over 48 h, CIBMTR ANC recovery): recovering, then interrupted
+    Case("recovering", "r", cbc("r", 2, 0.3) + cbc("r", 4, 2.0) + cbc("r", 6, 0.8), [NEW, RECOVERING, INTERRUPTED],
+         check=_check_recovering),
+    # a drop within 7 days of the confirmed resolution re-opens the episode
+    Case("recurrence", "q", cbc("q", 2, 0.8) + cbc("q", 4, 2.0) + cbc("q", 5, 2.1) + cbc("q", 6, 2.2) + cbc("q", 8, 1.2),
+         [NEW, RECOVERING, RECOVERING, RESOLVED, RECURRENCE]),
     Case("no repeated alert", "b", cbc("b", 2, 0.8) + cbc("b", 4, 0.9) + cbc("b", 6, 0.7), [NEW]),
     Case("stale panel", "s", cbc("s", 5, 0.8) + cbc("s", 3, 0.3, arrives=4 * 24 * 60), [NEW],
          outcomes=["assessed", "stale"], check=_check_stale),
@@ -282,12 +299,13 @@ def test_cli_text_and_json(episode_file, capsys):
     out, err = capsys.readouterr()
     assert out.startswith("Decision trail of Patient/a - scheme default\n")
     assert "rule: worsening: worse than the worst alerted" in out and "1.2 K/uL [not UCUM]" in out
+    assert "recovering (1 of 3 confirmations)" in out  # the recovery shown in the trail
     assert "Patient/a" not in err  # nothing about the patient goes to the log
     assert main(["explain", "a", "--input", str(episode_file), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["patient"] == "Patient/a" and doc["scheme"] == "default"
-    assert [e["event"] for e in doc["events"]] == ["new", "worsening", "resolved", "new"]
-    assert [e["rule"] for s in doc["steps"] for e in s["events"]] == [NEW, WORSE, RESOLVED, NEW]
+    assert [e["event"] for e in doc["events"]] == ["new", "worsening", "recovering", "recovering"]
+    assert [e["rule"] for s in doc["steps"] for e in s["events"]] == [NEW, WORSE, RECOVERING, INTERRUPTED]
     step = doc["steps"][0]
     assert {"inputs", "anc", "grade", "episode_before", "episode_after", "events", "note"} <= step.keys()
     anc = next(i for i in step["inputs"] if i["code"] == "751-8")

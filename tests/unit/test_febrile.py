@@ -19,7 +19,10 @@ from service.core.rules import Rules
 from tests.builders import observation, result
 from tests.unit.test_replay import replay, write_ndjson
 
-RULES = Rules()
+# One normal panel resolves (resolution.confirmations 1, min_hours 0, reopen_days 0, memory off):
+# the rows here test the transitions, fever and revision; confirmed resolution and recurrence are
+# tested in test_resolution.py.
+RULES = Rules(resolution_confirmations=1, resolution_min_us=0, reopen_us=0, memory_us=0)
 T0 = 10  # day of the first panel in each scenario
 
 

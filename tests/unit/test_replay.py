@@ -77,12 +77,20 @@ def test_diagnostic_report_101(tmp_path):
     assert [a["resourceType"] for a in alerts] == ["Flag", "Communication"]
 
 
+LEGACY_RESOLUTION = "clinical:\n  resolution: {confirmations: 1, min_hours: 0, reopen_days: 0, memory_days: 0}\n"
+NADIR = [(2, 3.2), (6, 1.3), (9, 0.8), (12, 0.3), (14, 0.45), (17, 1.1), (20, 2.1), (27, 1.2)]
+
+
 def test_nadir_sequence_events_and_alerts(tmp_path):
+    """With one normal panel resolving (the former rule, set explicitly), a chemotherapy nadir gives
+    new, worsening, worsening, resolved, and a new episode on the next drop."""
     patient = "Patient/chemo1"
     resources = []
-    for day, anc in [(2, 3.2), (6, 1.3), (9, 0.8), (12, 0.3), (14, 0.45), (17, 1.1), (20, 2.1), (27, 1.2)]:
+    for day, anc in NADIR:
         resources += cbc(patient, day, anc)
-    events, alerts = replay(tmp_path, write_ndjson(tmp_path / "in.ndjson", resources))
+    config = tmp_path / "legacy.yaml"
+    config.write_text(LEGACY_RESOLUTION)
+    events, alerts = replay(tmp_path, write_ndjson(tmp_path / "in.ndjson", resources), config=config)
     assert [(e["event"], e["grade"], e["anc"]) for e in events] == [
         ("new", "mild", 1300),
         ("worsening", "moderate", 800),
@@ -105,6 +113,27 @@ def test_nadir_sequence_events_and_alerts(tmp_path):
     assert flags[3]["status"] == "inactive" and flags[3]["period"]["end"] == "2026-01-20T08:00:00Z"
     # Communication identifiers are unique (conditional-create keys)
     assert len({c["identifier"][0]["value"] for c in comms}) == 5
+
+
+def test_nadir_sequence_with_confirmed_resolution(tmp_path):
+    """With the default resolution rules (3 normal panels over >= 48 h, CIBMTR ANC recovery;
+    reference §3), one normal panel only makes the episode `recovering` (a Flag update, no
+    Communication) and the drop a week later keeps the same episode open: 3 Communications, not 5."""
+    resources = []
+    for day, anc in NADIR:
+        resources += cbc("Patient/chemo1", day, anc)
+    events, alerts = replay(tmp_path, write_ndjson(tmp_path / "in.ndjson", resources))
+    assert [(e["event"], e["anc"], e.get("recovering")) for e in events] == [
+        ("new", 1300, None), ("worsening", 800, None), ("worsening", 300, None),
+        ("recovering", 2100, {"confirmations": 1, "needed": 3}),
+        ("recovering", 1200, {"confirmations": 0, "needed": 3}),  # the recovery ends; the Flag says so
+    ]
+    flags = [a for a in alerts if a["resourceType"] == "Flag"]
+    comms = [a for a in alerts if a["resourceType"] == "Communication"]
+    assert len(comms) == 3 and {f["status"] for f in flags} == {"active"}
+    assert len({f["identifier"][0]["value"] for f in flags}) == 1
+    assert "recovering (1 of 3 confirmations)" in flags[3]["code"]["text"]
+    assert "recovery interrupted" in flags[4]["code"]["text"]
 
 
 def test_rejections_are_events_and_never_alert(tmp_path):

@@ -166,6 +166,8 @@ Description: "What an alert announces about a neutropenia episode (the `event` o
 * #chronic "Chronic neutropenia" "The episode has been open for more than 3 months."
 * #febrile "Febrile neutropenia" "A fever within 24 h of an ANC < 500/uL, or of an ANC < 1000/uL expected to fall."
 * #retracted "Alert withdrawn" "An earlier announcement no longer holds: a result it rested on was corrected or withdrawn."
+* #recovering "Neutropenia recovering" "A normal ANC in an open episode, not yet confirmed by enough normal panels in a row (or a recovery ended by a neutropenic one): the Flag is updated, no Communication."
+* #recurrence "Neutropenia recurrence" "A neutropenic ANC soon after an announced resolution: the same episode re-opens."
 
 ValueSet: NeutrowatchAlertEventVS
 Id: neutrowatch-alert-event
@@ -177,6 +179,8 @@ Description: "All alert events of neutrowatch."
 * NeutrowatchAlertEventCS#chronic
 * NeutrowatchAlertEventCS#febrile
 * NeutrowatchAlertEventCS#retracted
+* NeutrowatchAlertEventCS#recovering
+* NeutrowatchAlertEventCS#recurrence
 
 ValueSet: NeutrowatchFlagCode
 Id: neutrowatch-flag-code
