@@ -56,14 +56,20 @@ class Backlog:
         wbc = i % 2 == 0
         value = 5.0 if wbc else (ANC_PATTERN[panel] if patient % 25 == 0 else 3.0)
         return {
-            "resourceType": "Observation", "id": f"o{i}",
+            "resourceType": "Observation",
+            "id": f"o{i}",
             "meta": {"versionId": "1", "lastUpdated": self.stamp(self.t0_ms + i)},
             "status": "final",
             "code": {"coding": [{"system": "http://loinc.org", "code": "6690-2" if wbc else "751-8"}]},
             "subject": {"reference": f"Patient/b{patient}"},
             "specimen": {"reference": f"Specimen/b{patient}-{panel}"},
             "effectiveDateTime": self.stamp(self.t0_ms - 3_600_000 * (PANELS_PER_PATIENT - panel)),
-            "valueQuantity": {"value": value, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"},
+            "valueQuantity": {
+                "value": value,
+                "unit": "10*3/uL",
+                "system": "http://unitsofmeasure.org",
+                "code": "10*3/uL",
+            },
         }
 
     def page(self, request: web.Request) -> dict:
@@ -75,7 +81,9 @@ class Backlog:
             first = max(0, since_ms - self.t0_ms) + int(q.get("_offset", "0"))
             count = int(q.get("_count", "100"))
             last = min(self.total, first + count)
-            entries = [{"resource": self.resource(i), "search": {"mode": "match"}} for i in range(first, last)]
+            entries = [
+                {"resource": self.resource(i), "search": {"mode": "match"}} for i in range(first, last)
+            ]
             self.served = max(self.served, last)
         bundle: dict = {"resourceType": "Bundle", "type": "searchset", "entry": entries, "link": []}
         if entries and len(entries) == int(q.get("_count", "100")) and self.served < self.total:
@@ -96,14 +104,24 @@ def make_app(backlog: Backlog) -> web.Application:
     async def transaction(request: web.Request) -> web.Response:
         bundle = await request.json(loads=orjson.loads)
         backlog.transactions += 1
-        out = [{"response": {"status": "201 Created",
-                             "location": f"{e['resource']['resourceType']}/t{backlog.transactions}-{n}/_history/1"}}
-               for n, e in enumerate(bundle.get("entry", []))]
-        return web.Response(body=orjson.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": out}),
-                            content_type="application/fhir+json")
+        out = [
+            {
+                "response": {
+                    "status": "201 Created",
+                    "location": f"{e['resource']['resourceType']}/t{backlog.transactions}-{n}/_history/1",
+                }
+            }
+            for n, e in enumerate(bundle.get("entry", []))
+        ]
+        return web.Response(
+            body=orjson.dumps({"resourceType": "Bundle", "type": "transaction-response", "entry": out}),
+            content_type="application/fhir+json",
+        )
 
     async def metadata(_request: web.Request) -> web.Response:
-        return web.json_response({"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "status": "active"})
+        return web.json_response(
+            {"resourceType": "CapabilityStatement", "fhirVersion": "4.0.1", "status": "active"}
+        )
 
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_get("/fhir/metadata", metadata)
@@ -130,16 +148,39 @@ async def drain(total: int, work: Path) -> dict:
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     config = work / f"backlog-{total}.yaml"
-    config.write_text(yaml.safe_dump({
-        "fhir": {"base_url": f"http://127.0.0.1:{port}/fhir", "allow_insecure_http": True, "page_size": 1000, "timeout_seconds": 120},
-        "poll": {"initial_lookback_hours": 72, "settle_seconds": 0, "patient_context": False, "temperatures": "open-episodes"},
-        "store": {"path": str(work / f"backlog-{total}.sqlite3")},
-        "alerts": {"recipients": ["CareTeam/oncology"]},
-        "logging": {"level": "warning", "format": "json"},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "fhir": {
+                    "base_url": f"http://127.0.0.1:{port}/fhir",
+                    "allow_insecure_http": True,
+                    "page_size": 1000,
+                    "timeout_seconds": 120,
+                },
+                "poll": {
+                    "initial_lookback_hours": 72,
+                    "settle_seconds": 0,
+                    "patient_context": False,
+                    "temperatures": "open-episodes",
+                },
+                "store": {"path": str(work / f"backlog-{total}.sqlite3")},
+                "alerts": {"recipients": ["CareTeam/oncology"]},
+                "logging": {"level": "warning", "format": "json"},
+            }
+        )
+    )
     started = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "service", "once", "--config", str(config), cwd=ROOT,
-                                                stdout=subprocess.DEVNULL, stderr=(work / f"backlog-{total}.log").open("wb"))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "once",
+        "--config",
+        str(config),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=(work / f"backlog-{total}.log").open("wb"),
+    )
     samples: list[tuple[float, int, int]] = []  # (seconds, served, RSS KiB)
     while proc.returncode is None:
         rss = rss_kib(proc.pid)
@@ -157,17 +198,25 @@ async def drain(total: int, work: Path) -> dict:
     reading = [r for t, _, r in samples if t <= read_done]
     deciding = [r for t, _, r in samples if t > read_done]
     return {
-        "total": total, "wall": wall, "read_s": read_done, "transactions": backlog.transactions,
-        "rss_read_max": max(reading, default=0) / 1024, "rss_decide_max": max(deciding, default=0) / 1024,
-        "rss_at": {f: next((r / 1024 for _, s, r in samples if s >= f * total), None) for f in (0.1, 0.5, 1.0)},
+        "total": total,
+        "wall": wall,
+        "read_s": read_done,
+        "transactions": backlog.transactions,
+        "rss_read_max": max(reading, default=0) / 1024,
+        "rss_decide_max": max(deciding, default=0) / 1024,
+        "rss_at": {
+            f: next((r / 1024 for _, s, r in samples if s >= f * total), None) for f in (0.1, 0.5, 1.0)
+        },
     }
 
 
 def render(runs: list[dict]) -> str:
     rows = "\n".join(
         f"| {r['total']:,} | {r['wall']:.0f} s | {r['read_s']:.0f} s | {r['total'] / r['wall']:,.0f} | {r['transactions']:,} | "
-        + " | ".join(f"{r['rss_at'][f]:.0f} MiB" if r['rss_at'][f] else "–" for f in (0.1, 0.5, 1.0))
-        + f" | {r['rss_read_max']:.0f} MiB | {r['rss_decide_max']:.0f} MiB |" for r in runs)
+        + " | ".join(f"{r['rss_at'][f]:.0f} MiB" if r["rss_at"][f] else "–" for f in (0.1, 0.5, 1.0))
+        + f" | {r['rss_read_max']:.0f} MiB | {r['rss_decide_max']:.0f} MiB |"
+        for r in runs
+    )
     return f"""## Backlog: memory and back-pressure
 
 Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code {revision()}.

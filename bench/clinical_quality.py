@@ -61,7 +61,9 @@ class _Episode:
     open: bool = True
 
 
-def replay(source: Path, workdir: Path, name: str, resolution: dict[str, float] | None) -> list[dict[str, Any]]:
+def replay(
+    source: Path, workdir: Path, name: str, resolution: dict[str, float] | None
+) -> list[dict[str, Any]]:
     """The events replay writes for `source` with the given clinical.resolution settings (None: defaults)."""
     config = workdir / f"{name}.yaml"
     settings: dict[str, Any] = {"logging": {"level": "warning"}}
@@ -127,8 +129,11 @@ def late_or_missed(former: Sequence[dict[str, Any]], now: Sequence[dict[str, Any
     for e in now:
         if e["event"] in COMMUNICATED | {"recovering", "chronic"}:
             by_patient[e["patient"]].append(e)
-    withdrawn = {(e["episode"], e["retracted"]["event"], e["retracted"]["grade"], e["retracted"]["effective"])
-                 for e in former if e["event"] == "retracted"}
+    withdrawn = {
+        (e["episode"], e["retracted"]["event"], e["retracted"]["grade"], e["retracted"]["effective"])
+        for e in former
+        if e["event"] == "retracted"
+    }
     out = []
     for old in former:
         if (old.get("episode"), old["event"], old["grade"], old["effective"]) in withdrawn:
@@ -148,7 +153,10 @@ def _announced_at(events: Sequence[dict[str, Any]], at_us: int) -> set[str]:
             break
         episode = episodes.setdefault(e["episode"], _Episode())
         if e["event"] == "retracted":
-            episode.announced -= {"severe" if e["retracted"]["grade"] == "severe" else "", e["retracted"]["event"]}
+            episode.announced -= {
+                "severe" if e["retracted"]["grade"] == "severe" else "",
+                e["retracted"]["event"],
+            }
             episode.open = e.get("episode_status") == "active"
         elif e["event"] == "resolved":
             episode.open = False
@@ -170,19 +178,25 @@ def compare(source: Path, workdir: Path, name: str) -> tuple[Burden, Burden, lis
 def populations(workdir: Path, chemo: synthetic.PopulationSpec = CHEMO) -> dict[str, Path]:
     """The two inputs: the MIMIC extract with LOINC codings, the synthetic chemotherapy population."""
     synthetic.write_ndjson(chemo, workdir / "chemo.ndjson")
-    return {"MIMIC-IV demo (LOINC-mapped)": mimic.write_ndjson(workdir / "mimic.ndjson"),
-            f"synthetic, {chemo.patients} patients, {chemo.days} days, chemo {chemo.chemo_fraction:.0%}":
-            workdir / "chemo.ndjson"}
+    return {
+        "MIMIC-IV demo (LOINC-mapped)": mimic.write_ndjson(workdir / "mimic.ndjson"),
+        f"synthetic, {chemo.patients} patients, {chemo.days} days, chemo {chemo.chemo_fraction:.0%}": workdir
+        / "chemo.ndjson",
+    }
 
 
 def table(results: dict[str, tuple[Burden, Burden, list[dict[str, Any]]]]) -> str:
-    rows = ["| population | rule | patients | patient-months | Communications | per patient-month | "
-            "most for one patient | resolved→new ≤ 7 d | resolved < 48 h | former severe/febrile late or missed |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| population | rule | patients | patient-months | Communications | per patient-month | "
+        "most for one patient | resolved→new ≤ 7 d | resolved < 48 h | former severe/febrile late or missed |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, (former, now, missed) in results.items():
         for rule, b, late in (("former (1 normal)", former, "—"), ("defaults", now, str(len(missed)))):
-            rows.append(f"| {name} | {rule} | {b.patients} | {b.patient_months:.1f} | {b.communications} | "
-                        f"{b.per_patient_month:.2f} | {b.most_for_one_patient} | {b.resolved_then_new_7d} | {b.resolved_within_48h} | {late} |")
+            rows.append(
+                f"| {name} | {rule} | {b.patients} | {b.patient_months:.1f} | {b.communications} | "
+                f"{b.per_patient_month:.2f} | {b.most_for_one_patient} | {b.resolved_then_new_7d} | {b.resolved_within_48h} | {late} |"
+            )
     return "\n".join(rows)
 
 
@@ -195,7 +209,9 @@ def write(doc: Path, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--write", type=Path, help="docs/clinical-quality.md: replace the figures between its markers")
+    p.add_argument(
+        "--write", type=Path, help="docs/clinical-quality.md: replace the figures between its markers"
+    )
     p.add_argument("--patients", type=int, default=CHEMO.patients)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:

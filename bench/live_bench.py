@@ -39,15 +39,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench.replay_bench import machine, write_section  # noqa: E402
 from service import logging as nw_logging  # noqa: E402
-from service.fhir.fhirtime import from_epoch_us  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
-from service.live.store.sqlite import SqliteStore  # noqa: E402
-from tests.synthetic import PopulationSpec, generate, observations_target  # noqa: E402
+from service.fhir.fhirtime import from_epoch_us  # noqa: E402
 from service.live.search import pages_since, search_params  # noqa: E402
+from service.live.store.sqlite import SqliteStore  # noqa: E402
 from service.live.worker import Worker  # noqa: E402
 from tests.fhir_server.engine import FhirEngine  # noqa: E402
 from tests.fhir_server.load import put_all  # noqa: E402
 from tests.integration.live import settings_for  # noqa: E402
+from tests.synthetic import PopulationSpec, generate, observations_target  # noqa: E402
 
 INTERVAL, POLL_FLAG, TRIAL_TIMEOUT, READY_TIMEOUT = 2.0, 0.05, 30.0, 90.0
 
@@ -62,11 +62,14 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def get(url: str, timeout: float = 30) -> bytes:
-    with urllib.request.urlopen(urllib.request.Request(url, headers={"Accept": "application/fhir+json"}), timeout=timeout) as r:
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers={"Accept": "application/fhir+json"}), timeout=timeout
+    ) as r:
         return r.read()
 
 
 # -- 1. backlog drain ---------------------------------------------------------------------------------
+
 
 async def bare_drain(settings) -> dict:
     async with FhirClient(settings.fhir) as client:
@@ -77,7 +80,13 @@ async def bare_drain(settings) -> dict:
             n += len(page.resources)
             stamps.append(page.resources[0].meta.lastUpdated if page.resources else None)
     per_page = [b - a for a, b in itertools.pairwise(marks)]
-    return {"seconds": marks[-1] - marks[0], "pages": len(per_page), "observations": n, "per_page": per_page, "stamps": stamps}
+    return {
+        "seconds": marks[-1] - marks[0],
+        "pages": len(per_page),
+        "observations": n,
+        "per_page": per_page,
+        "stamps": stamps,
+    }
 
 
 def kind_of(method: str, url: str) -> str:
@@ -110,9 +119,17 @@ async def service_drain(settings) -> dict:
         stored = (await store.counts())["results"]
     finally:
         await store.close()
-    return {"seconds": seconds, "observations": report.observations, "stored": stored, "panels": report.panels_assessed,
-            "written": report.written, "events": report.events, "http": defaultdict(float, http), "calls": dict(calls),
-            "temperature_searches": getattr(report, "temperature_searches", 0)}
+    return {
+        "seconds": seconds,
+        "observations": report.observations,
+        "stored": stored,
+        "panels": report.panels_assessed,
+        "written": report.written,
+        "events": report.events,
+        "http": defaultdict(float, http),
+        "calls": dict(calls),
+        "temperature_searches": getattr(report, "temperature_searches", 0),
+    }
 
 
 def first_page(base: str, settings, since: str | None = None, count: int | None = None) -> tuple[int, float]:
@@ -130,8 +147,9 @@ def first_page(base: str, settings, since: str | None = None, count: int | None 
 
 
 def drain(engine: FhirEngine, args, work: Path) -> dict:
-    spec = observations_target(args.observations, args.patients, seed=7,
-                               base=PopulationSpec(temperatures=False, corrections=0.0))
+    spec = observations_target(
+        args.observations, args.patients, seed=7, base=PopulationSpec(temperatures=False, corrections=0.0)
+    )
     population = list(generate(spec))
     settings = settings_for(engine.base_url, work / "drain.sqlite3", page_size=args.page_size)
     rounds, probe, n = [], [], len(population)
@@ -139,17 +157,22 @@ def drain(engine: FhirEngine, args, work: Path) -> dict:
         engine.reset()
         if i == 0:  # staged in quarters: page cost against the data held
             for q in range(4):
-                put_all(engine.base_url, population[q * n // 4:(q + 1) * n // 4])
+                put_all(engine.base_url, population[q * n // 4 : (q + 1) * n // 4])
                 probe.append((None, args.page_size, *first_page(engine.base_url, settings)))
         else:
             put_all(engine.base_url, population)
         runs = {"order": order}
         for kind in order:
             print(f"drain round {i + 1}: {kind}", file=sys.stderr)
-            s = settings.model_copy(update={"store": settings.store.model_copy(update={"path": work / f"drain{i}.sqlite3"})})
+            s = settings.model_copy(
+                update={"store": settings.store.model_copy(update={"path": work / f"drain{i}.sqlite3"})}
+            )
             engine_cpu, own_cpu = cpu_seconds(engine.pid), time.process_time()
             runs[kind] = asyncio.run(bare_drain(s) if kind == "bare" else service_drain(s))
-            runs[kind] |= {"engine_cpu": cpu_seconds(engine.pid) - engine_cpu, "own_cpu": time.process_time() - own_cpu}
+            runs[kind] |= {
+                "engine_cpu": cpu_seconds(engine.pid) - engine_cpu,
+                "own_cpu": time.process_time() - own_cpu,
+            }
         rounds.append(runs)
     held = rounds[1]["bare"]["observations"]  # all held: another page size, fewer matches (later cut-offs)
     probe.append((held, 200, *first_page(engine.base_url, settings, count=200)))
@@ -161,6 +184,7 @@ def drain(engine: FhirEngine, args, work: Path) -> dict:
 
 # -- 2. alert latency ---------------------------------------------------------------------------------
 
+
 def service_get(port: int, path: str) -> str | None:
     try:
         return get(f"http://127.0.0.1:{port}{path}", timeout=5).decode()
@@ -171,7 +195,9 @@ def service_get(port: int, path: str) -> str | None:
 def poll_seconds(port: int) -> tuple[float, float]:
     """(sum, count) of the service's own poll-cycle duration histogram."""
     lines = (service_get(port, "/metrics") or "").splitlines()
-    value = lambda key: next((float(x.split()[1]) for x in lines if x.startswith(f"neutrowatch_poll_duration_seconds_{key} ")), 0.0)  # noqa: E731
+    value = lambda key: next(
+        (float(x.split()[1]) for x in lines if x.startswith(f"neutrowatch_poll_duration_seconds_{key} ")), 0.0
+    )  # noqa: E731
     return value("sum"), value("count")
 
 
@@ -186,13 +212,26 @@ def open_episodes(path: Path) -> int | None:
 def panel(pid: str, anc: float) -> list[dict]:
     """A new patient's CBC: WBC and ANC (10*3/uL), one Specimen, effective now."""
     now = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    lab = [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}]
+    lab = [
+        {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}
+            ]
+        }
+    ]
     unit = {"unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"}
     obs = lambda code, value: {  # noqa: E731
-        "resourceType": "Observation", "id": f"{pid}-{code}", "status": "final", "category": lab,
-        "code": {"coding": [{"system": "http://loinc.org", "code": code}]}, "subject": {"reference": f"Patient/{pid}"},
-        "effectiveDateTime": now, "issued": now, "specimen": {"reference": f"Specimen/{pid}-sp"},
-        "valueQuantity": {"value": value, **unit}}
+        "resourceType": "Observation",
+        "id": f"{pid}-{code}",
+        "status": "final",
+        "category": lab,
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": now,
+        "issued": now,
+        "specimen": {"reference": f"Specimen/{pid}-sp"},
+        "valueQuantity": {"value": value, **unit},
+    }
     return [{"resourceType": "Patient", "id": pid}, obs("6690-2", round(anc / 0.6, 2)), obs("751-8", anc)]
 
 
@@ -202,22 +241,36 @@ def latency(engine: FhirEngine, args, work: Path) -> dict:
     engine.reset()
     days = 28
     start = datetime.now(UTC).replace(microsecond=0) - timedelta(days=days + 2)
-    bg = list(generate(PopulationSpec(patients=args.background, days=days, seed=11, start=start,
-                                      temperatures=False, corrections=0.0)))
+    bg = list(
+        generate(
+            PopulationSpec(
+                patients=args.background, days=days, seed=11, start=start, temperatures=False, corrections=0.0
+            )
+        )
+    )
     put_all(engine.base_url, bg, keep_meta=True)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    settings = settings_for(engine.base_url, work / "live.sqlite3", interval_seconds=INTERVAL,
-                            initial_lookback_hours=(days + 3) * 24)
+    settings = settings_for(
+        engine.base_url,
+        work / "live.sqlite3",
+        interval_seconds=INTERVAL,
+        initial_lookback_hours=(days + 3) * 24,
+    )
     data = settings.model_dump(mode="json", exclude_none=True)
     data["web"]["port"] = port
     (work / "live.yaml").write_text(yaml.safe_dump(data))
     env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "warning"}
     log_path = work / "service.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(work / "live.yaml")],
-                                cwd=ROOT, env=env, stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--config", str(work / "live.yaml")],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
     rng, trials = random.Random(args.seed), []
     try:
         t0 = time.monotonic()
@@ -248,53 +301,76 @@ def latency(engine: FhirEngine, args, work: Path) -> dict:
             proc.kill()
             exit_code = f"none (killed after 20 s; code {proc.wait()})"
     lines = log_path.read_text().splitlines()
-    return {"bg_resources": len(bg), "bg_obs": sum(r["resourceType"] == "Observation" for r in bg), "ready_s": ready_s,
-            "page_size": settings.fhir.page_size, "trials": trials, "exit_code": exit_code,
-            "open_episodes": open_episodes(work / "live.sqlite3"),
-            "skipped": sum("skipped: maximum number of running instances" in x for x in lines),
-            "plain": sum(not x.startswith("{") for x in lines)}
+    return {
+        "bg_resources": len(bg),
+        "bg_obs": sum(r["resourceType"] == "Observation" for r in bg),
+        "ready_s": ready_s,
+        "page_size": settings.fhir.page_size,
+        "trials": trials,
+        "exit_code": exit_code,
+        "open_episodes": open_episodes(work / "live.sqlite3"),
+        "skipped": sum("skipped: maximum number of running instances" in x for x in lines),
+        "plain": sum(not x.startswith("{") for x in lines),
+    }
 
 
 # -- report -------------------------------------------------------------------------------------------
+
 
 def render(d: dict, lat: dict, load: tuple) -> str:
     walls, parts = [], []
     for i, r in enumerate(d["rounds"], 1):
         b, s, h = r["bare"], r["service"], r["service"]["http"]
         cpu_b, cpu_s = b["engine_cpu"] + b["own_cpu"], s["engine_cpu"] + s["own_cpu"]
-        walls.append(f"| {i} ({' then '.join(r['order'])}) | {b['pages']} | {b['observations']:,} | {b['seconds']:.1f} s "
-                     f"| {s['seconds']:.1f} s | **{s['seconds'] / b['seconds']:.2f}×** | {b['engine_cpu']:.1f} + {b['own_cpu']:.1f} s "
-                     f"| {s['engine_cpu']:.1f} + {s['own_cpu']:.1f} s | **{cpu_s / cpu_b:.2f}×** |")
+        walls.append(
+            f"| {i} ({' then '.join(r['order'])}) | {b['pages']} | {b['observations']:,} | {b['seconds']:.1f} s "
+            f"| {s['seconds']:.1f} s | **{s['seconds'] / b['seconds']:.2f}×** | {b['engine_cpu']:.1f} + {b['own_cpu']:.1f} s "
+            f"| {s['engine_cpu']:.1f} + {s['own_cpu']:.1f} s | **{cpu_s / cpu_b:.2f}×** |"
+        )
         c = s.get("calls", {})
         per_alert = c.get("writes", 0) / s["written"] if s["written"] else 0.0
-        parts.append(f"| {i} | {h['pages']:.1f} s | {s['temperature_searches']} in {h['temperatures']:.1f} s | {h['look-ups']:.1f} s "
-                     f"| {h['writes']:.1f} s | {s['seconds'] - sum(h.values()):.1f} s | {s['panels']:,} | {s['written']:,} "
-                     f"| {sum(c.values()):,} | {per_alert:.2f} |")
+        parts.append(
+            f"| {i} | {h['pages']:.1f} s | {s['temperature_searches']} in {h['temperatures']:.1f} s | {h['look-ups']:.1f} s "
+            f"| {h['writes']:.1f} s | {s['seconds'] - sum(h.values()):.1f} s | {s['panels']:,} | {s['written']:,} "
+            f"| {sum(c.values()):,} | {per_alert:.2f} |"
+        )
     s0, spec = d["rounds"][0]["service"], d["spec"]
     ms = lambda xs: f"{statistics.median(xs) * 1000:,.0f} ms"  # noqa: E731
-    pages = "; ".join(f"round {i}: first 5 pages {ms(r['bare']['per_page'][:5])}, last 5 {ms(r['bare']['per_page'][-5:])}"
-                      for i, r in enumerate(d["rounds"], 1))
-    probe = "\n".join(f"| {held or m:,} | {m:,} | {count} | {t * 1000:,.0f} ms |" for held, count, m, t in d["probe"])
+    pages = "; ".join(
+        f"round {i}: first 5 pages {ms(r['bare']['per_page'][:5])}, last 5 {ms(r['bare']['per_page'][-5:])}"
+        for i, r in enumerate(d["rounds"], 1)
+    )
+    probe = "\n".join(
+        f"| {held or m:,} | {m:,} | {count} | {t * 1000:,.0f} ms |" for held, count, m, t in d["probe"]
+    )
     got = [t["latency_s"] for t in lat["trials"] if t["latency_s"] is not None]
-    summary = (f"min **{min(got):.2f} s**, median **{statistics.median(got):.2f} s**, max **{max(got):.2f} s**"
-               if got else "no Flag appeared") + (f"; {len(lat['trials']) - len(got)} without a Flag after {TRIAL_TIMEOUT:.0f} s"
-                                                 if len(got) < len(lat["trials"]) else "")
+    summary = (
+        f"min **{min(got):.2f} s**, median **{statistics.median(got):.2f} s**, max **{max(got):.2f} s**"
+        if got
+        else "no Flag appeared"
+    ) + (
+        f"; {len(lat['trials']) - len(got)} without a Flag after {TRIAL_TIMEOUT:.0f} s"
+        if len(got) < len(lat["trials"])
+        else ""
+    )
     fmt = lambda v: "—" if v is None else f"{v:.2f} s"  # noqa: E731
-    trials = "\n".join(f"| {i} | {fmt(t['latency_s'])} | {fmt(t['cycle_s'])} |" for i, t in enumerate(lat["trials"], 1))
+    trials = "\n".join(
+        f"| {i} | {fmt(t['latency_s'])} | {fmt(t['cycle_s'])} |" for i, t in enumerate(lat["trials"], 1)
+    )
     avg = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731
     return f"""## Live loop (`make bench`)
 
-Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code {d['revision']}; load average
+Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code {d["revision"]}; load average
 (1/5/15 min) {avg(load[0])} before, {avg(load[1])} after. FHIR server: the test engine
 (`tests/fhir_server`: Medplum FhirRouter + MemoryRepository, in memory, on the same machine).
 
 **Backlog drain.** A `tests.synthetic` population without temperatures or corrections
-({spec.patients} patients, {spec.days} days, seed 7; {d['resources']:,} resources, every Observation a
+({spec.patients} patients, {spec.days} days, seed 7; {d["resources"]:,} resources, every Observation a
 monitored CBC code), staged with `put_all`. *bare*: the service's own paging
 (`search.pages_since`: keyset restarts from the newest lastUpdated, next links on ties) over every
 page, nothing else. *service*: one
 `Worker.run_cycle()` from an empty SQLite state, settings of `tests/integration/live.py`, same page
-size ({d['page_size']}, the engine's maximum). Data re-staged before each round, order alternated.
+size ({d["page_size"]}, the engine's maximum). Data re-staged before each round, order alternated.
 Wall time, and CPU time (engine + this process), which other load on the machine disturbs less.
 Target: service/bare ≤ 1.2×.
 
@@ -312,7 +388,7 @@ written.
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {chr(10).join(parts)}
 
-Round 1 events: `{json.dumps(s0['events'])}`; SQLite `results` rows: {s0['stored']:,}.
+Round 1 events: `{json.dumps(s0["events"])}`; SQLite `results` rows: {s0["stored"]:,}.
 
 Every request costs the engine a full search: it tests every stored Observation, clones and sorts
 all matches, then slices one page. So a page costs about the same early and late in a drain
@@ -324,9 +400,9 @@ page size. First page of the drain's search:
 {probe}
 
 **Alert latency.** The real process (`python -m service run`, poll interval {INTERVAL:.0f} s, page size
-{lat['page_size']}, other settings as in `tests/integration/live.py`) over a background of
-{lat['bg_obs']:,} Observations ({lat['bg_resources']:,} resources, their own `lastUpdated` up to two days old,
-drained by the first cycle; ready after {lat['ready_s']:.1f} s). {len(lat['trials'])} times, after a
+{lat["page_size"]}, other settings as in `tests/integration/live.py`) over a background of
+{lat["bg_obs"]:,} Observations ({lat["bg_resources"]:,} resources, their own `lastUpdated` up to two days old,
+drained by the first cycle; ready after {lat["ready_s"]:.1f} s). {len(lat["trials"])} times, after a
 seeded random pause of 0–{2 * INTERVAL:.0f} s, a new patient's panel (WBC 6690-2 and ANC 751-8
 0.10–0.45 10*3/uL, one Specimen, effective now) is PUT in one batch, then `GET Flag?subject=Patient/<id>`
 every {POLL_FLAG * 1000:.0f} ms; latency runs from just before the PUT to the first answer holding the
@@ -337,14 +413,16 @@ previous trial. Target: ≤ poll interval + 1 s = {INTERVAL + 1:.0f} s.
 |---:|---:|---:|
 {trials}
 
-Latency: {summary}. Open episodes in the service's state at the end: {lat['open_episodes']}.
-SIGTERM at the end: exit code {lat['exit_code']}. Scheduled cycles skipped because the previous one
-was still running: {lat['skipped']} (the service's JSON log held {lat['plain']} plain-text lines).
+Latency: {summary}. Open episodes in the service's state at the end: {lat["open_episodes"]}.
+SIGTERM at the end: exit code {lat["exit_code"]}. Scheduled cycles skipped because the previous one
+was still running: {lat["skipped"]} (the service's JSON log held {lat["plain"]} plain-text lines).
 """
 
 
 def revision() -> str:
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # noqa: E731
+    git = lambda *a: subprocess.run(
+        ["git", *a], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()  # noqa: E731
     rev = git("rev-parse", "--short", "HEAD")
     dirty = " plus uncommitted changes in service/" if git("status", "--porcelain", "--", "service") else ""
     return f"`{rev}`{dirty}" if rev else "unknown"
@@ -354,9 +432,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--observations", type=int, default=20_000, help="backlog size (monitored Observations)")
     ap.add_argument("--patients", type=int, default=400)
-    ap.add_argument("--page-size", type=int, default=1000, help="drain page size (the engine's maximum; every page "
-                    "costs this engine a full search, so the service default 200 takes ~5x longer)")
-    ap.add_argument("--background", type=int, default=60, help="patients on the server during the latency test")
+    ap.add_argument(
+        "--page-size",
+        type=int,
+        default=1000,
+        help="drain page size (the engine's maximum; every page "
+        "costs this engine a full search, so the service default 200 takes ~5x longer)",
+    )
+    ap.add_argument(
+        "--background", type=int, default=60, help="patients on the server during the latency test"
+    )
     ap.add_argument("--alerts", type=int, default=10)
     ap.add_argument("--seed", type=int, default=20261122)
     ap.add_argument("--write", type=Path, help="update this Markdown file")

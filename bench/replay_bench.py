@@ -64,8 +64,12 @@ def child(code: str, path: Path, *args: str) -> dict:
     """Run `code` in a fresh interpreter; `pss_kib`: the largest sum of PSS over it and its
     children seen while it ran (sampled every 0.2 s; None where /proc cannot tell)."""
     with tempfile.TemporaryFile() as out:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(path), *args], stdout=out, cwd=ROOT,
-                                env={**os.environ, "NEUTROWATCH_LOGGING__LEVEL": "warning"})
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(path), *args],
+            stdout=out,
+            cwd=ROOT,
+            env={**os.environ, "NEUTROWATCH_LOGGING__LEVEL": "warning"},
+        )
         peak: int | None = None
         while proc.poll() is None:
             pss = _tree_pss_kib(proc.pid)
@@ -126,8 +130,16 @@ def run_size(n: int, patients: int, workdir: Path, reference: bool = True, repea
         reps.append(child(CHILD_REPLAY, path, "partitioned"))
     base, rep = _fastest(bases), _fastest(reps)
     ref = child(CHILD_REPLAY, path, "sqlite") if reference else None
-    return {"n_target": n, "patients": patients, "bytes": path.stat().st_size, "orjson": base, "replay": rep,
-            "ratio": rep["seconds"] / base["seconds"], "obs_per_s": rep["observations"] / rep["seconds"], "sqlite": ref}
+    return {
+        "n_target": n,
+        "patients": patients,
+        "bytes": path.stat().st_size,
+        "orjson": base,
+        "replay": rep,
+        "ratio": rep["seconds"] / base["seconds"],
+        "obs_per_s": rep["observations"] / rep["seconds"],
+        "sqlite": ref,
+    }
 
 
 def _fastest(runs: list[dict]) -> dict:
@@ -157,7 +169,8 @@ def render(results: list[dict], repeat: int = 1) -> str:
         f"| {r['sqlite']['observations']:,} | {r['sqlite']['seconds']:.2f} s "
         f"| {r['sqlite']['observations'] / r['sqlite']['seconds']:,.0f} | {r['sqlite']['seconds'] / r['orjson']['seconds']:.2f}× "
         f"| {r['sqlite']['cpu_seconds']:.1f} s | {_mib(r['sqlite']['maxrss_kib'])} | {_mib(r['sqlite']['pss_kib'])} |"
-        for r in results if r["sqlite"]
+        for r in results
+        if r["sqlite"]
     )
     if reference:
         reference = f"""
@@ -184,7 +197,7 @@ ratio ≤ 3; peak memory flat from 100 k to 1 M.
 |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 {_repeat_note(results, repeat)}{reference}
-Events at the largest size: `{json.dumps(results[-1]['replay']['events'])}`.
+Events at the largest size: `{json.dumps(results[-1]["replay"]["events"])}`.
 """
 
 
@@ -196,15 +209,21 @@ def _repeat_note(results: list[dict], repeat: int) -> str:
         f"replay {', '.join(f'{s:.2f}' for s in r['replay']['all_seconds'])} s"
         for r in results
     )
-    return (f"\norjson and replay were each run {repeat} times, alternately; the table shows the fastest run of "
-            f"each (memory: the highest peak of all runs). All runs:\n\n{spread}\n")
+    return (
+        f"\norjson and replay were each run {repeat} times, alternately; the table shows the fastest run of "
+        f"each (memory: the highest peak of all runs). All runs:\n\n{spread}\n"
+    )
 
 
 def write_section(doc: Path, section: str, name: str = "replay-bench") -> None:
     """Replace the section between `<!-- name:start -->` and `<!-- name:end -->`, else append it
     (every bench writes its own section of docs/benchmarks.md this way)."""
     marker_start, marker_end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nNumbers from `make bench`. Each section says when and where it was measured.\n"
+    text = (
+        doc.read_text()
+        if doc.exists()
+        else "# Benchmarks\n\nNumbers from `make bench`. Each section says when and where it was measured.\n"
+    )
     block = f"{marker_start}\n{section}{marker_end}\n"
     if marker_start in text:
         head, rest = text.split(marker_start, 1)
@@ -223,11 +242,15 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench")
     ap.add_argument("--write", type=Path, help="update this Markdown file")
     ap.add_argument("--no-reference", action="store_true", help="skip the SQLite engine")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of orjson and replay per size (the fastest is shown)")
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of orjson and replay per size (the fastest is shown)"
+    )
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = [run_size(int(n), args.patients, args.workdir, not args.no_reference, args.repeat)
-               for n in args.sizes.split(",")]
+    results = [
+        run_size(int(n), args.patients, args.workdir, not args.no_reference, args.repeat)
+        for n in args.sizes.split(",")
+    ]
     section = render(results, args.repeat)
     print(section)
     if args.write:

@@ -52,17 +52,17 @@ sys.path.insert(0, str(ROOT))
 from bench.live_bench import revision  # noqa: E402
 from bench.replay_bench import machine, write_section  # noqa: E402
 from service import logging as nw_logging  # noqa: E402
-from service.fhir import raw  # noqa: E402
+from service.config import Settings  # noqa: E402
 from service.core.anc import is_complete  # noqa: E402
 from service.core.episodes import PatientState  # noqa: E402
 from service.core.observations import Rejected  # noqa: E402
 from service.core.panels import decide  # noqa: E402
-from service.config import Settings  # noqa: E402
+from service.fhir import raw  # noqa: E402
 from service.live.store.base import Decided, Intake  # noqa: E402
 from service.live.store.postgres import PostgresStore  # noqa: E402
 from service.live.store.sqlite import SqliteStore  # noqa: E402
-from tests.synthetic import generate, observations_target  # noqa: E402
 from service.live.worker import intake  # noqa: E402
+from tests.synthetic import generate, observations_target  # noqa: E402
 
 HEADING = "## State store: SQLite vs PostgreSQL"
 PHASES = ("ingest", "decide+commit", "outbox")
@@ -73,6 +73,7 @@ CHILD_TIMEOUT = 120.0  # seconds for one backend run
 
 
 # -- population ---------------------------------------------------------------------------------------
+
 
 def population(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
@@ -88,11 +89,17 @@ def population(args: argparse.Namespace) -> dict[str, Any]:
             items.append(item)
         else:
             kinds["skipped (" + type(item).__name__ + ")"] += 1
-    return {"spec": spec, "items": items, "kinds": kinds, "rejected": sum(isinstance(i.outcome, Rejected) for i in items),
-            "seconds": time.perf_counter() - t0}
+    return {
+        "spec": spec,
+        "items": items,
+        "kinds": kinds,
+        "rejected": sum(isinstance(i.outcome, Rejected) for i in items),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # -- measurement helpers ------------------------------------------------------------------------------
+
 
 def vm_hwm_kib() -> int:
     m = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())
@@ -120,6 +127,7 @@ class SocketWrites:
     def __init__(self) -> None:
         self.n = 0
         from asyncio import selector_events
+
         self.cls = selector_events._SelectorSocketTransport  # noqa: SLF001 - counted, not changed
         self.saved = (self.cls.write, self.cls.writelines)
 
@@ -167,42 +175,66 @@ class Timed:
 
 # -- the run ------------------------------------------------------------------------------------------
 
+
 def event_record(panel: str, event: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     a = event.assessment
-    record = {"patient": event.patient, "panel": panel, "event": event.kind.value, "episode": event.episode,
-              "band": event.band.label, "worst": event.worst.label if event.worst else None,
-              "anc": a.anc if a else None, "observations": list(a.refs) if a else [], "revision": event.revision,
-              "reason": event.reason}
+    record = {
+        "patient": event.patient,
+        "panel": panel,
+        "event": event.kind.value,
+        "episode": event.episode,
+        "band": event.band.label,
+        "worst": event.worst.label if event.worst else None,
+        "anc": a.anc if a else None,
+        "observations": list(a.refs) if a else [],
+        "revision": event.revision,
+        "reason": event.reason,
+    }
     key = f"{event.episode}:{event.kind.value}:{event.band.rank}:{event.revision}"
-    writes = {"event": event.kind.value, "flag_identifier": ["urn:neutrowatch:episode", event.episode],
-              "communication_identifier": ["urn:neutrowatch:alert", key]}
+    writes = {
+        "event": event.kind.value,
+        "flag_identifier": ["urn:neutrowatch:episode", event.episode],
+        "communication_identifier": ["urn:neutrowatch:alert", key],
+    }
     return record, writes
 
 
-async def drive(store: Any, items: list[Intake], page_size: int, settings: Settings, writes: SocketWrites | None) -> dict:
+async def drive(
+    store: Any, items: list[Intake], page_size: int, settings: Settings, writes: SocketWrites | None
+) -> dict:
     rules, settle = settings.rules, settings.poll.settle_seconds
     s = Timed(store, writes)
     phases: dict[str, dict[str, float]] = {}
     stats: Counter[str] = Counter()
 
     def phase(name: str, t0: float, c0: float, w0: int) -> None:
-        phases[name] = {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0,
-                        "writes": (writes.n if writes else 0) - w0}
+        phases[name] = {
+            "wall": time.perf_counter() - t0,
+            "cpu": time.process_time() - c0,
+            "writes": (writes.n if writes else 0) - w0,
+        }
 
     # 1. ingest ----------------------------------------------------------------------------------
     t0, c0, w0 = time.perf_counter(), time.process_time(), writes.n if writes else 0
     now = CLOCK0
     for start in range(0, len(items), page_size):
         now += 1.0
-        page = items[start:start + page_size]
+        page = items[start : start + page_size]
         new = await s.ingest(page, now)
         stats["pages"] += 1
         stats["new versions"] += len(new)
         for item in new:
             if isinstance(item.outcome, Rejected):  # Worker._rejected
                 r = item.outcome
-                await s.record_decision({"patient": r.patient, "event": "rejected", "observations": [r.ref],
-                                         "reason": r.reason, "code": r.code})
+                await s.record_decision(
+                    {
+                        "patient": r.patient,
+                        "event": "rejected",
+                        "observations": [r.ref],
+                        "reason": r.reason,
+                        "code": r.code,
+                    }
+                )
     phase("ingest", t0, c0, w0)
 
     # 2. decide + commit --------------------------------------------------------------------------
@@ -219,15 +251,35 @@ async def drive(store: Any, items: list[Intake], page_size: int, settings: Setti
         t_dec = time.perf_counter()
         decided: list[Decided] = []
         for work in ready:
-            d = decide(states.get(work.patient, PatientState()), work.patient, work.panel, work.results, rules)
+            d = decide(
+                states.get(work.patient, PatientState()), work.patient, work.panel, work.results, rules
+            )
             states[work.patient] = d.state
             records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
             if d.rejection is not None:
-                records.append(({"patient": work.patient, "panel": work.panel, "event": "panel-rejected",
-                                 "reason": d.rejection.rejected.reason}, None))
+                records.append(
+                    (
+                        {
+                            "patient": work.patient,
+                            "panel": work.panel,
+                            "event": "panel-rejected",
+                            "reason": d.rejection.rejected.reason,
+                        },
+                        None,
+                    )
+                )
             if d.not_assessed is not None:
-                records.append(({"patient": work.patient, "panel": work.panel, "event": "not-assessed",
-                                 "reason": d.not_assessed.reason}, None))
+                records.append(
+                    (
+                        {
+                            "patient": work.patient,
+                            "panel": work.panel,
+                            "event": "not-assessed",
+                            "reason": d.not_assessed.reason,
+                        },
+                        None,
+                    )
+                )
             for event in d.events:
                 records.append(event_record(work.panel, event))
                 stats["event " + event.kind.value] += 1
@@ -257,12 +309,19 @@ async def drive(store: Any, items: list[Intake], page_size: int, settings: Setti
             stats["sent"] += 1
     phase("outbox", t0, c0, w0)
 
-    return {"phases": phases, "calls": {k: tuple(v) for k, v in s.calls.items()}, "stats": stats,
-            "decisions": await store.decisions(), "counts": await store.counts(),
-            "pending": await store.outbox_pending_count()}
+    return {
+        "phases": phases,
+        "calls": {k: tuple(v) for k, v in s.calls.items()},
+        "stats": stats,
+        "decisions": await store.decisions(),
+        "counts": await store.counts(),
+        "pending": await store.outbox_pending_count(),
+    }
 
 
-async def run_backend(backend: str, items: list[Intake], args: argparse.Namespace, settings: Settings) -> dict:
+async def run_backend(
+    backend: str, items: list[Intake], args: argparse.Namespace, settings: Settings
+) -> dict:
     gc.collect()
     base_rss = vm_rss_kib()
     peak_reset = reset_peak()
@@ -293,7 +352,9 @@ async def run_backend(backend: str, items: list[Intake], args: argparse.Namespac
             try:
                 out_size = await conn.fetchval(
                     "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c "
-                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'", schema)
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relkind = 'r'",
+                    schema,
+                )
                 await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             finally:
                 await conn.close()
@@ -308,7 +369,9 @@ async def pg_facts(dsn: str) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
         version = await conn.fetchval("SHOW server_version")
-        settings = {k: await conn.fetchval(f"SHOW {k}") for k in ("synchronous_commit", "fsync", "shared_buffers")}
+        settings = {
+            k: await conn.fetchval(f"SHOW {k}") for k in ("synchronous_commit", "fsync", "shared_buffers")
+        }
         rtts = []
         for _ in range(200):
             t = time.perf_counter()
@@ -322,18 +385,25 @@ async def pg_facts(dsn: str) -> dict[str, Any]:
 def check_equivalent(runs: dict[str, dict], repeat: int) -> None:
     a, b = runs["sqlite"], runs["postgres"]
     if a["decisions"] != b["decisions"]:
-        first = next((i for i, (x, y) in enumerate(zip(a["decisions"], b["decisions"], strict=False)) if x != y),
-                     min(len(a["decisions"]), len(b["decisions"])))
-        raise SystemExit(f"repeat {repeat}: decision logs differ (sqlite {len(a['decisions'])}, postgres "
-                         f"{len(b['decisions'])} records; first difference at #{first}:\n"
-                         f"  sqlite:   {a['decisions'][first] if first < len(a['decisions']) else None}\n"
-                         f"  postgres: {b['decisions'][first] if first < len(b['decisions']) else None})")
+        first = next(
+            (i for i, (x, y) in enumerate(zip(a["decisions"], b["decisions"], strict=False)) if x != y),
+            min(len(a["decisions"]), len(b["decisions"])),
+        )
+        raise SystemExit(
+            f"repeat {repeat}: decision logs differ (sqlite {len(a['decisions'])}, postgres "
+            f"{len(b['decisions'])} records; first difference at #{first}:\n"
+            f"  sqlite:   {a['decisions'][first] if first < len(a['decisions']) else None}\n"
+            f"  postgres: {b['decisions'][first] if first < len(b['decisions']) else None})"
+        )
     if a["counts"] != b["counts"] or a["stats"] != b["stats"] or a["pending"] or b["pending"]:
-        raise SystemExit(f"repeat {repeat}: stores disagree: counts {a['counts']} vs {b['counts']}, "
-                         f"stats {dict(a['stats'])} vs {dict(b['stats'])}, pending {a['pending']}/{b['pending']}")
+        raise SystemExit(
+            f"repeat {repeat}: stores disagree: counts {a['counts']} vs {b['counts']}, "
+            f"stats {dict(a['stats'])} vs {dict(b['stats'])}, pending {a['pending']}/{b['pending']}"
+        )
 
 
 # -- report -------------------------------------------------------------------------------------------
+
 
 def med(xs: list[float]) -> float:
     return statistics.median(xs)
@@ -344,15 +414,25 @@ def summarise(runs: list[dict[str, dict]], n_obs: int) -> dict[str, dict]:
     for backend in BACKENDS:
         rs = [r[backend] for r in runs]
         ph = {p: {k: med([r["phases"][p][k] for r in rs]) for k in rs[0]["phases"][p]} for p in PHASES}
-        calls = {m: (rs[0]["calls"][m][0], med([r["calls"][m][1] for r in rs]), med([r["calls"][m][2] for r in rs]))
-                 for m in rs[0]["calls"]}
+        calls = {
+            m: (
+                rs[0]["calls"][m][0],
+                med([r["calls"][m][1] for r in rs]),
+                med([r["calls"][m][2] for r in rs]),
+            )
+            for m in rs[0]["calls"]
+        }
         out[backend] = {
-            "phases": ph, "calls": calls, "total": med([r["total"] for r in rs]),
+            "phases": ph,
+            "calls": calls,
+            "total": med([r["total"] for r in rs]),
             "timed": med([sum(r["phases"][p]["wall"] for p in PHASES) for r in rs]),
             "walls": {p: [r["phases"][p]["wall"] for r in rs] for p in PHASES},
             "peak_rss_mib": med([r["peak_rss_kib"] / 1024 for r in rs]) if rs[0]["peak_rss_kib"] else None,
             "base_rss_mib": med([r["base_rss_kib"] / 1024 for r in rs]),
-            "size_mib": med([r["file_mib"] for r in rs]), "stats": rs[0]["stats"], "counts": rs[0]["counts"],
+            "size_mib": med([r["file_mib"] for r in rs]),
+            "stats": rs[0]["stats"],
+            "counts": rs[0]["counts"],
         }
     out["n_obs"] = n_obs  # type: ignore[assignment]
     return out
@@ -363,37 +443,63 @@ def table(s: dict, n_obs: int) -> str:
     rows = []
     for p in PHASES:
         a, b = s["sqlite"]["phases"][p], s["postgres"]["phases"][p]
-        rows.append(f"| {p} | {a['wall']:.2f} s | {a['cpu']:.2f} s | {rate(a['wall'])} | {b['wall']:.2f} s | {b['cpu']:.2f} s "
-                    f"| {rate(b['wall'])} | **{b['wall'] / a['wall']:.1f}×** |")
+        rows.append(
+            f"| {p} | {a['wall']:.2f} s | {a['cpu']:.2f} s | {rate(a['wall'])} | {b['wall']:.2f} s | {b['cpu']:.2f} s "
+            f"| {rate(b['wall'])} | **{b['wall'] / a['wall']:.1f}×** |"
+        )
     a, b = s["sqlite"]["timed"], s["postgres"]["timed"]
     cpu = {k: sum(s[k]["phases"][p]["cpu"] for p in PHASES) for k in BACKENDS}
-    rows.append(f"| **all three** | **{a:.2f} s** | {cpu['sqlite']:.2f} s | **{rate(a)}** | **{b:.2f} s** "
-                f"| {cpu['postgres']:.2f} s | **{rate(b)}** | **{b / a:.1f}×** |")
+    rows.append(
+        f"| **all three** | **{a:.2f} s** | {cpu['sqlite']:.2f} s | **{rate(a)}** | **{b:.2f} s** "
+        f"| {cpu['postgres']:.2f} s | **{rate(b)}** | **{b / a:.1f}×** |"
+    )
     ra, rb = s["sqlite"]["peak_rss_mib"], s["postgres"]["peak_rss_mib"]
     if ra is not None:
         rows.append(f"| peak RSS (run's process) | {ra:,.0f} MiB | | | {rb:,.0f} MiB | | | |")
-    head = ("| phase | SQLite wall | CPU | Obs/s | PostgreSQL wall | CPU (this process) | Obs/s | PG / SQLite |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = (
+        "| phase | SQLite wall | CPU | Obs/s | PostgreSQL wall | CPU (this process) | Obs/s | PG / SQLite |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|"
+    )
     return head + "\n" + "\n".join(rows)
 
 
 def method_table(s: dict) -> str:
-    order = ["ingest", "record_decision", "dirty_panels", "load_states", "commit", "pending_outbox", "check_leader",
-             "mark_sent"]
+    order = [
+        "ingest",
+        "record_decision",
+        "dirty_panels",
+        "load_states",
+        "commit",
+        "pending_outbox",
+        "check_leader",
+        "mark_sent",
+    ]
     rows = []
     for m in order:
         if m not in s["sqlite"]["calls"]:
             continue
         n, ta, _ = s["sqlite"]["calls"][m]
         _, tb, wb = s["postgres"]["calls"][m]
-        rows.append(f"| `{m}` | {n:,} | {ta:.2f} s | {ta / n * 1e3:.3f} ms | {tb:.2f} s | {tb / n * 1e3:.3f} ms "
-                    f"| {wb / n:.1f} |")
-    return ("| method | calls | SQLite | per call | PostgreSQL | per call | PG socket writes per call |\n"
-            "|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows))
+        rows.append(
+            f"| `{m}` | {n:,} | {ta:.2f} s | {ta / n * 1e3:.3f} ms | {tb:.2f} s | {tb / n * 1e3:.3f} ms "
+            f"| {wb / n:.1f} |"
+        )
+    return (
+        "| method | calls | SQLite | per call | PostgreSQL | per call | PG socket writes per call |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows)
+    )
 
 
-def render(args: argparse.Namespace, pop: dict, s: dict, pg: dict, rev: str, elapsed: float, load: tuple,
-           began: datetime) -> str:
+def render(
+    args: argparse.Namespace,
+    pop: dict,
+    s: dict,
+    pg: dict,
+    rev: str,
+    elapsed: float,
+    load: tuple,
+    began: datetime,
+) -> str:
     n_obs, st = pop["items"], s["sqlite"]["stats"]
     a, b = s["sqlite"], s["postgres"]
     pages = st["pages"]
@@ -410,42 +516,45 @@ def render(args: argparse.Namespace, pop: dict, s: dict, pg: dict, rev: str, ela
     dp_a, dp_b = pc("sqlite", "dirty_panels")[1], pc("postgres", "dirty_panels")[1]
     dec = a["phases"]["decide+commit"]["decide (pure Python)"]
     sent = st["sent"]
-    rss = (f"Peak RSS of the run's process (VmHWM, reset just before the store is opened; it includes the "
-           f"converted population, ~{a['base_rss_mib']:,.0f} MiB resident at that moment): SQLite "
-           f"{a['peak_rss_mib']:,.0f} MiB, PostgreSQL {b['peak_rss_mib']:,.0f} MiB; the PostgreSQL server's own "
-           f"memory is not included."
-           if a["peak_rss_mib"] is not None else "Peak RSS: not available on this system.")
+    rss = (
+        f"Peak RSS of the run's process (VmHWM, reset just before the store is opened; it includes the "
+        f"converted population, ~{a['base_rss_mib']:,.0f} MiB resident at that moment): SQLite "
+        f"{a['peak_rss_mib']:,.0f} MiB, PostgreSQL {b['peak_rss_mib']:,.0f} MiB; the PostgreSQL server's own "
+        f"memory is not included."
+        if a["peak_rss_mib"] is not None
+        else "Peak RSS: not available on this system."
+    )
     return f"""{HEADING}
 
 Measured {began:%Y-%m-%d %H:%M} UTC on {machine()}; SQLite {sqlite3.sqlite_version}; PostgreSQL
-{pg['version']} on the same machine (127.0.0.1, TCP; `synchronous_commit={pg['settings']['synchronous_commit']}`,
-`fsync={pg['settings']['fsync']}`, `shared_buffers={pg['settings']['shared_buffers']}`; `SELECT 1` round trip
-{pg['rtt_ms']:.3f} ms, median of 200); asyncpg {asyncpg.__version__}, default asyncio loop; code {rev}.
+{pg["version"]} on the same machine (127.0.0.1, TCP; `synchronous_commit={pg["settings"]["synchronous_commit"]}`,
+`fsync={pg["settings"]["fsync"]}`, `shared_buffers={pg["settings"]["shared_buffers"]}`; `SELECT 1` round trip
+{pg["rtt_ms"]:.3f} ms, median of 200); asyncpg {asyncpg.__version__}, default asyncio loop; code {rev}.
 Load average (1/5/15 min) {avg(load[0])} before, {avg(load[1])} after: the machine was shared, so
 absolute numbers are noisy; the ratios less so. `python bench/store_bench.py --write docs/benchmarks.md`,
 whole run {elapsed:.0f} s.
 
-**Input.** `tests.synthetic` ({pop['patients']} patients, {pop['days']} days, seed {pop['seed']}, temperatures and
+**Input.** `tests.synthetic` ({pop["patients"]} patients, {pop["days"]} days, seed {pop["seed"]}, temperatures and
 corrections on): {n_obs:,} Observations, every one an `Intake` after `worker.intake` (a monitored CBC
-code or a body temperature; {pop['rejected']} rejected versions among them), converted before timing
-({pop['seconds']:.1f} s). Each run is a child process of its own, on a fresh store (a new SQLite file in a
+code or a body temperature; {pop["rejected"]} rejected versions among them), converted before timing
+({pop["seconds"]:.1f} s). Each run is a child process of its own, on a fresh store (a new SQLite file in a
 temporary directory, WAL, `synchronous=NORMAL`; a new schema `nwbench_<random>`, dropped afterwards), driven as the worker
 drives it: **ingest** in {pages} pages of {args.page_size} (a float clock, +1 s a page; `record_decision`
 for each new rejected version); **decide + commit**: `dirty_panels()` -> `load_states()` ->
 `clinical.panels.decide` (rules of `Settings()`) -> one `commit()` per round, until nothing is dirty
-({st['rounds']} round: a backlog, all panels ready at once, as in `Worker._decide`); **outbox**:
+({st["rounds"]} round: a backlog, all panels ready at once, as in `Worker._decide`); **outbox**:
 `pending_outbox(500)`, then `check_leader()` + `mark_sent()` per entry, sequentially, until none is
 pending. Median of {args.repeat} runs per backend, backends alternated; Observations/s = {n_obs:,} / the
 phase's wall time.
 
 {table(s, n_obs)}
 
-Per run: {st['panels']:,} panels decided ({st['assessed']:,} with an ANC graded), events {events};
-{a['counts']['decisions']:,} decision records, {a['counts']['outbox']:,} outbox rows, all sent. Wall time per
-repeat — SQLite ingest {spread('sqlite', 'ingest')} s, decide+commit {spread('sqlite', 'decide+commit')} s,
-outbox {spread('sqlite', 'outbox')} s; PostgreSQL ingest {spread('postgres', 'ingest')} s, decide+commit
-{spread('postgres', 'decide+commit')} s, outbox {spread('postgres', 'outbox')} s. Stored size: SQLite file + WAL
-{a['size_mib']:.1f} MiB, PostgreSQL tables with indexes and TOAST {b['size_mib']:.1f} MiB. {rss}
+Per run: {st["panels"]:,} panels decided ({st["assessed"]:,} with an ANC graded), events {events};
+{a["counts"]["decisions"]:,} decision records, {a["counts"]["outbox"]:,} outbox rows, all sent. Wall time per
+repeat — SQLite ingest {spread("sqlite", "ingest")} s, decide+commit {spread("sqlite", "decide+commit")} s,
+outbox {spread("sqlite", "outbox")} s; PostgreSQL ingest {spread("postgres", "ingest")} s, decide+commit
+{spread("postgres", "decide+commit")} s, outbox {spread("postgres", "outbox")} s. Stored size: SQLite file + WAL
+{a["size_mib"]:.1f} MiB, PostgreSQL tables with indexes and TOAST {b["size_mib"]:.1f} MiB. {rss}
 
 Per store method (median seconds over the runs). Socket writes: the asyncpg client's writes to the
 server; for single statements each is one round trip (the request, then a wait for the answer),
@@ -455,31 +564,31 @@ connections carry no session state), which saved one round trip per store call.
 
 {method_table(s)}
 
-**Equivalence.** In every repeat both backends logged the same {a['counts']['decisions']:,} decision
+**Equivalence.** In every repeat both backends logged the same {a["counts"]["decisions"]:,} decision
 records in the same order (`await store.decisions()` compared record by record) and ended with equal
-table counts (`counts()`: {', '.join(f'{k} {v:,}' for k, v in a['counts'].items())}) and an empty outbox;
+table counts (`counts()`: {", ".join(f"{k} {v:,}" for k, v in a["counts"].items())}) and an empty outbox;
 the script exits non-zero otherwise.
 
-**Reading.** Total over the three phases: SQLite {a['timed']:.1f} s, PostgreSQL {b['timed']:.1f} s
-(**{b['timed'] / a['timed']:.1f}×**). The pure-Python `decide` is the same work on both sides
-({dec:.2f} s of SQLite's decide+commit). The phase that dominates: SQLite {dominant['sqlite']}
-({share['sqlite']:.0%} of its time), PostgreSQL {dominant['postgres']} ({share['postgres']:.0%}).
+**Reading.** Total over the three phases: SQLite {a["timed"]:.1f} s, PostgreSQL {b["timed"]:.1f} s
+(**{b["timed"] / a["timed"]:.1f}×**). The pure-Python `decide` is the same work on both sides
+({dec:.2f} s of SQLite's decide+commit). The phase that dominates: SQLite {dominant["sqlite"]}
+({share["sqlite"]:.0%} of its time), PostgreSQL {dominant["postgres"]} ({share["postgres"]:.0%}).
 PostgreSQL ingest costs about {ing_w:.0f} socket writes per page of {args.page_size} (BEGIN, the `FOR SHARE`
 epoch fence, one `ANY($1)` look-up of the page's ids, two pipelined `executemany` upserts, COMMIT),
 so its cost per page is a handful of round trips plus server work on the other core
-(this process's CPU is {b['phases']['ingest']['cpu']:.2f} s of its {b['phases']['ingest']['wall']:.2f} s), not {args.page_size}
+(this process's CPU is {b["phases"]["ingest"]["cpu"]:.2f} s of its {b["phases"]["ingest"]["wall"]:.2f} s), not {args.page_size}
 statements; SQLite runs three or four statements per Observation (a SELECT, the upsert, one or two
 panel touches), but in-process, so its ingest is CPU in this process.
-A backlog commit has one `Decided` per panel, {st['decided rows']:,} rows for {st['patients']:,} patients
-(up to {st['most rows of one patient']} for one patient); both stores write one episodes row per patient
-(`store.base.episode_rows`: the last state, {st['state bytes, last per patient'] / 2**20:.1f} MiB) — encoding every
-intermediate state, as the first version did, was {st['state bytes'] / 2**20:.1f} MiB and cost more than twice
+A backlog commit has one `Decided` per panel, {st["decided rows"]:,} rows for {st["patients"]:,} patients
+(up to {st["most rows of one patient"]} for one patient); both stores write one episodes row per patient
+(`store.base.episode_rows`: the last state, {st["state bytes, last per patient"] / 2**20:.1f} MiB) — encoding every
+intermediate state, as the first version did, was {st["state bytes"] / 2**20:.1f} MiB and cost more than twice
 the commit time on PostgreSQL.
 The outbox is per entry on both sides, which is where PostgreSQL is furthest behind: each `mark_sent`
 is its own fenced transaction, four round trips (BEGIN, fence, UPDATE, COMMIT; {ms_b:.2f} ms against
 {ms_a:.3f} ms on SQLite), and the worker's `check_leader()` before it one more ({cl_b:.2f} ms), so {sent:,}
-entries cost PostgreSQL {pc('postgres', 'mark_sent')[1] + pc('postgres', 'check_leader')[1]:.1f} s. Over
-loopback a round trip is {pg['rtt_ms']:.2f} ms; with the database across a network at, say, 0.5 ms, these
+entries cost PostgreSQL {pc("postgres", "mark_sent")[1] + pc("postgres", "check_leader")[1]:.1f} s. Over
+loopback a round trip is {pg["rtt_ms"]:.2f} ms; with the database across a network at, say, 0.5 ms, these
 counts alone would add about {sent * 5 * 0.5 / 1000:.1f} s to the outbox and
 {pages * ing_w * 0.5 / 1000:.1f} s to the ingest (an estimate from the write counts, not measured), still
 small beside the FHIR requests each outbox entry stands for. `dirty_panels` took
@@ -492,15 +601,36 @@ def child(args: argparse.Namespace) -> int:
     pop = population(args)
     out = asyncio.run(run_backend(args.child, pop["items"], args, Settings()))
     spec = pop["spec"]
-    out["population"] = {"patients": spec.patients, "days": spec.days, "seed": spec.seed, "items": len(pop["items"]),
-                         "kinds": pop["kinds"], "rejected": pop["rejected"], "seconds": pop["seconds"]}
+    out["population"] = {
+        "patients": spec.patients,
+        "days": spec.days,
+        "seed": spec.seed,
+        "items": len(pop["items"]),
+        "kinds": pop["kinds"],
+        "rejected": pop["rejected"],
+        "seconds": pop["seconds"],
+    }
     sys.stdout.buffer.write(orjson.dumps(out))
     return 0
 
 
 def run_child(backend: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", backend, "--observations", str(args.observations), "--patients",
-           str(args.patients), "--seed", str(args.seed), "--page-size", str(args.page_size), "--dsn", args.dsn]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        backend,
+        "--observations",
+        str(args.observations),
+        "--patients",
+        str(args.patients),
+        "--seed",
+        str(args.seed),
+        "--page-size",
+        str(args.page_size),
+        "--dsn",
+        args.dsn,
+    ]
     proc = subprocess.run(cmd, capture_output=True, timeout=CHILD_TIMEOUT, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{backend} run failed (exit {proc.returncode}):\n{proc.stderr.decode()[-3000:]}")
@@ -512,10 +642,15 @@ def main() -> int:
     ap.add_argument("--observations", type=int, default=20_000, help="about this many monitored Observations")
     ap.add_argument("--patients", type=int, default=400)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--page-size", type=int, default=200, help="Observations per ingest() call (fhir.page_size default)")
+    ap.add_argument(
+        "--page-size", type=int, default=200, help="Observations per ingest() call (fhir.page_size default)"
+    )
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--dsn", default=os.environ.get("NWBENCH_DSN", DEFAULT_DSN), help="PostgreSQL (a schema is created "
-                    "and dropped in it); default $NWBENCH_DSN or " + DEFAULT_DSN)
+    ap.add_argument(
+        "--dsn",
+        default=os.environ.get("NWBENCH_DSN", DEFAULT_DSN),
+        help="PostgreSQL (a schema is created and dropped in it); default $NWBENCH_DSN or " + DEFAULT_DSN,
+    )
     ap.add_argument("--write", type=Path, help="update this Markdown file")
     ap.add_argument("--revision", help="what code is measured (default: from git)")
     ap.add_argument("--child", choices=BACKENDS, help=argparse.SUPPRESS)
@@ -532,21 +667,29 @@ def main() -> int:
         for backend in order:
             got[backend] = run_child(backend, args)
             ph = got[backend]["phases"]
-            print(f"repeat {i + 1} {backend:8s}: " + ", ".join(f"{p} {ph[p]['wall']:.2f} s" for p in PHASES)
-                  + f"; peak RSS {got[backend]['peak_rss_kib'] / 1024:.0f} MiB", file=sys.stderr)
+            print(
+                f"repeat {i + 1} {backend:8s}: "
+                + ", ".join(f"{p} {ph[p]['wall']:.2f} s" for p in PHASES)
+                + f"; peak RSS {got[backend]['peak_rss_kib'] / 1024:.0f} MiB",
+                file=sys.stderr,
+            )
         check_equivalent(got, i + 1)
         for backend in BACKENDS:  # the logs are equal: keep their length only
             got[backend]["n_decisions"] = len(got[backend].pop("decisions"))
         runs.append(got)
     pop = runs[0]["sqlite"]["population"]
-    print(f"population: {pop['items']:,} Observations as Intake ({pop['kinds']}), converted in {pop['seconds']:.1f} s",
-          file=sys.stderr)
+    print(
+        f"population: {pop['items']:,} Observations as Intake ({pop['kinds']}), converted in {pop['seconds']:.1f} s",
+        file=sys.stderr,
+    )
     s = summarise(runs, pop["items"])
     print(table(s, pop["items"]))
     print()
     print(method_table(s))
     elapsed = time.perf_counter() - t_all
-    section = render(args, pop, s, pg, args.revision or revision(), elapsed, (load_before, os.getloadavg()), began)
+    section = render(
+        args, pop, s, pg, args.revision or revision(), elapsed, (load_before, os.getloadavg()), began
+    )
     print(f"\nwhole run {elapsed:.1f} s", file=sys.stderr)
     if args.write:
         write_section(args.write, section, "store-bench")

@@ -44,17 +44,33 @@ Resource = dict[str, Any]
 
 def replay(workdir: Path) -> list[Resource]:
     """What `python -m service replay INPUT --alerts A --provenance` writes for SPEC."""
-    data, events, alerts, config = (workdir / n for n in ("input.ndjson", "events.jsonl", "alerts.ndjson", "config.yaml"))
+    data, events, alerts, config = (
+        workdir / n for n in ("input.ndjson", "events.jsonl", "alerts.ndjson", "config.yaml")
+    )
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in generate(SPEC)))
     config.write_text(yaml.safe_dump({"alerts": {"recipients": RECIPIENTS}, "logging": {"level": "warning"}}))
-    args = ["replay", str(data), "--events", str(events), "--alerts", str(alerts), "--config", str(config), "--provenance"]
+    args = [
+        "replay",
+        str(data),
+        "--events",
+        str(events),
+        "--alerts",
+        str(alerts),
+        "--config",
+        str(config),
+        "--provenance",
+    ]
     if cli(args) != 0:
         raise SystemExit("replay failed")
     return [orjson.loads(line) for line in alerts.read_bytes().splitlines()]
 
 
 def event_of(provenance: Resource) -> str:
-    return next(e["valueCoding"]["code"] for e in provenance["extension"] if e["url"].endswith("/neutrowatch-alert-event"))
+    return next(
+        e["valueCoding"]["code"]
+        for e in provenance["extension"]
+        if e["url"].endswith("/neutrowatch-alert-event")
+    )
 
 
 def pick(written: list[Resource]) -> dict[str, Resource]:
@@ -84,8 +100,15 @@ def check(files: dict[str, str], out: Path) -> int:
         current = path.read_text() if path.exists() else ""
         if current != text:
             stale += 1
-            sys.stdout.writelines(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
-                                                       f"{path} (committed)", f"{path} (generated)", n=2))
+            sys.stdout.writelines(
+                difflib.unified_diff(
+                    current.splitlines(True),
+                    text.splitlines(True),
+                    f"{path} (committed)",
+                    f"{path} (generated)",
+                    n=2,
+                )
+            )
     if stale:
         print(f"{stale} example(s) out of date: run python scripts/alert_examples.py", file=sys.stderr)
         return 1
@@ -95,7 +118,9 @@ def check(files: dict[str, str], out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the committed examples differ from the generated ones")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 if the committed examples differ from the generated ones"
+    )
     p.add_argument("--output", type=Path, default=OUT)
     args = p.parse_args(argv)
     files = generated()

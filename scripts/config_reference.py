@@ -31,8 +31,8 @@ from pydantic import BaseModel, SecretStr  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
-from service.core.grading import BUILT_IN  # noqa: E402
 from service.config import ENV_PREFIX, Settings  # noqa: E402
+from service.core.grading import BUILT_IN  # noqa: E402
 
 SECRET = "secret: from the environment or a file"
 # Choices a field validator enforces (not visible in the field's type), by dotted name.
@@ -40,16 +40,26 @@ VALIDATED_CHOICES: dict[str, list[str]] = {"grading.scheme": sorted(BUILT_IN)}
 # Rules the model validators enforce across fields, each with a configuration it refuses
 # (tests/unit/test_config_reference.py checks that every example is still refused).
 CROSS_FIELD: list[tuple[str, dict[str, Any]]] = [
-    ("`fhir.base_url` must start with `https://`; `http://` only with `fhir.allow_insecure_http: true`.",
-     {"fhir": {"base_url": "http://fhir.example.org/r4"}}),
-    ("`fhir.auth.method: bearer` needs `fhir.auth.bearer_token` (environment) or `fhir.auth.bearer_token_file`.",
-     {"fhir": {"auth": {"method": "bearer"}}}),
-    ("`fhir.auth.method: smart` needs `fhir.auth.smart.client_id` and `fhir.auth.smart.private_key_file`.",
-     {"fhir": {"auth": {"method": "smart"}}}),
-    ("`store.backend: postgres` needs `store.dsn` (environment) or `store.dsn_file`.",
-     {"store": {"backend": "postgres"}}),
-    ("`alerts.recipients` must be Practitioner, PractitionerRole, CareTeam, Organization or Group references.",
-     {"alerts": {"recipients": ["Patient/1"]}}),
+    (
+        "`fhir.base_url` must start with `https://`; `http://` only with `fhir.allow_insecure_http: true`.",
+        {"fhir": {"base_url": "http://fhir.example.org/r4"}},
+    ),
+    (
+        "`fhir.auth.method: bearer` needs `fhir.auth.bearer_token` (environment) or `fhir.auth.bearer_token_file`.",
+        {"fhir": {"auth": {"method": "bearer"}}},
+    ),
+    (
+        "`fhir.auth.method: smart` needs `fhir.auth.smart.client_id` and `fhir.auth.smart.private_key_file`.",
+        {"fhir": {"auth": {"method": "smart"}}},
+    ),
+    (
+        "`store.backend: postgres` needs `store.dsn` (environment) or `store.dsn_file`.",
+        {"store": {"backend": "postgres"}},
+    ),
+    (
+        "`alerts.recipients` must be Practitioner, PractitionerRole, CareTeam, Organization or Group references.",
+        {"alerts": {"recipients": ["Patient/1"]}},
+    ),
 ]
 
 
@@ -85,7 +95,14 @@ def type_name(annotation: Any) -> str:
     if origin is dict:
         key, value = _args(annotation)
         return f"mapping of {type_name(key)} to {type_name(value)} (JSON in the environment)"
-    names = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "file path", SecretStr: "secret string"}
+    names = {
+        str: "string",
+        int: "integer",
+        float: "number",
+        bool: "boolean",
+        Path: "file path",
+        SecretStr: "secret string",
+    }
     if annotation in names:
         return names[annotation]
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
@@ -163,7 +180,9 @@ def _cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def sections(model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], type[BaseModel], list[tuple[str, FieldInfo]]]]:
+def sections(
+    model: type[BaseModel] = Settings, prefix: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], type[BaseModel], list[tuple[str, FieldInfo]]]]:
     """(path, model, its leaf fields) for the model and each nested section, depth first."""
     leaves: list[tuple[str, FieldInfo]] = []
     nested: list[tuple[str, type[BaseModel]]] = []
@@ -218,9 +237,21 @@ def render() -> str:
             description = field.description or ""
             if is_secret(field.annotation):
                 description = f"{description} Never shown in logs, errors or `check-config`."
-            out.append("| " + " | ".join(_cell(c) for c in (
-                f"`{dotted}`", f"`{env_var((*path, name))}`", type_name(field.annotation), default(field),
-                constraints(dotted, field), description)) + " |")
+            out.append(
+                "| "
+                + " | ".join(
+                    _cell(c)
+                    for c in (
+                        f"`{dotted}`",
+                        f"`{env_var((*path, name))}`",
+                        type_name(field.annotation),
+                        default(field),
+                        constraints(dotted, field),
+                        description,
+                    )
+                )
+                + " |"
+            )
         out.append("")
     out.append("## Rules across fields\n")
     out.extend(f"- {text}" for text, _example in CROSS_FIELD)
@@ -230,7 +261,9 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the committed file differs from the generated one")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 if the committed file differs from the generated one"
+    )
     p.add_argument("--output", type=Path, default=DOC)
     args = p.parse_args(argv)
     text = render()
@@ -239,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         if current == text:
             print(f"{args.output} is up to date")
             return 0
-        diff = difflib.unified_diff(current.splitlines(), text.splitlines(), "committed", "generated", lineterm="", n=1)
+        diff = difflib.unified_diff(
+            current.splitlines(), text.splitlines(), "committed", "generated", lineterm="", n=1
+        )
         print("\n".join(list(diff)[:80]))
         print(f"{args.output} is stale: run python scripts/config_reference.py", file=sys.stderr)
         return 1

@@ -21,11 +21,11 @@ sys.path.insert(0, str(ROOT))
 from service import logging as nw_logging  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
 from service.live.store.sqlite import SqliteStore  # noqa: E402
-from tests.synthetic import PopulationSpec, generate  # noqa: E402
 from service.live.worker import Worker  # noqa: E402
 from tests.fhir_server.engine import EngineUnavailable, FhirEngine  # noqa: E402
 from tests.fhir_server.load import export, put_all  # noqa: E402
 from tests.integration.live import compare_with_oracle, settings_for, stages  # noqa: E402
+from tests.synthetic import PopulationSpec, generate  # noqa: E402
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
@@ -47,9 +47,11 @@ async def run_service(settings, state: Path) -> tuple[list[str], list[dict]]:
                 put_all(settings.fhir.base_url, stage)
                 t0 = time.perf_counter()
                 report = await worker.run_cycle()
-                lines.append(f"arrival {n}: {len(stage):>5} resources loaded; cycle read {report.observations:>5} "
-                             f"Observations on {report.pages} pages, assessed {report.panels_assessed} panels, "
-                             f"wrote {report.written} alerts in {time.perf_counter() - t0:.1f} s")
+                lines.append(
+                    f"arrival {n}: {len(stage):>5} resources loaded; cycle read {report.observations:>5} "
+                    f"Observations on {report.pages} pages, assessed {report.panels_assessed} panels, "
+                    f"wrote {report.written} alerts in {time.perf_counter() - t0:.1f} s"
+                )
             decisions = await store.decisions()
     finally:
         await store.close()
@@ -68,19 +70,37 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="neutrowatch-demo-") as tmp:
             settings = settings_for(base, Path(tmp) / "state.sqlite3")
-            print(f"\nneutrowatch demo: FHIR engine at {base}, state in SQLite, 40 synthetic patients over 8 weeks\n")
+            print(
+                f"\nneutrowatch demo: FHIR engine at {base}, state in SQLite, 40 synthetic patients over 8 weeks\n"
+            )
             lines, decisions = asyncio.run(run_service(settings, Path(tmp) / "state.sqlite3"))
             for line in lines:
                 print("  " + line)
             comms = {c["identifier"][0]["value"]: c for c in export(base, "Communication")}
             flags = {f["identifier"][0]["value"]: f for f in export(base, "Flag")}
-            alerts = sorted((d for d in decisions if d["event"] != "rejected"), key=lambda d: (d["patient"], d["effective"]))
+            alerts = sorted(
+                (d for d in decisions if d["event"] != "rejected"),
+                key=lambda d: (d["patient"], d["effective"]),
+            )
             rows = []
             for d in alerts:
-                comm = next((c for key, c in comms.items() if key.startswith(f"{d['episode']}-{d['event']}-")), None)
-                rows.append([d["patient"], d["event"], d["grade"], f"{d['anc']:,.0f}", d["effective"][:16],
-                             comm["priority"] if comm else "MISSING", flags[d["episode"]]["status"]])
-            print("\nAlerts written to the FHIR server (a Communication each; the episode's Flag as it stands now):\n")
+                comm = next(
+                    (c for key, c in comms.items() if key.startswith(f"{d['episode']}-{d['event']}-")), None
+                )
+                rows.append(
+                    [
+                        d["patient"],
+                        d["event"],
+                        d["grade"],
+                        f"{d['anc']:,.0f}",
+                        d["effective"][:16],
+                        comm["priority"] if comm else "MISSING",
+                        flags[d["episode"]]["status"],
+                    ]
+                )
+            print(
+                "\nAlerts written to the FHIR server (a Communication each; the episode's Flag as it stands now):\n"
+            )
             print(table(rows, ["PATIENT", "EVENT", "GRADE", "ANC /µL", "COLLECTED", "PRIORITY", "FLAG"]))
             rejected = Counter(d["reason"] for d in decisions if d["event"] == "rejected")
             print("\nRejected inputs (kept with their reason in the state store, never alerted on):")
@@ -88,9 +108,11 @@ def main() -> int:
                 print(f"  {n:>3} × {reason}")
             counts = compare_with_oracle(base, Path(tmp) / "oracle")
             kinds = Counter(d["event"] for d in alerts)
-            print(f"\n{counts['flags']} Flags and {counts['communications']} Communications on the server "
-                  f"({', '.join(f'{k} {v}' for k, v in kinds.items())}); they match what `replay` predicts "
-                  "for the same data: none missing, none doubled.")
+            print(
+                f"\n{counts['flags']} Flags and {counts['communications']} Communications on the server "
+                f"({', '.join(f'{k} {v}' for k, v in kinds.items())}); they match what `replay` predicts "
+                "for the same data: none missing, none doubled."
+            )
     finally:
         engine.stop()
     return 0

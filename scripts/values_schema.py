@@ -38,13 +38,14 @@ sys.path.insert(0, str(ROOT))
 
 from pydantic import BaseModel, SecretStr  # noqa: E402
 
-from service.core.grading import BUILT_IN  # noqa: E402
 from service.config import Settings  # noqa: E402
+from service.core.grading import BUILT_IN  # noqa: E402
 
 Schema = dict[str, Any]
 
 
 # --- config: from the model --------------------------------------------------------------------------
+
 
 def _is_secret(annotation: Any) -> bool:
     if annotation is SecretStr:
@@ -136,11 +137,14 @@ def config_schema() -> Schema:
     path["pattern"] = rf"^({DATA_DIR}/|[^/])"
     path["not"] = {"pattern": r"(^|/)\.\.(/|$)"}
     path["default"] = f"{DATA_DIR}/state.sqlite3"
-    path["description"] += f" On the data volume: under {DATA_DIR}/ or relative to it (the working directory)."
+    path["description"] += (
+        f" On the data volume: under {DATA_DIR}/ or relative to it (the working directory)."
+    )
     return schema
 
 
 # --- the chart's values: by hand -------------------------------------------------------------------------
+
 
 def obj(properties: Schema, description: str | None = None, **extra: Any) -> Schema:
     out: Schema = {"type": "object", "additionalProperties": False, "properties": properties}
@@ -160,7 +164,11 @@ def string(description: str | None = None, **extra: Any) -> Schema:
 FREE_OBJECT: Schema = {"type": "object"}
 FREE_LIST: Schema = {"type": "array", "items": {"type": "object"}}
 LABELS: Schema = {"type": "object", "additionalProperties": {"type": "string"}}
-QUANTITY: Schema = {"type": ["string", "number"], "minimum": 0, "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"}
+QUANTITY: Schema = {
+    "type": ["string", "number"],
+    "minimum": 0,
+    "pattern": r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$",
+}
 PROBE: Schema = {"type": ["object", "null"], "description": "A Kubernetes probe; null to leave it out."}
 DURATION: Schema = {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h))+$"}
 PEER: Schema = obj(
@@ -202,83 +210,121 @@ def destination(description: str, min_to: int = 0) -> Schema:
 def chart_properties(config: Schema) -> Schema:
     return {
         "replicaCount": {
-            "type": "integer", "minimum": 0,
+            "type": "integer",
+            "minimum": 0,
             "description": "Replicas. More than 1 needs config.store.backend postgres (one leader, ready standbys).",
         },
-        "image": obj({
-            "repository": string(minLength=1),
-            "tag": string("Defaults to the chart's appVersion."),
-            "digest": string("sha256:...; wins over the tag.", pattern=r"^(|sha256:[0-9a-f]{64})$"),
-            "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
-        }, required=["repository"]),
+        "image": obj(
+            {
+                "repository": string(minLength=1),
+                "tag": string("Defaults to the chart's appVersion."),
+                "digest": string("sha256:...; wins over the tag.", pattern=r"^(|sha256:[0-9a-f]{64})$"),
+                "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]},
+            },
+            required=["repository"],
+        ),
         "imagePullSecrets": {"type": "array", "items": obj({"name": string(minLength=1)}, required=["name"])},
         "nameOverride": string(),
         "fullnameOverride": string(),
         "config": config,
-        "existingSecret": obj({
-            "name": string("A Secret in the release namespace, created outside the chart."),
-            "keys": obj({
-                "bearerToken": string("Key with the FHIR bearer token; sets fhir.auth.bearer_token_file."),
-                "smartPrivateKey": string("Key with the SMART private key (PEM); sets fhir.auth.smart.private_key_file."),
-                "dsn": string("Key with the PostgreSQL DSN; sets store.dsn_file."),
-                "pseudonymKey": string("Key with the key of patient pseudonyms in the logs; sets logging.pseudonym_key_file."),
-            }),
-        }, "Secrets by reference only: mounted as files under /var/run/secrets/neutrowatch."),
-        "conceptMaps": obj({
-            "configMap": string("A ConfigMap in the release namespace holding FHIR R4 ConceptMap JSON files."),
-            "keys": {
-                "type": "array", "uniqueItems": True,
-                "items": string(minLength=1, pattern=r"^[-._a-zA-Z0-9]+$"),
-                "description": "Its keys to mount under /etc/neutrowatch/conceptmaps; sets terminology.concept_maps.",
+        "existingSecret": obj(
+            {
+                "name": string("A Secret in the release namespace, created outside the chart."),
+                "keys": obj(
+                    {
+                        "bearerToken": string(
+                            "Key with the FHIR bearer token; sets fhir.auth.bearer_token_file."
+                        ),
+                        "smartPrivateKey": string(
+                            "Key with the SMART private key (PEM); sets fhir.auth.smart.private_key_file."
+                        ),
+                        "dsn": string("Key with the PostgreSQL DSN; sets store.dsn_file."),
+                        "pseudonymKey": string(
+                            "Key with the key of patient pseudonyms in the logs; sets logging.pseudonym_key_file."
+                        ),
+                    }
+                ),
             },
-        }, "Site ConceptMaps (local codes to LOINC) mounted from a ConfigMap."),
-        "serviceAccount": obj({
-            "create": {"type": "boolean"},
-            "name": string(),
-            "annotations": LABELS,
-        }),
+            "Secrets by reference only: mounted as files under /var/run/secrets/neutrowatch.",
+        ),
+        "conceptMaps": obj(
+            {
+                "configMap": string(
+                    "A ConfigMap in the release namespace holding FHIR R4 ConceptMap JSON files."
+                ),
+                "keys": {
+                    "type": "array",
+                    "uniqueItems": True,
+                    "items": string(minLength=1, pattern=r"^[-._a-zA-Z0-9]+$"),
+                    "description": "Its keys to mount under /etc/neutrowatch/conceptmaps; sets terminology.concept_maps.",
+                },
+            },
+            "Site ConceptMaps (local codes to LOINC) mounted from a ConfigMap.",
+        ),
+        "serviceAccount": obj(
+            {
+                "create": {"type": "boolean"},
+                "name": string(),
+                "annotations": LABELS,
+            }
+        ),
         "podAnnotations": LABELS,
         "podLabels": LABELS,
         "podSecurityContext": FREE_OBJECT,
         "securityContext": FREE_OBJECT,
-        "resources": obj({
-            "requests": obj({"cpu": QUANTITY, "memory": QUANTITY, "ephemeral-storage": QUANTITY}),
-            "limits": obj({"cpu": QUANTITY, "memory": QUANTITY, "ephemeral-storage": QUANTITY}),
-        }),
+        "resources": obj(
+            {
+                "requests": obj({"cpu": QUANTITY, "memory": QUANTITY, "ephemeral-storage": QUANTITY}),
+                "limits": obj({"cpu": QUANTITY, "memory": QUANTITY, "ephemeral-storage": QUANTITY}),
+            }
+        ),
         "livenessProbe": PROBE,
         "readinessProbe": PROBE,
         "startupProbe": PROBE,
         "terminationGracePeriodSeconds": {
-            "type": "integer", "minimum": 15,
+            "type": "integer",
+            "minimum": 15,
             "description": "The service drains a running poll cycle for up to 10 s on SIGTERM, then closes.",
         },
         "revisionHistoryLimit": {"type": "integer", "minimum": 0},
-        "persistence": obj({
-            "enabled": {"type": "boolean", "description": "A PVC for the SQLite state (sqlite backend, one replica)."},
-            "existingClaim": string(),
-            "storageClass": string(),
-            "accessModes": {
-                "type": "array", "minItems": 1,
-                "items": {"enum": ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]},
-            },
-            "size": QUANTITY,
-            "annotations": LABELS,
-        }),
+        "persistence": obj(
+            {
+                "enabled": {
+                    "type": "boolean",
+                    "description": "A PVC for the SQLite state (sqlite backend, one replica).",
+                },
+                "existingClaim": string(),
+                "storageClass": string(),
+                "accessModes": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {"enum": ["ReadWriteOnce", "ReadWriteOncePod", "ReadWriteMany"]},
+                },
+                "size": QUANTITY,
+                "annotations": LABELS,
+            }
+        ),
         "dataSizeLimit": QUANTITY,
         "tmpSizeLimit": QUANTITY,
-        "service": obj({
-            "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
-            "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-            "publishNotReadyAddresses": {"type": "boolean"},
-            "annotations": LABELS,
-        }),
-        "podDisruptionBudget": obj({
-            "enabled": {"type": "boolean"},
-            "minAvailable": {
-                "type": ["integer", "string"], "minimum": 1, "pattern": r"^[0-9]{1,3}%$",
-                "description": "With 2+ replicas. A single replica gets maxUnavailable 1 (never blocks a drain).",
-            },
-        }),
+        "service": obj(
+            {
+                "type": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]},
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "publishNotReadyAddresses": {"type": "boolean"},
+                "annotations": LABELS,
+            }
+        ),
+        "podDisruptionBudget": obj(
+            {
+                "enabled": {"type": "boolean"},
+                "minAvailable": {
+                    "type": ["integer", "string"],
+                    "minimum": 1,
+                    "pattern": r"^[0-9]{1,3}%$",
+                    "description": "With 2+ replicas. A single replica gets maxUnavailable 1 (never blocks a drain).",
+                },
+            }
+        ),
         "podAntiAffinity": {"enum": ["", "soft", "hard"]},
         "podAntiAffinityTopologyKey": string(minLength=1),
         "affinity": FREE_OBJECT,
@@ -294,44 +340,62 @@ def chart_properties(config: Schema) -> Schema:
             "items": {
                 "type": "object",
                 "required": ["name"],
-                "properties": {"name": string(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", **{"not": {"pattern": "^NEUTROWATCH_"}})},
+                "properties": {
+                    "name": string(
+                        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", **{"not": {"pattern": "^NEUTROWATCH_"}}
+                    )
+                },
             },
             "description": "Extra environment variables; NEUTROWATCH_* are refused (use config / existingSecret).",
         },
         "extraVolumes": FREE_LIST,
         "extraVolumeMounts": FREE_LIST,
-        "serviceMonitor": obj({
-            "enabled": {"type": "boolean"},
-            "namespace": string(),
-            "labels": LABELS,
-            "interval": DURATION,
-            "scrapeTimeout": DURATION,
-            "relabelings": FREE_LIST,
-            "metricRelabelings": FREE_LIST,
-        }),
-        "networkPolicy": obj({
-            "enabled": {"type": "boolean"},
-            "ingress": obj({
-                "from": {
-                    "type": "array", "items": PEER,
-                    "description": "Sources allowed to reach the metrics/health port. Empty: none.",
-                },
-            }),
-            "egress": obj({
-                "dns": obj({
-                    "enabled": {"type": "boolean"},
-                    "to": {"type": "array", "items": PEER},
-                    "ports": PORTS,
-                }),
-                "fhirServer": destination("The FHIR server (and a SMART token endpoint on another host)."),
-                "database": destination("PostgreSQL (backend postgres)."),
-                "extraRules": FREE_LIST,
-            }),
-        }),
+        "serviceMonitor": obj(
+            {
+                "enabled": {"type": "boolean"},
+                "namespace": string(),
+                "labels": LABELS,
+                "interval": DURATION,
+                "scrapeTimeout": DURATION,
+                "relabelings": FREE_LIST,
+                "metricRelabelings": FREE_LIST,
+            }
+        ),
+        "networkPolicy": obj(
+            {
+                "enabled": {"type": "boolean"},
+                "ingress": obj(
+                    {
+                        "from": {
+                            "type": "array",
+                            "items": PEER,
+                            "description": "Sources allowed to reach the metrics/health port. Empty: none.",
+                        },
+                    }
+                ),
+                "egress": obj(
+                    {
+                        "dns": obj(
+                            {
+                                "enabled": {"type": "boolean"},
+                                "to": {"type": "array", "items": PEER},
+                                "ports": PORTS,
+                            }
+                        ),
+                        "fhirServer": destination(
+                            "The FHIR server (and a SMART token endpoint on another host)."
+                        ),
+                        "database": destination("PostgreSQL (backend postgres)."),
+                        "extraRules": FREE_LIST,
+                    }
+                ),
+            }
+        ),
     }
 
 
 # --- cross-field rules -------------------------------------------------------------------------------------
+
 
 def nested(path: str, leaf: Schema, required: bool = True) -> Schema:
     """{"properties": {a: {"properties": {b: leaf}}}} for "a.b", each level required unless told."""
@@ -385,13 +449,23 @@ RULES: list[Schema] = [
         "config.fhir.auth.smart.private_key_file) and fhir.auth.smart.client_id.",
         nested("config.fhir.auth.method", {"const": "smart"}),
         all_of(
-            {"anyOf": [key_set("smartPrivateKey"), nested("config.fhir.auth.smart.private_key_file", SET_PATH)]},
+            {
+                "anyOf": [
+                    key_set("smartPrivateKey"),
+                    nested("config.fhir.auth.smart.private_key_file", SET_PATH),
+                ]
+            },
             nested("config.fhir.auth.smart.client_id", NON_EMPTY),
         ),
     ),
     rule(
         "A secret key without existingSecret.name references nothing.",
-        {"anyOf": [nested(f"existingSecret.keys.{k}", NON_EMPTY) for k in ("bearerToken", "smartPrivateKey", "dsn", "pseudonymKey")]},
+        {
+            "anyOf": [
+                nested(f"existingSecret.keys.{k}", NON_EMPTY)
+                for k in ("bearerToken", "smartPrivateKey", "dsn", "pseudonymKey")
+            ]
+        },
         nested("existingSecret.name", NON_EMPTY),
     ),
     rule(
@@ -431,7 +505,10 @@ RULES: list[Schema] = [
     ),
     rule(
         "An enabled NetworkPolicy with the postgres backend needs a database destination.",
-        all_of(nested("networkPolicy.enabled", {"const": True}), nested("config.store.backend", {"const": "postgres"})),
+        all_of(
+            nested("networkPolicy.enabled", {"const": True}),
+            nested("config.store.backend", {"const": "postgres"}),
+        ),
         nested("networkPolicy.egress.database.to", {"minItems": 1}),
     ),
 ]
@@ -456,7 +533,9 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--check", action="store_true", help="exit 1 if the committed schema differs from the generated one")
+    p.add_argument(
+        "--check", action="store_true", help="exit 1 if the committed schema differs from the generated one"
+    )
     p.add_argument("--output", type=Path, default=SCHEMA_PATH)
     args = p.parse_args(argv)
     text = render()
@@ -471,9 +550,13 @@ def main(argv: list[str] | None = None) -> int:
         if current == text:
             print(f"{args.output.relative_to(ROOT)} is up to date")
             return 0
-        diff = difflib.unified_diff(current.splitlines(), text.splitlines(), "committed", "generated", lineterm="", n=2)
+        diff = difflib.unified_diff(
+            current.splitlines(), text.splitlines(), "committed", "generated", lineterm="", n=2
+        )
         print("\n".join(list(diff)[:80]))
-        print(f"{args.output.relative_to(ROOT)} is stale: run python scripts/values_schema.py", file=sys.stderr)
+        print(
+            f"{args.output.relative_to(ROOT)} is stale: run python scripts/values_schema.py", file=sys.stderr
+        )
         return 1
     args.output.write_text(text, encoding="utf-8")
     print(f"wrote {args.output.relative_to(ROOT)}")

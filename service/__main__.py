@@ -26,7 +26,8 @@ def _logging(settings: Settings, *, service: bool = False) -> None:
     if service and pseudonyms is not None and pseudonyms.ephemeral:
         structlog.get_logger("neutrowatch").warning(
             "patient references in logs are pseudonymised with a key of this process only: set "
-            "logging.pseudonym_key or logging.pseudonym_key_file to correlate lines across restarts and replicas")
+            "logging.pseudonym_key or logging.pseudonym_key_file to correlate lines across restarts and replicas"
+        )
 
 
 def _pseudonym(args: argparse.Namespace) -> int:
@@ -34,7 +35,9 @@ def _pseudonym(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     key = settings.logging.pseudonym_key_bytes()
     if key is None:
-        raise NeutrowatchError("no logging.pseudonym_key or logging.pseudonym_key_file configured: pseudonyms change with each process")
+        raise NeutrowatchError(
+            "no logging.pseudonym_key or logging.pseudonym_key_file configured: pseudonyms change with each process"
+        )
     ref = args.patient if args.patient.startswith("Patient/") else f"Patient/{args.patient}"
     print(nw_logging.Pseudonyms(key).text(ref))
     return 0
@@ -56,7 +59,11 @@ def _replay(args: argparse.Namespace) -> int:
             alerts = stack.enter_context(open(args.alerts, "wb")) if args.alerts else None
         except OSError as err:
             raise NeutrowatchError(f"cannot write {err.filename}: {err.strerror}") from None
-        replay = stack.enter_context(Replay(settings.rules, settings.alerts, provenance=args.provenance, read_policy=settings.read_policy))
+        replay = stack.enter_context(
+            Replay(
+                settings.rules, settings.alerts, provenance=args.provenance, read_policy=settings.read_policy
+            )
+        )
         replay.progress = progress = Progress()
         stats = replay.run(args.inputs, events, alerts)
         progress.close()
@@ -102,8 +109,10 @@ def _survey(args: argparse.Namespace) -> int:
         survey.add(item)
     survey.finish()
     sys.stdout.write(report.render_text(survey, source))
-    outputs = [(args.json, report.survey_json(survey, "server" if args.server else "files")),
-               (args.draft_conceptmap, conceptmap.draft_conceptmap(survey))]
+    outputs = [
+        (args.json, report.survey_json(survey, "server" if args.server else "files")),
+        (args.draft_conceptmap, conceptmap.draft_conceptmap(survey)),
+    ]
     for path, document in outputs:
         if path is not None:
             try:
@@ -177,7 +186,10 @@ def _check_config(args: argparse.Namespace) -> int:
     if errors or review.settings is None:
         for error in errors:
             print(f"neutrowatch: config error: {error}", file=sys.stderr)
-        print(f"neutrowatch: configuration invalid ({len(errors)} error{'s' if len(errors) != 1 else ''})", file=sys.stderr)
+        print(
+            f"neutrowatch: configuration invalid ({len(errors)} error{'s' if len(errors) != 1 else ''})",
+            file=sys.stderr,
+        )
         return 2
     settings = review.settings
     print(f"configuration ok (scheme {settings.grading.scheme}, store {describe_store(settings.store)})")
@@ -191,8 +203,8 @@ def _check_config(args: argparse.Namespace) -> int:
 def _profiles_install(args: argparse.Namespace) -> int:
     """The project's StructureDefinitions, CodeSystems and ValueSets onto fhir.base_url (rebased on
     alerts.canonical_base), each created or updated on its canonical url + version; one line each."""
-    from service.live import profiles
     from service.fhir.client import FhirClient
+    from service.live import profiles
 
     settings = load_settings(args.config)
     _logging(settings)
@@ -241,44 +253,92 @@ def _once(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neutrowatch", description="Neutropenia monitoring for FHIR lab results.")
+    p = argparse.ArgumentParser(
+        prog="neutrowatch", description="Neutropenia monitoring for FHIR lab results."
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("replay", help="run the clinical core over FHIR files (NDJSON, Bundles, resources)")
     r.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
-    r.add_argument("--events", required=True, type=Path, metavar="EVENTS.jsonl", help="decisions, one JSON object a line")
-    r.add_argument("--alerts", type=Path, metavar="ALERTS.ndjson", help="the Flag and Communication resources it would write")
-    r.add_argument("--provenance", action="store_true",
-                   help="also write each alert write's Provenance to ALERTS.ndjson (after its Flag and Communication)")
-    r.add_argument("--config", type=Path, metavar="FILE", help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
+    r.add_argument(
+        "--events", required=True, type=Path, metavar="EVENTS.jsonl", help="decisions, one JSON object a line"
+    )
+    r.add_argument(
+        "--alerts",
+        type=Path,
+        metavar="ALERTS.ndjson",
+        help="the Flag and Communication resources it would write",
+    )
+    r.add_argument(
+        "--provenance",
+        action="store_true",
+        help="also write each alert write's Provenance to ALERTS.ndjson (after its Flag and Communication)",
+    )
+    r.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)",
+    )
     r.set_defaults(func=_replay)
 
-    sv = sub.add_parser("survey", help="what a site's Observations look like to the service: codes "
-                        "monitored, local codes with a likely term, units, statuses, panels without an ANC "
-                        "(read-only)")
-    sv.add_argument("inputs", nargs="*", metavar="INPUT",
-                    help="files or directories, read as replay reads them")
-    sv.add_argument("--server", action="store_true",
-                    help="a paged sample of Observations from fhir.base_url instead")
-    sv.add_argument("--since", metavar="DURATION",
-                    help="with --server: updated within this long (30m, 12h, 7d)")
-    sv.add_argument("--max", type=int, default=10_000, metavar="N",
-                    help="with --server: at most N Observations (10000)")
+    sv = sub.add_parser(
+        "survey",
+        help="what a site's Observations look like to the service: codes "
+        "monitored, local codes with a likely term, units, statuses, panels without an ANC "
+        "(read-only)",
+    )
+    sv.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help="files or directories, read as replay reads them"
+    )
+    sv.add_argument(
+        "--server", action="store_true", help="a paged sample of Observations from fhir.base_url instead"
+    )
+    sv.add_argument(
+        "--since", metavar="DURATION", help="with --server: updated within this long (30m, 12h, 7d)"
+    )
+    sv.add_argument(
+        "--max", type=int, default=10_000, metavar="N", help="with --server: at most N Observations (10000)"
+    )
     sv.add_argument("--json", type=Path, metavar="FILE", help="the survey as JSON (docs/survey.md)")
-    sv.add_argument("--draft-conceptmap", type=Path, metavar="FILE",
-                    help="a draft FHIR ConceptMap of the candidates, every element marked for review")
-    sv.add_argument("--config", type=Path, metavar="FILE",
-                    help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
+    sv.add_argument(
+        "--draft-conceptmap",
+        type=Path,
+        metavar="FILE",
+        help="a draft FHIR ConceptMap of the candidates, every element marked for review",
+    )
+    sv.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)",
+    )
     sv.set_defaults(func=_survey)
 
-    e = sub.add_parser("explain", help="the decision trail of one patient: inputs, ANC, grade, episode, events and rules")
+    e = sub.add_parser(
+        "explain", help="the decision trail of one patient: inputs, ANC, grade, episode, events and rules"
+    )
     e.add_argument("patient", metavar="PATIENT", help="Patient reference (Patient/123) or id")
-    e.add_argument("--input", dest="inputs", nargs="+", metavar="FILES",
-                   help="read these files as replay does (default: fetch the patient from fhir.base_url)")
-    e.add_argument("--config", type=Path, metavar="FILE", help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)")
-    e.add_argument("--png", type=Path, metavar="OUT.png", help="also draw the timeline (needs neutrowatch[explain])")
+    e.add_argument(
+        "--input",
+        dest="inputs",
+        nargs="+",
+        metavar="FILES",
+        help="read these files as replay does (default: fetch the patient from fhir.base_url)",
+    )
+    e.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML settings (default: built-in, or $NEUTROWATCH_CONFIG)",
+    )
+    e.add_argument(
+        "--png", type=Path, metavar="OUT.png", help="also draw the timeline (needs neutrowatch[explain])"
+    )
     e.add_argument("--json", action="store_true", help="the trail as JSON, for machines")
-    e.add_argument("--no-history", action="store_true", help="from the server: current versions only, no _history reads")
+    e.add_argument(
+        "--no-history", action="store_true", help="from the server: current versions only, no _history reads"
+    )
     e.set_defaults(func=_explain)
 
     c = sub.add_parser("check-config", help="validate the configuration and exit")
@@ -297,12 +357,20 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("profiles", help="the project's FHIR profiles and terminology on the server")
     prs = pr.add_subparsers(dest="action", required=True)
-    pi = prs.add_parser("install", help="create or update the StructureDefinitions, CodeSystems and ValueSets on "
-                        "fhir.base_url (conditional on canonical url + version; a second run changes nothing)")
+    pi = prs.add_parser(
+        "install",
+        help="create or update the StructureDefinitions, CodeSystems and ValueSets on "
+        "fhir.base_url (conditional on canonical url + version; a second run changes nothing)",
+    )
     pi.add_argument("--config", type=Path, metavar="FILE")
-    pi.add_argument("--from", dest="source", type=Path, metavar="DIR",
-                    default=Path(__file__).resolve().parents[1] / "fhir_profiles" / "generated",
-                    help="the generated JSON (default: fhir_profiles/generated/ of the source tree)")
+    pi.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="DIR",
+        default=Path(__file__).resolve().parents[1] / "fhir_profiles" / "generated",
+        help="the generated JSON (default: fhir_profiles/generated/ of the source tree)",
+    )
     pi.set_defaults(func=_profiles_install)
 
     once = sub.add_parser("once", help="run one poll cycle and exit (cron-style use, tests)")

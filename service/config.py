@@ -50,18 +50,28 @@ class _Section(BaseModel):
 
 
 class PancytopeniaSettings(_Section):
-    hemoglobin_below_g_dl: float = Field(10.0, gt=0, le=25, description="Haemoglobin below this (g/dL) counts as low.")
-    platelets_below_10e3_per_ul: float = Field(100.0, gt=0, le=1000, description="Platelets below this (10^3/uL) count as low.")
+    hemoglobin_below_g_dl: float = Field(
+        10.0, gt=0, le=25, description="Haemoglobin below this (g/dL) counts as low."
+    )
+    platelets_below_10e3_per_ul: float = Field(
+        100.0, gt=0, le=1000, description="Platelets below this (10^3/uL) count as low."
+    )
 
 
 class FebrileSettings(_Section):
-    fever_window_hours: float = Field(24.0, gt=0, le=168, description="A fever counts when it lies within this many hours of the ANC.")
+    fever_window_hours: float = Field(
+        24.0, gt=0, le=168, description="A fever counts when it lies within this many hours of the ANC."
+    )
     fall_fraction: float = Field(
-        0.5, gt=0, lt=1,
+        0.5,
+        gt=0,
+        lt=1,
         description="'Expected to fall below 500 within 48 h' proxy: an ANC < 1000 that fell by at least this "
         "fraction from the previous value (a design choice, not from a guideline).",
     )
-    fall_window_hours: float = Field(48.0, gt=0, le=168, description="... within this many hours of the previous value.")
+    fall_window_hours: float = Field(
+        48.0, gt=0, le=168, description="... within this many hours of the previous value."
+    )
 
 
 class DifferentialSettings(_Section):
@@ -77,24 +87,32 @@ class ResolutionSettings(_Section):
     """When an episode closes and when it re-opens (docs/clinical-reference.md §3 "Resolution and recurrence")."""
 
     confirmations: int = Field(
-        3, ge=1, le=10,
+        3,
+        ge=1,
+        le=10,
         description="Normal panels in a row that confirm a resolution (default 3: CIBMTR ANC recovery, three "
         "consecutive values on different days). 1 with min_hours 0: one normal panel closes the episode.",
     )
     min_hours: float = Field(
-        48.0, ge=0, le=720,
+        48.0,
+        ge=0,
+        le=720,
         description="Hours the confirming panels must span, first to last (default 48: values drawn more than a "
         "day apart).",
     )
     reopen_days: float = Field(
-        7.0, ge=0, le=90,
+        7.0,
+        ge=0,
+        le=90,
         description="A neutropenic panel within this many days of an announced resolution re-opens the same "
         "episode as a recurrence (0: off; default 7, a local choice to validate).",
     )
     memory_days: float = Field(
-        365.0, ge=0, le=3650,
-        description="Episodes opened within this many days are counted in the texts (\"3rd episode in 12 "
-        "months\"; 0: off).",
+        365.0,
+        ge=0,
+        le=3650,
+        description='Episodes opened within this many days are counted in the texts ("3rd episode in 12 '
+        'months"; 0: off).',
     )
 
 
@@ -103,19 +121,33 @@ class ClinicalSettings(_Section):
     febrile: FebrileSettings = FebrileSettings()
     differential: DifferentialSettings = DifferentialSettings()
     resolution: ResolutionSettings = ResolutionSettings()
-    infant_threshold_per_ul: float = Field(1000.0, gt=0, le=5000, description="Infants (second week to 1 year): neutropenic below this.")
+    infant_threshold_per_ul: float = Field(
+        1000.0, gt=0, le=5000, description="Infants (second week to 1 year): neutropenic below this."
+    )
     patient_thresholds: dict[str, float] = Field(
         default_factory=dict,
         description="Individual neutropenia thresholds (cells/uL) by patient reference, e.g. a documented "
-        "Duffy-null associated neutrophil count baseline: {\"Patient/123\": 1000}.",
+        'Duffy-null associated neutrophil count baseline: {"Patient/123": 1000}.',
     )
     chronic_benign_threshold_per_ul: float | None = Field(
-        1000.0, gt=0, le=5000,
+        1000.0,
+        gt=0,
+        le=5000,
         description="Threshold for patients with an active Condition 234423001 (chronic benign neutropenia); "
         "null to ignore that Condition. A local choice to validate.",
     )
-    chronic_after_days: float = Field(91.0, gt=0, le=3650, description="An episode open longer than this is labelled chronic (default: more than 3 months, a local choice to validate).")
-    history_limit: int = Field(24, ge=2, le=500, description="Assessed panels remembered per patient, so a corrected result can be re-evaluated.")
+    chronic_after_days: float = Field(
+        91.0,
+        gt=0,
+        le=3650,
+        description="An episode open longer than this is labelled chronic (default: more than 3 months, a local choice to validate).",
+    )
+    history_limit: int = Field(
+        24,
+        ge=2,
+        le=500,
+        description="Assessed panels remembered per patient, so a corrected result can be re-evaluated.",
+    )
     local_timezone: str | None = Field(
         None,
         description="IANA timezone (e.g. Europe/Berlin) in which sources write collection times that carry no UTC "
@@ -123,7 +155,9 @@ class ClinicalSettings(_Section):
         "read in this zone and the decision says so.",
     )
     collection_time_slack_minutes: float = Field(
-        60.0, ge=0, le=1440,
+        60.0,
+        ge=0,
+        le=1440,
         description="A collection time later than its result's meta.lastUpdated (or the reading clock) by more than "
         "this is rejected as impossible (clock skew between laboratory system and server is allowed for).",
     )
@@ -149,15 +183,21 @@ class ClinicalSettings(_Section):
 
 
 class UnitMapping(_Section):
-    system: str = Field(min_length=1, description="The Quantity.system the site writes its unit strings under.")
-    unit: str = Field(min_length=1, description="The unit string (Quantity.code, else Quantity.unit) as written.")
+    system: str = Field(
+        min_length=1, description="The Quantity.system the site writes its unit strings under."
+    )
+    unit: str = Field(
+        min_length=1, description="The unit string (Quantity.code, else Quantity.unit) as written."
+    )
     ucum: str = Field(min_length=1, description="The UCUM code it means, e.g. 10*3/uL, [degF].")
 
     @field_validator("ucum")
     @classmethod
     def _known(cls, value: str) -> str:
         if not known_unit(value):
-            raise ValueError(f"{value[:40]!r} is not a unit the service converts (docs/clinical-reference.md §2)")
+            raise ValueError(
+                f"{value[:40]!r} is not a unit the service converts (docs/clinical-reference.md §2)"
+            )
         return value
 
 
@@ -251,27 +291,39 @@ class AlertSettings(_Section):
         allowed = ("Practitioner/", "PractitionerRole/", "CareTeam/", "Organization/", "Group/")
         for ref in value:
             if not ref.startswith(allowed) or ref.rstrip("/") in {a.rstrip("/") for a in allowed}:
-                raise ValueError(f"{ref!r} is not a Practitioner, PractitionerRole, CareTeam, Organization or Group reference")
+                raise ValueError(
+                    f"{ref!r} is not a Practitioner, PractitionerRole, CareTeam, Organization or Group reference"
+                )
         return value
 
 
 class RetrySettings(_Section):
     max_attempts: int = Field(6, ge=1, le=20, description="Attempts per request, the first included.")
-    backoff_base_seconds: float = Field(0.5, gt=0, le=60, description="First backoff; doubles each retry, with full jitter.")
-    backoff_max_seconds: float = Field(30.0, gt=0, le=600, description="Cap on one backoff, Retry-After included.")
+    backoff_base_seconds: float = Field(
+        0.5, gt=0, le=60, description="First backoff; doubles each retry, with full jitter."
+    )
+    backoff_max_seconds: float = Field(
+        30.0, gt=0, le=600, description="Cap on one backoff, Retry-After included."
+    )
     quota_window_seconds: float = Field(
-        60.0, gt=0, le=3600,
+        60.0,
+        gt=0,
+        le=3600,
         description="The server's quota window (Medplum: points per minute). A 429 without Retry-After waits a "
         "jittered half to whole window (not the backoff schedule, not capped by backoff_max_seconds), and every "
         "other request of the client waits with it.",
     )
     max_request_retry_seconds: float = Field(
-        180.0, gt=0, le=3600,
+        180.0,
+        gt=0,
+        le=3600,
         description="Total backoff one request may spend over all its retries; a retry that would pass it gives up "
         "(the cycle fails and is redone from the cursor and the outbox).",
     )
     max_cycle_retry_seconds: float = Field(
-        600.0, gt=0, le=86_400,
+        600.0,
+        gt=0,
+        le=86_400,
         description="Backoff budget of the whole client: retries stop when it is spent (a backlog never turns into a "
         "retry storm). It refills at half a second per second, and fully at the start of each poll cycle.",
     )
@@ -281,18 +333,25 @@ class SmartSettings(_Section):
     """SMART Backend Services (client_credentials with a signed JWT assertion)."""
 
     client_id: str = Field("", description="The client id registered with the authorisation server.")
-    private_key_file: Path | None = Field(None, description="PEM private key (RSA for RS384, EC P-384 for ES384); must not be world-readable.")
+    private_key_file: Path | None = Field(
+        None, description="PEM private key (RSA for RS384, EC P-384 for ES384); must not be world-readable."
+    )
     key_id: str = Field("", description="`kid` header of the assertion: the key's id in the registered JWKS.")
     algorithm: Literal["RS384", "ES384"] = Field(
-        "RS384", description="Signature algorithm of the JWT assertion: RS384 (an RSA key) or ES384 (an EC P-384 key)."
+        "RS384",
+        description="Signature algorithm of the JWT assertion: RS384 (an RSA key) or ES384 (an EC P-384 key).",
     )
     scope: str = Field(
         default_scope(),
         description="Requested scopes (SMART v2 syntax, or v1 such as system/Flag.write). The default is exactly what the "
         "built-in configuration does (service/fhir/scopes.py); `check-config --probe` compares it with what the server grants.",
     )
-    token_url: str | None = Field(None, description="Token endpoint; discovered from .well-known/smart-configuration when empty.")
-    jku: str | None = Field(None, description="Optional `jku` header: URL of the JWKS holding the public key.")
+    token_url: str | None = Field(
+        None, description="Token endpoint; discovered from .well-known/smart-configuration when empty."
+    )
+    jku: str | None = Field(
+        None, description="Optional `jku` header: URL of the JWKS holding the public key."
+    )
 
 
 class AuthSettings(_Section):
@@ -302,9 +361,12 @@ class AuthSettings(_Section):
         description="How requests authenticate: none; bearer (a static token, bearer_token or bearer_token_file); "
         "smart (SMART Backend Services, the smart section).",
     )
-    bearer_token: SecretStr | None = Field(None, description="Static bearer token (set it from the environment, never in a file in the repo).")
+    bearer_token: SecretStr | None = Field(
+        None, description="Static bearer token (set it from the environment, never in a file in the repo)."
+    )
     bearer_token_file: Path | None = Field(
-        None, description="File holding the static bearer token (a mounted secret); re-read after a 401, so a rotated secret needs no restart."
+        None,
+        description="File holding the static bearer token (a mounted secret); re-read after a 401, so a rotated secret needs no restart.",
     )
     smart: SmartSettings = SmartSettings()
 
@@ -318,7 +380,9 @@ class AuthSettings(_Section):
 
 
 class FhirSettings(_Section):
-    base_url: str = Field("", description="FHIR R4 base URL, e.g. https://fhir.example.org/r4 (required by run/once).")
+    base_url: str = Field(
+        "", description="FHIR R4 base URL, e.g. https://fhir.example.org/r4 (required by run/once)."
+    )
     allow_insecure_http: bool = Field(False, description="Allow a plain http:// base URL (local tests only).")
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
     ca_bundle: Path | None = Field(None, description="PEM CA bundle to trust instead of the system store.")
@@ -326,12 +390,16 @@ class FhirSettings(_Section):
     page_size: int = Field(200, ge=1, le=1000, description="_count of each search page.")
     max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
     max_requests_per_minute: int | None = Field(
-        None, ge=1, le=1_000_000,
+        None,
+        ge=1,
+        le=1_000_000,
         description="Client-side rate limit: at most this many requests (retries included) in any 60 s; none when "
         "empty. Set it under a server quota (Medplum prices a write 100 points, a search 20, a read 10).",
     )
     max_response_bytes: int = Field(
-        64 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024,
+        64 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1024 * 1024 * 1024,
         description="Largest response body read (after decompression); a larger one is refused unread, checked "
         "against Content-Length and while the body streams in. A search page so refused fails the cycle and the "
         "cursor stays (raise this, or lower page_size). 64 MiB: a full page (page_size 1000) of Observations is "
@@ -340,7 +408,9 @@ class FhirSettings(_Section):
     )
     user_agent: str = Field("neutrowatch/0.1", description="User-Agent header.")
     max_search_url_length: int = Field(
-        2048, ge=256, le=65_536,
+        2048,
+        ge=256,
+        le=65_536,
         description="Longest search URL sent: a search whose code list would make it longer (many local codes from "
         "terminology.concept_maps) is split into several searches read as one. Servers and proxies refuse long GETs "
         "(IIS: 2048 characters of query by default).",
@@ -374,21 +444,29 @@ class FhirSettings(_Section):
     @model_validator(mode="after")
     def _scheme(self) -> FhirSettings:
         if self.base_url.startswith("http://") and not self.allow_insecure_http:
-            raise ValueError("base_url is plain http://; use https:// or set allow_insecure_http for local tests")
+            raise ValueError(
+                "base_url is plain http://; use https:// or set allow_insecure_http for local tests"
+            )
         if self.base_url and base_key(self.base_url) in {base_key(b) for b in self.accepted_foreign_bases}:
-            raise ValueError("accepted_foreign_bases lists base_url itself: its references are local, not foreign")
+            raise ValueError(
+                "accepted_foreign_bases lists base_url itself: its references are local, not foreign"
+            )
         return self
 
 
 class PollSettings(_Section):
     interval_seconds: float = Field(30.0, gt=0, le=86_400, description="Time between poll cycles.")
     overlap_seconds: float = Field(
-        120.0, ge=0, le=86_400,
+        120.0,
+        ge=0,
+        le=86_400,
         description="Each poll re-reads this far behind the cursor: rows become visible when their "
         "transaction commits, which can be after later rows (reference §5). Re-reads are de-duplicated.",
     )
     settle_seconds: float = Field(
-        60.0, ge=0, le=86_400,
+        60.0,
+        ge=0,
+        le=86_400,
         description="An incomplete panel (no WBC, or no neutrophil result yet) waits this long for its "
         "other results before what is there is assessed.",
     )
@@ -399,9 +477,13 @@ class PollSettings(_Section):
         description="Read Patient.birthDate and active Conditions (age and individual thresholds), and the "
         "orders and care team for recipients; cached for context_ttl_seconds.",
     )
-    context_ttl_seconds: float = Field(3600.0, ge=0, le=86_400 * 7, description="How long fetched patient context is reused.")
+    context_ttl_seconds: float = Field(
+        3600.0, ge=0, le=86_400 * 7, description="How long fetched patient context is reused."
+    )
     max_pages_per_step: int = Field(
-        5, ge=1, le=1000,
+        5,
+        ge=1,
+        le=1000,
         description="A cycle reads at most this many search pages, then decides, posts and moves the cursor (a step) "
         "before it reads on, so a backlog is worked through in steps that each commit progress (/readyz: catching up). "
         "5 pages of the default 200 are about 1,000 Observations, whose alerts (about 400 writes in a chemotherapy "
@@ -421,7 +503,9 @@ class StoreSettings(_Section):
         description="sqlite: one replica, state in a local file. postgres: state in PostgreSQL; several replicas "
         "may run and one (holding an advisory lock) polls and posts.",
     )
-    path: Path = Field(Path("neutrowatch.sqlite3"), description="SQLite state file (cursor, results, episodes, outbox).")
+    path: Path = Field(
+        Path("neutrowatch.sqlite3"), description="SQLite state file (cursor, results, episodes, outbox)."
+    )
     dsn: SecretStr | None = Field(
         None,
         description="PostgreSQL DSN: a URL with a host, e.g. postgresql://neutrowatch@db:5432/neutrowatch, or libpq "
@@ -429,12 +513,17 @@ class StoreSettings(_Section):
     )
     dsn_file: Path | None = Field(None, description="File holding the PostgreSQL DSN (a mounted secret).")
     schema_name: str = Field(
-        "neutrowatch", pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        "neutrowatch",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
         description="PostgreSQL schema holding the tables; one per deployment (the leader lock is keyed on it).",
     )
-    pool_size: int = Field(4, ge=2, le=64, description="PostgreSQL connections in the pool (the leader lock has its own).")
+    pool_size: int = Field(
+        4, ge=2, le=64, description="PostgreSQL connections in the pool (the leader lock has its own)."
+    )
     failover_check_seconds: float = Field(
-        2.0, gt=0, le=60,
+        2.0,
+        gt=0,
+        le=60,
         description="A standby retries the leader lock this often; the leader re-checks it holds the lock this often.",
     )
 
@@ -462,7 +551,9 @@ class StoreSettings(_Section):
             try:
                 text = self.dsn_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as err:
-                raise ConfigError(f"config error: store.dsn_file: {getattr(err, 'strerror', None) or type(err).__name__}") from None
+                raise ConfigError(
+                    f"config error: store.dsn_file: {getattr(err, 'strerror', None) or type(err).__name__}"
+                ) from None
             try:
                 return pgdsn.parse(text)
             except ValueError as err:
@@ -473,21 +564,28 @@ class StoreSettings(_Section):
 
 class WebSettings(_Section):
     host: str = Field("0.0.0.0", description="Address of the health and metrics endpoints.")
-    port: int = Field(8080, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics (0: any free port).")
+    port: int = Field(
+        8080, ge=0, le=65535, description="Port of /healthz, /readyz and /metrics (0: any free port)."
+    )
 
 
 class LoggingSettings(_Section):
-    level: Literal["debug", "info", "warning", "error"] = Field("info", description="The lowest level logged.")
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="The lowest level logged."
+    )
     patient_references: Literal["pseudonymised", "plain"] = Field(
         "pseudonymised",
         description="pseudonymised: every Patient/<id> in a log line becomes Patient/~<keyed hash> (logs are then "
         "not PHI); plain: references as they are (the logs tie grades and values to patients: treat them as PHI).",
     )
     pseudonym_key: SecretStr | None = Field(
-        None, description="Key of the pseudonyms (HMAC-SHA-256); set it from the environment "
+        None,
+        description="Key of the pseudonyms (HMAC-SHA-256); set it from the environment "
         "(NEUTROWATCH_LOGGING__PSEUDONYM_KEY), never in a file in the repo. Unset: a key per process.",
     )
-    pseudonym_key_file: Path | None = Field(None, description="File holding the pseudonym key (a mounted secret).")
+    pseudonym_key_file: Path | None = Field(
+        None, description="File holding the pseudonym key (a mounted secret)."
+    )
 
     def pseudonym_key_bytes(self) -> bytes | None:
         """The configured key, read from pseudonym_key_file when that is set (never logged)."""
@@ -495,8 +593,11 @@ class LoggingSettings(_Section):
             try:
                 return self.pseudonym_key_file.read_bytes().strip()
             except OSError as err:
-                raise ConfigError(f"config error: logging.pseudonym_key_file: {err.strerror or err}") from None
+                raise ConfigError(
+                    f"config error: logging.pseudonym_key_file: {err.strerror or err}"
+                ) from None
         return self.pseudonym_key.get_secret_value().encode() if self.pseudonym_key is not None else None
+
     format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: console in a terminal, JSON otherwise."
     )
@@ -504,7 +605,11 @@ class LoggingSettings(_Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", frozen=True, hide_input_in_errors=True
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
     )
 
     fhir: FhirSettings = FhirSettings()
@@ -548,9 +653,12 @@ class Settings(BaseSettings):
     def read_policy(self) -> ReadPolicy:
         """How Observations are read (replay and the live loop alike). Replay has no server: its base is
         fhir.base_url when configured, else every absolute reference is foreign unless accepted."""
-        return ReadPolicy(local_timezone=self.clinical.local_timezone, base_url=self.fhir.base_url or None,
-                          accepted_foreign_bases=self.fhir.accepted_foreign_bases,
-                          terminology=self.terminology.terminology())
+        return ReadPolicy(
+            local_timezone=self.clinical.local_timezone,
+            base_url=self.fhir.base_url or None,
+            accepted_foreign_bases=self.fhir.accepted_foreign_bases,
+            terminology=self.terminology.terminology(),
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -597,7 +705,11 @@ def _problems(err: ValidationError) -> list[str]:
     found = []
     for error in err.errors():
         field = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"].removeprefix("Value error, ")
+        message = (
+            "unknown field"
+            if error["type"] == "extra_forbidden"
+            else error["msg"].removeprefix("Value error, ")
+        )
         found.append(f"{field}: {message}")
     return found
 
@@ -633,7 +745,9 @@ class Review:
     warnings: list[str]
 
 
-_INLINE = "is written in the config file {path}: set it from the environment ({env}) or a mounted file ({file})"
+_INLINE = (
+    "is written in the config file {path}: set it from the environment ({env}) or a mounted file ({file})"
+)
 _LOOPBACK = ("127.", "localhost", "[::1]")
 
 
@@ -656,32 +770,50 @@ def review_settings(path: str | Path | None = None) -> Review:
         env = EnvSettingsSource(Settings)()
         base_url = _dig(env, "fhir", "base_url") or _dig(data, "fhir", "base_url") or ""
     if not str(base_url).strip() and not any(e.startswith("fhir.base_url:") for e in errors):
-        errors.append("fhir.base_url: required (run and once poll this FHIR server); e.g. https://fhir.example.org/r4")
+        errors.append(
+            "fhir.base_url: required (run and once poll this FHIR server); e.g. https://fhir.example.org/r4"
+        )
     if settings is not None and settings.fhir.auth.method != "none":
         fhir, credential = settings.fhir, f"fhir.auth.method is {settings.fhir.auth.method}"
         if not fhir.verify_tls:
-            warnings.append(f"fhir.verify_tls: false while {credential}: the credential goes to any server that "
-                            "answers for the host (a man in the middle included); use fhir.ca_bundle for a private CA")
+            warnings.append(
+                f"fhir.verify_tls: false while {credential}: the credential goes to any server that "
+                "answers for the host (a man in the middle included); use fhir.ca_bundle for a private CA"
+            )
         host = fhir.base_url.removeprefix("http://").split("/", 1)[0]
         if fhir.base_url.startswith("http://") and not host.startswith(_LOOPBACK):
-            warnings.append(f"fhir.allow_insecure_http: plain http:// to {host} while {credential}: the credential travels in clear")
+            warnings.append(
+                f"fhir.allow_insecure_http: plain http:// to {host} while {credential}: the credential travels in clear"
+            )
     if settings is not None and settings.fhir.auth.method == "smart":
         need = required(needed_by(settings))
         lacking = missing(need, settings.fhir.auth.smart.scope)
         if lacking:
-            warnings.append(f"fhir.auth.smart.scope lacks {' '.join(lacking)}: the server will refuse those requests "
-                            f"(this configuration needs {scope_string(need)})")
+            warnings.append(
+                f"fhir.auth.smart.scope lacks {' '.join(lacking)}: the server will refuse those requests "
+                f"(this configuration needs {scope_string(need)})"
+            )
     where = str(config) if config is not None else "the config file"
     if _dig(data, "fhir", "auth", "bearer_token"):
-        warnings.append("fhir.auth.bearer_token " + _INLINE.format(
-            path=where, env=f"{ENV_PREFIX}FHIR__AUTH__BEARER_TOKEN", file="fhir.auth.bearer_token_file"))
+        warnings.append(
+            "fhir.auth.bearer_token "
+            + _INLINE.format(
+                path=where, env=f"{ENV_PREFIX}FHIR__AUTH__BEARER_TOKEN", file="fhir.auth.bearer_token_file"
+            )
+        )
     if _dig(data, "logging", "pseudonym_key"):
-        warnings.append("logging.pseudonym_key " + _INLINE.format(
-            path=where, env=f"{ENV_PREFIX}LOGGING__PSEUDONYM_KEY", file="logging.pseudonym_key_file"))
+        warnings.append(
+            "logging.pseudonym_key "
+            + _INLINE.format(
+                path=where, env=f"{ENV_PREFIX}LOGGING__PSEUDONYM_KEY", file="logging.pseudonym_key_file"
+            )
+        )
     dsn = _dig(data, "store", "dsn")
     if isinstance(dsn, str) and _has_password(dsn):
-        warnings.append("store.dsn holds a password and " + _INLINE.format(
-            path=where, env=f"{ENV_PREFIX}STORE__DSN", file="store.dsn_file"))
+        warnings.append(
+            "store.dsn holds a password and "
+            + _INLINE.format(path=where, env=f"{ENV_PREFIX}STORE__DSN", file="store.dsn_file")
+        )
     return Review(settings, errors, warnings)
 
 

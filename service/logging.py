@@ -26,10 +26,34 @@ from typing import Any
 import structlog
 
 PHI_KEYS = frozenset(
-    {"name", "names", "given", "family", "birthdate", "birth_date", "address", "telecom", "text",
-     "payload", "content", "contentstring", "note", "comment", "value_string", "valuestring", "display",
-     # free text of the other resources read (DiagnosticReport, narrative), and contact details
-     "conclusion", "interpretation", "div", "narrative", "phone", "email", "dob", "body"}
+    {
+        "name",
+        "names",
+        "given",
+        "family",
+        "birthdate",
+        "birth_date",
+        "address",
+        "telecom",
+        "text",
+        "payload",
+        "content",
+        "contentstring",
+        "note",
+        "comment",
+        "value_string",
+        "valuestring",
+        "display",
+        # free text of the other resources read (DiagnosticReport, narrative), and contact details
+        "conclusion",
+        "interpretation",
+        "div",
+        "narrative",
+        "phone",
+        "email",
+        "dob",
+        "body",
+    }
 )
 
 
@@ -47,15 +71,19 @@ def _redacted(value: Any, depth: int) -> Any:
     if depth <= 0:
         return value
     if isinstance(value, dict):
-        return {k: "[redacted]" if isinstance(k, str) and k.lower() in PHI_KEYS else _redacted(v, depth - 1)
-                for k, v in value.items()}
+        return {
+            k: "[redacted]" if isinstance(k, str) and k.lower() in PHI_KEYS else _redacted(v, depth - 1)
+            for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_redacted(v, depth - 1) for v in value]
     return value
 
 
 # A Patient reference inside any logged text: relative, versioned or absolute.
-_PATIENT = re.compile(r"(?:https?://[!-~]{1,400}?/)?Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?")
+_PATIENT = re.compile(
+    r"(?:https?://[!-~]{1,400}?/)?Patient/([A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?"
+)
 
 
 class Pseudonyms:
@@ -74,10 +102,13 @@ class Pseudonyms:
         return _PATIENT.sub(lambda m: "Patient/" + self.of(m.group(1)), value)
 
     def processor(self) -> Callable[[Any, str, MutableMapping[str, Any]], MutableMapping[str, Any]]:
-        def pseudonymise(_logger: Any, _method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        def pseudonymise(
+            _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+        ) -> MutableMapping[str, Any]:
             for key, value in list(event_dict.items()):
                 event_dict[key] = self._value(value, 4)
             return event_dict
+
         return pseudonymise
 
     def _value(self, value: Any, depth: int) -> Any:
@@ -111,10 +142,16 @@ def configure(level: str = "info", fmt: str = "auto", pseudonyms: Pseudonyms | N
     privacy: list[Any] = [drop_phi] + ([pseudonyms.processor()] if pseudonyms is not None else [])
     # Libraries that log through the standard library (APScheduler, aiohttp) get the same format.
     handler = logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
-    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
-        processor=renderer,
-        foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.processors.TimeStamper(fmt="iso", utc=True), *privacy],
-    ))
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processor=renderer,
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                *privacy,
+            ],
+        )
+    )
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(max(logging.getLevelNamesMapping()[level.upper()], logging.INFO))

@@ -35,7 +35,14 @@ ITEM_TO_LOINC: dict[str, tuple[str, str]] = {
 }
 
 # MIMIC unit string -> UCUM code ("K" is kelvin in UCUM: K/uL is 10*3/uL).
-UCUM_UNIT: dict[str, str] = {"K/uL": "10*3/uL", "%": "%", "#/uL": "/uL", "g/dL": "g/dL", "°F": "[degF]", "°C": "Cel"}
+UCUM_UNIT: dict[str, str] = {
+    "K/uL": "10*3/uL",
+    "%": "%",
+    "#/uL": "/uL",
+    "g/dL": "g/dL",
+    "°F": "[degF]",
+    "°C": "Cel",
+}
 
 
 def with_loinc(resource: dict[str, Any]) -> dict[str, Any]:

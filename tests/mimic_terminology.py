@@ -41,7 +41,14 @@ LOINC_OF_ITEM: dict[tuple[str, str], str] = {
 }
 
 # MIMIC's unit strings as UCUM (UCUM 2.1, https://ucum.org/ucum): the `terminology.units` of a site config.
-UCUM_OF_UNIT: dict[str, str] = {"K/uL": "10*3/uL", "%": "%", "#/uL": "/uL", "g/dL": "g/dL", "°F": "[degF]", "°C": "Cel"}
+UCUM_OF_UNIT: dict[str, str] = {
+    "K/uL": "10*3/uL",
+    "%": "%",
+    "#/uL": "/uL",
+    "g/dL": "g/dL",
+    "°F": "[degF]",
+    "°C": "Cel",
+}
 
 
 def units_config() -> list[dict[str, str]]:
@@ -59,7 +66,10 @@ def with_loinc_codings(resource: dict[str, Any]) -> dict[str, Any]:
     (unchanged when the item has none)."""
     out = copy.deepcopy(resource)
     codings = out.get("code", {}).get("coding", [])
-    added = [{"system": "http://loinc.org", "code": LOINC_OF_ITEM[(c["system"], c["code"])]}
-             for c in codings if (c.get("system"), c.get("code")) in LOINC_OF_ITEM]
+    added = [
+        {"system": "http://loinc.org", "code": LOINC_OF_ITEM[(c["system"], c["code"])]}
+        for c in codings
+        if (c.get("system"), c.get("code")) in LOINC_OF_ITEM
+    ]
     codings.extend(added)
     return out

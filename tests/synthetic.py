@@ -81,14 +81,27 @@ class Analyte:
 
 _SEGS, _BANDS = "Segmented neutrophils", "Band form neutrophils"
 ANALYTES: dict[str, Analyte] = {
-    "wbc": Analyte("6690-2", "Leukocytes [#/volume] in Blood by Automated count", "WBC", "count", (4.0, 11.0)),
-    "anc": Analyte("751-8", "Neutrophils [#/volume] in Blood by Automated count", "Neut #", "count", (1.8, 7.7)),
-    "neut_pct": Analyte("770-8", "Neutrophils/100 leukocytes in Blood by Automated count", "Neut %", "pct",
-                        (40.0, 75.0)),
-    "segs_pct": Analyte("769-0", f"{_SEGS}/100 leukocytes in Blood by Manual count", "Segs", "pct", (40.0, 70.0)),
-    "bands_pct": Analyte("764-1", f"{_BANDS}/100 leukocytes in Blood by Manual count", "Bands", "pct", (0.0, 5.0)),
-    "segs_abs": Analyte("768-2", f"{_SEGS} [#/volume] in Blood by Manual count", "Segs #", "count", (1.8, 7.0)),
-    "bands_abs": Analyte("763-3", f"{_BANDS} [#/volume] in Blood by Manual count", "Bands #", "count", (0.0, 0.7)),
+    "wbc": Analyte(
+        "6690-2", "Leukocytes [#/volume] in Blood by Automated count", "WBC", "count", (4.0, 11.0)
+    ),
+    "anc": Analyte(
+        "751-8", "Neutrophils [#/volume] in Blood by Automated count", "Neut #", "count", (1.8, 7.7)
+    ),
+    "neut_pct": Analyte(
+        "770-8", "Neutrophils/100 leukocytes in Blood by Automated count", "Neut %", "pct", (40.0, 75.0)
+    ),
+    "segs_pct": Analyte(
+        "769-0", f"{_SEGS}/100 leukocytes in Blood by Manual count", "Segs", "pct", (40.0, 70.0)
+    ),
+    "bands_pct": Analyte(
+        "764-1", f"{_BANDS}/100 leukocytes in Blood by Manual count", "Bands", "pct", (0.0, 5.0)
+    ),
+    "segs_abs": Analyte(
+        "768-2", f"{_SEGS} [#/volume] in Blood by Manual count", "Segs #", "count", (1.8, 7.0)
+    ),
+    "bands_abs": Analyte(
+        "763-3", f"{_BANDS} [#/volume] in Blood by Manual count", "Bands #", "count", (0.0, 0.7)
+    ),
     "anc_any": Analyte("26499-4", "Neutrophils [#/volume] in Blood", "ANC", "count", (2.5, 5.0)),
     "hb": Analyte("718-7", "Hemoglobin [Mass/volume] in Blood", "Hgb", "hb", (12.0, 17.5)),
     "plt": Analyte("777-3", "Platelets [#/volume] in Blood by Automated count", "PLT", "count", (150, 400)),
@@ -170,7 +183,7 @@ def _garble(rng: random.Random, v: float) -> float:
         spots = [i for i in range(len(s) - 1) if s[i].isdigit() and s[i + 1].isdigit() and s[i] != s[i + 1]]
         if spots:
             i = rng.choice(spots)
-            s = s[:i] + s[i + 1] + s[i] + s[i + 2:]
+            s = s[:i] + s[i + 1] + s[i] + s[i + 2 :]
             return int(s) if nd == 0 else float(s)
     wrong = v * rng.choice((10, 0.1)) if r < 0.7 else v * rng.uniform(0.8, 1.2)
     return int(round(wrong)) if nd == 0 else round(wrong, nd)
@@ -201,8 +214,11 @@ class _Patient:
         self.seq = self.temp_no = 0
         # Kind and nadir depth follow a Kronecker sequence: fractions hold even for a 40-patient demo.
         u, depth = (shift[0] + idx * _GOLDEN) % 1.0, (shift[1] + idx * _SQRT2) % 1.0
-        self.kind = "chemo" if u < spec.chemo_fraction else (
-            "chronic" if u < spec.chemo_fraction + spec.chronic_fraction else "normal")
+        self.kind = (
+            "chemo"
+            if u < spec.chemo_fraction
+            else ("chronic" if u < spec.chemo_fraction + spec.chronic_fraction else "normal")
+        )
         self.baseline = rng.uniform(1100, 1350) if self.kind == "chronic" else rng.uniform(2000, 6500)
         fraction = rng.uniform(0.45, 0.75)
         self.other = self.baseline * (1 - fraction) / fraction  # non-neutrophil leukocytes, cells/uL
@@ -212,9 +228,20 @@ class _Patient:
         self.tz_suffix = _tz_suffix(self.tz)
         self.local_codes, self.orders = rng.random() < 0.3, rng.random() < 0.5
         self.fahrenheit, self.oral = rng.random() < 0.3, rng.random() < 0.3
-        self.cycle0, self.cycles, self.nadir_day = _randint(rng, 0, 10), _randint(rng, 4, 8), rng.uniform(7, 14)
-        self.nadir_band = (40, 480) if depth < 0.3 else (520, 980) if depth < 0.6 else (
-            1020, 1480) if depth < 0.85 else None  # None: the nadir stays above 1500
+        self.cycle0, self.cycles, self.nadir_day = (
+            _randint(rng, 0, 10),
+            _randint(rng, 4, 8),
+            rng.uniform(7, 14),
+        )
+        self.nadir_band = (
+            (40, 480)
+            if depth < 0.3
+            else (520, 980)
+            if depth < 0.6
+            else (1020, 1480)
+            if depth < 0.85
+            else None
+        )  # None: the nadir stays above 1500
         self.fever_prone = rng.random() < 0.4
         self.cycle_no, self.cycle_nadir, self.cycle_anc, self.fever_cycle = -1, 0.0, 0.0, -1
         self.near_nadir = False
@@ -226,7 +253,11 @@ class _Patient:
         day, draw_no = _randint(rng, 0, 4), 1
         while day < self.spec.days:
             wide = rng.random() < 0.1  # an off-hours draw
-            t = self.start_ms + day * DAY + _randint(rng, -480 if wide else -120, 840 if wide else 240) * MINUTE
+            t = (
+                self.start_ms
+                + day * DAY
+                + _randint(rng, -480 if wide else -120, 840 if wide else 240) * MINUTE
+            )
             while pending and pending[0][0] <= t - HOUR:  # nothing from this draw on is earlier
                 yield self._pop()
             self._draw(draw_no, t)
@@ -251,13 +282,21 @@ class _Patient:
         rng = self.rng
         gender = rng.choice(("female", "male"))
         u = rng.random()
-        age_days = (_randint(rng, 14, 335) if u < 0.01 else
-                    _randint(rng, 365, 17 * 365 + 364) if u < 0.06 else _randint(rng, 18 * 365, 90 * 365 + 364))
+        age_days = (
+            _randint(rng, 14, 335)
+            if u < 0.01
+            else _randint(rng, 365, 17 * 365 + 364)
+            if u < 0.06
+            else _randint(rng, 18 * 365, 90 * 365 + 364)
+        )
         return {
-            "resourceType": "Patient", "id": self.pid, "meta": {"versionId": "1", "lastUpdated": _zulu(ms)},
+            "resourceType": "Patient",
+            "id": self.pid,
+            "meta": {"versionId": "1", "lastUpdated": _zulu(ms)},
             "identifier": [{"system": MRN_SYSTEM, "value": f"MRN{self.spec.seed}-{self.idx:06d}"}],
             "name": [{"family": rng.choice(FAMILY), "given": [rng.choice(GIVEN[gender])]}],
-            "gender": gender, "birthDate": (self.spec.start - timedelta(days=age_days)).date().isoformat(),
+            "gender": gender,
+            "birthDate": (self.spec.start - timedelta(days=age_days)).date().isoformat(),
         }
 
     def _next_day(self, day: int) -> int:
@@ -286,7 +325,9 @@ class _Patient:
             self.cycle_no = cycle
             self.cycle_nadir = min(14.0, max(7.0, self.nadir_day + rng.uniform(-1, 1)))
             band = self.nadir_band
-            self.cycle_anc = rng.uniform(*band) if band else max(1600.0, self.baseline * rng.uniform(0.4, 0.8))
+            self.cycle_anc = (
+                rng.uniform(*band) if band else max(1600.0, self.baseline * rng.uniform(0.4, 0.8))
+            )
         shape = _cycle_shape(day - cycle * CYCLE_DAYS, self.cycle_nadir)
         self.near_nadir = shape >= 0.6
         ratio = min(1.0, self.cycle_anc / self.baseline)
@@ -298,7 +339,9 @@ class _Patient:
         noise = rng.choice(NOISE_KINDS) if rng.random() < spec.noise_fraction else None
         if noise == "comparator-lt":
             anc = rng.uniform(15, 95)
-        kind = "auto" if noise in _NOISE_ON_ANC else rng.choices(PANEL_KINDS, cum_weights=PANEL_CUM_WEIGHTS)[0]
+        kind = (
+            "auto" if noise in _NOISE_ON_ANC else rng.choices(PANEL_KINDS, cum_weights=PANEL_CUM_WEIGHTS)[0]
+        )
         values = self._values(kind, anc, suppression)
         draw_id = f"{self.pid}-d{n:03d}"
         issued = t + _randint(rng, 30, 180) * MINUTE
@@ -317,14 +360,20 @@ class _Patient:
                 self._push(ms, "_lab_obs", *args, "preliminary")
                 done = ms + _randint(rng, 30, 360) * MINUTE
                 self._push(done, "_lab_obs", *args, "final", 2, self._local(done - 4000))
-            elif tag is None and rng.random() < spec.corrections and (wrong := _garble(rng, value)) not in (0, value):
+            elif (
+                tag is None
+                and rng.random() < spec.corrections
+                and (wrong := _garble(rng, value)) not in (0, value)
+            ):
                 fixed = ms + _randint(rng, 2 * HOUR, 36 * HOUR)  # version 1 carries a transcription error
                 self._push(ms, "_lab_obs", oid, draw_id, key, wrong, when, order, None)
                 self._push(fixed, "_lab_obs", *args, "corrected", 2, self._local(fixed - 4000))
             else:
                 self._push(ms, "_lab_obs", *args)
             ms += _randint(rng, 20, 400)
-        self._push(max(ms, done) + _randint(rng, 200, 2000), "_report", draw_id, kind, when, order, tuple(ids))
+        self._push(
+            max(ms, done) + _randint(rng, 200, 2000), "_report", draw_id, kind, when, order, tuple(ids)
+        )
         if spec.temperatures:
             self._temperatures(t)
 
@@ -335,16 +384,25 @@ class _Patient:
         wbc = max(0.05, round((anc + other) / 1000, 2))
         pct = round(100 * anc / (anc + other), 1)
         v: dict[str, float] = {
-            "wbc": wbc, "neut_pct": pct, "anc": round(wbc * pct / 100, 2),
+            "wbc": wbc,
+            "neut_pct": pct,
+            "anc": round(wbc * pct / 100, 2),
             "hb": round(min(15.0, max(8.0, self.hb - 2.5 * suppression + rng.gauss(0, 0.25))), 1),
-            "plt": round(min(400.0, max(20.0, self.plt * (1 - self.plt_sensitivity * suppression)
-                                        * rng.gauss(1, 0.05)))),
+            "plt": round(
+                min(
+                    400.0, max(20.0, self.plt * (1 - self.plt_sensitivity * suppression) * rng.gauss(1, 0.05))
+                )
+            ),
         }
         if kind in ("manual", "abs_segs"):  # a 100-cell manual count: whole percents
             neut = round(pct)
             bands = min(neut, _randint(rng, 0, 5) if rng.random() < 0.9 else _randint(rng, 6, 15))
-            v.update(segs_pct=neut - bands, bands_pct=bands,
-                     segs_abs=round(wbc * (neut - bands) / 100, 2), bands_abs=round(wbc * bands / 100, 2))
+            v.update(
+                segs_pct=neut - bands,
+                bands_pct=bands,
+                segs_abs=round(wbc * (neut - bands) / 100, 2),
+                bands_abs=round(wbc * bands / 100, 2),
+            )
         return v
 
     def _quantity(self, a: Analyte, v: float) -> Resource:
@@ -353,20 +411,42 @@ class _Patient:
         if a.kind == "hb":
             return {"value": v, "unit": "g/dL", "system": UCUM, "code": "g/dL"}
         u = self.unit
-        return {"value": v if u.scale == 1 else int(round(v * u.scale)), "unit": u.unit, "system": u.system,
-                "code": u.code}
+        return {
+            "value": v if u.scale == 1 else int(round(v * u.scale)),
+            "unit": u.unit,
+            "system": u.system,
+            "code": u.code,
+        }
 
-    def _lab_obs(self, oid: str, draw_id: str, key: str, value: float, when: tuple[str, str], order: str | None,
-                 noise: str | None, status: str = "final", version: int = 1, issued: str | None = None) -> Resource:
+    def _lab_obs(
+        self,
+        oid: str,
+        draw_id: str,
+        key: str,
+        value: float,
+        when: tuple[str, str],
+        order: str | None,
+        noise: str | None,
+        status: str = "final",
+        version: int = 1,
+        issued: str | None = None,
+    ) -> Resource:
         a = ANALYTES["anc_any" if noise == "anc-26499-4-unit-error" else key]
         coding = [{"system": LOINC, "code": a.loinc, "display": a.display}]
         if self.local_codes:
             coding.insert(0, {"system": LOCAL_LAB, "code": f"CBC.{key.upper()}", "display": a.text})
         obs: Resource = {
-            "resourceType": "Observation", "id": oid, "meta": {"versionId": str(version)}, "status": status,
-            "category": [{"coding": [{"system": OBS_CATEGORY, "code": "laboratory", "display": "Laboratory"}]}],
-            "code": {"coding": coding, "text": a.text}, "subject": {"reference": f"Patient/{self.pid}"},
-            "effectiveDateTime": when[0], "issued": issued or when[1],
+            "resourceType": "Observation",
+            "id": oid,
+            "meta": {"versionId": str(version)},
+            "status": status,
+            "category": [
+                {"coding": [{"system": OBS_CATEGORY, "code": "laboratory", "display": "Laboratory"}]}
+            ],
+            "code": {"coding": coding, "text": a.text},
+            "subject": {"reference": f"Patient/{self.pid}"},
+            "effectiveDateTime": when[0],
+            "issued": issued or when[1],
             "specimen": {"reference": f"Specimen/{draw_id}-sp"},
             "valueQuantity": self._quantity(a, value),
             "referenceRange": [{"low": self._quantity(a, a.ref[0]), "high": self._quantity(a, a.ref[1])}],
@@ -377,14 +457,20 @@ class _Patient:
             _add_noise(obs, noise, value)
         return obs
 
-    def _report(self, draw_id: str, kind: str, when: tuple[str, str], order: str | None,
-                ids: tuple[str, ...]) -> Resource:
+    def _report(
+        self, draw_id: str, kind: str, when: tuple[str, str], order: str | None, ids: tuple[str, ...]
+    ) -> Resource:
         code, display = PANELS[kind][:2]
         report: Resource = {
-            "resourceType": "DiagnosticReport", "id": f"{draw_id}-dr", "meta": {"versionId": "1"}, "status": "final",
+            "resourceType": "DiagnosticReport",
+            "id": f"{draw_id}-dr",
+            "meta": {"versionId": "1"},
+            "status": "final",
             "category": [{"coding": [{"system": V2_0074, "code": "LAB", "display": "Laboratory"}]}],
             "code": {"coding": [{"system": LOINC, "code": code, "display": display}], "text": "CBC w/ diff"},
-            "subject": {"reference": f"Patient/{self.pid}"}, "effectiveDateTime": when[0], "issued": when[1],
+            "subject": {"reference": f"Patient/{self.pid}"},
+            "effectiveDateTime": when[0],
+            "issued": when[1],
             "specimen": [{"reference": f"Specimen/{draw_id}-sp"}],
             "result": [{"reference": f"Observation/{oid}"} for oid in ids],
         }
@@ -414,21 +500,37 @@ class _Patient:
     def _temperature(self, t: int, celsius: float) -> None:
         self.temp_no += 1
         issued = t + _randint(self.rng, 0, 5 * MINUTE)
-        self._push(issued + _randint(self.rng, 500, 5000), "_temperature_obs", self.temp_no, t, issued,
-                   min(41.0, max(35.5, celsius)))
+        self._push(
+            issued + _randint(self.rng, 500, 5000),
+            "_temperature_obs",
+            self.temp_no,
+            t,
+            issued,
+            min(41.0, max(35.5, celsius)),
+        )
 
     def _temperature_obs(self, n: int, t: int, issued: int, celsius: float) -> Resource:
         coding = [{"system": LOINC, "code": "8310-5", "display": "Body temperature"}]
         if self.oral:
             coding.append({"system": LOINC, "code": "8331-1", "display": "Oral temperature"})
-        value = ({"value": round(celsius * 9 / 5 + 32, 1), "unit": "°F", "system": UCUM, "code": "[degF]"}
-                 if self.fahrenheit else {"value": round(celsius, 1), "unit": "°C", "system": UCUM, "code": "Cel"})
+        value = (
+            {"value": round(celsius * 9 / 5 + 32, 1), "unit": "°F", "system": UCUM, "code": "[degF]"}
+            if self.fahrenheit
+            else {"value": round(celsius, 1), "unit": "°C", "system": UCUM, "code": "Cel"}
+        )
         return {
-            "resourceType": "Observation", "id": f"{self.pid}-t{n:04d}", "meta": {"versionId": "1"},
+            "resourceType": "Observation",
+            "id": f"{self.pid}-t{n:04d}",
+            "meta": {"versionId": "1"},
             "status": "final",
-            "category": [{"coding": [{"system": OBS_CATEGORY, "code": "vital-signs", "display": "Vital Signs"}]}],
-            "code": {"coding": coding, "text": "Temp"}, "subject": {"reference": f"Patient/{self.pid}"},
-            "effectiveDateTime": self._local(t), "issued": self._local(issued), "valueQuantity": value,
+            "category": [
+                {"coding": [{"system": OBS_CATEGORY, "code": "vital-signs", "display": "Vital Signs"}]}
+            ],
+            "code": {"coding": coding, "text": "Temp"},
+            "subject": {"reference": f"Patient/{self.pid}"},
+            "effectiveDateTime": self._local(t),
+            "issued": self._local(issued),
+            "valueQuantity": value,
         }
 
 
@@ -450,8 +552,10 @@ def _add_noise(obs: Resource, noise: str, value: float) -> None:
             obs["valueQuantity"] = {"value": 0.1, "comparator": "<", **k_ul}
         case "data-absent":
             del obs["valueQuantity"]
-            obs["dataAbsentReason"] = {"coding": [{"system": DATA_ABSENT, "code": "error", "display": "Error"}],
-                                       "text": "Specimen clotted"}
+            obs["dataAbsentReason"] = {
+                "coding": [{"system": DATA_ABSENT, "code": "error", "display": "Error"}],
+                "text": "Specimen clotted",
+            }
         case "value-string":
             del obs["valueQuantity"]
             obs["valueString"] = "<0.1"
@@ -482,8 +586,9 @@ def write_ndjson(spec: PopulationSpec, path: Path) -> int:
     return sum(_write(spec, path).values())
 
 
-def observations_target(n_observations: int, patients: int, seed: int, *,
-                        base: PopulationSpec | None = None) -> PopulationSpec:
+def observations_target(
+    n_observations: int, patients: int, seed: int, *, base: PopulationSpec | None = None
+) -> PopulationSpec:
     """A spec whose ``days`` yields about ``n_observations`` Observation lines (versions included).
 
     Calibrated on the first <=100 patients: patient N is the same in any population size.
@@ -506,7 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=PopulationSpec.seed)
     p.add_argument("--days", type=int, help=f"default {PopulationSpec.days}; ignored with --observations")
     p.add_argument("--observations", type=int, help="choose --days to produce about this many Observations")
-    p.add_argument("--start", type=datetime.fromisoformat, help="ISO datetime of day 0 (default 2026-01-05T08:00Z)")
+    p.add_argument(
+        "--start", type=datetime.fromisoformat, help="ISO datetime of day 0 (default 2026-01-05T08:00Z)"
+    )
     p.add_argument("--no-temperatures", action="store_true")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -518,8 +625,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         spec = replace(base, patients=args.patients, seed=args.seed, days=args.days or base.days)
     began = time.perf_counter()
     counts = _write(spec, args.out)
-    print(f"{args.out}: patients={spec.patients} seed={spec.seed} days={spec.days} lines={sum(counts.values())} "
-          f"in {time.perf_counter() - began:.1f} s", file=sys.stderr)
+    print(
+        f"{args.out}: patients={spec.patients} seed={spec.seed} days={spec.days} lines={sum(counts.values())} "
+        f"in {time.perf_counter() - began:.1f} s",
+        file=sys.stderr,
+    )
     for resource_type, n in sorted(counts.items()):
         print(f"  {resource_type}: {n}", file=sys.stderr)
     return 0

@@ -19,10 +19,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from service.output import alerts
-from service.live import profiles  # noqa: E402
 from service.core.episodes import EventKind  # noqa: E402
 from service.core.grading import BUILT_IN  # noqa: E402
+from service.live import profiles  # noqa: E402
+from service.output import alerts
 
 TARGET = ROOT / "fhir_profiles" / "input" / "fsh" / "terminology.fsh"
 
@@ -47,15 +47,26 @@ def fsh() -> str:
     add("CodeSystem: NeutrowatchGradeCS")
     add(f"Id: {profiles.GRADE_SYSTEM}")
     add('Title: "Neutropenia grades"')
-    add("Description: " + _q("The grades of neutrowatch's grading schemes, each by the scheme's own label, under the "
-                             "severity the service maps it to (is-a): mild, moderate, severe, or normal. ANC in cells/uL."))
+    add(
+        "Description: "
+        + _q(
+            "The grades of neutrowatch's grading schemes, each by the scheme's own label, under the "
+            "severity the service maps it to (is-a): mild, moderate, severe, or normal. ANC in cells/uL."
+        )
+    )
     add("* ^caseSensitive = true")
     add("* ^hierarchyMeaning = #is-a")
     add("* ^content = #complete")
-    props = [("scheme", "code", "The grading scheme (CodeSystem neutrowatch-grading-scheme) the grade belongs to"),
-             ("rank", "integer", "Order within the scheme: 0 not neutropenic, larger is worse"),
-             ("upper-bound", "decimal", "Exclusive upper bound of the grade's ANC, cells/uL"),
-             ("upper-bound-is-lln", "boolean", "The upper bound is the result's lower limit of normal (referenceRange.low)")]
+    props = [
+        ("scheme", "code", "The grading scheme (CodeSystem neutrowatch-grading-scheme) the grade belongs to"),
+        ("rank", "integer", "Order within the scheme: 0 not neutropenic, larger is worse"),
+        ("upper-bound", "decimal", "Exclusive upper bound of the grade's ANC, cells/uL"),
+        (
+            "upper-bound-is-lln",
+            "boolean",
+            "The upper bound is the result's lower limit of normal (referenceRange.low)",
+        ),
+    ]
     for i, (code, kind, description) in enumerate(props):
         index = "0" if i == 0 else "+"
         add(f"* ^property[{index}].code = #{code}")
@@ -81,7 +92,10 @@ def fsh() -> str:
     add("ValueSet: NeutrowatchGradeVS")
     add(f"Id: {profiles.GRADE_SYSTEM}")
     add('Title: "Neutropenia grades of the grading schemes"')
-    add("Description: " + _q("Every grade of every built-in grading scheme (the severities themselves are not grades)."))
+    add(
+        "Description: "
+        + _q("Every grade of every built-in grading scheme (the severities themselves are not grades).")
+    )
     for c in concepts:
         add(f"* NeutrowatchGradeCS#{c.code}")
     add("")
@@ -94,7 +108,9 @@ def fsh() -> str:
     add("* ^caseSensitive = true")
     add("* ^content = #complete")
     for scheme in BUILT_IN.values():
-        add(f"* #{scheme.name} {_q(profiles.SCHEME_DISPLAY[scheme.name])} {_q(profiles.scheme_definition(scheme))}")
+        add(
+            f"* #{scheme.name} {_q(profiles.SCHEME_DISPLAY[scheme.name])} {_q(profiles.scheme_definition(scheme))}"
+        )
     add("")
     add("ValueSet: NeutrowatchGradingSchemeVS")
     add(f"Id: {profiles.SCHEME_SYSTEM}")
@@ -108,7 +124,10 @@ def fsh() -> str:
     add("CodeSystem: NeutrowatchAlertEventCS")
     add(f"Id: {profiles.EVENT_SYSTEM}")
     add('Title: "Neutropenia alert events"')
-    add("Description: " + _q("What an alert announces about a neutropenia episode (the `event` of the decision records)."))
+    add(
+        "Description: "
+        + _q("What an alert announces about a neutropenia episode (the `event` of the decision records).")
+    )
     add("* ^caseSensitive = true")
     add("* ^content = #complete")
     for kind in EventKind:
@@ -127,14 +146,22 @@ def fsh() -> str:
     add("ValueSet: NeutrowatchFlagCode")
     add("Id: neutrowatch-flag-code")
     add('Title: "Neutropenia Flag codes"')
-    add("Description: " + _q("Flag.code of a neutrowatch Flag: neutropenia, or febrile neutropenia once the episode is febrile."))
+    add(
+        "Description: "
+        + _q(
+            "Flag.code of a neutrowatch Flag: neutropenia, or febrile neutropenia once the episode is febrile."
+        )
+    )
     for coding in (alerts.NEUTROPENIA, alerts.FEBRILE_NEUTROPENIA):
         add(f"* {coding['system']}#{coding['code']} {_q(coding['display'])}")
     add("")
     add("ValueSet: NeutrowatchProvenanceActivity")
     add("Id: neutrowatch-provenance-activity")
     add('Title: "neutrowatch Provenance activities"')
-    add("Description: " + _q("Provenance.activity of a neutrowatch alert write: the Flag created (a new episode) or updated."))
+    add(
+        "Description: "
+        + _q("Provenance.activity of a neutrowatch alert write: the Flag created (a new episode) or updated.")
+    )
     for coding in alerts.ACTIVITY.values():
         add(f"* {coding['system']}#{coding['code']} {_q(coding['display'])}")
     return "\n".join(out) + "\n"
@@ -144,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help=f"write {TARGET.relative_to(ROOT)}")
-    mode.add_argument("--check", action="store_true", help="exit 1 when the file is not what the service says")
+    mode.add_argument(
+        "--check", action="store_true", help="exit 1 when the file is not what the service says"
+    )
     args = p.parse_args(argv)
     text = fsh()
     if args.write:

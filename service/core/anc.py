@@ -59,7 +59,9 @@ def best_result(results: Iterable[LabResult], kind: Kind) -> LabResult | None:
 SEGMENTED_NEUTROPHIL_PCT = "wbc-x-neutrophil-pct-as-segs+bands-pct"  # the site rule applied
 
 
-def compute_anc(results: Iterable[LabResult], neutrophil_pct_with_bands_is_segmented: bool = False) -> Anc | PanelRejected | None:
+def compute_anc(
+    results: Iterable[LabResult], neutrophil_pct_with_bands_is_segmented: bool = False
+) -> Anc | PanelRejected | None:
     """None when the panel holds no neutrophil result (e.g. a CBC without differential)."""
     results = tuple(results)
     wbc = best_result(results, Kind.WBC)
@@ -69,7 +71,9 @@ def compute_anc(results: Iterable[LabResult], neutrophil_pct_with_bands_is_segme
     return _gate(anc)
 
 
-def _select(results: tuple[LabResult, ...], wbc: LabResult | None, pct_with_bands_is_segmented: bool) -> Anc | PanelRejected | None:
+def _select(
+    results: tuple[LabResult, ...], wbc: LabResult | None, pct_with_bands_is_segmented: bool
+) -> Anc | PanelRejected | None:
     wbc_value = wbc.value if wbc is not None else None
     direct = best_result(results, Kind.NEUT_ABS)
     if direct is not None:
@@ -93,8 +97,9 @@ def _select(results: tuple[LabResult, ...], wbc: LabResult | None, pct_with_band
     return _from_percentages(results, wbc, wbc_value, pct_with_bands_is_segmented)
 
 
-def _from_percentages(results: tuple[LabResult, ...], wbc: LabResult, wbc_value: float,
-                      pct_with_bands_is_segmented: bool) -> Anc | PanelRejected:
+def _from_percentages(
+    results: tuple[LabResult, ...], wbc: LabResult, wbc_value: float, pct_with_bands_is_segmented: bool
+) -> Anc | PanelRejected:
     """WBC x (segs % + bands %), or WBC x neutrophil %; under the site rule a neutrophil % beside a
     band % is the segs % (reference §2 "Sites that report segs under the neutrophil code")."""
     segs_pct = best_result(results, Kind.SEG_PCT)

@@ -117,8 +117,9 @@ def _other(stamp: Stamp, stored: Stored) -> bool:
     return stamped(*stored.stamp) and stamp != stored.stamp
 
 
-def _version(stamp: Stamp, group: tuple[Copy[T], ...], stored: Stored | None,
-             out: Ruling[T]) -> VersionRuling[T] | None:
+def _version(
+    stamp: Stamp, group: tuple[Copy[T], ...], stored: Stored | None, out: Ruling[T]
+) -> VersionRuling[T] | None:
     """The copies of one version; None: they change nothing (older than the stored version, or it
     read again alike, or a stored version they cannot be compared with)."""
     if stored is not None and stamp < stored.stamp:
@@ -131,8 +132,9 @@ def _version(stamp: Stamp, group: tuple[Copy[T], ...], stored: Stored | None,
             out.duplicates += again
             return VersionRuling(stamp, group, None, tuple(c for _content, c in firsts), new=False)
         as_stored: Copy[None] = Copy(*stamp, stored.content, False, None)
-        verdict: Verdict[Copy[Any]] = one_version([(as_stored.content, as_stored),
-                                                   *((c.content, c) for c in group)])
+        verdict: Verdict[Copy[Any]] = one_version(
+            [(as_stored.content, as_stored), *((c.content, c) for c in group)]
+        )
     else:
         verdict = one_version([(c.content, c) for c in group])
     out.duplicates += len(verdict.duplicates)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from service.fhir.fhirtime import to_epoch_us
 from service.core.grading import Scheme
-from service.fhir.raw import Resource
 from service.core.rules import DAY_US, Rules
+from service.fhir.fhirtime import to_epoch_us
+from service.fhir.raw import Resource
 
 CHRONIC_BENIGN_NEUTROPENIA = "234423001"  # SNOMED CT, Chronic benign neutropenia (disorder)
 
@@ -40,13 +40,23 @@ def grading_for(rules: Rules, context: PatientContext, effective_us: int) -> Gra
     if context.birth_us is not None:
         age_days = (effective_us - context.birth_us) / DAY_US
         if 0 <= age_days < rules.neonate_days:
-            return Grading(None, "neonate", f"neonate in the first {rules.neonate_days} days of life: out of scope, not assessed")
+            return Grading(
+                None,
+                "neonate",
+                f"neonate in the first {rules.neonate_days} days of life: out of scope, not assessed",
+            )
     if context.threshold is not None:
-        return Grading(rules.scheme.with_threshold(context.threshold), f"individual threshold {context.threshold:g} ({context.threshold_source})")
+        return Grading(
+            rules.scheme.with_threshold(context.threshold),
+            f"individual threshold {context.threshold:g} ({context.threshold_source})",
+        )
     if context.birth_us is not None:
         age_days = (effective_us - context.birth_us) / DAY_US
         if rules.neonate_days <= age_days < rules.infant_until_days:
-            return Grading(rules.scheme.with_threshold(rules.infant_threshold), f"infant threshold {rules.infant_threshold:g}")
+            return Grading(
+                rules.scheme.with_threshold(rules.infant_threshold),
+                f"infant threshold {rules.infant_threshold:g}",
+            )
     return Grading(rules.scheme, "scheme")
 
 
@@ -80,7 +90,9 @@ def has_chronic_benign_neutropenia(conditions: Iterable[Resource]) -> bool:
     return False
 
 
-def patient_context(patient_ref: str, patient: Resource | None, conditions: Iterable[Resource], rules: Rules) -> PatientContext:
+def patient_context(
+    patient_ref: str, patient: Resource | None, conditions: Iterable[Resource], rules: Rules
+) -> PatientContext:
     """Configuration names individual thresholds first; else an active chronic benign neutropenia
     Condition with the site's configured threshold. Race and ethnicity are never read."""
     born = birth_us(patient)
@@ -99,5 +111,10 @@ def requester(service_request: Resource | None) -> str | None:
 
 
 def care_team_members(teams: Iterable[Resource]) -> list[str]:
-    return [p.member.reference for t in teams if t.status in (None, "active")
-            for p in t.participant or () if p.member is not None and p.member.reference]
+    return [
+        p.member.reference
+        for t in teams
+        if t.status in (None, "active")
+        for p in t.participant or ()
+        if p.member is not None and p.member.reference
+    ]

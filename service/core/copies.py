@@ -30,8 +30,10 @@ from typing import Generic, TypeVar
 
 from service.core.observations import LabResult, Rejected
 
-UNPLACED = ("copy that cannot be ordered among the versions read of this Observation "
-            "(no lastUpdated, no numeric versionId): no version of it, changes nothing")
+UNPLACED = (
+    "copy that cannot be ordered among the versions read of this Observation "
+    "(no lastUpdated, no numeric versionId): no version of it, changes nothing"
+)
 
 T = TypeVar("T")
 
@@ -59,8 +61,15 @@ def unplaced_rejection(outcome: LabResult | Rejected) -> Rejected:
     reason; a readable one is UNPLACED."""
     if isinstance(outcome, Rejected):
         return outcome
-    return Rejected(UNPLACED, outcome.ref, outcome.version, outcome.patient, outcome.code, outcome.effective,
-                    outcome.updated_us)
+    return Rejected(
+        UNPLACED,
+        outcome.ref,
+        outcome.version,
+        outcome.patient,
+        outcome.code,
+        outcome.effective,
+        outcome.updated_us,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +77,9 @@ class Verdict(Generic[T]):
     """What the copies of one version come to (`one_version`), each as (content key, copy)."""
 
     kept: tuple[bytes, T] | None  # the copy that is the version (all copies read alike); None: they conflict
-    conflicting: tuple[tuple[bytes, T], ...]  # when they conflict: one copy per distinct content, by content key
+    conflicting: tuple[
+        tuple[bytes, T], ...
+    ]  # when they conflict: one copy per distinct content, by content key
     duplicates: tuple[tuple[bytes, T], ...]  # the rest: a content already represented (read again)
 
 

@@ -308,13 +308,33 @@ def fever_considered(
 # -- the machine -------------------------------------------------------------------------------------
 
 
-def _event(kind: EventKind, s: EpisodeState, band: Band, a: Assessment | None, before: EpisodeState,
-           rules: Rules, **kw: object) -> AlertEvent:
+def _event(
+    kind: EventKind,
+    s: EpisodeState,
+    band: Band,
+    a: Assessment | None,
+    before: EpisodeState,
+    rules: Rules,
+    **kw: object,
+) -> AlertEvent:
     assert s.episode is not None and s.opened is not None
     memory = (s.memory, rules.memory_us // DAY_US) if s.memory >= 2 else None
-    return AlertEvent(kind, a.patient if a else "", s.episode, band, s.worst, a, s.opened, before.last_anc,
-                      before.last_effective, s.chronic, s.febrile, opening=s.opening, memory=memory,
-                      **kw)  # type: ignore[arg-type]
+    return AlertEvent(
+        kind,
+        a.patient if a else "",
+        s.episode,
+        band,
+        s.worst,
+        a,
+        s.opened,
+        before.last_anc,
+        before.last_effective,
+        s.chronic,
+        s.febrile,
+        opening=s.opening,
+        memory=memory,
+        **kw,
+    )  # type: ignore[arg-type]
 
 
 def step(
@@ -323,8 +343,17 @@ def step(
     """Apply one assessment. Returns the new state, its events, and whether it was stale."""
     if state.newest_us is not None and a.effective_us < state.newest_us:
         return state, [], True
-    moved = replace(state, current=a.band, newest_us=a.effective_us, last_anc=a.anc, last_effective=a.effective,
-                    previous_anc=state.last_anc, previous_us=state.newest_us, previous_effective=state.last_effective, last=a)
+    moved = replace(
+        state,
+        current=a.band,
+        newest_us=a.effective_us,
+        last_anc=a.anc,
+        last_effective=a.effective,
+        previous_anc=state.last_anc,
+        previous_us=state.newest_us,
+        previous_effective=state.last_effective,
+        last=a,
+    )
     if state.episode is None:
         if a.band.severity is None:
             return moved, [], False
@@ -337,56 +366,130 @@ def step(
     return _neutropenic(moved, a, state, rules, temperatures)
 
 
-def _open(moved: EpisodeState, a: Assessment, before: EpisodeState, rules: Rules,
-          temperatures: tuple[Temperature, ...]) -> tuple[EpisodeState, list[AlertEvent], bool]:
+def _open(
+    moved: EpisodeState,
+    a: Assessment,
+    before: EpisodeState,
+    rules: Rules,
+    temperatures: tuple[Temperature, ...],
+) -> tuple[EpisodeState, list[AlertEvent], bool]:
     """A neutropenic panel with no open episode (nor one to re-open): a new episode."""
     window = rules.memory_us
     recent = tuple(t for t in before.openings if a.effective_us - t <= window)
     openings = recent + (a.effective_us,) if window else ()
-    opened = replace(moved, episode=episode_id(a.patient, a.panel), opened=a.effective,
-                     opened_us=a.effective_us, worst=a.band, announced=a.band, chronic=False, febrile=False,
-                     opening=0, updates=0, closed=None, openings=openings, memory=len(openings))
+    opened = replace(
+        moved,
+        episode=episode_id(a.patient, a.panel),
+        opened=a.effective,
+        opened_us=a.effective_us,
+        worst=a.band,
+        announced=a.band,
+        chronic=False,
+        febrile=False,
+        opening=0,
+        updates=0,
+        closed=None,
+        openings=openings,
+        memory=len(openings),
+    )
     events = [_event(EventKind.NEW, opened, a.band, a, before, rules)]
     return _after(opened, events, a, before, rules, temperatures)
 
 
-def _reopen(moved: EpisodeState, closed: ClosedEpisode, a: Assessment, before: EpisodeState, rules: Rules,
-            temperatures: tuple[Temperature, ...]) -> tuple[EpisodeState, list[AlertEvent], bool]:
+def _reopen(
+    moved: EpisodeState,
+    closed: ClosedEpisode,
+    a: Assessment,
+    before: EpisodeState,
+    rules: Rules,
+    temperatures: tuple[Temperature, ...],
+) -> tuple[EpisodeState, list[AlertEvent], bool]:
     """A neutropenic panel soon after an announced resolution: the same episode again, its grade
     announced afresh (a later worsening is announced even up to a grade the episode had before)."""
     worst = a.band if a.band.rank > closed.worst.rank else closed.worst
-    s = replace(moved, episode=closed.episode, opened=closed.opened, opened_us=closed.opened_us, worst=worst,
-                announced=a.band, chronic=closed.chronic, febrile=False, opening=closed.opening + 1,
-                updates=closed.updates, closed=None, memory=closed.memory)
+    s = replace(
+        moved,
+        episode=closed.episode,
+        opened=closed.opened,
+        opened_us=closed.opened_us,
+        worst=worst,
+        announced=a.band,
+        chronic=closed.chronic,
+        febrile=False,
+        opening=closed.opening + 1,
+        updates=closed.updates,
+        closed=None,
+        memory=closed.memory,
+    )
     events = [_event(EventKind.RECURRENCE, s, a.band, a, before, rules, recurred_after=closed.ended)]
     s, events = _chronic(s, events, a, before, rules)
     return _after(s, events, a, before, rules, temperatures)
 
 
-def _normal(moved: EpisodeState, a: Assessment, state: EpisodeState,
-            rules: Rules) -> tuple[EpisodeState, list[AlertEvent], bool]:
+def _normal(
+    moved: EpisodeState, a: Assessment, state: EpisodeState, rules: Rules
+) -> tuple[EpisodeState, list[AlertEvent], bool]:
     """A normal panel in an open episode: resolved once confirmed, else recovering."""
     assert state.worst is not None and state.episode is not None and state.opened is not None
     since_us = a.effective_us if not state.normals or state.normal_since_us is None else state.normal_since_us
     normals = state.normals + 1
     was = state.recovering_from if state.normals else state.current
     if normals >= rules.resolution_confirmations and a.effective_us - since_us >= rules.resolution_min_us:
-        resolved = _event(EventKind.RESOLVED, state, was or state.worst, a, state, rules, episode_open=False,
-                          ended=a.effective)
-        closed = ClosedEpisode(state.episode, state.opened, state.opened_us or 0, state.worst, state.chronic,
-                               a.effective, a.effective_us, state.opening, state.updates, state.memory)
-        gone = replace(moved, episode=None, opened=None, opened_us=None, worst=None, announced=None,
-                       chronic=False, febrile=False, normals=0, normal_since_us=None, recovering_from=None,
-                       opening=0, updates=0, closed=closed if rules.reopen_us else None, memory=0)
+        resolved = _event(
+            EventKind.RESOLVED,
+            state,
+            was or state.worst,
+            a,
+            state,
+            rules,
+            episode_open=False,
+            ended=a.effective,
+        )
+        closed = ClosedEpisode(
+            state.episode,
+            state.opened,
+            state.opened_us or 0,
+            state.worst,
+            state.chronic,
+            a.effective,
+            a.effective_us,
+            state.opening,
+            state.updates,
+            state.memory,
+        )
+        gone = replace(
+            moved,
+            episode=None,
+            opened=None,
+            opened_us=None,
+            worst=None,
+            announced=None,
+            chronic=False,
+            febrile=False,
+            normals=0,
+            normal_since_us=None,
+            recovering_from=None,
+            opening=0,
+            updates=0,
+            closed=closed if rules.reopen_us else None,
+            memory=0,
+        )
         return gone, [resolved], False
-    s = replace(moved, normals=normals, normal_since_us=since_us, recovering_from=was, updates=state.updates + 1)
+    s = replace(
+        moved, normals=normals, normal_since_us=since_us, recovering_from=was, updates=state.updates + 1
+    )
     recovering = (normals, rules.resolution_confirmations)
     event = _event(EventKind.RECOVERING, s, a.band, a, state, rules, recovering=recovering, update=s.updates)
     return s, [event], False
 
 
-def _neutropenic(moved: EpisodeState, a: Assessment, state: EpisodeState, rules: Rules,
-                 temperatures: tuple[Temperature, ...]) -> tuple[EpisodeState, list[AlertEvent], bool]:
+def _neutropenic(
+    moved: EpisodeState,
+    a: Assessment,
+    state: EpisodeState,
+    rules: Rules,
+    temperatures: tuple[Temperature, ...],
+) -> tuple[EpisodeState, list[AlertEvent], bool]:
     """A neutropenic panel in an open episode: worsening when worse than announced since it (re-)opened;
     a recovery under way ends (the Flag says so)."""
     assert state.worst is not None
@@ -399,14 +502,25 @@ def _neutropenic(moved: EpisodeState, a: Assessment, state: EpisodeState, rules:
         events.append(_event(EventKind.WORSENING, moved, a.band, a, state, rules))
     elif state.normals:
         moved = replace(moved, updates=state.updates + 1)
-        events.append(_event(EventKind.RECOVERING, moved, a.band, a, state, rules,
-                             recovering=(0, rules.resolution_confirmations), update=moved.updates))
+        events.append(
+            _event(
+                EventKind.RECOVERING,
+                moved,
+                a.band,
+                a,
+                state,
+                rules,
+                recovering=(0, rules.resolution_confirmations),
+                update=moved.updates,
+            )
+        )
     moved, events = _chronic(moved, events, a, state, rules)
     return _after(moved, events, a, state, rules, temperatures)
 
 
-def _chronic(s: EpisodeState, events: list[AlertEvent], a: Assessment, before: EpisodeState,
-             rules: Rules) -> tuple[EpisodeState, list[AlertEvent]]:
+def _chronic(
+    s: EpisodeState, events: list[AlertEvent], a: Assessment, before: EpisodeState, rules: Rules
+) -> tuple[EpisodeState, list[AlertEvent]]:
     """An episode open longer than rules.chronic_after_us becomes chronic, once."""
     if s.chronic or s.opened_us is None or a.effective_us - s.opened_us <= rules.chronic_after_us:
         return s, events
@@ -417,19 +531,27 @@ def _chronic(s: EpisodeState, events: list[AlertEvent], a: Assessment, before: E
 
 
 def _after(
-    s: EpisodeState, events: list[AlertEvent], a: Assessment, before: EpisodeState, rules: Rules, temperatures: tuple[Temperature, ...]
+    s: EpisodeState,
+    events: list[AlertEvent],
+    a: Assessment,
+    before: EpisodeState,
+    rules: Rules,
+    temperatures: tuple[Temperature, ...],
 ) -> tuple[EpisodeState, list[AlertEvent], bool]:
     febrile = _febrile_fever(s, temperatures, rules)
     if febrile is not None:
         fever, why = febrile
         s = replace(s, febrile=True)
         events = [replace(e, febrile=True) for e in events]
-        events.append(_event(EventKind.FEBRILE, s, s.current or a.band, a, before, rules, fever=fever,
-                             febrile_rule=why))
+        events.append(
+            _event(EventKind.FEBRILE, s, s.current or a.band, a, before, rules, fever=fever, febrile_rule=why)
+        )
     return s, events, False
 
 
-def _fold(base: EpisodeState, history: tuple[Assessment, ...], rules: Rules, temperatures: tuple[Temperature, ...]) -> tuple[EpisodeState, list[AlertEvent]]:
+def _fold(
+    base: EpisodeState, history: tuple[Assessment, ...], rules: Rules, temperatures: tuple[Temperature, ...]
+) -> tuple[EpisodeState, list[AlertEvent]]:
     state, events = base, []
     for a in history:
         state, produced, _ = step(state, a, rules, temperatures)
@@ -439,8 +561,17 @@ def _fold(base: EpisodeState, history: tuple[Assessment, ...], rules: Rules, tem
 
 def _remember(e: AlertEvent) -> Alerted:
     a = e.assessment
-    return Alerted(e.episode, e.kind, e.band, a.panel if a else "", a.anc if a else 0.0,
-                   a.effective if a else "", e.revision, e.opening, e.update)
+    return Alerted(
+        e.episode,
+        e.kind,
+        e.band,
+        a.panel if a else "",
+        a.anc if a else 0.0,
+        a.effective if a else "",
+        e.revision,
+        e.opening,
+        e.update,
+    )
 
 
 def _stale_in_order(base: EpisodeState, history: tuple[Assessment, ...]) -> list[bool]:
@@ -472,17 +603,25 @@ def _trim(ps: PatientState, rules: Rules) -> PatientState:
     base, _ = _fold(ps.base, dropped, rules, ps.temperatures)
     panels = {a.panel for a in kept}
     ps = replace(ps, base=base, history=kept, alerted=tuple(x for x in ps.alerted if x.panel in panels))
-    return replace(ps, temperatures=_bounded(ps.temperatures, temperature_horizon(ps, rules), rules))  # kept in collection order
+    return replace(
+        ps, temperatures=_bounded(ps.temperatures, temperature_horizon(ps, rules), rules)
+    )  # kept in collection order
 
 
-def apply(ps: PatientState, a: Assessment, rules: Rules, *, reason: str = "corrected") -> tuple[PatientState, list[AlertEvent], bool]:
+def apply(
+    ps: PatientState, a: Assessment, rules: Rules, *, reason: str = "corrected"
+) -> tuple[PatientState, list[AlertEvent], bool]:
     """A panel assessed: a first assessment steps the machine; a re-assessment of a remembered
     panel revises the history. Returns the new state, the events and whether it was stale."""
     index = next((i for i, h in enumerate(ps.history) if h.panel == a.panel), None)
     if index is None:
         machine, events, stale = step(ps.machine, a, rules, ps.temperatures)
         alerted = ps.alerted + tuple(_remember(e) for e in events)
-        return _trim(replace(ps, machine=machine, history=ps.history + (a,), alerted=alerted), rules), events, stale
+        return (
+            _trim(replace(ps, machine=machine, history=ps.history + (a,), alerted=alerted), rules),
+            events,
+            stale,
+        )
     history = ps.history[:index] + (a,) + ps.history[index + 1 :]
     old = ps.history[index]
     if old.band == a.band and old.effective_us == a.effective_us:
@@ -491,7 +630,9 @@ def apply(ps: PatientState, a: Assessment, rules: Rules, *, reason: str = "corre
     return _trim(new, rules), events, False
 
 
-def withdraw(ps: PatientState, patient: str, panel: str, rules: Rules, *, reason: str) -> tuple[PatientState, list[AlertEvent]]:
+def withdraw(
+    ps: PatientState, patient: str, panel: str, rules: Rules, *, reason: str
+) -> tuple[PatientState, list[AlertEvent]]:
     """A remembered panel no longer has an ANC (its result was entered in error or cancelled):
     it leaves the history and what rested on it is retracted."""
     if not any(h.panel == panel for h in ps.history):
@@ -517,23 +658,36 @@ def add_temperature(ps: PatientState, t: Temperature, rules: Rules) -> tuple[Pat
     kept = _bounded(readings, temperature_horizon(ps, rules), rules)
     ps = replace(ps, temperatures=kept)
     machine = ps.machine
-    if machine.episode is None or machine.febrile or t.celsius < min(rules.fever_sustained_c, rules.fever_single_c):
+    if (
+        machine.episode is None
+        or machine.febrile
+        or t.celsius < min(rules.fever_sustained_c, rules.fever_single_c)
+    ):
         return ps, []
     _, derived = _fold(ps.base, ps.history, rules, kept)
     opening = (machine.episode, machine.opening)
-    event = next((e for e in derived if e.kind is EventKind.FEBRILE and (e.episode, e.opening) == opening),
-                 None)
+    event = next(
+        (e for e in derived if e.kind is EventKind.FEBRILE and (e.episode, e.opening) == opening), None
+    )
     if event is not None:
         event = replace(event, worst=machine.worst, chronic=machine.chronic)  # the Flag as it stands now
     else:  # the newest panel, when it is no longer in the history (folded into `base`)
         febrile = _febrile_fever(machine, kept, rules)
         if febrile is None or machine.last is None:
             return ps, []
-        event = _event(EventKind.FEBRILE, replace(machine, febrile=True), machine.current or machine.last.band, machine.last,
-                       replace(machine, last_anc=machine.previous_anc,
-                               last_effective=machine.previous_effective), rules,
-                       fever=febrile[0], febrile_rule=febrile[1])
-    return replace(ps, machine=replace(machine, febrile=True), alerted=ps.alerted + (_remember(event),)), [event]
+        event = _event(
+            EventKind.FEBRILE,
+            replace(machine, febrile=True),
+            machine.current or machine.last.band,
+            machine.last,
+            replace(machine, last_anc=machine.previous_anc, last_effective=machine.previous_effective),
+            rules,
+            fever=febrile[0],
+            febrile_rule=febrile[1],
+        )
+    return replace(ps, machine=replace(machine, febrile=True), alerted=ps.alerted + (_remember(event),)), [
+        event
+    ]
 
 
 # -- temperature memory ------------------------------------------------------------------------------
@@ -550,7 +704,9 @@ def temperature_horizon(ps: PatientState, rules: Rules) -> int | None:
     return min(times) - rules.fever_window_us - rules.fever_sustained_us if times else None
 
 
-def remembered_temperatures(readings: Iterable[Temperature], horizon_us: int | None, rules: Rules) -> tuple[Temperature, ...]:
+def remembered_temperatures(
+    readings: Iterable[Temperature], horizon_us: int | None, rules: Rules
+) -> tuple[Temperature, ...]:
     """The readings kept, in collection order (`fevers` reads them so), chosen by collection time
     and never by arrival: a reading collected days after the newest panel may pair with a CBC not
     read yet, and is kept like any other.
@@ -592,7 +748,12 @@ def _episode_worst(episode: str, machine: EpisodeState, derived: list[AlertEvent
 
 
 def revise(
-    ps: PatientState, history: tuple[Assessment, ...], patient: str, reason: str, assessment: Assessment | None, rules: Rules
+    ps: PatientState,
+    history: tuple[Assessment, ...],
+    patient: str,
+    reason: str,
+    assessment: Assessment | None,
+    rules: Rules,
 ) -> tuple[PatientState, list[AlertEvent]]:
     machine, derived = _fold(ps.base, history, rules, ps.temperatures)
     revision = ps.revisions + 1
@@ -601,24 +762,46 @@ def revise(
     # add_temperature: a fever learned after its episode closed (kept in memory as long as the
     # panels it pairs with) must not re-open that episode's Flag on the next, unrelated, correction.
     current = (machine.episode, machine.opening)
-    derived = [e for e in derived if not (e.kind is EventKind.FEBRILE and e.key not in announced
-                                          and (e.episode, e.opening) != current)]
+    derived = [
+        e
+        for e in derived
+        if not (e.kind is EventKind.FEBRILE and e.key not in announced and (e.episode, e.opening) != current)
+    ]
     derived_keys = {e.key for e in derived}
     events: list[AlertEvent] = []
     for x in ps.alerted:
         if x.key in derived_keys:
             continue
         opened = next((e.opened for e in derived if e.episode == x.episode), x.effective)
-        ended = next((e.ended for e in derived if e.episode == x.episode and e.kind is EventKind.RESOLVED), None)
+        ended = next(
+            (e.ended for e in derived if e.episode == x.episode and e.kind is EventKind.RESOLVED), None
+        )
         still_open = x.episode == machine.episode
-        events.append(AlertEvent(
-            EventKind.RETRACTED, patient, x.episode, x.band, _episode_worst(x.episode, machine, derived), assessment,
-            opened, machine.last_anc, machine.last_effective, chronic=still_open and machine.chronic,
-            febrile=still_open and machine.febrile, episode_open=still_open, ended=ended, retracted=x, reason=reason,
-            revision=revision, opening=x.opening,
-        ))
+        events.append(
+            AlertEvent(
+                EventKind.RETRACTED,
+                patient,
+                x.episode,
+                x.band,
+                _episode_worst(x.episode, machine, derived),
+                assessment,
+                opened,
+                machine.last_anc,
+                machine.last_effective,
+                chronic=still_open and machine.chronic,
+                febrile=still_open and machine.febrile,
+                episode_open=still_open,
+                ended=ended,
+                retracted=x,
+                reason=reason,
+                revision=revision,
+                opening=x.opening,
+            )
+        )
     for e in derived:
         if e.key not in announced:
             events.append(replace(e, reason=reason, revision=revision))
     alerted = tuple(announced.get(e.key) or _remember(replace(e, revision=revision)) for e in derived)
-    return PatientState(machine, ps.base, history, alerted, revision if events else ps.revisions, ps.temperatures), events
+    return PatientState(
+        machine, ps.base, history, alerted, revision if events else ps.revisions, ps.temperatures
+    ), events

@@ -104,14 +104,24 @@ DEFAULT = make_scheme(
 # G4 <500 /mm3. The grade 1 band needs the lower limit of normal of the result (referenceRange.low).
 CTCAE_V5 = make_scheme(
     "ctcae-v5",
-    [("grade 4", "severe", 500.0), ("grade 3", "moderate", 1000.0), ("grade 2", "mild", 1500.0), ("grade 1", "mild", LLN)],
+    [
+        ("grade 4", "severe", 500.0),
+        ("grade 3", "moderate", 1000.0),
+        ("grade 2", "mild", 1500.0),
+        ("grade 1", "mild", LLN),
+    ],
 )
 
 # CTCAE v6.0 (reference §3, secondary source quoting the NCI xlsx): G1 <1500-1000, G2 <1000-500,
 # G3 <500-100, G4 <100 /mm3; the LLN-1500 band is no longer graded.
 CTCAE_V6 = make_scheme(
     "ctcae-v6",
-    [("grade 4", "severe", 100.0), ("grade 3", "severe", 500.0), ("grade 2", "moderate", 1000.0), ("grade 1", "mild", 1500.0)],
+    [
+        ("grade 4", "severe", 100.0),
+        ("grade 3", "severe", 500.0),
+        ("grade 2", "moderate", 1000.0),
+        ("grade 1", "mild", 1500.0),
+    ],
 )
 
 BUILT_IN: Mapping[str, Scheme] = {s.name: s for s in (DEFAULT, CTCAE_V5, CTCAE_V6)}

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import msgspec
 
 from service.core.codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
-from service.fhir.fhirtime import CollectionTime, TimeError, collection_time, instant_us
-from service.fhir.raw import Quantity, Resource, Undecodable, fhir_id
 from service.core.references import Resolved, parse, resolve
 from service.core.terminology import NO_TERMINOLOGY, Terminology, Translation
 from service.core.units import UCUM, UnitError, to_canonical
+from service.fhir.fhirtime import CollectionTime, TimeError, collection_time, instant_us
+from service.fhir.raw import Quantity, Resource, Undecodable, fhir_id
 
 LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"
 
@@ -52,7 +52,9 @@ class ReadPolicy:
 DEFAULT_READ = ReadPolicy()
 
 
-def canonical_reference(ref: str | None, resource_type: str | None, policy: ReadPolicy = DEFAULT_READ) -> Resolved | str:
+def canonical_reference(
+    ref: str | None, resource_type: str | None, policy: ReadPolicy = DEFAULT_READ
+) -> Resolved | str:
     """The one canonicalisation of references (clinical/references.py), with the site's bases: the
     canonical reference, or the reason (a phrase after the element's name) it names nothing usable.
     Intake (subject, basedOn, specimen), replay's context rows and the live look-ups all use it, so
@@ -92,7 +94,9 @@ class LabResult(msgspec.Struct, frozen=True, gc=False, array_like=True):
     effective_us: int
     updated_us: int | None  # meta.lastUpdated (server time)
     specimen: str | None
-    ref_low: float | None  # referenceRange.low in the canonical unit (absolute neutrophil terms only: the LLN)
+    ref_low: (
+        float | None
+    )  # referenceRange.low in the canonical unit (absolute neutrophil terms only: the LLN)
     based_on: tuple[str, ...] = ()
     time_note: str | None = None  # the collection time had no offset and was read in the site's timezone
     mapped_from: str | None = None  # "system|code" of the local coding `code` was translated from
@@ -123,14 +127,25 @@ class Ignored(msgspec.Struct, frozen=True, gc=False):
     reason: str
 
 
-CONFLICT = "conflicting copies of one version (same id, versionId and lastUpdated, other content): none is used"
+CONFLICT = (
+    "conflicting copies of one version (same id, versionId and lastUpdated, other content): none is used"
+)
 
 
 def conflict_rejection(outcome: LabResult | Rejected) -> Rejected:
     """One of several copies of an Observation version that do not read alike: none is used
     (clinical.copies)."""
-    return Rejected(CONFLICT, outcome.ref, outcome.version, outcome.patient, outcome.code, outcome.effective,
-                    outcome.updated_us, outcome.mapped_from, outcome.concept_map)
+    return Rejected(
+        CONFLICT,
+        outcome.ref,
+        outcome.version,
+        outcome.patient,
+        outcome.code,
+        outcome.effective,
+        outcome.updated_us,
+        outcome.mapped_from,
+        outcome.concept_map,
+    )
 
 
 NOT_MONITORED = Ignored("code not monitored")
@@ -227,7 +242,9 @@ def patient_reference(ref: str | None) -> str | None:
 def _patient(resource: Resource, policy: ReadPolicy) -> Resolved | str:
     """The subject as the patient's identity, or the reason it is none ("subject is on another
     server", "subject is a contained reference ...", "subject is not a Patient reference")."""
-    found = canonical_reference(resource.subject.reference if resource.subject is not None else None, "Patient", policy)
+    found = canonical_reference(
+        resource.subject.reference if resource.subject is not None else None, "Patient", policy
+    )
     return found if isinstance(found, Resolved) else "subject " + found
 
 
@@ -274,7 +291,11 @@ def _collection(text: str, local_timezone: str | None) -> CollectionTime | str:
 def _canonical(term: Term, q: Quantity, value: float, terminology: Terminology = NO_TERMINOLOGY) -> float:
     """The value in the canonical unit of the term; a local unit string the site maps to UCUM
     (terminology.units) is read as that UCUM code."""
-    ucum = terminology.ucum(q.system, q.code) or terminology.ucum(q.system, q.unit) if terminology.units else None
+    ucum = (
+        terminology.ucum(q.system, q.code) or terminology.ucum(q.system, q.unit)
+        if terminology.units
+        else None
+    )
     if ucum is not None:
         return to_canonical(term.prop, value, unit=None, system=UCUM, code=ucum)
     return to_canonical(term.prop, value, unit=q.unit, system=q.system, code=q.code)
@@ -300,7 +321,9 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
     if isinstance(found, Ignored):
         return found
     term = found.term if isinstance(found, _Mapped) else found
-    mapped_from, concept_map = (found.source, found.concept_map) if isinstance(found, _Mapped) else (None, None)
+    mapped_from, concept_map = (
+        (found.source, found.concept_map) if isinstance(found, _Mapped) else (None, None)
+    )
     meta = resource.meta
     raw_version = meta.versionId if meta is not None else None
     version = fhir_id(raw_version)
@@ -332,14 +355,28 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
         if not isinstance(value, str):
             specimen = resource.specimen
             return LabResult(
-                ref, version, patient, term.code, term.kind, term.method.value, status, value[0],  # type: ignore[arg-type,union-attr]
-                value[1], when.text, when.us, updated_us,  # type: ignore[union-attr]
-                literal_reference(specimen.reference, policy) if isinstance(specimen, msgspec.Struct) else None,
+                ref,
+                version,
+                patient,
+                term.code,
+                term.kind,
+                term.method.value,
+                status,
+                value[0],  # type: ignore[arg-type,union-attr]
+                value[1],
+                when.text,
+                when.us,
+                updated_us,  # type: ignore[union-attr]
+                literal_reference(specimen.reference, policy)
+                if isinstance(specimen, msgspec.Struct)
+                else None,
                 _reference_low(term, resource, policy.terminology)  # type: ignore[arg-type]
-                if term.kind is Kind.NEUT_ABS and value[0] is not None else None,  # type: ignore[union-attr]
+                if term.kind is Kind.NEUT_ABS and value[0] is not None
+                else None,  # type: ignore[union-attr]
                 _based_on(resource, policy),
                 when.note,  # type: ignore[union-attr]
-                mapped_from, concept_map,
+                mapped_from,
+                concept_map,
             )
         reason = value
     code = term.code if isinstance(term, Term) else None
@@ -356,12 +393,17 @@ def _based_on(resource: Resource, policy: ReadPolicy) -> tuple[str, ...]:
     return tuple(k for k in keys if k is not None)
 
 
-def _value(term: Term, resource: Resource, status: str,
-           terminology: Terminology = NO_TERMINOLOGY) -> tuple[float | None, bool] | str:
+def _value(
+    term: Term, resource: Resource, status: str, terminology: Terminology = NO_TERMINOLOGY
+) -> tuple[float | None, bool] | str:
     """(value in the canonical unit, at_most), or the reason there is no usable value."""
     q = resource.valueQuantity
-    if resource.dataAbsentReason is not None and (q is not None or resource.valueString is not None
-                                                   or resource.valueCodeableConcept is not None or resource.valueInteger is not None):
+    if resource.dataAbsentReason is not None and (
+        q is not None
+        or resource.valueString is not None
+        or resource.valueCodeableConcept is not None
+        or resource.valueInteger is not None
+    ):
         return "value given together with dataAbsentReason (FHIR obs-6)"
     if q is None or q.value is None:
         if status in _VALUELESS_STATUSES:

@@ -53,8 +53,9 @@ def collection_key(result: LabResult) -> str:
 def panel_key(result: LabResult, report: Report | None) -> str:
     """Specimen, else DiagnosticReport, else collection instant (`arrival.panel_key`, which replay
     applies to the same three keys)."""
-    return arrival.panel_key(specimen_key(result.specimen), report_key(report) if report else None,
-                             collection_key(result))
+    return arrival.panel_key(
+        specimen_key(result.specimen), report_key(report) if report else None, collection_key(result)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +77,12 @@ def cytopenia(results: Iterable[LabResult], rules: Rules) -> tuple[str | None, f
         return None, hb_value, plt_value
     low_hb = hb_value < rules.hemoglobin_below_g_dl
     low_plt = plt_value < rules.platelets_below_per_ul
-    label = {(True, True): "pancytopenia", (False, False): "isolated", (True, False): "with anaemia",
-             (False, True): "with thrombocytopenia"}[(low_hb, low_plt)]
+    label = {
+        (True, True): "pancytopenia",
+        (False, False): "isolated",
+        (True, False): "with anaemia",
+        (False, True): "with thrombocytopenia",
+    }[(low_hb, low_plt)]
     return label, hb_value, plt_value
 
 
@@ -91,7 +96,11 @@ class NotAssessed:
 
 
 def assess(
-    patient: str, panel: str, results: Iterable[LabResult], rules: Rules, context: PatientContext = PatientContext()
+    patient: str,
+    panel: str,
+    results: Iterable[LabResult],
+    rules: Rules,
+    context: PatientContext = PatientContext(),
 ) -> Assessment | PanelRejection | NotAssessed | None:
     """None when the panel has nothing to assess (no neutrophil result, or none final yet)."""
     results = tuple(results)
@@ -108,17 +117,34 @@ def assess(
     label, hb, plt = cytopenia(results, rules)
     based_on = tuple(sorted({ref for r in results for ref in r.based_on}))
     return Assessment(
-        patient, panel, outcome.value, outcome.at_most, outcome.method, outcome.wbc,
-        grading.scheme.grade(outcome.value, outcome.lln), primary.effective, primary.effective_us,
-        refs, tuple(r.version for r in outcome.inputs), label, hb, plt, grading.rule, based_on, primary.time_note,
+        patient,
+        panel,
+        outcome.value,
+        outcome.at_most,
+        outcome.method,
+        outcome.wbc,
+        grading.scheme.grade(outcome.value, outcome.lln),
+        primary.effective,
+        primary.effective_us,
+        refs,
+        tuple(r.version for r in outcome.inputs),
+        label,
+        hb,
+        plt,
+        grading.rule,
+        based_on,
+        primary.time_note,
         _mapped(results),
     )
 
 
 def _mapped(results: tuple[LabResult, ...]) -> tuple[tuple[str, str, str], ...]:
     """(Observation, local "system|code", ConceptMap) of each member the site's ConceptMap translated."""
-    return tuple((r.ref, r.mapped_from, r.concept_map) for r in results
-                 if r.mapped_from is not None and r.concept_map is not None)
+    return tuple(
+        (r.ref, r.mapped_from, r.concept_map)
+        for r in results
+        if r.mapped_from is not None and r.concept_map is not None
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +163,9 @@ class PanelDecision:
     fever: FeverConsidered | None = None  # the panel's body temperatures, as the fever rule judged them
 
 
-def implausible_time(results: Iterable[LabResult], rules: Rules, context: PatientContext, clock_us: int | None) -> PanelRejected | None:
+def implausible_time(
+    results: Iterable[LabResult], rules: Rules, context: PatientContext, clock_us: int | None
+) -> PanelRejected | None:
     """The panel's members whose collection time cannot be true, with the reason, or None.
 
     Later than the result was recorded: each result's meta.lastUpdated bounds its own collection
@@ -158,7 +186,9 @@ def implausible_time(results: Iterable[LabResult], rules: Rules, context: Patien
     if late:
         return PanelRejected(COLLECTED_AFTER_RECORDED, tuple(late))
     if early:
-        reason = COLLECTED_BEFORE_1900 if any(r.effective_us < floor for r in early) else COLLECTED_BEFORE_BIRTH
+        reason = (
+            COLLECTED_BEFORE_1900 if any(r.effective_us < floor for r in early) else COLLECTED_BEFORE_BIRTH
+        )
         return PanelRejected(reason, tuple(early))
     return None
 
@@ -169,8 +199,13 @@ COLLECTED_BEFORE_1900 = "collection time before 1900"
 
 
 def decide(
-    state: PatientState, patient: str, panel: str, results: Iterable[LabResult], rules: Rules,
-    context: PatientContext = PatientContext(), clock_us: int | None = None,
+    state: PatientState,
+    patient: str,
+    panel: str,
+    results: Iterable[LabResult],
+    rules: Rules,
+    context: PatientContext = PatientContext(),
+    clock_us: int | None = None,
 ) -> PanelDecision:
     """One panel through the whole core: collection times checked, temperatures remembered, ANC,
     grade, episode (and revision when the panel was assessed before). The same function serves
@@ -185,8 +220,11 @@ def decide(
         return PanelDecision(state, tuple(withdrawn), rejection=PanelRejection(patient, panel, impossible))
     events: list[AlertEvent] = []
     temperatures = [r for r in results if r.kind is Kind.TEMP]
-    readings = tuple(Temperature(r.ref, r.effective, r.effective_us, r.value)  # type: ignore[arg-type]
-                     for r in temperatures if r.assessable)
+    readings = tuple(
+        Temperature(r.ref, r.effective, r.effective_us, r.value)  # type: ignore[arg-type]
+        for r in temperatures
+        if r.assessable
+    )
     for reading in readings:
         state, produced = add_temperature(state, reading, rules)
         events.extend(produced)
@@ -198,8 +236,15 @@ def decide(
     return replace(decision, fever=fever_considered(decision.state, readings, febrile, rules))
 
 
-def _labs(state: PatientState, patient: str, panel: str, labs: tuple[LabResult, ...], rules: Rules,
-          context: PatientContext, events: list[AlertEvent]) -> PanelDecision:
+def _labs(
+    state: PatientState,
+    patient: str,
+    panel: str,
+    labs: tuple[LabResult, ...],
+    rules: Rules,
+    context: PatientContext,
+    events: list[AlertEvent],
+) -> PanelDecision:
     """The laboratory results of a panel through ANC, grade and episode; `events`: those its
     temperatures already produced."""
     if not labs:
@@ -214,16 +259,26 @@ def _labs(state: PatientState, patient: str, panel: str, labs: tuple[LabResult, 
     previous = next((h for h in state.history if h.panel == panel), None)
     if outcome is None:
         state, withdrawn = withdraw(state, patient, panel, rules, reason=_withdrawal_reason(labs))
-        return PanelDecision(state, tuple(events + withdrawn), no_event=None if previous else NoEvent.NO_ANC,
-                             withdrawn=previous is not None)
+        return PanelDecision(
+            state,
+            tuple(events + withdrawn),
+            no_event=None if previous else NoEvent.NO_ANC,
+            withdrawn=previous is not None,
+        )
     reason = _revision_reason(previous, outcome) if previous is not None else "corrected"
     newest = state.machine.last_effective
     state, produced, stale = apply(state, outcome, rules, reason=reason)
     events = [*events, *produced]
-    return PanelDecision(state, tuple(events), assessed=True, stale=stale, assessment=outcome,
-                         newest_effective=newest if stale else None,
-                         revised_from=previous.band if previous else None,
-                         no_event=_no_event(state, stale, previous, bool(events)))
+    return PanelDecision(
+        state,
+        tuple(events),
+        assessed=True,
+        stale=stale,
+        assessment=outcome,
+        newest_effective=newest if stale else None,
+        revised_from=previous.band if previous else None,
+        no_event=_no_event(state, stale, previous, bool(events)),
+    )
 
 
 def _no_event(
@@ -252,13 +307,15 @@ def _withdrawal_reason(results: tuple[LabResult, ...]) -> str:
 def _revision_reason(previous: Assessment, now: Assessment) -> str:
     """'corrected' when a result used before changed version; 'updated' when results were added."""
     before = dict(zip(previous.refs, previous.versions, strict=True))
-    if any(ref in before and before[ref] != version for ref, version in zip(now.refs, now.versions, strict=True)):
+    if any(
+        ref in before and before[ref] != version for ref, version in zip(now.refs, now.versions, strict=True)
+    ):
         return "corrected"
     return "updated"
 
 
 def local_reference(ref: str | None, resource_type: str) -> str | None:
-    """"Observation/x", ".../fhir/Observation/x" or "Observation/x/_history/2" -> "Observation/x"."""
+    """ "Observation/x", ".../fhir/Observation/x" or "Observation/x/_history/2" -> "Observation/x"."""
     if not ref:
         return None
     parts = ref.split("/")
@@ -269,7 +326,9 @@ def local_reference(ref: str | None, resource_type: str) -> str | None:
     return None
 
 
-def report_members(report_id: str, results: Iterable[str | None], specimens: Iterable[str | None]) -> list[tuple[str, Report]]:
+def report_members(
+    report_id: str, results: Iterable[str | None], specimens: Iterable[str | None]
+) -> list[tuple[str, Report]]:
     """(Observation reference, Report) for each result of a DiagnosticReport."""
     distinct = {s for s in specimens if s}
     report = Report(f"DiagnosticReport/{report_id}", distinct.pop() if len(distinct) == 1 else None)

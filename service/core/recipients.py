@@ -29,7 +29,10 @@ def _people(refs: Iterable[str | None]) -> tuple[str, ...]:
 
 
 def choose(
-    based_on: Iterable[str], requesters: Mapping[str, str | None], care_team: Sequence[str], pool: Sequence[str]
+    based_on: Iterable[str],
+    requesters: Mapping[str, str | None],
+    care_team: Sequence[str],
+    pool: Sequence[str],
 ) -> Recipients:
     """`requesters`: ServiceRequest reference -> its requester reference, for the orders found;
     `care_team`: participant member references of the patient's active CareTeams."""

@@ -32,7 +32,8 @@ MAX_REFERENCE = 512  # longer is not a reference (it is logged and stored as a k
 # regex), with the base's characters bounded: [base/]Type/id[/_history/version].
 _LITERAL = re.compile(
     r"(?:(?P<base>(?i:https?)://[!-~]{1,400}?)/)?(?P<type>[A-Z][A-Za-z]{1,63})/(?P<id>[A-Za-z0-9\-.]{1,64})"
-    r"(?:/_history/(?P<version>[A-Za-z0-9\-.]{1,64}))?")
+    r"(?:/_history/(?P<version>[A-Za-z0-9\-.]{1,64}))?"
+)
 _BASE = re.compile(r"(?i:(https?))://([^/?#\s]+)(/[^?#\s]*)?")
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
@@ -76,8 +77,12 @@ def parse(ref: str | None) -> tuple[str | None, str, str] | None:
     return (m["base"], m["type"], m["id"]) if m is not None else None
 
 
-def resolve(ref: str | None, resource_type: str | None, base_url: str | None = None,
-            accepted_foreign_bases: tuple[str, ...] = ()) -> Resolved | str:
+def resolve(
+    ref: str | None,
+    resource_type: str | None,
+    base_url: str | None = None,
+    accepted_foreign_bases: tuple[str, ...] = (),
+) -> Resolved | str:
     """The canonical reference, or why `ref` names nothing the service may use: a phrase that
     follows the element's name ("subject " + reason) and never repeats the reference's text.
     `resource_type`: the type the element must name (None: any). `base_url`: the base of the server
@@ -92,17 +97,23 @@ def _not_a(resource_type: str | None) -> str:
     return f"is not a {resource_type} reference" if resource_type else "is not a literal reference"
 
 
-_UNRESOLVABLE = {"#": "is a contained reference, which names no resource on the server",
-                 "urn:uuid:": "is a urn:uuid: reference, which names no resource on the server",
-                 "urn:oid:": "is a urn:oid: reference, which names no resource on the server"}
+_UNRESOLVABLE = {
+    "#": "is a contained reference, which names no resource on the server",
+    "urn:uuid:": "is a urn:uuid: reference, which names no resource on the server",
+    "urn:oid:": "is a urn:oid: reference, which names no resource on the server",
+}
 
 
 @functools.lru_cache(maxsize=16384)  # subjects repeat (every result of a patient names it)
-def _resolve(ref: str, resource_type: str | None, base_url: str | None, accepted: tuple[str, ...]) -> Resolved | str:
+def _resolve(
+    ref: str, resource_type: str | None, base_url: str | None, accepted: tuple[str, ...]
+) -> Resolved | str:
     parsed = parse(ref)
     if parsed is None:
         head = ref[:9].lower()
-        return next((why for prefix, why in _UNRESOLVABLE.items() if head.startswith(prefix)), _not_a(resource_type))
+        return next(
+            (why for prefix, why in _UNRESOLVABLE.items() if head.startswith(prefix)), _not_a(resource_type)
+        )
     base, rtype, rid = parsed
     if resource_type is not None and rtype != resource_type:
         return _not_a(resource_type)

@@ -84,7 +84,9 @@ def concept_map_rows(resource: Mapping[str, Any]) -> list[MapRow]:
         parsed = ConceptMap.model_validate(dict(resource))
     except ValidationError as err:
         where = ".".join(str(p) for p in err.errors()[0]["loc"]) if err.errors() else "?"
-        raise TerminologyError(f"not a valid FHIR ConceptMap ({err.error_count()} problem(s), first at {where})") from None
+        raise TerminologyError(
+            f"not a valid FHIR ConceptMap ({err.error_count()} problem(s), first at {where})"
+        ) from None
     name = parsed.url or (f"ConceptMap/{parsed.id}" if parsed.id else "ConceptMap")
     rows: list[MapRow] = []
     for group in parsed.group or ():

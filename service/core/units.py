@@ -24,20 +24,42 @@ _TEN_E = re.compile(r"10e(\d+)")
 _COUNT: dict[str, float] = {
     **dict.fromkeys(
         [
-            "10*3/ul", "10*3/mm3", "10*3/cumm", "10*3/cmm", "10*9/l", "/nl",
-            "k/ul", "k/mm3", "k/cumm", "thou/ul", "thou/mm3", "thou/cumm", "thousand/ul",
-            "thousands/ul", "thousandspermicroliter",
-            "1000/ul", "1000/mm3",
+            "10*3/ul",
+            "10*3/mm3",
+            "10*3/cumm",
+            "10*3/cmm",
+            "10*9/l",
+            "/nl",
+            "k/ul",
+            "k/mm3",
+            "k/cumm",
+            "thou/ul",
+            "thou/mm3",
+            "thou/cumm",
+            "thousand/ul",
+            "thousands/ul",
+            "thousandspermicroliter",
+            "1000/ul",
+            "1000/mm3",
             # "G/L" (giga per litre) and German "Gpt/L": only accepted for a LOINC count term,
             # which is the only table this dict serves (for haemoglobin g/L means grams).
-            "g/l", "gpt/l",
+            "g/l",
+            "gpt/l",
         ],
         1000.0,
     ),
     **dict.fromkeys(
         [
-            "/ul", "/mm3", "/cumm", "/cmm", "cells/ul", "cells/mm3", "cells/cumm", "cells/cmm",
-            "#/ul", "#/mm3",
+            "/ul",
+            "/mm3",
+            "/cumm",
+            "/cmm",
+            "cells/ul",
+            "cells/mm3",
+            "cells/cumm",
+            "cells/cmm",
+            "#/ul",
+            "#/mm3",
             # 10^6/L = 10^6 per 10^6 uL = 1/uL. (The reference table's "x 0.001" for this row is an
             # arithmetic slip: 1 L = 10^6 uL.)
             "10*6/l",
@@ -55,9 +77,15 @@ _FAHRENHEIT = frozenset({"[degf]", "°f", "degf", "f", "fahrenheit"})
 def unit_key(text: str) -> str:
     s = _ANNOTATION.sub("", text.strip())
     s = (
-        s.replace("µ", "u").replace("μ", "u").replace("×", "x")
-        .replace("³", "*3").replace("⁹", "*9").replace(" ", "").lower()
-        .replace("^", "*").replace("**", "*")
+        s.replace("µ", "u")
+        .replace("μ", "u")
+        .replace("×", "x")
+        .replace("³", "*3")
+        .replace("⁹", "*9")
+        .replace(" ", "")
+        .lower()
+        .replace("^", "*")
+        .replace("**", "*")
     )
     if len(s) > 1 and s[0] == "x" and s[1].isdigit():
         s = s[1:]
@@ -107,11 +135,15 @@ def to_canonical(
 
 
 @lru_cache(maxsize=4096)  # a handful of units in practice; bounded against junk
-def _cached_conversion(prop: Prop, ucum: bool, code: str | None, unit: str | None) -> Callable[[float], float] | str:
+def _cached_conversion(
+    prop: Prop, ucum: bool, code: str | None, unit: str | None
+) -> Callable[[float], float] | str:
     return _conversion(prop, unit=unit, code=code, ucum=ucum)
 
 
-def _conversion(prop: Prop, *, unit: str | None, code: str | None, ucum: bool) -> Callable[[float], float] | str:
+def _conversion(
+    prop: Prop, *, unit: str | None, code: str | None, ucum: bool
+) -> Callable[[float], float] | str:
     """The function converting values of this unit, or the reason there is none."""
     seen: list[str] = []
     for text in (code, unit) if ucum else (unit, code):

@@ -24,6 +24,19 @@ from service.explain.prose import rule_for
 from service.explain.text import render_text, trail_json
 from service.explain.trail import build_trail, explain_inputs, read_given
 
-__all__ = ["ExplainError", "Trail", "build_trail", "explain_inputs", "explain_server", "fetch_patient",
-           "patient_reference", "plot", "plot_available", "read_given", "render_text", "rule_for",
-           "trail_json", "write_png"]
+__all__ = [
+    "ExplainError",
+    "Trail",
+    "build_trail",
+    "explain_inputs",
+    "explain_server",
+    "fetch_patient",
+    "patient_reference",
+    "plot",
+    "plot_available",
+    "read_given",
+    "render_text",
+    "rule_for",
+    "trail_json",
+    "write_png",
+]

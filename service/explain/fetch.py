@@ -62,8 +62,9 @@ class _PatientReader:
         self.doing.append("Condition search")
         resources += await chronic_benign_conditions(self.client, self.subject)
         self.doing.append("DiagnosticReport search")
-        resources += await self.client.search_all("DiagnosticReport",
-                                                  [("subject", self.patient), ("_count", self.page)])
+        resources += await self.client.search_all(
+            "DiagnosticReport", [("subject", self.patient), ("_count", self.page)]
+        )
         resources += await self.orders(observations)
         self.doing.append("CareTeam search")
         resources += await active_care_teams(self.client, self.subject)
@@ -72,8 +73,9 @@ class _PatientReader:
     async def observations(self, history: bool) -> Resources:
         self.doing.append("Observation search")
         codes = ",".join(code_values(cbc_codes() + temperature_codes(), self.terminology))
-        found = await self.client.search_all("Observation", [("subject", self.patient), ("code", codes),
-                                                             ("_count", self.page)])
+        found = await self.client.search_all(
+            "Observation", [("subject", self.patient), ("code", codes), ("_count", self.page)]
+        )
         if not history:
             self.notes.append("current versions only (--no-history)")
             return found
@@ -88,8 +90,12 @@ class _PatientReader:
         except FhirHttpError as err:  # the server does not offer _history (e.g. 400, 405, 501)
             self.notes.append(f"_history not available (HTTP {err.status}): current versions only")
             return []
-        return [v for o, found in zip(older, versions, strict=True) for v in found
-                if _meta(v).get("versionId") != _meta(o).get("versionId")]
+        return [
+            v
+            for o, found in zip(older, versions, strict=True)
+            for v in found
+            if _meta(v).get("versionId") != _meta(o).get("versionId")
+        ]
 
     async def versions_of(self, id: str) -> Resources:
         try:
@@ -110,8 +116,14 @@ class _PatientReader:
         return [record]
 
     async def orders(self, observations: Resources) -> Resources:
-        refs = sorted({r["reference"] for o in observations for r in o.get("basedOn") or ()
-                       if isinstance(r, dict) and str(r.get("reference", "")).startswith("ServiceRequest/")})
+        refs = sorted(
+            {
+                r["reference"]
+                for o in observations
+                for r in o.get("basedOn") or ()
+                if isinstance(r, dict) and str(r.get("reference", "")).startswith("ServiceRequest/")
+            }
+        )
         self.doing.append("ServiceRequest read")
         found: Resources = []
         for ref in refs:

@@ -132,7 +132,7 @@ def fmt(value: float | None, digits: int = 1) -> str:
 
 
 def patient_reference(arg: str) -> str:
-    """"123" -> "Patient/123"; a reference ("Patient/123", an absolute URL) is kept as given."""
+    """ "123" -> "Patient/123"; a reference ("Patient/123", an absolute URL) is kept as given."""
     arg = arg.strip()
     if not arg:
         raise ExplainError("no patient given")
@@ -168,6 +168,8 @@ def describe_episode(view: dict[str, Any] | None) -> str:
     flags = [f for f in ("febrile", "chronic") if view.get(f)]
     flags += [f"{view['recovering']} normal in a row"] if view.get("recovering") else []
     flags += [f"re-opened {view['recurrences']}x"] if view.get("recurrences") else []
-    return (f"open {view['episode'][:8]} since {view['opened']}, worst alerted {view['worst']}"
-            + (f", now {view['current']}" if view.get("current") and view["current"] != view["worst"] else "")
-            + (f" ({', '.join(flags)})" if flags else ""))
+    return (
+        f"open {view['episode'][:8]} since {view['opened']}, worst alerted {view['worst']}"
+        + (f", now {view['current']}" if view.get("current") and view["current"] != view["worst"] else "")
+        + (f" ({', '.join(flags)})" if flags else "")
+    )

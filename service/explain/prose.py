@@ -37,8 +37,10 @@ def fever_threshold(rule: FeverRule, rules: Rules, unit: str = "") -> str:
 def anc_threshold(rule: AncRule, rules: Rules) -> str:
     if rule is AncRule.BELOW:
         return f"ANC < {rules.febrile_anc_below:g}"
-    return (f"ANC < {rules.febrile_falling_anc_below:g} falling >= {rules.febrile_fall_fraction * 100:g} % "
-            f"within {hours(rules.febrile_fall_window_us)}")
+    return (
+        f"ANC < {rules.febrile_falling_anc_below:g} falling >= {rules.febrile_fall_fraction * 100:g} % "
+        f"within {hours(rules.febrile_fall_window_us)}"
+    )
 
 
 def rule_for(event: AlertEvent, before: PatientState, rules: Rules) -> tuple[str, str]:
@@ -47,11 +49,20 @@ def rule_for(event: AlertEvent, before: PatientState, rules: Rules) -> tuple[str
     anc = f"ANC {fmt(a.anc)}/uL{' (at most)' if a.at_most else ''} at {a.effective}" if a else ""
     kind = event.kind
     if kind is EventKind.RECOVERING and event.recovering is not None:
-        rule = "recovering: normal, not yet confirmed" if event.recovering[0] else "recovering: neutropenic again"
-        return rule, f"{anc}: {event.band.label}; {recovering_phrase(event.recovering)}, the episode stays open"
+        rule = (
+            "recovering: normal, not yet confirmed"
+            if event.recovering[0]
+            else "recovering: neutropenic again"
+        )
+        return (
+            rule,
+            f"{anc}: {event.band.label}; {recovering_phrase(event.recovering)}, the episode stays open",
+        )
     if kind is EventKind.RECURRENCE:
-        return ("recurrence: neutropenic soon after the announced resolution",
-                f"{anc}: {event.band.label}; the episode resolved at {event.recurred_after} re-opens")
+        return (
+            "recurrence: neutropenic soon after the announced resolution",
+            f"{anc}: {event.band.label}; the episode resolved at {event.recurred_after} re-opens",
+        )
     if kind is EventKind.NEW:
         band = event.band
         label = band.label if band.label == band.severity else f"{band.label} ({band.severity})"
@@ -59,8 +70,10 @@ def rule_for(event: AlertEvent, before: PatientState, rules: Rules) -> tuple[str
     if kind is EventKind.WORSENING:
         worst = before.machine.worst
         than = f" ({worst.label})" if worst is not None and not event.revision else ""
-        return ("worsening: worse than the worst alerted",
-                f"{anc}: {event.band.label}, worse than the worst alerted{than}")
+        return (
+            "worsening: worse than the worst alerted",
+            f"{anc}: {event.band.label}, worse than the worst alerted{than}",
+        )
     if kind is EventKind.RESOLVED:
         return "resolved: back in the normal band", f"{anc}: normal; the episode ({event.band.label}) closes"
     if kind is EventKind.CHRONIC:
@@ -74,8 +87,10 @@ def rule_for(event: AlertEvent, before: PatientState, rules: Rules) -> tuple[str
 
 
 def _febrile(event: AlertEvent, why: FebrileRule, anc: str, rules: Rules) -> tuple[str, str]:
-    rule = (f"febrile: fever {fever_threshold(why.fever, rules)} within {hours(rules.fever_window_us)} of "
-            f"{anc_threshold(why.anc, rules)}")
+    rule = (
+        f"febrile: fever {fever_threshold(why.fever, rules)} within {hours(rules.fever_window_us)} of "
+        f"{anc_threshold(why.anc, rules)}"
+    )
     fever = event.fever
     detail = f"{fever.celsius:.1f} Cel at {fever.effective} ({fever.ref})" if fever else ""
     if event.assessment is not None:
@@ -110,8 +125,9 @@ def panel_note(d: PanelDecision, announced: bool) -> str | None:
     if d.not_assessed is not None:
         return f"not assessed: {d.not_assessed.reason}"
     if d.withdrawn:
-        return ("no ANC any more: the panel leaves the patient's history; "
-                + ("what rested on it is withdrawn" if announced else "no announcement rested on it"))
+        return "no ANC any more: the panel leaves the patient's history; " + (
+            "what rested on it is withdrawn" if announced else "no announcement rested on it"
+        )
     return _no_event(d)
 
 
@@ -120,15 +136,19 @@ def _no_event(d: PanelDecision) -> str | None:
     if why is NoEvent.NO_ANC:
         return "no ANC: the panel holds no final neutrophil result"
     if why is NoEvent.STALE:
-        return (f"no event: collected before the newest assessed panel ({d.newest_effective}); remembered, "
-                "it changes no episode")
+        return (
+            f"no event: collected before the newest assessed panel ({d.newest_effective}); remembered, "
+            "it changes no episode"
+        )
     if a is None or why is None:
         return None
     if why is NoEvent.REVISION_UNCHANGED:
         if d.revised_from is None or d.revised_from == a.band:
             return "re-assessed (later version): the same grade, nothing to announce"
-        return (f"re-assessed (later version) as {a.band.label}, was {d.revised_from.label}: the revised "
-                "history needs no new or withdrawn announcement")
+        return (
+            f"re-assessed (later version) as {a.band.label}, was {d.revised_from.label}: the revised "
+            "history needs no new or withdrawn announcement"
+        )
     if why is NoEvent.NOT_NEUTROPENIC:
         return "no event: not neutropenic and no open episode"
     worst = d.state.machine.worst.label if d.state.machine.worst else "?"
@@ -145,8 +165,10 @@ def fever_note(f: FeverConsidered, rules: Rules) -> str:
     """A panel's temperatures as the fever rule judged them."""
     if f.fever is None:
         if f.high:
-            return (f"no fever yet: >= {rules.fever_sustained_c:.1f} Cel but below "
-                    f"{rules.fever_single_c:.1f} and not sustained for {hours(rules.fever_sustained_us)}")
+            return (
+                f"no fever yet: >= {rules.fever_sustained_c:.1f} Cel but below "
+                f"{rules.fever_single_c:.1f} and not sustained for {hours(rules.fever_sustained_us)}"
+            )
         return "no fever"
     fever = f"fever ({fever_threshold(f.fever, rules, ' Cel')})"
     if f.febrile or f.not_febrile is None:

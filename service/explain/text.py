@@ -13,28 +13,63 @@ def _given_json(i: Input) -> dict[str, Any] | None:
     g = i.given
     if g is None:
         return None
-    fields = (("value", g.value), ("comparator", g.comparator), ("unit", g.unit), ("system", g.system),
-              ("code", g.code), ("text", g.text), ("dataAbsentReason", g.absent), ("other", g.other))
+    fields = (
+        ("value", g.value),
+        ("comparator", g.comparator),
+        ("unit", g.unit),
+        ("system", g.system),
+        ("code", g.code),
+        ("text", g.text),
+        ("dataAbsentReason", g.absent),
+        ("other", g.other),
+    )
     return {k: v for k, v in fields if v is not None}
 
 
 def _input_json(i: Input) -> dict[str, Any]:
     return {
-        "observation": i.ref, "version": i.version, "code": i.code, "kind": i.kind, "status": i.status,
-        "effective": i.effective, "given": _given_json(i), "value": i.value, "unit": i.unit,
-        "at_most": i.at_most, "role": i.role,
+        "observation": i.ref,
+        "version": i.version,
+        "code": i.code,
+        "kind": i.kind,
+        "status": i.status,
+        "effective": i.effective,
+        "given": _given_json(i),
+        "value": i.value,
+        "unit": i.unit,
+        "at_most": i.at_most,
+        "role": i.role,
     }
 
 
 def _step_json(s: Step) -> dict[str, Any]:
     return {
-        "n": s.n, "kind": s.kind, "trigger": s.trigger, "available": s.available, "patient": s.patient,
-        "panel": s.panel, "effective": s.effective, "outcome": s.outcome, "reason": s.reason,
-        "inputs": [_input_json(i) for i in s.inputs], "anc": s.anc, "grade": s.grade,
-        "episode_before": s.before, "episode_after": s.after,
-        "events": [{"event": e.kind, "rule": e.rule, "detail": e.detail, "correction": e.correction,
-                    "record": e.record} for e in s.events],
-        "note": s.note, "revision_of": s.revision_of,
+        "n": s.n,
+        "kind": s.kind,
+        "trigger": s.trigger,
+        "available": s.available,
+        "patient": s.patient,
+        "panel": s.panel,
+        "effective": s.effective,
+        "outcome": s.outcome,
+        "reason": s.reason,
+        "inputs": [_input_json(i) for i in s.inputs],
+        "anc": s.anc,
+        "grade": s.grade,
+        "episode_before": s.before,
+        "episode_after": s.after,
+        "events": [
+            {
+                "event": e.kind,
+                "rule": e.rule,
+                "detail": e.detail,
+                "correction": e.correction,
+                "record": e.record,
+            }
+            for e in s.events
+        ],
+        "note": s.note,
+        "revision_of": s.revision_of,
     }
 
 
@@ -44,8 +79,10 @@ def trail_json(trail: Trail) -> dict[str, Any]:
     return {
         "patient": trail.patient,
         "scheme": trail.scheme.name,
-        "bands": [{"label": b.label, "severity": b.severity, "range": band_range(trail.scheme, b)}
-                  for b in trail.scheme.bands],
+        "bands": [
+            {"label": b.label, "severity": b.severity, "range": band_range(trail.scheme, b)}
+            for b in trail.scheme.bands
+        ],
         "source": trail.source,
         "notes": trail.notes,
         "steps": [_step_json(s) for s in trail.steps],
@@ -88,8 +125,17 @@ def _inputs_table(s: Step) -> list[str]:
     rows = [["observation", "code", "term", "status", "as received", "normalised", "role"]]
     for i in s.inputs:
         normalised = f"{'<=' if i.at_most else ''}{fmt(i.value, 2)} {i.unit}" if i.value is not None else "-"
-        rows.append([_versioned(i), i.code or "-", i.kind or "-",
-                     i.status or "-", i.given.describe() if i.given else "(not found)", normalised, i.role])
+        rows.append(
+            [
+                _versioned(i),
+                i.code or "-",
+                i.kind or "-",
+                i.status or "-",
+                i.given.describe() if i.given else "(not found)",
+                normalised,
+                i.role,
+            ]
+        )
     return _table(rows, "    ")
 
 
@@ -98,8 +144,9 @@ def _anc_lines(anc: dict[str, Any], grade: dict[str, Any]) -> list[str]:
     if anc["lln"] is not None:
         extra.append(f"LLN {fmt(anc['lln'])}/uL")
     if anc["cytopenia"]:
-        extra.append(f"{anc['cytopenia']} (Hb {fmt(anc['hemoglobin'], 2)} g/dL, "
-                     f"platelets {fmt(anc['platelets'])}/uL)")
+        extra.append(
+            f"{anc['cytopenia']} (Hb {fmt(anc['hemoglobin'], 2)} g/dL, platelets {fmt(anc['platelets'])}/uL)"
+        )
     severity = grade["severity"] or "not neutropenic"
     label = grade["label"] if grade["label"] == severity else f"{grade['label']} ({severity})"
     return [
@@ -137,9 +184,10 @@ def _panel_lines(s: Step) -> list[str]:
         out = [f"{head}  REJECTED INPUT  (available {s.available or 'no lastUpdated'})"]
     else:
         again = f"; again, judged before at [{s.revision_of}]" if s.revision_of else ""
-        out = [f"{head}  panel {s.panel}",
-               f"    arrival:  {s.trigger}, available "
-               f"{s.available or '(no lastUpdated: input order)'}{again}"]
+        out = [
+            f"{head}  panel {s.panel}",
+            f"    arrival:  {s.trigger}, available {s.available or '(no lastUpdated: input order)'}{again}",
+        ]
     out += _inputs_table(s)
     if s.anc is not None and s.grade is not None:
         out += _anc_lines(s.anc, s.grade)
@@ -156,8 +204,10 @@ def _temperature_lines(s: Step) -> list[str]:
     lines = []
     for i in s.inputs:
         given = i.given.describe() if i.given else "(not found)"
-        lines.append(f"[{s.n}] {i.effective}  temperature {_versioned(i)}"
-                     + f" {i.code}: {given} -> {fmt(i.value, 2)} Cel; {s.note}")
+        lines.append(
+            f"[{s.n}] {i.effective}  temperature {_versioned(i)}"
+            + f" {i.code}: {given} -> {fmt(i.value, 2)} Cel; {s.note}"
+        )
     lines += _event_lines(s)
     if s.events:
         lines.append(f"    episode:  after: {describe_episode(s.after)}")
@@ -167,8 +217,10 @@ def _temperature_lines(s: Step) -> list[str]:
 def _rejected_inputs(trail: Trail) -> list[str]:
     if not trail.rejected_inputs:
         return []
-    rows = [[_versioned(s.inputs[0]), s.inputs[0].code or "-", s.effective or "-", s.reason or ""]
-            for s in trail.rejected_inputs]
+    rows = [
+        [_versioned(s.inputs[0]), s.inputs[0].code or "-", s.effective or "-", s.reason or ""]
+        for s in trail.rejected_inputs
+    ]
     return ["", "Rejected inputs:", *_table(rows, "  ")]
 
 

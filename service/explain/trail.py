@@ -41,12 +41,23 @@ from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.replay.engine import PanelTrace, Replay, documents
 
 CANONICAL_UNIT = {
-    Prop.COUNT: "/uL", Prop.PERCENT: "%", Prop.FRACTION: "%", Prop.MASS: "g/dL", Prop.TEMP: "Cel",
+    Prop.COUNT: "/uL",
+    Prop.PERCENT: "%",
+    Prop.FRACTION: "%",
+    Prop.MASS: "g/dL",
+    Prop.TEMP: "Cel",
 }
 KIND_LABEL = {
-    Kind.WBC: "WBC", Kind.NEUT_PCT: "neutrophils %", Kind.SEG_PCT: "segs %", Kind.BAND_PCT: "bands %",
-    Kind.NEUT_ABS: "neutrophils #", Kind.SEG_ABS: "segs #", Kind.BAND_ABS: "bands #", Kind.HGB: "haemoglobin",
-    Kind.PLT: "platelets", Kind.TEMP: "temperature",
+    Kind.WBC: "WBC",
+    Kind.NEUT_PCT: "neutrophils %",
+    Kind.SEG_PCT: "segs %",
+    Kind.BAND_PCT: "bands %",
+    Kind.NEUT_ABS: "neutrophils #",
+    Kind.SEG_ABS: "segs #",
+    Kind.BAND_ABS: "bands #",
+    Kind.HGB: "haemoglobin",
+    Kind.PLT: "platelets",
+    Kind.TEMP: "temperature",
 }
 
 TIME_REJECTIONS = (COLLECTED_AFTER_RECORDED, COLLECTED_BEFORE_BIRTH, COLLECTED_BEFORE_1900)
@@ -86,12 +97,23 @@ def _episode(ps: PatientState) -> dict[str, Any]:
     m = ps.machine
     view: dict[str, Any] = {"open": m.episode is not None}
     if m.episode is not None:
-        view.update(episode=m.episode, opened=m.opened, worst=m.worst.label if m.worst else None,
-                    worst_severity=m.worst.severity if m.worst else None,
-                    current=m.current.label if m.current else None, febrile=m.febrile, chronic=m.chronic,
-                    recovering=m.normals, recurrences=m.opening)
-    view.update(last_anc=m.last_anc, last_effective=m.last_effective, remembered=len(ps.history),
-                revisions=ps.revisions)
+        view.update(
+            episode=m.episode,
+            opened=m.opened,
+            worst=m.worst.label if m.worst else None,
+            worst_severity=m.worst.severity if m.worst else None,
+            current=m.current.label if m.current else None,
+            febrile=m.febrile,
+            chronic=m.chronic,
+            recovering=m.normals,
+            recurrences=m.opening,
+        )
+    view.update(
+        last_anc=m.last_anc,
+        last_effective=m.last_effective,
+        remembered=len(ps.history),
+        revisions=ps.revisions,
+    )
     return view
 
 
@@ -100,10 +122,23 @@ def _episode(ps: PatientState) -> dict[str, Any]:
 
 def _input(r: LabResult, role: str, index: GivenIndex) -> Input:
     term = TERMS.get(r.code)
-    code = r.code if r.mapped_from is None else f"{r.code} (from {r.mapped_from} by ConceptMap {r.concept_map})"
-    return Input(r.ref, r.version, code, KIND_LABEL.get(r.kind, r.kind.value), r.status, r.effective,
-                 r.effective_us, index.get((r.ref, r.version, r.updated_us)), r.value,
-                 CANONICAL_UNIT.get(term.prop) if term else None, r.at_most, role)
+    code = (
+        r.code if r.mapped_from is None else f"{r.code} (from {r.mapped_from} by ConceptMap {r.concept_map})"
+    )
+    return Input(
+        r.ref,
+        r.version,
+        code,
+        KIND_LABEL.get(r.kind, r.kind.value),
+        r.status,
+        r.effective,
+        r.effective_us,
+        index.get((r.ref, r.version, r.updated_us)),
+        r.value,
+        CANONICAL_UNIT.get(term.prop) if term else None,
+        r.at_most,
+        role,
+    )
 
 
 def _role(r: LabResult, used: Sequence[str], cytopenia: bool) -> str:
@@ -171,11 +206,26 @@ def _graded(
     lln = anc.lln if anc is not None and not isinstance(anc, PanelRejected) else None
     scheme = grading_for(rules, t.context, a.effective_us).scheme or rules.scheme
     return (
-        {"value": a.anc, "unit": "/uL", "at_most": a.at_most, "method": a.method, "wbc": a.wbc, "lln": lln,
-         "observations": list(a.refs), "cytopenia": a.cytopenia, "hemoglobin": a.hemoglobin,
-         "platelets": a.platelets},
-        {"scheme": scheme.name, "label": a.band.label, "severity": a.band.severity, "rank": a.band.rank,
-         "range": band_range(scheme, a.band, lln), "threshold_rule": a.threshold_rule},
+        {
+            "value": a.anc,
+            "unit": "/uL",
+            "at_most": a.at_most,
+            "method": a.method,
+            "wbc": a.wbc,
+            "lln": lln,
+            "observations": list(a.refs),
+            "cytopenia": a.cytopenia,
+            "hemoglobin": a.hemoglobin,
+            "platelets": a.platelets,
+        },
+        {
+            "scheme": scheme.name,
+            "label": a.band.label,
+            "severity": a.band.severity,
+            "rank": a.band.rank,
+            "range": band_range(scheme, a.band, lln),
+            "threshold_rule": a.threshold_rule,
+        },
     )
 
 
@@ -207,11 +257,23 @@ def _step(n: int, t: PanelTrace, rules: Rules, index: GivenIndex, earlier: Step 
     roles = _roles(labs, d)
     inputs = [_input(r, roles[r.ref], index) for r in labs] + [_input(r, "temperature", index) for r in temps]
     primary = next((r for r in labs if r.ref in used[:1]), labs[0] if labs else (temps[0] if temps else None))
-    step = Step(n, "panel" if labs else "temperature", t.akey, _available(t.akey)[0], _trigger(t, earlier),
-                t.patient, t.panel, primary.effective if primary else None,
-                primary.effective_us if primary else None, inputs, "assessed", before=_episode(t.before),
-                after=_episode(d.state if d is not None else t.before), records=list(t.records),
-                revision_of=earlier.n if earlier is not None else None)
+    step = Step(
+        n,
+        "panel" if labs else "temperature",
+        t.akey,
+        _available(t.akey)[0],
+        _trigger(t, earlier),
+        t.patient,
+        t.panel,
+        primary.effective if primary else None,
+        primary.effective_us if primary else None,
+        inputs,
+        "assessed",
+        before=_episode(t.before),
+        after=_episode(d.state if d is not None else t.before),
+        records=list(t.records),
+        revision_of=earlier.n if earlier is not None else None,
+    )
     if d is None:  # could not be decided: quarantined, the patient's state unchanged
         step.outcome, step.reason = "quarantined", str(t.records[0].get("reason")) if t.records else None
         return step
@@ -231,13 +293,37 @@ def _rejected_step(n: int, akey: str, rejected: Rejected, record: dict[str, Any]
         eff_us = None
     term = TERMS.get(rejected.code or "")
     given = index.get((rejected.ref, rejected.version, rejected.updated_us)) if rejected.ref else None
-    row = Input(rejected.ref or "(no id)", rejected.version, rejected.code,
-                KIND_LABEL.get(term.kind) if term else None, None, rejected.effective, eff_us, given, None,
-                None, False, f"rejected: {rejected.reason}")
-    return Step(n, "rejected-input", akey, _available(akey)[0], "arrived", rejected.patient or "", "",
-                rejected.effective, eff_us, [row], "rejected-input", reason=rejected.reason, records=[record],
-                note=f"input rejected: {rejected.reason}; it never alerts (an Observation whose newest "
-                     "version is rejected contributes nothing to its panel)")
+    row = Input(
+        rejected.ref or "(no id)",
+        rejected.version,
+        rejected.code,
+        KIND_LABEL.get(term.kind) if term else None,
+        None,
+        rejected.effective,
+        eff_us,
+        given,
+        None,
+        None,
+        False,
+        f"rejected: {rejected.reason}",
+    )
+    return Step(
+        n,
+        "rejected-input",
+        akey,
+        _available(akey)[0],
+        "arrived",
+        rejected.patient or "",
+        "",
+        rejected.effective,
+        eff_us,
+        [row],
+        "rejected-input",
+        reason=rejected.reason,
+        records=[record],
+        note=f"input rejected: {rejected.reason}; it never alerts (an Observation whose newest "
+        "version is rejected contributes nothing to its panel)",
+    )
 
 
 # -- the whole trail ---------------------------------------------------------------------------------------
@@ -281,8 +367,10 @@ def build_trail(replay: Replay, patient: str, given: GivenIndex, source: str) ->
     trail = Trail(patient, rules.scheme, rules, source, steps, records)
     subjects = sorted({s.patient for s in steps if s.patient})
     if len(subjects) > 1:
-        trail.notes.append(f"the input names this patient in {len(subjects)} ways ({', '.join(subjects)}); "
-                           "replay follows each reference as a patient of its own")
+        trail.notes.append(
+            f"the input names this patient in {len(subjects)} ways ({', '.join(subjects)}); "
+            "replay follows each reference as a patient of its own"
+        )
     return trail
 
 

@@ -77,7 +77,9 @@ class BearerAuth:
             try:
                 token = read_token_file(self._path)
             except ConfigError as err:
-                log.warning("fhir_bearer_token_file_unreadable", error=str(err), action="the previous token is kept")
+                log.warning(
+                    "fhir_bearer_token_file_unreadable", error=str(err), action="the previous token is kept"
+                )
             else:
                 if token.get_secret_value() != self._token.get_secret_value():
                     log.info("fhir_bearer_token_renewed", field=TOKEN_FILE_FIELD, after="401")
@@ -118,7 +120,9 @@ def load_signing_key(path: Path, algorithm: str) -> RSAKey | ECKey:
         raise ConfigError(f"{KEY_FIELD}: {path} is not an unencrypted PEM private key") from None
     if algorithm == "RS384" and isinstance(key, rsa.RSAPrivateKey):
         if key.key_size < 2048:
-            raise ConfigError(f"{KEY_FIELD}: RSA key of {key.key_size} bits is too short for RS384 (need >= 2048)")
+            raise ConfigError(
+                f"{KEY_FIELD}: RSA key of {key.key_size} bits is too short for RS384 (need >= 2048)"
+            )
         return RSAKey.import_key(key)
     if algorithm == "ES384" and isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1":
         return ECKey.import_key(key)
@@ -158,7 +162,9 @@ class SmartBackendAuth:
         self.granted_scope: str | None = None
 
     def __repr__(self) -> str:
-        return f"SmartBackendAuth(client_id={self._settings.client_id!r}, algorithm={self._settings.algorithm})"
+        return (
+            f"SmartBackendAuth(client_id={self._settings.client_id!r}, algorithm={self._settings.algorithm})"
+        )
 
     async def header(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {(await self._access_token()).get_secret_value()}"}
@@ -188,8 +194,12 @@ class SmartBackendAuth:
             header["jku"] = s.jku
         now = int(self._clock())
         claims = {
-            "iss": s.client_id, "sub": s.client_id, "aud": token_url,
-            "exp": now + ASSERTION_LIFETIME, "iat": now, "jti": str(uuid.uuid4()),
+            "iss": s.client_id,
+            "sub": s.client_id,
+            "aud": token_url,
+            "exp": now + ASSERTION_LIFETIME,
+            "iat": now,
+            "jti": str(uuid.uuid4()),
         }
         return jwt.encode(header, claims, self._key, algorithms=[s.algorithm])
 
@@ -198,7 +208,9 @@ class SmartBackendAuth:
             url = f"{self._base_url}/.well-known/smart-configuration"
             status, doc = await self._call("GET", url, what="SMART discovery")
             if status != 200 or not isinstance(doc, dict):
-                raise AuthError(f"SMART discovery: {url} answered HTTP {status} without a configuration document")
+                raise AuthError(
+                    f"SMART discovery: {url} answered HTTP {status} without a configuration document"
+                )
             https = self._base_url.startswith("https://")
             self._token_url = check_configuration(doc, self._settings.algorithm, require_https=https)
         return self._token_url
@@ -229,19 +241,28 @@ class SmartBackendAuth:
             expires_in = DEFAULT_EXPIRES_IN
         return SecretStr(token), float(expires_in)
 
-    async def _call(self, method: str, url: str, *, what: str, data: dict[str, str] | None = None) -> tuple[int, Any]:
+    async def _call(
+        self, method: str, url: str, *, what: str, data: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         """One request; transient failures become FhirUnavailable (the caller's next request retries)."""
         try:
             async with self._session.request(
-                method, url, data=data, headers={"Accept": "application/json"},
-                timeout=self._timeout, ssl=self._ssl, allow_redirects=False,
+                method,
+                url,
+                data=data,
+                headers={"Accept": "application/json"},
+                timeout=self._timeout,
+                ssl=self._ssl,
+                allow_redirects=False,
             ) as resp:
                 body = await resp.read()
                 status = resp.status
         except TimeoutError:
             raise FhirUnavailable(f"{what}: timeout", reason="timeout", attempts=1) from None
         except aiohttp.ClientError as err:
-            raise FhirUnavailable(f"{what}: connection failed ({type(err).__name__})", reason="connection", attempts=1) from None
+            raise FhirUnavailable(
+                f"{what}: connection failed ({type(err).__name__})", reason="connection", attempts=1
+            ) from None
         if status == 429 or status >= 500:
             raise FhirUnavailable(f"{what}: HTTP {status}", reason=str(status), attempts=1)
         try:
@@ -282,7 +303,10 @@ def make_auth(settings: FhirSettings, session: aiohttp.ClientSession) -> Auth:
         return BearerAuth(read_token_file(auth.bearer_token_file), path=auth.bearer_token_file)
     if auth.method == "smart":
         return SmartBackendAuth(
-            auth.smart, base_url=settings.base_url, session=session,
-            timeout_seconds=settings.timeout_seconds, tls=ssl_option(settings),
+            auth.smart,
+            base_url=settings.base_url,
+            session=session,
+            timeout_seconds=settings.timeout_seconds,
+            tls=ssl_option(settings),
         )
     return NoAuth()

@@ -57,7 +57,14 @@ from service.metrics import (
     reason_label,
 )
 
-__all__ = ["FhirClient", "Page", "ResponseTooLarge", "UnreadablePage", "quota_reset_seconds", "transient_status"]
+__all__ = [
+    "FhirClient",
+    "Page",
+    "ResponseTooLarge",
+    "UnreadablePage",
+    "quota_reset_seconds",
+    "transient_status",
+]
 
 log = structlog.get_logger("neutrowatch.fhir")
 
@@ -96,7 +103,9 @@ class _Response:
 class _Retry(Exception):
     """One attempt failed in a way that may be retried. `ambiguous`: a write may have been applied."""
 
-    def __init__(self, reason: str, *, ambiguous: bool, response: _Response | None = None, after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, *, ambiguous: bool, response: _Response | None = None, after: float | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason, self.ambiguous, self.response, self.after = reason, ambiguous, response, after
 
@@ -184,7 +193,11 @@ def _serialization_failure(outcome: Any) -> bool:
             continue
         details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
         codings = details.get("coding") if isinstance(details.get("coding"), list) else []
-        texts = [issue.get("diagnostics"), details.get("text"), *(c.get("code") for c in codings if isinstance(c, dict))]
+        texts = [
+            issue.get("diagnostics"),
+            details.get("text"),
+            *(c.get("code") for c in codings if isinstance(c, dict)),
+        ]
         if any(isinstance(t, str) and _SERIALIZATION.search(t[:2000]) for t in texts):
             return True
     return False
@@ -277,14 +290,20 @@ def _is_idempotent_entry(entry: Any) -> bool:
     if not isinstance(request, dict):
         return False
     method = str(request.get("method", "")).upper()
-    return (method in ("GET", "HEAD") or (method == "POST" and bool(request.get("ifNoneExist")))
-            or (method == "PUT" and bool(request.get("ifMatch"))))
+    return (
+        method in ("GET", "HEAD")
+        or (method == "POST" and bool(request.get("ifNoneExist")))
+        or (method == "PUT" and bool(request.get("ifMatch")))
+    )
 
 
 def _next_link(links: Any) -> str | None:
     for link in links or ():
-        relation, url = (link.relation, link.url) if isinstance(link, raw.Link) else (
-            (link.get("relation"), link.get("url")) if isinstance(link, dict) else (None, None))
+        relation, url = (
+            (link.relation, link.url)
+            if isinstance(link, raw.Link)
+            else ((link.get("relation"), link.get("url")) if isinstance(link, dict) else (None, None))
+        )
         if relation == "next" and isinstance(url, str) and url:
             return url
     return None
@@ -340,7 +359,9 @@ def _bundle_object(response: _Response) -> tuple[dict[str, Any], str | None]:
     doc = _json_object(response)
     if doc.get("resourceType") != "Bundle":
         shown = doc.get("resourceType")
-        raise FhirError(f"search answered with {shown if isinstance(shown, str) and _TYPE.match(shown) else 'something else'}, not a Bundle")
+        raise FhirError(
+            f"search answered with {shown if isinstance(shown, str) and _TYPE.match(shown) else 'something else'}, not a Bundle"
+        )
     return doc, _next_link(doc.get("link"))
 
 
@@ -425,12 +446,22 @@ def _page(response: _Response, broken: BrokenPages) -> tuple[PageEntries, str | 
     doc = doc._replace(items=_without_future_stamps(doc.items, response.headers))
     if doc.complete:
         if doc.resource_type != "Bundle":
-            shown = doc.resource_type if doc.resource_type and _TYPE.match(doc.resource_type) else "something else"
+            shown = (
+                doc.resource_type
+                if doc.resource_type and _TYPE.match(doc.resource_type)
+                else "something else"
+            )
             raise FhirError(f"search answered with {shown}, not a Bundle")
         if doc.damage is not None:
             DAMAGED_PAGES.labels("salvaged").inc()
-            log.warning("fhir_page_salvaged", status=response.status, size=len(response.body), entries=len(doc.items),
-                        unreadable=sum(isinstance(i, raw.Undecodable) for i in doc.items), damage=reason_label(doc.damage))
+            log.warning(
+                "fhir_page_salvaged",
+                status=response.status,
+                size=len(response.body),
+                entries=len(doc.items),
+                unreadable=sum(isinstance(i, raw.Undecodable) for i in doc.items),
+                damage=reason_label(doc.damage),
+            )
         return PageEntries(doc.items), _next_link(doc.links)
     seen = broken.sightings(response.body)
     if seen == 1:
@@ -440,14 +471,28 @@ def _page(response: _Response, broken: BrokenPages) -> tuple[PageEntries, str | 
     damage = reason_label(doc.damage or "broken")
     if seen == 2 and doc.resource_type == "Bundle" and doc.items:
         DAMAGED_PAGES.labels("prefix").inc()
-        log.warning("fhir_page_truncated", size=len(response.body), sha256=digest, entries=len(doc.items), damage=damage,
-                    action="entries before the break read; the rest is read from the cursor next cycle")
+        log.warning(
+            "fhir_page_truncated",
+            size=len(response.body),
+            sha256=digest,
+            entries=len(doc.items),
+            damage=damage,
+            action="entries before the break read; the rest is read from the cursor next cycle",
+        )
         return PageEntries(doc.items, cut_short=True), None
     DAMAGED_PAGES.labels("refused").inc()
-    log.error("fhir_page_unreadable", size=len(response.body), sha256=digest, damage=damage, seen=seen,
-              action="not skipped: the cycle fails and the cursor stays")
-    raise UnreadablePage(f"search page unreadable ({damage}; {len(response.body)} bytes, sha256 {digest}, seen {seen} times): "
-                         "not skipped, the cursor stays")
+    log.error(
+        "fhir_page_unreadable",
+        size=len(response.body),
+        sha256=digest,
+        damage=damage,
+        seen=seen,
+        action="not skipped: the cycle fails and the cursor stays",
+    )
+    raise UnreadablePage(
+        f"search page unreadable ({damage}; {len(response.body)} bytes, sha256 {digest}, seen {seen} times): "
+        "not skipped, the cursor stays"
+    )
 
 
 FUTURE_STAMP = "meta.lastUpdated is later than the server's own clock"
@@ -455,8 +500,9 @@ _DATE_SLACK_US = 5 * 60 * 1_000_000  # clocks of a server's nodes differ a littl
 _NO_DATE_SLACK_US = 60 * 60 * 1_000_000  # no Date header: our clock, with room for the server's to be ahead
 
 
-def _without_future_stamps(items: list[raw.Resource | raw.Undecodable], headers: Mapping[str, str]
-                           ) -> list[raw.Resource | raw.Undecodable]:
+def _without_future_stamps(
+    items: list[raw.Resource | raw.Undecodable], headers: Mapping[str, str]
+) -> list[raw.Resource | raw.Undecodable]:
     """Entries whose meta.lastUpdated lies beyond the server's clock (its Date header) become
     rejections. The server stamps what it stores, so such a stamp is not one it wrote; believed, it
     would carry the cursor into the future (9999-12-31: every later result falls below the cursor
@@ -472,8 +518,14 @@ def _without_future_stamps(items: list[raw.Resource | raw.Undecodable], headers:
                 future = False
             if future:
                 subject = item.subject.reference if item.subject is not None else None  # type: ignore[union-attr]
-                out.append(raw.Undecodable(FUTURE_STAMP, raw.clean_text(item.resourceType, 64), raw.fhir_id(item.id),  # type: ignore[union-attr]
-                                           patient_reference(subject)))
+                out.append(
+                    raw.Undecodable(
+                        FUTURE_STAMP,
+                        raw.clean_text(item.resourceType, 64),
+                        raw.fhir_id(item.id),  # type: ignore[union-attr]
+                        patient_reference(subject),
+                    )
+                )
                 continue
         out.append(item)
     return out
@@ -550,7 +602,9 @@ class FhirClient:
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -583,7 +637,9 @@ class FhirClient:
     async def read(self, resource_type: str, id: str) -> tuple[dict[str, Any], str | None]:
         """The current version and its ETag."""
         url = f"{self._type_url(resource_type)}/{self._checked_id(id)}"
-        return await self._request("GET", url, idempotent=True, parse=lambda r: (_json_object(r), r.headers.get("ETag")))
+        return await self._request(
+            "GET", url, idempotent=True, parse=lambda r: (_json_object(r), r.headers.get("ETag"))
+        )
 
     async def history(self, resource_type: str, id: str) -> list[dict[str, Any]]:
         """Every version of one resource (`GET [type]/[id]/_history`, paged like a search, at most
@@ -598,14 +654,18 @@ class FhirClient:
                 raise FhirError(f"history {resource_type}: more than {MAX_SEARCH_ALL_PAGES} pages")
         return found
 
-    async def create(self, resource: dict[str, Any], *, if_none_exist: str | None = None) -> tuple[dict[str, Any] | None, int]:
+    async def create(
+        self, resource: dict[str, Any], *, if_none_exist: str | None = None
+    ) -> tuple[dict[str, Any] | None, int]:
         """POST; with `if_none_exist` (a query such as "identifier=sys|val") a conditional create,
         which is safe to retry. Returns (resource or None without a body, 201 or 200)."""
         headers = {"If-None-Exist": if_none_exist} if if_none_exist else {}
         url = self._type_url(resource.get("resourceType", ""))
         return await self._write("POST", url, resource, headers, idempotent=bool(if_none_exist))
 
-    async def update(self, resource: dict[str, Any], *, if_match: str | None = None) -> tuple[dict[str, Any] | None, int]:
+    async def update(
+        self, resource: dict[str, Any], *, if_match: str | None = None
+    ) -> tuple[dict[str, Any] | None, int]:
         """PUT /Type/id; `if_match` is an ETag (W/"3") or a bare version id. A stale version raises
         PreconditionFailed. Retried only with If-Match: a retry whose first attempt was applied then
         answers 412, so on PreconditionFailed re-read before concluding there was a conflict."""
@@ -660,7 +720,11 @@ class FhirClient:
         """Same origin as the base URL, path under the base path, no dot segments, no userinfo."""
         origin = _origin(url)
         path = urlsplit(url).path
-        if origin is None or origin != self._origin or any(s in (".", "..") for s in unquote(path).split("/")):
+        if (
+            origin is None
+            or origin != self._origin
+            or any(s in (".", "..") for s in unquote(path).split("/"))
+        ):
             return False
         return not self._base_path or path == self._base_path or path.startswith(self._base_path + "/")
 
@@ -668,17 +732,21 @@ class FhirClient:
         UNSAFE_LINKS.labels(kind=kind).inc()
         parts = urlsplit(url)
         log.warning("fhir_unsafe_link", kind=kind, target=f"{parts.scheme}://{parts.netloc}")
-        return UnsafeLinkError(f"{kind} to {parts.scheme}://{parts.netloc} refused: it leaves the FHIR base URL {self._base}")
+        return UnsafeLinkError(
+            f"{kind} to {parts.scheme}://{parts.netloc} refused: it leaves the FHIR base URL {self._base}"
+        )
 
     def _resource_type(self, url: str) -> str:
         """For logs and messages: the first path segment after the base (never ids or queries)."""
-        rest = urlsplit(url).path[len(self._base_path):].strip("/").split("/")[0]
+        rest = urlsplit(url).path[len(self._base_path) :].strip("/").split("/")[0]
         return rest if _TYPE.match(rest) or rest == "metadata" else ""
 
     # -- paging ------------------------------------------------------------------------------------
 
     async def _walk(
-        self, url: str, parse: Callable[[_Response], tuple[T, str | None]],
+        self,
+        url: str,
+        parse: Callable[[_Response], tuple[T, str | None]],
     ) -> AsyncIterator[tuple[T, str | None, str]]:
         """Parsed pages with their next link and URL; follows next only under the base URL."""
         seen: set[str] = set()
@@ -699,10 +767,22 @@ class FhirClient:
     # -- requests ----------------------------------------------------------------------------------
 
     async def _write(
-        self, method: str, url: str, resource: dict[str, Any], headers: dict[str, str], *, idempotent: bool,
+        self,
+        method: str,
+        url: str,
+        resource: dict[str, Any],
+        headers: dict[str, str],
+        *,
+        idempotent: bool,
     ) -> tuple[dict[str, Any] | None, int]:
-        response = await self._request(method, url, body=orjson.dumps(resource), headers=headers,
-                                       idempotent=idempotent, parse=lambda r: r)
+        response = await self._request(
+            method,
+            url,
+            body=orjson.dumps(resource),
+            headers=headers,
+            idempotent=idempotent,
+            parse=lambda r: r,
+        )
         location = response.headers.get("Location")
         if location and not self._within_base(urljoin(url, location)):
             self._refuse(urljoin(url, location), "location")  # counted and ignored
@@ -710,8 +790,16 @@ class FhirClient:
         same_type = doc is not None and doc.get("resourceType") == resource.get("resourceType")
         return (doc if same_type else None), response.status  # not e.g. an OperationOutcome
 
-    async def _request(self, method: str, url: str, *, idempotent: bool, parse: Callable[[_Response], T],
-                       body: bytes | None = None, headers: Mapping[str, str] | None = None) -> T:
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        *,
+        idempotent: bool,
+        parse: Callable[[_Response], T],
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> T:
         attempt, reauthorised, spent = 0, False, 0.0
         slept_until = float("-inf")  # the end of this request's own last backoff (monotonic)
         what = f"{method} {self._resource_type(url) or 'base'}"
@@ -730,23 +818,36 @@ class FhirClient:
                 if retry.ambiguous and not idempotent:
                     raise self._not_retried(what, retry, attempt) from None
                 if attempt >= self._retry.max_attempts:
-                    raise FhirUnavailable(f"{what}: gave up after {attempt} attempts; last: {retry.reason}",
-                                          reason=retry.reason, attempts=attempt) from None
+                    raise FhirUnavailable(
+                        f"{what}: gave up after {attempt} attempts; last: {retry.reason}",
+                        reason=retry.reason,
+                        attempts=attempt,
+                    ) from None
                 delay = self._delay(attempt - 1, retry)
                 now = self._monotonic()
-                if retry.reason == "429":  # one quota pause for the whole client, joined by every request that meets it
+                if (
+                    retry.reason == "429"
+                ):  # one quota pause for the whole client, joined by every request that meets it
                     delay = max(delay, self._paused_until - now)
                 if spent + delay > self._retry.max_request_retry_seconds:
                     raise self._capped(what, retry, attempt, "request", spent) from None
-                if not self._debit(max(0.0, now + delay - max(now, self._paused_until)) if retry.reason == "429" else delay):
+                if not self._debit(
+                    max(0.0, now + delay - max(now, self._paused_until)) if retry.reason == "429" else delay
+                ):
                     raise self._capped(what, retry, attempt, "cycle", spent) from None
                 spent += delay
                 if retry.reason == "429":
                     self._paused_until = max(self._paused_until, now + delay)
                 slept_until = now + delay
                 FHIR_RETRIES.labels(reason=retry.reason).inc()
-                log.warning("fhir_retry", method=method, resource_type=self._resource_type(url), reason=retry.reason,
-                            attempt=attempt, delay=round(delay, 3))
+                log.warning(
+                    "fhir_retry",
+                    method=method,
+                    resource_type=self._resource_type(url),
+                    reason=retry.reason,
+                    attempt=attempt,
+                    delay=round(delay, 3),
+                )
                 await self._sleep(delay)
 
     async def _wait_out_pause(self, slept_until: float) -> float:
@@ -773,9 +874,19 @@ class FhirClient:
     def _capped(self, what: str, retry: _Retry, attempt: int, cap: str, spent: float) -> FhirUnavailable:
         FHIR_RETRY_CAPS.labels(cap=cap).inc()
         setting = "max_request_retry_seconds" if cap == "request" else "max_cycle_retry_seconds"
-        log.warning("fhir_retry_capped", what=what, reason=retry.reason, attempt=attempt, cap=cap, spent=round(spent, 3))
-        return FhirUnavailable(f"{what}: not retried after {attempt} attempt(s), fhir.retry.{setting} reached; last: {retry.reason}",
-                               reason=retry.reason, attempts=attempt)
+        log.warning(
+            "fhir_retry_capped",
+            what=what,
+            reason=retry.reason,
+            attempt=attempt,
+            cap=cap,
+            spent=round(spent, 3),
+        )
+        return FhirUnavailable(
+            f"{what}: not retried after {attempt} attempt(s), fhir.retry.{setting} reached; last: {retry.reason}",
+            reason=retry.reason,
+            attempts=attempt,
+        )
 
     def _accept(self, response: _Response, parse: Callable[[_Response], T]) -> T:
         status = response.status
@@ -802,8 +913,12 @@ class FhirClient:
         if retry.response is not None:
             summary = outcome_summary(retry.response.body) or "not retried: the write is not idempotent"
             return FhirHttpError(retry.response.status, summary)
-        return FhirUnavailable(f"{what}: {retry.reason} after {attempt} attempt(s); not retried, the write is not "
-                               "idempotent and its outcome is unknown", reason=retry.reason, attempts=attempt)
+        return FhirUnavailable(
+            f"{what}: {retry.reason} after {attempt} attempt(s); not retried, the write is not "
+            "idempotent and its outcome is unknown",
+            reason=retry.reason,
+            attempts=attempt,
+        )
 
     def _delay(self, retry_index: int, retry: _Retry) -> float:
         """Retry-After (or x-ms-retry-after-ms) as told, capped; a 429 without it waits into the
@@ -822,7 +937,9 @@ class FhirClient:
             return self._rng.uniform(window / 2, window)
         return self._rng.uniform(0, min(cap, self._retry.backoff_base_seconds * 2**retry_index))
 
-    async def _exchange(self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]) -> _Response:
+    async def _exchange(
+        self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> _Response:
         """One request, following at most one redirect, and only one that stays under the base URL."""
         response = await self._send(method, url, body, headers)
         if response.status not in REDIRECT_STATUSES:
@@ -863,11 +980,19 @@ class FhirClient:
         FHIR_REQUESTS.labels(method=method, status="too_large").inc()
         kind = self._resource_type(url) or "base"
         cap = self._settings.max_response_bytes
-        log.error("fhir_response_too_large", method=method, resource_type=kind, limit=cap, seen=seen,
-                  action="not read and not skipped: the cycle fails and the cursor stays; raise fhir.max_response_bytes "
-                         "(or lower fhir.page_size)")
-        return ResponseTooLarge(f"{method} {kind}: response body over fhir.max_response_bytes ({cap} bytes; {seen}): "
-                                "refused unread, not skipped; raise fhir.max_response_bytes or lower fhir.page_size")
+        log.error(
+            "fhir_response_too_large",
+            method=method,
+            resource_type=kind,
+            limit=cap,
+            seen=seen,
+            action="not read and not skipped: the cycle fails and the cursor stays; raise fhir.max_response_bytes "
+            "(or lower fhir.page_size)",
+        )
+        return ResponseTooLarge(
+            f"{method} {kind}: response body over fhir.max_response_bytes ({cap} bytes; {seen}): "
+            "refused unread, not skipped; raise fhir.max_response_bytes or lower fhir.page_size"
+        )
 
     async def _send(self, method: str, url: str, body: bytes | None, extra: Mapping[str, str]) -> _Response:
         auth = await self._auth.header()
@@ -878,13 +1003,27 @@ class FhirClient:
             await self._pacer.acquire()  # every send counts: first attempts, retries, a followed redirect
         async with self._semaphore:
             try:
-                async with self._session.request(method, _request_url(url), data=body, headers=headers, timeout=self._timeout,
-                                                 ssl=self._ssl, allow_redirects=False) as resp:
-                    status, resp_headers, data = resp.status, resp.headers, await self._body(resp, method, url)
+                async with self._session.request(
+                    method,
+                    _request_url(url),
+                    data=body,
+                    headers=headers,
+                    timeout=self._timeout,
+                    ssl=self._ssl,
+                    allow_redirects=False,
+                ) as resp:
+                    status, resp_headers, data = (
+                        resp.status,
+                        resp.headers,
+                        await self._body(resp, method, url),
+                    )
             except TimeoutError:
                 FHIR_REQUESTS.labels(method=method, status="timeout").inc()
                 raise _Retry("timeout", ambiguous=True) from None
-            except (aiohttp.ClientConnectorCertificateError, aiohttp.ClientSSLError) as err:  # configuration, not weather
+            except (
+                aiohttp.ClientConnectorCertificateError,
+                aiohttp.ClientSSLError,
+            ) as err:  # configuration, not weather
                 FHIR_REQUESTS.labels(method=method, status="connection").inc()
                 message = f"{method} {self._resource_type(url)}: TLS failed ({type(err).__name__})"
                 raise FhirUnavailable(message, reason="tls", attempts=1) from None

@@ -148,7 +148,9 @@ def collection_time(text: str, local_timezone: str | None = None) -> CollectionT
     except (ValueError, OverflowError):
         raise TimeError(NOT_A_TIME) from None
     converted = dt.isoformat()
-    return CollectionTime(_us(dt), converted, f"no offset given: read as {local_timezone} local time ({converted})")
+    return CollectionTime(
+        _us(dt), converted, f"no offset given: read as {local_timezone} local time ({converted})"
+    )
 
 
 def from_epoch_us(us: int) -> str:

@@ -25,7 +25,9 @@ T = TypeVar("T")
 _TOKEN = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}"]', re.S)
 _STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 # true, false, null, a number, and the non-standard NaN, Infinity and -Infinity some servers emit.
-_SCALAR = re.compile(r"(?:true|false|null|NaN|-?Infinity|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(?![^\s,\]}])")
+_SCALAR = re.compile(
+    r"(?:true|false|null|NaN|-?Infinity|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(?![^\s,\]}])"
+)
 _WS = re.compile(r"[ \t\n\r]*")
 
 
@@ -97,7 +99,9 @@ def members(text: str, i: int) -> Iterator[tuple[str, int, int]]:
         i = skip_ws(text, i)
         m = _STRING.match(text, i)
         if m is None:
-            raise Broken(i, "truncated" if i >= len(text) or text.find('"', i) < 0 else "unexpected character")
+            raise Broken(
+                i, "truncated" if i >= len(text) or text.find('"', i) < 0 else "unexpected character"
+            )
         key = text[m.start() + 1 : m.end() - 1]
         i, _ = _expect(text, m.end(), ":")
         start = skip_ws(text, i)
@@ -128,7 +132,9 @@ def single_document(text: str) -> bool:
 
 class Scan(NamedTuple):
     spans: dict[str, tuple[int, int]]  # the wanted top-level members seen
-    entries: list[tuple[int, int]] | None  # the elements of the array member `array_key` (None: no such array)
+    entries: (
+        list[tuple[int, int]] | None
+    )  # the elements of the array member `array_key` (None: no such array)
     broken: Broken | None  # where the framing ended or broke (None: one whole document)
 
 
@@ -198,7 +204,8 @@ def _elements_into(text: str, i: int, out: list[tuple[int, int]]) -> int:
 _B_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}"]', re.S)
 _B_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _B_SCALAR = re.compile(
-    rb"(?:true|false|null|NaN|-?Infinity|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(?![^ \t\n\r\x0b\x0c\x1c-\x1f,\]}])")
+    rb"(?:true|false|null|NaN|-?Infinity|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(?![^ \t\n\r\x0b\x0c\x1c-\x1f,\]}])"
+)
 _B_WS = re.compile(rb"[ \t\n\r]*")
 
 
@@ -284,7 +291,10 @@ def _element_end(text: bytes, i: int, guess: list[int]) -> tuple[int, bool]:
     content after document" (the "," or "]" after it), the value it read is the one `_bvalue_end`
     would find. A slice that ends inside the value is doubled (`guess[0]`: twice the last element's
     size); anything else (no strict JSON, the end of what is read so far) is walked token by token."""
-    if i >= len(text) or text[i] not in (0x7B, 0x5B):  # a scalar: orjson's grammar of numbers is not the walk's
+    if i >= len(text) or text[i] not in (
+        0x7B,
+        0x5B,
+    ):  # a scalar: orjson's grammar of numbers is not the walk's
         return _bvalue_end(text, i), False
     size = guess[0]
     while True:
@@ -340,6 +350,7 @@ def scan_stream(blocks: Iterable[bytes], array_key: bytes = b"entry") -> Iterato
     entries = 0
     guess = [4096]
     try:
+
         def open_(t: bytes, i: int) -> tuple[int, bool]:
             i, _ = _bexpect(t, i, b"{")
             j = _B_WS.match(t, i).end()  # type: ignore[union-attr]
@@ -349,6 +360,7 @@ def scan_stream(blocks: Iterable[bytes], array_key: bytes = b"entry") -> Iterato
 
         pos, closed = step(open_)
         while not closed:
+
             def key_(t: bytes, i: int) -> tuple[int, bytes, int]:
                 i = _B_WS.match(t, i).end()  # type: ignore[union-attr]
                 m = _B_STRING.match(t, i)
@@ -375,6 +387,7 @@ def scan_stream(blocks: Iterable[bytes], array_key: bytes = b"entry") -> Iterato
 
                 pos, done = step(open_array)
                 while not done:
+
                     def element(t: bytes, i: int) -> tuple[int, tuple[int, bool]]:
                         start = _B_WS.match(t, i).end()  # type: ignore[union-attr]
                         return start, _element_end(t, start, guess)

@@ -33,8 +33,9 @@ def code_values(loinc_codes: Sequence[str], terminology: Terminology) -> list[st
     return [f"{LOINC}|{c}" for c in loinc_codes] + local
 
 
-def split_searches(url: str, params: Sequence[tuple[str, str]], codes: Sequence[str],
-                   max_length: int) -> list[list[tuple[str, str]]]:
+def split_searches(
+    url: str, params: Sequence[tuple[str, str]], codes: Sequence[str], max_length: int
+) -> list[list[tuple[str, str]]]:
     """`params` (without a code) with the code list spread over as few searches as keep each URL
     (`url` + "?" + query) within `max_length`. One code that does not fit alone is a search of its own
     (the server may still refuse it: visible as that search's error, not a silent gap)."""
@@ -51,12 +52,17 @@ def split_searches(url: str, params: Sequence[tuple[str, str]], codes: Sequence[
     return searches
 
 
-def _updated_key(updated: Callable[[raw.Resource | raw.Undecodable], int | None]) -> Callable[[raw.Resource | raw.Undecodable], int]:
+def _updated_key(
+    updated: Callable[[raw.Resource | raw.Undecodable], int | None],
+) -> Callable[[raw.Resource | raw.Undecodable], int]:
     return lambda r: u if (u := updated(r)) is not None else -1
 
 
-async def merged(streams: Sequence[PageStream], page_size: int,
-                 updated: Callable[[raw.Resource | raw.Undecodable], int | None]) -> PageStream:
+async def merged(
+    streams: Sequence[PageStream],
+    page_size: int,
+    updated: Callable[[raw.Resource | raw.Undecodable], int | None],
+) -> PageStream:
     """Pages of `page_size` resources taken from `streams` in meta.lastUpdated order (a resource
     without one first: it cannot be placed later). The last page has `next_url` None."""
     try:
@@ -71,8 +77,9 @@ async def merged(streams: Sequence[PageStream], page_size: int,
             await stream.aclose()  # type: ignore[attr-defined]
 
 
-async def _merge(streams: Sequence[PageStream], page_size: int,
-                 key: Callable[[raw.Resource | raw.Undecodable], int]) -> PageStream:
+async def _merge(
+    streams: Sequence[PageStream], page_size: int, key: Callable[[raw.Resource | raw.Undecodable], int]
+) -> PageStream:
     """The k-way merge: the oldest head among the searches' buffered resources, each search's next
     page read only when its buffer is empty (so every search's head is known before one is taken)."""
     buffers: list[deque[raw.Resource | raw.Undecodable]] = [deque() for _ in streams]
@@ -93,8 +100,9 @@ async def _merge(streams: Sequence[PageStream], page_size: int,
             out, cut_short = [], False
 
 
-async def _refill(stream: PageStream, buffer: deque[raw.Resource | raw.Undecodable], open_streams: set[int],
-                  index: int) -> bool:
+async def _refill(
+    stream: PageStream, buffer: deque[raw.Resource | raw.Undecodable], open_streams: set[int], index: int
+) -> bool:
     """Read pages of one search until its buffer holds a resource or the search has ended (then it
     leaves `open_streams`). Returns whether a page read was cut short."""
     cut_short = False

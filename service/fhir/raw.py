@@ -193,8 +193,9 @@ def _from_object(obj: Any) -> Iterator[Resource | Undecodable]:
         yield _undecodable(obj, "malformed: nested too deeply")
 
 
-def _in_bundle(items: Iterable[Resource | Undecodable], targets: Mapping[str, str]
-               ) -> Iterator[Resource | Undecodable]:
+def _in_bundle(
+    items: Iterable[Resource | Undecodable], targets: Mapping[str, str]
+) -> Iterator[Resource | Undecodable]:
     for item in items:
         yield localised(item, targets) if targets and isinstance(item, Resource) else item
 
@@ -228,7 +229,7 @@ def entry_target(full_url: Any, resource_type: Any, id: Any) -> tuple[str, str] 
         return None
     if clean_text(resource_type, 64) is None:
         return None
-    rid = fhir_id(id) or (fhir_id(full_url[len("urn:uuid:"):]) if full_url.startswith("urn:uuid:") else None)
+    rid = fhir_id(id) or (fhir_id(full_url[len("urn:uuid:") :]) if full_url.startswith("urn:uuid:") else None)
     return (full_url, f"{resource_type}/{rid}") if rid is not None else None
 
 
@@ -238,8 +239,11 @@ def bundle_targets(entries: Iterable[tuple[str | None, Resource | None]]) -> dic
 
 
 def _dict_targets(entries: list[Any]) -> dict[str, str]:
-    found = (entry_target(e.get("fullUrl"), e["resource"].get("resourceType"), e["resource"].get("id"))
-             for e in entries if isinstance(e, dict) and isinstance(e.get("resource"), dict))
+    found = (
+        entry_target(e.get("fullUrl"), e["resource"].get("resourceType"), e["resource"].get("id"))
+        for e in entries
+        if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+    )
     return dict(t for t in found if t is not None)
 
 
@@ -257,12 +261,17 @@ def localised(resource: Resource, targets: Mapping[str, str]) -> Resource:
     """`resource` with its references to entries of its Bundle (by urn: fullUrl) made literal."""
     specimen = resource.specimen
     return msgspec.structs.replace(
-        resource, subject=_local(resource.subject, targets), requester=_local(resource.requester, targets),
+        resource,
+        subject=_local(resource.subject, targets),
+        requester=_local(resource.requester, targets),
         specimen=_locals(specimen, targets) if isinstance(specimen, list) else _local(specimen, targets),
-        basedOn=_locals(resource.basedOn, targets), result=_locals(resource.result, targets),
+        basedOn=_locals(resource.basedOn, targets),
+        result=_locals(resource.result, targets),
         hasMember=_locals(resource.hasMember, targets),
-        participant=None if resource.participant is None else [
-            Participant(_local(p.member, targets)) for p in resource.participant])
+        participant=None
+        if resource.participant is None
+        else [Participant(_local(p.member, targets)) for p in resource.participant],
+    )
 
 
 def decode(data: bytes | str) -> Iterator[Resource | Undecodable]:
@@ -455,8 +464,11 @@ def _scan(text: str, problem: str, nesting: int) -> Document:
     if resource_type != "Bundle" or scan.entries is None:
         subject = _small(text, scan.spans.get("subject"))
         item = Undecodable(
-            damage, resource_type, fhir_id(_small(text, scan.spans.get("id"))),
-            clean_text(subject.get("reference")) if isinstance(subject, dict) else None)
+            damage,
+            resource_type,
+            fhir_id(_small(text, scan.spans.get("id"))),
+            clean_text(subject.get("reference")) if isinstance(subject, dict) else None,
+        )
         return Document([item], resource_type, [], scan.broken is None, problem)
     items: list[Resource | Undecodable] = []
     for s, e in scan.entries:
@@ -567,8 +579,9 @@ class Checks(msgspec.Struct):
         return TOLERANT if self.tolerant else FRAMING
 
 
-def entry_items(data: bytes, path: str, targets: Mapping[str, str] | None = None
-                ) -> list[Resource | Undecodable]:
+def entry_items(
+    data: bytes, path: str, targets: Mapping[str, str] | None = None
+) -> list[Resource | Undecodable]:
     """The resources of one Bundle entry (its JSON text), read as `read` of the whole Bundle reads
     each entry on `path`; `targets`: the Bundle's `bundle_targets` (`streamed_target` of each entry)."""
     items = _entry_items(data, path)

@@ -39,19 +39,26 @@ class Interaction:
         return f"system/{self.resource}.{self.letters}"
 
 
-def interactions(*, patient_context: bool = True, conditions: bool = True, claim_profiles: bool = True) -> list[Interaction]:
+def interactions(
+    *, patient_context: bool = True, conditions: bool = True, claim_profiles: bool = True
+) -> list[Interaction]:
     """Every interaction of the live loop, given what the configuration makes it read:
     `patient_context` (poll.patient_context: Patient, ServiceRequest, CareTeam), `conditions` (a
     chronic benign neutropenia threshold is set: the Condition search) and `claim_profiles` (the
     written resources claim profiles, which a validating server reads with the caller's rights)."""
-    found = [Interaction("Observation search", "Observation", "s"),
-             # the search includes the DiagnosticReports of its results (_revinclude): panel membership
-             Interaction("DiagnosticReport search (with the Observation search)", "DiagnosticReport", "s")]
+    found = [
+        Interaction("Observation search", "Observation", "s"),
+        # the search includes the DiagnosticReports of its results (_revinclude): panel membership
+        Interaction("DiagnosticReport search (with the Observation search)", "DiagnosticReport", "s"),
+    ]
     if patient_context:
         found.append(Interaction("Patient read", "Patient", "r"))
         if conditions:
             found.append(Interaction("Condition search", "Condition", "s"))
-        found += [Interaction("ServiceRequest read", "ServiceRequest", "r"), Interaction("CareTeam search", "CareTeam", "s")]
+        found += [
+            Interaction("ServiceRequest read", "ServiceRequest", "r"),
+            Interaction("CareTeam search", "CareTeam", "s"),
+        ]
     found += [
         Interaction("Flag identifier search", "Flag", "s"),
         Interaction("Flag conditional create", "Flag", "cs"),
@@ -66,9 +73,11 @@ def interactions(*, patient_context: bool = True, conditions: bool = True, claim
 
 def needed_by(settings: Settings) -> list[Interaction]:
     """The interactions of the live loop under these settings."""
-    return interactions(patient_context=settings.poll.patient_context,
-                        conditions=settings.clinical.chronic_benign_threshold_per_ul is not None,
-                        claim_profiles=settings.alerts.claim_profiles)
+    return interactions(
+        patient_context=settings.poll.patient_context,
+        conditions=settings.clinical.chronic_benign_threshold_per_ul is not None,
+        claim_profiles=settings.alerts.claim_profiles,
+    )
 
 
 def required(items: Iterable[Interaction]) -> dict[str, str]:
@@ -83,10 +92,17 @@ def scope_string(need: Mapping[str, str]) -> str:
     return " ".join(f"system/{resource}.{letters}" for resource, letters in need.items())
 
 
-def default_scope(*, patient_context: bool = True, conditions: bool = True, claim_profiles: bool = True) -> str:
+def default_scope(
+    *, patient_context: bool = True, conditions: bool = True, claim_profiles: bool = True
+) -> str:
     """The scope to request for a configuration (the defaults: the built-in configuration's)."""
-    return scope_string(required(interactions(patient_context=patient_context, conditions=conditions,
-                                              claim_profiles=claim_profiles)))
+    return scope_string(
+        required(
+            interactions(
+                patient_context=patient_context, conditions=conditions, claim_profiles=claim_profiles
+            )
+        )
+    )
 
 
 def granted(scope: str) -> dict[str, set[str]]:

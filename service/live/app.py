@@ -129,7 +129,12 @@ class Service:
         is ready and says so with its lag; one whose steps stopped committing is stuck: 503 with why.
         (Readiness gates only traffic to /metrics and rollouts; liveness is /healthz.)"""
         if not self.store.is_open:
-            return False, f"state store unavailable: {self.last_error}" if self.last_error else "state store not open yet"
+            return (
+                False,
+                f"state store unavailable: {self.last_error}"
+                if self.last_error
+                else "state store not open yet",
+            )
         if not self.store.is_leader:
             if self.store_error is not None:
                 return False, f"state store unavailable: {self.store_error}"
@@ -146,7 +151,9 @@ class Service:
         age = now - last
         if age > window:
             why = f"stuck: no progress for {age:.0f} s (> {window:.0f} s)"
-            reason = self.last_error or ("alert writes pending" if progress is not None and progress.writes_pending else None)
+            reason = self.last_error or (
+                "alert writes pending" if progress is not None and progress.writes_pending else None
+            )
             return False, f"{why}: {reason}" if reason else why
         if progress is not None and progress.catching_up and step_at is not None:
             lag = "" if progress.lag_seconds is None else f", lag {progress.lag_seconds:.0f} s"
@@ -165,18 +172,32 @@ async def run(settings: Settings) -> None:
         await runner.setup()
         site = web.TCPSite(runner, settings.web.host, settings.web.port)
         await site.start()
-        log.info("service started", port=settings.web.port, interval=settings.poll.interval_seconds,
-                 store=settings.store.backend)
+        log.info(
+            "service started",
+            port=settings.web.port,
+            interval=settings.poll.interval_seconds,
+            store=settings.store.backend,
+        )
         scheduler = AsyncIOScheduler()
-        job = scheduler.add_job(service.cycle, "interval", id=CYCLE_JOB, seconds=settings.poll.interval_seconds,
-                                max_instances=1, coalesce=True)
+        job = scheduler.add_job(
+            service.cycle,
+            "interval",
+            id=CYCLE_JOB,
+            seconds=settings.poll.interval_seconds,
+            max_instances=1,
+            coalesce=True,
+        )
         scheduler.start()
         try:
             wait = settings.store.failover_check_seconds
             while not stop.is_set():
                 if not service.store.is_open:
                     # Alive (/healthz) but not ready until the store opens; retried with backoff.
-                    wait = settings.store.failover_check_seconds if await service.open_store() else min(2 * wait, 30.0)
+                    wait = (
+                        settings.store.failover_check_seconds
+                        if await service.open_store()
+                        else min(2 * wait, 30.0)
+                    )
                 if service.store.is_open and await service.lead():
                     job.modify(next_run_time=_now())  # a new leader polls at once
                 try:

@@ -21,7 +21,7 @@ import msgspec
 import structlog
 
 from service import metrics
-from service.fhir import raw
+from service.config import Settings
 from service.core.context import (
     CHRONIC_BENIGN_NEUTROPENIA,
     PatientContext,
@@ -32,8 +32,8 @@ from service.core.context import (
 from service.core.observations import canonical_reference
 from service.core.recipients import Recipients, choose
 from service.core.references import Resolved
-from service.config import Settings
 from service.errors import NeutrowatchError
+from service.fhir import raw
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError
 
@@ -83,14 +83,20 @@ async def active_care_teams(client: FhirClient, subject: str) -> list[dict[str, 
 
 
 class LiveDirectory:
-    def __init__(self, settings: Settings, client: FhirClient, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, settings: Settings, client: FhirClient, *, clock: Callable[[], float] = time.monotonic
+    ):
         self.settings = settings
         self.client = client
         self.clock = clock
-        self._cache: OrderedDict[tuple[str, str], tuple[float, Any, bool]] = OrderedDict()  # (when, value, failed)
+        self._cache: OrderedDict[tuple[str, str], tuple[float, Any, bool]] = (
+            OrderedDict()
+        )  # (when, value, failed)
         self.policy = settings.read_policy
 
-    async def _guard(self, what: str, ref: str, key: tuple[str, str], load: Callable[[], Awaitable[T]], fallback: T) -> T:
+    async def _guard(
+        self, what: str, ref: str, key: tuple[str, str], load: Callable[[], Awaitable[T]], fallback: T
+    ) -> T:
         """The loaded value, cached for poll.context_ttl_seconds; when the look-up fails, the fallback,
         cached too, for FAILURE_TTL_SECONDS at most (a negative TTL). A refused look-up (403: a scope
         the token lacks) would otherwise be asked again for every panel of the patient in every cycle;
@@ -107,8 +113,13 @@ class LiveDirectory:
             value = await load()
         except NeutrowatchError as err:
             metrics.CONTEXT_FAILURES.labels(what).inc()
-            log.warning("context look-up failed; using the fallback", lookup=what, reference=ref, error=str(err)[:200],
-                        retry_after_seconds=min(self.settings.poll.context_ttl_seconds, FAILURE_TTL_SECONDS))
+            log.warning(
+                "context look-up failed; using the fallback",
+                lookup=what,
+                reference=ref,
+                error=str(err)[:200],
+                retry_after_seconds=min(self.settings.poll.context_ttl_seconds, FAILURE_TTL_SECONDS),
+            )
             self._remember(key, now, fallback, failed=True)
             return fallback
         self._remember(key, now, value, failed=False)

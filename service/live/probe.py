@@ -24,17 +24,17 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from service.live import profiles
-from service.fhir import raw, scopes
-from service.fhir.fhirtime import from_epoch_us
 from service.config import Settings
 from service.errors import NeutrowatchError
+from service.fhir import raw, scopes
 from service.fhir.auth import make_auth
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError, FhirUnavailable
+from service.fhir.fhirtime import from_epoch_us
 from service.fhir.tls import ssl_option
-from service.live.store import make_store
+from service.live import profiles
 from service.live.search import search_params
+from service.live.store import make_store
 
 PROBE_ATTEMPTS = 2  # a probe answers in seconds: one retry, not the service's full backoff
 PROBE_ID = "neutrowatch-probe"  # an id no resource is expected to have (reads answer 404)
@@ -69,20 +69,30 @@ class _Run:
         item = self.need.get(label)
         if not isinstance(err, FhirHttpError) or err.status not in (401, 403) or item is None:
             return ""
-        lacking = [s for s in sorted(self.lacking) if s.split("/", 1)[1].split(".")[0] == item.resource
-                   and set(s.rsplit(".", 1)[1]) & set(item.letters)]
+        lacking = [
+            s
+            for s in sorted(self.lacking)
+            if s.split("/", 1)[1].split(".")[0] == item.resource
+            and set(s.rsplit(".", 1)[1]) & set(item.letters)
+        ]
         if lacking:
             return f" — missing {lacking[0]}?"
         if not self.grant_known:
             return f" — missing {item.scope}?"
         return f" — {item.scope} is granted: refused for another reason"
 
+
 async def probe(settings: Settings) -> int:
     if not settings.fhir.base_url:
         print("probe: fhir.base_url is not set")
         return 2
-    fhir = settings.fhir.model_copy(update={"retry": settings.fhir.retry.model_copy(
-        update={"max_attempts": min(PROBE_ATTEMPTS, settings.fhir.retry.max_attempts)})})
+    fhir = settings.fhir.model_copy(
+        update={
+            "retry": settings.fhir.retry.model_copy(
+                update={"max_attempts": min(PROBE_ATTEMPTS, settings.fhir.retry.max_attempts)}
+            )
+        }
+    )
     say = _explainer(settings.fhir.base_url)
     need = scopes.required(scopes.needed_by(settings))
     failures = 0
@@ -93,14 +103,19 @@ async def probe(settings: Settings) -> int:
                 run = _Run(settings, say, set())
                 try:
                     meta = await client.metadata()
-                    run.ok("/metadata", f"FHIR {meta.get('fhirVersion', '?')}, {meta.get('software', {}).get('name', 'unnamed server')}")
+                    run.ok(
+                        "/metadata",
+                        f"FHIR {meta.get('fhirVersion', '?')}, {meta.get('software', {}).get('name', 'unnamed server')}",
+                    )
                 except NeutrowatchError as err:
                     run.fail("/metadata", say(err))
                     if isinstance(err, FhirUnavailable) and err.reason in ("connection", "timeout", "tls"):
                         print("skip the other FHIR checks: the server cannot be reached")
                         return await _store(settings, 1)
                 if settings.fhir.auth.method == "smart":
-                    await auth.header()  # the token (and its granted scope), or an AuthError naming the refusal
+                    await (
+                        auth.header()
+                    )  # the token (and its granted scope), or an AuthError naming the refusal
                 run.lacking = _scopes(settings, run, need, getattr(auth, "granted_scope", None))
                 await _interactions(settings, client, run)
                 failures = run.failures
@@ -113,13 +128,19 @@ async def probe(settings: Settings) -> int:
 def _scopes(settings: Settings, run: _Run, need: dict[str, str], granted: str | None) -> set[str]:
     """Needed vs configured vs granted scopes (SMART only); the set of missing needed scopes."""
     if settings.fhir.auth.method != "smart":
-        run.ok("scopes", f"not compared (auth method {settings.fhir.auth.method}); the requests below show what is allowed")
+        run.ok(
+            "scopes",
+            f"not compared (auth method {settings.fhir.auth.method}); the requests below show what is allowed",
+        )
         return set()
     lacking: set[str] = set()
     requested = scopes.missing(need, settings.fhir.auth.smart.scope)
     if requested:
         lacking.update(requested)
-        run.fail("requested scope", f"fhir.auth.smart.scope lacks {' '.join(requested)} (needed: {scopes.scope_string(need)})")
+        run.fail(
+            "requested scope",
+            f"fhir.auth.smart.scope lacks {' '.join(requested)} (needed: {scopes.scope_string(need)})",
+        )
     else:
         run.ok("requested scope", "covers every interaction of this configuration")
     if granted is None:
@@ -138,11 +159,18 @@ def _scopes(settings: Settings, run: _Run, need: dict[str, str], granted: str | 
 async def _interactions(settings: Settings, client: FhirClient, run: _Run) -> None:
     """One request of every kind the live loop sends (and the probe's own write)."""
     base, since_us = search_params(settings, None, time.time())
-    params = [p for p in base if p[0] != "_count"] + [("_count", "1"), ("_lastUpdated", "ge" + from_epoch_us(since_us))]
+    params = [p for p in base if p[0] != "_count"] + [
+        ("_count", "1"),
+        ("_lastUpdated", "ge" + from_epoch_us(since_us)),
+    ]
 
     async def observations() -> str:
         async for page in client.search("Observation", params):
-            found = sum(1 for r in page.resources if not isinstance(r, raw.Resource) or r.resourceType == "Observation")
+            found = sum(
+                1
+                for r in page.resources
+                if not isinstance(r, raw.Resource) or r.resourceType == "Observation"
+            )
             return f"{found} on the first page, {'more pages' if page.next_url else 'no more pages'}"
         return "no page"
 
@@ -152,17 +180,29 @@ async def _interactions(settings: Settings, client: FhirClient, run: _Run) -> No
     if settings.poll.patient_context:
         await run.check("Patient read", lambda: _absent(client, "Patient"))
         if settings.clinical.chronic_benign_threshold_per_ul is not None:
-            await run.check("Condition search", lambda: _search(client, "Condition", [
-                ("subject", subject), ("code", "http://snomed.info/sct|234423001")]))
+            await run.check(
+                "Condition search",
+                lambda: _search(
+                    client, "Condition", [("subject", subject), ("code", "http://snomed.info/sct|234423001")]
+                ),
+            )
         await run.check("ServiceRequest read", lambda: _absent(client, "ServiceRequest"))
-        await run.check("CareTeam search", lambda: _search(client, "CareTeam", [("subject", subject), ("status", "active")]))
+        await run.check(
+            "CareTeam search",
+            lambda: _search(client, "CareTeam", [("subject", subject), ("status", "active")]),
+        )
     else:
         print("skip context reads: poll.patient_context is off")
     canonical = settings.alerts.canonical_base
-    await run.check("Flag identifier search", lambda: _search(client, "Flag", [("identifier", f"{canonical}/episode|{PROBE_ID}")]))
+    await run.check(
+        "Flag identifier search",
+        lambda: _search(client, "Flag", [("identifier", f"{canonical}/episode|{PROBE_ID}")]),
+    )
     await run.check("Provenance conditional create", lambda: _write(settings, client))
     if settings.alerts.claim_profiles:
-        await run.check("StructureDefinition read (claimed profiles)", lambda: _profiles_present(settings, client))
+        await run.check(
+            "StructureDefinition read (claimed profiles)", lambda: _profiles_present(settings, client)
+        )
 
 
 async def _absent(client: FhirClient, resource_type: str) -> str:
@@ -189,25 +229,38 @@ async def _write(settings: Settings, client: FhirClient) -> str:
         "meta": {"tag": [{"system": system, "code": PROBE_CODE}]},
         "target": [{"reference": author}],
         "recorded": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        "agent": [{"who": {"reference": author, "display": f"neutrowatch {profiles.software_version()} probe"}}],
+        "agent": [
+            {"who": {"reference": author, "display": f"neutrowatch {profiles.software_version()} probe"}}
+        ],
     }
     _body, status = await client.create(provenance, if_none_exist=f"_tag={system}|{PROBE_CODE}")
     found = await client.search_all("Provenance", [("_tag", f"{system}|{PROBE_CODE}")])
     if len(found) != 1:
-        raise NeutrowatchError(f"written (HTTP {status}) but {len(found)} found by its tag: conditional create or _tag search is not honoured")
-    done = "created the probe Provenance" if status == 201 else "the probe Provenance exists already, nothing written"
+        raise NeutrowatchError(
+            f"written (HTTP {status}) but {len(found)} found by its tag: conditional create or _tag search is not honoured"
+        )
+    done = (
+        "created the probe Provenance"
+        if status == 201
+        else "the probe Provenance exists already, nothing written"
+    )
     return f"{done} (HTTP {status}), found again by its tag"
 
 
 async def _profiles_present(settings: Settings, client: FhirClient) -> str:
     base = settings.alerts.canonical_base
-    urls = [profiles.profile_url(base, p) for p in (profiles.FLAG_PROFILE, profiles.COMMUNICATION_PROFILE, profiles.PROVENANCE_PROFILE)]
+    urls = [
+        profiles.profile_url(base, p)
+        for p in (profiles.FLAG_PROFILE, profiles.COMMUNICATION_PROFILE, profiles.PROVENANCE_PROFILE)
+    ]
     found = {r.get("url") for r in await client.search_all("StructureDefinition", [("url", ",".join(urls))])}
     absent = [u.rsplit("/", 1)[1] for u in urls if u not in found]
     if not absent:
         return "the claimed profiles are on the server"
-    return (f"allowed; {', '.join(absent)} not on the server: a server that validates claimed profiles will refuse "
-            "the writes (`python -m service profiles install`, or alerts.claim_profiles: false)")
+    return (
+        f"allowed; {', '.join(absent)} not on the server: a server that validates claimed profiles will refuse "
+        "the writes (`python -m service profiles install`, or alerts.claim_profiles: false)"
+    )
 
 
 async def _store(settings: Settings, failures: int) -> int:

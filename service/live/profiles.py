@@ -63,17 +63,33 @@ SCHEME_DISPLAY = {
 }
 
 EVENT_DISPLAY: dict[EventKind, tuple[str, str]] = {
-    EventKind.NEW: ("New neutropenia", "A neutropenia episode opened: the first neutropenic ANC after none or a resolved episode."),
-    EventKind.WORSENING: ("Neutropenia worsening", "An open episode reached a grade worse than any already announced in it."),
+    EventKind.NEW: (
+        "New neutropenia",
+        "A neutropenia episode opened: the first neutropenic ANC after none or a resolved episode.",
+    ),
+    EventKind.WORSENING: (
+        "Neutropenia worsening",
+        "An open episode reached a grade worse than any already announced in it.",
+    ),
     EventKind.RESOLVED: ("Neutropenia resolved", "The ANC is back in the normal range; the episode closed."),
     EventKind.CHRONIC: ("Chronic neutropenia", "The episode has been open for more than 3 months."),
-    EventKind.FEBRILE: ("Febrile neutropenia", "A fever within 24 h of an ANC < 500/uL, or of an ANC < 1000/uL expected to fall."),
-    EventKind.RETRACTED: ("Alert withdrawn", "An earlier announcement no longer holds: a result it rested on was corrected or withdrawn."),
-    EventKind.RECOVERING: ("Neutropenia recovering",
-                           "A normal ANC in an open episode, not yet confirmed by enough normal panels in a row "
-                           "(or a recovery ended by a neutropenic one): the Flag is updated, no Communication."),
-    EventKind.RECURRENCE: ("Neutropenia recurrence",
-                           "A neutropenic ANC soon after an announced resolution: the same episode re-opens."),
+    EventKind.FEBRILE: (
+        "Febrile neutropenia",
+        "A fever within 24 h of an ANC < 500/uL, or of an ANC < 1000/uL expected to fall.",
+    ),
+    EventKind.RETRACTED: (
+        "Alert withdrawn",
+        "An earlier announcement no longer holds: a result it rested on was corrected or withdrawn.",
+    ),
+    EventKind.RECOVERING: (
+        "Neutropenia recovering",
+        "A normal ANC in an open episode, not yet confirmed by enough normal panels in a row "
+        "(or a recovery ended by a neutropenic one): the Flag is updated, no Communication.",
+    ),
+    EventKind.RECURRENCE: (
+        "Neutropenia recurrence",
+        "A neutropenic ANC soon after an announced resolution: the same episode re-opens.",
+    ),
 }
 
 
@@ -125,12 +141,18 @@ class GradeConcept:
 
 def _definition(scheme: Scheme, index: int) -> str:
     band = scheme.bands[index]
-    lower = next((b.below for b in reversed(scheme.bands[:index]) if b.below is not None and not b.below_lln), None)
+    lower = next(
+        (b.below for b in reversed(scheme.bands[:index]) if b.below is not None and not b.below_lln), None
+    )
     at_least = f"ANC >= {lower:g} cells/uL" if lower is not None else "ANC >= 0 cells/uL"
     if band.below_lln:
         return f"{at_least} and below the result's lower limit of normal (referenceRange.low), {scheme.name} scheme."
     if band.below is None:
-        lln = " and not below the result's lower limit of normal" if any(b.below_lln for b in scheme.bands) else ""
+        lln = (
+            " and not below the result's lower limit of normal"
+            if any(b.below_lln for b in scheme.bands)
+            else ""
+        )
         return f"{at_least}{lln} (not neutropenic), {scheme.name} scheme."
     return f"{at_least} and < {band.below:g} cells/uL, {scheme.name} scheme."
 
@@ -139,12 +161,24 @@ def grade_concepts() -> Iterator[GradeConcept]:
     """Every grade of every built-in scheme, in scheme order then worst first."""
     for scheme in BUILT_IN.values():
         for index, band in enumerate(scheme.bands):
-            yield GradeConcept(grade_code(scheme.name, band), grade_display(scheme.name, band), _definition(scheme, index),
-                               severity_code(band.severity), scheme.name, band.rank, band.below, band.below_lln)
+            yield GradeConcept(
+                grade_code(scheme.name, band),
+                grade_display(scheme.name, band),
+                _definition(scheme, index),
+                severity_code(band.severity),
+                scheme.name,
+                band.rank,
+                band.below,
+                band.below_lln,
+            )
 
 
 def scheme_definition(scheme: Scheme) -> str:
-    steps = [f"{b.label} < {'LLN' if b.below_lln else f'{b.below:g}'}" for b in reversed(scheme.bands) if b.severity]
+    steps = [
+        f"{b.label} < {'LLN' if b.below_lln else f'{b.below:g}'}"
+        for b in reversed(scheme.bands)
+        if b.severity
+    ]
     return f"ANC bands in cells/uL: {', '.join(steps)}; otherwise {scheme.normal.label}."
 
 
@@ -170,7 +204,9 @@ def definitions(directory: Path, base: str) -> list[dict[str, Any]]:
     INSTALL_ORDER."""
     files = sorted(directory.glob("*.json")) if directory.is_dir() else []
     if not files:
-        raise NeutrowatchError(f"no profile definitions in {directory} (build them with fhir_profiles/build.sh, or pass --from)")
+        raise NeutrowatchError(
+            f"no profile definitions in {directory} (build them with fhir_profiles/build.sh, or pass --from)"
+        )
     found = []
     for path in files:
         text = path.read_text(encoding="utf-8")
@@ -197,10 +233,16 @@ async def install(client: FhirClient, resources: list[dict[str, Any]]) -> list[t
     for resource in resources:
         kind, url, ver = resource["resourceType"], resource["url"], resource["version"]
         existing = await client.search_all(kind, [("url", url), ("version", ver)])
-        existing = [r for r in existing if r.get("resourceType") == kind and r.get("url") == url and r.get("version") == ver]
+        existing = [
+            r
+            for r in existing
+            if r.get("resourceType") == kind and r.get("url") == url and r.get("version") == ver
+        ]
         body = {k: v for k, v in resource.items() if k != "id"}
         if len(existing) > 1:
-            raise NeutrowatchError(f"{kind} {url}|{ver}: {len(existing)} copies on the server; remove all but one by hand")
+            raise NeutrowatchError(
+                f"{kind} {url}|{ver}: {len(existing)} copies on the server; remove all but one by hand"
+            )
         if not existing:
             await client.create(body, if_none_exist=f"url={url}&version={ver}")
             done.append(("created", resource))
@@ -209,8 +251,12 @@ async def install(client: FhirClient, resources: list[dict[str, Any]]) -> list[t
         else:
             current = existing[0]
             try:
-                await client.update({**body, "id": current["id"]}, if_match=(current.get("meta") or {}).get("versionId"))
+                await client.update(
+                    {**body, "id": current["id"]}, if_match=(current.get("meta") or {}).get("versionId")
+                )
             except PreconditionFailed:
-                raise NeutrowatchError(f"{kind} {url}|{ver} changed on the server while it was updated; run again") from None
+                raise NeutrowatchError(
+                    f"{kind} {url}|{ver} changed on the server while it was updated; run again"
+                ) from None
             done.append(("updated", resource))
     return done

@@ -102,7 +102,9 @@ async def pages_since(
                 if page.next_url is None:
                     return
                 stamps = [
-                    u for r in page.resources if _matched(r, resource_type) and (u := updated_us(r)) is not None
+                    u
+                    for r in page.resources
+                    if _matched(r, resource_type) and (u := updated_us(r)) is not None
                 ]
                 top = max(stamps, default=bound)
                 if top > bound:
@@ -116,7 +118,9 @@ async def pages_since(
 
 
 def temperature_searches(
-    client: FhirClient, settings: Settings, targets: Mapping[str, tuple[str | None, int | None]],
+    client: FhirClient,
+    settings: Settings,
+    targets: Mapping[str, tuple[str | None, int | None]],
     terminology: Terminology = NO_TERMINOLOGY,
 ) -> list[tuple[list[str], AsyncIterator[Page]]]:
     """The body temperature searches of `targets` (patient -> (temperature cursor, earliest

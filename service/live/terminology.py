@@ -25,7 +25,9 @@ FAILURE_TTL_SECONDS = 300.0
 
 
 class ServerConceptMaps:
-    def __init__(self, settings: Settings, client: FhirClient, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, settings: Settings, client: FhirClient, *, clock: Callable[[], float] = time.monotonic
+    ):
         self.settings = settings
         self.client = client
         self.clock = clock
@@ -48,7 +50,9 @@ class ServerConceptMaps:
         ttl = self.settings.poll.context_ttl_seconds
         self._next_at = self.clock() + (min(ttl, FAILURE_TTL_SECONDS) if failed else ttl)
         server_rows = [row for rows in self._rows.values() for row in rows]
-        self._policy = replace(self.settings.read_policy, terminology=self.settings.terminology.terminology(server_rows))
+        self._policy = replace(
+            self.settings.read_policy, terminology=self.settings.terminology.terminology(server_rows)
+        )
         return self._policy
 
     async def _read(self, url: str) -> list[MapRow] | None:

@@ -46,7 +46,9 @@ from service.output.transaction import outbox_writes
 
 log = structlog.get_logger("neutrowatch.worker")
 DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
-Record = tuple[dict[str, Any], dict[str, Any] | None]  # a decision record and its outbox write (None: no alert)
+Record = tuple[
+    dict[str, Any], dict[str, Any] | None
+]  # a decision record and its outbox write (None: no alert)
 
 
 @dataclass
@@ -70,15 +72,22 @@ class Progress:
     """What /readyz and the metrics say about the cycle in progress: updated after every step, so a
     long catch-up is visibly working (a step committed recently) or visibly stuck (none did)."""
 
-    step_at: float | None = None  # local time the last step committed (read, decided, delivered, cursor moved)
+    step_at: float | None = (
+        None  # local time the last step committed (read, decided, delivered, cursor moved)
+    )
     catching_up: bool = False  # a cycle has committed a step and has not yet read to the end of the search
     pages: int = 0  # pages of the main search read so far by the cycle in progress
     lag_seconds: float | None = None  # now - the newest meta.lastUpdated read, after the last step
-    writes_pending: bool = False  # the last step ended with writes the server has not confirmed (the cursor stayed)
+    writes_pending: bool = (
+        False  # the last step ended with writes the server has not confirmed (the cursor stayed)
+    )
 
 
-def intake(resource: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAULT_READ,
-           reports: Mapping[str, Report] | None = None) -> Intake | Rejected | Ignored:
+def intake(
+    resource: raw.Resource | raw.Undecodable,
+    policy: ReadPolicy = DEFAULT_READ,
+    reports: Mapping[str, Report] | None = None,
+) -> Intake | Rejected | Ignored:
     """A search entry as the store takes it (service/core/triage.py): an Intake, a Rejected without
     an id (quarantined only), or Ignored (another resource type, or a code not monitored).
     `reports`: the DiagnosticReport of each Observation the page's reports name (its panel's key
@@ -95,7 +104,9 @@ def intake(resource: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAUL
 
 
 class Worker:
-    def __init__(self, settings: Settings, client: FhirClient, store: Store, *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self, settings: Settings, client: FhirClient, store: Store, *, clock: Callable[[], float] = time.time
+    ):
         self.settings = settings
         self.client = client
         self.store = store
@@ -157,15 +168,29 @@ class Worker:
         except Exception as err:
             # Whatever fails the cycle as a whole is counted and named; the caller retries next cycle.
             metrics.POLLS.labels("error").inc()
-            log.error("poll cycle failed", error_type=type(err).__name__, error=str(err)[:200] if isinstance(err, NeutrowatchError) else None,
-                      steps=report.steps, cursor=report.cursor)
+            log.error(
+                "poll cycle failed",
+                error_type=type(err).__name__,
+                error=str(err)[:200] if isinstance(err, NeutrowatchError) else None,
+                steps=report.steps,
+                cursor=report.cursor,
+            )
             raise
         finally:
             metrics.POLL_SECONDS.observe(time.perf_counter() - started)
             metrics.OUTBOX_PENDING.set(await self.store.outbox_pending_count())
-        log.info("poll cycle", pages=report.pages, observations=report.observations, new=report.new_versions,
-                 panels=report.panels_assessed, events=report.events, written=report.written, cursor=report.cursor,
-                 steps=report.steps, caught_up=report.caught_up)
+        log.info(
+            "poll cycle",
+            pages=report.pages,
+            observations=report.observations,
+            new=report.new_versions,
+            panels=report.panels_assessed,
+            events=report.events,
+            written=report.written,
+            cursor=report.cursor,
+            steps=report.steps,
+            caught_up=report.caught_up,
+        )
         return report
 
     def _observation_pages(self, params: list[tuple[str, str]], since_us: int) -> AsyncIterator[Page]:
@@ -173,12 +198,18 @@ class Worker:
         the URL would exceed fhir.max_search_url_length (service/fhir/query.py)."""
         codes = [c.removeprefix(f"{LOINC}|") for k, v in params if k == "code" for c in v.split(",")]
         rest = [p for p in params if p[0] != "code"]
-        searches = split_searches(f"{self.settings.fhir.base_url}/Observation", rest,
-                                  code_values(codes, self.read_policy.terminology), self.settings.fhir.max_search_url_length)
+        searches = split_searches(
+            f"{self.settings.fhir.base_url}/Observation",
+            rest,
+            code_values(codes, self.read_policy.terminology),
+            self.settings.fhir.max_search_url_length,
+        )
         streams = [pages_since(self.client, "Observation", search, since_us) for search in searches]
         return merged(streams, self.settings.fhir.page_size, updated_us)
 
-    async def _step(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool]:
+    async def _step(
+        self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None
+    ) -> tuple[int | None, bool]:
         """One step: read, temperatures, decide, deliver, commit. Returns the newest meta.lastUpdated
         read so far and whether the search has been read to its end.
 
@@ -188,8 +219,14 @@ class Worker:
         commits late behind it, is read again from the cursor less the overlap (de-duplicated on
         (id, versionId)). A step whose writes are not all confirmed leaves the cursor where it is
         and the cycle goes on reading: one refused write must not silence every later patient."""
-        before = (report.search_pages, report.observations, report.new_versions, report.panels_assessed, report.written,
-                  sum(report.events.values()))
+        before = (
+            report.search_pages,
+            report.observations,
+            report.new_versions,
+            report.panels_assessed,
+            report.written,
+            sum(report.events.values()),
+        )
         began = self.clock()
         newest_us, caught_up, edge = await self._read(pages, report, newest_us)
         if self.settings.poll.temperatures == "open-episodes":
@@ -216,14 +253,40 @@ class Worker:
             metrics.BACKLOG_PAGES.set(report.search_pages)
         metrics.STEPS.labels("committed" if delivered else "undelivered").inc()
         pages_read, observations, new, panels, written, events = (
-            now - then for now, then in zip((report.search_pages, report.observations, report.new_versions, report.panels_assessed,
-                                             report.written, sum(report.events.values())), before, strict=True))
-        log.info("poll step", step=report.steps, pages=pages_read, observations=observations, new=new, panels=panels,
-                 events=events, written=written, committed=delivered, cursor=report.cursor,
-                 lag_seconds=None if lag is None else round(lag, 1), caught_up=caught_up, cycle_pages=report.search_pages)
+            now - then
+            for now, then in zip(
+                (
+                    report.search_pages,
+                    report.observations,
+                    report.new_versions,
+                    report.panels_assessed,
+                    report.written,
+                    sum(report.events.values()),
+                ),
+                before,
+                strict=True,
+            )
+        )
+        log.info(
+            "poll step",
+            step=report.steps,
+            pages=pages_read,
+            observations=observations,
+            new=new,
+            panels=panels,
+            events=events,
+            written=written,
+            committed=delivered,
+            cursor=report.cursor,
+            lag_seconds=None if lag is None else round(lag, 1),
+            caught_up=caught_up,
+            cycle_pages=report.search_pages,
+        )
         return newest_us, caught_up
 
-    async def _read(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> tuple[int | None, bool, set[str]]:
+    async def _read(
+        self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None
+    ) -> tuple[int | None, bool, set[str]]:
         """Read at most poll.max_pages_per_step pages of the open search into the store. Returns the
         newest meta.lastUpdated seen (starting from `newest_us`), whether the search ended, and the
         patients with results on the last page read (a panel of theirs may go on past it)."""
@@ -256,7 +319,9 @@ class Worker:
                     edge.add(item.patient)
         return newest_us, ended, edge
 
-    async def _ingest(self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None) -> int | None:
+    async def _ingest(
+        self, pages: AsyncIterator[Page], report: CycleReport, newest_us: int | None
+    ) -> int | None:
         async for page in pages:
             report.pages += 1  # (the client counts pages in metrics.PAGES)
             items: list[Intake] = []
@@ -289,8 +354,14 @@ class Worker:
             metrics.OBSERVATIONS.labels("seen_before").inc(max(0, len(items) - len(new)))
         return newest_us
 
-    async def _temperatures(self, report: CycleReport, read_up_to_us: int | None, *, caught_up: bool = True,
-                            changed_since: float | None = None) -> None:
+    async def _temperatures(
+        self,
+        report: CycleReport,
+        read_up_to_us: int | None,
+        *,
+        caught_up: bool = True,
+        changed_since: float | None = None,
+    ) -> None:
         """poll.temperatures = open-episodes: body temperatures of the patients with new results in
         this step and, once the search is read to its end, of every patient with an open episode.
         Patients are searched a batch at a time (`search.temperature_searches`).
@@ -305,7 +376,9 @@ class Worker:
         with their patient's next results or at the end."""
         # Patients with an open episode, and patients with new results this step (an episode may
         # open, and even close, within the step: their temperatures must be in before the decisions).
-        opened = {patient: (cursor, newest_us) for patient, cursor, newest_us in await self.store.open_patients()}
+        opened = {
+            patient: (cursor, newest_us) for patient, cursor, newest_us in await self.store.open_patients()
+        }
         targets: dict[str, tuple[str | None, int | None]] = dict(opened) if caught_up else {}
         async for batch in self._dirty_batches():
             for work in batch:
@@ -329,7 +402,9 @@ class Worker:
         metrics.OBSERVATIONS.labels("rejected").inc()
         metrics.REJECTIONS.labels(metrics.reason_label(rejected.reason)).inc()
         metrics.count_unassessed(rejection_unassessed(rejected.reason))
-        log.warning("observation rejected", observation=rejected.ref, code=rejected.code, reason=rejected.reason)
+        log.warning(
+            "observation rejected", observation=rejected.ref, code=rejected.code, reason=rejected.reason
+        )
         await self.store.record_decision(rejected_record(rejected))
 
     async def _dirty_batches(self) -> AsyncIterator[list[PanelWork]]:
@@ -339,7 +414,9 @@ class Worker:
             after = batch[-1].key
             yield batch
 
-    async def _decide(self, report: CycleReport, *, caught_up: bool = True, edge: set[str] | None = None) -> None:
+    async def _decide(
+        self, report: CycleReport, *, caught_up: bool = True, edge: set[str] | None = None
+    ) -> None:
         """Ready panels in order of first availability, committed a batch at a time.
 
         Before the search is read to its end (a step of a catch-up) only complete panels are ready,
@@ -392,18 +469,32 @@ class Worker:
             raise  # the store or the server failed under us: the cycle fails as a whole and is retried
         except Exception as err:  # noqa: BLE001 - contained to this panel (service/output/outcomes.py)
             return quarantined(before, work.patient, work.panel, work.results, err)
-        return concluded(before, work.patient, work.panel, work.results, step, found.__getitem__, self.scheme,
-                         self.settings.alerts, sent=sent)
+        return concluded(
+            before,
+            work.patient,
+            work.panel,
+            work.results,
+            step,
+            found.__getitem__,
+            self.scheme,
+            self.settings.alerts,
+            sent=sent,
+        )
 
     def _records(self, work: PanelWork, step: Judged, report: CycleReport) -> list[Record]:
         """The judged panel's records as the store keeps them (each alert with its outbox write),
         counted and logged."""
         d = step.decision
         if d is None:
-            (record, _none), = step.records
+            ((record, _none),) = step.records
             metrics.PANEL_FAILURES.labels(type(step.error).__name__).inc()
-            log.error("panel quarantined: could not be decided", patient=work.patient, panel=work.panel,
-                      observations=record["observations"], error_type=type(step.error).__name__)
+            log.error(
+                "panel quarantined: could not be decided",
+                patient=work.patient,
+                panel=work.panel,
+                observations=record["observations"],
+                error_type=type(step.error).__name__,
+            )
             return [(record, None)]
         metrics.count_unassessed(panel_unassessed(d, work.results))
         if d.assessed:
@@ -411,22 +502,30 @@ class Worker:
             metrics.PANELS.inc()
         if d.stale:
             metrics.STALE_PANELS.inc()
-            log.info("stale panel: collected before the newest assessed", patient=work.patient,
-                     panel=work.panel)
+            log.info(
+                "stale panel: collected before the newest assessed", patient=work.patient, panel=work.panel
+            )
         records: list[Record] = []
         for record, alert in step.records:
             if alert is None:
                 if record["event"] == "rejected":
                     metrics.REJECTIONS.labels(metrics.reason_label(record["reason"])).inc()
-                    log.warning("panel rejected", patient=work.patient, panel=work.panel,
-                                reason=record["reason"])
+                    log.warning(
+                        "panel rejected", patient=work.patient, panel=work.panel, reason=record["reason"]
+                    )
                 records.append((record, None))
                 continue
             records.append((record, outbox_writes(alert, record["event"])))
             metrics.ALERTS.labels(record["event"], record["grade"] or "none").inc()
             report.events[record["event"]] = report.events.get(record["event"], 0) + 1
-            log.info("alert decided", patient=work.patient, alert=record["event"], grade=record["grade"],
-                     episode=record["episode"], observations=record["observations"])
+            log.info(
+                "alert decided",
+                patient=work.patient,
+                alert=record["event"],
+                grade=record["grade"],
+                episode=record["episode"],
+                observations=record["observations"],
+            )
         return records
 
     # delivery ----------------------------------------------------------------------------------------
@@ -451,8 +550,9 @@ class Worker:
             except* NeutrowatchError as errors:  # the store failed under us: the cycle fails as a whole
                 raise errors.exceptions[0] from None
 
-    async def _chain(self, chain: list[OutboxEntry], gate: asyncio.Semaphore, failed: set[str],
-                     report: CycleReport) -> None:
+    async def _chain(
+        self, chain: list[OutboxEntry], gate: asyncio.Semaphore, failed: set[str], report: CycleReport
+    ) -> None:
         """One patient's writes in order, until the first the server does not confirm (its patient
         then goes into `failed`)."""
         async with gate:

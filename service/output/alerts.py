@@ -53,7 +53,6 @@ ACTIVITY = {  # Provenance.activity: the event creates the episode's Flag (new) 
 PRIORITY = {"mild": "routine", "moderate": "urgent", "severe": "asap"}
 
 
-
 @dataclass(frozen=True, slots=True)
 class AlertWrites:
     flag: dict[str, Any]
@@ -84,7 +83,9 @@ def _coding(base: str, system: str, code: str, display: str) -> dict[str, str]:
 
 def _grade(base: str, scheme: Scheme, band: Band) -> dict[str, Any]:
     name = profiles.base_scheme(scheme)
-    coding = _coding(base, profiles.GRADE_SYSTEM, profiles.grade_code(name, band), profiles.grade_display(name, band))
+    coding = _coding(
+        base, profiles.GRADE_SYSTEM, profiles.grade_code(name, band), profiles.grade_display(name, band)
+    )
     return {"url": profiles.profile_url(base, profiles.GRADE_EXTENSION), "valueCoding": coding}
 
 
@@ -133,7 +134,11 @@ def _instant(sent: str, event: AlertEvent) -> str:
 def communication_value(episode: str, kind: str, rank: int, revision: int, opening: int = 0) -> str:
     """The deterministic Communication identifier of one announcement (`opening`: made after the
     episode's n-th recurrence; `rank`: the Flag update's number for `recovering`)."""
-    return f"{episode}-{kind}-{rank}" + (f"-o{opening}" if opening else "") + (f"-r{revision}" if revision else "")
+    return (
+        f"{episode}-{kind}-{rank}"
+        + (f"-o{opening}" if opening else "")
+        + (f"-r{revision}" if revision else "")
+    )
 
 
 def _rank(kind: EventKind, band: Band, update: int) -> int:
@@ -164,7 +169,12 @@ def _priority(event: AlertEvent) -> str:
 
 
 def build(
-    event: AlertEvent, scheme: Scheme, settings: AlertSettings, *, sent: str, recipients: Sequence[str] | None = None
+    event: AlertEvent,
+    scheme: Scheme,
+    settings: AlertSettings,
+    *,
+    sent: str,
+    recipients: Sequence[str] | None = None,
 ) -> AlertWrites:
     """The Flag as it stands after `event`, and the Communication announcing it (none for `chronic`
     and `recovering`)."""
@@ -182,27 +192,41 @@ def build(
         "identifier": [{"system": flag_id[0], "value": flag_id[1]}],
         "status": status,
         "category": [{"coding": [{"system": FLAG_CATEGORY, "code": "clinical", "display": "Clinical"}]}],
-        "code": {"coding": [FEBRILE_NEUTROPENIA if event.febrile else NEUTROPENIA],
-                 "text": texts.flag_text(event, status)},
+        "code": {
+            "coding": [FEBRILE_NEUTROPENIA if event.febrile else NEUTROPENIA],
+            "text": texts.flag_text(event, status),
+        },
         "subject": {"reference": event.patient},
         "period": period,
         "author": {"reference": settings.author},
     }
-    sources = [f"{ref}/_history/{v}" if v else ref for ref, v in zip(a.refs, a.versions, strict=True)] if a is not None else []
+    sources = (
+        [f"{ref}/_history/{v}" if v else ref for ref, v in zip(a.refs, a.versions, strict=True)]
+        if a is not None
+        else []
+    )
     flag["extension"] = [{"url": FLAG_DETAIL, "valueReference": {"reference": ref}} for ref in sources]
-    flag["extension"] += [_grade(base, scheme, band), _scheme(base, scheme)] + ([_anc(base, a)] if a is not None else [])
+    flag["extension"] += [_grade(base, scheme, band), _scheme(base, scheme)] + (
+        [_anc(base, a)] if a is not None else []
+    )
     Flag.model_validate(flag)
     rank = _rank(event.kind, event.band, event.update)
     x = event.retracted
     flag_only = (EventKind.CHRONIC, EventKind.RECOVERING)
     if event.kind in flag_only or (x is not None and x.kind is EventKind.RECOVERING):
         # Flag updates without a Communication (a withdrawn `recovering` was never announced either)
-        comm_value = _retracted_value(event, x) if x is not None else communication_value(
-            event.episode, event.kind.value, rank, event.revision, event.opening)
+        comm_value = (
+            _retracted_value(event, x)
+            if x is not None
+            else communication_value(event.episode, event.kind.value, rank, event.revision, event.opening)
+        )
         return _with_provenance(event, scheme, settings, sent, sources, flag, None, flag_id, None, comm_value)
     comm_system = f"{base}/communication"
-    comm_value = _retracted_value(event, x) if x is not None else communication_value(
-        event.episode, event.kind.value, rank, event.revision, event.opening)
+    comm_value = (
+        _retracted_value(event, x)
+        if x is not None
+        else communication_value(event.episode, event.kind.value, rank, event.revision, event.opening)
+    )
     flag_ref = {"type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}
     communication: dict[str, Any] = {
         "resourceType": "Communication",
@@ -220,20 +244,42 @@ def build(
         "payload": [{"contentString": texts.message(event, scheme)}],
     }
     if x is not None:
-        prior = communication_value(x.episode, x.kind.value, _rank(x.kind, x.band, x.update), x.revision,
-                                    x.opening)
-        communication["inResponseTo"] = [{"type": "Communication", "identifier": {"system": comm_system, "value": prior}}]
+        prior = communication_value(
+            x.episode, x.kind.value, _rank(x.kind, x.band, x.update), x.revision, x.opening
+        )
+        communication["inResponseTo"] = [
+            {"type": "Communication", "identifier": {"system": comm_system, "value": prior}}
+        ]
     to = settings.recipients if recipients is None else recipients
     if to:
         communication["recipient"] = [{"reference": r} for r in to]
     Communication.model_validate(communication)
-    return _with_provenance(event, scheme, settings, sent, sources, flag, communication, flag_id,
-                            (comm_system, comm_value), comm_value)
+    return _with_provenance(
+        event,
+        scheme,
+        settings,
+        sent,
+        sources,
+        flag,
+        communication,
+        flag_id,
+        (comm_system, comm_value),
+        comm_value,
+    )
 
 
-def _with_provenance(event: AlertEvent, scheme: Scheme, settings: AlertSettings, sent: str, sources: list[str],
-                     flag: dict[str, Any], communication: dict[str, Any] | None, flag_id: tuple[str, str],
-                     comm_id: tuple[str, str] | None, key: str) -> AlertWrites:
+def _with_provenance(
+    event: AlertEvent,
+    scheme: Scheme,
+    settings: AlertSettings,
+    sent: str,
+    sources: list[str],
+    flag: dict[str, Any],
+    communication: dict[str, Any] | None,
+    flag_id: tuple[str, str],
+    comm_id: tuple[str, str] | None,
+    key: str,
+) -> AlertWrites:
     """The writes with their Provenance: targets by fullUrl (and identifier), the source Observations
     (and, for `febrile`, the temperature) as versioned entities, the service as author with its
     version and grading scheme. `key` (the announcement's identifier value) is its idempotency tag."""
@@ -241,10 +287,17 @@ def _with_provenance(event: AlertEvent, scheme: Scheme, settings: AlertSettings,
     flag_url = full_url(*flag_id)
     comm_url = full_url(*comm_id) if comm_id is not None else None
     tag = (f"{base}/provenance", key)
-    targets = [{"reference": flag_url, "type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}]
+    targets = [
+        {"reference": flag_url, "type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}
+    ]
     if comm_id is not None and comm_url is not None:
-        targets.append({"reference": comm_url, "type": "Communication",
-                        "identifier": {"system": comm_id[0], "value": comm_id[1]}})
+        targets.append(
+            {
+                "reference": comm_url,
+                "type": "Communication",
+                "identifier": {"system": comm_id[0], "value": comm_id[1]},
+            }
+        )
     entities = list(sources)
     if event.fever is not None and event.fever.ref not in entities:
         entities.append(event.fever.ref)
@@ -256,22 +309,28 @@ def _with_provenance(event: AlertEvent, scheme: Scheme, settings: AlertSettings,
         "target": targets,
         "recorded": _instant(sent, event),
         "activity": {"coding": [ACTIVITY["create" if event.kind is EventKind.NEW else "update"]]},
-        "agent": [{
-            "extension": [{"url": profiles.profile_url(base, profiles.SOFTWARE_EXTENSION), "valueString": version},
-                          _scheme(base, scheme)],
-            "type": {"coding": [AUTHOR_TYPE]},
-            "who": {"reference": settings.author, "display": f"neutrowatch {version}"},
-        }],
+        "agent": [
+            {
+                "extension": [
+                    {"url": profiles.profile_url(base, profiles.SOFTWARE_EXTENSION), "valueString": version},
+                    _scheme(base, scheme),
+                ],
+                "type": {"coding": [AUTHOR_TYPE]},
+                "who": {"reference": settings.author, "display": f"neutrowatch {version}"},
+            }
+        ],
     }
     if entities:
         provenance["entity"] = [{"role": "source", "what": {"reference": ref}} for ref in entities]
     Provenance.model_validate(provenance)
-    return AlertWrites(flag, communication, flag_id, comm_id, provenance, tag, flag_url, comm_url,
-                       full_url(*tag))
+    return AlertWrites(
+        flag, communication, flag_id, comm_id, provenance, tag, flag_url, comm_url, full_url(*tag)
+    )
 
 
-def provenance_entry(writes: Mapping[str, Any], flag_id: str | None = None,
-                     communication_id: str | None = None) -> dict[str, Any] | None:
+def provenance_entry(
+    writes: Mapping[str, Any], flag_id: str | None = None, communication_id: str | None = None
+) -> dict[str, Any] | None:
     """The transaction entry of a write's Provenance (`writes`: the outbox dict, transaction.outbox_writes),
     or None for a write stored before Provenance existed: a conditional create on its tag, so a
     re-post finds it. `flag_id` / `communication_id`: the server ids of the Flag and the
@@ -282,13 +341,25 @@ def provenance_entry(writes: Mapping[str, Any], flag_id: str | None = None,
     provenance = writes.get("provenance")
     if not provenance:
         return None
-    ids = {writes["flag_full_url"]: f"Flag/{flag_id}" if flag_id is not None else None,
-           writes.get("communication_full_url"): f"Communication/{communication_id}" if communication_id is not None else None}
-    provenance = {**provenance, "target": [{**t, "reference": ids[t.get("reference")]} if ids.get(t.get("reference")) else t
-                                           for t in provenance["target"]]}
+    ids = {
+        writes["flag_full_url"]: f"Flag/{flag_id}" if flag_id is not None else None,
+        writes.get("communication_full_url"): f"Communication/{communication_id}"
+        if communication_id is not None
+        else None,
+    }
+    provenance = {
+        **provenance,
+        "target": [
+            {**t, "reference": ids[t.get("reference")]} if ids.get(t.get("reference")) else t
+            for t in provenance["target"]
+        ],
+    }
     system, code = writes["provenance_tag"]
-    return {"fullUrl": writes["provenance_full_url"], "resource": provenance,
-            "request": {"method": "POST", "url": "Provenance", "ifNoneExist": f"_tag={system}|{code}"}}
+    return {
+        "fullUrl": writes["provenance_full_url"],
+        "resource": provenance,
+        "request": {"method": "POST", "url": "Provenance", "ifNoneExist": f"_tag={system}|{code}"},
+    }
 
 
 def outbox_fields(writes: AlertWrites) -> dict[str, Any]:

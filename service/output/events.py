@@ -42,13 +42,18 @@ def event_record(event: AlertEvent, scheme: Scheme, recipients: Recipients | Non
     if a is not None and a.time_note:
         record["effective_note"] = a.time_note
     if a is not None and a.mapped:
-        record["mapped_codes"] = [_mapped_code(ref, source, concept_map) for ref, source, concept_map in a.mapped]
+        record["mapped_codes"] = [
+            _mapped_code(ref, source, concept_map) for ref, source, concept_map in a.mapped
+        ]
     if recipients is not None:
         record["recipients"] = list(recipients.refs)
         record["recipient_rule"] = recipients.rule
     if event.fever is not None:
-        record["temperature"] = {"celsius": round(event.fever.celsius, 2), "effective": event.fever.effective,
-                                 "observation": event.fever.ref}
+        record["temperature"] = {
+            "celsius": round(event.fever.celsius, 2),
+            "effective": event.fever.effective,
+            "observation": event.fever.ref,
+        }
     if event.recovering is not None:
         record["recovering"] = {"confirmations": event.recovering[0], "needed": event.recovering[1]}
     if event.recurred_after is not None:
@@ -58,9 +63,16 @@ def event_record(event: AlertEvent, scheme: Scheme, recipients: Recipients | Non
     if event.revision:
         record["correction"] = {"revision": event.revision, "reason": event.reason}
     if x is not None:
-        record["retracted"] = {"event": x.kind.value, "grade": x.band.severity, "grade_label": x.band.label,
-                               "anc": _number(x.anc), "effective": x.effective}
-        record["episode_status"] = "entered-in-error" if event.worst is None else ("active" if event.episode_open else "inactive")
+        record["retracted"] = {
+            "event": x.kind.value,
+            "grade": x.band.severity,
+            "grade_label": x.band.label,
+            "anc": _number(x.anc),
+            "effective": x.effective,
+        }
+        record["episode_status"] = (
+            "entered-in-error" if event.worst is None else ("active" if event.episode_open else "inactive")
+        )
     return record
 
 
@@ -93,14 +105,19 @@ def rejected_record(rejected: Rejected) -> dict[str, Any]:
         "code": rejected.code,
     }
     if rejected.mapped_from is not None and rejected.concept_map is not None:
-        record["mapped_codes"] = [_mapped_code(rejected.ref or "", rejected.mapped_from, rejected.concept_map)]
+        record["mapped_codes"] = [
+            _mapped_code(rejected.ref or "", rejected.mapped_from, rejected.concept_map)
+        ]
     return record
 
 
 def panel_rejected_record(rejection: PanelRejection, members: list[LabResult]) -> dict[str, Any]:
     inputs = rejection.rejected.inputs
-    mapped = [_mapped_code(r.ref, r.mapped_from, r.concept_map) for r in inputs
-              if r.mapped_from is not None and r.concept_map is not None]
+    mapped = [
+        _mapped_code(r.ref, r.mapped_from, r.concept_map)
+        for r in inputs
+        if r.mapped_from is not None and r.concept_map is not None
+    ]
     record: dict[str, Any] = {
         "patient": rejection.patient,
         "event": "rejected",

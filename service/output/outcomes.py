@@ -38,8 +38,13 @@ class PanelOutcome:
 
 
 def panel_outcome(
-    decision: PanelDecision, members: Sequence[LabResult], recipients: Sequence[Recipients], scheme: Scheme,
-    alerts: AlertSettings, *, sent: str,
+    decision: PanelDecision,
+    members: Sequence[LabResult],
+    recipients: Sequence[Recipients],
+    scheme: Scheme,
+    alerts: AlertSettings,
+    *,
+    sent: str,
 ) -> PanelOutcome:
     """Records of `decision`: not-assessed, rejected, stale, then each event with its writes built
     and validated. `recipients`: one per event, in order. Raises whatever building raises: the
@@ -57,7 +62,9 @@ def panel_outcome(
     return PanelOutcome(tuple(out))
 
 
-def failure_record(patient: str, panel: str, members: Sequence[LabResult], err: BaseException) -> dict[str, Any]:
+def failure_record(
+    patient: str, panel: str, members: Sequence[LabResult], err: BaseException
+) -> dict[str, Any]:
     """The record of a panel that could not be decided: kept and visible, never an alert. The
     reason names the exception's class only (its message may quote the input: PHI)."""
     refs = sorted({m.ref for m in members})
@@ -84,14 +91,22 @@ class Judged:
     error: Exception | None = None
 
 
-def quarantined(before: PatientState, patient: str, panel: str, members: Sequence[LabResult],
-                err: Exception) -> Judged:
+def quarantined(
+    before: PatientState, patient: str, panel: str, members: Sequence[LabResult], err: Exception
+) -> Judged:
     """A panel that could not be decided: its one record, the patient's state left as it was."""
     return Judged(before, None, ((failure_record(patient, panel, members, err), None),), err)
 
 
-def judged(before: PatientState, patient: str, panel: str, members: Sequence[LabResult], rules: Rules,
-           context: PatientContext, clock_us: int | None) -> PanelDecision | Judged:
+def judged(
+    before: PatientState,
+    patient: str,
+    panel: str,
+    members: Sequence[LabResult],
+    rules: Rules,
+    context: PatientContext,
+    clock_us: int | None,
+) -> PanelDecision | Judged:
     """The core's decision on a panel, or the panel quarantined when deciding raised."""
     try:
         return decide(before, patient, panel, members, rules, context, clock_us)
@@ -105,9 +120,18 @@ def orders(event: AlertEvent) -> tuple[str, ...]:
     return event.assessment.based_on if event.assessment else ()
 
 
-def concluded(before: PatientState, patient: str, panel: str, members: Sequence[LabResult],
-              decision: PanelDecision, recipients: Callable[[tuple[str, ...]], Recipients], scheme: Scheme,
-              alerts: AlertSettings, *, sent: str | None) -> Judged:
+def concluded(
+    before: PatientState,
+    patient: str,
+    panel: str,
+    members: Sequence[LabResult],
+    decision: PanelDecision,
+    recipients: Callable[[tuple[str, ...]], Recipients],
+    scheme: Scheme,
+    alerts: AlertSettings,
+    *,
+    sent: str | None,
+) -> Judged:
     """A decided panel's records and writes (`panel_outcome`): `recipients` of each event's `orders`;
     `sent` the instant the alerts are sent (None: the first assessment's collection time). Quarantined
     when any of it raises."""

@@ -17,12 +17,17 @@ from service.core.picture import Picture, WhiteCells, white_cells
 
 PICTURE = {
     Picture.MARKED_LEUKOCYTOSIS_LOW_NEUTROPHILS: "marked leukocytosis with a low neutrophil fraction: "
-                                                 "review the blood film",
+    "review the blood film",
     Picture.HYPERLEUKOCYTOSIS: "hyperleukocytosis (WBC > 100 ×10³/µL): review the blood film urgently",
 }
-RETRACTED_WHAT = {"new": "new neutropenia, {band}", "worsening": "worsening to {band}",
-                  "resolved": "resolution of the neutropenia", "chronic": "chronic label",
-                  "febrile": "febrile neutropenia", "recurrence": "recurrence, {band}"}
+RETRACTED_WHAT = {
+    "new": "new neutropenia, {band}",
+    "worsening": "worsening to {band}",
+    "resolved": "resolution of the neutropenia",
+    "chronic": "chronic label",
+    "febrile": "febrile neutropenia",
+    "recurrence": "recurrence, {band}",
+}
 
 
 # -- counts -------------------------------------------------------------------------------------------
@@ -67,7 +72,8 @@ def white_count(a: Assessment) -> str | None:
 def blood_counts(a: Assessment) -> str:
     """ "Hb 9.1 g/dL, platelets 45 ×10³/µL" (whichever the panel has)."""
     parts = ([f"Hb {a.hemoglobin:.1f} g/dL"] if a.hemoglobin is not None else []) + (
-        [f"platelets {thousands(a.platelets, 0)}"] if a.platelets is not None else [])
+        [f"platelets {thousands(a.platelets, 0)}"] if a.platelets is not None else []
+    )
     return ", ".join(parts)
 
 
@@ -113,14 +119,14 @@ def ordinal(n: int) -> str:
 
 
 def memory_phrase(memory: tuple[int, int]) -> str:
-    """"3rd episode in 12 months": the patient's episodes opened within the memory window."""
+    """ "3rd episode in 12 months": the patient's episodes opened within the memory window."""
     count, days = memory
     window = f"{days // 365 * 12} months" if days and days % 365 == 0 else f"{days} days"
     return f"{ordinal(count)} episode in {window}"
 
 
 def recovering_phrase(recovering: tuple[int, int]) -> str:
-    """"recovering (1 of 3 confirmations)", or "recovery interrupted" when a neutropenic panel ended it."""
+    """ "recovering (1 of 3 confirmations)", or "recovery interrupted" when a neutropenic panel ended it."""
     got, needed = recovering
     return f"recovering ({got} of {needed} confirmations)" if got else "recovery interrupted"
 
@@ -143,15 +149,19 @@ def worsening_head(event: AlertEvent, now: str) -> str:
 def febrile_head(event: AlertEvent, now: str) -> str:
     fever = event.fever
     reading = f"temperature {fever.celsius:.1f} °C at {fever.effective}" if fever else "fever"
-    return (f"FEBRILE NEUTROPENIA: {reading} with {now}. Treat as an emergency: empirical antibiotics "
-            "within 1 hour per ASCO/IDSA.")
+    return (
+        f"FEBRILE NEUTROPENIA: {reading} with {now}. Treat as an emergency: empirical antibiotics "
+        "within 1 hour per ASCO/IDSA."
+    )
 
 
 def recurrence_head(event: AlertEvent, now: str) -> str:
     """The same episode re-opened within clinical.resolution.reopen_days of its resolution."""
     worst = event.worst.label if event.worst else event.band.label
-    return (f"{corrected(event)}Neutropenia recurrence, {event.band.label}: {now}; the episode since "
-            f"{event.opened} (worst {worst}) re-opens, resolved {event.recurred_after}.")
+    return (
+        f"{corrected(event)}Neutropenia recurrence, {event.band.label}: {now}; the episode since "
+        f"{event.opened} (worst {worst}) re-opens, resolved {event.recurred_after}."
+    )
 
 
 def chronic_head(event: AlertEvent, now: str) -> str:
@@ -202,8 +212,9 @@ def previous(event: AlertEvent) -> str:
 
 def scheme_steps(scheme: Scheme) -> str:
     """ "Scheme default: mild <1500, moderate <1000, severe <500 cells/µL" (worst last)."""
-    steps = [f"{b.label} <{'LLN' if b.below_lln else f'{b.below:g}'}"
-             for b in reversed(scheme.bands) if b.severity]
+    steps = [
+        f"{b.label} <{'LLN' if b.below_lln else f'{b.below:g}'}" for b in reversed(scheme.bands) if b.severity
+    ]
     return f"Scheme {scheme.name}: {', '.join(steps)} cells/µL."
 
 
@@ -217,8 +228,10 @@ def message(event: AlertEvent, scheme: Scheme) -> str:
     a = event.assessment
     assert a is not None
     head = HEADS[event.kind](event, panel(a))
-    return (f"{head}{picture_sentence(a)}{chronic_note(event)}{memory_note(event)} {previous(event)} "
-            f"{scheme_steps(scheme)}")
+    return (
+        f"{head}{picture_sentence(a)}{chronic_note(event)}{memory_note(event)} {previous(event)} "
+        f"{scheme_steps(scheme)}"
+    )
 
 
 def retraction_message(event: AlertEvent, scheme: Scheme) -> str:
@@ -226,8 +239,10 @@ def retraction_message(event: AlertEvent, scheme: Scheme) -> str:
     x = event.retracted
     assert x is not None
     what = RETRACTED_WHAT[x.kind.value].format(band=x.band.label)
-    head = (f"WITHDRAWN: the earlier alert ({what}; ANC {cells(x.anc)} collected {x.effective}) "
-            f"no longer holds: a result it rested on was {event.reason}.")
+    head = (
+        f"WITHDRAWN: the earlier alert ({what}; ANC {cells(x.anc)} collected {x.effective}) "
+        f"no longer holds: a result it rested on was {event.reason}."
+    )
     return f"{head}{retraction_now(event.assessment)}{retraction_state(event)} Scheme {scheme.name}."
 
 

@@ -30,7 +30,9 @@ def files(inputs: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-LARGE_DOCUMENT = 4 << 20  # a document (file or line) at least this large is read entry by entry (whole: ~6x its size)
+LARGE_DOCUMENT = (
+    4 << 20
+)  # a document (file or line) at least this large is read entry by entry (whole: ~6x its size)
 BLOCK = 1 << 20
 READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip: a cut (EOFError) or corrupt (zlib.error) stream
 
@@ -83,7 +85,9 @@ def documents(inputs: Sequence[str | Path]) -> Iterator[bytes]:
 class FirstLine(NamedTuple):
     line: bytes  # the first line, or its first LARGE_DOCUMENT bytes
     end: int  # the offset just past it
-    document: bool | None  # `_starts_document` of it (None: a long line that cannot tell without reading it whole)
+    document: (
+        bool | None
+    )  # `_starts_document` of it (None: a long line that cannot tell without reading it whole)
 
 
 def _partial(line: bytes) -> bool:
@@ -121,7 +125,9 @@ def _whole_document(path: Path, fh: IO[bytes], first: bytes) -> Iterator[bytes |
             return
         del whole
     streamed = _streamed(path, 0, None)
-    if streamed is not None and (streamed.cut is None or streamed.has_items()):  # a Bundle cut short: `_cut_bundle`
+    if streamed is not None and (
+        streamed.cut is None or streamed.has_items()
+    ):  # a Bundle cut short: `_cut_bundle`
         yield streamed
         return
     with _open(path) as again:  # not a Bundle that can be walked: as it always was, whole
@@ -204,7 +210,12 @@ def _streamed(path: Path, start: int, length: int | None) -> StreamedBundle | No
                 arrays += 1
             else:
                 end = event
-    if end is None or arrays != 1 or types != [b'"Bundle"'] or (end.broken is not None and end.broken.what != "truncated"):
+    if (
+        end is None
+        or arrays != 1
+        or types != [b'"Bundle"']
+        or (end.broken is not None and end.broken.what != "truncated")
+    ):
         return None
     checks.add_members(members)
     cut = None if end.broken is None else end.entries
@@ -269,8 +280,12 @@ def _cut_bundle(data: bytes) -> bool:
     """A Bundle cut short (a transfer or a copy that ended early): its entries before the cut are
     read, and the cut is one rejection (rather than every later line of it one)."""
     doc = raw.read(data)
-    return (doc.resource_type == "Bundle" and bool(doc.items) and doc.remainder is not None
-            and "truncated" in doc.remainder.reason)
+    return (
+        doc.resource_type == "Bundle"
+        and bool(doc.items)
+        and doc.remainder is not None
+        and "truncated" in doc.remainder.reason
+    )
 
 
 def _one_document(data: bytes) -> bool:

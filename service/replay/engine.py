@@ -102,6 +102,7 @@ WHERE panel IS NOT NULL
 ORDER BY first, akey
 """
 
+
 @dataclass(frozen=True, slots=True)
 class PanelTrace:
     """One panel as `Replay.decide` judged it, for `explain`: what went in (the members as they
@@ -143,9 +144,17 @@ class Replay:
     `workers`: processes for the partitioned engine; None: one per core when the input is large
     enough to gain from them."""
 
-    def __init__(self, rules: Rules, alert_settings: AlertSettings, workdir: str | Path | None = None, *,
-                 engine: str = "partitioned", workers: int | None = None, provenance: bool = False,
-                 read_policy: ReadPolicy = DEFAULT_READ):
+    def __init__(
+        self,
+        rules: Rules,
+        alert_settings: AlertSettings,
+        workdir: str | Path | None = None,
+        *,
+        engine: str = "partitioned",
+        workers: int | None = None,
+        provenance: bool = False,
+        read_policy: ReadPolicy = DEFAULT_READ,
+    ):
         if engine not in ("partitioned", "sqlite"):
             raise ValueError(f"unknown replay engine {engine!r}")
         self.engine = engine
@@ -182,7 +191,9 @@ class Replay:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def run(self, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None = None) -> ReplayStats:
+    def run(
+        self, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None = None
+    ) -> ReplayStats:
         if self.engine == "partitioned":
             return parallel.run(self, inputs, events, alerts, self.workers)
         self.load(inputs)
@@ -273,16 +284,25 @@ class Replay:
         merged = heapq.merge(self._panels(), self._rejections(), key=lambda t: t.akey)
         if patient is None:
             return merged
-        return (t for t in merged if (t.payload.patient if isinstance(t.payload, Rejected) else t.patient) == patient)
+        return (
+            t
+            for t in merged
+            if (t.payload.patient if isinstance(t.payload, Rejected) else t.patient) == patient
+        )
 
     def facts(self) -> dict[str, PatientFacts]:
         """What the loaded input says of each patient (the SQLite engine's context table)."""
         assert self.db is not None
         return patient_facts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
 
-    def decide(self, *, with_alerts: bool = True, stream: Iterable[Available] | None = None,
-               facts: Mapping[str, PatientFacts] | None = None, trace: Callable[[PanelTrace], None] | None = None,
-               ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
+    def decide(
+        self,
+        *,
+        with_alerts: bool = True,
+        stream: Iterable[Available] | None = None,
+        facts: Mapping[str, PatientFacts] | None = None,
+        trace: Callable[[PanelTrace], None] | None = None,
+    ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
         """(availability key, event record, alert resources or None) in order of availability.
         Each Observation version is an arrival: a panel is assessed when its first member is
         available, with each member's first version, and again when a later version of a member
@@ -298,21 +318,35 @@ class Replay:
             stream = self.stream()
         if facts is None:
             facts = self.facts()
+
         def no_facts(patient: str) -> PatientFacts:
             """A patient the input says nothing else of: still its configured threshold, as live."""
             return PatientFacts(patient_context(patient, None, (), self.rules))
-        pool = self.alert_settings.recipients
-        pending: list[tuple[str, str, str, list[LabResult]]] = []  # later versions, re-assessed when they arrive
 
-        def judge(akey: str, patient: str, panel: str, members: list[LabResult]) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
+        pool = self.alert_settings.recipients
+        pending: list[
+            tuple[str, str, str, list[LabResult]]
+        ] = []  # later versions, re-assessed when they arrive
+
+        def judge(
+            akey: str, patient: str, panel: str, members: list[LabResult]
+        ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
             self.stats.panels += 1
             known = facts.get(patient) or no_facts(patient)
             before = states.get(patient, PatientState())
             step = judged(before, patient, panel, members, self.rules, known.context, clock)
             if isinstance(step, PanelDecision):
-                step = concluded(before, patient, panel, members, step,
-                                 lambda based_on: choose(based_on, known.requesters, known.care_team, pool),
-                                 self.scheme, self.alert_settings, sent=_available(members))
+                step = concluded(
+                    before,
+                    patient,
+                    panel,
+                    members,
+                    step,
+                    lambda based_on: choose(based_on, known.requesters, known.care_team, pool),
+                    self.scheme,
+                    self.alert_settings,
+                    sent=_available(members),
+                )
             states[patient] = step.state
             if step.decision is not None:
                 self.stats.stale_panels += step.decision.stale
@@ -327,8 +361,18 @@ class Replay:
                         resources.append(writes.provenance)
                 out.append((akey, record, resources))
             if trace is not None:
-                trace(PanelTrace(akey, patient, panel, tuple(members), before, step.decision, known.context,
-                                 tuple(record for _k, record, _r in out)))
+                trace(
+                    PanelTrace(
+                        akey,
+                        patient,
+                        panel,
+                        tuple(members),
+                        before,
+                        step.decision,
+                        known.context,
+                        tuple(record for _k, record, _r in out),
+                    )
+                )
             yield from out
 
         for akey, patient, panel, payload in stream:

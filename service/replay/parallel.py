@@ -87,7 +87,9 @@ _decode = msgspec.msgpack.Decoder().decode
 class Chunk:
     number: int  # position in the input: resources are numbered (number << 32) + 1, + 2, ...
     path: str
-    start: int | None  # byte range [start, end) of whole lines; None: the whole file, as `file_documents` reads it
+    start: (
+        int | None
+    )  # byte range [start, end) of whole lines; None: the whole file, as `file_documents` reads it
     end: int | None
 
 
@@ -130,16 +132,30 @@ def default_workers() -> int:
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def run(replay: Replay, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None,
-        workers: int | None) -> ReplayStats:
+def run(
+    replay: Replay,
+    inputs: Sequence[str | Path],
+    events: IO[bytes],
+    alerts: IO[bytes] | None,
+    workers: int | None,
+) -> ReplayStats:
     paths = files(inputs)
     size = sum(_size(path) for path in paths)
     if workers is None:
         workers = default_workers() if size >= PARALLEL_MIN_BYTES else 1
     # Bounded counts keep the index (chunks x partitions segments) and the number of files small.
     partitions = min(MAX_PARTITIONS, max(1, math.ceil(size / PARTITION_BYTES)))
-    job = _Job(replay._tmp.name, partitions, replay.rules, replay.alert_settings, alerts is not None, type(replay),
-               replay.provenance, replay.read_policy, replay.clock_us)
+    job = _Job(
+        replay._tmp.name,
+        partitions,
+        replay.rules,
+        replay.alert_settings,
+        alerts is not None,
+        type(replay),
+        replay.provenance,
+        replay.read_policy,
+        replay.clock_us,
+    )
     chunks = plan(paths, max(CHUNK_BYTES, math.ceil(size / MAX_CHUNKS)))
     with _collector_tuned():
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
@@ -149,8 +165,9 @@ def run(replay: Replay, inputs: Sequence[str | Path], events: IO[bytes], alerts:
             finally:
                 _start(None)
         # fork: the workers share the parent's imports and its `hash` seed (module docstring).
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_start,
-                                   initargs=(job,))
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork"), initializer=_start, initargs=(job,)
+        )
         try:
             return _run(replay.stats, _reporting(pool.map, replay.progress), job, chunks, events, alerts)
         finally:
@@ -160,8 +177,9 @@ def run(replay: Replay, inputs: Sequence[str | Path], events: IO[bytes], alerts:
 _STAGES = {"read_chunk": "reading input", "latest": "ordering versions", "judge": "deciding"}
 
 
-def _reporting(map_: Callable[..., Iterator[Any]], progress: Callable[[str, int, int], None] | None
-               ) -> Callable[..., Iterator[Any]]:
+def _reporting(
+    map_: Callable[..., Iterator[Any]], progress: Callable[[str, int, int], None] | None
+) -> Callable[..., Iterator[Any]]:
     """`map_` that tells `progress` (stage, done, total) after each task (replay --progress on a terminal)."""
     if progress is None:
         return map_
@@ -172,6 +190,7 @@ def _reporting(map_: Callable[..., Iterator[Any]], progress: Callable[[str, int,
         for done, result in enumerate(map_(fn, *args), 1):
             progress(stage, done, len(args[0]))
             yield result
+
     return reporting
 
 
@@ -190,8 +209,14 @@ def _collector_tuned() -> Iterator[None]:
         gc.unfreeze()
 
 
-def _run(stats: ReplayStats, map_: Callable[..., Iterator[Any]], job: _Job, chunks: list[Chunk],
-         events: IO[bytes], alerts: IO[bytes] | None) -> ReplayStats:
+def _run(
+    stats: ReplayStats,
+    map_: Callable[..., Iterator[Any]],
+    job: _Job,
+    chunks: list[Chunk],
+    events: IO[bytes],
+    alerts: IO[bytes] | None,
+) -> ReplayStats:
     n = job.partitions
     by_ref: list[list[Segment]] = [[] for _ in range(n)]
     by_patient: list[list[Segment]] = [[] for _ in range(n)]
@@ -234,7 +259,9 @@ def _add(total: ReplayStats, part: ReplayStats) -> None:
     total.documents += part.documents
     total.resources += part.resources
     total.observations += part.observations
-    if part.newest_updated_us is not None and (total.newest_updated_us is None or part.newest_updated_us > total.newest_updated_us):
+    if part.newest_updated_us is not None and (
+        total.newest_updated_us is None or part.newest_updated_us > total.newest_updated_us
+    ):
         total.newest_updated_us = part.newest_updated_us
     total.ignored.update(part.ignored)
 
@@ -255,7 +282,9 @@ def plan(paths: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
             continue
         try:
             with open(path, "rb") as fh:
-                if first_line(fh).document is not False:  # a document, or a long line only `file_documents` can tell
+                if (
+                    first_line(fh).document is not False
+                ):  # a document, or a long line only `file_documents` can tell
                     chunks.append(Chunk(len(chunks), str(path), None, None))
                     continue
                 size = fh.seek(0, os.SEEK_END)
@@ -353,7 +382,9 @@ def _partitioned(rows: Rows, n: int) -> tuple[dict[int, Any], dict[int, Any]]:
     for ref, vu, vv, number, data in rows.rejected:  # rejections need no more than sorting: any partition
         rejected[number % n].append((availability_key(ref, vu, vv, number), data))
     context: list[list[Any]] = [[] for _ in range(n)]
-    for context_row in rows.context:  # Patient, Condition, ServiceRequest, CareTeam go where their patient's panels go
+    for (
+        context_row
+    ) in rows.context:  # Patient, Condition, ServiceRequest, CareTeam go where their patient's panels go
         context[hash(context_row.patient) % n].append(context_row)
     by_ref = {i: (obs[i], members[i]) for i in range(n) if obs[i] or members[i]}
     by_patient = {i: ((), rejected[i], context[i]) for i in range(n) if rejected[i] or context[i]}
@@ -400,7 +431,9 @@ def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]
         for row in rows:
             if row.data is None and row.vu < 0 and row.vv < 0:
                 continue  # unplaced (an undecodable entry): reported above, no version (as engine._PANELS)
-            target.append((newest.patient, panel, availability_key(ref, row.vu, row.vv, row.seq), row.data, ref))
+            target.append(
+                (newest.patient, panel, availability_key(ref, row.vu, row.vv, row.seq), row.data, ref)
+            )
     parts = {i: (results[i], rejected[i], ()) for i in range(n) if results[i] or rejected[i]}
     return _spill(f"latest-{part}", parts), identical
 
@@ -420,10 +453,13 @@ def _first_copies(rows: list[ObsRow], rejected: list[list[Any]]) -> tuple[list[O
 # -- step 3: the core -------------------------------------------------------------------------------
 
 
-def judge(part: int, segments: list[Segment], clock_us: int | None = None
-          ) -> tuple[list[Segment], int, int, Counter[str], Counter[str]]:
+def judge(
+    part: int, segments: list[Segment], clock_us: int | None = None
+) -> tuple[list[Segment], int, int, Counter[str], Counter[str]]:
     assert _job is not None
-    results: list[tuple[str, str, str, bytes | None, str]] = []  # patient, panel key, availability key, LabResult, ref
+    results: list[
+        tuple[str, str, str, bytes | None, str]
+    ] = []  # patient, panel key, availability key, LabResult, ref
     rejections: list[tuple[str, bytes]] = []  # availability key, Rejected
     context_rows: list[tuple[str, str, bytes]] = []  # patient, resourceType, Resource
     for result_rows, rejected_rows, patient_rows in _load(segments):
@@ -441,8 +477,9 @@ def judge(part: int, segments: list[Segment], clock_us: int | None = None
         else:
             seen[1].append((key, ref, data))
     del results
-    items: list[tuple[str, str, str, Any]] = [(first, patient, panel, versions)
-                                               for (patient, panel), (first, versions) in panels.items()]
+    items: list[tuple[str, str, str, Any]] = [
+        (first, patient, panel, versions) for (patient, panel), (first, versions) in panels.items()
+    ]
     del panels
     items += [(key, "", "", data) for key, data in rejections]
     items.sort(key=itemgetter(0))  # all keys differ
@@ -451,15 +488,30 @@ def judge(part: int, segments: list[Segment], clock_us: int | None = None
         """What `Replay.decide` reads, decoded as it goes."""
         for key, patient, panel, payload in items:
             if isinstance(payload, list):
-                yield Available(key, patient, panel, [PanelVersion(k, ref, decode_result(d) if d is not None else None)
-                                                      for k, ref, d in payload])
+                yield Available(
+                    key,
+                    patient,
+                    panel,
+                    [
+                        PanelVersion(k, ref, decode_result(d) if d is not None else None)
+                        for k, ref, d in payload
+                    ],
+                )
             else:
                 yield Available(key, patient, panel, decode_rejected(payload))
 
     frames: list[Segment] = []
     path = os.path.join(_job.tmp, f"judge-{part}")
-    with open(path, "wb") as fh, _job.core(_job.rules, _job.alert_settings, workdir=_job.tmp,
-                                                engine="partitioned", provenance=_job.provenance) as core:
+    with (
+        open(path, "wb") as fh,
+        _job.core(
+            _job.rules,
+            _job.alert_settings,
+            workdir=_job.tmp,
+            engine="partitioned",
+            provenance=_job.provenance,
+        ) as core,
+    ):
         frame: list[tuple[str, int, str, bytes, bytes]] = []
         size = 0
         core.clock_us = clock_us
@@ -468,7 +520,9 @@ def judge(part: int, segments: list[Segment], clock_us: int | None = None
         decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(), facts=facts)
         for n, (key, record, resources) in enumerate(decisions):
             line = orjson.dumps(record) + b"\n"
-            alert_lines = b"".join(orjson.dumps(r) + b"\n" for r in resources) if resources is not None else b""
+            alert_lines = (
+                b"".join(orjson.dumps(r) + b"\n" for r in resources) if resources is not None else b""
+            )
             frame.append((key, n, record["event"], line, alert_lines))
             size += len(line) + len(alert_lines)
             if size >= _RUN_FRAME_BYTES:

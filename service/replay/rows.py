@@ -155,15 +155,22 @@ def patient_facts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[
         record = records[-1] if records else None
         orders = {f"ServiceRequest/{r.id}": requester(r) for r in kinds.get("ServiceRequest", ()) if r.id}
         facts[patient] = PatientFacts(
-            patient_context(patient, record, kinds.get("Condition", ()), rules), orders,
+            patient_context(patient, record, kinds.get("Condition", ()), rules),
+            orders,
             tuple(care_team_members(kinds.get("CareTeam", ()))),
         )
     return facts
 
 
-def read_document(document: bytes | StreamedBundle, seq: int, stats: ReplayStats, rows: Rows,
-                  flush: Callable[[Rows], None] | None = None, batch: int = _BATCH,
-                  policy: ReadPolicy = DEFAULT_READ) -> int:
+def read_document(
+    document: bytes | StreamedBundle,
+    seq: int,
+    stats: ReplayStats,
+    rows: Rows,
+    flush: Callable[[Rows], None] | None = None,
+    batch: int = _BATCH,
+    policy: ReadPolicy = DEFAULT_READ,
+) -> int:
     """Decode and sort one document into `rows`, numbering its resources from `seq` + 1 (the
     input position that breaks ties in the order of availability). Returns the last number used.
     `flush`: called (to empty `rows`) whenever they hold `batch` rows, so that one large document
@@ -187,13 +194,25 @@ def read_document(document: bytes | StreamedBundle, seq: int, stats: ReplayStats
 def _row(triaged: Triaged, seq: int, stats: ReplayStats, rows: Rows) -> None:
     """Where one triaged resource goes among the rows of pass 1."""
     if isinstance(triaged, LabResult):
-        rows.obs.append(ObsRow(triaged.ref, triaged.updated_us or -1, version_number(triaged.version),
-                               seq, triaged.patient, specimen_key(triaged.specimen),
-                               collection_key(triaged), encode(triaged), None))
+        rows.obs.append(
+            ObsRow(
+                triaged.ref,
+                triaged.updated_us or -1,
+                version_number(triaged.version),
+                seq,
+                triaged.patient,
+                specimen_key(triaged.specimen),
+                collection_key(triaged),
+                encode(triaged),
+                None,
+            )
+        )
     elif isinstance(triaged, Rejected):
         _reject(triaged, seq, rows)
     elif isinstance(triaged, PatientFact):
-        rows.context.append(ContextRow(triaged.patient, triaged.resource.resourceType, encode(triaged.resource)))
+        rows.context.append(
+            ContextRow(triaged.patient, triaged.resource.resourceType, encode(triaged.resource))
+        )
     elif isinstance(triaged, ReportMembers):
         rows.member.extend(Membership(ref, report_key(report)) for ref, report in triaged.members)
     else:
@@ -248,8 +267,9 @@ def settle(rows: Sequence[ObsRow]) -> Settled:
             assert read is not None  # (no stored copy in replay)
             rejection = conflict_rejection(_outcome(read))
             if n == 0:  # the version, rejected: it supersedes older versions as any rejected version does
-                out.versions.append(ObsRow(read.ref, vu, vv, seq, rejection.patient, None, None, None,
-                                           encode(rejection)))
+                out.versions.append(
+                    ObsRow(read.ref, vu, vv, seq, rejection.patient, None, None, None, encode(rejection))
+                )
             else:
                 out.reported.append(RejectedRow(read.ref, vu, vv, seq, encode(rejection)))
     return out

@@ -44,10 +44,9 @@ from typing import Any
 import orjson
 import yaml
 
-from service.live.app import DRAIN_SECONDS
 from service.core.codes import cbc_codes
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
-from tests.synthetic import PopulationSpec
+from service.live.app import DRAIN_SECONDS
 from tests.chaos import proxy as px
 from tests.chaos.harness import (
     ServiceProcess,
@@ -62,6 +61,7 @@ from tests.chaos.harness import (
 )
 from tests.fhir_server.load import export
 from tests.integration.live import compare_with_oracle, identifier, population, postgres_store, settings_for
+from tests.synthetic import PopulationSpec
 
 Resource = dict[str, Any]
 
@@ -89,7 +89,9 @@ class CampaignSpec:
     corrections: float = 0.03
     page_size: int = 10  # small enough that whole pages share one meta.lastUpdated: next links get followed
     interval: float = 0.5  # poll.interval_seconds
-    overlap: float = 3.0  # poll.overlap_seconds (each cycle re-reads this window: kept short, pages are costly)
+    overlap: float = (
+        3.0  # poll.overlap_seconds (each cycle re-reads this window: kept short, pages are costly)
+    )
     timeout: float = 1.5  # fhir.timeout_seconds (a slow response exceeds it)
     # The store lock is held at least lock_seconds (> the SQLite store's 5 s busy timeout), and on
     # until the service has logged the StoreError of a write it tried meanwhile (a cycle busy with a
@@ -112,16 +114,44 @@ class CampaignSpec:
 def default_plan() -> px.FaultPlan:
     """Per request: the chance of each fault. Search pages are the bulk of the traffic; the costly
     kinds (429 waits up to 1 s, a slow answer the client's whole timeout) are rarer."""
-    return px.FaultPlan({
-        px.SEARCH: {px.HTTP_500: 0.02, px.HTTP_502: 0.02, px.HTTP_503: 0.02, px.RETRY_AFTER_SECONDS: 0.008,
-                    px.RETRY_AFTER_DATE: 0.008, px.SLOW: 0.004, px.RESET: 0.02, px.TRUNCATED: 0.02,
-                    px.REPEATED: 0.04, px.OTHER_ORIGIN: 0.01},  # other origin: the cycle fails, all of it is redone
-        px.READ: {px.HTTP_500: 0.02, px.HTTP_502: 0.02, px.HTTP_503: 0.02, px.RETRY_AFTER_SECONDS: 0.008,
-                  px.RETRY_AFTER_DATE: 0.008, px.SLOW: 0.004, px.RESET: 0.02, px.TRUNCATED: 0.02,
-                  px.OTHER_ORIGIN: 0.1},  # on Flag searches only (search_all follows every next link)
-        px.WRITE: {px.HTTP_500: 0.05, px.HTTP_503: 0.05, px.RETRY_AFTER_SECONDS: 0.03, px.RETRY_AFTER_DATE: 0.03,
-                   px.SLOW: 0.03, px.RESET: 0.06, px.TRUNCATED: 0.06, px.APPLIED_502: 0.12},
-    }, slow_seconds=2.0)
+    return px.FaultPlan(
+        {
+            px.SEARCH: {
+                px.HTTP_500: 0.02,
+                px.HTTP_502: 0.02,
+                px.HTTP_503: 0.02,
+                px.RETRY_AFTER_SECONDS: 0.008,
+                px.RETRY_AFTER_DATE: 0.008,
+                px.SLOW: 0.004,
+                px.RESET: 0.02,
+                px.TRUNCATED: 0.02,
+                px.REPEATED: 0.04,
+                px.OTHER_ORIGIN: 0.01,
+            },  # other origin: the cycle fails, all of it is redone
+            px.READ: {
+                px.HTTP_500: 0.02,
+                px.HTTP_502: 0.02,
+                px.HTTP_503: 0.02,
+                px.RETRY_AFTER_SECONDS: 0.008,
+                px.RETRY_AFTER_DATE: 0.008,
+                px.SLOW: 0.004,
+                px.RESET: 0.02,
+                px.TRUNCATED: 0.02,
+                px.OTHER_ORIGIN: 0.1,
+            },  # on Flag searches only (search_all follows every next link)
+            px.WRITE: {
+                px.HTTP_500: 0.05,
+                px.HTTP_503: 0.05,
+                px.RETRY_AFTER_SECONDS: 0.03,
+                px.RETRY_AFTER_DATE: 0.03,
+                px.SLOW: 0.03,
+                px.RESET: 0.06,
+                px.TRUNCATED: 0.06,
+                px.APPLIED_502: 0.12,
+            },
+        },
+        slow_seconds=2.0,
+    )
 
 
 def required_kinds(store: str) -> list[str]:
@@ -171,13 +201,27 @@ def late_panel(k: int, updated: str) -> list[Resource]:
     stamped `updated` (kept by the engine with X-Engine-Keep-Meta)."""
     pid = f"chaos-late-{k}"
     meta = {"versionId": "1", "lastUpdated": updated}
-    common = {"status": "final", "subject": {"reference": f"Patient/{pid}"}, "effectiveDateTime": "2026-02-10T08:00:00Z",
-              "specimen": {"reference": f"Specimen/{pid}-1"}, "meta": meta}
+    common = {
+        "status": "final",
+        "subject": {"reference": f"Patient/{pid}"},
+        "effectiveDateTime": "2026-02-10T08:00:00Z",
+        "specimen": {"reference": f"Specimen/{pid}-1"},
+        "meta": meta,
+    }
 
     def obs(code: str, value: float) -> Resource:
-        return {"resourceType": "Observation", "id": f"{pid}-{code}", **common,
-                "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-                "valueQuantity": {"value": value, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"}}
+        return {
+            "resourceType": "Observation",
+            "id": f"{pid}-{code}",
+            **common,
+            "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+            "valueQuantity": {
+                "value": value,
+                "unit": "10*3/uL",
+                "system": "http://unitsofmeasure.org",
+                "code": "10*3/uL",
+            },
+        }
 
     patient = {"resourceType": "Patient", "id": pid, "meta": meta, "birthDate": "1970-01-01"}
     return [patient, obs("6690-2", 2.1), obs("751-8", 0.3)]
@@ -206,7 +250,13 @@ class Campaign:
         self.pg_schema = f"chaos_{uuid.uuid4().hex[:10]}" if self.spec.store == "postgres" else None
         self.staged = Staged()
         self.problems: list[str] = []
-        self.notes: dict[str, Any] = {"sigterm": [], "down_at_start": [], "locks": [], "late": [], "stages": []}
+        self.notes: dict[str, Any] = {
+            "sigterm": [],
+            "down_at_start": [],
+            "locks": [],
+            "late": [],
+            "stages": [],
+        }
         self.proxy = px.Proxy(self.engine, seed=self.spec.seed, plan=default_plan(), record=False)
         self.started = time.time()
         self.late_count = 0
@@ -223,9 +273,18 @@ class Campaign:
 
     def _config(self) -> Path:
         spec = self.spec
-        state: Any = (self.workdir / "state.sqlite3") if spec.store == "sqlite" else postgres_store(self.pg_dsn or "", self.pg_schema or "")
-        settings = settings_for(self.proxy.base, state, page_size=spec.page_size, interval_seconds=spec.interval,
-                                overlap_seconds=spec.overlap)
+        state: Any = (
+            (self.workdir / "state.sqlite3")
+            if spec.store == "sqlite"
+            else postgres_store(self.pg_dsn or "", self.pg_schema or "")
+        )
+        settings = settings_for(
+            self.proxy.base,
+            state,
+            page_size=spec.page_size,
+            interval_seconds=spec.interval,
+            overlap_seconds=spec.overlap,
+        )
         data = settings.model_dump(mode="json", exclude_none=True)
         data["fhir"]["timeout_seconds"] = spec.timeout
         data["fhir"]["retry"] = {"max_attempts": 5, "backoff_base_seconds": 0.05, "backoff_max_seconds": 1.0}
@@ -238,15 +297,25 @@ class Campaign:
     async def run(self) -> Result:
         spec = self.spec
         self.workdir.mkdir(parents=True, exist_ok=True)
-        resources = population(patients=spec.patients, days=spec.days, seed=spec.seed, temperatures=True,
-                               corrections=spec.corrections)
+        resources = population(
+            patients=spec.patients,
+            days=spec.days,
+            seed=spec.seed,
+            temperatures=True,
+            corrections=spec.corrections,
+        )
         stages = split_stages(resources, spec.stages)
         one_year = (PopulationSpec().start - timedelta(days=365)).date().isoformat()
-        infants = [r["id"] for r in resources if r["resourceType"] == "Patient" and r.get("birthDate", "") > one_year]
+        infants = [
+            r["id"] for r in resources if r["resourceType"] == "Patient" and r.get("birthDate", "") > one_year
+        ]
         self.notes["infants"] = infants
         await self.proxy.start()
-        self.probe = StoreProbe(sqlite_path=self.workdir / "state.sqlite3") if spec.store == "sqlite" else StoreProbe(
-            pg_dsn=self.pg_dsn, pg_schema=self.pg_schema)
+        self.probe = (
+            StoreProbe(sqlite_path=self.workdir / "state.sqlite3")
+            if spec.store == "sqlite"
+            else StoreProbe(pg_dsn=self.pg_dsn, pg_schema=self.pg_schema)
+        )
         self.service = ServiceProcess(self._config(), self.workdir / "service.log", free_port())
         self.supervisor = Supervisor(self.service)
         self.proxy.on_kill = lambda _kind: self.service.kill9()
@@ -254,8 +323,10 @@ class Campaign:
         if spec.dry:
             assert self.proxy.plan is not None
             self.proxy.plan.enabled = False
-        self.say(f"seed {spec.seed}: {len(resources)} resources of {spec.patients} patients in {len(stages)} stages, "
-                 f"store {spec.store}, proxy {self.proxy.base}")
+        self.say(
+            f"seed {spec.seed}: {len(resources)} resources of {spec.patients} patients in {len(stages)} stages, "
+            f"store {spec.store}, proxy {self.proxy.base}"
+        )
         try:
             await self._stages(stages, schedule)
         except CampaignError as err:
@@ -269,7 +340,10 @@ class Campaign:
                 await self.service.wait_exit(5)
             await self.proxy.stop()
         alerts: dict[str, int] = {}
-        checks: list[tuple[str, Any]] = [("alerts", lambda: alerts.update(self._check_alerts())), ("logs", self._check_logs)]
+        checks: list[tuple[str, Any]] = [
+            ("alerts", lambda: alerts.update(self._check_alerts())),
+            ("logs", self._check_logs),
+        ]
         if not spec.dry:
             checks.append(("faults", self._check_faults))
         for name, check in checks:
@@ -282,8 +356,10 @@ class Campaign:
         try:
             result.summary = self._summary(result)
         except Exception:  # noqa: BLE001
-            result.summary = f"(summary failed: {traceback.format_exc()})\ncounts {dict(result.counts)}\nalerts {alerts}\n" + (
-                "PASS" if not self.problems else "FAIL:\n  " + "\n  ".join(self.problems))
+            result.summary = (
+                f"(summary failed: {traceback.format_exc()})\ncounts {dict(result.counts)}\nalerts {alerts}\n"
+                + ("PASS" if not self.problems else "FAIL:\n  " + "\n  ".join(self.problems))
+            )
         return result
 
     async def _stages(self, stages: list[list[Resource]], schedule: list[list[str]]) -> None:
@@ -306,21 +382,27 @@ class Campaign:
             self.notes["stages"].append((len(stage), round(waited, 2)))
             if LATE in schedule[i]:
                 await self._late_visible()
-            self.say(f"stage {i + 1}/{len(stages)}: {len(stage)} resources, caught up after {waited:.1f} s; "
-                     f"faults so far {sum(self.counts.values())}")
+            self.say(
+                f"stage {i + 1}/{len(stages)}: {len(stage)} resources, caught up after {waited:.1f} s; "
+                f"faults so far {sum(self.counts.values())}"
+            )
         began = time.monotonic()
         while not spec.dry and sum(self.counts.values()) < spec.faults and time.monotonic() - began < 120:
             await asyncio.sleep(1.0)  # top up: idle cycles still meet the proxy's faults
             if self.rng.random() < 0.1:
                 await self._process_fault(self.rng.choice([KILL_RANDOM, *px.PROXY_KILLS]))
         if time.monotonic() - began > 0.5:
-            self.say(f"topped up the faults for {time.monotonic() - began:.0f} s: {sum(self.counts.values())}")
+            self.say(
+                f"topped up the faults for {time.monotonic() - began:.0f} s: {sum(self.counts.values())}"
+            )
         await self._settle(target)
 
     def _schedule(self, n: int) -> list[list[str]]:
         """Process faults per stage: one of each kind in the first 70 % of the stages (seeded
         order), then `process_faults` more at random stages."""
-        kinds = [KILL_RANDOM, *px.PROXY_KILLS, SIGTERM, px.DOWN, LATE] + ([STORE_LOCKED] if self.spec.store == "sqlite" else [])
+        kinds = [KILL_RANDOM, *px.PROXY_KILLS, SIGTERM, px.DOWN, LATE] + (
+            [STORE_LOCKED] if self.spec.store == "sqlite" else []
+        )
         self.rng.shuffle(kinds)
         early = max(1, int(n * 0.7))
         plan: list[list[str]] = [[] for _ in range(n)]
@@ -367,7 +449,9 @@ class Campaign:
                 self.proxy.count(SIGTERM)
                 self.notes["sigterm"].append((code, round(taken, 2)))
                 if code != 0 or taken > 10:
-                    self.problems.append(f"SIGTERM: exit code {code} after {taken:.1f} s (want 0 within 10 s)")
+                    self.problems.append(
+                        f"SIGTERM: exit code {code} after {taken:.1f} s (want 0 within 10 s)"
+                    )
                 self.service.start()
             for k in armed:
                 self.proxy.arm(k)
@@ -381,7 +465,9 @@ class Campaign:
                 self.proxy.count(STORE_LOCKED)
                 until = time.monotonic() + self.spec.lock_seconds
                 give_up = time.monotonic() + self.spec.lock_seconds_max
-                while time.monotonic() < until or (time.monotonic() < give_up and not self._store_error_since(began)):
+                while time.monotonic() < until or (
+                    time.monotonic() < give_up and not self._store_error_since(began)
+                ):
                     # is the process still answering meanwhile?
                     asked = time.monotonic()
                     answered = await self.service.healthz() == 200
@@ -417,11 +503,18 @@ class Campaign:
                 recovered = time.monotonic() - began
                 break
             await asyncio.sleep(0.1)
-        self.notes["down_at_start"].append({"readyz_while_down": sorted(set(statuses), key=str), "alive": alive,
-                                            "ready_after_up_s": None if recovered is None else round(recovered, 2)})
+        self.notes["down_at_start"].append(
+            {
+                "readyz_while_down": sorted(set(statuses), key=str),
+                "alive": alive,
+                "ready_after_up_s": None if recovered is None else round(recovered, 2),
+            }
+        )
         if not alive or any(s != 503 for s in statuses) or recovered is None:
-            self.problems.append(f"server down at start-up: alive={alive}, /readyz while down {set(statuses)}, "
-                                 f"ready after up: {recovered}")
+            self.problems.append(
+                f"server down at start-up: alive={alive}, /readyz while down {set(statuses)}, "
+                f"ready after up: {recovered}"
+            )
 
     async def _late_visible(self) -> None:
         """A resource that becomes visible after the service read past its meta.lastUpdated (still
@@ -437,13 +530,17 @@ class Campaign:
         began = time.monotonic()
         patient = panel[0]["id"]
         while time.monotonic() - began < self.spec.stage_timeout:
-            found = await asyncio.to_thread(export, self.engine, "Communication", f"subject=Patient/{patient}")
+            found = await asyncio.to_thread(
+                export, self.engine, "Communication", f"subject=Patient/{patient}"
+            )
             if found:
                 self.notes["late"].append((patient, stamp, round(time.monotonic() - began, 2)))
                 return
             await asyncio.sleep(0.2)
-        self.problems.append(f"late-visible {patient} (lastUpdated {stamp}, cursor was {from_epoch_us(cursor)}): "
-                             f"no alert after {self.spec.stage_timeout} s")
+        self.problems.append(
+            f"late-visible {patient} (lastUpdated {stamp}, cursor was {from_epoch_us(cursor)}): "
+            f"no alert after {self.spec.stage_timeout} s"
+        )
 
     async def _caught_up(self, target: int | None, what: str) -> float:
         """Wait until the service's cursor reached `target` (everything up to it read, decided and
@@ -456,8 +553,10 @@ class Campaign:
             if cursor is not None and cursor >= target:
                 return time.monotonic() - began
             await asyncio.sleep(0.1)
-        raise CampaignError(f"{what}: the service did not catch up within {self.spec.stage_timeout} s "
-                            f"(cursor {await self.probe.cursor_us()}, target {target})\n{self.service.log_tail()}")
+        raise CampaignError(
+            f"{what}: the service did not catch up within {self.spec.stage_timeout} s "
+            f"(cursor {await self.probe.cursor_us()}, target {target})\n{self.service.log_tail()}"
+        )
 
     async def _settle(self, target: int | None) -> None:
         """Faults off; the service catches up, empties its outbox, and exits cleanly on SIGTERM."""
@@ -498,10 +597,13 @@ class Campaign:
         delays = self._delays(comms, want_comms)
         self.notes["delays"] = delays
         return {
-            "communications_expected": len(want_comms), "communications_found": len(want_comms & set(got)),
-            "communications_missing": len(want_comms - set(got)), "communications_duplicated": sum(v - 1 for v in got.values()),
+            "communications_expected": len(want_comms),
+            "communications_found": len(want_comms & set(got)),
+            "communications_missing": len(want_comms - set(got)),
+            "communications_duplicated": sum(v - 1 for v in got.values()),
             "communications_unexpected": len(set(got) - want_comms),
-            "flags_expected": len(want_flags), "flags_found": len(want_flags & set(got_flags)),
+            "flags_expected": len(want_flags),
+            "flags_found": len(want_flags & set(got_flags)),
             "flags_duplicated": sum(v - 1 for v in got_flags.values()),
         }
 
@@ -514,7 +616,9 @@ class Campaign:
         first: dict[str, Resource] = {}
         for c in comms:
             key = identifier(c)
-            if key in wanted and (key not in first or c["meta"]["lastUpdated"] < first[key]["meta"]["lastUpdated"]):
+            if key in wanted and (
+                key not in first or c["meta"]["lastUpdated"] < first[key]["meta"]["lastUpdated"]
+            ):
                 first[key] = c
         temps: dict[str, list[tuple[str, str]]] = {}
         for kind, rid in self.staged.visible:
@@ -523,8 +627,11 @@ class Campaign:
         out = []
         for key, c in first.items():
             created = to_epoch_us(c["meta"]["lastUpdated"]) / 1_000_000
-            refs = [("Observation", a["reference"].split("/", 1)[1]) for a in c.get("about", ())
-                    if a.get("reference", "").startswith("Observation/")]
+            refs = [
+                ("Observation", a["reference"].split("/", 1)[1])
+                for a in c.get("about", ())
+                if a.get("reference", "").startswith("Observation/")
+            ]
             if c.get("priority") == "stat":
                 refs += temps.get(c["subject"]["reference"].split("/", 1)[1], [])
             due = [t for t in (self.staged.last_before(r, created + 0.001) for r in refs) if t is not None]
@@ -543,76 +650,124 @@ class Campaign:
             self.problems.append(f"{len(self.proxy.other.seen)} requests reached the other origin")
         crashed = [code for code in self.supervisor.exit_codes if code != -9]
         if crashed:  # every exit the supervisor saw should be one of our kill -9s
-            self.problems.append(f"the service exited by itself: exit codes {crashed}\n{self.service.log_tail()}")
+            self.problems.append(
+                f"the service exited by itself: exit codes {crashed}\n{self.service.log_tail()}"
+            )
 
     def _store_error_since(self, began: float) -> bool:
-        return any(r.get("event") == "poll cycle failed" and "state store" in str(r.get("error", "")) and log_time(r) >= began
-                   for r in read_log(self.service.log_path))
+        return any(
+            r.get("event") == "poll cycle failed"
+            and "state store" in str(r.get("error", ""))
+            and log_time(r) >= began
+            for r in read_log(self.service.log_path)
+        )
 
     def _check_logs(self) -> None:
         records = list(read_log(self.service.log_path))
         failed = [r for r in records if r.get("event") == "poll cycle failed"]
         refused = sum(1 for r in records if r.get("event") == "fhir_unsafe_link")
         refused_cycles = sum(1 for r in failed if "refused" in str(r.get("error", "")))
-        refused_writes = sum(1 for r in records if r.get("event") == "alert write failed, will retry" and "refused" in str(r.get("error", "")))
+        refused_writes = sum(
+            1
+            for r in records
+            if r.get("event") == "alert write failed, will retry" and "refused" in str(r.get("error", ""))
+        )
         store_errors = [r for r in failed if "state store" in str(r.get("error", ""))]
         self.notes["log"] = {
             "cycles_ok": sum(1 for r in records if r.get("event") == "poll cycle"),
-            "cycles_failed": len(failed), "store_errors": len(store_errors), "refused_links": refused,
-            "refused_in_cycles": refused_cycles, "refused_in_writes": refused_writes,
-            "context_fallbacks": sum(1 for r in records if r.get("event") == "context look-up failed; using the fallback"),
+            "cycles_failed": len(failed),
+            "store_errors": len(store_errors),
+            "refused_links": refused,
+            "refused_in_cycles": refused_cycles,
+            "refused_in_writes": refused_writes,
+            "context_fallbacks": sum(
+                1 for r in records if r.get("event") == "context look-up failed; using the fallback"
+            ),
             "write_failures": sum(1 for r in records if r.get("event") == "alert write failed, will retry"),
             "retries": sum(1 for r in records if r.get("event") == "fhir_retry"),
-            "tracebacks": sum(1 for r in records if r.get("level") == "critical" or "exception" in r or (
-                "raised an exception" in str(r.get("event")) and "CancelledError" not in str(r.get("exc_info")))),
-            "cut_at_shutdown": sum(1 for r in records if "raised an exception" in str(r.get("event"))
-                                   and "CancelledError" in str(r.get("exc_info"))),
+            "tracebacks": sum(
+                1
+                for r in records
+                if r.get("level") == "critical"
+                or "exception" in r
+                or (
+                    "raised an exception" in str(r.get("event"))
+                    and "CancelledError" not in str(r.get("exc_info"))
+                )
+            ),
+            "cut_at_shutdown": sum(
+                1
+                for r in records
+                if "raised an exception" in str(r.get("event")) and "CancelledError" in str(r.get("exc_info"))
+            ),
         }
         if self.counts[px.OTHER_ORIGIN] and not refused:
             self.problems.append("next links to another origin were injected but the log shows no refusal")
         for began, ended, slowest, _moved in self.notes["locks"]:
             if slowest > 1.0:  # the store waits on its own thread: the event loop must keep answering
-                self.problems.append(f"store locked {began:.1f}-{ended:.1f}: /healthz took {slowest:.1f} s (or never answered)")
+                self.problems.append(
+                    f"store locked {began:.1f}-{ended:.1f}: /healthz took {slowest:.1f} s (or never answered)"
+                )
             if not any(began <= log_time(r) <= ended + 1.0 for r in store_errors):
                 self.problems.append(f"store locked {began:.1f}-{ended:.1f}: no StoreError in the log")
             # Recovered: a cycle completed, or a step of a long catch-up committed its progress.
-            progress = [r for r in records if r.get("event") == "poll cycle" or (r.get("event") == "poll step" and r.get("committed"))]
+            progress = [
+                r
+                for r in records
+                if r.get("event") == "poll cycle" or (r.get("event") == "poll step" and r.get("committed"))
+            ]
             if not any(ended < log_time(r) <= ended + 20 for r in progress):
-                self.problems.append(f"store locked until {ended:.1f}: no successful cycle or committed step within 20 s after")
+                self.problems.append(
+                    f"store locked until {ended:.1f}: no successful cycle or committed step within 20 s after"
+                )
         if self.notes["log"]["tracebacks"]:
             self.problems.append(f"{self.notes['log']['tracebacks']} log records with an exception")
 
     def _summary(self, result: Result) -> str:
         n = self.notes
-        lines = [f"chaos campaign seed={self.spec.seed} store={self.spec.store} patients={self.spec.patients} "
-                 f"stages={len(n['stages'])} wall={result.seconds:.0f} s",
-                 f"faults injected: {sum(result.counts.values())} (minimum {self.spec.faults}) over "
-                 f"{dict(self.proxy.requests_by_class)} requests through the proxy"]
+        lines = [
+            f"chaos campaign seed={self.spec.seed} store={self.spec.store} patients={self.spec.patients} "
+            f"stages={len(n['stages'])} wall={result.seconds:.0f} s",
+            f"faults injected: {sum(result.counts.values())} (minimum {self.spec.faults}) over "
+            f"{dict(self.proxy.requests_by_class)} requests through the proxy",
+        ]
         lines += [f"  {kind:28} {result.counts[kind]:5}" for kind in sorted(result.counts)]
         a = result.alerts
-        lines.append(f"alerts: Communications expected {a.get('communications_expected')} found {a.get('communications_found')} "
-                     f"missing {a.get('communications_missing')} duplicated {a.get('communications_duplicated')} "
-                     f"unexpected {a.get('communications_unexpected')}; Flags expected {a.get('flags_expected')} "
-                     f"found {a.get('flags_found')} duplicated {a.get('flags_duplicated')}")
+        lines.append(
+            f"alerts: Communications expected {a.get('communications_expected')} found {a.get('communications_found')} "
+            f"missing {a.get('communications_missing')} duplicated {a.get('communications_duplicated')} "
+            f"unexpected {a.get('communications_unexpected')}; Flags expected {a.get('flags_expected')} "
+            f"found {a.get('flags_found')} duplicated {a.get('flags_duplicated')}"
+        )
         delays = [d for d, _ in n.get("delays", [])]
         if delays:
             q = statistics.quantiles(delays, n=20) if len(delays) >= 2 else delays
-            lines.append(f"alert delay (server creation of the Communication - visibility of its newest input): "
-                         f"worst {max(delays):.1f} s ({n['delays'][0][1].rsplit('|', 1)[-1]}), median "
-                         f"{statistics.median(delays):.1f} s, p95 {q[-1]:.1f} s over {len(delays)}")
+            lines.append(
+                f"alert delay (server creation of the Communication - visibility of its newest input): "
+                f"worst {max(delays):.1f} s ({n['delays'][0][1].rsplit('|', 1)[-1]}), median "
+                f"{statistics.median(delays):.1f} s, p95 {q[-1]:.1f} s over {len(delays)}"
+            )
         log = n.get("log", {})
-        lines.append(f"service: starts {self.service.starts}, cycles ok {log.get('cycles_ok')}, failed {log.get('cycles_failed')} "
-                     f"(StoreError {log.get('store_errors')}), fhir retries {log.get('retries')}, refused next links "
-                     f"{log.get('refused_links')} ({log.get('refused_in_cycles')} failed a cycle, {log.get('refused_in_writes')} "
-                     f"an alert write; both redone later), alert writes failed-then-retried {log.get('write_failures')}, context "
-                     f"fallbacks {log.get('context_fallbacks')}")
-        lines.append(f"SIGTERM exits (code, s): {n['sigterm']}; cycles cut after the {DRAIN_SECONDS:g} s drain: {log.get('cut_at_shutdown')}")
+        lines.append(
+            f"service: starts {self.service.starts}, cycles ok {log.get('cycles_ok')}, failed {log.get('cycles_failed')} "
+            f"(StoreError {log.get('store_errors')}), fhir retries {log.get('retries')}, refused next links "
+            f"{log.get('refused_links')} ({log.get('refused_in_cycles')} failed a cycle, {log.get('refused_in_writes')} "
+            f"an alert write; both redone later), alert writes failed-then-retried {log.get('write_failures')}, context "
+            f"fallbacks {log.get('context_fallbacks')}"
+        )
+        lines.append(
+            f"SIGTERM exits (code, s): {n['sigterm']}; cycles cut after the {DRAIN_SECONDS:g} s drain: {log.get('cut_at_shutdown')}"
+        )
         lines.append(f"down at start-up: {n['down_at_start']}")
-        lines.append("store locks (held s, slowest /healthz answer while held s): "
-                     f"{[(round(e - b, 1), round(slow, 1)) for b, e, slow, _ in n['locks']]}; late-visible: {n['late']}")
+        lines.append(
+            "store locks (held s, slowest /healthz answer while held s): "
+            f"{[(round(e - b, 1), round(slow, 1)) for b, e, slow, _ in n['locks']]}; late-visible: {n['late']}"
+        )
         lines.append(f"stage catch-up seconds: {[w for _, w in n['stages']]}")
         if n.get("infants"):
-            lines.append(f"note: infant patients (a failed Patient read grades them as adults): {n['infants']}")
+            lines.append(
+                f"note: infant patients (a failed Patient read grades them as adults): {n['infants']}"
+            )
         lines.append("PASS" if not result.problems else "FAIL:\n  " + "\n  ".join(result.problems))
         return "\n".join(lines)
 
@@ -624,10 +779,15 @@ def _updated(resource: Resource) -> int:
 def is_cbc(resource: Resource) -> bool:
     if resource["resourceType"] != "Observation":
         return False
-    return any(c.get("system") == "http://loinc.org" and c.get("code") in CBC for c in resource["code"].get("coding", ()))
+    return any(
+        c.get("system") == "http://loinc.org" and c.get("code") in CBC
+        for c in resource["code"].get("coding", ())
+    )
 
 
-async def run_campaign(engine_url: str, workdir: Path, spec: CampaignSpec, *, pg_dsn: str | None = None) -> Result:
+async def run_campaign(
+    engine_url: str, workdir: Path, spec: CampaignSpec, *, pg_dsn: str | None = None
+) -> Result:
     campaign = Campaign(engine_url, workdir, spec, pg_dsn=pg_dsn)
     try:
         return await campaign.run()
@@ -645,22 +805,35 @@ async def run_campaign(engine_url: str, workdir: Path, spec: CampaignSpec, *, pg
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.chaos.campaign", description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--faults", type=int, default=200, help="inject at least this many faults (scales the population)")
+    p.add_argument(
+        "--faults", type=int, default=200, help="inject at least this many faults (scales the population)"
+    )
     p.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     p.add_argument("--patients", type=int, default=0)
     p.add_argument("--stages", type=int, default=0)
     p.add_argument("--dry", action="store_true", help="no faults (checks the staging and the oracle only)")
-    p.add_argument("--workdir", type=Path, help="keep logs, config and state here (default: a temporary directory)")
+    p.add_argument(
+        "--workdir", type=Path, help="keep logs, config and state here (default: a temporary directory)"
+    )
     args = p.parse_args(argv)
     from tests.fhir_server.engine import FhirEngine
     from tests.postgres_plugin import dsn_under_test
 
-    spec = CampaignSpec(seed=args.seed, faults=args.faults, store=args.store, patients=args.patients, stages=args.stages,
-                        dry=args.dry)
+    spec = CampaignSpec(
+        seed=args.seed,
+        faults=args.faults,
+        store=args.store,
+        patients=args.patients,
+        stages=args.stages,
+        dry=args.dry,
+    )
     with FhirEngine() as engine, tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         workdir = args.workdir or Path(tmp)
-        result = asyncio.run(run_campaign(engine.base_url, workdir, spec,
-                                          pg_dsn=dsn_under_test() if args.store == "postgres" else None))
+        result = asyncio.run(
+            run_campaign(
+                engine.base_url, workdir, spec, pg_dsn=dsn_under_test() if args.store == "postgres" else None
+            )
+        )
     print(result.summary)
     return 0 if not result.problems else 1
 

@@ -40,10 +40,23 @@ def free_port() -> int:
 class ServiceProcess:
     """`python -m service run --config FILE` with JSON logs appended to one file across restarts."""
 
-    def __init__(self, config: Path, log_path: Path, port: int, *, level: str = "info", env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        port: int,
+        *,
+        level: str = "info",
+        env: dict[str, str] | None = None,
+    ):
         self.config, self.log_path, self.port = config, log_path, port
-        self.env = {**os.environ, "NEUTROWATCH_WEB__PORT": str(port), "NEUTROWATCH_LOGGING__FORMAT": "json",
-                    "NEUTROWATCH_LOGGING__LEVEL": level, **(env or {})}
+        self.env = {
+            **os.environ,
+            "NEUTROWATCH_WEB__PORT": str(port),
+            "NEUTROWATCH_LOGGING__FORMAT": "json",
+            "NEUTROWATCH_LOGGING__LEVEL": level,
+            **(env or {}),
+        }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.kills = 0
@@ -51,8 +64,13 @@ class ServiceProcess:
     def start(self) -> None:
         assert not self.alive, "already running"
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(self.config)],
-                                         cwd=ROOT, env=self.env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "run", "--config", str(self.config)],
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=log,
+            )
         self.starts += 1
 
     @property
@@ -93,8 +111,10 @@ class ServiceProcess:
 
     async def _get(self, path: str) -> tuple[int | None, str]:
         try:
-            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.port}{path}",
-                                                           timeout=aiohttp.ClientTimeout(total=2)) as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{self.port}{path}", timeout=aiohttp.ClientTimeout(total=2)) as r,
+            ):
                 return r.status, await r.text()
         except (aiohttp.ClientError, TimeoutError):
             return None, ""
@@ -219,7 +239,9 @@ class StoreProbe:
 
         conn = await asyncpg.connect(self.pg_dsn, timeout=5)
         try:
-            return await conn.fetchval(sql.format(meta=f'"{self.pg_schema}".meta', outbox=f'"{self.pg_schema}".outbox'))
+            return await conn.fetchval(
+                sql.format(meta=f'"{self.pg_schema}".meta', outbox=f'"{self.pg_schema}".outbox')
+            )
         except asyncpg.UndefinedTableError:
             return None
         finally:
@@ -269,13 +291,23 @@ class Staged:
 def put_batch(base_url: str, resources: list[Resource], *, keep_meta: bool = False) -> list[Resource]:
     """PUT the resources by id in ONE batch (the engine applies a batch without letting a search in
     between, so a reader never sees half a stage); returns the stored resources. Sync (urllib)."""
-    assert len({(r["resourceType"], r["id"]) for r in resources}) == len(resources), "two versions in one batch"
-    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources]}
+    assert len({(r["resourceType"], r["id"]) for r in resources}) == len(resources), (
+        "two versions in one batch"
+    )
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+            for r in resources
+        ],
+    }
     headers = {"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"}
     if keep_meta:
         headers["X-Engine-Keep-Meta"] = "true"
-    request = urllib.request.Request(base_url, data=json.dumps(bundle).encode(), method="POST", headers=headers)
+    request = urllib.request.Request(
+        base_url, data=json.dumps(bundle).encode(), method="POST", headers=headers
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
     entries = answer.get("entry", [])

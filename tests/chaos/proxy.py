@@ -56,11 +56,43 @@ KILL_AFTER_POST = "kill-9-after-post"
 KILL_IN_STORE_WRITE = "kill-9-in-store-write"
 PROXY_KILLS = (KILL_MID_PAGE, KILL_AFTER_POST, KILL_IN_STORE_WRITE)
 
-NETWORK_KINDS = (HTTP_500, HTTP_502, HTTP_503, RETRY_AFTER_SECONDS, RETRY_AFTER_DATE, SLOW, RESET, TRUNCATED,
-                 REPEATED, OTHER_ORIGIN, APPLIED_502)
+NETWORK_KINDS = (
+    HTTP_500,
+    HTTP_502,
+    HTTP_503,
+    RETRY_AFTER_SECONDS,
+    RETRY_AFTER_DATE,
+    SLOW,
+    RESET,
+    TRUNCATED,
+    REPEATED,
+    OTHER_ORIGIN,
+    APPLIED_502,
+)
 APPLICABLE: dict[str, tuple[str, ...]] = {
-    SEARCH: (HTTP_500, HTTP_502, HTTP_503, RETRY_AFTER_SECONDS, RETRY_AFTER_DATE, SLOW, RESET, TRUNCATED, REPEATED, OTHER_ORIGIN),
-    READ: (HTTP_500, HTTP_502, HTTP_503, RETRY_AFTER_SECONDS, RETRY_AFTER_DATE, SLOW, RESET, TRUNCATED, OTHER_ORIGIN),
+    SEARCH: (
+        HTTP_500,
+        HTTP_502,
+        HTTP_503,
+        RETRY_AFTER_SECONDS,
+        RETRY_AFTER_DATE,
+        SLOW,
+        RESET,
+        TRUNCATED,
+        REPEATED,
+        OTHER_ORIGIN,
+    ),
+    READ: (
+        HTTP_500,
+        HTTP_502,
+        HTTP_503,
+        RETRY_AFTER_SECONDS,
+        RETRY_AFTER_DATE,
+        SLOW,
+        RESET,
+        TRUNCATED,
+        OTHER_ORIGIN,
+    ),
     WRITE: (HTTP_500, HTTP_503, RETRY_AFTER_SECONDS, RETRY_AFTER_DATE, SLOW, RESET, TRUNCATED, APPLIED_502),
 }
 _PASSED = ("accept", "content-type", "if-none-exist", "if-match", "prefer", "x-engine-keep-meta")
@@ -72,7 +104,10 @@ Mutate = Callable[[int, dict[str, str], bytes], tuple[int, dict[str, str], bytes
 
 
 def outcome(code: str, text: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+    }
 
 
 @dataclass
@@ -169,8 +204,17 @@ def request_class(method: str, path: str) -> str:
 class Proxy:
     """The reverse proxy. `base` is its FHIR base URL (http://127.0.0.1:<port><prefix>)."""
 
-    def __init__(self, upstream: str, *, seed: int = 0, plan: FaultPlan | None = None, prefix: str = "/fhir",
-                 host: str = "127.0.0.1", port: int = 0, record: bool = True) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int = 0,
+        plan: FaultPlan | None = None,
+        prefix: str = "/fhir",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        record: bool = True,
+    ) -> None:
         self.upstream = upstream.rstrip("/")
         self.prefix, self.host, self.port = prefix, host, port
         self.rng = random.Random(seed)
@@ -288,7 +332,11 @@ class Proxy:
         if self._down:  # a request on a connection opened before the server went down
             _abort(request)
             return web.Response(status=503)
-        raw_path = request.raw_path[len(self.prefix):] if request.raw_path.startswith(self.prefix) else request.raw_path
+        raw_path = (
+            request.raw_path[len(self.prefix) :]
+            if request.raw_path.startswith(self.prefix)
+            else request.raw_path
+        )
         raw_path = raw_path if raw_path.startswith("/") else "/" + raw_path
         seen = Seen(request.method, raw_path, dict(request.headers), time.time())
         if self.record:
@@ -306,8 +354,14 @@ class Proxy:
     async def _handle(self, request: web.Request, raw_path: str, cls: str, seen: Seen) -> web.StreamResponse:
         what = f"{request.method} {request.path.removeprefix(self.prefix) or '/'}"
         body = await request.read()
-        fault = next((f for f in self.faults if f.times > 0 and f.when(request)
-                      and (f.body_contains is None or f.body_contains in body)), None)
+        fault = next(
+            (
+                f
+                for f in self.faults
+                if f.times > 0 and f.when(request) and (f.body_contains is None or f.body_contains in body)
+            ),
+            None,
+        )
         if fault is not None:  # an explicit fault replaces the plan for this request
             fault.times -= 1
             if fault.kind:
@@ -331,16 +385,27 @@ class Proxy:
         if kind in (HTTP_500, HTTP_503) or (kind == HTTP_502 and cls != WRITE):
             self.count(kind, what)
             seen.fault = kind
-            return await _send(request, int(kind[-3:]), {"Content-Type": "application/fhir+json"},
-                               orjson.dumps(outcome("transient", f"injected {kind}")))
+            return await _send(
+                request,
+                int(kind[-3:]),
+                {"Content-Type": "application/fhir+json"},
+                orjson.dumps(outcome("transient", f"injected {kind}")),
+            )
         if kind in (RETRY_AFTER_SECONDS, RETRY_AFTER_DATE):
             assert self.plan is not None
             self.count(kind, what)
             seen.fault = kind
-            after = (str(self.plan.retry_after_seconds) if kind == RETRY_AFTER_SECONDS
-                     else formatdate(time.time() + self.plan.retry_after_date_seconds, usegmt=True))
-            return await _send(request, 429, {"Content-Type": "application/fhir+json", "Retry-After": after},
-                               orjson.dumps(outcome("throttled", "injected 429")))
+            after = (
+                str(self.plan.retry_after_seconds)
+                if kind == RETRY_AFTER_SECONDS
+                else formatdate(time.time() + self.plan.retry_after_date_seconds, usegmt=True)
+            )
+            return await _send(
+                request,
+                429,
+                {"Content-Type": "application/fhir+json", "Retry-After": after},
+                orjson.dumps(outcome("throttled", "injected 429")),
+            )
         if kind == SLOW and cls != WRITE:
             assert self.plan is not None
             self.count(kind, what)
@@ -357,8 +422,12 @@ class Proxy:
         elif kind == APPLIED_502:
             self.count(kind, what)
             seen.fault = kind
-            return await _send(request, 502, {"Content-Type": "application/fhir+json"},
-                               orjson.dumps(outcome("transient", "injected 502 after the write was applied")))
+            return await _send(
+                request,
+                502,
+                {"Content-Type": "application/fhir+json"},
+                orjson.dumps(outcome("transient", "injected 502 after the write was applied")),
+            )
         elif kind == RESET and len(data) > 1:
             self.count(kind, what)
             seen.fault = kind
@@ -374,8 +443,14 @@ class Proxy:
             data = self._search_page(request, raw_path, data, kind, seen, what)
             if _has_entries(data):
                 if self._take_armed(KILL_MID_PAGE):
-                    return await _send(request, status, headers, data, cut=len(data) // 2,
-                                       then=lambda: self._kill(KILL_MID_PAGE, what))
+                    return await _send(
+                        request,
+                        status,
+                        headers,
+                        data,
+                        cut=len(data) // 2,
+                        then=lambda: self._kill(KILL_MID_PAGE, what),
+                    )
                 if self._take_armed(KILL_IN_STORE_WRITE):
                     response = await _send(request, status, headers, data)
                     delay = self.rng.uniform(0.0, 0.04)  # the service is storing the page now
@@ -383,7 +458,9 @@ class Proxy:
                     return response
         return await _send(request, status, headers, data)
 
-    def _search_page(self, request: web.Request, raw_path: str, data: bytes, kind: str | None, seen: Seen, what: str) -> bytes:
+    def _search_page(
+        self, request: web.Request, raw_path: str, data: bytes, kind: str | None, seen: Seen, what: str
+    ) -> bytes:
         """Repeated entries and the other-origin next link; remembers each search's last page."""
         query = parse_qsl(urlsplit(raw_path).query, keep_blank_values=True)
         family = (request.path, tuple(sorted((k, v) for k, v in query if k not in _PAGING)))
@@ -398,7 +475,7 @@ class Proxy:
         self._previous[family] = entries
         changed = False
         if kind == REPEATED and previous and self.plan is not None:
-            doc["entry"] = previous[-self.plan.repeat_entries:] + entries
+            doc["entry"] = previous[-self.plan.repeat_entries :] + entries
             changed = True
             self.count(kind, what)
             seen.fault = kind
@@ -406,7 +483,9 @@ class Proxy:
             for link in doc.get("link") or ():
                 if link.get("relation") == "next":
                     parts = urlsplit(link["url"])
-                    link["url"] = f"{self.other.base}{self.prefix}{parts.path.removeprefix(self.prefix)}?{parts.query}"
+                    link["url"] = (
+                        f"{self.other.base}{self.prefix}{parts.path.removeprefix(self.prefix)}?{parts.query}"
+                    )
                     changed = True
             if changed:
                 self.count(kind, what)
@@ -423,18 +502,28 @@ class Proxy:
             return data
         target = f"{self.other.base}{self.prefix}{urlsplit(raw_path).path}?_offset=100"
         doc["link"] = [link for link in doc.get("link") or () if link.get("relation") != "next"] + [
-            {"relation": "next", "url": target}]
+            {"relation": "next", "url": target}
+        ]
         self.count(OTHER_ORIGIN, what)
         seen.fault = OTHER_ORIGIN
         return orjson.dumps(doc)
 
-    async def _forward(self, request: web.Request, raw_path: str, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def _forward(
+        self, request: web.Request, raw_path: str, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
         assert self.session is not None
         passed = {k: v for k, v in request.headers.items() if k.lower() in _PASSED}
-        async with self.session.request(request.method, URL(self.upstream + raw_path, encoded=True),
-                                        data=body if body else None, headers=passed, allow_redirects=False) as resp:
+        async with self.session.request(
+            request.method,
+            URL(self.upstream + raw_path, encoded=True),
+            data=body if body else None,
+            headers=passed,
+            allow_redirects=False,
+        ) as resp:
             data = (await resp.read()).replace(self.upstream.encode(), self.base.encode())
-            headers = {k: v.replace(self.upstream, self.base) for k, v in resp.headers.items() if k.lower() in _KEPT}
+            headers = {
+                k: v.replace(self.upstream, self.base) for k, v in resp.headers.items() if k.lower() in _KEPT
+            }
             return resp.status, headers, data
 
 
@@ -452,8 +541,11 @@ def _followed(doc: dict[str, Any], query: Sequence[tuple[str, str]]) -> bool:
         return False
     try:
         bound = to_epoch_us(bounds[0])
-        stamps = [to_epoch_us(e["resource"]["meta"]["lastUpdated"]) for e in doc.get("entry") or ()
-                  if (e.get("search") or {}).get("mode") != "include"]  # not the DiagnosticReports included
+        stamps = [
+            to_epoch_us(e["resource"]["meta"]["lastUpdated"])
+            for e in doc.get("entry") or ()
+            if (e.get("search") or {}).get("mode") != "include"
+        ]  # not the DiagnosticReports included
     except (KeyError, TypeError, ValueError):
         return False
     return all(s <= bound for s in stamps)
@@ -465,8 +557,15 @@ def _abort(request: web.Request) -> None:
         transport.abort()
 
 
-async def _send(request: web.Request, status: int, headers: dict[str, str], body: bytes, *, cut: int | None = None,
-                then: Callable[[], None] | None = None) -> web.StreamResponse:
+async def _send(
+    request: web.Request,
+    status: int,
+    headers: dict[str, str],
+    body: bytes,
+    *,
+    cut: int | None = None,
+    then: Callable[[], None] | None = None,
+) -> web.StreamResponse:
     """Answer with `body`; with `cut`, announce the whole length, send `cut` bytes, then (after
     `then`) abort the connection: a reset mid-response."""
     response = web.StreamResponse(status=status, headers=headers)

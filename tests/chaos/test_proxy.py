@@ -20,16 +20,34 @@ SEARCH = [("_count", "5"), ("_sort", "_lastUpdated"), ("_lastUpdated", "ge2026-0
 
 
 def observation(i: int, updated: str | None = None) -> dict[str, Any]:
-    return {"resourceType": "Observation", "id": f"px-{i}", "status": "final", "subject": {"reference": "Patient/px"},
-            "code": {"coding": [{"system": "http://loinc.org", "code": "751-8"}]},
-            "meta": {"versionId": "1", **({"lastUpdated": updated} if updated else {})}}
+    return {
+        "resourceType": "Observation",
+        "id": f"px-{i}",
+        "status": "final",
+        "subject": {"reference": "Patient/px"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "751-8"}]},
+        "meta": {"versionId": "1", **({"lastUpdated": updated} if updated else {})},
+    }
 
 
 def flag_bundle(value: str) -> dict[str, Any]:
-    flag = {"resourceType": "Flag", "status": "active", "code": {"text": "x"}, "subject": {"reference": "Patient/px"},
-            "identifier": [{"system": "urn:px", "value": value}]}
-    return {"resourceType": "Bundle", "type": "transaction",
-            "entry": [{"resource": flag, "request": {"method": "POST", "url": "Flag", "ifNoneExist": f"identifier=urn:px|{value}"}}]}
+    flag = {
+        "resourceType": "Flag",
+        "status": "active",
+        "code": {"text": "x"},
+        "subject": {"reference": "Patient/px"},
+        "identifier": [{"system": "urn:px", "value": value}],
+    }
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "resource": flag,
+                "request": {"method": "POST", "url": "Flag", "ifNoneExist": f"identifier=urn:px|{value}"},
+            }
+        ],
+    }
 
 
 @pytest.fixture
@@ -40,8 +58,14 @@ async def engine(fhir_base_url: str) -> AsyncIterator[str]:
 
 
 async def client_for(proxy: px.Proxy, attempts: int = 2) -> FhirClient:
-    return FhirClient(FhirSettings(base_url=proxy.base, allow_insecure_http=True, timeout_seconds=0.5,
-                                   retry=RetrySettings(max_attempts=attempts, backoff_base_seconds=0.01, backoff_max_seconds=0.05)))
+    return FhirClient(
+        FhirSettings(
+            base_url=proxy.base,
+            allow_insecure_http=True,
+            timeout_seconds=0.5,
+            retry=RetrySettings(max_attempts=attempts, backoff_base_seconds=0.01, backoff_max_seconds=0.05),
+        )
+    )
 
 
 CASES = [(kind, cls) for cls, kinds in px.APPLICABLE.items() for kind in kinds]
@@ -49,7 +73,9 @@ CASES = [(kind, cls) for cls, kinds in px.APPLICABLE.items() for kind in kinds]
 
 @pytest.mark.parametrize(("kind", "cls"), CASES, ids=[f"{k}-{c}" for k, c in CASES])
 async def test_each_fault_kind_is_injected_and_counted(engine: str, kind: str, cls: str) -> None:
-    plan = px.FaultPlan({cls: {kind: 1.0}}, slow_seconds=0.8, retry_after_seconds=0, retry_after_date_seconds=0)
+    plan = px.FaultPlan(
+        {cls: {kind: 1.0}}, slow_seconds=0.8, retry_after_seconds=0, retry_after_date_seconds=0
+    )
     proxy = px.Proxy(engine, seed=1, plan=plan)
     await proxy.start()
     try:
@@ -71,7 +97,9 @@ async def test_each_fault_kind_is_injected_and_counted(engine: str, kind: str, c
             assert error is None and outcome > 12
         elif kind == px.OTHER_ORIGIN:
             assert isinstance(error, UnsafeLinkError) and proxy.other.seen == []
-        elif kind != px.TRUNCATED or cls == px.WRITE:  # (a page truncated the same way twice is read up to the cut)
+        elif (
+            kind != px.TRUNCATED or cls == px.WRITE
+        ):  # (a page truncated the same way twice is read up to the cut)
             assert error is not None  # every attempt met the fault
         if kind in (px.APPLIED_502, px.SLOW, px.RESET, px.TRUNCATED) and cls == px.WRITE:
             # applied upstream although the client never heard: what makes conditional creates necessary
@@ -113,6 +141,8 @@ async def test_armed_kills_fire_once_at_their_moment(engine: str) -> None:
                 [p async for p in client.search("Observation", SEARCH)]
             assert fired[-1] == px.KILL_MID_PAGE and proxy.armed == []
         async with FhirClient(FhirSettings(base_url=engine, allow_insecure_http=True)) as direct:
-            assert len(await direct.search_all("Flag", [("identifier", "urn:px|armed")])) == 1  # applied before the kill
+            assert (
+                len(await direct.search_all("Flag", [("identifier", "urn:px|armed")])) == 1
+            )  # applied before the kill
     finally:
         await proxy.stop()

@@ -56,7 +56,9 @@ def _node_executable() -> str | None:
 
 def _node_major(node: str) -> int | None:
     try:
-        out = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            [node, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.match(r"v(\d+)\.", out.strip())
@@ -67,35 +69,59 @@ def engine_available() -> tuple[bool, str]:
     """Return ``(True, "")`` if the engine can be started, else ``(False, reason)``."""
     node = _node_executable()
     if node is None:
-        return False, f"FHIR test engine unavailable: `node` not found on PATH; install Node.js >= {MIN_NODE_MAJOR}, then {_INSTALL_HINT}"
+        return (
+            False,
+            f"FHIR test engine unavailable: `node` not found on PATH; install Node.js >= {MIN_NODE_MAJOR}, then {_INSTALL_HINT}",
+        )
     major = _node_major(node)
     if major is None:
-        return False, f"FHIR test engine unavailable: could not run `{node} --version`; install Node.js >= {MIN_NODE_MAJOR}, then {_INSTALL_HINT}"
+        return (
+            False,
+            f"FHIR test engine unavailable: could not run `{node} --version`; install Node.js >= {MIN_NODE_MAJOR}, then {_INSTALL_HINT}",
+        )
     if major < MIN_NODE_MAJOR:
-        return False, f"FHIR test engine unavailable: Node.js v{major} at {node} is too old (need >= {MIN_NODE_MAJOR})"
+        return (
+            False,
+            f"FHIR test engine unavailable: Node.js v{major} at {node} is too old (need >= {MIN_NODE_MAJOR})",
+        )
     if not _SENTINEL_PACKAGE.is_file():
-        return False, f"FHIR test engine unavailable: {NODE_MODULES} is missing or incomplete; {_INSTALL_HINT}"
+        return (
+            False,
+            f"FHIR test engine unavailable: {NODE_MODULES} is missing or incomplete; {_INSTALL_HINT}",
+        )
     return True, ""
 
 
 class FhirEngine:
     """A running (or startable) FHIR test engine process."""
 
-    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, verbose: bool = False,
-                 batch_transactions: bool = False, bearer_token_file: Path | None = None,
-                 quota_points_per_minute: int | None = None, quota_window_seconds: float | None = None,
-                 conflict_every: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = False,
+        batch_transactions: bool = False,
+        bearer_token_file: Path | None = None,
+        quota_points_per_minute: int | None = None,
+        quota_window_seconds: float | None = None,
+        conflict_every: int | None = None,
+    ) -> None:
         """`batch_transactions`: process a `transaction` Bundle as a batch (mixed entry statuses,
         the successful entries kept), as Medplum does for a project without transaction bundles."""
         self.host = host
         self.port = port
         self.verbose = verbose
         self.batch_transactions = batch_transactions
-        self.bearer_token_file = bearer_token_file  # requests must carry this file's token (re-read each request)
+        self.bearer_token_file = (
+            bearer_token_file  # requests must carry this file's token (re-read each request)
+        )
         # Medplum-style quota: points per window (write 100, search 20, read 10), 429 without Retry-After
         self.quota_points_per_minute = quota_points_per_minute
         self.quota_window_seconds = quota_window_seconds  # the quota's window; 60 s unless given
-        self.conflict_every = conflict_every  # every Nth conditional create answers 409 (serialization failure)
+        self.conflict_every = (
+            conflict_every  # every Nth conditional create answers 409 (serialization failure)
+        )
         self.base_url: str = ""
         self.startup_seconds: float | None = None
         self._proc: subprocess.Popen[str] | None = None
@@ -148,7 +174,11 @@ class FhirEngine:
             exited = self._proc.poll()
             log = self.log_tail()
             self.stop()
-            what = f"exited with code {exited}" if exited is not None else f"did not report LISTENING within {timeout:.0f}s"
+            what = (
+                f"exited with code {exited}"
+                if exited is not None
+                else f"did not report LISTENING within {timeout:.0f}s"
+            )
             raise EngineError(f"FHIR test engine {what}; stdout: {line!r}; stderr:\n{log}")
         self.base_url = match.group(1)
         self.startup_seconds = time.monotonic() - started
@@ -159,7 +189,9 @@ class FhirEngine:
         assert self._proc is not None and self._proc.stdout is not None
         lines: queue.Queue[str] = queue.Queue(maxsize=1)
         stdout = self._proc.stdout
-        threading.Thread(target=lambda: lines.put(stdout.readline()), name="fhir-engine-stdout", daemon=True).start()
+        threading.Thread(
+            target=lambda: lines.put(stdout.readline()), name="fhir-engine-stdout", daemon=True
+        ).start()
         try:
             return lines.get(timeout=timeout)
         except queue.Empty:
@@ -238,8 +270,9 @@ class FhirEngine:
     def _admin(self, method: str, path: str, data: bytes | None) -> None:
         if not self.running:
             raise EngineError("FHIR test engine is not running; call start() first")
-        request = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{self.base_url}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 response.read()

@@ -15,9 +15,17 @@ def _request(method: str, url: str, body: Any = None, headers: dict[str, str] | 
     data = json.dumps(body).encode() if body is not None else None
     # Staging and exporting are the test's own bookkeeping, not the client under test: exempt from the
     # engine's quota and injected conflicts (README: quota and conflicts).
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Content-Type": "application/fhir+json", "Accept": "application/fhir+json", "X-Engine-Unmetered": "true",
-        **(headers or {})})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method,
+        headers={
+            "Content-Type": "application/fhir+json",
+            "Accept": "application/fhir+json",
+            "X-Engine-Unmetered": "true",
+            **(headers or {}),
+        },
+    )
     with urllib.request.urlopen(req, timeout=60) as resp:
         return json.loads(resp.read() or b"null")
 
@@ -38,8 +46,14 @@ def batches(resources: Iterable[Resource], size: int) -> Iterator[list[Resource]
         yield chunk
 
 
-def put_all(base_url: str, resources: Iterable[Resource], *, batch_size: int = 200, keep_meta: bool = False,
-            token: str | None = None) -> int:
+def put_all(
+    base_url: str,
+    resources: Iterable[Resource],
+    *,
+    batch_size: int = 200,
+    keep_meta: bool = False,
+    token: str | None = None,
+) -> int:
     """PUT each resource by id in batch Bundles (a repeated id becomes a new version). With
     `keep_meta` the engine keeps the resources' own meta.lastUpdated (the X-Engine-Keep-Meta header);
     `token` for an engine started with a bearer token file."""
@@ -48,10 +62,20 @@ def put_all(base_url: str, resources: Iterable[Resource], *, batch_size: int = 2
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     for chunk in batches(resources, batch_size):
-        bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in chunk]}
+        bundle = {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [
+                {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}}
+                for r in chunk
+            ],
+        }
         response = _request("POST", base_url, bundle, headers)
-        failed = [e["response"]["status"] for e in response.get("entry", []) if not str(e["response"]["status"]).startswith("2")]
+        failed = [
+            e["response"]["status"]
+            for e in response.get("entry", [])
+            if not str(e["response"]["status"]).startswith("2")
+        ]
         if failed:
             raise RuntimeError(f"engine refused {len(failed)} of {len(chunk)} resources: {failed[:3]}")
         count += len(chunk)

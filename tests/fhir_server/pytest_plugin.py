@@ -40,8 +40,10 @@ def _engine(*, batch_transactions: bool) -> Iterator[FhirEngine]:
     ok, reason = engine_available()
     if not ok:
         _unavailable(reason)
-    engine = FhirEngine(verbose=os.environ.get("FHIR_ENGINE_VERBOSE", "") not in {"", "0"},
-                        batch_transactions=batch_transactions)
+    engine = FhirEngine(
+        verbose=os.environ.get("FHIR_ENGINE_VERBOSE", "") not in {"", "0"},
+        batch_transactions=batch_transactions,
+    )
     try:
         engine.start()
     except EngineUnavailable as exc:
@@ -77,7 +79,9 @@ def fhir_base_url_batch(fhir_engine_batch: FhirEngine) -> str:
 @pytest.fixture(params=["atomic", "batch"])
 def fhir_engine_each_mode(request: pytest.FixtureRequest) -> FhirEngine:
     """An emptied engine: once the one whose transactions are atomic, once the batch one."""
-    engine: FhirEngine = request.getfixturevalue("fhir_engine" if request.param == "atomic" else "fhir_engine_batch")
+    engine: FhirEngine = request.getfixturevalue(
+        "fhir_engine" if request.param == "atomic" else "fhir_engine_batch"
+    )
     engine.reset()
     return engine
 

@@ -25,14 +25,14 @@ import orjson
 if __package__ in (None, ""):  # run as a script by atheris
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service.fhir import raw  # noqa: E402
+from service.config import load_settings  # noqa: E402
 from service.core.anc import ANC_MAX, Anc, PanelRejected, compute_anc  # noqa: E402
 from service.core.episodes import PatientState  # noqa: E402
 from service.core.observations import LabResult, Rejected, normalise, undecodable_rejection  # noqa: E402
 from service.core.panels import decide  # noqa: E402
-from service.config import load_settings  # noqa: E402
-from service.output.events import rejected_record  # noqa: E402
+from service.fhir import raw  # noqa: E402
 from service.fhir.client import BrokenPages, FhirError, _page, _Response, _Retry, _without_future_stamps  # noqa: E402
+from service.output.events import rejected_record  # noqa: E402
 
 RULES = load_settings(None).rules
 
@@ -62,7 +62,10 @@ def check_rejection(rejected: Rejected) -> None:
     record = rejected_record(rejected)
     orjson.dumps(record)  # never text that cannot be written out again
     assert rejected.reason and len(rejected.reason) <= 300
-    assert all(v is None or len(v) <= 600 for v in (rejected.ref, rejected.patient, rejected.effective, rejected.version))
+    assert all(
+        v is None or len(v) <= 600
+        for v in (rejected.ref, rejected.patient, rejected.effective, rejected.version)
+    )
 
 
 def check_page(data: bytes, doc: raw.Document) -> None:
@@ -72,7 +75,9 @@ def check_page(data: bytes, doc: raw.Document) -> None:
     except (_Retry, FhirError):
         assert not (doc.complete and doc.resource_type == "Bundle")
         return
-    if doc.complete:  # the live loop reads what replay reads (but for stamps beyond the server's clock: no cursor there)
+    if (
+        doc.complete
+    ):  # the live loop reads what replay reads (but for stamps beyond the server's clock: no cursor there)
         assert items == _without_future_stamps(doc.items, {})
 
 
@@ -99,7 +104,9 @@ def main() -> None:
     import atheris
     import structlog
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))  # no log per input
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL)
+    )  # no log per input
 
     def one_input(data: bytes) -> None:
         check(data)

@@ -30,7 +30,9 @@ _KEPT = ("content-type", "etag", "location", "last-modified")
 @dataclass
 class Splice:
     entries: list[bytes]  # resources as raw bytes (each wrapped as one searchset entry)
-    when: Callable[[dict[str, str]], bool] = lambda query: "751-8" in query.get("code", "")  # the main CBC search
+    when: Callable[[dict[str, str]], bool] = lambda query: (
+        "751-8" in query.get("code", "")
+    )  # the main CBC search
     times: float = 1  # pages to splice into (float("inf"): every one)
     mangle: Callable[[bytes], bytes] | None = None  # instead of entries: the page body, mangled
     done: int = 0
@@ -68,10 +70,17 @@ class Middleman:
         self.requests.append(f"{request.method} {request.raw_path}")
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED}
         body = await request.read() if request.can_read_body else None
-        async with self._session.request(request.method, self.upstream + request.raw_path, headers=headers, data=body,
-                                         allow_redirects=False) as up:
+        async with self._session.request(
+            request.method,
+            self.upstream + request.raw_path,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+        ) as up:
             status, data = up.status, await up.read()
-            kept = {k: v.replace(self.upstream, self.base) for k, v in up.headers.items() if k.lower() in _KEPT}
+            kept = {
+                k: v.replace(self.upstream, self.base) for k, v in up.headers.items() if k.lower() in _KEPT
+            }
         data = data.replace(self.upstream.encode(), self.base.encode())
         if request.method == "GET" and request.path.rstrip("/").endswith("/Observation") and status == 200:
             data = self._splice(dict(parse_qsl(request.query_string)), data)
@@ -90,11 +99,17 @@ class Middleman:
             if b'"entry":[' in page:
                 head, tail = page.split(b'"entry":[', 1)
                 return head + b'"entry":[' + spliced + (b"," if not tail.startswith(b"]") else b"") + tail
-            return page.replace(b'{"resourceType":"Bundle",', b'{"resourceType":"Bundle","entry":[' + spliced + b"],", 1)
+            return page.replace(
+                b'{"resourceType":"Bundle",', b'{"resourceType":"Bundle","entry":[' + spliced + b"],", 1
+            )
         return page
 
 
 def _oldest_stamp(page: bytes) -> str | None:
     bundle = orjson.loads(page)
-    stamps = [e["resource"]["meta"]["lastUpdated"] for e in bundle.get("entry", []) if "meta" in e.get("resource", {})]
+    stamps = [
+        e["resource"]["meta"]["lastUpdated"]
+        for e in bundle.get("entry", [])
+        if "meta" in e.get("resource", {})
+    ]
     return min(stamps) if stamps else None

@@ -20,13 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.fhir import raw
+from service.config import load_settings
 from service.core.anc import ANC_MAX, Anc, PanelRejected, compute_anc
 from service.core.codes import TERMS
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected, normalise
 from service.core.panels import decide
-from service.config import load_settings
+from service.fhir import raw
 from service.metrics import reason_label
 from service.replay.engine import Replay
 from tests.hostile.corpus import CORPUS, fill, neighbour, observation
@@ -38,16 +38,60 @@ FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 # Seeds: the corpus items (under 64 kB), a valid panel, a small Bundle.
 SEEDS = [r for h in CORPUS for r in h.resources() if len(r) < 65536]
 SEEDS += [orjson.dumps(fill(r)) for r in neighbour("seed")]
-SEEDS.append(orjson.dumps({"resourceType": "Bundle", "type": "searchset", "link": [{"relation": "next", "url": "http://x/n"}],
-                           "entry": [{"resource": fill(r)} for r in neighbour("b1") + neighbour("b2")]}))
+SEEDS.append(
+    orjson.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "searchset",
+            "link": [{"relation": "next", "url": "http://x/n"}],
+            "entry": [{"resource": fill(r)} for r in neighbour("b1") + neighbour("b2")],
+        }
+    )
+)
 
 # Tokens that keep a document's framing (its brackets still balance) but that strict JSON refuses,
 # or that are the wrong JSON type for a value.
-VALUE_TOKENS = [b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"9" * 400, b"true", b"null", b'"0.3"', b'"NaN"',
-                b"{}", b"[]", b"[" * 3000 + b"]" * 3000, b'"\xff\xfe"', b'"caf\xe9"', b'"\\ud800"', b"0.3,,", b"-0.3", b"1e300",
-                b"0", b"-0", b"5e-324", b"0.3", b'"\x01"']
+VALUE_TOKENS = [
+    b"NaN",
+    b"Infinity",
+    b"-Infinity",
+    b"1e999",
+    b"-1e999",
+    b"9" * 400,
+    b"true",
+    b"null",
+    b'"0.3"',
+    b'"NaN"',
+    b"{}",
+    b"[]",
+    b"[" * 3000 + b"]" * 3000,
+    b'"\xff\xfe"',
+    b'"caf\xe9"',
+    b'"\\ud800"',
+    b"0.3,,",
+    b"-0.3",
+    b"1e300",
+    b"0",
+    b"-0",
+    b"5e-324",
+    b"0.3",
+    b'"\x01"',
+]
 # Anything at all, framing included.
-JUNK = VALUE_TOKENS + [b"{", b"}", b"[", b"]", b'"', b",", b":", b"\\", b"\xef\xbb\xbf", b"\x00", b"\n", b"<html>"]
+JUNK = VALUE_TOKENS + [
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b'"',
+    b",",
+    b":",
+    b"\\",
+    b"\xef\xbb\xbf",
+    b"\x00",
+    b"\n",
+    b"<html>",
+]
 
 
 @st.composite
@@ -76,8 +120,12 @@ def test_mutated_documents_never_raise_and_keep_the_invariants(data):
 
 
 @settings(FAST, max_examples=300)
-@given(k=st.integers(1, 6), at=st.integers(0, 6), token=st.sampled_from(VALUE_TOKENS),
-       field=st.sampled_from(["valueQuantity.value", "status", "id", "subject", "code", "note"]))
+@given(
+    k=st.integers(1, 6),
+    at=st.integers(0, 6),
+    token=st.sampled_from(VALUE_TOKENS),
+    field=st.sampled_from(["valueQuantity.value", "status", "id", "subject", "code", "note"]),
+)
 def test_one_hostile_entry_never_takes_its_neighbours_with_it(k, at, token, field):
     """A Bundle of k valid results and one whose field holds a hostile token: every valid entry is
     read, in order, with its id; the hostile one is one item (read and judged, or undecodable)."""
@@ -102,32 +150,99 @@ def test_one_hostile_entry_never_takes_its_neighbours_with_it(k, at, token, fiel
 # -- normalise: hostile values in every field the service reads -------------------------------------
 
 MARKER = "Jane Q Public 1961-07-14"  # free text where a code, an id or a reference belongs
-texts = st.one_of(st.text(max_size=30), st.just(MARKER), st.just("x" * 5000), st.sampled_from(
-    ["10*3/uL", "%", "/uL", "10*9/L", "K/uL", "g/dL", "Cel", "[degF]", "1", "", "bananas/uL", " 10*3/uL ", "µL"]))
-numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**30), 10**30),
-                    st.floats(min_value=0, max_value=2000), st.sampled_from([0.0, -0.0, 5e-324, 1e308, 99.9999999, 100.0000001]))
+texts = st.one_of(
+    st.text(max_size=30),
+    st.just(MARKER),
+    st.just("x" * 5000),
+    st.sampled_from(
+        [
+            "10*3/uL",
+            "%",
+            "/uL",
+            "10*9/L",
+            "K/uL",
+            "g/dL",
+            "Cel",
+            "[degF]",
+            "1",
+            "",
+            "bananas/uL",
+            " 10*3/uL ",
+            "µL",
+        ]
+    ),
+)
+numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(-(10**30), 10**30),
+    st.floats(min_value=0, max_value=2000),
+    st.sampled_from([0.0, -0.0, 5e-324, 1e308, 99.9999999, 100.0000001]),
+)
 codes = st.sampled_from(sorted(TERMS) + ["8310-5", "30394-1", "x", "", MARKER])
-quantities = st.builds(raw.Quantity, value=st.none() | numbers, comparator=st.none() | st.sampled_from(["<", "<=", ">", ">=", "ad", MARKER]),
-                       unit=st.none() | texts, system=st.none() | st.sampled_from(["http://unitsofmeasure.org", "urn:x", MARKER]),
-                       code=st.none() | texts)
-references = st.builds(raw.Reference, reference=st.none() | texts | st.sampled_from(
-    ["Patient/1", "Patient/a.b-c", "https://h/fhir/Patient/9/_history/2", "Group/1", "#contained", f"Patient/{MARKER}"]))
+quantities = st.builds(
+    raw.Quantity,
+    value=st.none() | numbers,
+    comparator=st.none() | st.sampled_from(["<", "<=", ">", ">=", "ad", MARKER]),
+    unit=st.none() | texts,
+    system=st.none() | st.sampled_from(["http://unitsofmeasure.org", "urn:x", MARKER]),
+    code=st.none() | texts,
+)
+references = st.builds(
+    raw.Reference,
+    reference=st.none()
+    | texts
+    | st.sampled_from(
+        [
+            "Patient/1",
+            "Patient/a.b-c",
+            "https://h/fhir/Patient/9/_history/2",
+            "Group/1",
+            "#contained",
+            f"Patient/{MARKER}",
+        ]
+    ),
+)
 resources = st.builds(
     raw.Resource,
     resourceType=st.just("Observation"),
     id=st.none() | st.sampled_from(["o1", "a.b-c", "x" * 64, "x" * 65]) | texts,
-    meta=st.none() | st.builds(raw.Meta, versionId=st.none() | st.sampled_from(["1", "10"]) | texts,
-                               lastUpdated=st.none() | st.sampled_from(["2026-01-01T00:00:00Z", "1969-12-31T23:59:59Z"]) | texts),
-    status=st.sampled_from(["final", "amended", "corrected", "preliminary", "registered", "cancelled", "entered-in-error",
-                            "unknown", MARKER]),
-    code=st.builds(raw.CodeableConcept, coding=st.lists(st.builds(raw.Coding, system=st.sampled_from(
-        ["http://loinc.org", "urn:oid:2.16.840.1.113883.6.1", "urn:x"]), code=codes), max_size=3)),
+    meta=st.none()
+    | st.builds(
+        raw.Meta,
+        versionId=st.none() | st.sampled_from(["1", "10"]) | texts,
+        lastUpdated=st.none() | st.sampled_from(["2026-01-01T00:00:00Z", "1969-12-31T23:59:59Z"]) | texts,
+    ),
+    status=st.sampled_from(
+        [
+            "final",
+            "amended",
+            "corrected",
+            "preliminary",
+            "registered",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+            MARKER,
+        ]
+    ),
+    code=st.builds(
+        raw.CodeableConcept,
+        coding=st.lists(
+            st.builds(
+                raw.Coding,
+                system=st.sampled_from(["http://loinc.org", "urn:oid:2.16.840.1.113883.6.1", "urn:x"]),
+                code=codes,
+            ),
+            max_size=3,
+        ),
+    ),
     subject=st.none() | references,
     specimen=st.none() | references,
     effectiveDateTime=st.none() | st.sampled_from(["2026-01-05T08:00:00Z", "2026-01-05", "2026"]) | texts,
     valueQuantity=st.none() | quantities,
     valueString=st.none() | texts,
-    dataAbsentReason=st.none() | st.builds(raw.CodeableConcept, coding=st.lists(st.builds(raw.Coding, code=texts), max_size=2)),
+    dataAbsentReason=st.none()
+    | st.builds(raw.CodeableConcept, coding=st.lists(st.builds(raw.Coding, code=texts), max_size=2)),
     referenceRange=st.none() | st.lists(st.builds(raw.Range, low=st.none() | quantities), max_size=2),
     basedOn=st.none() | st.lists(references, max_size=3),
 )
@@ -153,10 +268,38 @@ def test_normalise_keeps_no_free_text_and_no_impossible_value(resource):
 
 # -- panels: every kind of member, extreme values, through decide -----------------------------------
 
-member_codes = st.sampled_from(["6690-2", "26464-8", "33256-9", "804-5", "770-8", "23761-0", "71676-1", "769-0", "764-1",
-                                "751-8", "753-4", "26499-4", "768-2", "763-3", "718-7", "777-3", "8310-5"])
-units = {"%": ["%"], "1": ["1", "%"], "count": ["10*3/uL", "/uL", "10*9/L", "10*6/L"], "hb": ["g/dL", "g/L"], "temp": ["Cel", "[degF]"]}
-values = st.one_of(st.floats(min_value=0, max_value=1e7, allow_nan=False), st.sampled_from([0.0, 1e-9, 100.0, 1e300, 1e6, 999_999.0]))
+member_codes = st.sampled_from(
+    [
+        "6690-2",
+        "26464-8",
+        "33256-9",
+        "804-5",
+        "770-8",
+        "23761-0",
+        "71676-1",
+        "769-0",
+        "764-1",
+        "751-8",
+        "753-4",
+        "26499-4",
+        "768-2",
+        "763-3",
+        "718-7",
+        "777-3",
+        "8310-5",
+    ]
+)
+units = {
+    "%": ["%"],
+    "1": ["1", "%"],
+    "count": ["10*3/uL", "/uL", "10*9/L", "10*6/L"],
+    "hb": ["g/dL", "g/L"],
+    "temp": ["Cel", "[degF]"],
+}
+values = st.one_of(
+    st.floats(min_value=0, max_value=1e7, allow_nan=False),
+    st.sampled_from([0.0, 1e-9, 100.0, 1e300, 1e6, 999_999.0]),
+)
 
 
 @st.composite
@@ -165,10 +308,25 @@ def panels(draw: st.DrawFn) -> list[LabResult]:
     for n in range(draw(st.integers(1, 7))):
         code = draw(member_codes)
         prop = TERMS[code].prop.name if code in TERMS else "TEMP"
-        unit = draw(st.sampled_from({"PERCENT": units["%"], "FRACTION": units["1"], "COUNT": units["count"], "MASS": units["hb"],
-                                     "TEMP": units["temp"]}[prop]))
-        obs = observation(f"m{n}", "Patient/fz", code, draw(values), unit,
-                          status=draw(st.sampled_from(["final", "final", "amended", "preliminary", "cancelled"])))
+        unit = draw(
+            st.sampled_from(
+                {
+                    "PERCENT": units["%"],
+                    "FRACTION": units["1"],
+                    "COUNT": units["count"],
+                    "MASS": units["hb"],
+                    "TEMP": units["temp"],
+                }[prop]
+            )
+        )
+        obs = observation(
+            f"m{n}",
+            "Patient/fz",
+            code,
+            draw(values),
+            unit,
+            status=draw(st.sampled_from(["final", "final", "amended", "preliminary", "cancelled"])),
+        )
         if draw(st.booleans()):
             obs["valueQuantity"]["comparator"] = draw(st.sampled_from(["<", "<="]))
         item = normalise(msgspec.convert(fill(obs), raw.Resource))
@@ -211,8 +369,15 @@ def test_replay_never_alerts_from_a_hostile_value(tokens, framing):
         if token in (b"0.3", b"0", b"-0", b"5e-324"):  # valid values: make them ones that do not alert
             token = b"2.5"
         lines += [orjson.dumps(wbc), orjson.dumps(anc).replace(b'"@T@"', token)]
-    data = (b'{"resourceType":"Bundle","entry":[' + b",".join(b'{"resource":' + x + b"}" for x in lines) + b"]}\n") if framing \
+    data = (
+        (
+            b'{"resourceType":"Bundle","entry":['
+            + b",".join(b'{"resource":' + x + b"}" for x in lines)
+            + b"]}\n"
+        )
+        if framing
         else b"\n".join(lines) + b"\n"
+    )
     settings_ = load_settings(None)
     events, alerts = io.BytesIO(), io.BytesIO()
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fuzz-replay-{os.getpid()}.ndjson"
@@ -224,7 +389,11 @@ def test_replay_never_alerts_from_a_hostile_value(tokens, framing):
         path.unlink()
     records = [orjson.loads(x) for x in events.getvalue().splitlines()]
     assert {e["patient"] for e in records if e["event"] != "rejected"} == {"Patient/nb-ok"}
-    flagged = {a["subject"]["reference"] for a in map(orjson.loads, alerts.getvalue().splitlines()) if a["resourceType"] == "Flag"}
+    flagged = {
+        a["subject"]["reference"]
+        for a in map(orjson.loads, alerts.getvalue().splitlines())
+        if a["resourceType"] == "Flag"
+    }
     assert flagged == {"Patient/nb-ok"}
 
 
@@ -232,15 +401,31 @@ def test_replay_never_alerts_from_a_hostile_value(tokens, framing):
 
 
 def test_atheris_fuzzes_the_same_target(tmp_path):
-    pytest.importorskip("atheris", reason="atheris is not installed (pip install atheris: a wheel for CPython 3.11 on x86-64 Linux)")
+    pytest.importorskip(
+        "atheris",
+        reason="atheris is not installed (pip install atheris: a wheel for CPython 3.11 on x86-64 Linux)",
+    )
     seeds = tmp_path / "seeds"
     seeds.mkdir()
     for n, seed in enumerate(SEEDS):
         (seeds / f"seed-{n}").write_bytes(seed)
     done = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "hostile" / "fuzz_target.py"), str(seeds), "-max_total_time=15", "-max_len=8192",
-         "-timeout=10", "-rss_limit_mb=2048", f"-artifact_prefix={tmp_path}/", "-print_final_stats=1"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "tests" / "hostile" / "fuzz_target.py"),
+            str(seeds),
+            "-max_total_time=15",
+            "-max_len=8192",
+            "-timeout=10",
+            "-rss_limit_mb=2048",
+            f"-artifact_prefix={tmp_path}/",
+            "-print_final_stats=1",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     crashes = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-")))
     assert done.returncode == 0 and not crashes, done.stderr[-3000:]
     assert "stat::number_of_executed_units" in done.stderr

@@ -57,10 +57,14 @@ def _alerts_by_patient(resources: list[dict[str, Any]]) -> dict[str, list[dict[s
     return out
 
 
-def _replay(tmp: Path, extra: list[bytes], *, alerts: bool = True) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _replay(
+    tmp: Path, extra: list[bytes], *, alerts: bool = True
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     tmp.mkdir(parents=True, exist_ok=True)
     data = tmp / "input.ndjson"
-    data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in POPULATION) + b"".join(e + b"\n" for e in extra))
+    data.write_bytes(
+        b"".join(orjson.dumps(r) + b"\n" for r in POPULATION) + b"".join(e + b"\n" for e in extra)
+    )
     events, out = tmp / "events.jsonl", tmp / "alerts.ndjson"
     args = ["replay", str(data), "--events", str(events)] + (["--alerts", str(out)] if alerts else [])
     # Hypothesis raises the interpreter's recursion limit while a test runs; the service runs with
@@ -78,12 +82,19 @@ def _replay(tmp: Path, extra: list[bytes], *, alerts: bool = True) -> tuple[list
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     events, alerts = _replay(tmp_path_factory.mktemp("baseline"), [])
-    assert any(e["event"] == "new" for e in events), "the population raises no alert: the property would prove nothing"
+    assert any(e["event"] == "new" for e in events), (
+        "the population raises no alert: the property would prove nothing"
+    )
     return _by_patient(events), _alerts_by_patient(alerts)
 
 
-def _assert_isolated(baseline: Any, events: list[dict[str, Any]], alerts: list[dict[str, Any]], item: Hostile,
-                     target: str | None) -> None:
+def _assert_isolated(
+    baseline: Any,
+    events: list[dict[str, Any]],
+    alerts: list[dict[str, Any]],
+    item: Hostile,
+    target: str | None,
+) -> None:
     base_events, base_alerts = baseline
     got_events, got_alerts = _by_patient(events), _alerts_by_patient(alerts)
     for patient in PATIENTS:
@@ -108,8 +119,13 @@ def test_replay_one_hostile_resource_changes_no_other_patient(baseline, tmp_path
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(item=st.sampled_from([h for h in CORPUS if h.outcome is not Outcome.ACCEPTED]), target=st.sampled_from(PATIENTS))
-def test_replay_hostile_resource_aimed_at_a_patient_changes_nothing_alerted(baseline, tmp_path_factory, item, target):
+@given(
+    item=st.sampled_from([h for h in CORPUS if h.outcome is not Outcome.ACCEPTED]),
+    target=st.sampled_from(PATIENTS),
+)
+def test_replay_hostile_resource_aimed_at_a_patient_changes_nothing_alerted(
+    baseline, tmp_path_factory, item, target
+):
     """A rejected hostile resource naming a population patient adds a rejection and nothing else:
     that patient's alerts and every other patient's records stay as they were."""
     events, alerts = _replay(tmp_path_factory.mktemp("aimed"), _aimed(item, target, REPLAY_STAMP))
@@ -136,7 +152,9 @@ def defect_for(monkeypatch):
             if event.patient == patient:
                 raise Defect(f"cannot build for {patient} born 1961-07-14")
             return real(event, *args, **kwargs)
+
         monkeypatch.setattr(outcomes, "build", build)
+
     return arm
 
 
@@ -162,20 +180,46 @@ def test_replay_quarantines_the_failing_panel_and_decides_the_rest(baseline, tmp
 
 # -- the live loop ------------------------------------------------------------------------------------
 
-LIVE_ITEMS = ["effective-no-offset", "effective-offset-without-colon", "effective-date-only", "effective-far-future",
-              "effective-year-one", "nan-token", "huge-value", "megabyte-subject", "megabyte-note", "deeply-nested",
-              "value-and-data-absent-reason", "free-text-subject", "code-with-whitespace"]
+LIVE_ITEMS = [
+    "effective-no-offset",
+    "effective-offset-without-colon",
+    "effective-date-only",
+    "effective-far-future",
+    "effective-year-one",
+    "nan-token",
+    "huge-value",
+    "megabyte-subject",
+    "megabyte-note",
+    "deeply-nested",
+    "value-and-data-absent-reason",
+    "free-text-subject",
+    "code-with-whitespace",
+]
 
 
 def _server_alerts(base_url: str) -> dict[str, list[tuple[Any, ...]]]:
     """Per patient, what the server holds of its alerts (the parts that do not depend on when they were sent)."""
     out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for f in export(base_url, "Flag"):
-        out[f["subject"]["reference"]].append(("Flag", orjson.dumps(f["identifier"]), f["status"], orjson.dumps(f["period"]),
-                                               orjson.dumps(f.get("code"))))
+        out[f["subject"]["reference"]].append(
+            (
+                "Flag",
+                orjson.dumps(f["identifier"]),
+                f["status"],
+                orjson.dumps(f["period"]),
+                orjson.dumps(f.get("code")),
+            )
+        )
     for c in export(base_url, "Communication"):
-        out[c["subject"]["reference"]].append(("Communication", orjson.dumps(c["identifier"]), c["priority"],
-                                               orjson.dumps(c.get("recipient")), orjson.dumps(c.get("payload"))))
+        out[c["subject"]["reference"]].append(
+            (
+                "Communication",
+                orjson.dumps(c["identifier"]),
+                c["priority"],
+                orjson.dumps(c.get("recipient")),
+                orjson.dumps(c.get("payload")),
+            )
+        )
     return {k: sorted(v) for k, v in out.items()}
 
 
@@ -197,13 +241,17 @@ def live_baseline(fhir_engine, tmp_path_factory) -> dict[str, list[tuple[Any, ..
     fhir_engine.reset()
     put_all(fhir_engine.base_url, POPULATION)
     got = asyncio.run(_live(fhir_engine.base_url, tmp_path_factory.mktemp("live-base") / "s.sqlite3", []))
-    assert any(got.get(p) for p in PATIENTS), "the population raised no alert: the property would prove nothing"
+    assert any(got.get(p) for p in PATIENTS), (
+        "the population raised no alert: the property would prove nothing"
+    )
     return got
 
 
 @pytest.mark.parametrize("aim", ["own patient", "population patient"])
 @pytest.mark.parametrize("name", LIVE_ITEMS)
-async def test_live_one_hostile_resource_changes_no_other_patient(fhir_engine, live_baseline, tmp_path, name, aim):
+async def test_live_one_hostile_resource_changes_no_other_patient(
+    fhir_engine, live_baseline, tmp_path, name, aim
+):
     """The live loop against the real engine: one hostile resource spliced into a search page; the
     server's Flags and Communications of every population patient are those of the population
     alone (a rejected resource aimed at a population patient changes not even its alerts)."""
@@ -221,7 +269,9 @@ async def test_live_one_hostile_resource_changes_no_other_patient(fhir_engine, l
         assert not got.get(item.patient), f"{name} raised an alert"
 
 
-async def test_live_quarantines_the_failing_panel_and_the_cycle_goes_on(fhir_engine, live_baseline, tmp_path, defect_for):
+async def test_live_quarantines_the_failing_panel_and_the_cycle_goes_on(
+    fhir_engine, live_baseline, tmp_path, defect_for
+):
     """A defect while one patient's writes are built: that panel is quarantined (decision log,
     neutrowatch_panel_failures_total, an error log line with ids only), every other patient is
     alerted as without it, the cycle completes and the cursor advances."""

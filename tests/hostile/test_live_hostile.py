@@ -53,8 +53,17 @@ from tests.hostile.middleman import Middleman, Splice
 from tests.integration.live import compare_with_oracle, cycle, population, settings_for
 
 LIVE = [h for h in CORPUS if h.name not in LINE_ONLY]
-POISON = ("nan-token", "exponent-overflow", "non-utf8-in-free-text", "non-utf8-in-id", "unpaired-surrogate",
-          "deeply-nested", "invalid-json", "control-character", "boolean-value")
+POISON = (
+    "nan-token",
+    "exponent-overflow",
+    "non-utf8-in-free-text",
+    "non-utf8-in-id",
+    "unpaired-surrogate",
+    "deeply-nested",
+    "invalid-json",
+    "control-character",
+    "boolean-value",
+)
 
 
 def counter(name: str, label: str) -> Counter[str]:
@@ -93,7 +102,9 @@ async def _quarantine_and_decisions(state: Path) -> tuple[list[tuple[str | None,
         await store.close()
 
 
-async def _through_the_loop(base_url: str, state: Path, entries: list[bytes], cycles: int = 2, times: float = 1) -> LiveRun:
+async def _through_the_loop(
+    base_url: str, state: Path, entries: list[bytes], cycles: int = 2, times: float = 1
+) -> LiveRun:
     """`entries` spliced into the first CBC search page of the first `times` cycles."""
     middleman = Middleman(base_url, [Splice(entries, times=times)])
     await middleman.start()
@@ -108,13 +119,19 @@ async def _through_the_loop(base_url: str, state: Path, entries: list[bytes], cy
         await middleman.stop()
     quarantine, decisions = await _quarantine_and_decisions(state)
     with sqlite3.connect(state) as db:
-        results = {ref: bool(usable) for ref, usable in db.execute("SELECT ref, data IS NOT NULL FROM results")}
+        results = {
+            ref: bool(usable) for ref, usable in db.execute("SELECT ref, data IS NOT NULL FROM results")
+        }
     flags, comms = export(base_url, "Flag"), export(base_url, "Communication")
     return LiveRun(
-        reports, quarantine, decisions, results,
+        reports,
+        quarantine,
+        decisions,
+        results,
         delta(counter("neutrowatch_rejections_total", "reason"), rejections),
         delta(counter("neutrowatch_observations_total", "outcome"), observations),
-        {f["subject"]["reference"] for f in flags}, {c["subject"]["reference"] for c in comms},
+        {f["subject"]["reference"] for f in flags},
+        {c["subject"]["reference"] for c in comms},
         buffer.getvalue().splitlines(),
     )
 
@@ -149,7 +166,9 @@ def test_each_item_is_kept_counted_and_never_alerted(corpus_run: LiveRun, item: 
         assert record["event"] == "rejected" and record["reason"].startswith(item.reason)
         assert corpus_run.rejections[reason_label(record["reason"])] >= 1
         return
-    if item.ref is not None and item.reason == UNPLACED.split(" (")[0]:  # no version: the stamped one read stays in force
+    if (
+        item.ref is not None and item.reason == UNPLACED.split(" (")[0]
+    ):  # no version: the stamped one read stays in force
         (reason,) = [r for ref, r in corpus_run.quarantine if ref == item.ref]
         assert corpus_run.results[item.ref] is True
     elif item.ref is not None:
@@ -158,7 +177,9 @@ def test_each_item_is_kept_counted_and_never_alerted(corpus_run: LiveRun, item: 
         assert isinstance(taken, Intake)
         # Its version is stored as rejected (it supersedes, never alerts); a rejected copy without
         # lastUpdated and versionId (an undecodable entry) is no version at all.
-        assert corpus_run.results.get(item.ref) is (False if stamped(taken.updated_us, taken.version) else None)
+        assert corpus_run.results.get(item.ref) is (
+            False if stamped(taken.updated_us, taken.version) else None
+        )
     else:  # no FHIR id could be read: quarantined as it is
         reasons = [r for ref, r in corpus_run.quarantine if ref is None and r.startswith(item.reason)]
         same = [h for h in LIVE if h.ref is None and h.reason == item.reason]
@@ -166,8 +187,13 @@ def test_each_item_is_kept_counted_and_never_alerted(corpus_run: LiveRun, item: 
         reason = reasons[0]
     assert reason.startswith(item.reason), (item.name, reason)
     assert corpus_run.rejections[reason_label(reason)] >= 1
-    records = [d for d in corpus_run.decisions if d["event"] == "rejected" and d["reason"] == reason
-               and d["observations"] == ([item.ref] if item.ref else [])]
+    records = [
+        d
+        for d in corpus_run.decisions
+        if d["event"] == "rejected"
+        and d["reason"] == reason
+        and d["observations"] == ([item.ref] if item.ref else [])
+    ]
     assert records and records[0]["grade"] is None  # in the decision log too
 
 
@@ -181,7 +207,9 @@ def test_every_rejection_is_counted_once(corpus_run: LiveRun):
 
 def test_no_phi_in_any_log_line(corpus_run: LiveRun):
     lines = corpus_run.log_lines
-    assert any('"observation rejected"' in line for line in lines), "nothing logged: the scan would prove nothing"
+    assert any('"observation rejected"' in line for line in lines), (
+        "nothing logged: the scan would prove nothing"
+    )
     assert any('"fhir_page_salvaged"' in line for line in lines)
     for line in lines:
         orjson.loads(line)  # one JSON object a line
@@ -212,35 +240,50 @@ async def test_conflicting_copies_are_quarantined_as_a_conflict(fhir_base_url, t
     assert run.rejections == Counter({reason_label(CONFLICT): 2}) and run.observations["rejected"] == 2
     records = [d for d in run.decisions if d["event"] == "rejected"]
     assert [(r["reason"], r["observations"], r["patient"]) for r in records] == [
-        (CONFLICT, ["Observation/h-duplicate-conflict"], patient)] * 2
+        (CONFLICT, ["Observation/h-duplicate-conflict"], patient)
+    ] * 2
     logged = [orjson.loads(line) for line in run.log_lines if '"observation rejected"' in line]
-    assert [(x["observation"], x["code"], x["reason"]) for x in logged] == [("Observation/h-duplicate-conflict", "751-8", CONFLICT)] * 2
+    assert [(x["observation"], x["code"], x["reason"]) for x in logged] == [
+        ("Observation/h-duplicate-conflict", "751-8", CONFLICT)
+    ] * 2
     assert run.results["Observation/h-duplicate-conflict"] is False  # the version in force is rejected
 
 
 @pytest.mark.parametrize("order", ["normal-first", "severe-first"])
-async def test_conflicting_copies_none_is_used_in_either_order_and_each_is_quarantined_once(fhir_base_url, tmp_path, order):
+async def test_conflicting_copies_none_is_used_in_either_order_and_each_is_quarantined_once(
+    fhir_base_url, tmp_path, order
+):
     """As in replay: neither copy of the version is used, whichever comes first on the page (no
     alert from the severe one); each is quarantined and counted once however often the overlap
     window reads both again."""
     patient, (first, second, wbc) = duplicate_pair(conflicting=True)
     copies = [first, second] if order == "normal-first" else [second, first]
     entries = _stamped([wbc, *copies], _an_hour_ago())
-    run = await _through_the_loop(fhir_base_url, tmp_path / "s.sqlite3", entries, cycles=3, times=float("inf"))
+    run = await _through_the_loop(
+        fhir_base_url, tmp_path / "s.sqlite3", entries, cycles=3, times=float("inf")
+    )
     assert run.quarantine == [("Observation/h-duplicate-conflict", CONFLICT)] * 2
     assert run.rejections == Counter({reason_label(CONFLICT): 2}) and run.observations["rejected"] == 2
     assert run.observations["seen_before"] == 2 * 3  # cycles 2 and 3: the WBC and both copies, read before
     assert patient not in run.flagged and [r.events for r in run.reports] == [{}, {}, {}]
 
 
-async def test_a_copy_that_makes_a_version_a_conflict_retracts_what_its_first_copy_alerted(fhir_base_url, tmp_path):
+async def test_a_copy_that_makes_a_version_a_conflict_retracts_what_its_first_copy_alerted(
+    fhir_base_url, tmp_path
+):
     """Cycle 1 reads only the severe copy: it alerts. From cycle 2 the normal copy of the same
     version comes too: the version is a conflict, both copies are quarantined as CONFLICT (the one
     read first too) and the alert is retracted: the Flag ends entered-in-error, the final state
     replay predicts from the same copies (where it never alerts: no Flag stays active either way)."""
     patient, (normal, severe, wbc) = duplicate_pair(conflicting=True)
     at = _an_hour_ago()
-    middleman = Middleman(fhir_base_url, [Splice(_stamped([wbc, severe], at)), Splice(_stamped([wbc, severe, normal], at), times=float("inf"))])
+    middleman = Middleman(
+        fhir_base_url,
+        [
+            Splice(_stamped([wbc, severe], at)),
+            Splice(_stamped([wbc, severe, normal], at), times=float("inf")),
+        ],
+    )
     await middleman.start()
     try:
         settings = settings_for(middleman.base, tmp_path / "s.sqlite3")
@@ -262,8 +305,13 @@ async def test_a_copy_without_meta_after_a_stamped_version_changes_nothing(fhir_
     patient, (normal, severe, wbc) = duplicate_pair(conflicting=True)
     at = _an_hour_ago()
     no_meta = orjson.dumps({k: v for k, v in orjson.loads(severe).items() if k != "meta"})
-    middleman = Middleman(fhir_base_url, [Splice(_stamped([wbc, normal], at)),
-                                          Splice([no_meta, *_stamped([wbc, normal], at)], times=float("inf"))])
+    middleman = Middleman(
+        fhir_base_url,
+        [
+            Splice(_stamped([wbc, normal], at)),
+            Splice([no_meta, *_stamped([wbc, normal], at)], times=float("inf")),
+        ],
+    )
     await middleman.start()
     rejections = counter("neutrowatch_rejections_total", "reason")
     try:
@@ -274,11 +322,15 @@ async def test_a_copy_without_meta_after_a_stamped_version_changes_nothing(fhir_
     assert [r.events for r in reports] == [{}, {}, {}, {}]
     quarantine, _decisions = await _quarantine_and_decisions(tmp_path / "s.sqlite3")
     assert quarantine == [("Observation/h-duplicate-conflict", UNPLACED)]
-    assert delta(counter("neutrowatch_rejections_total", "reason"), rejections) == Counter({reason_label(UNPLACED): 1})
+    assert delta(counter("neutrowatch_rejections_total", "reason"), rejections) == Counter(
+        {reason_label(UNPLACED): 1}
+    )
     assert patient not in {f["subject"]["reference"] for f in export(fhir_base_url, "Flag")}
 
 
-async def test_an_undecodable_copy_is_quarantined_once_and_never_shadows_a_readable_version(fhir_base_url, tmp_path):
+async def test_an_undecodable_copy_is_quarantined_once_and_never_shadows_a_readable_version(
+    fhir_base_url, tmp_path
+):
     """An entry that cannot be read but whose id can (intake: lastUpdated and version -1), on every
     page: quarantined once over the cycles. When the server then holds a readable version of that
     Observation, it is read as the newer version (never taken for an older one), decided and
@@ -307,7 +359,9 @@ async def test_an_undecodable_copy_is_quarantined_once_and_never_shadows_a_reada
     assert "retracted" not in {d["event"] for d in decisions}
 
 
-async def test_an_undecodable_copy_behind_a_readable_version_is_quarantined_once_and_withdraws_nothing(fhir_base_url, tmp_path):
+async def test_an_undecodable_copy_behind_a_readable_version_is_quarantined_once_and_withdraws_nothing(
+    fhir_base_url, tmp_path
+):
     """The other order: the server's readable version was read and alerted; then an unreadable copy
     of it comes on every page. It has no meta to order it by, so it neither supersedes the version
     read (no alert withdrawn on an unreadable copy) nor is dropped unseen (it was: "seen before"):
@@ -334,7 +388,9 @@ async def test_an_undecodable_copy_behind_a_readable_version_is_quarantined_once
     assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]
     assert sum(delta(counter("neutrowatch_rejections_total", "reason"), rejections).values()) == 1
     assert [d["event"] for d in decisions] == ["new", "rejected"]
-    assert [(f["subject"]["reference"], f["status"]) for f in export(fhir_base_url, "Flag")] == [(item.patient, "active")]
+    assert [(f["subject"]["reference"], f["status"]) for f in export(fhir_base_url, "Flag")] == [
+        (item.patient, "active")
+    ]
 
 
 # -- poison pages ------------------------------------------------------------------------------------
@@ -368,7 +424,10 @@ async def test_a_poison_page_does_not_stall_the_other_patients(fhir_base_url, tm
         await middleman.stop()
     assert middleman.spliced_pages >= 2
     assert all(r.delivered_all for r in reports) and reports[0].cursor is not None
-    assert counter("neutrowatch_damaged_pages_total", "handling")["salvaged"] - salvaged >= middleman.spliced_pages
+    assert (
+        counter("neutrowatch_damaged_pages_total", "handling")["salvaged"] - salvaged
+        >= middleman.spliced_pages
+    )
     counts = compare_with_oracle(fhir_base_url, tmp_path / "oracle")  # the oracle reads the engine itself
     assert counts["communications"] > 5
     store = SqliteStore(tmp_path / "s.sqlite3")
@@ -382,7 +441,9 @@ def _truncate(page: bytes) -> bytes:
     return page[: len(page) * 2 // 3]
 
 
-async def test_a_page_truncated_the_same_way_every_time_is_read_up_to_the_cut_then_refused(fhir_base_url, tmp_path):
+async def test_a_page_truncated_the_same_way_every_time_is_read_up_to_the_cut_then_refused(
+    fhir_base_url, tmp_path
+):
     """Broken framing is retried (a transfer cut short); the same bytes again: the entries before
     the cut are read and the search stops there. When the next search returns the very same broken
     page (its first entries lie in the overlap window: no progress), the cycle fails — the page is
@@ -410,8 +471,10 @@ async def test_a_page_truncated_the_same_way_every_time_is_read_up_to_the_cut_th
 
 async def test_a_page_that_is_not_json_at_all_fails_the_cycle_and_is_never_skipped(fhir_base_url, tmp_path):
     put_all(fhir_base_url, population(patients=4, days=21, seed=2))
-    middleman = Middleman(fhir_base_url, [Splice([], mangle=lambda _page: b"<html><body>502 Bad Gateway</body></html>",
-                                                 times=float("inf"))])
+    middleman = Middleman(
+        fhir_base_url,
+        [Splice([], mangle=lambda _page: b"<html><body>502 Bad Gateway</body></html>", times=float("inf"))],
+    )
     await middleman.start()
     try:
         settings = settings_for(middleman.base, tmp_path / "s.sqlite3")
@@ -447,7 +510,9 @@ async def test_a_page_of_30000_entries_is_processed_whole(fhir_base_url, tmp_pat
     assert report.observations == 30_000 + 3 + 2
     assert sum(run.results.values()) == 30_000 + 2  # stored with a value (bulk + the anchor panel)
     assert run.flagged == {f"Patient/bulk-{p}" for p in range(10)} | {"Patient/nb-anchor"}
-    assert {ref for ref, _ in run.quarantine} == {BY_NAME[n].ref for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested")}
+    assert {ref for ref, _ in run.quarantine} == {
+        BY_NAME[n].ref for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested")
+    }
 
 
 # -- a meta.lastUpdated the server cannot have written ---------------------------------------------
@@ -459,14 +524,18 @@ async def test_a_future_last_updated_does_not_carry_the_cursor_away(fhir_base_ur
     the server's clock (its Date header; ours plus an hour without one) is a rejection: quarantined,
     counted, never the cursor."""
     put_all(fhir_base_url, [fill(r) for r in neighbour("early", 2.5)])
-    future = orjson.dumps(fill(neighbour("future", 0.2)[1], "9999-12-31T00:00:00.000Z"))  # a severe ANC, stamped in 9999
+    future = orjson.dumps(
+        fill(neighbour("future", 0.2)[1], "9999-12-31T00:00:00.000Z")
+    )  # a severe ANC, stamped in 9999
     middleman = Middleman(fhir_base_url, [Splice([future])])
     await middleman.start()
     try:
         settings = settings_for(middleman.base, tmp_path / "s.sqlite3")
         first = await cycle(settings)
         assert first.cursor is not None and not first.cursor.startswith("9999")
-        put_all(fhir_base_url, [fill(r) for r in neighbour("later", 0.2)])  # a severe panel arrives afterwards
+        put_all(
+            fhir_base_url, [fill(r) for r in neighbour("later", 0.2)]
+        )  # a severe panel arrives afterwards
         second = await cycle(settings)
     finally:
         await middleman.stop()
@@ -475,5 +544,8 @@ async def test_a_future_last_updated_does_not_carry_the_cursor_away(fhir_base_ur
     store = SqliteStore(tmp_path / "s.sqlite3")
     await store.open()
     quarantined = await store_tables.quarantined(store)
-    assert ("Observation/nb-future-anc", "meta.lastUpdated is later than the server's own clock") in quarantined
+    assert (
+        "Observation/nb-future-anc",
+        "meta.lastUpdated is later than the server's own clock",
+    ) in quarantined
     await store.close()

@@ -19,13 +19,16 @@ from typing import Any
 import orjson
 import yaml
 
-from tests.synthetic import PopulationSpec, generate
 from tests.fhir_server.load import export, put_all
 from tests.integration.live import settings_for
+from tests.synthetic import PopulationSpec, generate
 
 ROOT = Path(__file__).resolve().parents[2]
-PHRASES = ("mentioned her sister's chemotherapy at St Jude's", "lives alone above the bakery on Rue Cler",
-           "asked that results go to her partner Tomasz first")
+PHRASES = (
+    "mentioned her sister's chemotherapy at St Jude's",
+    "lives alone above the bakery on Rue Cler",
+    "asked that results go to her partner Tomasz first",
+)
 
 
 def phi_rich_population() -> tuple[list[dict[str, Any]], set[str], set[str]]:
@@ -41,10 +44,16 @@ def phi_rich_population() -> tuple[list[dict[str, Any]], set[str], set[str]]:
             people[f"Patient/{r['id']}"] = (full, r["birthDate"])
             names.update([*name["given"], name["family"]])
             texts.update([full, r["birthDate"]])
-            phone, street = f"+33 1 45 {len(people):02d} 77 {len(people) + 10:02d}", f"{len(people) + 3} Rue Cler, Paris"
+            phone, street = (
+                f"+33 1 45 {len(people):02d} 77 {len(people) + 10:02d}",
+                f"{len(people) + 3} Rue Cler, Paris",
+            )
             r["telecom"] = [{"system": "phone", "value": phone}]
             r["address"] = [{"line": [street], "city": "Paris"}]
-            r["text"] = {"status": "generated", "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{full}, born {r["birthDate"]}</div>'}
+            r["text"] = {
+                "status": "generated",
+                "div": f'<div xmlns="http://www.w3.org/1999/xhtml">{full}, born {r["birthDate"]}</div>',
+            }
             texts.update([phone, street])
     for n, r in enumerate(resources):
         subject = (r.get("subject") or {}).get("reference")
@@ -85,8 +94,24 @@ def test_replay_logs_carry_no_phi(tmp_path):
     resources, names, texts = phi_rich_population()
     data = tmp_path / "population.ndjson"
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
-    done = subprocess.run([sys.executable, "-m", "service", "replay", str(data), "--events", str(tmp_path / "e.jsonl"),
-                           "--alerts", str(tmp_path / "a.ndjson")], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "replay",
+            str(data),
+            "--events",
+            str(tmp_path / "e.jsonl"),
+            "--alerts",
+            str(tmp_path / "a.ndjson"),
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "a.ndjson").read_bytes()  # alerts were decided: the population exercised the core
     assert_no_phi(done.stderr.splitlines(), names, texts)
@@ -101,13 +126,23 @@ def test_live_loop_logs_carry_no_phi(fhir_base_url, tmp_path):
     lines: list[str] = []
     for _ in range(2):  # the second cycle finds nothing new
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, "-m", "service", "once", "--config", str(config)], cwd=ROOT, env=_env(),
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "once", "--config", str(config)],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         lines += done.stderr.splitlines()
         print(f"once: {time.perf_counter() - started:.1f} s")
-    assert export(fhir_base_url, "Communication"), "no alert written: the population did not exercise the loop"
-    assert any('"observation rejected"' in line for line in lines)  # the noisy results were logged, by id and reason
+    assert export(fhir_base_url, "Communication"), (
+        "no alert written: the population did not exercise the loop"
+    )
+    assert any(
+        '"observation rejected"' in line for line in lines
+    )  # the noisy results were logged, by id and reason
     assert any('"fhir_response"' in line for line in lines)  # debug lines are in
     assert_no_phi(lines, names, texts)
     # Patient references are pseudonymised: no line ties a grade or a value to a patient's id
@@ -151,9 +186,12 @@ def test_phi_keys_are_redacted_at_any_depth():
     from tests.hostile.logs import captured_logs
 
     with captured_logs("debug") as buffer:
-        structlog.get_logger("t").warning("resource passed whole", observation="Observation/1",
-                                          resource={"id": "1", "note": [{"text": "Jane Doe"}], "subject": {"display": "Jane Doe"}},
-                                          contained=[{"name": [{"family": "Doe"}], "birthDate": "1970-01-01"}])
+        structlog.get_logger("t").warning(
+            "resource passed whole",
+            observation="Observation/1",
+            resource={"id": "1", "note": [{"text": "Jane Doe"}], "subject": {"display": "Jane Doe"}},
+            contained=[{"name": [{"family": "Doe"}], "birthDate": "1970-01-01"}],
+        )
     line = buffer.getvalue()
     assert "Observation/1" in line and '"id": "1"' in line
     assert "Doe" not in line and "1970" not in line

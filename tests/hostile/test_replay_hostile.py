@@ -66,8 +66,13 @@ def alerted_patients(alerts: list[dict]) -> set[str]:
 
 def assert_outcome(item: Hostile, events: list[dict]) -> None:
     """The item is accounted for exactly as its class says, and nothing of it alerted."""
-    mine = [e for e in events if e["patient"] == item.patient or (item.ref and item.ref in e["observations"])
-            or (e["event"] == "rejected" and not e["observations"] and e["patient"] is None)]
+    mine = [
+        e
+        for e in events
+        if e["patient"] == item.patient
+        or (item.ref and item.ref in e["observations"])
+        or (e["event"] == "rejected" and not e["observations"] and e["patient"] is None)
+    ]
     if item.outcome is Outcome.ACCEPTED:
         assert mine == [], mine
         return
@@ -87,8 +92,13 @@ def test_each_hostile_item_between_valid_neighbours(tmp_path, item: Hostile):
     path = tmp_path / "in.ndjson"
     path.write_bytes(b"\n".join(lines) + b"\n")
     events, alerts = replay(tmp_path, path)
-    assert alerted_patients(alerts) == {f"Patient/nb-{n}" for n in NEIGHBOURS}  # neighbours processed, nothing else alerted
-    assert [e["event"] for e in events if e["patient"] and e["patient"].startswith("Patient/nb-")] == ["new", "new"]
+    assert alerted_patients(alerts) == {
+        f"Patient/nb-{n}" for n in NEIGHBOURS
+    }  # neighbours processed, nothing else alerted
+    assert [e["event"] for e in events if e["patient"] and e["patient"].startswith("Patient/nb-")] == [
+        "new",
+        "new",
+    ]
     assert_outcome(item, events)
     assert len(events) == 2 + (item.outcome is not Outcome.ACCEPTED)  # nothing else, nothing lost
 
@@ -104,8 +114,11 @@ def test_the_whole_corpus_in_one_file_and_as_one_bundle_gives_the_same(tmp_path)
     ndjson = tmp_path / "all.ndjson"
     ndjson.write_bytes(b"\n".join(lines) + b"\n")
     bundle = tmp_path / "all.json"
-    bundle.write_bytes(b'{"resourceType":"Bundle","type":"collection","entry":['
-                       + b",".join(b'{"resource":' + line + b"}" for line in lines) + b"]}")
+    bundle.write_bytes(
+        b'{"resourceType":"Bundle","type":"collection","entry":['
+        + b",".join(b'{"resource":' + line + b"}" for line in lines)
+        + b"]}"
+    )
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     by_line, alerts_a = replay(tmp_path / "a", ndjson)
@@ -116,50 +129,85 @@ def test_the_whole_corpus_in_one_file_and_as_one_bundle_gives_the_same(tmp_path)
     assert len(rejected) == sum(h.outcome is not Outcome.ACCEPTED for h in items)
     for item in items:
         if item.ref is not None:
-            assert_outcome(item, [e for e in by_line if item.ref in e["observations"] or e["patient"] == item.patient])
+            assert_outcome(
+                item, [e for e in by_line if item.ref in e["observations"] or e["patient"] == item.patient]
+            )
 
 
 def test_pretty_printed_bundle_with_nan_tokens_keeps_its_neighbours(tmp_path):
     """A pretty-printed Bundle holding NaN tokens used to fall back to reading line by line: every
     line a junk rejection, the valid entries lost. Now each entry is read on its own."""
     resources = [fill(r) for r in neighbour("before") + neighbour("after")]
-    text = json.dumps({"resourceType": "Bundle", "type": "collection",
-                       "entry": [{"resource": r} for r in resources[:2]]
-                       + [{"resource": orjson.loads(BY_NAME["quantity-is-a-list"].resources()[0])}]
-                       + [{"resource": {**resources[2], "id": "nan-anc", "valueQuantity": {"value": float("nan"), "unit": "10*3/uL"}}}]
-                       + [{"resource": r} for r in resources[2:]]}, indent=2)
+    text = json.dumps(
+        {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [{"resource": r} for r in resources[:2]]
+            + [{"resource": orjson.loads(BY_NAME["quantity-is-a-list"].resources()[0])}]
+            + [
+                {
+                    "resource": {
+                        **resources[2],
+                        "id": "nan-anc",
+                        "valueQuantity": {"value": float("nan"), "unit": "10*3/uL"},
+                    }
+                }
+            ]
+            + [{"resource": r} for r in resources[2:]],
+        },
+        indent=2,
+    )
     assert "NaN" in text
     path = tmp_path / "pretty.json"
     path.write_text(text)
     events, alerts = replay(tmp_path, path)
     assert alerted_patients(alerts) == {"Patient/nb-before", "Patient/nb-after"}
-    assert sorted((e["event"], tuple(e["observations"]), e.get("reason")) for e in events if e["event"] == "rejected") == [
-        ("rejected", ("Observation/h-quantity-is-a-list",), "malformed: Expected `object | null`, got `array` - at `$.valueQuantity`"),
+    assert sorted(
+        (e["event"], tuple(e["observations"]), e.get("reason")) for e in events if e["event"] == "rejected"
+    ) == [
+        (
+            "rejected",
+            ("Observation/h-quantity-is-a-list",),
+            "malformed: Expected `object | null`, got `array` - at `$.valueQuantity`",
+        ),
         ("rejected", ("Observation/nan-anc",), "value is not a finite number"),
     ]
 
 
 def test_truncated_bundle_file_keeps_the_entries_before_the_cut(tmp_path):
     resources = [fill(r) for r in neighbour("before") + neighbour("after")]
-    text = json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]}, indent=2)
+    text = json.dumps(
+        {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in resources]},
+        indent=2,
+    )
     cut = text.index('"nb-after-anc"')  # inside the last entry
     path = tmp_path / "cut.json"
     path.write_text(text[:cut])
     events, alerts = replay(tmp_path, path)
     assert alerted_patients(alerts) == {"Patient/nb-before"}
     assert [e["event"] for e in events] == ["new", "rejected"]
-    assert events[1]["reason"] == "invalid JSON: Bundle truncated after 3 entries" and events[1]["observations"] == []
+    assert (
+        events[1]["reason"] == "invalid JSON: Bundle truncated after 3 entries"
+        and events[1]["observations"] == []
+    )
 
 
 def test_truncated_and_garbage_lines(tmp_path):
-    lines = [*neighbour_lines("before"), b'{"resourceType":"Observation","id":"h-trunc', b"<html>502 Bad Gateway</html>",
-             b"\xff\xfe\x00", *neighbour_lines("after")]
+    lines = [
+        *neighbour_lines("before"),
+        b'{"resourceType":"Observation","id":"h-trunc',
+        b"<html>502 Bad Gateway</html>",
+        b"\xff\xfe\x00",
+        *neighbour_lines("after"),
+    ]
     path = tmp_path / "in.ndjson"
     path.write_bytes(b"\n".join(lines) + b"\n")
     events, alerts = replay(tmp_path, path)
     assert alerted_patients(alerts) == {"Patient/nb-before", "Patient/nb-after"}
     rejected = [e for e in events if e["event"] == "rejected"]
-    assert len(rejected) == 3 and all(e["reason"].startswith("invalid JSON") and e["observations"] == [] for e in rejected)
+    assert len(rejected) == 3 and all(
+        e["reason"].startswith("invalid JSON") and e["observations"] == [] for e in rejected
+    )
 
 
 def test_a_corrupt_first_line_does_not_make_replay_read_the_file_whole(tmp_path, monkeypatch):
@@ -171,7 +219,9 @@ def test_a_corrupt_first_line_does_not_make_replay_read_the_file_whole(tmp_path,
     path.write_bytes(b"\n".join([BY_NAME["nan-token"].resources()[0], *neighbour_lines("after")]) + b"\n")
     wholes: list[int] = []
     original = replay_module._one_document
-    monkeypatch.setattr(replay_module, "_one_document", lambda data: wholes.append(len(data)) or original(data))
+    monkeypatch.setattr(
+        replay_module, "_one_document", lambda data: wholes.append(len(data)) or original(data)
+    )
     events, _ = replay(tmp_path, path)
     assert wholes == [] and [e["event"] for e in events] == ["rejected", "new"]
 
@@ -211,14 +261,22 @@ def test_conflicting_copies_none_is_used_whatever_the_order(tmp_path, engine):
 def _copies_of_one_observation() -> list[bytes]:
     """An ANC whose version 1 (severe) alerts, whose version 2 came as two copies that conflict
     (severe and normal), read again alike, and a copy without meta (severe): its WBC partner too."""
+
     def anc(value: float, **meta: str) -> bytes:
         obs = fill(observation("h-order", "Patient/hx-order", value=value))
         return orjson.dumps({**obs, "meta": meta} if meta else {k: v for k, v in obs.items() if k != "meta"})
+
     wbc = fill(observation("h-order-wbc", "Patient/hx-order", code="6690-2", value=4.0))
     wbc["specimen"] = {"reference": "Specimen/h-order-sp"}
     v2 = {"versionId": "2", "lastUpdated": "2026-03-02T10:00:00.000Z"}
-    return [orjson.dumps(wbc), anc(0.3, versionId="1", lastUpdated=REPLAY_UPDATED), anc(0.2, **v2), anc(2.5, **v2),
-            anc(2.5, **v2), anc(0.1)]
+    return [
+        orjson.dumps(wbc),
+        anc(0.3, versionId="1", lastUpdated=REPLAY_UPDATED),
+        anc(0.2, **v2),
+        anc(2.5, **v2),
+        anc(2.5, **v2),
+        anc(0.1),
+    ]
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
@@ -236,8 +294,12 @@ def test_the_events_do_not_depend_on_the_order_of_the_copies(tmp_path, engine):
     ((events, alerts),) = outputs
     records = [orjson.loads(x) for x in events.splitlines()]
     assert [(e["event"], e.get("reason")) for e in records] == [
-        ("new", None), ("rejected", CONFLICT_REASON), ("retracted", None), ("rejected", CONFLICT_REASON),
-        ("rejected", UNPLACED)]
+        ("new", None),
+        ("rejected", CONFLICT_REASON),
+        ("retracted", None),
+        ("rejected", CONFLICT_REASON),
+        ("rejected", UNPLACED),
+    ]
     assert b'"Flag"' in alerts
 
 
@@ -256,14 +318,20 @@ def test_a_copy_without_meta_changes_nothing(tmp_path, engine, where):
     events, alerts, _stats = _replay_lines(tmp_path, lines, engine)
     assert without == b"" and alerts == b""
     (record,) = [orjson.loads(x) for x in events.splitlines()]
-    assert (record["event"], record["reason"], record["observations"]) == ("rejected", UNPLACED, ["Observation/h-order"])
+    assert (record["event"], record["reason"], record["observations"]) == (
+        "rejected",
+        UNPLACED,
+        ["Observation/h-order"],
+    )
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "partitioned"])
 def test_identical_copies_are_one_version(tmp_path, engine):
     patient, (first, second, wbc) = duplicate_pair(conflicting=False)
     path = tmp_path / "dup.ndjson"
-    path.write_bytes(b"\n".join(r.replace(b"@UPDATED@", b"2026-03-01T10:00:00.000Z") for r in [first, wbc, second]) + b"\n")
+    path.write_bytes(
+        b"\n".join(r.replace(b"@UPDATED@", b"2026-03-01T10:00:00.000Z") for r in [first, wbc, second]) + b"\n"
+    )
     settings = load_settings(None)
     events_out = io.BytesIO()
     with Replay(settings.rules, settings.alerts, engine=engine) as r:
@@ -297,7 +365,10 @@ def _quantity(**changes: Any) -> Callable[[dict[str, Any]], bytes]:
 SECOND_COPIES: dict[str, tuple[Callable[[dict[str, Any]], bytes], bool]] = {
     "identical": (orjson.dumps, False),
     "re-serialised": (_reserialised, False),
-    "narrative and note": (_changed(text={"status": "generated", "div": "<div>x</div>"}, note=[{"text": "re-sent"}]), False),
+    "narrative and note": (
+        _changed(text={"status": "generated", "div": "<div>x</div>"}, note=[{"text": "re-sent"}]),
+        False,
+    ),
     "value": (_quantity(value=0.1), True),
     "unit": (_quantity(unit="/uL", code="/uL"), True),
     "code": (_changed(code={"coding": [{"system": "http://loinc.org", "code": "26499-4"}]}), True),
@@ -379,26 +450,53 @@ def test_bundle_of_30000_entries_with_poison_among_them(tmp_path):
     """One Bundle document, 30 000 valid entries and a few poison ones (NaN, bytes that are not
     UTF-8, 100 000 levels of nesting): the strict parse of the whole fails, every entry is still
     read, every valid one assessed, every poison one rejected."""
-    poison = [BY_NAME[n].resources()[0] for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json")]
+    poison = [
+        BY_NAME[n].resources()[0]
+        for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json")
+    ]
     entries = bulk_entries(30_000)
     for n, p in enumerate(poison):
         entries.insert(7_000 * (n + 1), p)
     path = tmp_path / "big.json"
-    path.write_bytes(b'{"resourceType":"Bundle","type":"collection","entry":[' + b",".join(b'{"resource":' + e + b"}" for e in entries) + b"]}")
+    path.write_bytes(
+        b'{"resourceType":"Bundle","type":"collection","entry":['
+        + b",".join(b'{"resource":' + e + b"}" for e in entries)
+        + b"]}"
+    )
     events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.ndjson"
     env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "info"}
-    code, _rss, err = _max_rss_mb([sys.executable, "-m", "service", "replay", str(path), "--events", str(events), "--alerts", str(alerts)], env)
+    code, _rss, err = _max_rss_mb(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "replay",
+            str(path),
+            "--events",
+            str(events),
+            "--alerts",
+            str(alerts),
+        ],
+        env,
+    )
     assert code == 0, err
     summary = next(json.loads(line) for line in err.splitlines() if '"replay finished"' in line)
     assert summary["resources"] == 30_000 + len(poison)  # every entry read
-    assert summary["observations"] == 30_000 + 1  # those decoded as Observations (NaN is, the others are undecodable)
+    assert (
+        summary["observations"] == 30_000 + 1
+    )  # those decoded as Observations (NaN is, the others are undecodable)
     assert summary["panels"] == 15_000
     got = read(events)
-    assert sorted(e["patient"] for e in got if e["event"] == "new") == sorted(f"Patient/bulk-{p}" for p in range(10))
+    assert sorted(e["patient"] for e in got if e["event"] == "new") == sorted(
+        f"Patient/bulk-{p}" for p in range(10)
+    )
     rejected = [e for e in got if e["event"] == "rejected"]
     assert sorted(e["observations"][0] for e in rejected) == sorted(
-        BY_NAME[n].ref for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json"))
-    assert len([e for e in got if e["event"] != "stale"]) == 14  # stale: collected before a newer panel (visible, no alert)
+        BY_NAME[n].ref for n in ("nan-token", "non-utf8-in-free-text", "deeply-nested", "invalid-json")
+    )
+    assert (
+        len([e for e in got if e["event"] != "stale"]) == 14
+    )  # stale: collected before a newer panel (visible, no alert)
     # Memory is measured by `make bench` (bench/memory_bench.py: peak RSS from /proc), not asserted
     # here: wait4's ru_maxrss carries the test runner's own high-water mark through fork and exec.
 
@@ -410,7 +508,9 @@ def test_no_phi_in_the_replay_log(tmp_path):
     path = tmp_path / "all.ndjson"
     path.write_bytes(b"\n".join(lines) + b"\n")
     env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "debug"}
-    code, _rss, err = _max_rss_mb([sys.executable, "-m", "service", "replay", str(path), "--events", str(tmp_path / "e.jsonl")], env)
+    code, _rss, err = _max_rss_mb(
+        [sys.executable, "-m", "service", "replay", str(path), "--events", str(tmp_path / "e.jsonl")], env
+    )
     assert code == 0, err
     assert err.strip(), "the replay logged nothing: the scan would prove nothing"
     for line in err.splitlines():

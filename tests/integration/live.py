@@ -15,9 +15,9 @@ from service.__main__ import main as cli
 from service.config import Settings
 from service.fhir.client import FhirClient
 from service.live.store import make_store
-from tests.synthetic import PopulationSpec, generate
 from service.live.worker import Worker
 from tests.fhir_server.load import export, export_history
+from tests.synthetic import PopulationSpec, generate
 
 Resource = dict[str, Any]
 POOL = ("CareTeam/oncology",)  # the configured recipient pool of the tests (live loop and oracle alike)
@@ -42,10 +42,21 @@ async def cycle(settings: Settings, *, with_decisions: bool = False, client: Fhi
 def settings_for(base_url: str, state: Path | dict[str, Any], **poll: Any) -> Settings:
     """Settings for the test engine; `state` is a SQLite path or a whole store section (PostgreSQL)."""
     return Settings(
-        fhir={"base_url": base_url, "allow_insecure_http": True, "page_size": poll.pop("page_size", 50),
-              "timeout_seconds": 10, "retry": {"max_attempts": 3, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.5}},
+        fhir={
+            "base_url": base_url,
+            "allow_insecure_http": True,
+            "page_size": poll.pop("page_size", 50),
+            "timeout_seconds": 10,
+            "retry": {"max_attempts": 3, "backoff_base_seconds": 0.05, "backoff_max_seconds": 0.5},
+        },
         store=state if isinstance(state, dict) else {"path": state},
-        poll={"interval_seconds": 0.5, "overlap_seconds": 120, "settle_seconds": 0, "initial_lookback_hours": 24, **poll},
+        poll={
+            "interval_seconds": 0.5,
+            "overlap_seconds": 120,
+            "settle_seconds": 0,
+            "initial_lookback_hours": 24,
+            **poll,
+        },
         alerts={"recipients": list(POOL)},
         web={"host": "127.0.0.1", "port": 0},
     )
@@ -55,9 +66,13 @@ def postgres_store(dsn: str, schema: str, **more: Any) -> dict[str, Any]:
     return {"backend": "postgres", "dsn": dsn, "schema_name": schema, "pool_size": 3, **more}
 
 
-def population(patients: int = 12, days: int = 42, seed: int = 3, *, temperatures: bool = False, corrections: float = 0.0) -> list[Resource]:
+def population(
+    patients: int = 12, days: int = 42, seed: int = 3, *, temperatures: bool = False, corrections: float = 0.0
+) -> list[Resource]:
     """A synthetic population (by default without temperatures and corrections)."""
-    spec = PopulationSpec(patients=patients, days=days, seed=seed, corrections=corrections, temperatures=temperatures)
+    spec = PopulationSpec(
+        patients=patients, days=days, seed=seed, corrections=corrections, temperatures=temperatures
+    )
     return list(generate(spec))
 
 
@@ -66,8 +81,14 @@ def stages(resources: list[Resource], n: int) -> list[list[Resource]]:
     return [resources[i : i + size] for i in range(0, len(resources), size)]
 
 
-def oracle(base_url: str, workdir: Path, *, history: bool = False, accepted_foreign_bases: tuple[str, ...] = (),
-           more_config: dict[str, Any] | None = None) -> tuple[list[dict], list[Resource]]:
+def oracle(
+    base_url: str,
+    workdir: Path,
+    *,
+    history: bool = False,
+    accepted_foreign_bases: tuple[str, ...] = (),
+    more_config: dict[str, Any] | None = None,
+) -> tuple[list[dict], list[Resource]]:
     """Replay over the Patients, Conditions, Observations (every version with `history`) and
     DiagnosticReports as the server holds them now, with the server's base as fhir.base_url (an
     absolute reference under it is the relative one, as in the live loop)."""
@@ -79,10 +100,23 @@ def oracle(base_url: str, workdir: Path, *, history: bool = False, accepted_fore
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
     events, alerts = workdir / "events.jsonl", workdir / "alerts.ndjson"
     config = workdir / "oracle.yaml"
-    config.write_text(yaml.safe_dump({"alerts": {"recipients": list(POOL)}, "fhir": {
-        "base_url": base_url, "allow_insecure_http": True, "accepted_foreign_bases": list(accepted_foreign_bases)},
-        **(more_config or {})}))
-    assert cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts), "--config", str(config)]) == 0
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "alerts": {"recipients": list(POOL)},
+                "fhir": {
+                    "base_url": base_url,
+                    "allow_insecure_http": True,
+                    "accepted_foreign_bases": list(accepted_foreign_bases),
+                },
+                **(more_config or {}),
+            }
+        )
+    )
+    assert (
+        cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts), "--config", str(config)])
+        == 0
+    )
     read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731
     return read(events), read(alerts)
 
@@ -92,12 +126,23 @@ def identifier(resource: Resource) -> str:
     return f"{ident['system']}|{ident['value']}"
 
 
-def compare_with_oracle(base_url: str, workdir: Path, *, history: bool = False,
-                        accepted_foreign_bases: tuple[str, ...] = (), more_config: dict[str, Any] | None = None) -> dict[str, int]:
+def compare_with_oracle(
+    base_url: str,
+    workdir: Path,
+    *,
+    history: bool = False,
+    accepted_foreign_bases: tuple[str, ...] = (),
+    more_config: dict[str, Any] | None = None,
+) -> dict[str, int]:
     """Assert the server holds exactly the alerts replay predicts: every Communication once, every
     episode's Flag once with the final status. Returns counts for the caller's own assertions."""
-    _events, predicted = oracle(base_url, workdir, history=history, accepted_foreign_bases=accepted_foreign_bases,
-                                more_config=more_config)
+    _events, predicted = oracle(
+        base_url,
+        workdir,
+        history=history,
+        accepted_foreign_bases=accepted_foreign_bases,
+        more_config=more_config,
+    )
     want_comms = [identifier(r) for r in predicted if r["resourceType"] == "Communication"]
     want_flags = {identifier(r): r for r in predicted if r["resourceType"] == "Flag"}  # last state wins
     comms = export(base_url, "Communication")
@@ -106,7 +151,8 @@ def compare_with_oracle(base_url: str, workdir: Path, *, history: bool = False,
     duplicated = {k: v for k, v in got_comms.items() if v > 1}
     assert not duplicated, f"duplicated Communications: {duplicated}"
     assert set(got_comms) == set(want_comms), (
-        f"missing {sorted(set(want_comms) - set(got_comms))[:5]}, unexpected {sorted(set(got_comms) - set(want_comms))[:5]}")
+        f"missing {sorted(set(want_comms) - set(got_comms))[:5]}, unexpected {sorted(set(got_comms) - set(want_comms))[:5]}"
+    )
     got_flags = Counter(identifier(f) for f in flags)
     assert all(v == 1 for v in got_flags.values()), f"duplicated Flags: {got_flags.most_common(3)}"
     assert set(got_flags) == set(want_flags)
@@ -117,5 +163,7 @@ def compare_with_oracle(base_url: str, workdir: Path, *, history: bool = False,
     for c in predicted:
         if c["resourceType"] == "Communication":
             got = by_id[identifier(c)]
-            assert (got["priority"], got.get("recipient")) == (c["priority"], c.get("recipient")), identifier(c)
+            assert (got["priority"], got.get("recipient")) == (c["priority"], c.get("recipient")), identifier(
+                c
+            )
     return {"communications": len(comms), "flags": len(flags)}

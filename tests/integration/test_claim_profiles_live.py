@@ -12,7 +12,9 @@ async def test_the_live_loop_writes_without_profile_claims_when_told(fhir_base_u
     """No meta.profile on anything written; the Provenance keeps its tag; replay's prediction holds."""
     put_all(fhir_base_url, population(patients=4, days=28, seed=5))
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
-    settings = settings.model_copy(update={"alerts": settings.alerts.model_copy(update={"claim_profiles": False})})
+    settings = settings.model_copy(
+        update={"alerts": settings.alerts.model_copy(update={"claim_profiles": False})}
+    )
     report = await cycle(settings)
     assert report.delivered_all and report.written > 0
     written = {kind: export(fhir_base_url, kind) for kind in ("Flag", "Communication", "Provenance")}

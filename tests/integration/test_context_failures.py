@@ -9,20 +9,26 @@ import orjson
 from aiohttp import web
 
 from service import metrics
-from service.live.directory import FAILURE_TTL_SECONDS, LiveDirectory
 from service.fhir.client import FhirClient
+from service.live.directory import FAILURE_TTL_SECONDS, LiveDirectory
 from tests.chaos.proxy import Fault, Proxy, outcome
 from tests.fhir_server.load import put_all
 from tests.integration.live import settings_for
 
 
 def forbidden(_request: web.Request) -> web.Response:
-    return web.Response(status=403, body=orjson.dumps(outcome("forbidden", "forbidden")),
-                        headers={"Content-Type": "application/fhir+json"})
+    return web.Response(
+        status=403,
+        body=orjson.dumps(outcome("forbidden", "forbidden")),
+        headers={"Content-Type": "application/fhir+json"},
+    )
 
 
 def failures(what: str) -> float:
-    return metrics.REGISTRY.get_sample_value("neutrowatch_context_lookup_failures_total", {"lookup": what}) or 0.0
+    return (
+        metrics.REGISTRY.get_sample_value("neutrowatch_context_lookup_failures_total", {"lookup": what})
+        or 0.0
+    )
 
 
 class Clock:

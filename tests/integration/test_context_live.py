@@ -11,11 +11,12 @@ from tests.integration.live import compare_with_oracle, cycle, settings_for
 WHEN = "2026-05-10T08:00:00Z"
 
 
-
-
 def cbc(pid: str, anc_k: float, **kw):
     common = dict(patient=f"Patient/{pid}", effective=WHEN, specimen=f"Specimen/{pid}", **kw)
-    return [observation("6690-2", 3.0, id=f"{pid}-wbc", **common), observation("751-8", anc_k, id=f"{pid}-anc", **common)]
+    return [
+        observation("6690-2", 3.0, id=f"{pid}-wbc", **common),
+        observation("751-8", anc_k, id=f"{pid}-anc", **common),
+    ]
 
 
 def patient(pid: str, birth: str):
@@ -24,17 +25,45 @@ def patient(pid: str, birth: str):
 
 async def test_age_thresholds_and_recipients(fhir_base_url, tmp_path):
     resources = [
-        patient("adult", "1970-01-01"), patient("infant", "2026-01-15"), patient("neonate", "2026-05-07"),
-        patient("benign", "1980-06-01"), patient("team", "1960-01-01"),
-        {"resourceType": "Condition", "id": "cbn", "subject": {"reference": "Patient/benign"},
-         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
-         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]}},
-        {"resourceType": "ServiceRequest", "id": "order1", "status": "active", "intent": "order",
-         "subject": {"reference": "Patient/adult"}, "requester": {"reference": "Practitioner/dr-house"}},
-        {"resourceType": "CareTeam", "id": "ct1", "status": "active", "subject": {"reference": "Patient/team"},
-         "participant": [{"member": {"reference": "Practitioner/nurse-a"}}, {"member": {"reference": "Patient/team"}}]},
+        patient("adult", "1970-01-01"),
+        patient("infant", "2026-01-15"),
+        patient("neonate", "2026-05-07"),
+        patient("benign", "1980-06-01"),
+        patient("team", "1960-01-01"),
+        {
+            "resourceType": "Condition",
+            "id": "cbn",
+            "subject": {"reference": "Patient/benign"},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
+            "clinicalStatus": {
+                "coding": [
+                    {"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}
+                ]
+            },
+        },
+        {
+            "resourceType": "ServiceRequest",
+            "id": "order1",
+            "status": "active",
+            "intent": "order",
+            "subject": {"reference": "Patient/adult"},
+            "requester": {"reference": "Practitioner/dr-house"},
+        },
+        {
+            "resourceType": "CareTeam",
+            "id": "ct1",
+            "status": "active",
+            "subject": {"reference": "Patient/team"},
+            "participant": [
+                {"member": {"reference": "Practitioner/nurse-a"}},
+                {"member": {"reference": "Patient/team"}},
+            ],
+        },
         *cbc("adult", 1.2, basedOn=[{"reference": "ServiceRequest/order1"}]),  # mild, ordering clinician
-        *cbc("infant", 1.2), *cbc("neonate", 0.3), *cbc("benign", 1.2), *cbc("team", 0.8),
+        *cbc("infant", 1.2),
+        *cbc("neonate", 0.3),
+        *cbc("benign", 1.2),
+        *cbc("team", 0.8),
     ]
     put_all(fhir_base_url, resources)
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
@@ -53,4 +82,6 @@ async def test_age_thresholds_and_recipients(fhir_base_url, tmp_path):
     comms = {c["subject"]["reference"]: c for c in export(fhir_base_url, "Communication")}
     assert comms["Patient/adult"]["recipient"] == [{"reference": "Practitioner/dr-house"}]
     assert comms["Patient/team"]["recipient"] == [{"reference": "Practitioner/nurse-a"}]
-    compare_with_oracle(fhir_base_url, tmp_path / "oracle")  # replay reads the same context from the same resources
+    compare_with_oracle(
+        fhir_base_url, tmp_path / "oracle"
+    )  # replay reads the same context from the same resources

@@ -10,8 +10,10 @@ from tests.integration.live import compare_with_oracle, cycle, settings_for
 
 def panel(patient: str, anc_k: float, **kw):
     common = dict(patient=patient, effective="2026-03-02T08:00:00Z", specimen=f"Specimen/{patient[8:]}-1")
-    return [observation("6690-2", 3.0, id=f"{patient[8:]}-wbc", **common),
-            observation("751-8", anc_k, id=f"{patient[8:]}-anc", **common, **kw)]
+    return [
+        observation("6690-2", 3.0, id=f"{patient[8:]}-wbc", **common),
+        observation("751-8", anc_k, id=f"{patient[8:]}-anc", **common, **kw),
+    ]
 
 
 async def test_entered_in_error_withdraws_the_alert(fhir_base_url, tmp_path):
@@ -46,11 +48,26 @@ async def test_entered_in_error_withdraws_the_alert(fhir_base_url, tmp_path):
 async def test_corrected_value_downgrades_the_episode(fhir_base_url, tmp_path):
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     put_all(fhir_base_url, panel("Patient/cor", 1.2))  # mild
-    put_all(fhir_base_url, [dict(o, id=o["id"] + "-2", specimen={"reference": "Specimen/cor-2"}, effectiveDateTime="2026-03-04T08:00:00Z")
-                            for o in panel("Patient/cor", 0.3)])  # severe two days later
+    put_all(
+        fhir_base_url,
+        [
+            dict(
+                o,
+                id=o["id"] + "-2",
+                specimen={"reference": "Specimen/cor-2"},
+                effectiveDateTime="2026-03-04T08:00:00Z",
+            )
+            for o in panel("Patient/cor", 0.3)
+        ],
+    )  # severe two days later
     assert (await cycle(settings)).events == {"new": 1, "worsening": 1}
-    fixed = dict(panel("Patient/cor", 1.1)[1], id="cor-anc-2", specimen={"reference": "Specimen/cor-2"},
-                 effectiveDateTime="2026-03-04T08:00:00Z", status="corrected")
+    fixed = dict(
+        panel("Patient/cor", 1.1)[1],
+        id="cor-anc-2",
+        specimen={"reference": "Specimen/cor-2"},
+        effectiveDateTime="2026-03-04T08:00:00Z",
+        status="corrected",
+    )
     put_all(fhir_base_url, [fixed])
     assert (await cycle(settings)).events == {"retracted": 1}
     (flag,) = export(fhir_base_url, "Flag")
@@ -68,8 +85,13 @@ async def test_versions_with_uuid_ids_are_ordered_by_last_updated(fhir_base_url,
     wbc, anc = panel("Patient/uuid", 0.3)
     put_all(fhir_base_url, [wbc, anc])
     for value in (1.8, 0.4):
-        put_all(fhir_base_url, [{**anc, "valueQuantity": {**anc["valueQuantity"], "value": value}, "status": "corrected"}])
-    versions = [h["meta"]["versionId"] for h in export_history(fhir_base_url, "Observation") if h["id"] == anc["id"]]
+        put_all(
+            fhir_base_url,
+            [{**anc, "valueQuantity": {**anc["valueQuantity"], "value": value}, "status": "corrected"}],
+        )
+    versions = [
+        h["meta"]["versionId"] for h in export_history(fhir_base_url, "Observation") if h["id"] == anc["id"]
+    ]
     assert len(versions) == 3 and not any(v.isdigit() for v in versions)  # UUIDs: no order in the ids
     report = await cycle(settings)
     assert report.delivered_all

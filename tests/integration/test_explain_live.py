@@ -38,8 +38,15 @@ def correction_case() -> list[dict]:
     common = dict(patient="Patient/live", effective="2026-01-20T08:00:00Z", specimen="Specimen/live-1")
     wbc = observation("6690-2", 3.0, id="live-wbc", **common)
     anc = observation("751-8", 0.3, id="live-anc", **common)
-    fever = observation("8310-5", 38.7, "Cel", id="live-t1", patient="Patient/live", effective="2026-01-20T14:00:00Z",
-                        specimen=None)
+    fever = observation(
+        "8310-5",
+        38.7,
+        "Cel",
+        id="live-t1",
+        patient="Patient/live",
+        effective="2026-01-20T14:00:00Z",
+        specimen=None,
+    )
     return [{"resourceType": "Patient", "id": "live", "birthDate": "1970-01-01"}, wbc, anc, fever]
 
 
@@ -50,13 +57,23 @@ def test_explain_from_the_server_equals_explain_over_its_export(fhir_base_url, t
     # the correction must carry a later meta.lastUpdated than the original: two versions stamped in
     # the same millisecond tie, and a tie is ordered by (random) versionId, not by history
     time.sleep(0.01)
-    fixed = dict(correction_case()[2], status="corrected",
-                 valueQuantity={"value": 2.1, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"})
+    fixed = dict(
+        correction_case()[2],
+        status="corrected",
+        valueQuantity={
+            "value": 2.1,
+            "unit": "10*3/uL",
+            "system": "http://unitsofmeasure.org",
+            "code": "10*3/uL",
+        },
+    )
     put_all(fhir_base_url, [fixed])  # version 2 on the server
     settings = settings_for(fhir_base_url, tmp_path / "unused.sqlite3")
     exported = server_export(fhir_base_url, tmp_path / "server.ndjson")
 
-    patients = ["Patient/live"] + [f"Patient/{r['id']}" for r in resources if r["resourceType"] == "Patient"][:3]
+    patients = ["Patient/live"] + [f"Patient/{r['id']}" for r in resources if r["resourceType"] == "Patient"][
+        :3
+    ]
     for patient in patients:
         live = explain_server(settings, patient)
         files = explain_inputs([exported], patient, settings)
@@ -84,8 +101,9 @@ def test_explain_from_the_server_equals_explain_over_its_export(fhir_base_url, t
 def test_explain_cli_against_the_server(fhir_base_url, tmp_path, capsys):
     put_all(fhir_base_url, correction_case())
     config = tmp_path / "c.yaml"
-    config.write_text(f"fhir:\n  base_url: {fhir_base_url}\n  allow_insecure_http: true\n"
-                      "logging:\n  level: warning\n")
+    config.write_text(
+        f"fhir:\n  base_url: {fhir_base_url}\n  allow_insecure_http: true\nlogging:\n  level: warning\n"
+    )
     png = tmp_path / "live.png"
     assert main(["explain", "live", "--config", str(config), "--png", str(png)]) == 0
     out, err = capsys.readouterr()
@@ -109,12 +127,22 @@ async def test_explain_names_the_request_the_server_refused(fhir_base_url, tmp_p
     proxy = Proxy(upstream=fhir_base_url)
     await proxy.start()
     try:
-        proxy.add(Fault(lambda r: r.method == "GET" and r.path == "/fhir/Condition", times=float("inf"),
-                        respond=lambda _r: web.Response(status=403, body=orjson.dumps(outcome("forbidden", "no")),
-                                                        headers={"Content-Type": "application/fhir+json"})))
+        proxy.add(
+            Fault(
+                lambda r: r.method == "GET" and r.path == "/fhir/Condition",
+                times=float("inf"),
+                respond=lambda _r: web.Response(
+                    status=403,
+                    body=orjson.dumps(outcome("forbidden", "no")),
+                    headers={"Content-Type": "application/fhir+json"},
+                ),
+            )
+        )
         config = tmp_path / "c.yaml"
-        config.write_text(f"fhir:\n  base_url: {proxy.base}\n  allow_insecure_http: true\n"
-                          "  retry:\n    max_attempts: 1\nlogging:\n  level: warning\n")
+        config.write_text(
+            f"fhir:\n  base_url: {proxy.base}\n  allow_insecure_http: true\n"
+            "  retry:\n    max_attempts: 1\nlogging:\n  level: warning\n"
+        )
         code = await asyncio.to_thread(main, ["explain", "live", "--config", str(config)])
     finally:
         await proxy.stop()

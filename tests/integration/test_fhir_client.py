@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from service.fhir import raw
 from service.config import FhirSettings, RetrySettings
 from service.errors import ConfigError
+from service.fhir import raw
 from service.fhir.auth import BearerAuth
 from service.fhir.client import (
     FhirClient,
@@ -45,8 +45,8 @@ from service.fhir.errors import (
     PreconditionFailed,
     UnsafeLinkError,
 )
-from service.metrics import REGISTRY
 from service.live.store import make_store
+from service.metrics import REGISTRY
 from tests.chaos.proxy import Fault, OtherOrigin, Proxy
 from tests.fhir_server.engine import FhirEngine
 from tests.fhir_server.load import put_all
@@ -79,7 +79,12 @@ def observation(patient: str = "p1", value: float = 1.2, **extra: Any) -> dict[s
         "code": {"coding": [{"system": LOINC, "code": "751-8"}]},
         "subject": {"reference": f"Patient/{patient}"},
         "effectiveDateTime": "2024-05-01T08:00:00Z",
-        "valueQuantity": {"value": value, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"},
+        "valueQuantity": {
+            "value": value,
+            "unit": "10*3/uL",
+            "system": "http://unitsofmeasure.org",
+            "code": "10*3/uL",
+        },
         **extra,
     }
 
@@ -89,12 +94,18 @@ def transaction(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def post_entry(resource: dict[str, Any], **request: str) -> dict[str, Any]:
-    return {"fullUrl": f"urn:uuid:{uuid.uuid4()}", "resource": resource,
-            "request": {"method": "POST", "url": resource["resourceType"], **request}}
+    return {
+        "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+        "resource": resource,
+        "request": {"method": "POST", "url": resource["resourceType"], **request},
+    }
 
 
 def outcome(code: str, text: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": text}]}
+    return {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": code, "diagnostics": text}],
+    }
 
 
 # -- fault-injecting reverse proxy (tests/chaos/proxy.py) ---------------------------------------------
@@ -147,15 +158,36 @@ class Harness:
 async def make_client() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
     clients: list[FhirClient] = []
 
-    async def make(base_url: str, *, auth: Any = None, max_attempts: int = 4, timeout: float = 30.0,
-                   max_response_bytes: int = 64 * 1024 * 1024, real_sleep: bool = False,
-                   max_requests_per_minute: int | None = None, **retry: float) -> Harness:
-        settings = FhirSettings(base_url=base_url, allow_insecure_http=True, timeout_seconds=timeout, user_agent="neutrowatch-test/1",
-                                max_response_bytes=max_response_bytes, max_requests_per_minute=max_requests_per_minute,
-                                retry=RetrySettings(max_attempts=max_attempts, backoff_base_seconds=0.5, backoff_max_seconds=30, **retry))
+    async def make(
+        base_url: str,
+        *,
+        auth: Any = None,
+        max_attempts: int = 4,
+        timeout: float = 30.0,
+        max_response_bytes: int = 64 * 1024 * 1024,
+        real_sleep: bool = False,
+        max_requests_per_minute: int | None = None,
+        **retry: float,
+    ) -> Harness:
+        settings = FhirSettings(
+            base_url=base_url,
+            allow_insecure_http=True,
+            timeout_seconds=timeout,
+            user_agent="neutrowatch-test/1",
+            max_response_bytes=max_response_bytes,
+            max_requests_per_minute=max_requests_per_minute,
+            retry=RetrySettings(
+                max_attempts=max_attempts, backoff_base_seconds=0.5, backoff_max_seconds=30, **retry
+            ),
+        )
         sleeps, rng = Sleeps(real_sleep), RecordingRandom()
-        client = FhirClient(settings, auth=auth if auth is not None else BearerAuth(TOKEN), sleep=sleeps, rng=rng,
-                            monotonic=sleeps.monotonic)
+        client = FhirClient(
+            settings,
+            auth=auth if auth is not None else BearerAuth(TOKEN),
+            sleep=sleeps,
+            rng=rng,
+            monotonic=sleeps.monotonic,
+        )
         clients.append(client)
         return Harness(client, sleeps, rng)
 
@@ -166,7 +198,10 @@ async def make_client() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
 
 async def seed(client: FhirClient, count: int, batch: int = 100) -> None:
     for start in range(0, count, batch):
-        entries = [post_entry(observation(patient=f"p{i % 7}", value=0.1 + i / 100)) for i in range(start, min(count, start + batch))]
+        entries = [
+            post_entry(observation(patient=f"p{i % 7}", value=0.1 + i / 100))
+            for i in range(start, min(count, start + batch))
+        ]
         response = await client.transaction(transaction(entries))
         assert all(e["response"]["status"].startswith("201") for e in response["entry"])
 
@@ -182,7 +217,9 @@ def is_search(request: web.Request) -> bool:
 # -- against the engine ----------------------------------------------------------------------------
 
 
-async def test_search_follows_next_links_exactly(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_search_follows_next_links_exactly(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base)
     await seed(h.client, 250)
     pages_before = metric("neutrowatch_pages_total")
@@ -193,7 +230,9 @@ async def test_search_follows_next_links_exactly(proxy: Proxy, make_client: Call
     assert metric("neutrowatch_pages_total") - pages_before == 7
     ids = [r.id for p in pages for r in p.resources if isinstance(r, raw.Resource)]
     assert len(ids) == len(set(ids)) == 250
-    stamps = [r.meta.lastUpdated or "" for p in pages for r in p.resources if isinstance(r, raw.Resource) and r.meta]
+    stamps = [
+        r.meta.lastUpdated or "" for p in pages for r in p.resources if isinstance(r, raw.Resource) and r.meta
+    ]
     assert stamps == sorted(stamps)
     assert pages[-1].next_url is None
     gets = proxy.requests("GET", "/Observation")
@@ -207,7 +246,9 @@ async def test_search_follows_next_links_exactly(proxy: Proxy, make_client: Call
     assert headers["Authorization"] == f"Bearer {TOKEN}"
 
 
-async def test_search_all_returns_dicts_across_pages(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_search_all_returns_dicts_across_pages(
+    fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(fhir_base_url)
     await seed(h.client, 5)
     found = await h.client.search_all("Observation", [("patient", "Patient/p1"), ("_count", "2")])
@@ -216,7 +257,9 @@ async def test_search_all_returns_dicts_across_pages(fhir_base_url: str, make_cl
     assert len({r["id"] for r in everything}) == 5
 
 
-async def test_conditional_create_is_not_duplicated(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_conditional_create_is_not_duplicated(
+    fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(fhir_base_url)
     resource = observation(identifier=[{"system": "urn:test", "value": "abc"}])
     first, status1 = await h.client.create(resource, if_none_exist="identifier=urn:test|abc")
@@ -226,7 +269,9 @@ async def test_conditional_create_is_not_duplicated(fhir_base_url: str, make_cli
     assert len(await h.client.search_all("Observation", [("identifier", "urn:test|abc")])) == 1
 
 
-async def test_update_with_stale_if_match_fails(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_update_with_stale_if_match_fails(
+    fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(fhir_base_url)
     created, _ = await h.client.create(observation())
     assert created is not None
@@ -240,7 +285,9 @@ async def test_update_with_stale_if_match_fails(fhir_base_url: str, make_client:
     assert "\n" not in str(caught.value) and len(caught.value.summary) <= 200
 
 
-async def test_read_missing_is_http_error(fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_read_missing_is_http_error(
+    fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(fhir_base_url)
     with pytest.raises(FhirHttpError) as caught:
         await h.client.read("Observation", "does-not-exist")
@@ -261,19 +308,29 @@ async def test_metadata(fhir_base_url: str, make_client: Callable[..., Awaitable
 
 def answer(status: int, body: dict[str, Any] | None = None, /, **headers: str) -> Handler:
     def respond(_request: web.Request) -> web.Response:
-        return web.Response(status=status, body=orjson.dumps(body or outcome("transient", "try later")),
-                            headers={"Content-Type": "application/fhir+json", **headers})
+        return web.Response(
+            status=status,
+            body=orjson.dumps(body or outcome("transient", "try later")),
+            headers={"Content-Type": "application/fhir+json", **headers},
+        )
+
     return respond
 
 
 @pytest.mark.parametrize(
     ("headers", "expected"),
-    [({"Retry-After": "7"}, (7.0, 7.0)), ({"Retry-After": "600"}, (30.0, 30.0)),
-     ({"x-ms-retry-after-ms": "1500", "Retry-After": "2"}, (1.5, 1.5))],
+    [
+        ({"Retry-After": "7"}, (7.0, 7.0)),
+        ({"Retry-After": "600"}, (30.0, 30.0)),
+        ({"x-ms-retry-after-ms": "1500", "Retry-After": "2"}, (1.5, 1.5)),
+    ],
     ids=["seconds", "capped", "x-ms-retry-after-ms"],
 )
 async def test_429_honours_retry_after(
-    headers: dict[str, str], expected: tuple[float, float], proxy: Proxy, make_client: Callable[..., Awaitable[Harness]],
+    headers: dict[str, str],
+    expected: tuple[float, float],
+    proxy: Proxy,
+    make_client: Callable[..., Awaitable[Harness]],
 ) -> None:
     h = await make_client(proxy.base)
     await seed(h.client, 3)
@@ -290,13 +347,20 @@ async def test_429_honours_retry_after(
 async def test_429_with_http_date(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
     h = await make_client(proxy.base)
     await seed(h.client, 1)
-    proxy.add(Fault(is_search, respond=lambda r: answer(429, **{"Retry-After": formatdate(time.time() + 12, usegmt=True)})(r)))
+    proxy.add(
+        Fault(
+            is_search,
+            respond=lambda r: answer(429, **{"Retry-After": formatdate(time.time() + 12, usegmt=True)})(r),
+        )
+    )
     pages = await pages_of(h.client, SEARCH)
     assert len(pages[0].resources) == 1
     assert len(h.sleeps) == 1 and 10.0 <= h.sleeps[0] <= 12.0
 
 
-async def test_503_then_success_with_full_jitter(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_503_then_success_with_full_jitter(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base)
     await seed(h.client, 2)
     proxy.add(Fault(is_search, times=2, respond=answer(503)))
@@ -311,7 +375,9 @@ async def test_503_then_success_with_full_jitter(proxy: Proxy, make_client: Call
     assert len(proxy.requests("GET", "/Observation")) == 3
 
 
-async def test_gives_up_after_max_attempts(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_gives_up_after_max_attempts(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base, max_attempts=3)
     proxy.add(Fault(lambda r: r.method == "GET", times=99, respond=answer(502)))
     with pytest.raises(FhirUnavailable, match=r"after 3 attempts; last: 502") as caught:
@@ -320,7 +386,9 @@ async def test_gives_up_after_max_attempts(proxy: Proxy, make_client: Callable[.
     assert len(proxy.requests("GET")) == 3 and len(h.sleeps) == 2
 
 
-async def test_invalid_json_once_then_good(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_invalid_json_once_then_good(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base)
     await seed(h.client, 4)
     proxy.add(Fault(is_search, mutate=lambda s, hd, body: (s, hd, body[: len(body) // 2])))
@@ -341,14 +409,22 @@ async def test_timeout_is_retried(proxy: Proxy, make_client: Callable[..., Await
     assert retries("timeout") - before == 1
 
 
-async def test_non_idempotent_post_not_retried_on_503(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_non_idempotent_post_not_retried_on_503(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base)
-    proxy.add(Fault(lambda r: r.method == "POST", times=99, respond=answer(503, outcome("transient", "overloaded"))))
+    proxy.add(
+        Fault(lambda r: r.method == "POST", times=99, respond=answer(503, outcome("transient", "overloaded")))
+    )
     before = retries("503")
 
     with pytest.raises(FhirHttpError) as caught:
         await h.client.create(observation())
-    assert caught.value.status == 503 and "transient" in str(caught.value) and "overloaded" not in str(caught.value)
+    assert (
+        caught.value.status == 503
+        and "transient" in str(caught.value)
+        and "overloaded" not in str(caught.value)
+    )
     with pytest.raises(FhirHttpError):
         await h.client.transaction(transaction([post_entry(observation())]))
 
@@ -356,21 +432,30 @@ async def test_non_idempotent_post_not_retried_on_503(proxy: Proxy, make_client:
     assert h.sleeps == [] and retries("503") == before
 
 
-async def test_idempotent_writes_are_retried_on_503(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_idempotent_writes_are_retried_on_503(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base)
     proxy.add(Fault(lambda r: r.method == "POST", times=2, respond=answer(503)))
     resource = observation(identifier=[{"system": "urn:test", "value": "retry"}])
 
     created, status = await h.client.create(resource, if_none_exist="identifier=urn:test|retry")
     assert status == 201 and created is not None
-    flags = [post_entry(observation(identifier=[{"system": "urn:test", "value": f"t{i}"}]), ifNoneExist=f"identifier=urn:test|t{i}")
-             for i in range(3)]
+    flags = [
+        post_entry(
+            observation(identifier=[{"system": "urn:test", "value": f"t{i}"}]),
+            ifNoneExist=f"identifier=urn:test|t{i}",
+        )
+        for i in range(3)
+    ]
     response = await h.client.transaction(transaction(flags))
     assert len(response["entry"]) == 3
     assert len(h.sleeps) == 2 and len(proxy.requests("POST")) == 4
 
 
-async def test_401_invalidates_once_and_retries(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_401_invalidates_once_and_retries(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     class CountingAuth:
         def __init__(self) -> None:
             self.invalidated = 0
@@ -388,7 +473,11 @@ async def test_401_invalidates_once_and_retries(proxy: Proxy, make_client: Calla
     assert auth.invalidated == 1
     assert [s.headers["Authorization"] for s in proxy.requests("GET")] == ["Bearer token-0", "Bearer token-1"]
 
-    proxy.add(Fault(lambda r: r.path == "/fhir/metadata", times=99, respond=answer(401, outcome("login", "expired"))))
+    proxy.add(
+        Fault(
+            lambda r: r.path == "/fhir/metadata", times=99, respond=answer(401, outcome("login", "expired"))
+        )
+    )
     with pytest.raises(FhirHttpError) as caught:
         await h.client.metadata()
     assert caught.value.status == 401 and auth.invalidated == 2
@@ -405,17 +494,25 @@ def next_link_to(target: str) -> Callable[[int, dict[str, str], bytes], tuple[in
             if link["relation"] == "next":
                 link["url"] = target + "/Observation?" + urlsplit(link["url"]).query
         return status, headers, orjson.dumps(doc)
+
     return mutate
 
 
 @pytest.mark.parametrize("where", ["other-origin", "other-path", "dot-segments"])
 async def test_next_link_elsewhere_is_refused(
-    where: str, proxy: Proxy, other: OtherOrigin, make_client: Callable[..., Awaitable[Harness]],
+    where: str,
+    proxy: Proxy,
+    other: OtherOrigin,
+    make_client: Callable[..., Awaitable[Harness]],
 ) -> None:
     h = await make_client(proxy.base)
     await seed(h.client, 3)
     origin = proxy.base.removesuffix("/fhir")
-    target = {"other-origin": other.base + "/fhir", "other-path": origin + "/admin", "dot-segments": proxy.base + "/.."}[where]
+    target = {
+        "other-origin": other.base + "/fhir",
+        "other-path": origin + "/admin",
+        "dot-segments": proxy.base + "/..",
+    }[where]
     proxy.add(Fault(is_search, mutate=next_link_to(target)))
     before = refused("next")
 
@@ -431,10 +528,16 @@ async def test_next_link_elsewhere_is_refused(
     assert not any("Authorization" in s.headers for s in other.seen)
 
 
-async def test_redirect_to_other_origin_is_refused(proxy: Proxy, other: OtherOrigin, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_redirect_to_other_origin_is_refused(
+    proxy: Proxy, other: OtherOrigin, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base)
-    proxy.add(Fault(lambda r: r.path == "/fhir/metadata",
-                    respond=lambda r: web.Response(status=302, headers={"Location": f"{other.base}/fhir/metadata"})))
+    proxy.add(
+        Fault(
+            lambda r: r.path == "/fhir/metadata",
+            respond=lambda r: web.Response(status=302, headers={"Location": f"{other.base}/fhir/metadata"}),
+        )
+    )
     before = refused("redirect")
     with pytest.raises(UnsafeLinkError):
         await h.client.metadata()
@@ -442,25 +545,42 @@ async def test_redirect_to_other_origin_is_refused(proxy: Proxy, other: OtherOri
     assert other.seen == []
 
 
-async def test_same_origin_redirect_followed_once(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_same_origin_redirect_followed_once(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base)
-    proxy.add(Fault(lambda r: r.path == "/fhir/metadata" and not r.query_string,
-                    respond=lambda r: web.Response(status=307, headers={"Location": "/fhir/metadata?moved=1"})))
+    proxy.add(
+        Fault(
+            lambda r: r.path == "/fhir/metadata" and not r.query_string,
+            respond=lambda r: web.Response(status=307, headers={"Location": "/fhir/metadata?moved=1"}),
+        )
+    )
     assert (await h.client.metadata())["resourceType"] == "CapabilityStatement"
     assert [s.raw_path for s in proxy.requests("GET")] == ["/metadata", "/metadata?moved=1"]
 
-    proxy.add(Fault(lambda r: r.path == "/fhir/metadata", times=2,
-                    respond=lambda r: web.Response(status=302, headers={"Location": "/fhir/metadata?again=1"})))
+    proxy.add(
+        Fault(
+            lambda r: r.path == "/fhir/metadata",
+            times=2,
+            respond=lambda r: web.Response(status=302, headers={"Location": "/fhir/metadata?again=1"}),
+        )
+    )
     with pytest.raises(FhirHttpError, match="more than one redirect"):
         await h.client.metadata()
 
 
 async def test_location_elsewhere_is_ignored_and_counted(
-    proxy: Proxy, other: OtherOrigin, make_client: Callable[..., Awaitable[Harness]],
+    proxy: Proxy,
+    other: OtherOrigin,
+    make_client: Callable[..., Awaitable[Harness]],
 ) -> None:
     h = await make_client(proxy.base)
-    proxy.add(Fault(lambda r: r.method == "POST",
-                    mutate=lambda s, hd, body: (s, {**hd, "Location": f"{other.base}/Observation/x"}, body)))
+    proxy.add(
+        Fault(
+            lambda r: r.method == "POST",
+            mutate=lambda s, hd, body: (s, {**hd, "Location": f"{other.base}/Observation/x"}, body),
+        )
+    )
     before = refused("location")
     created, status = await h.client.create(observation())
     assert status == 201 and created is not None
@@ -471,7 +591,9 @@ async def test_location_elsewhere_is_ignored_and_counted(
 # -- decoding --------------------------------------------------------------------------------------
 
 
-async def test_bad_entry_does_not_lose_its_neighbours(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_bad_entry_does_not_lose_its_neighbours(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base)
     await seed(h.client, 4)
 
@@ -502,22 +624,38 @@ async def test_retry_after_parsing() -> None:
 
 
 async def test_outcome_summary_keeps_codes_and_paths_never_free_text() -> None:
-    body = orjson.dumps({"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "invalid", "diagnostics": "Patient Jane Doe born 1961-04-02: value 0.3 invalid",
-         "expression": ["Communication.payload[0].contentString"]},
-        {"code": "processing", "details": {"text": "Jane Doe", "coding": [{"code": "MSG_DUPLICATE_ID"}]}},
-        {"code": "x" * 400, "expression": ["Jane Doe; DROP"]},
-    ]})
+    body = orjson.dumps(
+        {
+            "resourceType": "OperationOutcome",
+            "issue": [
+                {
+                    "severity": "error",
+                    "code": "invalid",
+                    "diagnostics": "Patient Jane Doe born 1961-04-02: value 0.3 invalid",
+                    "expression": ["Communication.payload[0].contentString"],
+                },
+                {
+                    "code": "processing",
+                    "details": {"text": "Jane Doe", "coding": [{"code": "MSG_DUPLICATE_ID"}]},
+                },
+                {"code": "x" * 400, "expression": ["Jane Doe; DROP"]},
+            ],
+        }
+    )
     summary = outcome_summary(body)
     assert summary == "invalid at Communication.payload[0].contentString; processing MSG_DUPLICATE_ID"
     assert "Jane" not in summary and "1961" not in summary and "0.3" not in summary
-    many = orjson.dumps({"resourceType": "OperationOutcome", "issue": [{"code": "invalid", "expression": ["Flag.code"]}] * 50})
+    many = orjson.dumps(
+        {"resourceType": "OperationOutcome", "issue": [{"code": "invalid", "expression": ["Flag.code"]}] * 50}
+    )
     assert len(outcome_summary(many)) == 200
     assert outcome_summary(b'{"resourceType": "Patient", "name": [{"family": "Doe"}]}') == ""
     assert outcome_summary(b"<html>") == ""
 
 
-async def test_ambiguous_write_failure_is_not_retried(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_ambiguous_write_failure_is_not_retried(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     h = await make_client(proxy.base, timeout=0.5)
     proxy.add(Fault(lambda r: r.method == "POST", delay=1.5))
     with pytest.raises(FhirUnavailable, match="outcome is unknown") as caught:
@@ -526,7 +664,9 @@ async def test_ambiguous_write_failure_is_not_retried(proxy: Proxy, make_client:
     assert h.sleeps == [] and len(proxy.requests("POST")) == 1
 
 
-async def test_refused_connection_is_retried_even_for_writes(make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_refused_connection_is_retried_even_for_writes(
+    make_client: Callable[..., Awaitable[Harness]],
+) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -544,16 +684,27 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
     now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
-            .not_valid_after(now + timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_file, key_file = directory / "cert.pem", directory / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return cert_file, key_file
 
 
@@ -561,6 +712,7 @@ async def test_tls_ca_bundle_and_verify_tls_are_honoured(tmp_path: Path) -> None
     cert_file, key_file = self_signed(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
+
     async def metadata(_request: web.Request) -> web.Response:
         return web.json_response({"resourceType": "CapabilityStatement"})
 
@@ -600,7 +752,9 @@ def oversized(method: str = "GET") -> float:
     return metric("neutrowatch_oversized_responses_total", method=method)
 
 
-async def test_an_oversized_page_is_refused_unread_and_not_retried(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_an_oversized_page_is_refused_unread_and_not_retried(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     """A search page over fhir.max_response_bytes (the engine sends its Content-Length) is refused
     before its body is read: ResponseTooLarge naming the setting to raise, counted, not retried (the
     server would send the same); the same search in smaller pages is read whole."""
@@ -608,7 +762,9 @@ async def test_an_oversized_page_is_refused_unread_and_not_retried(proxy: Proxy,
     h = await make_client(proxy.base, max_response_bytes=CAP)
     before = oversized()
 
-    with pytest.raises(ResponseTooLarge, match=r"fhir\.max_response_bytes \(65536 bytes; Content-Length \d+\)") as caught:
+    with pytest.raises(
+        ResponseTooLarge, match=r"fhir\.max_response_bytes \(65536 bytes; Content-Length \d+\)"
+    ) as caught:
         await pages_of(h.client, [*SEARCH, ("_count", "150")])
 
     assert "raise fhir.max_response_bytes" in str(caught.value) and "Patient/" not in str(caught.value)
@@ -618,13 +774,23 @@ async def test_an_oversized_page_is_refused_unread_and_not_retried(proxy: Proxy,
     assert len({r.id for p in pages for r in p.resources if isinstance(r, raw.Resource)}) == 150
 
 
-async def test_an_oversized_chunked_page_is_refused_while_it_streams(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_an_oversized_chunked_page_is_refused_while_it_streams(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     """A chunked response has no Content-Length: the body is refused as soon as what has streamed
     in passes fhir.max_response_bytes, so no more than the cap and one chunk are held."""
     h = await make_client(proxy.base, max_response_bytes=CAP)
     await seed(h.client, 1)
-    entries = [{"resource": {**observation(value=i / 100), "id": f"o{i}", "meta": {"lastUpdated": "2024-05-01T08:00:00Z"}}}
-               for i in range(2000)]
+    entries = [
+        {
+            "resource": {
+                **observation(value=i / 100),
+                "id": f"o{i}",
+                "meta": {"lastUpdated": "2024-05-01T08:00:00Z"},
+            }
+        }
+        for i in range(2000)
+    ]
     body = orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": entries})
     assert len(body) > 8 * CAP
 
@@ -643,7 +809,9 @@ async def test_an_oversized_chunked_page_is_refused_while_it_streams(proxy: Prox
 
 
 async def test_an_oversized_page_fails_the_cycle_and_the_cursor_stays(
-    fhir_base_url: str, tmp_path: Path, make_client: Callable[..., Awaitable[Harness]],
+    fhir_base_url: str,
+    tmp_path: Path,
+    make_client: Callable[..., Awaitable[Harness]],
 ) -> None:
     """The live loop does not skip a page it refused for its size: the cycle fails (polls_total
     {outcome="error"}) and the cursor does not move, every cycle, until the page fits (here: a
@@ -651,7 +819,9 @@ async def test_an_oversized_page_fails_the_cycle_and_the_cursor_stays(
     h = await make_client(fhir_base_url)
     await seed(h.client, 150)
     settings = settings_for(fhir_base_url, tmp_path / "state.sqlite3", page_size=150)
-    capped = settings.model_copy(update={"fhir": settings.fhir.model_copy(update={"max_response_bytes": CAP})})
+    capped = settings.model_copy(
+        update={"fhir": settings.fhir.model_copy(update={"max_response_bytes": CAP})}
+    )
     errors = metric("neutrowatch_polls_total", outcome="error")
 
     for _ in range(2):
@@ -673,11 +843,16 @@ async def test_an_oversized_page_fails_the_cycle_and_the_cursor_stays(
 # -- transient conflicts, quotas and the client-side rate limit ---------------------------------------
 
 
-SERIALIZATION_FAILURE = {"resourceType": "OperationOutcome", "issue": [{
-    "severity": "error", "code": "conflict",
-    "diagnostics": "could not serialize access due to read/write dependencies among transactions"}]}
-
-
+SERIALIZATION_FAILURE = {
+    "resourceType": "OperationOutcome",
+    "issue": [
+        {
+            "severity": "error",
+            "code": "conflict",
+            "diagnostics": "could not serialize access due to read/write dependencies among transactions",
+        }
+    ],
+}
 
 
 def conditional(value: str) -> tuple[dict[str, Any], str]:
@@ -691,7 +866,11 @@ def conditional(value: str) -> tuple[dict[str, Any], str]:
         (409, None, "409"),
         ("412 Precondition Failed", None, "412"),  # transient, but the caller re-reads before resending
         ("400 Bad Request", SERIALIZATION_FAILURE, "40001"),  # the marker, whatever the status
-        ("500", orjson.dumps(outcome("exception", "ERROR: could not serialize access (SQLSTATE 40001)")), "40001"),
+        (
+            "500",
+            orjson.dumps(outcome("exception", "ERROR: could not serialize access (SQLSTATE 40001)")),
+            "40001",
+        ),
         ("429 Too Many Requests", None, "429"),
         ("503", None, "503"),
         ("201 Created", SERIALIZATION_FAILURE, None),  # a success is never a refusal
@@ -703,7 +882,9 @@ def conditional(value: str) -> tuple[dict[str, Any], str]:
         (None, SERIALIZATION_FAILURE, None),
     ],
 )
-async def test_transient_status_classifies_statuses_and_entry_statuses(status: Any, outcome_: Any, reason: str | None) -> None:
+async def test_transient_status_classifies_statuses_and_entry_statuses(
+    status: Any, outcome_: Any, reason: str | None
+) -> None:
     """A transaction/batch entry's status (or a response's) with its OperationOutcome is classified
     as transient (the retry reason) or a refusal to keep (None): 409, 412, a serialization failure
     (SQLSTATE 40001, https://www.postgresql.org/docs/current/errcodes-appendix.html) and overload
@@ -711,11 +892,15 @@ async def test_transient_status_classifies_statuses_and_entry_statuses(status: A
     assert transient_status(status, outcome_) == reason
 
 
-async def test_a_409_on_a_conditional_create_is_retried_and_counted(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_a_409_on_a_conditional_create_is_retried_and_counted(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     """A conditional create answered 409 (a concurrent conditional create) is sent again after a
     jittered backoff within the same call, counted under reason 409, and creates the resource once."""
     h = await make_client(proxy.base)
-    proxy.add(Fault(lambda r: r.method == "POST", times=1, respond=answer(409, outcome("conflict", "concurrent"))))
+    proxy.add(
+        Fault(lambda r: r.method == "POST", times=1, respond=answer(409, outcome("conflict", "concurrent")))
+    )
     before = retries("409")
     resource, criteria = conditional("c409")
 
@@ -728,7 +913,8 @@ async def test_a_409_on_a_conditional_create_is_retried_and_counted(proxy: Proxy
 
 
 async def test_a_serialization_failure_from_the_engine_is_retried_for_a_conditional_transaction(
-    start_engine: Callable[..., FhirEngine], make_client: Callable[..., Awaitable[Harness]],
+    start_engine: Callable[..., FhirEngine],
+    make_client: Callable[..., Awaitable[Harness]],
 ) -> None:
     """The engine's 409 with a 40001 outcome on every 2nd conditional create: a transaction of
     conditional creates (idempotent) is retried until it is applied, counted under reason 40001."""
@@ -746,13 +932,17 @@ async def test_a_serialization_failure_from_the_engine_is_retried_for_a_conditio
     assert engine.stats()["conflicts"] == 1 and len(h.sleeps) == 1
 
 
-async def test_a_409_on_a_plain_post_and_a_400_are_not_retried(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_a_409_on_a_plain_post_and_a_400_are_not_retried(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     """Refusals stay refusals: a plain POST answered 409 is not repeated (not idempotent); a 400 on
     a conditional create is not retried; a stale If-Match (412 without the serialization marker) is
     not resent verbatim but raised for the caller to re-read."""
     h = await make_client(proxy.base)
     before = (retries("409"), retries("400"), retries("412"))
-    proxy.add(Fault(lambda r: r.method == "POST", times=1, respond=answer(409, outcome("conflict", "concurrent"))))
+    proxy.add(
+        Fault(lambda r: r.method == "POST", times=1, respond=answer(409, outcome("conflict", "concurrent")))
+    )
     with pytest.raises(FhirHttpError) as caught:
         await h.client.create(observation())
     assert caught.value.status == 409
@@ -770,7 +960,8 @@ async def test_a_409_on_a_plain_post_and_a_400_are_not_retried(proxy: Proxy, mak
 
 
 async def test_a_429_without_retry_after_waits_into_the_quota_window(
-    start_engine: Callable[..., FhirEngine], make_client: Callable[..., Awaitable[Harness]],
+    start_engine: Callable[..., FhirEngine],
+    make_client: Callable[..., Awaitable[Harness]],
 ) -> None:
     """The engine's quota (a write 100 points, a search 20; 429 without Retry-After) is spent by a
     write; the next search waits a jittered half to whole quota window (not the 0.5 s backoff
@@ -794,8 +985,14 @@ async def test_a_429_without_retry_after_waits_into_the_quota_window(
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [('"requests";r=59999;t=60, "fhirInteractions";r=0;t=37', 37.0), ('"a";r=0;t=5, "b";r=0;t=12', 12.0),
-     ('"fhirInteractions";r=12;t=37', None), ('"x";r=0', None), ("garbage,,;;=", None), ("", None)],
+    [
+        ('"requests";r=59999;t=60, "fhirInteractions";r=0;t=37', 37.0),
+        ('"a";r=0;t=5, "b";r=0;t=12', 12.0),
+        ('"fhirInteractions";r=12;t=37', None),
+        ('"x";r=0', None),
+        ("garbage,,;;=", None),
+        ("", None),
+    ],
 )
 async def test_quota_reset_seconds_reads_the_ratelimit_header(value: str, expected: float | None) -> None:
     """The optional renewal hint of a 429 without Retry-After: the RateLimit header's `t` of an
@@ -804,7 +1001,9 @@ async def test_quota_reset_seconds_reads_the_ratelimit_header(value: str, expect
     assert quota_reset_seconds({"RateLimit": value} if value else {}) == expected
 
 
-async def test_a_429_with_a_ratelimit_hint_waits_until_the_quota_renews(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_a_429_with_a_ratelimit_hint_waits_until_the_quota_renews(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     """A 429 without Retry-After but with `RateLimit: ...;r=0;t=7` waits 7 s plus up to a tenth of
     the quota window, not a random half to whole window; a hint beyond the window is cut to it."""
     h = await make_client(proxy.base, quota_window_seconds=60.0)
@@ -818,23 +1017,34 @@ async def test_a_429_with_a_ratelimit_hint_waits_until_the_quota_renews(proxy: P
     assert 7.0 <= h.sleeps[0] <= 13.0 and h.sleeps[1] == 60.0
 
 
-async def test_quota_backoff_is_capped_per_request_and_per_cycle(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_quota_backoff_is_capped_per_request_and_per_cycle(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     """A server that keeps answering 429 without Retry-After: one request stops retrying once its
     backoff would pass fhir.retry.max_request_retry_seconds; a client whose backoff budget
     (max_cycle_retry_seconds) is spent stops retrying, and start_cycle() gives it back. Each stop
     is counted by cap."""
-    proxy.add(Fault(lambda r: r.method == "GET", times=999, respond=answer(429, outcome("throttled", "quota"))))
+    proxy.add(
+        Fault(lambda r: r.method == "GET", times=999, respond=answer(429, outcome("throttled", "quota")))
+    )
     capped = lambda cap: metric("neutrowatch_fhir_retry_caps_total", cap=cap)  # noqa: E731
     before = (capped("request"), capped("cycle"))
 
-    per_request = await make_client(proxy.base, max_attempts=20, quota_window_seconds=10.0, max_request_retry_seconds=25.0)
+    per_request = await make_client(
+        proxy.base, max_attempts=20, quota_window_seconds=10.0, max_request_retry_seconds=25.0
+    )
     with pytest.raises(FhirUnavailable, match=r"max_request_retry_seconds reached; last: 429"):
         await per_request.client.metadata()
     assert 15 <= sum(per_request.sleeps) <= 25 and len(proxy.requests("GET")) == len(per_request.sleeps) + 1
     assert capped("request") - before[0] == 1
 
-    per_cycle = await make_client(proxy.base, max_attempts=20, quota_window_seconds=10.0, max_request_retry_seconds=100.0,
-                                  max_cycle_retry_seconds=12.0)
+    per_cycle = await make_client(
+        proxy.base,
+        max_attempts=20,
+        quota_window_seconds=10.0,
+        max_request_retry_seconds=100.0,
+        max_cycle_retry_seconds=12.0,
+    )
     with pytest.raises(FhirUnavailable, match=r"max_cycle_retry_seconds reached; last: 429"):
         await per_cycle.client.metadata()
     # 12 s of budget, refilled at half a second per second of backoff: about 24 s at most
@@ -846,7 +1056,9 @@ async def test_quota_backoff_is_capped_per_request_and_per_cycle(proxy: Proxy, m
     assert len(per_cycle.sleeps) - slept >= 2  # retried again after the budget was given back
 
 
-async def test_concurrent_requests_share_one_quota_pause(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_concurrent_requests_share_one_quota_pause(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     """Four requests meeting a 429 at once do not each start their own backoff: the client pauses
     as a whole, every request waits out the same pause (at most one quota window), and the backoff
     budget is charged for the pause once, not four times (4 × 0.2-0.4 s would overrun 0.6 s)."""
@@ -865,7 +1077,9 @@ async def test_concurrent_requests_share_one_quota_pause(proxy: Proxy, make_clie
 
 
 async def test_the_client_side_rate_limit_spaces_requests(
-    fhir_engine: FhirEngine, fhir_base_url: str, make_client: Callable[..., Awaitable[Harness]],
+    fhir_engine: FhirEngine,
+    fhir_base_url: str,
+    make_client: Callable[..., Awaitable[Harness]],
 ) -> None:
     """fhir.max_requests_per_minute = 5: eight searches at once, and within the next 1.5 s exactly
     five reach the server; the others wait for the minute to make room (counted as paced seconds)."""
@@ -879,10 +1093,14 @@ async def test_the_client_side_rate_limit_spaces_requests(
         task.cancel()
     assert (len(done), len(pending)) == (5, 3)
     assert fhir_engine.stats()["requests"] == 5
-    assert metric("neutrowatch_fhir_paced_seconds_total") - paced > 50  # the sixth waits out most of the minute
+    assert (
+        metric("neutrowatch_fhir_paced_seconds_total") - paced > 50
+    )  # the sixth waits out most of the minute
 
 
-async def test_retries_count_against_the_rate_limit(proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]) -> None:
+async def test_retries_count_against_the_rate_limit(
+    proxy: Proxy, make_client: Callable[..., Awaitable[Harness]]
+) -> None:
     """Every send counts against fhir.max_requests_per_minute, retries included: with a limit of 2
     a search retried once uses the minute up, and a second search waits."""
     h = await make_client(proxy.base, max_requests_per_minute=2)
@@ -898,7 +1116,8 @@ async def test_retries_count_against_the_rate_limit(proxy: Proxy, make_client: C
 
 
 async def test_a_live_cycle_under_a_quota_and_conflicts_writes_what_replay_predicts(
-    start_engine: Callable[..., FhirEngine], tmp_path: Path,
+    start_engine: Callable[..., FhirEngine],
+    tmp_path: Path,
 ) -> None:
     """The live loop against an engine with a small quota (short window, 429s without Retry-After)
     and a 409 on every 4th conditional create: one cycle delivers every alert (no write waits for
@@ -915,6 +1134,9 @@ async def test_a_live_cycle_under_a_quota_and_conflicts_writes_what_replay_predi
     assert report.delivered_all and report.written > 5
     stats = engine.stats()
     assert stats["throttled"] > 0 and stats["conflicts"] > 0
-    assert retries("429") - throttled == stats["throttled"] and retries("40001") - conflicted == stats["conflicts"]
+    assert (
+        retries("429") - throttled == stats["throttled"]
+        and retries("40001") - conflicted == stats["conflicts"]
+    )
     counts = compare_with_oracle(engine.base_url, tmp_path / "oracle")
     assert counts["communications"] == report.written

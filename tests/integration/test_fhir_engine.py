@@ -56,14 +56,21 @@ async def request(
         return resp.status, (json.loads(text) if text else None), resp.headers
 
 
-def observation(code: str = NEUTROPHILS, patient: str = "p1", value: float = 1.2, **extra: Any) -> dict[str, Any]:
+def observation(
+    code: str = NEUTROPHILS, patient: str = "p1", value: float = 1.2, **extra: Any
+) -> dict[str, Any]:
     return {
         "resourceType": "Observation",
         "status": "final",
         "code": {"coding": [{"system": LOINC, "code": code}]},
         "subject": {"reference": f"Patient/{patient}"},
         "effectiveDateTime": "2024-05-01T08:00:00Z",
-        "valueQuantity": {"value": value, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"},
+        "valueQuantity": {
+            "value": value,
+            "unit": "10*3/uL",
+            "system": "http://unitsofmeasure.org",
+            "code": "10*3/uL",
+        },
         **extra,
     }
 
@@ -78,16 +85,24 @@ def flag_entry(identifier: str) -> dict[str, Any]:
             "code": {"text": "Neutropenia"},
             "subject": {"reference": "Patient/p1"},
         },
-        "request": {"method": "POST", "url": "Flag", "ifNoneExist": f"identifier=urn:neutrowatch:episode|{identifier}"},
+        "request": {
+            "method": "POST",
+            "url": "Flag",
+            "ifNoneExist": f"identifier=urn:neutrowatch:episode|{identifier}",
+        },
     }
 
 
-async def create_many(http: aiohttp.ClientSession, base: str, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+async def create_many(
+    http: aiohttp.ClientSession, base: str, resources: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     """Create resources with one batch Bundle; return the created resources in order."""
     bundle = {
         "resourceType": "Bundle",
         "type": "batch",
-        "entry": [{"request": {"method": "POST", "url": r["resourceType"]}, "resource": r} for r in resources],
+        "entry": [
+            {"request": {"method": "POST", "url": r["resourceType"]}, "resource": r} for r in resources
+        ],
     }
     status, body, _ = await request(http, "POST", f"{base}/", bundle)
     assert status == 200, body
@@ -95,7 +110,9 @@ async def create_many(http: aiohttp.ClientSession, base: str, resources: list[di
     return [e["resource"] for e in body["entry"]]
 
 
-async def search_all(http: aiohttp.ClientSession, base: str, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+async def search_all(
+    http: aiohttp.ClientSession, base: str, path: str, params: dict[str, str]
+) -> list[dict[str, Any]]:
     """Follow `next` links from the first page; return every page Bundle."""
     pages = []
     status, page, _ = await request(http, "GET", f"{base}/{path}", params=params)
@@ -119,7 +136,9 @@ def ids(bundle: dict[str, Any]) -> list[str]:
 # -- tests -----------------------------------------------------------------------------------------
 
 
-async def test_metadata_is_a_minimal_r4_capability_statement(http: aiohttp.ClientSession, fhir_base_url: str) -> None:
+async def test_metadata_is_a_minimal_r4_capability_statement(
+    http: aiohttp.ClientSession, fhir_base_url: str
+) -> None:
     status, body, headers = await request(http, "GET", f"{fhir_base_url}/metadata")
     assert status == 200
     assert headers["Content-Type"].startswith(FHIR_JSON)
@@ -129,8 +148,15 @@ async def test_metadata_is_a_minimal_r4_capability_statement(http: aiohttp.Clien
     assert rest["mode"] == "server"
     resources = {r["type"]: r for r in rest["resource"]}
     assert set(resources) >= {
-        "Observation", "Flag", "Communication", "Provenance", "Patient",
-        "DiagnosticReport", "ServiceRequest", "CareTeam", "Device",
+        "Observation",
+        "Flag",
+        "Communication",
+        "Provenance",
+        "Patient",
+        "DiagnosticReport",
+        "ServiceRequest",
+        "CareTeam",
+        "Device",
     }
     for resource in resources.values():
         assert {"read", "create", "update", "search-type"} <= {i["code"] for i in resource["interaction"]}
@@ -173,7 +199,9 @@ async def test_search_pages_through_230_observations_via_next_links(
 ) -> None:
     # Matching resources created before the watermark must be excluded by _lastUpdated=ge.
     before = await create_many(http, fhir_base_url, [observation() for _ in range(5)])
-    watermark = max(datetime.fromisoformat(r["meta"]["lastUpdated"]) for r in before) + timedelta(milliseconds=1)
+    watermark = max(datetime.fromisoformat(r["meta"]["lastUpdated"]) for r in before) + timedelta(
+        milliseconds=1
+    )
     await asyncio.sleep(0.01)  # lastUpdated has millisecond precision
     mixed = [observation(value=i / 100) for i in range(230)] + [observation(code=WBC) for _ in range(40)]
     created = await create_many(http, fhir_base_url, mixed)
@@ -185,7 +213,12 @@ async def test_search_pages_through_230_observations_via_next_links(
         http,
         fhir_base_url,
         "Observation",
-        {"code": f"{LOINC}|{NEUTROPHILS}", "_lastUpdated": f"ge{since}", "_sort": "_lastUpdated", "_count": "50"},
+        {
+            "code": f"{LOINC}|{NEUTROPHILS}",
+            "_lastUpdated": f"ge{since}",
+            "_sort": "_lastUpdated",
+            "_count": "50",
+        },
     )
 
     assert [len(ids(p)) for p in pages] == [50, 50, 50, 50, 30]
@@ -200,7 +233,9 @@ async def test_search_pages_through_230_observations_via_next_links(
     assert first_entry["fullUrl"] == f"{fhir_base_url}/Observation/{first_entry['resource']['id']}"
 
 
-async def test_count_defaults_to_100_and_is_capped_at_1000(http: aiohttp.ClientSession, fhir_base_url: str) -> None:
+async def test_count_defaults_to_100_and_is_capped_at_1000(
+    http: aiohttp.ClientSession, fhir_base_url: str
+) -> None:
     await create_many(http, fhir_base_url, [observation() for _ in range(120)])
     status, page, _ = await request(http, "GET", f"{fhir_base_url}/Observation")
     assert status == 200 and len(ids(page)) == 100 and page["total"] == 120
@@ -220,7 +255,9 @@ async def test_count_defaults_to_100_and_is_capped_at_1000(http: aiohttp.ClientS
 
 async def test_subject_and_patient_filters(http: aiohttp.ClientSession, fhir_base_url: str) -> None:
     await create_many(
-        http, fhir_base_url, [observation(patient="x") for _ in range(3)] + [observation(patient="y") for _ in range(2)]
+        http,
+        fhir_base_url,
+        [observation(patient="x") for _ in range(3)] + [observation(patient="y") for _ in range(2)],
     )
 
     async def total(params: dict[str, str]) -> int:
@@ -234,12 +271,16 @@ async def test_subject_and_patient_filters(http: aiohttp.ClientSession, fhir_bas
     assert await total({"patient": "Patient/x"}) == 3
     # Engine quirks (Medplum 5.2): a bare id only matches for single-target reference parameters.
     assert await total({"patient": "x"}) == 3  # `patient` targets only Patient
-    assert await total({"subject": "x"}) == 0  # `subject` targets Patient|Group|Device|Location: silently empty
+    assert (
+        await total({"subject": "x"}) == 0
+    )  # `subject` targets Patient|Group|Device|Location: silently empty
     # Unknown search parameters silently match nothing (no error, no warning).
     assert await total({"no-such-param": "1"}) == 0
 
 
-async def test_transaction_with_if_none_exist_is_idempotent(http: aiohttp.ClientSession, fhir_base_url: str) -> None:
+async def test_transaction_with_if_none_exist_is_idempotent(
+    http: aiohttp.ClientSession, fhir_base_url: str
+) -> None:
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("episode-1")]}
 
     status, first, _ = await request(http, "POST", f"{fhir_base_url}/", bundle)
@@ -261,7 +302,11 @@ async def test_transaction_with_if_none_exist_is_idempotent(http: aiohttp.Client
 async def test_transaction_with_if_none_exist_and_more_than_8_entries_is_refused(
     http: aiohttp.ClientSession, fhir_base_url: str
 ) -> None:
-    eight = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry(f"e{i}") for i in range(8)]}
+    eight = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [flag_entry(f"e{i}") for i in range(8)],
+    }
     status, body, _ = await request(http, "POST", f"{fhir_base_url}/", eight)
     assert status == 200, body
 
@@ -269,7 +314,9 @@ async def test_transaction_with_if_none_exist_and_more_than_8_entries_is_refused
     status, outcome, _ = await request(http, "POST", f"{fhir_base_url}/", nine)
     assert status == 400 and outcome["resourceType"] == "OperationOutcome"
     assert "too many entries" in outcome["issue"][0]["details"]["text"]
-    status, found, _ = await request(http, "GET", f"{fhir_base_url}/Flag", params={"identifier": "urn:neutrowatch:episode|n0"})
+    status, found, _ = await request(
+        http, "GET", f"{fhir_base_url}/Flag", params={"identifier": "urn:neutrowatch:episode|n0"}
+    )
     assert found["total"] == 0
 
 
@@ -281,8 +328,10 @@ async def _stale_put_transaction(http: aiohttp.ClientSession, base: str) -> tupl
     v1 = flag["meta"]["versionId"]
     status, _, _ = await request(http, "PUT", f"{base}/Flag/{flag['id']}", {**flag, "status": "inactive"})
     assert status == 200
-    stale = {"resource": {**flag, "status": "entered-in-error"},
-             "request": {"method": "PUT", "url": f"Flag/{flag['id']}", "ifMatch": f'W/"{v1}"'}}
+    stale = {
+        "resource": {**flag, "status": "entered-in-error"},
+        "request": {"method": "PUT", "url": f"Flag/{flag['id']}", "ifMatch": f'W/"{v1}"'},
+    }
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("episode-new"), stale]}
     status, body, _ = await request(http, "POST", f"{base}/", bundle)
     return status, body, "urn:neutrowatch:episode|episode-new"
@@ -325,10 +374,17 @@ async def test_batch_engine_rewrites_a_reference_to_a_failed_entry_to_an_id_that
     the engine's own fault switch, which fails the write for real with 409). Atomic: nothing kept."""
     base = fhir_engine_each_mode.base_url
     flag = flag_entry("episode-f")
-    provenance = {"resourceType": "Provenance", "recorded": "2026-01-01T00:00:00Z", "target": [{"reference": flag["fullUrl"]}],
-                  "agent": [{"who": {"reference": "Device/neutrowatch"}}]}
-    bundle = {"resourceType": "Bundle", "type": "transaction",
-              "entry": [flag, {"resource": provenance, "request": {"method": "POST", "url": "Provenance"}}]}
+    provenance = {
+        "resourceType": "Provenance",
+        "recorded": "2026-01-01T00:00:00Z",
+        "target": [{"reference": flag["fullUrl"]}],
+        "agent": [{"who": {"reference": "Device/neutrowatch"}}],
+    }
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [flag, {"resource": provenance, "request": {"method": "POST", "url": "Provenance"}}],
+    }
     fhir_engine_each_mode.fault("Flag", contains="episode-f")
     status, body, _ = await request(http, "POST", f"{base}/", bundle)
     if fhir_engine_each_mode.batch_transactions:
@@ -346,7 +402,9 @@ async def test_batch_engine_rewrites_a_reference_to_a_failed_entry_to_an_id_that
     assert status == 200 and [e["response"]["status"] for e in body["entry"]] == ["201", "201"], body
 
 
-async def test_conditional_create_with_if_none_exist_header(http: aiohttp.ClientSession, fhir_base_url: str) -> None:
+async def test_conditional_create_with_if_none_exist_header(
+    http: aiohttp.ClientSession, fhir_base_url: str
+) -> None:
     flag = flag_entry("episode-h")["resource"]
     headers = {"If-None-Exist": "identifier=urn:neutrowatch:episode|episode-h"}
     status, first, _ = await request(http, "POST", f"{fhir_base_url}/Flag", flag, headers=headers)
@@ -356,7 +414,9 @@ async def test_conditional_create_with_if_none_exist_header(http: aiohttp.Client
 
 
 async def test_versioned_update_with_if_match(http: aiohttp.ClientSession, fhir_base_url: str) -> None:
-    status, flag, _ = await request(http, "POST", f"{fhir_base_url}/Flag", flag_entry("episode-v")["resource"])
+    status, flag, _ = await request(
+        http, "POST", f"{fhir_base_url}/Flag", flag_entry("episode-v")["resource"]
+    )
     assert status == 201
     url = f"{fhir_base_url}/Flag/{flag['id']}"
     v1 = flag["meta"]["versionId"]
@@ -385,7 +445,10 @@ async def test_client_sent_meta_last_updated(http: aiohttp.ClientSession, fhir_b
     staged = "2020-01-01T00:00:00.000Z"
     # Default (as the engine does): client-sent meta.lastUpdated/versionId are replaced on create.
     status, plain, _ = await request(
-        http, "POST", f"{fhir_base_url}/Observation", observation(meta={"lastUpdated": staged, "versionId": "v-client"})
+        http,
+        "POST",
+        f"{fhir_base_url}/Observation",
+        observation(meta={"lastUpdated": staged, "versionId": "v-client"}),
     )
     assert status == 201
     assert plain["meta"]["lastUpdated"] != staged and plain["meta"]["versionId"] != "v-client"
@@ -399,19 +462,29 @@ async def test_client_sent_meta_last_updated(http: aiohttp.ClientSession, fhir_b
     status, read, _ = await request(http, "GET", f"{fhir_base_url}/Observation/{kept['id']}")
     assert read["meta"]["lastUpdated"] == staged
 
-    status, found, _ = await request(http, "GET", f"{fhir_base_url}/Observation", params={"_lastUpdated": "lt2021-01-01"})
+    status, found, _ = await request(
+        http, "GET", f"{fhir_base_url}/Observation", params={"_lastUpdated": "lt2021-01-01"}
+    )
     assert ids(found) == [kept["id"]]
 
     # Seeding mode does not leak into later requests, even after a failing keep-meta request.
     status, _, _ = await request(
-        http, "POST", f"{fhir_base_url}/Observation", observation(meta={"lastUpdated": "not-a-date"}), headers=keep
+        http,
+        "POST",
+        f"{fhir_base_url}/Observation",
+        observation(meta={"lastUpdated": "not-a-date"}),
+        headers=keep,
     )
     assert status == 400
-    status, after, _ = await request(http, "POST", f"{fhir_base_url}/Observation", observation(meta={"lastUpdated": staged}))
+    status, after, _ = await request(
+        http, "POST", f"{fhir_base_url}/Observation", observation(meta={"lastUpdated": staged})
+    )
     assert after["meta"]["lastUpdated"] != staged
 
 
-async def test_reset_empties_the_repository(http: aiohttp.ClientSession, fhir_engine: Any, fhir_base_url: str) -> None:
+async def test_reset_empties_the_repository(
+    http: aiohttp.ClientSession, fhir_engine: Any, fhir_base_url: str
+) -> None:
     await create_many(http, fhir_base_url, [observation() for _ in range(3)])
     status, bundle, _ = await request(http, "GET", f"{fhir_base_url}/Observation")
     assert bundle["total"] == 3
@@ -444,12 +517,18 @@ async def test_errors_answer_operation_outcome_and_do_not_crash(
     assert head.startswith(b"HTTP/1.1 500")
     assert json.loads(payload)["resourceType"] == "OperationOutcome"
 
-    async with http.post(f"{fhir_base_url}/Observation", data="{not json", headers={"Content-Type": FHIR_JSON}) as resp:
+    async with http.post(
+        f"{fhir_base_url}/Observation", data="{not json", headers={"Content-Type": FHIR_JSON}
+    ) as resp:
         assert resp.status == 400
-    async with http.post(f"{fhir_base_url}/Observation", data="{}", headers={"Content-Type": "text/plain"}) as resp:
+    async with http.post(
+        f"{fhir_base_url}/Observation", data="{}", headers={"Content-Type": "text/plain"}
+    ) as resp:
         assert resp.status == 415
     async with http.post(
-        f"{fhir_base_url}/Observation", data=b" " * (50 * 1024 * 1024 + 1), headers={"Content-Type": FHIR_JSON}
+        f"{fhir_base_url}/Observation",
+        data=b" " * (50 * 1024 * 1024 + 1),
+        headers={"Content-Type": FHIR_JSON},
     ) as resp:
         assert resp.status == 413
 
@@ -469,9 +548,9 @@ def _raw_http(host: str, port: int, request_line: bytes) -> bytes:
 # -- quota and injected conflicts (start options) ---------------------------------------------------
 
 
-
-
-async def test_quota_prices_interactions_and_answers_429_without_retry_after(http: aiohttp.ClientSession, start_engine: Any) -> None:
+async def test_quota_prices_interactions_and_answers_429_without_retry_after(
+    http: aiohttp.ClientSession, start_engine: Any
+) -> None:
     """--quota-points-per-minute: a write costs 100 points, a search 20, a read 10 (the costs the
     README gives); a request over the window's quota is refused unapplied with 429, an
     OperationOutcome (code throttled) and no Retry-After; the next window has the full quota again;
@@ -487,7 +566,9 @@ async def test_quota_prices_interactions_and_answers_429_without_retry_after(htt
     status, body, headers = await request(http, "GET", f"{base}/Observation/{created['id']}")  # 160: over
     assert status == 429 and "Retry-After" not in headers
     assert body["resourceType"] == "OperationOutcome" and body["issue"][0]["code"] == "throttled"
-    status, _, _ = await request(http, "POST", f"{base}/Observation", observation(), headers={"X-Engine-Unmetered": "true"})
+    status, _, _ = await request(
+        http, "POST", f"{base}/Observation", observation(), headers={"X-Engine-Unmetered": "true"}
+    )
     assert status == 201
     assert (engine.stats()["throttled"], engine.stats()["points"]) == (1, 150)
 
@@ -507,7 +588,9 @@ async def test_quota_prices_a_bundle_by_its_entries(http: aiohttp.ClientSession,
     assert (await request(http, "GET", f"{engine.base_url}/Flag"))[1]["total"] == 1
 
 
-async def test_conflict_every_answers_409_to_every_nth_conditional_create(http: aiohttp.ClientSession, start_engine: Any) -> None:
+async def test_conflict_every_answers_409_to_every_nth_conditional_create(
+    http: aiohttp.ClientSession, start_engine: Any
+) -> None:
     """--conflict-every 2: every 2nd conditional create (If-None-Exist header, or a Bundle with an
     ifNoneExist entry) answers 409 with a serialization-failure OperationOutcome (SQLSTATE 40001 in
     its diagnostics) and writes nothing; plain creates are neither counted nor refused; the same
@@ -515,16 +598,41 @@ async def test_conflict_every_answers_409_to_every_nth_conditional_create(http: 
     engine = start_engine(conflict_every=2)
     base = engine.base_url
     ident = lambda v: {"identifier": [{"system": "urn:test", "value": v}]}  # noqa: E731
-    assert (await request(http, "POST", f"{base}/Observation", observation(**ident("a")),
-                          headers={"If-None-Exist": "identifier=urn:test|a"}))[0] == 201  # 1st
+    assert (
+        await request(
+            http,
+            "POST",
+            f"{base}/Observation",
+            observation(**ident("a")),
+            headers={"If-None-Exist": "identifier=urn:test|a"},
+        )
+    )[0] == 201  # 1st
     assert (await request(http, "POST", f"{base}/Observation", observation()))[0] == 201  # plain: not counted
 
-    status, body, _ = await request(http, "POST", f"{base}/Observation", observation(**ident("b")),
-                                    headers={"If-None-Exist": "identifier=urn:test|b"})  # 2nd
-    assert status == 409 and body["issue"][0]["code"] == "conflict" and "40001" in body["issue"][0]["diagnostics"]
-    assert (await request(http, "GET", f"{base}/Observation", params={"identifier": "urn:test|b"}))[1]["total"] == 0
-    assert (await request(http, "POST", f"{base}/Observation", observation(**ident("b")),
-                          headers={"If-None-Exist": "identifier=urn:test|b"}))[0] == 201  # 3rd
+    status, body, _ = await request(
+        http,
+        "POST",
+        f"{base}/Observation",
+        observation(**ident("b")),
+        headers={"If-None-Exist": "identifier=urn:test|b"},
+    )  # 2nd
+    assert (
+        status == 409
+        and body["issue"][0]["code"] == "conflict"
+        and "40001" in body["issue"][0]["diagnostics"]
+    )
+    assert (await request(http, "GET", f"{base}/Observation", params={"identifier": "urn:test|b"}))[1][
+        "total"
+    ] == 0
+    assert (
+        await request(
+            http,
+            "POST",
+            f"{base}/Observation",
+            observation(**ident("b")),
+            headers={"If-None-Exist": "identifier=urn:test|b"},
+        )
+    )[0] == 201  # 3rd
 
     bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [flag_entry("c1")]}
     assert (await request(http, "POST", base, bundle))[0] == 409  # 4th

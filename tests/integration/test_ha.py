@@ -38,16 +38,27 @@ class Replica:
     def __init__(self, name: str, config: Path, workdir: Path):
         self.name, self.port = name, _free_port()
         self.log = (workdir / f"{name}.log").open("ab")
-        env = {**os.environ, "NEUTROWATCH_WEB__PORT": str(self.port), "NEUTROWATCH_LOGGING__FORMAT": "json",
-               "NEUTROWATCH_LOGGING__LEVEL": "info"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(config)],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
+        env = {
+            **os.environ,
+            "NEUTROWATCH_WEB__PORT": str(self.port),
+            "NEUTROWATCH_LOGGING__FORMAT": "json",
+            "NEUTROWATCH_LOGGING__LEVEL": "info",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=self.log,
+            stderr=self.log,
+        )
 
     async def metrics(self) -> dict[str, float]:
         """Prometheus samples summed by name+labels; {} while the process is not answering."""
         try:
-            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.port}/metrics",
-                                                           timeout=aiohttp.ClientTimeout(total=1)) as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{self.port}/metrics", timeout=aiohttp.ClientTimeout(total=1)) as r,
+            ):
                 text = await r.text()
         except (aiohttp.ClientError, TimeoutError):
             return {}
@@ -63,8 +74,10 @@ class Replica:
 
     async def readiness(self) -> tuple[int | None, str]:
         try:
-            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.port}/readyz",
-                                                           timeout=aiohttp.ClientTimeout(total=1)) as r:
+            async with (
+                aiohttp.ClientSession() as s,
+                s.get(f"http://127.0.0.1:{self.port}/readyz", timeout=aiohttp.ClientTimeout(total=1)) as r,
+            ):
                 return r.status, await r.text()
         except (aiohttp.ClientError, TimeoutError):
             return None, ""
@@ -99,12 +112,22 @@ async def _epoch(dsn: str, schema: str) -> int:
         await conn.close()
 
 
-async def test_kill_9_of_the_active_replica_hands_over_within_two_intervals(fhir_base_url, pg_dsn, pg_schema, tmp_path):
-    settings = settings_for(fhir_base_url, postgres_store(pg_dsn, pg_schema, failover_check_seconds=0.5),
-                            page_size=20, interval_seconds=INTERVAL)
+async def test_kill_9_of_the_active_replica_hands_over_within_two_intervals(
+    fhir_base_url, pg_dsn, pg_schema, tmp_path
+):
+    settings = settings_for(
+        fhir_base_url,
+        postgres_store(pg_dsn, pg_schema, failover_check_seconds=0.5),
+        page_size=20,
+        interval_seconds=INTERVAL,
+    )
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)
-                                     | {"store": postgres_store(pg_dsn, pg_schema, failover_check_seconds=0.5)}))
+    config.write_text(
+        yaml.safe_dump(
+            settings.model_dump(mode="json", exclude_none=True)
+            | {"store": postgres_store(pg_dsn, pg_schema, failover_check_seconds=0.5)}
+        )
+    )
     batches = stages(population(patients=24, days=42, seed=17), 3)
     replicas = {"a": Replica("a", config, tmp_path)}
     takeovers: list[float] = []
@@ -127,14 +150,21 @@ async def test_kill_9_of_the_active_replica_hands_over_within_two_intervals(fhir
         # Stage 2: kill the new leader while it is reading pages.
         pages_before = await b.value("neutrowatch_pages_total")
         put_all(fhir_base_url, batches[1])
-        await _until(lambda: _more(b, "neutrowatch_pages_total", pages_before), 60, "replica b to read pages", tmp_path)
+        await _until(
+            lambda: _more(b, "neutrowatch_pages_total", pages_before), 60, "replica b to read pages", tmp_path
+        )
         b.kill9()
         takeovers.append(await _until(lambda: _leads(a2), 2 * INTERVAL, "replica a2 to take over", tmp_path))
 
         # Stage 3 arrives with one leader; it settles: two clean polls after the data is in.
         put_all(fhir_base_url, batches[2])
         ok = await a2.value('neutrowatch_polls_total{outcome="ok"}')
-        await _until(lambda: _more(a2, 'neutrowatch_polls_total{outcome="ok"}', ok + 1), 90, "two clean polls", tmp_path)
+        await _until(
+            lambda: _more(a2, 'neutrowatch_polls_total{outcome="ok"}', ok + 1),
+            90,
+            "two clean polls",
+            tmp_path,
+        )
         assert await a2.value("neutrowatch_outbox_pending") == 0
     finally:
         codes = {name: r.stop() for name, r in replicas.items()}
@@ -156,7 +186,7 @@ async def _ready_standby(r: Replica) -> bool:
 
 
 async def _writing(r: Replica) -> bool:
-    return await r.value('neutrowatch_fhir_writes_total') > 0
+    return await r.value("neutrowatch_fhir_writes_total") > 0
 
 
 async def _more(r: Replica, name: str, than: float) -> bool:

@@ -25,16 +25,27 @@ PARTNER = "https://partner.example.net/fhir"
 
 def panel(subject: str, pid: str, n: int, anc_k: float, day: int) -> list[dict[str, Any]]:
     kw = dict(patient=subject, effective=f"2026-11-{day:02d}T08:00:00Z", specimen=f"Specimen/{pid}-{n}")
-    return [observation("6690-2", 4.0, id=f"{pid}-{n}-wbc", **kw), observation("751-8", anc_k, id=f"{pid}-{n}-anc", **kw)]
+    return [
+        observation("6690-2", 4.0, id=f"{pid}-{n}-wbc", **kw),
+        observation("751-8", anc_k, id=f"{pid}-{n}-anc", **kw),
+    ]
 
 
 def rejections(reason: str) -> float:
-    return sum(s.value for f in metrics.REGISTRY.collect() for s in f.samples
-               if s.name == "neutrowatch_rejections_total" and s.labels.get("reason") == reason)
+    return sum(
+        s.value
+        for f in metrics.REGISTRY.collect()
+        for s in f.samples
+        if s.name == "neutrowatch_rejections_total" and s.labels.get("reason") == reason
+    )
 
 
-async def cycles(engine_url: str, tmp_path, stages: list[list[dict[str, Any]]],
-                 configure: Callable[[Settings], Settings] = lambda s: s) -> tuple[Middleman, list[Any], list[dict[str, Any]]]:
+async def cycles(
+    engine_url: str,
+    tmp_path,
+    stages: list[list[dict[str, Any]]],
+    configure: Callable[[Settings], Settings] = lambda s: s,
+) -> tuple[Middleman, list[Any], list[dict[str, Any]]]:
     """Each stage put on the server, then one worker cycle through the middleman."""
     middleman = Middleman(engine_url)
     await middleman.start()
@@ -53,8 +64,12 @@ async def cycles(engine_url: str, tmp_path, stages: list[list[dict[str, Any]]],
 def context_requests(middleman: Middleman) -> list[str]:
     """What the worker read about patients besides their Observations: Patient reads, Condition,
     CareTeam and ServiceRequest look-ups (the directory's)."""
-    return [r for r in middleman.requests
-            if r.startswith("GET ") and r.split()[1].startswith(("/Patient", "/Condition", "/CareTeam", "/ServiceRequest"))]
+    return [
+        r
+        for r in middleman.requests
+        if r.startswith("GET ")
+        and r.split()[1].startswith(("/Patient", "/Condition", "/CareTeam", "/ServiceRequest"))
+    ]
 
 
 async def test_three_spellings_of_one_patient_are_one_flag(fhir_engine, tmp_path):
@@ -64,10 +79,16 @@ async def test_three_spellings_of_one_patient_are_one_flag(fhir_engine, tmp_path
     fhir_engine.reset()
     base = fhir_engine.base_url
     put_all(base, [{"resourceType": "Patient", "id": "h20", "birthDate": "1960-01-01"}])
-    middleman, reports, decisions = await cycles(base, tmp_path, [
-        panel("Patient/h20", "h20", 0, 0.3, 1), panel("Patient/h20/_history/1", "h20", 1, 0.2, 2),
-        # as stored on the engine; the worker reads it under the middleman's base, its fhir.base_url
-        panel(f"{base}/Patient/h20", "h20", 2, 2.5, 3)])
+    middleman, reports, decisions = await cycles(
+        base,
+        tmp_path,
+        [
+            panel("Patient/h20", "h20", 0, 0.3, 1),
+            panel("Patient/h20/_history/1", "h20", 1, 0.2, 2),
+            # as stored on the engine; the worker reads it under the middleman's base, its fhir.base_url
+            panel(f"{base}/Patient/h20", "h20", 2, 2.5, 3),
+        ],
+    )
     assert [r.events for r in reports] == [{"new": 1}, {}, {"resolved": 1}]
     assert {d["patient"] for d in decisions} == {"Patient/h20"}
     flags = export(base, "Flag")
@@ -76,7 +97,11 @@ async def test_three_spellings_of_one_patient_are_one_flag(fhir_engine, tmp_path
     assert compare_with_oracle(base, tmp_path / "oracle") == {"communications": 2, "flags": 1}
     # the directory read the one patient, under its canonical id (the log is live: the other tests'
     # "nothing read" means something)
-    assert {r.split("?")[0] for r in context_requests(middleman)} == {"GET /Patient/h20", "GET /Condition", "GET /CareTeam"}
+    assert {r.split("?")[0] for r in context_requests(middleman)} == {
+        "GET /Patient/h20",
+        "GET /Condition",
+        "GET /CareTeam",
+    }
 
 
 async def test_a_foreign_subject_is_rejected_and_the_local_namesake_never_read(fhir_engine, tmp_path):
@@ -91,7 +116,8 @@ async def test_a_foreign_subject_is_rejected_and_the_local_namesake_never_read(f
     middleman, reports, decisions = await cycles(base, tmp_path, [panel(f"{EVIL}/Patient/x", "x", 0, 0.1, 2)])
     assert reports[0].events == {}
     assert [(d["event"], d["patient"], d["reason"]) for d in decisions] == [
-        ("rejected", None, "subject is on another server")] * 2
+        ("rejected", None, "subject is on another server")
+    ] * 2
     assert rejections("subject is on another server") - before == 2
     assert context_requests(middleman) == []
     assert export(base, "Flag") == [] and export(base, "Communication") == []
@@ -110,13 +136,23 @@ async def test_an_accepted_foreign_base_is_an_identity_with_no_local_look_up(fhi
     def federated(s: Settings) -> Settings:
         return s.model_copy(update={"fhir": s.fhir.model_copy(update={"accepted_foreign_bases": (PARTNER,)})})
 
-    middleman, reports, decisions = await cycles(base, tmp_path, [
-        panel(f"{PARTNER}/Patient/x/_history/2", "x", 0, 0.1, 2), panel(f"{PARTNER}/Patient/x", "x", 1, 2.5, 3)], federated)
+    middleman, reports, decisions = await cycles(
+        base,
+        tmp_path,
+        [
+            panel(f"{PARTNER}/Patient/x/_history/2", "x", 0, 0.1, 2),
+            panel(f"{PARTNER}/Patient/x", "x", 1, 2.5, 3),
+        ],
+        federated,
+    )
     assert [r.events for r in reports] == [{"new": 1}, {"resolved": 1}]
     assert {(d["patient"], d["threshold_rule"], d["recipient_rule"]) for d in decisions} == {
-        (f"{PARTNER}/Patient/x", "scheme", "configured pool")}
+        (f"{PARTNER}/Patient/x", "scheme", "configured pool")
+    }
     assert context_requests(middleman) == []
-    assert [(f["subject"]["reference"], f["status"]) for f in export(base, "Flag")] == [(f"{PARTNER}/Patient/x", "inactive")]
+    assert [(f["subject"]["reference"], f["status"]) for f in export(base, "Flag")] == [
+        (f"{PARTNER}/Patient/x", "inactive")
+    ]
     compare_with_oracle(base, tmp_path / "oracle", accepted_foreign_bases=(PARTNER,))
 
 
@@ -128,19 +164,39 @@ async def test_facts_written_with_the_absolute_subject_are_the_patients(fhir_eng
     does not match, while replay keys context rows by the canonical subject."""
     fhir_engine.reset()
     base = fhir_engine.base_url
-    put_all(base, [
-        {"resourceType": "Patient", "id": "b", "birthDate": "1970-01-01"},
-        {"resourceType": "Patient", "id": "t", "birthDate": "1970-01-01"},
-        {"resourceType": "Condition", "id": "cbn", "subject": {"reference": f"{base}/Patient/b"},
-         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
-         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "active"}]}},
-        {"resourceType": "CareTeam", "id": "ct", "status": "active", "subject": {"reference": f"{base}/Patient/t"},
-         "participant": [{"member": {"reference": "Practitioner/nurse-a"}}]},
-    ])
+    put_all(
+        base,
+        [
+            {"resourceType": "Patient", "id": "b", "birthDate": "1970-01-01"},
+            {"resourceType": "Patient", "id": "t", "birthDate": "1970-01-01"},
+            {
+                "resourceType": "Condition",
+                "id": "cbn",
+                "subject": {"reference": f"{base}/Patient/b"},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
+                "clinicalStatus": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                            "code": "active",
+                        }
+                    ]
+                },
+            },
+            {
+                "resourceType": "CareTeam",
+                "id": "ct",
+                "status": "active",
+                "subject": {"reference": f"{base}/Patient/t"},
+                "participant": [{"member": {"reference": "Practitioner/nurse-a"}}],
+            },
+        ],
+    )
     settings = settings_for(base, tmp_path / "s.sqlite3")
     put_all(base, panel("Patient/b", "b", 0, 1.2, 2) + panel("Patient/t", "t", 0, 0.8, 2))
     report, decisions = await cycle(settings, with_decisions=True)
     assert report.events == {"new": 1}
     assert [(d["patient"], d["recipient_rule"], d["recipients"]) for d in decisions] == [
-        ("Patient/t", "care team", ["Practitioner/nurse-a"])]
+        ("Patient/t", "care team", ["Practitioner/nurse-a"])
+    ]
     compare_with_oracle(base, tmp_path / "oracle")

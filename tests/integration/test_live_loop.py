@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 async def test_a_draw_grouped_by_its_diagnostic_report_is_grouped_alike_by_replay_and_live(
-        fhir_base_url, tmp_path):
+    fhir_base_url, tmp_path
+):
     """The WBC and the neutrophil % of one draw name no specimen and were stamped a minute apart;
     only their DiagnosticReport says they are one panel (specimen, else DiagnosticReport, else
     collection instant: reference §1.2). The live loop reads the report with its results and
@@ -43,12 +44,17 @@ async def test_a_draw_grouped_by_its_diagnostic_report_is_grouped_alike_by_repla
     wbc = observation("6690-2", 2.0, id="dr-wbc", patient="Patient/dr", effective=drawn, specimen=None)
     # ANC = WBC x neutrophil fraction (reference §2): 2000/uL x 20 % = 400/uL, neutropenia in every
     # grading scheme (reference §3)
-    neutrophils = observation("770-8", 20, "%", id="dr-neut", patient="Patient/dr", effective=counted,
-                              specimen=None)
-    report = {"resourceType": "DiagnosticReport", "id": "dr-cbc", "status": "final",
-              "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
-              "subject": {"reference": "Patient/dr"},
-              "result": [{"reference": "Observation/dr-wbc"}, {"reference": "Observation/dr-neut"}]}
+    neutrophils = observation(
+        "770-8", 20, "%", id="dr-neut", patient="Patient/dr", effective=counted, specimen=None
+    )
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": "dr-cbc",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+        "subject": {"reference": "Patient/dr"},
+        "result": [{"reference": "Observation/dr-wbc"}, {"reference": "Observation/dr-neut"}],
+    }
     put_all(fhir_base_url, [wbc, neutrophils, report])
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     cycle_report, live = await cycle(settings, with_decisions=True)
@@ -87,7 +93,9 @@ async def test_small_pages_lose_nothing(fhir_base_url, tmp_path):
     put_all(fhir_base_url, resources)
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3", page_size=7)
     report = await cycle(settings)
-    monitored = [r for r in export(fhir_base_url, "Observation") if r["code"]["coding"][-1]["code"] != "8310-5"]
+    monitored = [
+        r for r in export(fhir_base_url, "Observation") if r["code"]["coding"][-1]["code"] != "8310-5"
+    ]
     assert report.pages >= len(monitored) // 7
     assert report.observations >= len(monitored)
     store = SqliteStore(tmp_path / "s.sqlite3")
@@ -97,7 +105,9 @@ async def test_small_pages_lose_nothing(fhir_base_url, tmp_path):
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
 
 
-async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(fhir_base_url_each_mode, tmp_path, monkeypatch, state):
+async def test_crash_after_posting_before_marking_sent_gives_no_duplicate(
+    fhir_base_url_each_mode, tmp_path, monkeypatch, state
+):
     put_all(fhir_base_url_each_mode, population(patients=8, days=35, seed=9))
     settings = settings_for(fhir_base_url_each_mode, state)
     crashes = {"left": 3}
@@ -131,7 +141,10 @@ def _write_config(path: Path, settings) -> Path:
 async def _health(port: int) -> int | None:
     """200 once a cycle has read to the end of the search (/readyz is 200 "catching up" before)."""
     try:
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=1)) as r:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(f"http://127.0.0.1:{port}/readyz", timeout=aiohttp.ClientTimeout(total=1)) as r,
+        ):
             return r.status if "last successful poll" in await r.text() else None
     except (aiohttp.ClientError, TimeoutError):
         return None
@@ -151,19 +164,33 @@ async def test_kill_9_at_random_points_then_restart(fhir_base_url_each_mode, tmp
     rng = random.Random(20261121)
     port = _free_port()
     settings = settings_for(fhir_base_url_each_mode, tmp_path / "k.sqlite3", page_size=25)
-    config = _write_config(tmp_path / "config.yaml", settings.model_copy(update={"web": settings.web.model_copy(update={"port": port})}))
+    config = _write_config(
+        tmp_path / "config.yaml",
+        settings.model_copy(update={"web": settings.web.model_copy(update={"port": port})}),
+    )
     env = {**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_LOGGING__LEVEL": "warning"}
     kills = 0
     log = (tmp_path / "service.log").open("wb")
     for stage in stages(population(patients=10, days=42, seed=11), 5):
         put_all(fhir_base_url_each_mode, stage)
-        proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(config)], cwd=ROOT, env=env,
-                                stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
         await asyncio.sleep(rng.uniform(0.3, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills += 1
-    proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(config)], cwd=ROOT, env=env, stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and await _health(port) != 200:
@@ -181,8 +208,17 @@ async def test_update_during_paging_loses_nothing(fhir_base_url, tmp_path, monke
     """An Observation updated while the cycle pages through the results moves to the end of the
     offset-paged result set; following next links alone would skip the resource that shifted into
     its place, and the cursor would pass it for good (found by the live benchmark)."""
-    obs = [observation("6690-2", 4.0 + i / 100, id=f"shift-{i:02d}", patient=f"Patient/s{i % 5}",
-                       effective=f"2026-06-01T{8 + i // 60:02d}:{i % 60:02d}:00Z", specimen=f"Specimen/shift-{i}") for i in range(60)]
+    obs = [
+        observation(
+            "6690-2",
+            4.0 + i / 100,
+            id=f"shift-{i:02d}",
+            patient=f"Patient/s{i % 5}",
+            effective=f"2026-06-01T{8 + i // 60:02d}:{i % 60:02d}:00Z",
+            specimen=f"Specimen/shift-{i}",
+        )
+        for i in range(60)
+    ]
     put_all(fhir_base_url, obs, batch_size=1)  # one request each: distinct lastUpdated stamps
     original = FhirClient.search
     fired = {"done": False}
@@ -222,7 +258,9 @@ async def test_decisions_in_small_batches_equal_replay(fhir_base_url_each_mode, 
     compare_with_oracle(fhir_base_url_each_mode, tmp_path / "oracle")
 
 
-async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(fhir_base_url_each_mode, tmp_path):
+async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(
+    fhir_base_url_each_mode, tmp_path
+):
     """One patient's alert write is refused every time (a server-side validation, say). That chain
     waits in the outbox, retried every cycle; every other patient's results are still read and
     their alerts still sent. (The cycle used to stop at the failed leftover and read nothing more:
@@ -233,12 +271,23 @@ async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(fhi
 
     def panel(pid: str) -> list[dict]:
         kw = dict(patient=f"Patient/{pid}", effective="2026-03-02T08:00:00Z", specimen=f"Specimen/{pid}")
-        return [observation("6690-2", 2.0, id=f"{pid}-wbc", **kw), observation("751-8", 0.3, id=f"{pid}-anc", **kw)]
+        return [
+            observation("6690-2", 2.0, id=f"{pid}-wbc", **kw),
+            observation("751-8", 0.3, id=f"{pid}-anc", **kw),
+        ]
 
     proxy = Proxy(fhir_base_url_each_mode)
-    proxy.add(Fault(lambda r: r.method == "POST", times=float("inf"), body_contains=b'"Patient/poison"',
-                    respond=lambda _r: web.json_response(
-                        {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]}, status=422)))
+    proxy.add(
+        Fault(
+            lambda r: r.method == "POST",
+            times=float("inf"),
+            body_contains=b'"Patient/poison"',
+            respond=lambda _r: web.json_response(
+                {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid"}]},
+                status=422,
+            ),
+        )
+    )
     await proxy.start()
     try:
         settings = settings_for(proxy.base, tmp_path / "s.sqlite3")
@@ -249,7 +298,9 @@ async def test_a_write_the_server_keeps_refusing_does_not_silence_the_others(fhi
         two = await cycle(settings)
     finally:
         await proxy.stop()
-    assert two.events == {"new": 1} and not two.delivered_all and two.cursor is None  # the cursor waits for every write
+    assert (
+        two.events == {"new": 1} and not two.delivered_all and two.cursor is None
+    )  # the cursor waits for every write
     alerted = {c["subject"]["reference"] for c in export(fhir_base_url_each_mode, "Communication")}
     assert alerted == {"Patient/first", "Patient/later"}
 
@@ -258,8 +309,14 @@ def _cbc(patient: str, day: int, anc_k: float) -> list[dict]:
     """One panel (WBC + automated ANC 751-8) collected on `day` of January 2026."""
     pid, eff = patient.split("/")[-1], f"2026-01-{day:02d}T08:00:00Z"
     spec = f"Specimen/{pid}-{day}"
-    return [observation("6690-2", 4.0, "10*3/uL", id=f"{pid}-{day}-wbc", patient=patient, effective=eff, specimen=spec),
-            observation("751-8", anc_k, "10*3/uL", id=f"{pid}-{day}-anc", patient=patient, effective=eff, specimen=spec)]
+    return [
+        observation(
+            "6690-2", 4.0, "10*3/uL", id=f"{pid}-{day}-wbc", patient=patient, effective=eff, specimen=spec
+        ),
+        observation(
+            "751-8", anc_k, "10*3/uL", id=f"{pid}-{day}-anc", patient=patient, effective=eff, specimen=spec
+        ),
+    ]
 
 
 async def test_delayed_resolution_and_recurrence_live_equal_replay(fhir_base_url, tmp_path):
@@ -271,8 +328,18 @@ async def test_delayed_resolution_and_recurrence_live_equal_replay(fhir_base_url
     patient = "Patient/recover"
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     steps = [
-        (_cbc(patient, 2, 0.3) + _cbc(patient, 5, 1.8), "active", "recovering (1 of 3 confirmations)", ["new"]),
-        (_cbc(patient, 6, 1.9) + _cbc(patient, 7, 2.2), "inactive", "resolved 2026-01-07T08:00:00Z", ["new", "resolved"]),
+        (
+            _cbc(patient, 2, 0.3) + _cbc(patient, 5, 1.8),
+            "active",
+            "recovering (1 of 3 confirmations)",
+            ["new"],
+        ),
+        (
+            _cbc(patient, 6, 1.9) + _cbc(patient, 7, 2.2),
+            "inactive",
+            "resolved 2026-01-07T08:00:00Z",
+            ["new", "resolved"],
+        ),
         (_cbc(patient, 10, 1.2), "active", "latest ANC 1,200", ["new", "resolved", "recurrence"]),
     ]
     for i, (panels, status, text, kinds) in enumerate(steps):
@@ -285,7 +352,9 @@ async def test_delayed_resolution_and_recurrence_live_equal_replay(fhir_base_url
         got = [c["identifier"][0]["value"].split("-")[1] for c in comms]
         assert sorted(got) == sorted(kinds)
     _events, predicted = oracle(fhir_base_url, tmp_path / "final")
-    want = {c["identifier"][0]["value"]: c["payload"] for c in predicted if c["resourceType"] == "Communication"}
+    want = {
+        c["identifier"][0]["value"]: c["payload"] for c in predicted if c["resourceType"] == "Communication"
+    }
     assert {c["identifier"][0]["value"]: c["payload"] for c in export(fhir_base_url, "Communication")} == want
     last_flag = [r for r in predicted if r["resourceType"] == "Flag"][-1]
     assert export(fhir_base_url, "Flag")[0]["code"] == last_flag["code"]

@@ -19,8 +19,10 @@ BASE = "https://alerts.hospital.example/fhir"
 
 def config(tmp_path, base_url: str):
     path = tmp_path / "c.yaml"
-    path.write_text(f"fhir:\n  base_url: {base_url}\n  allow_insecure_http: true\nalerts:\n  canonical_base: {BASE}\n"
-                    f"logging:\n  level: warning\nstore:\n  path: {tmp_path / 's.sqlite3'}\n")
+    path.write_text(
+        f"fhir:\n  base_url: {base_url}\n  allow_insecure_http: true\nalerts:\n  canonical_base: {BASE}\n"
+        f"logging:\n  level: warning\nstore:\n  path: {tmp_path / 's.sqlite3'}\n"
+    )
     return path
 
 
@@ -38,30 +40,43 @@ async def test_install_is_idempotent_and_rebased(fhir_base_url, tmp_path, capsys
     assert await asyncio.to_thread(main, ["profiles", "install", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"profiles install: 16 created, 0 updated, 0 unchanged on {fhir_base_url}"
-    assert [line.split()[1] for line in out[:-1]] == ["CodeSystem"] * 3 + ["ValueSet"] * 5 + ["StructureDefinition"] * 8
+    assert [line.split()[1] for line in out[:-1]] == ["CodeSystem"] * 3 + ["ValueSet"] * 5 + [
+        "StructureDefinition"
+    ] * 8
     first = on_server(fhir_base_url)
     assert len(first) == 16 and all(key.startswith(BASE + "/") and key.endswith("|0.1.0") for key in first)
     flag = first[f"{BASE}/StructureDefinition/neutrowatch-flag|0.1.0"]
     assert "neutrowatch.example.org" not in json.dumps(flag)  # every canonical rebased, not only the url
 
     assert await asyncio.to_thread(main, ["profiles", "install", "--config", str(cfg)]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == f"profiles install: 0 created, 0 updated, 16 unchanged on {fhir_base_url}"
+    assert (
+        capsys.readouterr().out.splitlines()[-1]
+        == f"profiles install: 0 created, 0 updated, 16 unchanged on {fhir_base_url}"
+    )
     second = on_server(fhir_base_url)
-    assert {k: r["meta"]["versionId"] for k, r in second.items()} == {k: r["meta"]["versionId"] for k, r in first.items()}
+    assert {k: r["meta"]["versionId"] for k, r in second.items()} == {
+        k: r["meta"]["versionId"] for k, r in first.items()
+    }
 
     # someone edits one on the server: it is put back, the others stay as they were
     from tests.fhir_server.load import put_all
+
     put_all(fhir_base_url, [{**flag, "description": "edited by hand"}])
     assert await asyncio.to_thread(main, ["profiles", "install", "--config", str(cfg)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == f"profiles install: 0 created, 1 updated, 15 unchanged on {fhir_base_url}"
     assert f"updated   StructureDefinition {BASE}/StructureDefinition/neutrowatch-flag|0.1.0" in out
     third = on_server(fhir_base_url)
-    assert len(third) == 16 and third[f"{BASE}/StructureDefinition/neutrowatch-flag|0.1.0"].get("description") == flag.get("description")
+    assert len(third) == 16 and third[f"{BASE}/StructureDefinition/neutrowatch-flag|0.1.0"].get(
+        "description"
+    ) == flag.get("description")
 
     # the probe now finds the claimed profiles under the configured base
     assert await probe(load_settings(cfg)) == 0
-    assert "ok   StructureDefinition read (claimed profiles): the claimed profiles are on the server" in capsys.readouterr().out
+    assert (
+        "ok   StructureDefinition read (claimed profiles): the claimed profiles are on the server"
+        in capsys.readouterr().out
+    )
 
 
 def test_install_without_definitions_says_where_it_looked(tmp_path, capsys):

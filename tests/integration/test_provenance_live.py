@@ -27,16 +27,16 @@ from typing import Any
 import orjson
 import pytest
 
-from service.output import alerts
 from service import metrics
-from service.live import worker as worker_module
 from service.__main__ import main as cli
-from service.core.codes import temperature_codes
 from service.config import Settings
+from service.core.codes import temperature_codes
 from service.fhir.client import FhirClient
+from service.live import worker as worker_module
 from service.live.store import make_store
 from service.live.store.base import OutboxEntry
 from service.live.worker import Worker
+from service.output import alerts
 from tests.builders import observation
 from tests.chaos.proxy import APPLIED_502, Fault, Proxy, outcome
 from tests.fhir_server.load import export, export_history, put_all
@@ -61,13 +61,23 @@ def fhir_base_url(fhir_base_url_each_mode: str) -> str:
 
 def cbc(pid: str, anc_k: float | None, when: str, **kw: Any) -> list[Resource]:
     common = dict(patient=f"Patient/{pid}", effective=when, specimen=f"Specimen/{pid}-{when[:10]}")
-    return [observation("6690-2", 3.0, id=f"{pid}-{when[:10]}-wbc", **common),
-            observation("751-8", anc_k, id=f"{pid}-{when[:10]}-anc", **common, **kw)]
+    return [
+        observation("6690-2", 3.0, id=f"{pid}-{when[:10]}-wbc", **common),
+        observation("751-8", anc_k, id=f"{pid}-{when[:10]}-anc", **common, **kw),
+    ]
 
 
 def temperature(pid: str, celsius: float, when: str) -> Resource:
-    return observation("8310-5", celsius, "Cel", id=f"{pid}-t-{when[:10]}", patient=f"Patient/{pid}", effective=when,
-                       specimen=None, category=[{"coding": [{"code": "vital-signs"}]}])
+    return observation(
+        "8310-5",
+        celsius,
+        "Cel",
+        id=f"{pid}-t-{when[:10]}",
+        patient=f"Patient/{pid}",
+        effective=when,
+        specimen=None,
+        category=[{"coding": [{"code": "vital-signs"}]}],
+    )
 
 
 def corrected(resource: Resource, anc_k: float | None, status: str) -> Resource:
@@ -88,8 +98,11 @@ def scenario() -> list[list[Resource]]:
     cx, ei = cbc("cx", 0.3, "2026-01-06T09:00:00Z"), cbc("ei", 0.7, "2026-01-06T10:00:00Z")
     return [
         [*cbc("wf", 1.2, "2026-01-05T08:00:00Z"), *cx, *ei],
-        [*cbc("wf", 0.3, "2026-01-07T08:00:00Z"), temperature("wf", 39.0, "2026-01-07T10:00:00Z"),
-         corrected(cx[1], 1.1, "corrected")],
+        [
+            *cbc("wf", 0.3, "2026-01-07T08:00:00Z"),
+            temperature("wf", 39.0, "2026-01-07T10:00:00Z"),
+            corrected(cx[1], 1.1, "corrected"),
+        ],
         [corrected(ei[1], None, "entered-in-error")],
         cbc("wf", 0.4, "2026-04-20T08:00:00Z"),
     ]
@@ -121,31 +134,52 @@ def predicted(base_url: str, workdir: Path, *, history: bool) -> dict[str, list[
     """Replay --provenance over the Observations (every version with `history`) as the server holds them."""
     workdir.mkdir(parents=True, exist_ok=True)
     observations = export_history(base_url, "Observation") if history else export(base_url, "Observation")
-    data, events, out, config = (workdir / n for n in ("server.ndjson", "events.jsonl", "alerts.ndjson", "oracle.yaml"))
+    data, events, out, config = (
+        workdir / n for n in ("server.ndjson", "events.jsonl", "alerts.ndjson", "oracle.yaml")
+    )
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in observations))
     config.write_text(f"alerts:\n  recipients: {list(POOL)}\n")
-    args = ["replay", str(data), "--events", str(events), "--alerts", str(out), "--config", str(config), "--provenance"]
+    args = [
+        "replay",
+        str(data),
+        "--events",
+        str(events),
+        "--alerts",
+        str(out),
+        "--config",
+        str(config),
+        "--provenance",
+    ]
     assert cli(args) == 0
     written = [orjson.loads(x) for x in out.read_bytes().splitlines()]
-    return {t: [r for r in written if r["resourceType"] == t] for t in ("Flag", "Communication", "Provenance")}
+    return {
+        t: [r for r in written if r["resourceType"] == t] for t in ("Flag", "Communication", "Provenance")
+    }
 
 
 # -- (a) one Provenance per write, pointing at what was written -----------------------------------------
 
 
-def check_provenances(base_url: str, settings: Settings, got: dict[str, list[Resource]], chronic: int) -> None:
+def check_provenances(
+    base_url: str, settings: Settings, got: dict[str, list[Resource]], chronic: int
+) -> None:
     flags = {f"Flag/{f['id']}": f for f in got["Flag"]}
     comms = {f"Communication/{c['id']}": c for c in got["Communication"]}
     provenances = got["Provenance"]
     tags = Counter(tag(p) for p in provenances)
     assert all(n == 1 for n in tags.values()), f"a Provenance written twice: {tags.most_common(2)}"
     assert len(provenances) == len(comms) + chronic
-    for_comm = Counter(t["reference"] for p in provenances for t in p["target"] if t["type"] == "Communication")
+    for_comm = Counter(
+        t["reference"] for p in provenances for t in p["target"] if t["type"] == "Communication"
+    )
     assert for_comm == Counter(dict.fromkeys(comms, 1)), "each Communication has exactly one Provenance"
     for p in provenances:
         flag_target, *comm_target = p["target"]
         assert flag_target["type"] == "Flag" and flag_target["reference"] in flags, flag_target
-        assert identifier(flags[flag_target["reference"]]) == (flag_target["identifier"]["system"], flag_target["identifier"]["value"])
+        assert identifier(flags[flag_target["reference"]]) == (
+            flag_target["identifier"]["system"],
+            flag_target["identifier"]["value"],
+        )
         comm = None
         if comm_target:
             (target,) = comm_target
@@ -164,12 +198,14 @@ def check_provenances(base_url: str, settings: Settings, got: dict[str, list[Res
         entities = [e["what"]["reference"] for e in p.get("entity", [])]
         results = entities[:-1] if event == "febrile" else entities
         assert all(VERSIONED.match(ref) for ref in results), entities
-        assert results or event == "retracted", "only a withdrawal of a result no longer on record has no source"
+        assert results or event == "retracted", (
+            "only a withdrawal of a result no longer on record has no source"
+        )
         for ref in results:  # each names a version the server holds
             obs_id, vid = VERSIONED.match(ref).groups()  # type: ignore[union-attr]
             found = read(base_url, ref)
             assert (found["id"], found["meta"]["versionId"]) == (obs_id, vid)
-        for ref in entities[len(results):]:  # the febrile temperature, by id (its version is not kept)
+        for ref in entities[len(results) :]:  # the febrile temperature, by id (its version is not kept)
             assert {c["code"] for c in read(base_url, ref)["code"]["coding"]} & set(temperature_codes())
         if comm is not None:  # the results the announcement is about, then (febrile) the temperature
             about = [a["reference"] for a in comm["about"][1:]]
@@ -189,11 +225,17 @@ def normalised(resource: Resource) -> Resource:
 
 def check_against_replay(got: dict[str, list[Resource]], want: dict[str, list[Resource]]) -> None:
     last_flags = {identifier(f): f for f in want["Flag"]}  # replay writes each version: the last one stands
-    assert {identifier(f): normalised(f) for f in got["Flag"]} == {k: normalised(f) for k, f in last_flags.items()}
+    assert {identifier(f): normalised(f) for f in got["Flag"]} == {
+        k: normalised(f) for k, f in last_flags.items()
+    }
     assert len(got["Communication"]) == len(want["Communication"])
-    assert {identifier(c): normalised(c) for c in got["Communication"]} == {identifier(c): normalised(c) for c in want["Communication"]}
+    assert {identifier(c): normalised(c) for c in got["Communication"]} == {
+        identifier(c): normalised(c) for c in want["Communication"]
+    }
     assert len(got["Provenance"]) == len(want["Provenance"])
-    assert {tag(p): normalised(p) for p in got["Provenance"]} == {tag(p): normalised(p) for p in want["Provenance"]}
+    assert {tag(p): normalised(p) for p in got["Provenance"]} == {
+        tag(p): normalised(p) for p in want["Provenance"]
+    }
 
 
 def check_valid(got: dict[str, list[Resource]]) -> None:
@@ -245,12 +287,20 @@ async def test_population_in_stages_leaves_one_provenance_per_write(fhir_base_ur
 
 
 def applied_502(_status: int, _headers: dict[str, str], _body: bytes) -> tuple[int, dict[str, str], bytes]:
-    return 502, {"Content-Type": "application/fhir+json"}, orjson.dumps(outcome("transient", "injected after the write was applied"))
+    return (
+        502,
+        {"Content-Type": "application/fhir+json"},
+        orjson.dumps(outcome("transient", "injected after the write was applied")),
+    )
 
 
 # Text found only in the transaction of one write of scenario(): wf's first announcement (its
 # current ANC is the panel of 5 January), its worsening, its chronic label.
-ONLY_IN = {"new": b"collected 2026-01-05T08:00:00Z (", "worsening": b"Neutropenia worsening to", "chronic": b"-chronic-"}
+ONLY_IN = {
+    "new": b"collected 2026-01-05T08:00:00Z (",
+    "worsening": b"Neutropenia worsening to",
+    "chronic": b"-chronic-",
+}
 
 
 @pytest.mark.parametrize("times", [1, 3], ids=["client-retry", "next-cycle"])
@@ -264,8 +314,15 @@ async def test_a_lost_answer_reposted_leaves_one_provenance(fhir_base_url, tmp_p
     try:
         settings = settings_for(proxy.base, tmp_path / "s.sqlite3")
         assert settings.fhir.retry.max_attempts == 3
-        fault = proxy.add(Fault(lambda r: r.method == "POST" and r.path == proxy.prefix, times=times, mutate=applied_502,
-                                kind=APPLIED_502, body_contains=ONLY_IN[event]))
+        fault = proxy.add(
+            Fault(
+                lambda r: r.method == "POST" and r.path == proxy.prefix,
+                times=times,
+                mutate=applied_502,
+                kind=APPLIED_502,
+                body_contains=ONLY_IN[event],
+            )
+        )
         seen: Counter[str] = Counter()
         undelivered = 0
         for stage in scenario():
@@ -307,7 +364,9 @@ def assert_targets_resolve(base_url: str, provenances: list[Resource]) -> None:
 
 
 @pytest.mark.parametrize("refused", sorted(REFUSED))
-async def test_a_refused_entry_leaves_no_provenance_pointing_at_nothing(fhir_engine_each_mode, tmp_path, refused):
+async def test_a_refused_entry_leaves_no_provenance_pointing_at_nothing(
+    fhir_engine_each_mode, tmp_path, refused
+):
     """A Flag or Communication write the server refuses (409). On the batch engine the answer is
     mixed (the other entry kept): it is counted and only the refused entry is posted again, in the
     same write; the Provenance goes only once both targets are confirmed, naming the ids the server
@@ -351,7 +410,8 @@ async def test_a_refused_entry_leaves_no_provenance_pointing_at_nothing(fhir_eng
 
 
 async def test_an_update_of_a_flag_the_worker_wrote_needs_no_search_and_a_stale_one_is_read_again(
-        fhir_base_url, tmp_path, monkeypatch):
+    fhir_base_url, tmp_path, monkeypatch
+):
     """One worker over the scenario's stages, as the running service keeps it: the Flag a write
     creates or updates is remembered from the server's answer (id, version, content), so the
     episode's next update is a versioned PUT without an identifier search first (2 requests a write,
@@ -377,7 +437,9 @@ async def test_an_update_of_a_flag_the_worker_wrote_needs_no_search_and_a_stale_
             worker = Worker(settings, client, store)
             for i, stage in enumerate(scenario()):
                 if i == 2:  # before ei's withdrawal: its Flag is changed by someone else
-                    (flag,) = [f for f in export(fhir_base_url, "Flag") if f["subject"]["reference"] == "Patient/ei"]
+                    (flag,) = [
+                        f for f in export(fhir_base_url, "Flag") if f["subject"]["reference"] == "Patient/ei"
+                    ]
                     put_all(fhir_base_url, [{**flag, "code": {**flag["code"], "text": "edited elsewhere"}}])
                 put_all(fhir_base_url, stage)
                 before = len(searched)
@@ -432,7 +494,9 @@ async def test_a_write_posted_again_changes_nothing(fhir_base_url, tmp_path, mon
     assert sorted(e.writes["event"] for e in last.values()) == ["chronic", "new", "retracted"]
     for entry in last.values():
         result = await post_again(settings, entry)
-        assert result["statuses"] and all(s.startswith("200") for s in result["statuses"]), result  # found, not created
+        assert result["statuses"] and all(s.startswith("200") for s in result["statuses"]), (
+            result
+        )  # found, not created
         types = [loc.split("/")[0] for loc in result["locations"]]
         assert types[-1] == "Provenance", types
         # `new` conditionally creates its Flag (found); otherwise the unchanged Flag is not written at all
@@ -443,10 +507,17 @@ async def test_a_write_posted_again_changes_nothing(fhir_base_url, tmp_path, mon
 async def test_an_outbox_row_from_before_provenance_still_posts(fhir_base_url, tmp_path, monkeypatch):
     """A write decided by the previous version (no Provenance keys in the outbox) and delivered by
     this one: the Flag and the Communication go out as before, without a Provenance."""
+
     def old_writes(writes: alerts.AlertWrites, event: str) -> dict[str, Any]:
-        return {"event": event, "flag": writes.flag, "communication": writes.communication,
-                "flag_identifier": list(writes.flag_identifier),
-                "communication_identifier": list(writes.communication_identifier) if writes.communication_identifier else None}
+        return {
+            "event": event,
+            "flag": writes.flag,
+            "communication": writes.communication,
+            "flag_identifier": list(writes.flag_identifier),
+            "communication_identifier": list(writes.communication_identifier)
+            if writes.communication_identifier
+            else None,
+        }
 
     monkeypatch.setattr(worker_module, "outbox_writes", old_writes)
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
@@ -463,5 +534,7 @@ async def test_an_outbox_row_from_before_provenance_still_posts(fhir_base_url, t
         assert (await cycle(settings)).delivered_all
     after = held(fhir_base_url)
     assert len(after["Provenance"]) == 2  # the withdrawal of ei and the chronic label of wf
-    assert {p["target"][0]["reference"] for p in after["Provenance"]} <= {f"Flag/{f['id']}" for f in got["Flag"]}
+    assert {p["target"][0]["reference"] for p in after["Provenance"]} <= {
+        f"Flag/{f['id']}" for f in got["Flag"]
+    }
     check_valid(after)

@@ -27,19 +27,25 @@ pytestmark = pytest.mark.integration
 
 def _plan() -> px.FaultPlan:
     """Faults a client must ride out within a cycle (retried), at rates a busy network shows."""
-    return px.FaultPlan({
-        px.SEARCH: {px.HTTP_500: 0.02, px.HTTP_503: 0.02, px.RESET: 0.02},
-        px.READ: {px.HTTP_502: 0.02, px.RESET: 0.02},
-        px.WRITE: {px.HTTP_503: 0.04, px.RESET: 0.03, px.APPLIED_502: 0.06},
-    })
+    return px.FaultPlan(
+        {
+            px.SEARCH: {px.HTTP_500: 0.02, px.HTTP_503: 0.02, px.RESET: 0.02},
+            px.READ: {px.HTTP_502: 0.02, px.RESET: 0.02},
+            px.WRITE: {px.HTTP_503: 0.04, px.RESET: 0.03, px.APPLIED_502: 0.06},
+        }
+    )
 
 
 @pytest.fixture
 def real_like_engine(start_engine: Any) -> FhirEngine:
-    return start_engine(batch_transactions=True, quota_points_per_minute=800, quota_window_seconds=1, conflict_every=4)  # type: ignore[no-any-return]
+    return start_engine(
+        batch_transactions=True, quota_points_per_minute=800, quota_window_seconds=1, conflict_every=4
+    )  # type: ignore[no-any-return]
 
 
-async def test_batch_server_with_quota_conflicts_and_faults_matches_replay(real_like_engine: FhirEngine, tmp_path):
+async def test_batch_server_with_quota_conflicts_and_faults_matches_replay(
+    real_like_engine: FhirEngine, tmp_path
+):
     """Batch transactions + quota without Retry-After + 409 on conditional creates + refused batch
     entries + network faults: after the first cycle and at most one more, the server holds exactly
     the alerts replay predicts, one Provenance per write, none pointing at a missing resource."""
@@ -52,7 +58,9 @@ async def test_batch_server_with_quota_conflicts_and_faults_matches_replay(real_
     nonatomic = metrics.NONATOMIC_TRANSACTIONS._value.get()  # noqa: SLF001 - a counter's current value
     try:
         data = settings_for(proxy.base, tmp_path / "s.sqlite3").model_dump(mode="json", exclude_none=True)
-        data["fhir"]["retry"].update(max_attempts=6, backoff_base_seconds=0.05, backoff_max_seconds=0.5, quota_window_seconds=1)
+        data["fhir"]["retry"].update(
+            max_attempts=6, backoff_base_seconds=0.05, backoff_max_seconds=0.5, quota_window_seconds=1
+        )
         settings = Settings(**data)
         first = await cycle(settings)
         reports = [first] if first.delivered_all else [first, await cycle(settings)]

@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from service.config import AuthSettings, FhirSettings
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError
-from service.metrics import REGISTRY
 from service.live.store.sqlite import SqliteStore
+from service.metrics import REGISTRY
 from tests.fhir_server.engine import FhirEngine, engine_available
 from tests.fhir_server.load import put_all
 from tests.integration.live import population, postgres_store, settings_for
@@ -68,15 +68,40 @@ SCENARIOS = {
     "token file, keyword DSN file": Scenario("token-file", "keyword", "file"),
     "SMART key, keyword DSN in env": Scenario("smart", "keyword", "env"),
     "DSN postgresql:/ (one slash)": Scenario("token-env", "postgresql:/postgres:{pw}@{host}/{db}", "env"),
-    "DSN with an unencoded '/' in the password": Scenario("token-env", "postgresql://postgres:1234/{pw}@{host}/{db}", "env"),
-    "DSN with an unencoded '@' in the password, in a file": Scenario("token-file", "postgresql://postgres:{pw}@x@{host}/{db}", "file"),
-    "keyword DSN with a stray quote": Scenario("token-env", "host=127.0.0.1 user=postgres password={pw}' dbname={db}", "env"),
-    "keyword DSN with an unknown keyword": Scenario("token-env", "host=127.0.0.1 user=postgres pasword={pw} dbname={db}", "env"),
+    "DSN with an unencoded '/' in the password": Scenario(
+        "token-env", "postgresql://postgres:1234/{pw}@{host}/{db}", "env"
+    ),
+    "DSN with an unencoded '@' in the password, in a file": Scenario(
+        "token-file", "postgresql://postgres:{pw}@x@{host}/{db}", "file"
+    ),
+    "keyword DSN with a stray quote": Scenario(
+        "token-env", "host=127.0.0.1 user=postgres password={pw}' dbname={db}", "env"
+    ),
+    "keyword DSN with an unknown keyword": Scenario(
+        "token-env", "host=127.0.0.1 user=postgres pasword={pw} dbname={db}", "env"
+    ),
 }
-GOOD_PATH = ("check-config", "check-config --probe", "once", "run: log", "run: /readyz", "run: /healthz", "run: /metrics")
-FAILURE_PATHS = ("once, FHIR server down", "once, database down", "run, database down: log", "run, database down: /readyz")
+GOOD_PATH = (
+    "check-config",
+    "check-config --probe",
+    "once",
+    "run: log",
+    "run: /readyz",
+    "run: /healthz",
+    "run: /metrics",
+)
+FAILURE_PATHS = (
+    "once, FHIR server down",
+    "once, database down",
+    "run, database down: log",
+    "run, database down: /readyz",
+)
 REFUSED = ("check-config", "once", "run")
-CASES = [(name, surface) for name, s in SCENARIOS.items() for surface in (REFUSED if s.malformed else GOOD_PATH + FAILURE_PATHS)]
+CASES = [
+    (name, surface)
+    for name, s in SCENARIOS.items()
+    for surface in (REFUSED if s.malformed else GOOD_PATH + FAILURE_PATHS)
+]
 
 
 def _evidence(s: Scenario, surface: str) -> str:
@@ -86,16 +111,21 @@ def _evidence(s: Scenario, surface: str) -> str:
     smart = s.auth == "smart"
     return {
         "check-config": r"configuration ok \(scheme default, store postgres 127\.0\.0\.1:5432/\w+ schema nws_",
-        "check-config --probe": r"FAIL /metadata: SMART discovery" if smart else r"ok   /metadata: FHIR 4\.0\.1",
+        "check-config --probe": r"FAIL /metadata: SMART discovery"
+        if smart
+        else r"ok   /metadata: FHIR 4\.0\.1",
         "once": r'SMART discovery.*"event": "poll cycle failed"' if smart else r'"level": ?"debug"',
         "run: log": r'SMART discovery.*"event": "poll cycle failed"' if smart else r'"level": ?"debug"',
         "run: /readyz": r"not ready: SMART discovery" if smart else r"^ready: last successful poll",
         "run: /healthz": r"^ok$",
-        "run: /metrics": r"neutrowatch_fhir_requests_total" if smart else r'neutrowatch_fhir_writes_total\{resource="Flag",result="ok"\}',
+        "run: /metrics": r"neutrowatch_fhir_requests_total"
+        if smart
+        else r'neutrowatch_fhir_writes_total\{resource="Flag",result="ok"\}',
         "once, FHIR server down": r"poll cycle failed|connection failed",
         "once, database down": re.escape(DOWN) + r"/\w+",
         "run, database down: log": r"state store unavailable",
-        "run, database down: /readyz": r"not ready: state store unavailable: state store postgres " + re.escape(DOWN),
+        "run, database down: /readyz": r"not ready: state store unavailable: state store postgres "
+        + re.escape(DOWN),
     }[surface]
 
 
@@ -121,7 +151,11 @@ class Harness:
     def __init__(self, tmp: Path, engine: FhirEngine, pg_dsn: str, key_file: Path) -> None:
         self.tmp, self.engine, self.key_file = tmp, engine, key_file
         parts = urlsplit(pg_dsn)
-        self.user, self.host, self.db = parts.username or "postgres", f"{parts.hostname}:{parts.port or 5432}", parts.path.strip("/")
+        self.user, self.host, self.db = (
+            parts.username or "postgres",
+            f"{parts.hostname}:{parts.port or 5432}",
+            parts.path.strip("/"),
+        )
         self.pg_dsn = pg_dsn
         self.schemas: list[str] = []
         self.outputs: dict[str, dict[str, str]] = {}
@@ -139,8 +173,11 @@ class Harness:
         schema = f"nws_{uuid.uuid4().hex[:10]}"
         self.schemas.append(schema)
         name = f"{re.sub(r'[^A-Za-z0-9]+', '-', name)}-{schema}"
-        settings = settings_for(base_url, postgres_store("postgresql://placeholder@127.0.0.1/x", schema, failover_check_seconds=0.5),
-                                interval_seconds=0.5)
+        settings = settings_for(
+            base_url,
+            postgres_store("postgresql://placeholder@127.0.0.1/x", schema, failover_check_seconds=0.5),
+            interval_seconds=0.5,
+        )
         data = settings.model_dump(mode="json", exclude_none=True)
         data["store"].pop("dsn")  # secrets come from the environment or mounted files, as in a deployment
         data["logging"] = {"level": "debug", "format": "json"}
@@ -153,7 +190,10 @@ class Harness:
             token_file.write_text(TOKEN + "\n")
             data["fhir"]["auth"] = {"method": "bearer", "bearer_token_file": str(token_file)}
         else:
-            data["fhir"]["auth"] = {"method": "smart", "smart": {"client_id": "neutrowatch", "private_key_file": str(self.key_file)}}
+            data["fhir"]["auth"] = {
+                "method": "smart",
+                "smart": {"client_id": "neutrowatch", "private_key_file": str(self.key_file)},
+            }
         if s.dsn_via == "env":
             env["NEUTROWATCH_STORE__DSN"] = dsn
         else:
@@ -165,22 +205,42 @@ class Harness:
         return path, env
 
     def command(self, *args: str, config: Path, env: dict[str, str]) -> tuple[int, str]:
-        proc = subprocess.run([sys.executable, "-m", "service", *args, "--config", str(config)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "service", *args, "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         return proc.returncode, proc.stdout + proc.stderr
 
-    def run(self, config: Path, env: dict[str, str], until: Callable[[int | None, str], bool]) -> tuple[int, dict[str, str]]:
+    def run(
+        self, config: Path, env: dict[str, str], until: Callable[[int | None, str], bool]
+    ) -> tuple[int, dict[str, str]]:
         """`run` until /readyz answers as `until` wants (at most 60 s); then every endpoint, SIGTERM."""
         port = _free_port()
         log = self.tmp / f"{config.stem}-{port}.log"
         with log.open("wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(config)], cwd=ROOT,
-                                    env={**env, "NEUTROWATCH_WEB__PORT": str(port)}, stdout=out, stderr=out)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "service", "run", "--config", str(config)],
+                cwd=ROOT,
+                env={**env, "NEUTROWATCH_WEB__PORT": str(port)},
+                stdout=out,
+                stderr=out,
+            )
             try:
                 deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and proc.poll() is None and not until(*_get(f"http://127.0.0.1:{port}/readyz")):
+                while (
+                    time.monotonic() < deadline
+                    and proc.poll() is None
+                    and not until(*_get(f"http://127.0.0.1:{port}/readyz"))
+                ):
                     time.sleep(0.2)
-                bodies = {f"/{name}": _get(f"http://127.0.0.1:{port}/{name}")[1] for name in ("readyz", "healthz", "metrics")}
+                bodies = {
+                    f"/{name}": _get(f"http://127.0.0.1:{port}/{name}")[1]
+                    for name in ("readyz", "healthz", "metrics")
+                }
             finally:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
@@ -212,8 +272,11 @@ class Harness:
         assert code == (1 if s.auth == "smart" else 0), out["once"]
         self.reload_engine()
         config, env = self.config(s, name + "-run", base, self.dsn(s))
-        settled = ((lambda status, body: "SMART discovery" in body) if s.auth == "smart"
-                   else (lambda status, body: status == 200 and "last successful poll" in body))
+        settled = (
+            (lambda status, body: "SMART discovery" in body)
+            if s.auth == "smart"
+            else (lambda status, body: status == 200 and "last successful poll" in body)
+        )
         code, run = self.run(config, env, settled)
         assert code == 0, run["log"][-2000:]
         out.update({f"run: {k}": v for k, v in run.items()})
@@ -251,14 +314,22 @@ def harness(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[H
 
 
 KEY_PEM = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
-    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+)
 
 
 def _secrets() -> list[str]:
     """Each secret, and pieces of it (a message that cut or re-wrapped a secret still leaks it)."""
     body = "".join(KEY_PEM.decode().splitlines()[1:-1])
-    return [TOKEN, TOKEN[4:14], TOKEN[-10:], PASSWORD, PASSWORD[3:13], PASSWORD[-8:],
-            *(body[i : i + 24] for i in range(0, len(body) - 24, 300))]
+    return [
+        TOKEN,
+        TOKEN[4:14],
+        TOKEN[-10:],
+        PASSWORD,
+        PASSWORD[3:13],
+        PASSWORD[-8:],
+        *(body[i : i + 24] for i in range(0, len(body) - 24, 300)),
+    ]
 
 
 @pytest.mark.parametrize(("scenario", "surface"), CASES, ids=[f"{n} | {s}" for n, s in CASES])
@@ -266,7 +337,9 @@ def test_no_secret_in_any_output(harness: Harness, scenario: str, surface: str) 
     """For each way of giving a secret (and each malformed DSN), the named output shows what it
     should (host, port, database; the field of a refused value) and no secret, nor a piece of one."""
     text = harness.surfaces(scenario)[surface]
-    assert re.search(_evidence(SCENARIOS[scenario], surface), text, re.MULTILINE), f"{surface} did not show what it should:\n{text[-3000:]}"
+    assert re.search(_evidence(SCENARIOS[scenario], surface), text, re.MULTILINE), (
+        f"{surface} did not show what it should:\n{text[-3000:]}"
+    )
     for secret in _secrets():
         assert secret not in text, f"a secret (or a piece of one) appeared in {surface}"
 
@@ -290,8 +363,11 @@ async def test_a_rotated_bearer_token_file_is_re_read_on_a_401(tmp_path: Path) -
     server_token.write_text("token-one")
     client_token.write_text("token-one\n")
     with FhirEngine(bearer_token_file=server_token) as engine:
-        settings = FhirSettings(base_url=engine.base_url, allow_insecure_http=True,
-                                auth=AuthSettings(method="bearer", bearer_token_file=client_token))
+        settings = FhirSettings(
+            base_url=engine.base_url,
+            allow_insecure_http=True,
+            auth=AuthSettings(method="bearer", bearer_token_file=client_token),
+        )
         async with FhirClient(settings) as client:
             assert (await client.metadata())["fhirVersion"] == "4.0.1"
             server_token.write_text("token-two")  # the server side rotates first ...

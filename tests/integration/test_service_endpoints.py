@@ -47,7 +47,9 @@ async def test_readiness_fails_when_the_server_is_unreachable(tmp_path):
         assert not ok and "gave up" in why
 
 
-async def test_a_second_replica_on_the_same_state_is_a_ready_standby_that_does_nothing(fhir_base_url, tmp_path):
+async def test_a_second_replica_on_the_same_state_is_a_ready_standby_that_does_nothing(
+    fhir_base_url, tmp_path
+):
     put_all(fhir_base_url, population(patients=3, days=21, seed=4))
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     async with Service(settings) as leader, Service(settings) as standby:
@@ -73,21 +75,51 @@ async def test_not_ready_before_the_first_leader_check(tmp_path, state):
 
 def _config(tmp_path: Path, base_url: str) -> Path:
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(settings_for(base_url, tmp_path / "s.sqlite3").model_dump(mode="json", exclude_none=True)))
+    path.write_text(
+        yaml.safe_dump(
+            settings_for(base_url, tmp_path / "s.sqlite3").model_dump(mode="json", exclude_none=True)
+        )
+    )
     return path
 
 
 def test_probe_says_what_works(fhir_base_url, tmp_path):
     put_all(fhir_base_url, population(patients=2, days=14, seed=1))
-    proc = subprocess.run([sys.executable, "-m", "service", "check-config", "--probe", "--config", str(_config(tmp_path, fhir_base_url))],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "check-config",
+            "--probe",
+            "--config",
+            str(_config(tmp_path, fhir_base_url)),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ok   /metadata: FHIR 4.0.1" in proc.stdout
     assert "ok   Observation search: 1 on the first page, more pages" in proc.stdout
 
 
 def test_probe_reports_an_unreachable_server(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "service", "check-config", "--probe", "--config", str(_config(tmp_path, "http://127.0.0.1:9"))],
-                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "check-config",
+            "--probe",
+            "--config",
+            str(_config(tmp_path, "http://127.0.0.1:9")),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "FAIL /metadata" in proc.stdout

@@ -51,12 +51,34 @@ def _read(data: bytes) -> Intake:
     return item
 
 
-def _panel(patient: str, specimen: str, anc: float, *, updated: str, version: str = "1", ids: str = "") -> list[Intake]:
+def _panel(
+    patient: str, specimen: str, anc: float, *, updated: str, version: str = "1", ids: str = ""
+) -> list[Intake]:
     """A WBC and an absolute neutrophil count on one specimen."""
     ids = ids or specimen.split("/")[-1]
     return [
-        _intake(observation("6690-2", 3.0, id=f"{ids}-wbc", patient=patient, specimen=specimen, updated=updated, version=version)),
-        _intake(observation("751-8", anc, id=f"{ids}-anc", patient=patient, specimen=specimen, updated=updated, version=version)),
+        _intake(
+            observation(
+                "6690-2",
+                3.0,
+                id=f"{ids}-wbc",
+                patient=patient,
+                specimen=specimen,
+                updated=updated,
+                version=version,
+            )
+        ),
+        _intake(
+            observation(
+                "751-8",
+                anc,
+                id=f"{ids}-anc",
+                patient=patient,
+                specimen=specimen,
+                updated=updated,
+                version=version,
+            )
+        ),
     ]
 
 
@@ -101,10 +123,28 @@ async def test_ingest_keeps_the_newest_version_only(store: Store) -> None:
     # The overlap window reads the same versions again: nothing new.
     assert await store.ingest(first, now=101.0) == []
     # A newer version of one member is new; an older one is not.
-    newer = _intake(observation("751-8", 0.9, id="s1-anc", patient="Patient/a", specimen="Specimen/s1",
-                                updated="2026-01-05T10:00:00Z", version="2"))
-    older = _intake(observation("751-8", 0.1, id="s1-anc", patient="Patient/a", specimen="Specimen/s1",
-                                updated="2026-01-05T08:30:00Z", version="1"))
+    newer = _intake(
+        observation(
+            "751-8",
+            0.9,
+            id="s1-anc",
+            patient="Patient/a",
+            specimen="Specimen/s1",
+            updated="2026-01-05T10:00:00Z",
+            version="2",
+        )
+    )
+    older = _intake(
+        observation(
+            "751-8",
+            0.1,
+            id="s1-anc",
+            patient="Patient/a",
+            specimen="Specimen/s1",
+            updated="2026-01-05T08:30:00Z",
+            version="1",
+        )
+    )
     assert await store.ingest([newer, older], now=102.0) == [newer]
     (work,) = await store.dirty_panels()
     assert (work.patient, work.panel, work.changed_at) == ("Patient/a", first[0].panel, 102.0)
@@ -118,8 +158,17 @@ async def test_a_result_moved_to_another_specimen_dirties_both_panels(store: Sto
     await store.ingest(a, now=1.0)
     await store.commit([Decided("Patient/a", a[0].panel, PatientState(), [])])
     assert await store.dirty_panels() == []
-    moved = _intake(observation("751-8", 0.4, id="s1-anc", patient="Patient/a", specimen="Specimen/s2",
-                                updated="2026-01-05T11:00:00Z", version="2"))
+    moved = _intake(
+        observation(
+            "751-8",
+            0.4,
+            id="s1-anc",
+            patient="Patient/a",
+            specimen="Specimen/s2",
+            updated="2026-01-05T11:00:00Z",
+            version="2",
+        )
+    )
     await store.ingest([moved], now=2.0)
     dirty = {(w.panel, tuple(r.ref for r in w.results)) for w in await store.dirty_panels()}
     assert dirty == {(a[0].panel, ("Observation/s1-wbc",)), (moved.panel, ("Observation/s1-anc",))}
@@ -139,7 +188,9 @@ async def test_dirty_panels_come_in_order_of_first_availability_then_byte_order(
 
 async def test_dirty_panels_in_batches_from_a_key(store: Store) -> None:
     for i in range(7):
-        await store.ingest(_panel(f"Patient/{i % 3}", f"Specimen/b{i}", 0.4, updated=f"2026-01-05T09:0{i % 4}:00Z"), now=1.0)
+        await store.ingest(
+            _panel(f"Patient/{i % 3}", f"Specimen/b{i}", 0.4, updated=f"2026-01-05T09:0{i % 4}:00Z"), now=1.0
+        )
     everything = await store.dirty_panels()
     batches, after = [], None
     while batch := await store.dirty_panels(after=after, limit=3):
@@ -167,9 +218,16 @@ async def test_commit_saves_state_decisions_and_outbox_in_one_transaction(store:
     d = decide(PatientState(), work.patient, work.panel, work.results, RULES)
     assert d.events and d.state.machine.episode is not None  # 300/uL: a new severe episode
     record = {"event": "new", "patient": "Patient/a", "anc": 300.0, "observations": ["Observation/s1-anc"]}
-    writes = {"event": "new", "flag": {"resourceType": "Flag", "status": "active"}, "communication": None,
-              "flag_identifier": ["urn:x", "e1"], "communication_identifier": None}
-    await store.commit([Decided("Patient/a", work.panel, d.state, [(record, writes), ({"event": "note"}, None)])])
+    writes = {
+        "event": "new",
+        "flag": {"resourceType": "Flag", "status": "active"},
+        "communication": None,
+        "flag_identifier": ["urn:x", "e1"],
+        "communication_identifier": None,
+    }
+    await store.commit(
+        [Decided("Patient/a", work.panel, d.state, [(record, writes), ({"event": "note"}, None)])]
+    )
     assert await store.dirty_panels() == []
     assert (await store.load_states(["Patient/a", "Patient/none"]))["Patient/a"] == d.state
     assert await store.decisions() == [record, {"event": "note"}]
@@ -192,12 +250,20 @@ async def test_one_commit_with_several_panels_of_a_patient_keeps_the_last_state(
     opened = decide(PatientState(), work.patient, work.panel, work.results, RULES).state
     await store.commit([Decided("Patient/a", work.panel, opened, [])])
     await store.set_temperature_cursor("Patient/a", "2026-01-05T10:00:00.000Z")
-    await store.commit([Decided("Patient/a", work.panel, opened, []), Decided("Patient/a", work.panel, opened, [])])
-    assert await store.open_patients() == [("Patient/a", "2026-01-05T10:00:00.000Z", opened.machine.newest_us)]
+    await store.commit(
+        [Decided("Patient/a", work.panel, opened, []), Decided("Patient/a", work.panel, opened, [])]
+    )
+    assert await store.open_patients() == [
+        ("Patient/a", "2026-01-05T10:00:00.000Z", opened.machine.newest_us)
+    ]
     # closed, then open again within one batch: a new episode, whose temperatures start afresh
-    await store.commit([Decided("Patient/a", work.panel, PatientState(), []), Decided("Patient/a", work.panel, opened, [])])
+    await store.commit(
+        [Decided("Patient/a", work.panel, PatientState(), []), Decided("Patient/a", work.panel, opened, [])]
+    )
     assert await store.open_patients() == [("Patient/a", None, opened.machine.newest_us)]
-    await store.commit([Decided("Patient/a", work.panel, opened, []), Decided("Patient/a", work.panel, PatientState(), [])])
+    await store.commit(
+        [Decided("Patient/a", work.panel, opened, []), Decided("Patient/a", work.panel, PatientState(), [])]
+    )
     assert await store.open_patients() == []
     assert (await store.load_states(["Patient/a"]))["Patient/a"] == PatientState()
 
@@ -207,7 +273,13 @@ async def test_a_failed_commit_changes_nothing(store: Store) -> None:
     (work,) = await store.dirty_panels()
     unserialisable = {"event": "new", "bad": object()}
     with pytest.raises(TypeError):
-        await store.commit([Decided("Patient/a", work.panel, PatientState(), [({"event": "ok"}, None), (unserialisable, None)])])
+        await store.commit(
+            [
+                Decided(
+                    "Patient/a", work.panel, PatientState(), [({"event": "ok"}, None), (unserialisable, None)]
+                )
+            ]
+        )
     assert len(await store.dirty_panels()) == 1
     assert await store.decisions() == []
 
@@ -215,8 +287,16 @@ async def test_a_failed_commit_changes_nothing(store: Store) -> None:
 async def test_outbox_failures_retry_and_sent_entries_leave(store: Store) -> None:
     await store.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
     (work,) = await store.dirty_panels()
-    writes = {"event": "new", "flag": {}, "communication": None, "flag_identifier": ["s", "v"], "communication_identifier": None}
-    await store.commit([Decided("Patient/a", work.panel, PatientState(), [({"n": 1}, writes), ({"n": 2}, writes)])])
+    writes = {
+        "event": "new",
+        "flag": {},
+        "communication": None,
+        "flag_identifier": ["s", "v"],
+        "communication_identifier": None,
+    }
+    await store.commit(
+        [Decided("Patient/a", work.panel, PatientState(), [({"n": 1}, writes), ({"n": 2}, writes)])]
+    )
     first, second = await store.pending_outbox()
     assert first.id < second.id and await store.outbox_pending_count() == 2
     await store.mark_failed(first.id, "server answered 503")
@@ -266,9 +346,9 @@ async def test_one_leader_at_a_time_and_a_standby_cannot_write(store: Store, mak
 # PostgreSQL only: fencing of a leader that lost its lock without knowing it, and the lease. ----------
 
 
-
 async def test_sqlite_locked_by_another_process_fails_clearly_and_never_blocks_the_event_loop(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Another process holds the database's write lock (an operator's sqlite3 shell, a backup
     tool): a write waits out the busy timeout on the store's thread and fails with a StoreError
     naming the cause, nothing of it is kept, and meanwhile the event loop keeps running (it answers
@@ -320,7 +400,10 @@ async def _terminate_lock_session(dsn: str, schema: str) -> None:
         killed = await conn.fetchval(
             """SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
                WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = ($2::bigint & x'ffffffff'::bigint)::oid
-               AND l.granted""", 0x4E57, __import__("service.live.store.postgres", fromlist=["lock_key"]).lock_key(schema))
+               AND l.granted""",
+            0x4E57,
+            __import__("service.live.store.postgres", fromlist=["lock_key"]).lock_key(schema),
+        )
         assert killed == 1
     finally:
         await conn.close()
@@ -334,7 +417,13 @@ async def test_postgres_old_leader_is_fenced_after_a_new_one_began(pg, pg_dsn: s
         assert await old.lead()
         await old.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
         (work,) = await old.dirty_panels()
-        writes = {"event": "new", "flag": {}, "communication": None, "flag_identifier": ["s", "v"], "communication_identifier": None}
+        writes = {
+            "event": "new",
+            "flag": {},
+            "communication": None,
+            "flag_identifier": ["s", "v"],
+            "communication_identifier": None,
+        }
         await old.commit([Decided("Patient/a", work.panel, PatientState(), [({"n": 1}, writes)])])
         (claimed,) = await old.pending_outbox()  # the old leader claimed a write, then "paused"
         await _terminate_lock_session(pg_dsn, pg_schema)
@@ -381,8 +470,12 @@ async def test_postgres_errors_never_show_the_dsn(pg_dsn: str, pg_schema: str) -
 
 # Copies of one version: sent again, re-serialised, conflicting. ------------------------------------
 
-ANC = observation("751-8", 0.4, id="s1-anc", patient="Patient/a", specimen="Specimen/s1", updated="2026-01-05T09:00:00Z")
-WBC = observation("6690-2", 3.0, id="s1-wbc", patient="Patient/a", specimen="Specimen/s1", updated="2026-01-05T09:00:00Z")
+ANC = observation(
+    "751-8", 0.4, id="s1-anc", patient="Patient/a", specimen="Specimen/s1", updated="2026-01-05T09:00:00Z"
+)
+WBC = observation(
+    "6690-2", 3.0, id="s1-wbc", patient="Patient/a", specimen="Specimen/s1", updated="2026-01-05T09:00:00Z"
+)
 V2 = {"versionId": "2", "lastUpdated": "2026-01-05T10:00:00Z"}
 ANC_US = 1767603600000000  # 2026-01-05T09:00:00Z
 
@@ -408,7 +501,9 @@ async def test_a_copy_sent_again_is_seen_before_not_a_conflict(store: Store) -> 
 async def test_the_same_content_serialised_differently_is_not_a_conflict(store: Store) -> None:
     await store.ingest([_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))], now=1.0)
     reordered = dict(reversed(list(ANC.items())))  # other key order ...
-    spaced = json.dumps(reordered, indent=2).encode().replace(b'"value": 0.4', b'"value": 0.40')  # ... whitespace, number spelling
+    spaced = (
+        json.dumps(reordered, indent=2).encode().replace(b'"value": 0.4', b'"value": 0.40')
+    )  # ... whitespace, number spelling
     assert spaced != orjson.dumps(ANC)
     # ... and narrative and a note: the service reads neither, so they cannot change a decision.
     annotated = _with(ANC, text={"status": "generated", "div": "<div>ANC</div>"}, note=[{"text": "re-sent"}])
@@ -419,15 +514,21 @@ async def test_the_same_content_serialised_differently_is_not_a_conflict(store: 
 
 CONFLICTING = {
     "value": _with(ANC, valueQuantity={**ANC["valueQuantity"], "value": 0.1}),
-    "unit": _with(ANC, valueQuantity={**ANC["valueQuantity"], "unit": "/uL", "code": "/uL"}),  # 0.4/uL, not 400/uL
-    "code": _with(ANC, code={"coding": [{"system": "http://loinc.org", "code": "26499-4"}]}),  # another ANC term
+    "unit": _with(
+        ANC, valueQuantity={**ANC["valueQuantity"], "unit": "/uL", "code": "/uL"}
+    ),  # 0.4/uL, not 400/uL
+    "code": _with(
+        ANC, code={"coding": [{"system": "http://loinc.org", "code": "26499-4"}]}
+    ),  # another ANC term
     "subject": _with(ANC, subject={"reference": "Patient/b"}),
     "status": _with(ANC, status="entered-in-error"),
 }
 
 
 @pytest.mark.parametrize("change", CONFLICTING)
-async def test_other_content_under_the_same_version_withdraws_it_and_every_copy_is_quarantined_once(store: Store, change: str) -> None:
+async def test_other_content_under_the_same_version_withdraws_it_and_every_copy_is_quarantined_once(
+    store: Store, change: str
+) -> None:
     """The first copy was stored and decided on; a copy of the same version with other content makes
     the version a conflict: both copies are returned and quarantined as CONFLICT (the first one
     too: which one is right cannot be told), the version in force is rejected (it contributes
@@ -441,7 +542,9 @@ async def test_other_content_under_the_same_version_withdraws_it_and_every_copy_
     held = await store.ingest([other], now=2.0)
     assert sorted(h.outcome.patient for h in held) == sorted([first[1].patient, other.patient])  # type: ignore[union-attr,type-var]
     assert [h.outcome.reason for h in held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
-    assert {(h.ref, h.updated_us, h.version, h.panel) for h in held} == {(other.ref, other.updated_us, other.version, None)}
+    assert {(h.ref, h.updated_us, h.version, h.panel) for h in held} == {
+        (other.ref, other.updated_us, other.version, None)
+    }
     assert await store_tables.quarantined(store) == [("Observation/s1-anc", CONFLICT)] * 2
     (work,) = await store.dirty_panels()  # decided again, without the conflicting version
     assert (work.panel, [r.ref for r in work.results]) == (first[1].panel, ["Observation/s1-wbc"])
@@ -456,16 +559,29 @@ async def test_other_content_under_the_same_version_withdraws_it_and_every_copy_
     assert await _stored_anc(store) == 400.0
 
 
-async def test_a_stored_rejected_version_found_to_conflict_is_quarantined_as_a_conflict_too(store: Store) -> None:
+async def test_a_stored_rejected_version_found_to_conflict_is_quarantined_as_a_conflict_too(
+    store: Store,
+) -> None:
     """The copy read first was rejected (an unknown unit) and stored as such; a readable copy of the
     same version makes it a conflict: both are returned as CONFLICT, the first one rebuilt from its
     quarantine record (its code and collection time kept), and the readable one is not used."""
-    rejected = _read(orjson.dumps(CONFLICTING["unit"] | {"valueQuantity": {**ANC["valueQuantity"], "unit": "bananas/uL", "code": "bananas/uL"}}))
+    rejected = _read(
+        orjson.dumps(
+            CONFLICTING["unit"]
+            | {"valueQuantity": {**ANC["valueQuantity"], "unit": "bananas/uL", "code": "bananas/uL"}}
+        )
+    )
     assert isinstance(rejected.outcome, Rejected)
     await store.ingest([_read(orjson.dumps(WBC)), rejected], now=1.0)
     held = await store.ingest([_read(orjson.dumps(ANC))], now=2.0)
-    assert [(h.outcome.reason, h.outcome.code, h.outcome.effective) for h in held] == [(CONFLICT, "751-8", ANC["effectiveDateTime"])] * 2  # type: ignore[union-attr]
-    assert [r for _, r in await store_tables.quarantined(store)] == [rejected.outcome.reason, CONFLICT, CONFLICT]
+    assert [(h.outcome.reason, h.outcome.code, h.outcome.effective) for h in held] == [
+        (CONFLICT, "751-8", ANC["effectiveDateTime"])
+    ] * 2  # type: ignore[union-attr]
+    assert [r for _, r in await store_tables.quarantined(store)] == [
+        rejected.outcome.reason,
+        CONFLICT,
+        CONFLICT,
+    ]
     assert (await _in_force(store))["Observation/s1-anc"] == (ANC_US, 1, False)
 
 
@@ -488,12 +604,20 @@ async def _in_force(store: Store) -> dict[str, tuple[int, int, bool]]:
     return {r[0]: (r[1], r[2], bool(r[3])) for r in rows}
 
 
-async def _outcome(store: Store, run: int) -> tuple[list[tuple[str, tuple[int, int, bool]]], list[tuple[str, str]], list[str]]:
+async def _outcome(
+    store: Store, run: int
+) -> tuple[list[tuple[str, tuple[int, int, bool]]], list[tuple[str, str]], list[str]]:
     """What one run (its Observations' ids end in `-r<run>`) left: the versions in force, the
     quarantine, and the results a decision of its panel would take (ids without the suffix)."""
     tag = f"-r{run}"
-    force = sorted((ref.removesuffix(tag), v) for ref, v in (await _in_force(store)).items() if ref.endswith(tag))
-    quarantine = sorted((ref.removesuffix(tag), reason) for ref, reason in await store_tables.quarantined(store) if ref and ref.endswith(tag))
+    force = sorted(
+        (ref.removesuffix(tag), v) for ref, v in (await _in_force(store)).items() if ref.endswith(tag)
+    )
+    quarantine = sorted(
+        (ref.removesuffix(tag), reason)
+        for ref, reason in await store_tables.quarantined(store)
+        if ref and ref.endswith(tag)
+    )
     panels = [w for w in await store.dirty_panels() if w.patient == f"Patient/a{tag}"]
     usable = sorted(r.ref.removesuffix(tag) for w in panels for r in w.results)
     return force, quarantine, usable
@@ -502,8 +626,12 @@ async def _outcome(store: Store, run: int) -> tuple[list[tuple[str, tuple[int, i
 def _run_copies(run: int) -> list[Intake]:
     """The WBC and three copies of its ANC partner: version 1 normal, version 1 severe (a conflict)
     and a copy without meta (severe), of run `run`'s own Observations and patient."""
+
     def own(obs: dict) -> Intake:
-        return _read(orjson.dumps(_with(obs, id=obs["id"] + f"-r{run}", subject={"reference": f"Patient/a-r{run}"})))
+        return _read(
+            orjson.dumps(_with(obs, id=obs["id"] + f"-r{run}", subject={"reference": f"Patient/a-r{run}"}))
+        )
+
     no_meta = {k: v for k, v in CONFLICTING["value"].items() if k != "meta"}
     return [own(WBC), own(ANC), own(CONFLICTING["value"]), own(no_meta)]
 
@@ -529,8 +657,13 @@ async def test_the_store_outcome_does_not_depend_on_the_order_or_batching_of_cop
             got = await _outcome(store, run)
             if expected is None:
                 expected = got
-                assert got[0] == [("Observation/s1-anc", (ANC_US, 1, False)), ("Observation/s1-wbc", (ANC_US, 1, True))]
-                assert got[1] == sorted([("Observation/s1-anc", CONFLICT)] * 2 + [("Observation/s1-anc", UNPLACED)])
+                assert got[0] == [
+                    ("Observation/s1-anc", (ANC_US, 1, False)),
+                    ("Observation/s1-wbc", (ANC_US, 1, True)),
+                ]
+                assert got[1] == sorted(
+                    [("Observation/s1-anc", CONFLICT)] * 2 + [("Observation/s1-anc", UNPLACED)]
+                )
                 assert got[2] == ["Observation/s1-wbc"]
             assert got == expected, (order, cuts)
 
@@ -560,12 +693,14 @@ async def test_a_digest_of_another_release_is_never_compared() -> None:
     anc, other = _read(orjson.dumps(ANC)), _read(orjson.dumps(CONFLICTING["value"]))
 
     def stored(content: bytes) -> StoredVersion:
-        return StoredVersion(anc.updated_us, anc.version, content, anc.patient, anc.panel, msgspec.msgpack.encode(anc.outcome))
+        return StoredVersion(
+            anc.updated_us, anc.version, content, anc.patient, anc.panel, msgspec.msgpack.encode(anc.outcome)
+        )
 
     conflict = plan(stored(digest(anc.outcome)), [other])
     assert [h.outcome.reason for h, _ in conflict.held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
     assert plan(stored(digest(anc.outcome)), [anc]) == Plan()
-    foreign = bytes(b ^ 0xFF for b in DIGEST_TAG) + digest(anc.outcome)[len(DIGEST_TAG):]
+    foreign = bytes(b ^ 0xFF for b in DIGEST_TAG) + digest(anc.outcome)[len(DIGEST_TAG) :]
     assert plan(stored(foreign), [other]) == Plan()
 
 
@@ -574,9 +709,16 @@ async def test_a_digest_of_another_release_is_never_compared() -> None:
 UNDECODABLE = orjson.dumps(ANC).replace(b'"value":0.4', b'"value":0.4,,')
 
 
-async def test_an_undecodable_copy_is_quarantined_once_and_a_readable_version_supersedes_it(store: Store) -> None:
+async def test_an_undecodable_copy_is_quarantined_once_and_a_readable_version_supersedes_it(
+    store: Store,
+) -> None:
     broken = _read(UNDECODABLE)
-    assert (broken.ref, broken.updated_us, broken.version, broken.panel) == ("Observation/s1-anc", -1, -1, None)
+    assert (broken.ref, broken.updated_us, broken.version, broken.panel) == (
+        "Observation/s1-anc",
+        -1,
+        -1,
+        None,
+    )
     assert await store.ingest([_read(orjson.dumps(WBC)), broken], now=1.0) != []
     for now in (2.0, 3.0):  # read again every cycle while it lies in the overlap window
         assert await store.ingest([broken], now=now) == []
@@ -590,7 +732,9 @@ async def test_an_undecodable_copy_is_quarantined_once_and_a_readable_version_su
     assert len(await store_tables.quarantined(store)) == 1
 
 
-async def test_an_undecodable_copy_behind_a_stored_version_is_quarantined_once_and_changes_nothing(store: Store) -> None:
+async def test_an_undecodable_copy_behind_a_stored_version_is_quarantined_once_and_changes_nothing(
+    store: Store,
+) -> None:
     """It has no meta to order it by: it neither supersedes the stored version (no alert withdrawn on
     an unreadable copy) nor is dropped unseen (it used to be: "seen before")."""
     await store.ingest([_read(orjson.dumps(WBC)), _read(orjson.dumps(ANC))], now=1.0)
@@ -619,16 +763,27 @@ async def test_a_schema_1_store_upgrades_in_place(make: Factory, monkeypatch: py
         m.setattr("service.live.store.schema.SCHEMA_VERSION", 1)
         await legacy.open()
         assert await legacy.lead()
-        row = (anc.ref, anc.updated_us, anc.version, anc.patient, anc.panel, msgspec.msgpack.encode(anc.outcome))
+        row = (
+            anc.ref,
+            anc.updated_us,
+            anc.version,
+            anc.patient,
+            anc.panel,
+            msgspec.msgpack.encode(anc.outcome),
+        )
         if isinstance(legacy, SqliteStore):
             legacy.db.execute("INSERT INTO results VALUES (?, ?, ?, ?, ?, ?)", row)
-            legacy.db.execute("INSERT INTO quarantine (ref, version, patient, reason, received, record) "
-                              "VALUES ('Observation/x', 1, 'Patient/x', 'no value', 1.0, x'00')")
+            legacy.db.execute(
+                "INSERT INTO quarantine (ref, version, patient, reason, received, record) "
+                "VALUES ('Observation/x', 1, 'Patient/x', 'no value', 1.0, x'00')"
+            )
         else:
             assert isinstance(legacy, PostgresStore)
             await legacy.pool.execute("INSERT INTO results VALUES ($1, $2, $3, $4, $5, $6)", *row)
-            await legacy.pool.execute("INSERT INTO quarantine (ref, version, patient, reason, received, record) "
-                                      "VALUES ('Observation/x', 1, 'Patient/x', 'no value', 1.0, '\\x00')")
+            await legacy.pool.execute(
+                "INSERT INTO quarantine (ref, version, patient, reason, received, record) "
+                "VALUES ('Observation/x', 1, 'Patient/x', 'no value', 1.0, '\\x00')"
+            )
         await legacy.close()
     store = make()
     await store.open()

@@ -49,7 +49,9 @@ async def test_database_down_at_start_and_while_running(fhir_base_url, pg_dsn, p
     await relay.down()  # the port is known, nothing listens: the database is "down" at start-up
     dsn = pg_dsn.replace(f"{target.hostname}:{target.port}", f"127.0.0.1:{relay.port}")
     port = _free_port()
-    settings = settings_for(fhir_base_url, postgres_store(dsn, pg_schema, failover_check_seconds=0.5), interval_seconds=1.0)
+    settings = settings_for(
+        fhir_base_url, postgres_store(dsn, pg_schema, failover_check_seconds=0.5), interval_seconds=1.0
+    )
     config = tmp_path / "config.yaml"
     data = settings.model_dump(mode="json", exclude_none=True) | {"web": {"host": "127.0.0.1", "port": port}}
     data["store"].pop("dsn")  # from the environment, as deployed (a dump would mask it)
@@ -58,14 +60,29 @@ async def test_database_down_at_start_and_while_running(fhir_base_url, pg_dsn, p
     log = tmp_path / "service.log"
     readyz = f"http://127.0.0.1:{port}/readyz"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service", "run", "--config", str(config)], cwd=ROOT,
-                                env={**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_STORE__DSN": dsn}, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "run", "--config", str(config)],
+            cwd=ROOT,
+            env={**os.environ, "NEUTROWATCH_LOGGING__FORMAT": "json", "NEUTROWATCH_STORE__DSN": dsn},
+            stdout=out,
+            stderr=out,
+        )
         try:
-            await _until(lambda: _status_is(readyz, 503, "state store unavailable"), 30, "not ready: store unavailable", log)
+            await _until(
+                lambda: _status_is(readyz, 503, "state store unavailable"),
+                30,
+                "not ready: store unavailable",
+                log,
+            )
             assert (await _get(f"http://127.0.0.1:{port}/healthz"))[0] == 200  # alive: no crash loop
             put_all(fhir_base_url, batches[0])
             await relay.up()  # the database comes back: the service opens, migrates, leads, polls
-            await _until(lambda: _status_is(readyz, 200, "last successful poll"), 60, "ready after the database returned", log)
+            await _until(
+                lambda: _status_is(readyz, 200, "last successful poll"),
+                60,
+                "ready after the database returned",
+                log,
+            )
 
             # While running: the next stage arrives and the database goes away for a while.
             put_all(fhir_base_url, batches[1])

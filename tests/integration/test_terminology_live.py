@@ -43,16 +43,24 @@ def one_patient_recent() -> list[dict[str, Any]]:
     """The patient and its results of WINDOW, moved so the window ends yesterday."""
     end = dt.date.fromisoformat(WINDOW[1])
     days = (dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1) - end).days
-    mine = [o for o in mimic.read_observations() if o["subject"]["reference"] == f"Patient/{PATIENT}"
-            and WINDOW[0] <= o["effectiveDateTime"][:10] <= WINDOW[1]]
+    mine = [
+        o
+        for o in mimic.read_observations()
+        if o["subject"]["reference"] == f"Patient/{PATIENT}"
+        and WINDOW[0] <= o["effectiveDateTime"][:10] <= WINDOW[1]
+    ]
     patients = [json.loads(line) for line in mimic.PATIENTS.read_text().splitlines() if line.strip()]
     patient = next(p for p in patients if p["id"] == PATIENT)
     return [shifted(patient, days), *(shifted(o, days) for o in mine)]
 
 
 def with_terminology(settings: Settings, terminology: dict[str, Any], **fhir: Any) -> Settings:
-    return settings.model_copy(update={"terminology": TerminologySettings(**terminology),
-                                       "fhir": settings.fhir.model_copy(update=fhir)})
+    return settings.model_copy(
+        update={
+            "terminology": TerminologySettings(**terminology),
+            "fhir": settings.fhir.model_copy(update=fhir),
+        }
+    )
 
 
 def oracle_config() -> dict[str, Any]:
@@ -67,13 +75,20 @@ async def test_a_concept_map_on_the_server_makes_local_coded_results_alert(fhir_
     put_all(fhir_base_url, one_patient_recent())
     base = settings_for(fhir_base_url, tmp_path / "before.sqlite3")
     before = await cycle(base)
-    assert (before.new_versions, before.events) == (0, {})  # "code not monitored": never stored, never alerted
+    assert (before.new_versions, before.events) == (
+        0,
+        {},
+    )  # "code not monitored": never stored, never alerted
 
     concept_map = json.loads(mimic.CONCEPT_MAP.read_text())
     put_all(fhir_base_url, [concept_map])
-    mapped = with_terminology(settings_for(fhir_base_url, tmp_path / "after.sqlite3"),
-                              {"concept_map_urls": ["https://absent.example.org/ConceptMap/none", concept_map["url"]],
-                               "units": mimic.units_config()})
+    mapped = with_terminology(
+        settings_for(fhir_base_url, tmp_path / "after.sqlite3"),
+        {
+            "concept_map_urls": ["https://absent.example.org/ConceptMap/none", concept_map["url"]],
+            "units": mimic.units_config(),
+        },
+    )
     report = await cycle(mapped)
     assert report.events == {"new": 2, "worsening": 2, "resolved": 1}
     counts = compare_with_oracle(fhir_base_url, tmp_path / "oracle", more_config=oracle_config())
@@ -95,17 +110,27 @@ async def test_a_code_list_too_long_for_one_get_is_split(fhir_base_url, tmp_path
     proxy = Proxy(upstream=fhir_base_url)
     await proxy.start()
     try:
-        proxy.add(Fault(when=refuse_long_urls, times=float("inf"), kind="uri-too-long",
-                        respond=lambda _request: web.Response(status=414)))
-        settings = with_terminology(settings_for(proxy.base, tmp_path / "s.sqlite3", temperatures="all"),
-                                    {"concept_maps": [mimic.CONCEPT_MAP], "units": mimic.units_config()},
-                                    max_search_url_length=limit)
+        proxy.add(
+            Fault(
+                when=refuse_long_urls,
+                times=float("inf"),
+                kind="uri-too-long",
+                respond=lambda _request: web.Response(status=414),
+            )
+        )
+        settings = with_terminology(
+            settings_for(proxy.base, tmp_path / "s.sqlite3", temperatures="all"),
+            {"concept_maps": [mimic.CONCEPT_MAP], "units": mimic.units_config()},
+            max_search_url_length=limit,
+        )
         if limit > LIMIT:
             with pytest.raises(FhirError, match="414"):
                 await cycle(settings)
             return
         report = await cycle(settings)
-        searches = {s.raw_path.split("&_lastUpdated")[0] for s in proxy.seen if s.raw_path.startswith("/Observation?")}
+        searches = {
+            s.raw_path.split("&_lastUpdated")[0] for s in proxy.seen if s.raw_path.startswith("/Observation?")
+        }
     finally:
         await proxy.stop()
     assert proxy.counts["uri-too-long"] == 0
@@ -124,10 +149,15 @@ async def test_a_map_changed_on_the_server_is_read_again_after_the_context_ttl(f
 
     put_all(fhir_base_url, one_patient_recent())
     concept_map = json.loads(mimic.CONCEPT_MAP.read_text())
-    vitals_only = {**concept_map, "group": [g for g in concept_map["group"] if g["source"] == mimic.CHARTEVENTS]}
+    vitals_only = {
+        **concept_map,
+        "group": [g for g in concept_map["group"] if g["source"] == mimic.CHARTEVENTS],
+    }
     put_all(fhir_base_url, [vitals_only])
-    settings = with_terminology(settings_for(fhir_base_url, tmp_path / "s.sqlite3", context_ttl_seconds=0),
-                                {"concept_map_urls": [concept_map["url"]], "units": mimic.units_config()})
+    settings = with_terminology(
+        settings_for(fhir_base_url, tmp_path / "s.sqlite3", context_ttl_seconds=0),
+        {"concept_map_urls": [concept_map["url"]], "units": mimic.units_config()},
+    )
     store = make_store(settings.store)
     await store.open()
     try:

@@ -15,7 +15,12 @@ EXAMPLES = ROOT / "docs" / "examples"
 
 
 def _check(output: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPT), "--check", "--output", str(output)], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
 
 
 def test_the_committed_examples_are_up_to_date():
@@ -34,8 +39,14 @@ def test_check_fails_on_a_stale_or_missing_example(tmp_path):
 
 
 def test_the_examples_are_one_febrile_write():
-    flag, comm, prov = (json.loads((EXAMPLES / f"{t}.json").read_text()) for t in ("Flag", "Communication", "Provenance"))
-    assert (flag["resourceType"], comm["resourceType"], prov["resourceType"]) == ("Flag", "Communication", "Provenance")
+    flag, comm, prov = (
+        json.loads((EXAMPLES / f"{t}.json").read_text()) for t in ("Flag", "Communication", "Provenance")
+    )
+    assert (flag["resourceType"], comm["resourceType"], prov["resourceType"]) == (
+        "Flag",
+        "Communication",
+        "Provenance",
+    )
     assert flag["code"]["coding"][0]["code"] == "409089005" and comm["priority"] == "stat"
     # The Provenance targets this Flag and this Communication, is tagged with the announcement's key,
     # and names the results the Communication is about (versioned), then the temperature.
@@ -44,8 +55,13 @@ def test_the_examples_are_one_febrile_write():
     assert prov["meta"]["tag"][0]["code"] == comm["identifier"][0]["value"]
     entities = [e["what"]["reference"] for e in prov["entity"]]
     about = [a["reference"] for a in comm["about"][1:]]
-    assert [e.split("/_history/")[0] for e in entities[:-1]] == about and all("/_history/" in e for e in entities[:-1])
+    assert [e.split("/_history/")[0] for e in entities[:-1]] == about and all(
+        "/_history/" in e for e in entities[:-1]
+    )
     assert entities[-1] not in about
     assert prov["recorded"] == comm["sent"]
-    assert all(json.dumps(r, indent=2, ensure_ascii=False) + "\n" == (EXAMPLES / f"{r['resourceType']}.json").read_text()
-               for r in (flag, comm, prov)), "pretty-printed, as the script writes them"
+    assert all(
+        json.dumps(r, indent=2, ensure_ascii=False) + "\n"
+        == (EXAMPLES / f"{r['resourceType']}.json").read_text()
+        for r in (flag, comm, prov)
+    ), "pretty-printed, as the script writes them"

@@ -23,17 +23,33 @@ BLOOD_FILM = "marked leukocytosis with a low neutrophil fraction: review the blo
 
 def assessment(anc: float, wbc: float | None, **kw: object) -> Assessment:
     fields: dict[str, object] = dict(
-        patient="Patient/p", panel="specimen:s", anc=float(anc), at_most=False, method="wbc-x-neutrophil-pct",
+        patient="Patient/p",
+        panel="specimen:s",
+        anc=float(anc),
+        at_most=False,
+        method="wbc-x-neutrophil-pct",
         wbc=None if wbc is None else float(wbc),
-        band=DEFAULT.grade(anc, None), effective="2026-01-05T08:00:00Z", effective_us=0,
-        refs=("Observation/n",), versions=("1",))
+        band=DEFAULT.grade(anc, None),
+        effective="2026-01-05T08:00:00Z",
+        effective_us=0,
+        refs=("Observation/n",),
+        versions=("1",),
+    )
     return Assessment(**{**fields, **kw})  # type: ignore[arg-type]
 
 
 def event(kind: EventKind, a: Assessment, **kw: object) -> AlertEvent:
     fields: dict[str, object] = dict(
-        kind=kind, patient="Patient/p", episode="e1", band=SEVERE, worst=SEVERE, assessment=a,
-        opened="2026-01-02T08:00:00Z", previous_anc=410.0, previous_effective="2026-01-02T08:00:00Z")
+        kind=kind,
+        patient="Patient/p",
+        episode="e1",
+        band=SEVERE,
+        worst=SEVERE,
+        assessment=a,
+        opened="2026-01-02T08:00:00Z",
+        previous_anc=410.0,
+        previous_effective="2026-01-02T08:00:00Z",
+    )
     return AlertEvent(**{**fields, **kw})  # type: ignore[arg-type]
 
 
@@ -54,8 +70,10 @@ def test_wbc_and_platelets_are_written_in_thousands_per_microlitre(value, digits
     assert texts.thousands(value, digits) == text
 
 
-@pytest.mark.parametrize(("value", "text"), [(1.0, "1 %"), (5.6, "5.6 %"), (0.25, "0.2 %"), (0.0, "0 %"),
-                                             (18.3, "18 %"), (55.0, "55 %")])
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(1.0, "1 %"), (5.6, "5.6 %"), (0.25, "0.2 %"), (0.0, "0 %"), (18.3, "18 %"), (55.0, "55 %")],
+)
 def test_neutrophil_fraction_is_written_in_percent(value, text):
     """Whole percents from 10 %, one decimal below it, where one point matters."""
     assert texts.percent(value) == text
@@ -82,13 +100,16 @@ def test_the_white_count_and_fraction_follow_the_anc_in_both_texts():
     """Communication and Flag give the WBC and the neutrophil fraction after the ANC."""
     a = assessment(400, 2_000, cytopenia="pancytopenia", hemoglobin=8.1, platelets=23_000)
     message = texts.message(event(EventKind.NEW, a), DEFAULT)
-    assert message.startswith("New neutropenia, severe: ANC 400 cells/µL collected 2026-01-05T08:00:00Z "
-                              "(wbc x neutrophil pct); WBC 2.0 ×10³/µL, neutrophils 20 %; "
-                              "part of a pancytopenia (Hb 8.1 g/dL, platelets 23 ×10³/µL). "
-                              "Previous ANC 410 cells/µL")
+    assert message.startswith(
+        "New neutropenia, severe: ANC 400 cells/µL collected 2026-01-05T08:00:00Z "
+        "(wbc x neutrophil pct); WBC 2.0 ×10³/µL, neutrophils 20 %; "
+        "part of a pancytopenia (Hb 8.1 g/dL, platelets 23 ×10³/µL). "
+        "Previous ANC 410 cells/µL"
+    )
     assert texts.flag_text(event(EventKind.NEW, a), "active") == (
         "Neutropenia, severe, pancytopenia; latest ANC 400 cells/µL collected 2026-01-05T08:00:00Z; "
-        "WBC 2.0 ×10³/µL, neutrophils 20 %")
+        "WBC 2.0 ×10³/µL, neutrophils 20 %"
+    )
     assert "cells/µL)" not in message and BLOOD_FILM not in message.lower()
 
 
@@ -105,8 +126,9 @@ def test_an_anc_bound_bounds_the_fraction_and_a_panel_without_wbc_gives_none():
 def test_isolated_neutropenia_gives_the_counts_that_are_not_low():
     """ "isolated" says which counts were not low, with their values."""
     a = assessment(340, 1_900, cytopenia="isolated", hemoglobin=10.8, platelets=207_000)
-    assert texts.cytopenia(a) == ("isolated (haemoglobin and platelets not low: "
-                                  "Hb 10.8 g/dL, platelets 207 ×10³/µL)")
+    assert texts.cytopenia(a) == (
+        "isolated (haemoglobin and platelets not low: Hb 10.8 g/dL, platelets 207 ×10³/µL)"
+    )
 
 
 # -- the leukaemic picture ------------------------------------------------------------------------------
@@ -126,13 +148,15 @@ def test_resolution_in_the_leukaemic_picture_is_not_a_return_to_normal():
     a = assessment(2_580, 43_000)
     resolved = event(EventKind.RESOLVED, a, episode_open=False, ended=a.effective)
     message = texts.message(resolved, DEFAULT)
-    assert message.startswith("Neutropenia resolved by the ANC only; the white count is not normal: "
-                              "ANC 2,580 cells/µL")
+    assert message.startswith(
+        "Neutropenia resolved by the ANC only; the white count is not normal: ANC 2,580 cells/µL"
+    )
     assert "WBC 43.0 ×10³/µL, neutrophils 6 %" in message and BLOOD_FILM in message.lower()
     assert "normal range" not in message and "back to normal" not in message
     flag = texts.flag_text(resolved, "inactive")
-    assert flag.startswith("Neutropenia, severe; resolved 2026-01-05T08:00:00Z by the ANC only; "
-                           "latest ANC 2,580 cells/µL")
+    assert flag.startswith(
+        "Neutropenia, severe; resolved 2026-01-05T08:00:00Z by the ANC only; latest ANC 2,580 cells/µL"
+    )
     assert "WBC 43.0 ×10³/µL, neutrophils 6 %" in flag and flag.endswith(BLOOD_FILM)
 
 
@@ -181,10 +205,12 @@ def _panel(pid: str, day: int, wbc_k: float, neutrophil_pct: float, hb: float, p
     eff, upd = f"2026-01-{day:02d}T08:00:00Z", f"2026-01-{day:02d}T10:00:00.000Z"
     spec = f"Specimen/{pid}-{day}"
     kw = dict(patient=f"Patient/{pid}", effective=eff, updated=upd, specimen=spec)
-    return [observation("6690-2", wbc_k, "10*3/uL", id=f"{pid}-{day}-wbc", **kw),
-            observation("770-8", neutrophil_pct, "%", id=f"{pid}-{day}-neut", **kw),
-            observation("718-7", hb, "g/dL", id=f"{pid}-{day}-hb", **kw),
-            observation("777-3", platelets_k, "10*3/uL", id=f"{pid}-{day}-plt", **kw)]
+    return [
+        observation("6690-2", wbc_k, "10*3/uL", id=f"{pid}-{day}-wbc", **kw),
+        observation("770-8", neutrophil_pct, "%", id=f"{pid}-{day}-neut", **kw),
+        observation("718-7", hb, "g/dL", id=f"{pid}-{day}-hb", **kw),
+        observation("777-3", platelets_k, "10*3/uL", id=f"{pid}-{day}-plt", **kw),
+    ]
 
 
 def test_replay_of_the_leukaemic_picture(tmp_path: Path):
@@ -206,4 +232,3 @@ def test_replay_of_the_leukaemic_picture(tmp_path: Path):
     resolved = [r["payload"][0]["contentString"] for r in written if r["resourceType"] == "Communication"][-1]
     assert "WBC 43.0 ×10³/µL, neutrophils 6 %" in resolved and BLOOD_FILM in resolved.lower()
     assert "normal range" not in resolved
-

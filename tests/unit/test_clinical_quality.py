@@ -37,13 +37,36 @@ def test_comparison_finds_a_lost_alert():
     """The comparison itself: a severe alert with no severe announced in the open episode is reported,
     one announced earlier in the same open episode is not."""
     t = "2026-01-0{}T08:00:00Z"
-    severe = {"patient": "Patient/a", "event": "new", "grade": "severe", "effective": t.format(3), "episode": "e2"}
+    severe = {
+        "patient": "Patient/a",
+        "event": "new",
+        "grade": "severe",
+        "effective": t.format(3),
+        "episode": "e2",
+    }
     former = [severe]
-    mild_only = [{"patient": "Patient/a", "event": "new", "grade": "mild", "effective": t.format(1), "episode": "e1"}]
-    announced = [{**mild_only[0], "grade": "severe"},
-                 {"patient": "Patient/a", "event": "recovering", "grade": None, "effective": t.format(2), "episode": "e1"}]
+    mild_only = [
+        {"patient": "Patient/a", "event": "new", "grade": "mild", "effective": t.format(1), "episode": "e1"}
+    ]
+    announced = [
+        {**mild_only[0], "grade": "severe"},
+        {
+            "patient": "Patient/a",
+            "event": "recovering",
+            "grade": None,
+            "effective": t.format(2),
+            "episode": "e1",
+        },
+    ]
     assert quality.late_or_missed(former, mild_only) == [severe]
     assert quality.late_or_missed(former, announced) == []
-    resolved = announced + [{"patient": "Patient/a", "event": "resolved", "grade": "severe", "effective": t.format(2),
-                             "episode": "e1"}]
+    resolved = announced + [
+        {
+            "patient": "Patient/a",
+            "event": "resolved",
+            "grade": "severe",
+            "effective": t.format(2),
+            "episode": "e1",
+        }
+    ]
     assert quality.late_or_missed(former, resolved) == [severe]

@@ -52,7 +52,10 @@ def test_config_path_from_env(tmp_path, monkeypatch):
         ("nonsense: 1\n", "nonsense: unknown field"),
         ("- a list\n", "top level must be a mapping"),
         ("grading: [\n", "not valid YAML (line"),
-        ("store:\n  backend: postgres\n", "store: backend 'postgres' needs dsn (NEUTROWATCH_STORE__DSN) or dsn_file"),
+        (
+            "store:\n  backend: postgres\n",
+            "store: backend 'postgres' needs dsn (NEUTROWATCH_STORE__DSN) or dsn_file",
+        ),
         ("store:\n  backend: mysql\n", "store.backend: Input should be 'sqlite' or 'postgres'"),
         ("store:\n  schema_name: Robert'); DROP\n", "store.schema_name: String should match pattern"),
         ("store:\n  pool_size: 1\n", "store.pool_size: Input should be greater than or equal to 2"),
@@ -186,34 +189,96 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     [
         ("store:\n  path: s.db\n", 2, ["fhir.base_url: required"], []),
         ("fhir:\n  base_url: https://f.example/r4\n", 0, [], []),
-        ("fhir:\n  base_url: https://f.example/r4\n  verify_tls: false\n  auth:\n    method: bearer\n"
-         "    bearer_token_file: TOKEN\n", 0, [], ["fhir.verify_tls: false while fhir.auth.method is bearer"]),
-        ("fhir:\n  base_url: https://f.example/r4\n  verify_tls: false\n  auth:\n    method: smart\n"
-         "    smart:\n      client_id: c\n      private_key_file: KEY\n", 2,
-         ["fhir.auth.smart.private_key_file: "], ["fhir.verify_tls: false while fhir.auth.method is smart"]),
-        ("fhir:\n  base_url: https://f.example/r4\n  verify_tls: false\n", 0, [], []),  # no credential to leak
-        ("fhir:\n  base_url: https://f.example/r4\n  auth:\n    method: bearer\n    bearer_token: tok-INLINE-9\n", 0, [],
-         ["fhir.auth.bearer_token is written in the config file…: set it from the environment "
-          "(NEUTROWATCH_FHIR__AUTH__BEARER_TOKEN) or a mounted file (fhir.auth.bearer_token_file)"]),
-        (f"fhir:\n  base_url: https://f.example/r4\nstore:\n  backend: postgres\n  dsn: postgresql://nw:{PW}@db/nw\n", 0, [],
-         ["store.dsn holds a password and is written in the config file…: set it from the environment "
-          "(NEUTROWATCH_STORE__DSN) or a mounted file (store.dsn_file)"]),
-        ("fhir:\n  base_url: https://f.example/r4\nstore:\n  backend: postgres\n  dsn: postgresql://nw@db/nw\n", 0, [], []),
-        ("fhir:\n  base_url: http://f.example/r4\n  allow_insecure_http: true\n  auth:\n    method: bearer\n"
-         "    bearer_token_file: TOKEN\n", 0, [], ["plain http:// to f.example while fhir.auth.method is bearer"]),
-        (f"fhir:\n  page_size: 0\n  auth:\n    method: basic\nstore:\n  backend: postgres\n  dsn: postgresql:/nw:{PW}@db/nw\n"
-         "grading:\n  scheme: nope\nnonsense: 1\n", 2,
-         ["fhir.page_size: Input should be greater than or equal to 1", "fhir.auth.method: Input should be",
-          "store.dsn: is not a postgresql://", "grading.scheme: unknown scheme 'nope'", "nonsense: unknown field",
-          "fhir.base_url: required"], ["store.dsn holds a password"]),
-        ("fhir:\n  base_url: https://f.example/r4\n  auth:\n    method: bearer\n    bearer_token_file: ABSENT\n"
-         "store:\n  backend: postgres\n  dsn_file: ABSENT\n", 2,
-         ["fhir.auth.bearer_token_file: cannot read", "store.dsn_file: No such file"], []),
+        (
+            "fhir:\n  base_url: https://f.example/r4\n  verify_tls: false\n  auth:\n    method: bearer\n"
+            "    bearer_token_file: TOKEN\n",
+            0,
+            [],
+            ["fhir.verify_tls: false while fhir.auth.method is bearer"],
+        ),
+        (
+            "fhir:\n  base_url: https://f.example/r4\n  verify_tls: false\n  auth:\n    method: smart\n"
+            "    smart:\n      client_id: c\n      private_key_file: KEY\n",
+            2,
+            ["fhir.auth.smart.private_key_file: "],
+            ["fhir.verify_tls: false while fhir.auth.method is smart"],
+        ),
+        (
+            "fhir:\n  base_url: https://f.example/r4\n  verify_tls: false\n",
+            0,
+            [],
+            [],
+        ),  # no credential to leak
+        (
+            "fhir:\n  base_url: https://f.example/r4\n  auth:\n    method: bearer\n    bearer_token: tok-INLINE-9\n",
+            0,
+            [],
+            [
+                "fhir.auth.bearer_token is written in the config file…: set it from the environment "
+                "(NEUTROWATCH_FHIR__AUTH__BEARER_TOKEN) or a mounted file (fhir.auth.bearer_token_file)"
+            ],
+        ),
+        (
+            f"fhir:\n  base_url: https://f.example/r4\nstore:\n  backend: postgres\n  dsn: postgresql://nw:{PW}@db/nw\n",
+            0,
+            [],
+            [
+                "store.dsn holds a password and is written in the config file…: set it from the environment "
+                "(NEUTROWATCH_STORE__DSN) or a mounted file (store.dsn_file)"
+            ],
+        ),
+        (
+            "fhir:\n  base_url: https://f.example/r4\nstore:\n  backend: postgres\n  dsn: postgresql://nw@db/nw\n",
+            0,
+            [],
+            [],
+        ),
+        (
+            "fhir:\n  base_url: http://f.example/r4\n  allow_insecure_http: true\n  auth:\n    method: bearer\n"
+            "    bearer_token_file: TOKEN\n",
+            0,
+            [],
+            ["plain http:// to f.example while fhir.auth.method is bearer"],
+        ),
+        (
+            f"fhir:\n  page_size: 0\n  auth:\n    method: basic\nstore:\n  backend: postgres\n  dsn: postgresql:/nw:{PW}@db/nw\n"
+            "grading:\n  scheme: nope\nnonsense: 1\n",
+            2,
+            [
+                "fhir.page_size: Input should be greater than or equal to 1",
+                "fhir.auth.method: Input should be",
+                "store.dsn: is not a postgresql://",
+                "grading.scheme: unknown scheme 'nope'",
+                "nonsense: unknown field",
+                "fhir.base_url: required",
+            ],
+            ["store.dsn holds a password"],
+        ),
+        (
+            "fhir:\n  base_url: https://f.example/r4\n  auth:\n    method: bearer\n    bearer_token_file: ABSENT\n"
+            "store:\n  backend: postgres\n  dsn_file: ABSENT\n",
+            2,
+            ["fhir.auth.bearer_token_file: cannot read", "store.dsn_file: No such file"],
+            [],
+        ),
     ],
-    ids=["no-base-url", "ok", "no-verify-bearer", "no-verify-smart", "no-verify-no-credential", "inline-token",
-         "inline-dsn-password", "inline-dsn-no-password", "http-credential", "every-error", "secret-files"],
+    ids=[
+        "no-base-url",
+        "ok",
+        "no-verify-bearer",
+        "no-verify-smart",
+        "no-verify-no-credential",
+        "inline-token",
+        "inline-dsn-password",
+        "inline-dsn-no-password",
+        "http-credential",
+        "every-error",
+        "secret-files",
+    ],
 )
-def test_check_config_lists_every_error_and_warns_of_unsafe_settings(tmp_path, capsys, text, code, errors, warnings):
+def test_check_config_lists_every_error_and_warns_of_unsafe_settings(
+    tmp_path, capsys, text, code, errors, warnings
+):
     """check-config: no FHIR base URL is an error; credentials without TLS verification, over plain
     http to another host, or a secret written in the YAML file are warnings (stderr, exit 0); every
     error is listed, each on its own line naming its field (exit 2); nothing repeats a secret."""
@@ -223,16 +288,24 @@ def test_check_config_lists_every_error_and_warns_of_unsafe_settings(tmp_path, c
     key.write_text("not a key")
     key.chmod(0o600)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(text.replace("TOKEN", str(token)).replace("KEY", str(key)).replace("ABSENT", str(tmp_path / "absent")))
+    cfg.write_text(
+        text.replace("TOKEN", str(token)).replace("KEY", str(key)).replace("ABSENT", str(tmp_path / "absent"))
+    )
     assert main(["check-config", "--config", str(cfg)]) == code
     out, err = capsys.readouterr()
     lines = err.splitlines()
     for expected in errors:
-        assert any(line.startswith("neutrowatch: config error: ") and expected in line for line in lines), (expected, err)
+        assert any(line.startswith("neutrowatch: config error: ") and expected in line for line in lines), (
+            expected,
+            err,
+        )
     assert sum(line.startswith("neutrowatch: config error: ") for line in lines) == len(errors), err
     for expected in warnings:  # "…" separates parts expected in order on one line
         parts = expected.split("…")
-        assert any(line.startswith("neutrowatch: warning: ") and _in_order(parts, line) for line in lines), (expected, err)
+        assert any(line.startswith("neutrowatch: warning: ") and _in_order(parts, line) for line in lines), (
+            expected,
+            err,
+        )
     assert sum(line.startswith("neutrowatch: warning: ") for line in lines) == len(warnings), err
     assert ("configuration ok" in out) == (code == 0)
     for secret in (PW, "tok-INLINE-9", "tok-FILE-5"):
@@ -253,11 +326,15 @@ def test_run_and_once_fail_at_start_naming_every_bad_field(tmp_path, capsys, cle
     """run and once stop before doing anything on a bad configuration: exit 2 and one line naming
     every invalid field (never the DSN's text)."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"fhir:\n  base_url: https://f.example/r4\n  page_size: 0\nstore:\n  backend: postgres\n  dsn: host=db password={PW}'\n")
+    cfg.write_text(
+        f"fhir:\n  base_url: https://f.example/r4\n  page_size: 0\nstore:\n  backend: postgres\n  dsn: host=db password={PW}'\n"
+    )
     for command in ("run", "once"):
         assert main([command, "--config", str(cfg)]) == 2
         err = capsys.readouterr().err
-        assert len(err.splitlines()) == 1 and "fhir.page_size:" in err and "store.dsn:" in err and PW not in err
+        assert (
+            len(err.splitlines()) == 1 and "fhir.page_size:" in err and "store.dsn:" in err and PW not in err
+        )
     cfg.write_text(f"store:\n  path: {tmp_path / 's.db'}\n")
     proc = _cli("once", "--config", str(cfg))  # a process of its own: `once` configures logging
     assert proc.returncode == 2 and "fhir.base_url: required" in proc.stderr
@@ -265,7 +342,14 @@ def test_run_and_once_fail_at_start_naming_every_bad_field(tmp_path, capsys, cle
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NEUTROWATCH_")}
-    return subprocess.run([sys.executable, "-m", "service", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -275,7 +359,9 @@ def html_proxy() -> Iterator[str]:
     state: dict[str, object] = {}
 
     async def page(_request: web.Request) -> web.Response:
-        return web.Response(text="<!DOCTYPE html><html><body><form>Sign in</form></body></html>", content_type="text/html")
+        return web.Response(
+            text="<!DOCTYPE html><html><body><form>Sign in</form></body></html>", content_type="text/html"
+        )
 
     def serve() -> None:
         loop = asyncio.new_event_loop()
@@ -302,39 +388,57 @@ def html_proxy() -> Iterator[str]:
 def test_probe_says_an_html_page_is_a_proxy_or_login_page(tmp_path, html_proxy):
     """A proxy's login page (200, text/html) is reported as such, not as a JSON error."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"fhir:\n  base_url: {html_proxy}\n  allow_insecure_http: true\nstore:\n  path: {tmp_path / 's.db'}\n")
+    cfg.write_text(
+        f"fhir:\n  base_url: {html_proxy}\n  allow_insecure_http: true\nstore:\n  path: {tmp_path / 's.db'}\n"
+    )
     proc = _cli("check-config", "--probe", "--config", str(cfg))
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
-    assert "FAIL /metadata: HTTP 200: the server answered with an HTML page, not FHIR JSON — a proxy or login page?" in out
+    assert (
+        "FAIL /metadata: HTTP 200: the server answered with an HTML page, not FHIR JSON — a proxy or login page?"
+        in out
+    )
     assert "FAIL Observation search: HTTP 200: the server answered with an HTML page" in out
 
 
 def test_probe_names_host_and_port_of_an_unreachable_server(tmp_path):
     """A connection failure says where it tried: host and port (a wrong port or name is then plain)."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"fhir:\n  base_url: http://127.0.0.1:9/fhir\n  allow_insecure_http: true\n"
-                   f"  retry:\n    backoff_base_seconds: 0.01\nstore:\n  path: {tmp_path / 's.db'}\n")
+    cfg.write_text(
+        f"fhir:\n  base_url: http://127.0.0.1:9/fhir\n  allow_insecure_http: true\n"
+        f"  retry:\n    backoff_base_seconds: 0.01\nstore:\n  path: {tmp_path / 's.db'}\n"
+    )
     proc = _cli("check-config", "--probe", "--config", str(cfg))
     assert proc.returncode == 1
-    assert "FAIL /metadata: cannot reach 127.0.0.1:9 (GET metadata: gave up after 2 attempts; last: connection)" in proc.stdout
+    assert (
+        "FAIL /metadata: cannot reach 127.0.0.1:9 (GET metadata: gave up after 2 attempts; last: connection)"
+        in proc.stdout
+    )
 
 
 def test_once_logs_what_check_config_warns_of(tmp_path):
     """A service started without check-config still tells the operator: the warnings are logged at
     start (field and file named, never the secret)."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("fhir:\n  base_url: https://127.0.0.1:9/fhir\n  verify_tls: false\n  retry:\n    max_attempts: 1\n"
-                   "  auth:\n    method: bearer\n    bearer_token: tok-INLINE-9\n"
-                   f"store:\n  path: {tmp_path / 's.db'}\nlogging:\n  format: json\n")
+    cfg.write_text(
+        "fhir:\n  base_url: https://127.0.0.1:9/fhir\n  verify_tls: false\n  retry:\n    max_attempts: 1\n"
+        "  auth:\n    method: bearer\n    bearer_token: tok-INLINE-9\n"
+        f"store:\n  path: {tmp_path / 's.db'}\nlogging:\n  format: json\n"
+    )
     proc = _cli("once", "--config", str(cfg))
     assert proc.returncode == 1
     warnings = [line for line in proc.stderr.splitlines() if '"event": "unsafe configuration"' in line]
-    assert len(warnings) == 2 and "fhir.verify_tls: false" in warnings[0] and "fhir.auth.bearer_token is written" in warnings[1]
+    assert (
+        len(warnings) == 2
+        and "fhir.verify_tls: false" in warnings[0]
+        and "fhir.auth.bearer_token is written" in warnings[1]
+    )
     assert "tok-INLINE-9" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("key", ["Patient/1/_history/2", "https://fhir.example.org/Patient/1", "1", "Patient/a b"])
+@pytest.mark.parametrize(
+    "key", ["Patient/1/_history/2", "https://fhir.example.org/Patient/1", "1", "Patient/a b"]
+)
 def test_patient_threshold_keys_are_patient_identities(tmp_path, key):
     """A configured threshold is keyed by the identity the service uses (a relative, unversioned
     Patient reference): any other spelling would silently never match, so it is refused at start-up,
@@ -372,13 +476,20 @@ def test_terminology_settings_reach_the_read_policy_and_the_rules(tmp_path):
     """The project's MIMIC map and a unit mapping are in the read policy; the differential site rule
     is off unless set (reference §2), and reaches the rules when set."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"terminology:\n  concept_maps: [{ROOT / 'tests/data/mimic-iv-demo-cbc/conceptmap.json'}]\n"
-                   "  units: [{system: 'http://lab.example.org/units', unit: 'Kcells/uL', ucum: '10*3/uL'}]\n"
-                   "clinical:\n  differential:\n    neutrophil_percent_with_bands_is_segmented: true\n")
+    cfg.write_text(
+        f"terminology:\n  concept_maps: [{ROOT / 'tests/data/mimic-iv-demo-cbc/conceptmap.json'}]\n"
+        "  units: [{system: 'http://lab.example.org/units', unit: 'Kcells/uL', ucum: '10*3/uL'}]\n"
+        "clinical:\n  differential:\n    neutrophil_percent_with_bands_is_segmented: true\n"
+    )
     settings = load_settings(cfg)
     terminology = settings.read_policy.terminology
-    assert terminology.translate("http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-d-labitems", "51256").loinc == "770-8"  # type: ignore[union-attr]
-    assert terminology.translate("http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-d-labitems", "51218") is None
+    assert (
+        terminology.translate("http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-d-labitems", "51256").loinc
+        == "770-8"
+    )  # type: ignore[union-attr]
+    assert (
+        terminology.translate("http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-d-labitems", "51218") is None
+    )
     assert terminology.ucum("http://lab.example.org/units", "Kcells/uL") == "10*3/uL"
     assert settings.rules.neutrophil_pct_with_bands_is_segmented is True
     assert load_settings(None).rules.neutrophil_pct_with_bands_is_segmented is False
@@ -387,10 +498,15 @@ def test_terminology_settings_reach_the_read_policy_and_the_rules(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("terminology:\n  units: [{system: s, unit: u, ucum: furlong}]\n",
-         "terminology.units.0.ucum: 'furlong' is not a unit the service converts"),
+        (
+            "terminology:\n  units: [{system: s, unit: u, ucum: furlong}]\n",
+            "terminology.units.0.ucum: 'furlong' is not a unit the service converts",
+        ),
         ("terminology:\n  units: [{system: s, unit: u}]\n", "terminology.units.0.ucum: Field required"),
-        ("fhir:\n  max_search_url_length: 100\n", "fhir.max_search_url_length: Input should be greater than or equal to 256"),
+        (
+            "fhir:\n  max_search_url_length: 100\n",
+            "fhir.max_search_url_length: Input should be greater than or equal to 256",
+        ),
     ],
 )
 def test_bad_terminology_values_name_the_field(tmp_path, text, message):

@@ -32,8 +32,12 @@ def test_the_committed_reference_is_up_to_date():
 
 def test_check_fails_on_a_stale_file(tmp_path):
     stale = tmp_path / "configuration.md"
-    stale.write_text((ROOT / "docs" / "configuration.md").read_text().replace("poll.interval_seconds", "poll.interval"))
-    done = subprocess.run([sys.executable, str(SCRIPT), "--check", "--output", str(stale)], capture_output=True, text=True)
+    stale.write_text(
+        (ROOT / "docs" / "configuration.md").read_text().replace("poll.interval_seconds", "poll.interval")
+    )
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--output", str(stale)], capture_output=True, text=True
+    )
     assert done.returncode == 1 and "is stale" in done.stderr
 
 

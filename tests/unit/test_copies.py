@@ -37,7 +37,11 @@ def test_alike_copies_are_one_version_and_different_ones_conflict():
     one copy per content in order of content key, the rest duplicates."""
     assert one_version([(b"a", 1), (b"a", 2)]).kept == (b"a", 1)
     verdict = one_version([(b"b", 1), (b"a", 2), (b"b", 3)])
-    assert (verdict.kept, verdict.conflicting, verdict.duplicates) == (None, ((b"a", 2), (b"b", 1)), ((b"b", 3),))
+    assert (verdict.kept, verdict.conflicting, verdict.duplicates) == (
+        None,
+        ((b"a", 2), (b"b", 1)),
+        ((b"b", 3),),
+    )
 
 
 @given(st.lists(st.sampled_from([b"x", b"y", b"z"]), min_size=1, max_size=6), st.randoms())

@@ -22,8 +22,19 @@ from service.core.grading import DEFAULT
 
 
 def assessment(anc: float, day: int, panel: str | None = None, version: str = "1") -> Assessment:
-    return Assessment("Patient/p", panel or f"panel-day{day}", anc, False, "reported-absolute", None, DEFAULT.grade(anc),
-                      f"2026-01-01+{day}d", day * DAY_US, (f"Observation/{panel or day}",), (version,))
+    return Assessment(
+        "Patient/p",
+        panel or f"panel-day{day}",
+        anc,
+        False,
+        "reported-absolute",
+        None,
+        DEFAULT.grade(anc),
+        f"2026-01-01+{day}d",
+        day * DAY_US,
+        (f"Observation/{panel or day}",),
+        (version,),
+    )
 
 
 def label(e) -> str:
@@ -57,7 +68,10 @@ def run(sequence):
         # no open episode and grade >= mild -> new
         ([(3000, 1), (1200, 2)], ["-", "new:mild"]),
         # open episode, worse than worst alerted -> worsening; same or better -> nothing
-        ([(1200, 1), (800, 2), (900, 3), (300, 4), (450, 5)], ["new:mild", "worsening:moderate", "-", "worsening:severe", "-"]),
+        (
+            [(1200, 1), (800, 2), (900, 3), (300, 4), (450, 5)],
+            ["new:mild", "worsening:moderate", "-", "worsening:severe", "-"],
+        ),
         # straight to severe, then improving: no repeated alert at a grade already sent
         ([(300, 1), (700, 2), (1200, 3), (400, 4)], ["new:severe", "-", "-", "-"]),
         # >= 1500 resolves with the grade it resolved from; a later drop opens a new episode
@@ -160,7 +174,18 @@ def test_history_trimmed_by_stale_panels_decides_as_the_whole_history():
 
     small = replace(RULES, history_limit=4)
     ps = PatientState()
-    for anc, day in [(1200, 10), (300, 12), (2000, 3), (900, 14), (2500, 1), (400, 16), (1700, 2), (1600, 18), (800, 5), (700, 20)]:
+    for anc, day in [
+        (1200, 10),
+        (300, 12),
+        (2000, 3),
+        (900, 14),
+        (2500, 1),
+        (400, 16),
+        (1700, 2),
+        (1600, 18),
+        (800, 5),
+        (700, 20),
+    ]:
         ps, _, _ = apply(ps, assessment(anc, day), small)
         assert len(ps.history) <= 4
         machine, _ = _fold(ps.base, ps.history, small, ps.temperatures)
@@ -205,12 +230,20 @@ def decisions(panels) -> list:
         # no neutrophil result in the panel
         ([cbc(None, 1)], NoEvent.NO_ANC, None, False),
         # a corrected value in the same band: re-assessed, the revised history announces nothing new
-        ([cbc(0.8, 1), cbc(0.9, 1, version="2", status="corrected")], NoEvent.REVISION_UNCHANGED, "moderate",
-         False),
+        (
+            [cbc(0.8, 1), cbc(0.9, 1, version="2", status="corrected")],
+            NoEvent.REVISION_UNCHANGED,
+            "moderate",
+            False,
+        ),
         # a stale panel corrected into another band (severe -> moderate): the revised history still
         # finds it stale, so no announcement changes
-        ([cbc(0.8, 5), cbc(0.3, 3), cbc(0.9, 3, version="2", status="corrected")], NoEvent.REVISION_UNCHANGED,
-         "severe", False),
+        (
+            [cbc(0.8, 5), cbc(0.3, 3), cbc(0.9, 3, version="2", status="corrected")],
+            NoEvent.REVISION_UNCHANGED,
+            "severe",
+            False,
+        ),
         # the first panel opens an episode: an event, so no reason for silence
         ([cbc(0.3, 1)], None, None, False),
         # an ANC entered in error: the panel leaves the history, what rested on it is withdrawn

@@ -41,21 +41,51 @@ def stamp(day: int, minutes: int = 0) -> str:
     return at(day, minutes).replace("Z", ".000Z")
 
 
-def cbc(pid: str, day: int, anc: float | None, *, wbc: float = 4.0, unit: str = "10*3/uL", minutes: int = 0,
-        arrives: int = 120, version: str = "1", status: str = "final", anc_kw: dict[str, Any] | None = None) -> list[dict]:
+def cbc(
+    pid: str,
+    day: int,
+    anc: float | None,
+    *,
+    wbc: float = 4.0,
+    unit: str = "10*3/uL",
+    minutes: int = 0,
+    arrives: int = 120,
+    version: str = "1",
+    status: str = "final",
+    anc_kw: dict[str, Any] | None = None,
+) -> list[dict]:
     """WBC + 751-8 collected on `day`, available `arrives` minutes later."""
-    common = dict(patient=f"Patient/{pid}", effective=at(day, minutes), specimen=f"Specimen/{pid}-{day}-{minutes}")
+    common = dict(
+        patient=f"Patient/{pid}", effective=at(day, minutes), specimen=f"Specimen/{pid}-{day}-{minutes}"
+    )
     upd = stamp(day, minutes + arrives)
     return [
         observation("6690-2", wbc, "10*3/uL", id=f"{pid}-{day}-{minutes}-wbc", updated=upd, **common),
-        observation("751-8", anc, unit, id=f"{pid}-{day}-{minutes}-anc", updated=upd, version=version, status=status,
-                    **common, **(anc_kw or {})),
+        observation(
+            "751-8",
+            anc,
+            unit,
+            id=f"{pid}-{day}-{minutes}-anc",
+            updated=upd,
+            version=version,
+            status=status,
+            **common,
+            **(anc_kw or {}),
+        ),
     ]
 
 
 def temp(pid: str, day: int, minutes: int, celsius: float) -> dict:
-    return observation("8310-5", celsius, "Cel", id=f"{pid}-t-{day}-{minutes}", patient=f"Patient/{pid}",
-                       effective=at(day, minutes), updated=stamp(day, minutes + 5), specimen=None)
+    return observation(
+        "8310-5",
+        celsius,
+        "Cel",
+        id=f"{pid}-t-{day}-{minutes}",
+        patient=f"Patient/{pid}",
+        effective=at(day, minutes),
+        updated=stamp(day, minutes + 5),
+        specimen=None,
+    )
 
 
 def corrected(obs: dict, day: int, minutes: int, **changes: Any) -> dict:
@@ -75,14 +105,25 @@ LEGACY_RESOLUTION = {"confirmations": 1, "min_hours": 0, "reopen_days": 0, "memo
 
 
 def _episode() -> list[dict]:
-    first = cbc("a", 2, 1.2, unit="K/uL", anc_kw={"valueQuantity": {"value": 1.2, "unit": "K/uL", "system": "http://example.org/units"}})
+    first = cbc(
+        "a",
+        2,
+        1.2,
+        unit="K/uL",
+        anc_kw={"valueQuantity": {"value": 1.2, "unit": "K/uL", "system": "http://example.org/units"}},
+    )
     return first + cbc("a", 4, 0.3) + cbc("a", 6, 0.4) + cbc("a", 8, 2.0) + cbc("a", 10, 0.8)
 
 
 def _corrected() -> list[dict]:
     panel = cbc("f", 3, 0.4)
-    fix = corrected(panel[1], 3, 300, status="corrected",
-                    valueQuantity={"value": 1.8, "unit": "10*3/uL", "system": UCUM, "code": "10*3/uL"})
+    fix = corrected(
+        panel[1],
+        3,
+        300,
+        status="corrected",
+        valueQuantity={"value": 1.8, "unit": "10*3/uL", "system": UCUM, "code": "10*3/uL"},
+    )
     return panel + [fix]
 
 
@@ -97,8 +138,20 @@ def _rejections() -> list[dict]:
     return [
         *cbc("h", 2, 0.3, unit="bananas/uL"),  # the ANC is rejected as an input; its WBC alone has no ANC
         *cbc("h", 4, 3.0, wbc=1.0),  # ANC 3000 > WBC 1000: the panel is rejected
-        *cbc("h", 6, 0.1, anc_kw={"valueQuantity": {"value": 0.1, "comparator": "<", "unit": "10*3/uL", "system": UCUM,
-                                                     "code": "10*3/uL"}}),
+        *cbc(
+            "h",
+            6,
+            0.1,
+            anc_kw={
+                "valueQuantity": {
+                    "value": 0.1,
+                    "comparator": "<",
+                    "unit": "10*3/uL",
+                    "system": UCUM,
+                    "code": "10*3/uL",
+                }
+            },
+        ),
     ]
 
 
@@ -119,8 +172,14 @@ def _check_episode(t: Trail) -> None:
     assert anc.given is not None and anc.given.describe() == "1.2 K/uL [not UCUM]"
     assert (anc.value, anc.unit, anc.role) == (1200.0, "/uL", "ANC source")
     assert first.before["open"] is False and first.after["open"] is True
-    assert first.grade == {"scheme": "default", "label": "mild", "severity": "mild", "rank": 1, "range": "1000-<1500",
-                           "threshold_rule": "scheme"}
+    assert first.grade == {
+        "scheme": "default",
+        "label": "mild",
+        "severity": "mild",
+        "rank": 1,
+        "range": "1000-<1500",
+        "threshold_rule": "scheme",
+    }
     assert "not worse than the worst alerted (severe)" in t.steps[2].note
     assert t.steps[3].grade["range"] == ">= 1500"
 
@@ -161,16 +220,34 @@ def _check_threshold(t: Trail) -> None:
 def _unused_temperatures() -> list[dict]:
     """A reading collected after it was recorded (a panel of its own, rejected for its time) and
     one entered in error: the core uses neither."""
-    future = observation("8310-5", 38.9, "Cel", id="z-t-future", patient="Patient/z", effective=at(3, 600),
-                         updated=stamp(3, 100), specimen=None)
-    entered = observation("8310-5", 39.2, "Cel", id="z-t-eie", patient="Patient/z", effective=at(3, 200),
-                          updated=stamp(3, 210), specimen=None, status="entered-in-error")
+    future = observation(
+        "8310-5",
+        38.9,
+        "Cel",
+        id="z-t-future",
+        patient="Patient/z",
+        effective=at(3, 600),
+        updated=stamp(3, 100),
+        specimen=None,
+    )
+    entered = observation(
+        "8310-5",
+        39.2,
+        "Cel",
+        id="z-t-eie",
+        patient="Patient/z",
+        effective=at(3, 200),
+        updated=stamp(3, 210),
+        specimen=None,
+        status="entered-in-error",
+    )
     return cbc("z", 3, 0.3) + [future, entered]
 
 
 def _check_unused_temperatures(t: Trail) -> None:
-    assert t.steps[0].note == ("panel rejected: collection time later than the result was recorded; "
-                               "a rejected panel never alerts")
+    assert t.steps[0].note == (
+        "panel rejected: collection time later than the result was recorded; a rejected panel never alerts"
+    )
     assert t.steps[2].note == "no fever"
 
 
@@ -181,45 +258,133 @@ def _check_v6(t: Trail) -> None:
 
 CASES = [
     # one normal panel resolving (the former rule, set explicitly: reference §3 "Resolution and recurrence")
-    Case("episode", "a", _episode(), [NEW, WORSE, RESOLVED, NEW], outcomes=["assessed"] * 5, check=_check_episode,
-         config={"clinical": {"resolution": LEGACY_RESOLUTION}}),
+    Case(
+        "episode",
+        "a",
+        _episode(),
+        [NEW, WORSE, RESOLVED, NEW],
+        outcomes=["assessed"] * 5,
+        check=_check_episode,
+        config={"clinical": {"resolution": LEGACY_RESOLUTION}},
+    ),
     # the defaults (3 normal panels over 48 h, CIBMTR ANC recovery): recovering, then interrupted
-    Case("recovering", "r", cbc("r", 2, 0.3) + cbc("r", 4, 2.0) + cbc("r", 6, 0.8), [NEW, RECOVERING, INTERRUPTED],
-         check=_check_recovering),
+    Case(
+        "recovering",
+        "r",
+        cbc("r", 2, 0.3) + cbc("r", 4, 2.0) + cbc("r", 6, 0.8),
+        [NEW, RECOVERING, INTERRUPTED],
+        check=_check_recovering,
+    ),
     # a drop within 7 days of the confirmed resolution re-opens the episode
-    Case("recurrence", "q", cbc("q", 2, 0.8) + cbc("q", 4, 2.0) + cbc("q", 5, 2.1) + cbc("q", 6, 2.2) + cbc("q", 8, 1.2),
-         [NEW, RECOVERING, RECOVERING, RESOLVED, RECURRENCE]),
+    Case(
+        "recurrence",
+        "q",
+        cbc("q", 2, 0.8) + cbc("q", 4, 2.0) + cbc("q", 5, 2.1) + cbc("q", 6, 2.2) + cbc("q", 8, 1.2),
+        [NEW, RECOVERING, RECOVERING, RESOLVED, RECURRENCE],
+    ),
     Case("no repeated alert", "b", cbc("b", 2, 0.8) + cbc("b", 4, 0.9) + cbc("b", 6, 0.7), [NEW]),
-    Case("stale panel", "s", cbc("s", 5, 0.8) + cbc("s", 3, 0.3, arrives=4 * 24 * 60), [NEW],
-         outcomes=["assessed", "stale"], check=_check_stale),
-    Case("febrile, single reading", "c", cbc("c", 3, 0.3) + [temp("c", 3, 240, 38.6)],
-         [NEW, "febrile: fever >= 38.3 within 24 h of ANC < 500"], outcomes=["assessed", "temperature"]),
-    Case("febrile, sustained", "d", cbc("d", 3, 0.3) + [temp("d", 3, 240, 38.1), temp("d", 3, 310, 38.2)],
-         [NEW, "febrile: fever >= 38.0 for 1 h within 24 h of ANC < 500"],
-         check=lambda t: t.steps[-1].note == "fever (>= 38.0 Cel for 1 h)"),
-    Case("febrile, falling", "e", cbc("e", 2, 1.9) + cbc("e", 3, 0.8) + [temp("e", 3, 60, 38.5)],
-         [NEW, "febrile: fever >= 38.3 within 24 h of ANC < 1000 falling >= 50 % within 48 h"]),
-    Case("fever without neutropenia", "n", cbc("n", 3, 2.5) + [temp("n", 3, 60, 39.0)], [],
-         outcomes=["temperature", "assessed"],  # the reading is available (+65 min) before the panel (+120 min)
-         check=lambda t: t.steps[0].note == "fever (>= 38.3 Cel); not febrile neutropenia: no open episode"),
-    Case("corrected", "f", _corrected(), [NEW, "retracted: corrected result"], outcomes=["assessed", "assessed"],
-         check=_check_corrected),
-    Case("entered in error", "g", _entered_in_error(), [NEW, "retracted: result entered in error"],
-         outcomes=["assessed", "no-anc"]),
+    Case(
+        "stale panel",
+        "s",
+        cbc("s", 5, 0.8) + cbc("s", 3, 0.3, arrives=4 * 24 * 60),
+        [NEW],
+        outcomes=["assessed", "stale"],
+        check=_check_stale,
+    ),
+    Case(
+        "febrile, single reading",
+        "c",
+        cbc("c", 3, 0.3) + [temp("c", 3, 240, 38.6)],
+        [NEW, "febrile: fever >= 38.3 within 24 h of ANC < 500"],
+        outcomes=["assessed", "temperature"],
+    ),
+    Case(
+        "febrile, sustained",
+        "d",
+        cbc("d", 3, 0.3) + [temp("d", 3, 240, 38.1), temp("d", 3, 310, 38.2)],
+        [NEW, "febrile: fever >= 38.0 for 1 h within 24 h of ANC < 500"],
+        check=lambda t: t.steps[-1].note == "fever (>= 38.0 Cel for 1 h)",
+    ),
+    Case(
+        "febrile, falling",
+        "e",
+        cbc("e", 2, 1.9) + cbc("e", 3, 0.8) + [temp("e", 3, 60, 38.5)],
+        [NEW, "febrile: fever >= 38.3 within 24 h of ANC < 1000 falling >= 50 % within 48 h"],
+    ),
+    Case(
+        "fever without neutropenia",
+        "n",
+        cbc("n", 3, 2.5) + [temp("n", 3, 60, 39.0)],
+        [],
+        outcomes=[
+            "temperature",
+            "assessed",
+        ],  # the reading is available (+65 min) before the panel (+120 min)
+        check=lambda t: t.steps[0].note == "fever (>= 38.3 Cel); not febrile neutropenia: no open episode",
+    ),
+    Case(
+        "corrected",
+        "f",
+        _corrected(),
+        [NEW, "retracted: corrected result"],
+        outcomes=["assessed", "assessed"],
+        check=_check_corrected,
+    ),
+    Case(
+        "entered in error",
+        "g",
+        _entered_in_error(),
+        [NEW, "retracted: result entered in error"],
+        outcomes=["assessed", "no-anc"],
+    ),
     # the rejected ANC ties with its WBC on lastUpdated and comes first by reference
-    Case("rejections", "h", _rejections(), [NEW], outcomes=["rejected-input", "no-anc", "rejected", "assessed"],
-         check=_check_rejections),
-    Case("neonate", "i", [{"resourceType": "Patient", "id": "i", "birthDate": "2026-03-01"}, *cbc("i", 3, 0.3)], [],
-         outcomes=["not-assessed"], check=lambda t: "first 7 days" in t.steps[0].reason),
+    Case(
+        "rejections",
+        "h",
+        _rejections(),
+        [NEW],
+        outcomes=["rejected-input", "no-anc", "rejected", "assessed"],
+        check=_check_rejections,
+    ),
+    Case(
+        "neonate",
+        "i",
+        [{"resourceType": "Patient", "id": "i", "birthDate": "2026-03-01"}, *cbc("i", 3, 0.3)],
+        [],
+        outcomes=["not-assessed"],
+        check=lambda t: "first 7 days" in t.steps[0].reason,
+    ),
     # (replay applies a configured threshold only to a patient the input holds context for: see the report)
-    Case("individual threshold", "j", [{"resourceType": "Patient", "id": "j"}, *cbc("j", 2, 1.2), *cbc("j", 4, 0.8)], [NEW],
-         config={"clinical": {"patient_thresholds": {"Patient/j": 1000}}}, check=_check_threshold),
-    Case("chronic", "k", cbc("k", 1, 1.2) + cbc("k", 50, 1.3) + cbc("k", 95, 1.1),
-         [NEW, "chronic: episode open more than 91 days"]),
-    Case("ctcae-v6", "v", cbc("v", 2, 0.05) + cbc("v", 4, 0.3), [NEW], config={"grading": {"scheme": "ctcae-v6"}},
-         check=_check_v6),
-    Case("temperatures the core does not use", "z", _unused_temperatures(), [NEW],
-         outcomes=["rejected", "assessed", "temperature"], check=_check_unused_temperatures),
+    Case(
+        "individual threshold",
+        "j",
+        [{"resourceType": "Patient", "id": "j"}, *cbc("j", 2, 1.2), *cbc("j", 4, 0.8)],
+        [NEW],
+        config={"clinical": {"patient_thresholds": {"Patient/j": 1000}}},
+        check=_check_threshold,
+    ),
+    Case(
+        "chronic",
+        "k",
+        cbc("k", 1, 1.2) + cbc("k", 50, 1.3) + cbc("k", 95, 1.1),
+        [NEW, "chronic: episode open more than 91 days"],
+    ),
+    Case(
+        "ctcae-v6",
+        "v",
+        cbc("v", 2, 0.05) + cbc("v", 4, 0.3),
+        [NEW],
+        config={"grading": {"scheme": "ctcae-v6"}},
+        check=_check_v6,
+    ),
+    Case(
+        "temperatures the core does not use",
+        "z",
+        _unused_temperatures(),
+        [NEW],
+        outcomes=["rejected", "assessed", "temperature"],
+        check=_check_unused_temperatures,
+    ),
 ]
 
 
@@ -254,14 +419,18 @@ def test_trail_names_the_rules_and_agrees_with_replay(tmp_path, case):
         assert case.check(trail) is not False
     # explain agrees with replay: the same records, in the same order
     assert trail.records == replay_events(tmp_path, [data], config, f"Patient/{case.patient}")
-    assert [e.record for e in trail.events] == [r for r in trail.records if r["event"] not in ("rejected", "not-assessed", "stale", "quarantined")]
+    assert [e.record for e in trail.events] == [
+        r for r in trail.records if r["event"] not in ("rejected", "not-assessed", "stale", "quarantined")
+    ]
     text = render_text(trail)
     for rule in case.rules:
         assert f"rule: {rule}" in text
 
 
 def test_a_synthetic_population_agrees_with_replay_patient_by_patient(tmp_path):
-    resources = list(generate(PopulationSpec(patients=10, seed=3, days=70, corrections=0.05, temperatures=True)))
+    resources = list(
+        generate(PopulationSpec(patients=10, seed=3, days=70, corrections=0.05, temperatures=True))
+    )
     data = write_ndjson(tmp_path / "pop.ndjson", resources)
     config = config_file(tmp_path, {"alerts": {"recipients": ["CareTeam/oncology"]}})
     events = tmp_path / "events.jsonl"
@@ -291,7 +460,9 @@ def test_a_synthetic_population_agrees_with_replay_patient_by_patient(tmp_path):
 
 @pytest.fixture
 def episode_file(tmp_path) -> Path:
-    return write_ndjson(tmp_path / "a.ndjson", _episode() + _corrected() + cbc("c", 3, 0.3) + [temp("c", 3, 240, 38.6)])
+    return write_ndjson(
+        tmp_path / "a.ndjson", _episode() + _corrected() + cbc("c", 3, 0.3) + [temp("c", 3, 240, 38.6)]
+    )
 
 
 def test_cli_text_and_json(episode_file, capsys):
@@ -357,8 +528,15 @@ def test_png_timelines_are_drawn_and_differ_between_patients(tmp_path):
 
 def test_png_from_the_cli_with_corrections_and_withdrawals(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    data = write_ndjson(tmp_path / "x.ndjson", cbc("x", 2, 1.2) + cbc("x", 4, 0.3) + [temp("x", 4, 300, 38.9)]
-                        + _corrected_for("x", 6) + _withdrawn_for("x", 8) + cbc("x", 10, 2.2))
+    data = write_ndjson(
+        tmp_path / "x.ndjson",
+        cbc("x", 2, 1.2)
+        + cbc("x", 4, 0.3)
+        + [temp("x", 4, 300, 38.9)]
+        + _corrected_for("x", 6)
+        + _withdrawn_for("x", 8)
+        + cbc("x", 10, 2.2),
+    )
     out = tmp_path / "x.png"
     assert main(["explain", "x", "--input", str(data), "--png", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().err
@@ -367,8 +545,15 @@ def test_png_from_the_cli_with_corrections_and_withdrawals(tmp_path, capsys):
 
 def _corrected_for(pid: str, day: int) -> list[dict]:
     panel = cbc(pid, day, 0.9)
-    return panel + [corrected(panel[1], day, 400, status="corrected",
-                              valueQuantity={"value": 0.45, "unit": "10*3/uL", "system": UCUM, "code": "10*3/uL"})]
+    return panel + [
+        corrected(
+            panel[1],
+            day,
+            400,
+            status="corrected",
+            valueQuantity={"value": 0.45, "unit": "10*3/uL", "system": UCUM, "code": "10*3/uL"},
+        )
+    ]
 
 
 def _withdrawn_for(pid: str, day: int) -> list[dict]:
@@ -423,19 +608,29 @@ RULES = Settings().rules
     [
         # thresholds: IDSA 2010 / ASCO-IDSA 2018 (reference §3), the defaults of rules.py
         (FeverConsidered(None), "no fever"),
-        (FeverConsidered(None, high=True),
-         "no fever yet: >= 38.0 Cel but below 38.3 and not sustained for 1 h"),
+        (
+            FeverConsidered(None, high=True),
+            "no fever yet: >= 38.0 Cel but below 38.3 and not sustained for 1 h",
+        ),
         (FeverConsidered(FeverRule.SINGLE, febrile=True), "fever (>= 38.3 Cel)"),
         (FeverConsidered(FeverRule.SUSTAINED, febrile=True), "fever (>= 38.0 Cel for 1 h)"),
-        (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.NO_EPISODE),
-         "fever (>= 38.3 Cel); not febrile neutropenia: no open episode"),
-        (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.ALREADY_FEBRILE),
-         "fever (>= 38.3 Cel); not febrile neutropenia: the episode is already febrile (once per episode)"),
-        (FeverConsidered(FeverRule.SUSTAINED, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=1200.0),
-         "fever (>= 38.0 Cel for 1 h); not febrile neutropenia: the newest ANC (1200/uL) is neither "
-         "< 500 nor falling"),
-        (FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.TOO_FAR),
-         "fever (>= 38.3 Cel); not febrile neutropenia: more than 24 h from the newest ANC"),
+        (
+            FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.NO_EPISODE),
+            "fever (>= 38.3 Cel); not febrile neutropenia: no open episode",
+        ),
+        (
+            FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.ALREADY_FEBRILE),
+            "fever (>= 38.3 Cel); not febrile neutropenia: the episode is already febrile (once per episode)",
+        ),
+        (
+            FeverConsidered(FeverRule.SUSTAINED, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=1200.0),
+            "fever (>= 38.0 Cel for 1 h); not febrile neutropenia: the newest ANC (1200/uL) is neither "
+            "< 500 nor falling",
+        ),
+        (
+            FeverConsidered(FeverRule.SINGLE, not_febrile=NotFebrile.TOO_FAR),
+            "fever (>= 38.3 Cel); not febrile neutropenia: more than 24 h from the newest ANC",
+        ),
     ],
 )
 def test_each_fever_judgement_is_put_in_words(considered, note):

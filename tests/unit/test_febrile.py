@@ -36,12 +36,26 @@ def at(day: int, minutes: int = 0) -> str:
 
 def cbc(anc_k: float, day: int, minutes: int = 0):
     kw = dict(patient="Patient/f", effective=at(day, minutes), specimen=f"Specimen/{day}-{minutes}")
-    return ("cbc", f"{day}-{minutes}", [result(observation("6690-2", 3.0, id=f"w{day}-{minutes}", **kw)),
-                                       result(observation("751-8", anc_k, id=f"a{day}-{minutes}", **kw))])
+    return (
+        "cbc",
+        f"{day}-{minutes}",
+        [
+            result(observation("6690-2", 3.0, id=f"w{day}-{minutes}", **kw)),
+            result(observation("751-8", anc_k, id=f"a{day}-{minutes}", **kw)),
+        ],
+    )
 
 
 def temp(value: float, day: int, minutes: int = 0, unit: str = "Cel"):
-    obs = observation("8310-5", value, unit, id=f"t{day}-{minutes}-{value}", patient="Patient/f", effective=at(day, minutes), specimen=None)
+    obs = observation(
+        "8310-5",
+        value,
+        unit,
+        id=f"t{day}-{minutes}-{value}",
+        patient="Patient/f",
+        effective=at(day, minutes),
+        specimen=None,
+    )
     return ("temp", f"t{day}-{minutes}", [result(obs)])
 
 
@@ -60,7 +74,10 @@ def events_of(items) -> list[str]:
         ([cbc(0.4, T0), temp(38.3, T0, 120)], True),  # single reading >= 38.3
         ([cbc(0.4, T0), temp(38.2, T0, 120)], False),  # single reading below 38.3, not sustained
         ([cbc(0.4, T0), temp(38.0, T0, 60), temp(38.1, T0, 120)], True),  # >= 38.0 over 1 h
-        ([cbc(0.4, T0), temp(38.0, T0, 60), temp(37.6, T0, 90), temp(38.0, T0, 120)], False),  # a reading below in between
+        (
+            [cbc(0.4, T0), temp(38.0, T0, 60), temp(37.6, T0, 90), temp(38.0, T0, 120)],
+            False,
+        ),  # a reading below in between
         ([cbc(0.4, T0), temp(38.0, T0, 60), temp(38.1, T0, 110)], False),  # spans only 50 min
         ([cbc(1.9, T0 - 1), cbc(0.8, T0), temp(38.5, T0, 60)], True),  # ANC < 1000, fell >= 50 % within 48 h
         ([cbc(1.2, T0 - 1), cbc(0.8, T0), temp(38.5, T0, 60)], False),  # fell only 33 %
@@ -69,7 +86,10 @@ def events_of(items) -> list[str]:
         ([temp(38.6, T0, -600), cbc(0.4, T0)], True),  # fever 10 h before the ANC (arrived first)
         ([cbc(1.2, T0), temp(39.0, T0, 60)], False),  # mild neutropenia: not febrile neutropenia
         ([cbc(0.4, T0), temp(101.0, T0, 60, "[degF]")], True),  # 101 F = 38.3 C
-        ([cbc(0.4, T0), temp(100.4, T0, 60, "[degF]"), temp(100.5, T0, 130, "[degF]")], True),  # 100.4 F = 38.0 C, sustained
+        (
+            [cbc(0.4, T0), temp(100.4, T0, 60, "[degF]"), temp(100.5, T0, 130, "[degF]")],
+            True,
+        ),  # 100.4 F = 38.0 C, sustained
     ],
 )
 def test_febrile_rule(items, febrile):
@@ -83,14 +103,22 @@ def test_celsius_and_fahrenheit_give_the_same_decision():
 
 
 def test_febrile_once_per_episode_and_again_in_a_new_episode():
-    items = [cbc(0.4, T0), temp(38.5, T0, 60), temp(38.9, T0, 300), cbc(0.3, T0 + 1), temp(39.0, T0 + 1, 60),
-             cbc(2.0, T0 + 8), cbc(0.3, T0 + 20), temp(38.6, T0 + 20, 60)]
+    items = [
+        cbc(0.4, T0),
+        temp(38.5, T0, 60),
+        temp(38.9, T0, 300),
+        cbc(0.3, T0 + 1),
+        temp(39.0, T0 + 1, 60),
+        cbc(2.0, T0 + 8),
+        cbc(0.3, T0 + 20),
+        temp(38.6, T0 + 20, 60),
+    ]
     assert events_of(items) == ["new", "febrile", "resolved", "new", "febrile"]
 
 
 def test_febrile_event_carries_the_fever_and_is_stat():
-    from service.output.alerts import build
     from service.config import AlertSettings
+    from service.output.alerts import build
 
     state = PatientState()
     for _, panel, results in [cbc(0.4, T0), temp(38.7, T0, 45)]:
@@ -112,11 +140,29 @@ DRAW = "2026-03-02T07:30:00Z"  # a severe ANC drawn 07:30, resulted 09:00
 def late_reading_case(later_updated: str) -> list[dict]:
     """The severe CBC, the fever beside it (38.8 °C at 08:00, IDSA 2010: >= 38.3 single reading) and
     a normal reading collected four days later whose meta.lastUpdated is `later_updated`."""
-    kw = dict(patient="Patient/late", effective=DRAW, updated="2026-03-02T09:00:00Z", specimen="Specimen/late-1")
+    kw = dict(
+        patient="Patient/late", effective=DRAW, updated="2026-03-02T09:00:00Z", specimen="Specimen/late-1"
+    )
     temp_kw = dict(patient="Patient/late", specimen=None, category=[{"coding": [{"code": "vital-signs"}]}])
     return [
-        observation("8310-5", 38.8, "Cel", id="late-fever", effective="2026-03-02T08:00:00Z", updated="2026-03-02T08:05:00Z", **temp_kw),
-        observation("8310-5", 36.8, "Cel", id="late-normal", effective="2026-03-06T08:00:00Z", updated=later_updated, **temp_kw),
+        observation(
+            "8310-5",
+            38.8,
+            "Cel",
+            id="late-fever",
+            effective="2026-03-02T08:00:00Z",
+            updated="2026-03-02T08:05:00Z",
+            **temp_kw,
+        ),
+        observation(
+            "8310-5",
+            36.8,
+            "Cel",
+            id="late-normal",
+            effective="2026-03-06T08:00:00Z",
+            updated=later_updated,
+            **temp_kw,
+        ),
         observation("6690-2", 2.0, id="late-wbc", **kw),
         observation("751-8", 0.3, id="late-anc", **kw),
     ]
@@ -137,7 +183,11 @@ def test_a_reading_collected_days_later_and_read_before_the_cbc_keeps_the_fever(
     assert [e["reason"] for e in rejected] == ["collection time later than the result was recorded"]
     events = [e for e in events if e["event"] != "rejected"]
     assert [e["event"] for e in events] == ["new", "febrile"]
-    assert events[1]["temperature"] == {"celsius": 38.8, "effective": "2026-03-02T08:00:00Z", "observation": "Observation/late-fever"}
+    assert events[1]["temperature"] == {
+        "celsius": 38.8,
+        "effective": "2026-03-02T08:00:00Z",
+        "observation": "Observation/late-fever",
+    }
     assert events[1]["observations"][0] == "Observation/late-anc"
     assert [c["priority"] for c in alerts if c["resourceType"] == "Communication"][-1] == "stat"
 
@@ -147,8 +197,11 @@ def test_the_same_case_through_decide_in_every_arrival_order():
     readings and the CBC: one `febrile` event beside the CBC, with the 08:00 fever."""
     from itertools import permutations
 
-    items = [("cbc", "specimen:late-1", [result(o) for o in late_reading_case("2026-03-02T08:10:00Z")[2:]]),
-             ("temp", "t1", [result(late_reading_case("x")[0])]), ("temp", "t2", [result(late_reading_case("x")[1])])]
+    items = [
+        ("cbc", "specimen:late-1", [result(o) for o in late_reading_case("2026-03-02T08:10:00Z")[2:]]),
+        ("temp", "t1", [result(late_reading_case("x")[0])]),
+        ("temp", "t2", [result(late_reading_case("x")[1])]),
+    ]
     for order in permutations(items):
         state, febrile = PatientState(), []
         for _, panel, results in order:
@@ -192,7 +245,9 @@ def test_temperature_memory_by_collection_time(readings, horizon, kept):
     2010 (Freifeld, CID 2011;52:e56): >= 38.3 °C once, >= 38.0 °C over 1 h."""
     from service.core.episodes import remembered_temperatures
 
-    got = remembered_temperatures([reading(m, c) for m, c in reversed(readings)], None if horizon is None else at_us(T0, horizon), RULES)
+    got = remembered_temperatures(
+        [reading(m, c) for m, c in reversed(readings)], None if horizon is None else at_us(T0, horizon), RULES
+    )
     assert [t.effective_us for t in got] == [at_us(T0, m) for m in kept]
 
 
@@ -207,10 +262,21 @@ def test_thousands_of_readings_stay_bounded():
     memory: tuple = ()
     for t in random.Random(7).sample(readings, len(readings)):
         memory = remembered_temperatures((*memory, t), None, RULES)
-    assert memory == tuple(readings[-RULES.temperature_memory_cap:])
+    assert memory == tuple(readings[-RULES.temperature_memory_cap :])
 
 
-VALUES = (35.8, 36.6, 37.4, 37.9, 38.0, 38.1, 38.2, 38.3, 38.9, 40.1)  # either side of 38.0 and 38.3 (IDSA 2010)
+VALUES = (
+    35.8,
+    36.6,
+    37.4,
+    37.9,
+    38.0,
+    38.1,
+    38.2,
+    38.3,
+    38.9,
+    40.1,
+)  # either side of 38.0 and 38.3 (IDSA 2010)
 
 
 @settings(max_examples=150, deadline=None)
@@ -222,13 +288,20 @@ def test_memory_finds_the_fevers_of_the_whole_record(data):
     from service.core.episodes import fevers, remembered_temperatures
 
     n = data.draw(st.integers(1, 40))
-    readings = [reading(data.draw(st.integers(-72, 72)) * 10, data.draw(st.sampled_from(VALUES)), f"Observation/r{i}") for i in range(n)]
+    readings = [
+        reading(data.draw(st.integers(-72, 72)) * 10, data.draw(st.sampled_from(VALUES)), f"Observation/r{i}")
+        for i in range(n)
+    ]
     horizon = data.draw(st.one_of(st.none(), st.integers(-72, 72).map(lambda m: at_us(T0, m * 10))))
     memory: tuple = ()
     for t in data.draw(st.permutations(readings)):
         memory = remembered_temperatures((*memory, t), horizon, RULES)
     from_us = -(2**62) if horizon is None else horizon + RULES.fever_sustained_us
-    whole = [t.ref for t in fevers(sorted(readings, key=lambda x: (x.effective_us, x.ref)), RULES) if t.effective_us >= from_us]
+    whole = [
+        t.ref
+        for t in fevers(sorted(readings, key=lambda x: (x.effective_us, x.ref)), RULES)
+        if t.effective_us >= from_us
+    ]
     assert [t.ref for t in fevers(memory, RULES) if t.effective_us >= from_us] == whole
 
 
@@ -253,7 +326,9 @@ def arrivals(draw):
     outside = lambda m: all(abs(m - d) > DAY_MIN for d in draws)  # noqa: E731
     lows = draw(st.lists(st.tuples(minutes, st.sampled_from(LOWS)), max_size=70))
     far = draw(st.lists(st.tuples(minutes.filter(outside), st.sampled_from(HIGHS)), max_size=8))
-    near = draw(st.lists(st.tuples(st.integers(-DAY_MIN, draws[-1] + DAY_MIN), st.sampled_from(HIGHS)), max_size=1))
+    near = draw(
+        st.lists(st.tuples(st.integers(-DAY_MIN, draws[-1] + DAY_MIN), st.sampled_from(HIGHS)), max_size=1)
+    )
     readings = dict([*lows, *far])  # one reading per instant: each is its own panel
     if near:
         readings[near[0][0]] = near[0][1]
@@ -261,12 +336,33 @@ def arrivals(draw):
     cbcs = []
     for n, (offset, anc_k) in enumerate(zip(draws, ancs, strict=False)):
         kw = dict(patient=pid, effective=at(T0, offset - 30), specimen=f"Specimen/order-{n}")
-        cbcs.append([observation("6690-2", 2.0, id=f"order-wbc{n}", **kw), observation("751-8", anc_k, id=f"order-anc{n}", **kw)])
-    temps = [[observation("8310-5", c, "Cel", id=f"order-t{m + 10_000}", patient=pid, effective=at(T0, m - 30), specimen=None)]
-             for m, c in sorted(readings.items())]
+        cbcs.append(
+            [
+                observation("6690-2", 2.0, id=f"order-wbc{n}", **kw),
+                observation("751-8", anc_k, id=f"order-anc{n}", **kw),
+            ]
+        )
+    temps = [
+        [
+            observation(
+                "8310-5",
+                c,
+                "Cel",
+                id=f"order-t{m + 10_000}",
+                patient=pid,
+                effective=at(T0, m - 30),
+                specimen=None,
+            )
+        ]
+        for m, c in sorted(readings.items())
+    ]
     # IDSA 2010: ANC < 500, or (the issue's proxy for "expected to fall below 500 within 48 h") < 1000
     # after a fall of >= 50 % within 48 h; the fever within 24 h of that ANC; the first such panel.
-    qualifies = [ancs[0] < 0.5] + ([ancs[1] < 0.5 or (ancs[1] < 1.0 and ancs[1] <= ancs[0] * 0.5 and second <= 48 * 60)] if second else [])
+    qualifies = [ancs[0] < 0.5] + (
+        [ancs[1] < 0.5 or (ancs[1] < 1.0 and ancs[1] <= ancs[0] * 0.5 and second <= 48 * 60)]
+        if second
+        else []
+    )
     expected = set()
     for m, c in readings.items():
         if c >= 38.3:
@@ -290,7 +386,11 @@ def test_febrile_events_do_not_depend_on_arrival_order_decide(case):
     order, expected = case
     state, got = PatientState(), set()
     for resources in order:
-        panel = "specimen:" + resources[0]["specimen"]["reference"] if "specimen" in resources[0] else resources[0]["id"]
+        panel = (
+            "specimen:" + resources[0]["specimen"]["reference"]
+            if "specimen" in resources[0]
+            else resources[0]["id"]
+        )
         d = decide(state, "Patient/order", panel, [result(o) for o in resources], RULES)
         state = d.state
         got |= {(e.assessment.refs[0], e.fever.ref) for e in d.events if e.kind.value == "febrile"}
@@ -306,7 +406,6 @@ def test_febrile_events_do_not_depend_on_arrival_order_replay(case):
     import tempfile
     from pathlib import Path
 
-
     order, expected = case
     resources = []
     for i, group in enumerate(order):
@@ -315,7 +414,9 @@ def test_febrile_events_do_not_depend_on_arrival_order_replay(case):
             resources.append(obs)
     with tempfile.TemporaryDirectory() as tmp:
         events, _ = replay(Path(tmp), write_ndjson(Path(tmp) / "in.ndjson", resources))
-    assert {(e["observations"][0], e["temperature"]["observation"]) for e in events if e["event"] == "febrile"} == expected
+    assert {
+        (e["observations"][0], e["temperature"]["observation"]) for e in events if e["event"] == "febrile"
+    } == expected
 
 
 def febrile_pairs(items) -> list[tuple[str, str]]:
@@ -327,7 +428,11 @@ def febrile_pairs(items) -> list[tuple[str, str]]:
     return out
 
 
-P, Q, F = cbc(0.3, T0, -30), cbc(0.3, T0 + 2, -30), temp(38.8, T0, 30)  # severe on day 10 and day 12; fever day 10
+P, Q, F = (
+    cbc(0.3, T0, -30),
+    cbc(0.3, T0 + 2, -30),
+    temp(38.8, T0, 30),
+)  # severe on day 10 and day 12; fever day 10
 
 
 @pytest.mark.parametrize(
@@ -355,8 +460,14 @@ def test_a_correction_days_later_does_not_retract_a_febrile_alert_for_want_of_it
     readings the fever was gone and the correction retracted `febrile`)."""
     later = cbc(0.4, T0 + 2)
     kw = dict(patient="Patient/f", effective=at(T0 + 2), specimen=f"Specimen/{T0 + 2}-0")
-    corrected = ("cbc", later[1], [result(observation("6690-2", 3.0, id=f"w{T0 + 2}-0", **kw)),
-                                   result(observation("751-8", 0.8, id=f"a{T0 + 2}-0", version="2", **kw))])
+    corrected = (
+        "cbc",
+        later[1],
+        [
+            result(observation("6690-2", 3.0, id=f"w{T0 + 2}-0", **kw)),
+            result(observation("751-8", 0.8, id=f"a{T0 + 2}-0", version="2", **kw)),
+        ],
+    )
     items = [cbc(0.3, T0), temp(38.8, T0, 60), later, temp(36.8, T0 + 4), temp(36.9, T0 + 5), corrected]
     # the day-12 severe value corrected to moderate: nothing was announced on it, so nothing changes
     assert events_of(items) == ["new", "febrile"]
@@ -373,12 +484,24 @@ def test_a_fever_learned_after_its_episode_closed_is_never_announced():
     re-activating the closed episode's Flag."""
     normal = cbc(2.0, T0 - 5)
     kw = dict(patient="Patient/f", effective=at(T0 - 5), specimen=f"Specimen/{T0 - 5}-0")
-    withdrawn = ("cbc", normal[1], [result(observation("6690-2", 3.0, id=f"w{T0 - 5}-0", **kw)),
-                                    result(observation("751-8", 2.0, id=f"a{T0 - 5}-0", version="2", status="entered-in-error", **kw))])
+    withdrawn = (
+        "cbc",
+        normal[1],
+        [
+            result(observation("6690-2", 3.0, id=f"w{T0 - 5}-0", **kw)),
+            result(
+                observation("751-8", 2.0, id=f"a{T0 - 5}-0", version="2", status="entered-in-error", **kw)
+            ),
+        ],
+    )
     items = [normal, cbc(0.3, T0), cbc(2.0, T0 + 2), temp(38.8, T0, 60), withdrawn]
     assert events_of(items) == ["new", "resolved"]
     # the same fever arriving while the episode was open was announced, and a revision keeps it
-    assert events_of([normal, cbc(0.3, T0), temp(38.8, T0, 60), cbc(2.0, T0 + 2), withdrawn]) == ["new", "febrile", "resolved"]
+    assert events_of([normal, cbc(0.3, T0), temp(38.8, T0, 60), cbc(2.0, T0 + 2), withdrawn]) == [
+        "new",
+        "febrile",
+        "resolved",
+    ]
 
 
 # -- the reasons the core returns (service/core/reasons.py) ------------------------------------------
@@ -433,11 +556,15 @@ def test_a_febrile_event_names_the_criteria_that_fired(items, rule):
         # ANC >= 1500: no episode to make febrile
         ([cbc(2.5, T0), temp(39.0, T0, 60)], FeverConsidered(SINGLE, not_febrile=NotFebrile.NO_EPISODE)),
         # once per episode
-        ([cbc(0.4, T0), temp(38.5, T0, 60), temp(38.6, T0, 120)],
-         FeverConsidered(SINGLE, not_febrile=NotFebrile.ALREADY_FEBRILE)),
+        (
+            [cbc(0.4, T0), temp(38.5, T0, 60), temp(38.6, T0, 120)],
+            FeverConsidered(SINGLE, not_febrile=NotFebrile.ALREADY_FEBRILE),
+        ),
         # ANC 1200 (mild) is neither < 500 nor < 1000 and falling
-        ([cbc(1.2, T0), temp(39.0, T0, 60)],
-         FeverConsidered(SINGLE, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=1200.0)),
+        (
+            [cbc(1.2, T0), temp(39.0, T0, 60)],
+            FeverConsidered(SINGLE, not_febrile=NotFebrile.ANC_NOT_LOW, newest_anc=1200.0),
+        ),
         # 48 h after the ANC: outside the 24 h window
         ([cbc(0.4, T0), temp(38.6, T0 + 2)], FeverConsidered(SINGLE, not_febrile=NotFebrile.TOO_FAR)),
     ],

@@ -44,7 +44,9 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 
 
 def _pem(key: Any) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +93,16 @@ class TokenServer:
 
     async def smart_configuration(self, request: web.Request) -> web.Response:
         self.discoveries += 1
-        doc = self.configuration if self.configuration is not None else {
-            "token_endpoint": self.token_url,
-            "grant_types_supported": ["client_credentials", "authorization_code"],
-            "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-            "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
-        }
+        doc = (
+            self.configuration
+            if self.configuration is not None
+            else {
+                "token_endpoint": self.token_url,
+                "grant_types_supported": ["client_credentials", "authorization_code"],
+                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+            }
+        )
         return web.json_response(doc)
 
     async def token(self, request: web.Request) -> web.Response:
@@ -111,7 +117,11 @@ class TokenServer:
             status, body = self.refuse
             return web.json_response(body, status=status)
         self.tokens_issued += 1
-        answer: dict[str, Any] = {"access_token": f"token-{self.tokens_issued}", "token_type": "Bearer", "scope": form["scope"]}
+        answer: dict[str, Any] = {
+            "access_token": f"token-{self.tokens_issued}",
+            "token_type": "Bearer",
+            "scope": form["scope"],
+        }
         if self.expires_in is not None:
             answer["expires_in"] = self.expires_in
         return web.json_response(answer)
@@ -172,11 +182,23 @@ class Clock:
 
 
 def smart_auth(
-    server: TokenServer, session: aiohttp.ClientSession, key_file: Path, *, algorithm: Alg = "RS384",
-    token_url: str | None = None, jku: str | None = None, clock: Callable[[], float] = time.time,
+    server: TokenServer,
+    session: aiohttp.ClientSession,
+    key_file: Path,
+    *,
+    algorithm: Alg = "RS384",
+    token_url: str | None = None,
+    jku: str | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> SmartBackendAuth:
-    settings = SmartSettings(client_id=CLIENT_ID, private_key_file=key_file, key_id=KID, algorithm=algorithm,
-                             token_url=token_url, jku=jku)
+    settings = SmartSettings(
+        client_id=CLIENT_ID,
+        private_key_file=key_file,
+        key_id=KID,
+        algorithm=algorithm,
+        token_url=token_url,
+        jku=jku,
+    )
     return SmartBackendAuth(settings, base_url=f"{server.base}/fhir", session=session, clock=clock)
 
 
@@ -192,7 +214,12 @@ def rsa_setup(tmp_path: Path, rsa_key: rsa.RSAPrivateKey, token_server: TokenSer
 
 @pytest.mark.parametrize("algorithm", ["RS384", "ES384"])
 async def test_assertion_verifies_and_token_is_used(
-    algorithm: Alg, tmp_path: Path, rsa_key: Any, ec_key: Any, token_server: TokenServer, session: aiohttp.ClientSession,
+    algorithm: Alg,
+    tmp_path: Path,
+    rsa_key: Any,
+    ec_key: Any,
+    token_server: TokenServer,
+    session: aiohttp.ClientSession,
 ) -> None:
     key = rsa_key if algorithm == "RS384" else ec_key
     token_server.public_key = (RSAKey if algorithm == "RS384" else ECKey).import_key(key.public_key())
@@ -207,9 +234,17 @@ async def test_assertion_verifies_and_token_is_used(
 
 
 async def test_jku_header_and_configured_token_url_skip_discovery(
-    rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession,
+    rsa_setup: Path,
+    token_server: TokenServer,
+    session: aiohttp.ClientSession,
 ) -> None:
-    auth = smart_auth(token_server, session, rsa_setup, token_url=token_server.token_url, jku="https://example.org/jwks.json")
+    auth = smart_auth(
+        token_server,
+        session,
+        rsa_setup,
+        token_url=token_server.token_url,
+        jku="https://example.org/jwks.json",
+    )
     await auth.header()
     assert token_server.failures == []
     assert token_server.discoveries == 0
@@ -217,7 +252,9 @@ async def test_jku_header_and_configured_token_url_skip_discovery(
 
 
 async def test_token_is_cached_and_fetched_once_under_concurrency(
-    rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession,
+    rsa_setup: Path,
+    token_server: TokenServer,
+    session: aiohttp.ClientSession,
 ) -> None:
     auth = smart_auth(token_server, session, rsa_setup)
     headers = await asyncio.gather(*(auth.header() for _ in range(5)))
@@ -227,7 +264,9 @@ async def test_token_is_cached_and_fetched_once_under_concurrency(
     assert token_server.discoveries == 1
 
 
-async def test_token_re_minted_after_expiry(rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession) -> None:
+async def test_token_re_minted_after_expiry(
+    rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
     clock = token_server.clock = Clock()
     auth = smart_auth(token_server, session, rsa_setup, clock=clock)
     await auth.header()
@@ -240,7 +279,9 @@ async def test_token_re_minted_after_expiry(rsa_setup: Path, token_server: Token
     assert token_server.failures == []
 
 
-async def test_default_lifetime_without_expires_in(rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession) -> None:
+async def test_default_lifetime_without_expires_in(
+    rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
     token_server.expires_in = None
     clock = token_server.clock = Clock()
     auth = smart_auth(token_server, session, rsa_setup, clock=clock)
@@ -253,7 +294,9 @@ async def test_default_lifetime_without_expires_in(rsa_setup: Path, token_server
     assert token_server.tokens_issued == 2
 
 
-async def test_invalidate_re_mints(rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession) -> None:
+async def test_invalidate_re_mints(
+    rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
     auth = smart_auth(token_server, session, rsa_setup)
     assert await auth.header() == {"Authorization": "Bearer token-1"}
     auth.invalidate()
@@ -262,9 +305,14 @@ async def test_invalidate_re_mints(rsa_setup: Path, token_server: TokenServer, s
 
 
 async def test_token_endpoint_error_keeps_to_the_oauth_code(
-    rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession,
+    rsa_setup: Path,
+    token_server: TokenServer,
+    session: aiohttp.ClientSession,
 ) -> None:
-    token_server.refuse = (400, {"error": "invalid_scope", "error_description": "assertion eyJsecret was bad"})
+    token_server.refuse = (
+        400,
+        {"error": "invalid_scope", "error_description": "assertion eyJsecret was bad"},
+    )
     auth = smart_auth(token_server, session, rsa_setup)
     with pytest.raises(AuthError) as caught:
         await auth.header()
@@ -275,7 +323,10 @@ async def test_token_endpoint_error_keeps_to_the_oauth_code(
 
 
 async def test_wrong_key_answers_invalid_client(
-    tmp_path: Path, rsa_key: Any, token_server: TokenServer, session: aiohttp.ClientSession,
+    tmp_path: Path,
+    rsa_key: Any,
+    token_server: TokenServer,
+    session: aiohttp.ClientSession,
 ) -> None:
     token_server.public_key = RSAKey.import_key(rsa.generate_private_key(65537, 2048).public_key())
     auth = smart_auth(token_server, session, write_key(tmp_path, rsa_key))
@@ -284,7 +335,9 @@ async def test_wrong_key_answers_invalid_client(
     assert token_server.failures and "signature" in token_server.failures[0].lower()
 
 
-async def test_token_endpoint_outage_is_unavailable(rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession) -> None:
+async def test_token_endpoint_outage_is_unavailable(
+    rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
     token_server.refuse = (503, {})
     with pytest.raises(FhirUnavailable, match="503"):
         await smart_auth(token_server, session, rsa_setup).header()
@@ -300,7 +353,11 @@ async def test_token_endpoint_outage_is_unavailable(rsa_setup: Path, token_serve
     ],
 )
 async def test_discovery_refuses_unsupported_server(
-    change: dict[str, Any], complaint: str, rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession,
+    change: dict[str, Any],
+    complaint: str,
+    rsa_setup: Path,
+    token_server: TokenServer,
+    session: aiohttp.ClientSession,
 ) -> None:
     token_server.configuration = {
         "token_endpoint": token_server.token_url,
@@ -320,7 +377,10 @@ async def test_plain_http_token_endpoint_refused_for_https_base() -> None:
 
 
 async def test_discovery_lists_absent_are_not_checked() -> None:
-    assert check_configuration({"token_endpoint": "https://as.example/token"}, "ES384") == "https://as.example/token"
+    assert (
+        check_configuration({"token_endpoint": "https://as.example/token"}, "ES384")
+        == "https://as.example/token"
+    )
 
 
 # -- the private key -------------------------------------------------------------------------------
@@ -328,10 +388,14 @@ async def test_discovery_lists_absent_are_not_checked() -> None:
 
 def _settings(key_file: Path, algorithm: Alg = "RS384") -> FhirSettings:
     smart = SmartSettings(client_id=CLIENT_ID, private_key_file=key_file, key_id=KID, algorithm=algorithm)
-    return FhirSettings(base_url="https://fhir.example.org/r4", auth=AuthSettings(method="smart", smart=smart))
+    return FhirSettings(
+        base_url="https://fhir.example.org/r4", auth=AuthSettings(method="smart", smart=smart)
+    )
 
 
-async def test_world_readable_key_refused(tmp_path: Path, rsa_key: Any, session: aiohttp.ClientSession) -> None:
+async def test_world_readable_key_refused(
+    tmp_path: Path, rsa_key: Any, session: aiohttp.ClientSession
+) -> None:
     key_file = write_key(tmp_path, rsa_key, mode=0o644)
     with pytest.raises(ConfigError, match=r"fhir\.auth\.smart\.private_key_file.*world-readable"):
         make_auth(_settings(key_file), session)
@@ -367,7 +431,10 @@ async def test_missing_key_refused(tmp_path: Path, session: aiohttp.ClientSessio
     ids=["ec-for-rs384", "rsa-for-es384", "p256-for-es384", "short-rsa"],
 )
 async def test_wrong_key_type_refused(
-    algorithm: Alg, make_key: Callable[[], Any], tmp_path: Path, session: aiohttp.ClientSession,
+    algorithm: Alg,
+    make_key: Callable[[], Any],
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
 ) -> None:
     key_file = write_key(tmp_path, make_key())
     with pytest.raises(ConfigError, match=r"fhir\.auth\.smart\.private_key_file"):
@@ -382,7 +449,9 @@ async def test_not_a_key_refused(tmp_path: Path, session: aiohttp.ClientSession)
         make_auth(_settings(key_file), session)
 
 
-async def test_smart_auth_repr_hides_secrets(rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession) -> None:
+async def test_smart_auth_repr_hides_secrets(
+    rsa_setup: Path, token_server: TokenServer, session: aiohttp.ClientSession
+) -> None:
     auth = smart_auth(token_server, session, rsa_setup)
     await auth.header()
     text = repr(auth) + str(auth)
@@ -407,7 +476,9 @@ async def test_bearer_token_file_read_and_stripped(tmp_path: Path, session: aioh
     assert "abc.def" not in repr(auth)
 
 
-async def test_bearer_token_file_is_re_read_after_a_401(tmp_path: Path, session: aiohttp.ClientSession) -> None:
+async def test_bearer_token_file_is_re_read_after_a_401(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
     """Kubernetes rotates a mounted secret in place: after a 401 (`invalidate`) the next header comes
     from the file as it is now. A file that cannot be read then keeps the token it had (the retry
     then fails as before); it is read again after the next 401."""
@@ -436,7 +507,9 @@ async def test_bearer_token_file_is_re_read_after_a_401(tmp_path: Path, session:
 
 
 @pytest.mark.parametrize("content", [None, "", " \n"], ids=["missing", "empty", "blank"])
-async def test_bearer_token_file_missing_or_empty(content: str | None, tmp_path: Path, session: aiohttp.ClientSession) -> None:
+async def test_bearer_token_file_missing_or_empty(
+    content: str | None, tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
     token_file = tmp_path / "token"
     if content is not None:
         token_file.write_text(content)

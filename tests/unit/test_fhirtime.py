@@ -62,12 +62,15 @@ def test_collection_time_grammar(text: str, expected: int | str) -> None:
         assert str(err.value) == expected
 
 
-@pytest.mark.parametrize(("text", "zone", "us", "shown"), [
-    # Europe/Berlin is UTC+1 in January, UTC+2 in July (IANA tz database)
-    ("2026-01-12T09:00:00", "Europe/Berlin", Z, "2026-01-12T09:00:00+01:00"),
-    ("2026-07-12T10:00:00", "Europe/Berlin", Z + 181 * 86_400_000_000, "2026-07-12T10:00:00+02:00"),
-    ("2026-01-12T03:00:00", "America/New_York", Z, "2026-01-12T03:00:00-05:00"),
-])
+@pytest.mark.parametrize(
+    ("text", "zone", "us", "shown"),
+    [
+        # Europe/Berlin is UTC+1 in January, UTC+2 in July (IANA tz database)
+        ("2026-01-12T09:00:00", "Europe/Berlin", Z, "2026-01-12T09:00:00+01:00"),
+        ("2026-07-12T10:00:00", "Europe/Berlin", Z + 181 * 86_400_000_000, "2026-07-12T10:00:00+02:00"),
+        ("2026-01-12T03:00:00", "America/New_York", Z, "2026-01-12T03:00:00-05:00"),
+    ],
+)
 def test_local_timezone_converts_and_says_so(text: str, zone: str, us: int, shown: str) -> None:
     """With the site's timezone configured, a time without an offset is read in that zone; the
     converted text carries the offset (what writers use) and a note says it was assumed."""

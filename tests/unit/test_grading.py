@@ -67,8 +67,18 @@ def test_ctcae_v5(anc, lln, label, severity):
 # G3 <500-100; G4 <100 /mm3; LLN-1500 is no longer graded.
 @pytest.mark.parametrize(
     ("anc", "label"),
-    [(1800, "normal"), (1500, "normal"), (1499, "grade 1"), (1000, "grade 1"), (999, "grade 2"), (500, "grade 2"),
-     (499, "grade 3"), (100, "grade 3"), (99, "grade 4"), (0, "grade 4")],
+    [
+        (1800, "normal"),
+        (1500, "normal"),
+        (1499, "grade 1"),
+        (1000, "grade 1"),
+        (999, "grade 2"),
+        (500, "grade 2"),
+        (499, "grade 3"),
+        (100, "grade 3"),
+        (99, "grade 4"),
+        (0, "grade 4"),
+    ],
 )
 def test_ctcae_v6(anc, label):
     assert BUILT_IN["ctcae-v6"].grade(anc, lln=2000).label == label  # the LLN plays no part in v6

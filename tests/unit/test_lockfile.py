@@ -88,7 +88,11 @@ def test_every_declared_dependency_is_pinned_within_its_specifier(requirement: R
 
 
 def test_every_pin_has_a_hash() -> None:
-    unhashed = [name for name, (_, entry, _via) in _pins().items() if not re.search(r"--hash=sha256:[0-9a-f]{64}\b", entry)]
+    unhashed = [
+        name
+        for name, (_, entry, _via) in _pins().items()
+        if not re.search(r"--hash=sha256:[0-9a-f]{64}\b", entry)
+    ]
     assert not unhashed, f"pins without --hash=sha256:… in requirements.lock: {unhashed}"
 
 
@@ -96,9 +100,13 @@ def test_no_pin_is_left_over_from_a_removed_dependency() -> None:
     # pip-compile annotates the project's direct dependencies "# via neutrowatch (pyproject.toml)".
     declared = {canonicalize_name(r.name) for r in _declared()}
     direct = {name for name, (_, _entry, via) in _pins().items() if _SELF in via}
-    assert direct, "requirements.lock has no '# via ... (pyproject.toml)' annotations; was it made by pip-compile?"
+    assert direct, (
+        "requirements.lock has no '# via ... (pyproject.toml)' annotations; was it made by pip-compile?"
+    )
     stale = sorted(direct - declared)
-    assert not stale, f"requirements.lock still pins {stale} for pyproject.toml, which no longer declares them; regenerate it"
+    assert not stale, (
+        f"requirements.lock still pins {stale} for pyproject.toml, which no longer declares them; regenerate it"
+    )
 
 
 def test_names_are_compared_per_pep_503() -> None:

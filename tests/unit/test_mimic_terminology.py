@@ -18,7 +18,9 @@ from service.replay.engine import Replay
 from tests import mimic_terminology as mimic
 
 
-def replay(tmp_path: Path, observations: list[dict[str, Any]], settings: Settings) -> tuple[list[dict], bytes]:
+def replay(
+    tmp_path: Path, observations: list[dict[str, Any]], settings: Settings
+) -> tuple[list[dict], bytes]:
     data = tmp_path / f"in-{id(observations)}.ndjson"
     data.write_bytes(b"".join(orjson.dumps(o) + b"\n" for o in observations))
     events, alerts = io.BytesIO(), io.BytesIO()
@@ -42,14 +44,23 @@ def settings(*, mapped: bool, segmented: bool = False) -> Settings:
 def test_local_codes_through_the_map_decide_as_loinc_codings(tmp_path, observations, segmented):
     """Same events (but for `mapped_codes`), same alerts byte for byte, under both differential rules."""
     local, local_alerts = replay(tmp_path, observations, settings(mapped=True, segmented=segmented))
-    loinc, loinc_alerts = replay(tmp_path, [mimic.with_loinc_codings(o) for o in observations],
-                                 settings(mapped=False, segmented=segmented))
+    loinc, loinc_alerts = replay(
+        tmp_path,
+        [mimic.with_loinc_codings(o) for o in observations],
+        settings(mapped=False, segmented=segmented),
+    )
     assert [{k: v for k, v in e.items() if k != "mapped_codes"} for e in local] == loinc
     assert local_alerts == loinc_alerts
     alerted = [e for e in local if e["event"] in ("new", "worsening", "resolved")]
     assert len(alerted) > 40  # real neutropenia episodes found
-    assert all(e["mapped_codes"] and all(m["concept_map"] == "https://neutrowatch.example.org/fhir/ConceptMap/mimic-iv-to-loinc"
-                                         for m in e["mapped_codes"]) for e in alerted)
+    assert all(
+        e["mapped_codes"]
+        and all(
+            m["concept_map"] == "https://neutrowatch.example.org/fhir/ConceptMap/mimic-iv-to-loinc"
+            for m in e["mapped_codes"]
+        )
+        for e in alerted
+    )
 
 
 def test_without_the_map_nothing_is_monitored(tmp_path, observations):
@@ -68,11 +79,16 @@ def test_the_differential_site_rule_on_a_real_manual_differential(tmp_path, obse
     default, _ = replay(tmp_path, mine, settings(mapped=True))
     segs, _ = replay(tmp_path, mine, settings(mapped=True, segmented=True))
     assert [(e["event"], e["grade"], e["anc"], e["method"]) for e in default if e["effective"] == at] == [
-        ("worsening", "moderate", 990, "wbc-x-neutrophil-pct")]
+        ("worsening", "moderate", 990, "wbc-x-neutrophil-pct")
+    ]
     assert [e for e in segs if e["effective"] == at] == []
     first = next(e for e in segs if e["effective"] == "2112-09-18T03:15:00-05:00")
     assert (first["event"], first["grade"], first["anc"], first["method"]) == (
-        "new", "mild", 1222, "wbc-x-neutrophil-pct-as-segs+bands-pct")
+        "new",
+        "mild",
+        1222,
+        "wbc-x-neutrophil-pct-as-segs+bands-pct",
+    )
 
 
 def test_explain_names_the_local_code_the_map_and_the_differential_rule(tmp_path, observations):
@@ -80,11 +96,18 @@ def test_explain_names_the_local_code_the_map_and_the_differential_rule(tmp_path
     translated it, and the site rule by the ANC method it names (reference §2, §11)."""
     from service.explain import explain_inputs, render_text
 
-    mine = [o for o in observations if o["subject"]["reference"] == "Patient/10035631"
-            and o["effectiveDateTime"].startswith("2112-09-1")]
+    mine = [
+        o
+        for o in observations
+        if o["subject"]["reference"] == "Patient/10035631" and o["effectiveDateTime"].startswith("2112-09-1")
+    ]
     data = tmp_path / "mine.ndjson"
     data.write_bytes(b"".join(orjson.dumps(o) + b"\n" for o in mine))
-    text = render_text(explain_inputs([data, mimic.PATIENTS], "Patient/10035631", settings(mapped=True, segmented=True)))
-    assert (f"770-8 (from {mimic.LABITEMS}|51256 by ConceptMap "
-            "https://neutrowatch.example.org/fhir/ConceptMap/mimic-iv-to-loinc)") in text
+    text = render_text(
+        explain_inputs([data, mimic.PATIENTS], "Patient/10035631", settings(mapped=True, segmented=True))
+    )
+    assert (
+        f"770-8 (from {mimic.LABITEMS}|51256 by ConceptMap "
+        "https://neutrowatch.example.org/fhir/ConceptMap/mimic-iv-to-loinc)"
+    ) in text
     assert "by wbc-x-neutrophil-pct-as-segs+bands-pct" in text

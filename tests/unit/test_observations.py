@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.fhir import raw
 from service.core.codes import Kind
 from service.core.observations import Ignored, LabResult, ReadPolicy, Rejected, normalise
+from service.fhir import raw
 from tests.builders import normalised, observation, result
 
 
@@ -44,7 +44,10 @@ def test_loinc_found_among_other_codings_and_display_ignored():
 
 def test_display_text_alone_never_matches():
     obs = observation("751-8", 0.9, "10*9/L")
-    obs["code"] = {"coding": [{"system": "urn:local", "code": "x", "display": "Neutrophils [#/volume] in Blood"}], "text": "ANC"}
+    obs["code"] = {
+        "coding": [{"system": "urn:local", "code": "x", "display": "Neutrophils [#/volume] in Blood"}],
+        "text": "ANC",
+    }
     assert normalised(obs) == Ignored("code not monitored")
 
 
@@ -60,12 +63,18 @@ def test_granulocytes_are_not_neutrophils():
         (observation("751-8", 20, "%"), "unit '%' is not a cell count unit for LOINC 751-8"),
         (observation("763-3", 4, "%"), "unit '%' is not a cell count unit for LOINC 763-3"),
         (observation("764-1", 0.3, "10*3/uL"), "unit '10*3/uL' is not a percent unit for LOINC 764-1"),
-        (observation("751-8", 1.0, "bananas/uL"), "unit 'bananas/uL' is not a cell count unit for LOINC 751-8"),
+        (
+            observation("751-8", 1.0, "bananas/uL"),
+            "unit 'bananas/uL' is not a cell count unit for LOINC 751-8",
+        ),
         (observation("751-8", 1.0, None, system=None), "no unit for LOINC 751-8"),
         (observation("770-8", 120, "%"), "percentage above 100"),
         (observation("751-8", -1, "10*3/uL"), "negative value"),
         (observation("751-8", 0.1, "10*3/uL", comparator=">"), "comparator '>' gives only a lower bound"),
-        (observation("751-8", None, dataAbsentReason={"coding": [{"code": "error"}]}), "no value (dataAbsentReason error)"),
+        (
+            observation("751-8", None, dataAbsentReason={"coding": [{"code": "error"}]}),
+            "no value (dataAbsentReason error)",
+        ),
         (observation("751-8", None, valueString="<0.1"), "value is text (valueString); needs manual review"),
         (observation("751-8", None), "no value"),
         (observation("751-8", 1.0, status="bogus"), "unknown status"),
@@ -115,14 +124,29 @@ def test_statuses(status, assessable, has_value):
 
 
 def test_reference_range_low_is_normalised():
-    obs = observation("751-8", 1.2, referenceRange=[{"low": {"value": 2.0, "unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"}}])
+    obs = observation(
+        "751-8",
+        1.2,
+        referenceRange=[
+            {
+                "low": {
+                    "value": 2.0,
+                    "unit": "10*3/uL",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "10*3/uL",
+                }
+            }
+        ],
+    )
     assert result(obs).ref_low == 2000.0
 
 
 def test_absolute_patient_url_under_the_base_is_the_relative_reference():
     """An absolute subject under the server's base is the patient "Patient/<id>" (one key, however
     written: tests/unit/test_references.py); without a base it is on another server."""
-    obs = msgspec.convert(observation("751-8", 1.2, patient="https://fhir.example.org/r4/Patient/123"), raw.Resource)
+    obs = msgspec.convert(
+        observation("751-8", 1.2, patient="https://fhir.example.org/r4/Patient/123"), raw.Resource
+    )
     r = normalise(obs, ReadPolicy(base_url="https://fhir.example.org/r4"))
     assert isinstance(r, LabResult) and r.patient == "Patient/123"
     assert normalise(obs).reason == "subject is on another server"  # type: ignore[union-attr]
@@ -135,7 +159,7 @@ def test_undecodable_lines_say_why_without_content():
     assert "$.valueQuantity.value" in items[0].reason
     bad = list(raw.decode(b'{"resourceType": "Observation", "id": '))
     assert isinstance(bad[0], raw.Undecodable) and bad[0].reason.startswith("invalid JSON")
-    assert list(raw.decode(b"\xff\xfe")) [0].reason.startswith("invalid JSON")
+    assert list(raw.decode(b"\xff\xfe"))[0].reason.startswith("invalid JSON")
 
 
 def test_bundle_with_one_bad_entry_keeps_the_good_ones():
@@ -150,7 +174,9 @@ def test_bundle_with_one_bad_entry_keeps_the_good_ones():
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=True) | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
     max_leaves=30,
 )
 observation_like = st.fixed_dictionaries(
@@ -161,7 +187,17 @@ observation_like = st.fixed_dictionaries(
         "code": st.just({"coding": [{"system": "http://loinc.org", "code": "751-8"}]}) | json_values,
         "subject": st.just({"reference": "Patient/1"}) | json_values,
         "effectiveDateTime": st.just("2026-01-01T00:00:00Z") | json_values,
-        "valueQuantity": st.fixed_dictionaries({}, optional={"value": json_values, "unit": json_values, "comparator": json_values, "system": json_values, "code": json_values}) | json_values,
+        "valueQuantity": st.fixed_dictionaries(
+            {},
+            optional={
+                "value": json_values,
+                "unit": json_values,
+                "comparator": json_values,
+                "system": json_values,
+                "code": json_values,
+            },
+        )
+        | json_values,
         "meta": json_values,
         "specimen": json_values,
         "referenceRange": json_values,
@@ -190,11 +226,15 @@ def test_decoding_arbitrary_bytes_never_raises(data):
 def test_undecodable_keeps_only_a_patient_subject():
     from service.core.observations import undecodable_rejection
 
-    item = next(raw.decode(b'{"resourceType":"Observation","id":"g","subject":{"reference":"Group/ward"},"status":7}'))
+    item = next(
+        raw.decode(b'{"resourceType":"Observation","id":"g","subject":{"reference":"Group/ward"},"status":7}')
+    )
     assert isinstance(item, raw.Undecodable)
     rejected = undecodable_rejection(item)
     assert (rejected.ref, rejected.patient) == ("Observation/g", None)  # a Group is not a patient
-    item = next(raw.decode(b'{"resourceType":"Observation","id":"p","subject":{"reference":"Patient/9"},"status":7}'))
+    item = next(
+        raw.decode(b'{"resourceType":"Observation","id":"p","subject":{"reference":"Patient/9"},"status":7}')
+    )
     assert undecodable_rejection(item).patient == "Patient/9"
 
 
@@ -207,10 +247,19 @@ def test_a_rejected_local_coded_result_names_its_loinc_code_and_the_mapping():
 
     obs = observation("751-8", 1.2, "bags", system="http://lab.example.org/units")
     obs["code"]["coding"] = [{"system": "http://lab.example.org/codes", "code": "ANC"}]
-    policy = ReadPolicy(terminology=build([MapRow("http://lab.example.org/codes", "ANC", "751-8", "https://lab.example.org/cm")]))
+    policy = ReadPolicy(
+        terminology=build(
+            [MapRow("http://lab.example.org/codes", "ANC", "751-8", "https://lab.example.org/cm")]
+        )
+    )
     out = normalise(msgspec.convert(obs, raw.Resource), policy)
     assert isinstance(out, Rejected)
     assert (out.reason, out.code) == ("unit 'bags' is not a cell count unit for LOINC 751-8", "751-8")
     assert rejected_record(out)["mapped_codes"] == [
-        {"observation": out.ref, "code": "http://lab.example.org/codes|ANC", "concept_map": "https://lab.example.org/cm"}]
+        {
+            "observation": out.ref,
+            "code": "http://lab.example.org/codes|ANC",
+            "concept_map": "https://lab.example.org/cm",
+        }
+    ]
     assert normalise(msgspec.convert(obs, raw.Resource)) == Ignored("code not monitored")  # without the map

@@ -11,7 +11,10 @@ from tests.builders import observation, result
 
 
 def panel(*rows):
-    return [result(observation(code, value, unit, id=f"x{i}", **(rest[0] if rest else {}))) for i, (code, value, unit, *rest) in enumerate(rows)]
+    return [
+        result(observation(code, value, unit, id=f"x{i}", **(rest[0] if rest else {})))
+        for i, (code, value, unit, *rest) in enumerate(rows)
+    ]
 
 
 CBC = [("6690-2", 2.0, "10*3/uL"), ("751-8", 0.4, "10*3/uL")]
@@ -23,7 +26,10 @@ CBC = [("6690-2", 2.0, "10*3/uL"), ("751-8", 0.4, "10*3/uL")]
         ([("718-7", 8.1, "g/dL"), ("777-3", 42, "10*3/uL")], "pancytopenia"),
         ([("718-7", 13.5, "g/dL"), ("777-3", 250, "10*3/uL")], "isolated"),
         ([("718-7", 9.9, "g/dL"), ("777-3", 100, "10*3/uL")], "with anaemia"),  # 100 is not below 100
-        ([("718-7", 10.0, "g/dL"), ("777-3", 99, "10*3/uL")], "with thrombocytopenia"),  # 10.0 is not below 10
+        (
+            [("718-7", 10.0, "g/dL"), ("777-3", 99, "10*3/uL")],
+            "with thrombocytopenia",
+        ),  # 10.0 is not below 10
         ([("718-7", 81, "g/L"), ("777-3", 42000, "/uL")], "pancytopenia"),  # other units, same values
         ([("718-7", 5.0, "mmol/L"), ("26515-7", 80, "10*9/L")], "pancytopenia"),  # 5.0 mmol/L = 8.06 g/dL
         ([("718-7", 8.1, "g/dL")], None),  # platelets not in the panel: cannot say
@@ -36,13 +42,26 @@ def test_cytopenia(extra, label):
 
 def test_cutoffs_are_configurable():
     rows = panel(*CBC, ("718-7", 11.0, "g/dL"), ("777-3", 140, "10*3/uL"))
-    assert cytopenia(rows, Rules(hemoglobin_below_g_dl=12.0, platelets_below_per_ul=150_000))[0] == "pancytopenia"
+    assert (
+        cytopenia(rows, Rules(hemoglobin_below_g_dl=12.0, platelets_below_per_ul=150_000))[0]
+        == "pancytopenia"
+    )
 
 
 def test_decide_reports_cytopenia_on_the_event():
-    d = decide(PatientState(), "Patient/p1", "k", panel(*CBC, ("718-7", 8.1, "g/dL"), ("777-3", 42, "10*3/uL")), Rules())
+    d = decide(
+        PatientState(),
+        "Patient/p1",
+        "k",
+        panel(*CBC, ("718-7", 8.1, "g/dL"), ("777-3", 42, "10*3/uL")),
+        Rules(),
+    )
     (event,) = d.events
-    assert (event.kind.value, event.assessment.cytopenia, event.assessment.platelets) == ("new", "pancytopenia", 42000)
+    assert (event.kind.value, event.assessment.cytopenia, event.assessment.platelets) == (
+        "new",
+        "pancytopenia",
+        42000,
+    )
 
 
 @pytest.mark.parametrize(
@@ -59,7 +78,9 @@ def test_withdrawn_result_retracts_with_its_status_as_reason(status, reason):
 
 def test_corrected_version_is_reason_corrected():
     first = decide(PatientState(), "Patient/p1", "k", panel(*CBC), Rules())
-    fixed = panel(("6690-2", 2.0, "10*3/uL"), ("751-8", 1.8, "10*3/uL", {"version": "2", "status": "corrected"}))
+    fixed = panel(
+        ("6690-2", 2.0, "10*3/uL"), ("751-8", 1.8, "10*3/uL", {"version": "2", "status": "corrected"})
+    )
     d = decide(first.state, "Patient/p1", "k", fixed, Rules())
     assert [(e.kind.value, e.reason) for e in d.events] == [("retracted", "corrected")]
 
@@ -67,14 +88,29 @@ def test_corrected_version_is_reason_corrected():
 @pytest.mark.parametrize(
     ("based_on", "requesters", "team", "pool", "expected"),
     [
-        (["ServiceRequest/sr1"], {"ServiceRequest/sr1": "Practitioner/dr-a"}, ["Practitioner/t1"], ["CareTeam/onc"],
-         (("Practitioner/dr-a",), "ordering clinician")),
-        (["ServiceRequest/sr1"], {"ServiceRequest/sr1": None}, ["Practitioner/t1", "Patient/p1"], ["CareTeam/onc"],
-         (("Practitioner/t1",), "care team")),  # a patient on the team is not a recipient of the alert
+        (
+            ["ServiceRequest/sr1"],
+            {"ServiceRequest/sr1": "Practitioner/dr-a"},
+            ["Practitioner/t1"],
+            ["CareTeam/onc"],
+            (("Practitioner/dr-a",), "ordering clinician"),
+        ),
+        (
+            ["ServiceRequest/sr1"],
+            {"ServiceRequest/sr1": None},
+            ["Practitioner/t1", "Patient/p1"],
+            ["CareTeam/onc"],
+            (("Practitioner/t1",), "care team"),
+        ),  # a patient on the team is not a recipient of the alert
         (["ServiceRequest/gone"], {}, [], ["CareTeam/onc"], (("CareTeam/onc",), "configured pool")),
         ([], {}, [], [], ((), "none")),
-        (["ServiceRequest/a", "ServiceRequest/b"], {"ServiceRequest/a": "PractitionerRole/r1", "ServiceRequest/b": "PractitionerRole/r1"},
-         [], [], (("PractitionerRole/r1",), "ordering clinician")),
+        (
+            ["ServiceRequest/a", "ServiceRequest/b"],
+            {"ServiceRequest/a": "PractitionerRole/r1", "ServiceRequest/b": "PractitionerRole/r1"},
+            [],
+            [],
+            (("PractitionerRole/r1",), "ordering clinician"),
+        ),
     ],
 )
 def test_recipient_rules(based_on, requesters, team, pool, expected):
@@ -128,30 +164,51 @@ UPDATED = "2026-01-05T09:00:00Z"
 
 def cbc_at(effective, updated=UPDATED, patient="Patient/t"):
     key = "".join(ch for ch in effective if ch.isdigit())
-    return [result(observation(code, value, "10*3/uL", id=f"t{code}-{key}", patient=patient, effective=effective,
-                               updated=updated, specimen=f"Specimen/s{key}"))
-            for code, value in (("6690-2", 2.0), ("751-8", 0.2))]
+    return [
+        result(
+            observation(
+                code,
+                value,
+                "10*3/uL",
+                id=f"t{code}-{key}",
+                patient=patient,
+                effective=effective,
+                updated=updated,
+                specimen=f"Specimen/s{key}",
+            )
+        )
+        for code, value in (("6690-2", 2.0), ("751-8", 0.2))
+    ]
 
 
 BORN = PatientContext(birth_us=1_577_836_800_000_000)  # 2020-01-01
 
 
-@pytest.mark.parametrize(("effective", "updated", "context", "clock", "reason"), [
-    # A specimen is collected before its result is recorded (meta.lastUpdated); the default slack of
-    # one hour allows for clock skew between laboratory system and server.
-    ("2026-01-05T08:00:00Z", UPDATED, PatientContext(), None, None),
-    ("2026-01-05T09:59:59Z", UPDATED, PatientContext(), None, None),  # within the hour of slack
-    ("2026-01-05T10:00:01Z", UPDATED, PatientContext(), None, COLLECTED_AFTER_RECORDED),
-    ("9999-12-31T23:59:59Z", UPDATED, PatientContext(), None, COLLECTED_AFTER_RECORDED),
-    # without meta.lastUpdated the reading clock bounds it; without either nothing does
-    ("2026-01-05T10:00:01Z", None, PatientContext(), 1_767_603_600_000_000, COLLECTED_AFTER_RECORDED),  # clock 09:00Z
-    ("2026-01-05T10:00:01Z", None, PatientContext(), None, None),
-    # before the patient was born (less a day: a birth date has no timezone), or before 1900
-    ("2019-12-31T12:00:00Z", UPDATED, BORN, None, None),
-    ("2019-12-30T12:00:00Z", UPDATED, BORN, None, COLLECTED_BEFORE_BIRTH),
-    ("1899-12-31T23:59:59Z", UPDATED, PatientContext(), None, COLLECTED_BEFORE_1900),
-    ("0001-01-01T00:00:00Z", UPDATED, BORN, None, COLLECTED_BEFORE_1900),
-])
+@pytest.mark.parametrize(
+    ("effective", "updated", "context", "clock", "reason"),
+    [
+        # A specimen is collected before its result is recorded (meta.lastUpdated); the default slack of
+        # one hour allows for clock skew between laboratory system and server.
+        ("2026-01-05T08:00:00Z", UPDATED, PatientContext(), None, None),
+        ("2026-01-05T09:59:59Z", UPDATED, PatientContext(), None, None),  # within the hour of slack
+        ("2026-01-05T10:00:01Z", UPDATED, PatientContext(), None, COLLECTED_AFTER_RECORDED),
+        ("9999-12-31T23:59:59Z", UPDATED, PatientContext(), None, COLLECTED_AFTER_RECORDED),
+        # without meta.lastUpdated the reading clock bounds it; without either nothing does
+        (
+            "2026-01-05T10:00:01Z",
+            None,
+            PatientContext(),
+            1_767_603_600_000_000,
+            COLLECTED_AFTER_RECORDED,
+        ),  # clock 09:00Z
+        ("2026-01-05T10:00:01Z", None, PatientContext(), None, None),
+        # before the patient was born (less a day: a birth date has no timezone), or before 1900
+        ("2019-12-31T12:00:00Z", UPDATED, BORN, None, None),
+        ("2019-12-30T12:00:00Z", UPDATED, BORN, None, COLLECTED_BEFORE_BIRTH),
+        ("1899-12-31T23:59:59Z", UPDATED, PatientContext(), None, COLLECTED_BEFORE_1900),
+        ("0001-01-01T00:00:00Z", UPDATED, BORN, None, COLLECTED_BEFORE_1900),
+    ],
+)
 def test_impossible_collection_times_are_rejected(effective, updated, context, clock, reason):
     """A collection time later than the result was recorded, or before birth or 1900, rejects the
     panel with the reason; a plausible one is assessed."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from service.fhir import raw
+from service.config import Settings
 from service.core.observations import (
     LabResult,
     ReadPolicy,
@@ -25,7 +25,7 @@ from service.core.observations import (
     undecodable_rejection,
 )
 from service.core.references import Resolved, base_key
-from service.config import Settings
+from service.fhir import raw
 from tests.builders import observation
 
 BASE = "https://fhir.example.org/fhir/R4"
@@ -79,21 +79,26 @@ def test_a_subject_is_one_canonical_key_or_a_reason(ref, want):
     assert (got.key if isinstance(got, Resolved) else got) == want
 
 
-@pytest.mark.parametrize("base", [BASE, BASE + "/", BASE + "//", "HTTPS://FHIR.EXAMPLE.ORG/fhir/R4", " " + BASE + " "])
+@pytest.mark.parametrize(
+    "base", [BASE, BASE + "/", BASE + "//", "HTTPS://FHIR.EXAMPLE.ORG/fhir/R4", " " + BASE + " "]
+)
 def test_the_configured_base_matches_with_a_trailing_slash_and_in_any_host_case(base):
     """The configured base is matched after normalising a trailing slash and scheme/host case."""
     got = canonical_reference(f"{BASE}/Patient/h20/_history/1", "Patient", ReadPolicy(base_url=base))
     assert isinstance(got, Resolved) and (got.key, got.foreign, got.local_id) == ("Patient/h20", False, "h20")
 
 
-@pytest.mark.parametrize(("url", "key"), [
-    ("https://H.example/fhir/R4/", "https://h.example/fhir/R4"),
-    ("http://h.example:80", "http://h.example"),
-    ("https://h.example:8443/x", "https://h.example:8443/x"),
-    ("https://h.example?x=1", None),
-    ("h.example/fhir", None),
-    ("https://", None),
-])
+@pytest.mark.parametrize(
+    ("url", "key"),
+    [
+        ("https://H.example/fhir/R4/", "https://h.example/fhir/R4"),
+        ("http://h.example:80", "http://h.example"),
+        ("https://h.example:8443/x", "https://h.example:8443/x"),
+        ("https://h.example?x=1", None),
+        ("h.example/fhir", None),
+        ("https://", None),
+    ],
+)
 def test_base_keys(url, key):
     """Two spellings of one base have one key (RFC 3986 §6.2.2.1, §6.2.3); a non-URL has none."""
     assert base_key(url) == key
@@ -106,12 +111,18 @@ def test_without_a_base_every_absolute_reference_is_foreign_unless_accepted():
     assert canonical_reference("Patient/h20/_history/2", "Patient", none).key == "Patient/h20"  # type: ignore[union-attr]
     accepted = ReadPolicy(accepted_foreign_bases=(BASE + "/",))
     got = canonical_reference(f"{BASE}/Patient/h20", "Patient", accepted)
-    assert isinstance(got, Resolved) and got.foreign and got.local_id is None and got.key == f"{BASE}/Patient/h20"
+    assert (
+        isinstance(got, Resolved)
+        and got.foreign
+        and got.local_id is None
+        and got.key == f"{BASE}/Patient/h20"
+    )
 
 
 def test_the_patient_key_of_an_observation_is_canonical_and_a_foreign_subject_is_rejected():
     """normalise: the three spellings of one patient give one key; a subject on another server, a
     contained or a urn:uuid: subject is a rejection with its reason (never a result that could alert)."""
+
     def read(subject: str) -> LabResult | Rejected:
         out = normalise(msgspec.convert(observation("751-8", 0.3, patient=subject), raw.Resource), POLICY)
         assert isinstance(out, LabResult | Rejected)
@@ -120,8 +131,11 @@ def test_the_patient_key_of_an_observation_is_canonical_and_a_foreign_subject_is
     keys = {read(s).patient for s in ("Patient/h20", "Patient/h20/_history/1", f"{BASE}/Patient/h20")}
     assert keys == {"Patient/h20"}
     assert isinstance(read("Patient/h20"), LabResult)
-    for subject, reason in [("https://evil.example.com/Patient/x", "subject is on another server"),
-                            ("#p1", "subject " + CONTAINED), ("urn:uuid:5f2d8c1e-3a0b-4c7d-9e8f-1a2b3c4d5e6f", "subject " + URN_UUID)]:
+    for subject, reason in [
+        ("https://evil.example.com/Patient/x", "subject is on another server"),
+        ("#p1", "subject " + CONTAINED),
+        ("urn:uuid:5f2d8c1e-3a0b-4c7d-9e8f-1a2b3c4d5e6f", "subject " + URN_UUID),
+    ]:
         out = read(subject)
         assert isinstance(out, Rejected) and (out.reason, out.patient) == (reason, None), subject
     assert read(f"{PARTNER}/Patient/x/_history/1").patient == f"{PARTNER}/Patient/x"
@@ -130,28 +144,47 @@ def test_the_patient_key_of_an_observation_is_canonical_and_a_foreign_subject_is
 def test_orders_and_specimens_are_canonical_and_foreign_ones_are_left_out():
     """basedOn and specimen get the same treatment: a version or the local base does not make another
     order or specimen (panels join on the specimen), and another server's are not the local ones."""
-    obs = observation("751-8", 0.3, specimen=f"{BASE}/Specimen/s1/_history/2", basedOn=[
-        {"reference": "ServiceRequest/o1/_history/1"}, {"reference": f"{BASE}/ServiceRequest/o2"},
-        {"reference": "https://evil.example.com/ServiceRequest/o3"}, {"reference": "#o4"}, {"reference": f"{PARTNER}/ServiceRequest/o5"}])
+    obs = observation(
+        "751-8",
+        0.3,
+        specimen=f"{BASE}/Specimen/s1/_history/2",
+        basedOn=[
+            {"reference": "ServiceRequest/o1/_history/1"},
+            {"reference": f"{BASE}/ServiceRequest/o2"},
+            {"reference": "https://evil.example.com/ServiceRequest/o3"},
+            {"reference": "#o4"},
+            {"reference": f"{PARTNER}/ServiceRequest/o5"},
+        ],
+    )
     out = normalise(msgspec.convert(obs, raw.Resource), POLICY)
     assert isinstance(out, LabResult)
     assert out.specimen == "Specimen/s1"
     assert out.based_on == ("ServiceRequest/o1", "ServiceRequest/o2", f"{PARTNER}/ServiceRequest/o5")
-    foreign = normalise(msgspec.convert(observation("751-8", 0.3, specimen="https://evil.example.com/Specimen/s1"), raw.Resource), POLICY)
+    foreign = normalise(
+        msgspec.convert(
+            observation("751-8", 0.3, specimen="https://evil.example.com/Specimen/s1"), raw.Resource
+        ),
+        POLICY,
+    )
     assert isinstance(foreign, LabResult) and foreign.specimen is None
     assert literal_reference("https://evil.example.com/Specimen/s1", POLICY) is None
 
 
 def test_an_undecodable_entry_keeps_the_canonical_patient_only():
     """An entry that could not be decoded keeps its subject as the patient's key, or none."""
+
     def patient(subject: str) -> str | None:
-        return undecodable_rejection(raw.Undecodable("malformed", "Observation", "x", subject), POLICY).patient
+        return undecodable_rejection(
+            raw.Undecodable("malformed", "Observation", "x", subject), POLICY
+        ).patient
 
     assert patient(f"{BASE}/Patient/h20/_history/1") == "Patient/h20"
     assert patient("https://evil.example.com/Patient/h20") is None
     assert patient("#p1") is None
     assert patient(f"{PARTNER}/Patient/x") == f"{PARTNER}/Patient/x"
-    assert patient_reference("https://evil.example.com/Patient/h20") == "https://evil.example.com/Patient/h20"  # kept to be resolved
+    assert (
+        patient_reference("https://evil.example.com/Patient/h20") == "https://evil.example.com/Patient/h20"
+    )  # kept to be resolved
     assert patient_reference("Group/1") is None
 
 

@@ -25,12 +25,21 @@ SPELLINGS = ("Patient/h20", "Patient/h20/_history/1", f"{BASE}/Patient/h20")
 ENGINES = ({"engine": "sqlite"}, {"engine": "partitioned", "workers": 1})
 
 
-def panel(subject: str, n: int, anc_k: float, *, day: int | None = None, pid: str = "h20") -> list[dict[str, Any]]:
+def panel(
+    subject: str, n: int, anc_k: float, *, day: int | None = None, pid: str = "h20"
+) -> list[dict[str, Any]]:
     """WBC + ANC of one specimen, collected on day `day` (default: n + 1) of March 2026."""
     day = day or n + 1
-    kw = dict(patient=subject, effective=f"2026-03-{day:02d}T08:00:00Z", updated=f"2026-03-{day:02d}T10:00:00.000Z",
-              specimen=f"Specimen/{pid}-{n}")
-    return [observation("6690-2", 4.0, id=f"{pid}-{n}-wbc", **kw), observation("751-8", anc_k, id=f"{pid}-{n}-anc", **kw)]
+    kw = dict(
+        patient=subject,
+        effective=f"2026-03-{day:02d}T08:00:00Z",
+        updated=f"2026-03-{day:02d}T10:00:00.000Z",
+        specimen=f"Specimen/{pid}-{n}",
+    )
+    return [
+        observation("6690-2", 4.0, id=f"{pid}-{n}-wbc", **kw),
+        observation("751-8", anc_k, id=f"{pid}-{n}-anc", **kw),
+    ]
 
 
 def three_spellings() -> list[dict[str, Any]]:
@@ -38,7 +47,9 @@ def three_spellings() -> list[dict[str, Any]]:
     return [*panel(SPELLINGS[0], 0, 0.3), *panel(SPELLINGS[1], 1, 0.2), *panel(SPELLINGS[2], 2, 2.5)]
 
 
-def run(tmp_path: Path, resources: list[dict[str, Any]], config: str, **engine: Any) -> tuple[list[dict], list[dict]]:
+def run(
+    tmp_path: Path, resources: list[dict[str, Any]], config: str, **engine: Any
+) -> tuple[list[dict], list[dict]]:
     data = tmp_path / "in.ndjson"
     data.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in resources))
     (tmp_path / "c.yaml").write_text(config)
@@ -54,7 +65,10 @@ def run(tmp_path: Path, resources: list[dict[str, Any]], config: str, **engine: 
 def test_three_spellings_of_one_patient_are_one_episode_and_one_flag(tmp_path, engine):
     """Before: three patients, three episodes and three Flags, two of them active after recovery."""
     events, alerts = run(tmp_path, three_spellings(), f"fhir:\n  base_url: {BASE}\n", **engine)
-    assert [(e["patient"], e["event"]) for e in events] == [("Patient/h20", "new"), ("Patient/h20", "resolved")]
+    assert [(e["patient"], e["event"]) for e in events] == [
+        ("Patient/h20", "new"),
+        ("Patient/h20", "resolved"),
+    ]
     flags = [a for a in alerts if a["resourceType"] == "Flag"]
     assert {f["identifier"][0]["value"] for f in flags} == {flags[0]["identifier"][0]["value"]}  # one episode
     assert {f["subject"]["reference"] for f in alerts} == {"Patient/h20"}  # Flag and Communication subjects
@@ -67,7 +81,10 @@ def test_without_a_base_an_absolute_subject_is_on_another_server(tmp_path, engin
     events, _ = run(tmp_path, three_spellings(), "{}\n", **engine)
     rejected = [e for e in events if e["event"] == "rejected"]
     assert {(e["reason"], e["patient"]) for e in rejected} == {("subject is on another server", None)}
-    assert sorted(o for e in rejected for o in e["observations"]) == ["Observation/h20-2-anc", "Observation/h20-2-wbc"]
+    assert sorted(o for e in rejected for o in e["observations"]) == [
+        "Observation/h20-2-anc",
+        "Observation/h20-2-wbc",
+    ]
 
 
 @pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e["engine"])
@@ -77,17 +94,23 @@ def test_a_foreign_subject_is_rejected_and_never_takes_the_local_namesakes_facts
     Patient/x's own severe panel is judged with them (not assessed: a neonate)."""
     resources = [
         {"resourceType": "Patient", "id": "x", "birthDate": "2026-03-01"},
-        {"resourceType": "Condition", "id": "c-evil", "subject": {"reference": "https://evil.example.com/Patient/x"},
-         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
-         "clinicalStatus": {"coding": [{"code": "active"}]}},
+        {
+            "resourceType": "Condition",
+            "id": "c-evil",
+            "subject": {"reference": "https://evil.example.com/Patient/x"},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
+            "clinicalStatus": {"coding": [{"code": "active"}]},
+        },
         *panel("https://evil.example.com/Patient/x", 0, 0.1, day=2, pid="x"),
         *panel("Patient/x", 1, 0.1, day=3, pid="x"),
     ]
     events, alerts = run(tmp_path, resources, f"fhir:\n  base_url: {BASE}\n", **engine)
     assert alerts == []
     assert [(e["event"], e["patient"], e.get("reason")) for e in events] == [
-        ("rejected", None, "subject is on another server"), ("rejected", None, "subject is on another server"),
-        ("not-assessed", "Patient/x", "neonate in the first 7 days of life: out of scope, not assessed")]
+        ("rejected", None, "subject is on another server"),
+        ("rejected", None, "subject is on another server"),
+        ("not-assessed", "Patient/x", "neonate in the first 7 days of life: out of scope, not assessed"),
+    ]
 
 
 @pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e["engine"])
@@ -100,9 +123,13 @@ def test_an_accepted_foreign_base_keeps_the_absolute_identity_and_no_local_facts
         *panel(f"{partner}/Patient/x", 0, 0.1, day=2, pid="x"),
         *panel(f"{partner}/Patient/x/_history/4", 1, 2.5, day=3, pid="x"),
     ]
-    events, alerts = run(tmp_path, resources, f"fhir:\n  base_url: {BASE}\n  accepted_foreign_bases: [{partner}/]\n", **engine)
+    events, alerts = run(
+        tmp_path, resources, f"fhir:\n  base_url: {BASE}\n  accepted_foreign_bases: [{partner}/]\n", **engine
+    )
     assert [(e["patient"], e["event"], e["threshold_rule"]) for e in events] == [
-        (f"{partner}/Patient/x", "new", "scheme"), (f"{partner}/Patient/x", "resolved", "scheme")]
+        (f"{partner}/Patient/x", "new", "scheme"),
+        (f"{partner}/Patient/x", "resolved", "scheme"),
+    ]
     assert {a["subject"]["reference"] for a in alerts} == {f"{partner}/Patient/x"}
 
 
@@ -113,9 +140,13 @@ def test_context_rows_are_keyed_by_the_canonical_subject(tmp_path, engine):
     ANC of 1200/uL is no alert for it."""
     resources = [
         {"resourceType": "Patient", "id": "b", "birthDate": "1970-01-01"},
-        {"resourceType": "Condition", "id": "c1", "subject": {"reference": f"{BASE}/Patient/b/_history/3"},
-         "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
-         "clinicalStatus": {"coding": [{"code": "active"}]}},
+        {
+            "resourceType": "Condition",
+            "id": "c1",
+            "subject": {"reference": f"{BASE}/Patient/b/_history/3"},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "234423001"}]},
+            "clinicalStatus": {"coding": [{"code": "active"}]},
+        },
         *panel("Patient/b", 0, 1.2, pid="b"),
     ]
     events, alerts = run(tmp_path, resources, f"fhir:\n  base_url: {BASE}\n", **engine)

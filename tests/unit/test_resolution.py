@@ -31,8 +31,19 @@ LEGACY = Rules(resolution_confirmations=1, resolution_min_us=0, reopen_us=0, mem
 
 def assessment(anc: float, hour: float) -> Assessment:
     us = int(hour * HOUR_US)
-    return Assessment("Patient/p", f"panel-{hour}", float(anc), False, "reported-absolute", None, DEFAULT.grade(anc),
-                      from_epoch_us(us), us, (f"Observation/{hour}",), ("1",))
+    return Assessment(
+        "Patient/p",
+        f"panel-{hour}",
+        float(anc),
+        False,
+        "reported-absolute",
+        None,
+        DEFAULT.grade(anc),
+        from_epoch_us(us),
+        us,
+        (f"Observation/{hour}",),
+        ("1",),
+    )
 
 
 def label(e: AlertEvent) -> str:
@@ -58,32 +69,80 @@ D = 24  # hours in a day
         # one normal panel: recovering 1 of 3 (CIBMTR: three values on different days), not resolved
         ([(800, 0), (1600, D)], DEFAULTS, ["new:moderate", "recovering(1/3):normal"]),
         # three normal panels a day apart (48 h first to last): resolved, from the grade before them
-        ([(800, 0), (1600, D), (1700, 2 * D), (1800, 3 * D)], DEFAULTS,
-         ["new:moderate", "recovering(1/3):normal", "recovering(2/3):normal", "resolved:moderate"]),
+        (
+            [(800, 0), (1600, D), (1700, 2 * D), (1800, 3 * D)],
+            DEFAULTS,
+            ["new:moderate", "recovering(1/3):normal", "recovering(2/3):normal", "resolved:moderate"],
+        ),
         # three normal panels within 48 h do not yet span the time: a fourth, later, resolves
-        ([(800, 0), (1600, D), (1700, D + 12), (1800, D + 24), (1900, D + 48)], DEFAULTS,
-         ["new:moderate", "recovering(1/3):normal", "recovering(2/3):normal", "recovering(3/3):normal",
-          "resolved:moderate"]),
+        (
+            [(800, 0), (1600, D), (1700, D + 12), (1800, D + 24), (1900, D + 48)],
+            DEFAULTS,
+            [
+                "new:moderate",
+                "recovering(1/3):normal",
+                "recovering(2/3):normal",
+                "recovering(3/3):normal",
+                "resolved:moderate",
+            ],
+        ),
         # a neutropenic panel during recovery: the episode stays open, no new alert at a grade already sent
-        ([(300, 0), (1550, D), (700, 4 * D)], DEFAULTS,
-         ["new:severe", "recovering(1/3):normal", "recovering(0/3):moderate"]),
+        (
+            [(300, 0), (1550, D), (700, 4 * D)],
+            DEFAULTS,
+            ["new:severe", "recovering(1/3):normal", "recovering(0/3):moderate"],
+        ),
         # ... and a grade worse than announced is a worsening of the same episode
-        ([(1200, 0), (1550, D), (300, 4 * D)], DEFAULTS, ["new:mild", "recovering(1/3):normal", "worsening:severe"]),
+        (
+            [(1200, 0), (1550, D), (300, 4 * D)],
+            DEFAULTS,
+            ["new:mild", "recovering(1/3):normal", "worsening:severe"],
+        ),
         # a drop within 7 days of the announced resolution: recurrence of the same episode, grade announced
-        ([(800, 0), (1600, D), (1700, 2 * D), (1800, 3 * D), (1200, 5 * D)], DEFAULTS,
-         ["new:moderate", "recovering(1/3):normal", "recovering(2/3):normal", "resolved:moderate", "recurrence:mild"]),
+        (
+            [(800, 0), (1600, D), (1700, 2 * D), (1800, 3 * D), (1200, 5 * D)],
+            DEFAULTS,
+            [
+                "new:moderate",
+                "recovering(1/3):normal",
+                "recovering(2/3):normal",
+                "resolved:moderate",
+                "recurrence:mild",
+            ],
+        ),
         # after a recurrence, grades are announced afresh: severe again is a worsening
-        ([(300, 0), (1600, D), (1700, 2 * D), (1800, 3 * D), (1200, 5 * D), (400, 6 * D)], DEFAULTS,
-         ["new:severe", "recovering(1/3):normal", "recovering(2/3):normal", "resolved:severe", "recurrence:mild",
-          "worsening:severe"]),
+        (
+            [(300, 0), (1600, D), (1700, 2 * D), (1800, 3 * D), (1200, 5 * D), (400, 6 * D)],
+            DEFAULTS,
+            [
+                "new:severe",
+                "recovering(1/3):normal",
+                "recovering(2/3):normal",
+                "resolved:severe",
+                "recurrence:mild",
+                "worsening:severe",
+            ],
+        ),
         # a drop more than 7 days after the resolution: a new episode
-        ([(800, 0), (1600, D), (1700, 2 * D), (1800, 3 * D), (1200, 11 * D)], DEFAULTS,
-         ["new:moderate", "recovering(1/3):normal", "recovering(2/3):normal", "resolved:moderate", "new:mild"]),
+        (
+            [(800, 0), (1600, D), (1700, 2 * D), (1800, 3 * D), (1200, 11 * D)],
+            DEFAULTS,
+            [
+                "new:moderate",
+                "recovering(1/3):normal",
+                "recovering(2/3):normal",
+                "resolved:moderate",
+                "new:mild",
+            ],
+        ),
         # the former rule (confirmations 1, min_hours 0, reopen_days 0): one normal resolves, a drop is new
         ([(800, 0), (1600, D), (1200, 2 * D)], LEGACY, ["new:moderate", "resolved:moderate", "new:mild"]),
         # reopen_days 0 turns recurrence off
-        ([(800, 0), (1600, D), (1200, 2 * D)], replace(LEGACY, memory_us=365 * DAY_US), ["new:moderate",
-                                                                                         "resolved:moderate", "new:mild"]),
+        (
+            [(800, 0), (1600, D), (1200, 2 * D)],
+            replace(LEGACY, memory_us=365 * DAY_US),
+            ["new:moderate", "resolved:moderate", "new:mild"],
+        ),
     ],
 )
 def test_resolution_and_recurrence(panels, rules, expected):
@@ -110,8 +169,10 @@ def test_recurrence_keeps_the_episode_and_its_chronic_label():
 def test_episode_memory_counts_episodes_within_a_year():
     """The third episode opened within 365 days says so ("3rd episode in 12 months"); one opened
     more than a year after the others does not."""
+
     def episode(start: int) -> list[tuple[float, float]]:
         return [(1200, start * D)] + [(1600, (start + i) * D) for i in (1, 2, 3)]
+
     panels = episode(0) + episode(100) + episode(200) + episode(700)
     _, events = run(panels, DEFAULTS)
     news = [e for e in events if e.kind.value == "new"]
@@ -124,6 +185,7 @@ def test_recurrence_communication_is_distinct_from_the_first_opening():
     """The worsening after a recurrence gets its own Communication identifier: the same grade was
     announced before the resolution, and a conditional create must not mistake one for the other."""
     from service.output.alerts import build
+
     panels = [(300, 0), (1600, D), (1700, 2 * D), (1800, 3 * D), (1200, 5 * D), (400, 6 * D)]
     _, events = run(panels, DEFAULTS)
     settings = Settings()
@@ -139,19 +201,33 @@ def test_recurrence_communication_is_distinct_from_the_first_opening():
 
 def test_settings_map_to_rules():
     """clinical.resolution.* reach the core in the units it uses."""
-    s = Settings.model_validate({"clinical": {"resolution": {"confirmations": 2, "min_hours": 24, "reopen_days": 0,
-                                                              "memory_days": 0}}})
-    assert (s.rules.resolution_confirmations, s.rules.resolution_min_us, s.rules.reopen_us, s.rules.memory_us) == (
-        2, 24 * HOUR_US, 0, 0)
+    s = Settings.model_validate(
+        {
+            "clinical": {
+                "resolution": {"confirmations": 2, "min_hours": 24, "reopen_days": 0, "memory_days": 0}
+            }
+        }
+    )
+    assert (
+        s.rules.resolution_confirmations,
+        s.rules.resolution_min_us,
+        s.rules.reopen_us,
+        s.rules.memory_us,
+    ) == (2, 24 * HOUR_US, 0, 0)
     d = Settings().rules
     assert (d.resolution_confirmations, d.resolution_min_us, d.reopen_us, d.memory_us) == (
-        3, 48 * HOUR_US, 7 * DAY_US, 365 * DAY_US)
+        3,
+        48 * HOUR_US,
+        7 * DAY_US,
+        365 * DAY_US,
+    )
 
 
 def test_a_withdrawn_recovery_updates_the_flag_without_a_communication():
     """The normal panel that made the episode `recovering` corrected to a neutropenic value: the
     recovery is withdrawn on the Flag, and no Communication withdraws an update never announced."""
     from service.output.alerts import build
+
     ps = PatientState()
     for anc, hour in ((300, 0), (1600, D)):
         ps, _, _ = apply(ps, assessment(anc, hour), DEFAULTS)
@@ -165,7 +241,12 @@ def test_a_withdrawn_recovery_updates_the_flag_without_a_communication():
 def test_episode_memory_is_in_the_texts():
     """The Flag and the Communication of a third episode within a year say so."""
     from service.output.alerts import build
-    panels = [p for start in (0, 100, 200) for p in [(1200, start * D)] + [(1600, (start + i) * D) for i in (1, 2, 3)]]
+
+    panels = [
+        p
+        for start in (0, 100, 200)
+        for p in [(1200, start * D)] + [(1600, (start + i) * D) for i in (1, 2, 3)]
+    ]
     _, events = run(panels, DEFAULTS)
     third = [e for e in events if e.kind.value == "new"][2]
     writes = build(third, DEFAULT, Settings().alerts, sent="2026-01-01T00:00:00Z")

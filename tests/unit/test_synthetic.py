@@ -89,8 +89,11 @@ def test_same_seed_same_output_and_other_seed_differs() -> None:
 def test_a_patient_does_not_depend_on_population_size() -> None:
     def patient_3(patients: int) -> list[bytes]:
         resources = generate(PopulationSpec(patients=patients, days=21, seed=9))
-        return [orjson.dumps(r) for r in resources
-                if (r.get("subject", {}).get("reference") or f"Patient/{r['id']}") == "Patient/nw9-p00003"]
+        return [
+            orjson.dumps(r)
+            for r in resources
+            if (r.get("subject", {}).get("reference") or f"Patient/{r['id']}") == "Patient/nw9-p00003"
+        ]
 
     assert patient_3(3) == patient_3(12) != []
 
@@ -141,7 +144,9 @@ def test_absolute_count_agrees_with_wbc_times_percent(demo: list[Resource]) -> N
             anc, wbc = obs["751-8"]["valueQuantity"], obs["6690-2"]["valueQuantity"]
             assert anc["code"] == wbc["code"]
             tolerance = 0.005 * (1000 if anc["code"] == "/uL" else 1) + 1e-9
-            assert abs(anc["value"] - wbc["value"] * obs["770-8"]["valueQuantity"]["value"] / 100) <= tolerance
+            assert (
+                abs(anc["value"] - wbc["value"] * obs["770-8"]["valueQuantity"]["value"] / 100) <= tolerance
+            )
             checked += 1
     assert checked > 100
 
@@ -158,8 +163,11 @@ def test_chemo_patients_reach_severe_neutropenia(demo: list[Resource]) -> None:
 
 def test_unit_encodings_local_codings_and_temperatures_vary(demo: list[Resource]) -> None:
     obs = observations(demo)
-    wbc_units = {(o["valueQuantity"]["system"], o["valueQuantity"]["code"], o["valueQuantity"]["unit"])
-                 for o in obs if loinc(o) == "6690-2"}
+    wbc_units = {
+        (o["valueQuantity"]["system"], o["valueQuantity"]["code"], o["valueQuantity"]["unit"])
+        for o in obs
+        if loinc(o) == "6690-2"
+    }
     assert len(wbc_units) >= 4
     assert any(o["code"]["coding"][0]["system"] != LOINC for o in obs)  # local code listed first
     temps = [o["valueQuantity"] for o in obs if loinc(o) == "8310-5"]
@@ -173,8 +181,9 @@ def test_noise_is_tagged_once_per_panel_and_has_its_shape() -> None:
     resources = list(generate(PopulationSpec(patients=12, seed=5, noise_fraction=0.5)))
     reports = [r for r in resources if r["resourceType"] == "DiagnosticReport"]
     tagged = {o["id"]: o for o in observations(resources) if noise(o)}
-    per_report = [sum(ref["reference"].removeprefix("Observation/") in tagged for ref in dr["result"])
-                  for dr in reports]
+    per_report = [
+        sum(ref["reference"].removeprefix("Observation/") in tagged for ref in dr["result"]) for dr in reports
+    ]
     assert max(per_report) == 1
     assert 0.35 < sum(per_report) / len(reports) < 0.65
     kinds = Counter(noise(o) for o in tagged.values())
@@ -245,12 +254,25 @@ def test_main_prints_counts_by_resource_type(tmp_path: Path, capsys: pytest.Capt
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(-(2**40), 2**40), patients=st.integers(0, 4), days=st.integers(1, 40),
-       noise_fraction=st.floats(0, 1), corrections=st.floats(0, 1), chemo=st.floats(0, 1))
-def test_any_spec_is_ordered_unique_and_coded(seed: int, patients: int, days: int, noise_fraction: float,
-                                              corrections: float, chemo: float) -> None:
-    spec = PopulationSpec(patients=patients, seed=seed, days=days, chemo_fraction=chemo,
-                          noise_fraction=noise_fraction, corrections=corrections)
+@given(
+    seed=st.integers(-(2**40), 2**40),
+    patients=st.integers(0, 4),
+    days=st.integers(1, 40),
+    noise_fraction=st.floats(0, 1),
+    corrections=st.floats(0, 1),
+    chemo=st.floats(0, 1),
+)
+def test_any_spec_is_ordered_unique_and_coded(
+    seed: int, patients: int, days: int, noise_fraction: float, corrections: float, chemo: float
+) -> None:
+    spec = PopulationSpec(
+        patients=patients,
+        seed=seed,
+        days=days,
+        chemo_fraction=chemo,
+        noise_fraction=noise_fraction,
+        corrections=corrections,
+    )
     resources = list(generate(spec))
     stamps = [r["meta"]["lastUpdated"] for r in resources]
     assert stamps == sorted(stamps)

@@ -31,18 +31,31 @@ MAP_URL = "https://lab.example.org/fhir/ConceptMap/lab-to-loinc"
 def concept_map(*elements: tuple[str, str | None, str], target: str = "http://loinc.org") -> dict[str, Any]:
     """A ConceptMap from LOCAL to `target` with one element per (local code, target code, equivalence)."""
     return {
-        "resourceType": "ConceptMap", "status": "active", "url": MAP_URL,
-        "group": [{"source": LOCAL, "target": target, "element": [
-            {"code": code, "target": [{**({"code": loinc} if loinc else {}), "equivalence": eq}]}
-            for code, loinc, eq in elements]}],
+        "resourceType": "ConceptMap",
+        "status": "active",
+        "url": MAP_URL,
+        "group": [
+            {
+                "source": LOCAL,
+                "target": target,
+                "element": [
+                    {"code": code, "target": [{**({"code": loinc} if loinc else {}), "equivalence": eq}]}
+                    for code, loinc, eq in elements
+                ],
+            }
+        ],
     }
 
 
-def policy(*elements: tuple[str, str | None, str], units: dict[tuple[str, str], str] | None = None) -> ReadPolicy:
+def policy(
+    *elements: tuple[str, str | None, str], units: dict[tuple[str, str], str] | None = None
+) -> ReadPolicy:
     return ReadPolicy(terminology=build(concept_map_rows(concept_map(*elements)), units))
 
 
-def local(code: str, value: float, unit: str = "%", *, loinc: str | None = None, unit_system: str = UNITS) -> dict[str, Any]:
+def local(
+    code: str, value: float, unit: str = "%", *, loinc: str | None = None, unit_system: str = UNITS
+) -> dict[str, Any]:
     """An Observation coded with LOCAL|code (and the LOINC coding `loinc` beside it, when given)."""
     obs = observation("770-8", value, unit, system=unit_system)
     obs["code"]["coding"] = [{"system": LOCAL, "code": code, "display": "Neutrophils"}]
@@ -58,7 +71,10 @@ def read(obs: dict[str, Any], p: ReadPolicy) -> LabResult | Rejected | Ignored:
 @pytest.mark.parametrize(
     ("equivalence", "translates"),
     [
-        ("equivalent", True),  # R4 concept-map-equivalence: "The definitions of the concepts mean the same thing"
+        (
+            "equivalent",
+            True,
+        ),  # R4 concept-map-equivalence: "The definitions of the concepts mean the same thing"
         ("equal", True),  # "... are exactly the same"
         ("wider", True),  # "The target mapping is wider in meaning than the source concept"
         ("subsumes", True),  # "The target mapping subsumes the meaning of the source concept"
@@ -74,7 +90,11 @@ def test_which_equivalences_translate(equivalence, translates):
     """Only equivalences saying the LOINC term covers the local one make the result monitored."""
     out = read(local("NEUT", 40), policy(("NEUT", "770-8", equivalence)))
     if translates:
-        assert isinstance(out, LabResult) and (out.code, out.kind, out.value) == ("770-8", Kind.NEUT_PCT, 40.0)
+        assert isinstance(out, LabResult) and (out.code, out.kind, out.value) == (
+            "770-8",
+            Kind.NEUT_PCT,
+            40.0,
+        )
         assert (out.mapped_from, out.concept_map) == (f"{LOCAL}|NEUT", MAP_URL)
     else:
         assert out == Ignored("code not monitored")
@@ -90,13 +110,17 @@ def test_which_equivalences_translate(equivalence, translates):
         # both, agreeing: the LOINC coding itself says it
         ([(LOCAL, "NEUT"), ("http://loinc.org", "770-8")], ("770-8", None)),
         # both, disagreeing (map: 770-8; result: 764-1 bands): rejected, never decided on either
-        ([(LOCAL, "NEUT"), ("http://loinc.org", "764-1")],
-         "local code NEUT is mapped to LOINC 770-8, which disagrees with its other codings"),
+        (
+            [(LOCAL, "NEUT"), ("http://loinc.org", "764-1")],
+            "local code NEUT is mapped to LOINC 770-8, which disagrees with its other codings",
+        ),
         # a local code not in the map: as before, not monitored
         ([(LOCAL, "LYMPH")], "code not monitored"),
         # two local codings mapped to different LOINC codes
-        ([(LOCAL, "NEUT"), (LOCAL, "BAND")],
-         "local code NEUT is mapped to LOINC 770-8, which disagrees with its other codings"),
+        (
+            [(LOCAL, "NEUT"), (LOCAL, "BAND")],
+            "local code NEUT is mapped to LOINC 770-8, which disagrees with its other codings",
+        ),
     ],
 )
 def test_local_and_loinc_codings_together(codings, expected):
@@ -126,7 +150,8 @@ def test_a_mapped_result_is_the_loinc_result_but_for_the_mapping_fields():
 def test_a_local_code_mapped_to_a_granulocyte_count_is_not_an_anc():
     """Granulocytes (30394-1) include eosinophils and basophils (reference §1.1): never an ANC."""
     assert read(local("GRAN", 1.2, "10*3/uL"), policy(("GRAN", "30394-1", "equivalent"))) == Ignored(
-        "granulocyte count is not an ANC")
+        "granulocyte count is not an ANC"
+    )
 
 
 def test_one_local_code_mapped_to_two_loinc_codes_is_rejected():
@@ -141,10 +166,21 @@ def test_one_local_code_mapped_to_two_loinc_codes_is_rejected():
     [
         ("K/uL", {}, 1200.0),  # built-in display string (reference §2): no mapping needed
         ("kilo-cells-per-uL", {(UNITS, "kilo-cells-per-uL"): "10*3/uL"}, 1200.0),  # mapped to UCUM 10*3/uL
-        ("kilo-cells-per-uL", {}, "unit 'kilo-cells-per-uL' is not a cell count unit for LOINC 751-8"),  # unknown
-        ("kilo-cells-per-uL", {("http://other.example.org", "kilo-cells-per-uL"): "10*3/uL"},
-         "unit 'kilo-cells-per-uL' is not a cell count unit for LOINC 751-8"),  # mapped under another system
-        ("gram-per-dL", {(UNITS, "gram-per-dL"): "g/dL"}, "unit 'g/dL' is not a cell count unit for LOINC 751-8"),
+        (
+            "kilo-cells-per-uL",
+            {},
+            "unit 'kilo-cells-per-uL' is not a cell count unit for LOINC 751-8",
+        ),  # unknown
+        (
+            "kilo-cells-per-uL",
+            {("http://other.example.org", "kilo-cells-per-uL"): "10*3/uL"},
+            "unit 'kilo-cells-per-uL' is not a cell count unit for LOINC 751-8",
+        ),  # mapped under another system
+        (
+            "gram-per-dL",
+            {(UNITS, "gram-per-dL"): "g/dL"},
+            "unit 'g/dL' is not a cell count unit for LOINC 751-8",
+        ),
     ],
 )
 def test_site_unit_strings(unit, units, expected):
@@ -162,7 +198,10 @@ def test_site_unit_strings(unit, units, expected):
     [
         ({"resourceType": "ValueSet", "status": "active"}, "not a ConceptMap resource"),
         ({"resourceType": "ConceptMap"}, "not a valid FHIR ConceptMap"),  # status is required (1..1)
-        ({"resourceType": "ConceptMap", "status": "active", "group": [{"element": "NEUT"}]}, "not a valid FHIR ConceptMap"),
+        (
+            {"resourceType": "ConceptMap", "status": "active", "group": [{"element": "NEUT"}]},
+            "not a valid FHIR ConceptMap",
+        ),
     ],
 )
 def test_an_unusable_concept_map_is_refused_with_the_reason(resource, problem):
@@ -173,7 +212,9 @@ def test_an_unusable_concept_map_is_refused_with_the_reason(resource, problem):
 
 def test_groups_targeting_another_system_are_not_translations():
     """Only groups whose target is LOINC translate: a map to SNOMED CT says nothing the rules read."""
-    assert concept_map_rows(concept_map(("NEUT", "770-8", "equivalent"), target="http://snomed.info/sct")) == []
+    assert (
+        concept_map_rows(concept_map(("NEUT", "770-8", "equivalent"), target="http://snomed.info/sct")) == []
+    )
 
 
 @pytest.mark.parametrize(
@@ -193,7 +234,9 @@ def test_groups_targeting_another_system_are_not_translations():
 def test_differential_site_rule(rule, codes, expected):
     """clinical.differential.neutrophil_percent_with_bands_is_segmented (reference §2)."""
     neut, band = codes
-    members = [observation("6690-2", 3.3), observation(neut, 30, "%")] + ([observation(band, 6, "%")] if band else [])
+    members = [observation("6690-2", 3.3), observation(neut, 30, "%")] + (
+        [observation(band, 6, "%")] if band else []
+    )
     results = [normalise(msgspec.convert(o, raw.Resource)) for o in members]
     anc = compute_anc(results, rule)  # type: ignore[arg-type]
     assert (anc.value, anc.method) == expected  # type: ignore[union-attr]
@@ -203,7 +246,10 @@ def test_live_codes_include_every_mapped_local_code_of_a_monitored_term():
     """The search asks for each monitored LOINC code and each local code translated to one of them."""
     p = policy(("NEUT", "770-8", "equivalent"), ("TEMP", "8310-5", "equivalent"))
     assert code_values(["6690-2", "770-8"], p.terminology) == [
-        "http://loinc.org|6690-2", "http://loinc.org|770-8", f"{LOCAL}|NEUT"]
+        "http://loinc.org|6690-2",
+        "http://loinc.org|770-8",
+        f"{LOCAL}|NEUT",
+    ]
 
 
 @pytest.mark.parametrize("limit", [300, 600, 2048])
@@ -220,7 +266,9 @@ def test_a_long_code_list_is_split_under_the_url_limit(limit):
     assert asked == codes
     bound = ("_lastUpdated", "ge2026-01-01T00:00:00.000000+00:00")
     assert all(len(f"{url}?{urlencode([*s, bound])}") <= limit for s in searches)
-    assert (len(searches) == 1) == (limit >= len(f"{url}?{urlencode([('code', ','.join(codes)), *params, bound])}"))
+    assert (len(searches) == 1) == (
+        limit >= len(f"{url}?{urlencode([('code', ','.join(codes)), *params, bound])}")
+    )
 
 
 async def test_split_searches_are_read_as_one_stream_in_lastupdated_order():
@@ -228,8 +276,14 @@ async def test_split_searches_are_read_as_one_stream_in_lastupdated_order():
     page size; only the last page has no next link."""
 
     def obs(n: int) -> raw.Resource:
-        return msgspec.convert({"resourceType": "Observation", "id": f"o{n}",
-                                "meta": {"lastUpdated": f"2026-01-01T00:00:{n:02d}Z"}}, raw.Resource)
+        return msgspec.convert(
+            {
+                "resourceType": "Observation",
+                "id": f"o{n}",
+                "meta": {"lastUpdated": f"2026-01-01T00:00:{n:02d}Z"},
+            },
+            raw.Resource,
+        )
 
     async def stream(numbers: list[list[int]]):
         for i, page in enumerate(numbers):

@@ -35,8 +35,16 @@ def test_answered_id(location, resource, expected):
     [
         ({"etag": 'W/"3"', "location": "Flag/a/_history/2"}, None, "3"),  # the ETag first
         ({"location": "Flag/a/_history/2"}, None, "2"),
-        ({"location": "https://x.org/Flag/a/_history/7f1c-aa"}, None, "7f1c-aa"),  # UUID-style versionIds (Medplum)
-        ({"location": "Flag/a"}, {"resourceType": "Flag", "id": "a", "meta": {"versionId": "5"}}, "5"),  # the engine's form
+        (
+            {"location": "https://x.org/Flag/a/_history/7f1c-aa"},
+            None,
+            "7f1c-aa",
+        ),  # UUID-style versionIds (Medplum)
+        (
+            {"location": "Flag/a"},
+            {"resourceType": "Flag", "id": "a", "meta": {"versionId": "5"}},
+            "5",
+        ),  # the engine's form
         ({"location": "Flag/a"}, None, None),  # no version known: the Flag is not remembered
     ],
 )

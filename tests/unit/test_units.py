@@ -12,7 +12,13 @@ COUNT_CASES = [
     # (unit, system, code, value, expected cells/uL, source)
     ("10*3/uL", UCUM, "10*3/uL", 1.5, 1500.0),  # UCUM, factor 1000 (reference §2 row 1)
     ("10^3/uL", None, None, 1.5, 1500.0),  # 10^ = 10* (ucum-essence)
-    ("x10*9/L", UCUM, "10*9/L", 0.9, 900.0),  # FHIR DiagnosticReport/101 encoding: display "x10*9/L", code 10*9/L
+    (
+        "x10*9/L",
+        UCUM,
+        "10*9/L",
+        0.9,
+        900.0,
+    ),  # FHIR DiagnosticReport/101 encoding: display "x10*9/L", code 10*9/L
     ("10^9/L", None, None, 0.9, 900.0),  # 10^9/L == 10^3/uL (mimic-code comment)
     ("/nL", UCUM, "/nL", 2.0, 2000.0),  # 1 nL = 10^-3 uL
     ("K/uL", None, None, 0.4, 400.0),  # display string; "K" is not UCUM (reference §2)
@@ -28,7 +34,13 @@ COUNT_CASES = [
     ("cells/uL", None, None, 700, 700.0),
     ("cells/mm3", None, None, 700, 700.0),
     ("10*6/L", UCUM, "10*6/L", 1500, 1500.0),  # 10^6 per 10^6 uL = 1/uL (arithmetic)
-    ("K/uL", "http://fhir.mimic.mit.edu/CodeSystem/mimic-units", "K/uL", 1.2, 1200.0),  # MIMIC local system: parse unit
+    (
+        "K/uL",
+        "http://fhir.mimic.mit.edu/CodeSystem/mimic-units",
+        "K/uL",
+        1.2,
+        1200.0,
+    ),  # MIMIC local system: parse unit
 ]
 
 
@@ -40,8 +52,18 @@ def test_count_units(unit, system, code, value, expected):
 @pytest.mark.parametrize(
     ("unit", "system", "code", "reason"),
     [
-        ("bananas/uL", None, None, "unit 'bananas/uL' is not a cell count unit"),  # unknown: reject, never guess
-        ("%", UCUM, "%", "unit '%' is not a cell count unit"),  # 751-8 filed with "%" (oncology generator, reference §1.1)
+        (
+            "bananas/uL",
+            None,
+            None,
+            "unit 'bananas/uL' is not a cell count unit",
+        ),  # unknown: reject, never guess
+        (
+            "%",
+            UCUM,
+            "%",
+            "unit '%' is not a cell count unit",
+        ),  # 751-8 filed with "%" (oncology generator, reference §1.1)
         (None, None, None, "no unit"),
         ("mg/dL", UCUM, "mg/dL", "unit 'mg/dL' is not a cell count unit"),
     ],

@@ -17,8 +17,12 @@ def make_store(settings: StoreSettings) -> Store:
     if settings.backend == "postgres":
         from service.live.store.postgres import PostgresStore
 
-        return PostgresStore(settings.postgres_dsn(), settings.schema_name, pool_size=settings.pool_size,
-                             lease_seconds=lease_seconds(settings.failover_check_seconds))
+        return PostgresStore(
+            settings.postgres_dsn(),
+            settings.schema_name,
+            pool_size=settings.pool_size,
+            lease_seconds=lease_seconds(settings.failover_check_seconds),
+        )
     from service.live.store.sqlite import SqliteStore
 
     return SqliteStore(settings.path)

@@ -99,12 +99,26 @@ class StoredVersion:
         return _decode_rejected(self.record) if self.record is not None else None
 
 
-def stored_version(vu: int, vv: int, content: bytes | None, patient: str | None, panel: str | None,
-                   data: bytes | None, record: bytes | None) -> StoredVersion:
+def stored_version(
+    vu: int,
+    vv: int,
+    content: bytes | None,
+    patient: str | None,
+    panel: str | None,
+    data: bytes | None,
+    record: bytes | None,
+) -> StoredVersion:
     """A stored row as `plan` takes it: `data` the LabResult of the results row, `record` the
     quarantined Rejected of a rejected version (the quarantine row with its digest)."""
-    return StoredVersion(vu, vv, bytes(content) if content is not None else None, patient, panel,
-                         bytes(data) if data is not None else None, bytes(record) if record is not None else None)
+    return StoredVersion(
+        vu,
+        vv,
+        bytes(content) if content is not None else None,
+        patient,
+        panel,
+        bytes(data) if data is not None else None,
+        bytes(record) if record is not None else None,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +127,9 @@ class Write:
 
     item: Intake  # the version; for a conflict, its CONFLICT rejection (no panel)
     content: bytes  # its digest; CONFLICTED for a conflict
-    before: tuple[str | None, str | None] | None  # patient and panel of the version it replaces (marked dirty)
+    before: (
+        tuple[str | None, str | None] | None
+    )  # patient and panel of the version it replaces (marked dirty)
 
 
 @dataclass
@@ -121,7 +137,9 @@ class Plan:
     """What `ingest` does with the copies of one Observation read in one batch."""
 
     writes: list[Write] = field(default_factory=list)  # in order: the last one is in force
-    held: list[tuple[Intake, bytes]] = field(default_factory=list)  # (rejection, digest of the copy): quarantined once
+    held: list[tuple[Intake, bytes]] = field(
+        default_factory=list
+    )  # (rejection, digest of the copy): quarantined once
 
 
 def by_ref(items: Sequence[Intake]) -> dict[str, list[Intake]]:
@@ -152,10 +170,17 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
 
     A stored digest that is missing (stored before schema 2, or by a release without digests) or
     from another release cannot be compared: a copy of that version counts as read before."""
-    if stored is not None and not stamped(*stored.stamp) and stored.digest != CONFLICTED and stored.data is None:
+    if (
+        stored is not None
+        and not stamped(*stored.stamp)
+        and stored.digest != CONFLICTED
+        and stored.data is None
+    ):
         stored = None  # a rejection without lastUpdated or versionId, stored by an older release: no version
     ref = items[0].ref if items else ""
-    copies = [Copy(i.updated_us, i.version, digest(i.outcome), isinstance(i.outcome, Rejected), i) for i in items]
+    copies = [
+        Copy(i.updated_us, i.version, digest(i.outcome), isinstance(i.outcome, Rejected), i) for i in items
+    ]
     ruling = rule(copies, _comparable(stored))
     out = Plan()
     where = (stored.patient, stored.panel) if stored is not None else None  # of the version in force
@@ -169,14 +194,21 @@ def plan(stored: StoredVersion | None, items: Sequence[Intake]) -> Plan:
         if version.new:
             out.writes.append(Write(held[0][0], CONFLICTED, where))
             where = (held[0][0].patient, None)
-    out.held += [(replace(c.item, panel=None, outcome=unplaced_rejection(c.item.outcome)), c.content)
-                 for c in ruling.unplaced]
-    if stored is not None and stored.data is not None and not stamped(*stored.stamp) \
-            and any(stamped(*version.stamp) for version in ruling.versions if version.new):
+    out.held += [
+        (replace(c.item, panel=None, outcome=unplaced_rejection(c.item.outcome)), c.content)
+        for c in ruling.unplaced
+    ]
+    if (
+        stored is not None
+        and stored.data is not None
+        and not stamped(*stored.stamp)
+        and any(stamped(*version.stamp) for version in ruling.versions if version.new)
+    ):
         readable = stored.outcome
         assert readable is not None
-        out.held.append((Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)),
-                         digest(readable)))
+        out.held.append(
+            (Intake(ref, *stored.stamp, stored.patient, None, unplaced_rejection(readable)), digest(readable))
+        )
     return out
 
 
@@ -189,8 +221,9 @@ def _comparable(stored: StoredVersion | None) -> Stored | None:
     return Stored(*stored.stamp, content, stored.digest == CONFLICTED)
 
 
-def _conflicting(version: VersionRuling[Intake], stored: StoredVersion | None,
-                 ref: str) -> Iterator[tuple[bytes, Intake]]:
+def _conflicting(
+    version: VersionRuling[Intake], stored: StoredVersion | None, ref: str
+) -> Iterator[tuple[bytes, Intake]]:
     """The copies of a conflicting version, one per content: the stored copy (item None) too, taken
     before the other was seen, when its content is at hand."""
     for copy in version.conflicting:
@@ -204,7 +237,9 @@ def _conflict(copy: Intake) -> Intake:
     return replace(copy, panel=None, outcome=conflict_rejection(copy.outcome))
 
 
-ResultRow = tuple[str, int, int, str | None, str | None, bytes | None]  # ref, vu, vv, patient, panel, LabResult
+ResultRow = tuple[
+    str, int, int, str | None, str | None, bytes | None
+]  # ref, vu, vv, patient, panel, LabResult
 DigestRow = tuple[str, int, int, bytes]  # ref, vu, vv, digest
 TouchRow = tuple[str, str, int, float]  # patient, panel, lastUpdated of the version, local time
 # ref, version, patient, reason, received, the Rejected (msgpack), digest
@@ -227,15 +262,27 @@ class IngestRows:
         it replaces marked dirty, a rejected version's rejection quarantined."""
         item, content, before = write.item, write.content, write.before
         outcome = item.outcome
-        self.results.append((item.ref, item.updated_us, item.version, item.patient, item.panel,
-                             _encode(outcome) if isinstance(outcome, LabResult) else None))
+        self.results.append(
+            (
+                item.ref,
+                item.updated_us,
+                item.version,
+                item.patient,
+                item.panel,
+                _encode(outcome) if isinstance(outcome, LabResult) else None,
+            )
+        )
         self.digests.append((item.ref, item.updated_us, item.version, content))
         touched: set[tuple[str | None, str]] = {(item.patient, item.panel)} if item.panel else set()
         if before is not None and before[1] is not None:
             touched.add((before[0], before[1]))  # the older version's panel changes too
-        self.touches.extend((patient, panel, item.updated_us, now)  # type: ignore[misc]
-                            for patient, panel in sorted(touched))  # type: ignore[type-var]
-        if isinstance(outcome, Rejected) and content != CONFLICTED:  # (a conflict's copies are quarantined each)
+        self.touches.extend(
+            (patient, panel, item.updated_us, now)  # type: ignore[misc]
+            for patient, panel in sorted(touched)
+        )  # type: ignore[type-var]
+        if (
+            isinstance(outcome, Rejected) and content != CONFLICTED
+        ):  # (a conflict's copies are quarantined each)
             self._quarantine(item, outcome, content, now, quarantined)
         if content != CONFLICTED:
             self.new.append(item)
@@ -249,10 +296,13 @@ class IngestRows:
             self._quarantine(item, outcome, content, now, quarantined)
             self.new.append(item)
 
-    def _quarantine(self, item: Intake, outcome: Rejected, content: bytes, now: float,
-                    quarantined: set[QuarantineKey]) -> None:
+    def _quarantine(
+        self, item: Intake, outcome: Rejected, content: bytes, now: float, quarantined: set[QuarantineKey]
+    ) -> None:
         quarantined.add((item.ref, content, outcome.reason))
-        self.quarantine.append((item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content))
+        self.quarantine.append(
+            (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content)
+        )
 
 
 def plans(known: Mapping[str, StoredVersion], items: Sequence[Intake]) -> dict[str, Plan]:
@@ -304,7 +354,9 @@ class Decided:
     patient: str
     panel: str
     state: PatientState
-    records: list[tuple[dict[str, Any], dict[str, Any] | None]]  # (decision record, FHIR writes for the outbox or None)
+    records: list[
+        tuple[dict[str, Any], dict[str, Any] | None]
+    ]  # (decision record, FHIR writes for the outbox or None)
 
 
 def episode_rows(decided: Sequence[Decided]) -> list[tuple[str, PatientState, bool, int | None, bool]]:
@@ -330,9 +382,11 @@ class Store(Protocol):
         """Become leader if no one is (or confirm this process still is). True when leader now.
         Called every store.failover_check_seconds; cheap."""
         ...
+
     async def check_leader(self) -> None:
         """Raise LeadershipLost unless this process is the leader of record (before an external write)."""
         ...
+
     async def get_cursor(self) -> str | None: ...
     async def set_cursor(self, value: str) -> None: ...
     async def ingest(self, items: Sequence[Intake], now: float) -> list[Intake]:
@@ -344,26 +398,32 @@ class Store(Protocol):
         and the rejections quarantined (the caller counts, logs and records them as it does any
         rejection): there may be more of these than items (a stored copy turned out to conflict)."""
         ...
+
     async def quarantine(self, rejected: Rejected, now: float) -> None:
         """A rejection with no usable id (it supersedes nothing): kept with its reason."""
         ...
+
     async def record_decision(self, record: dict[str, Any]) -> None: ...
     async def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
         """Panels with results not yet assessed, in order of first availability (then patient, panel:
         byte order), from just after the key `after`, at most `limit` of them (a backlog is taken in
         batches, so memory does not grow with it)."""
         ...
+
     async def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]: ...
     async def commit(self, decided: Sequence[Decided]) -> None:
         """Episode states, panels marked assessed, decision log and outbox rows — one transaction."""
         ...
+
     async def open_patients(self) -> list[tuple[str, str | None, int | None]]:
         """(patient, temperature cursor, collection time of the newest ANC) for each open episode."""
         ...
+
     async def set_temperature_cursor(self, patient: str, cursor: str) -> None: ...
     async def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
         """Claim pending writes for this leader, oldest first (fenced)."""
         ...
+
     async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None: ...
     async def mark_failed(self, entry_id: int, error: str) -> None: ...
     async def outbox_pending_count(self) -> int: ...

@@ -21,11 +21,29 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode
 SCHEMES = ("postgresql://", "postgres://")
 # Keywords of the keyword=value form that asyncpg also reads as URI query parameters. Others
 # (hostaddr, options, connect_timeout, ...) would reach the server as settings and fail there.
-KEYWORDS = frozenset({
-    "host", "port", "dbname", "user", "password", "passfile", "sslmode", "sslcert", "sslkey", "sslrootcert",
-    "sslcrl", "sslpassword", "sslnegotiation", "ssl_min_protocol_version", "ssl_max_protocol_version",
-    "target_session_attrs", "krbsrvname", "gsslib", "service",
-})
+KEYWORDS = frozenset(
+    {
+        "host",
+        "port",
+        "dbname",
+        "user",
+        "password",
+        "passfile",
+        "sslmode",
+        "sslcert",
+        "sslkey",
+        "sslrootcert",
+        "sslcrl",
+        "sslpassword",
+        "sslnegotiation",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+        "target_session_attrs",
+        "krbsrvname",
+        "gsslib",
+        "service",
+    }
+)
 FORMS = "a postgresql:// (or postgres://) URL with a host, or libpq keyword=value pairs"
 NOT_REPEATED = "its text is not repeated: it may hold a password"
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,252}$")
@@ -79,11 +97,20 @@ def _port(text: str) -> int:
 def _host(text: str, *, bare_ipv6: bool) -> str:
     if text[:3].lower() == "%2f":
         text = unquote(text)
-    ok = _NAME.match(text) or _SOCKET.match(text) or (
-        _IPV6.match(text[1:-1]) if text.startswith("[") and text.endswith("]") else bare_ipv6 and ":" in text and _IPV6.match(text))
+    ok = (
+        _NAME.match(text)
+        or _SOCKET.match(text)
+        or (
+            _IPV6.match(text[1:-1])
+            if text.startswith("[") and text.endswith("]")
+            else bare_ipv6 and ":" in text and _IPV6.match(text)
+        )
+    )
     if not ok:
-        raise ValueError("has a host that is not a host name, address or socket directory "
-                         "(a password holding '@', ':', '/' or '#' must be percent-encoded)")
+        raise ValueError(
+            "has a host that is not a host name, address or socket directory "
+            "(a password holding '@', ':', '/' or '#' must be percent-encoded)"
+        )
     return text
 
 
@@ -118,7 +145,9 @@ def _parse_url(text: str) -> Dsn:
     netloc, slash, path = rest.partition("/")
     userinfo, _, hostspec = netloc.rpartition("@")
     if "@" in userinfo:
-        raise ValueError("has more than one '@' before the host (a password holding '@' must be percent-encoded)")
+        raise ValueError(
+            "has more than one '@' before the host (a password holding '@' must be percent-encoded)"
+        )
     try:
         named = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True)) if query else {}
     except ValueError:
@@ -130,7 +159,9 @@ def _parse_url(text: str) -> Dsn:
     else:
         raise ValueError("has no host (postgresql://host[:port]/database)")
     if not _DATABASE.match(path):
-        raise ValueError("has a database name holding '/', '@' or ':' (a password holding them must be percent-encoded)")
+        raise ValueError(
+            "has a database name holding '/', '@' or ':' (a password holding them must be percent-encoded)"
+        )
     database = path if slash and path else quote(named.get("dbname", named.get("database", "")), safe="$")
     return Dsn(hosts, database, text, ":" in userinfo or "password" in named)
 
@@ -141,11 +172,15 @@ def _parse_keywords(text: str) -> Dsn:
     while pos < len(text):
         match = _PAIR.match(text, pos)
         if match is None or (match.end() < len(text) and not text[match.end()].isspace()):
-            raise ValueError(f"is not {FORMS}: keyword=value pairs separated by spaces, a value with spaces in "
-                             f"single quotes ({NOT_REPEATED})")
+            raise ValueError(
+                f"is not {FORMS}: keyword=value pairs separated by spaces, a value with spaces in "
+                f"single quotes ({NOT_REPEATED})"
+            )
         key, value = match.group(1), match.group(2)
         if key not in KEYWORDS:
-            raise ValueError(f"uses a keyword that is not supported here; use only {', '.join(sorted(KEYWORDS))}")
+            raise ValueError(
+                f"uses a keyword that is not supported here; use only {', '.join(sorted(KEYWORDS))}"
+            )
         if value.startswith("'"):
             value = re.sub(r"\\(.)", r"\1", value[1:-1])
         pairs.append((key, value))
@@ -156,4 +191,9 @@ def _parse_keywords(text: str) -> Dsn:
     if not named.get("host"):  # libpq would try a local socket: in a container, never the database
         raise ValueError("has no host (host=... port=... dbname=...)")
     hosts = _hosts(named["host"], named.get("port"), in_url=False)
-    return Dsn(hosts, quote(named.get("dbname", ""), safe="$"), f"postgresql://?{urlencode(pairs)}", "password" in named)
+    return Dsn(
+        hosts,
+        quote(named.get("dbname", ""), safe="$"),
+        f"postgresql://?{urlencode(pairs)}",
+        "password" in named,
+    )

@@ -70,8 +70,15 @@ def describe_dsn(dsn: str) -> str:
 
 
 class PostgresStore:
-    def __init__(self, dsn: str, schema: str = "neutrowatch", *, pool_size: int = 4, lease_seconds: float = 15.0,
-                 identity: str | None = None):
+    def __init__(
+        self,
+        dsn: str,
+        schema: str = "neutrowatch",
+        *,
+        pool_size: int = 4,
+        lease_seconds: float = 15.0,
+        identity: str | None = None,
+    ):
         self._dsn = dsn
         self.schema = schema
         self.where = f"postgres {describe_dsn(dsn)} schema {schema}"
@@ -93,8 +100,14 @@ class PostgresStore:
 
     async def open(self) -> None:
         try:
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=self.pool_size,
-                                                   server_settings=self._settings(), timeout=10, reset=_no_reset)
+            self._pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                server_settings=self._settings(),
+                timeout=10,
+                reset=_no_reset,
+            )
             await self._migrate()
         except StoreError:
             await self.close()
@@ -132,8 +145,10 @@ class PostgresStore:
             for version in schema.pending(current, self.where):
                 for statement in schema.migration(schema.POSTGRES, version):
                     await conn.execute(statement)
-                await conn.execute("INSERT INTO meta VALUES ('schema_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
-                                   str(version))
+                await conn.execute(
+                    "INSERT INTO meta VALUES ('schema_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
+                    str(version),
+                )
                 log.info("state store migrated", schema=self.schema, version=version)
 
     # leadership ------------------------------------------------------------------------------------
@@ -151,23 +166,33 @@ class PostgresStore:
                     await asyncio.wait_for(self._lock_conn.fetchval("SELECT 1"), self.lease_seconds / 3)
                     return True
                 except (*_DB_ERRORS, AssertionError) as err:
-                    log.warning("leader lock lost", schema=self.schema, epoch=self._epoch, reason=_reason(err))
+                    log.warning(
+                        "leader lock lost", schema=self.schema, epoch=self._epoch, reason=_reason(err)
+                    )
                     await self._release()
             return await self._acquire()  # at once: only the lock's connection may have died
 
     async def _acquire(self) -> bool:
         try:
             if self._lock_conn is None or self._lock_conn.is_closed():
-                self._lock_conn = await asyncpg.connect(self._dsn, server_settings=self._settings(), timeout=10)
+                self._lock_conn = await asyncpg.connect(
+                    self._dsn, server_settings=self._settings(), timeout=10
+                )
             conn = self._lock_conn
             tx = conn.transaction()
             await tx.start()
-            await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = {int(self.lease_seconds * 1000)}")
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key(self.schema)):
+            await conn.execute(
+                f"SET LOCAL idle_in_transaction_session_timeout = {int(self.lease_seconds * 1000)}"
+            )
+            if not await conn.fetchval(
+                "SELECT pg_try_advisory_xact_lock($1, $2)", LOCK_CLASS, lock_key(self.schema)
+            ):
                 await tx.rollback()
                 return False
             epoch = await self.pool.fetchval(
-                "UPDATE leader SET epoch = epoch + 1, holder = $1, since = now() WHERE id = 1 RETURNING epoch", self.identity)
+                "UPDATE leader SET epoch = epoch + 1, holder = $1, since = now() WHERE id = 1 RETURNING epoch",
+                self.identity,
+            )
         except _DB_ERRORS as err:
             await self._release()
             raise StoreError(f"state store {self.where}: {_reason(err)}") from None
@@ -227,7 +252,9 @@ class PostgresStore:
 
     async def set_cursor(self, value: str) -> None:
         async with self._tx() as conn:
-            await conn.execute("INSERT INTO meta VALUES ('cursor', $1) ON CONFLICT (key) DO UPDATE SET value = $1", value)
+            await conn.execute(
+                "INSERT INTO meta VALUES ('cursor', $1) ON CONFLICT (key) DO UPDATE SET value = $1", value
+            )
 
     # intake ----------------------------------------------------------------------------------------
 
@@ -244,20 +271,30 @@ class PostgresStore:
 
     async def quarantine(self, rejected: Rejected, now: float) -> None:
         async with self._tx() as conn:
-            await conn.execute(_QUARANTINE, rejected.ref, None, rejected.patient, rejected.reason, now, _encode(rejected))
+            await conn.execute(
+                _QUARANTINE, rejected.ref, None, rejected.patient, rejected.reason, now, _encode(rejected)
+            )
 
     async def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
         first_vu, patient, panel = after if after is not None else (None, None, None)
         panels = await self._read(
             """SELECT patient, panel, first_vu, changed_at FROM panels
                WHERE dirty AND ($1::bigint IS NULL OR (first_vu, patient, panel) > ($1, $2::text, $3::text))
-               ORDER BY first_vu, patient, panel LIMIT $4""", first_vu, patient, panel, limit)
+               ORDER BY first_vu, patient, panel LIMIT $4""",
+            first_vu,
+            patient,
+            panel,
+            limit,
+        )
         if not panels:
             return []
         rows = await self._read(
             """SELECT r.patient, r.panel, r.data FROM results r
                JOIN unnest($1::text[], $2::text[]) AS p (patient, panel) ON p.patient = r.patient AND p.panel = r.panel
-               WHERE r.data IS NOT NULL ORDER BY r.ref""", [p[0] for p in panels], [p[1] for p in panels])
+               WHERE r.data IS NOT NULL ORDER BY r.ref""",
+            [p[0] for p in panels],
+            [p[1] for p in panels],
+        )
         results: dict[tuple[str, str], list[LabResult]] = {}
         for patient, panel, data in rows:
             results.setdefault((patient, panel), []).append(_decode_result(data))
@@ -266,14 +303,19 @@ class PostgresStore:
     # decisions -------------------------------------------------------------------------------------
 
     async def load_states(self, patients: Sequence[str]) -> dict[str, PatientState]:
-        rows = await self._read("SELECT patient, state FROM episodes WHERE patient = ANY($1::text[])", list(set(patients)))
+        rows = await self._read(
+            "SELECT patient, state FROM episodes WHERE patient = ANY($1::text[])", list(set(patients))
+        )
         return {patient: _state_decoder.decode(state) for patient, state in rows}
 
     async def commit(self, decided: Sequence[Decided]) -> None:
         if not decided:
             return
         now = time.time()
-        episodes = [(p, msgspec.json.encode(state), is_open, newest, keep) for p, state, is_open, newest, keep in episode_rows(decided)]
+        episodes = [
+            (p, msgspec.json.encode(state), is_open, newest, keep)
+            for p, state, is_open, newest, keep in episode_rows(decided)
+        ]
         panels, decisions, outbox = [], [], []
         for d in decided:
             panels.append((d.patient, d.panel))
@@ -288,26 +330,42 @@ class PostgresStore:
                    ON CONFLICT (patient) DO UPDATE SET state = excluded.state, open = excluded.open,
                    newest_us = excluded.newest_us,
                    temperature_cursor = CASE WHEN $5 THEN episodes.temperature_cursor END""",
-                episodes)
-            await conn.executemany("UPDATE panels SET dirty = false WHERE patient = $1 AND panel = $2", panels)
+                episodes,
+            )
+            await conn.executemany(
+                "UPDATE panels SET dirty = false WHERE patient = $1 AND panel = $2", panels
+            )
             if decisions:
-                await conn.executemany("INSERT INTO decisions (patient, decided_at, record) VALUES ($1, $2, $3::jsonb)", decisions)
+                await conn.executemany(
+                    "INSERT INTO decisions (patient, decided_at, record) VALUES ($1, $2, $3::jsonb)",
+                    decisions,
+                )
             if outbox:
                 await conn.executemany(
-                    "INSERT INTO outbox (patient, event, writes, created) VALUES ($1, $2::jsonb, $3::jsonb, $4)", outbox)
+                    "INSERT INTO outbox (patient, event, writes, created) VALUES ($1, $2::jsonb, $3::jsonb, $4)",
+                    outbox,
+                )
 
     async def open_patients(self) -> list[tuple[str, str | None, int | None]]:
-        rows = await self._read("SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open ORDER BY patient")
+        rows = await self._read(
+            "SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open ORDER BY patient"
+        )
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
     async def set_temperature_cursor(self, patient: str, cursor: str) -> None:
         async with self._tx() as conn:
-            await conn.execute("UPDATE episodes SET temperature_cursor = $1 WHERE patient = $2", cursor, patient)
+            await conn.execute(
+                "UPDATE episodes SET temperature_cursor = $1 WHERE patient = $2", cursor, patient
+            )
 
     async def record_decision(self, record: dict[str, Any]) -> None:
         async with self._tx() as conn:
-            await conn.execute("INSERT INTO decisions (patient, decided_at, record) VALUES ($1, $2, $3::jsonb)",
-                               record.get("patient"), time.time(), orjson.dumps(record).decode())
+            await conn.execute(
+                "INSERT INTO decisions (patient, decided_at, record) VALUES ($1, $2, $3::jsonb)",
+                record.get("patient"),
+                time.time(),
+                orjson.dumps(record).decode(),
+            )
 
     # outbox ----------------------------------------------------------------------------------------
 
@@ -318,18 +376,30 @@ class PostgresStore:
                 """UPDATE outbox SET claimed_epoch = $1 WHERE id IN
                      (SELECT id FROM outbox WHERE status = 'pending' ORDER BY id LIMIT $2)
                    RETURNING id, patient, event::text, writes::text, attempts""",
-                self._epoch, limit)
-        return sorted((OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows), key=lambda e: e.id)
+                self._epoch,
+                limit,
+            )
+        return sorted(
+            (OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows),
+            key=lambda e: e.id,
+        )
 
     async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
         async with self._tx() as conn:
             await conn.execute(
                 "UPDATE outbox SET status = 'sent', sent_at = $1, result = $2::jsonb, attempts = attempts + 1 WHERE id = $3",
-                time.time(), orjson.dumps(result).decode(), entry_id)
+                time.time(),
+                orjson.dumps(result).decode(),
+                entry_id,
+            )
 
     async def mark_failed(self, entry_id: int, error: str) -> None:
         async with self._tx() as conn:
-            await conn.execute("UPDATE outbox SET attempts = attempts + 1, last_error = $1 WHERE id = $2", error[:500], entry_id)
+            await conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $1 WHERE id = $2",
+                error[:500],
+                entry_id,
+            )
 
     async def outbox_pending_count(self) -> int:
         return int((await self._read("SELECT count(*) FROM outbox WHERE status = 'pending'"))[0][0])
@@ -340,7 +410,9 @@ class PostgresStore:
         if patient is None:
             rows = await self._read("SELECT record::text FROM decisions ORDER BY id")
         else:
-            rows = await self._read("SELECT record::text FROM decisions WHERE patient = $1 ORDER BY id", patient)
+            rows = await self._read(
+                "SELECT record::text FROM decisions WHERE patient = $1 ORDER BY id", patient
+            )
         return [orjson.loads(r[0]) for r in rows]
 
     async def counts(self) -> dict[str, int]:
@@ -354,7 +426,9 @@ async def _no_reset(_conn: asyncpg.Connection) -> None:
     default reset on release (advisory unlock, RESET ALL, ...) would only cost a round trip per call."""
 
 
-_QUARANTINE = "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES ($1, $2, $3, $4, $5, $6)"
+_QUARANTINE = (
+    "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES ($1, $2, $3, $4, $5, $6)"
+)
 _QUARANTINE_COPY = """INSERT INTO quarantine (ref, version, patient, reason, received, record, digest)
                       VALUES ($1, $2, $3, $4, $5, $6, $7)"""
 # The stored version of each Observation: ref, then as sqlite.py's _STORED (`base.stored_version`).
@@ -371,22 +445,27 @@ async def _write(conn: asyncpg.Connection, rows: IngestRows) -> None:
             """INSERT INTO results (ref, vu, vv, patient, panel, data) VALUES ($1, $2, $3, $4, $5, $6)
                ON CONFLICT (ref) DO UPDATE SET vu = excluded.vu, vv = excluded.vv, patient = excluded.patient,
                panel = excluded.panel, data = excluded.data""",
-            rows.results)
+            rows.results,
+        )
         await conn.executemany(
             """INSERT INTO digests VALUES ($1, $2, $3, $4) ON CONFLICT (ref) DO UPDATE SET
                vu = excluded.vu, vv = excluded.vv, digest = excluded.digest""",
-            rows.digests)
+            rows.digests,
+        )
     if rows.touches:
         await conn.executemany(
             """INSERT INTO panels VALUES ($1, $2, $3, true, $4) ON CONFLICT (patient, panel) DO UPDATE SET
                dirty = true, changed_at = excluded.changed_at, first_vu = LEAST(panels.first_vu, excluded.first_vu)""",
-            rows.touches)
+            rows.touches,
+        )
     if rows.quarantine:
         await conn.executemany(_QUARANTINE_COPY, rows.quarantine)
 
 
 async def _quarantined_copies(conn: asyncpg.Connection, refs: list[str]) -> set[tuple[str, bytes, str]]:
-    rows = await conn.fetch("SELECT ref, digest, reason FROM quarantine WHERE ref = ANY($1::text[]) AND digest IS NOT NULL", refs)
+    rows = await conn.fetch(
+        "SELECT ref, digest, reason FROM quarantine WHERE ref = ANY($1::text[]) AND digest IS NOT NULL", refs
+    )
     return {(r[0], bytes(r[1]), r[2]) for r in rows}
 
 

@@ -60,32 +60,64 @@ _TABLES: dict[int, tuple[str, ...]] = {
 META = "CREATE TABLE IF NOT EXISTS meta (key {key} PRIMARY KEY, value {text} NOT NULL){keyed}"
 
 SQLITE = Dialect(
-    types={"key": "TEXT", "text": "TEXT", "int": "INTEGER", "int32": "INTEGER", "real": "REAL",
-           "bool": "INTEGER", "bytes": "BLOB", "json": "BLOB", "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
-           "false": "0", "keyed": " WITHOUT ROWID"},
+    types={
+        "key": "TEXT",
+        "text": "TEXT",
+        "int": "INTEGER",
+        "int32": "INTEGER",
+        "real": "REAL",
+        "bool": "INTEGER",
+        "bytes": "BLOB",
+        "json": "BLOB",
+        "id": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "false": "0",
+        "keyed": " WITHOUT ROWID",
+    },
     extra_tables={},
     outbox_columns="",
-    indexes={1: ("CREATE INDEX results_panel ON results (patient, panel)",
-                 "CREATE INDEX panels_dirty ON panels (dirty, first_vu)",
-                 "CREATE INDEX episodes_open ON episodes (open)",
-                 "CREATE INDEX decisions_patient ON decisions (patient)",
-                 "CREATE INDEX outbox_pending ON outbox (status, id)")},
+    indexes={
+        1: (
+            "CREATE INDEX results_panel ON results (patient, panel)",
+            "CREATE INDEX panels_dirty ON panels (dirty, first_vu)",
+            "CREATE INDEX episodes_open ON episodes (open)",
+            "CREATE INDEX decisions_patient ON decisions (patient)",
+            "CREATE INDEX outbox_pending ON outbox (status, id)",
+        )
+    },
 )
 
 POSTGRES = Dialect(
-    types={"key": 'text COLLATE "C"', "text": "text", "int": "bigint", "int32": "integer",
-           "real": "double precision", "bool": "boolean", "bytes": "bytea", "json": "jsonb",
-           "id": "bigserial PRIMARY KEY", "false": "false", "keyed": ""},
+    types={
+        "key": 'text COLLATE "C"',
+        "text": "text",
+        "int": "bigint",
+        "int32": "integer",
+        "real": "double precision",
+        "bool": "boolean",
+        "bytes": "bytea",
+        "json": "jsonb",
+        "id": "bigserial PRIMARY KEY",
+        "false": "false",
+        "keyed": "",
+    },
     # leader: the epoch of the replica that holds the leader lock (postgres.py)
-    extra_tables={1: ("CREATE TABLE leader (id integer PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL, "
-                      "holder text, since timestamptz)",
-                      "INSERT INTO leader VALUES (1, 0, NULL, NULL)")},
+    extra_tables={
+        1: (
+            "CREATE TABLE leader (id integer PRIMARY KEY CHECK (id = 1), epoch bigint NOT NULL, "
+            "holder text, since timestamptz)",
+            "INSERT INTO leader VALUES (1, 0, NULL, NULL)",
+        )
+    },
     outbox_columns=", claimed_epoch {int}",
-    indexes={1: ("CREATE INDEX results_panel ON results (patient, panel)",
-                 "CREATE INDEX panels_dirty ON panels (first_vu, patient, panel) WHERE dirty",
-                 "CREATE INDEX episodes_open ON episodes (patient) WHERE open",
-                 "CREATE INDEX decisions_patient ON decisions (patient, id)",
-                 "CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending'")},
+    indexes={
+        1: (
+            "CREATE INDEX results_panel ON results (patient, panel)",
+            "CREATE INDEX panels_dirty ON panels (first_vu, patient, panel) WHERE dirty",
+            "CREATE INDEX episodes_open ON episodes (patient) WHERE open",
+            "CREATE INDEX decisions_patient ON decisions (patient, id)",
+            "CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending'",
+        )
+    },
 )
 
 
@@ -97,14 +129,18 @@ def meta_table(dialect: Dialect) -> str:
 def migration(dialect: Dialect, version: int) -> list[str]:
     """The statements that take a store of schema `version - 1` to `version`, in this dialect."""
     fill = {**dialect.types, "outbox_columns": dialect.outbox_columns.format(**dialect.types)}
-    return [*dialect.extra_tables.get(version, ()), *(sql.format(**fill) for sql in _TABLES[version]),
-            *dialect.indexes.get(version, ())]
+    return [
+        *dialect.extra_tables.get(version, ()),
+        *(sql.format(**fill) for sql in _TABLES[version]),
+        *dialect.indexes.get(version, ()),
+    ]
 
 
 def pending(current: int, where: str) -> range:
     """The schema versions a store at `current` migrates through; StoreError when the store was
     written by a newer release (its schema cannot be read)."""
     if current > SCHEMA_VERSION:
-        raise StoreError(f"state store {where} has schema {current}, "
-                         f"newer than this version ({SCHEMA_VERSION})")
+        raise StoreError(
+            f"state store {where} has schema {current}, newer than this version ({SCHEMA_VERSION})"
+        )
     return range(current + 1, SCHEMA_VERSION + 1)

@@ -50,9 +50,14 @@ _STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
 
 def _quarantined_copies(db: sqlite3.Connection, refs: str) -> Iterator[tuple[str, bytes, str]]:
     """(ref, digest, reason) of the copies quarantined before of the Observations `refs` (a JSON list)."""
-    for ref, content, reason in db.execute("SELECT ref, digest, reason FROM quarantine "
-                                           "WHERE ref IN (SELECT value FROM json_each(?)) AND digest IS NOT NULL", (refs,)):
+    for ref, content, reason in db.execute(
+        "SELECT ref, digest, reason FROM quarantine "
+        "WHERE ref IN (SELECT value FROM json_each(?)) AND digest IS NOT NULL",
+        (refs,),
+    ):
         yield ref, bytes(content), reason
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode_result = msgspec.msgpack.Decoder(LabResult).decode
 _state_decoder = msgspec.json.Decoder(PatientState)
@@ -64,7 +69,9 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-def _on_store_thread(method: Callable[Concatenate[SqliteStore, _P], _R]) -> Callable[Concatenate[SqliteStore, _P], Coroutine[Any, Any, _R]]:
+def _on_store_thread(
+    method: Callable[Concatenate[SqliteStore, _P], _R],
+) -> Callable[Concatenate[SqliteStore, _P], Coroutine[Any, Any, _R]]:
     """The store method as a coroutine that runs it on the store's one thread. Calls are serialised
     (one thread, one connection), as they were on the event loop; a caller cancelled meanwhile does
     not cut a transaction short (it commits or rolls back whole). A sqlite3 error that no
@@ -74,7 +81,9 @@ def _on_store_thread(method: Callable[Concatenate[SqliteStore, _P], _R]) -> Call
     async def call(self: SqliteStore, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, functools.partial(_guarded, method, self, *args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, functools.partial(_guarded, method, self, *args, **kwargs)
+        )
 
     return call
 
@@ -119,7 +128,9 @@ class SqliteStore:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 _private(self.path)
             # check_same_thread=False: tests read the file through `db` from their own thread
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+            db = sqlite3.connect(
+                self.path, isolation_level=None, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False
+            )
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
@@ -216,15 +227,22 @@ class SqliteStore:
             todo = plans({r[0]: stored_version(*r[1:]) for r in db.execute(_STORED, (refs,))}, items)
             held = any(each.held for each in todo.values())
             rows = ingest_rows(todo, set(_quarantined_copies(db, refs)) if held else set(), now)
-            db.executemany("INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
-                           rows.results)
+            db.executemany(
+                "INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
+                rows.results,
+            )
             db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", rows.digests)
             db.executemany(
                 """INSERT INTO panels VALUES (?, ?, ?, 1, ?)
                    ON CONFLICT (patient, panel) DO UPDATE SET dirty = 1, changed_at = excluded.changed_at,
-                   first_vu = MIN(panels.first_vu, excluded.first_vu)""", rows.touches)
-            db.executemany("INSERT INTO quarantine (ref, version, patient, reason, received, record, digest) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)", rows.quarantine)
+                   first_vu = MIN(panels.first_vu, excluded.first_vu)""",
+                rows.touches,
+            )
+            db.executemany(
+                "INSERT INTO quarantine (ref, version, patient, reason, received, record, digest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows.quarantine,
+            )
         return rows.new
 
     @_on_store_thread
@@ -243,7 +261,8 @@ class SqliteStore:
         where, args = ("AND (first_vu, patient, panel) > (?, ?, ?)", after) if after is not None else ("", ())
         for patient, panel, first_vu, changed_at in db.execute(
             f"SELECT patient, panel, first_vu, changed_at FROM panels WHERE dirty = 1 {where} "
-            f"ORDER BY first_vu, patient, panel LIMIT {-1 if limit is None else int(limit)}", args
+            f"ORDER BY first_vu, patient, panel LIMIT {-1 if limit is None else int(limit)}",
+            args,
         ).fetchall():
             results = [
                 _decode_result(data)
@@ -276,21 +295,34 @@ class SqliteStore:
                    ON CONFLICT (patient) DO UPDATE SET state = excluded.state, open = excluded.open,
                    newest_us = excluded.newest_us,
                    temperature_cursor = CASE WHEN ? THEN episodes.temperature_cursor END""",
-                [(p, msgspec.json.encode(state), is_open, newest, keep) for p, state, is_open, newest, keep in episode_rows(decided)],
+                [
+                    (p, msgspec.json.encode(state), is_open, newest, keep)
+                    for p, state, is_open, newest, keep in episode_rows(decided)
+                ],
             )
             for d in decided:
-                db.execute("UPDATE panels SET dirty = 0 WHERE patient = ? AND panel = ?", (d.patient, d.panel))
+                db.execute(
+                    "UPDATE panels SET dirty = 0 WHERE patient = ? AND panel = ?", (d.patient, d.panel)
+                )
                 for record, writes in d.records:
-                    db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
-                               (d.patient, now, orjson.dumps(record)))
+                    db.execute(
+                        "INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
+                        (d.patient, now, orjson.dumps(record)),
+                    )
                     if writes is not None:
-                        db.execute("INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
-                                   (d.patient, orjson.dumps(record), orjson.dumps(writes), now))
+                        db.execute(
+                            "INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
+                            (d.patient, orjson.dumps(record), orjson.dumps(writes), now),
+                        )
 
     @_on_store_thread
     def open_patients(self) -> list[tuple[str, str | None, int | None]]:
         """(patient, temperature cursor, collection time of the newest ANC) for each open episode."""
-        return list(self.db.execute("SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open = 1 ORDER BY patient"))
+        return list(
+            self.db.execute(
+                "SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open = 1 ORDER BY patient"
+            )
+        )
 
     @_on_store_thread
     def set_temperature_cursor(self, patient: str, cursor: str) -> None:
@@ -300,28 +332,36 @@ class SqliteStore:
     @_on_store_thread
     def record_decision(self, record: dict[str, Any]) -> None:
         with self._tx():
-            self.db.execute("INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
-                            (record.get("patient"), time.time(), orjson.dumps(record)))
+            self.db.execute(
+                "INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
+                (record.get("patient"), time.time(), orjson.dumps(record)),
+            )
 
     # outbox ----------------------------------------------------------------------------------------
 
     @_on_store_thread
     def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
         rows = self.db.execute(
-            "SELECT id, patient, event, writes, attempts FROM outbox WHERE status = 'pending' ORDER BY id LIMIT ?", (limit,)
+            "SELECT id, patient, event, writes, attempts FROM outbox WHERE status = 'pending' ORDER BY id LIMIT ?",
+            (limit,),
         ).fetchall()
         return [OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows]
 
     @_on_store_thread
     def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
         with self._tx():
-            self.db.execute("UPDATE outbox SET status = 'sent', sent_at = ?, result = ?, attempts = attempts + 1 WHERE id = ?",
-                            (time.time(), orjson.dumps(result), entry_id))
+            self.db.execute(
+                "UPDATE outbox SET status = 'sent', sent_at = ?, result = ?, attempts = attempts + 1 WHERE id = ?",
+                (time.time(), orjson.dumps(result), entry_id),
+            )
 
     @_on_store_thread
     def mark_failed(self, entry_id: int, error: str) -> None:
         with self._tx():
-            self.db.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error[:500], entry_id))
+            self.db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+                (error[:500], entry_id),
+            )
 
     @_on_store_thread
     def outbox_pending_count(self) -> int:
