@@ -173,7 +173,7 @@ def split_stages(resources: list[Resource], n: int) -> list[list[Resource]]:
     move the grade), while the live loop assesses a panel once with whatever one poll read. Found
     by `make soak` (seed 7: WBC and neutrophil % corrected 1 ms apart; replay predicted an
     intermediate severe alert and its retraction that the live loop, deciding on both, rightly
-    never sent). See README, known gaps."""
+    never sent). See docs/known-gaps.md."""
     total = len(resources)
     unit_stage: dict[Any, int] = {}
     last_stage: dict[tuple[str, str], int] = {}

@@ -80,7 +80,7 @@ async def test_versions_with_uuid_ids_are_ordered_by_last_updated(fhir_base_url,
     the newest version is the one with the newest meta.lastUpdated. Three versions of one ANC
     (300 -> 1800 -> 400) written before one cycle leave the episode as the newest says; replay over
     the current versions predicts the same (versions that land within one poll are one decision:
-    README, known gaps)."""
+    docs/known-gaps.md)."""
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     wbc, anc = panel("Patient/uuid", 0.3)
     put_all(fhir_base_url, [wbc, anc])
