@@ -88,7 +88,7 @@ def _survey(args: argparse.Namespace) -> int:
     import orjson
 
     from service.fhir import raw
-    from service.survey import conceptmap, report, sources
+    from service.survey import classifier, conceptmap, report, sources
     from service.survey.tally import Survey
 
     if bool(args.inputs) == args.server:
@@ -97,7 +97,7 @@ def _survey(args: argparse.Namespace) -> int:
         raise NeutrowatchError("survey: --max must be at least 1, and --since goes with --server")
     settings = load_settings(args.config)
     _logging(settings)
-    survey = Survey(policy=settings.read_policy)
+    survey = Survey(policy=settings.read_policy, classify=classifier.site(settings.read_policy.terminology))
     items: Iterable[raw.Resource | raw.Undecodable]
     if args.server:
         since = sources.duration_seconds(args.since) if args.since else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal, NamedTuple, Protocol
 
 from service.core.codes import LOINC, TERMS
+from service.core.terminology import Terminology
 from service.core.observations import LOINC_OID
 
 Standing = Literal["monitored", "mapped"]
@@ -29,3 +30,19 @@ def builtin(system: str | None, code: str | None, /) -> Classification | None:
     if system in (LOINC, LOINC_OID) and code in TERMS:
         return Classification("monitored", code)
     return None
+
+
+def site(terminology: Terminology) -> Classifier:
+    """The built-in LOINC codes, and the local codes the site's ConceptMaps translate to one
+    (terminology.concept_maps): those are "mapped", with the LOINC code they are read as."""
+
+    def classify(system: str | None, code: str | None, /) -> Classification | None:
+        known = builtin(system, code)
+        if known is not None:
+            return known
+        translation = terminology.translate(system, code)
+        if translation is not None and translation.loinc in TERMS:
+            return Classification("mapped", translation.loinc)
+        return None
+
+    return classify
