@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Literal, NamedTuple, Protocol
 
 from service.core.codes import LOINC, TERMS
-from service.core.terminology import Terminology
 from service.core.observations import LOINC_OID
+from service.core.terminology import Terminology
 
 Standing = Literal["monitored", "mapped"]
 
