@@ -168,7 +168,8 @@ def _announced_at(events: Sequence[dict[str, Any]], at_us: int) -> set[str]:
 
 
 def compare(source: Path, workdir: Path, name: str) -> tuple[Burden, Burden, list[dict[str, Any]]]:
-    """(burden with the former rule, burden with the defaults, former severe/febrile alerts late or missed)."""
+    """(burden with the former rule, burden with the defaults, former severe/febrile alerts late or
+    missed)."""
     former = replay(source, workdir, f"{name}-former", LEGACY)
     now = replay(source, workdir, f"{name}-defaults", None)
     patients, months = patient_months(source)
@@ -188,14 +189,16 @@ def populations(workdir: Path, chemo: synthetic.PopulationSpec = CHEMO) -> dict[
 def table(results: dict[str, tuple[Burden, Burden, list[dict[str, Any]]]]) -> str:
     rows = [
         "| population | rule | patients | patient-months | Communications | per patient-month | "
-        "most for one patient | resolved→new ≤ 7 d | resolved < 48 h | former severe/febrile late or missed |",
+        "most for one patient | resolved→new ≤ 7 d | resolved < 48 h "
+        "| former severe/febrile late or missed |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, (former, now, missed) in results.items():
         for rule, b, late in (("former (1 normal)", former, "—"), ("defaults", now, str(len(missed)))):
             rows.append(
                 f"| {name} | {rule} | {b.patients} | {b.patient_months:.1f} | {b.communications} | "
-                f"{b.per_patient_month:.2f} | {b.most_for_one_patient} | {b.resolved_then_new_7d} | {b.resolved_within_48h} | {late} |"
+                f"{b.per_patient_month:.2f} | {b.most_for_one_patient} | {b.resolved_then_new_7d} | "
+                f"{b.resolved_within_48h} | {late} |"
             )
     return "\n".join(rows)
 

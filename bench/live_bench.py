@@ -195,9 +195,13 @@ def service_get(port: int, path: str) -> str | None:
 def poll_seconds(port: int) -> tuple[float, float]:
     """(sum, count) of the service's own poll-cycle duration histogram."""
     lines = (service_get(port, "/metrics") or "").splitlines()
-    value = lambda key: next(
-        (float(x.split()[1]) for x in lines if x.startswith(f"neutrowatch_poll_duration_seconds_{key} ")), 0.0
-    )  # noqa: E731
+
+    def value(key: str) -> float:
+        return next(
+            (float(x.split()[1]) for x in lines if x.startswith(f"neutrowatch_poll_duration_seconds_{key} ")),
+            0.0,
+        )
+
     return value("sum"), value("count")
 
 
@@ -323,15 +327,19 @@ def render(d: dict, lat: dict, load: tuple) -> str:
         b, s, h = r["bare"], r["service"], r["service"]["http"]
         cpu_b, cpu_s = b["engine_cpu"] + b["own_cpu"], s["engine_cpu"] + s["own_cpu"]
         walls.append(
-            f"| {i} ({' then '.join(r['order'])}) | {b['pages']} | {b['observations']:,} | {b['seconds']:.1f} s "
-            f"| {s['seconds']:.1f} s | **{s['seconds'] / b['seconds']:.2f}×** | {b['engine_cpu']:.1f} + {b['own_cpu']:.1f} s "
+            f"| {i} ({' then '.join(r['order'])}) | {b['pages']} | {b['observations']:,} "
+            f"| {b['seconds']:.1f} s "
+            f"| {s['seconds']:.1f} s | **{s['seconds'] / b['seconds']:.2f}×** "
+            f"| {b['engine_cpu']:.1f} + {b['own_cpu']:.1f} s "
             f"| {s['engine_cpu']:.1f} + {s['own_cpu']:.1f} s | **{cpu_s / cpu_b:.2f}×** |"
         )
         c = s.get("calls", {})
         per_alert = c.get("writes", 0) / s["written"] if s["written"] else 0.0
         parts.append(
-            f"| {i} | {h['pages']:.1f} s | {s['temperature_searches']} in {h['temperatures']:.1f} s | {h['look-ups']:.1f} s "
-            f"| {h['writes']:.1f} s | {s['seconds'] - sum(h.values()):.1f} s | {s['panels']:,} | {s['written']:,} "
+            f"| {i} | {h['pages']:.1f} s | {s['temperature_searches']} in {h['temperatures']:.1f} s "
+            f"| {h['look-ups']:.1f} s "
+            f"| {h['writes']:.1f} s | {s['seconds'] - sum(h.values()):.1f} s | {s['panels']:,} "
+            f"| {s['written']:,} "
             f"| {sum(c.values()):,} | {per_alert:.2f} |"
         )
     s0, spec = d["rounds"][0]["service"], d["spec"]
@@ -416,13 +424,15 @@ previous trial. Target: ≤ poll interval + 1 s = {INTERVAL + 1:.0f} s.
 Latency: {summary}. Open episodes in the service's state at the end: {lat["open_episodes"]}.
 SIGTERM at the end: exit code {lat["exit_code"]}. Scheduled cycles skipped because the previous one
 was still running: {lat["skipped"]} (the service's JSON log held {lat["plain"]} plain-text lines).
-"""
+"""  # noqa: E501 - Markdown written as is: wrapping would change its bytes
 
 
 def revision() -> str:
-    git = lambda *a: subprocess.run(
-        ["git", *a], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout.strip()  # noqa: E731
+    def git(*a: str) -> str:
+        return subprocess.run(
+            ["git", *a], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
     rev = git("rev-parse", "--short", "HEAD")
     dirty = " plus uncommitted changes in service/" if git("status", "--porcelain", "--", "service") else ""
     return f"`{rev}`{dirty}" if rev else "unknown"

@@ -39,7 +39,7 @@ me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource
 print(json.dumps({"seconds": elapsed, "maxrss_kib": me.ru_maxrss, "workers_maxrss_kib": kids.ru_maxrss,
                   "cpu_seconds": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
                   "observations": stats.observations, "resources": stats.resources, "events": dict(stats.events)}))
-"""
+"""  # noqa: E501 - the child's code, kept as it runs
 
 CHILD_ORJSON = """
 import json, resource, sys, time, orjson
@@ -57,7 +57,7 @@ with open(sys.argv[1], "rb") as fh:
         total += time.perf_counter() - t0
         n += len(chunk)
 print(json.dumps({"seconds": total, "lines": n, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
-"""
+"""  # noqa: E501 - the child's code, kept as it runs
 
 
 def child(code: str, path: Path, *args: str) -> dict:
@@ -114,7 +114,10 @@ def machine() -> str:
         mem = f", {kib / 1024 / 1024:.0f} GiB RAM"
     except (OSError, ValueError, IndexError):
         pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; Python {platform.python_version()}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores{mem}; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}"
+    )
 
 
 def run_size(n: int, patients: int, workdir: Path, reference: bool = True, repeat: int = 1) -> dict:
@@ -159,16 +162,21 @@ def _mib(kib: int | None) -> str:
 
 def render(results: list[dict], repeat: int = 1) -> str:
     rows = "\n".join(
-        f"| {r['replay']['observations']:,} | {r['replay']['resources']:,} | {r['patients']:,} | {r['bytes'] / 1e6:,.0f} MB "
-        f"| {r['orjson']['seconds']:.2f} s | {r['replay']['seconds']:.2f} s | {r['obs_per_s']:,.0f} | **{r['ratio']:.2f}×** "
+        f"| {r['replay']['observations']:,} | {r['replay']['resources']:,} | {r['patients']:,} "
+        f"| {r['bytes'] / 1e6:,.0f} MB "
+        f"| {r['orjson']['seconds']:.2f} s | {r['replay']['seconds']:.2f} s | {r['obs_per_s']:,.0f} "
+        f"| **{r['ratio']:.2f}×** "
         f"| {r['replay']['cpu_seconds']:.1f} s "
-        f"| {_mib(r['replay']['maxrss_kib'])} | {_mib(r['replay']['workers_maxrss_kib'])} | {_mib(r['replay']['pss_kib'])} |"
+        f"| {_mib(r['replay']['maxrss_kib'])} | {_mib(r['replay']['workers_maxrss_kib'])} "
+        f"| {_mib(r['replay']['pss_kib'])} |"
         for r in results
     )
     reference = "\n".join(
         f"| {r['sqlite']['observations']:,} | {r['sqlite']['seconds']:.2f} s "
-        f"| {r['sqlite']['observations'] / r['sqlite']['seconds']:,.0f} | {r['sqlite']['seconds'] / r['orjson']['seconds']:.2f}× "
-        f"| {r['sqlite']['cpu_seconds']:.1f} s | {_mib(r['sqlite']['maxrss_kib'])} | {_mib(r['sqlite']['pss_kib'])} |"
+        f"| {r['sqlite']['observations'] / r['sqlite']['seconds']:,.0f} "
+        f"| {r['sqlite']['seconds'] / r['orjson']['seconds']:.2f}× "
+        f"| {r['sqlite']['cpu_seconds']:.1f} s | {_mib(r['sqlite']['maxrss_kib'])} "
+        f"| {_mib(r['sqlite']['pss_kib'])} |"
         for r in results
         if r["sqlite"]
     )
@@ -198,14 +206,15 @@ ratio ≤ 3; peak memory flat from 100 k to 1 M.
 {rows}
 {_repeat_note(results, repeat)}{reference}
 Events at the largest size: `{json.dumps(results[-1]["replay"]["events"])}`.
-"""
+"""  # noqa: E501 - Markdown written as is: wrapping would change its bytes
 
 
 def _repeat_note(results: list[dict], repeat: int) -> str:
     if repeat <= 1:
         return ""
     spread = "\n".join(
-        f"- {r['replay']['observations']:,} Observations: orjson {', '.join(f'{s:.2f}' for s in r['orjson']['all_seconds'])} s; "
+        f"- {r['replay']['observations']:,} Observations: "
+        f"orjson {', '.join(f'{s:.2f}' for s in r['orjson']['all_seconds'])} s; "
         f"replay {', '.join(f'{s:.2f}' for s in r['replay']['all_seconds'])} s"
         for r in results
     )

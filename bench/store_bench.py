@@ -56,9 +56,9 @@ from service.config import Settings  # noqa: E402
 from service.core.anc import is_complete  # noqa: E402
 from service.core.episodes import PatientState  # noqa: E402
 from service.core.observations import Rejected  # noqa: E402
-from service.core.panels import decide  # noqa: E402
+from service.core.panels import PanelDecision, decide  # noqa: E402
 from service.fhir import raw  # noqa: E402
-from service.live.store.base import Decided, Intake  # noqa: E402
+from service.live.store.base import Decided, Intake, PanelWork  # noqa: E402
 from service.live.store.postgres import PostgresStore  # noqa: E402
 from service.live.store.sqlite import SqliteStore  # noqa: E402
 from service.live.worker import intake  # noqa: E402
@@ -199,6 +199,41 @@ def event_record(panel: str, event: Any) -> tuple[dict[str, Any], dict[str, Any]
     return record, writes
 
 
+def decision_records(
+    work: PanelWork, d: PanelDecision, stats: Counter[str]
+) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """The records of one panel's decision (rejection, not assessed, events), counting its events."""
+    records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+    if d.rejection is not None:
+        records.append(
+            (
+                {
+                    "patient": work.patient,
+                    "panel": work.panel,
+                    "event": "panel-rejected",
+                    "reason": d.rejection.rejected.reason,
+                },
+                None,
+            )
+        )
+    if d.not_assessed is not None:
+        records.append(
+            (
+                {
+                    "patient": work.patient,
+                    "panel": work.panel,
+                    "event": "not-assessed",
+                    "reason": d.not_assessed.reason,
+                },
+                None,
+            )
+        )
+    for event in d.events:
+        records.append(event_record(work.panel, event))
+        stats["event " + event.kind.value] += 1
+    return records
+
+
 async def drive(
     store: Any, items: list[Intake], page_size: int, settings: Settings, writes: SocketWrites | None
 ) -> dict:
@@ -255,34 +290,7 @@ async def drive(
                 states.get(work.patient, PatientState()), work.patient, work.panel, work.results, rules
             )
             states[work.patient] = d.state
-            records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
-            if d.rejection is not None:
-                records.append(
-                    (
-                        {
-                            "patient": work.patient,
-                            "panel": work.panel,
-                            "event": "panel-rejected",
-                            "reason": d.rejection.rejected.reason,
-                        },
-                        None,
-                    )
-                )
-            if d.not_assessed is not None:
-                records.append(
-                    (
-                        {
-                            "patient": work.patient,
-                            "panel": work.panel,
-                            "event": "not-assessed",
-                            "reason": d.not_assessed.reason,
-                        },
-                        None,
-                    )
-                )
-            for event in d.events:
-                records.append(event_record(work.panel, event))
-                stats["event " + event.kind.value] += 1
+            records = decision_records(work, d, stats)
             stats["panels"] += 1
             stats["assessed"] += d.assessed
             decided.append(Decided(work.patient, work.panel, d.state, records))
@@ -444,7 +452,8 @@ def table(s: dict, n_obs: int) -> str:
     for p in PHASES:
         a, b = s["sqlite"]["phases"][p], s["postgres"]["phases"][p]
         rows.append(
-            f"| {p} | {a['wall']:.2f} s | {a['cpu']:.2f} s | {rate(a['wall'])} | {b['wall']:.2f} s | {b['cpu']:.2f} s "
+            f"| {p} | {a['wall']:.2f} s | {a['cpu']:.2f} s | {rate(a['wall'])} "
+            f"| {b['wall']:.2f} s | {b['cpu']:.2f} s "
             f"| {rate(b['wall'])} | **{b['wall'] / a['wall']:.1f}×** |"
         )
     a, b = s["sqlite"]["timed"], s["postgres"]["timed"]
@@ -593,7 +602,7 @@ counts alone would add about {sent * 5 * 0.5 / 1000:.1f} s to the outbox and
 {pages * ing_w * 0.5 / 1000:.1f} s to the ingest (an estimate from the write counts, not measured), still
 small beside the FHIR requests each outbox entry stands for. `dirty_panels` took
 {dp_a:.2f} s on SQLite (one query per dirty panel) and {dp_b:.2f} s on PostgreSQL (two queries).
-"""
+"""  # noqa: E501 - Markdown written as is: wrapping would change its bytes
 
 
 def child(args: argparse.Namespace) -> int:
@@ -679,7 +688,8 @@ def main() -> int:
         runs.append(got)
     pop = runs[0]["sqlite"]["population"]
     print(
-        f"population: {pop['items']:,} Observations as Intake ({pop['kinds']}), converted in {pop['seconds']:.1f} s",
+        f"population: {pop['items']:,} Observations as Intake ({pop['kinds']}), "
+        f"converted in {pop['seconds']:.1f} s",
         file=sys.stderr,
     )
     s = summarise(runs, pop["items"])

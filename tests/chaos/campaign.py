@@ -324,7 +324,8 @@ class Campaign:
             assert self.proxy.plan is not None
             self.proxy.plan.enabled = False
         self.say(
-            f"seed {spec.seed}: {len(resources)} resources of {spec.patients} patients in {len(stages)} stages, "
+            f"seed {spec.seed}: {len(resources)} resources of {spec.patients} patients "
+            f"in {len(stages)} stages, "
             f"store {spec.store}, proxy {self.proxy.base}"
         )
         try:
@@ -441,46 +442,52 @@ class Campaign:
             await asyncio.sleep(rng.uniform(1.5, 3.5))
             await self.proxy.up()
         elif kind == SIGTERM:
-            await self._up()
-            await asyncio.sleep(rng.uniform(0.0, 1.0))
-            armed = self.proxy.disarm()  # no kill -9 of a process that is draining
-            async with self.supervisor.hold():
-                code, taken = await self.service.terminate(timeout=15)
-                self.proxy.count(SIGTERM)
-                self.notes["sigterm"].append((code, round(taken, 2)))
-                if code != 0 or taken > 10:
-                    self.problems.append(
-                        f"SIGTERM: exit code {code} after {taken:.1f} s (want 0 within 10 s)"
-                    )
-                self.service.start()
-            for k in armed:
-                self.proxy.arm(k)
+            await self._sigterm_fault()
         elif kind == STORE_LOCKED:
-            await self._up()
-            await asyncio.sleep(rng.uniform(0.0, 0.5))
-            cursor = await self.probe.cursor_us()
-            latencies: list[float] = []
-            armed = self.proxy.disarm()  # no kill -9 meanwhile: /healthz is asked of one process
-            async with sqlite_exclusive(self.workdir / "state.sqlite3") as began:
-                self.proxy.count(STORE_LOCKED)
-                until = time.monotonic() + self.spec.lock_seconds
-                give_up = time.monotonic() + self.spec.lock_seconds_max
-                while time.monotonic() < until or (
-                    time.monotonic() < give_up and not self._store_error_since(began)
-                ):
-                    # is the process still answering meanwhile?
-                    asked = time.monotonic()
-                    answered = await self.service.healthz() == 200
-                    latencies.append(time.monotonic() - asked if answered else float("inf"))
-                    await asyncio.sleep(0.2)
-                moved = await self.probe.cursor_us() != cursor
-            self.notes["locks"].append((began, time.time(), max(latencies, default=0.0), moved))
-            for k in armed:
-                self.proxy.arm(k)
-            if moved:
-                self.problems.append("the cursor moved while the state store was locked")
+            await self._store_locked_fault()
         else:
             raise ValueError(kind)
+
+    async def _sigterm_fault(self) -> None:
+        rng = self.rng
+        await self._up()
+        await asyncio.sleep(rng.uniform(0.0, 1.0))
+        armed = self.proxy.disarm()  # no kill -9 of a process that is draining
+        async with self.supervisor.hold():
+            code, taken = await self.service.terminate(timeout=15)
+            self.proxy.count(SIGTERM)
+            self.notes["sigterm"].append((code, round(taken, 2)))
+            if code != 0 or taken > 10:
+                self.problems.append(f"SIGTERM: exit code {code} after {taken:.1f} s (want 0 within 10 s)")
+            self.service.start()
+        for k in armed:
+            self.proxy.arm(k)
+
+    async def _store_locked_fault(self) -> None:
+        rng = self.rng
+        await self._up()
+        await asyncio.sleep(rng.uniform(0.0, 0.5))
+        cursor = await self.probe.cursor_us()
+        latencies: list[float] = []
+        armed = self.proxy.disarm()  # no kill -9 meanwhile: /healthz is asked of one process
+        async with sqlite_exclusive(self.workdir / "state.sqlite3") as began:
+            self.proxy.count(STORE_LOCKED)
+            until = time.monotonic() + self.spec.lock_seconds
+            give_up = time.monotonic() + self.spec.lock_seconds_max
+            while time.monotonic() < until or (
+                time.monotonic() < give_up and not self._store_error_since(began)
+            ):
+                # is the process still answering meanwhile?
+                asked = time.monotonic()
+                answered = await self.service.healthz() == 200
+                latencies.append(time.monotonic() - asked if answered else float("inf"))
+                await asyncio.sleep(0.2)
+            moved = await self.probe.cursor_us() != cursor
+        self.notes["locks"].append((began, time.time(), max(latencies, default=0.0), moved))
+        for k in armed:
+            self.proxy.arm(k)
+        if moved:
+            self.problems.append("the cursor moved while the state store was locked")
 
     async def _down_at_start(self) -> None:
         """The FHIR server is down when the service starts: it stays alive and not ready, then
@@ -734,7 +741,8 @@ class Campaign:
         lines += [f"  {kind:28} {result.counts[kind]:5}" for kind in sorted(result.counts)]
         a = result.alerts
         lines.append(
-            f"alerts: Communications expected {a.get('communications_expected')} found {a.get('communications_found')} "
+            f"alerts: Communications expected {a.get('communications_expected')} "
+            f"found {a.get('communications_found')} "
             f"missing {a.get('communications_missing')} duplicated {a.get('communications_duplicated')} "
             f"unexpected {a.get('communications_unexpected')}; Flags expected {a.get('flags_expected')} "
             f"found {a.get('flags_found')} duplicated {a.get('flags_duplicated')}"
@@ -749,19 +757,24 @@ class Campaign:
             )
         log = n.get("log", {})
         lines.append(
-            f"service: starts {self.service.starts}, cycles ok {log.get('cycles_ok')}, failed {log.get('cycles_failed')} "
+            f"service: starts {self.service.starts}, cycles ok {log.get('cycles_ok')}, "
+            f"failed {log.get('cycles_failed')} "
             f"(StoreError {log.get('store_errors')}), fhir retries {log.get('retries')}, refused next links "
-            f"{log.get('refused_links')} ({log.get('refused_in_cycles')} failed a cycle, {log.get('refused_in_writes')} "
-            f"an alert write; both redone later), alert writes failed-then-retried {log.get('write_failures')}, context "
+            f"{log.get('refused_links')} ({log.get('refused_in_cycles')} failed a cycle, "
+            f"{log.get('refused_in_writes')} "
+            f"an alert write; both redone later), alert writes failed-then-retried "
+            f"{log.get('write_failures')}, context "
             f"fallbacks {log.get('context_fallbacks')}"
         )
         lines.append(
-            f"SIGTERM exits (code, s): {n['sigterm']}; cycles cut after the {DRAIN_SECONDS:g} s drain: {log.get('cut_at_shutdown')}"
+            f"SIGTERM exits (code, s): {n['sigterm']}; "
+            f"cycles cut after the {DRAIN_SECONDS:g} s drain: {log.get('cut_at_shutdown')}"
         )
         lines.append(f"down at start-up: {n['down_at_start']}")
         lines.append(
             "store locks (held s, slowest /healthz answer while held s): "
-            f"{[(round(e - b, 1), round(slow, 1)) for b, e, slow, _ in n['locks']]}; late-visible: {n['late']}"
+            f"{[(round(e - b, 1), round(slow, 1)) for b, e, slow, _ in n['locks']]}; "
+            f"late-visible: {n['late']}"
         )
         lines.append(f"stage catch-up seconds: {[w for _, w in n['stages']]}")
         if n.get("infants"):

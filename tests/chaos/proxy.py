@@ -363,17 +363,7 @@ class Proxy:
             None,
         )
         if fault is not None:  # an explicit fault replaces the plan for this request
-            fault.times -= 1
-            if fault.kind:
-                self.count(fault.kind, what)
-                seen.fault = fault.kind
-            await asyncio.sleep(fault.delay)
-            if fault.respond is not None:
-                return fault.respond(request)
-            status, headers, data = await self._forward(request, raw_path, body)
-            if fault.mutate is not None:
-                status, headers, data = fault.mutate(status, headers, data)
-            return await _send(request, status, headers, data)
+            return await self._explicit_fault(fault, request, raw_path, body, seen, what)
 
         # armed process faults come first
         if cls == WRITE and self._take_armed(KILL_AFTER_POST):
@@ -382,6 +372,35 @@ class Proxy:
             _abort(request)
             return web.Response(status=502)
         kind = self.plan.draw(cls, self.rng) if self.plan is not None else None
+        refused = await self._refuse_unforwarded(request, cls, kind, seen, what)
+        if refused is not None:
+            return refused
+        if kind == SLOW and cls != WRITE:
+            assert self.plan is not None
+            self.count(kind, what)
+            seen.fault = kind
+            await asyncio.sleep(self.plan.slow_seconds)  # the client gave up meanwhile
+
+        status, headers, data = await self._forward(request, raw_path, body)
+
+        spoiled = await self._spoil_forwarded(request, cls, kind, status, headers, data, seen, what)
+        if spoiled is not None:
+            return spoiled
+
+        if cls == READ and kind == OTHER_ORIGIN and 200 <= status < 300 and request.path.endswith("/Flag"):
+            data = self._next_elsewhere(raw_path, data, seen, what)  # search_all follows every next link
+        if cls == SEARCH and 200 <= status < 300:
+            data = self._search_page(request, raw_path, data, kind, seen, what)
+            if _has_entries(data):
+                killed = await self._kill_on_page(request, status, headers, data, what)
+                if killed is not None:
+                    return killed
+        return await _send(request, status, headers, data)
+
+    async def _refuse_unforwarded(
+        self, request: web.Request, cls: str, kind: str | None, seen: Seen, what: str
+    ) -> web.StreamResponse | None:
+        """The planned faults answered without forwarding (5xx, 429): their response, else None."""
         if kind in (HTTP_500, HTTP_503) or (kind == HTTP_502 and cls != WRITE):
             self.count(kind, what)
             seen.fault = kind
@@ -406,14 +425,21 @@ class Proxy:
                 {"Content-Type": "application/fhir+json", "Retry-After": after},
                 orjson.dumps(outcome("throttled", "injected 429")),
             )
-        if kind == SLOW and cls != WRITE:
-            assert self.plan is not None
-            self.count(kind, what)
-            seen.fault = kind
-            await asyncio.sleep(self.plan.slow_seconds)  # the client gave up meanwhile
+        return None
 
-        status, headers, data = await self._forward(request, raw_path, body)
-
+    async def _spoil_forwarded(
+        self,
+        request: web.Request,
+        cls: str,
+        kind: str | None,
+        status: int,
+        headers: dict[str, str],
+        data: bytes,
+        seen: Seen,
+        what: str,
+    ) -> web.StreamResponse | None:
+        """The planned faults applied once the request was forwarded: their response, or None to go on
+        (after a slow write's delay, or for no such fault)."""
         if kind == SLOW and cls == WRITE:
             assert self.plan is not None
             self.count(kind, what)
@@ -436,27 +462,42 @@ class Proxy:
             self.count(kind, what)
             seen.fault = kind
             return await _send(request, status, headers, data[: len(data) // 2])
+        return None
 
-        if cls == READ and kind == OTHER_ORIGIN and 200 <= status < 300 and request.path.endswith("/Flag"):
-            data = self._next_elsewhere(raw_path, data, seen, what)  # search_all follows every next link
-        if cls == SEARCH and 200 <= status < 300:
-            data = self._search_page(request, raw_path, data, kind, seen, what)
-            if _has_entries(data):
-                if self._take_armed(KILL_MID_PAGE):
-                    return await _send(
-                        request,
-                        status,
-                        headers,
-                        data,
-                        cut=len(data) // 2,
-                        then=lambda: self._kill(KILL_MID_PAGE, what),
-                    )
-                if self._take_armed(KILL_IN_STORE_WRITE):
-                    response = await _send(request, status, headers, data)
-                    delay = self.rng.uniform(0.0, 0.04)  # the service is storing the page now
-                    asyncio.get_running_loop().call_later(delay, self._kill, KILL_IN_STORE_WRITE, what)
-                    return response
+    async def _explicit_fault(
+        self, fault: Fault, request: web.Request, raw_path: str, body: bytes, seen: Seen, what: str
+    ) -> web.StreamResponse:
+        fault.times -= 1
+        if fault.kind:
+            self.count(fault.kind, what)
+            seen.fault = fault.kind
+        await asyncio.sleep(fault.delay)
+        if fault.respond is not None:
+            return fault.respond(request)
+        status, headers, data = await self._forward(request, raw_path, body)
+        if fault.mutate is not None:
+            status, headers, data = fault.mutate(status, headers, data)
         return await _send(request, status, headers, data)
+
+    async def _kill_on_page(
+        self, request: web.Request, status: int, headers: dict[str, str], data: bytes, what: str
+    ) -> web.StreamResponse | None:
+        """An armed kill during a search page with entries: its response, or None if none is armed."""
+        if self._take_armed(KILL_MID_PAGE):
+            return await _send(
+                request,
+                status,
+                headers,
+                data,
+                cut=len(data) // 2,
+                then=lambda: self._kill(KILL_MID_PAGE, what),
+            )
+        if self._take_armed(KILL_IN_STORE_WRITE):
+            response = await _send(request, status, headers, data)
+            delay = self.rng.uniform(0.0, 0.04)  # the service is storing the page now
+            asyncio.get_running_loop().call_later(delay, self._kill, KILL_IN_STORE_WRITE, what)
+            return response
+        return None
 
     def _search_page(
         self, request: web.Request, raw_path: str, data: bytes, kind: str | None, seen: Seen, what: str

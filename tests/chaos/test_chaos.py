@@ -116,9 +116,11 @@ async def test_slow_search_pages_slow_the_cycles_down_without_overlap(
     # never two cycles at once: within each process's life, its search requests never overlap
     for born, died in lifetimes:
         spans = _searches(proxy, born, died)
-        assert spans and all(b[0] >= a[1] for a, b in zip(spans, spans[1:])), summary
+        assert spans and all(b[0] >= a[1] for a, b in zip(spans, spans[1:], strict=False)), summary
     ends = [log_time(r) for r in records if r.get("event") == "poll cycle"]
-    assert len(ends) >= 4 and all(b - a >= SLOW_PAGE - 0.05 for a, b in zip(ends, ends[1:])), summary
+    assert len(ends) >= 4 and all(b - a >= SLOW_PAGE - 0.05 for a, b in zip(ends, ends[1:], strict=False)), (
+        summary
+    )
     assert any("maximum number of running instances reached" in str(e) for e in events), summary
     duration_sum, count = (
         metrics["neutrowatch_poll_duration_seconds_sum"],
@@ -172,18 +174,19 @@ def _overlap_evidence(
     lifetimes: list[tuple[float, float]],
 ) -> str:
     ends = [log_time(r) for r in records if r.get("event") == "poll cycle"]
-    gaps = [round(b - a, 2) for a, b in zip(ends, ends[1:])]
+    gaps = [round(b - a, 2) for a, b in zip(ends, ends[1:], strict=False)]
     skipped = sum(
         1 for r in records if re.search("maximum number of running instances", str(r.get("event", "")))
     )
     overlaps = sum(
         1
         for born, died in lifetimes
-        for a, b in zip(_searches(proxy, born, died), _searches(proxy, born, died)[1:])
+        for a, b in zip(_searches(proxy, born, died), _searches(proxy, born, died)[1:], strict=False)
         if b[0] < a[1]
     )
     return (
-        f"searches through the proxy: {proxy.counts['slow-page']} (each {SLOW_PAGE} s late), overlapping pairs within "
+        f"searches through the proxy: {proxy.counts['slow-page']} (each {SLOW_PAGE} s late), "
+        "overlapping pairs within "
         f"one process: {overlaps}; cycles: {len(ends)}, gaps between their ends {gaps}; "
         f"APScheduler runs skipped (max_instances=1): {skipped}; second process: poll_duration_seconds sum "
         f"{metrics.get('neutrowatch_poll_duration_seconds_sum', 0):.1f} s over count "

@@ -71,13 +71,15 @@ def engine_available() -> tuple[bool, str]:
     if node is None:
         return (
             False,
-            f"FHIR test engine unavailable: `node` not found on PATH; install Node.js >= {MIN_NODE_MAJOR}, then {_INSTALL_HINT}",
+            "FHIR test engine unavailable: `node` not found on PATH; "
+            f"install Node.js >= {MIN_NODE_MAJOR}, then {_INSTALL_HINT}",
         )
     major = _node_major(node)
     if major is None:
         return (
             False,
-            f"FHIR test engine unavailable: could not run `{node} --version`; install Node.js >= {MIN_NODE_MAJOR}, then {_INSTALL_HINT}",
+            f"FHIR test engine unavailable: could not run `{node} --version`; "
+            f"install Node.js >= {MIN_NODE_MAJOR}, then {_INSTALL_HINT}",
         )
     if major < MIN_NODE_MAJOR:
         return (

@@ -198,7 +198,8 @@ LIVE_ITEMS = [
 
 
 def _server_alerts(base_url: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Per patient, what the server holds of its alerts (the parts that do not depend on when they were sent)."""
+    """Per patient, what the server holds of its alerts (the parts that do not depend on when they
+    were sent)."""
     out: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for f in export(base_url, "Flag"):
         out[f["subject"]["reference"]].append(

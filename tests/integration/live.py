@@ -151,7 +151,8 @@ def compare_with_oracle(
     duplicated = {k: v for k, v in got_comms.items() if v > 1}
     assert not duplicated, f"duplicated Communications: {duplicated}"
     assert set(got_comms) == set(want_comms), (
-        f"missing {sorted(set(want_comms) - set(got_comms))[:5]}, unexpected {sorted(set(got_comms) - set(want_comms))[:5]}"
+        f"missing {sorted(set(want_comms) - set(got_comms))[:5]}, "
+        f"unexpected {sorted(set(got_comms) - set(want_comms))[:5]}"
     )
     got_flags = Counter(identifier(f) for f in flags)
     assert all(v == 1 for v in got_flags.values()), f"duplicated Flags: {got_flags.most_common(3)}"

@@ -200,7 +200,8 @@ async def test_a_requested_scope_short_of_the_needs_is_named(proxy, token_endpoi
     v1 grant is accepted."""
     v1 = (
         "system/Observation.read system/DiagnosticReport.read system/Patient.read system/Condition.read "
-        "system/ServiceRequest.read system/CareTeam.read system/Flag.read system/Flag.write system/Communication.read "
+        "system/ServiceRequest.read system/CareTeam.read system/Flag.read system/Flag.write "
+        "system/Communication.read "
         "system/Communication.write system/StructureDefinition.read"
     )
     token_endpoint.granted = v1 + " system/Provenance.read system/Provenance.write"

@@ -546,7 +546,8 @@ def test_terminology_fsh_is_generated_from_the_service():
 
 @pytest.mark.slow
 def test_generated_json_is_what_sushi_builds():
-    """build.sh --check: SUSHI (offline) compiles the FSH to exactly generated/ (needs `npm ci --prefix fhir_profiles`)."""
+    """build.sh --check: SUSHI (offline) compiles the FSH to exactly generated/ (needs
+    `npm ci --prefix fhir_profiles`)."""
     if not (PROFILES / "node_modules" / ".bin" / "sushi").exists():
         pytest.skip("SUSHI not installed: npm ci --prefix fhir_profiles")
     ok, reason = engine_available()
@@ -573,7 +574,8 @@ def _post(base_url: str, bundle: dict[str, Any]) -> dict[str, Any]:
 
 
 def _transaction(w: dict[str, Any], flag_entry: dict[str, Any] | None, flag_id: str | None) -> dict[str, Any]:
-    """The Bundle as service/output/transaction.py and service/live/writer.py build it (fhir_profiles/README.md)."""
+    """The Bundle as service/output/transaction.py and service/live/writer.py build it
+    (fhir_profiles/README.md)."""
     entries = [flag_entry] if flag_entry else []
     if w["communication"] is not None:
         entries.append(

@@ -490,7 +490,8 @@ async def test_a_write_posted_again_changes_nothing(fhir_base_url, tmp_path, mon
         assert (await cycle(settings)).delivered_all
     before = held(fhir_base_url)
     last = {entry.patient: entry for entry in posted}
-    # wf: the chronic label (Flag only); cx: the corrected re-announcement (new, revision 1); ei: the withdrawal
+    # wf: the chronic label (Flag only); cx: the corrected re-announcement (new, revision 1);
+    # ei: the withdrawal
     assert sorted(e.writes["event"] for e in last.values()) == ["chronic", "new", "retracted"]
     for entry in last.values():
         result = await post_again(settings, entry)

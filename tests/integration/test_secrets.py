@@ -110,7 +110,8 @@ def _evidence(s: Scenario, surface: str) -> str:
         return r"neutrowatch: (config error: )?.*store\.dsn(_file)?: "
     smart = s.auth == "smart"
     return {
-        "check-config": r"configuration ok \(scheme default, store postgres 127\.0\.0\.1:5432/\w+ schema nws_",
+        "check-config": r"configuration ok \(scheme default, "
+        r"store postgres 127\.0\.0\.1:5432/\w+ schema nws_",
         "check-config --probe": r"FAIL /metadata: SMART discovery"
         if smart
         else r"ok   /metadata: FHIR 4\.0\.1",

@@ -400,7 +400,7 @@ async def _terminate_lock_session(dsn: str, schema: str) -> None:
         killed = await conn.fetchval(
             """SELECT count(pg_terminate_backend(l.pid)) FROM pg_locks l
                WHERE l.locktype = 'advisory' AND l.classid = $1 AND l.objid = ($2::bigint & x'ffffffff'::bigint)::oid
-               AND l.granted""",
+               AND l.granted""",  # noqa: E501 - the SQL text stays byte-identical
             0x4E57,
             __import__("service.live.store.postgres", fromlist=["lock_key"]).lock_key(schema),
         )

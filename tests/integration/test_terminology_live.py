@@ -104,8 +104,9 @@ def refuse_long_urls(request: web.Request) -> bool:
 @pytest.mark.parametrize("limit", [LIMIT, 8192], ids=["split", "one-search"])
 async def test_a_code_list_too_long_for_one_get_is_split(fhir_base_url, tmp_path, limit):
     """A server that refuses long GETs (414): with fhir.max_search_url_length under its limit the
-    code list (every monitored LOINC code and the 9 mapped local ones) goes out as several searches, every one accepted, and the
-    alerts are replay's; with the limit above it the one search is refused and the cycle fails."""
+    code list (every monitored LOINC code and the 9 mapped local ones) goes out as several searches,
+    every one accepted, and the alerts are replay's; with the limit above it the one search is refused
+    and the cycle fails."""
     put_all(fhir_base_url, one_patient_recent())
     proxy = Proxy(upstream=fhir_base_url)
     await proxy.start()

@@ -132,7 +132,8 @@ def test_accepted_dsn_forms_are_shown_by_host_port_and_database_only(dsn, shown)
         f"postgresql:/nw:{PW}@db/nw",  # one slash: no authority, the whole rest was the "path"
         f"postgresql:nw:{PW}@db/nw",
         f"postgresql://nw:{PW}@db@x/nw",  # an unencoded '@' in the password
-        "postgresql://nw:1234/Pw-s3cret@db/nw",  # an unencoded '/': "host" nw, "port" 1234, "database" the rest
+        # an unencoded '/': "host" nw, "port" 1234, "database" the rest
+        "postgresql://nw:1234/Pw-s3cret@db/nw",
         f"postgresql://nw:{PW}#x@db/nw",
         f"postgresql://nw:{PW}?x@db/nw",
         f"postgresql://nw:{PW}@/nw",  # no host
@@ -210,7 +211,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             [],
         ),  # no credential to leak
         (
-            "fhir:\n  base_url: https://f.example/r4\n  auth:\n    method: bearer\n    bearer_token: tok-INLINE-9\n",
+            "fhir:\n  base_url: https://f.example/r4\n  auth:\n    method: bearer\n"
+            "    bearer_token: tok-INLINE-9\n",
             0,
             [],
             [
@@ -234,14 +236,16 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             [],
         ),
         (
-            "fhir:\n  base_url: http://f.example/r4\n  allow_insecure_http: true\n  auth:\n    method: bearer\n"
+            "fhir:\n  base_url: http://f.example/r4\n  allow_insecure_http: true\n"
+            "  auth:\n    method: bearer\n"
             "    bearer_token_file: TOKEN\n",
             0,
             [],
             ["plain http:// to f.example while fhir.auth.method is bearer"],
         ),
         (
-            f"fhir:\n  page_size: 0\n  auth:\n    method: basic\nstore:\n  backend: postgres\n  dsn: postgresql:/nw:{PW}@db/nw\n"
+            "fhir:\n  page_size: 0\n  auth:\n    method: basic\n"
+            f"store:\n  backend: postgres\n  dsn: postgresql:/nw:{PW}@db/nw\n"
             "grading:\n  scheme: nope\nnonsense: 1\n",
             2,
             [
@@ -255,7 +259,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             ["store.dsn holds a password"],
         ),
         (
-            "fhir:\n  base_url: https://f.example/r4\n  auth:\n    method: bearer\n    bearer_token_file: ABSENT\n"
+            "fhir:\n  base_url: https://f.example/r4\n  auth:\n    method: bearer\n"
+            "    bearer_token_file: ABSENT\n"
             "store:\n  backend: postgres\n  dsn_file: ABSENT\n",
             2,
             ["fhir.auth.bearer_token_file: cannot read", "store.dsn_file: No such file"],
@@ -327,7 +332,8 @@ def test_run_and_once_fail_at_start_naming_every_bad_field(tmp_path, capsys, cle
     every invalid field (never the DSN's text)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
-        f"fhir:\n  base_url: https://f.example/r4\n  page_size: 0\nstore:\n  backend: postgres\n  dsn: host=db password={PW}'\n"
+        "fhir:\n  base_url: https://f.example/r4\n  page_size: 0\n"
+        f"store:\n  backend: postgres\n  dsn: host=db password={PW}'\n"
     )
     for command in ("run", "once"):
         assert main([command, "--config", str(cfg)]) == 2
@@ -395,8 +401,8 @@ def test_probe_says_an_html_page_is_a_proxy_or_login_page(tmp_path, html_proxy):
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
     assert (
-        "FAIL /metadata: HTTP 200: the server answered with an HTML page, not FHIR JSON — a proxy or login page?"
-        in out
+        "FAIL /metadata: HTTP 200: the server answered with an HTML page, not FHIR JSON "
+        "— a proxy or login page?" in out
     )
     assert "FAIL Observation search: HTTP 200: the server answered with an HTML page" in out
 
@@ -510,7 +516,8 @@ def test_terminology_settings_reach_the_read_policy_and_the_rules(tmp_path):
     ],
 )
 def test_bad_terminology_values_name_the_field(tmp_path, text, message):
-    """A unit mapped to something the service cannot convert is refused at start-up, not at the first result."""
+    """A unit mapped to something the service cannot convert is refused at start-up, not at the first
+    result."""
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text)
     with pytest.raises(ConfigError) as err:

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 
 from service.core.episodes import Assessment, EventKind, PatientState, apply, step, withdraw
+from service.core.grading import DEFAULT
 from service.core.panels import decide
 from service.core.reasons import NoEvent
 from service.core.rules import DAY_US, Rules
@@ -18,7 +19,6 @@ from tests.builders import normalised, observation, result
 # the rows here test the transitions, fever and revision; confirmed resolution and recurrence are
 # tested in test_resolution.py.
 RULES = Rules(resolution_confirmations=1, resolution_min_us=0, reopen_us=0, memory_us=0)
-from service.core.grading import DEFAULT
 
 
 def assessment(anc: float, day: int, panel: str | None = None, version: str = "1") -> Assessment:

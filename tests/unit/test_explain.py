@@ -495,7 +495,7 @@ def test_cli_without_input_needs_a_server(episode_file, tmp_path, capsys):
     assert "fhir.base_url" in capsys.readouterr().err
 
 
-# -- the PNG ---------------------------------------------------------------------------------------------------
+# -- the PNG ----------------------------------------------------------------------------------------------
 
 
 def _png(path: Path) -> Any:

@@ -83,7 +83,8 @@ def test_every_declared_dependency_is_pinned_within_its_specifier(requirement: R
     )
     version = pins[name][0]
     assert requirement.specifier.contains(Version(version), prereleases=True), (
-        f"requirements.lock pins {name}=={version}, outside pyproject.toml's {requirement}; regenerate the lock"
+        f"requirements.lock pins {name}=={version}, outside pyproject.toml's {requirement}; "
+        "regenerate the lock"
     )
 
 
@@ -105,7 +106,8 @@ def test_no_pin_is_left_over_from_a_removed_dependency() -> None:
     )
     stale = sorted(direct - declared)
     assert not stale, (
-        f"requirements.lock still pins {stale} for pyproject.toml, which no longer declares them; regenerate it"
+        f"requirements.lock still pins {stale} for pyproject.toml, which no longer declares them; "
+        "regenerate it"
     )
 
 

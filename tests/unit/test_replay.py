@@ -81,7 +81,8 @@ def cbc(
 
 
 def test_diagnostic_report_101(tmp_path):
-    # FHIR core example DiagnosticReport/101: WBC 4.6 10*9/L, 770-8 20 %, 751-8 0.9 10*9/L -> 900/uL, moderate.
+    # FHIR core example DiagnosticReport/101: WBC 4.6 10*9/L, 770-8 20 %, 751-8 0.9 10*9/L
+    # -> 900/uL, moderate.
     # Grouped by the DiagnosticReport (no specimen references), as the example has none.
     kw = dict(
         patient="Patient/pat2",
@@ -620,7 +621,8 @@ def test_a_large_bundle_is_read_in_flat_memory(tmp_path):
     assert path.stat().st_size > 20e6
     # VmHWM, not ru_maxrss: the latter keeps the high-water mark of this test process across fork and exec
     code = (
-        "import re, resource, sys\nfrom pathlib import Path\nfrom service.__main__ import main\nrc = main(sys.argv[1:])\n"
+        "import re, resource, sys\nfrom pathlib import Path\n"
+        "from service.__main__ import main\nrc = main(sys.argv[1:])\n"
         "hwm = re.search(r'VmHWM:\\s+(\\d+)', Path('/proc/self/status').read_text()).group(1)\n"
         "print(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\nsys.exit(rc)"
     )

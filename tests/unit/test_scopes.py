@@ -70,16 +70,19 @@ def test_what_the_configuration_does_not_read_is_not_requested(options, absent):
         # v1 syntax: read = r+s, write = c+u+d
         (
             "system/Observation.read system/DiagnosticReport.read system/Patient.read system/Condition.read "
-            "system/ServiceRequest.read system/CareTeam.read system/Flag.read system/Flag.write system/Communication.read system/Communication.write "
+            "system/ServiceRequest.read system/CareTeam.read system/Flag.read system/Flag.write "
+            "system/Communication.read system/Communication.write "
             "system/Provenance.read system/Provenance.write system/StructureDefinition.read",
             [],
         ),
         ("system/*.read system/*.write", []),
         ("system/*.*", []),
         ("system/*.cruds", []),
-        # the default before this derivation: no Condition, ServiceRequest, CareTeam, StructureDefinition, no search on writes
+        # the default before this derivation: no Condition, ServiceRequest, CareTeam, StructureDefinition,
+        # no search on writes
         (
-            "system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr system/Provenance.cr",
+            "system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr "
+            "system/Provenance.cr",
             [
                 "system/DiagnosticReport.s",
                 "system/Condition.s",
@@ -138,13 +141,14 @@ def test_check_config_warns_of_a_configured_scope_short_of_the_needs(tmp_path):
     )
     short = tmp_path / "short.yaml"
     short.write_text(
-        base
-        + "      scope: system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr system/Provenance.cr\n"
+        base + "      scope: system/Observation.rs system/Patient.rs system/Flag.cru system/Communication.cr "
+        "system/Provenance.cr\n"
     )
     warned = [w for w in review_settings(short).warnings if w.startswith("fhir.auth.smart.scope")]
     assert len(warned) == 1 and warned[0].startswith(
-        "fhir.auth.smart.scope lacks system/DiagnosticReport.s system/Condition.s system/ServiceRequest.r system/CareTeam.s system/Flag.s "
-        "system/Communication.s system/Provenance.s system/StructureDefinition.rs: the server will refuse those requests"
+        "fhir.auth.smart.scope lacks system/DiagnosticReport.s system/Condition.s system/ServiceRequest.r "
+        "system/CareTeam.s system/Flag.s system/Communication.s system/Provenance.s "
+        "system/StructureDefinition.rs: the server will refuse those requests"
     )
     default = tmp_path / "default.yaml"
     default.write_text(base)
@@ -152,8 +156,8 @@ def test_check_config_warns_of_a_configured_scope_short_of_the_needs(tmp_path):
     # a configuration that reads less needs less: no context, no profile claims
     lean = tmp_path / "lean.yaml"
     lean.write_text(
-        base
-        + "      scope: system/Observation.read system/DiagnosticReport.read system/Flag.read system/Flag.write system/Communication.read "
+        base + "      scope: system/Observation.read system/DiagnosticReport.read system/Flag.read "
+        "system/Flag.write system/Communication.read "
         "system/Communication.write system/Provenance.read system/Provenance.write\n"
         "poll:\n  patient_context: false\nalerts:\n  claim_profiles: false\n"
     )

@@ -70,7 +70,7 @@ def panels(resources: list[Resource]) -> list[tuple[Resource, dict[str, Resource
     """(DiagnosticReport, {loinc: latest Observation}) for panels without noise."""
     last = latest(resources)
     out = []
-    for ref, dr in last.items():
+    for dr in last.values():
         if dr["resourceType"] != "DiagnosticReport":
             continue
         members = [last[r["reference"]] for r in dr["result"]]
