@@ -50,6 +50,7 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 from service.core.grading import Band
 from service.core.reasons import AncRule, FebrileRule, FeverConsidered, FeverRule, NotFebrile
@@ -315,7 +316,7 @@ def _event(
     a: Assessment | None,
     before: EpisodeState,
     rules: Rules,
-    **kw: object,
+    **kw: Any,
 ) -> AlertEvent:
     assert s.episode is not None and s.opened is not None
     memory = (s.memory, rules.memory_us // DAY_US) if s.memory >= 2 else None
@@ -334,7 +335,7 @@ def _event(
         opening=s.opening,
         memory=memory,
         **kw,
-    )  # type: ignore[arg-type]
+    )
 
 
 def step(

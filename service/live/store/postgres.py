@@ -240,7 +240,8 @@ class PostgresStore:
 
     async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
-            return await self.pool.fetch(sql, *args)
+            rows: list[asyncpg.Record] = await self.pool.fetch(sql, *args)  # asyncpg is unannotated
+            return rows
         except _DB_ERRORS as err:
             raise StoreError(f"state store {self.where}: {_reason(err)}") from None
 
@@ -350,7 +351,7 @@ class PostgresStore:
         rows = await self._read(
             "SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open ORDER BY patient"
         )
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [tuple(r) for r in rows]
 
     async def set_temperature_cursor(self, patient: str, cursor: str) -> None:
         async with self._tx() as conn:

@@ -85,7 +85,8 @@ def _on_store_thread(
             self._thread, functools.partial(_guarded, method, self, *args, **kwargs)
         )
 
-    return call
+    # typeshed: functools.wraps gives a _Wrapped, which calls as the Callable declared
+    return call  # type: ignore[return-value]
 
 
 def _guarded(method: Callable[..., _R], store: SqliteStore, *args: Any, **kwargs: Any) -> _R:
