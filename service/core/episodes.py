@@ -180,7 +180,8 @@ class AlertEvent:
     kind: EventKind
     patient: str
     episode: str
-    band: Band  # new/worsening: the band now; resolved: the band it resolved from; retracted: the band withdrawn
+    # new/worsening: the band now; resolved: the band it resolved from; retracted: the band withdrawn
+    band: Band
     worst: Band | None  # the episode's worst band after this event (None: the episode no longer exists)
     assessment: Assessment | None  # the assessment behind it (None for a withdrawal with no new value)
     opened: str  # collection time of the panel that opened the episode

@@ -221,7 +221,10 @@ def _term(resource: Resource, terminology: Terminology) -> Term | _Mapped | Igno
     targets = {t.loinc for _, t in translated}
     if len(targets) > 1 or (given and not targets <= given):
         source, odd = next(((s, t) for s, t in translated if given and t.loinc not in given), translated[0])
-        return f"local code {_shown(source.rsplit('|', 1)[1])} is mapped to LOINC {odd.loinc}, which disagrees with its other codings"
+        return (
+            f"local code {_shown(source.rsplit('|', 1)[1])} is mapped to LOINC {odd.loinc}, "
+            "which disagrees with its other codings"
+        )
     if given:
         return loinc  # the LOINC coding itself says the same
     source, translation = translated[0]

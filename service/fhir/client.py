@@ -363,7 +363,8 @@ def _bundle_object(response: _Response) -> tuple[dict[str, Any], str | None]:
     if doc.get("resourceType") != "Bundle":
         shown = doc.get("resourceType")
         raise FhirError(
-            f"search answered with {shown if isinstance(shown, str) and _TYPE.match(shown) else 'something else'}, not a Bundle"
+            "search answered with "
+            f"{shown if isinstance(shown, str) and _TYPE.match(shown) else 'something else'}, not a Bundle"
         )
     return doc, _next_link(doc.get("link"))
 
@@ -887,7 +888,8 @@ class FhirClient:
             spent=round(spent, 3),
         )
         return FhirUnavailable(
-            f"{what}: not retried after {attempt} attempt(s), fhir.retry.{setting} reached; last: {retry.reason}",
+            f"{what}: not retried after {attempt} attempt(s), fhir.retry.{setting} reached; "
+            f"last: {retry.reason}",
             reason=retry.reason,
             attempts=attempt,
         )
@@ -990,7 +992,8 @@ class FhirClient:
             resource_type=kind,
             limit=cap,
             seen=seen,
-            action="not read and not skipped: the cycle fails and the cursor stays; raise fhir.max_response_bytes "
+            action="not read and not skipped: the cycle fails and the cursor stays; "
+            "raise fhir.max_response_bytes "
             "(or lower fhir.page_size)",
         )
         return ResponseTooLarge(
