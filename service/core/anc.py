@@ -77,7 +77,7 @@ def _select(
     wbc_value = wbc.value if wbc is not None else None
     direct = best_result(results, Kind.NEUT_ABS)
     if direct is not None:
-        inputs = (direct, wbc) if wbc is not None else (direct,)
+        inputs: tuple[LabResult, ...] = (direct, wbc) if wbc is not None else (direct,)
         return Anc(direct.value, direct.at_most, "reported-absolute", inputs, wbc_value, direct.ref_low)  # type: ignore[arg-type]
     segs_abs = best_result(results, Kind.SEG_ABS)
     if segs_abs is not None:

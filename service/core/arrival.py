@@ -140,7 +140,7 @@ def _version(
     out.duplicates += len(verdict.duplicates)
     if verdict.kept is not None:
         kept = verdict.kept[1]
-        return None if kept.item is None else VersionRuling(stamp, group, kept)  # type: ignore[arg-type]
+        return None if kept.item is None else VersionRuling(stamp, group, kept)
     return VersionRuling(stamp, group, None, tuple(c for _content, c in verdict.conflicting))
 
 

@@ -98,7 +98,8 @@ TERMS: dict[str, Term] = _terms(
     ("718-7", Kind.HGB, Prop.MASS, _U),
     ("777-3", Kind.PLT, Prop.COUNT, _A),
     ("26515-7", Kind.PLT, Prop.COUNT, _U),
-    # Body temperature (febrile neutropenia, reference §1.3). 8310-5 generic; oral, rectal, tympanic, axillary.
+    # Body temperature (febrile neutropenia, reference §1.3). 8310-5 generic; oral, rectal, tympanic,
+    # axillary.
     ("8310-5", Kind.TEMP, Prop.TEMP, _U),
     ("8331-1", Kind.TEMP, Prop.TEMP, _U),
     ("8332-9", Kind.TEMP, Prop.TEMP, _U),

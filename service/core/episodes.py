@@ -50,6 +50,7 @@ from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Any
 
 from service.core.grading import Band
 from service.core.reasons import AncRule, FebrileRule, FeverConsidered, FeverRule, NotFebrile
@@ -179,7 +180,8 @@ class AlertEvent:
     kind: EventKind
     patient: str
     episode: str
-    band: Band  # new/worsening: the band now; resolved: the band it resolved from; retracted: the band withdrawn
+    # new/worsening: the band now; resolved: the band it resolved from; retracted: the band withdrawn
+    band: Band
     worst: Band | None  # the episode's worst band after this event (None: the episode no longer exists)
     assessment: Assessment | None  # the assessment behind it (None for a withdrawal with no new value)
     opened: str  # collection time of the panel that opened the episode
@@ -315,7 +317,7 @@ def _event(
     a: Assessment | None,
     before: EpisodeState,
     rules: Rules,
-    **kw: object,
+    **kw: Any,
 ) -> AlertEvent:
     assert s.episode is not None and s.opened is not None
     memory = (s.memory, rules.memory_us // DAY_US) if s.memory >= 2 else None
@@ -334,7 +336,7 @@ def _event(
         opening=s.opening,
         memory=memory,
         **kw,
-    )  # type: ignore[arg-type]
+    )
 
 
 def step(

@@ -10,6 +10,7 @@ import functools
 import math
 import re
 from dataclasses import dataclass
+from typing import cast
 
 import msgspec
 
@@ -220,7 +221,10 @@ def _term(resource: Resource, terminology: Terminology) -> Term | _Mapped | Igno
     targets = {t.loinc for _, t in translated}
     if len(targets) > 1 or (given and not targets <= given):
         source, odd = next(((s, t) for s, t in translated if given and t.loinc not in given), translated[0])
-        return f"local code {_shown(source.rsplit('|', 1)[1])} is mapped to LOINC {odd.loinc}, which disagrees with its other codings"
+        return (
+            f"local code {_shown(source.rsplit('|', 1)[1])} is mapped to LOINC {odd.loinc}, "
+            "which disagrees with its other codings"
+        )
     if given:
         return loinc  # the LOINC coding itself says the same
     source, translation = translated[0]
@@ -351,30 +355,35 @@ def normalise(resource: Resource, policy: ReadPolicy = DEFAULT_READ) -> LabResul
     else:
         reason = None
     if reason is None:
-        value = _value(term, resource, status, policy.terminology)  # type: ignore[arg-type]
+        # every reason above is None here: the term is a Term, the ids, the status and the
+        # collection time are all present (the casts only tell mypy so)
+        term_ = cast(Term, term)
+        when_ = cast(CollectionTime, when)
+        status_ = cast(str, status)
+        value = _value(term_, resource, status_, policy.terminology)
         if not isinstance(value, str):
             specimen = resource.specimen
             return LabResult(
-                ref,
+                cast(str, ref),
                 version,
-                patient,
-                term.code,
-                term.kind,
-                term.method.value,
-                status,
-                value[0],  # type: ignore[arg-type,union-attr]
+                cast(str, patient),
+                term_.code,
+                term_.kind,
+                term_.method.value,
+                status_,
+                value[0],
                 value[1],
-                when.text,
-                when.us,
-                updated_us,  # type: ignore[union-attr]
+                when_.text,
+                when_.us,
+                updated_us,
                 literal_reference(specimen.reference, policy)
                 if isinstance(specimen, msgspec.Struct)
                 else None,
-                _reference_low(term, resource, policy.terminology)  # type: ignore[arg-type]
-                if term.kind is Kind.NEUT_ABS and value[0] is not None
-                else None,  # type: ignore[union-attr]
+                _reference_low(term_, resource, policy.terminology)
+                if term_.kind is Kind.NEUT_ABS and value[0] is not None
+                else None,
                 _based_on(resource, policy),
-                when.note,  # type: ignore[union-attr]
+                when_.note,
                 mapped_from,
                 concept_map,
             )

@@ -29,6 +29,8 @@ from service.core.observations import LabResult
 from service.core.reasons import FeverConsidered, NoEvent
 from service.core.rules import DAY_US, Rules
 
+_NO_CONTEXT = PatientContext()  # the default: nothing known of the patient (frozen, so shared)
+
 
 @dataclass(frozen=True, slots=True)
 class Report:
@@ -100,7 +102,7 @@ def assess(
     panel: str,
     results: Iterable[LabResult],
     rules: Rules,
-    context: PatientContext = PatientContext(),
+    context: PatientContext = _NO_CONTEXT,
 ) -> Assessment | PanelRejection | NotAssessed | None:
     """None when the panel has nothing to assess (no neutrophil result, or none final yet)."""
     results = tuple(results)
@@ -204,7 +206,7 @@ def decide(
     panel: str,
     results: Iterable[LabResult],
     rules: Rules,
-    context: PatientContext = PatientContext(),
+    context: PatientContext = _NO_CONTEXT,
     clock_us: int | None = None,
 ) -> PanelDecision:
     """One panel through the whole core: collection times checked, temperatures remembered, ANC,

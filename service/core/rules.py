@@ -43,7 +43,8 @@ class Rules:
     fever_sustained_us: int = HOUR_US
     # Febrile neutropenia: fever while ANC < 500, or ANC < 1000 and expected to fall below 500 within
     # 48 h (IDSA 2010); the "expected to fall" proxy is a design choice: a fall of >= 50 % from the
-    # previous value within 48 h. The fever must lie within 24 h of the ANC (default; reference §3 "Febrile neutropenia").
+    # previous value within 48 h. The fever must lie within 24 h of the ANC (default; reference §3
+    # "Febrile neutropenia").
     febrile_anc_below: float = 500.0
     febrile_falling_anc_below: float = 1000.0
     febrile_fall_fraction: float = 0.5

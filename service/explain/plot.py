@@ -381,9 +381,10 @@ def plot(trail: Trail) -> Any:
             zorder=4,
         )
     _temperatures(tx, trail.rules, line.temperatures)
-    locator = mdates.AutoDateLocator(minticks=5, maxticks=12)
+    # matplotlib.dates has no annotations
+    locator = mdates.AutoDateLocator(minticks=5, maxticks=12)  # type: ignore[no-untyped-call]
     tx.xaxis.set_major_locator(locator)
-    tx.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    tx.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
     ax.tick_params(labelbottom=False)
     tx.set_xlabel("collection time (UTC)")
     ax.legend(

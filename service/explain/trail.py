@@ -39,6 +39,7 @@ from service.explain.prose import correction, fever_note, panel_note, rule_for
 from service.fhir import raw
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.replay.engine import PanelTrace, Replay, documents
+from service.replay.rows import Available
 
 CANONICAL_UNIT = {
     Prop.COUNT: "/uL",
@@ -335,7 +336,7 @@ def build_trail(replay: Replay, patient: str, given: GivenIndex, source: str) ->
     matches = matcher(patient, replay.read_policy)
     rejected: dict[str, Rejected] = {}
 
-    def stream() -> Iterator[tuple[str, str, str, Any]]:
+    def stream() -> Iterator[Available]:
         for item in replay.stream():
             payload = item[3]
             if isinstance(payload, Rejected):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 from types import TracebackType
-from typing import Any, NamedTuple, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar, cast
 from urllib.parse import unquote, urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -191,8 +191,10 @@ def _serialization_failure(outcome: Any) -> bool:
     for issue in outcome.get("issue") or ():
         if not isinstance(issue, dict):
             continue
-        details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
-        codings = details.get("coding") if isinstance(details.get("coding"), list) else []
+        found = issue.get("details")
+        details = found if isinstance(found, dict) else {}
+        listed = details.get("coding")
+        codings = listed if isinstance(listed, list) else []
         texts = [
             issue.get("diagnostics"),
             details.get("text"),
@@ -267,7 +269,8 @@ def outcome_summary(body: bytes) -> str:
         details = issue.get("details")
         codings = details.get("coding") if isinstance(details, dict) else None
         codes = [c.get("code") for c in codings if isinstance(c, dict)] if isinstance(codings, list) else []
-        paths = issue.get("expression") if isinstance(issue.get("expression"), list) else []
+        expression = issue.get("expression")
+        paths = expression if isinstance(expression, list) else []
         words = [_token(issue.get("code")), *map(_token, codes), *(f"at {p}" for p in map(_path, paths) if p)]
         parts.append(" ".join(w for w in words if w))
     return "; ".join(p for p in parts if p)[:200]
@@ -360,7 +363,8 @@ def _bundle_object(response: _Response) -> tuple[dict[str, Any], str | None]:
     if doc.get("resourceType") != "Bundle":
         shown = doc.get("resourceType")
         raise FhirError(
-            f"search answered with {shown if isinstance(shown, str) and _TYPE.match(shown) else 'something else'}, not a Bundle"
+            "search answered with "
+            f"{shown if isinstance(shown, str) and _TYPE.match(shown) else 'something else'}, not a Bundle"
         )
     return doc, _next_link(doc.get("link"))
 
@@ -517,12 +521,13 @@ def _without_future_stamps(
             except (ValueError, OverflowError):
                 future = False
             if future:
-                subject = item.subject.reference if item.subject is not None else None  # type: ignore[union-attr]
+                resource = cast(raw.Resource, item)  # a stamp is read from Resources only
+                subject = resource.subject.reference if resource.subject is not None else None
                 out.append(
                     raw.Undecodable(
                         FUTURE_STAMP,
-                        raw.clean_text(item.resourceType, 64),
-                        raw.fhir_id(item.id),  # type: ignore[union-attr]
+                        raw.clean_text(resource.resourceType, 64),
+                        raw.fhir_id(resource.id),
                         patient_reference(subject),
                     )
                 )
@@ -883,7 +888,8 @@ class FhirClient:
             spent=round(spent, 3),
         )
         return FhirUnavailable(
-            f"{what}: not retried after {attempt} attempt(s), fhir.retry.{setting} reached; last: {retry.reason}",
+            f"{what}: not retried after {attempt} attempt(s), fhir.retry.{setting} reached; "
+            f"last: {retry.reason}",
             reason=retry.reason,
             attempts=attempt,
         )
@@ -986,7 +992,8 @@ class FhirClient:
             resource_type=kind,
             limit=cap,
             seen=seen,
-            action="not read and not skipped: the cycle fails and the cursor stays; raise fhir.max_response_bytes "
+            action="not read and not skipped: the cycle fails and the cursor stays; "
+            "raise fhir.max_response_bytes "
             "(or lower fhir.page_size)",
         )
         return ResponseTooLarge(

@@ -204,7 +204,8 @@ def _elements_into(text: str, i: int, out: list[tuple[int, int]]) -> int:
 _B_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}"]', re.S)
 _B_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _B_SCALAR = re.compile(
-    rb"(?:true|false|null|NaN|-?Infinity|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)(?![^ \t\n\r\x0b\x0c\x1c-\x1f,\]}])"
+    rb"(?:true|false|null|NaN|-?Infinity|-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)"
+    rb"(?![^ \t\n\r\x0b\x0c\x1c-\x1f,\]}])"
 )
 _B_WS = re.compile(rb"[ \t\n\r]*")
 
@@ -327,7 +328,9 @@ def _bexpect(text: bytes, i: int, chars: bytes) -> tuple[int, int]:
     return i + 1, text[i]
 
 
-def scan_stream(blocks: Iterable[bytes], array_key: bytes = b"entry") -> Iterator[ScanEvent]:
+def scan_stream(  # noqa: C901 - one resumable scanner over a moving window: its states share `pos` and `w`
+    blocks: Iterable[bytes], array_key: bytes = b"entry"
+) -> Iterator[ScanEvent]:
     """`scan_object(text, skip_ws(text, 0), ..., array_key)` over `blocks` (the document's bytes in
     order), as events: each top-level `Member` (but the array), `EntryArray` then each `Element`,
     and last `End` with how the framing ended (the same `Broken.what` and entry count as

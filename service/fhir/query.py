@@ -107,7 +107,7 @@ async def _refill(
     leaves `open_streams`). Returns whether a page read was cut short."""
     cut_short = False
     while not buffer and index in open_streams:
-        page = await anext(stream, None)  # type: ignore[arg-type]
+        page = await anext(stream, None)
         if page is None or page.next_url is None:
             open_streams.discard(index)
         if page is not None:

@@ -304,10 +304,11 @@ def convert(obj: Any) -> Iterator[Resource | Undecodable]:
 
 def read(data: bytes | str) -> Document:
     if isinstance(data, str):
+        text = data
         try:
-            data = data.encode()
+            data = text.encode()
         except UnicodeEncodeError:
-            return _read_text(data, 0)
+            return _read_text(text, 0)
     if data[:3] == BOM:  # some servers (and Windows tools) start UTF-8 with one
         data = data[3:]
     if data.isascii() or _is_utf8(data):

@@ -105,7 +105,8 @@ async def probe(settings: Settings) -> int:
                     meta = await client.metadata()
                     run.ok(
                         "/metadata",
-                        f"FHIR {meta.get('fhirVersion', '?')}, {meta.get('software', {}).get('name', 'unnamed server')}",
+                        f"FHIR {meta.get('fhirVersion', '?')}, "
+                        f"{meta.get('software', {}).get('name', 'unnamed server')}",
                     )
                 except NeutrowatchError as err:
                     run.fail("/metadata", say(err))
@@ -130,7 +131,8 @@ def _scopes(settings: Settings, run: _Run, need: dict[str, str], granted: str | 
     if settings.fhir.auth.method != "smart":
         run.ok(
             "scopes",
-            f"not compared (auth method {settings.fhir.auth.method}); the requests below show what is allowed",
+            f"not compared (auth method {settings.fhir.auth.method}); "
+            "the requests below show what is allowed",
         )
         return set()
     lacking: set[str] = set()
@@ -237,7 +239,8 @@ async def _write(settings: Settings, client: FhirClient) -> str:
     found = await client.search_all("Provenance", [("_tag", f"{system}|{PROBE_CODE}")])
     if len(found) != 1:
         raise NeutrowatchError(
-            f"written (HTTP {status}) but {len(found)} found by its tag: conditional create or _tag search is not honoured"
+            f"written (HTTP {status}) but {len(found)} found by its tag: "
+            "conditional create or _tag search is not honoured"
         )
     done = (
         "created the probe Provenance"
@@ -258,7 +261,8 @@ async def _profiles_present(settings: Settings, client: FhirClient) -> str:
     if not absent:
         return "the claimed profiles are on the server"
     return (
-        f"allowed; {', '.join(absent)} not on the server: a server that validates claimed profiles will refuse "
+        f"allowed; {', '.join(absent)} not on the server: "
+        "a server that validates claimed profiles will refuse "
         "the writes (`python -m service profiles install`, or alerts.claim_profiles: false)"
     )
 

@@ -146,7 +146,10 @@ def _definition(scheme: Scheme, index: int) -> str:
     )
     at_least = f"ANC >= {lower:g} cells/uL" if lower is not None else "ANC >= 0 cells/uL"
     if band.below_lln:
-        return f"{at_least} and below the result's lower limit of normal (referenceRange.low), {scheme.name} scheme."
+        return (
+            f"{at_least} and below the result's lower limit of normal (referenceRange.low), "
+            f"{scheme.name} scheme."
+        )
     if band.below is None:
         lln = (
             " and not below the result's lower limit of normal"

@@ -58,9 +58,12 @@ __all__ = ["IDENTICAL_COPY", "PanelTrace", "PatientFacts", "Replay", "ReplayStat
 # -- the run ---------------------------------------------------------------------------------------
 
 # Order of availability: `core.arrival.availability_key` in SQL, for the generated akey columns.
-_AVAILABILITY = """CASE WHEN vu >= 0
-    THEN printf('%020d', vu) || char(31) || ifnull(ref, '') || char(31) || vv || char(31) || printf('%012d', seq)
+_AVAILABILITY = (
+    """CASE WHEN vu >= 0
+    THEN printf('%020d', vu) || char(31) || ifnull(ref, '') || char(31) || vv || char(31) """
+    """|| printf('%012d', seq)
     ELSE '~' || printf('%012d', seq) END"""
+)
 
 # obs holds every version read; pass 2 keeps the latest of each (by lastUpdated, versionId, input
 # position). pkey: the specimen panel key; fkey: the collection-instant key; member.pkey: the
@@ -295,7 +298,7 @@ class Replay:
         assert self.db is not None
         return patient_facts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
 
-    def decide(
+    def decide(  # noqa: C901 - the replay loop in arrival order; its closures share the per-run state
         self,
         *,
         with_alerts: bool = True,

@@ -538,7 +538,7 @@ def _frame(fh: IO[bytes], entries: list[Any]) -> Segment:
     blob = _encode(entries)
     offset = fh.tell()
     fh.write(blob)
-    return (fh.name, offset, len(blob))  # type: ignore[return-value]
+    return (fh.name, offset, len(blob))
 
 
 def _frames(segments: list[Segment]) -> Iterator[list[Any]]:

@@ -279,7 +279,7 @@ class IngestRows:
         self.touches.extend(
             (patient, panel, item.updated_us, now)  # type: ignore[misc]
             for patient, panel in sorted(touched)
-        )  # type: ignore[type-var]
+        )
         if (
             isinstance(outcome, Rejected) and content != CONFLICTED
         ):  # (a conflict's copies are quarantined each)

@@ -146,7 +146,8 @@ class PostgresStore:
                 for statement in schema.migration(schema.POSTGRES, version):
                     await conn.execute(statement)
                 await conn.execute(
-                    "INSERT INTO meta VALUES ('schema_version', $1) ON CONFLICT (key) DO UPDATE SET value = $1",
+                    "INSERT INTO meta VALUES ('schema_version', $1) "
+                    "ON CONFLICT (key) DO UPDATE SET value = $1",
                     str(version),
                 )
                 log.info("state store migrated", schema=self.schema, version=version)
@@ -190,7 +191,8 @@ class PostgresStore:
                 await tx.rollback()
                 return False
             epoch = await self.pool.fetchval(
-                "UPDATE leader SET epoch = epoch + 1, holder = $1, since = now() WHERE id = 1 RETURNING epoch",
+                "UPDATE leader SET epoch = epoch + 1, holder = $1, since = now() "
+                "WHERE id = 1 RETURNING epoch",
                 self.identity,
             )
         except _DB_ERRORS as err:
@@ -240,7 +242,8 @@ class PostgresStore:
 
     async def _read(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         try:
-            return await self.pool.fetch(sql, *args)
+            rows: list[asyncpg.Record] = await self.pool.fetch(sql, *args)  # asyncpg is unannotated
+            return rows
         except _DB_ERRORS as err:
             raise StoreError(f"state store {self.where}: {_reason(err)}") from None
 
@@ -290,7 +293,8 @@ class PostgresStore:
             return []
         rows = await self._read(
             """SELECT r.patient, r.panel, r.data FROM results r
-               JOIN unnest($1::text[], $2::text[]) AS p (patient, panel) ON p.patient = r.patient AND p.panel = r.panel
+               JOIN unnest($1::text[], $2::text[]) AS p (patient, panel) """
+            """ON p.patient = r.patient AND p.panel = r.panel
                WHERE r.data IS NOT NULL ORDER BY r.ref""",
             [p[0] for p in panels],
             [p[1] for p in panels],
@@ -342,7 +346,8 @@ class PostgresStore:
                 )
             if outbox:
                 await conn.executemany(
-                    "INSERT INTO outbox (patient, event, writes, created) VALUES ($1, $2::jsonb, $3::jsonb, $4)",
+                    "INSERT INTO outbox (patient, event, writes, created) "
+                    "VALUES ($1, $2::jsonb, $3::jsonb, $4)",
                     outbox,
                 )
 
@@ -350,7 +355,7 @@ class PostgresStore:
         rows = await self._read(
             "SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open ORDER BY patient"
         )
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [tuple(r) for r in rows]
 
     async def set_temperature_cursor(self, patient: str, cursor: str) -> None:
         async with self._tx() as conn:
@@ -387,7 +392,8 @@ class PostgresStore:
     async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
         async with self._tx() as conn:
             await conn.execute(
-                "UPDATE outbox SET status = 'sent', sent_at = $1, result = $2::jsonb, attempts = attempts + 1 WHERE id = $3",
+                "UPDATE outbox SET status = 'sent', sent_at = $1, result = $2::jsonb, "
+                "attempts = attempts + 1 WHERE id = $3",
                 time.time(),
                 orjson.dumps(result).decode(),
                 entry_id,
@@ -432,10 +438,13 @@ _QUARANTINE = (
 _QUARANTINE_COPY = """INSERT INTO quarantine (ref, version, patient, reason, received, record, digest)
                       VALUES ($1, $2, $3, $4, $5, $6, $7)"""
 # The stored version of each Observation: ref, then as sqlite.py's _STORED (`base.stored_version`).
-_STORED = """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
+_STORED = (
+    """SELECT r.ref, r.vu, r.vv, d.digest, r.patient, r.panel, r.data,
                     CASE WHEN r.data IS NULL THEN (SELECT q.record FROM quarantine q
                                                    WHERE q.ref = r.ref AND q.digest = d.digest LIMIT 1) END
-             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv WHERE r.ref = ANY($1::text[])"""
+             FROM results r LEFT JOIN digests d ON d.ref = r.ref AND d.vu = r.vu AND d.vv = r.vv """
+    "WHERE r.ref = ANY($1::text[])"
+)
 
 
 async def _write(conn: asyncpg.Connection, rows: IngestRows) -> None:
@@ -455,7 +464,8 @@ async def _write(conn: asyncpg.Connection, rows: IngestRows) -> None:
     if rows.touches:
         await conn.executemany(
             """INSERT INTO panels VALUES ($1, $2, $3, true, $4) ON CONFLICT (patient, panel) DO UPDATE SET
-               dirty = true, changed_at = excluded.changed_at, first_vu = LEAST(panels.first_vu, excluded.first_vu)""",
+               dirty = true, changed_at = excluded.changed_at, """
+            "first_vu = LEAST(panels.first_vu, excluded.first_vu)",
             rows.touches,
         )
     if rows.quarantine:

@@ -85,7 +85,8 @@ def _on_store_thread(
             self._thread, functools.partial(_guarded, method, self, *args, **kwargs)
         )
 
-    return call
+    # typeshed: functools.wraps gives a _Wrapped, which calls as the Callable declared
+    return call  # type: ignore[return-value]
 
 
 def _guarded(method: Callable[..., _R], store: SqliteStore, *args: Any, **kwargs: Any) -> _R:
@@ -228,7 +229,8 @@ class SqliteStore:
             held = any(each.held for each in todo.values())
             rows = ingest_rows(todo, set(_quarantined_copies(db, refs)) if held else set(), now)
             db.executemany(
-                "INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO results (ref, vu, vv, patient, panel, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 rows.results,
             )
             db.executemany("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)", rows.digests)
@@ -250,7 +252,8 @@ class SqliteStore:
         """A rejection with no usable id (it supersedes nothing): kept with its reason."""
         with self._tx():
             self.db.execute(
-                "INSERT INTO quarantine (ref, version, patient, reason, received, record) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO quarantine (ref, version, patient, reason, received, record) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (rejected.ref, None, rejected.patient, rejected.reason, now, _encode(rejected)),
             )
 
@@ -267,7 +270,8 @@ class SqliteStore:
             results = [
                 _decode_result(data)
                 for (data,) in db.execute(
-                    "SELECT data FROM results WHERE patient = ? AND panel = ? AND data IS NOT NULL ORDER BY ref",
+                    "SELECT data FROM results WHERE patient = ? AND panel = ? "
+                    "AND data IS NOT NULL ORDER BY ref",
                     (patient, panel),
                 )
             ]
@@ -342,7 +346,8 @@ class SqliteStore:
     @_on_store_thread
     def pending_outbox(self, limit: int = 100) -> list[OutboxEntry]:
         rows = self.db.execute(
-            "SELECT id, patient, event, writes, attempts FROM outbox WHERE status = 'pending' ORDER BY id LIMIT ?",
+            "SELECT id, patient, event, writes, attempts FROM outbox "
+            "WHERE status = 'pending' ORDER BY id LIMIT ?",
             (limit,),
         ).fetchall()
         return [OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows]
@@ -351,7 +356,8 @@ class SqliteStore:
     def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
         with self._tx():
             self.db.execute(
-                "UPDATE outbox SET status = 'sent', sent_at = ?, result = ?, attempts = attempts + 1 WHERE id = ?",
+                "UPDATE outbox SET status = 'sent', sent_at = ?, result = ?, "
+                "attempts = attempts + 1 WHERE id = ?",
                 (time.time(), orjson.dumps(result), entry_id),
             )
 
