@@ -71,7 +71,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="neutrowatch-demo-") as tmp:
             settings = settings_for(base, Path(tmp) / "state.sqlite3")
             print(
-                f"\nneutrowatch demo: FHIR engine at {base}, state in SQLite, 40 synthetic patients over 8 weeks\n"
+                f"\nneutrowatch demo: FHIR engine at {base}, state in SQLite, 40 synthetic patients over 8 "
+                "weeks\n"
             )
             lines, decisions = asyncio.run(run_service(settings, Path(tmp) / "state.sqlite3"))
             for line in lines:
@@ -99,7 +100,8 @@ def main() -> int:
                     ]
                 )
             print(
-                "\nAlerts written to the FHIR server (a Communication each; the episode's Flag as it stands now):\n"
+                "\nAlerts written to the FHIR server (a Communication each; the episode's Flag as it stands "
+                "now):\n"
             )
             print(table(rows, ["PATIENT", "EVENT", "GRADE", "ANC /µL", "COLLECTED", "PRIORITY", "FLAG"]))
             rejected = Counter(d["reason"] for d in decisions if d["event"] == "rejected")

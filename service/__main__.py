@@ -26,17 +26,21 @@ def _logging(settings: Settings, *, service: bool = False) -> None:
     if service and pseudonyms is not None and pseudonyms.ephemeral:
         structlog.get_logger("neutrowatch").warning(
             "patient references in logs are pseudonymised with a key of this process only: set "
-            "logging.pseudonym_key or logging.pseudonym_key_file to correlate lines across restarts and replicas"
+            "logging.pseudonym_key or logging.pseudonym_key_file to correlate lines across restarts and "
+            "replicas"
         )
 
 
 def _pseudonym(args: argparse.Namespace) -> int:
-    """Which pseudonym the logs use for a patient: for an operator who knows the patient and looks for its lines."""
+    """Which pseudonym the logs use for a patient: for an operator who knows the patient
+    and looks for its lines.
+    """
     settings = load_settings(args.config)
     key = settings.logging.pseudonym_key_bytes()
     if key is None:
         raise NeutrowatchError(
-            "no logging.pseudonym_key or logging.pseudonym_key_file configured: pseudonyms change with each process"
+            "no logging.pseudonym_key or logging.pseudonym_key_file configured: pseudonyms change with each "
+            "process"
         )
     ref = args.patient if args.patient.startswith("Patient/") else f"Patient/{args.patient}"
     print(nw_logging.Pseudonyms(key).text(ref))

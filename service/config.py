@@ -66,8 +66,8 @@ class FebrileSettings(_Section):
         0.5,
         gt=0,
         lt=1,
-        description="'Expected to fall below 500 within 48 h' proxy: an ANC < 1000 that fell by at least this "
-        "fraction from the previous value (a design choice, not from a guideline).",
+        description="'Expected to fall below 500 within 48 h' proxy: an ANC < 1000 that fell by at least "
+        "this fraction from the previous value (a design choice, not from a guideline).",
     )
     fall_window_hours: float = Field(
         48.0, gt=0, le=168, description="... within this many hours of the previous value."
@@ -77,14 +77,15 @@ class FebrileSettings(_Section):
 class DifferentialSettings(_Section):
     neutrophil_percent_with_bands_is_segmented: bool = Field(
         False,
-        description="Site rule: a neutrophil % reported with a band % in the same panel is the segmented count of a "
-        "manual differential (some laboratories report segs under their neutrophil code, e.g. MIMIC item 51256), so "
-        "the ANC is WBC x (neutrophil % + band %). Off: bands are never added to a neutrophil % (reference §2).",
+        description="Site rule: a neutrophil % reported with a band % in the same panel is the segmented "
+        "count of a manual differential (some laboratories report segs under their neutrophil code, e.g. "
+        "MIMIC item 51256), so the ANC is WBC x (neutrophil % + band %). Off: bands are never added to a "
+        "neutrophil % (reference §2).",
     )
 
 
 class ResolutionSettings(_Section):
-    """When an episode closes and when it re-opens (docs/clinical-reference.md §3 "Resolution and recurrence")."""
+    """When an episode closes and when it re-opens (docs/clinical-reference.md §3 "Resolution and recurrence")."""  # noqa: E501 - rendered verbatim into values.schema.json
 
     confirmations: int = Field(
         3,
@@ -97,8 +98,8 @@ class ResolutionSettings(_Section):
         48.0,
         ge=0,
         le=720,
-        description="Hours the confirming panels must span, first to last (default 48: values drawn more than a "
-        "day apart).",
+        description="Hours the confirming panels must span, first to last (default 48: values drawn more "
+        "than a day apart).",
     )
     reopen_days: float = Field(
         7.0,
@@ -140,7 +141,8 @@ class ClinicalSettings(_Section):
         91.0,
         gt=0,
         le=3650,
-        description="An episode open longer than this is labelled chronic (default: more than 3 months, a local choice to validate).",
+        description="An episode open longer than this is labelled chronic (default: more than 3 months, a "
+        "local choice to validate).",
     )
     history_limit: int = Field(
         24,
@@ -150,16 +152,17 @@ class ClinicalSettings(_Section):
     )
     local_timezone: str | None = Field(
         None,
-        description="IANA timezone (e.g. Europe/Berlin) in which sources write collection times that carry no UTC "
-        "offset. Unset: such a time is rejected ('effective time has no timezone'), never guessed as UTC. Set: it is "
-        "read in this zone and the decision says so.",
+        description="IANA timezone (e.g. Europe/Berlin) in which sources write collection times that carry "
+        "no UTC offset. Unset: such a time is rejected ('effective time has no timezone'), never guessed as "
+        "UTC. Set: it is read in this zone and the decision says so.",
     )
     collection_time_slack_minutes: float = Field(
         60.0,
         ge=0,
         le=1440,
-        description="A collection time later than its result's meta.lastUpdated (or the reading clock) by more than "
-        "this is rejected as impossible (clock skew between laboratory system and server is allowed for).",
+        description="A collection time later than its result's meta.lastUpdated (or the reading clock) by "
+        "more than this is rejected as impossible (clock skew between laboratory system and server is "
+        "allowed for).",
     )
 
     @field_validator("patient_thresholds")
@@ -219,19 +222,20 @@ def concept_map_file_rows(path: Path) -> tuple[MapRow, ...]:
 class TerminologySettings(_Section):
     concept_maps: tuple[Path, ...] = Field(
         (),
-        description="FHIR R4 ConceptMap JSON files translating the site's local codes to LOINC (group.source the "
-        "local system, group.target http://loinc.org; equivalence equivalent, equal, wider or subsumes translate, "
-        "narrower, inexact, unmatched and disjoint do not). A mapped result is decided as its LOINC code.",
+        description="FHIR R4 ConceptMap JSON files translating the site's local codes to LOINC (group.source "
+        "the local system, group.target http://loinc.org; equivalence equivalent, equal, wider or subsumes "
+        "translate, narrower, inexact, unmatched and disjoint do not). A mapped result is decided as its "
+        "LOINC code.",
     )
     concept_map_urls: tuple[str, ...] = Field(
         (),
-        description="Canonical URLs of ConceptMaps read from the FHIR server (ConceptMap?url=) at start-up and "
-        "again every poll.context_ttl_seconds (live loop only; replay and explain use concept_maps).",
+        description="Canonical URLs of ConceptMaps read from the FHIR server (ConceptMap?url=) at start-up "
+        "and again every poll.context_ttl_seconds (live loop only; replay and explain use concept_maps).",
     )
     units: tuple[UnitMapping, ...] = Field(
         (),
-        description="Local unit strings the built-in table does not know: each {system, unit, ucum}. A unit neither "
-        "knows stays rejected.",
+        description="Local unit strings the built-in table does not know: each {system, unit, ucum}. A unit "
+        "neither knows stays rejected.",
     )
 
     @field_validator("concept_maps")
@@ -275,9 +279,10 @@ class AlertSettings(_Section):
     )
     claim_profiles: bool = Field(
         True,
-        description="Written Flags, Communications and Provenance claim the project's profiles (meta.profile). A server "
-        "that validates claims must hold the StructureDefinitions (`profiles install`) and let the service read them; "
-        "false: no meta.profile (the extensions stay, they are valid without the profiles). Replay follows it too.",
+        description="Written Flags, Communications and Provenance claim the project's profiles "
+        "(meta.profile). A server that validates claims must hold the StructureDefinitions (`profiles "
+        "install`) and let the service read them; false: no meta.profile (the extensions stay, they are "
+        "valid without the profiles). Replay follows it too.",
     )
     recipients: tuple[str, ...] = Field(
         (),
@@ -292,7 +297,8 @@ class AlertSettings(_Section):
         for ref in value:
             if not ref.startswith(allowed) or ref.rstrip("/") in {a.rstrip("/") for a in allowed}:
                 raise ValueError(
-                    f"{ref!r} is not a Practitioner, PractitionerRole, CareTeam, Organization or Group reference"
+                    f"{ref!r} is not a Practitioner, PractitionerRole, CareTeam, Organization or Group "
+                    "reference"
                 )
         return value
 
@@ -309,23 +315,24 @@ class RetrySettings(_Section):
         60.0,
         gt=0,
         le=3600,
-        description="The server's quota window (Medplum: points per minute). A 429 without Retry-After waits a "
-        "jittered half to whole window (not the backoff schedule, not capped by backoff_max_seconds), and every "
-        "other request of the client waits with it.",
+        description="The server's quota window (Medplum: points per minute). A 429 without Retry-After waits "
+        "a jittered half to whole window (not the backoff schedule, not capped by backoff_max_seconds), and "
+        "every other request of the client waits with it.",
     )
     max_request_retry_seconds: float = Field(
         180.0,
         gt=0,
         le=3600,
-        description="Total backoff one request may spend over all its retries; a retry that would pass it gives up "
-        "(the cycle fails and is redone from the cursor and the outbox).",
+        description="Total backoff one request may spend over all its retries; a retry that would pass it "
+        "gives up (the cycle fails and is redone from the cursor and the outbox).",
     )
     max_cycle_retry_seconds: float = Field(
         600.0,
         gt=0,
         le=86_400,
-        description="Backoff budget of the whole client: retries stop when it is spent (a backlog never turns into a "
-        "retry storm). It refills at half a second per second, and fully at the start of each poll cycle.",
+        description="Backoff budget of the whole client: retries stop when it is spent (a backlog never "
+        "turns into a retry storm). It refills at half a second per second, and fully at the start of each "
+        "poll cycle.",
     )
 
 
@@ -339,12 +346,14 @@ class SmartSettings(_Section):
     key_id: str = Field("", description="`kid` header of the assertion: the key's id in the registered JWKS.")
     algorithm: Literal["RS384", "ES384"] = Field(
         "RS384",
-        description="Signature algorithm of the JWT assertion: RS384 (an RSA key) or ES384 (an EC P-384 key).",
+        description="Signature algorithm of the JWT assertion: RS384 (an RSA key) or ES384 "
+        "(an EC P-384 key).",
     )
     scope: str = Field(
         default_scope(),
-        description="Requested scopes (SMART v2 syntax, or v1 such as system/Flag.write). The default is exactly what the "
-        "built-in configuration does (service/fhir/scopes.py); `check-config --probe` compares it with what the server grants.",
+        description="Requested scopes (SMART v2 syntax, or v1 such as system/Flag.write). The default is "
+        "exactly what the built-in configuration does (service/fhir/scopes.py); `check-config --probe` "
+        "compares it with what the server grants.",
     )
     token_url: str | None = Field(
         None, description="Token endpoint; discovered from .well-known/smart-configuration when empty."
@@ -358,15 +367,16 @@ class AuthSettings(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # the token is a secret
     method: Literal["none", "bearer", "smart"] = Field(
         "none",
-        description="How requests authenticate: none; bearer (a static token, bearer_token or bearer_token_file); "
-        "smart (SMART Backend Services, the smart section).",
+        description="How requests authenticate: none; bearer (a static token, bearer_token or "
+        "bearer_token_file); smart (SMART Backend Services, the smart section).",
     )
     bearer_token: SecretStr | None = Field(
         None, description="Static bearer token (set it from the environment, never in a file in the repo)."
     )
     bearer_token_file: Path | None = Field(
         None,
-        description="File holding the static bearer token (a mounted secret); re-read after a 401, so a rotated secret needs no restart.",
+        description="File holding the static bearer token (a mounted secret); re-read after a 401, so a "
+        "rotated secret needs no restart.",
     )
     smart: SmartSettings = SmartSettings()
 
@@ -393,34 +403,36 @@ class FhirSettings(_Section):
         None,
         ge=1,
         le=1_000_000,
-        description="Client-side rate limit: at most this many requests (retries included) in any 60 s; none when "
-        "empty. Set it under a server quota (Medplum prices a write 100 points, a search 20, a read 10).",
+        description="Client-side rate limit: at most this many requests (retries included) in any 60 s; none "
+        "when empty. Set it under a server quota (Medplum prices a write 100 points, a search 20, a read "
+        "10).",
     )
     max_response_bytes: int = Field(
         64 * 1024 * 1024,
         ge=64 * 1024,
         le=1024 * 1024 * 1024,
-        description="Largest response body read (after decompression); a larger one is refused unread, checked "
-        "against Content-Length and while the body streams in. A search page so refused fails the cycle and the "
-        "cursor stays (raise this, or lower page_size). 64 MiB: a full page (page_size 1000) of Observations is "
-        "1-3 MB, and `once` reading a page just under this cap peaks at about 200 MiB (a 300 MB page: about 680 MiB), "
-        "well under the Helm chart's 512 MiB container limit (docs/benchmarks.md: memory).",
+        description="Largest response body read (after decompression); a larger one is refused unread, "
+        "checked against Content-Length and while the body streams in. A search page so refused fails the "
+        "cycle and the cursor stays (raise this, or lower page_size). 64 MiB: a full page (page_size 1000) "
+        "of Observations is 1-3 MB, and `once` reading a page just under this cap peaks at about 200 MiB (a "
+        "300 MB page: about 680 MiB), well under the Helm chart's 512 MiB container limit "
+        "(docs/benchmarks.md: memory).",
     )
     user_agent: str = Field("neutrowatch/0.1", description="User-Agent header.")
     max_search_url_length: int = Field(
         2048,
         ge=256,
         le=65_536,
-        description="Longest search URL sent: a search whose code list would make it longer (many local codes from "
-        "terminology.concept_maps) is split into several searches read as one. Servers and proxies refuse long GETs "
-        "(IIS: 2048 characters of query by default).",
+        description="Longest search URL sent: a search whose code list would make it longer (many local "
+        "codes from terminology.concept_maps) is split into several searches read as one. Servers and "
+        "proxies refuse long GETs (IIS: 2048 characters of query by default).",
     )
     accepted_foreign_bases: tuple[str, ...] = Field(
         (),
-        description="Federated setups only: base URLs of other FHIR servers whose patients the results may name "
-        "(e.g. https://partner.example.org/fhir). Such a subject is the patient's identity as its absolute "
-        "reference, and nothing about it is read from this server. A subject on any other server is rejected "
-        "('subject is on another server'), never alerted on.",
+        description="Federated setups only: base URLs of other FHIR servers whose patients the results may "
+        "name (e.g. https://partner.example.org/fhir). Such a subject is the patient's identity as its "
+        "absolute reference, and nothing about it is read from this server. A subject on any other server is "
+        "rejected ('subject is on another server'), never alerted on.",
     )
     retry: RetrySettings = RetrySettings()
     auth: AuthSettings = AuthSettings()
@@ -484,15 +496,16 @@ class PollSettings(_Section):
         5,
         ge=1,
         le=1000,
-        description="A cycle reads at most this many search pages, then decides, posts and moves the cursor (a step) "
-        "before it reads on, so a backlog is worked through in steps that each commit progress (/readyz: catching up). "
-        "5 pages of the default 200 are about 1,000 Observations, whose alerts (about 400 writes in a chemotherapy "
-        "population) post within one readiness window (3 intervals) even at a server quota of 500 writes a minute.",
+        description="A cycle reads at most this many search pages, then decides, posts and moves the cursor "
+        "(a step) before it reads on, so a backlog is worked through in steps that each commit progress "
+        "(/readyz: catching up). 5 pages of the default 200 are about 1,000 Observations, whose alerts "
+        "(about 400 writes in a chemotherapy population) post within one readiness window (3 intervals) even "
+        "at a server quota of 500 writes a minute.",
     )
     temperatures: Literal["open-episodes", "all", "off"] = Field(
         "open-episodes",
-        description="Body temperatures for the febrile rule: one search per patient with an open episode each "
-        "cycle (open-episodes), every temperature in the main search (all), or none (off).",
+        description="Body temperatures for the febrile rule: one search per patient with an open episode "
+        "each cycle (open-episodes), every temperature in the main search (all), or none (off).",
     )
 
 
@@ -500,22 +513,24 @@ class StoreSettings(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)  # the DSN is a secret
     backend: Literal["sqlite", "postgres"] = Field(
         "sqlite",
-        description="sqlite: one replica, state in a local file. postgres: state in PostgreSQL; several replicas "
-        "may run and one (holding an advisory lock) polls and posts.",
+        description="sqlite: one replica, state in a local file. postgres: state in PostgreSQL; several "
+        "replicas may run and one (holding an advisory lock) polls and posts.",
     )
     path: Path = Field(
         Path("neutrowatch.sqlite3"), description="SQLite state file (cursor, results, episodes, outbox)."
     )
     dsn: SecretStr | None = Field(
         None,
-        description="PostgreSQL DSN: a URL with a host, e.g. postgresql://neutrowatch@db:5432/neutrowatch, or libpq "
-        "keyword=value pairs (host=db dbname=neutrowatch ...). Set it from the environment: a password in it is a secret.",
+        description="PostgreSQL DSN: a URL with a host, e.g. postgresql://neutrowatch@db:5432/neutrowatch, "
+        "or libpq keyword=value pairs (host=db dbname=neutrowatch ...). Set it from the environment: a "
+        "password in it is a secret.",
     )
     dsn_file: Path | None = Field(None, description="File holding the PostgreSQL DSN (a mounted secret).")
     schema_name: str = Field(
         "neutrowatch",
         pattern=r"^[a-z_][a-z0-9_]{0,62}$",
-        description="PostgreSQL schema holding the tables; one per deployment (the leader lock is keyed on it).",
+        description="PostgreSQL schema holding the tables; one per deployment "
+        "(the leader lock is keyed on it).",
     )
     pool_size: int = Field(
         4, ge=2, le=64, description="PostgreSQL connections in the pool (the leader lock has its own)."
@@ -524,7 +539,8 @@ class StoreSettings(_Section):
         2.0,
         gt=0,
         le=60,
-        description="A standby retries the leader lock this often; the leader re-checks it holds the lock this often.",
+        description="A standby retries the leader lock this often; the leader re-checks it holds the lock "
+        "this often.",
     )
 
     @field_validator("dsn")
@@ -575,8 +591,9 @@ class LoggingSettings(_Section):
     )
     patient_references: Literal["pseudonymised", "plain"] = Field(
         "pseudonymised",
-        description="pseudonymised: every Patient/<id> in a log line becomes Patient/~<keyed hash> (logs are then "
-        "not PHI); plain: references as they are (the logs tie grades and values to patients: treat them as PHI).",
+        description="pseudonymised: every Patient/<id> in a log line becomes Patient/~<keyed hash> (logs are "
+        "then not PHI); plain: references as they are (the logs tie grades and values to patients: treat "
+        "them as PHI).",
     )
     pseudonym_key: SecretStr | None = Field(
         None,
@@ -783,7 +800,8 @@ def review_settings(path: str | Path | None = None) -> Review:
         host = fhir.base_url.removeprefix("http://").split("/", 1)[0]
         if fhir.base_url.startswith("http://") and not host.startswith(_LOOPBACK):
             warnings.append(
-                f"fhir.allow_insecure_http: plain http:// to {host} while {credential}: the credential travels in clear"
+                f"fhir.allow_insecure_http: plain http:// to {host} while {credential}: the credential "
+                "travels in clear"
             )
     if settings is not None and settings.fhir.auth.method == "smart":
         need = required(needed_by(settings))

@@ -83,8 +83,9 @@ FHIR_RETRIES = Counter(
 )
 FHIR_RETRY_CAPS = Counter(
     "neutrowatch_fhir_retry_caps_total",
-    "FHIR requests not retried because a backoff cap was reached: request (fhir.retry.max_request_retry_seconds) "
-    "or cycle (the client's budget, fhir.retry.max_cycle_retry_seconds).",
+    "FHIR requests not retried because a backoff cap was reached: request "
+    "(fhir.retry.max_request_retry_seconds) or cycle (the client's budget, "
+    "fhir.retry.max_cycle_retry_seconds).",
     ["cap"],
     registry=REGISTRY,
 )
@@ -134,7 +135,8 @@ OUTBOX_PENDING = Gauge(
 STEPS = Counter(
     "neutrowatch_steps_total",
     "Poll steps (at most poll.max_pages_per_step pages read, decided and posted), by "
-    "outcome: committed (every write confirmed, the cursor moved) or undelivered (writes pending, the cursor stayed).",
+    "outcome: committed (every write confirmed, the cursor moved) or undelivered (writes pending, the cursor "
+    "stayed).",
     ["outcome"],
     registry=REGISTRY,
 )

@@ -139,7 +139,9 @@ GIVEN = {
     "female": "Anna Maria Sofia Emma Aisha Mei Fatima Grace Inès Lena Priya Zoë".split(),
     "male": "James Lukas Noah Mateo Omar Wei David Arjun Jonas Kofi Pierre Samuel".split(),
 }
-FAMILY = "Smith Müller Garcia Nguyen Okafor Kowalski Rossi Dubois Tanaka Haddad Silva Novak Cohen Patel O'Brien".split()
+FAMILY = (
+    "Smith Müller Garcia Nguyen Okafor Kowalski Rossi Dubois Tanaka Haddad Silva Novak Cohen Patel O'Brien"
+).split()
 
 
 @lru_cache(maxsize=1024)
@@ -626,7 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.perf_counter()
     counts = _write(spec, args.out)
     print(
-        f"{args.out}: patients={spec.patients} seed={spec.seed} days={spec.days} lines={sum(counts.values())} "
+        f"{args.out}: patients={spec.patients} seed={spec.seed} days={spec.days} "
+        f"lines={sum(counts.values())} "
         f"in {time.perf_counter() - began:.1f} s",
         file=sys.stderr,
     )
