@@ -221,7 +221,12 @@ def test_replay_of_the_leukaemic_picture(tmp_path: Path):
     rows += _panel("ok", 2, 2.0, 20, 9.0, 45)
     source.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
     events, alerts = tmp_path / "events.jsonl", tmp_path / "alerts.ndjson"
-    assert main(["replay", str(source), "--events", str(events), "--alerts", str(alerts)]) == 0
+    config = tmp_path / "one-normal-resolves.yaml"  # the resolution wording is under test, not its timing
+    config.write_text(
+        "clinical:\n  resolution: {confirmations: 1, min_hours: 0, reopen_days: 0, memory_days: 0}\n"
+    )
+    argv = ["replay", str(source), "--events", str(events), "--alerts", str(alerts), "--config", str(config)]
+    assert main(argv) == 0
     decided = [orjson.loads(line) for line in events.read_bytes().splitlines()]
     assert [(e["patient"], e["event"], e["anc"], e["picture"]) for e in decided] == [
         ("Patient/leuk", "new", 410, "marked-leukocytosis-low-neutrophil-fraction"),

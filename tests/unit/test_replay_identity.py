@@ -22,6 +22,11 @@ from tests.builders import observation
 
 BASE = "https://fhir.example.org/fhir/R4"
 SPELLINGS = ("Patient/h20", "Patient/h20/_history/1", f"{BASE}/Patient/h20")
+# One normal panel closes the episode (the former rule, set explicitly): identity, not resolution, is
+# under test here (resolution: tests/unit/test_resolution.py).
+ONE_NORMAL_RESOLVES = (
+    "clinical:\n  resolution: {confirmations: 1, min_hours: 0, reopen_days: 0, memory_days: 0}\n"
+)
 ENGINES = ({"engine": "sqlite"}, {"engine": "partitioned", "workers": 1})
 
 
@@ -64,7 +69,9 @@ def run(
 @pytest.mark.parametrize("engine", ENGINES, ids=lambda e: e["engine"])
 def test_three_spellings_of_one_patient_are_one_episode_and_one_flag(tmp_path, engine):
     """Before: three patients, three episodes and three Flags, two of them active after recovery."""
-    events, alerts = run(tmp_path, three_spellings(), f"fhir:\n  base_url: {BASE}\n", **engine)
+    events, alerts = run(
+        tmp_path, three_spellings(), f"fhir:\n  base_url: {BASE}\n" + ONE_NORMAL_RESOLVES, **engine
+    )
     assert [(e["patient"], e["event"]) for e in events] == [
         ("Patient/h20", "new"),
         ("Patient/h20", "resolved"),
@@ -104,7 +111,7 @@ def test_a_foreign_subject_is_rejected_and_never_takes_the_local_namesakes_facts
         *panel("https://evil.example.com/Patient/x", 0, 0.1, day=2, pid="x"),
         *panel("Patient/x", 1, 0.1, day=3, pid="x"),
     ]
-    events, alerts = run(tmp_path, resources, f"fhir:\n  base_url: {BASE}\n", **engine)
+    events, alerts = run(tmp_path, resources, f"fhir:\n  base_url: {BASE}\n" + ONE_NORMAL_RESOLVES, **engine)
     assert alerts == []
     assert [(e["event"], e["patient"], e.get("reason")) for e in events] == [
         ("rejected", None, "subject is on another server"),
@@ -124,7 +131,10 @@ def test_an_accepted_foreign_base_keeps_the_absolute_identity_and_no_local_facts
         *panel(f"{partner}/Patient/x/_history/4", 1, 2.5, day=3, pid="x"),
     ]
     events, alerts = run(
-        tmp_path, resources, f"fhir:\n  base_url: {BASE}\n  accepted_foreign_bases: [{partner}/]\n", **engine
+        tmp_path,
+        resources,
+        f"fhir:\n  base_url: {BASE}\n  accepted_foreign_bases: [{partner}/]\n" + ONE_NORMAL_RESOLVES,
+        **engine,
     )
     assert [(e["patient"], e["event"], e["threshold_rule"]) for e in events] == [
         (f"{partner}/Patient/x", "new", "scheme"),
@@ -149,5 +159,5 @@ def test_context_rows_are_keyed_by_the_canonical_subject(tmp_path, engine):
         },
         *panel("Patient/b", 0, 1.2, pid="b"),
     ]
-    events, alerts = run(tmp_path, resources, f"fhir:\n  base_url: {BASE}\n", **engine)
+    events, alerts = run(tmp_path, resources, f"fhir:\n  base_url: {BASE}\n" + ONE_NORMAL_RESOLVES, **engine)
     assert events == [] and alerts == []
