@@ -141,7 +141,7 @@ def configure(level: str = "info", fmt: str = "auto", pseudonyms: Pseudonyms | N
     renderer: Any = structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
     privacy: list[Any] = [drop_phi] + ([pseudonyms.processor()] if pseudonyms is not None else [])
     # Libraries that log through the standard library (APScheduler, aiohttp) get the same format.
-    handler = logging.StreamHandler(_Stderr())  # type: ignore[arg-type]
+    handler = logging.StreamHandler(_Stderr())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processor=renderer,

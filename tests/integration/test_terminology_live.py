@@ -90,9 +90,9 @@ async def test_a_concept_map_on_the_server_makes_local_coded_results_alert(fhir_
         },
     )
     report = await cycle(mapped)
-    assert report.events == {"new": 2, "worsening": 2, "resolved": 1}
+    assert report.events == {"new": 1, "worsening": 2, "recovering": 2}
     counts = compare_with_oracle(fhir_base_url, tmp_path / "oracle", more_config=oracle_config())
-    assert counts["flags"] == 2
+    assert counts["flags"] == 1  # one episode: its recovery is not yet confirmed (reference §3)
     (flag, *_) = export(fhir_base_url, "Flag")
     assert flag["subject"]["reference"] == f"Patient/{PATIENT}"
 
@@ -136,7 +136,7 @@ async def test_a_code_list_too_long_for_one_get_is_split(fhir_base_url, tmp_path
         await proxy.stop()
     assert proxy.counts["uri-too-long"] == 0
     assert len(searches) >= 2 and all(len(s) <= LIMIT for s in searches)
-    assert report.events == {"new": 2, "worsening": 2, "resolved": 1}
+    assert report.events == {"new": 1, "worsening": 2, "recovering": 2}
     compare_with_oracle(fhir_base_url, tmp_path / "oracle", more_config=oracle_config())
 
 
@@ -167,7 +167,7 @@ async def test_a_map_changed_on_the_server_is_read_again_after_the_context_ttl(f
             worker = Worker(settings, client, store)
             assert (await worker.run_cycle()).events == {}
             put_all(fhir_base_url, [concept_map])
-            assert (await worker.run_cycle()).events == {"new": 2, "worsening": 2, "resolved": 1}
+            assert (await worker.run_cycle()).events == {"new": 1, "worsening": 2, "recovering": 2}
     finally:
         await store.close()
     compare_with_oracle(fhir_base_url, tmp_path / "oracle", more_config=oracle_config())
