@@ -2,7 +2,7 @@
 Provenance, posted once the server has confirmed the Flag and the Communication, and what the server
 then holds, whether it runs a transaction atomically or as a batch (every test runs on both engines),
 
-(a) has exactly one Provenance per Communication and per Flag-only (chronic) update, whose targets
+(a) has exactly one Provenance per Communication and per Flag-only (chronic, recovering) update, whose targets
     are the server ids of that Flag and Communication, whose entities are the source Observations
     by version, whose agent is the configured author and whose `recorded` is an instant;
 (b) is the Flag / Communication / Provenance set replay (--provenance) predicts, modulo
@@ -161,14 +161,14 @@ def predicted(base_url: str, workdir: Path, *, history: bool) -> dict[str, list[
 
 
 def check_provenances(
-    base_url: str, settings: Settings, got: dict[str, list[Resource]], chronic: int
+    base_url: str, settings: Settings, got: dict[str, list[Resource]], flag_only: int
 ) -> None:
     flags = {f"Flag/{f['id']}": f for f in got["Flag"]}
     comms = {f"Communication/{c['id']}": c for c in got["Communication"]}
     provenances = got["Provenance"]
     tags = Counter(tag(p) for p in provenances)
     assert all(n == 1 for n in tags.values()), f"a Provenance written twice: {tags.most_common(2)}"
-    assert len(provenances) == len(comms) + chronic
+    assert len(provenances) == len(comms) + flag_only
     for_comm = Counter(
         t["reference"] for p in provenances for t in p["target"] if t["type"] == "Communication"
     )
@@ -190,7 +190,10 @@ def check_provenances(
             # the Communication names the Flag of the same write
             assert comm["about"][0]["identifier"] == flag_target["identifier"]
         else:
-            assert "-chronic-" in tag(p)[1] and p["extension"][0]["valueCoding"]["code"] == "chronic"
+            # a Flag-only update: chronic, recovering, or the withdrawal of a recovering
+            assert ("-chronic-" in tag(p)[1] or "-recovering-" in tag(p)[1]) and p["extension"][0][
+                "valueCoding"
+            ]["code"] in ("chronic", "recovering", "retracted")
         assert INSTANT.match(p["recorded"]), p["recorded"]
         (agent,) = p["agent"]
         assert agent["who"]["reference"] == settings.alerts.author
@@ -257,7 +260,7 @@ async def test_every_kind_of_write_leaves_one_provenance_as_replay_predicts(fhir
         seen.update(report.events)
     assert {"new", "worsening", "febrile", "chronic", "retracted"} <= set(seen), seen
     got = held(fhir_base_url)
-    check_provenances(fhir_base_url, settings, got, chronic=seen["chronic"])
+    check_provenances(fhir_base_url, settings, got, flag_only=seen["chronic"] + seen["recovering"])
     assert len(got["Provenance"]) == sum(seen.values())  # one per event, each its own write
     check_against_replay(got, predicted(fhir_base_url, tmp_path / "oracle", history=True))
     check_valid(got)
@@ -278,7 +281,7 @@ async def test_population_in_stages_leaves_one_provenance_per_write(fhir_base_ur
     assert {"new", "worsening", "resolved", "febrile"} <= set(seen), seen
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
     got = held(fhir_base_url)
-    check_provenances(fhir_base_url, settings, got, chronic=seen["chronic"])
+    check_provenances(fhir_base_url, settings, got, flag_only=seen["chronic"] + seen["recovering"])
     check_against_replay(got, predicted(fhir_base_url, tmp_path / "oracle-prov", history=False))
     check_valid(got)
 
@@ -338,7 +341,7 @@ async def test_a_lost_answer_reposted_leaves_one_provenance(fhir_base_url, tmp_p
     finally:
         await proxy.stop()
     got = held(fhir_base_url)
-    check_provenances(fhir_base_url, settings, got, chronic=seen["chronic"])
+    check_provenances(fhir_base_url, settings, got, flag_only=seen["chronic"] + seen["recovering"])
     assert len(got["Provenance"]) == sum(seen.values())
     compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)
 
@@ -400,7 +403,7 @@ async def test_a_refused_entry_leaves_no_provenance_pointing_at_nothing(
         assert undelivered <= 1  # all or nothing: refused, then written whole
     got = held(base_url)
     assert_targets_resolve(base_url, got["Provenance"])
-    check_provenances(base_url, settings, got, chronic=seen["chronic"])
+    check_provenances(base_url, settings, got, flag_only=seen["chronic"] + seen["recovering"])
     assert len(got["Provenance"]) == sum(seen.values())
     compare_with_oracle(base_url, tmp_path / "oracle", history=True)
     check_against_replay(got, predicted(base_url, tmp_path / "oracle-prov", history=True))
@@ -452,7 +455,7 @@ async def test_an_update_of_a_flag_the_worker_wrote_needs_no_search_and_a_stale_
     assert seen["worsening"] and seen["retracted"] >= 2 and seen["chronic"], seen  # updates in stages 2-4
     assert per_stage == [0, 0, 1, 0], per_stage  # only the Flag changed elsewhere was searched
     got = held(fhir_base_url)
-    check_provenances(fhir_base_url, settings, got, chronic=seen["chronic"])
+    check_provenances(fhir_base_url, settings, got, flag_only=seen["chronic"] + seen["recovering"])
     compare_with_oracle(fhir_base_url, tmp_path / "oracle", history=True)
     check_against_replay(got, predicted(fhir_base_url, tmp_path / "oracle-prov", history=True))
 
