@@ -196,7 +196,7 @@ def software_version() -> str:
 
 # -- installing the profiles on a server ----------------------------------------------------------
 
-GENERATED = Path(__file__).resolve().parents[1] / "fhir_profiles" / "generated"  # in a source tree
+GENERATED = Path(__file__).resolve().parents[2] / "fhir_profiles" / "generated"  # in a source tree
 INSTALL_ORDER = ("CodeSystem", "ValueSet", "StructureDefinition")  # what a later one binds to goes first
 _SERVER_OWNED = ("id", "meta", "text")  # set or rewritten by the server: not compared
 
