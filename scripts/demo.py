@@ -27,6 +27,8 @@ from tests.fhir_server.load import export, put_all  # noqa: E402
 from tests.integration.live import compare_with_oracle, settings_for, stages  # noqa: E402
 from tests.synthetic import PopulationSpec, generate  # noqa: E402
 
+FLAG_ONLY = ("recovering", "chronic")  # decisions that update the Flag without a Communication
+
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
@@ -92,16 +94,16 @@ def main() -> int:
                     [
                         d["patient"],
                         d["event"],
-                        d["grade"],
+                        d["grade"] or "-",
                         f"{d['anc']:,.0f}",
                         d["effective"][:16],
-                        comm["priority"] if comm else "MISSING",
+                        "(Flag only)" if d["event"] in FLAG_ONLY else comm["priority"] if comm else "MISSING",
                         flags[d["episode"]]["status"],
                     ]
                 )
             print(
-                "\nAlerts written to the FHIR server (a Communication each; the episode's Flag as it stands "
-                "now):\n"
+                "\nAlerts written to the FHIR server (a Communication each, but the Flag-only updates "
+                "`recovering` and `chronic`; the episode's Flag as it stands now):\n"
             )
             print(table(rows, ["PATIENT", "EVENT", "GRADE", "ANC /µL", "COLLECTED", "PRIORITY", "FLAG"]))
             rejected = Counter(d["reason"] for d in decisions if d["event"] == "rejected")
@@ -111,8 +113,9 @@ def main() -> int:
             counts = compare_with_oracle(base, Path(tmp) / "oracle")
             kinds = Counter(d["event"] for d in alerts)
             print(
-                f"\n{counts['flags']} Flags and {counts['communications']} Communications on the server "
-                f"({', '.join(f'{k} {v}' for k, v in kinds.items())}); they match what `replay` predicts "
+                f"\n{counts['flags']} Flags and {counts['communications']} Communications on the server for "
+                f"{len(alerts)} decisions ({', '.join(f'{k} {v}' for k, v in kinds.items())}); they match "
+                "what `replay` predicts "
                 "for the same data: none missing, none doubled."
             )
     finally:
