@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.config import ResolutionSettings, Settings
 from service.fhir.errors import FhirError
 from service.fhir.fhirtime import to_epoch_us
 from tests.chaos import proxy as px
@@ -194,6 +195,15 @@ def _overlap_evidence(
     )
 
 
+def one_normal_resolves(settings: Settings) -> Settings:
+    """The former resolution rule (one normal panel closes an episode), set explicitly: the episode and
+    Communication ids below were found under it; what is tested is the truncated page, not resolution."""
+    legacy = ResolutionSettings(confirmations=1, min_hours=0, reopen_days=0, memory_days=0)
+    return settings.model_copy(
+        update={"clinical": settings.clinical.model_copy(update={"resolution": legacy})}
+    )
+
+
 async def test_a_temperature_page_truncated_twice_loses_no_febrile_alert(fhir_engine, tmp_path: Path) -> None:
     """One patient of the campaign's seed-11 population, stage by stage; in the stage that brings the
     second reading of a sustained fever and a severe ANC, the temperature search's page comes back
@@ -216,7 +226,7 @@ async def test_a_temperature_page_truncated_twice_loses_no_febrile_alert(fhir_en
         proxy = px.Proxy(base)
         await proxy.start()
         try:
-            settings = settings_for(proxy.base, state, page_size=10, overlap_seconds=3)
+            settings = one_normal_resolves(settings_for(proxy.base, state, page_size=10, overlap_seconds=3))
             for i, stage in enumerate(stages):
                 if stage:
                     put_batch(base, stage)
