@@ -17,7 +17,7 @@ from aiohttp import web
 
 from service.config import Settings, TerminologySettings
 from service.fhir.errors import FhirError
-from tests import mimic_terminology as mimic
+from tests import mimic
 from tests.chaos.proxy import Fault, Proxy
 from tests.fhir_server.load import export, put_all
 from tests.integration.live import compare_with_oracle, cycle, settings_for

@@ -1,7 +1,7 @@
 """Real hospital data with local codes only (tests/data/mimic-iv-demo-cbc, MIMIC-IV demo): read through
 the project's ConceptMap (tests/data/mimic-iv-demo-cbc/conceptmap.json) and terminology.units, replay
 decides EXACTLY as it does on the same data with LOINC codings added beside the local ones
-(tests/mimic_terminology.py, LOINC codes from loinc.org) — every event, every alert — the events
+(tests/mimic.py, LOINC codes from loinc.org) — every event, every alert — the events
 differing only by the field naming the local code and the map. Without the map nothing is monitored."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from service.config import Settings
 from service.replay.engine import Replay
-from tests import mimic_terminology as mimic
+from tests import mimic
 
 
 def replay(
@@ -46,7 +46,7 @@ def test_local_codes_through_the_map_decide_as_loinc_codings(tmp_path, observati
     local, local_alerts = replay(tmp_path, observations, settings(mapped=True, segmented=segmented))
     loinc, loinc_alerts = replay(
         tmp_path,
-        [mimic.with_loinc_codings(o) for o in observations],
+        [mimic.with_loinc(o, display=False, ucum=False) for o in observations],
         settings(mapped=False, segmented=segmented),
     )
     assert [{k: v for k, v in e.items() if k != "mapped_codes"} for e in local] == loinc

@@ -18,7 +18,7 @@ import orjson
 from service.__main__ import main
 from service.config import Settings
 from service.replay.engine import Replay
-from tests import mimic_terminology as mimic
+from tests import mimic
 
 # The items a reviewer accepts, with the LOINC term each one is (loinc.org): the survey must have
 # proposed exactly that term. 51300 "WBC Count" (16 results) is accepted as the table says whatever
@@ -32,7 +32,8 @@ def review(draft: dict[str, Any]) -> dict[str, Any]:
     reviewed.update(status="active", url="https://example.org/fhir/ConceptMap/reviewed-draft")
     for group in reviewed["group"]:
         for element in group["element"]:
-            loinc = mimic.LOINC_OF_ITEM.get((group["source"], element["code"]))
+            term = mimic.LOINC_OF_ITEM.get((group["source"], element["code"]))
+            loinc = term[0] if term else None
             if loinc is None:
                 element["target"] = [{"equivalence": "unmatched"}]
                 continue
@@ -88,4 +89,4 @@ def test_the_survey_reports_mapped_items_once_the_map_is_configured(tmp_path, ca
     standing = {o["code"]: (o["standing"], o["loinc"]) for o in report["observations"]}
     for code in MAIN_ITEMS:
         system = mimic.CHARTEVENTS if code.startswith("22") else mimic.LABITEMS
-        assert standing[code] == ("mapped", mimic.LOINC_OF_ITEM[(system, code)])
+        assert standing[code] == ("mapped", mimic.LOINC_OF_ITEM[(system, code)][0])
