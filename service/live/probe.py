@@ -32,9 +32,9 @@ from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError, FhirUnavailable
 from service.fhir.fhirtime import from_epoch_us
 from service.fhir.tls import ssl_option
-from service.live import profiles
 from service.live.search import search_params
 from service.live.store import make_store
+from service.output import profiles
 
 PROBE_ATTEMPTS = 2  # a probe answers in seconds: one retry, not the service's full backoff
 PROBE_ID = "neutrowatch-probe"  # an id no resource is expected to have (reads answer 404)

@@ -1,7 +1,7 @@
 """AlertEvent -> the FHIR writes the service makes: a Flag (one per episode, updated as it evolves),
 a Communication per announcement, and a Provenance per write. Built as plain dicts, validated with
 fhir.resources R4B models; they claim the profiles of fhir_profiles/ (meta.profile, extensions and
-codes from service/live/profiles.py, on the configured alerts.canonical_base).
+codes from service/output/profiles.py, on the configured alerts.canonical_base).
 
 Conventions: docs/clinical-reference.md §1.4 (SNOMED 165517008), §1.5 (flag-category
 `clinical`, not `lab`; communication-category `alert`; request-priority), §4 (flag-detail extension,
@@ -32,8 +32,7 @@ from service.config import AlertSettings
 from service.core.episodes import Alerted, AlertEvent, Assessment, EventKind
 from service.core.grading import Band, Scheme
 from service.fhir.fhirtime import from_epoch_us, is_instant, to_epoch_us
-from service.live import profiles
-from service.output import texts
+from service.output import profiles, texts
 
 SNOMED = "http://snomed.info/sct"
 FLAG_CATEGORY = "http://terminology.hl7.org/CodeSystem/flag-category"

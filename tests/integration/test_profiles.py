@@ -36,8 +36,7 @@ from service.__main__ import main as cli
 from service.config import AlertSettings
 from service.core.episodes import EventKind
 from service.core.grading import BUILT_IN
-from service.live import profiles
-from service.output import alerts
+from service.output import alerts, profiles
 from tests.fhir_server.engine import _node_executable, engine_available
 from tests.fhir_server.load import export
 from tests.fhir_server.pytest_plugin import _unavailable
