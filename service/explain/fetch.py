@@ -72,7 +72,7 @@ class _PatientReader:
 
     async def observations(self, history: bool) -> Resources:
         self.doing.append("Observation search")
-        codes = ",".join(code_values(cbc_codes() + temperature_codes(), self.terminology))
+        codes = ",".join(code_values(cbc_codes() + temperature_codes(), self.terminology.local_codes()))
         found = await self.client.search_all(
             "Observation", [("subject", self.patient), ("code", codes), ("_count", self.page)]
         )

@@ -11,10 +11,9 @@ from the cursor less the overlap, as with one search).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from urllib.parse import urlencode
 
-from service.core.terminology import Terminology
 from service.fhir import raw
 from service.fhir.client import Page
 
@@ -26,10 +25,11 @@ MERGED = "merged"  # the `next_url` of a merged page that is not the last one (a
 PageStream = AsyncIterator[Page]
 
 
-def code_values(loinc_codes: Sequence[str], terminology: Terminology) -> list[str]:
-    """`system|code` of the LOINC codes, then of every local code translated to one of them."""
+def code_values(loinc_codes: Sequence[str], local_codes: Iterable[tuple[str, str, str]]) -> list[str]:
+    """`system|code` of the LOINC codes, then of every local code translated to one of them
+    (`local_codes`: (system, code, LOINC code), as the site's terminology lists them)."""
     wanted = set(loinc_codes)
-    local = [f"{system}|{code}" for system, code, loinc in terminology.local_codes() if loinc in wanted]
+    local = [f"{system}|{code}" for system, code, loinc in local_codes if loinc in wanted]
     return [f"{LOINC}|{c}" for c in loinc_codes] + local
 
 

@@ -129,7 +129,7 @@ def temperature_searches(
     a cursor for what changed since it less the overlap. Each with the patients it covers. The code
     list holds the site's local codes mapped to a temperature term too (`terminology`)."""
     base = [
-        ("code", ",".join(code_values(temperature_codes(), terminology))),
+        ("code", ",".join(code_values(temperature_codes(), terminology.local_codes()))),
         ("_sort", "_lastUpdated"),
         ("_count", str(settings.fhir.page_size)),
     ]

@@ -201,7 +201,7 @@ class Worker:
         searches = split_searches(
             f"{self.settings.fhir.base_url}/Observation",
             rest,
-            code_values(codes, self.read_policy.terminology),
+            code_values(codes, self.read_policy.terminology.local_codes()),
             self.settings.fhir.max_search_url_length,
         )
         streams = [pages_since(self.client, "Observation", search, since_us) for search in searches]

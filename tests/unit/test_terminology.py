@@ -245,7 +245,7 @@ def test_differential_site_rule(rule, codes, expected):
 def test_live_codes_include_every_mapped_local_code_of_a_monitored_term():
     """The search asks for each monitored LOINC code and each local code translated to one of them."""
     p = policy(("NEUT", "770-8", "equivalent"), ("TEMP", "8310-5", "equivalent"))
-    assert code_values(["6690-2", "770-8"], p.terminology) == [
+    assert code_values(["6690-2", "770-8"], p.terminology.local_codes()) == [
         "http://loinc.org|6690-2",
         "http://loinc.org|770-8",
         f"{LOCAL}|NEUT",
