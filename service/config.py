@@ -31,12 +31,12 @@ from pydantic_settings import (
 
 from service.core.grading import BUILT_IN, Scheme
 from service.core.observations import ReadPolicy
-from service.core.references import base_key
 from service.core.rules import Rules
 from service.core.terminology import MapRow, Terminology, TerminologyError, build, concept_map_rows
 from service.core.units import known_unit
 from service.errors import ConfigError
 from service.fhir.fhirtime import local_zone
+from service.fhir.references import base_key
 from service.fhir.scopes import default_scope, missing, needed_by, required, scope_string
 from service.live.store import pgdsn
 

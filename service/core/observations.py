@@ -15,11 +15,11 @@ from typing import cast
 import msgspec
 
 from service.core.codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
-from service.core.references import Resolved, parse, resolve
 from service.core.terminology import NO_TERMINOLOGY, Terminology, Translation
 from service.core.units import UCUM, UnitError, to_canonical
 from service.fhir.fhirtime import CollectionTime, TimeError, collection_time, instant_us
 from service.fhir.raw import Quantity, Resource, Undecodable, fhir_id
+from service.fhir.references import Resolved, resolve
 
 LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"
 
@@ -56,7 +56,7 @@ DEFAULT_READ = ReadPolicy()
 def canonical_reference(
     ref: str | None, resource_type: str | None, policy: ReadPolicy = DEFAULT_READ
 ) -> Resolved | str:
-    """The one canonicalisation of references (clinical/references.py), with the site's bases: the
+    """The one canonicalisation of references (service/fhir/references.py), with the site's bases: the
     canonical reference, or the reason (a phrase after the element's name) it names nothing usable.
     Intake (subject, basedOn, specimen), replay's context rows and the live look-ups all use it, so
     one resource is one key whichever way it is written."""
@@ -232,15 +232,6 @@ def _term(resource: Resource, terminology: Terminology) -> Term | _Mapped | Igno
     if term is None:
         return GRANULOCYTES if translation.loinc in NOT_NEUTROPHILS else NOT_MONITORED
     return _Mapped(term, source, translation.concept_map)
-
-
-def patient_reference(ref: str | None) -> str | None:
-    """The reference as given when it has the form of a literal reference to a Patient (relative or
-    absolute, optionally versioned), else None: never free text, never megabytes. For carrying a
-    subject along (an entry the client could not use: `undecodable_rejection` resolves it); the
-    patient's identity is the canonical reference (`_patient`)."""
-    parsed = parse(ref)
-    return ref if parsed is not None and parsed[1] == "Patient" else None
 
 
 def _patient(resource: Resource, policy: ReadPolicy) -> Resolved | str:

@@ -27,8 +27,8 @@ from service.core.observations import (
     undecodable_rejection,
 )
 from service.core.panels import Report, report_members
-from service.core.references import Resolved
 from service.fhir import raw
+from service.fhir.references import Resolved
 
 CONTEXT_TYPES = ("Condition", "ServiceRequest", "CareTeam")  # facts about the patient they name as subject
 

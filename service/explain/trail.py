@@ -23,7 +23,6 @@ from service.core.panels import (
     PanelDecision,
     local_reference,
 )
-from service.core.references import Resolved
 from service.core.rules import Rules
 from service.explain.model import (
     Event,
@@ -38,6 +37,7 @@ from service.explain.model import (
 from service.explain.prose import correction, fever_note, panel_note, rule_for
 from service.fhir import raw
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
+from service.fhir.references import Resolved
 from service.replay.engine import PanelTrace, Replay, documents
 from service.replay.rows import Available
 

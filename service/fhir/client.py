@@ -32,7 +32,6 @@ import structlog
 from yarl import URL
 
 from service.config import FhirSettings
-from service.core.observations import patient_reference
 from service.errors import ConfigError
 from service.fhir import jsonscan, raw
 from service.fhir.auth import Auth, make_auth
@@ -44,6 +43,7 @@ from service.fhir.errors import (
     UnsafeLinkError,
 )
 from service.fhir.fhirtime import to_epoch_us
+from service.fhir.references import patient_reference
 from service.fhir.tls import ssl_option
 from service.metrics import (
     DAMAGED_PAGES,

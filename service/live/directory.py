@@ -31,11 +31,11 @@ from service.core.context import (
 )
 from service.core.observations import canonical_reference
 from service.core.recipients import Recipients, choose
-from service.core.references import Resolved
 from service.errors import NeutrowatchError
 from service.fhir import raw
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError
+from service.fhir.references import Resolved
 
 log = structlog.get_logger("neutrowatch.directory")
 T = TypeVar("T")

@@ -26,8 +26,8 @@ from service.core.observations import (
     normalise,
 )
 from service.core.panels import panel_key
-from service.core.references import Resolved
 from service.fhir import raw
+from service.fhir.references import Resolved
 from service.survey.candidates import Hint, hint
 from service.survey.classifier import Classification, Classifier, builtin
 

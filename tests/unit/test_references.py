@@ -1,4 +1,4 @@
-"""One canonical spelling of a reference (service/core/references.py, through
+"""One canonical spelling of a reference (service/fhir/references.py, through
 observations.canonical_reference): one patient is one key however its results write it, and a
 subject that names no patient on the service's server is refused with a reason.
 
@@ -21,11 +21,10 @@ from service.core.observations import (
     canonical_reference,
     literal_reference,
     normalise,
-    patient_reference,
     undecodable_rejection,
 )
-from service.core.references import Resolved, base_key
 from service.fhir import raw
+from service.fhir.references import Resolved, base_key, patient_reference
 from tests.builders import observation
 
 BASE = "https://fhir.example.org/fhir/R4"

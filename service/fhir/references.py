@@ -127,3 +127,13 @@ def _resolve(
     if any(key == base_key(b) for b in accepted):
         return Resolved(f"{key}/{rtype}/{rid}", rtype, rid, True)
     return "is on another server"
+
+
+def patient_reference(ref: str | None) -> str | None:
+    """The reference as given when it has the form of a literal reference to a Patient (relative or
+    absolute, optionally versioned), else None: never free text, never megabytes. For carrying a
+    subject along (an entry the client could not use: `undecodable_rejection` resolves it); the
+    patient's identity is the canonical reference (`canonical_reference`, as service/core/observations.py
+    resolves a subject)."""
+    parsed = parse(ref)
+    return ref if parsed is not None and parsed[1] == "Patient" else None
