@@ -208,7 +208,7 @@ HEADER = (
 
 # Configuration reference
 
-Every setting of neutrowatch, generated from the settings model (`service/config.py`).
+Every setting of neutrowatch, generated from the settings model (`service/config/`).
 `config/default.yaml` is the same set of fields as a commented file.
 
 **Where values come from.** Built-in defaults, overridden by a YAML file (`--config FILE`, or the file

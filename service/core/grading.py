@@ -1,7 +1,7 @@
 """Grading schemes as data: ordered ANC bands, each with a canonical severity and its own label.
 
 The state machine compares `rank` only, so a scheme with more steps (CTCAE grade 1-4) worsens on
-its own steps without any change to `episodes.py`.
+its own steps without any change to `transitions.py`.
 """
 
 from __future__ import annotations

@@ -13,18 +13,10 @@ from service.core import arrival
 from service.core.anc import PanelRejected, best_result, compute_anc
 from service.core.codes import Kind
 from service.core.context import PatientContext, grading_for
-from service.core.episodes import (
-    AlertEvent,
-    Assessment,
-    EventKind,
-    PatientState,
-    Temperature,
-    add_temperature,
-    apply,
-    fever_considered,
-    withdraw,
-)
+from service.core.episodes import AlertEvent, Assessment, EventKind, PatientState, Temperature
+from service.core.fever import fever_considered
 from service.core.grading import Band
+from service.core.history import add_temperature, apply, withdraw
 from service.core.observations import LabResult
 from service.core.reasons import FeverConsidered, NoEvent
 from service.core.rules import DAY_US, Rules

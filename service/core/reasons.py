@@ -3,8 +3,8 @@ no event, what became of the fevers a panel brought. Carried on the decisions (`
 `PanelDecision`) where the rules are applied, so a reader (`explain`) renders them instead of
 deriving the rules again. Plain values only: no logic here.
 
-The rules these name are those of episodes.py (reference §3; fever and febrile neutropenia: IDSA
-2010, ASCO/IDSA 2018, thresholds in rules.py)."""
+The rules these name are those of transitions.py and fever.py (reference §3; fever and febrile
+neutropenia: IDSA 2010, ASCO/IDSA 2018, thresholds in rules.py)."""
 
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ class Rules:
     febrile_fall_fraction: float = 0.5
     febrile_fall_window_us: int = 48 * HOUR_US
     fever_window_us: int = 24 * HOUR_US
-    # Temperatures remembered per patient (episodes.remembered_temperatures), chosen by COLLECTION
+    # Temperatures remembered per patient (fever.remembered_temperatures), chosen by COLLECTION
     # time, never by arrival: every reading from (the oldest remembered assessment, or the newest
     # panel if older, - fever_window_us - fever_sustained_us) on, readings collected after the newest
     # panel included (they may pair with a CBC not read yet), plus the last one before (it carries a

@@ -14,8 +14,8 @@ from aiohttp import web
 
 from service.__main__ import main
 from service.config import StoreSettings, load_settings
+from service.config.pgdsn import parse
 from service.errors import ConfigError
-from service.live.store.pgdsn import parse
 from service.live.store.postgres import describe_dsn
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -50,7 +50,7 @@ def test_every_field_is_documented_with_its_env_var_and_a_description():
             dotted = ".".join((*path, name))
             env = "NEUTROWATCH_" + "__".join(p.upper() for p in (*path, name))
             assert f"| `{dotted}` | `{env}` |" in doc, dotted
-            assert field.description, f"{dotted} has no description in service/config.py"
+            assert field.description, f"{dotted} has no description in service/config/"
             count += 1
     assert count >= 50
 

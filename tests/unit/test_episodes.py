@@ -8,11 +8,13 @@ from dataclasses import replace
 
 import pytest
 
-from service.core.episodes import Assessment, EventKind, PatientState, apply, step, withdraw
+from service.core.episodes import Assessment, EventKind, PatientState
 from service.core.grading import DEFAULT
+from service.core.history import apply, withdraw
 from service.core.panels import decide
 from service.core.reasons import NoEvent
 from service.core.rules import DAY_US, Rules
+from service.core.transitions import step
 from tests.builders import normalised, observation, result
 
 # One normal panel resolves (resolution.confirmations 1, min_hours 0, reopen_days 0, memory off):
@@ -170,7 +172,7 @@ def test_late_old_panels_do_not_push_the_newest_out_of_the_history():
 def test_history_trimmed_by_stale_panels_decides_as_the_whole_history():
     """Whatever goes out of the bounded history, the machine is the fold of `base` over what is kept
     (the invariant a revision relies on), for arrivals mixing late old panels and new ones."""
-    from service.core.episodes import _fold
+    from service.core.transitions import fold
 
     small = replace(RULES, history_limit=4)
     ps = PatientState()
@@ -188,7 +190,7 @@ def test_history_trimmed_by_stale_panels_decides_as_the_whole_history():
     ]:
         ps, _, _ = apply(ps, assessment(anc, day), small)
         assert len(ps.history) <= 4
-        machine, _ = _fold(ps.base, ps.history, small, ps.temperatures)
+        machine, _ = fold(ps.base, ps.history, small, ps.temperatures)
         assert machine == ps.machine
 
 

@@ -243,7 +243,7 @@ H = 60  # minutes
 def test_temperature_memory_by_collection_time(readings, horizon, kept):
     """What the memory keeps, by collection time (never by arrival); the fever thresholds are IDSA
     2010 (Freifeld, CID 2011;52:e56): >= 38.3 °C once, >= 38.0 °C over 1 h."""
-    from service.core.episodes import remembered_temperatures
+    from service.core.fever import remembered_temperatures
 
     got = remembered_temperatures(
         [reading(m, c) for m, c in reversed(readings)], None if horizon is None else at_us(T0, horizon), RULES
@@ -256,7 +256,7 @@ def test_thousands_of_readings_stay_bounded():
     earliest collected go first, whatever order they arrived in."""
     import random
 
-    from service.core.episodes import remembered_temperatures
+    from service.core.fever import remembered_temperatures
 
     readings = [reading(15 * i, 38.4 if i % 3 else 36.5) for i in range(5000)]
     memory: tuple = ()
@@ -285,7 +285,7 @@ def test_memory_finds_the_fevers_of_the_whole_record(data):
     """Whatever the arrival order and the horizon, the remembered readings make the same fevers as
     every reading ever received, for every reading collected from horizon + the sustained span on
     (the earliest fever a panel that may yet be judged can use)."""
-    from service.core.episodes import fevers, remembered_temperatures
+    from service.core.fever import fevers, remembered_temperatures
 
     n = data.draw(st.integers(1, 40))
     readings = [

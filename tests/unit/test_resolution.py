@@ -19,8 +19,9 @@ from dataclasses import replace
 import pytest
 
 from service.config import Settings
-from service.core.episodes import AlertEvent, Assessment, PatientState, apply
+from service.core.episodes import AlertEvent, Assessment, PatientState
 from service.core.grading import DEFAULT
+from service.core.history import apply
 from service.core.rules import DAY_US, HOUR_US, Rules
 from service.fhir.fhirtime import from_epoch_us
 from service.output.events import event_record

@@ -27,10 +27,11 @@ import msgspec
 import orjson
 import structlog
 
+from service.config import pgdsn
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected
 from service.errors import StoreError
-from service.live.store import pgdsn, schema
+from service.live.store import schema
 from service.live.store.base import (
     Decided,
     IngestRows,
