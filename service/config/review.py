@@ -14,7 +14,7 @@ from pydantic_settings import EnvSettingsSource
 from service.config import pgdsn
 from service.config.loading import config_path, field_problems, read_yaml
 from service.config.settings import ENV_PREFIX, Settings
-from service.fhir.scopes import missing, needed_by, required, scope_string
+from service.fhir.scopes import missing, required, scope_string
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def review_settings(path: str | Path | None = None) -> Review:
                 "travels in clear"
             )
     if settings is not None and settings.fhir.auth.method == "smart":
-        need = required(needed_by(settings))
+        need = required(settings.interactions())
         lacking = missing(need, settings.fhir.auth.smart.scope)
         if lacking:
             warnings.append(

@@ -14,6 +14,7 @@ from service.config.terminology import TerminologySettings
 from service.core.grading import BUILT_IN, Scheme
 from service.core.observations import ReadPolicy
 from service.core.rules import Rules
+from service.fhir.scopes import Interaction, interactions
 
 ENV_PREFIX = "NEUTROWATCH_"
 
@@ -73,6 +74,15 @@ class Settings(BaseSettings):
             base_url=self.fhir.base_url or None,
             accepted_foreign_bases=self.fhir.accepted_foreign_bases,
             terminology=self.terminology.terminology(),
+        )
+
+    def interactions(self) -> list[Interaction]:
+        """The live loop's interactions with the FHIR server under these settings (what its SMART scope
+        must grant)."""
+        return interactions(
+            patient_context=self.poll.patient_context,
+            conditions=self.clinical.chronic_benign_threshold_per_ul is not None,
+            claim_profiles=self.alerts.claim_profiles,
         )
 
     @classmethod

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from service.config import Settings
 
 LETTERS = "cruds"
 _V1 = {"read": "rs", "write": "cud", "*": LETTERS}
@@ -69,15 +65,6 @@ def interactions(
     if claim_profiles:
         found.append(Interaction("StructureDefinition read (claimed profiles)", "StructureDefinition", "rs"))
     return found
-
-
-def needed_by(settings: Settings) -> list[Interaction]:
-    """The interactions of the live loop under these settings."""
-    return interactions(
-        patient_context=settings.poll.patient_context,
-        conditions=settings.clinical.chronic_benign_threshold_per_ul is not None,
-        claim_profiles=settings.alerts.claim_profiles,
-    )
 
 
 def required(items: Iterable[Interaction]) -> dict[str, str]:

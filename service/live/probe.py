@@ -47,7 +47,7 @@ class _Run:
     def __init__(self, settings: Settings, say: Callable[[NeutrowatchError], str], lacking: set[str]) -> None:
         self.settings, self.say, self.lacking, self.failures = settings, say, lacking, 0
         self.grant_known = False  # the token response named the scopes granted
-        self.need = {i.label: i for i in scopes.needed_by(settings)}
+        self.need = {i.label: i for i in settings.interactions()}
 
     def ok(self, label: str, text: str) -> None:
         print(f"ok   {label}: {text}")
@@ -94,7 +94,7 @@ async def probe(settings: Settings) -> int:
         }
     )
     say = _explainer(settings.fhir.base_url)
-    need = scopes.required(scopes.needed_by(settings))
+    need = scopes.required(settings.interactions())
     failures = 0
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_option(fhir))) as session:
