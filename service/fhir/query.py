@@ -16,7 +16,7 @@ from urllib.parse import urlencode
 
 from service.core.terminology import Terminology
 from service.fhir import raw
-from service.fhir.client import Page
+from service.fhir.paging import Page
 
 LOINC = "http://loinc.org"
 # What `pages_since` adds to each search: ("_lastUpdated" or "date", "ge" + an instant), with room to spare.
