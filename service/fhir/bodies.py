@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import structlog
 
-from service.fhir import jsonscan, raw
+from service.fhir import jsonscan, raw, tolerantjson
 from service.fhir.errors import FhirError
 from service.fhir.transport import RESOURCE_TYPE, Response, Retry
 
@@ -49,7 +49,7 @@ def _tolerant_object(response: Response) -> Any:
     if not jsonscan.single_document(text):
         raise Retry("invalid_json", ambiguous=False, response=response)
     try:
-        return _scrubbed(raw.loads_tolerant(text))
+        return _scrubbed(tolerantjson.loads(text))
     except RecursionError:
         raise FhirError(f"HTTP {response.status} body is nested too deeply to read") from None
     except ValueError:
