@@ -101,7 +101,8 @@ async def service_drain(settings) -> dict:
     await store.open()
     try:
         async with FhirClient(settings.fhir) as client:
-            request = client._request  # noqa: SLF001 - wrapped to time it, not changed
+            transport = client._transport  # noqa: SLF001 - its requests wrapped to time them, not changed
+            request = transport.request
 
             async def timed(method, url, **kw):
                 t = time.perf_counter()
@@ -112,7 +113,7 @@ async def service_drain(settings) -> dict:
                 finally:
                     http[kind] += time.perf_counter() - t
 
-            client._request = timed  # type: ignore[method-assign]
+            transport.request = timed  # type: ignore[method-assign]
             t0 = time.perf_counter()
             report = await Worker(settings, client, store).run_cycle()
             seconds = time.perf_counter() - t0

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from urllib.parse import urlencode
 
 from service.fhir import raw
-from service.fhir.client import Page
+from service.fhir.paging import Page
 
 LOINC = "http://loinc.org"
 # What `pages_since` adds to each search: ("_lastUpdated" or "date", "ge" + an instant), with room to spare.

@@ -8,8 +8,6 @@ document is read entry by entry (`read`, below) so the damage stays with the ent
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -17,7 +15,7 @@ from typing import Any, NamedTuple
 import msgspec
 import orjson
 
-from service.fhir import jsonscan
+from service.fhir import jsonscan, tolerantjson
 
 
 class Coding(msgspec.Struct, frozen=True, gc=False):
@@ -122,7 +120,6 @@ NOT_UTF8 = "text is not valid UTF-8 (invalid bytes or an unpaired surrogate)"
 TOO_DEEP = "invalid JSON: nested too deeply"
 MAX_BUNDLE_NESTING = 2  # Bundles inside Bundles read on the salvage path (each level walks the text again)
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _WANTED = frozenset({"resourceType", "id", "subject", "link"})
 _SMALL = 2048  # the longest member value read from a document that cannot be parsed
 
@@ -152,7 +149,7 @@ def clean_text(value: Any, limit: int = 256) -> str | None:
     that could not be encoded again (lone surrogates), never control characters."""
     if not isinstance(value, str) or not 0 < len(value) <= limit or not value.isprintable():
         return None
-    return None if not value.isascii() and _SURROGATE.search(value) else value
+    return None if tolerantjson.has_surrogates(value) else value
 
 
 def fhir_id(value: Any) -> str | None:
@@ -293,9 +290,10 @@ def convert(obj: Any) -> Iterator[Resource | Undecodable]:
 # 1. strict and typed (msgspec straight into `Resource`): the fast path, nearly always taken;
 # 2. strict JSON, entry by entry (`msgspec.convert`): one entry of the wrong shape stays one
 #    `Undecodable`;
-# 3. tolerant (the salvage path): Python's json, which reads NaN, Infinity and 1e999 (as floats
-#    that `observations.normalise` then rejects as not finite), with undecodable bytes kept as lone
-#    surrogates so that the entry holding them, and only that one, is refused as not UTF-8;
+# 3. tolerant (the salvage path): Python's json (`tolerantjson`), which reads NaN, Infinity and
+#    1e999 (as floats that `observations.normalise` then rejects as not finite), with undecodable
+#    bytes kept as lone surrogates so that the entry holding them, and only that one, is refused as
+#    not UTF-8;
 # 4. when even that fails (a syntax error, nesting deeper than a parser's stack): the document's
 #    framing is walked (`jsonscan`, iterative) and each Bundle entry is read on its own through
 #    1-4, so the damage stays inside the entry that holds it. A document whose framing itself is
@@ -351,68 +349,6 @@ def _links_of(obj: Any) -> list[Link]:
     return out
 
 
-def _int(text: str) -> int | float:
-    # JSON has no leading zeros: more than 309 digits is beyond any float. (int() of more than
-    # 4300 digits raises; the value is not finite for our purposes anyway.)
-    if len(text) <= 309:
-        return int(text)
-    return -math.inf if text[0] == "-" else math.inf
-
-
-# Python's json recurses once per nesting level against the interpreter's recursion limit, so how
-# deep a document it reads depends on how deep the caller's stack already is (and on a test runner
-# that raises the limit): the same bytes could be read in one place and refused in another. A fixed
-# bound makes "nested too deeply" a property of the bytes alone. FHIR resources nest a few dozen
-# levels at most (a Bundle entry's extension of an extension ...); 200 leaves room, well inside the
-# default limit of 1000 wherever the salvage path is called from.
-MAX_NESTING = 200
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_BRACKET = re.compile(r"[\[\]{}]")
-
-
-def _too_deep(text: str) -> bool:
-    if text.count("[") + text.count("{") <= MAX_NESTING:
-        return False
-    depth = 0
-    for m in _BRACKET.finditer(_JSON_STRING.sub("", text)):
-        if m.group() in "[{":
-            depth += 1
-            if depth > MAX_NESTING:
-                return True
-        else:
-            depth -= 1
-    return False
-
-
-def _loads(text: str) -> Any:
-    if _too_deep(text):
-        raise RecursionError("nested deeper than MAX_NESTING")
-    return json.loads(text, parse_int=_int)
-
-
-def loads_tolerant(text: str) -> Any:
-    """Python's json as the salvage path uses it: NaN, Infinity and out-of-range numbers become
-    floats (not finite), no integer is too long. Raises ValueError or RecursionError."""
-    return _loads(text)
-
-
-def _has_surrogates(obj: Any) -> bool:
-    """True when a string in `obj` holds a lone surrogate (undecodable bytes, or an unpaired
-    escape such as "\\ud800"): such text cannot be encoded as UTF-8 again."""
-    stack = [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            if not item.isascii() and _SURROGATE.search(item):
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
-
-
 def _tolerant(obj: Any) -> Iterator[Resource | Undecodable]:
     """`_from_object` for what Python's json made of a document: the entry that holds text that
     was not UTF-8 is refused, its neighbours are read."""
@@ -423,7 +359,7 @@ def _tolerant(obj: Any) -> Iterator[Resource | Undecodable]:
             if resource is not None:
                 yield from _in_bundle(_tolerant(resource), targets)
         return
-    if _has_surrogates(obj):
+    if tolerantjson.has_surrogates(obj):
         yield _undecodable(obj, NOT_UTF8)
         return
     yield from _from_object(obj)
@@ -431,7 +367,7 @@ def _tolerant(obj: Any) -> Iterator[Resource | Undecodable]:
 
 def _read_text(text: str, nesting: int) -> Document:
     try:
-        obj = _loads(text)
+        obj = tolerantjson.loads(text)
     except RecursionError:
         problem = "nested too deeply"
     except ValueError as err:  # json.JSONDecodeError included
@@ -449,7 +385,7 @@ def _small(text: str, span: tuple[int, int] | None) -> Any:
     if span is None or span[1] - span[0] > _SMALL:
         return None
     try:
-        return _loads(text[span[0] : span[1]])
+        return tolerantjson.loads(text[span[0] : span[1]])
     except (ValueError, RecursionError):
         return None
 
@@ -484,7 +420,7 @@ def _scan(text: str, problem: str, nesting: int) -> Document:
 
 def _loads_or_none(text: str) -> Any:
     try:
-        return _loads(text)
+        return tolerantjson.loads(text)
     except (ValueError, RecursionError):
         return None
 
@@ -557,7 +493,7 @@ class Checks(msgspec.Struct):
             self.strict = False
             if self.tolerant:
                 try:
-                    _loads(data.decode("utf-8", "surrogateescape"))
+                    tolerantjson.loads(data.decode("utf-8", "surrogateescape"))
                 except (ValueError, RecursionError):
                     self.tolerant = False
 
@@ -617,7 +553,9 @@ def _entry_items(data: bytes, path: str) -> list[Resource | Undecodable]:
         return list(flatten(entry.resource)) if entry.resource is not None else []
     if path == FRAMING:
         return _entry(data.decode("utf-8", "surrogateescape"), 0, len(data), 0)
-    item = orjson.loads(data) if path == STRICT else _loads(data.decode("utf-8", "surrogateescape"))
+    item = (
+        orjson.loads(data) if path == STRICT else tolerantjson.loads(data.decode("utf-8", "surrogateescape"))
+    )
     resource = item.get("resource") if isinstance(item, dict) else None
     if resource is None:
         return []

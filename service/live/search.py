@@ -10,9 +10,10 @@ from service.config import Settings
 from service.core.codes import cbc_codes, temperature_codes
 from service.core.terminology import NO_TERMINOLOGY, Terminology
 from service.fhir import raw
-from service.fhir.client import FhirClient, Page
+from service.fhir.client import FhirClient
 from service.fhir.errors import FhirError
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
+from service.fhir.paging import Page
 from service.fhir.query import code_values
 
 LOINC = "http://loinc.org"

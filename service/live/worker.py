@@ -25,8 +25,9 @@ from service.core.triage import PatientFact, ReportMembers, memberships, triage
 from service.core.undecided import ignored_unassessed, panel_unassessed, rejection_unassessed
 from service.errors import NeutrowatchError
 from service.fhir import raw
-from service.fhir.client import FhirClient, Page
+from service.fhir.client import FhirClient
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
+from service.fhir.paging import Page
 from service.fhir.query import code_values, merged, split_searches
 from service.live.directory import LiveDirectory
 from service.live.search import (

@@ -15,7 +15,8 @@ import structlog
 
 from service import metrics
 from service.errors import NeutrowatchError
-from service.fhir.client import FhirClient, transient_status
+from service.fhir.backoff import transient_status
+from service.fhir.client import FhirClient
 from service.fhir.errors import PreconditionFailed
 from service.output.transaction import (
     Entry,

@@ -14,8 +14,9 @@ from typing import cast
 from service.config import FhirSettings
 from service.errors import NeutrowatchError
 from service.fhir import raw
-from service.fhir.client import FhirClient, Page
+from service.fhir.client import FhirClient
 from service.fhir.fhirtime import from_epoch_us
+from service.fhir.paging import Page
 from service.replay.documents import file_documents, files
 
 _DURATION = re.compile(r"(\d{1,6})([smhd])")

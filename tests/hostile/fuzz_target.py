@@ -5,7 +5,7 @@
 through (an unexpected exception is a finding too):
 
 * reading never raises; each item is a Resource or an Undecodable whose id is a FHIR id or None;
-* the live loop's parse (`client._page`) reads a complete Bundle exactly as replay's (`raw.read`;
+* the live loop's parse (`paging.read_page`) reads a complete Bundle exactly as replay's (`raw.read`;
   only a meta.lastUpdated beyond the server's clock is refused live), and otherwise only retries
   or refuses (never another exception);
 * normalising never raises; a usable value is finite and not negative; whatever is kept of a
@@ -31,7 +31,9 @@ from service.core.episodes import PatientState  # noqa: E402
 from service.core.observations import LabResult, Rejected, normalise, undecodable_rejection  # noqa: E402
 from service.core.panels import decide  # noqa: E402
 from service.fhir import raw  # noqa: E402
-from service.fhir.client import BrokenPages, FhirError, _page, _Response, _Retry, _without_future_stamps  # noqa: E402
+from service.fhir.errors import FhirError  # noqa: E402
+from service.fhir.paging import BrokenPages, read_page, without_future_stamps  # noqa: E402
+from service.fhir.transport import Response, Retry  # noqa: E402
 from service.output.events import rejected_record  # noqa: E402
 
 RULES = load_settings(None).rules
@@ -70,15 +72,15 @@ def check_rejection(rejected: Rejected) -> None:
 
 def check_page(data: bytes, doc: raw.Document) -> None:
     try:
-        entries, _next = _page(_Response(200, {}, data, False), BrokenPages())
+        entries, _next = read_page(Response(200, {}, data, False), BrokenPages())
         items = entries.items
-    except (_Retry, FhirError):
+    except (Retry, FhirError):
         assert not (doc.complete and doc.resource_type == "Bundle")
         return
     if (
         doc.complete
     ):  # the live loop reads what replay reads (but for stamps beyond the server's clock: no cursor there)
-        assert items == _without_future_stamps(doc.items, {})
+        assert items == without_future_stamps(doc.items, {})
 
 
 def check_panel(results: list[LabResult]) -> None:

@@ -26,8 +26,9 @@ from service import metrics
 from service.core.copies import UNPLACED, stamped
 from service.core.observations import CONFLICT
 from service.fhir import raw
-from service.fhir.client import FhirClient, UnreadablePage
+from service.fhir.client import FhirClient
 from service.fhir.fhirtime import from_epoch_us
+from service.fhir.paging import UnreadablePage
 from service.live.store.base import Intake
 from service.live.store.sqlite import SqliteStore
 from service.live.worker import intake

@@ -30,21 +30,17 @@ from service.config import FhirSettings, RetrySettings
 from service.errors import ConfigError
 from service.fhir import raw
 from service.fhir.auth import BearerAuth
-from service.fhir.client import (
-    FhirClient,
-    Page,
-    ResponseTooLarge,
-    outcome_summary,
-    quota_reset_seconds,
-    retry_after_seconds,
-    transient_status,
-)
+from service.fhir.backoff import quota_reset_seconds, retry_after_seconds, transient_status
+from service.fhir.client import FhirClient
 from service.fhir.errors import (
     FhirHttpError,
     FhirUnavailable,
     PreconditionFailed,
     UnsafeLinkError,
 )
+from service.fhir.outcome import outcome_summary
+from service.fhir.paging import Page
+from service.fhir.transport import ResponseTooLarge
 from service.live.store import make_store
 from service.metrics import REGISTRY
 from tests.chaos.proxy import Fault, OtherOrigin, Proxy

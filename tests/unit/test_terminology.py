@@ -19,7 +19,7 @@ from service.core.codes import Kind
 from service.core.observations import Ignored, LabResult, ReadPolicy, Rejected, normalise
 from service.core.terminology import MapRow, TerminologyError, build, concept_map_rows
 from service.fhir import raw
-from service.fhir.client import Page
+from service.fhir.paging import Page
 from service.fhir.query import MERGED, code_values, merged, split_searches
 from tests.builders import observation
 
