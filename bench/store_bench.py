@@ -8,8 +8,8 @@ dropped afterwards):
 1. ingest: pages of 200 through `store.ingest(items, now)`, `now` a float clock (+1 s a page); each new
    rejected version gets `record_decision` as `Worker._ingest` does;
 2. decide + commit: rounds of `dirty_panels()` -> `load_states()` -> `clinical.panels.decide` (rules of
-   `Settings()`, default patient context) -> `Decided` (a small dict record per event, panel rejection
-   and not-assessed, and a writes dict per event) -> `commit()`, until no panel is dirty (a backlog
+   `Settings()`, default patient context) -> `Decided` (the decision records of service/output/events.py,
+   and a stand-in outbox write per event) -> `commit()`, until no panel is dirty (a backlog
    drain: `Worker._decide` takes every ready panel at once, so one round does the work);
 3. outbox: `pending_outbox(500)`, then `check_leader()` and `mark_sent()` for each entry, one at a time,
    until none is pending (`Worker.deliver` without the HTTP).
@@ -54,7 +54,8 @@ from bench.replay_bench import machine, write_section  # noqa: E402
 from service import logging as nw_logging  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.core.anc import is_complete  # noqa: E402
-from service.core.episodes import PatientState  # noqa: E402
+from service.core.episodes import AlertEvent, PatientState  # noqa: E402
+from service.core.grading import Scheme  # noqa: E402
 from service.core.observations import Rejected  # noqa: E402
 from service.core.panels import PanelDecision, decide  # noqa: E402
 from service.fhir import raw  # noqa: E402
@@ -62,6 +63,13 @@ from service.live.store.base import Decided, Intake, PanelWork  # noqa: E402
 from service.live.store.postgres import PostgresStore  # noqa: E402
 from service.live.store.sqlite import SqliteStore  # noqa: E402
 from service.live.worker import intake  # noqa: E402
+from service.output.events import (  # noqa: E402
+    event_record,
+    not_assessed_record,
+    panel_rejected_record,
+    rejected_record,
+)
+from service.output.transaction import Delivery, OutboxWrites, StoredRecord  # noqa: E402
 from tests.synthetic import generate, observations_target  # noqa: E402
 
 HEADING = "## State store: SQLite vs PostgreSQL"
@@ -176,60 +184,29 @@ class Timed:
 # -- the run ------------------------------------------------------------------------------------------
 
 
-def event_record(panel: str, event: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    a = event.assessment
-    record = {
-        "patient": event.patient,
-        "panel": panel,
-        "event": event.kind.value,
-        "episode": event.episode,
-        "band": event.band.label,
-        "worst": event.worst.label if event.worst else None,
-        "anc": a.anc if a else None,
-        "observations": list(a.refs) if a else [],
-        "revision": event.revision,
-        "reason": event.reason,
-    }
+def outbox_write(event: AlertEvent) -> OutboxWrites:
+    """A stand-in for the alert's writes (the store keeps them whole; their content is not measured)."""
     key = f"{event.episode}:{event.kind.value}:{event.band.rank}:{event.revision}"
-    writes = {
-        "event": event.kind.value,
-        "flag_identifier": ["urn:neutrowatch:episode", event.episode],
-        "communication_identifier": ["urn:neutrowatch:alert", key],
-    }
-    return record, writes
+    return OutboxWrites(
+        event=event.kind.value,
+        flag={},
+        communication=None,
+        flag_identifier=("urn:neutrowatch:episode", event.episode),
+        communication_identifier=("urn:neutrowatch:alert", key),
+    )
 
 
 def decision_records(
-    work: PanelWork, d: PanelDecision, stats: Counter[str]
-) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    work: PanelWork, d: PanelDecision, stats: Counter[str], scheme: Scheme
+) -> list[StoredRecord]:
     """The records of one panel's decision (rejection, not assessed, events), counting its events."""
-    records: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+    records: list[StoredRecord] = []
     if d.rejection is not None:
-        records.append(
-            (
-                {
-                    "patient": work.patient,
-                    "panel": work.panel,
-                    "event": "panel-rejected",
-                    "reason": d.rejection.rejected.reason,
-                },
-                None,
-            )
-        )
+        records.append((panel_rejected_record(d.rejection, work.results), None))
     if d.not_assessed is not None:
-        records.append(
-            (
-                {
-                    "patient": work.patient,
-                    "panel": work.panel,
-                    "event": "not-assessed",
-                    "reason": d.not_assessed.reason,
-                },
-                None,
-            )
-        )
+        records.append((not_assessed_record(d.not_assessed), None))
     for event in d.events:
-        records.append(event_record(work.panel, event))
+        records.append((event_record(event, scheme), outbox_write(event)))
         stats["event " + event.kind.value] += 1
     return records
 
@@ -260,16 +237,7 @@ async def drive(
         stats["new versions"] += len(new)
         for item in new:
             if isinstance(item.outcome, Rejected):  # Worker._rejected
-                r = item.outcome
-                await s.record_decision(
-                    {
-                        "patient": r.patient,
-                        "event": "rejected",
-                        "observations": [r.ref],
-                        "reason": r.reason,
-                        "code": r.code,
-                    }
-                )
+                await s.record_decision(rejected_record(item.outcome))
     phase("ingest", t0, c0, w0)
 
     # 2. decide + commit --------------------------------------------------------------------------
@@ -290,7 +258,7 @@ async def drive(
                 states.get(work.patient, PatientState()), work.patient, work.panel, work.results, rules
             )
             states[work.patient] = d.state
-            records = decision_records(work, d, stats)
+            records = decision_records(work, d, stats, rules.scheme)
             stats["panels"] += 1
             stats["assessed"] += d.assessed
             decided.append(Decided(work.patient, work.panel, d.state, records))
@@ -313,7 +281,7 @@ async def drive(
     while entries := await s.pending_outbox(500):
         for entry in entries:
             await s.check_leader()
-            await s.mark_sent(entry.id, {"statuses": ["201 Created"], "locations": [f"Flag/{entry.id}"]})
+            await s.mark_sent(entry.id, Delivery(["201 Created"], [f"Flag/{entry.id}"], {}))
             stats["sent"] += 1
     phase("outbox", t0, c0, w0)
 

@@ -22,6 +22,7 @@ from service import logging as nw_logging  # noqa: E402
 from service.fhir.client import FhirClient  # noqa: E402
 from service.live.store.sqlite import SqliteStore  # noqa: E402
 from service.live.worker import Worker  # noqa: E402
+from service.output.events import Decision, EventRecord, RejectedRecord  # noqa: E402
 from tests.fhir_server.engine import EngineUnavailable, FhirEngine  # noqa: E402
 from tests.fhir_server.load import export, put_all  # noqa: E402
 from tests.integration.live import compare_with_oracle, settings_for, stages  # noqa: E402
@@ -36,11 +37,11 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-async def run_service(settings, state: Path) -> tuple[list[str], list[dict]]:
+async def run_service(settings, state: Path) -> tuple[list[str], list[Decision]]:
     store = SqliteStore(state)
     await store.open()
     lines = []
-    decisions: list[dict] = []
+    decisions: list[Decision] = []
     try:
         async with FhirClient(settings.fhir) as client:
             worker = Worker(settings, client, store)
@@ -82,23 +83,22 @@ def main() -> int:
             comms = {c["identifier"][0]["value"]: c for c in export(base, "Communication")}
             flags = {f["identifier"][0]["value"]: f for f in export(base, "Flag")}
             alerts = sorted(
-                (d for d in decisions if d["event"] != "rejected"),
-                key=lambda d: (d["patient"], d["effective"]),
+                (d for d in decisions if isinstance(d, EventRecord)), key=lambda d: (d.patient, d.effective)
             )
             rows = []
             for d in alerts:
                 comm = next(
-                    (c for key, c in comms.items() if key.startswith(f"{d['episode']}-{d['event']}-")), None
+                    (c for key, c in comms.items() if key.startswith(f"{d.episode}-{d.event}-")), None
                 )
                 rows.append(
                     [
-                        d["patient"],
-                        d["event"],
-                        d["grade"] or "-",
-                        f"{d['anc']:,.0f}",
-                        d["effective"][:16],
-                        "(Flag only)" if d["event"] in FLAG_ONLY else comm["priority"] if comm else "MISSING",
-                        flags[d["episode"]]["status"],
+                        d.patient,
+                        d.event,
+                        d.grade or "-",
+                        f"{d.anc:,.0f}",
+                        d.effective[:16],
+                        "(Flag only)" if d.event in FLAG_ONLY else comm["priority"] if comm else "MISSING",
+                        flags[d.episode]["status"],
                     ]
                 )
             print(
@@ -106,12 +106,12 @@ def main() -> int:
                 "`recovering` and `chronic`; the episode's Flag as it stands now):\n"
             )
             print(table(rows, ["PATIENT", "EVENT", "GRADE", "ANC /µL", "COLLECTED", "PRIORITY", "FLAG"]))
-            rejected = Counter(d["reason"] for d in decisions if d["event"] == "rejected")
+            rejected = Counter(d.reason for d in decisions if isinstance(d, RejectedRecord))
             print("\nRejected inputs (kept with their reason in the state store, never alerted on):")
             for reason, n in rejected.most_common():
                 print(f"  {n:>3} × {reason}")
             counts = compare_with_oracle(base, Path(tmp) / "oracle")
-            kinds = Counter(d["event"] for d in alerts)
+            kinds = Counter(d.event for d in alerts)
             print(
                 f"\n{counts['flags']} Flags and {counts['communications']} Communications on the server for "
                 f"{len(alerts)} decisions ({', '.join(f'{k} {v}' for k, v in kinds.items())}); they match "

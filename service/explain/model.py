@@ -10,6 +10,7 @@ from typing import Any
 from service.core.grading import Band, Scheme
 from service.core.rules import Rules
 from service.errors import NeutrowatchError
+from service.output.events import Decision, EventRecord
 
 UCUM = "http://unitsofmeasure.org"
 
@@ -74,7 +75,7 @@ class Event:
     rule: str  # the rule that fired, e.g. "new: neutropenic with no open episode"
     detail: str  # the values that made it fire
     correction: str | None  # for an event from a revision: why ("corrected result", ...)
-    record: dict[str, Any]  # exactly the record replay writes to EVENTS.jsonl
+    record: EventRecord  # exactly the record replay writes to EVENTS.jsonl
 
 
 @dataclass(slots=True)
@@ -101,7 +102,7 @@ class Step:
     after: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
     note: str | None = None  # why nothing (more) was announced
-    records: list[dict[str, Any]] = field(default_factory=list)  # every record of this step, replay's order
+    records: list[Decision] = field(default_factory=list)  # every record of this step, replay's order
     revision_of: int | None = None  # the step that judged this panel before
 
 
@@ -112,7 +113,7 @@ class Trail:
     rules: Rules
     source: str
     steps: list[Step]
-    records: list[dict[str, Any]]  # every record for the patient, in replay's order
+    records: list[Decision]  # every record for the patient, in replay's order
     notes: list[str] = field(default_factory=list)
 
     @property

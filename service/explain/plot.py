@@ -14,6 +14,7 @@ from service.core.grading import Band, Scheme
 from service.core.rules import HOUR_US, Rules
 from service.explain.model import Event, ExplainError, Step, Trail, band_range, fmt
 from service.fhir.fhirtime import to_epoch_us
+from service.output.events import RetractedAlert, TemperatureReading
 
 NORMAL_COLOUR = "#e5f5e0"
 CORRECTION_COLOUR = "#2171b5"
@@ -199,14 +200,14 @@ def _anc(ax: Any, line: _Timeline) -> None:
 
 
 def _event_label(e: Event) -> str:
-    rec, withdrawn = e.record, e.record.get("retracted") or {}
-    if withdrawn:
-        label = f"retracted: {withdrawn.get('event')} {withdrawn.get('grade_label') or ''}".rstrip()
+    rec, withdrawn = e.record, e.record.retracted
+    if isinstance(withdrawn, RetractedAlert):
+        label = f"retracted: {withdrawn.event} {withdrawn.grade_label or ''}".rstrip()
     else:
-        grade = rec.get("grade_label") if e.kind != "resolved" else None
+        grade = rec.grade_label if e.kind != "resolved" else None
         label = e.kind + (f" {grade}" if grade else "")
-    if rec.get("anc") is not None and e.kind != "retracted":
-        label += f" ({'≤' if rec.get('anc_at_most') else ''}{fmt(rec['anc'], 0)})"
+    if rec.anc is not None and e.kind != "retracted":
+        label += f" ({'≤' if rec.anc_at_most else ''}{fmt(rec.anc, 0)})"
     return label + (" [correction]" if e.correction else "")
 
 
@@ -217,13 +218,14 @@ def _events(ax: Any, tx: Any, trail: Trail, line: _Timeline) -> None:
     span = max(line.end - line.start, 1)
     for s in trail.steps:
         for e in s.events:
-            withdrawn = e.record.get("retracted") or {}
-            t_us = _us(withdrawn.get("effective") or e.record.get("effective"))
+            withdrawn = e.record.retracted if isinstance(e.record.retracted, RetractedAlert) else None
+            t_us = _us((withdrawn.effective if withdrawn else None) or e.record.effective)
             t_us = s.effective_us if t_us is None else t_us
             if t_us is None:
                 continue
             colour, marker = EVENT_STYLE.get(e.kind, ("black", "o"))
-            at = (_dt(t_us), line.floor(float(withdrawn.get("anc") or e.record.get("anc") or line.low * 1.5)))
+            withdrawn_anc = withdrawn.anc if withdrawn else None
+            at = (_dt(t_us), line.floor(float(withdrawn_anc or e.record.anc or line.low * 1.5)))
             ax.plot(
                 [at[0]],
                 [at[1]],
@@ -256,11 +258,11 @@ def _events(ax: Any, tx: Any, trail: Trail, line: _Timeline) -> None:
 
 
 def _fever_star(tx: Any, e: Event, colour: str) -> None:
-    fever = e.record.get("temperature")
-    f_us = _us(fever.get("effective")) if e.kind == "febrile" and isinstance(fever, dict) else None
-    if f_us is None or not isinstance(fever, dict):
+    fever = e.record.temperature
+    f_us = _us(fever.effective) if e.kind == "febrile" and isinstance(fever, TemperatureReading) else None
+    if f_us is None or not isinstance(fever, TemperatureReading):
         return
-    at = (_dt(f_us), fever["celsius"])
+    at = (_dt(f_us), fever.celsius)
     tx.plot([at[0]], [at[1]], marker="*", ms=14, color=colour, mec="white", mew=0.8, ls="none", zorder=7)
     tx.annotate(
         "febrile",

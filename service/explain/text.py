@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+from msgspec import UNSET
+
 from service.explain.model import Input, Step, Trail, band_range, describe_episode, fmt, scheme_summary
 from service.explain.prose import hours
+from service.output.events import EventRecord
 
 
 def _given_json(i: Input) -> dict[str, Any] | None:
@@ -64,7 +68,7 @@ def _step_json(s: Step) -> dict[str, Any]:
                 "rule": e.rule,
                 "detail": e.detail,
                 "correction": e.correction,
-                "record": e.record,
+                "record": msgspec.to_builtins(e.record),
             }
             for e in s.events
         ],
@@ -86,7 +90,7 @@ def trail_json(trail: Trail) -> dict[str, Any]:
         "source": trail.source,
         "notes": trail.notes,
         "steps": [_step_json(s) for s in trail.steps],
-        "events": trail.records,
+        "events": [msgspec.to_builtins(r) for r in trail.records],
     }
 
 
@@ -157,19 +161,19 @@ def _anc_lines(anc: dict[str, Any], grade: dict[str, Any]) -> list[str]:
     ]
 
 
-def _recipients(record: dict[str, Any]) -> str:
-    if "recipients" not in record:
+def _recipients(record: EventRecord) -> str:
+    if record.recipients is UNSET:
         return ""
-    if not record["recipients"]:
+    if not record.recipients:
         return "  (no recipient: no order, care team or configured pool)"
-    return f"  to {', '.join(record['recipients'])} ({record['recipient_rule']})"
+    return f"  to {', '.join(record.recipients)} ({record.recipient_rule})"
 
 
 def _event_lines(s: Step) -> list[str]:
     out = []
     for e in s.events:
         rec = e.record
-        grade = rec.get("grade_label") or rec.get("grade") or ""
+        grade = rec.grade_label or rec.grade or ""
         fix = f" [correction: {e.correction}]" if e.correction else ""
         out.append(f"    EVENT     {e.kind.upper()} {grade}{fix}{_recipients(rec)}")
         out.append(f"              rule: {e.rule}")

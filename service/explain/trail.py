@@ -38,6 +38,7 @@ from service.explain.prose import correction, fever_note, panel_note, rule_for
 from service.fhir import raw
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.fhir.references import Resolved
+from service.output.events import Decision, EventRecord, QuarantinedRecord
 from service.replay.engine import PanelTrace, Replay, documents
 from service.replay.rows import Available
 
@@ -127,18 +128,18 @@ def _input(r: LabResult, role: str, index: GivenIndex) -> Input:
         r.code if r.mapped_from is None else f"{r.code} (from {r.mapped_from} by ConceptMap {r.concept_map})"
     )
     return Input(
-        r.ref,
-        r.version,
-        code,
-        KIND_LABEL.get(r.kind, r.kind.value),
-        r.status,
-        r.effective,
-        r.effective_us,
-        index.get((r.ref, r.version, r.updated_us)),
-        r.value,
-        CANONICAL_UNIT.get(term.prop) if term else None,
-        r.at_most,
-        role,
+        ref=r.ref,
+        version=r.version,
+        code=code,
+        kind=KIND_LABEL.get(r.kind, r.kind.value),
+        status=r.status,
+        effective=r.effective,
+        effective_us=r.effective_us,
+        given=index.get((r.ref, r.version, r.updated_us)),
+        value=r.value,
+        unit=CANONICAL_UNIT.get(term.prop) if term else None,
+        at_most=r.at_most,
+        role=role,
     )
 
 
@@ -235,6 +236,7 @@ def _events(d: PanelDecision, t: PanelTrace, rules: Rules) -> list[Event]:
     offset = (d.not_assessed is not None) + (d.rejection is not None) + (d.stale and d.assessment is not None)
     out = []
     for event, record in zip(d.events, t.records[offset:], strict=True):
+        assert isinstance(record, EventRecord)  # (an event's record)
         rule, detail = rule_for(event, t.before, rules)
         out.append(Event(event.kind.value, rule, detail, correction(event), record))
     return out
@@ -259,24 +261,28 @@ def _step(n: int, t: PanelTrace, rules: Rules, index: GivenIndex, earlier: Step 
     inputs = [_input(r, roles[r.ref], index) for r in labs] + [_input(r, "temperature", index) for r in temps]
     primary = next((r for r in labs if r.ref in used[:1]), labs[0] if labs else (temps[0] if temps else None))
     step = Step(
-        n,
-        "panel" if labs else "temperature",
-        t.akey,
-        _available(t.akey)[0],
-        _trigger(t, earlier),
-        t.patient,
-        t.panel,
-        primary.effective if primary else None,
-        primary.effective_us if primary else None,
-        inputs,
-        "assessed",
+        n=n,
+        kind="panel" if labs else "temperature",
+        akey=t.akey,
+        available=_available(t.akey)[0],
+        trigger=_trigger(t, earlier),
+        patient=t.patient,
+        panel=t.panel,
+        effective=primary.effective if primary else None,
+        effective_us=primary.effective_us if primary else None,
+        inputs=inputs,
+        outcome="assessed",
         before=_episode(t.before),
         after=_episode(d.state if d is not None else t.before),
         records=list(t.records),
         revision_of=earlier.n if earlier is not None else None,
     )
     if d is None:  # could not be decided: quarantined, the patient's state unchanged
-        step.outcome, step.reason = "quarantined", str(t.records[0].get("reason")) if t.records else None
+        first = t.records[0] if t.records else None
+        step.outcome, step.reason = (
+            "quarantined",
+            first.reason if isinstance(first, QuarantinedRecord) else None,
+        )
         return step
     step.outcome, step.reason = _outcome(d, labs)
     if d.assessment is not None:
@@ -286,7 +292,7 @@ def _step(n: int, t: PanelTrace, rules: Rules, index: GivenIndex, earlier: Step 
     return step
 
 
-def _rejected_step(n: int, akey: str, rejected: Rejected, record: dict[str, Any], index: GivenIndex) -> Step:
+def _rejected_step(n: int, akey: str, rejected: Rejected, record: Decision, index: GivenIndex) -> Step:
     eff_us: int | None
     try:
         eff_us = to_epoch_us(rejected.effective) if rejected.effective else None
@@ -295,31 +301,31 @@ def _rejected_step(n: int, akey: str, rejected: Rejected, record: dict[str, Any]
     term = TERMS.get(rejected.code or "")
     given = index.get((rejected.ref, rejected.version, rejected.updated_us)) if rejected.ref else None
     row = Input(
-        rejected.ref or "(no id)",
-        rejected.version,
-        rejected.code,
-        KIND_LABEL.get(term.kind) if term else None,
-        None,
-        rejected.effective,
-        eff_us,
-        given,
-        None,
-        None,
-        False,
-        f"rejected: {rejected.reason}",
+        ref=rejected.ref or "(no id)",
+        version=rejected.version,
+        code=rejected.code,
+        kind=KIND_LABEL.get(term.kind) if term else None,
+        status=None,
+        effective=rejected.effective,
+        effective_us=eff_us,
+        given=given,
+        value=None,
+        unit=None,
+        at_most=False,
+        role=f"rejected: {rejected.reason}",
     )
     return Step(
-        n,
-        "rejected-input",
-        akey,
-        _available(akey)[0],
-        "arrived",
-        rejected.patient or "",
-        "",
-        rejected.effective,
-        eff_us,
-        [row],
-        "rejected-input",
+        n=n,
+        kind="rejected-input",
+        akey=akey,
+        available=_available(akey)[0],
+        trigger="arrived",
+        patient=rejected.patient or "",
+        panel="",
+        effective=rejected.effective,
+        effective_us=eff_us,
+        inputs=[row],
+        outcome="rejected-input",
         reason=rejected.reason,
         records=[record],
         note=f"input rejected: {rejected.reason}; it never alerts (an Observation whose newest "
@@ -358,14 +364,16 @@ def build_trail(replay: Replay, patient: str, given: GivenIndex, source: str) ->
         for record in t.records:
             by_record[id(record)] = step
 
-    records: list[dict[str, Any]] = []
+    records: list[Decision] = []
     for akey, record, _resources in replay.decide(with_alerts=False, stream=stream(), trace=trace):
         records.append(record)
         if id(record) not in by_record:  # an input rejected on its own (not through a panel)
             steps.append(_rejected_step(len(steps) + 1, akey, rejected[akey], record, given))
     if not steps:
         raise ExplainError(f"no monitored Observations of {patient} in {source}")
-    trail = Trail(patient, rules.scheme, rules, source, steps, records)
+    trail = Trail(
+        patient=patient, scheme=rules.scheme, rules=rules, source=source, steps=steps, records=records
+    )
     subjects = sorted({s.patient for s in steps if s.patient})
     if len(subjects) > 1:
         trail.notes.append(

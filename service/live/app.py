@@ -22,9 +22,10 @@ from service import metrics
 from service.config import Settings
 from service.errors import ConfigError, NeutrowatchError, StoreError
 from service.fhir.client import FhirClient
+from service.live.report import CycleReport, Progress
 from service.live.store import make_store
 from service.live.web import make_app
-from service.live.worker import CycleReport, Progress, Worker
+from service.live.worker import Worker
 
 log = structlog.get_logger("neutrowatch")
 CYCLE_JOB = "poll"

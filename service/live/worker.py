@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
@@ -22,7 +20,7 @@ from service.core.episodes import PatientState
 from service.core.observations import DEFAULT_READ, Ignored, LabResult, ReadPolicy, Rejected, version_number
 from service.core.panels import Report, panel_key
 from service.core.triage import PatientFact, ReportMembers, memberships, triage
-from service.core.undecided import ignored_unassessed, panel_unassessed, rejection_unassessed
+from service.core.undecided import ignored_unassessed, rejection_unassessed
 from service.errors import NeutrowatchError
 from service.fhir import raw
 from service.fhir.client import FhirClient
@@ -30,6 +28,7 @@ from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.fhir.paging import Page
 from service.fhir.query import code_values, merged, split_searches
 from service.live.directory import LiveDirectory
+from service.live.report import CycleReport, Progress, StepTally, panel_records
 from service.live.search import (
     pages_since,
     search_params,
@@ -43,45 +42,10 @@ from service.live.terminology import ServerConceptMaps
 from service.live.writer import AlertWriter
 from service.output.events import rejected_record
 from service.output.outcomes import Judged, concluded, judged, orders, quarantined
-from service.output.transaction import outbox_writes
+from service.output.transaction import Delivery
 
 log = structlog.get_logger("neutrowatch.worker")
 DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
-Record = tuple[
-    dict[str, Any], dict[str, Any] | None
-]  # a decision record and its outbox write (None: no alert)
-
-
-@dataclass
-class CycleReport:
-    pages: int = 0
-    observations: int = 0
-    new_versions: int = 0
-    panels_assessed: int = 0
-    events: dict[str, int] = field(default_factory=dict)
-    written: int = 0
-    delivered_all: bool = True
-    temperature_searches: int = 0
-    cursor: str | None = None
-    search_pages: int = 0  # pages of the main search (`pages` counts temperature searches' pages too)
-    steps: int = 0  # steps taken (each: at most poll.max_pages_per_step pages, decided, posted, committed)
-    caught_up: bool = False  # the search was read to its end (False: stopped between steps)
-
-
-@dataclass
-class Progress:
-    """What /readyz and the metrics say about the cycle in progress: updated after every step, so a
-    long catch-up is visibly working (a step committed recently) or visibly stuck (none did)."""
-
-    step_at: float | None = (
-        None  # local time the last step committed (read, decided, delivered, cursor moved)
-    )
-    catching_up: bool = False  # a cycle has committed a step and has not yet read to the end of the search
-    pages: int = 0  # pages of the main search read so far by the cycle in progress
-    lag_seconds: float | None = None  # now - the newest meta.lastUpdated read, after the last step
-    writes_pending: bool = (
-        False  # the last step ended with writes the server has not confirmed (the cursor stayed)
-    )
 
 
 def intake(
@@ -220,14 +184,7 @@ class Worker:
         commits late behind it, is read again from the cursor less the overlap (de-duplicated on
         (id, versionId)). A step whose writes are not all confirmed leaves the cursor where it is
         and the cycle goes on reading: one refused write must not silence every later patient."""
-        before = (
-            report.search_pages,
-            report.observations,
-            report.new_versions,
-            report.panels_assessed,
-            report.written,
-            sum(report.events.values()),
-        )
+        before = StepTally.of(report)
         began = self.clock()
         newest_us, caught_up, edge = await self._read(pages, report, newest_us)
         if self.settings.poll.temperatures == "open-episodes":
@@ -253,36 +210,7 @@ class Worker:
             self.progress.catching_up = True
             metrics.BACKLOG_PAGES.set(report.search_pages)
         metrics.STEPS.labels("committed" if delivered else "undelivered").inc()
-        pages_read, observations, new, panels, written, events = (
-            now - then
-            for now, then in zip(
-                (
-                    report.search_pages,
-                    report.observations,
-                    report.new_versions,
-                    report.panels_assessed,
-                    report.written,
-                    sum(report.events.values()),
-                ),
-                before,
-                strict=True,
-            )
-        )
-        log.info(
-            "poll step",
-            step=report.steps,
-            pages=pages_read,
-            observations=observations,
-            new=new,
-            panels=panels,
-            events=events,
-            written=written,
-            committed=delivered,
-            cursor=report.cursor,
-            lag_seconds=None if lag is None else round(lag, 1),
-            caught_up=caught_up,
-            cycle_pages=report.search_pages,
-        )
+        before.log_step(report, committed=delivered, lag=lag, caught_up=caught_up)
         return newest_us, caught_up
 
     async def _read(
@@ -454,7 +382,7 @@ class Worker:
             before = states.get(work.patient, PatientState())
             step = await self._judge(work, before, int(now * 1_000_000), sent)
             states[work.patient] = step.state
-            decided.append(Decided(work.patient, work.panel, step.state, self._records(work, step, report)))
+            decided.append(Decided(work.patient, work.panel, step.state, panel_records(work, step, report)))
         await self.store.commit(decided)
 
     async def _judge(self, work: PanelWork, before: PatientState, clock_us: int, sent: str) -> Judged:
@@ -481,53 +409,6 @@ class Worker:
             self.settings.alerts,
             sent=sent,
         )
-
-    def _records(self, work: PanelWork, step: Judged, report: CycleReport) -> list[Record]:
-        """The judged panel's records as the store keeps them (each alert with its outbox write),
-        counted and logged."""
-        d = step.decision
-        if d is None:
-            ((record, _none),) = step.records
-            metrics.PANEL_FAILURES.labels(type(step.error).__name__).inc()
-            log.error(
-                "panel quarantined: could not be decided",
-                patient=work.patient,
-                panel=work.panel,
-                observations=record["observations"],
-                error_type=type(step.error).__name__,
-            )
-            return [(record, None)]
-        metrics.count_unassessed(panel_unassessed(d, work.results))
-        if d.assessed:
-            report.panels_assessed += 1
-            metrics.PANELS.inc()
-        if d.stale:
-            metrics.STALE_PANELS.inc()
-            log.info(
-                "stale panel: collected before the newest assessed", patient=work.patient, panel=work.panel
-            )
-        records: list[Record] = []
-        for record, alert in step.records:
-            if alert is None:
-                if record["event"] == "rejected":
-                    metrics.REJECTIONS.labels(metrics.reason_label(record["reason"])).inc()
-                    log.warning(
-                        "panel rejected", patient=work.patient, panel=work.panel, reason=record["reason"]
-                    )
-                records.append((record, None))
-                continue
-            records.append((record, outbox_writes(alert, record["event"])))
-            metrics.ALERTS.labels(record["event"], record["grade"] or "none").inc()
-            report.events[record["event"]] = report.events.get(record["event"], 0) + 1
-            log.info(
-                "alert decided",
-                patient=work.patient,
-                alert=record["event"],
-                grade=record["grade"],
-                episode=record["episode"],
-                observations=record["observations"],
-            )
-        return records
 
     # delivery ----------------------------------------------------------------------------------------
 
@@ -570,6 +451,6 @@ class Worker:
                 await self.store.mark_sent(entry.id, result)
                 report.written += 1
 
-    async def _post(self, entry: OutboxEntry) -> dict[str, Any]:
+    async def _post(self, entry: OutboxEntry) -> Delivery:
         """One outbox entry to the server (service/live/writer.py)."""
         return await self.writer.post(entry.writes)

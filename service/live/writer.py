@@ -9,7 +9,6 @@ import asyncio
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 import structlog
 
@@ -18,9 +17,12 @@ from service.errors import NeutrowatchError
 from service.fhir.backoff import transient_status
 from service.fhir.client import FhirClient
 from service.fhir.errors import PreconditionFailed
+from service.output.alerts import FhirJson
 from service.output.transaction import (
+    Delivery,
     Entry,
     KnownFlag,
+    OutboxWrites,
     answered_id,
     communication_create,
     flag_create,
@@ -53,7 +55,7 @@ class _Targets:
 
 
 class AlertWriter:
-    """Posts alert writes (the outbox dicts of output.transaction.outbox_writes) through `client`.
+    """Posts alert writes (output.transaction.OutboxWrites, as the outbox keeps them) through `client`.
 
     The episodes' Flags as this writer last wrote or read them (id, version, content) are kept, so an
     update needs no identifier search first. Bounded; a stale entry costs one 412 and a re-read."""
@@ -63,7 +65,7 @@ class AlertWriter:
         self.base_url = base_url
         self._flags: OrderedDict[str, KnownFlag] = OrderedDict()
 
-    async def post(self, w: dict[str, Any]) -> dict[str, Any]:
+    async def post(self, w: OutboxWrites) -> Delivery:
         """One write: the Flag (conditional create, versioned PUT, or nothing when the server's Flag
         already says the same) and the Communication (conditional create on identifier) in one
         Bundle; then, once the server has confirmed both, the Provenance on its own (conditional
@@ -90,9 +92,9 @@ class AlertWriter:
             metrics.WRITES.labels("Provenance", "ok").inc()
             statuses.append(status)
             locations.append((answers[0].get("response") or {}).get("location"))
-        return {"statuses": statuses, "locations": locations, "ids": targets.ids}
+        return Delivery(statuses, locations, targets.ids)
 
-    async def _post_targets(self, w: dict[str, Any]) -> _Targets:
+    async def _post_targets(self, w: OutboxWrites) -> _Targets:
         """Write the Flag and the Communication until the server confirms both.
 
         An atomic server answers all or nothing (an error status raises, except 412: re-read). A
@@ -127,7 +129,7 @@ class AlertWriter:
         return targets
 
     async def _pending_entries(
-        self, w: dict[str, Any], comm_entry: Entry | None, ids: dict[str, str]
+        self, w: OutboxWrites, comm_entry: Entry | None, ids: dict[str, str]
     ) -> tuple[list[Entry], str | None]:
         """The entries still to write and the id of the Flag a PUT among them replaces."""
         entries: list[Entry] = []
@@ -146,9 +148,9 @@ class AlertWriter:
 
     async def _take_answers(
         self,
-        w: dict[str, Any],
+        w: OutboxWrites,
         entries: list[Entry],
-        answers: list[dict[str, Any]],
+        answers: list[FhirJson],
         put_id: str | None,
         targets: _Targets,
     ) -> list[str | None]:
@@ -167,7 +169,8 @@ class AlertWriter:
                 if kind == "Flag":
                     self._flags.pop(flag_key(w), None)  # read it again before the next attempt
                 continue
-            identifier = w["flag_identifier"] if kind == "Flag" else w["communication_identifier"]
+            identifier = w.flag_identifier if kind == "Flag" else w.communication_identifier
+            assert identifier is not None  # (a Communication entry is sent only with its identifier)
             targets.ids[kind] = (
                 put_id
                 if kind == "Flag" and put_id is not None
@@ -182,7 +185,7 @@ class AlertWriter:
 
     @staticmethod
     async def _again(
-        reasons: list[str | None], answers: list[dict[str, Any]], entries: list[Entry], attempt: int
+        reasons: list[str | None], answers: list[FhirJson], entries: list[Entry], attempt: int
     ) -> bool:
         """Whether to post what failed again (after a backoff when the refusals are transient)."""
         if reasons and len(reasons) < len(entries):
@@ -202,7 +205,7 @@ class AlertWriter:
             return True
         return not reasons  # a refusal to keep: re-posting would only repeat it
 
-    async def _find(self, kind: str, identifier: list[str]) -> str:
+    async def _find(self, kind: str, identifier: tuple[str, str]) -> str:
         """The server id of the one resource with `identifier`: for a 2xx answer without a usable
         location (a conditional create that found the resource may give none)."""
         found = await self.client.identified(kind, identifier)
@@ -210,15 +213,15 @@ class AlertWriter:
             raise WriteRejected(f"{kind} confirmed, but its identifier search found {len(found)}")
         return str(found[0]["id"])
 
-    async def _flag_entry(self, w: dict[str, Any]) -> tuple[Entry | None, str | None]:
+    async def _flag_entry(self, w: OutboxWrites) -> tuple[Entry | None, str | None]:
         """The Flag's transaction entry and, when it is not conditionally created (a PUT, or none
         because it is unchanged), the server id of the existing Flag. The existing Flag is the one
         this writer last wrote or read when it remembers it (no request), else it is searched."""
-        if w["event"] == "new":
+        if w.event == "new":
             return flag_create(w), None
         known = self._flags.get(flag_key(w))
         if known is None:
-            existing = await self.client.identified("Flag", w["flag_identifier"])
+            existing = await self.client.identified("Flag", w.flag_identifier)
             if not existing:
                 return flag_create(w), None
             current = existing[0]
@@ -226,7 +229,7 @@ class AlertWriter:
             self._remember(w, known)
         return flag_update(w, known, self.base_url), known.id
 
-    def _remember(self, w: dict[str, Any], known: KnownFlag | None) -> None:
+    def _remember(self, w: OutboxWrites, known: KnownFlag | None) -> None:
         """Keep the episode's Flag as the server now holds it (None: unknown, forget it)."""
         key = flag_key(w)
         if known is None:

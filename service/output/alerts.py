@@ -14,13 +14,13 @@ Each entry carries the fullUrl given here (`urn:uuid:` + a UUID derived from the
 identifier), and the Provenance built here references the Flag and the Communication by those
 fullUrls (what replay writes). The live loop (service/live/writer.py) posts the Flag and the
 Communication first and the Provenance only once the server has confirmed both, with its targets
-rewritten to the server ids: `provenance_entry()` is that entry.
+rewritten to the server ids: service/output/transaction.py `provenance_entry` is that entry.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,14 +51,19 @@ ACTIVITY = {  # Provenance.activity: the event creates the episode's Flag (new) 
 
 PRIORITY = {"mild": "routine", "moderate": "urgent", "severe": "asap"}
 
+# A FHIR resource (or Bundle entry) as JSON: built here as plain dicts, validated with the
+# fhir.resources models, and sent to the server verbatim. Its schema is FHIR's, not ours, so it
+# stays a JSON object rather than a struct of its own.
+FhirJson = dict[str, Any]
+
 
 @dataclass(frozen=True, slots=True)
 class AlertWrites:
-    flag: dict[str, Any]
-    communication: dict[str, Any] | None  # None: the event updates the Flag only (chronic)
+    flag: FhirJson
+    communication: FhirJson | None  # None: the event updates the Flag only (chronic)
     flag_identifier: tuple[str, str]  # (system, value): the conditional-create key
     communication_identifier: tuple[str, str] | None
-    provenance: dict[str, Any]  # targets the Flag and Communication by their fullUrls below
+    provenance: FhirJson  # targets the Flag and Communication by their fullUrls below
     provenance_tag: tuple[str, str]  # (system, code) of its meta.tag: the conditional-create key (_tag)
     flag_full_url: str  # urn:uuid:..., the Flag's Bundle.entry.fullUrl
     communication_full_url: str | None
@@ -80,7 +85,7 @@ def _coding(base: str, system: str, code: str, display: str) -> dict[str, str]:
     return {"system": profiles.system_url(base, system), "code": code, "display": display}
 
 
-def _grade(base: str, scheme: Scheme, band: Band) -> dict[str, Any]:
+def _grade(base: str, scheme: Scheme, band: Band) -> FhirJson:
     name = profiles.base_scheme(scheme)
     coding = _coding(
         base, profiles.GRADE_SYSTEM, profiles.grade_code(name, band), profiles.grade_display(name, band)
@@ -88,26 +93,26 @@ def _grade(base: str, scheme: Scheme, band: Band) -> dict[str, Any]:
     return {"url": profiles.profile_url(base, profiles.GRADE_EXTENSION), "valueCoding": coding}
 
 
-def _scheme(base: str, scheme: Scheme) -> dict[str, Any]:
+def _scheme(base: str, scheme: Scheme) -> FhirJson:
     name = profiles.base_scheme(scheme)
     coding = _coding(base, profiles.SCHEME_SYSTEM, name, profiles.SCHEME_DISPLAY.get(name, name))
     return {"url": profiles.profile_url(base, profiles.SCHEME_EXTENSION), "valueCoding": coding}
 
 
-def _event(base: str, kind: EventKind) -> dict[str, Any]:
+def _event(base: str, kind: EventKind) -> FhirJson:
     coding = _coding(base, profiles.EVENT_SYSTEM, kind.value, profiles.EVENT_DISPLAY[kind][0])
     return {"url": profiles.profile_url(base, profiles.EVENT_EXTENSION), "valueCoding": coding}
 
 
-def _anc(base: str, a: Assessment) -> dict[str, Any]:
-    quantity: dict[str, Any] = {"value": _number(a.anc)}
+def _anc(base: str, a: Assessment) -> FhirJson:
+    quantity: FhirJson = {"value": _number(a.anc)}
     if a.at_most:
         quantity["comparator"] = "<="
     quantity.update({"unit": profiles.ANC_UNIT, "system": profiles.UCUM, "code": profiles.ANC_CODE})
     return {"url": profiles.profile_url(base, profiles.ANC_EXTENSION), "valueQuantity": quantity}
 
 
-def _meta(settings: AlertSettings, profile: str) -> dict[str, Any]:
+def _meta(settings: AlertSettings, profile: str) -> FhirJson:
     """meta.profile when the deployment claims the profiles (alerts.claim_profiles), else nothing: a
     server that validates claims reads each claimed StructureDefinition, so a claim it cannot resolve
     refuses the write. The extensions stay either way: an extension is valid without the profile
@@ -185,7 +190,7 @@ def build(
     if status == "inactive" and event.ended:
         period["end"] = event.ended
     band: Band = event.worst or event.band
-    flag: dict[str, Any] = {
+    flag: FhirJson = {
         "resourceType": "Flag",
         **({"meta": m} if (m := _meta(settings, profiles.FLAG_PROFILE)) else {}),
         "identifier": [{"system": flag_id[0], "value": flag_id[1]}],
@@ -227,7 +232,7 @@ def build(
         else communication_value(event.episode, event.kind.value, rank, event.revision, event.opening)
     )
     flag_ref = {"type": "Flag", "identifier": {"system": flag_id[0], "value": flag_id[1]}}
-    communication: dict[str, Any] = {
+    communication: FhirJson = {
         "resourceType": "Communication",
         **({"meta": m} if (m := _meta(settings, profiles.COMMUNICATION_PROFILE)) else {}),
         "extension": [_event(base, event.kind), _grade(base, scheme, event.band), _scheme(base, scheme)]
@@ -273,8 +278,8 @@ def _with_provenance(
     settings: AlertSettings,
     sent: str,
     sources: list[str],
-    flag: dict[str, Any],
-    communication: dict[str, Any] | None,
+    flag: FhirJson,
+    communication: FhirJson | None,
     flag_id: tuple[str, str],
     comm_id: tuple[str, str] | None,
     key: str,
@@ -301,7 +306,7 @@ def _with_provenance(
     if event.fever is not None and event.fever.ref not in entities:
         entities.append(event.fever.ref)
     version = profiles.software_version()
-    provenance: dict[str, Any] = {
+    provenance: FhirJson = {
         "resourceType": "Provenance",
         "meta": {**_meta(settings, profiles.PROVENANCE_PROFILE), "tag": [{"system": tag[0], "code": tag[1]}]},
         "extension": [_event(base, event.kind)],
@@ -323,50 +328,13 @@ def _with_provenance(
         provenance["entity"] = [{"role": "source", "what": {"reference": ref}} for ref in entities]
     Provenance.model_validate(provenance)
     return AlertWrites(
-        flag, communication, flag_id, comm_id, provenance, tag, flag_url, comm_url, full_url(*tag)
+        flag=flag,
+        communication=communication,
+        flag_identifier=flag_id,
+        communication_identifier=comm_id,
+        provenance=provenance,
+        provenance_tag=tag,
+        flag_full_url=flag_url,
+        communication_full_url=comm_url,
+        provenance_full_url=full_url(*tag),
     )
-
-
-def provenance_entry(
-    writes: Mapping[str, Any], flag_id: str | None = None, communication_id: str | None = None
-) -> dict[str, Any] | None:
-    """The transaction entry of a write's Provenance (`writes`: the outbox dict, transaction.outbox_writes),
-    or None for a write stored before Provenance existed: a conditional create on its tag, so a
-    re-post finds it. `flag_id` / `communication_id`: the server ids of the Flag and the
-    Communication; each given target then references `Type/<id>` instead of its urn:uuid fullUrl.
-    The live loop posts the Provenance alone, after the server has confirmed both targets, and
-    always gives both ids: a server that processes a transaction as a batch keeps a Provenance
-    whose target's entry failed, with the id it had reserved for it (service/live/writer.py)."""
-    provenance = writes.get("provenance")
-    if not provenance:
-        return None
-    ids = {
-        writes["flag_full_url"]: f"Flag/{flag_id}" if flag_id is not None else None,
-        writes.get("communication_full_url"): f"Communication/{communication_id}"
-        if communication_id is not None
-        else None,
-    }
-    provenance = {
-        **provenance,
-        "target": [
-            {**t, "reference": ids[t.get("reference")]} if ids.get(t.get("reference")) else t
-            for t in provenance["target"]
-        ],
-    }
-    system, code = writes["provenance_tag"]
-    return {
-        "fullUrl": writes["provenance_full_url"],
-        "resource": provenance,
-        "request": {"method": "POST", "url": "Provenance", "ifNoneExist": f"_tag={system}|{code}"},
-    }
-
-
-def outbox_fields(writes: AlertWrites) -> dict[str, Any]:
-    """What `transaction.outbox_writes` adds to the outbox dict for the Provenance and the fullUrls."""
-    return {
-        "flag_full_url": writes.flag_full_url,
-        "communication_full_url": writes.communication_full_url,
-        "provenance": writes.provenance,
-        "provenance_tag": list(writes.provenance_tag),
-        "provenance_full_url": writes.provenance_full_url,
-    }

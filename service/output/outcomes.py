@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from service.config import AlertSettings
 from service.core.context import PatientContext
@@ -25,16 +24,23 @@ from service.core.panels import PanelDecision, decide
 from service.core.recipients import Recipients
 from service.core.rules import Rules
 from service.output.alerts import AlertWrites, build
-from service.output.events import event_record, not_assessed_record, panel_rejected_record, stale_record
+from service.output.events import (
+    Decision,
+    QuarantinedRecord,
+    event_record,
+    not_assessed_record,
+    panel_rejected_record,
+    stale_record,
+)
 
-QUARANTINED = "quarantined"
+Record = tuple[Decision, AlertWrites | None]  # a decision record, with its alert writes when it is an alert
 
 
 @dataclass(frozen=True, slots=True)
 class PanelOutcome:
     """The records of one decided panel, in order; each event record with its alert writes."""
 
-    records: tuple[tuple[dict[str, Any], AlertWrites | None], ...]
+    records: tuple[Record, ...]
 
 
 def panel_outcome(
@@ -49,7 +55,7 @@ def panel_outcome(
     """Records of `decision`: not-assessed, rejected, stale, then each event with its writes built
     and validated. `recipients`: one per event, in order. Raises whatever building raises: the
     caller contains it (`failure_record`)."""
-    out: list[tuple[dict[str, Any], AlertWrites | None]] = []
+    out: list[Record] = []
     if decision.not_assessed is not None:
         out.append((not_assessed_record(decision.not_assessed), None))
     if decision.rejection is not None:
@@ -64,20 +70,16 @@ def panel_outcome(
 
 def failure_record(
     patient: str, panel: str, members: Sequence[LabResult], err: BaseException
-) -> dict[str, Any]:
+) -> QuarantinedRecord:
     """The record of a panel that could not be decided: kept and visible, never an alert. The
     reason names the exception's class only (its message may quote the input: PHI)."""
-    refs = sorted({m.ref for m in members})
-    return {
-        "patient": patient,
-        "event": QUARANTINED,
-        "grade": None,
-        "anc": None,
-        "effective": min(members, key=lambda m: m.effective_us).effective if members else None,
-        "observations": refs,
-        "reason": f"could not be decided: {type(err).__name__}",
-        "panel": panel,
-    }
+    return QuarantinedRecord(
+        patient=patient,
+        effective=min(members, key=lambda m: m.effective_us).effective if members else None,
+        observations=sorted({m.ref for m in members}),
+        reason=f"could not be decided: {type(err).__name__}",
+        panel=panel,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +89,7 @@ class Judged:
 
     state: PatientState
     decision: PanelDecision | None
-    records: tuple[tuple[dict[str, Any], AlertWrites | None], ...]
+    records: tuple[Record, ...]
     error: Exception | None = None
 
 

@@ -2,7 +2,7 @@
 live loop's writer (service/live/writer.py) sends them; what they say is FHIR's
 (http.html#transaction, http.html#cond-update, http.html#concurrency).
 
-A write (`outbox_writes`, stored in the outbox) is the Flag of an episode, perhaps a Communication,
+A write (`OutboxWrites`, stored in the outbox) is the Flag of an episode, perhaps a Communication,
 and the Provenance of both. The Flag is conditionally created on its identifier, or, once the
 server holds it, replaced with a versioned PUT (If-Match) when its content changed; the
 Communication is conditionally created on its identifier; the Provenance is conditionally created
@@ -15,9 +15,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from service.output.alerts import AlertWrites, outbox_fields, provenance_entry
+import msgspec
 
-Entry = dict[str, Any]  # a Bundle.entry as FHIR JSON
+from service.output.alerts import AlertWrites, FhirJson
+from service.output.events import Decision
+
+Entry = FhirJson  # a Bundle.entry
 _FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 
 
@@ -27,33 +30,68 @@ class KnownFlag:
 
     id: str
     version: str
-    flag: dict[str, Any]
+    flag: FhirJson
 
 
-def outbox_writes(writes: AlertWrites, event: str) -> dict[str, Any]:
-    """A write as the outbox keeps it (plain JSON): what the Bundles below are built from."""
-    return {
-        "event": event,
-        "flag": writes.flag,
-        "communication": writes.communication,
-        "flag_identifier": list(writes.flag_identifier),
-        "communication_identifier": list(writes.communication_identifier)
-        if writes.communication_identifier
-        else None,
-        **outbox_fields(writes),
-    }
+class OutboxWrites(msgspec.Struct, frozen=True, kw_only=True):
+    """A write as the outbox keeps it (the store's `writes` column, JSON in this field order): what
+    the Bundles below are built from. The fullUrls and the Provenance are None in a write stored
+    before Provenance existed: it posts its Flag and Communication without one."""
+
+    event: str  # the decision's event kind (`new` creates the Flag, any other updates it)
+    flag: FhirJson
+    communication: FhirJson | None  # None: the event updates the Flag only
+    flag_identifier: tuple[str, str]  # (system, value): the conditional-create key
+    communication_identifier: tuple[str, str] | None
+    flag_full_url: str | None = None
+    communication_full_url: str | None = None
+    provenance: FhirJson | None = None  # targets the Flag and Communication by their fullUrls
+    provenance_tag: tuple[str, str] | None = None  # (system, code): its conditional-create key (_tag)
+    provenance_full_url: str | None = None
 
 
-def flag_key(writes: dict[str, Any]) -> str:
+class Delivery(msgspec.Struct, frozen=True):
+    """What the server answered to a write, kept with the outbox row once it is confirmed: each
+    entry's status and location (the Flag, the Communication, the Provenance, those written), and
+    the server id of each confirmed target by resource type."""
+
+    statuses: list[str]
+    locations: list[str | None]
+    ids: dict[str, str]
+
+
+decode_outbox_writes = msgspec.json.Decoder(OutboxWrites).decode  # a stored write read back whole
+
+
+StoredRecord = tuple[Decision, OutboxWrites | None]  # a decision record, with its outbox write if an alert
+
+
+def outbox_writes(writes: AlertWrites, event: str) -> OutboxWrites:
+    """A write as the outbox keeps it."""
+    return OutboxWrites(
+        event=event,
+        flag=writes.flag,
+        communication=writes.communication,
+        flag_identifier=writes.flag_identifier,
+        communication_identifier=writes.communication_identifier,
+        flag_full_url=writes.flag_full_url,
+        communication_full_url=writes.communication_full_url,
+        provenance=writes.provenance,
+        provenance_tag=writes.provenance_tag,
+        provenance_full_url=writes.provenance_full_url,
+    )
+
+
+def flag_key(writes: OutboxWrites) -> str:
     """The episode's Flag identifier (system|value): the key of the writer's known Flags."""
-    return "|".join(writes["flag_identifier"])
+    return "|".join(writes.flag_identifier)
 
 
-def transaction(entries: list[Entry]) -> dict[str, Any]:
+def transaction(entries: list[Entry]) -> FhirJson:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
-def conditional_create(resource: dict[str, Any], if_none_exist: str, full_url: str | None = None) -> Entry:
+def conditional_create(resource: FhirJson, if_none_exist: str, full_url: str | None = None) -> Entry:
     entry: Entry = {"fullUrl": full_url} if full_url else {}
     return {
         **entry,
@@ -62,15 +100,15 @@ def conditional_create(resource: dict[str, Any], if_none_exist: str, full_url: s
     }
 
 
-def flag_create(writes: dict[str, Any]) -> Entry:
+def flag_create(writes: OutboxWrites) -> Entry:
     """The Flag's conditional create on its identifier."""
-    return conditional_create(writes["flag"], "identifier=" + flag_key(writes), writes.get("flag_full_url"))
+    return conditional_create(writes.flag, "identifier=" + flag_key(writes), writes.flag_full_url)
 
 
-def flag_update(writes: dict[str, Any], known: KnownFlag, base_url: str) -> Entry | None:
+def flag_update(writes: OutboxWrites, known: KnownFlag, base_url: str) -> Entry | None:
     """The versioned PUT of the Flag the server holds (`known`), or None when it already says what
     the write says."""
-    flag = writes["flag"]
+    flag = writes.flag
     if same(known.flag, flag):
         return None
     return {
@@ -80,28 +118,62 @@ def flag_update(writes: dict[str, Any], known: KnownFlag, base_url: str) -> Entr
     }
 
 
-def communication_create(writes: dict[str, Any]) -> Entry | None:
+def communication_create(writes: OutboxWrites) -> Entry | None:
     """The Communication's conditional create on its identifier (None: the write updates the Flag only)."""
-    communication = writes["communication"]
-    if communication is None:
+    communication = writes.communication
+    if communication is None or writes.communication_identifier is None:
         return None
     return conditional_create(
         communication,
-        "identifier=" + "|".join(writes["communication_identifier"]),
-        writes.get("communication_full_url"),
+        "identifier=" + "|".join(writes.communication_identifier),
+        writes.communication_full_url,
     )
 
 
+def provenance_entry(
+    writes: OutboxWrites, flag_id: str | None = None, communication_id: str | None = None
+) -> Entry | None:
+    """The transaction entry of a write's Provenance, or None for a write stored before Provenance
+    existed: a conditional create on its tag, so a re-post finds it. `flag_id` / `communication_id`:
+    the server ids of the Flag and the Communication; each given target then references `Type/<id>`
+    instead of its urn:uuid fullUrl. The live loop posts the Provenance alone, after the server has
+    confirmed both targets, and always gives both ids: a server that processes a transaction as a
+    batch keeps a Provenance whose target's entry failed, with the id it had reserved for it
+    (service/live/writer.py)."""
+    provenance = writes.provenance
+    if not provenance or writes.provenance_tag is None:
+        return None
+    ids = {
+        writes.flag_full_url: f"Flag/{flag_id}" if flag_id is not None else None,
+        writes.communication_full_url: f"Communication/{communication_id}"
+        if communication_id is not None
+        else None,
+    }
+    provenance = {
+        **provenance,
+        "target": [
+            {**t, "reference": ids[t.get("reference")]} if ids.get(t.get("reference")) else t
+            for t in provenance["target"]
+        ],
+    }
+    system, code = writes.provenance_tag
+    return {
+        "fullUrl": writes.provenance_full_url,
+        "resource": provenance,
+        "request": {"method": "POST", "url": "Provenance", "ifNoneExist": f"_tag={system}|{code}"},
+    }
+
+
 def provenance_transaction(
-    writes: dict[str, Any], flag_id: str | None, communication_id: str | None
-) -> dict[str, Any] | None:
+    writes: OutboxWrites, flag_id: str | None, communication_id: str | None
+) -> FhirJson | None:
     """The Provenance alone, its targets the confirmed server ids (None: a write stored before
     Provenance existed)."""
     entry = provenance_entry(writes, flag_id, communication_id)
     return None if entry is None else transaction([entry])
 
 
-def same(existing: dict[str, Any], desired: dict[str, Any]) -> bool:
+def same(existing: FhirJson, desired: FhirJson) -> bool:
     """The server's resource says what `desired` says. `meta` is compared by its profiles only: the
     server adds versionId and lastUpdated."""
     for key, value in desired.items():
@@ -119,7 +191,7 @@ def status_of(answer: Any) -> str:
     return str((response or {}).get("status", ""))
 
 
-def answered_version(result: dict[str, Any], resource: Any) -> str | None:
+def answered_version(result: FhirJson, resource: Any) -> str | None:
     """The version a transaction entry wrote: response.etag (W/"v"), the location's `_history/v`,
     or the answered resource's meta.versionId."""
     etag = result.get("etag")
@@ -155,9 +227,7 @@ def answered_id(kind: str, location: Any, resource: Any) -> str | None:
     return None
 
 
-def remembered(
-    sent: Entry, flag_id: str, status: str, result: dict[str, Any], answered: Any
-) -> KnownFlag | None:
+def remembered(sent: Entry, flag_id: str, status: str, result: FhirJson, answered: Any) -> KnownFlag | None:
     """The Flag as the server now holds it after `sent` was answered: the resource it answered, else
     what was sent when the server wrote it (a PUT, or a create answered 201; a conditional create
     answered 200 found a Flag whose content we do not know), with the version from the answer.
@@ -167,7 +237,7 @@ def remembered(
         and answered.get("resourceType") == "Flag"
         and answered.get("id") == flag_id
     ):
-        content: dict[str, Any] | None = answered
+        content: FhirJson | None = answered
     elif sent["request"]["method"] == "PUT" or status.startswith("201"):
         content = sent["resource"]
     else:

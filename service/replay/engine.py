@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, NamedTuple
 
 import orjson
 
@@ -32,7 +32,9 @@ from service.core.recipients import choose
 from service.core.rules import Rules
 from service.core.undecided import panel_unassessed, rejection_unassessed
 from service.fhir.fhirtime import from_epoch_us
-from service.output.events import rejected_record
+from service.output.alerts import FhirJson
+from service.output.encoding import to_json
+from service.output.events import Decision, rejected_record
 from service.output.outcomes import concluded, judged
 from service.replay import parallel
 from service.replay.documents import documents, file_documents, files
@@ -52,7 +54,16 @@ from service.replay.rows import (
     settle,
 )
 
-__all__ = ["IDENTICAL_COPY", "PanelTrace", "PatientFacts", "Replay", "ReplayStats", "documents", "snapshots"]
+__all__ = [
+    "IDENTICAL_COPY",
+    "PanelTrace",
+    "PatientFacts",
+    "Replay",
+    "ReplayRecord",
+    "ReplayStats",
+    "documents",
+    "snapshots",
+]
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -106,6 +117,14 @@ ORDER BY first, akey
 """
 
 
+class ReplayRecord(NamedTuple):
+    """One decision record as `Replay.decide` yields it, in order of availability."""
+
+    akey: str  # availability key of the arrival that produced it
+    record: Decision
+    alerts: list[FhirJson] | None  # the alert resources to write (None: no alert, or none asked for)
+
+
 @dataclass(frozen=True, slots=True)
 class PanelTrace:
     """One panel as `Replay.decide` judged it, for `explain`: what went in (the members as they
@@ -119,7 +138,7 @@ class PanelTrace:
     before: PatientState
     decision: PanelDecision | None  # None: the panel could not be decided (its record says why)
     context: PatientContext
-    records: tuple[dict[str, Any], ...]
+    records: tuple[Decision, ...]
 
 
 def snapshots(versions: Sequence[PanelVersion]) -> tuple[list[LabResult], list[tuple[str, list[LabResult]]]]:
@@ -201,7 +220,7 @@ class Replay:
             return parallel.run(self, inputs, events, alerts, self.workers)
         self.load(inputs)
         for _akey, record, resources in self.decide(with_alerts=alerts is not None):
-            events.write(orjson.dumps(record) + b"\n")
+            events.write(to_json(record) + b"\n")
             if alerts is not None and resources is not None:
                 for resource in resources:
                     alerts.write(orjson.dumps(resource) + b"\n")
@@ -305,8 +324,8 @@ class Replay:
         stream: Iterable[Available] | None = None,
         facts: Mapping[str, PatientFacts] | None = None,
         trace: Callable[[PanelTrace], None] | None = None,
-    ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
-        """(availability key, event record, alert resources or None) in order of availability.
+    ) -> Iterator[ReplayRecord]:
+        """Each decision record with its alert resources (`ReplayRecord`) in order of availability.
         Each Observation version is an arrival: a panel is assessed when its first member is
         available, with each member's first version, and again when a later version of a member
         arrives (a correction, a withdrawal) — as the live loop sees it. Building and validating
@@ -327,13 +346,9 @@ class Replay:
             return PatientFacts(patient_context(patient, None, (), self.rules))
 
         pool = self.alert_settings.recipients
-        pending: list[
-            tuple[str, str, str, list[LabResult]]
-        ] = []  # later versions, re-assessed when they arrive
+        pending: list[_Later] = []  # later versions, re-assessed when they arrive (a heap)
 
-        def judge(
-            akey: str, patient: str, panel: str, members: list[LabResult]
-        ) -> Iterator[tuple[str, dict[str, Any], list[dict[str, Any]] | None]]:
+        def judge(akey: str, patient: str, panel: str, members: list[LabResult]) -> Iterator[ReplayRecord]:
             self.stats.panels += 1
             known = facts.get(patient) or no_facts(patient)
             before = states.get(patient, PatientState())
@@ -354,46 +369,55 @@ class Replay:
             if step.decision is not None:
                 self.stats.stale_panels += step.decision.stale
                 self.stats.unassessed.update(panel_unassessed(step.decision, members))
-            out: list[tuple[str, dict[str, Any], list[dict[str, Any]] | None]] = []
+            out: list[ReplayRecord] = []
             for record, writes in step.records:
-                self.stats.events[record["event"]] += 1
+                self.stats.events[record.event] += 1
                 resources = None
                 if with_alerts and writes is not None:
                     resources = [writes.flag] + ([writes.communication] if writes.communication else [])
                     if self.provenance:
                         resources.append(writes.provenance)
-                out.append((akey, record, resources))
+                out.append(ReplayRecord(akey, record, resources))
             if trace is not None:
                 trace(
                     PanelTrace(
-                        akey,
-                        patient,
-                        panel,
-                        tuple(members),
-                        before,
-                        step.decision,
-                        known.context,
-                        tuple(record for _k, record, _r in out),
+                        akey=akey,
+                        patient=patient,
+                        panel=panel,
+                        members=tuple(members),
+                        before=before,
+                        decision=step.decision,
+                        context=known.context,
+                        records=tuple(r.record for r in out),
                     )
                 )
             yield from out
 
         for akey, patient, panel, payload in stream:
-            while pending and pending[0][0] < akey:
+            while pending and pending[0].akey < akey:
                 yield from judge(*heapq.heappop(pending))
             if isinstance(payload, Rejected):
                 self.stats.events["rejected"] += 1
                 if (why := rejection_unassessed(payload.reason)) is not None:
                     self.stats.unassessed[why] += 1
-                yield akey, rejected_record(payload), None
+                yield ReplayRecord(akey, rejected_record(payload), None)
                 continue
             initial, later = snapshots(payload)
             for later_key, members in later:
-                heapq.heappush(pending, (later_key, patient, panel, members))
+                heapq.heappush(pending, _Later(later_key, patient, panel, members))
             if initial:
                 yield from judge(akey, patient, panel, initial)
         while pending:
             yield from judge(*heapq.heappop(pending))
+
+
+class _Later(NamedTuple):
+    """A panel as it stands after a later version of a member arrived: judged again at `akey`."""
+
+    akey: str
+    patient: str
+    panel: str
+    members: list[LabResult]
 
 
 def _available(members: list[LabResult]) -> str | None:

@@ -37,33 +37,27 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from operator import itemgetter
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import orjson
 
+from service.config import AlertSettings
 from service.core.arrival import availability_key, newest_order, panel_key
-from service.replay.documents import (
-    BLOCK,
-    READ_ERRORS,
-    StreamedBundle,
-    file_documents,
-    files,
-    first_line,
-    line_documents,
-    unreadable,
-)
+from service.core.observations import DEFAULT_READ, ReadPolicy
+from service.core.rules import Rules
+from service.output.encoding import to_json
+from service.replay.chunks import Chunk, documents, input_size, plan
+from service.replay.documents import files
+from service.replay.partition import PatientPart, PatientRow, RejectionRow, arrivals, decode_part, stream
 from service.replay.rows import (
     IDENTICAL_COPY,
-    Available,
+    ContextRow,
+    Membership,
     ObsRow,
-    PanelVersion,
     ReplayStats,
     Rows,
-    decode_rejected,
-    decode_result,
     patient_facts,
     read_document,
     settle,
@@ -78,19 +72,27 @@ MAX_PARTITIONS = MAX_CHUNKS = 256  # beyond 2-4 GB of input, chunks and partitio
 PARALLEL_MIN_BYTES = 16 << 20  # below this much input, worker processes cost more than they save
 _RUN_FRAME_BYTES = 64 << 10  # step 3 writes its run in frames of about this size
 
-Segment = tuple[str, int, int]  # (file, offset, length) of one msgpack value
+
+class Segment(NamedTuple):
+    """Where one msgpack value is: the index that goes between processes."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class _RunLine(msgspec.Struct, frozen=True, array_like=True, order=True, gc=False):
+    """One decision record in a partition's run (step 3 -> step 4), merged by (akey, n)."""
+
+    akey: str
+    n: int  # position in its partition's output (a patient's records keep their order)
+    kind: str  # the record's event
+    line: bytes  # the record's JSON line
+    alert_lines: bytes  # its alert resources' lines (b"": none)
+
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
-
-
-@dataclass(frozen=True)
-class Chunk:
-    number: int  # position in the input: resources are numbered (number << 32) + 1, + 2, ...
-    path: str
-    start: (
-        int | None
-    )  # byte range [start, end) of whole lines; None: the whole file, as `file_documents` reads it
-    end: int | None
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,12 @@ class _Job:
 
     tmp: str
     partitions: int
-    rules: Any
-    alert_settings: Any
+    rules: Rules
+    alert_settings: AlertSettings
     with_alerts: bool
     core: type[Replay]  # what judges a partition (`Replay.decide`), of the caller's engine module
     provenance: bool = False
-    read_policy: Any = None
+    read_policy: ReadPolicy = DEFAULT_READ
     clock_us: int | None = None  # the reading clock when the caller fixed it (Replay.clock_us)
 
 
@@ -140,21 +142,21 @@ def run(
     workers: int | None,
 ) -> ReplayStats:
     paths = files(inputs)
-    size = sum(_size(path) for path in paths)
+    size = sum(input_size(path) for path in paths)
     if workers is None:
         workers = default_workers() if size >= PARALLEL_MIN_BYTES else 1
     # Bounded counts keep the index (chunks x partitions segments) and the number of files small.
     partitions = min(MAX_PARTITIONS, max(1, math.ceil(size / PARTITION_BYTES)))
     job = _Job(
-        replay._tmp.name,
-        partitions,
-        replay.rules,
-        replay.alert_settings,
-        alerts is not None,
-        type(replay),
-        replay.provenance,
-        replay.read_policy,
-        replay.clock_us,
+        tmp=replay._tmp.name,
+        partitions=partitions,
+        rules=replay.rules,
+        alert_settings=replay.alert_settings,
+        with_alerts=alerts is not None,
+        core=type(replay),
+        provenance=replay.provenance,
+        read_policy=replay.read_policy,
+        clock_us=replay.clock_us,
     )
     chunks = plan(paths, max(CHUNK_BYTES, math.ceil(size / MAX_CHUNKS)))
     with _collector_tuned():
@@ -237,19 +239,19 @@ def _run(
     runs: list[list[Segment]] = []
     counted: Counter[str] = Counter()
     clock = job.clock_us if job.clock_us is not None else stats.newest_updated_us
-    for run_segments, panels, stale, counts, unassessed in map_(judge, range(n), by_patient, [clock] * n):
-        runs.append(run_segments)
-        stats.panels += panels
-        stats.stale_panels += stale
-        stats.unassessed.update(unassessed)
-        counted.update(counts)
+    for judged in map_(judge, range(n), by_patient, [clock] * n):
+        runs.append(judged.run)
+        stats.panels += judged.panels
+        stats.stale_panels += judged.stale_panels
+        stats.unassessed.update(judged.unassessed)
+        counted.update(judged.events)
     _remove({path for segments in by_patient for path, _, _ in segments})
     kinds: Counter[str] = Counter()
-    for _key, _n, kind, line, alert_lines in heapq.merge(*map(_frames, runs)):
-        events.write(line)
-        if alerts is not None and alert_lines:
-            alerts.write(alert_lines)
-        kinds[kind] += 1
+    for merged in heapq.merge(*map(_frames, runs)):
+        events.write(merged.line)
+        if alerts is not None and merged.alert_lines:
+            alerts.write(merged.alert_lines)
+        kinds[merged.kind] += 1
     # The counts come from the core; the merge only puts them in the order the SQLite engine would.
     stats.events.update(kinds if kinds == counted else counted)
     return stats
@@ -266,51 +268,6 @@ def _add(total: ReplayStats, part: ReplayStats) -> None:
     total.ignored.update(part.ignored)
 
 
-def _size(path: Path) -> int:
-    size = path.stat().st_size
-    return size * 8 if path.suffix == ".gz" else size  # a rough guess at the uncompressed size
-
-
-def plan(paths: Iterable[Path], chunk_bytes: int) -> list[Chunk]:
-    """Byte ranges of whole lines for NDJSON files; one whole-file chunk for anything else (gzip, a
-    pretty-printed document), which `file_documents` then reads as the SQLite engine does. Lines are
-    found by reading at most a block of them at a time: a long line is never held whole here."""
-    chunks: list[Chunk] = []
-    for path in paths:
-        if path.suffix == ".gz":
-            chunks.append(Chunk(len(chunks), str(path), None, None))
-            continue
-        try:
-            with open(path, "rb") as fh:
-                if (
-                    first_line(fh).document is not False
-                ):  # a document, or a long line only `file_documents` can tell
-                    chunks.append(Chunk(len(chunks), str(path), None, None))
-                    continue
-                size = fh.seek(0, os.SEEK_END)
-                start = 0
-                while start < size:
-                    fh.seek(min(start + chunk_bytes, size) - 1)
-                    while (part := fh.readline(BLOCK)) and not part.endswith(b"\n"):
-                        pass  # to the end of the line that holds the byte before the target
-                    end = fh.tell()
-                    chunks.append(Chunk(len(chunks), str(path), start, end))
-                    start = end
-        except READ_ERRORS as err:
-            raise unreadable(path, err) from None
-    return chunks
-
-
-def _lines(chunk: Chunk) -> Iterator[bytes | StreamedBundle]:
-    assert chunk.start is not None and chunk.end is not None
-    try:
-        with open(chunk.path, "rb") as fh:
-            fh.seek(chunk.start)
-            yield from line_documents(Path(chunk.path), fh, chunk.start, chunk.end)
-    except READ_ERRORS as err:
-        raise unreadable(chunk.path, err) from None
-
-
 def _spill(name: str, parts: Mapping[int, tuple[Sequence[Any], ...]]) -> dict[int, Segment]:
     """Write one msgpack value per partition to a new file; where each one is."""
     assert _job is not None
@@ -321,7 +278,7 @@ def _spill(name: str, parts: Mapping[int, tuple[Sequence[Any], ...]]) -> dict[in
         for part, value in parts.items():
             blob = _encode(value)
             fh.write(blob)
-            index[part] = (path, offset, len(blob))
+            index[part] = Segment(path, offset, len(blob))
             offset += len(blob)
     return index
 
@@ -364,37 +321,36 @@ def read_chunk(chunk: Chunk) -> tuple[ReplayStats, dict[int, list[Segment]], dic
             by_patient.setdefault(i, []).append(segment)
         rows.clear()
 
-    documents = file_documents(Path(chunk.path)) if chunk.start is None else _lines(chunk)
-    for document in documents:
+    for document in documents(chunk):
         seq = read_document(document, seq, stats, rows, spill, SPILL_ROWS, _job.read_policy)
     spill(rows)
     return stats, by_ref, by_patient
 
 
-def _partitioned(rows: Rows, n: int) -> tuple[dict[int, Any], dict[int, Any]]:
-    obs: list[list[Any]] = [[] for _ in range(n)]
-    members: list[list[Any]] = [[] for _ in range(n)]
+def _partitioned(
+    rows: Rows, n: int
+) -> tuple[dict[int, tuple[list[ObsRow], list[Membership]]], dict[int, PatientPart]]:
+    obs: list[list[ObsRow]] = [[] for _ in range(n)]
+    members: list[list[Membership]] = [[] for _ in range(n)]
     for row in rows.obs:
         obs[hash(row.ref) % n].append(row)
     for member in rows.member:
         members[hash(member.ref) % n].append(member)
-    rejected: list[list[Any]] = [[] for _ in range(n)]
+    rejected: list[list[RejectionRow]] = [[] for _ in range(n)]
     for ref, vu, vv, number, data in rows.rejected:  # rejections need no more than sorting: any partition
-        rejected[number % n].append((availability_key(ref, vu, vv, number), data))
-    context: list[list[Any]] = [[] for _ in range(n)]
-    for (
-        context_row
-    ) in rows.context:  # Patient, Condition, ServiceRequest, CareTeam go where their patient's panels go
+        rejected[number % n].append(RejectionRow(availability_key(ref, vu, vv, number), data))
+    context: list[list[ContextRow]] = [[] for _ in range(n)]
+    for context_row in rows.context:  # Patient, Condition, ServiceRequest, CareTeam: where its panels go
         context[hash(context_row.patient) % n].append(context_row)
     by_ref = {i: (obs[i], members[i]) for i in range(n) if obs[i] or members[i]}
-    by_patient = {i: ((), rejected[i], context[i]) for i in range(n) if rejected[i] or context[i]}
+    by_patient = {i: PatientPart([], rejected[i], context[i]) for i in range(n) if rejected[i] or context[i]}
     return by_ref, by_patient
 
 
 # -- step 2: latest version, panel key ----------------------------------------------------------
 
 
-_decode_versions = msgspec.msgpack.Decoder(tuple[list[ObsRow], list[tuple[str, str]]]).decode
+_decode_versions = msgspec.msgpack.Decoder(tuple[list[ObsRow], list[Membership]]).decode
 
 
 def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]:
@@ -412,33 +368,35 @@ def latest(part: int, segments: list[Segment]) -> tuple[dict[int, Segment], int]
         for ref, key in members:
             reports.setdefault(ref, key)  # the first DiagnosticReport naming it (INSERT OR IGNORE)
     n = _job.partitions
-    results: list[list[Any]] = [[] for _ in range(n)]
-    rejected: list[list[Any]] = [[] for _ in range(n)]
+    results: list[list[PatientRow]] = [[] for _ in range(n)]
+    rejected: list[list[RejectionRow]] = [[] for _ in range(n)]
     identical = 0
     for ref, rows in versions.items():
         rows, dropped = _first_copies(rows, rejected)
         identical += dropped
         for r in rows:
             if r.rej is not None:
-                rejected[r.seq % n].append((availability_key(ref, r.vu, r.vv, r.seq), r.rej))
+                rejected[r.seq % n].append(RejectionRow(availability_key(ref, r.vu, r.vv, r.seq), r.rej))
         usable = [r for r in rows if r.data is not None]
         if not usable:
             continue
         newest = max(usable, key=lambda r: newest_order(r.vu, r.vv, r.seq))
-        assert newest.fkey is not None  # (a usable version has a collection instant)
+        assert newest.patient is not None and newest.fkey is not None  # (a usable version has both)
         panel = panel_key(newest.pkey, reports.get(ref), newest.fkey)
         target = results[hash(newest.patient) % n]
         for row in rows:
             if row.data is None and row.vu < 0 and row.vv < 0:
                 continue  # unplaced (an undecodable entry): reported above, no version (as engine._PANELS)
             target.append(
-                (newest.patient, panel, availability_key(ref, row.vu, row.vv, row.seq), row.data, ref)
+                PatientRow(
+                    newest.patient, panel, availability_key(ref, row.vu, row.vv, row.seq), row.data, ref
+                )
             )
-    parts = {i: (results[i], rejected[i], ()) for i in range(n) if results[i] or rejected[i]}
+    parts = {i: PatientPart(results[i], rejected[i], []) for i in range(n) if results[i] or rejected[i]}
     return _spill(f"latest-{part}", parts), identical
 
 
-def _first_copies(rows: list[ObsRow], rejected: list[list[Any]]) -> tuple[list[ObsRow], int]:
+def _first_copies(rows: list[ObsRow], rejected: list[list[RejectionRow]]) -> tuple[list[ObsRow], int]:
     """`rows` as `rows.settle` rules them (as `Replay._dedupe`); the rejections that are no
     version go to `rejected`. Returns the rows and how many identical copies were dropped."""
     if len(rows) == 1:
@@ -446,59 +404,28 @@ def _first_copies(rows: list[ObsRow], rejected: list[list[Any]]) -> tuple[list[O
     settled = settle(rows)
     n = len(rejected)
     for row in settled.reported:
-        rejected[row.seq % n].append((availability_key(row.ref, row.vu, row.vv, row.seq), row.data))
+        rejected[row.seq % n].append(
+            RejectionRow(availability_key(row.ref, row.vu, row.vv, row.seq), row.data)
+        )
     return [r for r in rows if r.seq in settled.keep] + settled.versions, settled.identical
 
 
 # -- step 3: the core -------------------------------------------------------------------------------
 
 
-def judge(
-    part: int, segments: list[Segment], clock_us: int | None = None
-) -> tuple[list[Segment], int, int, Counter[str], Counter[str]]:
-    assert _job is not None
-    results: list[
-        tuple[str, str, str, bytes | None, str]
-    ] = []  # patient, panel key, availability key, LabResult, ref
-    rejections: list[tuple[str, bytes]] = []  # availability key, Rejected
-    context_rows: list[tuple[str, str, bytes]] = []  # patient, resourceType, Resource
-    for result_rows, rejected_rows, patient_rows in _load(segments):
-        results += result_rows
-        rejections += rejected_rows
-        context_rows += patient_rows
-    results.sort(key=itemgetter(2))
-    # A panel is available when its first version is: dicts keep insertion order, and each panel's
-    # versions come in order of availability.
-    panels: dict[tuple[str, str], tuple[str, list[tuple[str, str, bytes | None]]]] = {}
-    for patient, panel, key, data, ref in results:
-        seen = panels.get((patient, panel))
-        if seen is None:
-            panels[(patient, panel)] = (key, [(key, ref, data)])
-        else:
-            seen[1].append((key, ref, data))
-    del results
-    items: list[tuple[str, str, str, Any]] = [
-        (first, patient, panel, versions) for (patient, panel), (first, versions) in panels.items()
-    ]
-    del panels
-    items += [(key, "", "", data) for key, data in rejections]
-    items.sort(key=itemgetter(0))  # all keys differ
+class Judged(NamedTuple):
+    """What one patient partition came to: its run, and the core's counts."""
 
-    def stream() -> Iterator[Available]:
-        """What `Replay.decide` reads, decoded as it goes."""
-        for key, patient, panel, payload in items:
-            if isinstance(payload, list):
-                yield Available(
-                    key,
-                    patient,
-                    panel,
-                    [
-                        PanelVersion(k, ref, decode_result(d) if d is not None else None)
-                        for k, ref, d in payload
-                    ],
-                )
-            else:
-                yield Available(key, patient, panel, decode_rejected(payload))
+    run: list[Segment]  # frames of output lines sorted by availability key
+    panels: int
+    stale_panels: int
+    events: Counter[str]
+    unassessed: Counter[str]
+
+
+def judge(part: int, segments: list[Segment], clock_us: int | None = None) -> Judged:
+    assert _job is not None
+    items, context_rows = arrivals(_load(segments, decode_part))
 
     frames: list[Segment] = []
     path = os.path.join(_job.tmp, f"judge-{part}")
@@ -512,18 +439,18 @@ def judge(
             provenance=_job.provenance,
         ) as core,
     ):
-        frame: list[tuple[str, int, str, bytes, bytes]] = []
+        frame: list[_RunLine] = []
         size = 0
         core.clock_us = clock_us
         facts = patient_facts(context_rows, _job.rules)
         del context_rows
-        decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(), facts=facts)
+        decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(items), facts=facts)
         for n, (key, record, resources) in enumerate(decisions):
-            line = orjson.dumps(record) + b"\n"
+            line = to_json(record) + b"\n"
             alert_lines = (
                 b"".join(orjson.dumps(r) + b"\n" for r in resources) if resources is not None else b""
             )
-            frame.append((key, n, record["event"], line, alert_lines))
+            frame.append(_RunLine(key, n, record.event, line, alert_lines))
             size += len(line) + len(alert_lines)
             if size >= _RUN_FRAME_BYTES:
                 frames.append(_frame(fh, frame))
@@ -531,16 +458,19 @@ def judge(
         if frame:
             frames.append(_frame(fh, frame))
         stats = core.stats
-    return frames, stats.panels, stats.stale_panels, stats.events, stats.unassessed
+    return Judged(frames, stats.panels, stats.stale_panels, stats.events, stats.unassessed)
 
 
-def _frame(fh: IO[bytes], entries: list[Any]) -> Segment:
-    blob = _encode(entries)
+def _frame(fh: IO[bytes], lines: list[_RunLine]) -> Segment:
+    blob = _encode(lines)
     offset = fh.tell()
     fh.write(blob)
-    return (fh.name, offset, len(blob))
+    return Segment(fh.name, offset, len(blob))
 
 
-def _frames(segments: list[Segment]) -> Iterator[list[Any]]:
-    for frame in _load(segments):
+_decode_frame = msgspec.msgpack.Decoder(list[_RunLine]).decode
+
+
+def _frames(segments: list[Segment]) -> Iterator[_RunLine]:
+    for frame in _load(segments, _decode_frame):
         yield from frame

@@ -20,8 +20,6 @@ import math
 import sys
 from pathlib import Path
 
-import orjson
-
 if __package__ in (None, ""):  # run as a script by atheris
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -34,6 +32,7 @@ from service.fhir import raw  # noqa: E402
 from service.fhir.errors import FhirError  # noqa: E402
 from service.fhir.paging import BrokenPages, read_page, without_future_stamps  # noqa: E402
 from service.fhir.transport import Response, Retry  # noqa: E402
+from service.output.encoding import to_json  # noqa: E402
 from service.output.events import rejected_record  # noqa: E402
 
 RULES = load_settings(None).rules
@@ -62,7 +61,7 @@ def check(data: bytes) -> None:
 
 def check_rejection(rejected: Rejected) -> None:
     record = rejected_record(rejected)
-    orjson.dumps(record)  # never text that cannot be written out again
+    to_json(record)  # never text that cannot be written out again
     assert rejected.reason and len(rejected.reason) <= 300
     assert all(
         v is None or len(v) <= 600

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from service.__main__ import main as cli
-from service.output.outcomes import QUARANTINED
+from service.output.events import QUARANTINED
 from tests.fhir_server.load import export, put_all
 from tests.hostile.corpus import BY_NAME, CORPUS, LINE_ONLY, UPDATED, Hostile, Outcome
 from tests.hostile.middleman import Middleman, Splice

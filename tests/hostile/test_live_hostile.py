@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 
@@ -98,7 +99,7 @@ async def _quarantine_and_decisions(state: Path) -> tuple[list[tuple[str | None,
     store = SqliteStore(state)
     await store.open()
     try:
-        return await store_tables.quarantined(store), await store.decisions()
+        return await store_tables.quarantined(store), msgspec.to_builtins(await store.decisions())
     finally:
         await store.close()
 

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import yaml
 
@@ -34,7 +35,9 @@ async def cycle(settings: Settings, *, with_decisions: bool = False, client: Fhi
             if client is None:
                 client = await stack.enter_async_context(FhirClient(settings.fhir))
             report = await Worker(settings, client, store).run_cycle()
-            return (report, await store.decisions()) if with_decisions else report
+            if not with_decisions:
+                return report
+            return report, msgspec.to_builtins(await store.decisions())  # as JSON, to compare with replay's
     finally:
         await store.close()
 

@@ -16,10 +16,11 @@ from service.config import Settings
 from service.fhir.client import FhirClient
 from service.fhir.fhirtime import to_epoch_us
 from service.live.app import Service
+from service.live.report import CycleReport
 from service.live.store import make_store
 from service.live.store.base import Store
 from service.live.web import make_app
-from service.live.worker import CycleReport, Worker
+from service.live.worker import Worker
 from tests.builders import observation
 from tests.fhir_server.engine import FhirEngine
 from tests.fhir_server.load import export, put_all

@@ -37,6 +37,7 @@ from service.config import AlertSettings
 from service.core.episodes import EventKind
 from service.core.grading import BUILT_IN
 from service.output import alerts, profiles
+from service.output.transaction import OutboxWrites, outbox_writes, provenance_entry
 from tests.fhir_server.engine import _node_executable, engine_available
 from tests.fhir_server.load import export
 from tests.fhir_server.pytest_plugin import _unavailable
@@ -572,23 +573,23 @@ def _post(base_url: str, bundle: dict[str, Any]) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def _transaction(w: dict[str, Any], flag_entry: dict[str, Any] | None, flag_id: str | None) -> dict[str, Any]:
+def _transaction(w: OutboxWrites, flag_entry: dict[str, Any] | None, flag_id: str | None) -> dict[str, Any]:
     """The Bundle as service/output/transaction.py and service/live/writer.py build it
     (fhir_profiles/README.md)."""
     entries = [flag_entry] if flag_entry else []
-    if w["communication"] is not None:
+    if w.communication is not None and w.communication_identifier is not None:
         entries.append(
             {
-                "fullUrl": w["communication_full_url"],
-                "resource": w["communication"],
+                "fullUrl": w.communication_full_url,
+                "resource": w.communication,
                 "request": {
                     "method": "POST",
                     "url": "Communication",
-                    "ifNoneExist": "identifier=" + "|".join(w["communication_identifier"]),
+                    "ifNoneExist": "identifier=" + "|".join(w.communication_identifier),
                 },
             }
         )
-    provenance = alerts.provenance_entry(w, flag_id)
+    provenance = provenance_entry(w, flag_id)
     if provenance is not None:
         entries.append(provenance)
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
@@ -600,7 +601,7 @@ def test_transaction_with_provenance_against_the_engine(fhir_base_url, validator
     _events, written = replay(
         tmp_path, population(patients=12, days=42, seed=3), {"alerts": {"recipients": list(POOL)}}
     )
-    # The first two writes of one episode, rebuilt as the worker's outbox dicts.
+    # The first two writes of one episode, rebuilt as the worker's outbox writes.
     flags = [i for i, r in enumerate(written) if r["resourceType"] == "Flag"]
     episodes = Counter(written[i]["identifier"][0]["value"] for i in flags)
     episode = next(e for e, n in episodes.items() if n >= 2)
@@ -615,37 +616,28 @@ def test_transaction_with_provenance_against_the_engine(fhir_base_url, validator
         comm_id = (comm["identifier"][0]["system"], comm["identifier"][0]["value"]) if comm else None
         tag = (prov["meta"]["tag"][0]["system"], prov["meta"]["tag"][0]["code"])
         aw = alerts.AlertWrites(
-            flag,
-            comm,
-            flag_id,
-            comm_id,
-            prov,
-            tag,
-            alerts.full_url(*flag_id),
-            alerts.full_url(*comm_id) if comm_id else None,
-            alerts.full_url(*tag),
+            flag=flag,
+            communication=comm,
+            flag_identifier=flag_id,
+            communication_identifier=comm_id,
+            provenance=prov,
+            provenance_tag=tag,
+            flag_full_url=alerts.full_url(*flag_id),
+            communication_full_url=alerts.full_url(*comm_id) if comm_id else None,
+            provenance_full_url=alerts.full_url(*tag),
         )
-        writes.append(
-            {
-                "event": "",
-                "flag": flag,
-                "communication": comm,
-                "flag_identifier": list(flag_id),
-                "communication_identifier": list(comm_id) if comm_id else None,
-                **alerts.outbox_fields(aw),
-            }
-        )
+        writes.append(outbox_writes(aw, ""))
         if len(writes) == 2:
             break
     assert len(writes) == 2, "the population should have an episode with two writes"
     first, second = writes
     flag_entry = {
-        "fullUrl": first["flag_full_url"],
-        "resource": first["flag"],
+        "fullUrl": first.flag_full_url,
+        "resource": first.flag,
         "request": {
             "method": "POST",
             "url": "Flag",
-            "ifNoneExist": "identifier=" + "|".join(first["flag_identifier"]),
+            "ifNoneExist": "identifier=" + "|".join(first.flag_identifier),
         },
     }
     for _attempt in range(2):  # the second post is a retry after a lost answer: nothing new
@@ -661,7 +653,7 @@ def test_transaction_with_provenance_against_the_engine(fhir_base_url, validator
     # The next event updates the Flag by a versioned PUT: its Provenance then names the Flag by id.
     put = {
         "fullUrl": f"{fhir_base_url}/Flag/{flag['id']}",
-        "resource": {**second["flag"], "id": flag["id"]},
+        "resource": {**second.flag, "id": flag["id"]},
         "request": {
             "method": "PUT",
             "url": f"Flag/{flag['id']}",
@@ -672,7 +664,8 @@ def test_transaction_with_provenance_against_the_engine(fhir_base_url, validator
     assert all(e["response"]["status"].startswith("2") for e in response["entry"])
     provenances = export(fhir_base_url, "Provenance")
     assert len(provenances) == 2
-    newest = next(p for p in provenances if p["meta"]["tag"] == second["provenance"]["meta"]["tag"])
+    assert second.provenance is not None
+    newest = next(p for p in provenances if p["meta"]["tag"] == second.provenance["meta"]["tag"])
     assert newest["target"][0]["reference"] == f"Flag/{flag['id']}"
     held = export(fhir_base_url, "Flag") + export(fhir_base_url, "Communication") + provenances
     failures = validator(held)

@@ -32,11 +32,12 @@ from service.__main__ import main as cli
 from service.config import Settings
 from service.core.codes import temperature_codes
 from service.fhir.client import FhirClient
-from service.live import worker as worker_module
+from service.live import report as report_module
 from service.live.store import make_store
 from service.live.store.base import OutboxEntry
 from service.live.worker import Worker
 from service.output import alerts
+from service.output.transaction import Delivery, OutboxWrites, decode_outbox_writes
 from tests.builders import observation
 from tests.chaos.proxy import APPLIED_502, Fault, Proxy, outcome
 from tests.fhir_server.load import export, export_history, put_all
@@ -468,7 +469,7 @@ def recorded_posts(monkeypatch: pytest.MonkeyPatch) -> list[OutboxEntry]:
     posted: list[OutboxEntry] = []
     original = Worker._post
 
-    async def record(self: Worker, entry: OutboxEntry) -> dict[str, Any]:
+    async def record(self: Worker, entry: OutboxEntry) -> Delivery:
         posted.append(entry)
         return await original(self, entry)
 
@@ -476,7 +477,7 @@ def recorded_posts(monkeypatch: pytest.MonkeyPatch) -> list[OutboxEntry]:
     return posted
 
 
-async def post_again(settings: Settings, entry: OutboxEntry) -> dict[str, Any]:
+async def post_again(settings: Settings, entry: OutboxEntry) -> Delivery:
     async with FhirClient(settings.fhir) as client:
         return await Worker(settings, client, None)._post(entry)  # type: ignore[arg-type]
 
@@ -495,16 +496,16 @@ async def test_a_write_posted_again_changes_nothing(fhir_base_url, tmp_path, mon
     last = {entry.patient: entry for entry in posted}
     # wf: the chronic label (Flag only); cx: the corrected re-announcement (new, revision 1);
     # ei: the withdrawal
-    assert sorted(e.writes["event"] for e in last.values()) == ["chronic", "new", "retracted"]
+    assert sorted(e.writes.event for e in last.values()) == ["chronic", "new", "retracted"]
     for entry in last.values():
         result = await post_again(settings, entry)
-        assert result["statuses"] and all(s.startswith("200") for s in result["statuses"]), (
+        assert result.statuses and all(s.startswith("200") for s in result.statuses), (
             result
         )  # found, not created
-        types = [loc.split("/")[0] for loc in result["locations"]]
+        types = [loc.split("/")[0] for loc in result.locations]
         assert types[-1] == "Provenance", types
         # `new` conditionally creates its Flag (found); otherwise the unchanged Flag is not written at all
-        assert ("Flag" in types) == (entry.writes["event"] == "new"), types
+        assert ("Flag" in types) == (entry.writes.event == "new"), types
     assert held(fhir_base_url) == before
 
 
@@ -512,8 +513,9 @@ async def test_an_outbox_row_from_before_provenance_still_posts(fhir_base_url, t
     """A write decided by the previous version (no Provenance keys in the outbox) and delivered by
     this one: the Flag and the Communication go out as before, without a Provenance."""
 
-    def old_writes(writes: alerts.AlertWrites, event: str) -> dict[str, Any]:
-        return {
+    def old_writes(writes: alerts.AlertWrites, event: str) -> OutboxWrites:
+        """As the previous version stored it, and as such a row reads back: no fullUrls, no Provenance."""
+        old = {
             "event": event,
             "flag": writes.flag,
             "communication": writes.communication,
@@ -522,8 +524,9 @@ async def test_an_outbox_row_from_before_provenance_still_posts(fhir_base_url, t
             if writes.communication_identifier
             else None,
         }
+        return decode_outbox_writes(orjson.dumps(old))
 
-    monkeypatch.setattr(worker_module, "outbox_writes", old_writes)
+    monkeypatch.setattr(report_module, "outbox_writes", old_writes)
     settings = settings_for(fhir_base_url, tmp_path / "s.sqlite3")
     for stage in scenario()[:2]:
         put_all(fhir_base_url, stage)

@@ -29,6 +29,8 @@ from service.live.store.base import DIGEST_TAG, Plan, StoredVersion, digest, pla
 from service.live.store.postgres import PostgresStore
 from service.live.store.sqlite import SqliteStore
 from service.live.worker import intake
+from service.output.events import NotAssessedRecord, event_record
+from service.output.transaction import Delivery, OutboxWrites
 from tests import store_tables
 from tests.builders import observation
 
@@ -49,6 +51,23 @@ def _read(data: bytes) -> Intake:
     item = intake(resource)
     assert isinstance(item, Intake), item
     return item
+
+
+def _note(reason: object) -> NotAssessedRecord:
+    """A decision record that is not an alert."""
+    return NotAssessedRecord(
+        patient="Patient/a",
+        effective="2026-01-05T09:00:00Z",
+        observations=[],
+        reason=reason,  # any object: one test makes a record that cannot be encoded
+    )
+
+
+def _writes() -> OutboxWrites:
+    """An outbox write as one stored before Provenance existed (no fullUrls, no Provenance)."""
+    return OutboxWrites(
+        event="new", flag={}, communication=None, flag_identifier=("s", "v"), communication_identifier=None
+    )
 
 
 def _panel(
@@ -217,21 +236,19 @@ async def test_commit_saves_state_decisions_and_outbox_in_one_transaction(store:
     (work,) = await store.dirty_panels()
     d = decide(PatientState(), work.patient, work.panel, work.results, RULES)
     assert d.events and d.state.machine.episode is not None  # 300/uL: a new severe episode
-    record = {"event": "new", "patient": "Patient/a", "anc": 300.0, "observations": ["Observation/s1-anc"]}
-    writes = {
-        "event": "new",
-        "flag": {"resourceType": "Flag", "status": "active"},
-        "communication": None,
-        "flag_identifier": ["urn:x", "e1"],
-        "communication_identifier": None,
-    }
-    await store.commit(
-        [Decided("Patient/a", work.panel, d.state, [(record, writes), ({"event": "note"}, None)])]
+    record = event_record(d.events[0], RULES.scheme)
+    writes = OutboxWrites(
+        event="new",
+        flag={"resourceType": "Flag", "status": "active"},
+        communication=None,
+        flag_identifier=("urn:x", "e1"),
+        communication_identifier=None,
     )
+    await store.commit([Decided("Patient/a", work.panel, d.state, [(record, writes), (_note("a"), None)])])
     assert await store.dirty_panels() == []
     assert (await store.load_states(["Patient/a", "Patient/none"]))["Patient/a"] == d.state
-    assert await store.decisions() == [record, {"event": "note"}]
-    assert await store.decisions("Patient/a") == [record, {"event": "note"}]
+    assert await store.decisions() == [record, _note("a")]
+    assert await store.decisions("Patient/a") == [record, _note("a")]
     (entry,) = await store.pending_outbox()
     assert (entry.patient, entry.event, entry.writes, entry.attempts) == ("Patient/a", record, writes, 0)
     assert [p for p, _, _ in await store.open_patients()] == ["Patient/a"]
@@ -271,14 +288,10 @@ async def test_one_commit_with_several_panels_of_a_patient_keeps_the_last_state(
 async def test_a_failed_commit_changes_nothing(store: Store) -> None:
     await store.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
     (work,) = await store.dirty_panels()
-    unserialisable = {"event": "new", "bad": object()}
+    unserialisable = _note(object())  # (a struct is not checked when it is made: encoding fails)
     with pytest.raises(TypeError):
         await store.commit(
-            [
-                Decided(
-                    "Patient/a", work.panel, PatientState(), [({"event": "ok"}, None), (unserialisable, None)]
-                )
-            ]
+            [Decided("Patient/a", work.panel, PatientState(), [(_note("ok"), None), (unserialisable, None)])]
         )
     assert len(await store.dirty_panels()) == 1
     assert await store.decisions() == []
@@ -287,21 +300,15 @@ async def test_a_failed_commit_changes_nothing(store: Store) -> None:
 async def test_outbox_failures_retry_and_sent_entries_leave(store: Store) -> None:
     await store.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
     (work,) = await store.dirty_panels()
-    writes = {
-        "event": "new",
-        "flag": {},
-        "communication": None,
-        "flag_identifier": ["s", "v"],
-        "communication_identifier": None,
-    }
+    writes = _writes()
     await store.commit(
-        [Decided("Patient/a", work.panel, PatientState(), [({"n": 1}, writes), ({"n": 2}, writes)])]
+        [Decided("Patient/a", work.panel, PatientState(), [(_note("1"), writes), (_note("2"), writes)])]
     )
     first, second = await store.pending_outbox()
     assert first.id < second.id and await store.outbox_pending_count() == 2
     await store.mark_failed(first.id, "server answered 503")
     assert [(e.id, e.attempts) for e in await store.pending_outbox()] == [(first.id, 1), (second.id, 0)]
-    await store.mark_sent(first.id, {"statuses": ["201 Created"]})
+    await store.mark_sent(first.id, Delivery(["201 Created"], ["Flag/1"], {"Flag": "1"}))
     assert [e.id for e in await store.pending_outbox()] == [second.id]
     assert await store.outbox_pending_count() == 1
 
@@ -417,26 +424,19 @@ async def test_postgres_old_leader_is_fenced_after_a_new_one_began(pg, pg_dsn: s
         assert await old.lead()
         await old.ingest(_panel("Patient/a", "Specimen/s1", 0.3, updated="2026-01-05T09:00:00Z"), now=1.0)
         (work,) = await old.dirty_panels()
-        writes = {
-            "event": "new",
-            "flag": {},
-            "communication": None,
-            "flag_identifier": ["s", "v"],
-            "communication_identifier": None,
-        }
-        await old.commit([Decided("Patient/a", work.panel, PatientState(), [({"n": 1}, writes)])])
+        await old.commit([Decided("Patient/a", work.panel, PatientState(), [(_note("1"), _writes())])])
         (claimed,) = await old.pending_outbox()  # the old leader claimed a write, then "paused"
         await _terminate_lock_session(pg_dsn, pg_schema)
         assert await new.lead()
         assert old.is_leader  # it has not noticed yet...
         with pytest.raises(LeadershipLost, match="leadership passed"):
-            await old.mark_sent(claimed.id, {"statuses": ["201"]})  # ...but cannot write
+            await old.mark_sent(claimed.id, Delivery(["201"], [None], {}))  # ...but cannot write
         assert not old.is_leader
         with pytest.raises(LeadershipLost):
             await old.check_leader()
         (again,) = await new.pending_outbox()  # the new leader re-claims and delivers it
         assert again.id == claimed.id
-        await new.mark_sent(again.id, {"statuses": ["201"]})
+        await new.mark_sent(again.id, Delivery(["201"], [None], {}))
         assert await new.outbox_pending_count() == 0
     finally:
         await old.close()

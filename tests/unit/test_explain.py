@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 
@@ -418,9 +419,10 @@ def test_trail_names_the_rules_and_agrees_with_replay(tmp_path, case):
     if case.check is not None:
         assert case.check(trail) is not False
     # explain agrees with replay: the same records, in the same order
-    assert trail.records == replay_events(tmp_path, [data], config, f"Patient/{case.patient}")
-    assert [e.record for e in trail.events] == [
-        r for r in trail.records if r["event"] not in ("rejected", "not-assessed", "stale", "quarantined")
+    records = msgspec.to_builtins(trail.records)
+    assert records == replay_events(tmp_path, [data], config, f"Patient/{case.patient}")
+    assert msgspec.to_builtins([e.record for e in trail.events]) == [
+        r for r in records if r["event"] not in ("rejected", "not-assessed", "stale", "quarantined")
     ]
     text = render_text(trail)
     for rule in case.rules:
@@ -445,7 +447,7 @@ def test_a_synthetic_population_agrees_with_replay_patient_by_patient(tmp_path):
         if r["resourceType"] != "Patient":
             continue
         trail = explain_inputs([data], r["id"], settings)
-        assert trail.records == by_patient.get(f"Patient/{r['id']}", []), r["id"]
+        assert msgspec.to_builtins(trail.records) == by_patient.get(f"Patient/{r['id']}", []), r["id"]
         kinds |= {e.kind for e in trail.events}
         outcomes |= {s.outcome for s in trail.steps}
         for e in trail.events:

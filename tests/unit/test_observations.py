@@ -255,7 +255,7 @@ def test_a_rejected_local_coded_result_names_its_loinc_code_and_the_mapping():
     out = normalise(msgspec.convert(obs, raw.Resource), policy)
     assert isinstance(out, Rejected)
     assert (out.reason, out.code) == ("unit 'bags' is not a cell count unit for LOINC 751-8", "751-8")
-    assert rejected_record(out)["mapped_codes"] == [
+    assert msgspec.to_builtins(rejected_record(out))["mapped_codes"] == [
         {
             "observation": out.ref,
             "code": "http://lab.example.org/codes|ANC",

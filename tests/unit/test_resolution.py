@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import msgspec
 import pytest
 
 from service.config import Settings
@@ -179,7 +180,7 @@ def test_episode_memory_counts_episodes_within_a_year():
     news = [e for e in events if e.kind.value == "new"]
     assert [e.memory for e in news] == [None, (2, 365), (3, 365), None]
     record = event_record(news[2], DEFAULT)
-    assert record["episode_memory"] == {"episodes": 3, "days": 365}
+    assert msgspec.to_builtins(record)["episode_memory"] == {"episodes": 3, "days": 365}
 
 
 def test_recurrence_communication_is_distinct_from_the_first_opening():

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 
@@ -24,6 +24,8 @@ from service.core.copies import content_key, stamped, unplaced_rejection
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected, conflict_rejection
 from service.errors import StoreError
+from service.output.events import Decision
+from service.output.transaction import Delivery, OutboxWrites, StoredRecord
 
 
 class LeadershipLost(StoreError):
@@ -342,8 +344,8 @@ class PanelWork:
 class OutboxEntry:
     id: int
     patient: str
-    event: dict[str, Any]  # the decision record (events.py)
-    writes: dict[str, Any]  # the FHIR writes (alerts.AlertWrites as a dict)
+    event: Decision  # the decision record the write announces
+    writes: OutboxWrites  # the FHIR writes
     attempts: int
 
 
@@ -354,9 +356,7 @@ class Decided:
     patient: str
     panel: str
     state: PatientState
-    records: list[
-        tuple[dict[str, Any], dict[str, Any] | None]
-    ]  # (decision record, FHIR writes for the outbox or None)
+    records: list[StoredRecord]
 
 
 def episode_rows(decided: Sequence[Decided]) -> list[tuple[str, PatientState, bool, int | None, bool]]:
@@ -403,7 +403,7 @@ class Store(Protocol):
         """A rejection with no usable id (it supersedes nothing): kept with its reason."""
         ...
 
-    async def record_decision(self, record: dict[str, Any]) -> None: ...
+    async def record_decision(self, record: Decision) -> None: ...
     async def dirty_panels(self, after: PanelKey | None = None, limit: int | None = None) -> list[PanelWork]:
         """Panels with results not yet assessed, in order of first availability (then patient, panel:
         byte order), from just after the key `after`, at most `limit` of them (a backlog is taken in
@@ -424,8 +424,8 @@ class Store(Protocol):
         """Claim pending writes for this leader, oldest first (fenced)."""
         ...
 
-    async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None: ...
+    async def mark_sent(self, entry_id: int, result: Delivery) -> None: ...
     async def mark_failed(self, entry_id: int, error: str) -> None: ...
     async def outbox_pending_count(self) -> int: ...
-    async def decisions(self, patient: str | None = None) -> list[dict[str, Any]]: ...
+    async def decisions(self, patient: str | None = None) -> list[Decision]: ...
     async def counts(self) -> dict[str, int]: ...

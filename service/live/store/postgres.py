@@ -24,7 +24,6 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import orjson
 import structlog
 
 from service.config import pgdsn
@@ -45,6 +44,9 @@ from service.live.store.base import (
     plans,
     stored_version,
 )
+from service.output.encoding import to_json
+from service.output.events import Decision, decode_decision
+from service.output.transaction import Delivery, decode_outbox_writes
 
 log = structlog.get_logger("neutrowatch.store")
 
@@ -325,10 +327,10 @@ class PostgresStore:
         for d in decided:
             panels.append((d.patient, d.panel))
             for record, writes in d.records:
-                text = orjson.dumps(record).decode()
+                text = to_json(record).decode()
                 decisions.append((d.patient, now, text))
                 if writes is not None:
-                    outbox.append((d.patient, text, orjson.dumps(writes).decode(), now))
+                    outbox.append((d.patient, text, to_json(writes).decode(), now))
         async with self._tx() as conn:
             await conn.executemany(
                 """INSERT INTO episodes (patient, state, open, newest_us) VALUES ($1, $2, $3, $4)
@@ -364,13 +366,13 @@ class PostgresStore:
                 "UPDATE episodes SET temperature_cursor = $1 WHERE patient = $2", cursor, patient
             )
 
-    async def record_decision(self, record: dict[str, Any]) -> None:
+    async def record_decision(self, record: Decision) -> None:
         async with self._tx() as conn:
             await conn.execute(
                 "INSERT INTO decisions (patient, decided_at, record) VALUES ($1, $2, $3::jsonb)",
-                record.get("patient"),
+                record.patient,
                 time.time(),
-                orjson.dumps(record).decode(),
+                to_json(record).decode(),
             )
 
     # outbox ----------------------------------------------------------------------------------------
@@ -386,17 +388,17 @@ class PostgresStore:
                 limit,
             )
         return sorted(
-            (OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows),
+            (OutboxEntry(i, p, decode_decision(e), decode_outbox_writes(w), a) for i, p, e, w, a in rows),
             key=lambda e: e.id,
         )
 
-    async def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
+    async def mark_sent(self, entry_id: int, result: Delivery) -> None:
         async with self._tx() as conn:
             await conn.execute(
                 "UPDATE outbox SET status = 'sent', sent_at = $1, result = $2::jsonb, "
                 "attempts = attempts + 1 WHERE id = $3",
                 time.time(),
-                orjson.dumps(result).decode(),
+                to_json(result).decode(),
                 entry_id,
             )
 
@@ -413,14 +415,14 @@ class PostgresStore:
 
     # reading back ----------------------------------------------------------------------------------
 
-    async def decisions(self, patient: str | None = None) -> list[dict[str, Any]]:
+    async def decisions(self, patient: str | None = None) -> list[Decision]:
         if patient is None:
             rows = await self._read("SELECT record::text FROM decisions ORDER BY id")
         else:
             rows = await self._read(
                 "SELECT record::text FROM decisions WHERE patient = $1 ORDER BY id", patient
             )
-        return [orjson.loads(r[0]) for r in rows]
+        return [decode_decision(r[0]) for r in rows]
 
     async def counts(self) -> dict[str, int]:
         tables = ("results", "panels", "episodes", "decisions", "outbox", "quarantine")

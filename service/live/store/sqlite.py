@@ -38,6 +38,9 @@ from service.live.store.base import (
     plans,
     stored_version,
 )
+from service.output.encoding import to_json
+from service.output.events import Decision, decode_decision
+from service.output.transaction import Delivery, decode_outbox_writes
 
 # The stored version of an Observation: vu, vv, its digest or None, patient, panel, the LabResult,
 # and for a rejected version its quarantined Rejected (`base.stored_version`).
@@ -311,12 +314,12 @@ class SqliteStore:
                 for record, writes in d.records:
                     db.execute(
                         "INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
-                        (d.patient, now, orjson.dumps(record)),
+                        (d.patient, now, to_json(record)),
                     )
                     if writes is not None:
                         db.execute(
                             "INSERT INTO outbox (patient, event, writes, created) VALUES (?, ?, ?, ?)",
-                            (d.patient, orjson.dumps(record), orjson.dumps(writes), now),
+                            (d.patient, to_json(record), to_json(writes), now),
                         )
 
     @_on_store_thread
@@ -334,11 +337,11 @@ class SqliteStore:
             self.db.execute("UPDATE episodes SET temperature_cursor = ? WHERE patient = ?", (cursor, patient))
 
     @_on_store_thread
-    def record_decision(self, record: dict[str, Any]) -> None:
+    def record_decision(self, record: Decision) -> None:
         with self._tx():
             self.db.execute(
                 "INSERT INTO decisions (patient, decided_at, record) VALUES (?, ?, ?)",
-                (record.get("patient"), time.time(), orjson.dumps(record)),
+                (record.patient, time.time(), to_json(record)),
             )
 
     # outbox ----------------------------------------------------------------------------------------
@@ -350,15 +353,15 @@ class SqliteStore:
             "WHERE status = 'pending' ORDER BY id LIMIT ?",
             (limit,),
         ).fetchall()
-        return [OutboxEntry(i, p, orjson.loads(e), orjson.loads(w), a) for i, p, e, w, a in rows]
+        return [OutboxEntry(i, p, decode_decision(e), decode_outbox_writes(w), a) for i, p, e, w, a in rows]
 
     @_on_store_thread
-    def mark_sent(self, entry_id: int, result: dict[str, Any]) -> None:
+    def mark_sent(self, entry_id: int, result: Delivery) -> None:
         with self._tx():
             self.db.execute(
                 "UPDATE outbox SET status = 'sent', sent_at = ?, result = ?, "
                 "attempts = attempts + 1 WHERE id = ?",
-                (time.time(), orjson.dumps(result), entry_id),
+                (time.time(), to_json(result), entry_id),
             )
 
     @_on_store_thread
@@ -376,9 +379,9 @@ class SqliteStore:
     # reading back ----------------------------------------------------------------------------------
 
     @_on_store_thread
-    def decisions(self, patient: str | None = None) -> list[dict[str, Any]]:
+    def decisions(self, patient: str | None = None) -> list[Decision]:
         sql = "SELECT record FROM decisions" + (" WHERE patient = ?" if patient else "") + " ORDER BY id"
-        return [orjson.loads(r) for (r,) in self.db.execute(sql, (patient,) if patient else ())]
+        return [decode_decision(r) for (r,) in self.db.execute(sql, (patient,) if patient else ())]
 
     @_on_store_thread
     def counts(self) -> dict[str, int]:
