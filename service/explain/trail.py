@@ -39,7 +39,8 @@ from service.fhir import raw
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.fhir.references import Resolved
 from service.output.events import Decision, EventRecord, QuarantinedRecord
-from service.replay.engine import PanelTrace, Replay, documents
+from service.replay.decisions import PanelTrace
+from service.replay.engine import Replay, documents
 from service.replay.rows import Available
 
 CANONICAL_UNIT = {

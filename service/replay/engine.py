@@ -7,7 +7,7 @@ held in memory.
 
 That is the "sqlite" engine, kept as the reference. The default "partitioned" engine
 (service/replay/parallel.py) computes the same bytes from the same pass-1 rows (`read_document`) and the same
-pass-2 loop (`Replay.decide`), in partitions spread over worker processes.
+pass-2 loop (service/replay/decisions.py), in partitions spread over worker processes.
 """
 
 from __future__ import annotations
@@ -17,26 +17,17 @@ import itertools
 import sqlite3
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, NamedTuple
+from typing import IO
 
 import orjson
 
 from service.config import AlertSettings
-from service.core.context import PatientContext, patient_context
-from service.core.episodes import PatientState
-from service.core.observations import DEFAULT_READ, LabResult, ReadPolicy, Rejected
-from service.core.panels import PanelDecision
-from service.core.recipients import choose
+from service.core.observations import DEFAULT_READ, ReadPolicy, Rejected
 from service.core.rules import Rules
-from service.core.undecided import panel_unassessed, rejection_unassessed
-from service.fhir.fhirtime import from_epoch_us
-from service.output.alerts import FhirJson
 from service.output.encoding import to_json
-from service.output.events import Decision, rejected_record
-from service.output.outcomes import concluded, judged
 from service.replay import parallel
+from service.replay.decisions import Judging, PanelTrace, ReplayRecord, decide
 from service.replay.documents import documents, file_documents, files
 from service.replay.rows import (
     IDENTICAL_COPY,
@@ -54,16 +45,7 @@ from service.replay.rows import (
     settle,
 )
 
-__all__ = [
-    "IDENTICAL_COPY",
-    "PanelTrace",
-    "PatientFacts",
-    "Replay",
-    "ReplayRecord",
-    "ReplayStats",
-    "documents",
-    "snapshots",
-]
+__all__ = ["IDENTICAL_COPY", "PatientFacts", "Replay", "ReplayStats", "documents"]
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -115,49 +97,6 @@ SELECT patient, panel, MIN(akey) OVER (PARTITION BY patient, panel) AS first, ak
 WHERE panel IS NOT NULL
 ORDER BY first, akey
 """
-
-
-class ReplayRecord(NamedTuple):
-    """One decision record as `Replay.decide` yields it, in order of availability."""
-
-    akey: str  # availability key of the arrival that produced it
-    record: Decision
-    alerts: list[FhirJson] | None  # the alert resources to write (None: no alert, or none asked for)
-
-
-@dataclass(frozen=True, slots=True)
-class PanelTrace:
-    """One panel as `Replay.decide` judged it, for `explain`: what went in (the members as they
-    stood at that arrival), the patient's state before, the core's decision, and the event records
-    it produced (exactly those `decide` yields for it)."""
-
-    akey: str  # availability key of the arrival that made the panel be judged
-    patient: str
-    panel: str
-    members: tuple[LabResult, ...]
-    before: PatientState
-    decision: PanelDecision | None  # None: the panel could not be decided (its record says why)
-    context: PatientContext
-    records: tuple[Decision, ...]
-
-
-def snapshots(versions: Sequence[PanelVersion]) -> tuple[list[LabResult], list[tuple[str, list[LabResult]]]]:
-    """A panel as it was first available (each member's first version) and as it stood after each
-    later version arrived: (availability key, members). `versions` in order of availability."""
-    first: dict[str, LabResult | None] = {}
-    later: list[PanelVersion] = []
-    for version in versions:
-        if version[1] in first:
-            later.append(version)
-        else:
-            first[version[1]] = version[2]
-    initial = [r for r in first.values() if r is not None]
-    current = dict(first)
-    out: list[tuple[str, list[LabResult]]] = []
-    for akey, ref, result in later:
-        current[ref] = result
-        out.append((akey, [r for r in current.values() if r is not None]))
-    return initial, out
 
 
 class Replay:
@@ -217,7 +156,16 @@ class Replay:
         self, inputs: Sequence[str | Path], events: IO[bytes], alerts: IO[bytes] | None = None
     ) -> ReplayStats:
         if self.engine == "partitioned":
-            return parallel.run(self, inputs, events, alerts, self.workers)
+            job = parallel.Job(
+                tmp=self._tmp.name,
+                rules=self.rules,
+                alert_settings=self.alert_settings,
+                with_alerts=alerts is not None,
+                provenance=self.provenance,
+                read_policy=self.read_policy,
+                clock_us=self.clock_us,
+            )
+            return parallel.run(job, inputs, events, alerts, self.workers, self.stats, self.progress)
         self.load(inputs)
         for _akey, record, resources in self.decide(with_alerts=alerts is not None):
             events.write(to_json(record) + b"\n")
@@ -317,7 +265,7 @@ class Replay:
         assert self.db is not None
         return patient_facts(self.db.execute("SELECT patient, kind, data FROM context"), self.rules)
 
-    def decide(  # noqa: C901 - the replay loop in arrival order; its closures share the per-run state
+    def decide(
         self,
         *,
         with_alerts: bool = True,
@@ -325,101 +273,19 @@ class Replay:
         facts: Mapping[str, PatientFacts] | None = None,
         trace: Callable[[PanelTrace], None] | None = None,
     ) -> Iterator[ReplayRecord]:
-        """Each decision record with its alert resources (`ReplayRecord`) in order of availability.
-        Each Observation version is an arrival: a panel is assessed when its first member is
-        available, with each member's first version, and again when a later version of a member
-        arrives (a correction, a withdrawal) — as the live loop sees it. Building and validating
-        the alert resources is skipped when nobody asked for them. `stream`: (availability key,
-        patient, panel key, the panel's versions or a Rejected) in order of availability;
-        `facts`: what the input says of each patient (age, threshold, orders, care team); by default
-        both from the SQLite engine's tables. `trace`: called with each judged panel (`explain`)
-        before its records are yielded; it changes nothing of what is yielded."""
-        states: dict[str, PatientState] = {}
-        clock = self.clock_us if self.clock_us is not None else self.stats.newest_updated_us
-        if stream is None:
-            stream = self.stream()
-        if facts is None:
-            facts = self.facts()
-
-        def no_facts(patient: str) -> PatientFacts:
-            """A patient the input says nothing else of: still its configured threshold, as live."""
-            return PatientFacts(patient_context(patient, None, (), self.rules))
-
-        pool = self.alert_settings.recipients
-        pending: list[_Later] = []  # later versions, re-assessed when they arrive (a heap)
-
-        def judge(akey: str, patient: str, panel: str, members: list[LabResult]) -> Iterator[ReplayRecord]:
-            self.stats.panels += 1
-            known = facts.get(patient) or no_facts(patient)
-            before = states.get(patient, PatientState())
-            step = judged(before, patient, panel, members, self.rules, known.context, clock)
-            if isinstance(step, PanelDecision):
-                step = concluded(
-                    before,
-                    patient,
-                    panel,
-                    members,
-                    step,
-                    lambda based_on: choose(based_on, known.requesters, known.care_team, pool),
-                    self.scheme,
-                    self.alert_settings,
-                    sent=_available(members),
-                )
-            states[patient] = step.state
-            if step.decision is not None:
-                self.stats.stale_panels += step.decision.stale
-                self.stats.unassessed.update(panel_unassessed(step.decision, members))
-            out: list[ReplayRecord] = []
-            for record, writes in step.records:
-                self.stats.events[record.event] += 1
-                resources = None
-                if with_alerts and writes is not None:
-                    resources = [writes.flag] + ([writes.communication] if writes.communication else [])
-                    if self.provenance:
-                        resources.append(writes.provenance)
-                out.append(ReplayRecord(akey, record, resources))
-            if trace is not None:
-                trace(
-                    PanelTrace(
-                        akey=akey,
-                        patient=patient,
-                        panel=panel,
-                        members=tuple(members),
-                        before=before,
-                        decision=step.decision,
-                        context=known.context,
-                        records=tuple(r.record for r in out),
-                    )
-                )
-            yield from out
-
-        for akey, patient, panel, payload in stream:
-            while pending and pending[0].akey < akey:
-                yield from judge(*heapq.heappop(pending))
-            if isinstance(payload, Rejected):
-                self.stats.events["rejected"] += 1
-                if (why := rejection_unassessed(payload.reason)) is not None:
-                    self.stats.unassessed[why] += 1
-                yield ReplayRecord(akey, rejected_record(payload), None)
-                continue
-            initial, later = snapshots(payload)
-            for later_key, members in later:
-                heapq.heappush(pending, _Later(later_key, patient, panel, members))
-            if initial:
-                yield from judge(akey, patient, panel, initial)
-        while pending:
-            yield from judge(*heapq.heappop(pending))
-
-
-class _Later(NamedTuple):
-    """A panel as it stands after a later version of a member arrived: judged again at `akey`."""
-
-    akey: str
-    patient: str
-    panel: str
-    members: list[LabResult]
-
-
-def _available(members: list[LabResult]) -> str | None:
-    stamps = [m.updated_us for m in members if m.updated_us is not None]
-    return from_epoch_us(min(stamps)) if stamps else None
+        """The decisions of the loaded input (`decisions.decide`); `stream` and `facts` by default
+        from the SQLite engine's tables."""
+        how = Judging(
+            self.rules,
+            self.alert_settings,
+            clock_us=self.clock_us if self.clock_us is not None else self.stats.newest_updated_us,
+            with_alerts=with_alerts,
+            provenance=self.provenance,
+        )
+        return decide(
+            self.stream() if stream is None else stream,
+            self.facts() if facts is None else facts,
+            how,
+            self.stats,
+            trace,
+        )

@@ -10,7 +10,7 @@ in memory bounded by the size of one partition.
    DiagnosticReport, else collection instant) and its availability key, and pass it on to a
    partition chosen by patient.
 3. judge (parallel over patient partitions): group panels, order them and the rejections by
-   availability and run the core (`Replay.decide`, the code the SQLite engine runs). A patient's
+   availability and run the core (`decisions.decide`, the loop the SQLite engine runs). A patient's
    panels are all in one partition, so each patient sees its panels in the global order. Each
    partition writes a run of output lines sorted by availability key.
 4. merge: the parent merges the runs into the events and alerts files.
@@ -36,9 +36,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import msgspec
 import orjson
@@ -49,6 +49,7 @@ from service.core.observations import DEFAULT_READ, ReadPolicy
 from service.core.rules import Rules
 from service.output.encoding import to_json
 from service.replay.chunks import Chunk, documents, input_size, plan
+from service.replay.decisions import Judging, decide
 from service.replay.documents import files
 from service.replay.partition import PatientPart, PatientRow, RejectionRow, arrivals, decode_part, stream
 from service.replay.rows import (
@@ -62,9 +63,6 @@ from service.replay.rows import (
     read_document,
     settle,
 )
-
-if TYPE_CHECKING:
-    from service.replay.engine import Replay
 
 CHUNK_BYTES = 8 << 20  # step 1 reads the input in byte ranges of about this size ...
 PARTITION_BYTES = 16 << 20  # ... and makes one partition per this much input (about 16k Observations)
@@ -96,18 +94,17 @@ _decode = msgspec.msgpack.Decoder().decode
 
 
 @dataclass(frozen=True)
-class _Job:
-    """What every task needs; set once per worker process."""
+class Job:
+    """What every task needs, from the caller (`Replay.run`); set once per worker process."""
 
-    tmp: str
-    partitions: int
+    tmp: str  # the run's temporary directory
     rules: Rules
     alert_settings: AlertSettings
     with_alerts: bool
-    core: type[Replay]  # what judges a partition (`Replay.decide`), of the caller's engine module
     provenance: bool = False
     read_policy: ReadPolicy = DEFAULT_READ
     clock_us: int | None = None  # the reading clock when the caller fixed it (Replay.clock_us)
+    partitions: int = 1  # set by `run` from the input's size
 
 
 # The job of this process: set by the pool's initializer (`_start`), once per worker process, and
@@ -115,10 +112,10 @@ class _Job:
 # `map` pickles for it: passing the job with every task would pickle the rules and the alert
 # settings once per chunk and partition, where the initializer gives each worker process its copy
 # once. Nothing else writes it; each process runs one job at a time.
-_job: _Job | None = None
+_job: Job | None = None
 
 
-def _start(job: _Job | None) -> None:
+def _start(job: Job | None) -> None:
     """The pool's initializer: this process's job (None: none)."""
     global _job
     _job = job
@@ -135,35 +132,28 @@ def default_workers() -> int:
 
 
 def run(
-    replay: Replay,
+    job: Job,
     inputs: Sequence[str | Path],
     events: IO[bytes],
     alerts: IO[bytes] | None,
     workers: int | None,
+    stats: ReplayStats,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ReplayStats:
+    """Replay `inputs` into `events` (and `alerts`), the counts added to `stats`; `progress`:
+    (stage, done, total) as the stages go."""
     paths = files(inputs)
     size = sum(input_size(path) for path in paths)
     if workers is None:
         workers = default_workers() if size >= PARALLEL_MIN_BYTES else 1
     # Bounded counts keep the index (chunks x partitions segments) and the number of files small.
-    partitions = min(MAX_PARTITIONS, max(1, math.ceil(size / PARTITION_BYTES)))
-    job = _Job(
-        tmp=replay._tmp.name,
-        partitions=partitions,
-        rules=replay.rules,
-        alert_settings=replay.alert_settings,
-        with_alerts=alerts is not None,
-        core=type(replay),
-        provenance=replay.provenance,
-        read_policy=replay.read_policy,
-        clock_us=replay.clock_us,
-    )
+    job = replace(job, partitions=min(MAX_PARTITIONS, max(1, math.ceil(size / PARTITION_BYTES))))
     chunks = plan(paths, max(CHUNK_BYTES, math.ceil(size / MAX_CHUNKS)))
     with _collector_tuned():
         if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
             try:
                 _start(job)
-                return _run(replay.stats, _reporting(map, replay.progress), job, chunks, events, alerts)
+                return _run(stats, _reporting(map, progress), job, chunks, events, alerts)
             finally:
                 _start(None)
         # fork: the workers share the parent's imports and its `hash` seed (module docstring).
@@ -171,7 +161,7 @@ def run(
             workers, mp_context=multiprocessing.get_context("fork"), initializer=_start, initargs=(job,)
         )
         try:
-            return _run(replay.stats, _reporting(pool.map, replay.progress), job, chunks, events, alerts)
+            return _run(stats, _reporting(pool.map, progress), job, chunks, events, alerts)
         finally:
             pool.shutdown(cancel_futures=True)  # after a failure, the tasks not yet started do not run
 
@@ -214,7 +204,7 @@ def _collector_tuned() -> Iterator[None]:
 def _run(
     stats: ReplayStats,
     map_: Callable[..., Iterator[Any]],
-    job: _Job,
+    job: Job,
     chunks: list[Chunk],
     events: IO[bytes],
     alerts: IO[bytes] | None,
@@ -429,23 +419,20 @@ def judge(part: int, segments: list[Segment], clock_us: int | None = None) -> Ju
 
     frames: list[Segment] = []
     path = os.path.join(_job.tmp, f"judge-{part}")
-    with (
-        open(path, "wb") as fh,
-        _job.core(
-            _job.rules,
-            _job.alert_settings,
-            workdir=_job.tmp,
-            engine="partitioned",
-            provenance=_job.provenance,
-        ) as core,
-    ):
+    stats = ReplayStats()
+    how = Judging(
+        _job.rules,
+        _job.alert_settings,
+        clock_us=clock_us,
+        with_alerts=_job.with_alerts,
+        provenance=_job.provenance,
+    )
+    with open(path, "wb") as fh:
         frame: list[_RunLine] = []
         size = 0
-        core.clock_us = clock_us
         facts = patient_facts(context_rows, _job.rules)
         del context_rows
-        decisions = core.decide(with_alerts=_job.with_alerts, stream=stream(items), facts=facts)
-        for n, (key, record, resources) in enumerate(decisions):
+        for n, (key, record, resources) in enumerate(decide(stream(items), facts, how, stats)):
             line = to_json(record) + b"\n"
             alert_lines = (
                 b"".join(orjson.dumps(r) + b"\n" for r in resources) if resources is not None else b""
@@ -457,7 +444,6 @@ def judge(part: int, segments: list[Segment], clock_us: int | None = None) -> Ju
                 frame, size = [], 0
         if frame:
             frames.append(_frame(fh, frame))
-        stats = core.stats
     return Judged(frames, stats.panels, stats.stale_panels, stats.events, stats.unassessed)
 
 

@@ -1,5 +1,5 @@
 """One patient partition of the partitioned replay engine (service/replay/parallel.py, step 3): the
-rows handed to it (`PatientPart`) and what `Replay.decide` reads from them, in order of
+rows handed to it (`PatientPart`) and what `decisions.decide` reads from them, in order of
 availability (`arrivals`, then `stream`)."""
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def arrivals(parts: Iterable[PatientPart]) -> tuple[list[Arrival], list[ContextR
 
 
 def stream(items: Iterable[Arrival]) -> Iterator[Available]:
-    """What `Replay.decide` reads, decoded as it goes."""
+    """What `decisions.decide` reads, decoded as it goes."""
     for key, patient, panel, payload in items:
         if isinstance(payload, list):
             yield Available(
