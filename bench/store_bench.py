@@ -58,7 +58,7 @@ from service.core.episodes import AlertEvent, PatientState  # noqa: E402
 from service.core.grading import Scheme  # noqa: E402
 from service.core.observations import Rejected  # noqa: E402
 from service.core.panels import PanelDecision, decide  # noqa: E402
-from service.fhir import raw  # noqa: E402
+from service.fhir import model  # noqa: E402
 from service.live.store.base import Decided, Intake, PanelWork  # noqa: E402
 from service.live.store.postgres import PostgresStore  # noqa: E402
 from service.live.store.sqlite import SqliteStore  # noqa: E402
@@ -92,7 +92,7 @@ def population(args: argparse.Namespace) -> dict[str, Any]:
         kinds[resource["resourceType"]] += 1
         if resource["resourceType"] != "Observation":
             continue
-        item = intake(msgspec.convert(resource, raw.Resource))
+        item = intake(msgspec.convert(resource, model.Resource))
         if isinstance(item, Intake):
             items.append(item)
         else:

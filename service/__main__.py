@@ -15,6 +15,7 @@ import structlog
 from service import logging as nw_logging
 from service.config import Settings, StoreSettings, load_settings, review_settings
 from service.errors import ConfigError, NeutrowatchError
+from service.fhir import model
 
 
 def _logging(settings: Settings, *, service: bool = False) -> None:
@@ -91,7 +92,6 @@ def _survey(args: argparse.Namespace) -> int:
     """The survey report to stdout; --json and --draft-conceptmap to files. Read-only everywhere."""
     import orjson
 
-    from service.fhir import raw
     from service.survey import classifier, conceptmap, report, sources
     from service.survey.tally import Survey
 
@@ -102,7 +102,7 @@ def _survey(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     _logging(settings)
     survey = Survey(policy=settings.read_policy, classify=classifier.site(settings.read_policy.terminology))
-    items: Iterable[raw.Resource | raw.Undecodable]
+    items: Iterable[model.Resource | model.Undecodable]
     if args.server:
         since = sources.duration_seconds(args.since) if args.since else None
         items = asyncio.run(sources.server_resources(settings.fhir, since, args.max))

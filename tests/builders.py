@@ -8,7 +8,7 @@ from typing import Any
 import msgspec
 
 from service.core.observations import Ignored, LabResult, Rejected, normalise
-from service.fhir.raw import Resource
+from service.fhir.model import Resource
 
 UCUM = "http://unitsofmeasure.org"
 _ids = itertools.count(1)

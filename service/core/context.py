@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from service.core.grading import Scheme
 from service.core.rules import DAY_US, Rules
 from service.fhir.fhirtime import to_epoch_us
-from service.fhir.raw import Resource
+from service.fhir.model import Resource
 
 CHRONIC_BENIGN_NEUTROPENIA = "234423001"  # SNOMED CT, Chronic benign neutropenia (disorder)
 

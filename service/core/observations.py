@@ -18,7 +18,8 @@ from service.core.codes import LOINC, NOT_NEUTROPHILS, TERMS, Kind, Prop, Term
 from service.core.terminology import NO_TERMINOLOGY, Terminology, Translation
 from service.core.units import UCUM, UnitError, to_canonical
 from service.fhir.fhirtime import CollectionTime, TimeError, collection_time, instant_us
-from service.fhir.raw import Quantity, Resource, Undecodable, fhir_id
+from service.fhir.model import Quantity, Resource, Undecodable
+from service.fhir.raw import fhir_id
 from service.fhir.references import Resolved, resolve
 
 LOINC_OID = "urn:oid:2.16.840.1.113883.6.1"

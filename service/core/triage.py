@@ -27,7 +27,7 @@ from service.core.observations import (
     undecodable_rejection,
 )
 from service.core.panels import Report, report_members
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.references import Resolved
 
 CONTEXT_TYPES = ("Condition", "ServiceRequest", "CareTeam")  # facts about the patient they name as subject
@@ -45,7 +45,7 @@ class PatientFact:
     """A resource that says something of a patient: keyed by the patient's canonical reference."""
 
     patient: str
-    resource: raw.Resource
+    resource: model.Resource
 
 
 Triaged = LabResult | Rejected | Ignored | ReportMembers | PatientFact
@@ -58,9 +58,9 @@ def resource_kind(resource_type: str) -> str:
     return resource_type if _RESOURCE_TYPE.fullmatch(resource_type) else "unknown type"
 
 
-def triage(item: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAULT_READ) -> Triaged:
+def triage(item: model.Resource | model.Undecodable, policy: ReadPolicy = DEFAULT_READ) -> Triaged:
     """What `item` is (module docstring)."""
-    if isinstance(item, raw.Undecodable):
+    if isinstance(item, model.Undecodable):
         if item.resource_type in (None, "Observation"):
             return undecodable_rejection(item, policy)
         return Ignored(f"undecodable {resource_kind(item.resource_type)}")
@@ -91,13 +91,13 @@ def triage(item: raw.Resource | raw.Undecodable, policy: ReadPolicy = DEFAULT_RE
 
 
 def memberships(
-    items: list[raw.Resource | raw.Undecodable], policy: ReadPolicy = DEFAULT_READ
+    items: list[model.Resource | model.Undecodable], policy: ReadPolicy = DEFAULT_READ
 ) -> dict[str, Report]:
     """The DiagnosticReport membership of each Observation named by the reports among `items`: the
     first report naming it, in order (as replay keeps the first it reads)."""
     found: dict[str, Report] = {}
     for item in items:
-        if isinstance(item, raw.Resource) and item.resourceType == "DiagnosticReport":
+        if isinstance(item, model.Resource) and item.resourceType == "DiagnosticReport":
             triaged = triage(item, policy)
             if isinstance(triaged, ReportMembers):
                 for ref, report in triaged.members:

@@ -35,7 +35,7 @@ from service.explain.model import (
     patient_reference,
 )
 from service.explain.prose import correction, fever_note, panel_note, rule_for
-from service.fhir import raw
+from service.fhir import model, raw
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.fhir.references import Resolved
 from service.output.events import Decision, EventRecord, QuarantinedRecord
@@ -387,7 +387,7 @@ def build_trail(replay: Replay, patient: str, given: GivenIndex, source: str) ->
 # -- the inputs as received --------------------------------------------------------------------------------
 
 
-def _given_of(resource: raw.Resource) -> Given:
+def _given_of(resource: model.Resource) -> Given:
     q = resource.valueQuantity
     if q is not None and q.value is not None:
         return Given(q.value, q.comparator, q.unit, q.system, q.code)
@@ -403,7 +403,7 @@ def _given_of(resource: raw.Resource) -> Given:
     return Given()
 
 
-def _updated_us(resource: raw.Resource) -> int | None:
+def _updated_us(resource: model.Resource) -> int | None:
     meta = resource.meta
     if meta is None or not meta.lastUpdated:
         return None
@@ -425,7 +425,7 @@ def read_given(
         if needle not in document:
             continue
         for item in raw.decode(document):
-            if not isinstance(item, raw.Resource) or item.resourceType != "Observation" or not item.id:
+            if not isinstance(item, model.Resource) or item.resourceType != "Observation" or not item.id:
                 continue
             if matches(item.subject.reference if item.subject is not None else None):
                 version = item.meta.versionId if item.meta else None

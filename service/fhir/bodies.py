@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import structlog
 
-from service.fhir import jsonscan, raw, tolerantjson
+from service.fhir import jsonscan, model, raw, tolerantjson
 from service.fhir.errors import FhirError
 from service.fhir.transport import RESOURCE_TYPE, Response, Retry
 
@@ -23,7 +23,7 @@ def next_link(links: Any) -> str | None:
     for link in links or ():
         relation, url = (
             (link.relation, link.url)
-            if isinstance(link, raw.Link)
+            if isinstance(link, model.Link)
             else ((link.get("relation"), link.get("url")) if isinstance(link, dict) else (None, None))
         )
         if relation == "next" and isinstance(url, str) and url:

@@ -16,7 +16,7 @@ from urllib.parse import urljoin
 
 import structlog
 
-from service.fhir import raw
+from service.fhir import model, raw
 from service.fhir.bodies import next_link
 from service.fhir.errors import FhirError
 from service.fhir.fhirtime import to_epoch_us
@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Page:
-    resources: list[raw.Resource | raw.Undecodable]  # searchset entries, flattened (include-mode too)
+    resources: list[model.Resource | model.Undecodable]  # searchset entries, flattened (include-mode too)
     next_url: str | None
     url: str  # the URL this page came from
     # the same truncated page came twice: `resources` are the entries before the cut and the search
@@ -107,7 +107,7 @@ class BrokenPages:
 
 
 class PageEntries(NamedTuple):
-    items: list[raw.Resource | raw.Undecodable]
+    items: list[model.Resource | model.Undecodable]
     cut_short: bool = False
 
 
@@ -148,7 +148,7 @@ def read_page(response: Response, broken: BrokenPages) -> tuple[PageEntries, str
                 status=response.status,
                 size=len(response.body),
                 entries=len(doc.items),
-                unreadable=sum(isinstance(i, raw.Undecodable) for i in doc.items),
+                unreadable=sum(isinstance(i, model.Undecodable) for i in doc.items),
                 damage=reason_label(doc.damage),
             )
         return PageEntries(doc.items), next_link(doc.links)
@@ -185,26 +185,26 @@ def read_page(response: Response, broken: BrokenPages) -> tuple[PageEntries, str
 
 
 def without_future_stamps(
-    items: list[raw.Resource | raw.Undecodable], headers: Mapping[str, str]
-) -> list[raw.Resource | raw.Undecodable]:
+    items: list[model.Resource | model.Undecodable], headers: Mapping[str, str]
+) -> list[model.Resource | model.Undecodable]:
     """Entries whose meta.lastUpdated lies beyond the server's clock (its Date header) become
     rejections. The server stamps what it stores, so such a stamp is not one it wrote; believed, it
     would carry the cursor into the future (9999-12-31: every later result falls below the cursor
     and is never read — monitoring stops for every patient, silently)."""
     limit = _clock_limit_us(headers)
-    out: list[raw.Resource | raw.Undecodable] = []
+    out: list[model.Resource | model.Undecodable] = []
     for item in items:
-        stamp = item.meta.lastUpdated if isinstance(item, raw.Resource) and item.meta is not None else None
+        stamp = item.meta.lastUpdated if isinstance(item, model.Resource) and item.meta is not None else None
         if stamp:
             try:
                 future = to_epoch_us(stamp) > limit
             except (ValueError, OverflowError):
                 future = False
             if future:
-                resource = cast(raw.Resource, item)  # a stamp is read from Resources only
+                resource = cast(model.Resource, item)  # a stamp is read from Resources only
                 subject = resource.subject.reference if resource.subject is not None else None
                 out.append(
-                    raw.Undecodable(
+                    model.Undecodable(
                         FUTURE_STAMP,
                         raw.clean_text(resource.resourceType, 64),
                         raw.fhir_id(resource.id),

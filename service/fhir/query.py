@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from urllib.parse import urlencode
 
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.paging import Page
 
 LOINC = "http://loinc.org"
@@ -53,15 +53,15 @@ def split_searches(
 
 
 def _updated_key(
-    updated: Callable[[raw.Resource | raw.Undecodable], int | None],
-) -> Callable[[raw.Resource | raw.Undecodable], int]:
+    updated: Callable[[model.Resource | model.Undecodable], int | None],
+) -> Callable[[model.Resource | model.Undecodable], int]:
     return lambda r: u if (u := updated(r)) is not None else -1
 
 
 async def merged(
     streams: Sequence[PageStream],
     page_size: int,
-    updated: Callable[[raw.Resource | raw.Undecodable], int | None],
+    updated: Callable[[model.Resource | model.Undecodable], int | None],
 ) -> PageStream:
     """Pages of `page_size` resources taken from `streams` in meta.lastUpdated order (a resource
     without one first: it cannot be placed later). The last page has `next_url` None."""
@@ -78,13 +78,13 @@ async def merged(
 
 
 async def _merge(
-    streams: Sequence[PageStream], page_size: int, key: Callable[[raw.Resource | raw.Undecodable], int]
+    streams: Sequence[PageStream], page_size: int, key: Callable[[model.Resource | model.Undecodable], int]
 ) -> PageStream:
     """The k-way merge: the oldest head among the searches' buffered resources, each search's next
     page read only when its buffer is empty (so every search's head is known before one is taken)."""
-    buffers: list[deque[raw.Resource | raw.Undecodable]] = [deque() for _ in streams]
+    buffers: list[deque[model.Resource | model.Undecodable]] = [deque() for _ in streams]
     open_streams = set(range(len(streams)))
-    out: list[raw.Resource | raw.Undecodable] = []
+    out: list[model.Resource | model.Undecodable] = []
     cut_short = False
     while True:
         for i in sorted(open_streams):
@@ -101,7 +101,7 @@ async def _merge(
 
 
 async def _refill(
-    stream: PageStream, buffer: deque[raw.Resource | raw.Undecodable], open_streams: set[int], index: int
+    stream: PageStream, buffer: deque[model.Resource | model.Undecodable], open_streams: set[int], index: int
 ) -> bool:
     """Read pages of one search until its buffer holds a resource or the search has ended (then it
     leaves `open_streams`). Returns whether a page read was cut short."""

@@ -1,9 +1,7 @@
-"""The subset of FHIR R4 the core reads, as msgspec Structs.
+"""Reading FHIR JSON text into the model (service/fhir/model.py), damaged or not.
 
-Incoming data is decoded straight into these (unknown fields are skipped in C), which is ~10×
-cheaper than building full `fhir.resources` models. Full models are used only for what the service
-writes. A line that does not fit these types is not dropped: `decode` says why, and a damaged
-document is read entry by entry (`read`, below) so the damage stays with the entry that holds it.
+A line that does not fit the model is not dropped: `decode` says why, and a damaged document is
+read entry by entry (`read`, below) so the damage stays with the entry that holds it.
 """
 
 from __future__ import annotations
@@ -16,102 +14,14 @@ import msgspec
 import orjson
 
 from service.fhir import jsonscan, tolerantjson
-
-
-class Coding(msgspec.Struct, frozen=True, gc=False):
-    system: str | None = None
-    code: str | None = None
-    display: str | None = None  # never matched on (reference §1.1); `survey` shows it to a person
-
-
-class CodeableConcept(msgspec.Struct, frozen=True, gc=False):
-    coding: list[Coding] | None = None
-
-
-class Reference(msgspec.Struct, frozen=True, gc=False):
-    reference: str | None = None
-
-
-class Quantity(msgspec.Struct, frozen=True, gc=False):
-    value: float | None = None
-    comparator: str | None = None
-    unit: str | None = None
-    system: str | None = None
-    code: str | None = None
-
-
-class Range(msgspec.Struct, frozen=True, gc=False):
-    low: Quantity | None = None
-    high: Quantity | None = None
-
-
-class Period(msgspec.Struct, frozen=True, gc=False):
-    start: str | None = None
-    end: str | None = None
-
-
-class Meta(msgspec.Struct, frozen=True, gc=False):
-    versionId: str | None = None
-    lastUpdated: str | None = None
-
-
-class Link(msgspec.Struct, frozen=True, gc=False):
-    relation: str | None = None
-    url: str | None = None
-
-
-class Participant(msgspec.Struct, frozen=True, gc=False):
-    member: Reference | None = None
-
-
-class Entry(msgspec.Struct, frozen=True, gc=False):
-    fullUrl: str | None = None
-    resource: Resource | None = None
-
-
-class Resource(msgspec.Struct, frozen=True, gc=False):
-    """Fields of Observation, DiagnosticReport, Patient, Condition, ServiceRequest, CareTeam and
-    Bundle that the service reads."""
-
-    resourceType: str = ""
-    id: str | None = None
-    meta: Meta | None = None
-    status: str | None = None
-    code: CodeableConcept | None = None
-    subject: Reference | None = None
-    # Observation.specimen is one Reference, DiagnosticReport.specimen a list.
-    specimen: Reference | list[Reference] | None = None
-    effectiveDateTime: str | None = None
-    effectiveInstant: str | None = None
-    effectivePeriod: Period | None = None
-    issued: str | None = None
-    valueQuantity: Quantity | None = None
-    valueString: str | None = None
-    valueCodeableConcept: CodeableConcept | None = None
-    valueInteger: int | None = None
-    dataAbsentReason: CodeableConcept | None = None
-    referenceRange: list[Range] | None = None
-    basedOn: list[Reference] | None = None
-    result: list[Reference] | None = None
-    hasMember: list[Reference] | None = None
-    birthDate: str | None = None  # Patient
-    clinicalStatus: CodeableConcept | None = None  # Condition
-    verificationStatus: CodeableConcept | None = None  # Condition
-    requester: Reference | None = None  # ServiceRequest
-    participant: list[Participant] | None = None  # CareTeam
-    entry: list[Entry] | None = None
-    link: list[Link] | None = None  # Bundle.link (paging)
-    total: int | None = None  # Bundle.total
-
-
-class Undecodable(msgspec.Struct, frozen=True):
-    """A line or resource that could not be read into `Resource`: kept with its reason."""
-
-    reason: str
-    resource_type: str | None = None
-    id: str | None = None
-    subject: str | None = None
-
+from service.fhir.model import (
+    Entry,
+    Link,
+    Participant,
+    Reference,
+    Resource,
+    Undecodable,
+)
 
 _decoder = msgspec.json.Decoder(Resource)
 

@@ -32,7 +32,7 @@ from service.core.context import (
 from service.core.observations import canonical_reference
 from service.core.recipients import Recipients, choose
 from service.errors import NeutrowatchError
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError
 from service.fhir.references import Resolved
@@ -43,11 +43,11 @@ _CACHE_LIMIT = 20_000
 FAILURE_TTL_SECONDS = 300.0  # a failed look-up is asked again after this (or context_ttl_seconds, if shorter)
 
 
-def _resource(obj: dict[str, Any] | None) -> raw.Resource | None:
+def _resource(obj: dict[str, Any] | None) -> model.Resource | None:
     if obj is None:
         return None
     try:
-        return msgspec.convert(obj, raw.Resource)
+        return msgspec.convert(obj, model.Resource)
     except msgspec.ValidationError:
         return None
 
@@ -131,7 +131,7 @@ class LiveDirectory:
         if len(self._cache) > _CACHE_LIMIT:
             self._cache.popitem(last=False)
 
-    async def _read(self, resource_type: str, id: str) -> raw.Resource | None:
+    async def _read(self, resource_type: str, id: str) -> model.Resource | None:
         """The resource, or None when the server says it does not exist (a definite answer)."""
         return _resource(await read_existing(self.client, resource_type, id))
 
@@ -151,7 +151,7 @@ class LiveDirectory:
 
         async def load() -> PatientContext:
             record = await self._read("Patient", pid)
-            conditions: list[raw.Resource] = []
+            conditions: list[model.Resource] = []
             if rules.chronic_benign_threshold is not None:
                 found = await chronic_benign_conditions(self.client, self._subject(patient))
                 conditions = [r for r in map(_resource, found) if r is not None]

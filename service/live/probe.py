@@ -26,7 +26,7 @@ import aiohttp
 
 from service.config import Settings
 from service.errors import NeutrowatchError
-from service.fhir import raw, scopes
+from service.fhir import model, scopes
 from service.fhir.auth import make_auth
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError, FhirUnavailable
@@ -171,7 +171,7 @@ async def _interactions(settings: Settings, client: FhirClient, run: _Run) -> No
             found = sum(
                 1
                 for r in page.resources
-                if not isinstance(r, raw.Resource) or r.resourceType == "Observation"
+                if not isinstance(r, model.Resource) or r.resourceType == "Observation"
             )
             return f"{found} on the first page, {'more pages' if page.next_url else 'no more pages'}"
         return "no page"

@@ -9,7 +9,7 @@ from dataclasses import replace
 from service.config import Settings
 from service.core.codes import cbc_codes, temperature_codes
 from service.core.terminology import NO_TERMINOLOGY, Terminology
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirError
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
@@ -41,8 +41,8 @@ def search_params(settings: Settings, cursor: str | None, now: float) -> tuple[l
     return params, max(since_us, 0)
 
 
-def updated_us(resource: raw.Resource | raw.Undecodable) -> int | None:
-    if isinstance(resource, raw.Resource) and resource.meta is not None and resource.meta.lastUpdated:
+def updated_us(resource: model.Resource | model.Undecodable) -> int | None:
+    if isinstance(resource, model.Resource) and resource.meta is not None and resource.meta.lastUpdated:
         try:
             return to_epoch_us(resource.meta.lastUpdated)
         except ValueError:
@@ -50,9 +50,9 @@ def updated_us(resource: raw.Resource | raw.Undecodable) -> int | None:
     return None
 
 
-def _matched(resource: raw.Resource | raw.Undecodable, resource_type: str) -> bool:
+def _matched(resource: model.Resource | model.Undecodable, resource_type: str) -> bool:
     """An entry of the searched type (not one included with it: a DiagnosticReport of the results)."""
-    return not isinstance(resource, raw.Resource) or resource.resourceType == resource_type
+    return not isinstance(resource, model.Resource) or resource.resourceType == resource_type
 
 
 async def whole_result(pages: AsyncIterator[Page]) -> AsyncIterator[Page]:

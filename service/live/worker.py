@@ -22,7 +22,7 @@ from service.core.panels import Report, panel_key
 from service.core.triage import PatientFact, ReportMembers, memberships, triage
 from service.core.undecided import ignored_unassessed, rejection_unassessed
 from service.errors import NeutrowatchError
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.client import FhirClient
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.fhir.paging import Page
@@ -49,7 +49,7 @@ DECIDE_BATCH = 1000  # dirty panels read, decided and committed at a time
 
 
 def intake(
-    resource: raw.Resource | raw.Undecodable,
+    resource: model.Resource | model.Undecodable,
     policy: ReadPolicy = DEFAULT_READ,
     reports: Mapping[str, Report] | None = None,
 ) -> Intake | Rejected | Ignored:
@@ -257,7 +257,7 @@ class Worker:
             now = self.clock()
             reports = memberships(page.resources, self.read_policy)
             for resource in page.resources:
-                if isinstance(resource, raw.Resource) and resource.resourceType == "DiagnosticReport":
+                if isinstance(resource, model.Resource) and resource.resourceType == "DiagnosticReport":
                     continue  # included for its results' panel membership (`reports`)
                 item = intake(resource, self.read_policy, reports)
                 if isinstance(item, Ignored):

@@ -14,7 +14,7 @@ from typing import IO, NamedTuple
 import orjson
 
 from service.errors import InputError
-from service.fhir import jsonscan, raw
+from service.fhir import jsonscan, model, raw
 
 
 def files(inputs: Sequence[str | Path]) -> list[Path]:
@@ -244,7 +244,7 @@ class StreamedBundle:
         except READ_ERRORS as err:
             raise unreadable(self.path, err) from None
 
-    def __iter__(self) -> Iterator[raw.Resource | raw.Undecodable]:
+    def __iter__(self) -> Iterator[model.Resource | model.Undecodable]:
         """The items of `raw.decode` of the whole document, in order."""
         for entry in self.entries():
             yield from raw.entry_items(entry, self.how, self.targets)

@@ -26,14 +26,14 @@ from service.core.panels import collection_key, report_key, specimen_key
 from service.core.rules import Rules
 from service.core.triage import PatientFact, ReportMembers, Triaged, triage
 from service.core.undecided import REASONS, ignored_unassessed
-from service.fhir import raw
+from service.fhir import model, raw
 from service.replay.documents import StreamedBundle
 
 _BATCH = 5_000
 encode = msgspec.msgpack.Encoder().encode
 decode_result = msgspec.msgpack.Decoder(LabResult).decode
 decode_rejected = msgspec.msgpack.Decoder(Rejected).decode
-_decode_resource = msgspec.msgpack.Decoder(raw.Resource).decode
+_decode_resource = msgspec.msgpack.Decoder(model.Resource).decode
 IDENTICAL_COPY = "identical copy of a version already read"  # ReplayStats.ignored key
 
 
@@ -146,7 +146,7 @@ class PatientFacts:
 
 
 def patient_facts(rows: Iterable[tuple[str, str, bytes]], rules: Rules) -> dict[str, PatientFacts]:
-    by_kind: dict[str, dict[str, list[raw.Resource]]] = {}
+    by_kind: dict[str, dict[str, list[model.Resource]]] = {}
     for patient, kind, data in rows:
         by_kind.setdefault(patient, {}).setdefault(kind, []).append(_decode_resource(data))
     facts: dict[str, PatientFacts] = {}
@@ -182,7 +182,7 @@ def read_document(
         seq += 1
         stats.resources += 1
         triaged = triage(item, policy)
-        if isinstance(item, raw.Resource) and item.resourceType == "Observation":
+        if isinstance(item, model.Resource) and item.resourceType == "Observation":
             stats.observations += 1
             updated = getattr(triaged, "updated_us", None)
             if updated is not None and (stats.newest_updated_us is None or updated > stats.newest_updated_us):

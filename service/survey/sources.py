@@ -13,7 +13,7 @@ from typing import cast
 
 from service.config import FhirSettings
 from service.errors import NeutrowatchError
-from service.fhir import raw
+from service.fhir import model, raw
 from service.fhir.client import FhirClient
 from service.fhir.fhirtime import from_epoch_us
 from service.fhir.paging import Page
@@ -23,7 +23,7 @@ _DURATION = re.compile(r"(\d{1,6})([smhd])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def file_resources(inputs: Sequence[str | Path]) -> Iterator[raw.Resource | raw.Undecodable]:
+def file_resources(inputs: Sequence[str | Path]) -> Iterator[model.Resource | model.Undecodable]:
     """Every resource of the inputs, as replay reads them (NDJSON, Bundles, .gz, large Bundles entry
     by entry, references inside a Bundle resolved)."""
     for path in files(inputs):
@@ -48,12 +48,12 @@ def search_params(since_seconds: int | None, limit: int, page_size: int, now: fl
 
 async def server_resources(
     settings: FhirSettings, since_seconds: int | None, limit: int, now: float | None = None
-) -> list[raw.Resource | raw.Undecodable]:
+) -> list[model.Resource | model.Undecodable]:
     """At most `limit` Observations of the server, newest first (`since_seconds`: updated within)."""
     if not settings.base_url:
         raise NeutrowatchError("fhir.base_url is not set: no server to survey")
     params = search_params(since_seconds, limit, settings.page_size, time.time() if now is None else now)
-    found: list[raw.Resource | raw.Undecodable] = []
+    found: list[model.Resource | model.Undecodable] = []
     async with FhirClient(settings) as client:
         search = cast(AsyncGenerator[Page, None], client.search("Observation", params))  # an async generator
         async with aclosing(search) as pages:

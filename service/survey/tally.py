@@ -26,7 +26,7 @@ from service.core.observations import (
     normalise,
 )
 from service.core.panels import panel_key
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.references import Resolved
 from service.survey.candidates import Hint, hint
 from service.survey.classifier import Classification, Classifier, builtin
@@ -82,16 +82,16 @@ class Survey:
     panels: PanelCounts = field(default_factory=PanelCounts)
     _members: dict[tuple[str, str], dict[Kind, list[CodeCount]]] = field(default_factory=dict)
 
-    def add(self, item: raw.Resource | raw.Undecodable) -> None:
+    def add(self, item: model.Resource | model.Undecodable) -> None:
         self.resources += 1
-        if isinstance(item, raw.Undecodable):
+        if isinstance(item, model.Undecodable):
             self.undecodable += 1
         elif item.resourceType == "Observation":
             self._observation(item)
         else:
             self.other_types[item.resourceType or "(untyped)"] += 1
 
-    def _observation(self, resource: raw.Resource) -> None:
+    def _observation(self, resource: model.Resource) -> None:
         self.observations += 1
         counted, loinc = self._count(resource)
         if loinc is None:
@@ -108,12 +108,12 @@ class Survey:
             if _is_temperature(loinc):
                 self.temperatures_rejected[outcome.reason] += 1
 
-    def _count(self, resource: raw.Resource) -> tuple[CodeCount, str | None]:
+    def _count(self, resource: model.Resource) -> tuple[CodeCount, str | None]:
         """The Observation counted under its code; the LOINC code it is read as (None: not read)."""
         codings = (
-            resource.code.coding if resource.code is not None and resource.code.coding else [raw.Coding()]
+            resource.code.coding if resource.code is not None and resource.code.coding else [model.Coding()]
         )
-        found: tuple[raw.Coding, Classification] | None = None
+        found: tuple[model.Coding, Classification] | None = None
         for coding in codings:
             known = self.classify(coding.system, coding.code)
             if known is not None:
@@ -134,10 +134,10 @@ class Survey:
         candidate = counted.hint.candidate if counted.hint is not None else None
         return counted, candidate.loinc if candidate is not None else None
 
-    def _references(self, resource: raw.Resource) -> None:
+    def _references(self, resource: model.Resource) -> None:
         """References the core would drop without a word: a specimen that names nothing usable."""
         specimen = resource.specimen
-        if isinstance(specimen, raw.Reference) and specimen.reference:
+        if isinstance(specimen, model.Reference) and specimen.reference:
             found = canonical_reference(specimen.reference, "Specimen", self.policy)
             if not isinstance(found, Resolved):
                 self.unresolved_references["specimen " + found] += 1
@@ -168,7 +168,7 @@ class Survey:
         return self
 
 
-def _code_count(coding: raw.Coding, known: Classification | None, unit: str | None) -> CodeCount:
+def _code_count(coding: model.Coding, known: Classification | None, unit: str | None) -> CodeCount:
     if known is not None:
         return CodeCount(coding.system, coding.code, coding.display, known.standing, known.loinc, None)
     return CodeCount(
@@ -176,9 +176,9 @@ def _code_count(coding: raw.Coding, known: Classification | None, unit: str | No
     )
 
 
-def _with_loinc(resource: raw.Resource, loinc: str) -> raw.Resource:
+def _with_loinc(resource: model.Resource, loinc: str) -> model.Resource:
     """The resource as the core would read it were its code mapped to `loinc`."""
-    return msgspec.structs.replace(resource, code=raw.CodeableConcept([raw.Coding(LOINC, loinc)]))
+    return msgspec.structs.replace(resource, code=model.CodeableConcept([model.Coding(LOINC, loinc)]))
 
 
 def _is_temperature(loinc: str) -> bool:

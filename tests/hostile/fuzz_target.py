@@ -28,7 +28,10 @@ from service.core.anc import ANC_MAX, Anc, PanelRejected, compute_anc  # noqa: E
 from service.core.episodes import PatientState  # noqa: E402
 from service.core.observations import LabResult, Rejected, normalise, undecodable_rejection  # noqa: E402
 from service.core.panels import decide  # noqa: E402
-from service.fhir import raw  # noqa: E402
+from service.fhir import (
+    model,
+    raw,  # noqa: E402
+)
 from service.fhir.errors import FhirError  # noqa: E402
 from service.fhir.paging import BrokenPages, read_page, without_future_stamps  # noqa: E402
 from service.fhir.transport import Response, Retry  # noqa: E402
@@ -43,11 +46,11 @@ def check(data: bytes) -> None:
     items = doc.items + ([doc.remainder] if doc.remainder is not None else [])
     results: list[LabResult] = []
     for item in items:
-        if isinstance(item, raw.Undecodable):
+        if isinstance(item, model.Undecodable):
             assert item.id is None or raw.fhir_id(item.id) == item.id
             check_rejection(undecodable_rejection(item))
             continue
-        assert isinstance(item, raw.Resource)
+        assert isinstance(item, model.Resource)
         outcome = normalise(item)
         if isinstance(outcome, Rejected):
             check_rejection(outcome)

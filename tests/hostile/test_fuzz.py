@@ -26,7 +26,7 @@ from service.core.codes import TERMS
 from service.core.episodes import PatientState
 from service.core.observations import LabResult, Rejected, normalise
 from service.core.panels import decide
-from service.fhir import raw
+from service.fhir import model, raw
 from service.metrics import reason_label
 from service.replay.engine import Replay
 from tests.hostile.corpus import CORPUS, fill, neighbour, observation
@@ -141,7 +141,7 @@ def test_one_hostile_entry_never_takes_its_neighbours_with_it(k, at, token, fiel
     bundle = b'{"resourceType":"Bundle","type":"searchset","entry":[' + b",".join(entries) + b"]}"
     doc = raw.read(bundle)
     assert doc.complete and doc.resource_type == "Bundle"
-    read = [i.id for i in doc.items if isinstance(i, raw.Resource) and i.id and i.id.startswith("ok-")]
+    read = [i.id for i in doc.items if isinstance(i, model.Resource) and i.id and i.id.startswith("ok-")]
     assert read == [f"ok-{i}" for i in range(k)]
     assert len(doc.items) == k + 1
     check(bundle)
@@ -180,7 +180,7 @@ numbers = st.one_of(
 )
 codes = st.sampled_from(sorted(TERMS) + ["8310-5", "30394-1", "x", "", MARKER])
 quantities = st.builds(
-    raw.Quantity,
+    model.Quantity,
     value=st.none() | numbers,
     comparator=st.none() | st.sampled_from(["<", "<=", ">", ">=", "ad", MARKER]),
     unit=st.none() | texts,
@@ -188,7 +188,7 @@ quantities = st.builds(
     code=st.none() | texts,
 )
 references = st.builds(
-    raw.Reference,
+    model.Reference,
     reference=st.none()
     | texts
     | st.sampled_from(
@@ -203,12 +203,12 @@ references = st.builds(
     ),
 )
 resources = st.builds(
-    raw.Resource,
+    model.Resource,
     resourceType=st.just("Observation"),
     id=st.none() | st.sampled_from(["o1", "a.b-c", "x" * 64, "x" * 65]) | texts,
     meta=st.none()
     | st.builds(
-        raw.Meta,
+        model.Meta,
         versionId=st.none() | st.sampled_from(["1", "10"]) | texts,
         lastUpdated=st.none() | st.sampled_from(["2026-01-01T00:00:00Z", "1969-12-31T23:59:59Z"]) | texts,
     ),
@@ -226,10 +226,10 @@ resources = st.builds(
         ]
     ),
     code=st.builds(
-        raw.CodeableConcept,
+        model.CodeableConcept,
         coding=st.lists(
             st.builds(
-                raw.Coding,
+                model.Coding,
                 system=st.sampled_from(["http://loinc.org", "urn:oid:2.16.840.1.113883.6.1", "urn:x"]),
                 code=codes,
             ),
@@ -242,8 +242,8 @@ resources = st.builds(
     valueQuantity=st.none() | quantities,
     valueString=st.none() | texts,
     dataAbsentReason=st.none()
-    | st.builds(raw.CodeableConcept, coding=st.lists(st.builds(raw.Coding, code=texts), max_size=2)),
-    referenceRange=st.none() | st.lists(st.builds(raw.Range, low=st.none() | quantities), max_size=2),
+    | st.builds(model.CodeableConcept, coding=st.lists(st.builds(model.Coding, code=texts), max_size=2)),
+    referenceRange=st.none() | st.lists(st.builds(model.Range, low=st.none() | quantities), max_size=2),
     basedOn=st.none() | st.lists(references, max_size=3),
 )
 
@@ -329,7 +329,7 @@ def panels(draw: st.DrawFn) -> list[LabResult]:
         )
         if draw(st.booleans()):
             obs["valueQuantity"]["comparator"] = draw(st.sampled_from(["<", "<="]))
-        item = normalise(msgspec.convert(fill(obs), raw.Resource))
+        item = normalise(msgspec.convert(fill(obs), model.Resource))
         if isinstance(item, LabResult):
             out.append(item)
     return out

@@ -28,7 +28,7 @@ from cryptography.x509.oid import NameOID
 
 from service.config import FhirSettings, RetrySettings
 from service.errors import ConfigError
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.auth import BearerAuth
 from service.fhir.backoff import quota_reset_seconds, retry_after_seconds, transient_status
 from service.fhir.client import FhirClient
@@ -224,10 +224,13 @@ async def test_search_follows_next_links_exactly(
 
     assert len(pages) == 7
     assert metric("neutrowatch_pages_total") - pages_before == 7
-    ids = [r.id for p in pages for r in p.resources if isinstance(r, raw.Resource)]
+    ids = [r.id for p in pages for r in p.resources if isinstance(r, model.Resource)]
     assert len(ids) == len(set(ids)) == 250
     stamps = [
-        r.meta.lastUpdated or "" for p in pages for r in p.resources if isinstance(r, raw.Resource) and r.meta
+        r.meta.lastUpdated or ""
+        for p in pages
+        for r in p.resources
+        if isinstance(r, model.Resource) and r.meta
     ]
     assert stamps == sorted(stamps)
     assert pages[-1].next_url is None
@@ -603,9 +606,9 @@ async def test_bad_entry_does_not_lose_its_neighbours(
 
     assert len(pages) == 2
     first = pages[0].resources
-    assert [type(r) for r in first] == [raw.Resource, raw.Undecodable, raw.Resource]
+    assert [type(r) for r in first] == [model.Resource, model.Undecodable, model.Resource]
     bad = first[1]
-    assert isinstance(bad, raw.Undecodable) and bad.resource_type == "Observation" and bad.id
+    assert isinstance(bad, model.Undecodable) and bad.resource_type == "Observation" and bad.id
     assert pages[0].next_url is not None and len(pages[1].resources) == 1
 
 
@@ -767,7 +770,7 @@ async def test_an_oversized_page_is_refused_unread_and_not_retried(
     assert oversized() - before == 1
     assert len(proxy.requests("GET", "/Observation")) == 1 and h.sleeps == []  # not retried
     pages = await pages_of(h.client, [*SEARCH, ("_count", "25")])
-    assert len({r.id for p in pages for r in p.resources if isinstance(r, raw.Resource)}) == 150
+    assert len({r.id for p in pages for r in p.resources if isinstance(r, model.Resource)}) == 150
 
 
 async def test_an_oversized_chunked_page_is_refused_while_it_streams(

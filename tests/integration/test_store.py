@@ -23,7 +23,7 @@ from service.core.observations import CONFLICT, Rejected
 from service.core.panels import decide
 from service.errors import StoreError
 from service.fhir import raw
-from service.fhir.raw import Resource
+from service.fhir.model import Resource
 from service.live.store import Decided, Intake, LeadershipLost, Store
 from service.live.store.base import DIGEST_TAG, Plan, StoredVersion, digest, plan
 from service.live.store.postgres import PostgresStore

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from service.core.codes import Kind
 from service.core.observations import Ignored, LabResult, ReadPolicy, Rejected, normalise
-from service.fhir import raw
+from service.fhir import model, raw
 from tests.builders import normalised, observation, result
 
 
@@ -145,7 +145,7 @@ def test_absolute_patient_url_under_the_base_is_the_relative_reference():
     """An absolute subject under the server's base is the patient "Patient/<id>" (one key, however
     written: tests/unit/test_references.py); without a base it is on another server."""
     obs = msgspec.convert(
-        observation("751-8", 1.2, patient="https://fhir.example.org/r4/Patient/123"), raw.Resource
+        observation("751-8", 1.2, patient="https://fhir.example.org/r4/Patient/123"), model.Resource
     )
     r = normalise(obs, ReadPolicy(base_url="https://fhir.example.org/r4"))
     assert isinstance(r, LabResult) and r.patient == "Patient/123"
@@ -154,11 +154,11 @@ def test_absolute_patient_url_under_the_base_is_the_relative_reference():
 
 def test_undecodable_lines_say_why_without_content():
     items = list(raw.decode(b'{"resourceType":"Observation","id":"x","valueQuantity":{"value":"Smith"}}'))
-    assert len(items) == 1 and isinstance(items[0], raw.Undecodable)
+    assert len(items) == 1 and isinstance(items[0], model.Undecodable)
     assert items[0].id == "x" and "Smith" not in items[0].reason
     assert "$.valueQuantity.value" in items[0].reason
     bad = list(raw.decode(b'{"resourceType": "Observation", "id": '))
-    assert isinstance(bad[0], raw.Undecodable) and bad[0].reason.startswith("invalid JSON")
+    assert isinstance(bad[0], model.Undecodable) and bad[0].reason.startswith("invalid JSON")
     assert list(raw.decode(b"\xff\xfe"))[0].reason.startswith("invalid JSON")
 
 
@@ -168,8 +168,8 @@ def test_bundle_with_one_bad_entry_keeps_the_good_ones():
     bad["valueQuantity"]["value"] = True  # a boolean where a number belongs
     bundle = {"resourceType": "Bundle", "entry": [{"resource": good}, {"resource": bad}]}
     items = list(raw.convert(bundle))
-    assert isinstance(items[0], raw.Resource) and items[0].id == "good"
-    assert isinstance(items[1], raw.Undecodable) and items[1].id == "bad"
+    assert isinstance(items[0], model.Resource) and items[0].id == "good"
+    assert isinstance(items[1], model.Undecodable) and items[1].id == "bad"
 
 
 json_values = st.recursive(
@@ -209,7 +209,7 @@ observation_like = st.fixed_dictionaries(
 @given(observation_like)
 def test_normalising_arbitrary_json_never_raises(obj):
     for item in raw.convert(obj):
-        if isinstance(item, raw.Resource):
+        if isinstance(item, model.Resource):
             out = normalise(item)
             assert isinstance(out, LabResult | Rejected | Ignored)
             if isinstance(out, LabResult) and out.value is not None:
@@ -220,7 +220,7 @@ def test_normalising_arbitrary_json_never_raises(obj):
 @given(st.binary(max_size=200))
 def test_decoding_arbitrary_bytes_never_raises(data):
     for item in raw.decode(data):
-        assert isinstance(item, raw.Resource | raw.Undecodable)
+        assert isinstance(item, model.Resource | model.Undecodable)
 
 
 def test_undecodable_keeps_only_a_patient_subject():
@@ -229,7 +229,7 @@ def test_undecodable_keeps_only_a_patient_subject():
     item = next(
         raw.decode(b'{"resourceType":"Observation","id":"g","subject":{"reference":"Group/ward"},"status":7}')
     )
-    assert isinstance(item, raw.Undecodable)
+    assert isinstance(item, model.Undecodable)
     rejected = undecodable_rejection(item)
     assert (rejected.ref, rejected.patient) == ("Observation/g", None)  # a Group is not a patient
     item = next(
@@ -252,7 +252,7 @@ def test_a_rejected_local_coded_result_names_its_loinc_code_and_the_mapping():
             [MapRow("http://lab.example.org/codes", "ANC", "751-8", "https://lab.example.org/cm")]
         )
     )
-    out = normalise(msgspec.convert(obs, raw.Resource), policy)
+    out = normalise(msgspec.convert(obs, model.Resource), policy)
     assert isinstance(out, Rejected)
     assert (out.reason, out.code) == ("unit 'bags' is not a cell count unit for LOINC 751-8", "751-8")
     assert msgspec.to_builtins(rejected_record(out))["mapped_codes"] == [
@@ -262,4 +262,4 @@ def test_a_rejected_local_coded_result_names_its_loinc_code_and_the_mapping():
             "concept_map": "https://lab.example.org/cm",
         }
     ]
-    assert normalise(msgspec.convert(obs, raw.Resource)) == Ignored("code not monitored")  # without the map
+    assert normalise(msgspec.convert(obs, model.Resource)) == Ignored("code not monitored")  # without the map

@@ -23,7 +23,7 @@ from service.core.observations import (
     normalise,
     undecodable_rejection,
 )
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.references import Resolved, base_key, patient_reference
 from tests.builders import observation
 
@@ -123,7 +123,7 @@ def test_the_patient_key_of_an_observation_is_canonical_and_a_foreign_subject_is
     contained or a urn:uuid: subject is a rejection with its reason (never a result that could alert)."""
 
     def read(subject: str) -> LabResult | Rejected:
-        out = normalise(msgspec.convert(observation("751-8", 0.3, patient=subject), raw.Resource), POLICY)
+        out = normalise(msgspec.convert(observation("751-8", 0.3, patient=subject), model.Resource), POLICY)
         assert isinstance(out, LabResult | Rejected)
         return out
 
@@ -155,13 +155,13 @@ def test_orders_and_specimens_are_canonical_and_foreign_ones_are_left_out():
             {"reference": f"{PARTNER}/ServiceRequest/o5"},
         ],
     )
-    out = normalise(msgspec.convert(obs, raw.Resource), POLICY)
+    out = normalise(msgspec.convert(obs, model.Resource), POLICY)
     assert isinstance(out, LabResult)
     assert out.specimen == "Specimen/s1"
     assert out.based_on == ("ServiceRequest/o1", "ServiceRequest/o2", f"{PARTNER}/ServiceRequest/o5")
     foreign = normalise(
         msgspec.convert(
-            observation("751-8", 0.3, specimen="https://evil.example.com/Specimen/s1"), raw.Resource
+            observation("751-8", 0.3, specimen="https://evil.example.com/Specimen/s1"), model.Resource
         ),
         POLICY,
     )
@@ -174,7 +174,7 @@ def test_an_undecodable_entry_keeps_the_canonical_patient_only():
 
     def patient(subject: str) -> str | None:
         return undecodable_rejection(
-            raw.Undecodable("malformed", "Observation", "x", subject), POLICY
+            model.Undecodable("malformed", "Observation", "x", subject), POLICY
         ).patient
 
     assert patient(f"{BASE}/Patient/h20/_history/1") == "Patient/h20"

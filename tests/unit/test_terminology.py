@@ -18,7 +18,7 @@ from service.core.anc import SEGMENTED_NEUTROPHIL_PCT, compute_anc
 from service.core.codes import Kind
 from service.core.observations import Ignored, LabResult, ReadPolicy, Rejected, normalise
 from service.core.terminology import MapRow, TerminologyError, build, concept_map_rows
-from service.fhir import raw
+from service.fhir import model
 from service.fhir.paging import Page
 from service.fhir.query import MERGED, code_values, merged, split_searches
 from tests.builders import observation
@@ -65,7 +65,7 @@ def local(
 
 
 def read(obs: dict[str, Any], p: ReadPolicy) -> LabResult | Rejected | Ignored:
-    return normalise(msgspec.convert(obs, raw.Resource), p)
+    return normalise(msgspec.convert(obs, model.Resource), p)
 
 
 @pytest.mark.parametrize(
@@ -237,7 +237,7 @@ def test_differential_site_rule(rule, codes, expected):
     members = [observation("6690-2", 3.3), observation(neut, 30, "%")] + (
         [observation(band, 6, "%")] if band else []
     )
-    results = [normalise(msgspec.convert(o, raw.Resource)) for o in members]
+    results = [normalise(msgspec.convert(o, model.Resource)) for o in members]
     anc = compute_anc(results, rule)  # type: ignore[arg-type]
     assert (anc.value, anc.method) == expected  # type: ignore[union-attr]
 
@@ -275,22 +275,22 @@ async def test_split_searches_are_read_as_one_stream_in_lastupdated_order():
     """Two searches each sorted by meta.lastUpdated come out as one sorted stream in pages of the
     page size; only the last page has no next link."""
 
-    def obs(n: int) -> raw.Resource:
+    def obs(n: int) -> model.Resource:
         return msgspec.convert(
             {
                 "resourceType": "Observation",
                 "id": f"o{n}",
                 "meta": {"lastUpdated": f"2026-01-01T00:00:{n:02d}Z"},
             },
-            raw.Resource,
+            model.Resource,
         )
 
     async def stream(numbers: list[list[int]]):
         for i, page in enumerate(numbers):
             yield Page([obs(n) for n in page], "next" if i < len(numbers) - 1 else None, "u")
 
-    def updated(r: raw.Resource | raw.Undecodable) -> int | None:
-        return int(r.meta.lastUpdated[17:19]) if isinstance(r, raw.Resource) and r.meta else None  # type: ignore[index]
+    def updated(r: model.Resource | model.Undecodable) -> int | None:
+        return int(r.meta.lastUpdated[17:19]) if isinstance(r, model.Resource) and r.meta else None  # type: ignore[index]
 
     pages = [p async for p in merged([stream([[1, 4], [6, 9]]), stream([[2, 3], [5]])], 3, updated)]
     assert [[r.id for r in p.resources] for p in pages] == [["o1", "o2", "o3"], ["o4", "o5", "o6"], ["o9"]]  # type: ignore[union-attr]

@@ -11,13 +11,13 @@ import pytest
 from service.core.observations import Ignored, LabResult, Rejected
 from service.core.panels import Report
 from service.core.triage import PatientFact, ReportMembers, memberships, triage
-from service.fhir import raw
+from service.fhir import model
 from service.live.worker import intake
 from tests.builders import observation
 
 
-def resource(doc: dict[str, Any]) -> raw.Resource:
-    return msgspec.convert(doc, raw.Resource)
+def resource(doc: dict[str, Any]) -> model.Resource:
+    return msgspec.convert(doc, model.Resource)
 
 
 REPORT = {
@@ -44,8 +44,8 @@ REPORT = {
         # a code not monitored (LOINC 2345-7 glucose): ignored
         (resource(observation("2345-7", 5.0, unit="mmol/L", id="glu")), Ignored),
         # an entry that may be an Observation but cannot be read: rejected, with what could be read of it
-        (raw.Undecodable("not JSON", "Observation", "o1", "Patient/a"), Rejected),
-        (raw.Undecodable("not JSON", None, None, None), Rejected),
+        (model.Undecodable("not JSON", "Observation", "o1", "Patient/a"), Rejected),
+        (model.Undecodable("not JSON", None, None, None), Rejected),
         (resource({"resourceType": "Patient", "id": "a"}), PatientFact),
         (resource({"resourceType": "CareTeam", "subject": {"reference": "Patient/a"}}), PatientFact),
         (resource(REPORT), ReportMembers),
@@ -60,8 +60,8 @@ def test_each_kind_of_resource_is_triaged_as_replay_and_the_live_loop_read_it(it
 @pytest.mark.parametrize(
     ("item", "reason"),
     [
-        (raw.Undecodable("not JSON", "Patient", "a", None), "undecodable Patient"),
-        (raw.Undecodable("not JSON", "<b>x</b>", None, None), "undecodable unknown type"),
+        (model.Undecodable("not JSON", "Patient", "a", None), "undecodable Patient"),
+        (model.Undecodable("not JSON", "<b>x</b>", None, None), "undecodable unknown type"),
         (
             resource(
                 {"resourceType": "Condition", "subject": {"reference": "https://elsewhere.example/Patient/a"}}
