@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -19,10 +18,11 @@ from service.explain.model import ExplainError, Trail, patient_reference
 from service.explain.trail import explain_inputs
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirError, FhirHttpError
+from service.fhir.model import FhirJson
 from service.fhir.query import code_values
 from service.live.directory import active_care_teams, chronic_benign_conditions, read_existing, subject_search
 
-Resources = list[dict[str, Any]]
+Resources = list[FhirJson]
 
 
 async def fetch_patient(
@@ -138,7 +138,7 @@ class _PatientReader:
         return found
 
 
-def _meta(resource: dict[str, Any]) -> dict[str, Any]:
+def _meta(resource: FhirJson) -> FhirJson:
     meta = resource.get("meta")
     return meta if isinstance(meta, dict) else {}
 

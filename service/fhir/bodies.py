@@ -11,6 +11,7 @@ import structlog
 
 from service.fhir import jsonscan, model, raw, tolerantjson
 from service.fhir.errors import FhirError
+from service.fhir.model import FhirJson
 from service.fhir.transport import RESOURCE_TYPE, Response, Retry
 
 __all__ = ["bundle_object", "entry_resources", "json_object", "next_link", "optional_object"]
@@ -31,7 +32,7 @@ def next_link(links: Any) -> str | None:
     return None
 
 
-def json_object(response: Response) -> dict[str, Any]:
+def json_object(response: Response) -> FhirJson:
     """The body of a GET as a dict. Strict JSON first; a whole document that only a tolerant parser
     reads (NaN, bytes that are not UTF-8 — replaced by U+FFFD here, nothing in these bodies is a
     number we assess) is read so; a truncated or broken body is retryable (a transfer cut short)."""
@@ -67,7 +68,7 @@ def _scrubbed(value: Any) -> Any:
     return value
 
 
-def optional_object(response: Response) -> dict[str, Any] | None:
+def optional_object(response: Response) -> FhirJson | None:
     """The body of a write: None when empty (return=minimal) or unreadable (the write happened)."""
     try:
         doc = orjson.loads(response.body) if response.body.strip() else None
@@ -77,7 +78,7 @@ def optional_object(response: Response) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
-def bundle_object(response: Response) -> tuple[dict[str, Any], str | None]:
+def bundle_object(response: Response) -> tuple[FhirJson, str | None]:
     """A Bundle (a search or history page) as a dict, with its next link."""
     doc = json_object(response)
     if doc.get("resourceType") != "Bundle":
@@ -90,7 +91,7 @@ def bundle_object(response: Response) -> tuple[dict[str, Any], str | None]:
     return doc, next_link(doc.get("link"))
 
 
-def entry_resources(bundle: dict[str, Any]) -> list[dict[str, Any]]:
+def entry_resources(bundle: FhirJson) -> list[FhirJson]:
     """The entry resources of a Bundle (match and include entries; search.mode=outcome left out)."""
     found = []
     for entry in bundle.get("entry") or ():

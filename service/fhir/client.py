@@ -29,6 +29,7 @@ from service.config import FhirSettings
 from service.fhir.auth import Auth
 from service.fhir.bodies import bundle_object, entry_resources, json_object, optional_object
 from service.fhir.errors import FhirError
+from service.fhir.model import FhirJson
 from service.fhir.paging import BrokenPages, Page, read_page, walk
 from service.fhir.transport import RESOURCE_TYPE, Transport
 
@@ -85,7 +86,7 @@ class FhirClient:
 
     # -- interactions ------------------------------------------------------------------------------
 
-    async def metadata(self) -> dict[str, Any]:
+    async def metadata(self) -> FhirJson:
         return await self._transport.request(
             "GET", f"{self._base}/metadata", idempotent=True, parse=json_object
         )
@@ -98,10 +99,10 @@ class FhirClient:
         ):
             yield Page(entries.items, next_url, url, entries.cut_short)
 
-    async def search_all(self, resource_type: str, params: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    async def search_all(self, resource_type: str, params: Sequence[tuple[str, str]]) -> list[FhirJson]:
         """Every entry resource of a small search as plain dicts (match and include entries; the
         server's search.mode=outcome OperationOutcomes are left out). At most 100 pages."""
-        found: list[dict[str, Any]] = []
+        found: list[FhirJson] = []
         pages = 0
         url = self._search_url(resource_type, params)
         async for doc, next_url, _url in walk(self._transport, url, bundle_object):
@@ -111,18 +112,18 @@ class FhirClient:
                 raise FhirError(f"search_all {resource_type}: more than {MAX_SEARCH_ALL_PAGES} pages")
         return found
 
-    async def read(self, resource_type: str, id: str) -> tuple[dict[str, Any], str | None]:
+    async def read(self, resource_type: str, id: str) -> tuple[FhirJson, str | None]:
         """The current version and its ETag."""
         url = f"{self._type_url(resource_type)}/{self._checked_id(id)}"
         return await self._transport.request(
             "GET", url, idempotent=True, parse=lambda r: (json_object(r), r.headers.get("ETag"))
         )
 
-    async def history(self, resource_type: str, id: str) -> list[dict[str, Any]]:
+    async def history(self, resource_type: str, id: str) -> list[FhirJson]:
         """Every version of one resource (`GET [type]/[id]/_history`, paged like a search, at most
         MAX_SEARCH_ALL_PAGES pages); entries without a resource of that type (deletions) are left out."""
         url = f"{self._type_url(resource_type)}/{self._checked_id(id)}/_history"
-        found: list[dict[str, Any]] = []
+        found: list[FhirJson] = []
         pages = 0
         async for doc, next_url, _url in walk(self._transport, url, bundle_object):
             found.extend(r for r in entry_resources(doc) if r.get("resourceType") == resource_type)
@@ -132,17 +133,15 @@ class FhirClient:
         return found
 
     async def create(
-        self, resource: dict[str, Any], *, if_none_exist: str | None = None
-    ) -> tuple[dict[str, Any] | None, int]:
+        self, resource: FhirJson, *, if_none_exist: str | None = None
+    ) -> tuple[FhirJson | None, int]:
         """POST; with `if_none_exist` (a query such as "identifier=sys|val") a conditional create,
         which is safe to retry. Returns (resource or None without a body, 201 or 200)."""
         headers = {"If-None-Exist": if_none_exist} if if_none_exist else {}
         url = self._type_url(resource.get("resourceType", ""))
         return await self._write("POST", url, resource, headers, idempotent=bool(if_none_exist))
 
-    async def update(
-        self, resource: dict[str, Any], *, if_match: str | None = None
-    ) -> tuple[dict[str, Any] | None, int]:
+    async def update(self, resource: FhirJson, *, if_match: str | None = None) -> tuple[FhirJson | None, int]:
         """PUT /Type/id; `if_match` is an ETag (W/"3") or a bare version id. A stale version raises
         PreconditionFailed. Retried only with If-Match: a retry whose first attempt was applied then
         answers 412, so on PreconditionFailed re-read before concluding there was a conflict."""
@@ -152,7 +151,7 @@ class FhirClient:
             headers["If-Match"] = if_match if if_match.startswith(('W/"', '"')) else f'W/"{if_match}"'
         return await self._write("PUT", url, resource, headers, idempotent=bool(if_match))
 
-    async def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+    async def transaction(self, bundle: FhirJson) -> FhirJson:
         """POST a transaction (or batch) Bundle to the base; returns the response Bundle. Retried only
         when every entry is conditional (POST with ifNoneExist, PUT with ifMatch) or a read."""
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
@@ -163,11 +162,11 @@ class FhirClient:
             raise FhirError("transaction response is not a Bundle")
         return doc
 
-    async def identified(self, resource_type: str, identifier: Sequence[str]) -> list[dict[str, Any]]:
+    async def identified(self, resource_type: str, identifier: Sequence[str]) -> list[FhirJson]:
         """The resources of `resource_type` with `identifier` ((system, value): a token search)."""
         return await self.search_all(resource_type, [("identifier", "|".join(identifier))])
 
-    async def transaction_answers(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def transaction_answers(self, entries: list[FhirJson]) -> list[FhirJson]:
         """POST `entries` as one transaction Bundle; the answer's entries, one per entry sent, in
         order (FHIR http.html#transaction-response). An answer of another length raises FhirError."""
         response = await self.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
@@ -199,11 +198,11 @@ class FhirClient:
         self,
         method: str,
         url: str,
-        resource: dict[str, Any],
+        resource: FhirJson,
         headers: dict[str, str],
         *,
         idempotent: bool,
-    ) -> tuple[dict[str, Any] | None, int]:
+    ) -> tuple[FhirJson | None, int]:
         response = await self._transport.request(
             method,
             url,

@@ -7,7 +7,15 @@ writes. Reading text into them, damaged or not, is service/fhir/raw.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
+
+# A FHIR resource (or Bundle entry) as JSON, where the service passes it on or builds it for the
+# server rather than reading it into the Structs below: what the client sends and receives
+# verbatim, and the Flags, Communications and Provenance the output builders write (validated
+# with the fhir.resources models). Its schema is FHIR's, not ours, so it stays a JSON object.
+FhirJson = dict[str, Any]
 
 
 class Coding(msgspec.Struct, frozen=True, gc=False):

@@ -35,6 +35,7 @@ from service.errors import NeutrowatchError
 from service.fhir import model
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError
+from service.fhir.model import FhirJson
 from service.fhir.references import Resolved
 
 log = structlog.get_logger("neutrowatch.directory")
@@ -43,7 +44,7 @@ _CACHE_LIMIT = 20_000
 FAILURE_TTL_SECONDS = 300.0  # a failed look-up is asked again after this (or context_ttl_seconds, if shorter)
 
 
-def _resource(obj: dict[str, Any] | None) -> model.Resource | None:
+def _resource(obj: FhirJson | None) -> model.Resource | None:
     if obj is None:
         return None
     try:
@@ -52,7 +53,7 @@ def _resource(obj: dict[str, Any] | None) -> model.Resource | None:
         return None
 
 
-async def read_existing(client: FhirClient, resource_type: str, id: str) -> dict[str, Any] | None:
+async def read_existing(client: FhirClient, resource_type: str, id: str) -> FhirJson | None:
     """The resource, or None when the server says it does not exist (a definite answer)."""
     try:
         return (await client.read(resource_type, id))[0]
@@ -71,13 +72,13 @@ def subject_search(base_url: str | None, patient: str) -> str:
     return f"{patient},{base_url}/{patient}" if base_url else patient
 
 
-async def chronic_benign_conditions(client: FhirClient, subject: str) -> list[dict[str, Any]]:
+async def chronic_benign_conditions(client: FhirClient, subject: str) -> list[FhirJson]:
     """The patient's chronic benign neutropenia Conditions (`subject`: a `subject_search` value)."""
     code = f"http://snomed.info/sct|{CHRONIC_BENIGN_NEUTROPENIA}"
     return await client.search_all("Condition", [("subject", subject), ("code", code)])
 
 
-async def active_care_teams(client: FhirClient, subject: str) -> list[dict[str, Any]]:
+async def active_care_teams(client: FhirClient, subject: str) -> list[FhirJson]:
     """The patient's active CareTeams (`subject`: a `subject_search` value)."""
     return await client.search_all("CareTeam", [("subject", subject), ("status", "active")])
 

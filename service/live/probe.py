@@ -19,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -31,6 +30,7 @@ from service.fhir.auth import make_auth
 from service.fhir.client import FhirClient
 from service.fhir.errors import FhirHttpError, FhirUnavailable
 from service.fhir.fhirtime import from_epoch_us
+from service.fhir.model import FhirJson
 from service.fhir.tls import ssl_option
 from service.live.search import search_params
 from service.live.store import make_store
@@ -226,7 +226,7 @@ async def _write(settings: Settings, client: FhirClient) -> str:
     """The probe's one Provenance: a conditional create on its tag, then found again by the tag."""
     system = f"{settings.alerts.canonical_base}/probe"
     author = settings.alerts.author
-    provenance: dict[str, Any] = {
+    provenance: FhirJson = {
         "resourceType": "Provenance",
         "meta": {"tag": [{"system": system, "code": PROBE_CODE}]},
         "target": [{"reference": author}],

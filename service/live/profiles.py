@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from service.errors import NeutrowatchError
+from service.fhir.model import FhirJson
 from service.output.profiles import DEFAULT_BASE
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ INSTALL_ORDER = ("CodeSystem", "ValueSet", "StructureDefinition")  # what a late
 _SERVER_OWNED = ("id", "meta", "text")  # set or rewritten by the server: not compared
 
 
-def definitions(directory: Path, base: str) -> list[dict[str, Any]]:
+def definitions(directory: Path, base: str) -> list[FhirJson]:
     """The StructureDefinitions, CodeSystems and ValueSets of fhir_profiles/generated/, rebased from
     DEFAULT_BASE onto `base` (alerts.canonical_base) exactly as validate.mjs --canonical-base does, in
     INSTALL_ORDER."""
@@ -40,11 +41,11 @@ def definitions(directory: Path, base: str) -> list[dict[str, Any]]:
     return sorted(found, key=lambda d: (INSTALL_ORDER.index(d["resourceType"]), d["url"]))
 
 
-def _content(resource: dict[str, Any]) -> dict[str, Any]:
+def _content(resource: FhirJson) -> FhirJson:
     return {k: v for k, v in resource.items() if k not in _SERVER_OWNED}
 
 
-async def install(client: FhirClient, resources: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+async def install(client: FhirClient, resources: list[FhirJson]) -> list[tuple[str, FhirJson]]:
     """Each definition on the server, keyed on its canonical `url` + `version`: created when absent
     (a conditional create on both, so a concurrent or repeated run creates none twice), updated when
     the server's copy differs, left alone when it says the same. Returns (what was done, resource)

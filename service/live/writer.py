@@ -17,7 +17,7 @@ from service.errors import NeutrowatchError
 from service.fhir.backoff import transient_status
 from service.fhir.client import FhirClient
 from service.fhir.errors import PreconditionFailed
-from service.output.alerts import FhirJson
+from service.fhir.model import FhirJson
 from service.output.transaction import (
     Delivery,
     Entry,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from fhir.resources.R4B.communication import Communication
 from fhir.resources.R4B.flag import Flag
@@ -32,6 +31,7 @@ from service.config import AlertSettings
 from service.core.episodes import Alerted, AlertEvent, Assessment, EventKind
 from service.core.grading import Band, Scheme
 from service.fhir.fhirtime import from_epoch_us, is_instant, to_epoch_us
+from service.fhir.model import FhirJson
 from service.output import profiles, texts
 
 SNOMED = "http://snomed.info/sct"
@@ -50,11 +50,6 @@ ACTIVITY = {  # Provenance.activity: the event creates the episode's Flag (new) 
 }
 
 PRIORITY = {"mild": "routine", "moderate": "urgent", "severe": "asap"}
-
-# A FHIR resource (or Bundle entry) as JSON: built here as plain dicts, validated with the
-# fhir.resources models, and sent to the server verbatim. Its schema is FHIR's, not ours, so it
-# stays a JSON object rather than a struct of its own.
-FhirJson = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

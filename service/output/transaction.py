@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from service.output.alerts import AlertWrites, FhirJson
+from service.fhir.model import FhirJson
+from service.output.alerts import AlertWrites
 from service.output.events import Decision
 
 Entry = FhirJson  # a Bundle.entry

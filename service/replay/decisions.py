@@ -23,7 +23,7 @@ from service.core.recipients import choose
 from service.core.rules import Rules
 from service.core.undecided import panel_unassessed, rejection_unassessed
 from service.fhir.fhirtime import from_epoch_us
-from service.output.alerts import FhirJson
+from service.fhir.model import FhirJson
 from service.output.events import Decision, rejected_record
 from service.output.outcomes import concluded, judged
 from service.replay.rows import Available, PanelVersion, PatientFacts, ReplayStats
