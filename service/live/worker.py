@@ -305,9 +305,7 @@ class Worker:
         with their patient's next results or at the end."""
         # Patients with an open episode, and patients with new results this step (an episode may
         # open, and even close, within the step: their temperatures must be in before the decisions).
-        opened = {
-            patient: (cursor, newest_us) for patient, cursor, newest_us in await self.store.open_patients()
-        }
+        opened = {e.patient: (e.temperature_cursor, e.newest_us) for e in await self.store.open_patients()}
         targets: dict[str, tuple[str | None, int | None]] = dict(opened) if caught_up else {}
         async for batch in self._dirty_batches():
             for work in batch:

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib import metadata
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -239,13 +239,47 @@ def _conflict(copy: Intake) -> Intake:
     return replace(copy, panel=None, outcome=conflict_rejection(copy.outcome))
 
 
-ResultRow = tuple[
-    str, int, int, str | None, str | None, bytes | None
-]  # ref, vu, vv, patient, panel, LabResult
-DigestRow = tuple[str, int, int, bytes]  # ref, vu, vv, digest
-TouchRow = tuple[str, str, int, float]  # patient, panel, lastUpdated of the version, local time
-# ref, version, patient, reason, received, the Rejected (msgpack), digest
-QuarantineRow = tuple[str | None, int, str | None, str, float, bytes, bytes]
+class ResultRow(NamedTuple):
+    """A `results` row: an Observation version as stored."""
+
+    ref: str
+    vu: int  # meta.lastUpdated (µs; -1: none)
+    vv: int  # versionId as a number (-1: none)
+    patient: str | None
+    panel: str | None
+    data: bytes | None  # the LabResult (msgpack); None: a rejected version
+
+
+class DigestRow(NamedTuple):
+    """A `digests` row: the content digest of a version (what tells copies apart)."""
+
+    ref: str
+    vu: int
+    vv: int
+    digest: bytes
+
+
+class TouchRow(NamedTuple):
+    """A `dirty_panels` row: a panel to decide again."""
+
+    patient: str | None
+    panel: str
+    updated_us: int  # lastUpdated of the version that touched it
+    received: float  # local time
+
+
+class QuarantineRow(NamedTuple):
+    """A `quarantine` row: a rejected copy kept with its reason."""
+
+    ref: str | None
+    version: int
+    patient: str | None
+    reason: str
+    received: float
+    record: bytes  # the Rejected (msgpack)
+    digest: bytes
+
+
 QuarantineKey = tuple[str, bytes, str]  # (ref, digest, reason): a copy quarantined once
 
 
@@ -265,22 +299,23 @@ class IngestRows:
         item, content, before = write.item, write.content, write.before
         outcome = item.outcome
         self.results.append(
-            (
-                item.ref,
-                item.updated_us,
-                item.version,
-                item.patient,
-                item.panel,
-                _encode(outcome) if isinstance(outcome, LabResult) else None,
+            ResultRow(
+                ref=item.ref,
+                vu=item.updated_us,
+                vv=item.version,
+                patient=item.patient,
+                panel=item.panel,
+                data=_encode(outcome) if isinstance(outcome, LabResult) else None,
             )
         )
-        self.digests.append((item.ref, item.updated_us, item.version, content))
-        touched: set[tuple[str | None, str]] = {(item.patient, item.panel)} if item.panel else set()
-        if before is not None and before[1] is not None:
+        self.digests.append(DigestRow(item.ref, item.updated_us, item.version, content))
+        touched: set[tuple[str, str]] = set()
+        if item.patient is not None and item.panel is not None:
+            touched.add((item.patient, item.panel))
+        if before is not None and before[0] is not None and before[1] is not None:
             touched.add((before[0], before[1]))  # the older version's panel changes too
         self.touches.extend(
-            (patient, panel, item.updated_us, now)  # type: ignore[misc]
-            for patient, panel in sorted(touched)
+            TouchRow(patient, panel, item.updated_us, now) for patient, panel in sorted(touched)
         )
         if (
             isinstance(outcome, Rejected) and content != CONFLICTED
@@ -303,7 +338,9 @@ class IngestRows:
     ) -> None:
         quarantined.add((item.ref, content, outcome.reason))
         self.quarantine.append(
-            (item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content)
+            QuarantineRow(
+                item.ref, item.version, item.patient, outcome.reason, now, _encode(outcome), content
+            )
         )
 
 
@@ -359,15 +396,33 @@ class Decided:
     records: list[StoredRecord]
 
 
-def episode_rows(decided: Sequence[Decided]) -> list[tuple[str, PatientState, bool, int | None, bool]]:
-    """One episodes row per patient however many of its panels one commit holds: (patient, last
-    state, open, newest collection time, keep the temperature cursor). The cursor is kept only when
-    the episode stayed open through every state of the batch (it belongs to that episode)."""
-    rows: dict[str, tuple[str, PatientState, bool, int | None, bool]] = {}
+class OpenEpisode(NamedTuple):
+    """A patient whose episode is open, as the temperature search needs it."""
+
+    patient: str
+    temperature_cursor: str | None  # the newest temperature read for this episode
+    newest_us: int | None  # collection time of the newest ANC
+
+
+class EpisodeRow(NamedTuple):
+    """An `episodes` row: a patient's state after a commit."""
+
+    patient: str
+    state: PatientState
+    is_open: bool
+    newest_us: int | None  # newest collection time
+    keep_temperature_cursor: bool
+
+
+def episode_rows(decided: Sequence[Decided]) -> list[EpisodeRow]:
+    """One episodes row per patient however many of its panels one commit holds. The temperature
+    cursor is kept only when the episode stayed open through every state of the batch (it belongs
+    to that episode)."""
+    rows: dict[str, EpisodeRow] = {}
     for d in decided:
         is_open = d.state.machine.episode is not None
-        kept = rows[d.patient][4] if d.patient in rows else True
-        rows[d.patient] = (d.patient, d.state, is_open, d.state.machine.newest_us, kept and is_open)
+        kept = rows[d.patient].keep_temperature_cursor if d.patient in rows else True
+        rows[d.patient] = EpisodeRow(d.patient, d.state, is_open, d.state.machine.newest_us, kept and is_open)
     return list(rows.values())
 
 
@@ -415,8 +470,8 @@ class Store(Protocol):
         """Episode states, panels marked assessed, decision log and outbox rows — one transaction."""
         ...
 
-    async def open_patients(self) -> list[tuple[str, str | None, int | None]]:
-        """(patient, temperature cursor, collection time of the newest ANC) for each open episode."""
+    async def open_patients(self) -> list[OpenEpisode]:
+        """Each patient whose episode is open, by patient reference."""
         ...
 
     async def set_temperature_cursor(self, patient: str, cursor: str) -> None: ...

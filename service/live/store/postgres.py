@@ -36,6 +36,7 @@ from service.live.store.base import (
     IngestRows,
     Intake,
     LeadershipLost,
+    OpenEpisode,
     OutboxEntry,
     PanelKey,
     PanelWork,
@@ -354,11 +355,11 @@ class PostgresStore:
                     outbox,
                 )
 
-    async def open_patients(self) -> list[tuple[str, str | None, int | None]]:
+    async def open_patients(self) -> list[OpenEpisode]:
         rows = await self._read(
             "SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open ORDER BY patient"
         )
-        return [tuple(r) for r in rows]
+        return [OpenEpisode(*r) for r in rows]
 
     async def set_temperature_cursor(self, patient: str, cursor: str) -> None:
         async with self._tx() as conn:

@@ -30,6 +30,7 @@ from service.live.store.base import (
     Decided,
     Intake,
     LeadershipLost,
+    OpenEpisode,
     OutboxEntry,
     PanelKey,
     PanelWork,
@@ -323,13 +324,13 @@ class SqliteStore:
                         )
 
     @_on_store_thread
-    def open_patients(self) -> list[tuple[str, str | None, int | None]]:
-        """(patient, temperature cursor, collection time of the newest ANC) for each open episode."""
-        return list(
-            self.db.execute(
+    def open_patients(self) -> list[OpenEpisode]:
+        return [
+            OpenEpisode(*row)
+            for row in self.db.execute(
                 "SELECT patient, temperature_cursor, newest_us FROM episodes WHERE open = 1 ORDER BY patient"
             )
-        )
+        ]
 
     @_on_store_thread
     def set_temperature_cursor(self, patient: str, cursor: str) -> None:
