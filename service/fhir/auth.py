@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 import orjson
@@ -25,10 +25,12 @@ from joserfc import jwt
 from joserfc.jwk import ECKey, RSAKey
 from pydantic import SecretStr
 
-from service.config import FhirSettings, SmartSettings
 from service.errors import ConfigError
 from service.fhir.errors import AuthError, FhirUnavailable
 from service.fhir.tls import ssl_option
+
+if TYPE_CHECKING:  # settings are only read here: no run-time import of config
+    from service.config import FhirSettings, SmartSettings
 
 log = structlog.get_logger("neutrowatch.fhir")
 

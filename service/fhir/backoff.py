@@ -10,10 +10,12 @@ import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC
 from email.utils import parsedate_to_datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from service.config import RetrySettings
 from service.fhir.outcome import serialization_failure
+
+if TYPE_CHECKING:  # settings are only read here: no run-time import of config
+    from service.config import RetrySettings
 
 __all__ = [
     "RETRY_STATUSES",

@@ -19,19 +19,21 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlencode, urljoin
 
 import aiohttp
 import orjson
 
-from service.config import FhirSettings
 from service.fhir.auth import Auth
 from service.fhir.bodies import bundle_object, entry_resources, json_object, optional_object
 from service.fhir.errors import FhirError
 from service.fhir.model import FhirJson
 from service.fhir.paging import BrokenPages, Page, read_page, walk
 from service.fhir.transport import RESOURCE_TYPE, Transport
+
+if TYPE_CHECKING:  # settings are only read here: no run-time import of config
+    from service.config import FhirSettings
 
 __all__ = ["FhirClient"]
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import ssl
+from typing import TYPE_CHECKING
 
-from service.config import FhirSettings
 from service.errors import ConfigError
+
+if TYPE_CHECKING:  # settings are only read here: no run-time import of config
+    from service.config import FhirSettings
 
 
 def ssl_option(settings: FhirSettings) -> ssl.SSLContext | bool:

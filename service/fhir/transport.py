@@ -16,14 +16,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote, urljoin, urlsplit
 
 import aiohttp
 import structlog
 from yarl import URL
 
-from service.config import FhirSettings
 from service.errors import ConfigError
 from service.fhir.auth import Auth, make_auth
 from service.fhir.backoff import RETRY_STATUSES, Backoff, BackoffCapped, retry_after_seconds, transient_status
@@ -38,6 +37,9 @@ from service.metrics import (
     OVERSIZED_RESPONSES,
     UNSAFE_LINKS,
 )
+
+if TYPE_CHECKING:  # settings are only read here: no run-time import of config
+    from service.config import FhirSettings
 
 __all__ = ["HTML_PAGE", "RESOURCE_TYPE", "Response", "ResponseTooLarge", "Retry", "Transport"]
 
