@@ -166,6 +166,8 @@ def configure(level: str = "info", fmt: str = "auto", pseudonyms: Pseudonyms | N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
+        logger_factory=structlog.PrintLoggerFactory(
+            file=_Stderr()  # type: ignore[arg-type]  # has the write and flush PrintLogger calls
+        ),
         cache_logger_on_first_use=True,
     )

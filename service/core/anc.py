@@ -77,13 +77,14 @@ def _select(
     wbc_value = wbc.value if wbc is not None else None
     direct = best_result(results, Kind.NEUT_ABS)
     if direct is not None:
+        assert direct.value is not None  # best_result takes assessable results only: each has a value
         inputs: tuple[LabResult, ...] = (direct, wbc) if wbc is not None else (direct,)
-        return Anc(direct.value, direct.at_most, "reported-absolute", inputs, wbc_value, direct.ref_low)  # type: ignore[arg-type]
+        return Anc(direct.value, direct.at_most, "reported-absolute", inputs, wbc_value, direct.ref_low)
     segs_abs = best_result(results, Kind.SEG_ABS)
     if segs_abs is not None:
         bands_abs = best_result(results, Kind.BAND_ABS)
         parts = (segs_abs, bands_abs) if bands_abs is not None else (segs_abs,)
-        total = sum(p.value for p in parts)  # type: ignore[misc]
+        total = sum(p.value for p in parts)  # type: ignore[misc]  # best_result: assessable, value set
         inputs = parts + ((wbc,) if wbc is not None else ())
         method = "absolute-segs+bands" if bands_abs is not None else "absolute-segs"
         return Anc(total, any(p.at_most for p in parts), method, inputs, wbc_value)
@@ -93,7 +94,8 @@ def _select(
         return None
     if wbc is None or wbc_value is None:
         pct = segs_pct or neut_pct
-        return PanelRejected("neutrophil percentage without a WBC in the same panel", (pct,))  # type: ignore[arg-type]
+        assert pct is not None  # one of the two, checked above
+        return PanelRejected("neutrophil percentage without a WBC in the same panel", (pct,))
     return _from_percentages(results, wbc, wbc_value, pct_with_bands_is_segmented)
 
 
@@ -116,8 +118,9 @@ def _from_percentages(
         method = "wbc-x-segs+bands-pct" if bands_pct is not None else "wbc-x-segs-pct"
         method = SEGMENTED_NEUTROPHIL_PCT if as_segs else method
     else:
-        parts = (neut_pct,)  # type: ignore[assignment]  # _select: a segs % or a neutrophil % is present
-        pct_total = neut_pct.value or 0.0  # type: ignore[union-attr]
+        assert neut_pct is not None  # _select: a segs % or a neutrophil % is present
+        parts = (neut_pct,)
+        pct_total = neut_pct.value or 0.0
         method = "wbc-x-neutrophil-pct"
     inputs = (*parts, wbc)
     value = wbc_value * pct_total / 100.0

@@ -218,7 +218,8 @@ def _term(resource: Resource, terminology: Terminology) -> Term | _Mapped | Igno
         return translated
     if not translated:
         return loinc
-    given = {c.code for c in resource.code.coding or () if c.system in (LOINC, LOINC_OID)}  # type: ignore[union-attr]
+    assert resource.code is not None  # `translated` is not empty: the resource has codings
+    given = {c.code for c in resource.code.coding or () if c.system in (LOINC, LOINC_OID)}
     targets = {t.loinc for _, t in translated}
     if len(targets) > 1 or (given and not targets <= given):
         source, odd = next(((s, t) for s, t in translated if given and t.loinc not in given), translated[0])

@@ -215,7 +215,7 @@ def decide(
     events: list[AlertEvent] = []
     temperatures = [r for r in results if r.kind is Kind.TEMP]
     readings = tuple(
-        Temperature(r.ref, r.effective, r.effective_us, r.value)  # type: ignore[arg-type]
+        Temperature(r.ref, r.effective, r.effective_us, r.value)  # type: ignore[arg-type]  # assessable: set
         for r in temperatures
         if r.assessable
     )

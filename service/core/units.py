@@ -151,11 +151,11 @@ def _conversion(
             continue
         key = unit_key(text)
         if _convert_key(prop, key, 1.0) is not None:
-            return partial(_convert_key, prop, key)  # type: ignore[return-value]
+            return partial(_convert_key, prop, key)  # type: ignore[return-value]  # None only by key: checked
         seen.append(text)
     if not seen:
         if prop is Prop.FRACTION:  # a pure number needs no unit
-            return partial(_convert_key, prop, "1")  # type: ignore[return-value]
+            return partial(_convert_key, prop, "1")  # type: ignore[return-value]  # "1" is a FRACTION key
         return "no unit"
     shown = seen[0] if _SHOWN_UNIT.fullmatch(seen[0]) else "…"  # a unit is a code: free text is not repeated
     return f"unit '{shown}' is not a {_PROP_NAMES[prop]} unit"

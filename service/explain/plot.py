@@ -44,7 +44,7 @@ def _us(when: Any) -> int | None:
 def plot_available() -> None:
     """Raise the one-line ExplainError when matplotlib is not installed."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib  # noqa: F401 - imported only to learn whether it is installed
     except ImportError:
         raise ExplainError("--png needs matplotlib: pip install 'neutrowatch[explain]'") from None
 
@@ -383,10 +383,12 @@ def plot(trail: Trail) -> Any:
             zorder=4,
         )
     _temperatures(tx, trail.rules, line.temperatures)
-    # matplotlib.dates has no annotations
-    locator = mdates.AutoDateLocator(minticks=5, maxticks=12)  # type: ignore[no-untyped-call]
+    locator = mdates.AutoDateLocator(  # type: ignore[no-untyped-call]  # mdates: no stubs
+        minticks=5, maxticks=12
+    )
     tx.xaxis.set_major_locator(locator)
-    tx.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
+    concise = mdates.ConciseDateFormatter(locator)  # type: ignore[no-untyped-call]  # mdates: no stubs
+    tx.xaxis.set_major_formatter(concise)
     ax.tick_params(labelbottom=False)
     tx.set_xlabel("collection time (UTC)")
     ax.legend(

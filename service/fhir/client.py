@@ -17,7 +17,7 @@ import functools
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlencode, urljoin
@@ -93,7 +93,9 @@ class FhirClient:
             "GET", f"{self._base}/metadata", idempotent=True, parse=json_object
         )
 
-    async def search(self, resource_type: str, params: Sequence[tuple[str, str]]) -> AsyncIterator[Page]:
+    async def search(
+        self, resource_type: str, params: Sequence[tuple[str, str]]
+    ) -> AsyncGenerator[Page, None]:
         """Pages of a search: the first built from `params`, then Bundle.link[next] exactly as given."""
         pages = functools.partial(read_page, broken=self._broken_pages)
         async for entries, next_url, url in walk(

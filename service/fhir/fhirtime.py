@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -56,10 +56,10 @@ def _fields(m: re.Match[str]) -> tuple[int, int, int, int, int, int, int]:
     return int(m["y"]), int(m["m"] or 1), int(m["d"] or 1), int(m["H"] or 0), int(m["M"] or 0), second, micro
 
 
-def _build(fields: tuple[int, int, int, int, int, int, int], tz: object) -> datetime:
+def _build(fields: tuple[int, int, int, int, int, int, int], tz: tzinfo) -> datetime:
     y, mo, d, h, mi, s, us = fields
     leap = s == 60  # a leap second: the spec allows it, datetime does not; it is the next second's start
-    dt = datetime(y, mo, d, h, mi, 59 if leap else s, us, tzinfo=tz)  # type: ignore[arg-type]  # ValueError: 30 February
+    dt = datetime(y, mo, d, h, mi, 59 if leap else s, us, tzinfo=tz)  # ValueError: 30 February
     return dt + timedelta(seconds=1) if leap else dt
 
 

@@ -41,7 +41,7 @@ class Broken(Exception):
 
 
 def skip_ws(text: str, i: int) -> int:
-    return _WS.match(text, i).end()  # type: ignore[union-attr]
+    return _WS.match(text, i).end()  # type: ignore[union-attr]  # a `*` pattern always matches
 
 
 def value_end(text: str, i: int) -> int:
@@ -254,7 +254,7 @@ class _Window:
 
 
 def _bvalue_end(text: bytes, i: int) -> int:
-    i = _B_WS.match(text, i).end()  # type: ignore[union-attr]
+    i = _B_WS.match(text, i).end()  # type: ignore[union-attr]  # a `*` pattern always matches
     if i >= len(text):
         raise Broken(i, "truncated")
     c = text[i]
@@ -320,7 +320,7 @@ def _element_end(text: bytes, i: int, guess: list[int]) -> tuple[int, bool]:
 
 
 def _bexpect(text: bytes, i: int, chars: bytes) -> tuple[int, int]:
-    i = _B_WS.match(text, i).end()  # type: ignore[union-attr]
+    i = _B_WS.match(text, i).end()  # type: ignore[union-attr]  # a `*` pattern always matches
     if i >= len(text):
         raise Broken(i, "truncated")
     if text[i] not in chars:
@@ -356,7 +356,7 @@ def scan_stream(  # noqa: C901 - one resumable scanner over a moving window: its
 
         def open_(t: bytes, i: int) -> tuple[int, bool]:
             i, _ = _bexpect(t, i, b"{")
-            j = _B_WS.match(t, i).end()  # type: ignore[union-attr]
+            j = _B_WS.match(t, i).end()  # type: ignore[union-attr]  # a `*` pattern always matches
             if j >= len(t):
                 raise Broken(j, "truncated")
             return (j + 1, True) if t[j] == 0x7D else (i, False)
@@ -365,13 +365,13 @@ def scan_stream(  # noqa: C901 - one resumable scanner over a moving window: its
         while not closed:
 
             def key_(t: bytes, i: int) -> tuple[int, bytes, int]:
-                i = _B_WS.match(t, i).end()  # type: ignore[union-attr]
+                i = _B_WS.match(t, i).end()  # type: ignore[union-attr]  # a `*` pattern always matches
                 m = _B_STRING.match(t, i)
                 if m is None:
                     raise Broken(i, "truncated" if t.find(b'"', i) < 0 else "unexpected character")
                 key = t[m.start() + 1 : m.end() - 1]
                 i, _ = _bexpect(t, m.end(), b":")
-                value = _B_WS.match(t, i).end()  # type: ignore[union-attr]
+                value = _B_WS.match(t, i).end()  # type: ignore[union-attr]  # a `*` pattern always matches
                 if value >= len(t):
                     raise Broken(value, "truncated")
                 return value, key, t[value]
@@ -383,7 +383,7 @@ def scan_stream(  # noqa: C901 - one resumable scanner over a moving window: its
 
                 def open_array(t: bytes, i: int) -> tuple[int, bool]:
                     i, _ = _bexpect(t, i, b"[")
-                    j = _B_WS.match(t, i).end()  # type: ignore[union-attr]
+                    j = _B_WS.match(t, i).end()  # type: ignore[union-attr]  # a `*` pattern always matches
                     if j >= len(t):
                         raise Broken(j, "truncated")
                     return (j + 1, True) if t[j] == 0x5D else (i, False)
@@ -392,7 +392,7 @@ def scan_stream(  # noqa: C901 - one resumable scanner over a moving window: its
                 while not done:
 
                     def element(t: bytes, i: int) -> tuple[int, tuple[int, bool]]:
-                        start = _B_WS.match(t, i).end()  # type: ignore[union-attr]
+                        start = _B_WS.match(t, i).end()  # type: ignore[union-attr]  # `*` always matches
                         return start, _element_end(t, start, guess)
 
                     start, (end, strict) = step(element)
@@ -423,7 +423,7 @@ def scan_stream(  # noqa: C901 - one resumable scanner over a moving window: its
             closed = sep == 0x7D
 
         while True:  # nothing but whitespace may follow
-            if _B_WS.match(w.data, pos).end() < len(w.data):  # type: ignore[union-attr]
+            if _B_WS.match(w.data, pos).end() < len(w.data):  # type: ignore[union-attr]  # `*` always matches
                 raise Broken(pos, "followed by more data")
             if w.eof:
                 break

@@ -11,7 +11,7 @@ from the cursor less the overlap, as with one search).
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
 from urllib.parse import urlencode
 
 from service.fhir import model
@@ -22,7 +22,7 @@ LOINC = "http://loinc.org"
 RESERVED = len("&_lastUpdated=ge") + len("2026-01-01T00:00:00.000000+00:00") + 16
 MERGED = "merged"  # the `next_url` of a merged page that is not the last one (a marker, never requested)
 
-PageStream = AsyncIterator[Page]
+PageStream = AsyncGenerator[Page, None]
 
 
 def code_values(loinc_codes: Sequence[str], local_codes: Iterable[tuple[str, str, str]]) -> list[str]:
@@ -74,7 +74,7 @@ async def merged(
             yield page
     finally:
         for stream in streams:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
 
 
 async def _merge(

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import structlog
@@ -109,7 +109,7 @@ class LiveDirectory:
             ttl = self.settings.poll.context_ttl_seconds
             if now - at < (min(ttl, FAILURE_TTL_SECONDS) if failed else ttl):
                 self._cache.move_to_end(key)
-                return value  # type: ignore[no-any-return]
+                return cast(T, value)  # the cache holds what this key's loader (or fallback) gave
         try:
             value = await load()
         except NeutrowatchError as err:

@@ -3,7 +3,7 @@ result set changing while it is read (keyset paging on meta.lastUpdated)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import replace
 
 from service.config import Settings
@@ -82,7 +82,7 @@ async def pages_since(
     params: list[tuple[str, str]],
     since_us: int,
     anchor: str = "_lastUpdated",
-) -> AsyncIterator[Page]:
+) -> AsyncGenerator[Page, None]:
     """Every page of `params` with `anchor` >= `since_us`, sorted by _lastUpdated, robust to a result
     set that changes while it is read.
 
@@ -113,7 +113,7 @@ async def pages_since(
                     break
                 # the whole page shares the bound's timestamp: only the server's next link moves on
         finally:
-            await pages.aclose()  # type: ignore[attr-defined]
+            await pages.aclose()
         if not restarted:
             return
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
 import structlog
 
@@ -123,7 +123,7 @@ class Worker:
                     # a replaced leader stops here, before reading further (its writes are fenced anyway)
                     await self.store.check_leader()
             finally:
-                await pages.aclose()  # type: ignore[attr-defined]
+                await pages.aclose()
             metrics.POLLS.labels("ok" if report.delivered_all else "undelivered").inc()
             if report.delivered_all:
                 metrics.LAST_POLL_OK.set(self.clock())
@@ -158,7 +158,7 @@ class Worker:
         )
         return report
 
-    def _observation_pages(self, params: list[tuple[str, str]], since_us: int) -> AsyncIterator[Page]:
+    def _observation_pages(self, params: list[tuple[str, str]], since_us: int) -> AsyncGenerator[Page, None]:
         """The main search, its code list extended with the site's mapped local codes and split when
         the URL would exceed fhir.max_search_url_length (service/fhir/query.py)."""
         codes = [c.removeprefix(f"{LOINC}|") for k, v in params if k == "code" for c in v.split(",")]

@@ -38,7 +38,9 @@ READ_ERRORS = (OSError, EOFError, zlib.error)  # gzip: a cut (EOFError) or corru
 
 
 def _open(path: Path) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")  # type: ignore[return-value]  # typeshed: a GzipFile is no IO[bytes]
+    return open(path, "rb")
 
 
 def unreadable(path: Path | str, err: BaseException) -> InputError:

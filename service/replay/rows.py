@@ -276,10 +276,10 @@ def settle(rows: Sequence[ObsRow]) -> Settled:
 
 
 def _content(row: ObsRow) -> bytes:
-    return content_key(row.data if row.data is not None else row.rej)  # type: ignore[arg-type]
+    return content_key(row.data if row.data is not None else row.rej)  # type: ignore[arg-type]  # one is set
 
 
 def _outcome(row: ObsRow) -> LabResult | Rejected:
     if row.data is not None:
         return decode_result(row.data)
-    return decode_rejected(row.rej)  # type: ignore[arg-type]
+    return decode_rejected(row.rej)  # type: ignore[arg-type]  # a row without data holds its rejection

@@ -51,8 +51,8 @@ def draft_conceptmap(survey: Survey) -> dict[str, Any]:
 
 
 def _element(c: CodeCount) -> dict[str, Any]:
-    candidate = c.hint.candidate  # type: ignore[union-attr]
-    assert candidate is not None
+    assert c.hint is not None and c.hint.candidate is not None
+    candidate = c.hint.candidate
     comment = REVIEW.format(basis=candidate.basis, count=c.count, units=", ".join(sorted(c.units)))
     if candidate.note:
         comment += f" Note: {candidate.note}."

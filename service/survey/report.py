@@ -140,8 +140,8 @@ def render_text(survey: Survey, source: str) -> str:
 
 
 def _hinted(c: CodeCount) -> list[str]:
-    candidate = c.hint.candidate  # type: ignore[union-attr]
-    assert candidate is not None
+    assert c.hint is not None and c.hint.candidate is not None
+    candidate = c.hint.candidate
     lines = [
         f"{c.count:>8,}  {_name(c)}  units: {_units(c)}",
         f"          candidate: LOINC {candidate.loinc} {candidate.loinc_display} ({candidate.term}; "

@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
-from typing import cast
 
 from service.config import FhirSettings
 from service.errors import NeutrowatchError
 from service.fhir import model, raw
 from service.fhir.client import FhirClient
 from service.fhir.fhirtime import from_epoch_us
-from service.fhir.paging import Page
 from service.replay.documents import file_documents, files
 
 _DURATION = re.compile(r"(\d{1,6})([smhd])")
@@ -55,8 +53,7 @@ async def server_resources(
     params = search_params(since_seconds, limit, settings.page_size, time.time() if now is None else now)
     found: list[model.Resource | model.Undecodable] = []
     async with FhirClient(settings) as client:
-        search = cast(AsyncGenerator[Page, None], client.search("Observation", params))  # an async generator
-        async with aclosing(search) as pages:
+        async with aclosing(client.search("Observation", params)) as pages:
             async for page in pages:
                 found.extend(page.resources[: limit - len(found)])
                 if len(found) >= limit:

@@ -89,8 +89,7 @@ def _on_store_thread(
             self._thread, functools.partial(_guarded, method, self, *args, **kwargs)
         )
 
-    # typeshed: functools.wraps gives a _Wrapped, which calls as the Callable declared
-    return call  # type: ignore[return-value]
+    return call  # type: ignore[return-value]  # typeshed: wraps gives a _Wrapped, called as declared
 
 
 def _guarded(method: Callable[..., _R], store: SqliteStore, *args: Any, **kwargs: Any) -> _R:
