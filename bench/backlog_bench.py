@@ -31,8 +31,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.live_bench import revision  # noqa: E402
-from bench.replay_bench import machine, write_section  # noqa: E402
+from bench.live_bench import revision  # noqa: E402 - after the sys.path line above
+from bench.replay_bench import machine, write_section  # noqa: E402 - after the sys.path line above
 
 PANELS_PER_PATIENT = 10
 ANC_PATTERN = (2.5, 0.9, 0.4, 1.8, 2.6, 2.7, 2.4, 2.8, 2.5, 2.6)  # x10^3/uL: new, worsening, resolved
@@ -146,7 +146,7 @@ async def drain(total: int, work: Path) -> dict:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # a started site has a server
     config = work / f"backlog-{total}.yaml"
     config.write_text(
         yaml.safe_dump(

@@ -26,9 +26,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.__main__ import main as service_main  # noqa: E402
-from service.fhir.fhirtime import to_epoch_us  # noqa: E402
-from tests import mimic, synthetic  # noqa: E402
+from service.__main__ import main as service_main  # noqa: E402 - after the sys.path line above
+from service.fhir.fhirtime import to_epoch_us  # noqa: E402 - after the sys.path line above
+from tests import mimic, synthetic  # noqa: E402 - after the sys.path line above
 
 HOUR_US = 3_600_000_000
 DAY_US = 24 * HOUR_US

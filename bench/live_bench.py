@@ -37,17 +37,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.replay_bench import machine, write_section  # noqa: E402
-from service import logging as nw_logging  # noqa: E402
-from service.fhir.client import FhirClient  # noqa: E402
-from service.fhir.fhirtime import from_epoch_us  # noqa: E402
-from service.live.search import pages_since, search_params  # noqa: E402
-from service.live.store.sqlite import SqliteStore  # noqa: E402
-from service.live.worker import Worker  # noqa: E402
-from tests.fhir_server.engine import FhirEngine  # noqa: E402
-from tests.fhir_server.load import put_all  # noqa: E402
-from tests.integration.live import settings_for  # noqa: E402
-from tests.synthetic import PopulationSpec, generate, observations_target  # noqa: E402
+from bench.replay_bench import machine, write_section  # noqa: E402 - after the sys.path line above
+from service import logging as nw_logging  # noqa: E402 - after the sys.path line above
+from service.fhir.client import FhirClient  # noqa: E402 - after the sys.path line above
+from service.fhir.fhirtime import from_epoch_us  # noqa: E402 - after the sys.path line above
+from service.live.search import pages_since, search_params  # noqa: E402 - after the sys.path line above
+from service.live.store.sqlite import SqliteStore  # noqa: E402 - after the sys.path line above
+from service.live.worker import Worker  # noqa: E402 - after the sys.path line above
+from tests.fhir_server.engine import FhirEngine  # noqa: E402 - after the sys.path line above
+from tests.fhir_server.load import put_all  # noqa: E402 - after the sys.path line above
+from tests.integration.live import settings_for  # noqa: E402 - after the sys.path line above
+from tests.synthetic import PopulationSpec, generate, observations_target  # noqa: E402 - after sys.path
 
 INTERVAL, POLL_FLAG, TRIAL_TIMEOUT, READY_TIMEOUT = 2.0, 0.05, 30.0, 90.0
 
@@ -113,7 +113,7 @@ async def service_drain(settings) -> dict:
                 finally:
                     http[kind] += time.perf_counter() - t
 
-            transport.request = timed  # type: ignore[method-assign]
+            transport.request = timed  # type: ignore[method-assign]  # wrapped to time it, not changed
             t0 = time.perf_counter()
             report = await Worker(settings, client, store).run_cycle()
             seconds = time.perf_counter() - t0
@@ -225,7 +225,7 @@ def panel(pid: str, anc: float) -> list[dict]:
         }
     ]
     unit = {"unit": "10*3/uL", "system": "http://unitsofmeasure.org", "code": "10*3/uL"}
-    obs = lambda code, value: {  # noqa: E731
+    obs = lambda code, value: {  # noqa: E731 - a one-line local helper
         "resourceType": "Observation",
         "id": f"{pid}-{code}",
         "status": "final",
@@ -344,7 +344,7 @@ def render(d: dict, lat: dict, load: tuple) -> str:
             f"| {sum(c.values()):,} | {per_alert:.2f} |"
         )
     s0, spec = d["rounds"][0]["service"], d["spec"]
-    ms = lambda xs: f"{statistics.median(xs) * 1000:,.0f} ms"  # noqa: E731
+    ms = lambda xs: f"{statistics.median(xs) * 1000:,.0f} ms"  # noqa: E731 - a one-line local helper
     pages = "; ".join(
         f"round {i}: first 5 pages {ms(r['bare']['per_page'][:5])}, last 5 {ms(r['bare']['per_page'][-5:])}"
         for i, r in enumerate(d["rounds"], 1)
@@ -362,11 +362,11 @@ def render(d: dict, lat: dict, load: tuple) -> str:
         if len(got) < len(lat["trials"])
         else ""
     )
-    fmt = lambda v: "—" if v is None else f"{v:.2f} s"  # noqa: E731
+    fmt = lambda v: "—" if v is None else f"{v:.2f} s"  # noqa: E731 - a one-line local helper
     trials = "\n".join(
         f"| {i} | {fmt(t['latency_s'])} | {fmt(t['cycle_s'])} |" for i, t in enumerate(lat["trials"], 1)
     )
-    avg = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731
+    avg = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731 - a one-line local helper
     return f"""## Live loop (`make bench`)
 
 Measured {datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}; code {d["revision"]}; load average

@@ -32,10 +32,10 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.replay_bench import machine, write_section  # noqa: E402
-from tests.fhir_server.engine import FhirEngine  # noqa: E402
-from tests.fhir_server.load import put_all  # noqa: E402
-from tests.synthetic import generate, observations_target  # noqa: E402
+from bench.replay_bench import machine, write_section  # noqa: E402 - after the sys.path line above
+from tests.fhir_server.engine import FhirEngine  # noqa: E402 - after the sys.path line above
+from tests.fhir_server.load import put_all  # noqa: E402 - after the sys.path line above
+from tests.synthetic import generate, observations_target  # noqa: E402 - after the sys.path line above
 
 # Runs `python -m service ARGS` in this interpreter and prints its exit code, peak RSS (VmHWM, KiB)
 # and the largest child's peak RSS (KiB) as the last line of stdout.

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.synthetic import observations_target, write_ndjson  # noqa: E402
+from tests.synthetic import observations_target, write_ndjson  # noqa: E402 - after the sys.path line above
 
 CHILD_REPLAY = """
 import json, os, resource, sys, time

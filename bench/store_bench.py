@@ -49,28 +49,28 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.live_bench import revision  # noqa: E402
-from bench.replay_bench import machine, write_section  # noqa: E402
-from service import logging as nw_logging  # noqa: E402
-from service.config import Settings  # noqa: E402
-from service.core.anc import is_complete  # noqa: E402
-from service.core.episodes import AlertEvent, PatientState  # noqa: E402
-from service.core.grading import Scheme  # noqa: E402
-from service.core.observations import Rejected  # noqa: E402
-from service.core.panels import PanelDecision, decide  # noqa: E402
-from service.fhir import model  # noqa: E402
-from service.live.store.base import Decided, Intake, PanelWork  # noqa: E402
-from service.live.store.postgres import PostgresStore  # noqa: E402
-from service.live.store.sqlite import SqliteStore  # noqa: E402
-from service.live.worker import intake  # noqa: E402
-from service.output.events import (  # noqa: E402
+from bench.live_bench import revision  # noqa: E402 - after the sys.path line above
+from bench.replay_bench import machine, write_section  # noqa: E402 - after the sys.path line above
+from service import logging as nw_logging  # noqa: E402 - after the sys.path line above
+from service.config import Settings  # noqa: E402 - after the sys.path line above
+from service.core.anc import is_complete  # noqa: E402 - after the sys.path line above
+from service.core.episodes import AlertEvent, PatientState  # noqa: E402 - after the sys.path line above
+from service.core.grading import Scheme  # noqa: E402 - after the sys.path line above
+from service.core.observations import Rejected  # noqa: E402 - after the sys.path line above
+from service.core.panels import PanelDecision, decide  # noqa: E402 - after the sys.path line above
+from service.fhir import model  # noqa: E402 - after the sys.path line above
+from service.live.store.base import Decided, Intake, PanelWork  # noqa: E402 - after the sys.path line above
+from service.live.store.postgres import PostgresStore  # noqa: E402 - after the sys.path line above
+from service.live.store.sqlite import SqliteStore  # noqa: E402 - after the sys.path line above
+from service.live.worker import intake  # noqa: E402 - after the sys.path line above
+from service.output.events import (  # noqa: E402 - after the sys.path line above
     event_record,
     not_assessed_record,
     panel_rejected_record,
     rejected_record,
 )
-from service.output.transaction import Delivery, OutboxWrites, StoredRecord  # noqa: E402
-from tests.synthetic import generate, observations_target  # noqa: E402
+from service.output.transaction import Delivery, OutboxWrites, StoredRecord  # noqa: E402 - after sys.path
+from tests.synthetic import generate, observations_target  # noqa: E402 - after the sys.path line above
 
 HEADING = "## State store: SQLite vs PostgreSQL"
 PHASES = ("ingest", "decide+commit", "outbox")
@@ -410,12 +410,12 @@ def summarise(runs: list[dict[str, dict]], n_obs: int) -> dict[str, dict]:
             "stats": rs[0]["stats"],
             "counts": rs[0]["counts"],
         }
-    out["n_obs"] = n_obs  # type: ignore[assignment]
+    out["n_obs"] = n_obs  # type: ignore[assignment]  # the summary's one int
     return out
 
 
 def table(s: dict, n_obs: int) -> str:
-    rate = lambda sec: f"{n_obs / sec:,.0f}" if sec else "—"  # noqa: E731
+    rate = lambda sec: f"{n_obs / sec:,.0f}" if sec else "—"  # noqa: E731 - a one-line local helper
     rows = []
     for p in PHASES:
         a, b = s["sqlite"]["phases"][p], s["postgres"]["phases"][p]
@@ -481,9 +481,12 @@ def render(
     a, b = s["sqlite"], s["postgres"]
     pages = st["pages"]
     events = ", ".join(f"{k.split(' ', 1)[1]} {v:,}" for k, v in sorted(st.items()) if k.startswith("event "))
-    avg = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731
-    spread = lambda backend, p: " / ".join(f"{x:.2f}" for x in s[backend]["walls"][p])  # noqa: E731
-    pc = lambda backend, m: s[backend]["calls"][m]  # noqa: E731
+    avg = lambda la: " / ".join(f"{x:.1f}" for x in la)  # noqa: E731 - a one-line local helper
+
+    def spread(backend, p):
+        return " / ".join(f"{x:.2f}" for x in s[backend]["walls"][p])
+
+    pc = lambda backend, m: s[backend]["calls"][m]  # noqa: E731 - a one-line local helper
     dominant = {k: max(PHASES, key=lambda p: s[k]["phases"][p]["wall"]) for k in BACKENDS}
     share = {k: s[k]["phases"][dominant[k]]["wall"] / s[k]["timed"] for k in BACKENDS}
     ing_w = pc("postgres", "ingest")[2] / pc("postgres", "ingest")[0]

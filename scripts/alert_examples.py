@@ -29,11 +29,11 @@ OUT = ROOT / "docs" / "examples"
 
 sys.path.insert(0, str(ROOT))
 
-import orjson  # noqa: E402
-import yaml  # noqa: E402
+import orjson  # noqa: E402 - after the sys.path line above
+import yaml  # noqa: E402 - after the sys.path line above
 
-from service.__main__ import main as cli  # noqa: E402
-from tests.synthetic import PopulationSpec, generate  # noqa: E402
+from service.__main__ import main as cli  # noqa: E402 - after the sys.path line above
+from tests.synthetic import PopulationSpec, generate  # noqa: E402 - after the sys.path line above
 
 SPEC = PopulationSpec(patients=6, days=42, seed=3, temperatures=True, corrections=0.0)
 RECIPIENTS = ["CareTeam/oncology"]

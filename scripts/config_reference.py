@@ -26,13 +26,13 @@ DOC = ROOT / "docs" / "configuration.md"
 
 sys.path.insert(0, str(ROOT))
 
-import annotated_types as at  # noqa: E402
-from pydantic import BaseModel, SecretStr  # noqa: E402
-from pydantic.fields import FieldInfo  # noqa: E402
-from pydantic_core import PydanticUndefined  # noqa: E402
+import annotated_types as at  # noqa: E402 - after the sys.path line above
+from pydantic import BaseModel, SecretStr  # noqa: E402 - after the sys.path line above
+from pydantic.fields import FieldInfo  # noqa: E402 - after the sys.path line above
+from pydantic_core import PydanticUndefined  # noqa: E402 - after the sys.path line above
 
-from service.config import ENV_PREFIX, Settings  # noqa: E402
-from service.core.grading import BUILT_IN  # noqa: E402
+from service.config import ENV_PREFIX, Settings  # noqa: E402 - after the sys.path line above
+from service.core.grading import BUILT_IN  # noqa: E402 - after the sys.path line above
 
 SECRET = "secret: from the environment or a file"
 # Choices a field validator enforces (not visible in the field's type), by dotted name.
@@ -143,7 +143,7 @@ def default(field: FieldInfo) -> str:
     if field.default is not PydanticUndefined:
         return _value(field.default)
     if field.default_factory is not None:
-        return _value(field.default_factory())  # type: ignore[call-arg]
+        return _value(field.default_factory())  # type: ignore[call-arg]  # a factory without arguments
     return "(required)"
 
 

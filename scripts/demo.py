@@ -18,22 +18,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service import logging as nw_logging  # noqa: E402
-from service.fhir.client import FhirClient  # noqa: E402
-from service.live.store.sqlite import SqliteStore  # noqa: E402
-from service.live.worker import Worker  # noqa: E402
-from service.output.events import Decision, EventRecord, RejectedRecord  # noqa: E402
-from tests.fhir_server.engine import EngineUnavailable, FhirEngine  # noqa: E402
-from tests.fhir_server.load import export, put_all  # noqa: E402
-from tests.integration.live import compare_with_oracle, settings_for, stages  # noqa: E402
-from tests.synthetic import PopulationSpec, generate  # noqa: E402
+from service import logging as nw_logging  # noqa: E402 - after the sys.path line above
+from service.fhir.client import FhirClient  # noqa: E402 - after the sys.path line above
+from service.live.store.sqlite import SqliteStore  # noqa: E402 - after the sys.path line above
+from service.live.worker import Worker  # noqa: E402 - after the sys.path line above
+from service.output.events import Decision, EventRecord, RejectedRecord  # noqa: E402 - after sys.path
+from tests.fhir_server.engine import EngineUnavailable, FhirEngine  # noqa: E402 - after sys.path
+from tests.fhir_server.load import export, put_all  # noqa: E402 - after the sys.path line above
+from tests.integration.live import compare_with_oracle, settings_for, stages  # noqa: E402 - after sys.path
+from tests.synthetic import PopulationSpec, generate  # noqa: E402 - after the sys.path line above
 
 FLAG_ONLY = ("recovering", "chronic")  # decisions that update the Flag without a Communication
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+
+    def line(r):
+        return "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 

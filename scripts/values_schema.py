@@ -36,10 +36,10 @@ DATA_DIR = "/var/lib/neutrowatch"
 
 sys.path.insert(0, str(ROOT))
 
-from pydantic import BaseModel, SecretStr  # noqa: E402
+from pydantic import BaseModel, SecretStr  # noqa: E402 - after the sys.path line above
 
-from service.config import Settings  # noqa: E402
-from service.core.grading import BUILT_IN  # noqa: E402
+from service.config import Settings  # noqa: E402 - after the sys.path line above
+from service.core.grading import BUILT_IN  # noqa: E402 - after the sys.path line above
 
 Schema = dict[str, Any]
 

@@ -350,13 +350,13 @@ class Campaign:
         for name, check in checks:
             try:  # one check that breaks must not hide what the others found
                 await asyncio.to_thread(check)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - recorded as a problem of the campaign
                 self.problems.append(f"the {name} check itself failed:\n{traceback.format_exc()}")
         seconds = time.time() - self.started
         result = Result(spec, Counter(self.counts), self.problems, "", seconds, alerts)
         try:
             result.summary = self._summary(result)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - recorded as a problem of the campaign
             result.summary = (
                 f"(summary failed: {traceback.format_exc()})\ncounts {dict(result.counts)}\nalerts {alerts}\n"
                 + ("PASS" if not self.problems else "FAIL:\n  " + "\n  ".join(self.problems))

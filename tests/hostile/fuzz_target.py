@@ -23,20 +23,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script by atheris
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service.config import load_settings  # noqa: E402
-from service.core.anc import ANC_MAX, Anc, PanelRejected, compute_anc  # noqa: E402
-from service.core.episodes import PatientState  # noqa: E402
-from service.core.observations import LabResult, Rejected, normalise, undecodable_rejection  # noqa: E402
-from service.core.panels import decide  # noqa: E402
-from service.fhir import (
-    model,
-    raw,  # noqa: E402
+from service.config import load_settings  # noqa: E402 - after the sys.path line above
+from service.core.anc import ANC_MAX, Anc, PanelRejected, compute_anc  # noqa: E402 - after sys.path
+from service.core.episodes import PatientState  # noqa: E402 - after the sys.path line above
+from service.core.observations import (  # noqa: E402 - after the sys.path line above
+    LabResult,
+    Rejected,
+    normalise,
+    undecodable_rejection,
 )
-from service.fhir.errors import FhirError  # noqa: E402
-from service.fhir.paging import BrokenPages, read_page, without_future_stamps  # noqa: E402
-from service.fhir.transport import Response, Retry  # noqa: E402
-from service.output.encoding import to_json  # noqa: E402
-from service.output.events import rejected_record  # noqa: E402
+from service.core.panels import decide  # noqa: E402 - after the sys.path line above
+from service.fhir import model, raw  # noqa: E402 - after the sys.path line above
+from service.fhir.errors import FhirError  # noqa: E402 - after the sys.path line above
+from service.fhir.paging import BrokenPages, read_page, without_future_stamps  # noqa: E402 - after sys.path
+from service.fhir.transport import Response, Retry  # noqa: E402 - after the sys.path line above
+from service.output.encoding import to_json  # noqa: E402 - after the sys.path line above
+from service.output.events import rejected_record  # noqa: E402 - after the sys.path line above
 
 RULES = load_settings(None).rules
 

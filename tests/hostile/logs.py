@@ -38,11 +38,11 @@ def captured_logs(level: str = "debug") -> Iterator[io.StringIO]:
             args = getattr(proxy, "_logger_factory_args", None)
             if proxy is not None and args is not None:
                 swapped.append((module, proxy))
-                module.log = structlog.get_logger(*args)  # type: ignore[attr-defined]
+                module.log = structlog.get_logger(*args)  # type: ignore[attr-defined]  # modules with a module-level log
         yield buffer
     finally:
         for module, proxy in swapped:
-            module.log = proxy  # type: ignore[attr-defined]
+            module.log = proxy  # type: ignore[attr-defined]  # modules with a module-level log
         structlog.configure(**saved_config)
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)

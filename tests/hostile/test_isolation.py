@@ -75,7 +75,10 @@ def _replay(
         assert cli(args) == 0
     finally:
         sys.setrecursionlimit(limit)
-    read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()] if p.exists() else []  # noqa: E731
+
+    def read(p):
+        return [orjson.loads(x) for x in p.read_bytes().splitlines()] if p.exists() else []
+
     return read(events), read(out)
 
 

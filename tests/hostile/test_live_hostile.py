@@ -345,7 +345,7 @@ async def test_an_undecodable_copy_is_quarantined_once_and_never_shadows_a_reada
     try:
         settings = settings_for(middleman.base, tmp_path / "s.sqlite3")
         reports = [await cycle(settings) for _ in range(2)]
-        oid = item.ref.removeprefix("Observation/")  # type: ignore[union-attr]
+        oid = item.ref.removeprefix("Observation/")  # type: ignore[union-attr]  # this corpus item has a ref
         put_all(fhir_base_url, [fill(observation(oid, item.patient, value=0.3))])  # readable now: severe
         reports += [await cycle(settings) for _ in range(2)]
     finally:
@@ -355,7 +355,7 @@ async def test_an_undecodable_copy_is_quarantined_once_and_never_shadows_a_reada
     assert {f["subject"]["reference"] for f in export(fhir_base_url, "Flag")} == {item.patient}
     quarantine, decisions = await _quarantine_and_decisions(tmp_path / "s.sqlite3")
     ((ref, reason),) = quarantine
-    assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]
+    assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]  # it has a reason
     assert sum(delta(counter("neutrowatch_rejections_total", "reason"), rejections).values()) == 1
     assert [d["event"] for d in decisions if item.ref in d.get("observations", ())].count("rejected") == 1
     assert "retracted" not in {d["event"] for d in decisions}
@@ -370,7 +370,7 @@ async def test_an_undecodable_copy_behind_a_readable_version_is_quarantined_once
     quarantined and counted once."""
     item = BY_NAME["invalid-json"]
     broken, wbc = item.resources(_an_hour_ago())
-    oid = item.ref.removeprefix("Observation/")  # type: ignore[union-attr]
+    oid = item.ref.removeprefix("Observation/")  # type: ignore[union-attr]  # this corpus item has a ref
     put_all(fhir_base_url, [orjson.loads(wbc), fill(observation(oid, item.patient, value=0.3))])
     middleman = Middleman(fhir_base_url, [Splice([broken], times=float("inf"))])
     await middleman.start()
@@ -387,7 +387,7 @@ async def test_an_undecodable_copy_behind_a_readable_version_is_quarantined_once
     assert [r.events for r in reports] == [{"new": 1}, {}, {}, {}]
     quarantine, decisions = await _quarantine_and_decisions(tmp_path / "s.sqlite3")
     ((ref, reason),) = quarantine
-    assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]
+    assert ref == item.ref and reason.startswith(item.reason)  # type: ignore[arg-type]  # it has a reason
     assert sum(delta(counter("neutrowatch_rejections_total", "reason"), rejections).values()) == 1
     assert [d["event"] for d in decisions] == ["new", "rejected"]
     assert [(f["subject"]["reference"], f["status"]) for f in export(fhir_base_url, "Flag")] == [

@@ -383,9 +383,9 @@ async def _live_says_conflict(state: Path, first: bytes, second: bytes) -> bool:
     try:
         taken = [intake(r) for data in (first, second) for r in raw.decode(data)]
         assert all(isinstance(t, Intake) for t in taken)
-        assert await store.ingest(taken[:1], now=1.0) == taken[:1]  # type: ignore[arg-type]
-        held = await store.ingest(taken[1:], now=2.0)  # type: ignore[arg-type]
-        return bool(held) and held[0].outcome.reason == CONFLICT_REASON  # type: ignore[union-attr]
+        assert await store.ingest(taken[:1], now=1.0) == taken[:1]  # type: ignore[arg-type]  # all Intake, asserted above
+        held = await store.ingest(taken[1:], now=2.0)  # type: ignore[arg-type]  # all Intake, asserted above
+        return bool(held) and held[0].outcome.reason == CONFLICT_REASON  # type: ignore[union-attr]  # held: its outcome is set
     finally:
         await store.close()
 
@@ -418,7 +418,7 @@ def test_an_undecodable_copy_never_withdraws_a_readable_version(tmp_path, engine
     readable version stands whichever was read first: its alert is not retracted."""
     item = BY_NAME["invalid-json"]
     broken, wbc = item.resources()
-    readable = orjson.dumps(fill(observation(item.ref.removeprefix("Observation/"), item.patient, value=0.3)))  # type: ignore[union-attr]
+    readable = orjson.dumps(fill(observation(item.ref.removeprefix("Observation/"), item.patient, value=0.3)))  # type: ignore[union-attr]  # this corpus item has a ref
     lines = [wbc, readable, broken] if order == "readable-first" else [broken, wbc, readable]
     path = tmp_path / "in.ndjson"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -438,7 +438,7 @@ def _max_rss_mb(args: list[str], env: dict[str, str]) -> tuple[int, float, str]:
     """Run a child process; its exit code, its own peak RSS (MiB, from wait4) and its stderr."""
     proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     err: list[bytes] = []
-    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))  # type: ignore[union-attr]  # PIPE
     reader.start()
     _pid, status, usage = os.wait4(proc.pid, 0)
     reader.join()

@@ -120,7 +120,7 @@ def oracle(
         cli(["replay", str(data), "--events", str(events), "--alerts", str(alerts), "--config", str(config)])
         == 0
     )
-    read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731
+    read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731 - a local one-liner
     return read(events), read(alerts)
 
 

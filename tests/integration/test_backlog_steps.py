@@ -50,7 +50,7 @@ def _watch_commits(store: Store, hook: Hook) -> list[tuple[str, int, int]]:
         commits.append((value, (await store.counts())["results"], await store.outbox_pending_count()))
         await hook(len(commits), value)
 
-    store.set_cursor = set_cursor  # type: ignore[method-assign]
+    store.set_cursor = set_cursor  # type: ignore[method-assign]  # the store's method patched for this test
     return commits
 
 

@@ -46,7 +46,10 @@ async def test_a_refused_look_up_is_cached_for_the_negative_ttl(fhir_base_url, t
     proxy = Proxy(upstream=fhir_base_url)
     await proxy.start()
     try:
-        refused = lambda r: r.method == "GET" and r.path in ("/fhir/Condition", "/fhir/CareTeam")  # noqa: E731
+
+        def refused(r):
+            return r.method == "GET" and r.path in ("/fhir/Condition", "/fhir/CareTeam")
+
         proxy.add(Fault(refused, times=float("inf"), respond=forbidden))
         settings = settings_for(proxy.base, tmp_path / "s.sqlite3")
         clock = Clock()
@@ -58,7 +61,7 @@ async def test_a_refused_look_up_is_cached_for_the_negative_ttl(fhir_base_url, t
                 chosen = await directory.recipients("Patient/p1", ())
             assert context.threshold_source is None and context.birth_us is None  # the fallback
             assert chosen.refs == ("CareTeam/oncology",)
-            asked = lambda path: len(proxy.requests("GET", path))  # noqa: E731
+            asked = lambda path: len(proxy.requests("GET", path))  # noqa: E731 - a one-line local helper
             assert (asked("/Condition"), asked("/CareTeam"), asked("/Patient/p1")) == (1, 1, 1)
             assert (failures("patient") - before[0], failures("care team") - before[1]) == (1, 1)
             clock.now += FAILURE_TTL_SECONDS + 1

@@ -721,7 +721,7 @@ async def test_tls_ca_bundle_and_verify_tls_are_honoured(tmp_path: Path) -> None
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # a started site has a server
     base = f"https://127.0.0.1:{port}/fhir"
     try:
         for settings, ok in [
@@ -1026,7 +1026,10 @@ async def test_quota_backoff_is_capped_per_request_and_per_cycle(
     proxy.add(
         Fault(lambda r: r.method == "GET", times=999, respond=answer(429, outcome("throttled", "quota")))
     )
-    capped = lambda cap: metric("neutrowatch_fhir_retry_caps_total", cap=cap)  # noqa: E731
+
+    def capped(cap):
+        return metric("neutrowatch_fhir_retry_caps_total", cap=cap)
+
     before = (capped("request"), capped("cycle"))
 
     per_request = await make_client(

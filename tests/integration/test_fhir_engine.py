@@ -597,7 +597,7 @@ async def test_conflict_every_answers_409_to_every_nth_conditional_create(
     request sent again is applied."""
     engine = start_engine(conflict_every=2)
     base = engine.base_url
-    ident = lambda v: {"identifier": [{"system": "urn:test", "value": v}]}  # noqa: E731
+    ident = lambda v: {"identifier": [{"system": "urn:test", "value": v}]}  # noqa: E731 - a local one-liner
     assert (
         await request(
             http,

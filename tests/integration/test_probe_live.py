@@ -151,7 +151,7 @@ async def token_endpoint() -> AsyncIterator[TokenEndpoint]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]  # a started site has a server
     endpoint.url = f"http://127.0.0.1:{port}/token"
     yield endpoint
     await runner.cleanup()

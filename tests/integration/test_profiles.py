@@ -118,7 +118,7 @@ def replay(
     cfg.write_text(yaml.safe_dump(config))
     args = ["replay", str(data), "--events", str(events), "--alerts", str(out), "--config", str(cfg)]
     assert cli(args + (["--provenance"] if provenance else [])) == 0
-    read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731
+    read = lambda p: [orjson.loads(x) for x in p.read_bytes().splitlines()]  # noqa: E731 - a local one-liner
     return read(events), read(out)
 
 
@@ -467,7 +467,7 @@ def _valueset_codes(ident: str) -> set[tuple[str, str]]:
 
 
 def test_generated_codes_equal_the_services():
-    system = lambda ident: profiles.system_url(profiles.DEFAULT_BASE, ident)  # noqa: E731
+    system = lambda ident: profiles.system_url(profiles.DEFAULT_BASE, ident)  # noqa: E731 - a local one-liner
     # schemes
     schemes = _concepts(_generated("CodeSystem", profiles.SCHEME_SYSTEM)["concept"])
     assert set(schemes) == set(BUILT_IN)

@@ -206,7 +206,7 @@ def check_provenances(
             "only a withdrawal of a result no longer on record has no source"
         )
         for ref in results:  # each names a version the server holds
-            obs_id, vid = VERSIONED.match(ref).groups()  # type: ignore[union-attr]
+            obs_id, vid = VERSIONED.match(ref).groups()  # type: ignore[union-attr]  # versioned refs
             found = read(base_url, ref)
             assert (found["id"], found["meta"]["versionId"]) == (obs_id, vid)
         for ref in entities[len(results) :]:  # the febrile temperature, by id (its version is not kept)
@@ -479,7 +479,7 @@ def recorded_posts(monkeypatch: pytest.MonkeyPatch) -> list[OutboxEntry]:
 
 async def post_again(settings: Settings, entry: OutboxEntry) -> Delivery:
     async with FhirClient(settings.fhir) as client:
-        return await Worker(settings, client, None)._post(entry)  # type: ignore[arg-type]
+        return await Worker(settings, client, None)._post(entry)  # type: ignore[arg-type]  # no directory: _post reads none
 
 
 async def test_a_write_posted_again_changes_nothing(fhir_base_url, tmp_path, monkeypatch):

@@ -40,7 +40,7 @@ def _plan() -> px.FaultPlan:
 def real_like_engine(start_engine: Any) -> FhirEngine:
     return start_engine(
         batch_transactions=True, quota_points_per_minute=800, quota_window_seconds=1, conflict_every=4
-    )  # type: ignore[no-any-return]
+    )  # type: ignore[no-any-return]  # start_engine returns the engine
 
 
 async def test_batch_server_with_quota_conflicts_and_faults_matches_replay(

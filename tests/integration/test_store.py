@@ -540,8 +540,8 @@ async def test_other_content_under_the_same_version_withdraws_it_and_every_copy_
     await store.commit([Decided("Patient/a", work.panel, PatientState(), [])])
     other = _read(orjson.dumps(CONFLICTING[change]))
     held = await store.ingest([other], now=2.0)
-    assert sorted(h.outcome.patient for h in held) == sorted([first[1].patient, other.patient])  # type: ignore[union-attr,type-var]
-    assert [h.outcome.reason for h in held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
+    assert sorted(h.outcome.patient for h in held) == sorted([first[1].patient, other.patient])  # type: ignore[union-attr,type-var]  # held: outcomes set, patients str
+    assert [h.outcome.reason for h in held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]  # a held row carries its outcome
     assert {(h.ref, h.updated_us, h.version, h.panel) for h in held} == {
         (other.ref, other.updated_us, other.version, None)
     }
@@ -576,7 +576,7 @@ async def test_a_stored_rejected_version_found_to_conflict_is_quarantined_as_a_c
     held = await store.ingest([_read(orjson.dumps(ANC))], now=2.0)
     assert [(h.outcome.reason, h.outcome.code, h.outcome.effective) for h in held] == [
         (CONFLICT, "751-8", ANC["effectiveDateTime"])
-    ] * 2  # type: ignore[union-attr]
+    ] * 2  # type: ignore[union-attr]  # a held row carries its outcome
     assert [r for _, r in await store_tables.quarantined(store)] == [
         rejected.outcome.reason,
         CONFLICT,
@@ -679,7 +679,7 @@ async def test_a_copy_without_meta_never_overrides_a_stamped_version(store: Stor
     copy = _read(orjson.dumps(severe))
     assert (copy.updated_us, copy.version) == (-1, -1)
     (held,) = await store.ingest([copy], now=2.0)
-    assert (held.ref, held.panel, held.outcome.reason) == ("Observation/s1-anc", None, UNPLACED)  # type: ignore[union-attr]
+    assert (held.ref, held.panel, held.outcome.reason) == ("Observation/s1-anc", None, UNPLACED)  # type: ignore[union-attr]  # a held row carries its outcome
     for now in (3.0, 4.0):
         assert await store.ingest([copy], now=now) == []
     assert await store_tables.quarantined(store) == [("Observation/s1-anc", UNPLACED)]
@@ -698,7 +698,7 @@ async def test_a_digest_of_another_release_is_never_compared() -> None:
         )
 
     conflict = plan(stored(digest(anc.outcome)), [other])
-    assert [h.outcome.reason for h, _ in conflict.held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
+    assert [h.outcome.reason for h, _ in conflict.held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]  # a held row carries its outcome
     assert plan(stored(digest(anc.outcome)), [anc]) == Plan()
     foreign = bytes(b ^ 0xFF for b in DIGEST_TAG) + digest(anc.outcome)[len(DIGEST_TAG) :]
     assert plan(stored(foreign), [other]) == Plan()
@@ -795,6 +795,6 @@ async def test_a_schema_1_store_upgrades_in_place(make: Factory, monkeypatch: py
         assert await store.ingest([newer], now=2.0) == [newer]
         conflicting = _read(orjson.dumps(_with(CONFLICTING["value"], meta=V2)))
         held = await store.ingest([conflicting], now=3.0)  # both copies of version 2
-        assert [h.outcome.reason for h in held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]
+        assert [h.outcome.reason for h in held] == [CONFLICT, CONFLICT]  # type: ignore[union-attr]  # a held row carries its outcome
     finally:
         await store.close()

@@ -35,7 +35,7 @@ def assessment(anc: float, wbc: float | None, **kw: object) -> Assessment:
         refs=("Observation/n",),
         versions=("1",),
     )
-    return Assessment(**{**fields, **kw})  # type: ignore[arg-type]
+    return Assessment(**{**fields, **kw})  # type: ignore[arg-type]  # kw: the test's field overrides
 
 
 def event(kind: EventKind, a: Assessment, **kw: object) -> AlertEvent:
@@ -50,7 +50,7 @@ def event(kind: EventKind, a: Assessment, **kw: object) -> AlertEvent:
         previous_anc=410.0,
         previous_effective="2026-01-02T08:00:00Z",
     )
-    return AlertEvent(**{**fields, **kw})  # type: ignore[arg-type]
+    return AlertEvent(**{**fields, **kw})  # type: ignore[arg-type]  # kw: the test's field overrides
 
 
 # -- counts -------------------------------------------------------------------------------------------

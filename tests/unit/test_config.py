@@ -377,7 +377,7 @@ def html_proxy() -> Iterator[str]:
         loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         loop.run_until_complete(site.start())
-        state["port"], state["loop"] = site._server.sockets[0].getsockname()[1], loop  # type: ignore[union-attr]
+        state["port"], state["loop"] = site._server.sockets[0].getsockname()[1], loop  # type: ignore[union-attr]  # a started site has a server
         started.set()
         loop.run_forever()
         loop.run_until_complete(runner.cleanup())
@@ -387,7 +387,7 @@ def html_proxy() -> Iterator[str]:
     started.wait(10)
     yield f"http://127.0.0.1:{state['port']}/fhir"
     loop = state["loop"]
-    loop.call_soon_threadsafe(loop.stop)  # type: ignore[attr-defined]
+    loop.call_soon_threadsafe(loop.stop)  # type: ignore[attr-defined]  # state holds the server's loop
     thread.join(10)
 
 
@@ -492,7 +492,7 @@ def test_terminology_settings_reach_the_read_policy_and_the_rules(tmp_path):
     assert (
         terminology.translate("http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-d-labitems", "51256").loinc
         == "770-8"
-    )  # type: ignore[union-attr]
+    )  # type: ignore[union-attr]  # the code is mapped
     assert (
         terminology.translate("http://mimic.mit.edu/fhir/mimic/CodeSystem/mimic-d-labitems", "51218") is None
     )

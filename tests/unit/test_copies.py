@@ -53,7 +53,7 @@ def test_the_verdict_does_not_depend_on_the_order_of_the_copies(keys, rng):
     a, b = one_version([(k, n) for n, k in copies]), one_version([(k, n) for n, k in shuffled])
     assert [k for k, _ in a.conflicting] == [k for k, _ in b.conflicting]
     assert (a.kept is None) is (b.kept is None) and len(a.duplicates) == len(b.duplicates)
-    assert a.kept is None or a.kept[0] == b.kept[0]  # type: ignore[index]
+    assert a.kept is None or a.kept[0] == b.kept[0]  # type: ignore[index]  # kept alike, checked above
 
 
 def test_a_readable_copy_that_is_no_version_is_reported_as_unplaced_a_rejected_one_keeps_its_reason():

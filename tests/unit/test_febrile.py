@@ -323,7 +323,7 @@ def arrivals(draw):
     second = draw(st.one_of(st.none(), st.integers(36, 432).map(lambda m: m * 10)))  # minutes after the first
     ancs = (draw(st.sampled_from((0.3, 0.45, 1.2, 2.0))), draw(st.sampled_from((0.3, 0.45, 0.9, 1.2))))
     draws = [0] if second is None else [0, second]
-    outside = lambda m: all(abs(m - d) > DAY_MIN for d in draws)  # noqa: E731
+    outside = lambda m: all(abs(m - d) > DAY_MIN for d in draws)  # noqa: E731 - a one-line local helper
     lows = draw(st.lists(st.tuples(minutes, st.sampled_from(LOWS)), max_size=70))
     far = draw(st.lists(st.tuples(minutes.filter(outside), st.sampled_from(HIGHS)), max_size=8))
     near = draw(

@@ -149,7 +149,7 @@ def test_absolute_patient_url_under_the_base_is_the_relative_reference():
     )
     r = normalise(obs, ReadPolicy(base_url="https://fhir.example.org/r4"))
     assert isinstance(r, LabResult) and r.patient == "Patient/123"
-    assert normalise(obs).reason == "subject is on another server"  # type: ignore[union-attr]
+    assert normalise(obs).reason == "subject is on another server"  # type: ignore[union-attr]  # a Rejected
 
 
 def test_undecodable_lines_say_why_without_content():

@@ -4,8 +4,15 @@
 
 import pytest
 
+from service.core.context import PatientContext
 from service.core.episodes import PatientState
-from service.core.panels import cytopenia, decide
+from service.core.panels import (
+    COLLECTED_AFTER_RECORDED,
+    COLLECTED_BEFORE_1900,
+    COLLECTED_BEFORE_BIRTH,
+    cytopenia,
+    decide,
+)
 from service.core.rules import Rules
 from tests.builders import observation, result
 
@@ -152,12 +159,6 @@ def test_age_and_individual_thresholds(age_days, threshold, anc, outcome):
 
 # -- collection times that cannot be true ---------------------------------------------------------
 
-from service.core.context import PatientContext  # noqa: E402
-from service.core.panels import (  # noqa: E402
-    COLLECTED_AFTER_RECORDED,
-    COLLECTED_BEFORE_1900,
-    COLLECTED_BEFORE_BIRTH,
-)
 
 UPDATED = "2026-01-05T09:00:00Z"
 

@@ -107,7 +107,7 @@ def test_without_a_base_every_absolute_reference_is_foreign_unless_accepted():
     """Replay without fhir.base_url has no server: an absolute reference names one it does not know."""
     none = ReadPolicy()
     assert canonical_reference(f"{BASE}/Patient/h20", "Patient", none) == OTHER
-    assert canonical_reference("Patient/h20/_history/2", "Patient", none).key == "Patient/h20"  # type: ignore[union-attr]
+    assert canonical_reference("Patient/h20/_history/2", "Patient", none).key == "Patient/h20"  # type: ignore[union-attr]  # a same-server reference
     accepted = ReadPolicy(accepted_foreign_bases=(BASE + "/",))
     got = canonical_reference(f"{BASE}/Patient/h20", "Patient", accepted)
     assert (

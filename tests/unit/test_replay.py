@@ -37,7 +37,10 @@ def replay(tmp_path: Path, *inputs, config=None) -> tuple[list[dict], list[dict]
     if config:
         args += ["--config", str(config)]
     assert main(args) == 0
-    read = lambda p: [orjson.loads(line) for line in p.read_bytes().splitlines()]  # noqa: E731
+
+    def read(p):
+        return [orjson.loads(line) for line in p.read_bytes().splitlines()]
+
     return read(events), read(alerts)
 
 

@@ -62,7 +62,7 @@ def run(
     events, alerts = io.BytesIO(), io.BytesIO()
     with Replay(settings.rules, settings.alerts, read_policy=settings.read_policy, **engine) as replay:
         replay.run([str(data)], events, alerts)
-    read = lambda b: [orjson.loads(x) for x in b.getvalue().splitlines()]  # noqa: E731
+    read = lambda b: [orjson.loads(x) for x in b.getvalue().splitlines()]  # noqa: E731 - a local one-liner
     return read(events), read(alerts)
 
 

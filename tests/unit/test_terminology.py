@@ -238,8 +238,8 @@ def test_differential_site_rule(rule, codes, expected):
         [observation(band, 6, "%")] if band else []
     )
     results = [normalise(msgspec.convert(o, model.Resource)) for o in members]
-    anc = compute_anc(results, rule)  # type: ignore[arg-type]
-    assert (anc.value, anc.method) == expected  # type: ignore[union-attr]
+    anc = compute_anc(results, rule)  # type: ignore[arg-type]  # normalised results, all LabResults here
+    assert (anc.value, anc.method) == expected  # type: ignore[union-attr]  # the panel has an ANC
 
 
 def test_live_codes_include_every_mapped_local_code_of_a_monitored_term():
@@ -290,8 +290,8 @@ async def test_split_searches_are_read_as_one_stream_in_lastupdated_order():
             yield Page([obs(n) for n in page], "next" if i < len(numbers) - 1 else None, "u")
 
     def updated(r: model.Resource | model.Undecodable) -> int | None:
-        return int(r.meta.lastUpdated[17:19]) if isinstance(r, model.Resource) and r.meta else None  # type: ignore[index]
+        return int(r.meta.lastUpdated[17:19]) if isinstance(r, model.Resource) and r.meta else None  # type: ignore[index]  # a stamped resource
 
     pages = [p async for p in merged([stream([[1, 4], [6, 9]]), stream([[2, 3], [5]])], 3, updated)]
-    assert [[r.id for r in p.resources] for p in pages] == [["o1", "o2", "o3"], ["o4", "o5", "o6"], ["o9"]]  # type: ignore[union-attr]
+    assert [[r.id for r in p.resources] for p in pages] == [["o1", "o2", "o3"], ["o4", "o5", "o6"], ["o9"]]  # type: ignore[union-attr]  # decodable resources only
     assert [p.next_url for p in pages] == [MERGED, MERGED, None]

@@ -95,6 +95,6 @@ def test_the_first_report_naming_a_result_is_its_report_and_the_live_intake_keys
     reports = memberships(page)
     assert reports["Observation/wbc"] == Report("DiagnosticReport/cbc", "Specimen/s9")
     taken = intake(page[0], reports=reports)
-    assert taken.panel == "specimen:Specimen/s9"  # type: ignore[union-attr]
+    assert taken.panel == "specimen:Specimen/s9"  # type: ignore[union-attr]  # intake of a decodable result
     alone = intake(page[0])
-    assert alone.panel is not None and alone.panel.startswith("effective:")  # type: ignore[union-attr]
+    assert alone.panel is not None and alone.panel.startswith("effective:")  # type: ignore[union-attr]  # intake of a decodable result
