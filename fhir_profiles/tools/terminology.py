@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from service.core.episodes import EventKind  # noqa: E402
-from service.core.grading import BUILT_IN  # noqa: E402
+from service.core.episodes import EventKind  # noqa: E402 - after the sys.path line above
+from service.core.grading import BUILT_IN  # noqa: E402 - after the sys.path line above
 from service.output import alerts, profiles  # noqa: E402 - after the sys.path line above
 
 TARGET = ROOT / "fhir_profiles" / "input" / "fsh" / "terminology.fsh"
