@@ -94,6 +94,13 @@ FHIR_PACED_SECONDS = Counter(
     "Seconds requests waited for the client-side rate limit (fhir.max_requests_per_minute).",
     registry=REGISTRY,
 )
+INCLUDES_REFUSED = Counter(
+    "neutrowatch_includes_refused_total",
+    "Searches the server refused with their _include/_revinclude and that were read again without "
+    "them (their draws are grouped by specimen or collection instant, not by DiagnosticReport).",
+    ["resource_type"],
+    registry=REGISTRY,
+)
 UNSAFE_LINKS = Counter(
     "neutrowatch_refused_links_total",
     "Links or redirects to another origin that were refused.",

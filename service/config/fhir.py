@@ -106,7 +106,14 @@ class FhirSettings(Section):
     verify_tls: bool = Field(True, description="Verify the server's TLS certificate.")
     ca_bundle: Path | None = Field(None, description="PEM CA bundle to trust instead of the system store.")
     timeout_seconds: float = Field(30.0, gt=0, le=600, description="Timeout of one request (connect + read).")
-    page_size: int = Field(200, ge=1, le=1000, description="_count of each search page.")
+    page_size: int = Field(
+        200,
+        ge=1,
+        le=1000,
+        description="_count of each search page. The Observation search includes the DiagnosticReports "
+        "naming its results; Medplum refuses a page whose results and includes pass 1,000, so above 500 "
+        "such pages are read again without the reports (counted in neutrowatch_includes_refused_total).",
+    )
     max_concurrency: int = Field(4, ge=1, le=64, description="Requests in flight at once.")
     max_requests_per_minute: int | None = Field(
         None,

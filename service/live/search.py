@@ -6,18 +6,24 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import replace
 
+import structlog
+
+from service import metrics
 from service.config import Settings
 from service.core.codes import cbc_codes, temperature_codes
 from service.core.terminology import NO_TERMINOLOGY, Terminology
 from service.fhir import model
 from service.fhir.client import FhirClient
-from service.fhir.errors import FhirError
+from service.fhir.errors import FhirError, FhirHttpError
 from service.fhir.fhirtime import from_epoch_us, to_epoch_us
 from service.fhir.paging import Page
 from service.fhir.query import code_values
 
 LOINC = "http://loinc.org"
 TEMPERATURE_BATCH = 20  # patients per temperature search (subject=a,b,...)
+INCLUDES = ("_include", "_revinclude")
+
+log = structlog.get_logger("neutrowatch.search")
 
 
 def search_params(settings: Settings, cursor: str | None, now: float) -> tuple[list[tuple[str, str]], int]:
@@ -112,6 +118,17 @@ async def pages_since(
                     bound, key, restarted = top, "_lastUpdated", True
                     break
                 # the whole page shares the bound's timestamp: only the server's next link moves on
+        except FhirHttpError as err:
+            if err.status != 400 or not any(name in INCLUDES for name, _ in params):
+                raise
+            # A server may refuse the included resources, not the search: Medplum refuses a page
+            # whose results with their includes pass 1,000 ("query scope limit"), which a page of
+            # results named by many DiagnosticReports reaches. Read on without the includes rather
+            # than let one such page stop every patient's monitoring; the next cycle asks again.
+            metrics.INCLUDES_REFUSED.labels(resource_type).inc()
+            log.warning("includes refused: read without them", resource_type=resource_type, error=str(err))
+            params = [p for p in params if p[0] not in INCLUDES]
+            restarted = True
         finally:
             await pages.aclose()
         if not restarted:

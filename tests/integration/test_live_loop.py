@@ -25,6 +25,7 @@ from service.fhir.client import FhirClient
 from service.fhir.fhirtime import from_epoch_us
 from service.live.store.postgres import PostgresStore
 from service.live.store.sqlite import SqliteStore
+from service.metrics import REGISTRY
 from tests.builders import observation
 from tests.fhir_server.load import export, put_all
 from tests.integration.live import compare_with_oracle, cycle, oracle, population, settings_for, stages
@@ -64,6 +65,38 @@ async def test_a_draw_grouped_by_its_diagnostic_report_is_grouped_alike_by_repla
     assert len(alerted) == 1
     assert sorted(alerted[0]["observations"]) == ["Observation/dr-neut", "Observation/dr-wbc"]
     assert live == events
+    compare_with_oracle(fhir_base_url, tmp_path / "oracle")
+
+
+async def test_a_page_refused_for_its_includes_is_read_without_them(fhir_base_url, tmp_path):
+    """One Observation named by 1,001 DiagnosticReports makes the server refuse the page that holds
+    it with its included reports (Medplum's include limit: a page's results and includes may not
+    pass 1,000). The live loop reads that search again without the reports, counts it, and every
+    patient is decided as replay decides them: such a page never stops monitoring."""
+    resources = population(patients=6, days=28, seed=11)
+    target = next(r for r in resources if r["resourceType"] == "Observation")
+    reports = [
+        {
+            "resourceType": "DiagnosticReport",
+            "id": f"many-{n}",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "58410-2"}]},
+            "subject": target["subject"],
+            "result": [{"reference": f"Observation/{target['id']}"}],
+        }
+        for n in range(1001)
+    ]
+    put_all(fhir_base_url, [*resources, *reports])
+    refused = (
+        REGISTRY.get_sample_value("neutrowatch_includes_refused_total", {"resource_type": "Observation"})
+        or 0.0
+    )
+    report = await cycle(settings_for(fhir_base_url, tmp_path / "s.sqlite3"))
+    assert report.delivered_all and report.written > 0
+    assert (
+        REGISTRY.get_sample_value("neutrowatch_includes_refused_total", {"resource_type": "Observation"})
+        == refused + 1
+    )
     compare_with_oracle(fhir_base_url, tmp_path / "oracle")
 
 
