@@ -62,13 +62,10 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def get(url: str, timeout: float = 30) -> bytes:
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, headers={"Accept": "application/fhir+json"}), timeout=timeout
-        ) as r:
-            return r.read()
-    except urllib.error.HTTPError as err:
-        raise SystemExit(f"GET {url[:200]}: {err.code} {err.read()[:500]!r}") from None
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers={"Accept": "application/fhir+json"}), timeout=timeout
+    ) as r:
+        return r.read()
 
 
 # -- 1. backlog drain ---------------------------------------------------------------------------------

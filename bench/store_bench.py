@@ -289,7 +289,7 @@ async def drive(
         "phases": phases,
         "calls": {k: tuple(v) for k, v in s.calls.items()},
         "stats": stats,
-        "decisions": await store.decisions(),
+        "decisions": [msgspec.to_builtins(d) for d in await store.decisions()],
         "counts": await store.counts(),
         "pending": await store.outbox_pending_count(),
     }
